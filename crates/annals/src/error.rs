@@ -1,0 +1,166 @@
+//! The core error type.
+//!
+//! Every backend maps its driver errors into [`Error`], so that callers handle
+//! a conflict the same way on every store: `err.is_conflict()` is the question
+//! to ask before retrying, never a driver code.
+
+use crate::{EventId, ExpectedVersion, GlobalPosition, StreamId, StreamVersion};
+
+/// Shorthand for results whose error is [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in the store, the repository or a codec.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A stream name failed validation (`<Category>-<id>`, at most 255 bytes,
+    /// no control characters). Fix the name; nothing was written.
+    #[error("invalid stream name {stream:?}: {reason}")]
+    InvalidStreamId {
+        /// The rejected name.
+        stream: String,
+        /// Why it was rejected.
+        reason: &'static str,
+    },
+    /// The stream's version did not match the expected version of an append.
+    /// Another writer got there first: reload and decide again (the
+    /// [`Repository`](crate::Repository) does this for you).
+    #[error("wrong expected version for stream {stream}: expected {expected}, actual {}", display_actual(.actual))]
+    WrongExpectedVersion {
+        /// The stream that was appended to.
+        stream: StreamId,
+        /// What the caller expected.
+        expected: ExpectedVersion,
+        /// The head version of the stream when the append ran (`None`: no stream).
+        actual: Option<StreamVersion>,
+    },
+    /// An event id already exists in the store for a different event (another
+    /// stream, type or payload), or a retried batch only partly matches what was
+    /// stored. Nothing was written.
+    #[error("event id {event_id} already exists in stream {stream} with different content")]
+    DuplicateEventId {
+        /// The clashing id.
+        event_id: EventId,
+        /// The stream that holds the existing event.
+        stream: StreamId,
+    },
+    /// An event could not be accepted as written (empty type name, version 0,
+    /// metadata that is not an object, empty batch ...). Nothing was written.
+    #[error("invalid event for stream {stream}: {reason}")]
+    InvalidEvent {
+        /// The stream the append was for.
+        stream: StreamId,
+        /// What was wrong.
+        reason: String,
+    },
+    /// A stored event has a type that the aggregate's event enum does not know.
+    /// Events are never silently dropped: add the type (or an upcaster).
+    #[error("unknown event type {event_type:?} at {stream} version {version}")]
+    UnknownEventType {
+        /// The stream holding the event.
+        stream: StreamId,
+        /// Its version in the stream.
+        version: StreamVersion,
+        /// The stored type name.
+        event_type: String,
+    },
+    /// A stored payload did not decode into the typed event.
+    #[error("cannot decode event {event_type:?} (v{event_version}) at {stream} version {version}: {source}")]
+    Decode {
+        /// The stream holding the event.
+        stream: StreamId,
+        /// Its version in the stream.
+        version: StreamVersion,
+        /// The stored type name.
+        event_type: String,
+        /// The stored payload schema version.
+        event_version: u32,
+        /// The serde error.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// A typed value (event or aggregate state) could not be serialized.
+    #[error("cannot encode {what}: {source}")]
+    Encode {
+        /// What was being encoded.
+        what: String,
+        /// The serde error.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// A text could not be parsed as a global position (`N` or `COMMIT:SEQ`).
+    #[error("invalid global position {value:?}: expected N or COMMIT:SEQ")]
+    InvalidPosition {
+        /// The rejected text.
+        value: String,
+    },
+    /// A read position lies beyond what the store can serve (for example a
+    /// position from another store).
+    #[error("position {position} is not valid here: {reason}")]
+    PositionOutOfRange {
+        /// The position.
+        position: GlobalPosition,
+        /// Why.
+        reason: String,
+    },
+    /// The database schema is older (or newer) than this code. Run `annals init`
+    /// (or `migrate()`) to bring it up to date.
+    #[error("store schema is at version {found}, this code needs {expected}: run `annals init`")]
+    SchemaVersion {
+        /// Schema version found in the database.
+        found: i64,
+        /// Schema version this build expects.
+        expected: i64,
+    },
+    /// The store refuses to serve because it is in a state that would lose or
+    /// hide data (for example a PostgreSQL store restored into a younger cluster).
+    #[error("store is unsafe to use: {0}")]
+    Unsafe(String),
+    /// A configuration value was invalid (URL scheme, option).
+    #[error("configuration error: {0}")]
+    Config(String),
+    /// The snapshot store failed. Snapshots are a cache: the repository logs
+    /// this and falls back to a full replay; it only surfaces from direct calls.
+    #[error("snapshot error: {0}")]
+    Snapshot(String),
+    /// The database driver failed (connection lost, disk full, ...). The
+    /// driver error is the source. Appends are atomic, so nothing was written.
+    #[error("{backend} backend error: {message}")]
+    Backend {
+        /// `sqlite`, `postgres`, `memory`.
+        backend: &'static str,
+        /// What was being done.
+        message: String,
+        /// The driver error.
+        #[source]
+        source: Option<Box<dyn std::error::Error + Send + Sync>>,
+    },
+}
+
+fn display_actual(actual: &Option<StreamVersion>) -> String {
+    match actual {
+        Some(v) => v.to_string(),
+        None => "no stream".to_owned(),
+    }
+}
+
+impl Error {
+    /// True when the error is an optimistic-concurrency conflict (a wrong
+    /// expected version): the operation may succeed after reloading.
+    pub fn is_conflict(&self) -> bool {
+        matches!(self, Error::WrongExpectedVersion { .. })
+    }
+
+    /// A backend error with a driver source.
+    pub fn backend(
+        backend: &'static str,
+        message: impl Into<String>,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        Error::Backend {
+            backend,
+            message: message.into(),
+            source: Some(Box::new(source)),
+        }
+    }
+}

@@ -1,0 +1,251 @@
+//! The [`EventStore`] trait: the contract every backend keeps.
+//!
+//! Reads return lazy streams that fetch bounded batches, so a reader never
+//! holds a whole stream or table in memory. The trait is small on purpose:
+//! five required methods, and helpers built on them.
+
+use std::future::Future;
+
+use chrono::{DateTime, Utc};
+use futures::stream::BoxStream;
+use futures::TryStreamExt;
+use serde::Serialize;
+
+use crate::{
+    AppendResult, ExpectedVersion, GlobalPosition, NewEvent, RecordedEvent, Result, StreamId,
+    StreamVersion,
+};
+
+/// A lazy, batched stream of recorded events.
+pub type EventStream = BoxStream<'static, Result<RecordedEvent>>;
+
+/// Default number of rows a backend fetches per round trip.
+pub const DEFAULT_BATCH_SIZE: usize = 500;
+
+/// Direction of a stream read.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
+pub enum Direction {
+    /// Oldest first.
+    #[default]
+    Forward,
+    /// Newest first.
+    Backward,
+}
+
+/// Options of [`EventStore::read_stream`].
+#[derive(Clone, PartialEq, Debug, Default)]
+pub struct ReadStream {
+    /// First version to return (inclusive). Forward default: 1; backward
+    /// default: the head.
+    pub from: Option<StreamVersion>,
+    /// Direction.
+    pub direction: Direction,
+    /// At most this many events.
+    pub limit: Option<u64>,
+    /// Time travel by version: ignore events after this version.
+    pub until_version: Option<StreamVersion>,
+    /// Time travel by time: ignore events recorded after this instant.
+    pub as_of: Option<DateTime<Utc>>,
+}
+
+impl ReadStream {
+    /// The whole stream, oldest first.
+    pub fn forward() -> Self {
+        Self::default()
+    }
+    /// The whole stream, newest first.
+    pub fn backward() -> Self {
+        ReadStream {
+            direction: Direction::Backward,
+            ..Self::default()
+        }
+    }
+    /// Start at `version` (inclusive).
+    pub fn from(mut self, version: StreamVersion) -> Self {
+        self.from = Some(version);
+        self
+    }
+    /// Return at most `n` events.
+    pub fn limit(mut self, n: u64) -> Self {
+        self.limit = Some(n);
+        self
+    }
+    /// The stream as of `version`.
+    pub fn until_version(mut self, version: StreamVersion) -> Self {
+        self.until_version = Some(version);
+        self
+    }
+    /// The stream as of instant `t`.
+    pub fn as_of(mut self, t: DateTime<Utc>) -> Self {
+        self.as_of = Some(t);
+        self
+    }
+
+    /// Whether an event passes the time-travel bounds (for backends that
+    /// filter in code rather than in SQL).
+    pub fn admits(&self, e: &RecordedEvent) -> bool {
+        self.until_version.is_none_or(|v| e.stream_version <= v)
+            && self.as_of.is_none_or(|t| e.recorded_at <= t)
+    }
+}
+
+/// Options of [`EventStore::read_all`].
+#[derive(Clone, PartialEq, Debug, Default)]
+pub struct ReadAll {
+    /// Return events strictly after this position (a checkpoint).
+    pub after: GlobalPosition,
+    /// At most this many events.
+    pub limit: Option<u64>,
+    /// Only these categories (empty: all).
+    pub categories: Vec<String>,
+    /// Only these event types (empty: all).
+    pub event_types: Vec<String>,
+}
+
+impl ReadAll {
+    /// Everything from the start.
+    pub fn from_start() -> Self {
+        Self::default()
+    }
+    /// Everything strictly after `position`.
+    pub fn after(position: GlobalPosition) -> Self {
+        ReadAll {
+            after: position,
+            ..Self::default()
+        }
+    }
+    /// At most `n` events.
+    pub fn limit(mut self, n: u64) -> Self {
+        self.limit = Some(n);
+        self
+    }
+    /// Only events of these categories.
+    pub fn categories<I: IntoIterator<Item = S>, S: Into<String>>(mut self, c: I) -> Self {
+        self.categories = c.into_iter().map(Into::into).collect();
+        self
+    }
+    /// Only events of these types.
+    pub fn event_types<I: IntoIterator<Item = S>, S: Into<String>>(mut self, t: I) -> Self {
+        self.event_types = t.into_iter().map(Into::into).collect();
+        self
+    }
+    /// Whether an event passes the filters (for backends that filter in code).
+    pub fn admits(&self, e: &RecordedEvent) -> bool {
+        (self.categories.is_empty() || self.categories.iter().any(|c| c == e.stream_id.category()))
+            && (self.event_types.is_empty() || self.event_types.contains(&e.event_type))
+    }
+}
+
+/// A stream and its head.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize)]
+pub struct StreamInfo {
+    /// The stream.
+    pub stream_id: StreamId,
+    /// Its head version (its number of events).
+    pub version: StreamVersion,
+}
+
+/// Counts for one category.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize)]
+pub struct CategoryStats {
+    /// The category.
+    pub category: String,
+    /// Streams in it.
+    pub streams: u64,
+    /// Events in it.
+    pub events: u64,
+}
+
+/// Count of one event type.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize)]
+pub struct EventTypeStats {
+    /// The type name.
+    pub event_type: String,
+    /// Events of that type.
+    pub events: u64,
+}
+
+/// What `annals stats` shows.
+#[derive(Clone, PartialEq, Debug, Default, Serialize)]
+pub struct StoreStats {
+    /// Number of streams.
+    pub streams: u64,
+    /// Number of events.
+    pub events: u64,
+    /// Per category, sorted by name.
+    pub categories: Vec<CategoryStats>,
+    /// Per event type, sorted by name.
+    pub event_types: Vec<EventTypeStats>,
+    /// Earliest `recorded_at`.
+    pub first_recorded_at: Option<DateTime<Utc>>,
+    /// Latest `recorded_at`.
+    pub last_recorded_at: Option<DateTime<Utc>>,
+}
+
+/// An append-only event store.
+///
+/// Implementations are cheap to clone (a handle on a shared pool or thread)
+/// and safe to use from many tasks at once.
+pub trait EventStore: Clone + Send + Sync + 'static {
+    /// Appends `events` to `stream` if its head satisfies `expected`.
+    ///
+    /// Contract:
+    /// - Atomic: all events are durable when this returns `Ok`, none are
+    ///   stored when it returns `Err`.
+    /// - Versions are assigned consecutively after the head, with no gaps.
+    /// - A head that does not satisfy `expected` (including losing a race
+    ///   with another writer) is [`Error::WrongExpectedVersion`](crate::Error::WrongExpectedVersion)
+    ///   naming the actual head; nothing is written.
+    /// - If every event id of the batch is already stored, in this stream, in
+    ///   this order and with the same type, version and payload, this is a
+    ///   no-op that returns the original assignment with `deduplicated: true`
+    ///   (checked before `expected`, so a retried request succeeds). Any other
+    ///   reuse of a stored id is [`Error::DuplicateEventId`](crate::Error::DuplicateEventId).
+    /// - Global positions increase in commit order: a `read_all` reader that
+    ///   has seen position `p` never later sees an event at a position `<= p`.
+    fn append(
+        &self,
+        stream: &StreamId,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+    ) -> impl Future<Output = Result<AppendResult>> + Send;
+
+    /// Reads one stream in version order (or reverse), lazily, in batches.
+    /// A stream that does not exist yields nothing.
+    fn read_stream(&self, stream: &StreamId, options: ReadStream) -> EventStream;
+
+    /// Reads the whole store in global order, strictly after
+    /// `options.after`, lazily, in batches.
+    ///
+    /// Contract: a reader that calls this repeatedly from its last seen
+    /// position, while writers append concurrently, sees every committed event
+    /// exactly once and each stream's events in version order. An event
+    /// whose commit may still be preceded by an in-flight one is held back
+    /// until it is safe to deliver.
+    fn read_all(&self, options: ReadAll) -> EventStream;
+
+    /// The head version of a stream, `None` when it does not exist.
+    fn stream_version(
+        &self,
+        stream: &StreamId,
+    ) -> impl Future<Output = Result<Option<StreamVersion>>> + Send;
+
+    /// The streams of one category with their heads, ordered by name, lazily.
+    fn list_streams(&self, category: &str) -> BoxStream<'static, Result<StreamInfo>>;
+
+    /// Counts of streams and events per category and per type.
+    fn stats(&self) -> impl Future<Output = Result<StoreStats>> + Send;
+
+    /// The position of the newest event a `read_all` reader can see now
+    /// (`None` when the store is empty). Used to measure projection lag.
+    fn head_position(&self) -> impl Future<Output = Result<Option<GlobalPosition>>> + Send;
+
+    /// Reads a whole stream into memory. For tests, tools and small streams.
+    fn read_stream_to_vec(
+        &self,
+        stream: &StreamId,
+        options: ReadStream,
+    ) -> impl Future<Output = Result<Vec<RecordedEvent>>> + Send {
+        self.read_stream(stream, options).try_collect()
+    }
+}
