@@ -1,1 +1,2 @@
+//! The `annals` binary.
 fn main() {}
