@@ -23,7 +23,10 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+mod faulty;
 pub mod suite;
+
+pub use faulty::FaultyStore;
 
 use annals::{CheckpointStore, EventStore, SnapshotStore};
 
@@ -68,6 +71,11 @@ macro_rules! conformance_suite {
             background_snapshots_lose_no_command,
             snapshots_under_concurrent_writers,
             checkpoints,
+            prepopulate_snapshots,
+            staged_migration_end_to_end,
+            interrupted_migration_resumes,
+            verify_blocks_bad_promote,
+            promote_races_with_live_saves,
         );
     };
     (@tests $factory:path; $($name:ident),* $(,)?) => {

@@ -1662,3 +1662,280 @@ pub async fn checkpoints<S: TestStore>(store: S) {
     store.reset_checkpoint("proj").await.expect("reset");
     assert_eq!(store.load_checkpoint("proj").await.expect("load"), None);
 }
+
+use annals::{JobOptions, Progress, SnapshotJobs};
+
+fn quiet(_: Progress) {}
+
+/// Pre-population writes snapshots for the aggregates with most events
+/// first, lists failures, and a rerun has nothing left to do.
+pub async fn prepopulate_snapshots<S: TestStore>(store: S) {
+    open_accounts(&store, 4, 3).await; // heads 4, 7, 10, 13
+    store
+        .append(
+            &sid("Account-broken"),
+            ExpectedVersion::Any,
+            vec![
+                NewEvent::new("Opened", json!({"owner": "x"})),
+                NewEvent::new("Exploded", json!({})),
+            ],
+        )
+        .await
+        .expect("a");
+    let jobs = SnapshotJobs::<Account, _>::new(store.clone());
+    let report = jobs
+        .prepopulate(
+            JobOptions {
+                min_events: 5,
+                concurrency: 2,
+            },
+            &quiet,
+        )
+        .await
+        .expect("prepopulate");
+    assert_eq!(report.examined, 3);
+    assert_eq!(report.written, 3);
+    assert!(report.failures.is_empty());
+    assert!(store
+        .load_snapshot("Account", "q0")
+        .await
+        .expect("l")
+        .is_none());
+    assert_eq!(
+        store
+            .load_snapshot("Account", "q3")
+            .await
+            .expect("l")
+            .map(|s| s.version),
+        Some(v(13))
+    );
+    let report = jobs
+        .prepopulate(JobOptions::default(), &quiet)
+        .await
+        .expect("prepopulate all");
+    assert_eq!(report.written, 1);
+    assert_eq!(report.failures.len(), 1);
+    assert_eq!(report.failures[0].aggregate_id, "broken");
+    assert!(
+        report.failures[0].reason.contains("Exploded"),
+        "{}",
+        report.failures[0].reason
+    );
+    let rerun = jobs
+        .prepopulate(JobOptions::default(), &quiet)
+        .await
+        .expect("rerun");
+    assert_eq!(
+        (rerun.examined, rerun.written),
+        (1, 0),
+        "only the broken one is left"
+    );
+    let created = jobs.create("q0").await.expect("create").expect("exists");
+    assert_eq!(created.version, v(4));
+    assert!(jobs.create("nobody").await.expect("create").is_none());
+}
+
+/// Migrate into staging (catching up from current-schema snapshots, fully
+/// replaying others), verify, promote; loads then use the new snapshots.
+pub async fn staged_migration_end_to_end<S: TestStore>(store: S) {
+    open_accounts(&store, 3, 2).await; // heads 3, 5, 7
+                                       // Old-schema snapshots everywhere.
+    SnapshotJobs::<Account, _>::new(store.clone())
+        .prepopulate(JobOptions::default(), &quiet)
+        .await
+        .expect("prepopulate");
+    let jobs = SnapshotJobs::<AccountV2, _>::new(store.clone());
+    // One aggregate already has a current-schema live snapshot: caught up from it.
+    let q2 = Repository::<AccountV2, _>::new(store.clone())
+        .load_at_version("q2", v(5))
+        .await
+        .expect("load");
+    let q2 = annals::make_snapshot(&sid("Account-q2"), &q2.state, v(5)).expect("snapshot");
+    store.save_snapshot(&q2).await.expect("save");
+    let live = store
+        .load_snapshot("Account", "q2")
+        .await
+        .expect("l")
+        .expect("some");
+    assert_eq!(
+        (live.version, live.schema_version),
+        (v(5), 2),
+        "a newer schema wins"
+    );
+    let report = jobs
+        .migrate(JobOptions::default(), &quiet)
+        .await
+        .expect("migrate");
+    assert_eq!(
+        (report.examined, report.written, report.caught_up),
+        (3, 3, 1)
+    );
+    assert!(report.failures.is_empty());
+    // The application still runs on the live table, untouched.
+    assert_eq!(
+        store
+            .load_snapshot("Account", "q0")
+            .await
+            .expect("l")
+            .map(|s| s.schema_version),
+        Some(1)
+    );
+    let verify = jobs.verify(None, &quiet).await.expect("verify");
+    assert_eq!((verify.staged, verify.checked), (3, 3));
+    assert!(verify.mismatches.is_empty(), "{:?}", verify.mismatches);
+    let promoted = jobs.promote(false, None).await.expect("promote");
+    assert_eq!(promoted.promoted, 3);
+    let repo = Repository::<AccountV2, _>::new(store.clone())
+        .with_snapshots(store.clone(), SnapshotConfig::every(1000));
+    for (i, head) in [(0, 3), (1, 5), (2, 7)] {
+        let loaded = repo.load(&format!("q{i}")).await.expect("load");
+        assert_eq!(loaded.report.snapshot_version, Some(v(head)));
+        assert_eq!(loaded.report.events_replayed, 0);
+        assert_eq!(loaded.state.cents, head as i64 - 1);
+    }
+    assert_eq!(store.staged_snapshots("Account").count().await, 0);
+}
+
+/// An interrupted migration continues where it stopped on rerun: the store
+/// starts failing every write after 5 staged snapshots (a crash, a full
+/// disk); after it heals, a rerun skips what was staged and does the rest.
+pub async fn interrupted_migration_resumes<S: TestStore>(store: S) {
+    open_accounts(&store, 12, 1).await;
+    let faulty = crate::FaultyStore::new(store.clone(), 5);
+    let jobs = SnapshotJobs::<AccountV2, _>::new(faulty.clone());
+    let first = jobs
+        .migrate(
+            JobOptions {
+                min_events: 0,
+                concurrency: 1,
+            },
+            &quiet,
+        )
+        .await
+        .expect("migrate runs on");
+    assert_eq!(first.written, 5);
+    assert_eq!(first.failures.len(), 7, "each failed aggregate is listed");
+    assert!(first.failures[0].reason.contains("injected"));
+    assert_eq!(store.staged_snapshots("Account").count().await, 5);
+    faulty.heal();
+    let report = jobs
+        .migrate(JobOptions::default(), &quiet)
+        .await
+        .expect("resume");
+    assert_eq!(report.skipped, 5, "a rerun must not start over");
+    assert_eq!(report.written, 7);
+    assert_eq!(store.staged_snapshots("Account").count().await, 12);
+    // A repository on a failing store still runs commands: a failed snapshot
+    // write never fails the command.
+    let broken = crate::FaultyStore::new(store.clone(), 1);
+    let repo = Repository::<Account, _>::new(store.clone())
+        .with_snapshots(broken, SnapshotConfig::every(1));
+    repo.execute("q0", &CommandContext::new(), |a| a.deposit(1))
+        .await
+        .expect("first");
+    repo.execute("q0", &CommandContext::new(), |a| a.deposit(1))
+        .await
+        .expect("snapshot write fails, command does not");
+    assert_eq!(repo.load("q0").await.expect("load").state.balance, 3);
+}
+
+/// A staged snapshot that does not match a fresh replay blocks promote
+/// unless forced; failures during migrate are listed and the rest go on.
+pub async fn verify_blocks_bad_promote<S: TestStore>(store: S) {
+    open_accounts(&store, 3, 1).await;
+    store
+        .append(
+            &sid("Account-odd"),
+            ExpectedVersion::Any,
+            vec![
+                NewEvent::new("Opened", json!({"owner": "o"})),
+                NewEvent::new("Frozen", json!({})),
+            ],
+        )
+        .await
+        .expect("a");
+    let jobs = SnapshotJobs::<AccountV2, _>::new(store.clone());
+    let report = jobs
+        .migrate(JobOptions::default(), &quiet)
+        .await
+        .expect("migrate");
+    assert_eq!(report.written, 3);
+    assert_eq!(report.failures.len(), 1);
+    assert_eq!(report.failures[0].aggregate_id, "odd");
+    assert!(report.failures[0].reason.contains("Frozen"));
+    let mut tampered = store
+        .load_staged("Account", "q1")
+        .await
+        .expect("l")
+        .expect("some");
+    tampered.state = json!({"holder": "q", "cents": 1_000_000});
+    store.stage_snapshot(&tampered).await.expect("stage");
+    let verify = jobs.verify(None, &quiet).await.expect("verify");
+    assert_eq!(verify.mismatches.len(), 1);
+    assert_eq!(verify.mismatches[0].aggregate_id, "q1");
+    let sampled = jobs.verify(Some(1), &quiet).await.expect("verify sample");
+    assert_eq!(sampled.checked, 1);
+    let blocked = jobs.promote(false, None).await.expect_err("blocked");
+    assert!(blocked.to_string().contains("q1"), "{blocked}");
+    assert!(
+        store
+            .load_snapshot("Account", "q0")
+            .await
+            .expect("l")
+            .is_none(),
+        "nothing promoted"
+    );
+    let forced = jobs.promote(true, None).await.expect("forced");
+    assert_eq!(forced.promoted, 3);
+}
+
+/// Promote racing with live saves never replaces a newer live snapshot, and
+/// loads stay correct throughout.
+pub async fn promote_races_with_live_saves<S: TestStore>(store: S) {
+    open_accounts(&store, 6, 1).await;
+    let jobs = SnapshotJobs::<Account, _>::new(store.clone());
+    jobs.migrate(JobOptions::default(), &quiet)
+        .await
+        .expect("migrate");
+    let live = Repository::<Account, _>::new(store.clone())
+        .with_snapshots(store.clone(), SnapshotConfig::every(1));
+    let writer = {
+        let live = live.clone();
+        tokio::spawn(async move {
+            for round in 0..5 {
+                for i in 0..6 {
+                    live.execute(&format!("q{i}"), &CommandContext::new(), |a| a.deposit(1))
+                        .await
+                        .expect("deposit");
+                }
+                if round == 1 {
+                    tokio::task::yield_now().await;
+                }
+            }
+        })
+    };
+    let report = jobs.promote(true, None).await.expect("promote");
+    writer.await.expect("writer");
+    assert_eq!(report.promoted + report.kept_live, 6);
+    let plain = Repository::<Account, _>::new(store.clone());
+    for i in 0..6 {
+        let id = format!("q{i}");
+        let snap = store
+            .load_snapshot("Account", &id)
+            .await
+            .expect("l")
+            .expect("some");
+        let head = store
+            .stream_version(&sid(&format!("Account-{id}")))
+            .await
+            .expect("v")
+            .expect("some");
+        assert_eq!(
+            snap.version, head,
+            "the newest live snapshot survived promote"
+        );
+        let a = live.load(&id).await.expect("load");
+        let b = plain.load(&id).await.expect("load");
+        assert_eq!((a.state, a.version), (b.state, b.version));
+    }
+}

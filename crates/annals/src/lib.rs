@@ -53,6 +53,7 @@ mod event_store;
 mod memory;
 mod repository;
 mod snapshot;
+mod snapshot_jobs;
 mod stream;
 
 pub use aggregate::{decode_event, encode_event, Aggregate, DomainEvent};
@@ -75,5 +76,8 @@ pub use repository::{
 pub use snapshot::{
     NoSnapshots, PromoteReport, Snapshot, SnapshotCoverage, SnapshotStore, SnapshotWrite,
     StaleSnapshot,
+};
+pub use snapshot_jobs::{
+    JobFailure, JobOptions, JobReport, Progress, SnapshotJobs, VerifyMismatch, VerifyReport,
 };
 pub use stream::{validate_category, StreamId, MAX_STREAM_NAME_LEN};

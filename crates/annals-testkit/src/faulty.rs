@@ -1,0 +1,130 @@
+//! A fault-injecting store wrapper: delegates to a real store, but fails
+//! writes once a budget is spent, the way a crash or a full disk would cut a
+//! long operation short.
+
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+
+use annals::{
+    AppendResult, CheckpointStore, Error, EventStore, EventStream, ExpectedVersion, GlobalPosition,
+    NewEvent, PromoteReport, ReadAll, ReadStream, Result, Snapshot, SnapshotCoverage,
+    SnapshotStore, SnapshotWrite, StaleSnapshot, StoreStats, StreamId, StreamInfo, StreamVersion,
+};
+use futures::stream::BoxStream;
+
+/// Wraps a store; after `budget` successful writes (appends, snapshot saves
+/// and stages) every further write fails with a backend error before it
+/// reaches the inner store.
+#[derive(Clone)]
+pub struct FaultyStore<S> {
+    inner: S,
+    budget: Arc<AtomicI64>,
+}
+
+impl<S> FaultyStore<S> {
+    /// Allows `budget` writes, then fails.
+    pub fn new(inner: S, budget: i64) -> Self {
+        FaultyStore {
+            inner,
+            budget: Arc::new(AtomicI64::new(budget)),
+        }
+    }
+
+    /// Allows writes again (the "restart").
+    pub fn heal(&self) {
+        self.budget.store(i64::MAX, Ordering::SeqCst);
+    }
+
+    fn spend(&self) -> Result<()> {
+        if self.budget.fetch_sub(1, Ordering::SeqCst) > 0 {
+            Ok(())
+        } else {
+            Err(Error::Backend {
+                backend: "faulty",
+                message: "injected write failure".into(),
+                source: None,
+            })
+        }
+    }
+}
+
+impl<S: EventStore> EventStore for FaultyStore<S> {
+    async fn append(
+        &self,
+        stream: &StreamId,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+    ) -> Result<AppendResult> {
+        self.spend()?;
+        self.inner.append(stream, expected, events).await
+    }
+    fn read_stream(&self, stream: &StreamId, options: ReadStream) -> EventStream {
+        self.inner.read_stream(stream, options)
+    }
+    fn read_all(&self, options: ReadAll) -> EventStream {
+        self.inner.read_all(options)
+    }
+    async fn stream_version(&self, stream: &StreamId) -> Result<Option<StreamVersion>> {
+        self.inner.stream_version(stream).await
+    }
+    fn list_streams(&self, category: &str) -> BoxStream<'static, Result<StreamInfo>> {
+        self.inner.list_streams(category)
+    }
+    async fn stats(&self) -> Result<StoreStats> {
+        self.inner.stats().await
+    }
+    async fn head_position(&self) -> Result<Option<GlobalPosition>> {
+        self.inner.head_position().await
+    }
+}
+
+impl<S: SnapshotStore> SnapshotStore for FaultyStore<S> {
+    async fn load_snapshot(&self, t: &str, id: &str) -> Result<Option<Snapshot>> {
+        self.inner.load_snapshot(t, id).await
+    }
+    async fn save_snapshot(&self, snapshot: &Snapshot) -> Result<SnapshotWrite> {
+        self.spend()?;
+        self.inner.save_snapshot(snapshot).await
+    }
+    async fn delete_snapshot(&self, t: &str, id: &str) -> Result<u64> {
+        self.inner.delete_snapshot(t, id).await
+    }
+    async fn invalidate_snapshots(&self, t: &str, below: Option<u32>) -> Result<u64> {
+        self.inner.invalidate_snapshots(t, below).await
+    }
+    async fn snapshot_coverage(&self, t: Option<&str>) -> Result<Vec<SnapshotCoverage>> {
+        self.inner.snapshot_coverage(t).await
+    }
+    async fn stale_snapshots(&self, t: Option<&str>, min: u64) -> Result<Vec<StaleSnapshot>> {
+        self.inner.stale_snapshots(t, min).await
+    }
+    async fn stage_snapshot(&self, snapshot: &Snapshot) -> Result<()> {
+        self.spend()?;
+        self.inner.stage_snapshot(snapshot).await
+    }
+    async fn load_staged(&self, t: &str, id: &str) -> Result<Option<Snapshot>> {
+        self.inner.load_staged(t, id).await
+    }
+    fn staged_snapshots(&self, t: &str) -> BoxStream<'static, Result<Snapshot>> {
+        self.inner.staged_snapshots(t)
+    }
+    async fn promote_staged(&self, t: &str) -> Result<PromoteReport> {
+        self.inner.promote_staged(t).await
+    }
+    async fn clear_staged(&self, t: &str) -> Result<u64> {
+        self.inner.clear_staged(t).await
+    }
+}
+
+impl<S: CheckpointStore> CheckpointStore for FaultyStore<S> {
+    async fn load_checkpoint(&self, name: &str) -> Result<Option<GlobalPosition>> {
+        self.inner.load_checkpoint(name).await
+    }
+    async fn save_checkpoint(&self, name: &str, position: GlobalPosition) -> Result<()> {
+        self.spend()?;
+        self.inner.save_checkpoint(name, position).await
+    }
+    async fn reset_checkpoint(&self, name: &str) -> Result<()> {
+        self.inner.reset_checkpoint(name).await
+    }
+}
