@@ -24,6 +24,7 @@
 #![deny(missing_docs)]
 
 mod faulty;
+pub mod model;
 pub mod suite;
 
 pub use faulty::FaultyStore;
@@ -76,6 +77,7 @@ macro_rules! conformance_suite {
             interrupted_migration_resumes,
             verify_blocks_bad_promote,
             promote_races_with_live_saves,
+            model_scenarios,
         );
     };
     (@tests $factory:path; $($name:ident),* $(,)?) => {

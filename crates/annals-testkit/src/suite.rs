@@ -1939,3 +1939,9 @@ pub async fn promote_races_with_live_saves<S: TestStore>(store: S) {
         assert_eq!((a.state, a.version), (b.state, b.version));
     }
 }
+
+/// Generated append/read/snapshot/checkpoint scenarios agree with a `Vec`
+/// model (see [`crate::model`]).
+pub async fn model_scenarios<S: TestStore>(store: S) {
+    crate::model::check_generated(store, 12).await;
+}
