@@ -798,6 +798,15 @@ pub async fn repository_commands<S: TestStore>(store: S) {
         vec!["Opened", "Deposited", "Withdrew"]
     );
     assert_eq!(stored[1].data, json!({"amount": 100}));
+    let created = repo
+        .create("new1", &ctx, |a| a.open("nia"))
+        .await
+        .expect("create");
+    assert_eq!(created.version, Some(v(1)));
+    match repo.create("new1", &ctx, |a| a.open("again")).await {
+        Err(CommandError::Store(e)) => assert!(e.is_conflict(), "{e}"),
+        other => panic!("create on an existing stream must conflict, got {other:?}"),
+    }
     let missing = repo.load("nobody").await.expect("load");
     assert_eq!(missing.version, None);
     assert!(matches!(

@@ -530,15 +530,7 @@ impl<A: Aggregate, S: EventStore, N: SnapshotStore> Repository<A, S, N> {
                     attempts: attempt,
                 });
             }
-            let mut batch = Vec::with_capacity(new_events.len());
-            for ev in &new_events {
-                let (event_type, event_version, data) = encode_event(ev)?;
-                batch.push(
-                    NewEvent::new(event_type, data)
-                        .with_event_version(event_version)
-                        .with_metadata(ctx.metadata.clone()),
-                );
-            }
+            let batch = encode_batch::<A>(&new_events, ctx)?;
             let expected = ExpectedVersion::Exact(loaded.version.unwrap_or_default());
             match self.store.append(&stream, expected, batch).await {
                 Ok(result) => {
@@ -569,6 +561,55 @@ impl<A: Aggregate, S: EventStore, N: SnapshotStore> Repository<A, S, N> {
                 Err(e) => return Err(e.into()),
             }
         }
+    }
+
+    /// Creates aggregate `id`: runs `command` on the default state and
+    /// appends its events with [`ExpectedVersion::NoStream`], without reading
+    /// the store first. If the stream already exists this is a conflict
+    /// ([`Error::WrongExpectedVersion`]), never retried: use
+    /// [`Repository::execute`] to act on existing aggregates.
+    pub async fn create<E, F>(
+        &self,
+        id: &str,
+        ctx: &CommandContext,
+        command: F,
+    ) -> std::result::Result<Executed<A>, CommandError<E>>
+    where
+        F: FnOnce(&A) -> std::result::Result<Vec<A::Event>, E>,
+    {
+        let stream = Self::stream_id(id)?;
+        let mut state = A::default();
+        let new_events = command(&state).map_err(CommandError::Rejected)?;
+        if new_events.is_empty() {
+            return Ok(Executed {
+                state,
+                version: None,
+                append: None,
+                attempts: 1,
+            });
+        }
+        let batch = encode_batch::<A>(&new_events, ctx)?;
+        let result = self
+            .store
+            .append(&stream, ExpectedVersion::NoStream, batch)
+            .await?;
+        for ev in &new_events {
+            state.apply(ev);
+        }
+        let report = LoadReport {
+            snapshot_version: None,
+            snapshot_migrated: false,
+            events_replayed: 0,
+            skipped: None,
+        };
+        self.after_save(&stream, &state, None, &result, &report, None)
+            .await;
+        Ok(Executed {
+            state,
+            version: Some(result.last_version),
+            append: Some(result),
+            attempts: 1,
+        })
     }
 
     async fn after_save(
@@ -665,6 +706,19 @@ impl<A: Aggregate, S: EventStore, N: SnapshotStore> Repository<A, S, N> {
             }
         }
     }
+}
+
+/// Encodes a command's events with the context's metadata.
+fn encode_batch<A: Aggregate>(events: &[A::Event], ctx: &CommandContext) -> Result<Vec<NewEvent>> {
+    events
+        .iter()
+        .map(|ev| {
+            let (event_type, event_version, data) = encode_event(ev)?;
+            Ok(NewEvent::new(event_type, data)
+                .with_event_version(event_version)
+                .with_metadata(ctx.metadata.clone()))
+        })
+        .collect()
 }
 
 /// Folds the events of `stream` (within `options`) onto `state`. Returns the
