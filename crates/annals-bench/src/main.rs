@@ -1,0 +1,151 @@
+//! `annals-bench`: the standard workload of `WORKLOAD.md` (W1 command append,
+//! W2 long-stream load, W3 bulk append, W4 replay) on Annals and, in the same
+//! run and on the same schema, with plain SQL (the raw baseline). Prints one
+//! JSON result line per backend with `raw` figures and `ratio_to_raw`.
+//!
+//! `ratio_to_raw` is always "higher is better, 1.0 = as fast as raw SQL":
+//! throughput(annals) / throughput(raw) for W1, W3 and W4, and
+//! median_ms(raw) / median_ms(annals) for the W2 loads.
+#![forbid(unsafe_code)]
+
+mod raw_pg;
+mod raw_sqlite;
+mod workload;
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Parser;
+use serde_json::{json, Value};
+
+use workload::{Results, Sizes};
+
+/// Command-line options; sizes default to WORKLOAD.md's.
+#[derive(Parser, Debug)]
+#[command(name = "annals-bench", about = "Runs WORKLOAD.md W1-W4 on Annals and raw SQL")]
+struct Args {
+    /// Backend(s) to run.
+    #[arg(long, default_value = "all", value_parser = ["sqlite", "postgres", "all"])]
+    backend: String,
+    /// PostgreSQL URL (a fresh schema is created and dropped per run).
+    #[arg(long, env = "ANNALS_BENCH_POSTGRES_URL", default_value = "postgres://postgres@127.0.0.1:5432/test")]
+    database_url: String,
+    /// Skip the raw SQL baseline.
+    #[arg(long)]
+    no_raw: bool,
+    /// Directory for the SQLite files (default: a fresh temporary directory).
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    #[command(flatten)]
+    sizes: Sizes,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("tokio runtime")?;
+    rt.block_on(run(args))
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let backends: Vec<&str> = match args.backend.as_str() {
+        "all" => vec!["sqlite", "postgres"],
+        b => vec![b],
+    };
+    for backend in backends {
+        let started = std::time::Instant::now();
+        let (annals, raw) = match backend {
+            "sqlite" => run_sqlite(&args).await?,
+            _ => run_postgres(&args).await?,
+        };
+        let line = result_line(backend, &args.sizes, &annals, raw.as_ref(), started.elapsed().as_secs_f64());
+        println!("{}", serde_json::to_string(&line)?);
+    }
+    Ok(())
+}
+
+async fn run_sqlite(args: &Args) -> anyhow::Result<(Results, Option<Results>)> {
+    let tmp = tempfile::tempdir()?;
+    let dir = args.dir.clone().unwrap_or_else(|| tmp.path().to_path_buf());
+    std::fs::create_dir_all(&dir)?;
+    let id = uuid::Uuid::now_v7().simple().to_string();
+    let annals_path = dir.join(format!("annals-{id}.db"));
+    let store = annals_sqlite::SqliteEventStore::open(&annals_path).await?;
+    let annals = workload::run(store, &args.sizes).await?;
+    let raw = if args.no_raw {
+        None
+    } else {
+        let raw_path = dir.join(format!("raw-{id}.db"));
+        let sizes = args.sizes.clone();
+        Some(tokio::task::spawn_blocking(move || raw_sqlite::run(&raw_path, &sizes)).await??)
+    };
+    Ok((annals, raw))
+}
+
+async fn run_postgres(args: &Args) -> anyhow::Result<(Results, Option<Results>)> {
+    let id = uuid::Uuid::now_v7().simple().to_string();
+    let schema = format!("annals_bench_{id}");
+    let store = annals_postgres::PgEventStore::connect_with(
+        &args.database_url,
+        annals_postgres::PgOptions { schema: Some(schema.clone()), ..Default::default() },
+    )
+    .await?;
+    store.migrate().await?;
+    let annals = workload::run(store, &args.sizes).await;
+    let raw = if args.no_raw || annals.is_err() {
+        None
+    } else {
+        let raw_schema = format!("raw_bench_{id}");
+        let r = raw_pg::run(&args.database_url, &raw_schema, &args.sizes).await;
+        raw_pg::drop_schema(&args.database_url, &raw_schema).await?;
+        Some(r?)
+    };
+    raw_pg::drop_schema(&args.database_url, &schema).await?;
+    Ok((annals?, raw))
+}
+
+fn ratio(a: f64, b: f64) -> Value {
+    if b > 0.0 {
+        json!((a / b * 1000.0).round() / 1000.0)
+    } else {
+        Value::Null
+    }
+}
+
+fn result_line(backend: &str, sizes: &Sizes, a: &Results, raw: Option<&Results>, total: f64) -> Value {
+    let mut line = json!({
+        "peer": "annals",
+        "version": env!("CARGO_PKG_VERSION"),
+        "backend": backend,
+        "date": chrono::Utc::now().to_rfc3339(),
+        "machine": workload::machine(),
+        "sizes": sizes.to_json(),
+        "w1": a.w1_json(),
+        "w2": a.w2_json(),
+        "w3": a.w3_json(),
+        "w3m": Value::Null,
+        "w3m_reason": "the public API commits one stream per atomic append; multi-stream atomic commits are not offered",
+        "w4": a.w4_json(),
+        "total_seconds": (total * 1000.0).round() / 1000.0,
+    });
+    if let Some(r) = raw {
+        line["raw"] = json!({
+            "w1": r.w1_json(),
+            "w2": r.w2_json(),
+            "w3": r.w3_json(),
+            "w4": r.w4_json(),
+        });
+        line["ratio_to_raw"] = json!({
+            "w1": ratio(a.w1.commands_per_sec(), r.w1.commands_per_sec()),
+            "w1_open": ratio(a.w1.open_per_sec, r.w1.open_per_sec),
+            "w2_no_snapshot": ratio(r.w2.no_snapshot.median(), a.w2.no_snapshot.median()),
+            "w2_snapshot": ratio(r.w2.snapshot.median(), a.w2.snapshot.median()),
+            "w3": ratio(a.w3.events_per_sec(), r.w3.events_per_sec()),
+            "w4": ratio(a.w4.events_per_sec(), r.w4.events_per_sec()),
+        });
+    }
+    line["w2"]["snapshot_speedup"] = ratio(a.w2.no_snapshot.median(), a.w2.snapshot.median());
+    line
+}
