@@ -1,0 +1,289 @@
+//! The command line, as clap types.
+//!
+//! Every value is parsed and validated here, before any database is opened,
+//! so bad input is reported with the option's name and nothing is written
+//! (opening an SQLite file creates it).
+
+use annals::{ExpectedVersion, GlobalPosition, Metadata, StreamId, StreamVersion};
+use chrono::{DateTime, Utc};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use serde_json::Value;
+
+use crate::store::{Backend, DEFAULT_DATABASE_URL};
+
+pub(crate) const EXIT_CODES: &str = "\
+Exit status:
+  0  success (a closed output pipe, as in `annals read-all | head`, is success)
+  1  a check failed: an append's expected version did not match (the message
+     names the actual version), a demo consistency check failed, or an
+     aggregate has no events
+  2  error: bad input, unknown URL scheme, unreachable database, schema not
+     initialized, ...; nothing was written
+
+Logs go to stderr, errors only by default; set RUST_LOG (for example
+RUST_LOG=warn or RUST_LOG=annals=debug) to see more.";
+
+/// Annals operations: inspect and write an Annals event store.
+#[derive(Parser, Debug)]
+#[command(name = "annals", version, after_help = EXIT_CODES)]
+#[command(arg_required_else_help = true)]
+pub(crate) struct Cli {
+    /// Database URL: sqlite://PATH or postgres://USER@HOST/DB.
+    #[arg(
+        long,
+        global = true,
+        env = "ANNALS_DATABASE_URL",
+        default_value = DEFAULT_DATABASE_URL,
+        value_name = "URL",
+        hide_env_values = true
+    )]
+    pub(crate) database_url: String,
+
+    /// PostgreSQL schema that holds the tables (default: the server's
+    /// search_path, usually public). Ignored for SQLite.
+    #[arg(
+        long,
+        global = true,
+        env = "ANNALS_PG_SCHEMA",
+        value_name = "NAME",
+        hide_env_values = true
+    )]
+    pub(crate) pg_schema: Option<String>,
+
+    #[command(subcommand)]
+    pub(crate) command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub(crate) enum Command {
+    /// Create or upgrade the database schema (idempotent).
+    Init,
+    /// Print the DDL of a backend's schema.
+    Schema {
+        /// The backend.
+        #[arg(long, value_enum)]
+        backend: BackendArg,
+    },
+    /// Append one event to a stream and print what was recorded.
+    Append(AppendArgs),
+    /// Read one stream.
+    Read(ReadArgs),
+    /// Read the whole store in global order.
+    ReadAll(ReadAllArgs),
+    /// Streams and events per category, events per type, first and last
+    /// recorded_at.
+    Stats {
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show an aggregate's state, version and how it was loaded.
+    Aggregate(AggregateArgs),
+    /// Run the bank example: open accounts, deposit and withdraw through the
+    /// repository, then print balances and check the totals.
+    Demo(DemoArgs),
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub(crate) enum BackendArg {
+    /// Embedded SQLite.
+    Sqlite,
+    /// PostgreSQL.
+    #[value(alias = "postgresql", alias = "pg")]
+    Postgres,
+}
+
+impl From<BackendArg> for Backend {
+    fn from(b: BackendArg) -> Backend {
+        match b {
+            BackendArg::Sqlite => Backend::Sqlite,
+            BackendArg::Postgres => Backend::Postgres,
+        }
+    }
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct AppendArgs {
+    /// The stream, `<Category>-<id>` (for example Account-42).
+    #[arg(value_parser = parse_stream)]
+    pub(crate) stream: StreamId,
+    /// The event type.
+    #[arg(long = "type", value_name = "TYPE")]
+    pub(crate) event_type: String,
+    /// The payload, a JSON value.
+    #[arg(long, value_name = "JSON", value_parser = parse_json, allow_hyphen_values = true)]
+    pub(crate) data: Value,
+    /// The payload's schema version (1 or more).
+    #[arg(long, value_name = "N", default_value = "1", value_parser = parse_event_version, allow_hyphen_values = true)]
+    pub(crate) event_version: u32,
+    /// Metadata, a JSON object (correlation_id and causation_id must be UUIDs).
+    #[arg(long, value_name = "JSON", value_parser = parse_metadata, allow_hyphen_values = true)]
+    pub(crate) metadata: Option<Metadata>,
+    /// The stream head the append expects: any, no-stream, exists or a
+    /// version N (0 means no stream).
+    #[arg(long, value_name = "any|no-stream|exists|N", default_value = "any", value_parser = parse_expected, allow_hyphen_values = true)]
+    pub(crate) expected_version: ExpectedVersion,
+    /// The event id (a UUID), for idempotent retries: appending the same
+    /// event again is a no-op. Default: a fresh UUID v7.
+    #[arg(long, value_name = "UUID")]
+    pub(crate) event_id: Option<uuid::Uuid>,
+    /// Print JSON Lines.
+    #[arg(long)]
+    pub(crate) json: bool,
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct ReadArgs {
+    /// The stream, `<Category>-<id>`.
+    #[arg(value_parser = parse_stream)]
+    pub(crate) stream: StreamId,
+    /// First version to show (inclusive).
+    #[arg(long, value_name = "VERSION", value_parser = parse_version, allow_hyphen_values = true)]
+    pub(crate) from: Option<StreamVersion>,
+    /// Time travel: ignore events recorded after this instant (RFC 3339, for
+    /// example 2025-01-31T12:00:00Z).
+    #[arg(long, value_name = "RFC3339", value_parser = parse_time)]
+    pub(crate) as_of: Option<DateTime<Utc>>,
+    /// At most this many events.
+    #[arg(long, value_name = "N", value_parser = parse_count, allow_hyphen_values = true)]
+    pub(crate) limit: Option<u64>,
+    /// Newest first.
+    #[arg(long)]
+    pub(crate) backward: bool,
+    /// Print JSON Lines.
+    #[arg(long)]
+    pub(crate) json: bool,
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct ReadAllArgs {
+    /// Show events strictly after this global position (`N` or `COMMIT:SEQ`,
+    /// as printed in the POSITION column).
+    #[arg(long, value_name = "POS", value_parser = parse_position, allow_hyphen_values = true)]
+    pub(crate) from: Option<GlobalPosition>,
+    /// At most this many events.
+    #[arg(long, value_name = "N", value_parser = parse_count, allow_hyphen_values = true)]
+    pub(crate) limit: Option<u64>,
+    /// Only this category (repeatable).
+    #[arg(long, value_name = "CATEGORY")]
+    pub(crate) category: Vec<String>,
+    /// Only this event type (repeatable).
+    #[arg(long = "type", value_name = "TYPE")]
+    pub(crate) event_type: Vec<String>,
+    /// Print JSON Lines.
+    #[arg(long)]
+    pub(crate) json: bool,
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct AggregateArgs {
+    /// The aggregate type, as registered (for example Account).
+    #[arg(value_name = "TYPE")]
+    pub(crate) aggregate_type: String,
+    /// The aggregate id (the stream name after `<TYPE>-`).
+    #[arg(value_name = "ID")]
+    pub(crate) id: String,
+    /// Time travel: the state as of this stream version (full replay).
+    #[arg(long, value_name = "VERSION", value_parser = parse_version, allow_hyphen_values = true)]
+    pub(crate) at_version: Option<StreamVersion>,
+    /// Ignore snapshots and replay the whole stream.
+    #[arg(long)]
+    pub(crate) no_snapshot: bool,
+    /// Print one JSON object.
+    #[arg(long)]
+    pub(crate) json: bool,
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct DemoArgs {
+    /// Accounts to open.
+    #[arg(long, default_value = "5", value_name = "N", value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub(crate) accounts: u32,
+    /// Deposits and withdrawals to attempt.
+    #[arg(long, default_value = "50", value_name = "M", value_parser = parse_count, allow_hyphen_values = true)]
+    pub(crate) operations: u64,
+    /// Seed of the pseudo-random choice of account, operation and amount:
+    /// the same seed makes the same run.
+    #[arg(long, default_value = "42", value_name = "SEED")]
+    pub(crate) seed: u64,
+    /// Print the summary as one JSON object.
+    #[arg(long)]
+    pub(crate) json: bool,
+}
+
+fn parse_stream(s: &str) -> Result<StreamId, String> {
+    StreamId::parse(s).map_err(|e| e.to_string())
+}
+
+fn parse_json(s: &str) -> Result<Value, String> {
+    serde_json::from_str(s).map_err(|e| format!("not valid JSON: {e}"))
+}
+
+fn parse_metadata(s: &str) -> Result<Metadata, String> {
+    Metadata::from_value(parse_json(s)?)
+}
+
+fn parse_expected(s: &str) -> Result<ExpectedVersion, String> {
+    s.parse()
+}
+
+fn parse_u64(s: &str, what: &str) -> Result<u64, String> {
+    s.trim()
+        .parse::<u64>()
+        .map_err(|_| format!("expected {what}, got {s:?}"))
+}
+
+fn parse_version(s: &str) -> Result<StreamVersion, String> {
+    match parse_u64(s, "a stream version (1 or more)")? {
+        0 => Err("stream versions start at 1".to_owned()),
+        v => Ok(StreamVersion(v)),
+    }
+}
+
+fn parse_event_version(s: &str) -> Result<u32, String> {
+    match s.trim().parse::<u32>() {
+        Ok(0) => Err("event versions start at 1".to_owned()),
+        Ok(v) => Ok(v),
+        Err(_) => Err(format!("expected an event version (1 or more), got {s:?}")),
+    }
+}
+
+fn parse_count(s: &str) -> Result<u64, String> {
+    parse_u64(s, "a count (0 or more)")
+}
+
+fn parse_position(s: &str) -> Result<GlobalPosition, String> {
+    s.parse::<GlobalPosition>().map_err(|e| e.to_string())
+}
+
+fn parse_time(s: &str) -> Result<DateTime<Utc>, String> {
+    DateTime::parse_from_rfc3339(s.trim())
+        .map(|t| t.with_timezone(&Utc))
+        .map_err(|e| format!("expected an RFC 3339 time such as 2025-01-31T12:00:00Z ({e})"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn value_parsers_reject_bad_input() {
+        assert!(parse_expected("-1").is_err());
+        assert_eq!(parse_expected("no-stream"), Ok(ExpectedVersion::NoStream));
+        assert!(parse_version("0").is_err());
+        assert!(parse_version("-3").is_err());
+        assert_eq!(parse_version("3"), Ok(StreamVersion(3)));
+        assert!(parse_position("x").is_err());
+        assert_eq!(parse_position("5:9"), Ok(GlobalPosition::new(5, 9)));
+        assert!(parse_json("{").is_err());
+        assert!(parse_metadata("[1]").is_err());
+        assert!(parse_time("yesterday").is_err());
+        assert!(parse_event_version("0").is_err());
+    }
+}

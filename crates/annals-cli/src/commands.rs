@@ -1,0 +1,267 @@
+//! The subcommands. Each one validates its input completely before it opens
+//! the database, so bad input never creates a file or writes an event.
+
+use std::future::Future;
+use std::io::Write;
+
+use annals::{
+    validate_batch, validate_category, Direction, EventStore, GlobalPosition, NewEvent, ReadAll,
+    ReadStream, StreamId,
+};
+use anyhow::{anyhow, Context};
+use futures::StreamExt;
+
+use crate::cli::{AggregateArgs, AppendArgs, Command, ReadAllArgs, ReadArgs};
+use crate::output::{json_line, timestamp, EventPrinter, Table};
+use crate::registry::LoadRequest;
+use crate::store::{Backend, DatabaseUrl, OpenOptions};
+use crate::{demo, AnyStore, App, Outcome};
+
+/// What every command that touches the database needs.
+pub(crate) struct Env<'a> {
+    pub(crate) app: &'a App,
+    pub(crate) url: &'a str,
+    pub(crate) pg_schema: Option<String>,
+    pub(crate) out: &'a mut (dyn Write + Send),
+}
+
+impl Env<'_> {
+    fn database_url(&self) -> anyhow::Result<DatabaseUrl> {
+        Ok(self.url.parse::<DatabaseUrl>()?)
+    }
+
+    /// Opens the store. `create` says whether a missing SQLite file may be
+    /// created (writing commands) or is an error (reading commands).
+    ///
+    /// Not an `async fn`: the future must not borrow `self`, whose output
+    /// writer is `Send` but not `Sync`, so that `App::run` stays `Send`.
+    fn open(
+        &self,
+        create: bool,
+    ) -> impl Future<Output = anyhow::Result<AnyStore>> + Send + 'static {
+        let url = self.database_url();
+        let options = OpenOptions {
+            pg_schema: self.pg_schema.clone(),
+            must_exist: !create,
+        };
+        async move {
+            let url = url?;
+            AnyStore::open_with(&url, &options)
+                .await
+                .with_context(|| format!("cannot open {url}"))
+        }
+    }
+}
+
+pub(crate) async fn dispatch(env: Env<'_>, command: Command) -> anyhow::Result<Outcome> {
+    match command {
+        Command::Init => init(env).await,
+        Command::Schema { backend } => {
+            let sql = Backend::from(backend).schema_sql();
+            env.out.write_all(sql.as_bytes())?;
+            if !sql.ends_with('\n') {
+                env.out.write_all(b"\n")?;
+            }
+            Ok(Outcome::Success)
+        }
+        Command::Append(args) => append(env, args).await,
+        Command::Read(args) => read(env, args).await,
+        Command::ReadAll(args) => read_all(env, args).await,
+        Command::Stats { json } => stats(env, json).await,
+        Command::Aggregate(args) => aggregate(env, args).await,
+        Command::Demo(args) => {
+            let url = env.database_url()?;
+            let store = env.open(true).await?;
+            demo::run(&store, &url.to_string(), &args, env.out).await
+        }
+    }
+}
+
+async fn init(env: Env<'_>) -> anyhow::Result<Outcome> {
+    let url = env.database_url()?;
+    let store = env.open(true).await?;
+    store
+        .migrate()
+        .await
+        .with_context(|| format!("cannot migrate {url}"))?;
+    writeln!(env.out, "{url}: schema is up to date")?;
+    Ok(Outcome::Success)
+}
+
+async fn append(env: Env<'_>, args: AppendArgs) -> anyhow::Result<Outcome> {
+    let mut event =
+        NewEvent::new(args.event_type, args.data).with_event_version(args.event_version);
+    if let Some(metadata) = args.metadata {
+        event = event.with_metadata(metadata);
+    }
+    if let Some(id) = args.event_id {
+        event = event.with_id(annals::EventId(id));
+    }
+    let batch = vec![event];
+    validate_batch(&args.stream, &batch)?;
+    let count = batch.len() as u64;
+
+    let store = env.open(true).await?;
+    let result = store
+        .append(&args.stream, args.expected_version, batch)
+        .await?;
+    if result.deduplicated {
+        tracing::info!(stream = %args.stream, "event already stored; nothing was written");
+    }
+    // Read back what the store recorded: positions and timestamps are the
+    // store's, not ours.
+    let mut events = store.read_stream(
+        &args.stream,
+        ReadStream::forward()
+            .from(result.first_version)
+            .limit(count),
+    );
+    let mut printer = EventPrinter::new(args.json);
+    while let Some(e) = events.next().await {
+        printer.print(env.out, &e?)?;
+    }
+    printer.finish(env.out)?;
+    Ok(Outcome::Success)
+}
+
+async fn read(env: Env<'_>, args: ReadArgs) -> anyhow::Result<Outcome> {
+    let options = ReadStream {
+        from: args.from,
+        direction: if args.backward {
+            Direction::Backward
+        } else {
+            Direction::Forward
+        },
+        limit: args.limit,
+        until_version: None,
+        as_of: args.as_of,
+    };
+    let store = env.open(false).await?;
+    let events = store.read_stream(&args.stream, options);
+    print_events(env.out, events, args.json, || {
+        format!("no events in stream {}", args.stream)
+    })
+    .await
+}
+
+async fn read_all(env: Env<'_>, args: ReadAllArgs) -> anyhow::Result<Outcome> {
+    for c in &args.category {
+        validate_category(c).context("invalid --category")?;
+    }
+    let options = ReadAll {
+        after: args.from.unwrap_or(GlobalPosition::START),
+        limit: args.limit,
+        categories: args.category,
+        event_types: args.event_type,
+    };
+    let store = env.open(false).await?;
+    let events = store.read_all(options);
+    print_events(env.out, events, args.json, || "no events".to_owned()).await
+}
+
+async fn print_events(
+    out: &mut (dyn Write + Send),
+    mut events: annals::EventStream,
+    json: bool,
+    empty: impl FnOnce() -> String,
+) -> anyhow::Result<Outcome> {
+    let mut printer = EventPrinter::new(json);
+    while let Some(e) = events.next().await {
+        printer.print(out, &e?)?;
+    }
+    if printer.finish(out)? == 0 && !json {
+        // On stderr, so that stdout stays empty for scripts.
+        let _ = writeln!(std::io::stderr(), "({})", empty());
+    }
+    Ok(Outcome::Success)
+}
+
+async fn stats(env: Env<'_>, json: bool) -> anyhow::Result<Outcome> {
+    let store = env.open(false).await?;
+    let stats = store.stats().await?;
+    let out = env.out;
+    if json {
+        json_line(out, &stats)?;
+        return Ok(Outcome::Success);
+    }
+    let time =
+        |t: &Option<chrono::DateTime<chrono::Utc>>| t.as_ref().map_or("-".to_owned(), timestamp);
+    writeln!(out, "streams           {}", stats.streams)?;
+    writeln!(out, "events            {}", stats.events)?;
+    writeln!(out, "first recorded_at {}", time(&stats.first_recorded_at))?;
+    writeln!(out, "last recorded_at  {}", time(&stats.last_recorded_at))?;
+    if !stats.categories.is_empty() {
+        writeln!(out)?;
+        let mut t = Table::new(&["CATEGORY", "STREAMS", "EVENTS"]).right_align(&[1, 2]);
+        for c in &stats.categories {
+            t.push(
+                out,
+                vec![
+                    c.category.clone(),
+                    c.streams.to_string(),
+                    c.events.to_string(),
+                ],
+            )?;
+        }
+        t.finish(out)?;
+    }
+    if !stats.event_types.is_empty() {
+        writeln!(out)?;
+        let mut t = Table::new(&["EVENT_TYPE", "EVENTS"]).right_align(&[1]);
+        for e in &stats.event_types {
+            t.push(out, vec![e.event_type.clone(), e.events.to_string()])?;
+        }
+        t.finish(out)?;
+    }
+    Ok(Outcome::Success)
+}
+
+async fn aggregate(env: Env<'_>, args: AggregateArgs) -> anyhow::Result<Outcome> {
+    let ops = env.app.aggregate(&args.aggregate_type).ok_or_else(|| {
+        let known: Vec<&str> = env.app.aggregate_types().collect();
+        if known.is_empty() {
+            anyhow!(
+                "unknown aggregate type {:?}: this binary registers no aggregate types",
+                args.aggregate_type
+            )
+        } else {
+            anyhow!(
+                "unknown aggregate type {:?}: registered types are {}",
+                args.aggregate_type,
+                known.join(", ")
+            )
+        }
+    })?;
+    let stream = StreamId::new(ops.aggregate_type(), &args.id)?;
+    let store = env.open(false).await?;
+    let request = LoadRequest {
+        at_version: args.at_version,
+        no_snapshot: args.no_snapshot,
+    };
+    let view = ops.load(&store, &args.id, request).await?;
+    if view.version.is_none() {
+        return Ok(Outcome::CheckFailed(format!(
+            "aggregate {stream} does not exist (its stream has no events)"
+        )));
+    }
+    let out = env.out;
+    if args.json {
+        json_line(out, &view)?;
+        return Ok(Outcome::Success);
+    }
+    let version = view.version.map_or("-".to_owned(), |v| v.to_string());
+    let snapshot = match (&view.snapshot_version, &view.snapshot_skipped) {
+        (Some(v), _) if view.snapshot_migrated => format!("used, version {v} (migrated)"),
+        (Some(v), _) => format!("used, version {v}"),
+        (None, Some(why)) => format!("not used: {why}"),
+        (None, None) => "not used".to_owned(),
+    };
+    writeln!(out, "aggregate        {stream}")?;
+    writeln!(out, "version          {version}")?;
+    writeln!(out, "snapshot         {snapshot}")?;
+    writeln!(out, "events replayed  {}", view.events_replayed)?;
+    writeln!(out, "state")?;
+    serde_json::to_writer_pretty(&mut *out, &view.state)?;
+    writeln!(out)?;
+    Ok(Outcome::Success)
+}

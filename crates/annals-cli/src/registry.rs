@@ -1,0 +1,207 @@
+//! The aggregate registry: domain types made reachable by name at run time.
+//!
+//! The CLI does not know an application's aggregates at compile time, yet
+//! `annals aggregate TYPE ID` must fold `TYPE`'s events with `TYPE`'s own
+//! `apply`. An application builds its ops binary with
+//! [`App::register`](crate::App::register), which stores a [`Registered<A>`]
+//! behind the object-safe [`AggregateOps`] trait. The trait returns boxed
+//! futures (one allocation per command, irrelevant here) so it can live in a
+//! map keyed by [`Aggregate::TYPE`].
+
+use std::fmt;
+use std::marker::PhantomData;
+
+use annals::{
+    Aggregate, LoadReport, Loaded, Repository, Result, Snapshot, SnapshotConfig, SnapshotMode,
+    SnapshotPolicy, SnapshotSkip, StreamId, StreamVersion,
+};
+use futures::future::BoxFuture;
+use futures::FutureExt;
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::AnyStore;
+
+/// What [`AggregateOps::load`] should do.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LoadRequest {
+    /// Time travel: the state as of this stream version, by full replay
+    /// (snapshots are then not used).
+    pub at_version: Option<StreamVersion>,
+    /// Ignore snapshots and fold the whole stream.
+    pub no_snapshot: bool,
+}
+
+/// A loaded aggregate, type-erased: its state as JSON plus how it was loaded.
+/// This is the object `annals aggregate --json` prints.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct AggregateView {
+    /// The aggregate type (the stream category).
+    pub aggregate_type: String,
+    /// The aggregate id.
+    pub aggregate_id: String,
+    /// The stream, `<type>-<id>`.
+    pub stream_id: StreamId,
+    /// The stream version the state reflects (`None`: no events).
+    pub version: Option<StreamVersion>,
+    /// The state, serialized by the aggregate's `Serialize`.
+    pub state: Value,
+    /// Whether a snapshot was the starting point.
+    pub snapshot_used: bool,
+    /// The version of the snapshot used.
+    pub snapshot_version: Option<StreamVersion>,
+    /// Whether that snapshot was migrated from an older schema version.
+    pub snapshot_migrated: bool,
+    /// Why no snapshot was used, when none was.
+    pub snapshot_skipped: Option<String>,
+    /// Events folded (after the snapshot, or from the start).
+    pub events_replayed: u64,
+}
+
+impl AggregateView {
+    fn new<A: Aggregate>(stream: StreamId, loaded: Loaded<A>) -> Result<Self> {
+        let state =
+            serde_json::to_value(&loaded.state).map_err(|source| annals::Error::Encode {
+                what: format!("{} state", A::TYPE),
+                source,
+            })?;
+        let LoadReport {
+            snapshot_version,
+            snapshot_migrated,
+            events_replayed,
+            skipped,
+        } = loaded.report;
+        Ok(AggregateView {
+            aggregate_type: A::TYPE.to_owned(),
+            aggregate_id: stream.id().to_owned(),
+            stream_id: stream,
+            version: loaded.version,
+            state,
+            snapshot_used: snapshot_version.is_some(),
+            snapshot_version,
+            snapshot_migrated,
+            snapshot_skipped: skipped.as_ref().map(describe_skip),
+            events_replayed,
+        })
+    }
+}
+
+/// A sentence for why a load passed over a snapshot.
+pub(crate) fn describe_skip(skip: &SnapshotSkip) -> String {
+    match skip {
+        SnapshotSkip::Disabled => "snapshots not used for this load".into(),
+        SnapshotSkip::Missing => "no snapshot stored".into(),
+        SnapshotSkip::SchemaVersion { found, expected } => format!(
+            "snapshot has schema version {found}, the aggregate needs {expected} and no migration leads there"
+        ),
+        SnapshotSkip::Undecodable(e) => format!("snapshot state does not decode: {e}"),
+        SnapshotSkip::AheadOfHead { snapshot, head } => match head {
+            Some(h) => format!("snapshot at version {snapshot} is ahead of the stream head {h}"),
+            None => format!("snapshot at version {snapshot} but the stream does not exist"),
+        },
+        SnapshotSkip::StoreError(e) => format!("snapshot store failed: {e}"),
+    }
+}
+
+/// The operations the CLI runs on an aggregate type known only by name.
+///
+/// Implemented by [`Registered<A>`] for every [`Aggregate`]; implement it by
+/// hand only to wrap or fake one.
+pub trait AggregateOps: Send + Sync + 'static {
+    /// The type name ([`Aggregate::TYPE`]), which is the stream category.
+    fn aggregate_type(&self) -> &'static str;
+
+    /// The current snapshot schema version ([`Aggregate::SCHEMA_VERSION`]).
+    fn schema_version(&self) -> u32;
+
+    /// Loads aggregate `id` through an [`annals::Repository`] (with the
+    /// store's snapshots unless `request.no_snapshot`).
+    fn load<'a>(
+        &'a self,
+        store: &'a AnyStore,
+        id: &'a str,
+        request: LoadRequest,
+    ) -> BoxFuture<'a, Result<AggregateView>>;
+
+    /// Takes a snapshot of aggregate `id` now, from a fresh load. `None` when
+    /// the stream does not exist.
+    fn take_snapshot<'a>(
+        &'a self,
+        store: &'a AnyStore,
+        id: &'a str,
+    ) -> BoxFuture<'a, Result<Option<Snapshot>>>;
+}
+
+/// The [`AggregateOps`] of aggregate type `A`.
+pub struct Registered<A>(PhantomData<fn() -> A>);
+
+impl<A> Registered<A> {
+    /// The operations of `A`.
+    pub fn new() -> Self {
+        Registered(PhantomData)
+    }
+}
+
+impl<A> Default for Registered<A> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<A: Aggregate> fmt::Debug for Registered<A> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Registered<{}>", A::TYPE)
+    }
+}
+
+impl<A: Aggregate> Registered<A> {
+    /// A repository over `store` whose snapshots are read but only written
+    /// when asked: the CLI inspects, it does not change the cache behind the
+    /// operator's back.
+    fn repository(store: &AnyStore) -> Repository<A, AnyStore, AnyStore> {
+        Repository::new(store.clone()).with_snapshots(
+            store.clone(),
+            SnapshotConfig {
+                policy: SnapshotPolicy::Manual,
+                mode: SnapshotMode::Sync,
+            },
+        )
+    }
+}
+
+impl<A: Aggregate> AggregateOps for Registered<A> {
+    fn aggregate_type(&self) -> &'static str {
+        A::TYPE
+    }
+
+    fn schema_version(&self) -> u32 {
+        A::SCHEMA_VERSION
+    }
+
+    fn load<'a>(
+        &'a self,
+        store: &'a AnyStore,
+        id: &'a str,
+        request: LoadRequest,
+    ) -> BoxFuture<'a, Result<AggregateView>> {
+        async move {
+            let stream = StreamId::new(A::TYPE, id)?;
+            let repo = Self::repository(store);
+            let loaded = match (request.at_version, request.no_snapshot) {
+                (Some(v), _) => repo.load_at_version(id, v).await?,
+                (None, true) => repo.load_without_snapshot(id).await?,
+                (None, false) => repo.load(id).await?,
+            };
+            AggregateView::new(stream, loaded)
+        }
+        .boxed()
+    }
+
+    fn take_snapshot<'a>(
+        &'a self,
+        store: &'a AnyStore,
+        id: &'a str,
+    ) -> BoxFuture<'a, Result<Option<Snapshot>>> {
+        async move { Self::repository(store).snapshot(id).await }.boxed()
+    }
+}

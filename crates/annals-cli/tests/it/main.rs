@@ -1,0 +1,11 @@
+//! Integration tests of the `annals` binary: each test runs the built binary
+//! against a temporary SQLite file (and, when `ANNALS_TEST_POSTGRES_URL` is
+//! set, a fresh PostgreSQL schema), the way an operator would.
+
+mod demo;
+mod errors;
+mod events;
+mod library;
+mod postgres;
+mod scenarios;
+mod util;

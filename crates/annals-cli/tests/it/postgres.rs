@@ -1,0 +1,40 @@
+//! The scenarios on PostgreSQL, each in a fresh schema, when
+//! `ANNALS_TEST_POSTGRES_URL` names a server; skipped (visibly) otherwise.
+
+use crate::scenarios::scenario_tests;
+use crate::util::Db;
+
+/// A fresh schema, or `None` after saying why the test is skipped.
+fn pg() -> Option<Db> {
+    let db = Db::postgres();
+    if db.is_none() {
+        eprintln!("skipped: set ANNALS_TEST_POSTGRES_URL to run the PostgreSQL CLI tests");
+    }
+    db
+}
+
+scenario_tests!(pg();
+    round_trip,
+    conflict,
+    idempotent_event_id,
+    read_from_and_as_of,
+    read_all_from_and_limit,
+    stats,
+    aggregate_of_appended_events,
+    demo,
+);
+
+#[test]
+fn commands_before_init_say_to_run_init() {
+    let Some(db) = pg() else { return };
+    assert!(db.is_postgres());
+    // PostgreSQL is only migrated when asked: until `annals init`, commands
+    // fail with one line that says what to do, and write nothing.
+    db.run(&["stats"]).fails(2, &["annals init"]);
+    db.run(&["append", "Account-1", "--type", "Opened", "--data", "{}"])
+        .fails(2, &["annals init"]);
+    db.run(&["init"]).ok();
+    db.run(&["init"]).ok();
+    let stats = db.run(&["stats", "--json"]).ok().json();
+    assert_eq!(stats["events"], 0);
+}

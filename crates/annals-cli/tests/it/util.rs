@@ -1,0 +1,228 @@
+//! Running the binary and reading what it printed.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use serde_json::Value;
+use tempfile::TempDir;
+
+/// The fields every event object of `--json` output has (the model's).
+pub const EVENT_FIELDS: &[&str] = &[
+    "event_id",
+    "stream_id",
+    "stream_version",
+    "global_position",
+    "event_type",
+    "event_version",
+    "data",
+    "metadata",
+    "recorded_at",
+];
+
+/// The outcome of one run of the binary.
+#[derive(Debug)]
+pub struct Run {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    fn from_output(args: &[String], out: Output) -> Self {
+        let run = Run {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        };
+        eprintln!(
+            "$ annals {}\n-> {}\n{}",
+            args.join(" "),
+            run.code,
+            run.stderr
+        );
+        run
+    }
+
+    /// Asserts exit status 0 and returns self.
+    #[track_caller]
+    pub fn ok(self) -> Self {
+        assert_eq!(self.code, 0, "expected success: {self:#?}");
+        self
+    }
+
+    /// Asserts the exit status and that stderr is exactly one line starting
+    /// with `error:` that contains every one of `needles`.
+    #[track_caller]
+    pub fn fails(self, code: i32, needles: &[&str]) -> Self {
+        assert_eq!(self.code, code, "expected status {code}: {self:#?}");
+        let lines: Vec<&str> = self
+            .stderr
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .collect();
+        assert_eq!(lines.len(), 1, "expected one line on stderr: {self:#?}");
+        assert!(lines[0].starts_with("error: "), "{self:#?}");
+        for n in needles {
+            assert!(
+                lines[0].contains(n),
+                "stderr should mention {n:?}: {:?}",
+                lines[0]
+            );
+        }
+        assert!(self.stdout.is_empty(), "nothing on stdout: {self:#?}");
+        self
+    }
+
+    /// Stdout parsed as JSON Lines.
+    #[track_caller]
+    pub fn json_lines(&self) -> Vec<Value> {
+        self.stdout
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l:?}")))
+            .collect()
+    }
+
+    /// Stdout as exactly one JSON object.
+    #[track_caller]
+    pub fn json(&self) -> Value {
+        let mut lines = self.json_lines();
+        assert_eq!(lines.len(), 1, "one JSON line expected: {}", self.stdout);
+        lines.remove(0)
+    }
+}
+
+/// The binary, with no configuration inherited from the environment.
+pub fn command(dir: &Path) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_annals"));
+    cmd.current_dir(dir)
+        .env_remove("ANNALS_DATABASE_URL")
+        .env_remove("ANNALS_PG_SCHEMA")
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null());
+    cmd
+}
+
+/// Runs the binary in `dir` with exactly `args`.
+pub fn annals_in(dir: &Path, args: &[&str]) -> Run {
+    let out = command(dir).args(args).output().expect("run annals");
+    Run::from_output(
+        &args.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>(),
+        out,
+    )
+}
+
+/// A database the tests run commands against: a temporary SQLite file, or
+/// a fresh PostgreSQL schema.
+pub struct Db {
+    pub dir: TempDir,
+    pub url: String,
+    pub pg_schema: Option<String>,
+}
+
+impl Db {
+    /// A new SQLite file (not created until a command opens it).
+    pub fn sqlite() -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let url = format!("sqlite://{}", dir.path().join("test.db").display());
+        Db {
+            dir,
+            url,
+            pg_schema: None,
+        }
+    }
+
+    /// A fresh schema in the test PostgreSQL database (`None` when
+    /// `ANNALS_TEST_POSTGRES_URL` is unset).
+    pub fn postgres() -> Option<Self> {
+        let url = std::env::var("ANNALS_TEST_POSTGRES_URL").ok()?;
+        let schema = format!("annals_cli_{}", uuid::Uuid::now_v7().simple());
+        Some(Db {
+            dir: tempfile::tempdir().expect("temp dir"),
+            url,
+            pg_schema: Some(schema),
+        })
+    }
+
+    pub fn is_postgres(&self) -> bool {
+        self.pg_schema.is_some()
+    }
+
+    /// The SQLite file (meaningless for PostgreSQL).
+    pub fn sqlite_path(&self) -> PathBuf {
+        self.dir.path().join("test.db")
+    }
+
+    fn full_args(&self, args: &[&str]) -> Vec<String> {
+        let mut all: Vec<String> = args.iter().map(|s| (*s).to_owned()).collect();
+        all.push("--database-url".into());
+        all.push(self.url.clone());
+        if let Some(schema) = &self.pg_schema {
+            all.push("--pg-schema".into());
+            all.push(schema.clone());
+        }
+        all
+    }
+
+    /// Runs the binary against this database.
+    pub fn run(&self, args: &[&str]) -> Run {
+        let all = self.full_args(args);
+        let out = command(self.dir.path())
+            .args(&all)
+            .output()
+            .expect("run annals");
+        Run::from_output(&all, out)
+    }
+
+    /// A command against this database, to run by hand.
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = command(self.dir.path());
+        cmd.args(self.full_args(args));
+        cmd
+    }
+
+    /// Every event in the store, via `read-all --json`.
+    pub fn all_events(&self) -> Vec<Value> {
+        self.run(&["read-all", "--json"]).ok().json_lines()
+    }
+}
+
+/// Each PostgreSQL test has its own schema; drop it afterwards so the test
+/// database does not fill up with them.
+impl Drop for Db {
+    fn drop(&mut self) {
+        let Some(schema) = &self.pg_schema else {
+            return;
+        };
+        let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        else {
+            return;
+        };
+        let url = self.url.clone();
+        let sql = format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE");
+        rt.block_on(async move {
+            let Ok((client, connection)) =
+                tokio_postgres::connect(&url, tokio_postgres::NoTls).await
+            else {
+                eprintln!("could not connect to drop test schema");
+                return;
+            };
+            let conn = tokio::spawn(connection);
+            if let Err(e) = client.batch_execute(&sql).await {
+                eprintln!("could not drop test schema: {e}");
+            }
+            drop(client);
+            let _ = conn.await;
+        });
+    }
+}
+
+/// Asserts that a JSON event object has every model field.
+#[track_caller]
+pub fn assert_event_fields(event: &Value) {
+    let obj = event.as_object().expect("an event is a JSON object");
+    for f in EVENT_FIELDS {
+        assert!(obj.contains_key(*f), "missing field {f}: {event}");
+    }
+}
