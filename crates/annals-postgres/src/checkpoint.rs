@@ -1,0 +1,72 @@
+//! [`annals::CheckpointStore`] for [`PgEventStore`].
+//!
+//! A checkpoint is a `GlobalPosition` stored as `(commit_pos, seq)`. Saving
+//! is one upsert whose update only applies when the new position is greater,
+//! so a checkpoint never moves backwards even when two runners race.
+
+use annals::{CheckpointStore, Error, GlobalPosition, Result};
+
+use crate::error::Context;
+use crate::rows::position;
+use crate::PgEventStore;
+
+const LOAD_SQL: &str = "SELECT commit_pos, seq FROM checkpoints WHERE name = $1";
+
+const SAVE_SQL: &str = "INSERT INTO checkpoints AS c (name, commit_pos, seq, updated_at) \
+     VALUES ($1, $2, $3, now()) \
+     ON CONFLICT (name) DO UPDATE \
+     SET commit_pos = EXCLUDED.commit_pos, seq = EXCLUDED.seq, updated_at = now() \
+     WHERE (c.commit_pos, c.seq) < (EXCLUDED.commit_pos, EXCLUDED.seq)";
+
+impl CheckpointStore for PgEventStore {
+    async fn load_checkpoint(&self, name: &str) -> Result<Option<GlobalPosition>> {
+        let client = self.ready_client("load a checkpoint").await?;
+        let stmt = client
+            .prepare_cached(LOAD_SQL)
+            .await
+            .context("cannot prepare a checkpoint load")?;
+        let row = client
+            .query_opt(&stmt, &[&name])
+            .await
+            .context("cannot load a checkpoint")?;
+        match row {
+            None => Ok(None),
+            Some(row) => {
+                let commit: i64 = row.try_get(0).context("cannot decode a checkpoint")?;
+                let seq: i64 = row.try_get(1).context("cannot decode a checkpoint")?;
+                position(commit, seq).map(Some)
+            }
+        }
+    }
+
+    async fn save_checkpoint(&self, name: &str, position: GlobalPosition) -> Result<()> {
+        let (Ok(commit), Ok(seq)) = (
+            i64::try_from(position.commit()),
+            i64::try_from(position.seq()),
+        ) else {
+            return Err(Error::PositionOutOfRange {
+                position,
+                reason: "beyond what a PostgreSQL checkpoint stores".into(),
+            });
+        };
+        let client = self.ready_client("save a checkpoint").await?;
+        let stmt = client
+            .prepare_cached(SAVE_SQL)
+            .await
+            .context("cannot prepare a checkpoint save")?;
+        client
+            .execute(&stmt, &[&name, &commit, &seq])
+            .await
+            .context("cannot save a checkpoint")?;
+        Ok(())
+    }
+
+    async fn reset_checkpoint(&self, name: &str) -> Result<()> {
+        let client = self.ready_client("reset a checkpoint").await?;
+        client
+            .execute("DELETE FROM checkpoints WHERE name = $1", &[&name])
+            .await
+            .context("cannot reset a checkpoint")?;
+        Ok(())
+    }
+}

@@ -1,0 +1,710 @@
+//! [`annals::EventStore`] for [`PgEventStore`].
+//!
+//! An append is one statement, `annals_append(...)` (see
+//! `sql/0001_initial.sql`), run in its own implicit transaction: one round
+//! trip whatever the batch size, with the stream lock, the expected-version
+//! check and the insert (one `INSERT ... SELECT FROM unnest(...)`) on the
+//! server. Event ids are checked by the unique index during the insert, not
+//! by a lookup beforehand. The rare outcomes that need more work (a reused
+//! event id, a conflict that may be a retried batch, a stream written by a
+//! younger transaction, a serialization failure) are handled here, with a
+//! bounded retry for the transient ones.
+//!
+//! `read_all` pages through `(tx_id, seq)` strictly below the snapshot
+//! horizon; see the crate documentation for why that is gap-free.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use annals::{
+    validate_batch, AppendResult, CategoryStats, Direction, Error, EventStore, EventStream,
+    EventTypeStats, ExpectedVersion, GlobalPosition, NewEvent, ReadAll, ReadStream, Result,
+    StoreStats, StreamId, StreamInfo, StreamVersion,
+};
+use deadpool_postgres::Client;
+use futures::stream::BoxStream;
+use serde_json::Value;
+use tokio_postgres::IsolationLevel;
+use uuid::Uuid;
+
+use crate::error::{backend, backend_msg, class_of, Context, ErrorClass};
+use crate::rows::{decode_event, event_columns, failed, paged, position, to_i64};
+use crate::PgEventStore;
+
+/// Attempts of one append before giving up on transient failures.
+const MAX_APPEND_ATTEMPTS: u32 = 10;
+
+const APPEND_SQL: &str = "SELECT r_outcome, r_version, r_tx, r_seqs \
+     FROM annals_append($1, $2, $3, $4, $5, $6, $7, $8, $9)";
+
+/// `annals_append` outcomes (a stored event id is a unique violation).
+const APPENDED: i16 = 0;
+const WRONG_VERSION: i16 = 2;
+const YOUNGER_WRITER: i16 = 4;
+
+const EXISTING_SQL: &str = "SELECT e.event_id, e.stream_id, e.stream_version, \
+     e.tx_id::text::bigint, e.seq, e.event_type, e.event_version, e.data \
+     FROM events e WHERE e.event_id = ANY($1)";
+
+const STREAM_VERSION_SQL: &str = "SELECT version FROM streams WHERE stream_id = $1";
+
+const READ_STREAM_FORWARD: &str = concat!(
+    "SELECT ",
+    event_columns!(),
+    " FROM events e WHERE e.stream_id = $1 AND e.stream_version BETWEEN $2 AND $3 \
+     AND ($4::timestamptz IS NULL OR e.recorded_at <= $4) \
+     ORDER BY e.stream_version LIMIT $5"
+);
+
+const READ_STREAM_BACKWARD: &str = concat!(
+    "SELECT ",
+    event_columns!(),
+    " FROM events e WHERE e.stream_id = $1 AND e.stream_version BETWEEN $2 AND $3 \
+     AND ($4::timestamptz IS NULL OR e.recorded_at <= $4) \
+     ORDER BY e.stream_version DESC LIMIT $5"
+);
+
+/// The horizon: every transaction with a smaller id has finished, so no row
+/// below it can still appear.
+macro_rules! below_horizon {
+    ($alias:literal) => {
+        concat!(
+            "(",
+            $alias,
+            ".tx_id, ",
+            $alias,
+            ".seq) > ($1::bigint::text::xid8, $2) AND ",
+            $alias,
+            ".tx_id < pg_snapshot_xmin(pg_current_snapshot())"
+        )
+    };
+}
+
+const READ_ALL: &str = concat!(
+    "SELECT ",
+    event_columns!(),
+    " FROM events e WHERE ",
+    below_horizon!("e"),
+    " ORDER BY e.tx_id, e.seq LIMIT $3"
+);
+
+const READ_ALL_TYPES: &str = concat!(
+    "SELECT ",
+    event_columns!(),
+    " FROM events e WHERE ",
+    below_horizon!("e"),
+    " AND e.event_type = ANY($4) ORDER BY e.tx_id, e.seq LIMIT $3"
+);
+
+/// One index range scan per category on (category, tx_id, seq), merged:
+/// bounded work whatever the categories' sizes.
+const READ_ALL_CATEGORIES: &str = concat!(
+    "SELECT ",
+    event_columns!(),
+    " FROM unnest($4::text[]) AS c(category) CROSS JOIN LATERAL (\
+     SELECT * FROM events i WHERE i.category = c.category AND ",
+    below_horizon!("i"),
+    " AND (cardinality($5::text[]) = 0 OR i.event_type = ANY($5)) \
+     ORDER BY i.tx_id, i.seq LIMIT $3) e \
+     ORDER BY e.tx_id, e.seq LIMIT $3"
+);
+
+/// The newest committed transaction whose events are held back after a
+/// position.
+const HELD_BACK_SQL: &str = "SELECT max(e.tx_id)::text::bigint FROM events e \
+     WHERE (e.tx_id, e.seq) > ($1::bigint::text::xid8, $2) \
+     AND e.tx_id >= pg_snapshot_xmin(pg_current_snapshot())";
+
+const XMIN_SQL: &str = "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint";
+
+const HEAD_SQL: &str = "SELECT e.tx_id::text::bigint, e.seq FROM events e \
+     WHERE e.tx_id < pg_snapshot_xmin(pg_current_snapshot()) \
+     ORDER BY e.tx_id DESC, e.seq DESC LIMIT 1";
+
+const LIST_STREAMS_SQL: &str = "SELECT stream_id, version FROM streams \
+     WHERE category = $1 AND stream_id > $2 ORDER BY stream_id LIMIT $3";
+
+impl EventStore for PgEventStore {
+    async fn append(
+        &self,
+        stream: &StreamId,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+    ) -> Result<AppendResult> {
+        validate_batch(stream, &events)?;
+        let ids: Vec<Uuid> = events.iter().map(|e| e.event_id.0).collect();
+        let types: Vec<&str> = events.iter().map(|e| e.event_type.as_str()).collect();
+        let versions = events
+            .iter()
+            .map(|e| {
+                i32::try_from(e.event_version).map_err(|_| Error::InvalidEvent {
+                    stream: stream.clone(),
+                    reason: format!(
+                        "event type {:?} has event_version {}; this store keeps at most {}",
+                        e.event_type,
+                        e.event_version,
+                        i32::MAX
+                    ),
+                })
+            })
+            .collect::<Result<Vec<i32>>>()?;
+        let data: Vec<&Value> = events.iter().map(|e| &e.data).collect();
+        let metadata: Vec<Value> = events.iter().map(|e| e.metadata.to_value()).collect();
+        let (kind, version): (i16, i64) = match expected {
+            ExpectedVersion::Any => (0, 0),
+            ExpectedVersion::NoStream => (1, 0),
+            ExpectedVersion::StreamExists => (2, 0),
+            ExpectedVersion::Exact(v) => (3, to_i64(v.0)),
+        };
+
+        let client = self.ready_client("append").await?;
+        let stmt = client
+            .prepare_cached(APPEND_SQL)
+            .await
+            .context("cannot prepare the append")?;
+        for attempt in 1..=MAX_APPEND_ATTEMPTS {
+            let result = client
+                .query(
+                    &stmt,
+                    &[
+                        &stream.as_str(),
+                        &stream.category(),
+                        &kind,
+                        &version,
+                        &ids,
+                        &types,
+                        &versions,
+                        &data,
+                        &metadata,
+                    ],
+                )
+                .await;
+            let retry_reason = match result {
+                Ok(rows) => {
+                    let first = rows
+                        .first()
+                        .ok_or_else(|| backend_msg("annals_append returned no row"))?;
+                    let outcome: i16 = first.try_get(0).context("cannot decode the append")?;
+                    match outcome {
+                        APPENDED => return appended(first, events.len()),
+                        WRONG_VERSION => {
+                            let head: Option<i64> =
+                                first.try_get(1).context("cannot decode the append")?;
+                            // Idempotency comes first: a retried batch succeeds
+                            // whatever it expected.
+                            if let Some(done) = resolve_existing(&client, stream, &events).await? {
+                                return Ok(done);
+                            }
+                            return Err(Error::WrongExpectedVersion {
+                                stream: stream.clone(),
+                                expected,
+                                actual: head.and_then(|h| u64::try_from(h).ok()).map(StreamVersion),
+                            });
+                        }
+                        YOUNGER_WRITER => "the stream was written by a younger transaction",
+                        other => {
+                            return Err(backend_msg(format!(
+                                "annals_append returned unknown outcome {other}"
+                            )))
+                        }
+                    }
+                }
+                Err(e) => match class_of(&e) {
+                    ErrorClass::Retry => "serialization failure or deadlock",
+                    ErrorClass::EventIdTaken => {
+                        match resolve_existing(&client, stream, &events).await? {
+                            Some(done) => return Ok(done),
+                            None => "an event id was taken by a transaction that rolled back",
+                        }
+                    }
+                    ErrorClass::StreamVersionTaken if expected != ExpectedVersion::Any => {
+                        let actual = stream_head(&client, stream).await?;
+                        return Err(Error::WrongExpectedVersion {
+                            stream: stream.clone(),
+                            expected,
+                            actual,
+                        });
+                    }
+                    ErrorClass::StreamVersionTaken => "a concurrent writer took the version",
+                    ErrorClass::UnstorablePayload => {
+                        return Err(Error::InvalidEvent {
+                            stream: stream.clone(),
+                            reason: format!(
+                                "PostgreSQL cannot store this payload or metadata \
+                                 (a \\u0000 in a JSON string?): {e}"
+                            ),
+                        })
+                    }
+                    ErrorClass::Other => {
+                        return Err(backend(format!("cannot append to {stream}"), e))
+                    }
+                },
+            };
+            tracing::debug!(%stream, attempt, reason = retry_reason, "retrying append");
+            metrics::counter!("annals_pg_append_retries_total").increment(1);
+            tokio::time::sleep(Duration::from_millis(u64::from(attempt))).await;
+        }
+        Err(backend_msg(format!(
+            "append to {stream} did not succeed in {MAX_APPEND_ATTEMPTS} attempts \
+             (transient conflicts); nothing was written"
+        )))
+    }
+
+    fn read_stream(&self, stream: &StreamId, options: ReadStream) -> EventStream {
+        let store = self.clone();
+        let stream = stream.as_str().to_owned();
+        let until = options.until_version.map_or(i64::MAX, |v| to_i64(v.0));
+        let limit = options.limit.unwrap_or(u64::MAX);
+        let as_of = options.as_of;
+        let backward = options.direction == Direction::Backward;
+        let start = if backward {
+            options.from.map_or(i64::MAX, |v| to_i64(v.0)).min(until)
+        } else {
+            options.from.map_or(1, |v| to_i64(v.0).max(1))
+        };
+        paged((start, 0u64), move |(cursor, taken): (i64, u64)| {
+            let store = store.clone();
+            let stream = stream.clone();
+            async move {
+                let (lo, hi) = if backward {
+                    (1, cursor)
+                } else {
+                    (cursor, until)
+                };
+                if taken >= limit || lo > hi {
+                    return Ok((Vec::new(), None));
+                }
+                let want = (limit - taken).min(store.inner.batch_size as u64) as i64;
+                let client = store.ready_client("read a stream").await?;
+                let sql = if backward {
+                    READ_STREAM_BACKWARD
+                } else {
+                    READ_STREAM_FORWARD
+                };
+                let stmt = client
+                    .prepare_cached(sql)
+                    .await
+                    .context("cannot prepare a stream read")?;
+                let rows = client
+                    .query(&stmt, &[&stream, &lo, &hi, &as_of, &want])
+                    .await
+                    .map_err(|e| backend(format!("cannot read stream {stream}"), e))?;
+                drop(client);
+                let events = rows.iter().map(decode_event).collect::<Result<Vec<_>>>()?;
+                let next = match events.last() {
+                    Some(last) if (events.len() as i64) == want => {
+                        let v = to_i64(last.stream_version.0);
+                        let next = if backward { v - 1 } else { v.saturating_add(1) };
+                        Some((next, taken + events.len() as u64))
+                    }
+                    _ => None,
+                };
+                Ok((events, next))
+            }
+        })
+    }
+
+    fn read_all(&self, options: ReadAll) -> EventStream {
+        let after = options.after;
+        let (Ok(tx), Ok(seq)) = (i64::try_from(after.commit()), i64::try_from(after.seq())) else {
+            return failed(Error::PositionOutOfRange {
+                position: after,
+                reason: "beyond any PostgreSQL transaction id and sequence".into(),
+            });
+        };
+        let store = self.clone();
+        let limit = options.limit.unwrap_or(u64::MAX);
+        let mut categories = options.categories;
+        categories.sort();
+        categories.dedup();
+        let event_types = options.event_types;
+        paged(
+            ((tx, seq), 0u64),
+            move |(cursor, taken): ((i64, i64), u64)| {
+                let store = store.clone();
+                let categories = categories.clone();
+                let event_types = event_types.clone();
+                async move {
+                    if taken >= limit {
+                        return Ok((Vec::new(), None));
+                    }
+                    let want = (limit - taken).min(store.inner.batch_size as u64) as i64;
+                    let client = store.ready_client("read all events").await?;
+                    let page = Page {
+                        after: cursor,
+                        want,
+                        categories: &categories,
+                        event_types: &event_types,
+                    };
+                    let mut rows = page.fetch(&client).await?;
+                    if (rows.len() as i64) < want && store.wait_for_horizon(&client, cursor).await?
+                    {
+                        rows = page.fetch(&client).await?;
+                    }
+                    drop(client);
+                    let events = rows.iter().map(decode_event).collect::<Result<Vec<_>>>()?;
+                    let next = match events.last() {
+                        Some(last) if (events.len() as i64) == want => Some((
+                            (
+                                to_i64(last.global_position.commit()),
+                                to_i64(last.global_position.seq()),
+                            ),
+                            taken + events.len() as u64,
+                        )),
+                        _ => None,
+                    };
+                    Ok((events, next))
+                }
+            },
+        )
+    }
+
+    async fn stream_version(&self, stream: &StreamId) -> Result<Option<StreamVersion>> {
+        let client = self.ready_client("read a stream version").await?;
+        stream_head(&client, stream).await
+    }
+
+    fn list_streams(&self, category: &str) -> BoxStream<'static, Result<StreamInfo>> {
+        let store = self.clone();
+        let category = category.to_owned();
+        paged(String::new(), move |after: String| {
+            let store = store.clone();
+            let category = category.clone();
+            async move {
+                let want = store.inner.batch_size as i64;
+                let client = store.ready_client("list streams").await?;
+                let stmt = client
+                    .prepare_cached(LIST_STREAMS_SQL)
+                    .await
+                    .context("cannot prepare the stream listing")?;
+                let rows = client
+                    .query(&stmt, &[&category, &after, &want])
+                    .await
+                    .context("cannot list streams")?;
+                drop(client);
+                let infos = rows
+                    .iter()
+                    .map(|row| {
+                        let name: &str = row.try_get(0).context("cannot decode a stream")?;
+                        let version: i64 = row.try_get(1).context("cannot decode a stream")?;
+                        Ok(StreamInfo {
+                            stream_id: StreamId::parse(name).map_err(|e| {
+                                backend(format!("stream {name:?} has an invalid name"), e)
+                            })?,
+                            version: StreamVersion(u64::try_from(version).unwrap_or(0)),
+                        })
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                let next = match infos.last() {
+                    Some(last) if infos.len() as i64 == want => {
+                        Some(last.stream_id.as_str().to_owned())
+                    }
+                    _ => None,
+                };
+                Ok((infos, next))
+            }
+        })
+    }
+
+    async fn stats(&self) -> Result<StoreStats> {
+        let mut client = self.ready_client("read statistics").await?;
+        // One snapshot for all three queries, so the numbers agree.
+        let tx = client
+            .build_transaction()
+            .isolation_level(IsolationLevel::RepeatableRead)
+            .read_only(true)
+            .start()
+            .await
+            .context("cannot start the statistics transaction")?;
+        let what = "cannot read statistics";
+        let categories = tx
+            .query(
+                "SELECT category, count(*), sum(version)::bigint FROM streams \
+                 GROUP BY category ORDER BY category",
+                &[],
+            )
+            .await
+            .context(what)?
+            .iter()
+            .map(|r| {
+                Ok(CategoryStats {
+                    category: r.try_get(0).context(what)?,
+                    streams: count(r.try_get(1).context(what)?),
+                    events: count(r.try_get(2).context(what)?),
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let event_types = tx
+            .query(
+                "SELECT event_type, count(*) FROM events GROUP BY event_type ORDER BY event_type",
+                &[],
+            )
+            .await
+            .context(what)?
+            .iter()
+            .map(|r| {
+                Ok(EventTypeStats {
+                    event_type: r.try_get(0).context(what)?,
+                    events: count(r.try_get(1).context(what)?),
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let times = tx
+            .query_one("SELECT min(recorded_at), max(recorded_at) FROM events", &[])
+            .await
+            .context(what)?;
+        let first_recorded_at = times.try_get(0).context(what)?;
+        let last_recorded_at = times.try_get(1).context(what)?;
+        tx.commit().await.context(what)?;
+        Ok(StoreStats {
+            streams: categories.iter().map(|c| c.streams).sum(),
+            events: event_types.iter().map(|t| t.events).sum(),
+            categories,
+            event_types,
+            first_recorded_at,
+            last_recorded_at,
+        })
+    }
+
+    async fn head_position(&self) -> Result<Option<GlobalPosition>> {
+        let client = self.ready_client("read the head position").await?;
+        self.wait_for_horizon(&client, (0, 0)).await?;
+        let stmt = client
+            .prepare_cached(HEAD_SQL)
+            .await
+            .context("cannot prepare the head query")?;
+        let row = client
+            .query_opt(&stmt, &[])
+            .await
+            .context("cannot read the head position")?;
+        match row {
+            None => Ok(None),
+            Some(row) => {
+                let tx: i64 = row.try_get(0).context("cannot decode the head position")?;
+                let seq: i64 = row.try_get(1).context("cannot decode the head position")?;
+                position(tx, seq).map(Some)
+            }
+        }
+    }
+}
+
+fn count(n: i64) -> u64 {
+    u64::try_from(n).unwrap_or(0)
+}
+
+/// One page of `read_all`.
+struct Page<'a> {
+    after: (i64, i64),
+    want: i64,
+    categories: &'a [String],
+    event_types: &'a [String],
+}
+
+impl Page<'_> {
+    async fn fetch(&self, client: &Client) -> Result<Vec<tokio_postgres::Row>> {
+        let (tx, seq) = self.after;
+        let what = "cannot read all events";
+        let rows = if !self.categories.is_empty() {
+            let stmt = client
+                .prepare_cached(READ_ALL_CATEGORIES)
+                .await
+                .context(what)?;
+            client
+                .query(
+                    &stmt,
+                    &[&tx, &seq, &self.want, &self.categories, &self.event_types],
+                )
+                .await
+        } else if !self.event_types.is_empty() {
+            let stmt = client.prepare_cached(READ_ALL_TYPES).await.context(what)?;
+            client
+                .query(&stmt, &[&tx, &seq, &self.want, &self.event_types])
+                .await
+        } else {
+            let stmt = client.prepare_cached(READ_ALL).await.context(what)?;
+            client.query(&stmt, &[&tx, &seq, &self.want]).await
+        };
+        rows.context(what)
+    }
+}
+
+impl PgEventStore {
+    /// At the tail of the log: if committed events after `after` are held
+    /// back by transactions still in flight, waits (at most `horizon_wait`)
+    /// for those transactions to finish. Transactions that start later are
+    /// not waited for. Returns whether anything was held back.
+    async fn wait_for_horizon(&self, client: &Client, after: (i64, i64)) -> Result<bool> {
+        if self.horizon_wait.is_zero() {
+            return Ok(false);
+        }
+        let what = "cannot read the snapshot horizon";
+        let stmt = client.prepare_cached(HELD_BACK_SQL).await.context(what)?;
+        let newest: Option<i64> = client
+            .query_one(&stmt, &[&after.0, &after.1])
+            .await
+            .context(what)?
+            .try_get(0)
+            .context(what)?;
+        let Some(newest) = newest else {
+            return Ok(false);
+        };
+        let deadline = Instant::now() + self.horizon_wait;
+        let stmt = client.prepare_cached(XMIN_SQL).await.context(what)?;
+        let mut pause = Duration::from_millis(1);
+        loop {
+            let xmin: i64 = client
+                .query_one(&stmt, &[])
+                .await
+                .context(what)?
+                .try_get(0)
+                .context(what)?;
+            if xmin > newest {
+                return Ok(true);
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                tracing::debug!(
+                    newest,
+                    xmin,
+                    "read_all: committed events held back by a long transaction"
+                );
+                return Ok(true);
+            }
+            tokio::time::sleep(pause.min(deadline - now)).await;
+            pause = (pause * 2).min(Duration::from_millis(20));
+        }
+    }
+}
+
+async fn stream_head(client: &Client, stream: &StreamId) -> Result<Option<StreamVersion>> {
+    let stmt = client
+        .prepare_cached(STREAM_VERSION_SQL)
+        .await
+        .context("cannot prepare a stream version query")?;
+    let row = client
+        .query_opt(&stmt, &[&stream.as_str()])
+        .await
+        .map_err(|e| backend(format!("cannot read the version of {stream}"), e))?;
+    match row {
+        None => Ok(None),
+        Some(row) => {
+            let v: i64 = row
+                .try_get(0)
+                .map_err(|e| backend(format!("cannot decode the version of {stream}"), e))?;
+            Ok(Some(StreamVersion(count(v))))
+        }
+    }
+}
+
+/// The result of a successful `annals_append`: its one row holds the first
+/// version, the transaction id and the seqs in batch order.
+fn appended(row: &tokio_postgres::Row, n: usize) -> Result<AppendResult> {
+    let what = "cannot decode the append";
+    let first: i64 = row.try_get(1).context(what)?;
+    let tx: i64 = row.try_get(2).context(what)?;
+    let seqs: Vec<i64> = row.try_get(3).context(what)?;
+    if seqs.len() != n {
+        return Err(backend_msg(format!(
+            "annals_append stored {} events of a batch of {n}",
+            seqs.len()
+        )));
+    }
+    let positions = seqs
+        .into_iter()
+        .map(|seq| position(tx, seq))
+        .collect::<Result<Vec<_>>>()?;
+    let first = count(first);
+    Ok(AppendResult {
+        first_version: StreamVersion(first),
+        last_version: StreamVersion(first + n as u64 - 1),
+        positions,
+        deduplicated: false,
+    })
+}
+
+/// Looks up the batch's ids: when some are stored, an idempotent retry
+/// returns the original assignment and any other reuse is a duplicate id.
+/// `Ok(None)`: none is stored.
+async fn resolve_existing(
+    client: &Client,
+    stream: &StreamId,
+    events: &[NewEvent],
+) -> Result<Option<AppendResult>> {
+    struct Stored {
+        stream: String,
+        version: i64,
+        position: GlobalPosition,
+        event_type: String,
+        event_version: i32,
+        data: Value,
+    }
+    let what = "cannot read stored event ids";
+    let ids: Vec<Uuid> = events.iter().map(|e| e.event_id.0).collect();
+    let stmt = client.prepare_cached(EXISTING_SQL).await.context(what)?;
+    let rows = client.query(&stmt, &[&ids]).await.context(what)?;
+    let mut stored = HashMap::with_capacity(rows.len());
+    for r in &rows {
+        let id: Uuid = r.try_get(0).context(what)?;
+        stored.insert(
+            id,
+            Stored {
+                stream: r.try_get(1).context(what)?,
+                version: r.try_get(2).context(what)?,
+                position: position(r.try_get(3).context(what)?, r.try_get(4).context(what)?)?,
+                event_type: r.try_get(5).context(what)?,
+                event_version: r.try_get(6).context(what)?,
+                data: r.try_get(7).context(what)?,
+            },
+        );
+    }
+    if stored.is_empty() {
+        return Ok(None);
+    }
+    let same = stored.get(&events[0].event_id.0).is_some_and(|first| {
+        events.iter().enumerate().all(|(i, e)| {
+            stored.get(&e.event_id.0).is_some_and(|s| {
+                s.stream == stream.as_str()
+                    && s.event_type == e.event_type
+                    && i64::from(s.event_version) == i64::from(e.event_version)
+                    && s.data == e.data
+                    && s.version == first.version + i as i64
+            })
+        })
+    });
+    if same {
+        let versions: Vec<&Stored> = events
+            .iter()
+            .filter_map(|e| stored.get(&e.event_id.0))
+            .collect();
+        let first = versions.first().map_or(0, |s| count(s.version));
+        return Ok(Some(AppendResult {
+            first_version: StreamVersion(first),
+            last_version: StreamVersion(first + events.len() as u64 - 1),
+            positions: versions.iter().map(|s| s.position).collect(),
+            deduplicated: true,
+        }));
+    }
+    let (event_id, holder) = events
+        .iter()
+        .find_map(|e| stored.get(&e.event_id.0).map(|s| (e.event_id, s)))
+        .ok_or_else(|| backend_msg("stored event ids vanished"))?;
+    let holder = StreamId::parse(&holder.stream)
+        .map_err(|e| backend(format!("event {event_id} has an invalid stream id"), e))?;
+    Err(Error::DuplicateEventId {
+        event_id,
+        stream: holder,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn read_all_queries_share_the_horizon() {
+        for sql in [READ_ALL, READ_ALL_TYPES, READ_ALL_CATEGORIES] {
+            assert!(sql.contains("tx_id < pg_snapshot_xmin(pg_current_snapshot())"));
+            assert!(sql.contains("($1::bigint::text::xid8, $2)"));
+        }
+    }
+}
