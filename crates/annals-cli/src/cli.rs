@@ -11,14 +11,20 @@ use serde_json::Value;
 
 use crate::store::{Backend, DEFAULT_DATABASE_URL};
 
+/// The most aggregates a snapshot job processes at once: each holds a
+/// database connection or a read for its whole fold.
+const MAX_CONCURRENCY: usize = 256;
+
 pub(crate) const EXIT_CODES: &str = "\
 Exit status:
   0  success (a closed output pipe, as in `annals read-all | head`, is success)
   1  a check failed: an append's expected version did not match (the message
-     names the actual version), a demo consistency check failed, or an
-     aggregate has no events
+     names the actual version), a demo consistency check failed, an
+     aggregate has no events, or a snapshot job found failed aggregates or
+     mismatches (see `annals snapshots --help`)
   2  error: bad input, unknown URL scheme, unreachable database, schema not
-     initialized, ...; nothing was written
+     initialized, an aggregate type this binary does not register, ...; bad
+     input is refused before anything is written
 
 Logs go to stderr, errors only by default; set RUST_LOG (for example
 RUST_LOG=warn or RUST_LOG=annals=debug) to see more.";
@@ -82,6 +88,184 @@ pub(crate) enum Command {
     /// Run the bank example: open accounts, deposit and withdraw through the
     /// repository, then print balances and check the totals.
     Demo(DemoArgs),
+    /// Snapshot coverage and freshness, create and delete, prepopulate, and
+    /// the staged migration (migrate, verify, promote).
+    #[command(subcommand)]
+    Snapshots(SnapshotsCommand),
+}
+
+/// `annals snapshots …`. `status`, `stale`, `delete` and `invalidate` work on
+/// any aggregate type; the others fold events and need the type registered.
+#[derive(Subcommand, Debug)]
+#[command(after_help = SNAPSHOT_EXIT_CODES)]
+pub(crate) enum SnapshotsCommand {
+    /// Coverage per aggregate type: aggregates, with and without a snapshot,
+    /// snapshots per schema version.
+    Status(StatusArgs),
+    /// Aggregates whose head is more than N events past their snapshot (or
+    /// that have none), most behind first.
+    Stale(StaleArgs),
+    /// Take a snapshot of one aggregate now (the type must be registered).
+    Create(CreateArgs),
+    /// Delete the snapshots of one aggregate; prints how many.
+    Delete(DeleteArgs),
+    /// Delete the snapshots of a type (optionally only those below a schema
+    /// version); prints how many.
+    Invalidate(InvalidateArgs),
+    /// Snapshot existing aggregates, the ones with most events first. Safe
+    /// to interrupt and rerun: finished aggregates are not redone.
+    Prepopulate(PrepopulateArgs),
+    /// Build snapshots at the current schema version for every aggregate of
+    /// a type into the staging table, while the application keeps using the
+    /// live one. Resumable: a rerun skips what is staged already.
+    Migrate(MigrateArgs),
+    /// Fold staged aggregates from scratch and compare with the staged state.
+    Verify(VerifyArgs),
+    /// Move the staged snapshots into the live table in one transaction,
+    /// after verifying them (unless --force). A live snapshot that is newer
+    /// at the same schema version is kept.
+    Promote(PromoteArgs),
+}
+
+const SNAPSHOT_EXIT_CODES: &str = "\
+Exit status:
+  0  success
+  1  a check failed: an aggregate that does not exist (create), aggregates
+     that failed (prepopulate, migrate; listed with their reason), staged
+     snapshots that do not match a replay (verify), or a promote blocked by
+     that verification
+  2  error: bad input, an aggregate type this binary does not register (for
+     create, prepopulate, migrate, verify, promote), unreachable database, ...
+
+Progress bars are drawn on stderr when it is a terminal.";
+
+#[derive(Args, Debug)]
+pub(crate) struct StatusArgs {
+    /// Only this aggregate type.
+    #[arg(value_name = "TYPE", value_parser = parse_category)]
+    pub(crate) aggregate_type: Option<String>,
+    /// Print JSON Lines, one object per type.
+    #[arg(long)]
+    pub(crate) json: bool,
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct StaleArgs {
+    /// List aggregates more than this many events past their snapshot.
+    #[arg(long, value_name = "N", default_value = "0", value_parser = parse_count, allow_hyphen_values = true)]
+    pub(crate) min_events: u64,
+    /// Only this aggregate type.
+    #[arg(long = "type", value_name = "TYPE", value_parser = parse_category)]
+    pub(crate) aggregate_type: Option<String>,
+    /// At most this many aggregates (the most behind).
+    #[arg(long, value_name = "N", value_parser = parse_count, allow_hyphen_values = true)]
+    pub(crate) limit: Option<u64>,
+    /// Print JSON Lines, one object per aggregate.
+    #[arg(long)]
+    pub(crate) json: bool,
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct CreateArgs {
+    /// The aggregate type, as registered.
+    #[arg(value_name = "TYPE")]
+    pub(crate) aggregate_type: String,
+    /// The aggregate id.
+    #[arg(value_name = "ID")]
+    pub(crate) id: String,
+    /// Print the snapshot as one JSON object.
+    #[arg(long)]
+    pub(crate) json: bool,
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct DeleteArgs {
+    /// The aggregate type.
+    #[arg(value_name = "TYPE", value_parser = parse_category)]
+    pub(crate) aggregate_type: String,
+    /// The aggregate id.
+    #[arg(value_name = "ID")]
+    pub(crate) id: String,
+    /// Print one JSON object.
+    #[arg(long)]
+    pub(crate) json: bool,
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct InvalidateArgs {
+    /// The aggregate type.
+    #[arg(value_name = "TYPE", value_parser = parse_category)]
+    pub(crate) aggregate_type: String,
+    /// Only snapshots whose schema version is below N.
+    #[arg(long, value_name = "N", value_parser = parse_schema_version, allow_hyphen_values = true)]
+    pub(crate) schema_version_below: Option<u32>,
+    /// Print one JSON object.
+    #[arg(long)]
+    pub(crate) json: bool,
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct PrepopulateArgs {
+    /// The aggregate type, as registered.
+    #[arg(value_name = "TYPE")]
+    pub(crate) aggregate_type: String,
+    /// Only aggregates more than N events past their snapshot (0: every one
+    /// without an up-to-date snapshot).
+    #[arg(long, value_name = "N", default_value = "0", value_parser = parse_count, allow_hyphen_values = true)]
+    pub(crate) min_events: u64,
+    /// Aggregates processed at once.
+    #[arg(long, value_name = "C", default_value = "4", value_parser = parse_concurrency, allow_hyphen_values = true)]
+    pub(crate) concurrency: usize,
+    /// Print the report as one JSON object.
+    #[arg(long)]
+    pub(crate) json: bool,
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct MigrateArgs {
+    /// The aggregate type, as registered.
+    #[arg(value_name = "TYPE")]
+    pub(crate) aggregate_type: String,
+    /// Discard the type's staged snapshots first and build every one again
+    /// (after fixing code that staged wrong states; a plain rerun keeps them).
+    #[arg(long)]
+    pub(crate) restart: bool,
+    /// Aggregates processed at once.
+    #[arg(long, value_name = "C", default_value = "4", value_parser = parse_concurrency, allow_hyphen_values = true)]
+    pub(crate) concurrency: usize,
+    /// Print the report as one JSON object.
+    #[arg(long)]
+    pub(crate) json: bool,
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct VerifyArgs {
+    /// The aggregate type, as registered.
+    #[arg(value_name = "TYPE")]
+    pub(crate) aggregate_type: String,
+    /// Check this many staged aggregates, evenly spread over the ids
+    /// (default: all).
+    #[arg(long, value_name = "N", value_parser = parse_sample, allow_hyphen_values = true)]
+    pub(crate) sample: Option<usize>,
+    /// Print the report as one JSON object.
+    #[arg(long)]
+    pub(crate) json: bool,
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct PromoteArgs {
+    /// The aggregate type, as registered.
+    #[arg(value_name = "TYPE")]
+    pub(crate) aggregate_type: String,
+    /// Promote without verifying (or despite mismatches).
+    #[arg(long, conflicts_with = "verify_sample")]
+    pub(crate) force: bool,
+    /// Verify this many staged aggregates first (default: all).
+    #[arg(long, value_name = "N", value_parser = parse_sample, allow_hyphen_values = true)]
+    pub(crate) verify_sample: Option<usize>,
+    /// Print the report as one JSON object.
+    #[arg(long)]
+    pub(crate) json: bool,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -250,6 +434,35 @@ fn parse_event_version(s: &str) -> Result<u32, String> {
 
 fn parse_count(s: &str) -> Result<u64, String> {
     parse_u64(s, "a count (0 or more)")
+}
+
+fn parse_category(s: &str) -> Result<String, String> {
+    annals::validate_category(s)
+        .map(|()| s.to_owned())
+        .map_err(|e| e.to_string())
+}
+
+fn parse_schema_version(s: &str) -> Result<u32, String> {
+    s.trim()
+        .parse::<u32>()
+        .map_err(|_| format!("expected a schema version (0 or more), got {s:?}"))
+}
+
+fn parse_concurrency(s: &str) -> Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(n) if (1..=MAX_CONCURRENCY).contains(&n) => Ok(n),
+        _ => Err(format!(
+            "expected a concurrency from 1 to {MAX_CONCURRENCY}, got {s:?}"
+        )),
+    }
+}
+
+fn parse_sample(s: &str) -> Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(0) => Err("a sample checks at least 1 aggregate".to_owned()),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!("expected a sample size (1 or more), got {s:?}")),
+    }
 }
 
 fn parse_position(s: &str) -> Result<GlobalPosition, String> {

@@ -12,10 +12,10 @@ use anyhow::{anyhow, Context};
 use futures::StreamExt;
 
 use crate::cli::{AggregateArgs, AppendArgs, Command, ReadAllArgs, ReadArgs};
-use crate::output::{json_line, timestamp, EventPrinter, Table};
+use crate::output::{json_line, note, timestamp, EventPrinter, Table};
 use crate::registry::LoadRequest;
 use crate::store::{Backend, DatabaseUrl, OpenOptions};
-use crate::{demo, AnyStore, App, Outcome};
+use crate::{demo, snapshots, AggregateOps, AnyStore, App, Outcome};
 
 /// What every command that touches the database needs.
 pub(crate) struct Env<'a> {
@@ -35,7 +35,7 @@ impl Env<'_> {
     ///
     /// Not an `async fn`: the future must not borrow `self`, whose output
     /// writer is `Send` but not `Sync`, so that `App::run` stays `Send`.
-    fn open(
+    pub(crate) fn open(
         &self,
         create: bool,
     ) -> impl Future<Output = anyhow::Result<AnyStore>> + Send + 'static {
@@ -74,7 +74,27 @@ pub(crate) async fn dispatch(env: Env<'_>, command: Command) -> anyhow::Result<O
             let store = env.open(true).await?;
             demo::run(&store, &url.to_string(), &args, env.out).await
         }
+        Command::Snapshots(command) => snapshots::dispatch(env, command).await,
     }
+}
+
+/// The operations of a registered aggregate type, or an error that lists the
+/// registered ones.
+pub(crate) fn registered<'a>(
+    app: &'a App,
+    aggregate_type: &str,
+) -> anyhow::Result<&'a dyn AggregateOps> {
+    app.aggregate(aggregate_type).ok_or_else(|| {
+        let known: Vec<&str> = app.aggregate_types().collect();
+        if known.is_empty() {
+            anyhow!("unknown aggregate type {aggregate_type:?}: this binary registers no aggregate types")
+        } else {
+            anyhow!(
+                "unknown aggregate type {aggregate_type:?}: registered types are {}",
+                known.join(", ")
+            )
+        }
+    })
 }
 
 async fn init(env: Env<'_>) -> anyhow::Result<Outcome> {
@@ -170,8 +190,7 @@ async fn print_events(
         printer.print(out, &e?)?;
     }
     if printer.finish(out)? == 0 && !json {
-        // On stderr, so that stdout stays empty for scripts.
-        let _ = writeln!(std::io::stderr(), "({})", empty());
+        note(&empty());
     }
     Ok(Outcome::Success)
 }
@@ -217,21 +236,7 @@ async fn stats(env: Env<'_>, json: bool) -> anyhow::Result<Outcome> {
 }
 
 async fn aggregate(env: Env<'_>, args: AggregateArgs) -> anyhow::Result<Outcome> {
-    let ops = env.app.aggregate(&args.aggregate_type).ok_or_else(|| {
-        let known: Vec<&str> = env.app.aggregate_types().collect();
-        if known.is_empty() {
-            anyhow!(
-                "unknown aggregate type {:?}: this binary registers no aggregate types",
-                args.aggregate_type
-            )
-        } else {
-            anyhow!(
-                "unknown aggregate type {:?}: registered types are {}",
-                args.aggregate_type,
-                known.join(", ")
-            )
-        }
-    })?;
+    let ops = registered(env.app, &args.aggregate_type)?;
     let stream = StreamId::new(ops.aggregate_type(), &args.id)?;
     let store = env.open(false).await?;
     let request = LoadRequest {

@@ -11,7 +11,7 @@
 //!   [`annals::SnapshotStore`] and [`annals::CheckpointStore`] by delegation,
 //!   so every generic function of the core runs on it.
 //! - [`AggregateOps`] and [`Registered`]: the type-erased registry behind
-//!   [`App::register`].
+//!   [`App::register`], with the snapshot jobs of a registered type.
 //!
 //! The database comes from `--database-url` or `ANNALS_DATABASE_URL`
 //! (default `sqlite://annals.db`). Output is an aligned table by default and
@@ -24,10 +24,23 @@
 //! - `0`: success. A closed output pipe (`annals read-all | head`) is success.
 //! - `1`: a check failed: an append's expected version did not match (the
 //!   message names the actual version), the demo's consistency check failed,
-//!   or an aggregate has no events.
+//!   or an aggregate has no events. For `annals snapshots`: `prepopulate` or
+//!   `migrate` left aggregates that failed, `verify` found staged snapshots
+//!   that do not match a replay, or `promote` was refused by that
+//!   verification. These print their whole report on stdout first.
 //! - `2`: error: bad input, an unknown URL scheme, an unreachable database, a
-//!   schema that needs `annals init`. The message is one line on stderr and
-//!   nothing was written.
+//!   schema that needs `annals init`, an aggregate type the binary does not
+//!   register (for the commands that fold events). The message is one line
+//!   on stderr; bad input is refused before anything is written.
+//!
+//! # Snapshots
+//!
+//! `annals snapshots status|stale|delete|invalidate` run on the
+//! [`annals::SnapshotStore`] queries and work for any aggregate type;
+//! `annals snapshots create|prepopulate|migrate|verify|promote` run
+//! [`annals::SnapshotJobs`] through [`AggregateOps`] and need the type
+//! registered. Long jobs draw a progress bar on stderr when it is a terminal
+//! and print a summary (`--json`: one object) when they end.
 //!
 //! # Example
 //!
@@ -68,11 +81,18 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+// The README's Rust examples, compiled and run as doctests of this crate
+// (the one that depends on every other), so they cannot rot.
+#[doc = include_str!("../../../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;
+
 mod cli;
 mod commands;
 mod demo;
 mod output;
 mod registry;
+mod snapshots;
 mod store;
 
 use std::collections::BTreeMap;

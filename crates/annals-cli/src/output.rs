@@ -183,6 +183,13 @@ impl EventPrinter {
     }
 }
 
+/// A remark for the person at the terminal, such as why a listing is empty:
+/// `(message)` on stderr, so that stdout stays empty for scripts.
+pub(crate) fn note(message: &str) {
+    // Nothing sensible is left to do when stderr itself is gone.
+    let _ = writeln!(io::stderr(), "({message})");
+}
+
 /// Whether an error is (or was caused by) writing to a closed pipe, which
 /// counts as success: `annals read-all | head` stopped reading on purpose.
 pub(crate) fn is_broken_pipe(err: &anyhow::Error) -> bool {

@@ -7,13 +7,19 @@
 //! behind the object-safe [`AggregateOps`] trait. The trait returns boxed
 //! futures (one allocation per command, irrelevant here) so it can live in a
 //! map keyed by [`Aggregate::TYPE`].
+//!
+//! The snapshot jobs ([`SnapshotJobs`]) are reached the same way. Their
+//! progress callback is a borrowed `&(dyn Fn(Progress) + Send + Sync)`, as in
+//! the core: it lives as long as the boxed future, so a caller keeps its
+//! progress bar on its own stack and needs no `Arc`.
 
 use std::fmt;
 use std::marker::PhantomData;
 
 use annals::{
-    Aggregate, LoadReport, Loaded, Repository, Result, Snapshot, SnapshotConfig, SnapshotMode,
-    SnapshotPolicy, SnapshotSkip, StreamId, StreamVersion,
+    Aggregate, JobOptions, JobReport, LoadReport, Loaded, Progress, PromoteReport, Repository,
+    Result, Snapshot, SnapshotConfig, SnapshotJobs, SnapshotMode, SnapshotPolicy, SnapshotSkip,
+    StreamId, StreamVersion, VerifyReport,
 };
 use futures::future::BoxFuture;
 use futures::FutureExt;
@@ -130,6 +136,53 @@ pub trait AggregateOps: Send + Sync + 'static {
         store: &'a AnyStore,
         id: &'a str,
     ) -> BoxFuture<'a, Result<Option<Snapshot>>>;
+
+    /// [`SnapshotJobs::create`]: builds the state of `id` at its head
+    /// (catching up from a usable live snapshot) and saves it as the live
+    /// snapshot. `None` when the stream does not exist.
+    fn create_snapshot<'a>(
+        &'a self,
+        store: &'a AnyStore,
+        id: &'a str,
+    ) -> BoxFuture<'a, Result<Option<Snapshot>>>;
+
+    /// [`SnapshotJobs::prepopulate`]: live snapshots for the aggregates more
+    /// than `options.min_events` past their snapshot, most events first.
+    /// Aggregates that fail are listed in the report; the rest go on.
+    fn prepopulate<'a>(
+        &'a self,
+        store: &'a AnyStore,
+        options: JobOptions,
+        progress: &'a (dyn Fn(Progress) + Send + Sync),
+    ) -> BoxFuture<'a, Result<JobReport>>;
+
+    /// [`SnapshotJobs::migrate`]: snapshots at the current schema version
+    /// for every aggregate of the type, into the staging table. Resumable.
+    fn migrate<'a>(
+        &'a self,
+        store: &'a AnyStore,
+        options: JobOptions,
+        progress: &'a (dyn Fn(Progress) + Send + Sync),
+    ) -> BoxFuture<'a, Result<JobReport>>;
+
+    /// [`SnapshotJobs::verify`]: folds `sample` staged aggregates (`None`:
+    /// all) from scratch and compares with the staged state.
+    fn verify<'a>(
+        &'a self,
+        store: &'a AnyStore,
+        sample: Option<usize>,
+        progress: &'a (dyn Fn(Progress) + Send + Sync),
+    ) -> BoxFuture<'a, Result<VerifyReport>>;
+
+    /// [`SnapshotJobs::promote`]: verifies (unless `force`; a mismatch is
+    /// [`annals::Error::Snapshot`]) and moves the staged snapshots into the
+    /// live table in one transaction.
+    fn promote<'a>(
+        &'a self,
+        store: &'a AnyStore,
+        force: bool,
+        verify_sample: Option<usize>,
+    ) -> BoxFuture<'a, Result<PromoteReport>>;
 }
 
 /// The [`AggregateOps`] of aggregate type `A`.
@@ -167,6 +220,10 @@ impl<A: Aggregate> Registered<A> {
             },
         )
     }
+
+    fn jobs(store: &AnyStore) -> SnapshotJobs<A, AnyStore> {
+        SnapshotJobs::new(store.clone())
+    }
 }
 
 impl<A: Aggregate> AggregateOps for Registered<A> {
@@ -203,5 +260,49 @@ impl<A: Aggregate> AggregateOps for Registered<A> {
         id: &'a str,
     ) -> BoxFuture<'a, Result<Option<Snapshot>>> {
         async move { Self::repository(store).snapshot(id).await }.boxed()
+    }
+
+    fn create_snapshot<'a>(
+        &'a self,
+        store: &'a AnyStore,
+        id: &'a str,
+    ) -> BoxFuture<'a, Result<Option<Snapshot>>> {
+        async move { Self::jobs(store).create(id).await }.boxed()
+    }
+
+    fn prepopulate<'a>(
+        &'a self,
+        store: &'a AnyStore,
+        options: JobOptions,
+        progress: &'a (dyn Fn(Progress) + Send + Sync),
+    ) -> BoxFuture<'a, Result<JobReport>> {
+        async move { Self::jobs(store).prepopulate(options, progress).await }.boxed()
+    }
+
+    fn migrate<'a>(
+        &'a self,
+        store: &'a AnyStore,
+        options: JobOptions,
+        progress: &'a (dyn Fn(Progress) + Send + Sync),
+    ) -> BoxFuture<'a, Result<JobReport>> {
+        async move { Self::jobs(store).migrate(options, progress).await }.boxed()
+    }
+
+    fn verify<'a>(
+        &'a self,
+        store: &'a AnyStore,
+        sample: Option<usize>,
+        progress: &'a (dyn Fn(Progress) + Send + Sync),
+    ) -> BoxFuture<'a, Result<VerifyReport>> {
+        async move { Self::jobs(store).verify(sample, progress).await }.boxed()
+    }
+
+    fn promote<'a>(
+        &'a self,
+        store: &'a AnyStore,
+        force: bool,
+        verify_sample: Option<usize>,
+    ) -> BoxFuture<'a, Result<PromoteReport>> {
+        async move { Self::jobs(store).promote(force, verify_sample).await }.boxed()
     }
 }

@@ -47,7 +47,7 @@ pub struct JobReport {
     /// Aggregates skipped because the work was already done (a rerun).
     pub skipped: u64,
     /// Of the written ones, how many were caught up from a live snapshot at
-    /// the current schema version instead of fully replayed (migrate only).
+    /// the current schema version instead of fully replayed.
     pub caught_up: u64,
     /// Events folded in total.
     pub events_replayed: u64,
@@ -372,7 +372,7 @@ impl<A: Aggregate, S: EventStore + SnapshotStore> SnapshotJobs<A, S> {
                     .map(|m| m.aggregate_id.as_str())
                     .collect();
                 return Err(Error::Snapshot(format!(
-                    "{} staged snapshot(s) of {} do not match a fresh replay (first: {}); fix and re-run migrate, or promote with force",
+                    "{} staged snapshot(s) of {} do not match a fresh replay (first: {}); clear the staging rows (clear_staged), fix the code and migrate again, or promote with force",
                     report.mismatches.len(),
                     A::TYPE,
                     ids.join(", ")

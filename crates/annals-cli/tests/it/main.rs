@@ -8,4 +8,5 @@ mod events;
 mod library;
 mod postgres;
 mod scenarios;
+mod snapshots;
 mod util;

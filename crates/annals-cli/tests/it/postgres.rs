@@ -22,6 +22,11 @@ scenario_tests!(pg();
     stats,
     aggregate_of_appended_events,
     demo,
+    snapshots_status_and_prepopulate,
+    snapshots_stale_most_behind_first,
+    snapshots_create_delete_invalidate,
+    snapshots_migrate_verify_promote,
+    snapshots_verify_reports_a_mismatch,
 );
 
 #[test]

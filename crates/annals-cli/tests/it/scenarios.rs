@@ -5,6 +5,13 @@ use serde_json::{json, Value};
 
 use crate::util::{assert_event_fields, Db};
 
+mod snapshots;
+pub use snapshots::{
+    snapshots_create_delete_invalidate, snapshots_migrate_verify_promote,
+    snapshots_stale_most_behind_first, snapshots_status_and_prepopulate,
+    snapshots_verify_reports_a_mismatch,
+};
+
 /// Declares one `#[test]` per scenario, on the databases `$make` returns
 /// (`None`: skip, with the reason already printed).
 macro_rules! scenario_tests {

@@ -180,6 +180,34 @@ impl Db {
         cmd
     }
 
+    /// Runs one SQL statement straight on the database, behind the CLI's
+    /// back (to tamper with a row no command can reach); returns the rows
+    /// it changed.
+    pub fn execute_sql(&self, sql: &str) -> u64 {
+        let Some(schema) = &self.pg_schema else {
+            let conn = rusqlite::Connection::open(self.sqlite_path()).expect("open SQLite");
+            conn.busy_timeout(std::time::Duration::from_secs(10))
+                .expect("busy timeout");
+            return conn.execute(sql, []).expect("SQL runs") as u64;
+        };
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let set_path = format!("SET search_path TO \"{schema}\"");
+        rt.block_on(async {
+            let (client, connection) = tokio_postgres::connect(&self.url, tokio_postgres::NoTls)
+                .await
+                .expect("connect");
+            let conn = tokio::spawn(connection);
+            client.batch_execute(&set_path).await.expect("search_path");
+            let n = client.execute(sql, &[]).await.expect("SQL runs");
+            drop(client);
+            let _ = conn.await;
+            n
+        })
+    }
+
     /// Every event in the store, via `read-all --json`.
     pub fn all_events(&self) -> Vec<Value> {
         self.run(&["read-all", "--json"]).ok().json_lines()
