@@ -22,13 +22,20 @@ use workload::{Results, Sizes};
 
 /// Command-line options; sizes default to WORKLOAD.md's.
 #[derive(Parser, Debug)]
-#[command(name = "annals-bench", about = "Runs WORKLOAD.md W1-W4 on Annals and raw SQL")]
+#[command(
+    name = "annals-bench",
+    about = "Runs WORKLOAD.md W1-W4 on Annals and raw SQL"
+)]
 struct Args {
     /// Backend(s) to run.
     #[arg(long, default_value = "all", value_parser = ["sqlite", "postgres", "all"])]
     backend: String,
     /// PostgreSQL URL (a fresh schema is created and dropped per run).
-    #[arg(long, env = "ANNALS_BENCH_POSTGRES_URL", default_value = "postgres://postgres@127.0.0.1:5432/test")]
+    #[arg(
+        long,
+        env = "ANNALS_BENCH_POSTGRES_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/test"
+    )]
     database_url: String,
     /// Skip the raw SQL baseline.
     #[arg(long)]
@@ -60,7 +67,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
             "sqlite" => run_sqlite(&args).await?,
             _ => run_postgres(&args).await?,
         };
-        let line = result_line(backend, &args.sizes, &annals, raw.as_ref(), started.elapsed().as_secs_f64());
+        let line = result_line(
+            backend,
+            &args.sizes,
+            &annals,
+            raw.as_ref(),
+            started.elapsed().as_secs_f64(),
+        );
         println!("{}", serde_json::to_string(&line)?);
     }
     Ok(())
@@ -89,7 +102,12 @@ async fn run_postgres(args: &Args) -> anyhow::Result<(Results, Option<Results>)>
     let schema = format!("annals_bench_{id}");
     let store = annals_postgres::PgEventStore::connect_with(
         &args.database_url,
-        annals_postgres::PgOptions { schema: Some(schema.clone()), ..Default::default() },
+        annals_postgres::PgOptions {
+            schema: Some(schema.clone()),
+            // One query per W4 page.
+            batch_size: args.sizes.feed_page as usize,
+            ..Default::default()
+        },
     )
     .await?;
     store.migrate().await?;
@@ -114,7 +132,13 @@ fn ratio(a: f64, b: f64) -> Value {
     }
 }
 
-fn result_line(backend: &str, sizes: &Sizes, a: &Results, raw: Option<&Results>, total: f64) -> Value {
+fn result_line(
+    backend: &str,
+    sizes: &Sizes,
+    a: &Results,
+    raw: Option<&Results>,
+    total: f64,
+) -> Value {
     let mut line = json!({
         "peer": "annals",
         "version": env!("CARGO_PKG_VERSION"),

@@ -12,7 +12,10 @@ use rusqlite::{params, Connection, OptionalExtension};
 use serde::Deserialize;
 use uuid::Uuid;
 
-use crate::workload::{account_id, owner, pattern_balance, pattern_event, verify, Latencies, Results, Sizes, Throughput};
+use crate::workload::{
+    account_id, owner, pattern_balance, pattern_event, verify, Latencies, Results, Sizes,
+    Throughput,
+};
 
 #[derive(Deserialize)]
 struct Owner {
@@ -25,18 +28,32 @@ struct Amount {
 
 fn decode(event_type: &str, data: &str) -> anyhow::Result<AccountEvent> {
     Ok(match event_type {
-        "Opened" => AccountEvent::Opened { owner: serde_json::from_str::<Owner>(data)?.owner },
-        "Deposited" => AccountEvent::Deposited { amount: serde_json::from_str::<Amount>(data)?.amount },
-        "Withdrew" => AccountEvent::Withdrew { amount: serde_json::from_str::<Amount>(data)?.amount },
+        "Opened" => AccountEvent::Opened {
+            owner: serde_json::from_str::<Owner>(data)?.owner,
+        },
+        "Deposited" => AccountEvent::Deposited {
+            amount: serde_json::from_str::<Amount>(data)?.amount,
+        },
+        "Withdrew" => AccountEvent::Withdrew {
+            amount: serde_json::from_str::<Amount>(data)?.amount,
+        },
         t => anyhow::bail!("unknown event type {t}"),
     })
 }
 
 fn encode(e: &AccountEvent) -> (&'static str, String) {
     match e {
-        AccountEvent::Opened { owner } => ("Opened", serde_json::json!({ "owner": owner }).to_string()),
-        AccountEvent::Deposited { amount } => ("Deposited", serde_json::json!({ "amount": amount }).to_string()),
-        AccountEvent::Withdrew { amount } => ("Withdrew", serde_json::json!({ "amount": amount }).to_string()),
+        AccountEvent::Opened { owner } => {
+            ("Opened", serde_json::json!({ "owner": owner }).to_string())
+        }
+        AccountEvent::Deposited { amount } => (
+            "Deposited",
+            serde_json::json!({ "amount": amount }).to_string(),
+        ),
+        AccountEvent::Withdrew { amount } => (
+            "Withdrew",
+            serde_json::json!({ "amount": amount }).to_string(),
+        ),
     }
 }
 
@@ -49,28 +66,49 @@ fn apply(state: &mut Account, e: &AccountEvent) {
     state.apply(e);
 }
 
-fn insert_events(conn: &Connection, stream: &str, first_version: u64, events: &[AccountEvent]) -> anyhow::Result<()> {
+fn insert_events(
+    conn: &Connection,
+    stream: &str,
+    first_version: u64,
+    events: &[AccountEvent],
+) -> anyhow::Result<()> {
     let mut stmt = conn.prepare_cached(
         "INSERT INTO events (event_id, stream_id, category, stream_version, event_type, event_version, data, metadata, recorded_at) VALUES (?1, ?2, 'Account', ?3, ?4, 1, ?5, '{}', ?6)",
     )?;
     let at = now_micros();
     for (i, e) in events.iter().enumerate() {
         let (t, data) = encode(e);
-        stmt.execute(params![Uuid::now_v7().as_bytes().as_slice(), stream, (first_version + i as u64) as i64, t, data, at])?;
+        stmt.execute(params![
+            Uuid::now_v7().as_bytes().as_slice(),
+            stream,
+            (first_version + i as u64) as i64,
+            t,
+            data,
+            at
+        ])?;
     }
     Ok(())
 }
 
-fn save(conn: &mut Connection, stream: &str, head: u64, events: &[AccountEvent]) -> anyhow::Result<()> {
+fn save(
+    conn: &mut Connection,
+    stream: &str,
+    head: u64,
+    events: &[AccountEvent],
+) -> anyhow::Result<()> {
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     insert_events(&tx, stream, head + 1, events)?;
     let new_head = (head + events.len() as u64) as i64;
     if head == 0 {
-        tx.prepare_cached("INSERT INTO streams (stream_id, category, version) VALUES (?1, 'Account', ?2)")?
-            .execute(params![stream, new_head])?;
+        tx.prepare_cached(
+            "INSERT INTO streams (stream_id, category, version) VALUES (?1, 'Account', ?2)",
+        )?
+        .execute(params![stream, new_head])?;
     } else {
         let n = tx
-            .prepare_cached("UPDATE streams SET version = ?1 WHERE stream_id = ?2 AND version = ?3")?
+            .prepare_cached(
+                "UPDATE streams SET version = ?1 WHERE stream_id = ?2 AND version = ?3",
+            )?
             .execute(params![new_head, stream, head as i64])?;
         ensure!(n == 1, "raw conflict on {stream}");
     }
@@ -78,7 +116,12 @@ fn save(conn: &mut Connection, stream: &str, head: u64, events: &[AccountEvent])
     Ok(())
 }
 
-fn load(conn: &Connection, stream: &str, from: u64, mut state: Account) -> anyhow::Result<(Account, u64)> {
+fn load(
+    conn: &Connection,
+    stream: &str,
+    from: u64,
+    mut state: Account,
+) -> anyhow::Result<(Account, u64)> {
     let mut stmt = conn.prepare_cached(
         "SELECT stream_version, event_type, data FROM events WHERE stream_id = ?1 AND stream_version > ?2 ORDER BY stream_version",
     )?;
@@ -99,16 +142,27 @@ pub fn run(path: &Path, sz: &Sizes) -> anyhow::Result<Results> {
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", "FULL")?;
     conn.execute_batch(&annals_sqlite::SqliteEventStore::schema_sql())?;
-    let mut res = Results { w3_per_commit: sz.bulk_stream_len, w4_page: sz.feed_page, ..Default::default() };
+    let mut res = Results {
+        w3_per_commit: sz.bulk_stream_len,
+        w4_page: sz.feed_page,
+        ..Default::default()
+    };
 
     // W1.
-    let streams: Vec<(String, String)> = (1..=sz.accounts).map(|i| {
-        let o = owner("w1", i);
-        (format!("Account-{}", account_id(&o)), o)
-    }).collect();
+    let streams: Vec<(String, String)> = (1..=sz.accounts)
+        .map(|i| {
+            let o = owner("w1", i);
+            (format!("Account-{}", account_id(&o)), o)
+        })
+        .collect();
     let t = Instant::now();
     for (s, o) in &streams {
-        save(&mut conn, s, 0, &[AccountEvent::Opened { owner: o.clone() }])?;
+        save(
+            &mut conn,
+            s,
+            0,
+            &[AccountEvent::Opened { owner: o.clone() }],
+        )?;
     }
     res.w1.open_per_sec = sz.accounts as f64 / t.elapsed().as_secs_f64().max(1e-9);
     let mut lat = Vec::new();
@@ -118,7 +172,12 @@ pub fn run(path: &Path, sz: &Sizes) -> anyhow::Result<Results> {
             let c = Instant::now();
             let (state, version) = load(&conn, s, 0, Account::default())?;
             ensure!(state.open, "raw: account not open");
-            save(&mut conn, s, version, &[AccountEvent::Deposited { amount: 100 }])?;
+            save(
+                &mut conn,
+                s,
+                version,
+                &[AccountEvent::Deposited { amount: 100 }],
+            )?;
             lat.push(c.elapsed());
         }
     }
@@ -142,7 +201,10 @@ pub fn run(path: &Path, sz: &Sizes) -> anyhow::Result<Results> {
         }
         if end % sz.snapshot_interval == 0 {
             let tx = conn.transaction()?;
-            tx.execute("DELETE FROM snapshots WHERE aggregate_type = 'Account' AND aggregate_id = ?1", params![id])?;
+            tx.execute(
+                "DELETE FROM snapshots WHERE aggregate_type = 'Account' AND aggregate_id = ?1",
+                params![id],
+            )?;
             tx.execute(
                 "INSERT INTO snapshots (aggregate_type, aggregate_id, version, schema_version, state, created_at) VALUES ('Account', ?1, ?2, 1, ?3, ?4)",
                 params![id, end as i64, serde_json::to_string(&state)?, now_micros()],
@@ -158,7 +220,10 @@ pub fn run(path: &Path, sz: &Sizes) -> anyhow::Result<Results> {
         let c = Instant::now();
         let (st, v) = load(&conn, &s, 0, Account::default())?;
         let d = c.elapsed();
-        ensure!(v == sz.long_stream && st.balance == want, "raw W2 wrong state");
+        ensure!(
+            v == sz.long_stream && st.balance == want,
+            "raw W2 wrong state"
+        );
         if i > 0 {
             no_snap.push(d);
         }
@@ -176,7 +241,10 @@ pub fn run(path: &Path, sz: &Sizes) -> anyhow::Result<Results> {
         };
         let (st, v) = load(&conn, &s, from, base)?;
         let d = c.elapsed();
-        ensure!(v == sz.long_stream && st.balance == want, "raw W2 snapshot wrong state");
+        ensure!(
+            v == sz.long_stream && st.balance == want,
+            "raw W2 snapshot wrong state"
+        );
         res.w2.snapshot_version = from;
         if i > 0 {
             with_snap.push(d);
@@ -190,10 +258,15 @@ pub fn run(path: &Path, sz: &Sizes) -> anyhow::Result<Results> {
     let t = Instant::now();
     for i in 1..=n {
         let o = owner("w3", i);
-        let batch: Vec<AccountEvent> = (1..=sz.bulk_stream_len).map(|k| pattern_event(&o, k)).collect();
+        let batch: Vec<AccountEvent> = (1..=sz.bulk_stream_len)
+            .map(|k| pattern_event(&o, k))
+            .collect();
         save(&mut conn, &format!("Account-{}", account_id(&o)), 0, &batch)?;
     }
-    res.w3 = Throughput { events: n * sz.bulk_stream_len, seconds: t.elapsed().as_secs_f64() };
+    res.w3 = Throughput {
+        events: n * sz.bulk_stream_len,
+        seconds: t.elapsed().as_secs_f64(),
+    };
 
     // W4.
     let t = Instant::now();
@@ -222,7 +295,10 @@ pub fn run(path: &Path, sz: &Sizes) -> anyhow::Result<Results> {
         }
         events += got;
     }
-    res.w4 = Throughput { events, seconds: t.elapsed().as_secs_f64() };
+    res.w4 = Throughput {
+        events,
+        seconds: t.elapsed().as_secs_f64(),
+    };
     verify(sz, events, balances.len() as u64, balances.values().sum())?;
     Ok(res)
 }

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use annals::bank::{Account, AccountEvent};
 use annals::{
-    decode_event, CommandContext, EventStore, GlobalPosition, ReadAll, Repository,
+    decode_event_owned, CommandContext, EventStore, GlobalPosition, ReadAll, Repository,
     SnapshotConfig, SnapshotStore,
 };
 use anyhow::{bail, ensure};
@@ -60,7 +60,8 @@ impl Sizes {
     /// Expected totals after W1-W3: (events, accounts, sum of balances).
     pub fn expected_totals(&self) -> (u64, u64, i64) {
         let streams = self.bulk_events / self.bulk_stream_len;
-        let events = self.accounts * (1 + self.deposits) + self.long_stream + streams * self.bulk_stream_len;
+        let events =
+            self.accounts * (1 + self.deposits) + self.long_stream + streams * self.bulk_stream_len;
         let accounts = self.accounts + 1 + streams;
         let sum = (self.accounts * self.deposits * 100) as i64
             + pattern_balance(self.long_stream)
@@ -76,13 +77,19 @@ pub fn owner(w: &str, i: u64) -> String {
 
 /// The aggregate id of an owner: UUIDv5(NAMESPACE_URL, "peers-bench:" + owner).
 pub fn account_id(owner: &str) -> String {
-    Uuid::new_v5(&Uuid::NAMESPACE_URL, format!("peers-bench:{owner}").as_bytes()).to_string()
+    Uuid::new_v5(
+        &Uuid::NAMESPACE_URL,
+        format!("peers-bench:{owner}").as_bytes(),
+    )
+    .to_string()
 }
 
 /// Event `k` (1-based) of the stream pattern.
 pub fn pattern_event(owner: &str, k: u64) -> AccountEvent {
     if k == 1 {
-        AccountEvent::Opened { owner: owner.to_owned() }
+        AccountEvent::Opened {
+            owner: owner.to_owned(),
+        }
     } else if (k - 1) % 10 == 0 {
         AccountEvent::Withdrew { amount: 50 }
     } else {
@@ -239,7 +246,11 @@ pub fn machine() -> Value {
         .and_then(|m| {
             m.lines()
                 .find(|l| l.starts_with("MemTotal:"))
-                .and_then(|l| l.split_whitespace().nth(1).and_then(|k| k.parse::<f64>().ok()))
+                .and_then(|l| {
+                    l.split_whitespace()
+                        .nth(1)
+                        .and_then(|k| k.parse::<f64>().ok())
+                })
         })
         .map_or(0.0, |kib| (kib / 1024.0 / 1024.0 * 10.0).round() / 10.0);
     json!({ "nproc": nproc, "mem_gib": mem_gib, "os": std::env::consts::OS, "arch": std::env::consts::ARCH })
@@ -247,15 +258,21 @@ pub fn machine() -> Value {
 
 /// Runs W1-W4 through the public Annals API on `store`.
 pub async fn run<S: EventStore + SnapshotStore>(store: S, sz: &Sizes) -> anyhow::Result<Results> {
-    let mut res = Results { w3_per_commit: sz.bulk_stream_len, w4_page: sz.feed_page, ..Default::default() };
+    let mut res = Results {
+        w3_per_commit: sz.bulk_stream_len,
+        w4_page: sz.feed_page,
+        ..Default::default()
+    };
     let ctx = CommandContext::new();
 
     // W1: no snapshots, no cache; every command loads from the store.
     let repo = Repository::<Account, _>::new(store.clone());
-    let ids: Vec<(String, String)> = (1..=sz.accounts).map(|i| {
-        let o = owner("w1", i);
-        (account_id(&o), o)
-    }).collect();
+    let ids: Vec<(String, String)> = (1..=sz.accounts)
+        .map(|i| {
+            let o = owner("w1", i);
+            (account_id(&o), o)
+        })
+        .collect();
     let t = Instant::now();
     for (id, o) in &ids {
         repo.create(id, &ctx, |a| a.open(o)).await?;
@@ -285,9 +302,15 @@ pub async fn run<S: EventStore + SnapshotStore>(store: S, sz: &Sizes) -> anyhow:
         let end = (k + sz.snapshot_interval - 1).min(sz.long_stream);
         let batch: Vec<AccountEvent> = (k..=end).map(|j| pattern_event(&o, j)).collect();
         if k == 1 {
-            snap_repo.create(&id, &ctx, |_| Ok::<_, std::convert::Infallible>(batch)).await?;
+            snap_repo
+                .create(&id, &ctx, |_| Ok::<_, std::convert::Infallible>(batch))
+                .await?;
         } else {
-            snap_repo.execute(&id, &ctx, move |_| Ok::<_, std::convert::Infallible>(batch.clone())).await?;
+            snap_repo
+                .execute(&id, &ctx, move |_| {
+                    Ok::<_, std::convert::Infallible>(batch.clone())
+                })
+                .await?;
         }
         k = end + 1;
     }
@@ -298,7 +321,10 @@ pub async fn run<S: EventStore + SnapshotStore>(store: S, sz: &Sizes) -> anyhow:
         let c = Instant::now();
         let l = snap_repo.load_without_snapshot(&id).await?;
         let d = c.elapsed();
-        ensure!(l.version.map(|v| v.get()) == Some(sz.long_stream) && l.state.balance == want, "W2 full replay returned a wrong state");
+        ensure!(
+            l.version.map(|v| v.get()) == Some(sz.long_stream) && l.state.balance == want,
+            "W2 full replay returned a wrong state"
+        );
         if i > 0 {
             no_snap.push(d);
         }
@@ -308,7 +334,10 @@ pub async fn run<S: EventStore + SnapshotStore>(store: S, sz: &Sizes) -> anyhow:
         let c = Instant::now();
         let l = snap_repo.load(&id).await?;
         let d = c.elapsed();
-        ensure!(l.version.map(|v| v.get()) == Some(sz.long_stream) && l.state.balance == want, "W2 snapshot load returned a wrong state");
+        ensure!(
+            l.version.map(|v| v.get()) == Some(sz.long_stream) && l.state.balance == want,
+            "W2 snapshot load returned a wrong state"
+        );
         if l.report.snapshot_version.is_none() {
             bail!("W2 snapshot load did not use a snapshot: {:?}", l.report);
         }
@@ -325,10 +354,18 @@ pub async fn run<S: EventStore + SnapshotStore>(store: S, sz: &Sizes) -> anyhow:
     let t = Instant::now();
     for i in 1..=streams {
         let o = owner("w3", i);
-        let batch: Vec<AccountEvent> = (1..=sz.bulk_stream_len).map(|k| pattern_event(&o, k)).collect();
-        repo.create(&account_id(&o), &ctx, |_| Ok::<_, std::convert::Infallible>(batch)).await?;
+        let batch: Vec<AccountEvent> = (1..=sz.bulk_stream_len)
+            .map(|k| pattern_event(&o, k))
+            .collect();
+        repo.create(&account_id(&o), &ctx, |_| {
+            Ok::<_, std::convert::Infallible>(batch)
+        })
+        .await?;
     }
-    res.w3 = Throughput { events: streams * sz.bulk_stream_len, seconds: t.elapsed().as_secs_f64() };
+    res.w3 = Throughput {
+        events: streams * sz.bulk_stream_len,
+        seconds: t.elapsed().as_secs_f64(),
+    };
 
     // W4: the whole feed in pages, decoded into typed events, folded.
     let t = Instant::now();
@@ -336,21 +373,27 @@ pub async fn run<S: EventStore + SnapshotStore>(store: S, sz: &Sizes) -> anyhow:
     let mut after = GlobalPosition::START;
     let mut events = 0u64;
     loop {
-        let page: Vec<annals::RecordedEvent> = store.read_all(ReadAll::after(after).limit(sz.feed_page)).try_collect().await?;
+        let page: Vec<annals::RecordedEvent> = store
+            .read_all(ReadAll::after(after).limit(sz.feed_page))
+            .try_collect()
+            .await?;
         let Some(last) = page.last() else { break };
         after = last.global_position;
-        for e in &page {
-            let ev: AccountEvent = decode_event(e)?;
+        events += page.len() as u64;
+        for e in page {
             let b = balances.entry(e.stream_id.id().to_owned()).or_default();
+            let ev: AccountEvent = decode_event_owned(e)?;
             match ev {
                 AccountEvent::Opened { .. } => *b = 0,
                 AccountEvent::Deposited { amount } => *b += amount,
                 AccountEvent::Withdrew { amount } => *b -= amount,
             }
         }
-        events += page.len() as u64;
     }
-    res.w4 = Throughput { events, seconds: t.elapsed().as_secs_f64() };
+    res.w4 = Throughput {
+        events,
+        seconds: t.elapsed().as_secs_f64(),
+    };
     verify(sz, events, balances.len() as u64, balances.values().sum())?;
     Ok(res)
 }
@@ -368,10 +411,23 @@ mod tests {
 
     #[test]
     fn ids_and_pattern_match_the_workload() {
-        assert_eq!(account_id("w1-000001"), "e7911dac-bd58-5359-86cc-f0ea51c73b85");
+        assert_eq!(
+            account_id("w1-000001"),
+            "e7911dac-bd58-5359-86cc-f0ea51c73b85"
+        );
         assert_eq!(pattern_balance(100), 8_550);
         assert_eq!(pattern_balance(10_000), 850_050);
-        let sz = Sizes { accounts: 1000, deposits: 10, long_stream: 10_000, loads: 20, snapshot_interval: 100, bulk_events: 100_000, bulk_stream_len: 100, multi_streams: 10, feed_page: 1000 };
+        let sz = Sizes {
+            accounts: 1000,
+            deposits: 10,
+            long_stream: 10_000,
+            loads: 20,
+            snapshot_interval: 100,
+            bulk_events: 100_000,
+            bulk_stream_len: 100,
+            multi_streams: 10,
+            feed_page: 1000,
+        };
         assert_eq!(sz.expected_totals(), (121_000, 2_001, 10_400_050));
     }
 }

@@ -74,8 +74,20 @@ pub fn encode_event<E: DomainEvent>(event: &E) -> Result<(&'static str, u32, Val
 }
 
 /// Decodes a recorded event into its typed form. Every read path of the
-/// repository, the projections and the tools goes through this one function.
+/// repository, the snapshot jobs and the tools goes through this function
+/// or [`decode_event_owned`], which share one implementation.
 pub fn decode_event<E: DomainEvent>(event: &RecordedEvent) -> Result<E> {
+    decode_parts(event, event.data.clone())
+}
+
+/// Like [`decode_event`], consuming the event so its payload is not copied
+/// (the fold of a stream owns each event it reads).
+pub fn decode_event_owned<E: DomainEvent>(mut event: RecordedEvent) -> Result<E> {
+    let data = std::mem::take(&mut event.data);
+    decode_parts(&event, data)
+}
+
+fn decode_parts<E: DomainEvent>(event: &RecordedEvent, data: Value) -> Result<E> {
     if !E::EVENT_TYPES.contains(&event.event_type.as_str()) {
         return Err(Error::UnknownEventType {
             stream: event.stream_id.clone(),
@@ -83,11 +95,11 @@ pub fn decode_event<E: DomainEvent>(event: &RecordedEvent) -> Result<E> {
             event_type: event.event_type.clone(),
         });
     }
-    let tagged = match &event.data {
+    let tagged = match data {
         Value::Null => Value::String(event.event_type.clone()),
         data => {
             let mut map = serde_json::Map::with_capacity(1);
-            map.insert(event.event_type.clone(), data.clone());
+            map.insert(event.event_type.clone(), data);
             Value::Object(map)
         }
     };

@@ -16,7 +16,7 @@ use serde_json::Value;
 use tokio::sync::Notify;
 use uuid::Uuid;
 
-use crate::aggregate::{decode_event, encode_event};
+use crate::aggregate::{decode_event_owned, encode_event};
 use crate::snapshot::{NoSnapshots, Snapshot, SnapshotStore};
 use crate::{
     Aggregate, AppendResult, Error, EventStore, ExpectedVersion, Metadata, NewEvent, ReadStream,
@@ -463,8 +463,8 @@ impl<A: Aggregate, S: EventStore, N: SnapshotStore> Repository<A, S, N> {
         let mut replayed = 0;
         while let Some(e) = events.next().await {
             let e = e?;
-            state.apply(&decode_event::<A::Event>(&e)?);
             version = e.stream_version;
+            state.apply(&decode_event_owned::<A::Event>(e)?);
             replayed += 1;
         }
         Ok(Ok(Loaded {
@@ -734,8 +734,8 @@ pub async fn fold_stream<A: Aggregate, S: EventStore>(
     let mut n = 0;
     while let Some(e) = events.next().await {
         let e = e?;
-        state.apply(&decode_event::<A::Event>(&e)?);
         version = Some(e.stream_version);
+        state.apply(&decode_event_owned::<A::Event>(e)?);
         n += 1;
     }
     Ok((state, version, n))

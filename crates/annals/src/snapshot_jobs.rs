@@ -421,8 +421,8 @@ async fn fold_rest<A: Aggregate>(
     let mut n = 0;
     while let Some(e) = events.next().await {
         let e = e?;
-        state.apply(&crate::decode_event::<A::Event>(&e)?);
         version = e.stream_version;
+        state.apply(&crate::decode_event_owned::<A::Event>(e)?);
         n += 1;
     }
     Ok((state, version, n))
