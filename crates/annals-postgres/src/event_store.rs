@@ -28,7 +28,7 @@ use tokio_postgres::IsolationLevel;
 use uuid::Uuid;
 
 use crate::error::{backend, backend_msg, class_of, Context, ErrorClass};
-use crate::rows::{decode_event, event_columns, failed, paged, position, to_i64};
+use crate::rows::{decode_event, event_columns, failed, page_size, paged, position, to_i64};
 use crate::PgEventStore;
 
 /// Attempts of one append before giving up on transient failures.
@@ -252,6 +252,7 @@ impl EventStore for PgEventStore {
 
     fn read_stream(&self, stream: &StreamId, options: ReadStream) -> EventStream {
         let store = self.clone();
+        let stream_id_owned = stream.clone();
         let stream = stream.as_str().to_owned();
         let until = options.until_version.map_or(i64::MAX, |v| to_i64(v.0));
         let limit = options.limit.unwrap_or(u64::MAX);
@@ -262,46 +263,56 @@ impl EventStore for PgEventStore {
         } else {
             options.from.map_or(1, |v| to_i64(v.0).max(1))
         };
-        paged((start, 0u64), move |(cursor, taken): (i64, u64)| {
-            let store = store.clone();
-            let stream = stream.clone();
-            async move {
-                let (lo, hi) = if backward {
-                    (1, cursor)
-                } else {
-                    (cursor, until)
-                };
-                if taken >= limit || lo > hi {
-                    return Ok((Vec::new(), None));
-                }
-                let want = (limit - taken).min(store.inner.batch_size as u64) as i64;
-                let client = store.ready_client("read a stream").await?;
-                let sql = if backward {
-                    READ_STREAM_BACKWARD
-                } else {
-                    READ_STREAM_FORWARD
-                };
-                let stmt = client
-                    .prepare_cached(sql)
-                    .await
-                    .context("cannot prepare a stream read")?;
-                let rows = client
-                    .query(&stmt, &[&stream, &lo, &hi, &as_of, &want])
-                    .await
-                    .map_err(|e| backend(format!("cannot read stream {stream}"), e))?;
-                drop(client);
-                let events = rows.iter().map(decode_event).collect::<Result<Vec<_>>>()?;
-                let next = match events.last() {
-                    Some(last) if (events.len() as i64) == want => {
-                        let v = to_i64(last.stream_version.0);
-                        let next = if backward { v - 1 } else { v.saturating_add(1) };
-                        Some((next, taken + events.len() as u64))
+        let stream_id = stream_id_owned;
+        paged(
+            (start, 0u64, 0u32),
+            move |(cursor, taken, page_no): (i64, u64, u32)| {
+                let store = store.clone();
+                let stream = stream.clone();
+                let stream_id = stream_id.clone();
+                async move {
+                    let (lo, hi) = if backward {
+                        (1, cursor)
+                    } else {
+                        (cursor, until)
+                    };
+                    if taken >= limit || lo > hi {
+                        return Ok((Vec::new(), None));
                     }
-                    _ => None,
-                };
-                Ok((events, next))
-            }
-        })
+                    let want =
+                        (limit - taken).min(page_size(store.inner.batch_size, page_no)) as i64;
+                    let client = store.ready_client("read a stream").await?;
+                    let sql = if backward {
+                        READ_STREAM_BACKWARD
+                    } else {
+                        READ_STREAM_FORWARD
+                    };
+                    let stmt = client
+                        .prepare_cached(sql)
+                        .await
+                        .context("cannot prepare a stream read")?;
+                    let rows = client
+                        .query(&stmt, &[&stream, &lo, &hi, &as_of, &want])
+                        .await
+                        .map_err(|e| backend(format!("cannot read stream {stream}"), e))?;
+                    drop(client);
+                    let mut last_stream = Some(stream_id);
+                    let events = rows
+                        .iter()
+                        .map(|row| decode_event(row, &mut last_stream))
+                        .collect::<Result<Vec<_>>>()?;
+                    let next = match events.last() {
+                        Some(last) if (events.len() as i64) == want => {
+                            let v = to_i64(last.stream_version.0);
+                            let next = if backward { v - 1 } else { v.saturating_add(1) };
+                            Some((next, taken + events.len() as u64, page_no + 1))
+                        }
+                        _ => None,
+                    };
+                    Ok((events, next))
+                }
+            },
+        )
     }
 
     fn read_all(&self, options: ReadAll) -> EventStream {
@@ -319,8 +330,8 @@ impl EventStore for PgEventStore {
         categories.dedup();
         let event_types = options.event_types;
         paged(
-            ((tx, seq), 0u64),
-            move |(cursor, taken): ((i64, i64), u64)| {
+            ((tx, seq), 0u64, 0u32),
+            move |(cursor, taken, page_no): ((i64, i64), u64, u32)| {
                 let store = store.clone();
                 let categories = categories.clone();
                 let event_types = event_types.clone();
@@ -328,7 +339,8 @@ impl EventStore for PgEventStore {
                     if taken >= limit {
                         return Ok((Vec::new(), None));
                     }
-                    let want = (limit - taken).min(store.inner.batch_size as u64) as i64;
+                    let want =
+                        (limit - taken).min(page_size(store.inner.batch_size, page_no)) as i64;
                     let client = store.ready_client("read all events").await?;
                     let page = Page {
                         after: cursor,
@@ -342,7 +354,11 @@ impl EventStore for PgEventStore {
                         rows = page.fetch(&client).await?;
                     }
                     drop(client);
-                    let events = rows.iter().map(decode_event).collect::<Result<Vec<_>>>()?;
+                    let mut last_stream = None;
+                    let events = rows
+                        .iter()
+                        .map(|row| decode_event(row, &mut last_stream))
+                        .collect::<Result<Vec<_>>>()?;
                     let next = match events.last() {
                         Some(last) if (events.len() as i64) == want => Some((
                             (
@@ -350,6 +366,7 @@ impl EventStore for PgEventStore {
                                 to_i64(last.global_position.seq()),
                             ),
                             taken + events.len() as u64,
+                            page_no + 1,
                         )),
                         _ => None,
                     };

@@ -9,6 +9,7 @@ use std::future::Future;
 
 use annals::{EventId, GlobalPosition, Metadata, RecordedEvent, Result, StreamId, StreamVersion};
 use futures::stream::{self, BoxStream, StreamExt, TryStreamExt};
+use tokio_postgres::types::Json;
 use tokio_postgres::Row;
 
 use crate::error::{backend, backend_msg, Context};
@@ -39,9 +40,22 @@ pub(crate) fn to_i64(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
+/// How many rows page number `page` (0-based) of a read fetches: the batch
+/// size, doubling per page up to [`MAX_BATCH_GROWTH`] times it, so a short
+/// read costs one small query and a long replay few round trips, while every
+/// page stays bounded.
+pub(crate) fn page_size(batch_size: usize, page: u32) -> u64 {
+    (batch_size as u64).saturating_mul(1 << page.min(MAX_BATCH_GROWTH.trailing_zeros()))
+}
+
+/// Upper bound of a page, as a multiple of the batch size.
+pub(crate) const MAX_BATCH_GROWTH: u32 = 16;
+
 /// Decodes a row selected with [`event_columns!`]. A row that does not
-/// decode is an error naming its position.
-pub(crate) fn decode_event(row: &Row) -> Result<RecordedEvent> {
+/// decode is an error naming its position. `last_stream` is the stream of
+/// the previous row (or the stream being read): when the row has the same
+/// name it is reused instead of parsed and validated again.
+pub(crate) fn decode_event(row: &Row, last_stream: &mut Option<StreamId>) -> Result<RecordedEvent> {
     let tx: i64 = row
         .try_get(0)
         .context("cannot decode an event's position")?;
@@ -52,7 +66,14 @@ pub(crate) fn decode_event(row: &Row) -> Result<RecordedEvent> {
     let what = |field: &str| format!("cannot decode the {field} of the event at {global_position}");
     let event_id: uuid::Uuid = row.try_get(2).map_err(|e| backend(what("id"), e))?;
     let stream: &str = row.try_get(3).map_err(|e| backend(what("stream id"), e))?;
-    let stream_id = StreamId::parse(stream).map_err(|e| backend(what("stream id"), e))?;
+    let stream_id = match last_stream {
+        Some(last) if last.as_str() == stream => last.clone(),
+        _ => {
+            let parsed = StreamId::parse(stream).map_err(|e| backend(what("stream id"), e))?;
+            *last_stream = Some(parsed.clone());
+            parsed
+        }
+    };
     let version: i64 = row.try_get(4).map_err(|e| backend(what("version"), e))?;
     let stream_version = u64::try_from(version)
         .map(StreamVersion)
@@ -64,9 +85,9 @@ pub(crate) fn decode_event(row: &Row) -> Result<RecordedEvent> {
     let event_version =
         u32::try_from(event_version).map_err(|_| backend_msg(what("type version")))?;
     let data: serde_json::Value = row.try_get(7).map_err(|e| backend(what("data"), e))?;
-    let metadata: serde_json::Value = row.try_get(8).map_err(|e| backend(what("metadata"), e))?;
-    let metadata = Metadata::from_value(metadata)
-        .map_err(|reason| backend_msg(format!("{}: {reason}", what("metadata"))))?;
+    // Straight from the JSONB bytes into the typed metadata, no value tree.
+    let Json(metadata): Json<Metadata> =
+        row.try_get(8).map_err(|e| backend(what("metadata"), e))?;
     let recorded_at = row
         .try_get(9)
         .map_err(|e| backend(what("recording time"), e))?;

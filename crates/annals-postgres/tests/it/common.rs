@@ -49,7 +49,11 @@ pub async fn fresh_store() -> Option<PgEventStore> {
         .await
         .expect("connect");
     store.migrate().await.expect("migrate");
-    Some(store)
+    // Tests in this binary hold transactions open on purpose (ordering.rs,
+    // appends.rs), and the horizon is cluster-wide: a conformance test that
+    // reads its own appends at the tail must wait those out, however long
+    // they last, rather than give up after the default second.
+    Some(store.with_horizon_wait(std::time::Duration::from_secs(30)))
 }
 
 /// A fresh, migrated schema that the test drops at its end.
@@ -76,6 +80,8 @@ impl TestDb {
             .await
             .expect("connect");
         store.migrate().await.expect("migrate");
+        // See `fresh_store`: other tests hold transactions open.
+        let store = store.with_horizon_wait(std::time::Duration::from_secs(30));
         Some(TestDb { url, schema, store })
     }
 
