@@ -78,6 +78,7 @@ macro_rules! conformance_suite {
             verify_blocks_bad_promote,
             promote_races_with_live_saves,
             model_scenarios,
+            migrate_while_writers_append,
         );
     };
     (@tests $factory:path; $($name:ident),* $(,)?) => {
