@@ -1,0 +1,328 @@
+//! Rows to values and back.
+//!
+//! A row that does not decode (JSON that does not parse, a stream name that
+//! does not validate, a number out of range) is an [`annals::Error::Backend`]
+//! naming the row, never a panic: the file may have been edited by hand or
+//! written by another tool.
+
+use std::ops::Range;
+
+use annals::{
+    EventId, GlobalPosition, Metadata, RecordedEvent, Result, Snapshot, StreamId, StreamVersion,
+};
+use chrono::{DateTime, Utc};
+use rusqlite::types::ValueRef;
+use rusqlite::Row;
+use uuid::Uuid;
+
+use crate::error::{corrupt, db, BACKEND};
+
+/// The columns [`RawEvents::collect`] reads, in order.
+macro_rules! event_columns {
+    () => {
+        "position, event_id, stream_id, stream_version, event_type, event_version, data, metadata, recorded_at"
+    };
+}
+pub(crate) use event_columns;
+
+/// The columns [`decode_snapshot`] reads, in order.
+macro_rules! snapshot_columns {
+    () => {
+        "aggregate_type, aggregate_id, version, schema_version, state, created_at"
+    };
+}
+pub(crate) use snapshot_columns;
+
+/// Microseconds since the epoch: the stored form of every timestamp.
+pub(crate) fn to_micros(t: DateTime<Utc>) -> i64 {
+    t.timestamp_micros()
+}
+
+/// Now, in what the store keeps: rounded up to the microsecond, so that the
+/// stored instant is never earlier than the moment of the write (a caller
+/// that took `Utc::now()` before appending never sees an earlier
+/// `recorded_at`).
+pub(crate) fn now_micros() -> i64 {
+    let now = Utc::now();
+    let micros = to_micros(now);
+    if now.timestamp_subsec_nanos() % 1_000 == 0 {
+        micros
+    } else {
+        micros.saturating_add(1)
+    }
+}
+
+pub(crate) fn from_micros(micros: i64) -> Option<DateTime<Utc>> {
+    DateTime::from_timestamp_micros(micros)
+}
+
+/// A stream version or count for SQL (SQLite integers are `i64`); values
+/// beyond `i64::MAX` saturate, which is right for every bound we bind.
+pub(crate) fn sql_int(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+/// A corrupt-row error without a source.
+pub(crate) fn corrupt_row(message: String) -> annals::Error {
+    annals::Error::Backend {
+        backend: BACKEND,
+        message,
+        source: None,
+    }
+}
+
+/// One page of event rows as the reader thread hands it over: the text
+/// columns packed into one buffer, the fixed-size ones checked and copied.
+///
+/// JSON and stream names are decoded on the consuming side, as the stream is
+/// polled ([`EventRows`]). That keeps the reader thread's work per row to
+/// stepping SQLite and one copy, so it can fetch the next page while the
+/// caller decodes this one, and every allocation of a [`RecordedEvent`] is
+/// made and freed on the same thread.
+pub(crate) struct RawEvents {
+    text: String,
+    rows: Vec<RawEvent>,
+    /// Why the page stopped early (a row with a column of the wrong type).
+    error: Option<annals::Error>,
+}
+
+struct RawEvent {
+    position: i64,
+    event_id: Uuid,
+    stream_id: Range<usize>,
+    stream_version: u64,
+    event_type: Range<usize>,
+    event_version: u32,
+    data: Range<usize>,
+    metadata: Range<usize>,
+    recorded_at: i64,
+}
+
+impl RawEvents {
+    /// Reads rows of [`event_columns!`], at most `max` of them. A row whose
+    /// columns have the wrong type ends the page (the rows before it are
+    /// kept); a driver error fails the whole page.
+    pub(crate) fn collect(
+        rows: &mut rusqlite::Rows<'_>,
+        max: usize,
+        context: &'static str,
+    ) -> Result<Self> {
+        let mut page = RawEvents {
+            // Sized for a short stream; a full page grows a few times.
+            text: String::with_capacity(max.min(64) * 64),
+            rows: Vec::with_capacity(max.min(64)),
+            error: None,
+        };
+        while page.rows.len() < max {
+            let Some(row) = rows.next().map_err(db(context))? else {
+                break;
+            };
+            match page.push(row) {
+                Ok(raw) => page.rows.push(raw),
+                Err(e) => {
+                    page.error = Some(e);
+                    break;
+                }
+            }
+        }
+        Ok(page)
+    }
+
+    fn push(&mut self, row: &Row<'_>) -> Result<RawEvent> {
+        let position: i64 = row
+            .get(0)
+            .map_err(|e| corrupt("event row without an integer position".into(), e))?;
+        let bad = |what: &str| format!("event at position {position}: {what}");
+        let value = |i: usize| {
+            row.get_ref(i)
+                .map_err(|e| corrupt(bad("missing column"), e))
+        };
+        let int = |i: usize, name: &str| {
+            value(i)?
+                .as_i64()
+                .map_err(|e| corrupt(bad(&format!("{name} is not an integer")), e))
+        };
+        let mut text = |i: usize, name: &str| -> Result<Range<usize>> {
+            let s = value(i)?
+                .as_str()
+                .map_err(|e| corrupt(bad(&format!("{name} is not text")), e))?;
+            let start = self.text.len();
+            self.text.push_str(s);
+            Ok(start..self.text.len())
+        };
+        let event_id = match value(1)? {
+            ValueRef::Blob(b) => {
+                Uuid::from_slice(b).map_err(|e| corrupt(bad("invalid event_id"), e))?
+            }
+            ValueRef::Text(t) => {
+                Uuid::try_parse_ascii(t).map_err(|e| corrupt(bad("invalid event_id"), e))?
+            }
+            _ => return Err(corrupt_row(bad("event_id is neither a blob nor text"))),
+        };
+        let stream_id = text(2, "stream_id")?;
+        let event_type = text(4, "event_type")?;
+        let data = text(6, "data")?;
+        let metadata = text(7, "metadata")?;
+        let stream_version = u64::try_from(int(3, "stream_version")?)
+            .map_err(|e| corrupt(bad("negative stream_version"), e))?;
+        let event_version = u32::try_from(int(5, "event_version")?)
+            .map_err(|e| corrupt(bad("event_version out of range"), e))?;
+        Ok(RawEvent {
+            position,
+            event_id,
+            stream_id,
+            stream_version,
+            event_type,
+            event_version,
+            data,
+            metadata,
+            recorded_at: int(8, "recorded_at")?,
+        })
+    }
+
+    /// Rows read (not counting a row that ended the page early).
+    pub(crate) fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    /// Whether the page ended without a bad row.
+    pub(crate) fn is_complete(&self) -> bool {
+        self.error.is_none()
+    }
+
+    /// The last row's `(position, stream_version)`: the keyset cursors.
+    pub(crate) fn last_keys(&self) -> Option<(i64, u64)> {
+        self.rows.last().map(|r| (r.position, r.stream_version))
+    }
+}
+
+/// Decodes a [`RawEvents`] page row by row as it is iterated, reusing the last
+/// stream name (pages of one stream, and runs of one stream in the global
+/// order, validate it once). Ends with the page's error, if it had one.
+pub(crate) struct EventRows {
+    page: RawEvents,
+    next: usize,
+    last_stream: Option<StreamId>,
+}
+
+impl IntoIterator for RawEvents {
+    type Item = Result<RecordedEvent>;
+    type IntoIter = EventRows;
+    fn into_iter(self) -> EventRows {
+        EventRows {
+            page: self,
+            next: 0,
+            last_stream: None,
+        }
+    }
+}
+
+impl Iterator for EventRows {
+    type Item = Result<RecordedEvent>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let Some(raw) = self.page.rows.get(self.next) else {
+            return self.page.error.take().map(Err);
+        };
+        self.next += 1;
+        Some(decode_event(&self.page.text, raw, &mut self.last_stream))
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        let n = self.page.rows.len() - self.next + usize::from(self.page.error.is_some());
+        (n, Some(n))
+    }
+}
+
+fn decode_event(
+    text: &str,
+    raw: &RawEvent,
+    last_stream: &mut Option<StreamId>,
+) -> Result<RecordedEvent> {
+    let bad = |what: &str| format!("event at position {}: {what}", raw.position);
+    // The ranges were cut at the ends of whole strings pushed into `text`.
+    let slice = |r: &Range<usize>| {
+        text.get(r.clone())
+            .ok_or_else(|| corrupt_row(bad("column out of its page buffer")))
+    };
+    let stream_text = slice(&raw.stream_id)?;
+    let stream_id = match last_stream {
+        Some(s) if s.as_str() == stream_text => s.clone(),
+        _ => {
+            let s =
+                StreamId::parse(stream_text).map_err(|e| corrupt(bad("invalid stream_id"), e))?;
+            *last_stream = Some(s.clone());
+            s
+        }
+    };
+    let data = serde_json::from_str(slice(&raw.data)?)
+        .map_err(|e| corrupt(bad("data is not valid JSON"), e))?;
+    let metadata = decode_metadata(slice(&raw.metadata)?)
+        .map_err(|e| corrupt(bad("metadata is not a valid JSON object"), e))?;
+    let recorded_at =
+        from_micros(raw.recorded_at).ok_or_else(|| corrupt_row(bad("recorded_at out of range")))?;
+    Ok(RecordedEvent {
+        event_id: EventId(raw.event_id),
+        stream_id,
+        stream_version: StreamVersion(raw.stream_version),
+        global_position: GlobalPosition::from_seq(raw.position as u64),
+        event_type: slice(&raw.event_type)?.to_owned(),
+        event_version: raw.event_version,
+        data,
+        metadata,
+        recorded_at,
+    })
+}
+
+fn decode_metadata(text: &str) -> serde_json::Result<Metadata> {
+    // Most events carry no metadata; skip serde's flatten machinery for them.
+    if text == "{}" {
+        return Ok(Metadata::default());
+    }
+    serde_json::from_str(text)
+}
+
+/// Whether metadata is empty, so it can be stored as `{}` without serde.
+pub(crate) fn metadata_is_empty(m: &Metadata) -> bool {
+    m.correlation_id.is_none() && m.causation_id.is_none() && m.headers.is_empty()
+}
+
+/// Decodes a row of [`snapshot_columns!`] (from `snapshots` or
+/// `snapshot_staging`, named by `table`).
+pub(crate) fn decode_snapshot(table: &str, row: &Row<'_>) -> Result<Snapshot> {
+    let aggregate_type: String = row
+        .get(0)
+        .map_err(|e| corrupt(format!("{table} row: aggregate_type is not text"), e))?;
+    let aggregate_id: String = row
+        .get(1)
+        .map_err(|e| corrupt(format!("{table} row: aggregate_id is not text"), e))?;
+    let bad = |what: &str| format!("{table} row {aggregate_type}/{aggregate_id}: {what}");
+    let version: i64 = row
+        .get(2)
+        .map_err(|e| corrupt(bad("version is not an integer"), e))?;
+    let version = u64::try_from(version).map_err(|e| corrupt(bad("negative version"), e))?;
+    let schema_version: i64 = row
+        .get(3)
+        .map_err(|e| corrupt(bad("schema_version is not an integer"), e))?;
+    let schema_version = u32::try_from(schema_version)
+        .map_err(|e| corrupt(bad("schema_version out of range"), e))?;
+    let state = row
+        .get_ref(4)
+        .and_then(|v| v.as_str().map_err(Into::into))
+        .map_err(|e| corrupt(bad("state is not text"), e))?;
+    let state =
+        serde_json::from_str(state).map_err(|e| corrupt(bad("state is not valid JSON"), e))?;
+    let created_at: i64 = row
+        .get(5)
+        .map_err(|e| corrupt(bad("created_at is not an integer"), e))?;
+    let created_at =
+        from_micros(created_at).ok_or_else(|| corrupt_row(bad("created_at out of range")))?;
+    Ok(Snapshot {
+        aggregate_type,
+        aggregate_id,
+        version: StreamVersion(version),
+        schema_version,
+        state,
+        created_at,
+    })
+}

@@ -1,0 +1,411 @@
+//! The threads that own the SQLite connections.
+//!
+//! SQLite calls block, so none runs on an async worker thread. One writer
+//! thread owns the only connection that writes: every append, snapshot write
+//! and checkpoint runs there in turn, each in its own `BEGIN IMMEDIATE`
+//! transaction, which makes the AUTOINCREMENT position commit-ordered without
+//! any lock in Rust. A few reader threads each own a `query_only` connection;
+//! in WAL mode they read a consistent snapshot beside the writer.
+//!
+//! Each reader has its own channel and an in-flight counter; a read goes to
+//! the first reader with the fewest jobs in flight. That wakes exactly one
+//! thread per read (a shared receiver behind a mutex wakes a second one to
+//! take over the lock, which costs more than the query on a small machine),
+//! and it keeps a quiet store's reads on the first connection, whose page
+//! cache stays warm.
+//!
+//! Work travels as boxed closures over a channel; each closure answers on a
+//! `tokio::sync::oneshot`, which an async caller awaits without blocking. When
+//! the last handle (store clone or open read stream) is dropped, the channels
+//! close and the threads end, closing their connections.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::Duration;
+
+use annals::Result;
+use futures::stream::{self, BoxStream, StreamExt};
+use rusqlite::config::DbConfig;
+use rusqlite::Connection;
+use tokio::sync::oneshot;
+
+use crate::error::{classify, db, thread_stopped, ErrorKind};
+use crate::migrate;
+
+type WriteJob = Box<dyn FnOnce(&mut Connection) + Send>;
+type ReadJob = Box<dyn FnOnce(&Connection) + Send>;
+
+/// How long a connection waits for a lock held by another process.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Prepared statements kept per connection (the default, 16, is smaller
+/// than the number of distinct statements the store runs).
+const STATEMENT_CACHE: usize = 64;
+
+/// One reader thread's queue.
+struct Reader {
+    jobs: mpsc::Sender<ReadJob>,
+    /// Jobs sent and not yet finished.
+    in_flight: Arc<AtomicUsize>,
+}
+
+/// Handles on the writer and reader threads. Cheap to clone.
+#[derive(Clone)]
+pub(crate) struct Conns {
+    writer: mpsc::Sender<WriteJob>,
+    readers: Arc<[Reader]>,
+    /// Set once the schema is known to be current; until then every job
+    /// checks `annals_migrations` first (on its own thread).
+    schema_ok: Arc<AtomicBool>,
+}
+
+impl Conns {
+    /// Starts the writer and `readers` reader threads, each with its own
+    /// connection to `path`, and waits until all of them are open.
+    pub(crate) async fn start(path: &Path, readers: usize) -> Result<Self> {
+        let (writer_tx, writer_rx) = mpsc::channel::<WriteJob>();
+        let (ready_tx, ready_rx) = oneshot::channel();
+        let writer_path = path.to_owned();
+        std::thread::Builder::new()
+            .name("annals-sqlite-writer".into())
+            .spawn(move || {
+                let mut conn = match open_connection(&writer_path, Role::Writer) {
+                    Ok(c) => {
+                        let _ = ready_tx.send(Ok(()));
+                        c
+                    }
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                        return;
+                    }
+                };
+                while let Ok(job) = writer_rx.recv() {
+                    job(&mut conn);
+                }
+            })
+            .map_err(|e| spawn_failed("writer", e))?;
+        ready_rx.await.map_err(|_| thread_stopped("writer"))??;
+
+        // The writer has switched the file to WAL; readers open after it.
+        let count = readers.max(1);
+        let mut pool = Vec::with_capacity(count);
+        let mut waiting = Vec::with_capacity(count);
+        for i in 0..count {
+            let (ready_tx, ready_rx) = oneshot::channel();
+            let (jobs, rx) = mpsc::channel::<ReadJob>();
+            let reader_path = path.to_owned();
+            std::thread::Builder::new()
+                .name(format!("annals-sqlite-reader-{i}"))
+                .spawn(move || {
+                    let conn = match open_connection(&reader_path, Role::Reader) {
+                        Ok(c) => {
+                            let _ = ready_tx.send(Ok(()));
+                            c
+                        }
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(e));
+                            return;
+                        }
+                    };
+                    while let Ok(job) = rx.recv() {
+                        job(&conn);
+                    }
+                })
+                .map_err(|e| spawn_failed("reader", e))?;
+            pool.push(Reader {
+                jobs,
+                in_flight: Arc::new(AtomicUsize::new(0)),
+            });
+            waiting.push(ready_rx);
+        }
+        for ready in waiting {
+            ready.await.map_err(|_| thread_stopped("reader"))??;
+        }
+        Ok(Conns {
+            writer: writer_tx,
+            readers: pool.into(),
+            schema_ok: Arc::new(AtomicBool::new(false)),
+        })
+    }
+
+    /// Runs `f` on the writer thread after checking the schema version.
+    pub(crate) async fn write<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> Result<T> + Send + 'static,
+    {
+        let schema_ok = Arc::clone(&self.schema_ok);
+        self.write_unchecked(move |conn| {
+            ensure_schema(conn, &schema_ok)?;
+            f(conn)
+        })
+        .await
+    }
+
+    /// Runs `f` on the writer thread without the schema check (migrations).
+    pub(crate) async fn write_unchecked<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> Result<T> + Send + 'static,
+    {
+        let (tx, rx) = oneshot::channel();
+        let job: WriteJob = Box::new(move |conn| {
+            let _ = tx.send(f(conn));
+        });
+        self.writer
+            .send(job)
+            .map_err(|_| thread_stopped("writer"))?;
+        rx.await.map_err(|_| thread_stopped("writer"))?
+    }
+
+    /// Runs `f` on a reader thread after checking the schema version.
+    pub(crate) async fn read<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T> + Send + 'static,
+    {
+        wait(self.submit(f)).await
+    }
+
+    /// Sends `f` to a reader thread now; the receiver gets its result.
+    fn submit<T, F>(&self, f: F) -> Result<Reply<T>>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T> + Send + 'static,
+    {
+        let (tx, rx) = oneshot::channel();
+        let schema_ok = Arc::clone(&self.schema_ok);
+        // The first reader with the fewest jobs in flight (there is always one).
+        let reader = self
+            .readers
+            .iter()
+            .min_by_key(|r| r.in_flight.load(Ordering::Relaxed))
+            .ok_or_else(|| thread_stopped("reader"))?;
+        reader.in_flight.fetch_add(1, Ordering::Relaxed);
+        let in_flight = Arc::clone(&reader.in_flight);
+        let job: ReadJob = Box::new(move |conn| {
+            let result = ensure_schema(conn, &schema_ok).and_then(|()| f(conn));
+            in_flight.fetch_sub(1, Ordering::Relaxed);
+            let _ = tx.send(result);
+        });
+        if reader.jobs.send(job).is_err() {
+            reader.in_flight.fetch_sub(1, Ordering::Relaxed);
+            return Err(thread_stopped("reader"));
+        }
+        Ok(rx)
+    }
+
+    /// Marks the schema as current (after `migrate`).
+    pub(crate) fn set_schema_ok(&self) {
+        self.schema_ok.store(true, Ordering::Release);
+    }
+
+    /// A lazy stream that fetches one page per reader round trip: `fetch`
+    /// gets the cursor and returns the page and the next cursor (`None` when
+    /// done). A page is anything that iterates into items; its items may be
+    /// decoded as the stream is polled. The stream ends after its first
+    /// error item (a row that does not decode, after the rows that did).
+    ///
+    /// Nothing is fetched until the stream is polled. After that it reads one
+    /// page ahead: the next page is requested as soon as a page arrives, so a
+    /// reader thread fetches page `k + 1` while the caller consumes page `k`.
+    /// At most two pages are held, so memory stays bounded by the batch size.
+    pub(crate) fn paginate<T, P, C, F>(&self, cursor: C, fetch: F) -> BoxStream<'static, Result<T>>
+    where
+        T: Send + 'static,
+        P: IntoIterator<Item = Result<T>> + Send + 'static,
+        P::IntoIter: Send,
+        C: Send + 'static,
+        F: Fn(&Connection, C) -> Result<(P, Option<C>)> + Send + Sync + 'static,
+    {
+        let fetch = Arc::new(fetch);
+        let conns = self.clone();
+        let submit = move |cursor: C| {
+            let fetch = Arc::clone(&fetch);
+            conns.submit(move |conn| fetch(conn, cursor))
+        };
+        stream::unfold(Some(Next::Cursor(cursor)), move |state| {
+            let submit = submit.clone();
+            async move {
+                let reply = match state? {
+                    Next::Cursor(cursor) => submit(cursor),
+                    Next::Sent(reply) => reply,
+                };
+                match wait(reply).await {
+                    Ok((page, next)) => {
+                        let next = next.map(|cursor| Next::Sent(submit(cursor)));
+                        Some((stream::iter(page).left_stream(), next))
+                    }
+                    Err(e) => Some((stream::iter([Err(e)]).right_stream(), None)),
+                }
+            }
+        })
+        .flatten()
+        .scan(false, |failed, item| {
+            // Stop after the first error: later rows (and the page read
+            // ahead) are not delivered past a hole.
+            let out = (!*failed).then_some(item);
+            *failed = out.as_ref().is_some_and(Result::is_err);
+            futures::future::ready(out)
+        })
+        .boxed()
+    }
+}
+
+/// The answer to a job sent to a reader.
+type Reply<T> = oneshot::Receiver<Result<T>>;
+
+/// Where a paginated read stands: a page to request, or one requested.
+enum Next<C, T> {
+    Cursor(C),
+    Sent(Result<Reply<T>>),
+}
+
+async fn wait<T>(reply: Result<Reply<T>>) -> Result<T> {
+    reply?.await.map_err(|_| thread_stopped("reader"))?
+}
+
+/// Checks the schema version once; after that it is a single atomic load.
+fn ensure_schema(conn: &Connection, ok: &AtomicBool) -> Result<()> {
+    if ok.load(Ordering::Acquire) {
+        return Ok(());
+    }
+    let found = migrate::schema_version(conn)?;
+    let expected = migrate::LATEST_VERSION;
+    if found != expected {
+        return Err(annals::Error::SchemaVersion { found, expected });
+    }
+    ok.store(true, Ordering::Release);
+    Ok(())
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Role {
+    Writer,
+    Reader,
+}
+
+fn open_connection(path: &Path, role: Role) -> Result<Connection> {
+    let conn = Connection::open(path).map_err(db("opening the database file"))?;
+    conn.busy_timeout(BUSY_TIMEOUT)
+        .map_err(db("setting busy_timeout"))?;
+    conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
+    // Plan each statement once. Without this, SQLite (3.4x, with STAT4)
+    // treats a bound `LIMIT ?` (and, after ANALYZE, bound range bounds) as
+    // plan inputs and re-prepares the statement every time it is rebound,
+    // which costs more than most of our queries.
+    conn.set_db_config(DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true)
+        .map_err(db("enabling the query planner stability guarantee"))?;
+    if role == Role::Writer {
+        // Persistent in the file: later connections (readers) inherit it.
+        let mode = switch_to_wal(&conn)?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(annals::Error::Config(format!(
+                "cannot use WAL journal mode on {} (got {mode}); SQLite stores need a file on a local file system",
+                path.display()
+            )));
+        }
+    }
+    conn.execute_batch(
+        "PRAGMA synchronous = FULL;
+         PRAGMA foreign_keys = ON;",
+    )
+    .map_err(db("setting connection pragmas"))?;
+    if role == Role::Reader {
+        conn.execute_batch("PRAGMA query_only = ON;")
+            .map_err(db("setting connection pragmas"))?;
+    }
+    Ok(conn)
+}
+
+/// Puts the file in WAL mode. SQLite answers a journal-mode change that
+/// races with another connection (two processes creating one file) with
+/// `SQLITE_BUSY` at once, without its busy handler, so this waits and retries
+/// up to the busy timeout itself. It runs on the writer thread, never on an
+/// async worker.
+#[allow(clippy::disallowed_methods)] // std::thread::sleep: see above
+fn switch_to_wal(conn: &Connection) -> Result<String> {
+    let started = std::time::Instant::now();
+    loop {
+        let mode = conn
+            .query_row("PRAGMA journal_mode", [], |r| r.get::<_, String>(0))
+            .and_then(|mode| {
+                if mode.eq_ignore_ascii_case("wal") {
+                    Ok(mode)
+                } else {
+                    conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
+                }
+            });
+        match mode {
+            Err(e) if classify(&e) == ErrorKind::Busy && started.elapsed() < BUSY_TIMEOUT => {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            other => return other.map_err(db("switching to WAL")),
+        }
+    }
+}
+
+fn spawn_failed(which: &str, e: std::io::Error) -> annals::Error {
+    annals::Error::Backend {
+        backend: crate::error::BACKEND,
+        message: format!("cannot start the sqlite {which} thread"),
+        source: Some(Box::new(e)),
+    }
+}
+
+/// The rows of one page, in the form the stream yields them: the rows that
+/// decoded, then possibly the error that stopped the page.
+pub(crate) struct Page<T> {
+    items: Vec<Result<T>>,
+    complete: bool,
+}
+
+impl<T> Page<T> {
+    /// Decodes `rows`, stopping at the first row that does not decode, so a
+    /// reader still gets every good row before a corrupt one. A driver error
+    /// fails the whole page.
+    pub(crate) fn collect(
+        rows: &mut rusqlite::Rows<'_>,
+        capacity: usize,
+        context: &'static str,
+        mut decode: impl FnMut(&rusqlite::Row<'_>) -> Result<T>,
+    ) -> Result<Self> {
+        let mut items = Vec::with_capacity(capacity);
+        while let Some(row) = rows.next().map_err(db(context))? {
+            let item = decode(row);
+            let failed = item.is_err();
+            items.push(item);
+            if failed {
+                return Ok(Page {
+                    items,
+                    complete: false,
+                });
+            }
+        }
+        Ok(Page {
+            items,
+            complete: true,
+        })
+    }
+
+    /// Rows that decoded.
+    pub(crate) fn len(&self) -> usize {
+        self.items.len() - usize::from(!self.complete)
+    }
+
+    /// The last row that decoded, when every row did (the keyset cursor of
+    /// the next page).
+    pub(crate) fn last_if_complete(&self) -> Option<&T> {
+        match self.items.last() {
+            Some(Ok(last)) if self.complete => Some(last),
+            _ => None,
+        }
+    }
+
+    /// The page for [`Conns::paginate`]: a decode error ends the stream.
+    pub(crate) fn finish<C>(self, next: Option<C>) -> (Vec<Result<T>>, Option<C>) {
+        let next = if self.complete { next } else { None };
+        (self.items, next)
+    }
+}

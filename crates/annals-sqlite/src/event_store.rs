@@ -1,0 +1,641 @@
+//! [`annals::EventStore`] on SQLite.
+//!
+//! An append is one writer-thread job and one `BEGIN IMMEDIATE` transaction:
+//! read the head from `streams`, check the expected version, insert the
+//! events, move the head, commit. The idempotency check costs nothing on the
+//! normal path: a reused event id surfaces as a unique violation on insert,
+//! and only then does the job roll back and compare the batch with what is
+//! stored (when the expected version does not match, the same comparison runs
+//! before the conflict is reported, because a retried batch must succeed).
+//!
+//! Reads are keyset-paginated (`stream_version` for a stream, `position` for
+//! the global feed), `batch_size` rows per reader round trip, with every
+//! filter in SQL so that a short page means the end.
+
+use std::sync::Arc;
+
+use annals::{
+    validate_batch, AppendResult, CategoryStats, Direction, EventStore, EventStream,
+    EventTypeStats, ExpectedVersion, GlobalPosition, NewEvent, ReadAll, ReadStream, Result,
+    StoreStats, StreamId, StreamInfo, StreamVersion,
+};
+use futures::stream::BoxStream;
+use rusqlite::{Connection, OptionalExtension, ToSql, Transaction, TransactionBehavior};
+use serde_json::Value;
+
+use crate::codec::{event_columns, from_micros, now_micros, sql_int, to_micros, RawEvents};
+use crate::conn::Page;
+use crate::error::{classify, corrupt, db, map_err, ErrorKind};
+use crate::SqliteEventStore;
+
+const HEAD_SQL: &str = "SELECT version FROM streams WHERE stream_id = ?1";
+
+const INSERT_SQL: &str = "INSERT INTO events \
+    (event_id, stream_id, category, stream_version, event_type, event_version, data, metadata, recorded_at) \
+    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)";
+
+const UPSERT_STREAM_SQL: &str = "INSERT INTO streams (stream_id, category, version) \
+    VALUES (?1, ?2, ?3) ON CONFLICT (stream_id) DO UPDATE SET version = excluded.version";
+
+const FIND_BY_ID_SQL: &str = "SELECT position, stream_id, stream_version, event_type, \
+    event_version, data FROM events WHERE event_id = ?1";
+
+const READ_FORWARD_SQL: &str = concat!(
+    "SELECT ",
+    event_columns!(),
+    " FROM events WHERE stream_id = ?1 AND stream_version BETWEEN ?2 AND ?3 \
+     AND recorded_at <= ?4 ORDER BY stream_version ASC LIMIT ?5"
+);
+
+const READ_BACKWARD_SQL: &str = concat!(
+    "SELECT ",
+    event_columns!(),
+    " FROM events WHERE stream_id = ?1 AND stream_version BETWEEN ?2 AND ?3 \
+     AND recorded_at <= ?4 ORDER BY stream_version DESC LIMIT ?5"
+);
+
+const LIST_STREAMS_SQL: &str = "SELECT stream_id, version FROM streams \
+    WHERE category = ?1 AND stream_id > ?2 ORDER BY stream_id LIMIT ?3";
+
+/// The head of `stream` as seen by `conn`.
+fn head_version(conn: &Connection, stream: &StreamId) -> Result<Option<StreamVersion>> {
+    let v: Option<i64> = conn
+        .prepare_cached(HEAD_SQL)
+        .and_then(|mut s| s.query_row([stream.as_str()], |r| r.get(0)).optional())
+        .map_err(db("reading a stream head"))?;
+    v.map(|v| {
+        u64::try_from(v)
+            .map(StreamVersion)
+            .map_err(|e| corrupt(format!("streams row {stream}: negative version"), e))
+    })
+    .transpose()
+}
+
+/// Why inserting a batch stopped.
+enum InsertError {
+    /// A unique key clashed: an event id (or version) is already stored.
+    Unique(rusqlite::Error),
+    /// Anything else.
+    Other(annals::Error),
+}
+
+impl From<annals::Error> for InsertError {
+    fn from(e: annals::Error) -> Self {
+        InsertError::Other(e)
+    }
+}
+
+/// Inserts the batch after `head`; returns each event's position.
+fn insert_events(
+    tx: &Transaction<'_>,
+    stream: &StreamId,
+    head: u64,
+    events: &[NewEvent],
+    recorded_at: i64,
+) -> std::result::Result<Vec<GlobalPosition>, InsertError> {
+    let mut insert = tx
+        .prepare_cached(INSERT_SQL)
+        .map_err(db("preparing the event insert"))?;
+    let mut positions = Vec::with_capacity(events.len());
+    // One buffer for every payload of the batch.
+    let mut data = String::new();
+    let mut metadata = String::new();
+    for (i, e) in events.iter().enumerate() {
+        write_json(&mut data, &e.data, "event data")?;
+        let metadata_text = if crate::codec::metadata_is_empty(&e.metadata) {
+            "{}"
+        } else {
+            write_json(&mut metadata, &e.metadata, "event metadata")?;
+            metadata.as_str()
+        };
+        let version = sql_int(head + i as u64 + 1);
+        let inserted = insert.execute(rusqlite::params![
+            &e.event_id.0.as_bytes()[..],
+            stream.as_str(),
+            stream.category(),
+            version,
+            e.event_type,
+            i64::from(e.event_version),
+            data,
+            metadata_text,
+            recorded_at,
+        ]);
+        match inserted {
+            Ok(_) => positions.push(GlobalPosition::from_seq(tx.last_insert_rowid() as u64)),
+            Err(err) if classify(&err) == ErrorKind::UniqueViolation => {
+                return Err(InsertError::Unique(err))
+            }
+            Err(err) => return Err(InsertError::Other(map_err("inserting an event", err))),
+        }
+    }
+    Ok(positions)
+}
+
+/// Serializes `value` into `buf` (cleared first), reusing its allocation.
+fn write_json<T: serde::Serialize + ?Sized>(buf: &mut String, value: &T, what: &str) -> Result<()> {
+    let mut bytes = std::mem::take(buf).into_bytes();
+    bytes.clear();
+    serde_json::to_writer(&mut bytes, value).map_err(|source| annals::Error::Encode {
+        what: what.to_owned(),
+        source,
+    })?;
+    // serde_json writes UTF-8 only; the check is cheap next to the serializer.
+    *buf = String::from_utf8(bytes).map_err(|e| corrupt(format!("{what}: not UTF-8"), e))?;
+    Ok(())
+}
+
+/// One stored event, as the idempotency check needs it.
+struct Stored {
+    position: i64,
+    stream_id: String,
+    stream_version: i64,
+    event_type: String,
+    event_version: i64,
+    data: String,
+}
+
+impl Stored {
+    fn matches(&self, new: &NewEvent) -> bool {
+        self.event_type == new.event_type
+            && self.event_version == i64::from(new.event_version)
+            && json_equal(&self.data, &new.data)
+    }
+}
+
+/// Whether stored JSON text is the same payload as `value`: the same text
+/// when re-serialized (exact, even for floats), or the same parsed value
+/// (when the object keys were written in another order).
+fn json_equal(text: &str, value: &Value) -> bool {
+    serde_json::to_string(value).is_ok_and(|t| t == text)
+        || serde_json::from_str::<Value>(text).is_ok_and(|v| v == *value)
+}
+
+/// The idempotency check: `Ok(None)` when no id of the batch is stored,
+/// `Ok(Some(original))` when the whole batch is, in `stream`, consecutively
+/// and with the same content, and [`annals::Error::DuplicateEventId`] for any
+/// other reuse.
+fn find_existing(
+    conn: &Connection,
+    stream: &StreamId,
+    events: &[NewEvent],
+) -> Result<Option<AppendResult>> {
+    let mut find = conn
+        .prepare_cached(FIND_BY_ID_SQL)
+        .map_err(db("preparing the event id lookup"))?;
+    let mut stored = Vec::with_capacity(events.len());
+    for e in events {
+        let row = find
+            .query_row([&e.event_id.0.as_bytes()[..]], |r| {
+                Ok(Stored {
+                    position: r.get(0)?,
+                    stream_id: r.get(1)?,
+                    stream_version: r.get(2)?,
+                    event_type: r.get(3)?,
+                    event_version: r.get(4)?,
+                    data: r.get(5)?,
+                })
+            })
+            .optional()
+            .map_err(db("looking up an event id"))?;
+        stored.push(row);
+    }
+    let Some((first_index, first)) = stored
+        .iter()
+        .enumerate()
+        .find_map(|(i, s)| s.as_ref().map(|s| (i, s)))
+    else {
+        return Ok(None);
+    };
+    let same = stored.iter().zip(events).enumerate().all(|(i, (s, new))| {
+        s.as_ref().is_some_and(|s| {
+            s.stream_id == stream.as_str()
+                && s.matches(new)
+                && s.stream_version == first.stream_version + i as i64
+        })
+    });
+    if !same {
+        let holder = StreamId::parse(&first.stream_id).map_err(|e| {
+            corrupt(
+                format!("event at position {}: invalid stream_id", first.position),
+                e,
+            )
+        })?;
+        return Err(annals::Error::DuplicateEventId {
+            event_id: events[first_index].event_id,
+            stream: holder,
+        });
+    }
+    let first_version = u64::try_from(first.stream_version).map_err(|e| {
+        corrupt(
+            format!(
+                "event at position {}: negative stream_version",
+                first.position
+            ),
+            e,
+        )
+    })?;
+    Ok(Some(AppendResult {
+        first_version: StreamVersion(first_version),
+        last_version: StreamVersion(first_version + events.len() as u64 - 1),
+        positions: stored
+            .iter()
+            .flatten()
+            .map(|s| GlobalPosition::from_seq(s.position as u64))
+            .collect(),
+        deduplicated: true,
+    }))
+}
+
+/// The whole append, on the writer thread.
+fn append_job(
+    conn: &mut Connection,
+    stream: &StreamId,
+    expected: ExpectedVersion,
+    events: &[NewEvent],
+) -> Result<AppendResult> {
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(db("starting an append"))?;
+    let actual = head_version(&tx, stream)?;
+    if !expected.matches(actual) {
+        // Idempotency first: a retried batch succeeds whatever `expected` says.
+        if let Some(original) = find_existing(&tx, stream, events)? {
+            return Ok(original);
+        }
+        return Err(annals::Error::WrongExpectedVersion {
+            stream: stream.clone(),
+            expected,
+            actual,
+        });
+    }
+    let head = actual.map_or(0, StreamVersion::get);
+    let recorded_at = now_micros();
+    match insert_events(&tx, stream, head, events, recorded_at) {
+        Ok(positions) => {
+            let last = head + events.len() as u64;
+            tx.prepare_cached(UPSERT_STREAM_SQL)
+                .and_then(|mut s| {
+                    s.execute(rusqlite::params![
+                        stream.as_str(),
+                        stream.category(),
+                        sql_int(last)
+                    ])
+                })
+                .map_err(db("moving the stream head"))?;
+            tx.commit().map_err(db("committing an append"))?;
+            metrics::counter!("annals_events_appended_total", "backend" => "sqlite")
+                .increment(events.len() as u64);
+            Ok(AppendResult {
+                first_version: StreamVersion(head + 1),
+                last_version: StreamVersion(last),
+                positions,
+                deduplicated: false,
+            })
+        }
+        Err(InsertError::Other(e)) => Err(e),
+        Err(InsertError::Unique(err)) => {
+            // Drop this batch's own rows before comparing with what is stored.
+            tx.rollback().map_err(db("rolling back an append"))?;
+            let check = conn.transaction().map_err(db("starting an id check"))?;
+            match find_existing(&check, stream, events)? {
+                Some(original) => Ok(original),
+                // Not an event id: the (stream_id, stream_version) key, which
+                // means `streams` is out of step with `events`.
+                None => Err(map_err(
+                    &format!("appending to {stream}: stream head out of step with its events"),
+                    err,
+                )),
+            }
+        }
+    }
+}
+
+/// Where a paginated stream read resumes.
+struct StreamCursor {
+    /// Next version to read (forward: lowest; backward: highest).
+    next: u64,
+    /// Events still allowed by `limit`.
+    remaining: u64,
+}
+
+/// Where a paginated `read_all` resumes.
+struct AllCursor {
+    after: i64,
+    remaining: u64,
+}
+
+fn read_stream_page(
+    conn: &Connection,
+    stream: &StreamId,
+    options: &ReadStream,
+    batch: u64,
+    cursor: StreamCursor,
+) -> Result<(RawEvents, Option<StreamCursor>)> {
+    let want = cursor.remaining.min(batch);
+    let until = options.until_version.map_or(u64::MAX, StreamVersion::get);
+    let (sql, lo, hi) = match options.direction {
+        Direction::Forward => (READ_FORWARD_SQL, cursor.next, until),
+        Direction::Backward => (READ_BACKWARD_SQL, 1, cursor.next.min(until)),
+    };
+    let as_of = options.as_of.map_or(i64::MAX, to_micros);
+    let mut stmt = conn
+        .prepare_cached(sql)
+        .map_err(db("preparing a stream read"))?;
+    let mut rows = stmt
+        .query(rusqlite::params![
+            stream.as_str(),
+            sql_int(lo),
+            sql_int(hi),
+            as_of,
+            sql_int(want)
+        ])
+        .map_err(db("reading a stream"))?;
+    let page = RawEvents::collect(&mut rows, want as usize, "reading a stream")?;
+    let n = page.len() as u64;
+    let next = match page.last_keys() {
+        Some((_, v)) if n == want && page.is_complete() && cursor.remaining > n => {
+            match options.direction {
+                Direction::Forward => (v < until).then_some(v + 1),
+                Direction::Backward => (v > 1).then(|| v - 1),
+            }
+            .map(|next| StreamCursor {
+                next,
+                remaining: cursor.remaining - n,
+            })
+        }
+        _ => None,
+    };
+    Ok((page, next))
+}
+
+/// The `read_all` query for a set of filters: built once per call, cached
+/// by its text like any other statement.
+fn read_all_sql(options: &ReadAll) -> String {
+    let mut sql = format!(
+        "SELECT {} FROM events WHERE position > ?1",
+        event_columns!()
+    );
+    let mut n = 2;
+    let mut list = |sql: &mut String, column: &str, len: usize| {
+        if len == 0 {
+            return;
+        }
+        sql.push_str(&format!(" AND {column} IN ("));
+        for i in 0..len {
+            if i > 0 {
+                sql.push_str(", ");
+            }
+            sql.push_str(&format!("?{n}"));
+            n += 1;
+        }
+        sql.push(')');
+    };
+    list(&mut sql, "category", options.categories.len());
+    list(&mut sql, "event_type", options.event_types.len());
+    sql.push_str(&format!(" ORDER BY position ASC LIMIT ?{n}"));
+    sql
+}
+
+fn read_all_page(
+    conn: &Connection,
+    sql: &str,
+    options: &ReadAll,
+    batch: u64,
+    cursor: AllCursor,
+) -> Result<(RawEvents, Option<AllCursor>)> {
+    let want = cursor.remaining.min(batch);
+    let limit = sql_int(want);
+    let mut params: Vec<&dyn ToSql> =
+        Vec::with_capacity(2 + options.categories.len() + options.event_types.len());
+    params.push(&cursor.after);
+    params.extend(options.categories.iter().map(|c| c as &dyn ToSql));
+    params.extend(options.event_types.iter().map(|t| t as &dyn ToSql));
+    params.push(&limit);
+    let mut stmt = conn
+        .prepare_cached(sql)
+        .map_err(db("preparing a read_all"))?;
+    let mut rows = stmt
+        .query(params.as_slice())
+        .map_err(db("reading all events"))?;
+    let page = RawEvents::collect(&mut rows, want as usize, "reading all events")?;
+    let n = page.len() as u64;
+    let next = match page.last_keys() {
+        Some((position, _)) if n == want && page.is_complete() && cursor.remaining > n => {
+            Some(AllCursor {
+                after: position,
+                remaining: cursor.remaining - n,
+            })
+        }
+        _ => None,
+    };
+    Ok((page, next))
+}
+
+fn stats_job(conn: &Connection) -> Result<StoreStats> {
+    // One read transaction: every count from the same snapshot.
+    let tx = conn
+        .unchecked_transaction()
+        .map_err(db("starting a stats read"))?;
+    let count = |v: i64| u64::try_from(v).unwrap_or(0);
+    let mut categories = Vec::new();
+    let mut streams = 0;
+    {
+        let mut s = tx
+            .prepare_cached(
+                "SELECT category, COUNT(*), SUM(version) FROM streams \
+                 GROUP BY category ORDER BY category",
+            )
+            .map_err(db("counting streams"))?;
+        let mut rows = s.query([]).map_err(db("counting streams"))?;
+        while let Some(r) = rows.next().map_err(db("counting streams"))? {
+            let c = CategoryStats {
+                category: r.get(0).map_err(db("counting streams"))?,
+                streams: count(r.get(1).map_err(db("counting streams"))?),
+                events: count(r.get(2).map_err(db("counting streams"))?),
+            };
+            streams += c.streams;
+            categories.push(c);
+        }
+    }
+    let mut event_types = Vec::new();
+    let mut events = 0;
+    {
+        // Served by the (event_type, recorded_at) index alone.
+        let mut s = tx
+            .prepare_cached(
+                "SELECT event_type, COUNT(*) FROM events GROUP BY event_type ORDER BY event_type",
+            )
+            .map_err(db("counting event types"))?;
+        let mut rows = s.query([]).map_err(db("counting event types"))?;
+        while let Some(r) = rows.next().map_err(db("counting event types"))? {
+            let t = EventTypeStats {
+                event_type: r.get(0).map_err(db("counting event types"))?,
+                events: count(r.get(1).map_err(db("counting event types"))?),
+            };
+            events += t.events;
+            event_types.push(t);
+        }
+    }
+    let (first, last): (Option<i64>, Option<i64>) = tx
+        .prepare_cached("SELECT MIN(recorded_at), MAX(recorded_at) FROM events")
+        .and_then(|mut s| s.query_row([], |r| Ok((r.get(0)?, r.get(1)?))))
+        .map_err(db("reading the time range"))?;
+    Ok(StoreStats {
+        streams,
+        events,
+        categories,
+        event_types,
+        first_recorded_at: first.and_then(from_micros),
+        last_recorded_at: last.and_then(from_micros),
+    })
+}
+
+impl EventStore for SqliteEventStore {
+    async fn append(
+        &self,
+        stream: &StreamId,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+    ) -> Result<AppendResult> {
+        validate_batch(stream, &events)?;
+        let stream = stream.clone();
+        self.conns()
+            .write(move |conn| append_job(conn, &stream, expected, &events))
+            .await
+    }
+
+    fn read_stream(&self, stream: &StreamId, options: ReadStream) -> EventStream {
+        let start = match options.direction {
+            Direction::Forward => options.from.map_or(1, |v| v.get().max(1)),
+            Direction::Backward => options.from.map_or(u64::MAX, StreamVersion::get),
+        };
+        let cursor = StreamCursor {
+            next: start,
+            remaining: options.limit.unwrap_or(u64::MAX),
+        };
+        if cursor.remaining == 0 {
+            return Box::pin(futures::stream::empty());
+        }
+        let stream = stream.clone();
+        let batch = self.batch_size() as u64;
+        self.conns().paginate(cursor, move |conn, cursor| {
+            read_stream_page(conn, &stream, &options, batch, cursor)
+        })
+    }
+
+    fn read_all(&self, options: ReadAll) -> EventStream {
+        if options.after.commit() != 0 {
+            let err = annals::Error::PositionOutOfRange {
+                position: options.after,
+                reason: "SQLite positions have no commit part; this one is from another store"
+                    .into(),
+            };
+            return Box::pin(futures::stream::iter([Err(err)]));
+        }
+        let cursor = AllCursor {
+            after: sql_int(options.after.seq()),
+            remaining: options.limit.unwrap_or(u64::MAX),
+        };
+        if cursor.remaining == 0 {
+            return Box::pin(futures::stream::empty());
+        }
+        let sql = Arc::new(read_all_sql(&options));
+        let batch = self.batch_size() as u64;
+        self.conns().paginate(cursor, move |conn, cursor| {
+            read_all_page(conn, &sql, &options, batch, cursor)
+        })
+    }
+
+    async fn stream_version(&self, stream: &StreamId) -> Result<Option<StreamVersion>> {
+        let stream = stream.clone();
+        self.conns()
+            .read(move |conn| head_version(conn, &stream))
+            .await
+    }
+
+    fn list_streams(&self, category: &str) -> BoxStream<'static, Result<StreamInfo>> {
+        let category = category.to_owned();
+        let batch = sql_int(self.batch_size() as u64);
+        self.conns()
+            .paginate(String::new(), move |conn, after: String| {
+                let mut stmt = conn
+                    .prepare_cached(LIST_STREAMS_SQL)
+                    .map_err(db("preparing a stream listing"))?;
+                let mut rows = stmt
+                    .query(rusqlite::params![category, after, batch])
+                    .map_err(db("listing streams"))?;
+                let page = Page::collect(&mut rows, 64, "listing streams", |r| {
+                    let name = r
+                        .get_ref(0)
+                        .and_then(|v| v.as_str().map_err(Into::into))
+                        .map_err(db("listing streams"))?;
+                    let stream_id = StreamId::parse(name).map_err(|e| {
+                        corrupt(format!("streams row {name:?}: invalid stream_id"), e)
+                    })?;
+                    let version: i64 = r.get(1).map_err(db("listing streams"))?;
+                    let version = u64::try_from(version).map_err(|e| {
+                        corrupt(format!("streams row {stream_id}: negative version"), e)
+                    })?;
+                    Ok(StreamInfo {
+                        stream_id,
+                        version: StreamVersion(version),
+                    })
+                })?;
+                let next = match page.last_if_complete() {
+                    Some(last) if page.len() as i64 == batch => {
+                        Some(last.stream_id.as_str().to_owned())
+                    }
+                    _ => None,
+                };
+                Ok(page.finish(next))
+            })
+    }
+
+    async fn stats(&self) -> Result<StoreStats> {
+        self.conns().read(stats_job).await
+    }
+
+    async fn head_position(&self) -> Result<Option<GlobalPosition>> {
+        let max: Option<i64> = self
+            .conns()
+            .read(|conn| {
+                conn.prepare_cached("SELECT MAX(position) FROM events")
+                    .and_then(|mut s| s.query_row([], |r| r.get(0)))
+                    .map_err(db("reading the head position"))
+            })
+            .await?;
+        Ok(max.map(|p| GlobalPosition::from_seq(p as u64)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn read_all_sql_numbers_every_parameter() {
+        let options = ReadAll::from_start()
+            .categories(["A", "B"])
+            .event_types(["X"]);
+        assert_eq!(
+            read_all_sql(&options),
+            format!(
+                "SELECT {} FROM events WHERE position > ?1 AND category IN (?2, ?3) \
+                 AND event_type IN (?4) ORDER BY position ASC LIMIT ?5",
+                event_columns!()
+            )
+        );
+        assert!(read_all_sql(&ReadAll::from_start())
+            .ends_with("position > ?1 ORDER BY position ASC LIMIT ?2"));
+    }
+
+    #[test]
+    fn json_equality_ignores_key_order_and_keeps_floats() {
+        let v = serde_json::json!({"a": 1, "b": [0.1, 2.5e-300]});
+        let text = serde_json::to_string(&v).expect("serializes");
+        assert!(json_equal(&text, &v));
+        assert!(json_equal(r#"{"b": [0.1, 2.5e-300], "a": 1}"#, &v));
+        assert!(!json_equal(r#"{"a": 2, "b": [0.1, 2.5e-300]}"#, &v));
+        assert!(!json_equal("not json", &v));
+    }
+}

@@ -1,0 +1,145 @@
+//! The store handle, its options and how it opens.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use annals::{Error, Result};
+
+use crate::conn::Conns;
+use crate::migrate;
+
+/// Options of [`SqliteEventStore::open_with`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SqliteOptions {
+    /// Apply pending migrations when opening (default `true`). With `false`,
+    /// a file whose schema is behind this build answers every operation with
+    /// [`Error::SchemaVersion`] until [`SqliteEventStore::migrate`] runs.
+    pub migrate_on_open: bool,
+    /// Rows fetched per round trip by the lazy reads (default
+    /// [`annals::DEFAULT_BATCH_SIZE`]). A read holds at most two pages: the
+    /// one being consumed and the next, fetched ahead.
+    pub batch_size: usize,
+    /// Snapshots kept per aggregate (default 1). With `K > 1` the newest `K`
+    /// stay, so an operator can roll back to an older one; the live snapshot
+    /// is always the one with the highest `(schema_version, version)`.
+    pub snapshot_history: u32,
+    /// Reader connections (default 4). Reads run on them beside the single
+    /// writer connection.
+    pub readers: usize,
+}
+
+impl Default for SqliteOptions {
+    fn default() -> Self {
+        SqliteOptions {
+            migrate_on_open: true,
+            batch_size: annals::DEFAULT_BATCH_SIZE,
+            snapshot_history: 1,
+            readers: 4,
+        }
+    }
+}
+
+/// An event, snapshot and checkpoint store in one SQLite file.
+///
+/// A cheap handle: clones share one writer thread and a pool of reader
+/// threads, each owning its own connection. Implements
+/// [`annals::EventStore`], [`annals::SnapshotStore`] and
+/// [`annals::CheckpointStore`].
+#[derive(Clone)]
+pub struct SqliteEventStore {
+    pub(crate) inner: Arc<Inner>,
+}
+
+pub(crate) struct Inner {
+    pub(crate) path: PathBuf,
+    pub(crate) options: SqliteOptions,
+    pub(crate) conns: Conns,
+}
+
+impl fmt::Debug for SqliteEventStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SqliteEventStore")
+            .field("path", &self.inner.path)
+            .field("options", &self.inner.options)
+            .finish()
+    }
+}
+
+impl SqliteEventStore {
+    /// Opens (creating it if missing) the store in the file at `path`, in WAL
+    /// mode, and applies pending migrations.
+    pub async fn open(path: impl AsRef<Path>) -> Result<Self> {
+        Self::open_with(path, SqliteOptions::default()).await
+    }
+
+    /// Opens the store at `path` with `options`.
+    ///
+    /// With `migrate_on_open: false` the open itself succeeds whatever the
+    /// schema version, so that a tool can call [`SqliteEventStore::migrate`];
+    /// every other operation fails with [`Error::SchemaVersion`] until the
+    /// schema is current.
+    pub async fn open_with(path: impl AsRef<Path>, options: SqliteOptions) -> Result<Self> {
+        if options.batch_size == 0 {
+            return Err(Error::Config(
+                "SqliteOptions::batch_size must be at least 1".into(),
+            ));
+        }
+        if options.snapshot_history == 0 {
+            return Err(Error::Config(
+                "SqliteOptions::snapshot_history must be at least 1".into(),
+            ));
+        }
+        if options.readers == 0 {
+            return Err(Error::Config(
+                "SqliteOptions::readers must be at least 1".into(),
+            ));
+        }
+        let path = path.as_ref().to_owned();
+        let conns = Conns::start(&path, options.readers).await?;
+        let store = SqliteEventStore {
+            inner: Arc::new(Inner {
+                path,
+                options,
+                conns,
+            }),
+        };
+        if store.inner.options.migrate_on_open {
+            store.migrate().await?;
+        }
+        Ok(store)
+    }
+
+    /// Applies the pending versioned migrations (recorded in
+    /// `annals_migrations`). Idempotent; safe to run from two processes.
+    /// Fails with [`Error::SchemaVersion`] when the file was migrated by a
+    /// newer build.
+    pub async fn migrate(&self) -> Result<()> {
+        self.inner
+            .conns
+            .write_unchecked(|conn| migrate::migrate(conn).map(drop))
+            .await?;
+        self.inner.conns.set_schema_ok();
+        Ok(())
+    }
+
+    /// The full DDL: every migration in order, each followed by its row in
+    /// `annals_migrations`, so a file created from this script is at the
+    /// current version (what `annals schema --backend sqlite` prints).
+    pub fn schema_sql() -> String {
+        migrate::schema_sql()
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    pub(crate) fn conns(&self) -> &Conns {
+        &self.inner.conns
+    }
+
+    pub(crate) fn batch_size(&self) -> usize {
+        self.inner.options.batch_size
+    }
+}

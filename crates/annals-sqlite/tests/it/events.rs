@@ -1,0 +1,335 @@
+//! Event reads and writes beyond the shared suite: paging at small batch
+//! sizes, rows that do not decode, SQL-side filters.
+
+use annals::{EventStore, ExpectedVersion, GlobalPosition, ReadAll, ReadStream, StreamVersion};
+use annals_sqlite::SqliteOptions;
+use futures::{StreamExt, TryStreamExt};
+
+use crate::{ev, fresh_store, fresh_store_with, raw, sid};
+
+fn small_batches() -> SqliteOptions {
+    SqliteOptions {
+        batch_size: 3,
+        ..SqliteOptions::default()
+    }
+}
+
+#[tokio::test]
+async fn pages_meet_exactly_at_batch_boundaries() {
+    let store = fresh_store_with(small_batches()).await;
+    let s = sid("Order-1");
+    for i in 0..9 {
+        store
+            .append(&s, ExpectedVersion::Any, vec![ev("A", i)])
+            .await
+            .expect("append");
+    }
+    store
+        .append(&sid("Other-1"), ExpectedVersion::Any, vec![ev("B", 0)])
+        .await
+        .expect("append");
+
+    let versions = |events: Vec<annals::RecordedEvent>| -> Vec<u64> {
+        events.iter().map(|e| e.stream_version.get()).collect()
+    };
+    let read = |o: ReadStream| store.read_stream_to_vec(&s, o);
+    assert_eq!(
+        versions(read(ReadStream::forward()).await.expect("read")),
+        (1..=9).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        versions(read(ReadStream::backward()).await.expect("read")),
+        (1..=9).rev().collect::<Vec<_>>()
+    );
+    assert_eq!(
+        versions(
+            read(ReadStream::forward().from(StreamVersion(2)).limit(6))
+                .await
+                .expect("read")
+        ),
+        (2..=7).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        versions(
+            read(ReadStream::backward().from(StreamVersion(8)).limit(4))
+                .await
+                .expect("read")
+        ),
+        vec![8, 7, 6, 5]
+    );
+    assert_eq!(
+        versions(
+            read(ReadStream::backward().until_version(StreamVersion(4)))
+                .await
+                .expect("read")
+        ),
+        vec![4, 3, 2, 1]
+    );
+    assert_eq!(
+        versions(
+            read(
+                ReadStream::forward()
+                    .from(StreamVersion(3))
+                    .until_version(StreamVersion(6))
+            )
+            .await
+            .expect("read")
+        ),
+        vec![3, 4, 5, 6]
+    );
+    assert!(read(ReadStream::forward().limit(0))
+        .await
+        .expect("read")
+        .is_empty());
+    assert!(read(ReadStream::forward().from(StreamVersion(10)))
+        .await
+        .expect("read")
+        .is_empty());
+
+    let all: Vec<_> = store
+        .read_all(ReadAll::from_start())
+        .try_collect()
+        .await
+        .expect("read all");
+    assert_eq!(all.len(), 10);
+    let after_third: Vec<_> = store
+        .read_all(ReadAll::after(all[2].global_position).limit(6))
+        .try_collect()
+        .await
+        .expect("read all");
+    assert_eq!(after_third, all[3..9]);
+    let only_b: Vec<_> = store
+        .read_all(ReadAll::from_start().event_types(["B"]))
+        .try_collect()
+        .await
+        .expect("read all");
+    assert_eq!(only_b.len(), 1);
+
+    let listed: Vec<_> = {
+        for i in 2..=7 {
+            store
+                .append(
+                    &sid(&format!("Order-{i}")),
+                    ExpectedVersion::Any,
+                    vec![ev("A", i)],
+                )
+                .await
+                .expect("append");
+        }
+        store
+            .list_streams("Order")
+            .try_collect()
+            .await
+            .expect("list")
+    };
+    let names: Vec<_> = listed.iter().map(|i| i.stream_id.to_string()).collect();
+    assert_eq!(
+        names,
+        (1..=7).map(|i| format!("Order-{i}")).collect::<Vec<_>>()
+    );
+    assert_eq!(listed[0].version, StreamVersion(9));
+}
+
+#[tokio::test]
+async fn undecodable_rows_are_errors_naming_the_position() {
+    let store = fresh_store().await;
+    let ok = store
+        .append(&sid("Order-1"), ExpectedVersion::Any, vec![ev("A", 1)])
+        .await
+        .expect("append");
+    let conn = raw(&store);
+    let insert = |stream: &str, data: &str, metadata: &str| {
+        conn.execute(
+            "INSERT INTO events (event_id, stream_id, category, stream_version, event_type, \
+             event_version, data, metadata, recorded_at) VALUES (randomblob(16), ?1, 'Order', 1, \
+             'A', 1, ?2, ?3, 0)",
+            [stream, data, metadata],
+        )
+        .expect("insert a bad row");
+        conn.last_insert_rowid()
+    };
+    let bad_json = insert("Order-2", "{not json", "{}");
+    let bad_stream = insert("nodash", "{}", "{}");
+    let bad_metadata = insert("Order-3", "{}", "[1]");
+
+    let mut all = store.read_all(ReadAll::from_start());
+    let first = all.next().await.expect("an item").expect("a good row");
+    assert_eq!(first.global_position, ok.positions[0]);
+    let err = all.next().await.expect("an item").expect_err("bad json");
+    assert!(
+        err.to_string().contains(&format!("position {bad_json}")),
+        "{err}"
+    );
+    assert!(all.next().await.is_none(), "a read ends at its first error");
+    for position in [bad_json, bad_stream, bad_metadata] {
+        let err = store
+            .read_all(ReadAll::after(GlobalPosition::from_seq(
+                position as u64 - 1,
+            )))
+            .next()
+            .await
+            .expect("an item")
+            .expect_err("undecodable");
+        assert!(
+            matches!(
+                err,
+                annals::Error::Backend {
+                    backend: "sqlite",
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        assert!(
+            err.to_string().contains(&format!("position {position}")),
+            "{err}"
+        );
+    }
+    let err = store
+        .read_stream_to_vec(&sid("Order-2"), ReadStream::forward())
+        .await
+        .expect_err("undecodable");
+    assert!(
+        err.to_string().contains(&format!("position {bad_json}")),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn positions_from_another_store_are_refused() {
+    let store = fresh_store().await;
+    let item = store
+        .read_all(ReadAll::after(GlobalPosition::new(7, 1)))
+        .next()
+        .await
+        .expect("an item");
+    assert!(
+        matches!(item, Err(annals::Error::PositionOutOfRange { .. })),
+        "{item:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_failed_append_leaves_no_trace() {
+    let store = fresh_store().await;
+    let s = sid("Order-1");
+    let stored = store
+        .append(&s, ExpectedVersion::Any, vec![ev("A", 1)])
+        .await
+        .expect("append");
+    let reused = store
+        .read_stream_to_vec(&s, ReadStream::forward())
+        .await
+        .expect("read")[0]
+        .event_id;
+    // Two new events, then a reused id: the insert fails on the third row.
+    let err = store
+        .append(
+            &sid("Order-2"),
+            ExpectedVersion::Any,
+            vec![ev("A", 1), ev("A", 2), ev("A", 3).with_id(reused)],
+        )
+        .await
+        .expect_err("reused id");
+    assert!(
+        matches!(err, annals::Error::DuplicateEventId { ref stream, event_id } if *stream == s && event_id == reused),
+        "{err:?}"
+    );
+    assert_eq!(
+        store.stream_version(&sid("Order-2")).await.expect("head"),
+        None
+    );
+    let next = store
+        .append(&sid("Order-3"), ExpectedVersion::Any, vec![ev("A", 1)])
+        .await
+        .expect("append");
+    assert_eq!(
+        next.positions[0].seq(),
+        stored.positions[0].seq() + 1,
+        "no position was consumed"
+    );
+}
+
+#[tokio::test]
+async fn reads_use_the_indexes() {
+    let store = fresh_store().await;
+    let conn = raw(&store);
+    let plan = |sql: &str| -> String {
+        let mut s = conn
+            .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
+            .expect("plan");
+        let rows: Vec<String> = s
+            .query_map([], |r| r.get::<_, String>(3))
+            .expect("query")
+            .collect::<rusqlite::Result<_>>()
+            .expect("rows");
+        rows.join("; ")
+    };
+    let stream = plan(
+        "SELECT * FROM events WHERE stream_id = 'a' AND stream_version BETWEEN 1 AND 9 \
+         AND recorded_at <= 5 ORDER BY stream_version LIMIT 10",
+    );
+    assert!(
+        stream.contains("USING INDEX sqlite_autoindex_events"),
+        "{stream}"
+    );
+    assert!(!stream.contains("TEMP B-TREE"), "{stream}");
+    let category = plan(
+        "SELECT * FROM events WHERE position > 5 AND category IN ('a') ORDER BY position LIMIT 10",
+    );
+    assert!(category.contains("events_category_position"), "{category}");
+    assert!(!category.contains("TEMP B-TREE"), "{category}");
+}
+
+#[tokio::test]
+async fn a_retry_with_any_expected_version_is_deduplicated() {
+    // `Any` matches, so the append reaches the inserts; the stored id fails
+    // the unique index, the transaction rolls back and the retry is
+    // recognised from what is stored.
+    let store = fresh_store().await;
+    let s = sid("Order-1");
+    let batch = vec![ev("A", 1), ev("B", 2)];
+    let first = store
+        .append(&s, ExpectedVersion::Any, batch.clone())
+        .await
+        .expect("append");
+    store
+        .append(&s, ExpectedVersion::Any, vec![ev("C", 3)])
+        .await
+        .expect("append");
+    let retry = store
+        .append(&s, ExpectedVersion::Any, batch.clone())
+        .await
+        .expect("retry");
+    assert!(retry.deduplicated);
+    assert_eq!(retry.positions, first.positions);
+    assert_eq!(
+        (retry.first_version, retry.last_version),
+        (StreamVersion(1), StreamVersion(2))
+    );
+    assert_eq!(
+        store.stream_version(&s).await.expect("head"),
+        Some(StreamVersion(3))
+    );
+
+    // The same ids in another order are not the same batch.
+    let swapped = vec![batch[1].clone(), batch[0].clone()];
+    let err = store
+        .append(&s, ExpectedVersion::Any, swapped)
+        .await
+        .expect_err("reordered");
+    assert!(
+        matches!(err, annals::Error::DuplicateEventId { .. }),
+        "{err:?}"
+    );
+    // Same id, other payload.
+    let changed = vec![batch[0].clone().with_event_version(2), batch[1].clone()];
+    let err = store
+        .append(&s, ExpectedVersion::Any, changed)
+        .await
+        .expect_err("changed");
+    assert!(
+        matches!(err, annals::Error::DuplicateEventId { .. }),
+        "{err:?}"
+    );
+}

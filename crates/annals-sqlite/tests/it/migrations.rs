@@ -1,0 +1,192 @@
+//! Versioned migrations, the ledger and the schema-version guard.
+
+use annals::{CheckpointStore, EventStore, ExpectedVersion, ReadAll, SnapshotStore};
+use annals_sqlite::{SqliteEventStore, SqliteOptions};
+use futures::StreamExt;
+
+use crate::{ev, fresh_path, fresh_store, raw, sid};
+
+/// Versions this build ships, by name.
+const EXPECTED: &[(i64, &str)] = &[(1, "events"), (2, "snapshots"), (3, "checkpoints")];
+const LATEST: i64 = 3;
+
+fn ledger(conn: &rusqlite::Connection) -> Vec<(i64, String, String)> {
+    let mut s = conn
+        .prepare("SELECT version, name, applied_at FROM annals_migrations ORDER BY version")
+        .expect("prepare");
+    s.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .expect("query")
+        .collect::<rusqlite::Result<_>>()
+        .expect("rows")
+}
+
+fn no_migrate() -> SqliteOptions {
+    SqliteOptions {
+        migrate_on_open: false,
+        ..SqliteOptions::default()
+    }
+}
+
+fn is_schema_error(e: &annals::Error, found: i64) -> bool {
+    matches!(e, annals::Error::SchemaVersion { found: f, expected } if *f == found && *expected == LATEST)
+}
+
+#[tokio::test]
+async fn migrations_are_recorded_once() {
+    let store = fresh_store().await;
+    let first = ledger(&raw(&store));
+    let names: Vec<(i64, &str)> = first.iter().map(|(v, n, _)| (*v, n.as_str())).collect();
+    assert_eq!(names, EXPECTED);
+    assert!(first.iter().all(|(_, _, at)| at.ends_with('Z')));
+
+    // Again on the same handle, and again on reopen: nothing re-applied.
+    store.migrate().await.expect("migrate again");
+    let path = store.path().to_owned();
+    drop(store);
+    let store = SqliteEventStore::open(&path).await.expect("reopen");
+    store.migrate().await.expect("and again");
+    assert_eq!(ledger(&raw(&store)), first);
+}
+
+#[tokio::test]
+async fn an_empty_file_is_refused_until_migrated() {
+    let store = SqliteEventStore::open_with(fresh_path(), no_migrate())
+        .await
+        .expect("open succeeds so that migrate can run");
+    let s = sid("Order-1");
+
+    let append = store
+        .append(&s, ExpectedVersion::Any, vec![ev("A", 1)])
+        .await
+        .expect_err("schema missing");
+    assert!(is_schema_error(&append, 0), "{append:?}");
+    assert!(append.to_string().contains("annals init"));
+    let read = store.read_all(ReadAll::from_start()).next().await;
+    assert!(
+        matches!(read, Some(Err(ref e)) if is_schema_error(e, 0)),
+        "{read:?}"
+    );
+    let version = store.stream_version(&s).await.expect_err("schema missing");
+    assert!(is_schema_error(&version, 0));
+    let snapshot = store
+        .load_snapshot("Order", "1")
+        .await
+        .expect_err("schema missing");
+    assert!(is_schema_error(&snapshot, 0));
+    let checkpoint = store
+        .load_checkpoint("p")
+        .await
+        .expect_err("schema missing");
+    assert!(is_schema_error(&checkpoint, 0));
+
+    store.migrate().await.expect("migrate");
+    store
+        .append(&s, ExpectedVersion::Any, vec![ev("A", 1)])
+        .await
+        .expect("append after migrate");
+    assert_eq!(ledger(&raw(&store)).len(), EXPECTED.len());
+}
+
+#[tokio::test]
+async fn an_old_schema_is_refused_then_upgraded() {
+    let path = fresh_path();
+    {
+        // A file as the first release left it: only migration 1 applied.
+        let conn = rusqlite::Connection::open(&path).expect("create");
+        conn.execute_batch(include_str!("../../sql/bootstrap.sql"))
+            .expect("ledger");
+        conn.execute_batch(include_str!("../../sql/0001_events.sql"))
+            .expect("events");
+        conn.execute(
+            "INSERT INTO annals_migrations VALUES (1, 'events', '2024-01-01T00:00:00Z')",
+            [],
+        )
+        .expect("record");
+    }
+    let old = SqliteEventStore::open_with(&path, no_migrate())
+        .await
+        .expect("open");
+    let err = old.stats().await.expect_err("behind");
+    assert!(is_schema_error(&err, 1), "{err:?}");
+    drop(old);
+
+    let store = SqliteEventStore::open(&path).await.expect("open migrates");
+    let rows = ledger(&raw(&store));
+    assert_eq!(rows.len(), EXPECTED.len());
+    assert_eq!(rows[0].2, "2024-01-01T00:00:00Z", "old rows are kept");
+    store
+        .append(&sid("Order-1"), ExpectedVersion::NoStream, vec![ev("A", 1)])
+        .await
+        .expect("append");
+}
+
+#[tokio::test]
+async fn a_newer_schema_is_refused() {
+    let store = fresh_store().await;
+    raw(&store)
+        .execute(
+            "INSERT INTO annals_migrations VALUES (99, 'future', '2999-01-01T00:00:00Z')",
+            [],
+        )
+        .expect("record a future migration");
+    let path = store.path().to_owned();
+    drop(store);
+    let err = SqliteEventStore::open(&path)
+        .await
+        .expect_err("newer schema");
+    assert!(is_schema_error(&err, 99), "{err:?}");
+    let store = SqliteEventStore::open_with(&path, no_migrate())
+        .await
+        .expect("open without migrating");
+    let err = store.head_position().await.expect_err("newer schema");
+    assert!(is_schema_error(&err, 99), "{err:?}");
+}
+
+#[tokio::test]
+async fn schema_sql_creates_a_current_file() {
+    let sql = SqliteEventStore::schema_sql();
+    for table in [
+        "annals_migrations",
+        "events",
+        "streams",
+        "snapshots",
+        "snapshot_staging",
+        "checkpoints",
+    ] {
+        assert!(
+            sql.contains(&format!("CREATE TABLE {table} ("))
+                || sql.contains(&format!("CREATE TABLE IF NOT EXISTS {table} (")),
+            "{table}"
+        );
+    }
+    let path = fresh_path();
+    rusqlite::Connection::open(&path)
+        .expect("create")
+        .execute_batch(&sql)
+        .expect("the script runs");
+    let store = SqliteEventStore::open_with(&path, no_migrate())
+        .await
+        .expect("open");
+    store
+        .append(&sid("Order-1"), ExpectedVersion::NoStream, vec![ev("A", 1)])
+        .await
+        .expect("the scripted schema is current");
+}
+
+#[tokio::test]
+async fn two_stores_migrating_one_file_apply_each_migration_once() {
+    let path = fresh_path();
+    let (a, b) = tokio::join!(SqliteEventStore::open(&path), SqliteEventStore::open(&path));
+    let (a, b) = (a.expect("open a"), b.expect("open b"));
+    assert_eq!(ledger(&raw(&a)).len(), EXPECTED.len());
+    a.append(&sid("Order-1"), ExpectedVersion::NoStream, vec![ev("A", 1)])
+        .await
+        .expect("append via a");
+    b.append(
+        &sid("Order-1"),
+        ExpectedVersion::Exact(annals::StreamVersion(1)),
+        vec![ev("A", 2)],
+    )
+    .await
+    .expect("append via b sees a's commit");
+}

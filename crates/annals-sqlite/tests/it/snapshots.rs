@@ -1,0 +1,189 @@
+//! Snapshot history (`snapshot_history = K`) and the queries over it.
+
+use annals::{EventStore, ExpectedVersion, Snapshot, SnapshotStore, SnapshotWrite, StreamVersion};
+use annals_sqlite::{SqliteEventStore, SqliteOptions};
+use chrono::Utc;
+use futures::StreamExt;
+use serde_json::json;
+
+use crate::{ev, fresh_store, fresh_store_with, raw, sid};
+
+fn snap(id: &str, version: u64, schema_version: u32) -> Snapshot {
+    Snapshot {
+        aggregate_type: "Order".into(),
+        aggregate_id: id.into(),
+        version: StreamVersion(version),
+        schema_version,
+        state: json!({"v": version, "schema": schema_version}),
+        created_at: Utc::now(),
+    }
+}
+
+fn rows(store: &SqliteEventStore, id: &str) -> Vec<(u32, u64)> {
+    let conn = raw(store);
+    let mut s = conn
+        .prepare(
+            "SELECT schema_version, version FROM snapshots WHERE aggregate_type = 'Order' \
+             AND aggregate_id = ?1 ORDER BY schema_version DESC, version DESC",
+        )
+        .expect("prepare");
+    s.query_map([id], |r| Ok((r.get(0)?, r.get(1)?)))
+        .expect("query")
+        .collect::<rusqlite::Result<_>>()
+        .expect("rows")
+}
+
+fn history(k: u32) -> SqliteOptions {
+    SqliteOptions {
+        snapshot_history: k,
+        ..SqliteOptions::default()
+    }
+}
+
+#[tokio::test]
+async fn history_keeps_the_newest_k() {
+    let store = fresh_store_with(history(3)).await;
+    for v in 1..=5 {
+        assert_eq!(
+            store.save_snapshot(&snap("1", v, 1)).await.expect("save"),
+            SnapshotWrite::Written
+        );
+    }
+    assert_eq!(rows(&store, "1"), vec![(1, 5), (1, 4), (1, 3)]);
+    let live = store
+        .load_snapshot("Order", "1")
+        .await
+        .expect("load")
+        .expect("live");
+    assert_eq!((live.schema_version, live.version), (1, StreamVersion(5)));
+    assert_eq!(live.state, json!({"v": 5, "schema": 1}));
+
+    // Older than live: refused, history untouched.
+    assert_eq!(
+        store.save_snapshot(&snap("1", 4, 1)).await.expect("save"),
+        SnapshotWrite::Superseded
+    );
+    assert_eq!(rows(&store, "1"), vec![(1, 5), (1, 4), (1, 3)]);
+
+    // A schema bump wins at a lower version and takes over a version's row.
+    assert_eq!(
+        store.save_snapshot(&snap("1", 4, 2)).await.expect("save"),
+        SnapshotWrite::Written
+    );
+    assert_eq!(rows(&store, "1"), vec![(2, 4), (1, 5), (1, 3)]);
+    let live = store
+        .load_snapshot("Order", "1")
+        .await
+        .expect("load")
+        .expect("live");
+    assert_eq!((live.schema_version, live.version), (2, StreamVersion(4)));
+
+    // Invalidating old schemas removes their history too.
+    assert_eq!(
+        store
+            .invalidate_snapshots("Order", Some(2))
+            .await
+            .expect("invalidate"),
+        2
+    );
+    assert_eq!(rows(&store, "1"), vec![(2, 4)]);
+    assert_eq!(
+        store.delete_snapshot("Order", "1").await.expect("delete"),
+        1
+    );
+    assert!(store
+        .load_snapshot("Order", "1")
+        .await
+        .expect("load")
+        .is_none());
+}
+
+#[tokio::test]
+async fn the_default_keeps_one_row() {
+    let store = fresh_store().await;
+    for v in [2, 4, 6] {
+        store.save_snapshot(&snap("1", v, 1)).await.expect("save");
+    }
+    assert_eq!(rows(&store, "1"), vec![(1, 6)]);
+}
+
+#[tokio::test]
+async fn coverage_and_staleness_count_only_live_snapshots() {
+    let store = fresh_store_with(history(3)).await;
+    for id in ["1", "2", "3"] {
+        store
+            .append(
+                &sid(&format!("Order-{id}")),
+                ExpectedVersion::Any,
+                (0..10).map(|i| ev("A", i)).collect(),
+            )
+            .await
+            .expect("append");
+    }
+    for v in [2, 4, 8] {
+        store.save_snapshot(&snap("1", v, 1)).await.expect("save");
+    }
+    store.save_snapshot(&snap("2", 3, 2)).await.expect("save");
+
+    let coverage = store
+        .snapshot_coverage(Some("Order"))
+        .await
+        .expect("coverage");
+    assert_eq!(coverage.len(), 1);
+    let c = &coverage[0];
+    assert_eq!(
+        (c.aggregates, c.with_snapshot, c.without_snapshot),
+        (3, 2, 1)
+    );
+    assert_eq!(c.by_schema_version.get(&1), Some(&1));
+    assert_eq!(c.by_schema_version.get(&2), Some(&1));
+    assert_eq!(
+        store.snapshot_coverage(None).await.expect("coverage"),
+        coverage
+    );
+
+    let stale = store
+        .stale_snapshots(Some("Order"), 1)
+        .await
+        .expect("stale");
+    let got: Vec<_> = stale
+        .iter()
+        .map(|s| {
+            (
+                s.aggregate_id.as_str(),
+                s.snapshot_version.map(|v| v.get()),
+                s.events_behind,
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        vec![("3", None, 10), ("2", Some(3), 7), ("1", Some(8), 2)]
+    );
+    assert_eq!(store.stale_snapshots(None, 1).await.expect("stale"), stale);
+    assert!(store
+        .stale_snapshots(Some("Order"), 10)
+        .await
+        .expect("stale")
+        .is_empty());
+}
+
+#[tokio::test]
+async fn promote_keeps_history_and_never_overwrites_a_newer_live() {
+    let store = fresh_store_with(history(2)).await;
+    store.save_snapshot(&snap("1", 5, 1)).await.expect("save");
+    store.save_snapshot(&snap("1", 6, 1)).await.expect("save");
+    store.save_snapshot(&snap("2", 9, 3)).await.expect("save");
+    store.stage_snapshot(&snap("1", 6, 2)).await.expect("stage");
+    store.stage_snapshot(&snap("2", 9, 2)).await.expect("stage");
+    store.stage_snapshot(&snap("3", 1, 2)).await.expect("stage");
+    assert_eq!(store.staged_snapshots("Order").count().await, 3);
+
+    let report = store.promote_staged("Order").await.expect("promote");
+    assert_eq!((report.promoted, report.kept_live), (2, 1));
+    // Same version, newer schema: the staged row replaces the old one.
+    assert_eq!(rows(&store, "1"), vec![(2, 6), (1, 5)]);
+    assert_eq!(rows(&store, "2"), vec![(3, 9)]);
+    assert_eq!(rows(&store, "3"), vec![(2, 1)]);
+    assert_eq!(store.staged_snapshots("Order").count().await, 0);
+}
