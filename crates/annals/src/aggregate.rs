@@ -75,19 +75,10 @@ pub fn encode_event<E: DomainEvent>(event: &E) -> Result<(&'static str, u32, Val
 
 /// Decodes a recorded event into its typed form. Every read path of the
 /// repository, the snapshot jobs and the tools goes through this function
-/// or [`decode_event_owned`], which share one implementation.
+/// (or [`decode_event_owned`], which calls it). It deserializes straight from
+/// the stored payload, with the type name as the enum variant, copying
+/// nothing.
 pub fn decode_event<E: DomainEvent>(event: &RecordedEvent) -> Result<E> {
-    decode_parts(event, event.data.clone())
-}
-
-/// Like [`decode_event`], consuming the event so its payload is not copied
-/// (the fold of a stream owns each event it reads).
-pub fn decode_event_owned<E: DomainEvent>(mut event: RecordedEvent) -> Result<E> {
-    let data = std::mem::take(&mut event.data);
-    decode_parts(&event, data)
-}
-
-fn decode_parts<E: DomainEvent>(event: &RecordedEvent, data: Value) -> Result<E> {
     if !E::EVENT_TYPES.contains(&event.event_type.as_str()) {
         return Err(Error::UnknownEventType {
             stream: event.stream_id.clone(),
@@ -95,19 +86,100 @@ fn decode_parts<E: DomainEvent>(event: &RecordedEvent, data: Value) -> Result<E>
             event_type: event.event_type.clone(),
         });
     }
-    let tagged = match data {
-        Value::Null => Value::String(event.event_type.clone()),
-        data => {
-            let mut map = serde_json::Map::with_capacity(1);
-            map.insert(event.event_type.clone(), data);
-            Value::Object(map)
-        }
-    };
-    serde_json::from_value(tagged).map_err(|source| Error::Decode {
+    E::deserialize(Tagged {
+        tag: &event.event_type,
+        data: &event.data,
+    })
+    .map_err(|source| Error::Decode {
         stream: event.stream_id.clone(),
         version: event.stream_version,
         event_type: event.event_type.clone(),
         event_version: event.event_version,
         source,
     })
+}
+
+/// Like [`decode_event`], for callers that own the event (a fold).
+pub fn decode_event_owned<E: DomainEvent>(event: RecordedEvent) -> Result<E> {
+    decode_event(&event)
+}
+
+/// An externally tagged enum value seen as `(variant name, payload)` without
+/// building the `{name: payload}` object.
+struct Tagged<'a> {
+    tag: &'a str,
+    data: &'a Value,
+}
+
+impl<'de> serde::Deserializer<'de> for Tagged<'de> {
+    type Error = serde_json::Error;
+
+    fn deserialize_any<V: serde::de::Visitor<'de>>(
+        self,
+        visitor: V,
+    ) -> std::result::Result<V::Value, Self::Error> {
+        visitor.visit_enum(self)
+    }
+
+    fn deserialize_enum<V: serde::de::Visitor<'de>>(
+        self,
+        _name: &'static str,
+        _variants: &'static [&'static str],
+        visitor: V,
+    ) -> std::result::Result<V::Value, Self::Error> {
+        visitor.visit_enum(self)
+    }
+
+    serde::forward_to_deserialize_any! {
+        bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string
+        bytes byte_buf option unit unit_struct newtype_struct seq tuple
+        tuple_struct map struct identifier ignored_any
+    }
+}
+
+impl<'de> serde::de::EnumAccess<'de> for Tagged<'de> {
+    type Error = serde_json::Error;
+    type Variant = Payload<'de>;
+
+    fn variant_seed<V: serde::de::DeserializeSeed<'de>>(
+        self,
+        seed: V,
+    ) -> std::result::Result<(V::Value, Self::Variant), Self::Error> {
+        let name = serde::de::value::BorrowedStrDeserializer::<serde_json::Error>::new(self.tag);
+        Ok((seed.deserialize(name)?, Payload(self.data)))
+    }
+}
+
+/// The payload of a variant.
+struct Payload<'a>(&'a Value);
+
+impl<'de> serde::de::VariantAccess<'de> for Payload<'de> {
+    type Error = serde_json::Error;
+
+    fn unit_variant(self) -> std::result::Result<(), Self::Error> {
+        Ok(())
+    }
+
+    fn newtype_variant_seed<T: serde::de::DeserializeSeed<'de>>(
+        self,
+        seed: T,
+    ) -> std::result::Result<T::Value, Self::Error> {
+        seed.deserialize(self.0)
+    }
+
+    fn tuple_variant<V: serde::de::Visitor<'de>>(
+        self,
+        _len: usize,
+        visitor: V,
+    ) -> std::result::Result<V::Value, Self::Error> {
+        serde::Deserializer::deserialize_seq(self.0, visitor)
+    }
+
+    fn struct_variant<V: serde::de::Visitor<'de>>(
+        self,
+        fields: &'static [&'static str],
+        visitor: V,
+    ) -> std::result::Result<V::Value, Self::Error> {
+        serde::Deserializer::deserialize_struct(self.0, "", fields, visitor)
+    }
 }

@@ -201,7 +201,7 @@ impl FromStr for ExpectedVersion {
 
 /// Event metadata: correlation and causation ids plus free headers. Stored as
 /// one JSON object; the headers are the object's other keys.
-#[derive(Clone, PartialEq, Debug, Default, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Debug, Default, Serialize)]
 pub struct Metadata {
     /// The id shared by every event that one request caused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -212,6 +212,37 @@ pub struct Metadata {
     /// Any other headers.
     #[serde(flatten)]
     pub headers: serde_json::Map<String, Value>,
+}
+
+// Hand-written so that reading metadata (every event read does it) walks
+// the object once, instead of buffering it the way `#[serde(flatten)]` does.
+impl<'de> Deserialize<'de> for Metadata {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Metadata;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a metadata object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> std::result::Result<Metadata, A::Error> {
+                let mut m = Metadata::default();
+                while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+                    match key.as_ref() {
+                        "correlation_id" => m.correlation_id = map.next_value()?,
+                        "causation_id" => m.causation_id = map.next_value()?,
+                        _ => {
+                            m.headers.insert(key.into_owned(), map.next_value()?);
+                        }
+                    }
+                }
+                Ok(m)
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 impl Metadata {
