@@ -64,6 +64,7 @@ macro_rules! conformance_suite {
             snapshot_queries,
             snapshot_staging_and_promote,
             repository_snapshots_every_n,
+            snapshot_interval_policy,
             snapshot_schema_bump_is_ignored,
             snapshot_migration_on_load,
             corrupt_snapshot_falls_back,

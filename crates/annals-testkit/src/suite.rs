@@ -1298,6 +1298,64 @@ pub async fn repository_snapshots_every_n<S: TestStore>(store: S) {
     );
 }
 
+/// The interval policy snapshots when the live snapshot is older than the
+/// interval (or missing), and not otherwise.
+pub async fn snapshot_interval_policy<S: TestStore>(store: S) {
+    let hourly = Repository::<Account, _>::new(store.clone()).with_snapshots(
+        store.clone(),
+        SnapshotConfig {
+            policy: SnapshotPolicy::Interval(Duration::from_secs(3600)),
+            mode: annals::SnapshotMode::Sync,
+        },
+    );
+    let ctx = CommandContext::new();
+    hourly
+        .execute("i1", &ctx, |a| a.open("i"))
+        .await
+        .expect("open");
+    // No snapshot yet: the first save takes one.
+    assert_eq!(
+        store
+            .load_snapshot("Account", "i1")
+            .await
+            .expect("l")
+            .map(|s| s.version),
+        Some(v(1))
+    );
+    hourly
+        .execute("i1", &ctx, |a| a.deposit(1))
+        .await
+        .expect("deposit");
+    // The live one is fresh: no new snapshot within the hour.
+    assert_eq!(
+        store
+            .load_snapshot("Account", "i1")
+            .await
+            .expect("l")
+            .map(|s| s.version),
+        Some(v(1))
+    );
+    let always = Repository::<Account, _>::new(store.clone()).with_snapshots(
+        store.clone(),
+        SnapshotConfig {
+            policy: SnapshotPolicy::Interval(Duration::ZERO),
+            mode: annals::SnapshotMode::Sync,
+        },
+    );
+    always
+        .execute("i1", &ctx, |a| a.deposit(1))
+        .await
+        .expect("deposit");
+    assert_eq!(
+        store
+            .load_snapshot("Account", "i1")
+            .await
+            .expect("l")
+            .map(|s| s.version),
+        Some(v(3))
+    );
+}
+
 /// An aggregate whose state layout changed: schema version 2, with a
 /// migration step from 1.
 #[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
