@@ -16,8 +16,8 @@ use tokio_postgres::{Client, NoTls, Statement};
 use uuid::Uuid;
 
 use crate::workload::{
-    account_id, owner, pattern_balance, pattern_event, verify, Latencies, Results, Sizes,
-    Throughput,
+    account_id, fold_balance, owner, pattern_balance, pattern_event, verify, Latencies, Results,
+    Sizes, Throughput,
 };
 
 #[derive(Deserialize)]
@@ -317,11 +317,7 @@ pub async fn run(url: &str, schema: &str, sz: &Sizes) -> anyhow::Result<Results>
             let t: &str = r.get(3);
             let Json(p): Json<Payload> = r.get(4);
             let b = balances.entry(stream).or_default();
-            match decode(t, p)? {
-                AccountEvent::Opened { .. } => *b = 0,
-                AccountEvent::Deposited { amount } => *b += amount,
-                AccountEvent::Withdrew { amount } => *b -= amount,
-            }
+            fold_balance(b, &decode(t, p)?);
         }
         events += rows.len() as u64;
     }

@@ -13,8 +13,8 @@ use serde::Deserialize;
 use uuid::Uuid;
 
 use crate::workload::{
-    account_id, owner, pattern_balance, pattern_event, verify, Latencies, Results, Sizes,
-    Throughput,
+    account_id, fold_balance, owner, pattern_balance, pattern_event, verify, Latencies, Results,
+    Sizes, Throughput,
 };
 
 #[derive(Deserialize)]
@@ -283,11 +283,7 @@ pub fn run(path: &Path, sz: &Sizes) -> anyhow::Result<Results> {
             let t: String = row.get(2)?;
             let d: String = row.get(3)?;
             let b = balances.entry(stream).or_default();
-            match decode(&t, &d)? {
-                AccountEvent::Opened { .. } => *b = 0,
-                AccountEvent::Deposited { amount } => *b += amount,
-                AccountEvent::Withdrew { amount } => *b -= amount,
-            }
+            fold_balance(b, &decode(&t, &d)?);
             got += 1;
         }
         if got == 0 {

@@ -383,11 +383,7 @@ pub async fn run<S: EventStore + SnapshotStore>(store: S, sz: &Sizes) -> anyhow:
         for e in page {
             let b = balances.entry(e.stream_id.id().to_owned()).or_default();
             let ev: AccountEvent = decode_event_owned(e)?;
-            match ev {
-                AccountEvent::Opened { .. } => *b = 0,
-                AccountEvent::Deposited { amount } => *b += amount,
-                AccountEvent::Withdrew { amount } => *b -= amount,
-            }
+            fold_balance(b, &ev);
         }
     }
     res.w4 = Throughput {
@@ -396,6 +392,15 @@ pub async fn run<S: EventStore + SnapshotStore>(store: S, sz: &Sizes) -> anyhow:
     };
     verify(sz, events, balances.len() as u64, balances.values().sum())?;
     Ok(res)
+}
+
+/// W4's fold: an account's balance after one more event.
+pub fn fold_balance(balance: &mut i64, event: &AccountEvent) {
+    match event {
+        AccountEvent::Opened { .. } => *balance = 0,
+        AccountEvent::Deposited { amount } => *balance += amount,
+        AccountEvent::Withdrew { amount } => *balance -= amount,
+    }
 }
 
 /// Checks the W4 totals against the sizes.
