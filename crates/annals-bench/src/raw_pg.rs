@@ -289,13 +289,16 @@ pub async fn run(url: &str, schema: &str, sz: &Sizes) -> anyhow::Result<Results>
         seconds: t.elapsed().as_secs_f64(),
     };
 
+    raw.client.batch_execute("ANALYZE events").await?;
     // W4: global order by (tx_id, seq) below the horizon, as the schema defines it.
     let page = raw
         .client
         .prepare(
-            "SELECT tx_id::text::bigint, seq, stream_id, event_type, data FROM events \
-             WHERE (tx_id, seq) > ($1::bigint::text::xid8, $2) AND tx_id < pg_snapshot_xmin(pg_current_snapshot()) \
-             ORDER BY tx_id, seq LIMIT $3",
+            // Qualified names: a bare `ORDER BY tx_id` would name the
+            // output column (the bigint cast) and defeat the index.
+            "SELECT e.tx_id::text::bigint, e.seq, e.stream_id, e.event_type, e.data FROM events e \
+             WHERE (e.tx_id, e.seq) > ($1::bigint::text::xid8, $2) AND e.tx_id < pg_snapshot_xmin(pg_current_snapshot()) \
+             ORDER BY e.tx_id, e.seq LIMIT $3",
         )
         .await?;
     let t = Instant::now();
@@ -327,6 +330,18 @@ pub async fn run(url: &str, schema: &str, sz: &Sizes) -> anyhow::Result<Results>
     };
     verify(sz, events, balances.len() as u64, balances.values().sum())?;
     Ok(res)
+}
+
+/// Refreshes the planner statistics of a schema's events table.
+pub async fn analyze(url: &str, schema: &str) -> anyhow::Result<()> {
+    let (client, conn) = tokio_postgres::connect(url, NoTls).await?;
+    let h = tokio::spawn(conn);
+    client
+        .batch_execute(&format!("ANALYZE \"{schema}\".events"))
+        .await?;
+    drop(client);
+    let _ = h.await;
+    Ok(())
 }
 
 /// Drops a bench schema.

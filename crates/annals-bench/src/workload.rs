@@ -256,8 +256,14 @@ pub fn machine() -> Value {
     json!({ "nproc": nproc, "mem_gib": mem_gib, "os": std::env::consts::OS, "arch": std::env::consts::ARCH })
 }
 
-/// Runs W1-W4 through the public Annals API on `store`.
-pub async fn run<S: EventStore + SnapshotStore>(store: S, sz: &Sizes) -> anyhow::Result<Results> {
+/// Runs W1-W4 through the public Annals API on `store`. `before_replay`
+/// runs (untimed) between W3 and W4.
+pub async fn run<S, F, Fut>(store: S, sz: &Sizes, before_replay: F) -> anyhow::Result<Results>
+where
+    S: EventStore + SnapshotStore,
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
     let mut res = Results {
         w3_per_commit: sz.bulk_stream_len,
         w4_page: sz.feed_page,
@@ -367,6 +373,7 @@ pub async fn run<S: EventStore + SnapshotStore>(store: S, sz: &Sizes) -> anyhow:
         seconds: t.elapsed().as_secs_f64(),
     };
 
+    before_replay().await?;
     // W4: the whole feed in pages, decoded into typed events, folded.
     let t = Instant::now();
     let mut balances: HashMap<String, i64> = HashMap::new();
