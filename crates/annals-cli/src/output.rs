@@ -168,7 +168,7 @@ impl EventPrinter {
                 e.stream_version.to_string(),
                 event_type,
                 timestamp(&e.recorded_at),
-                e.data.to_string(),
+                e.data.to_value().to_string(),
                 metadata,
             ],
         )

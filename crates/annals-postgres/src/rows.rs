@@ -7,7 +7,9 @@
 
 use std::future::Future;
 
-use annals::{EventId, GlobalPosition, Metadata, RecordedEvent, Result, StreamId, StreamVersion};
+use annals::{
+    EventId, GlobalPosition, Metadata, Payload, RecordedEvent, Result, StreamId, StreamVersion,
+};
 use futures::stream::{self, BoxStream, StreamExt, TryStreamExt};
 use tokio_postgres::types::Json;
 use tokio_postgres::Row;
@@ -84,7 +86,10 @@ pub(crate) fn decode_event(row: &Row, last_stream: &mut Option<StreamId>) -> Res
         .map_err(|e| backend(what("type version"), e))?;
     let event_version =
         u32::try_from(event_version).map_err(|_| backend_msg(what("type version")))?;
-    let data: serde_json::Value = row.try_get(7).map_err(|e| backend(what("data"), e))?;
+    // Validated and kept as JSON text: typed decoding parses it once, later.
+    let Json(data): Json<Box<serde_json::value::RawValue>> =
+        row.try_get(7).map_err(|e| backend(what("data"), e))?;
+    let data = Payload::from(data);
     // Straight from the JSONB bytes into the typed metadata, no value tree.
     let Json(metadata): Json<Metadata> =
         row.try_get(8).map_err(|e| backend(what("metadata"), e))?;

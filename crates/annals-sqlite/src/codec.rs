@@ -8,7 +8,8 @@
 use std::ops::Range;
 
 use annals::{
-    EventId, GlobalPosition, Metadata, RecordedEvent, Result, Snapshot, StreamId, StreamVersion,
+    EventId, GlobalPosition, Metadata, Payload, RecordedEvent, Result, Snapshot, StreamId,
+    StreamVersion,
 };
 use chrono::{DateTime, Utc};
 use rusqlite::types::ValueRef;
@@ -255,7 +256,8 @@ fn decode_event(
             s
         }
     };
-    let data = serde_json::from_str(slice(&raw.data)?)
+    // Validated and kept as text: typed decoding parses it once, later.
+    let data = Payload::from_json(slice(&raw.data)?.to_owned())
         .map_err(|e| corrupt(bad("data is not valid JSON"), e))?;
     let metadata = decode_metadata(slice(&raw.metadata)?)
         .map_err(|e| corrupt(bad("metadata is not a valid JSON object"), e))?;

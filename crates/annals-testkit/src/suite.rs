@@ -161,7 +161,7 @@ pub async fn expected_version_cases<S: TestStore>(store: S) {
     let got = all(&store, &s).await;
     assert_eq!(
         got.iter()
-            .map(|e| e.data["n"].as_i64().unwrap_or(-1))
+            .map(|e| e.data.to_value()["n"].as_i64().unwrap_or(-1))
             .collect::<Vec<_>>(),
         vec![1, 2, 3, 4]
     );
@@ -570,7 +570,10 @@ pub async fn reads_cross_batch_boundaries<S: TestStore>(store: S) {
     }
     let got = all(&store, &s).await;
     assert_eq!(got.len(), 1350);
-    assert!(got.iter().enumerate().all(|(i, e)| e.data["n"] == json!(i)));
+    assert!(got
+        .iter()
+        .enumerate()
+        .all(|(i, e)| e.data.to_value()["n"] == json!(i)));
     let back = store
         .read_stream_to_vec(&s, ReadStream::backward())
         .await
@@ -653,7 +656,7 @@ pub async fn read_all_filters<S: TestStore>(store: S) {
         .expect("a");
     let ns = |es: Vec<RecordedEvent>| {
         es.iter()
-            .map(|e| e.data["n"].as_i64().unwrap_or(-1))
+            .map(|e| e.data.to_value()["n"].as_i64().unwrap_or(-1))
             .collect::<Vec<_>>()
     };
     assert_eq!(

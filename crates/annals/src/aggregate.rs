@@ -88,7 +88,7 @@ pub fn decode_event<E: DomainEvent>(event: &RecordedEvent) -> Result<E> {
     }
     E::deserialize(Tagged {
         tag: &event.event_type,
-        data: &event.data,
+        data: event.data.as_str(),
     })
     .map_err(|source| Error::Decode {
         stream: event.stream_id.clone(),
@@ -108,7 +108,7 @@ pub fn decode_event_owned<E: DomainEvent>(event: RecordedEvent) -> Result<E> {
 /// building the `{name: payload}` object.
 struct Tagged<'a> {
     tag: &'a str,
-    data: &'a Value,
+    data: &'a str,
 }
 
 impl<'de> serde::Deserializer<'de> for Tagged<'de> {
@@ -139,21 +139,28 @@ impl<'de> serde::Deserializer<'de> for Tagged<'de> {
 
 impl<'de> serde::de::EnumAccess<'de> for Tagged<'de> {
     type Error = serde_json::Error;
-    type Variant = Payload<'de>;
+    type Variant = VariantPayload<'de>;
 
     fn variant_seed<V: serde::de::DeserializeSeed<'de>>(
         self,
         seed: V,
     ) -> std::result::Result<(V::Value, Self::Variant), Self::Error> {
         let name = serde::de::value::BorrowedStrDeserializer::<serde_json::Error>::new(self.tag);
-        Ok((seed.deserialize(name)?, Payload(self.data)))
+        Ok((seed.deserialize(name)?, VariantPayload(self.data)))
     }
 }
 
-/// The payload of a variant.
-struct Payload<'a>(&'a Value);
+/// The payload of a variant: the stored JSON text, parsed straight into the
+/// variant's fields.
+struct VariantPayload<'a>(&'a str);
 
-impl<'de> serde::de::VariantAccess<'de> for Payload<'de> {
+impl<'a> VariantPayload<'a> {
+    fn parser(&self) -> serde_json::Deserializer<serde_json::de::StrRead<'a>> {
+        serde_json::Deserializer::from_str(self.0)
+    }
+}
+
+impl<'de> serde::de::VariantAccess<'de> for VariantPayload<'de> {
     type Error = serde_json::Error;
 
     fn unit_variant(self) -> std::result::Result<(), Self::Error> {
@@ -164,7 +171,10 @@ impl<'de> serde::de::VariantAccess<'de> for Payload<'de> {
         self,
         seed: T,
     ) -> std::result::Result<T::Value, Self::Error> {
-        seed.deserialize(self.0)
+        let mut p = self.parser();
+        let v = seed.deserialize(&mut p)?;
+        p.end()?;
+        Ok(v)
     }
 
     fn tuple_variant<V: serde::de::Visitor<'de>>(
@@ -172,7 +182,10 @@ impl<'de> serde::de::VariantAccess<'de> for Payload<'de> {
         _len: usize,
         visitor: V,
     ) -> std::result::Result<V::Value, Self::Error> {
-        serde::Deserializer::deserialize_seq(self.0, visitor)
+        let mut p = self.parser();
+        let v = serde::Deserializer::deserialize_seq(&mut p, visitor)?;
+        p.end()?;
+        Ok(v)
     }
 
     fn struct_variant<V: serde::de::Visitor<'de>>(
@@ -180,6 +193,9 @@ impl<'de> serde::de::VariantAccess<'de> for Payload<'de> {
         fields: &'static [&'static str],
         visitor: V,
     ) -> std::result::Result<V::Value, Self::Error> {
-        serde::Deserializer::deserialize_struct(self.0, "", fields, visitor)
+        let mut p = self.parser();
+        let v = serde::Deserializer::deserialize_struct(&mut p, "", fields, visitor)?;
+        p.end()?;
+        Ok(v)
     }
 }

@@ -351,6 +351,86 @@ pub fn validate_batch(stream: &StreamId, events: &[NewEvent]) -> Result<()> {
     Ok(())
 }
 
+/// A stored event's payload: JSON text, validated when read from the store
+/// and kept as text, so that decoding into a typed event parses it once,
+/// straight into the type (no intermediate `serde_json::Value`).
+#[derive(Clone)]
+pub struct Payload(Box<serde_json::value::RawValue>);
+
+impl Payload {
+    /// A payload from a JSON value.
+    pub fn from_value(value: &Value) -> std::result::Result<Self, serde_json::Error> {
+        serde_json::value::to_raw_value(value).map(Payload)
+    }
+
+    /// A payload from JSON text; fails when the text is not one JSON value.
+    pub fn from_json(text: String) -> std::result::Result<Self, serde_json::Error> {
+        serde_json::value::RawValue::from_string(text).map(Payload)
+    }
+
+    /// The JSON text.
+    pub fn as_str(&self) -> &str {
+        self.0.get()
+    }
+
+    /// The payload as a JSON value (parses the text).
+    pub fn to_value(&self) -> Value {
+        // The text was validated on construction, so this cannot fail;
+        // `Null` keeps the signature infallible without a panic path.
+        serde_json::from_str(self.0.get()).unwrap_or(Value::Null)
+    }
+
+    /// Deserializes the payload into `T`.
+    pub fn deserialize<T: serde::de::DeserializeOwned>(
+        &self,
+    ) -> std::result::Result<T, serde_json::Error> {
+        serde_json::from_str(self.0.get())
+    }
+}
+
+impl From<Box<serde_json::value::RawValue>> for Payload {
+    fn from(raw: Box<serde_json::value::RawValue>) -> Self {
+        Payload(raw)
+    }
+}
+
+/// Equal when the JSON values are equal (whitespace and key order aside).
+impl PartialEq for Payload {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_str() == other.as_str() || self.to_value() == other.to_value()
+    }
+}
+
+impl PartialEq<Value> for Payload {
+    fn eq(&self, other: &Value) -> bool {
+        self.to_value() == *other
+    }
+}
+
+impl fmt::Debug for Payload {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl fmt::Display for Payload {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl Serialize for Payload {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        self.0.serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for Payload {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        Box::<serde_json::value::RawValue>::deserialize(d).map(Payload)
+    }
+}
+
 /// An event as stored.
 #[derive(Clone, PartialEq, Debug, Serialize, Deserialize)]
 pub struct RecordedEvent {
@@ -366,8 +446,8 @@ pub struct RecordedEvent {
     pub event_type: String,
     /// Payload schema version.
     pub event_version: u32,
-    /// Payload.
-    pub data: Value,
+    /// Payload, as JSON text.
+    pub data: Payload,
     /// Correlation, causation and headers.
     pub metadata: Metadata,
     /// When the store recorded it (UTC).

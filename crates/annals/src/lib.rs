@@ -61,7 +61,7 @@ pub use checkpoint::CheckpointStore;
 pub use error::{Error, Result};
 pub use event::{
     validate_batch, AppendResult, EventId, ExpectedVersion, GlobalPosition, Metadata, NewEvent,
-    RecordedEvent, StreamVersion,
+    Payload, RecordedEvent, StreamVersion,
 };
 pub use event_store::{
     CategoryStats, Direction, EventStore, EventStream, EventTypeStats, ReadAll, ReadStream,

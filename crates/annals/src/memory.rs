@@ -20,7 +20,7 @@ use crate::snapshot::{
 };
 use crate::{
     AppendResult, CheckpointStore, Error, EventStore, ExpectedVersion, GlobalPosition, NewEvent,
-    RecordedEvent, Result, StreamId, StreamVersion,
+    Payload, RecordedEvent, Result, StreamId, StreamVersion,
 };
 
 #[derive(Default)]
@@ -120,10 +120,20 @@ impl EventStore for InMemoryStore {
                 actual,
             });
         }
+        // Encode every payload before changing anything: all or nothing.
+        let payloads = events
+            .iter()
+            .map(|e| {
+                Payload::from_value(&e.data).map_err(|source| Error::Encode {
+                    what: format!("payload of {}", e.event_type),
+                    source,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
         let now = Utc::now();
         let head = actual.map_or(0, |v| v.0);
         let mut positions = Vec::with_capacity(events.len());
-        for (i, e) in events.into_iter().enumerate() {
+        for (i, (e, data)) in events.into_iter().zip(payloads).enumerate() {
             let idx = st.events.len();
             let position = GlobalPosition::from_seq(idx as u64 + 1);
             positions.push(position);
@@ -136,7 +146,7 @@ impl EventStore for InMemoryStore {
                 global_position: position,
                 event_type: e.event_type,
                 event_version: e.event_version,
-                data: e.data,
+                data,
                 metadata: e.metadata,
                 recorded_at: now,
             });
