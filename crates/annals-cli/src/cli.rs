@@ -56,6 +56,13 @@ pub(crate) struct Cli {
     )]
     pub(crate) pg_schema: Option<String>,
 
+    /// After the command, write the metrics it recorded (snapshot writes,
+    /// skips, drops, conflicts, PostgreSQL horizon lag, ...) to this file in
+    /// the Prometheus text format, e.g. for node_exporter's textfile
+    /// collector when `annals` runs from cron.
+    #[arg(long, global = true, env = "ANNALS_METRICS_FILE", value_name = "PATH")]
+    pub(crate) metrics_file: Option<std::path::PathBuf>,
+
     #[command(subcommand)]
     pub(crate) command: Command,
 }

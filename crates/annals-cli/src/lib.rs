@@ -199,6 +199,20 @@ impl App {
             Ok(cli) => cli,
             Err(e) => return clap_exit(&e),
         };
+        // The `metrics` facade has one process-wide recorder; install the
+        // Prometheus one only when asked, and render it once at the end.
+        let metrics = match &cli.metrics_file {
+            Some(path) => {
+                match metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder() {
+                    Ok(handle) => Some((path.clone(), handle)),
+                    Err(e) => {
+                        report(&format!("cannot record metrics: {e}"));
+                        return ExitCode::from(EXIT_ERROR);
+                    }
+                }
+            }
+            None => None,
+        };
         let env = commands::Env {
             app: &self,
             url: &cli.database_url,
@@ -211,6 +225,12 @@ impl App {
             out.flush()?;
             Ok(outcome)
         });
+        let result = match (result, metrics) {
+            (Ok(outcome), Some((path, handle))) => std::fs::write(&path, handle.render())
+                .map(|()| outcome)
+                .map_err(|e| anyhow::anyhow!("cannot write metrics to {}: {e}", path.display())),
+            (result, _) => result,
+        };
         match result {
             Ok(Outcome::Success) => ExitCode::SUCCESS,
             Ok(Outcome::CheckFailed(message)) => {

@@ -80,3 +80,26 @@ fn demo_refuses_zero_accounts() {
         .fails(2, &["--accounts"]);
     assert!(!db.sqlite_path().exists());
 }
+
+#[test]
+fn metrics_file_holds_the_prometheus_text_of_the_run() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    annals_in(dir.path(), &["--metrics-file", "annals.prom", "demo"]).ok();
+    let text = std::fs::read_to_string(dir.path().join("annals.prom")).expect("metrics file");
+    // The demo snapshots every 10 events, so the snapshot writer counted.
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("annals_snapshots_written_total{"))
+        .unwrap_or_else(|| panic!("no snapshot counter in:\n{text}"));
+    assert!(line.contains("aggregate_type=\"Account\""), "{line}");
+    let value: f64 = line
+        .rsplit(' ')
+        .next()
+        .and_then(|v| v.parse().ok())
+        .expect("a number");
+    assert!(value >= 1.0, "{line}");
+    assert!(
+        text.contains("# TYPE annals_snapshots_written_total counter"),
+        "{text}"
+    );
+}
