@@ -198,9 +198,19 @@ async fn print_events(
 async fn stats(env: Env<'_>, json: bool) -> anyhow::Result<Outcome> {
     let store = env.open(false).await?;
     let stats = store.stats().await?;
+    // PostgreSQL: committed events that readers cannot see yet because an
+    // older transaction is still open (also sets the horizon-lag gauge).
+    let horizon_lag = match &store {
+        AnyStore::Postgres(pg) => Some(pg.horizon_lag().await?),
+        AnyStore::Sqlite(_) => None,
+    };
     let out = env.out;
     if json {
-        json_line(out, &stats)?;
+        let mut value = serde_json::to_value(&stats)?;
+        if let (Some(lag), Some(map)) = (horizon_lag, value.as_object_mut()) {
+            map.insert("horizon_lag_events".into(), lag.into());
+        }
+        json_line(out, &value)?;
         return Ok(Outcome::Success);
     }
     let time =
@@ -209,6 +219,9 @@ async fn stats(env: Env<'_>, json: bool) -> anyhow::Result<Outcome> {
     writeln!(out, "events            {}", stats.events)?;
     writeln!(out, "first recorded_at {}", time(&stats.first_recorded_at))?;
     writeln!(out, "last recorded_at  {}", time(&stats.last_recorded_at))?;
+    if let Some(lag) = horizon_lag {
+        writeln!(out, "horizon lag       {lag} events")?;
+    }
     if !stats.categories.is_empty() {
         writeln!(out)?;
         let mut t = Table::new(&["CATEGORY", "STREAMS", "EVENTS"]).right_align(&[1, 2]);

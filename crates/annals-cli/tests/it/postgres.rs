@@ -43,3 +43,19 @@ fn commands_before_init_say_to_run_init() {
     let stats = db.run(&["stats", "--json"]).ok().json();
     assert_eq!(stats["events"], 0);
 }
+
+#[test]
+fn stats_records_the_horizon_lag_in_the_metrics_file() {
+    let Some(db) = pg() else { return };
+    db.run(&["init"]).ok();
+    let file = db.dir.path().join("pg.prom");
+    let file_arg = file.to_str().expect("utf-8 temp path");
+    let table = db.run(&["stats", "--metrics-file", file_arg]).ok().stdout;
+    assert!(table.contains("horizon lag"), "{table}");
+    let text = std::fs::read_to_string(&file).expect("metrics file");
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("annals_pg_horizon_lag_events")),
+        "{text}"
+    );
+}

@@ -309,6 +309,12 @@ pub fn stats(db: &Db) {
     append(db, "Cart-s", "Created", json!({}), &[]);
 
     let s = db.run(&["stats", "--json"]).ok().json();
+    // PostgreSQL also reports its horizon lag; SQLite has none.
+    assert_eq!(
+        s.get("horizon_lag_events").is_some(),
+        db.pg_schema.is_some(),
+        "{s}"
+    );
     assert_eq!(s["streams"], 3);
     assert_eq!(s["events"], 4);
     assert_eq!(
