@@ -6,8 +6,8 @@ use std::time::{Duration, Instant};
 
 use annals::bank::{Account, AccountEvent};
 use annals::{
-    decode_event_owned, CommandContext, EventStore, GlobalPosition, ReadAll, Repository,
-    SnapshotConfig, SnapshotStore,
+    decode_event, CommandContext, EventStore, GlobalPosition, ReadAll, Repository, SnapshotConfig,
+    SnapshotStore,
 };
 use anyhow::{bail, ensure};
 use futures::TryStreamExt;
@@ -389,7 +389,7 @@ where
         events += page.len() as u64;
         for e in page {
             let b = balances.entry(e.stream_id.id().to_owned()).or_default();
-            let ev: AccountEvent = decode_event_owned(e)?;
+            let ev: AccountEvent = decode_event(&e)?;
             fold_balance(b, &ev);
         }
     }

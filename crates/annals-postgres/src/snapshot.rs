@@ -105,6 +105,27 @@ impl PgEventStore {
     fn keep(&self) -> i32 {
         i32::try_from(self.inner.snapshot_history).unwrap_or(i32::MAX)
     }
+
+    /// One snapshot row by `(aggregate_type, aggregate_id)`: the live one
+    /// or the staged one, depending on `sql`.
+    async fn load_one(
+        &self,
+        sql: &str,
+        what: &'static str,
+        aggregate_type: &str,
+        aggregate_id: &str,
+    ) -> Result<Option<Snapshot>> {
+        let client = self.ready_client(what).await?;
+        let stmt = client
+            .prepare_cached(sql)
+            .await
+            .context(&format!("cannot prepare to {what}"))?;
+        let row = client
+            .query_opt(&stmt, &[&aggregate_type, &aggregate_id])
+            .await
+            .context(&format!("cannot {what}"))?;
+        row.as_ref().map(decode_snapshot).transpose()
+    }
 }
 
 impl SnapshotStore for PgEventStore {
@@ -113,16 +134,8 @@ impl SnapshotStore for PgEventStore {
         aggregate_type: &str,
         aggregate_id: &str,
     ) -> Result<Option<Snapshot>> {
-        let client = self.ready_client("load a snapshot").await?;
-        let stmt = client
-            .prepare_cached(LOAD_SQL)
+        self.load_one(LOAD_SQL, "load a snapshot", aggregate_type, aggregate_id)
             .await
-            .context("cannot prepare a snapshot load")?;
-        let row = client
-            .query_opt(&stmt, &[&aggregate_type, &aggregate_id])
-            .await
-            .context("cannot load a snapshot")?;
-        row.as_ref().map(decode_snapshot).transpose()
     }
 
     async fn save_snapshot(&self, snapshot: &Snapshot) -> Result<SnapshotWrite> {
@@ -290,16 +303,13 @@ impl SnapshotStore for PgEventStore {
         aggregate_type: &str,
         aggregate_id: &str,
     ) -> Result<Option<Snapshot>> {
-        let client = self.ready_client("load a staged snapshot").await?;
-        let stmt = client
-            .prepare_cached(LOAD_STAGED_SQL)
-            .await
-            .context("cannot prepare a staged snapshot load")?;
-        let row = client
-            .query_opt(&stmt, &[&aggregate_type, &aggregate_id])
-            .await
-            .context("cannot load a staged snapshot")?;
-        row.as_ref().map(decode_snapshot).transpose()
+        self.load_one(
+            LOAD_STAGED_SQL,
+            "load a staged snapshot",
+            aggregate_type,
+            aggregate_id,
+        )
+        .await
     }
 
     fn staged_snapshots(&self, aggregate_type: &str) -> BoxStream<'static, Result<Snapshot>> {

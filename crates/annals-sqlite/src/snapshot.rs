@@ -313,25 +313,45 @@ fn stale_job(
     Ok(out)
 }
 
-impl SnapshotStore for SqliteEventStore {
-    async fn load_snapshot(
+impl SqliteEventStore {
+    /// One snapshot row of `table` (live or staging) by
+    /// `(aggregate_type, aggregate_id)`, selected by `sql`.
+    async fn load_one(
         &self,
+        sql: &'static str,
+        table: &'static str,
+        what: &'static str,
         aggregate_type: &str,
         aggregate_id: &str,
     ) -> Result<Option<Snapshot>> {
         let key = [aggregate_type.to_owned(), aggregate_id.to_owned()];
         self.conns()
             .read(move |conn| {
-                let mut stmt = conn
-                    .prepare_cached(LOAD_LIVE_SQL)
-                    .map_err(db("preparing a snapshot load"))?;
-                let mut rows = stmt.query(key).map_err(db("loading a snapshot"))?;
-                match rows.next().map_err(db("loading a snapshot"))? {
-                    Some(r) => decode_snapshot("snapshots", r).map(Some),
+                let mut stmt = conn.prepare_cached(sql).map_err(db(what))?;
+                let mut rows = stmt.query(key).map_err(db(what))?;
+                match rows.next().map_err(db(what))? {
+                    Some(r) => decode_snapshot(table, r).map(Some),
                     None => Ok(None),
                 }
             })
             .await
+    }
+}
+
+impl SnapshotStore for SqliteEventStore {
+    async fn load_snapshot(
+        &self,
+        aggregate_type: &str,
+        aggregate_id: &str,
+    ) -> Result<Option<Snapshot>> {
+        self.load_one(
+            LOAD_LIVE_SQL,
+            "snapshots",
+            "loading a snapshot",
+            aggregate_type,
+            aggregate_id,
+        )
+        .await
     }
 
     async fn save_snapshot(&self, snapshot: &Snapshot) -> Result<SnapshotWrite> {
@@ -426,19 +446,14 @@ impl SnapshotStore for SqliteEventStore {
         aggregate_type: &str,
         aggregate_id: &str,
     ) -> Result<Option<Snapshot>> {
-        let key = [aggregate_type.to_owned(), aggregate_id.to_owned()];
-        self.conns()
-            .read(move |conn| {
-                let mut stmt = conn
-                    .prepare_cached(LOAD_STAGED_SQL)
-                    .map_err(db("preparing a staged snapshot load"))?;
-                let mut rows = stmt.query(key).map_err(db("loading a staged snapshot"))?;
-                match rows.next().map_err(db("loading a staged snapshot"))? {
-                    Some(r) => decode_snapshot("snapshot_staging", r).map(Some),
-                    None => Ok(None),
-                }
-            })
-            .await
+        self.load_one(
+            LOAD_STAGED_SQL,
+            "snapshot_staging",
+            "loading a staged snapshot",
+            aggregate_type,
+            aggregate_id,
+        )
+        .await
     }
 
     fn staged_snapshots(&self, aggregate_type: &str) -> BoxStream<'static, Result<Snapshot>> {

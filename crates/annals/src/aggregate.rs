@@ -75,7 +75,7 @@ pub fn encode_event<E: DomainEvent>(event: &E) -> Result<(&'static str, u32, Val
 
 /// Decodes a recorded event into its typed form. Every read path of the
 /// repository, the snapshot jobs and the tools goes through this function
-/// (or [`decode_event_owned`], which calls it). It deserializes straight from
+/// It deserializes straight from
 /// the stored payload, with the type name as the enum variant, copying
 /// nothing.
 pub fn decode_event<E: DomainEvent>(event: &RecordedEvent) -> Result<E> {
@@ -97,11 +97,6 @@ pub fn decode_event<E: DomainEvent>(event: &RecordedEvent) -> Result<E> {
         event_version: event.event_version,
         source,
     })
-}
-
-/// Like [`decode_event`], for callers that own the event (a fold).
-pub fn decode_event_owned<E: DomainEvent>(event: RecordedEvent) -> Result<E> {
-    decode_event(&event)
 }
 
 /// An externally tagged enum value seen as `(variant name, payload)` without

@@ -56,7 +56,7 @@ mod snapshot;
 mod snapshot_jobs;
 mod stream;
 
-pub use aggregate::{decode_event, decode_event_owned, encode_event, Aggregate, DomainEvent};
+pub use aggregate::{decode_event, encode_event, Aggregate, DomainEvent};
 pub use checkpoint::CheckpointStore;
 pub use error::{Error, Result};
 pub use event::{

@@ -16,7 +16,7 @@ use serde_json::Value;
 use tokio::sync::Notify;
 use uuid::Uuid;
 
-use crate::aggregate::{decode_event_owned, encode_event};
+use crate::aggregate::{decode_event, encode_event};
 use crate::snapshot::{NoSnapshots, Snapshot, SnapshotStore};
 use crate::{
     Aggregate, AppendResult, Error, EventStore, ExpectedVersion, Metadata, NewEvent, ReadStream,
@@ -388,19 +388,18 @@ impl<A: Aggregate, S: EventStore, N: SnapshotStore> Repository<A, S, N> {
     /// Loads aggregate `id`: its live snapshot when usable, then the events
     /// after it.
     pub async fn load(&self, id: &str) -> Result<Loaded<A>> {
-        self.load_with(id, true).await
+        self.load_with(&Self::stream_id(id)?, true).await
     }
 
     /// Loads aggregate `id` by folding its whole stream, ignoring snapshots.
     pub async fn load_without_snapshot(&self, id: &str) -> Result<Loaded<A>> {
-        self.load_with(id, false).await
+        self.load_with(&Self::stream_id(id)?, false).await
     }
 
-    async fn load_with(&self, id: &str, use_snapshot: bool) -> Result<Loaded<A>> {
-        let stream = Self::stream_id(id)?;
+    async fn load_with(&self, stream: &StreamId, use_snapshot: bool) -> Result<Loaded<A>> {
         let mut skipped = Some(SnapshotSkip::Disabled);
         if let (true, Some((snaps, _))) = (use_snapshot, &self.snapshots) {
-            match self.try_snapshot(snaps, &stream).await? {
+            match self.try_snapshot(snaps, stream).await? {
                 Ok(loaded) => return Ok(loaded),
                 Err(skip) => {
                     if !matches!(skip, SnapshotSkip::Missing) {
@@ -412,7 +411,7 @@ impl<A: Aggregate, S: EventStore, N: SnapshotStore> Repository<A, S, N> {
             }
         }
         let (state, version, replayed) =
-            fold_stream::<A, S>(&self.store, &stream, A::default(), ReadStream::forward()).await?;
+            fold_stream::<A, S>(&self.store, stream, A::default(), ReadStream::forward()).await?;
         Ok(Loaded {
             state,
             version,
@@ -442,31 +441,15 @@ impl<A: Aggregate, S: EventStore, N: SnapshotStore> Repository<A, S, N> {
             Ok(x) => x,
             Err(skip) => return Ok(Err(skip)),
         };
-        // Read from the snapshot's own version: its presence proves the
-        // snapshot is not ahead of the head, at no extra round trip.
-        let mut events = self
-            .store
-            .read_stream(stream, ReadStream::forward().from(snap.version));
-        match events.next().await {
-            Some(Ok(e)) if e.stream_version == snap.version => {}
-            Some(Err(e)) => return Err(e),
-            _ => {
-                let head = self.store.stream_version(stream).await?;
-                return Ok(Err(SnapshotSkip::AheadOfHead {
-                    snapshot: snap.version,
-                    head,
-                }));
-            }
-        }
-        let mut state = state;
-        let mut version = snap.version;
-        let mut replayed = 0;
-        while let Some(e) = events.next().await {
-            let e = e?;
-            version = e.stream_version;
-            state.apply(&decode_event_owned::<A::Event>(e)?);
-            replayed += 1;
-        }
+        let Some((state, version, replayed)) =
+            resume_from(&self.store, stream, snap.version, state).await?
+        else {
+            let head = self.store.stream_version(stream).await?;
+            return Ok(Err(SnapshotSkip::AheadOfHead {
+                snapshot: snap.version,
+                head,
+            }));
+        };
         Ok(Ok(Loaded {
             state,
             version: Some(version),
@@ -520,7 +503,7 @@ impl<A: Aggregate, S: EventStore, N: SnapshotStore> Repository<A, S, N> {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let loaded = self.load(id).await?;
+            let loaded = self.load_with(&stream, true).await?;
             let new_events = command(&loaded.state).map_err(CommandError::Rejected)?;
             if new_events.is_empty() {
                 return Ok(Executed {
@@ -726,19 +709,45 @@ fn encode_batch<A: Aggregate>(events: &[A::Event], ctx: &CommandContext) -> Resu
 pub async fn fold_stream<A: Aggregate, S: EventStore>(
     store: &S,
     stream: &StreamId,
-    mut state: A,
+    state: A,
     options: ReadStream,
 ) -> Result<(A, Option<StreamVersion>, u64)> {
-    let mut events = store.read_stream(stream, options);
+    fold_events(state, store.read_stream(stream, options)).await
+}
+
+/// Folds `events` onto `state`: the one fold loop of every read path.
+async fn fold_events<A: Aggregate>(
+    mut state: A,
+    mut events: crate::EventStream,
+) -> Result<(A, Option<StreamVersion>, u64)> {
     let mut version = None;
     let mut n = 0;
     while let Some(e) = events.next().await {
         let e = e?;
+        state.apply(&decode_event::<A::Event>(&e)?);
         version = Some(e.stream_version);
-        state.apply(&decode_event_owned::<A::Event>(e)?);
         n += 1;
     }
     Ok((state, version, n))
+}
+
+/// Continues `state`, the fold of `stream` up to `version` (a snapshot's),
+/// with the events after it. The read starts *at* `version`: finding that
+/// event proves the snapshot is not ahead of the stream's head, at no extra
+/// round trip. `None` when it is ahead (or the stream is gone).
+pub(crate) async fn resume_from<A: Aggregate, S: EventStore>(
+    store: &S,
+    stream: &StreamId,
+    version: StreamVersion,
+    state: A,
+) -> Result<Option<(A, StreamVersion, u64)>> {
+    let mut events = store.read_stream(stream, ReadStream::forward().from(version));
+    match events.next().await.transpose()? {
+        Some(first) if first.stream_version == version => {}
+        _ => return Ok(None),
+    }
+    let (state, last, n) = fold_events(state, events).await?;
+    Ok(Some((state, last.unwrap_or(version), n)))
 }
 
 /// Serializes `state` as a snapshot of `stream` at `version`.

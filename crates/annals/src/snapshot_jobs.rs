@@ -15,7 +15,7 @@ use std::marker::PhantomData;
 use futures::{StreamExt, TryStreamExt};
 use serde::Serialize;
 
-use crate::repository::{decode_snapshot, fold_stream, make_snapshot};
+use crate::repository::{decode_snapshot, fold_stream, make_snapshot, resume_from};
 use crate::snapshot::{PromoteReport, Snapshot, SnapshotStore};
 use crate::{Aggregate, Error, EventStore, ReadStream, Result, StreamId, StreamVersion};
 
@@ -137,18 +137,10 @@ impl<A: Aggregate, S: EventStore + SnapshotStore> SnapshotJobs<A, S> {
         };
         if let Some(live) = live.filter(|s| s.schema_version == A::SCHEMA_VERSION) {
             if let Ok((state, _)) = decode_snapshot::<A>(&live) {
-                // Fold from the snapshot's version onward; the first event
-                // read must be the snapshot's own, which proves it is not
-                // ahead of the head.
-                let mut events = self
-                    .store
-                    .read_stream(&stream, ReadStream::forward().from(live.version));
-                if let Some(first) = events.next().await.transpose()? {
-                    if first.stream_version == live.version {
-                        let (state, version, n) =
-                            fold_rest::<A>(state, live.version, events).await?;
-                        return Ok(Some((make_snapshot(&stream, &state, version)?, true, n)));
-                    }
+                if let Some((state, version, n)) =
+                    resume_from(&self.store, &stream, live.version, state).await?
+                {
+                    return Ok(Some((make_snapshot(&stream, &state, version)?, true, n)));
                 }
             }
         }
@@ -411,19 +403,4 @@ fn summarize(outcomes: Vec<Outcome>) -> Result<JobReport> {
     r.failures
         .sort_by(|a, b| a.aggregate_id.cmp(&b.aggregate_id));
     Ok(r)
-}
-
-async fn fold_rest<A: Aggregate>(
-    mut state: A,
-    mut version: StreamVersion,
-    mut events: crate::EventStream,
-) -> Result<(A, StreamVersion, u64)> {
-    let mut n = 0;
-    while let Some(e) = events.next().await {
-        let e = e?;
-        version = e.stream_version;
-        state.apply(&crate::decode_event_owned::<A::Event>(e)?);
-        n += 1;
-    }
-    Ok((state, version, n))
 }
