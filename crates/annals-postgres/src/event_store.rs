@@ -109,11 +109,12 @@ const READ_ALL_CATEGORIES: &str = concat!(
      ORDER BY e.tx_id, e.seq LIMIT $3"
 );
 
-/// The newest committed transaction whose events are held back after a
-/// position.
+/// The newest transaction with events after a position. Called with the
+/// last position a page delivered: any row after it was held back when the
+/// page was read (or committed since), whatever the horizon is by now, so
+/// the check cannot miss a horizon that moved between the two queries.
 const HELD_BACK_SQL: &str = "SELECT max(e.tx_id)::text::bigint FROM events e \
-     WHERE (e.tx_id, e.seq) > ($1::bigint::text::xid8, $2) \
-     AND e.tx_id >= pg_snapshot_xmin(pg_current_snapshot())";
+     WHERE (e.tx_id, e.seq) > ($1::bigint::text::xid8, $2)";
 
 const XMIN_SQL: &str = "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint";
 
@@ -349,9 +350,20 @@ impl EventStore for PgEventStore {
                         event_types: &event_types,
                     };
                     let mut rows = page.fetch(&client).await?;
-                    if (rows.len() as i64) < want && store.wait_for_horizon(&client, cursor).await?
-                    {
-                        rows = page.fetch(&client).await?;
+                    if (rows.len() as i64) < want {
+                        // Where this page stopped: its last row, or where it began.
+                        let delivered = match rows.last() {
+                            Some(row) => (
+                                row.try_get(0)
+                                    .context("cannot decode an event's position")?,
+                                row.try_get(1)
+                                    .context("cannot decode an event's position")?,
+                            ),
+                            None => cursor,
+                        };
+                        if store.wait_for_horizon(&client, delivered).await? {
+                            rows = page.fetch(&client).await?;
+                        }
                     }
                     drop(client);
                     let mut last_stream = None;
