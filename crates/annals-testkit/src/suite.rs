@@ -1648,10 +1648,17 @@ pub async fn snapshots_under_concurrent_writers<S: TestStore>(store: S) {
         .await
         .expect("open");
     let stop = Arc::new(AtomicBool::new(false));
+    // Writers start once the snapshotter is running, so the two overlap even
+    // on a store whose calls never yield (the in-memory one).
+    let snapping = Arc::new(AtomicBool::new(false));
     let writers: Vec<_> = (0..3)
         .map(|_| {
             let r = writer_repo.clone();
+            let snapping = snapping.clone();
             tokio::spawn(async move {
+                while !snapping.load(Ordering::Acquire) {
+                    tokio::task::yield_now().await;
+                }
                 for _ in 0..25 {
                     r.execute("cw", &CommandContext::new(), |a| a.deposit(1))
                         .await
@@ -1663,6 +1670,7 @@ pub async fn snapshots_under_concurrent_writers<S: TestStore>(store: S) {
     let snapper = {
         let store = store.clone();
         let stop = stop.clone();
+        let snapping = snapping.clone();
         tokio::spawn(async move {
             let repo = Repository::<Account, _>::new(store.clone()).with_snapshots(
                 store.clone(),
@@ -1676,6 +1684,7 @@ pub async fn snapshots_under_concurrent_writers<S: TestStore>(store: S) {
                 if let Some(s) = repo.snapshot("cw").await.expect("snapshot") {
                     taken.push(s);
                 }
+                snapping.store(true, Ordering::Release);
                 tokio::task::yield_now().await;
             }
             taken
