@@ -3,5 +3,5 @@
 
 #[test]
 fn sqlite_store_agrees_with_model() {
-    annals_testkit::model::proptest_model(24, || async { Some(crate::fresh_store().await) });
+    annals_testkit::model::proptest_model(32, || async { Some(crate::fresh_store().await) });
 }
