@@ -18,7 +18,18 @@
 //! `tokio::sync::oneshot`, which an async caller awaits without blocking. When
 //! the last handle (store clone or open read stream) is dropped, the channels
 //! close and the threads end, closing their connections.
+//!
+//! A job that panics must not take its thread with it: a dead writer would
+//! fail every later write, and a dead reader would keep receiving its share
+//! of reads. So each job runs under `catch_unwind`: its caller gets an
+//! [`annals::Error::Backend`] that says the job panicked and with what
+//! message, a transaction the job left open is rolled back (nothing it wrote
+//! stays), the reader's in-flight count is given back, and the thread takes
+//! the next job. Unwinding drops the job's statements and rusqlite
+//! transactions as it goes, so the connection is in a usable state after it.
 
+use std::any::Any;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
@@ -151,7 +162,9 @@ impl Conns {
     {
         let (tx, rx) = oneshot::channel();
         let job: WriteJob = Box::new(move |conn| {
-            let _ = tx.send(f(conn));
+            let result = catch_unwind(AssertUnwindSafe(|| f(conn)))
+                .unwrap_or_else(|payload| Err(job_panicked(conn, "writer", payload.as_ref())));
+            let _ = tx.send(result);
         });
         self.writer
             .send(job)
@@ -185,7 +198,12 @@ impl Conns {
         reader.in_flight.fetch_add(1, Ordering::Relaxed);
         let in_flight = Arc::clone(&reader.in_flight);
         let job: ReadJob = Box::new(move |conn| {
-            let result = ensure_schema(conn, &schema_ok).and_then(|()| f(conn));
+            let result = catch_unwind(AssertUnwindSafe(|| {
+                ensure_schema(conn, &schema_ok).and_then(|()| f(conn))
+            }))
+            .unwrap_or_else(|payload| Err(job_panicked(conn, "reader", payload.as_ref())));
+            // Before the reply: a caller that has its answer sees the count
+            // already given back.
             in_flight.fetch_sub(1, Ordering::Relaxed);
             let _ = tx.send(result);
         });
@@ -194,6 +212,15 @@ impl Conns {
             return Err(thread_stopped("reader"));
         }
         Ok(rx)
+    }
+
+    /// The jobs sent to each reader and not yet finished, in reader order
+    /// (for the test hook that checks the pool's accounting).
+    pub(crate) fn reader_jobs_in_flight(&self) -> Vec<usize> {
+        self.readers
+            .iter()
+            .map(|r| r.in_flight.load(Ordering::Relaxed))
+            .collect()
     }
 
     /// Marks the schema as current (after `migrate`).
@@ -264,6 +291,37 @@ enum Next<C, T> {
 
 async fn wait<T>(reply: Result<Reply<T>>) -> Result<T> {
     reply?.await.map_err(|_| thread_stopped("reader"))?
+}
+
+/// The error a caller gets when its job panicked on the `which` thread.
+///
+/// Rolls back the transaction the job left open, if any: the connection
+/// goes on serving other jobs, and it must not commit half of this one's
+/// work with the next (on the writer) or keep an old read snapshot (on a
+/// reader). A job that used a rusqlite `Transaction` has already rolled back
+/// while unwinding; one that ran `BEGIN` itself has not.
+fn job_panicked(conn: &Connection, which: &str, payload: &(dyn Any + Send)) -> annals::Error {
+    let what = payload
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("a panic with a non-string payload");
+    let mut message = format!("a job on the sqlite {which} thread panicked: {what}");
+    let mut source: Option<Box<dyn std::error::Error + Send + Sync>> = None;
+    if !conn.is_autocommit() {
+        match conn.execute_batch("ROLLBACK") {
+            Ok(()) => message.push_str(" (its transaction was rolled back)"),
+            Err(e) => {
+                message.push_str("; rolling back its open transaction failed");
+                source = Some(Box::new(e));
+            }
+        }
+    }
+    annals::Error::Backend {
+        backend: crate::error::BACKEND,
+        message,
+        source,
+    }
 }
 
 /// Checks the schema version once; after that it is a single atomic load.

@@ -70,7 +70,8 @@ pub(crate) fn corrupt(
     annals::Error::backend(BACKEND, what, source)
 }
 
-/// A store thread is gone (its connection failed to open, or it panicked).
+/// A store thread is gone (its connection failed to open). A job that
+/// panics does not stop its thread: see `conn::job_panicked`.
 pub(crate) fn thread_stopped(which: &str) -> annals::Error {
     annals::Error::Backend {
         backend: BACKEND,

@@ -135,6 +135,38 @@ impl SqliteEventStore {
         &self.inner.path
     }
 
+    /// TEST HOOK, not part of the API (hidden from the docs, no stability
+    /// promise): runs `f` as a job on the writer thread, after the schema
+    /// check, the way every write runs. The tests use it to make a write job
+    /// panic and check that the store survives.
+    #[doc(hidden)]
+    pub async fn test_hook_writer_job<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut rusqlite::Connection) -> T + Send + 'static,
+    {
+        self.inner.conns.write(move |conn| Ok(f(conn))).await
+    }
+
+    /// TEST HOOK, not part of the API (see
+    /// [`SqliteEventStore::test_hook_writer_job`]): runs `f` as a job on a
+    /// reader thread, picked and counted the way every read is.
+    #[doc(hidden)]
+    pub async fn test_hook_reader_job<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&rusqlite::Connection) -> T + Send + 'static,
+    {
+        self.inner.conns.read(move |conn| Ok(f(conn))).await
+    }
+
+    /// TEST HOOK, not part of the API: the jobs sent to each reader thread
+    /// and not yet finished (the pool's accounting), in reader order.
+    #[doc(hidden)]
+    pub fn test_hook_reader_jobs_in_flight(&self) -> Vec<usize> {
+        self.inner.conns.reader_jobs_in_flight()
+    }
+
     pub(crate) fn conns(&self) -> &Conns {
         &self.inner.conns
     }

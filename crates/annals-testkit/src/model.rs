@@ -1,15 +1,33 @@
 //! Model-based property testing: random sequences of appends, reads,
 //! snapshot writes and checkpoint saves run against a store and against a
 //! plain `Vec` model; every observable answer must agree.
+//!
+//! Every backend runs the same property test, [`proptest_model`], from a
+//! plain `#[test]` in its `tests/it/model.rs`: a bounded number of random
+//! scenarios, each on a fresh store, and a failure shrunk to a minimal
+//! scenario. The seed of a run is printed with a failure; set
+//! `PROPTEST_RNG_SEED` to replay it and `PROPTEST_CASES` to run more cases.
+//!
+//! ```
+//! async fn fresh() -> Option<annals::InMemoryStore> {
+//!     Some(annals::InMemoryStore::new())
+//! }
+//! annals_testkit::model::proptest_model(8, fresh);
+//! ```
 
+use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::time::Instant;
 
 use annals::{
     ExpectedVersion, GlobalPosition, NewEvent, ReadAll, ReadStream, Snapshot, SnapshotWrite,
     StreamId, StreamVersion,
 };
-use futures::TryStreamExt;
+use futures::{FutureExt, TryStreamExt};
 use proptest::prelude::*;
+use proptest::test_runner::{Config, RngSeed, TestRunner};
 use serde_json::json;
 
 use crate::TestStore;
@@ -221,4 +239,125 @@ pub async fn check_generated<S: TestStore>(store: S, cases: u32) {
         let scenario = ops(40).new_tree(&mut runner).expect("generate").current();
         check(store.clone(), &format!("Model{case}"), scenario).await;
     }
+}
+
+/// Steps in one scenario of [`proptest_model`], at most.
+pub const MAX_OPS: usize = 60;
+
+/// Shrink steps after a failure, at most (unless `PROPTEST_MAX_SHRINK_ITERS`
+/// says otherwise): each one runs a scenario on a fresh store, which on a
+/// server backend costs a schema.
+const MAX_SHRINK_ITERS: u32 = 512;
+
+/// Wall-clock bound of the shrinking, in milliseconds (unless
+/// `PROPTEST_MAX_SHRINK_TIME` says otherwise).
+const MAX_SHRINK_TIME_MS: u32 = 120_000;
+
+/// The model property test on one backend: `cases` random scenarios of up
+/// to [`MAX_OPS`] steps, each run by [`check`] on a fresh store from `fresh`,
+/// and a failure shrunk to a minimal scenario.
+///
+/// Call it from a plain `#[test]`, not from inside a runtime: proptest runs
+/// each case synchronously, so this function owns a runtime and drives the
+/// store on it. When the first call of `fresh` returns `None` the test is
+/// skipped (the factory says why); a later `None` fails it. Panics, naming
+/// the minimal failing scenario and the seed, when the store and the model
+/// disagree.
+pub fn proptest_model<S, F, Fut>(cases: u32, fresh: F)
+where
+    S: TestStore,
+    F: Fn() -> Fut,
+    Fut: Future<Output = Option<S>>,
+{
+    proptest_model_with_teardown(
+        cases,
+        || fresh().map(|store| store.map(|s| (s, ()))),
+        |()| async {},
+    );
+}
+
+/// [`proptest_model`] for a backend whose fresh stores need cleaning up:
+/// `fresh` returns the store and a guard, and `teardown` gets the guard once
+/// the case is over, whether it passed or not (for example to drop the
+/// case's schema).
+pub fn proptest_model_with_teardown<S, G, F, Fut, T, TFut>(cases: u32, fresh: F, teardown: T)
+where
+    S: TestStore,
+    F: Fn() -> Fut,
+    Fut: Future<Output = Option<(S, G)>>,
+    T: Fn(G) -> TFut,
+    TFut: Future<Output = ()>,
+{
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a runtime for the model test");
+    // Asked once up front, so that an unconfigured backend skips the test
+    // instead of failing every case; the store serves the first case.
+    let Some(first) = rt.block_on(fresh()) else {
+        return;
+    };
+    let first = RefCell::new(Some(first));
+    let (config, seed) = config(cases);
+    let cases = config.cases;
+    let runs = Cell::new(0u32);
+    let started = Instant::now();
+    let mut runner = TestRunner::new(config);
+    let result = runner.run(&ops(MAX_OPS), |scenario| {
+        runs.set(runs.get() + 1);
+        let taken = first.borrow_mut().take();
+        let (store, guard) = taken
+            .or_else(|| rt.block_on(fresh()))
+            .expect("the store factory stopped giving stores during the model test");
+        rt.block_on(async {
+            let outcome = AssertUnwindSafe(check(store, "Model", scenario))
+                .catch_unwind()
+                .await;
+            teardown(guard).await;
+            if let Err(panic) = outcome {
+                std::panic::resume_unwind(panic);
+            }
+        });
+        Ok(())
+    });
+    if let Err(e) = result {
+        panic!("the store disagrees with the model: {e}\nreplay with PROPTEST_RNG_SEED={seed}");
+    }
+    eprintln!(
+        "model property test: {cases} cases passed in {:.1?} ({} scenarios run, seed {seed})",
+        started.elapsed(),
+        runs.get()
+    );
+}
+
+/// The proptest configuration of [`proptest_model`], and the seed it uses
+/// (fixed here when the environment does not fix it, so that a failure can
+/// name it). `PROPTEST_*` variables override the bounds set here.
+fn config(cases: u32) -> (Config, u64) {
+    let set = |var: &str| std::env::var_os(var).is_some();
+    let mut config = Config {
+        // Nothing is written next to the sources: a failure prints its
+        // minimal scenario and its seed instead.
+        failure_persistence: None,
+        ..Config::default()
+    };
+    if !set("PROPTEST_CASES") {
+        config.cases = cases;
+    }
+    if !set("PROPTEST_MAX_SHRINK_ITERS") {
+        config.max_shrink_iters = MAX_SHRINK_ITERS;
+    }
+    if !set("PROPTEST_MAX_SHRINK_TIME") {
+        config.max_shrink_time = MAX_SHRINK_TIME_MS;
+    }
+    let seed = match config.rng_seed {
+        RngSeed::Fixed(seed) => seed,
+        RngSeed::Random => {
+            use std::hash::BuildHasher;
+            std::collections::hash_map::RandomState::new().hash_one(Instant::now())
+        }
+    };
+    config.rng_seed = RngSeed::Fixed(seed);
+    (config, seed)
 }

@@ -433,15 +433,20 @@ pub async fn racing_writers_one_stream<S: TestStore>(store: S) {
 pub async fn global_order_with_concurrent_writers<S: TestStore>(store: S) {
     let writers = 8u64;
     let appends = 40u64;
-    let done = Arc::new(AtomicBool::new(false));
+    // (appends finished, all writers done). A reader that has caught up
+    // waits for this to change: every finished append and the end change it,
+    // so it wakes exactly when there may be more to read.
+    let (progress, mut watch) = tokio::sync::watch::channel((0u64, false));
+    let progress = Arc::new(progress);
     let reader = {
         let store = store.clone();
-        let done = done.clone();
         tokio::spawn(async move {
             let mut seen: Vec<RecordedEvent> = Vec::new();
             let mut after = GlobalPosition::START;
             loop {
-                let finished = done.load(Ordering::Acquire);
+                // Before the read: once the writers are done, an empty page
+                // means the follower has everything.
+                let (_, finished) = *watch.borrow_and_update();
                 let page = read_all_vec(&store, ReadAll::after(after).limit(100)).await;
                 if let Some(last) = page.last() {
                     after = last.global_position;
@@ -452,7 +457,10 @@ pub async fn global_order_with_concurrent_writers<S: TestStore>(store: S) {
                     return seen;
                 }
                 if empty {
-                    tokio::time::sleep(Duration::from_millis(1)).await;
+                    watch
+                        .changed()
+                        .await
+                        .expect("the test keeps the sender until the end");
                 }
             }
         })
@@ -460,6 +468,7 @@ pub async fn global_order_with_concurrent_writers<S: TestStore>(store: S) {
     let mut handles = Vec::new();
     for w in 0..writers {
         let store = store.clone();
+        let progress = Arc::clone(&progress);
         handles.push(tokio::spawn(async move {
             let mut ids = Vec::new();
             for i in 0..appends {
@@ -475,6 +484,7 @@ pub async fn global_order_with_concurrent_writers<S: TestStore>(store: S) {
                     .append(&s, ExpectedVersion::Any, batch)
                     .await
                     .expect("append");
+                progress.send_modify(|p| p.0 += 1);
             }
             ids
         }));
@@ -483,11 +493,8 @@ pub async fn global_order_with_concurrent_writers<S: TestStore>(store: S) {
     for h in handles {
         written.extend(h.await.expect("writer"));
     }
-    done.store(true, Ordering::Release);
-    let seen = tokio::time::timeout(Duration::from_secs(60), reader)
-        .await
-        .expect("reader finished")
-        .expect("reader task");
+    progress.send_modify(|p| p.1 = true);
+    let seen = reader.await.expect("reader task");
     let seen_ids: Vec<EventId> = seen.iter().map(|e| e.event_id).collect();
     let unique: HashSet<EventId> = seen_ids.iter().copied().collect();
     assert_eq!(unique.len(), seen_ids.len(), "an event was delivered twice");
@@ -594,14 +601,31 @@ pub async fn time_travel<S: TestStore>(store: S) {
         .append(&s, ExpectedVersion::Any, vec![ev("A", 1), ev("A", 2)])
         .await
         .expect("append");
-    tokio::time::sleep(Duration::from_millis(20)).await;
     let first = all(&store, &s).await;
     let t = first[1].recorded_at;
-    tokio::time::sleep(Duration::from_millis(20)).await;
+    // The next event must be stamped after `t`. Wait for the store's clock
+    // (not this process's: PostgreSQL stamps events with the server's) to
+    // pass `t`, watching the stamps of probe events in another stream.
+    let probe = sid("TravelClock-1");
+    loop {
+        store
+            .append(&probe, ExpectedVersion::Any, vec![ev("Tick", 0)])
+            .await
+            .expect("probe append");
+        let tick = store
+            .read_stream_to_vec(&probe, ReadStream::backward().limit(1))
+            .await
+            .expect("probe read");
+        if tick[0].recorded_at > t {
+            break;
+        }
+    }
     store
         .append(&s, ExpectedVersion::Any, vec![ev("A", 3)])
         .await
         .expect("append");
+    let third = all(&store, &s).await[2].recorded_at;
+    assert!(third > t, "event 3 stamped {third}, not after {t}");
     let as_of = store
         .read_stream_to_vec(&s, ReadStream::forward().as_of(t))
         .await

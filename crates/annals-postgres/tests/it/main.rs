@@ -10,5 +10,6 @@ mod appends;
 mod common;
 mod conformance;
 mod migrations;
+mod model;
 mod ordering;
 mod snapshots;

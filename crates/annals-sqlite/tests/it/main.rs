@@ -4,6 +4,8 @@
 mod conformance;
 mod events;
 mod migrations;
+mod model;
+mod panics;
 mod persistence;
 mod snapshots;
 
