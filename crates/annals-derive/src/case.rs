@@ -41,7 +41,10 @@ pub(crate) const RULES: &[(&str, RenameRule)] = &[
 impl RenameRule {
     /// The rule called `name`, if serde has one.
     pub(crate) fn from_name(name: &str) -> Option<Self> {
-        RULES.iter().find(|(n, _)| *n == name).map(|(_, rule)| *rule)
+        RULES
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, rule)| *rule)
     }
 
     /// The name serde gives `variant` under this rule.
@@ -76,7 +79,9 @@ impl RenameRule {
             RenameRule::ScreamingSnake => RenameRule::Snake
                 .apply_to_variant(variant)
                 .to_ascii_uppercase(),
-            RenameRule::Kebab => RenameRule::Snake.apply_to_variant(variant).replace('_', "-"),
+            RenameRule::Kebab => RenameRule::Snake
+                .apply_to_variant(variant)
+                .replace('_', "-"),
             RenameRule::ScreamingKebab => RenameRule::ScreamingSnake
                 .apply_to_variant(variant)
                 .replace('_', "-"),

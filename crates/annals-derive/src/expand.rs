@@ -58,23 +58,20 @@ struct Variant<'a> {
 }
 
 pub(crate) fn derive(input: &DeriveInput) -> Result<TokenStream> {
-    let data = match &input.data {
-        Data::Enum(data) => data,
-        Data::Struct(s) => {
-            return Err(Error::new(
+    let data =
+        match &input.data {
+            Data::Enum(data) => data,
+            Data::Struct(s) => return Err(Error::new(
                 s.struct_token.span,
                 "DomainEvent can only be derived for an enum (each variant is one event type), \
                  not for a struct",
-            ))
-        }
-        Data::Union(u) => {
-            return Err(Error::new(
+            )),
+            Data::Union(u) => return Err(Error::new(
                 u.union_token.span,
                 "DomainEvent can only be derived for an enum (each variant is one event type), \
                  not for a union",
-            ))
-        }
-    };
+            )),
+        };
     let mut errors = Errors::default();
     let container = container(input, &mut errors);
     let variants: Vec<Variant<'_>> = data
@@ -136,8 +133,7 @@ fn container(input: &DeriveInput, errors: &mut Errors) -> Container {
                         ),
                     );
                     skip_value(&meta)?;
-                } else if path.is_ident("variant_identifier") || path.is_ident("field_identifier")
-                {
+                } else if path.is_ident("variant_identifier") || path.is_ident("field_identifier") {
                     errors.spanned(
                         path,
                         format_args!(
@@ -375,15 +371,33 @@ fn generate(input: &DeriveInput, container: &Container, variants: &[Variant<'_>]
     let krate = &container.krate;
     let ident = &input.ident;
     let (impl_generics, ty_generics, where_clause) = input.generics.split_for_impl();
+    // A generic enum is an event only for the parameters that make it one;
+    // the bounds go on the impl, not on the enum, where they would clash with
+    // those serde's derives add. (They name `serde` as the crate is usually
+    // called; a non-generic enum needs no bound at all.)
+    let mut where_clause = where_clause.cloned();
+    if input.generics.type_params().next().is_some() {
+        where_clause
+            .get_or_insert_with(|| syn::parse_quote!(where))
+            .predicates
+            .push(syn::parse_quote! {
+                #ident #ty_generics: ::serde::Serialize
+                    + ::serde::de::DeserializeOwned
+                    + ::core::marker::Send
+                    + ::core::marker::Sync
+                    + 'static
+            });
+    }
     let lit = |s: &str| LitStr::new(s, Span::call_site());
 
     let idents: Vec<_> = variants.iter().map(|v| v.ident).collect();
     let names: Vec<_> = variants.iter().map(|v| lit(&v.name)).collect();
     let versions: Vec<_> = variants.iter().map(|v| v.version).collect();
-    let all_names = variants
-        .iter()
-        .map(|v| lit(&v.name))
-        .chain(variants.iter().flat_map(|v| v.aliases.iter().map(|a| lit(a))));
+    let all_names = variants.iter().map(|v| lit(&v.name)).chain(
+        variants
+            .iter()
+            .flat_map(|v| v.aliases.iter().map(|a| lit(a))),
+    );
     let read_names = variants.iter().map(|v| {
         let names = std::iter::once(&v.name).chain(&v.aliases).map(|n| lit(n));
         quote!(#(#names)|*)

@@ -88,6 +88,10 @@ use proc_macro::TokenStream;
 /// }
 /// ```
 ///
+/// A generic enum's impl is bounded by what the trait needs (`Serialize`,
+/// `DeserializeOwned`, `Send`, `Sync`, `'static`), named through the crate
+/// `serde`; no bounds need to be written on the enum.
+///
 /// # Crate path
 ///
 /// The generated impl names `::annals::DomainEvent`. An application that

@@ -288,8 +288,8 @@ mod tests {
     use serde_json::{json, Value};
 
     use super::{decode_event, encode_event, DomainEvent};
-    use crate::{EventId, GlobalPosition, Metadata, Payload, RecordedEvent, StreamId};
     use crate::{Error, StreamVersion};
+    use crate::{EventId, GlobalPosition, Metadata, Payload, RecordedEvent, StreamId};
 
     /// A stored event as a backend would hand it back.
     fn recorded(event_type: &str, event_version: u32, data: &Value) -> RecordedEvent {
@@ -472,9 +472,15 @@ mod tests {
         let msg = encode_error(&HandWritten::Opened {
             owner: "ann".into(),
         });
-        assert!(msg.contains("\"opened\"") && msg.contains("\"Opened\""), "{msg}");
+        assert!(
+            msg.contains("\"opened\"") && msg.contains("\"Opened\""),
+            "{msg}"
+        );
         let msg = encode_error(&HandWritten::Closed);
-        assert!(msg.contains("\"closed\"") && msg.contains("\"Closed\""), "{msg}");
+        assert!(
+            msg.contains("\"closed\"") && msg.contains("\"Closed\""),
+            "{msg}"
+        );
     }
 
     #[test]
@@ -507,7 +513,10 @@ mod tests {
     fn event_type_not_in_event_types_is_refused() {
         assert!(encode_event(&Unlisted::Listed).is_ok());
         let msg = encode_error(&Unlisted::Forgotten);
-        assert!(msg.contains("\"Forgotten\"") && msg.contains("EVENT_TYPES"), "{msg}");
+        assert!(
+            msg.contains("\"Forgotten\"") && msg.contains("EVENT_TYPES"),
+            "{msg}"
+        );
     }
 
     /// Representations that are not a one-key object or a string: an
