@@ -5,8 +5,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::{Aggregate, DomainEvent};
 
-/// Events of an account.
-#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+/// Events of an account. The stored type names (`Opened`, `Deposited`,
+/// `Withdrew`) are the variant names, derived by `DomainEvent` from the same
+/// attributes serde reads.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize, DomainEvent)]
 pub enum AccountEvent {
     /// The account was opened (always version 1).
     Opened {
@@ -23,18 +25,6 @@ pub enum AccountEvent {
         /// Amount in minor units.
         amount: i64,
     },
-}
-
-impl DomainEvent for AccountEvent {
-    const EVENT_TYPES: &'static [&'static str] = &["Opened", "Deposited", "Withdrew"];
-
-    fn event_type(&self) -> &'static str {
-        match self {
-            AccountEvent::Opened { .. } => "Opened",
-            AccountEvent::Deposited { .. } => "Deposited",
-            AccountEvent::Withdrew { .. } => "Withdrew",
-        }
-    }
 }
 
 /// Why an account command was refused.

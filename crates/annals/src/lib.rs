@@ -44,6 +44,9 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+// So that `#[derive(DomainEvent)]`, which names `::annals`, works in here too.
+extern crate self as annals;
+
 mod aggregate;
 pub mod bank;
 mod checkpoint;
@@ -57,6 +60,7 @@ mod snapshot_jobs;
 mod stream;
 
 pub use aggregate::{decode_event, encode_event, Aggregate, DomainEvent};
+pub use annals_derive::DomainEvent;
 pub use checkpoint::CheckpointStore;
 pub use error::{Error, Result};
 pub use event::{
