@@ -15,7 +15,7 @@
 use std::sync::Arc;
 
 use annals::{
-    validate_batch, AppendResult, CategoryStats, Direction, EventStore, EventStream,
+    validate_batch_owned, AppendResult, CategoryStats, Direction, EventStore, EventStream,
     EventTypeStats, ExpectedVersion, GlobalPosition, NewEvent, ReadAll, ReadStream, Result,
     StoreStats, StreamId, StreamInfo, StreamVersion,
 };
@@ -497,7 +497,7 @@ impl EventStore for SqliteEventStore {
         expected: ExpectedVersion,
         events: Vec<NewEvent>,
     ) -> Result<AppendResult> {
-        validate_batch(stream, &events)?;
+        let events = validate_batch_owned(stream, events)?;
         let stream = stream.clone();
         self.conns()
             .write(move |conn| append_job(conn, &stream, expected, &events))
