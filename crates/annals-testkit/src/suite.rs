@@ -19,6 +19,9 @@ use serde_json::json;
 
 use crate::TestStore;
 
+mod hostile;
+pub use hostile::*;
+
 fn sid(name: &str) -> StreamId {
     StreamId::parse(name).expect("valid stream name")
 }
