@@ -291,6 +291,19 @@ impl Metadata {
             dismantle(value);
             return Err(format!("invalid metadata: it {fault}"));
         }
+        for key in Self::RESERVED_KEYS {
+            match value.get(key) {
+                None | Some(Value::Null) => {}
+                Some(Value::String(s)) if Uuid::try_parse(s).is_ok() => {}
+                Some(other) => {
+                    let shown: String = other.to_string().chars().take(80).collect();
+                    return Err(format!(
+                        "invalid metadata: {key} must be a UUID (it is a typed field, \
+                         not a free header), got {shown}"
+                    ));
+                }
+            }
+        }
         serde_json::from_value(value).map_err(|e| format!("invalid metadata: {e}"))
     }
 
@@ -957,5 +970,12 @@ mod tests {
         assert_eq!(m.headers["user"], "ann");
         assert_eq!(m.to_value(), v);
         assert!(Metadata::from_value(serde_json::json!([1])).is_err());
+        let err = Metadata::from_value(json!({"causation_id": "req-123"})).expect_err("not a UUID");
+        assert!(err.contains("causation_id must be a UUID"), "{err}");
+        assert!(err.contains("req-123"), "{err}");
+        let m =
+            Metadata::from_value(json!({"correlation_id": null, "x": 1})).expect("null is none");
+        assert_eq!(m.correlation_id, None);
+        assert!(!m.headers.contains_key("correlation_id"));
     }
 }
