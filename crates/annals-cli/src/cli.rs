@@ -301,15 +301,17 @@ pub(crate) struct AppendArgs {
     /// The event type.
     #[arg(long = "type", value_name = "TYPE")]
     pub(crate) event_type: String,
-    /// The payload, a JSON value.
-    #[arg(long, value_name = "JSON", value_parser = parse_json, allow_hyphen_values = true)]
-    pub(crate) data: Value,
+    /// The payload, a JSON value; `@FILE` reads it from a file and `-` from
+    /// standard input (for payloads beyond the shell's argument limit).
+    #[arg(long, value_name = "JSON|@FILE|-", value_parser = parse_data, allow_hyphen_values = true)]
+    pub(crate) data: JsonInput<Value>,
     /// The payload's schema version (1 or more).
     #[arg(long, value_name = "N", default_value = "1", value_parser = parse_event_version, allow_hyphen_values = true)]
     pub(crate) event_version: u32,
-    /// Metadata, a JSON object (correlation_id and causation_id must be UUIDs).
-    #[arg(long, value_name = "JSON", value_parser = parse_metadata, allow_hyphen_values = true)]
-    pub(crate) metadata: Option<Metadata>,
+    /// Metadata, a JSON object (correlation_id and causation_id must be
+    /// UUIDs); `@FILE` reads it from a file and `-` from standard input.
+    #[arg(long, value_name = "JSON|@FILE|-", value_parser = parse_metadata_input, allow_hyphen_values = true)]
+    pub(crate) metadata: Option<JsonInput<Metadata>>,
     /// The stream head the append expects: any, no-stream, exists or a
     /// version N (0 means no stream).
     #[arg(long, value_name = "any|no-stream|exists|N", default_value = "any", value_parser = parse_expected, allow_hyphen_values = true)]
@@ -414,6 +416,41 @@ fn parse_metadata(s: &str) -> Result<Metadata, String> {
     Metadata::from_value(parse_json(s)?)
 }
 
+/// A JSON option's value: given inline (parsed and checked here), or the
+/// name of where to read it, which the command reads before it opens the
+/// database (reading here would block the async runtime).
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) enum JsonInput<T> {
+    /// The value itself.
+    Inline(T),
+    /// `@PATH`: the contents of a file.
+    File(std::path::PathBuf),
+    /// `-`: standard input.
+    Stdin,
+}
+
+fn parse_json_input<T>(
+    s: &str,
+    inline: impl FnOnce(&str) -> Result<T, String>,
+) -> Result<JsonInput<T>, String> {
+    if s == "-" {
+        return Ok(JsonInput::Stdin);
+    }
+    match s.strip_prefix('@') {
+        Some("") => Err("expected a file name after @ (as in @event.json)".to_owned()),
+        Some(path) => Ok(JsonInput::File(path.into())),
+        None => inline(s).map(JsonInput::Inline),
+    }
+}
+
+fn parse_data(s: &str) -> Result<JsonInput<Value>, String> {
+    parse_json_input(s, parse_json)
+}
+
+fn parse_metadata_input(s: &str) -> Result<JsonInput<Metadata>, String> {
+    parse_json_input(s, parse_metadata)
+}
+
 fn parse_expected(s: &str) -> Result<ExpectedVersion, String> {
     s.parse()
 }
@@ -503,6 +540,18 @@ mod tests {
         assert_eq!(parse_position("5:9"), Ok(GlobalPosition::new(5, 9)));
         assert!(parse_json("{").is_err());
         assert!(parse_metadata("[1]").is_err());
+        assert_eq!(parse_data("-"), Ok(JsonInput::Stdin));
+        assert_eq!(
+            parse_data("-1"),
+            Ok(JsonInput::Inline(serde_json::json!(-1)))
+        );
+        assert_eq!(
+            parse_data("@some file.json"),
+            Ok(JsonInput::File("some file.json".into()))
+        );
+        assert!(parse_data("@").is_err());
+        assert!(parse_metadata_input("{\"correlation_id\": \"req-123\"}").is_err());
+        assert_eq!(parse_metadata_input("-"), Ok(JsonInput::Stdin));
         assert!(parse_time("yesterday").is_err());
         assert!(parse_event_version("0").is_err());
     }

@@ -2,16 +2,17 @@
 //! the database, so bad input never creates a file or writes an event.
 
 use std::future::Future;
-use std::io::Write;
+use std::io::{Read, Write};
 
 use annals::{
-    validate_batch, validate_category, Direction, EventStore, GlobalPosition, NewEvent, ReadAll,
-    ReadStream, StreamId,
+    validate_batch, validate_category, Direction, EventStore, GlobalPosition, Metadata, NewEvent,
+    ReadAll, ReadStream, StreamId,
 };
 use anyhow::{anyhow, Context};
 use futures::StreamExt;
+use serde_json::Value;
 
-use crate::cli::{AggregateArgs, AppendArgs, Command, ReadAllArgs, ReadArgs};
+use crate::cli::{AggregateArgs, AppendArgs, Command, JsonInput, ReadAllArgs, ReadArgs};
 use crate::output::{json_line, note, timestamp, EventPrinter, Table};
 use crate::registry::LoadRequest;
 use crate::store::{Backend, DatabaseUrl, OpenOptions};
@@ -108,10 +109,53 @@ async fn init(env: Env<'_>) -> anyhow::Result<Outcome> {
     Ok(Outcome::Success)
 }
 
+/// The value of a JSON option, reading `@FILE` or `-` (standard input) on a
+/// blocking thread; `parse` turns the JSON into the option's type. Errors
+/// name the option and the file, and where in it the JSON went wrong.
+async fn load_json<T: Send + 'static>(
+    input: JsonInput<T>,
+    option: &'static str,
+    parse: fn(Value) -> Result<T, String>,
+) -> anyhow::Result<T> {
+    let (source, bytes) = match input {
+        JsonInput::Inline(value) => return Ok(value),
+        JsonInput::File(path) => {
+            let source = format!("{option} file {}", path.display());
+            let bytes = tokio::task::spawn_blocking(move || std::fs::read(path))
+                .await
+                .context("the file reader stopped")?
+                .with_context(|| format!("cannot read {source}"))?;
+            (source, bytes)
+        }
+        JsonInput::Stdin => {
+            let source = format!("{option} from standard input");
+            let bytes = tokio::task::spawn_blocking(|| {
+                let mut bytes = Vec::new();
+                std::io::stdin().read_to_end(&mut bytes).map(|_| bytes)
+            })
+            .await
+            .context("the standard input reader stopped")?
+            .with_context(|| format!("cannot read {source}"))?;
+            (source, bytes)
+        }
+    };
+    // serde_json's message ends with the line and column of the fault.
+    let value: Value =
+        serde_json::from_slice(&bytes).map_err(|e| anyhow!("{source} is not valid JSON: {e}"))?;
+    parse(value).map_err(|e| anyhow!("{source}: {e}"))
+}
+
 async fn append(env: Env<'_>, args: AppendArgs) -> anyhow::Result<Outcome> {
-    let mut event =
-        NewEvent::new(args.event_type, args.data).with_event_version(args.event_version);
-    if let Some(metadata) = args.metadata {
+    if args.data == JsonInput::Stdin && args.metadata == Some(JsonInput::Stdin) {
+        anyhow::bail!("--data and --metadata cannot both read standard input (-)");
+    }
+    let data = load_json(args.data, "--data", Ok).await?;
+    let metadata = match args.metadata {
+        Some(input) => Some(load_json(input, "--metadata", Metadata::from_value).await?),
+        None => None,
+    };
+    let mut event = NewEvent::new(args.event_type, data).with_event_version(args.event_version);
+    if let Some(metadata) = metadata {
         event = event.with_metadata(metadata);
     }
     if let Some(id) = args.event_id {

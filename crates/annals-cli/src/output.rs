@@ -168,7 +168,10 @@ impl EventPrinter {
                 e.stream_version.to_string(),
                 event_type,
                 timestamp(&e.recorded_at),
-                e.data.to_value().to_string(),
+                // Compact; the stored text as it is if it does not parse.
+                e.data
+                    .to_value()
+                    .map_or_else(|_| e.data.to_string(), |v| v.to_string()),
                 metadata,
             ],
         )

@@ -17,7 +17,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use annals::{
-    validate_batch, AppendResult, CategoryStats, Direction, Error, EventStore, EventStream,
+    validate_batch_owned, AppendResult, CategoryStats, Direction, Error, EventStore, EventStream,
     EventTypeStats, ExpectedVersion, GlobalPosition, NewEvent, ReadAll, ReadStream, Result,
     StoreStats, StreamId, StreamInfo, StreamVersion,
 };
@@ -132,7 +132,7 @@ impl EventStore for PgEventStore {
         expected: ExpectedVersion,
         events: Vec<NewEvent>,
     ) -> Result<AppendResult> {
-        validate_batch(stream, &events)?;
+        let events = validate_batch_owned(stream, events)?;
         let ids: Vec<Uuid> = events.iter().map(|e| e.event_id.0).collect();
         let types: Vec<&str> = events.iter().map(|e| e.event_type.as_str()).collect();
         let versions = events

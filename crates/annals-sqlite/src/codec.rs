@@ -85,6 +85,8 @@ pub(crate) struct RawEvents {
     rows: Vec<RawEvent>,
     /// Why the page stopped early (a row with a column of the wrong type).
     error: Option<annals::Error>,
+    /// The page stopped at its byte budget: rows may be left.
+    at_budget: bool,
 }
 
 struct RawEvent {
@@ -100,12 +102,15 @@ struct RawEvent {
 }
 
 impl RawEvents {
-    /// Reads rows of [`event_columns!`], at most `max` of them. A row whose
-    /// columns have the wrong type ends the page (the rows before it are
-    /// kept); a driver error fails the whole page.
+    /// Reads rows of [`event_columns!`], at most `max` of them, and no more
+    /// once their text columns hold `max_bytes` (a page always has at least
+    /// one row, however large). A row whose columns have the wrong type ends
+    /// the page (the rows before it are kept); a driver error fails the
+    /// whole page.
     pub(crate) fn collect(
         rows: &mut rusqlite::Rows<'_>,
         max: usize,
+        max_bytes: usize,
         context: &'static str,
     ) -> Result<Self> {
         let mut page = RawEvents {
@@ -113,8 +118,13 @@ impl RawEvents {
             text: String::with_capacity(max.min(64) * 64),
             rows: Vec::with_capacity(max.min(64)),
             error: None,
+            at_budget: false,
         };
         while page.rows.len() < max {
+            if page.text.len() >= max_bytes {
+                page.at_budget = true;
+                break;
+            }
             let Some(row) = rows.next().map_err(db(context))? else {
                 break;
             };
@@ -189,6 +199,12 @@ impl RawEvents {
     /// Whether the page ended without a bad row.
     pub(crate) fn is_complete(&self) -> bool {
         self.error.is_none()
+    }
+
+    /// Whether the page stopped at its byte budget (not at `max` rows, nor
+    /// at the end of the rows): the next page may have more.
+    pub(crate) fn is_at_budget(&self) -> bool {
+        self.at_budget
     }
 
     /// The last row's `(position, stream_version)`: the keyset cursors.

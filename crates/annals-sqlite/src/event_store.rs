@@ -10,12 +10,15 @@
 //!
 //! Reads are keyset-paginated (`stream_version` for a stream, `position` for
 //! the global feed), `batch_size` rows per reader round trip, with every
-//! filter in SQL so that a short page means the end.
+//! filter in SQL so that a short page means the end. A page also stops once
+//! its rows hold [`PAGE_BYTES`] of text (it always has one row), so that a
+//! read of large events holds a few megabytes, not `batch_size` of them
+//! twice over (the page being consumed and the one read ahead).
 
 use std::sync::Arc;
 
 use annals::{
-    validate_batch, AppendResult, CategoryStats, Direction, EventStore, EventStream,
+    validate_batch_owned, AppendResult, CategoryStats, Direction, EventStore, EventStream,
     EventTypeStats, ExpectedVersion, GlobalPosition, NewEvent, ReadAll, ReadStream, Result,
     StoreStats, StreamId, StreamInfo, StreamVersion,
 };
@@ -27,6 +30,11 @@ use crate::codec::{event_columns, from_micros, now_micros, sql_int, to_micros, R
 use crate::conn::Page;
 use crate::error::{classify, corrupt, db, map_err, ErrorKind};
 use crate::SqliteEventStore;
+
+/// The text (payloads, metadata, names) a read page stops at: the row that
+/// reaches it is the page's last. Small events fill `batch_size` rows long
+/// before this; events of a megabyte come a few per page.
+pub(crate) const PAGE_BYTES: usize = 4 << 20;
 
 const HEAD_SQL: &str = "SELECT version FROM streams WHERE stream_id = ?1";
 
@@ -329,6 +337,7 @@ fn read_stream_page(
     stream: &StreamId,
     options: &ReadStream,
     batch: u64,
+    max_bytes: usize,
     cursor: StreamCursor,
 ) -> Result<(RawEvents, Option<StreamCursor>)> {
     let want = cursor.remaining.min(batch);
@@ -350,10 +359,11 @@ fn read_stream_page(
             sql_int(want)
         ])
         .map_err(db("reading a stream"))?;
-    let page = RawEvents::collect(&mut rows, want as usize, "reading a stream")?;
+    let page = RawEvents::collect(&mut rows, want as usize, max_bytes, "reading a stream")?;
     let n = page.len() as u64;
+    let more = n == want || page.is_at_budget();
     let next = match page.last_keys() {
-        Some((_, v)) if n == want && page.is_complete() && cursor.remaining > n => {
+        Some((_, v)) if more && page.is_complete() && cursor.remaining > n => {
             match options.direction {
                 Direction::Forward => (v < until).then_some(v + 1),
                 Direction::Backward => (v > 1).then(|| v - 1),
@@ -401,6 +411,7 @@ fn read_all_page(
     sql: &str,
     options: &ReadAll,
     batch: u64,
+    max_bytes: usize,
     cursor: AllCursor,
 ) -> Result<(RawEvents, Option<AllCursor>)> {
     let want = cursor.remaining.min(batch);
@@ -417,10 +428,11 @@ fn read_all_page(
     let mut rows = stmt
         .query(params.as_slice())
         .map_err(db("reading all events"))?;
-    let page = RawEvents::collect(&mut rows, want as usize, "reading all events")?;
+    let page = RawEvents::collect(&mut rows, want as usize, max_bytes, "reading all events")?;
     let n = page.len() as u64;
+    let more = n == want || page.is_at_budget();
     let next = match page.last_keys() {
-        Some((position, _)) if n == want && page.is_complete() && cursor.remaining > n => {
+        Some((position, _)) if more && page.is_complete() && cursor.remaining > n => {
             Some(AllCursor {
                 after: position,
                 remaining: cursor.remaining - n,
@@ -497,7 +509,7 @@ impl EventStore for SqliteEventStore {
         expected: ExpectedVersion,
         events: Vec<NewEvent>,
     ) -> Result<AppendResult> {
-        validate_batch(stream, &events)?;
+        let events = validate_batch_owned(stream, events)?;
         let stream = stream.clone();
         self.conns()
             .write(move |conn| append_job(conn, &stream, expected, &events))
@@ -519,7 +531,7 @@ impl EventStore for SqliteEventStore {
         let stream = stream.clone();
         let batch = self.batch_size() as u64;
         self.conns().paginate(cursor, move |conn, cursor| {
-            read_stream_page(conn, &stream, &options, batch, cursor)
+            read_stream_page(conn, &stream, &options, batch, PAGE_BYTES, cursor)
         })
     }
 
@@ -542,7 +554,7 @@ impl EventStore for SqliteEventStore {
         let sql = Arc::new(read_all_sql(&options));
         let batch = self.batch_size() as u64;
         self.conns().paginate(cursor, move |conn, cursor| {
-            read_all_page(conn, &sql, &options, batch, cursor)
+            read_all_page(conn, &sql, &options, batch, PAGE_BYTES, cursor)
         })
     }
 
@@ -627,6 +639,129 @@ mod tests {
         );
         assert!(read_all_sql(&ReadAll::from_start())
             .ends_with("position > ?1 ORDER BY position ASC LIMIT ?2"));
+    }
+
+    /// A migrated in-memory database holding `n` events of about `size`
+    /// bytes each in stream `Big-1`, plus one small event in `Other-1`
+    /// between each (for `read_all`).
+    fn database_with_large_events(n: usize, size: usize) -> Connection {
+        let mut conn = Connection::open_in_memory().expect("in-memory database");
+        crate::migrate::migrate(&mut conn).expect("migrate");
+        let big = StreamId::parse("Big-1").expect("stream");
+        let other = StreamId::parse("Other-1").expect("stream");
+        for i in 0..n {
+            let e = NewEvent::new("Big", serde_json::json!({"i": i, "s": "x".repeat(size)}));
+            append_job(&mut conn, &big, ExpectedVersion::Any, &[e]).expect("append");
+            let e = NewEvent::new("Small", serde_json::json!({"i": i}));
+            append_job(&mut conn, &other, ExpectedVersion::Any, &[e]).expect("append");
+        }
+        conn
+    }
+
+    /// The pages of a read, each as the `i` of its payloads.
+    fn pages<C>(
+        mut cursor: Option<C>,
+        mut fetch: impl FnMut(C) -> Result<(RawEvents, Option<C>)>,
+    ) -> Vec<Vec<u64>> {
+        let mut out = Vec::new();
+        while let Some(c) = cursor.take() {
+            let (page, next) = fetch(c).expect("page");
+            assert!(page.is_complete());
+            if page.len() == 0 {
+                // A page that stopped at its budget cannot tell whether rows
+                // follow; the next one may come back empty, and ends the read.
+                assert!(next.is_none());
+                break;
+            }
+            out.push(
+                page.into_iter()
+                    .map(|e| {
+                        let e = e.expect("row decodes");
+                        e.data.to_value().expect("payload")["i"]
+                            .as_u64()
+                            .expect("i")
+                    })
+                    .collect(),
+            );
+            cursor = next;
+        }
+        out
+    }
+
+    #[test]
+    fn pages_stop_at_their_byte_budget() {
+        let conn = database_with_large_events(10, 1000);
+        let big = StreamId::parse("Big-1").expect("stream");
+        // Each row holds a little over 1000 bytes: the third reaches 2500.
+        let budget = 2500;
+        let forward = pages(
+            Some(StreamCursor {
+                next: 1,
+                remaining: u64::MAX,
+            }),
+            |c| read_stream_page(&conn, &big, &ReadStream::forward(), 100, budget, c),
+        );
+        assert_eq!(
+            forward,
+            vec![vec![0, 1, 2], vec![3, 4, 5], vec![6, 7, 8], vec![9]]
+        );
+        let backward = pages(
+            Some(StreamCursor {
+                next: u64::MAX,
+                remaining: u64::MAX,
+            }),
+            |c| read_stream_page(&conn, &big, &ReadStream::backward(), 100, budget, c),
+        );
+        assert_eq!(
+            backward,
+            vec![vec![9, 8, 7], vec![6, 5, 4], vec![3, 2, 1], vec![0]]
+        );
+        // The row limit still applies when it comes first.
+        let limited = pages(
+            Some(StreamCursor {
+                next: 1,
+                remaining: 5,
+            }),
+            |c| read_stream_page(&conn, &big, &ReadStream::forward(), 2, budget, c),
+        );
+        assert_eq!(limited, vec![vec![0, 1], vec![2, 3], vec![4]]);
+        // A row larger than the whole budget still comes, one per page.
+        let tiny = pages(
+            Some(StreamCursor {
+                next: 1,
+                remaining: u64::MAX,
+            }),
+            |c| read_stream_page(&conn, &big, &ReadStream::forward(), 100, 10, c),
+        );
+        assert_eq!(tiny, (0..10).map(|i| vec![i]).collect::<Vec<_>>());
+
+        // The global feed interleaves a small event after each large one.
+        let options = ReadAll::from_start().categories(["Big"]);
+        let sql = read_all_sql(&options);
+        let feed = pages(
+            Some(AllCursor {
+                after: 0,
+                remaining: u64::MAX,
+            }),
+            |c| read_all_page(&conn, &sql, &options, 100, budget, c),
+        );
+        assert_eq!(
+            feed,
+            vec![vec![0, 1, 2], vec![3, 4, 5], vec![6, 7, 8], vec![9]]
+        );
+        let options = ReadAll::from_start();
+        let sql = read_all_sql(&options);
+        let feed = pages(
+            Some(AllCursor {
+                after: 0,
+                remaining: u64::MAX,
+            }),
+            |c| read_all_page(&conn, &sql, &options, 100, budget, c),
+        );
+        // Large, small, large, small, large: the third large row ends it.
+        assert_eq!(feed[0], vec![0, 0, 1, 1, 2]);
+        assert_eq!(feed.concat().len(), 20);
+        assert!(feed.iter().all(|p| p.len() <= 6), "{feed:?}");
     }
 
     #[test]

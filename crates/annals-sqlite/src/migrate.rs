@@ -5,6 +5,8 @@
 //! `BEGIN IMMEDIATE` transaction together with its row in
 //! `annals_migrations`, so a crash leaves the schema at a whole version and
 //! two processes migrating the same file apply each migration once. A file
+//! that is already current is recognised without the write lock, so opening
+//! a store never waits for another process's write transaction. A file
 //! whose schema is behind (or ahead of) this build is refused with
 //! [`annals::Error::SchemaVersion`] until it is migrated.
 
@@ -77,8 +79,36 @@ pub(crate) fn schema_version(conn: &Connection) -> annals::Result<i64> {
         .map_err(db("reading the schema version"))
 }
 
+/// [`schema_version`] from one read snapshot (a deferred transaction that
+/// only reads, so it takes no write lock).
+fn current_version(conn: &mut Connection) -> annals::Result<i64> {
+    let tx = conn
+        .transaction()
+        .map_err(db("starting a schema version check"))?;
+    let found = schema_version(&tx)?;
+    tx.commit().map_err(db("ending a schema version check"))?;
+    Ok(found)
+}
+
 /// Applies the pending migrations; returns the versions it applied.
+///
+/// A file that is already current is confirmed from a read snapshot, without
+/// the write lock: in WAL mode that never waits for a writer, so opening a
+/// store to read it works while another process holds a long write
+/// transaction. Only a file that needs a migration takes the lock (and
+/// re-checks under it).
 pub(crate) fn migrate(conn: &mut Connection) -> annals::Result<Vec<i64>> {
+    let found = current_version(conn)?;
+    if found == LATEST_VERSION {
+        return Ok(Vec::new());
+    }
+    if found > LATEST_VERSION {
+        // A newer build migrated this file: refuse rather than guess.
+        return Err(annals::Error::SchemaVersion {
+            found,
+            expected: LATEST_VERSION,
+        });
+    }
     // In a write transaction from the start: a deferred one would fail at
     // once (no busy wait) if another process created the table meanwhile.
     let tx = conn

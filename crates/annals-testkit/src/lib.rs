@@ -80,6 +80,10 @@ macro_rules! conformance_suite {
             promote_races_with_live_saves,
             model_scenarios,
             migrate_while_writers_append,
+            hostile_metadata_is_refused,
+            hostile_payloads_are_refused,
+            edge_inputs_read_back,
+            hostile_input_never_stalls_a_follower,
         );
     };
     (@tests $factory:path; $($name:ident),* $(,)?) => {

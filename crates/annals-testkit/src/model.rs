@@ -153,7 +153,7 @@ pub async fn check<S: TestStore>(store: S, tag: &str, ops: Vec<Op>) {
                             .from(StreamVersion(from as u64))
                             .limit(limit as u64),
                     )
-                    .map_ok(|e| e.data.to_value()["n"].as_i64().unwrap_or(0))
+                    .map_ok(|e| crate::suite::n_of(&e.data).unwrap_or(0))
                     .try_collect()
                     .await
                     .expect("read_stream");
@@ -178,7 +178,7 @@ pub async fn check<S: TestStore>(store: S, tag: &str, ops: Vec<Op>) {
                 };
                 let got: Vec<i64> = store
                     .read_all(ReadAll::after(pos).categories([tag]).limit(limit as u64))
-                    .map_ok(|e| e.data.to_value()["n"].as_i64().unwrap_or(0))
+                    .map_ok(|e| crate::suite::n_of(&e.data).unwrap_or(0))
                     .try_collect()
                     .await
                     .expect("read_all");

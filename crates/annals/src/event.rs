@@ -201,17 +201,39 @@ impl FromStr for ExpectedVersion {
 
 /// Event metadata: correlation and causation ids plus free headers. Stored as
 /// one JSON object; the headers are the object's other keys.
-#[derive(Clone, PartialEq, Debug, Default, Serialize)]
+///
+/// The names in [`Metadata::RESERVED_KEYS`] belong to the typed fields: a
+/// read decodes them as UUIDs, so an append refuses a free header with one of
+/// those names ([`Error::InvalidEvent`]), and [`Metadata::to_value`] and the
+/// `Serialize` impl never write such a header (the typed field is the only
+/// source of that key).
+#[derive(Clone, PartialEq, Debug, Default)]
 pub struct Metadata {
     /// The id shared by every event that one request caused.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub correlation_id: Option<Uuid>,
     /// The id of the event (or command) that caused this event.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub causation_id: Option<Uuid>,
-    /// Any other headers.
-    #[serde(flatten)]
+    /// Any other headers. Keys must not be one of
+    /// [`Metadata::RESERVED_KEYS`]; values may nest at most
+    /// [`MAX_JSON_DEPTH`]` - 1` levels (the metadata object is the first).
     pub headers: serde_json::Map<String, Value>,
+}
+
+impl Serialize for Metadata {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = s.serialize_map(None)?;
+        if let Some(c) = &self.correlation_id {
+            map.serialize_entry("correlation_id", c)?;
+        }
+        if let Some(c) = &self.causation_id {
+            map.serialize_entry("causation_id", c)?;
+        }
+        for (k, v) in self.free_headers() {
+            map.serialize_entry(k, v)?;
+        }
+        map.end()
+    }
 }
 
 // Hand-written so that reading metadata (every event read does it) walks
@@ -246,18 +268,51 @@ impl<'de> Deserialize<'de> for Metadata {
 }
 
 impl Metadata {
+    /// The keys a read decodes into the typed fields (as UUIDs), which
+    /// therefore cannot be free headers.
+    pub const RESERVED_KEYS: &'static [&'static str] = &["correlation_id", "causation_id"];
+
+    /// Whether `key` is one of [`Metadata::RESERVED_KEYS`].
+    pub fn is_reserved(key: &str) -> bool {
+        Self::RESERVED_KEYS.contains(&key)
+    }
+
     /// Parses metadata from a JSON value, which must be an object whose
-    /// `correlation_id` / `causation_id`, when present, are UUIDs.
+    /// `correlation_id` / `causation_id`, when present, are UUIDs (they go to
+    /// the typed fields, never to the headers). Refuses what an append would
+    /// refuse in a header: nesting deeper than [`MAX_JSON_DEPTH`] (counting
+    /// the object itself), a NUL character, a key serde_json reserves.
     pub fn from_value(value: Value) -> std::result::Result<Self, String> {
         if !value.is_object() {
             return Err("metadata must be a JSON object".to_owned());
+        }
+        // Before serde walks it: serde's walk recurses, this check does not.
+        if let Err(fault) = check_json(&value, MAX_JSON_DEPTH, &mut Vec::new()) {
+            dismantle(value);
+            return Err(format!("invalid metadata: it {fault}"));
+        }
+        for key in Self::RESERVED_KEYS {
+            match value.get(key) {
+                None | Some(Value::Null) => {}
+                Some(Value::String(s)) if Uuid::try_parse(s).is_ok() => {}
+                Some(other) => {
+                    let shown: String = other.to_string().chars().take(80).collect();
+                    return Err(format!(
+                        "invalid metadata: {key} must be a UUID (it is a typed field, \
+                         not a free header), got {shown}"
+                    ));
+                }
+            }
         }
         serde_json::from_value(value).map_err(|e| format!("invalid metadata: {e}"))
     }
 
     /// The metadata as a JSON object.
     pub fn to_value(&self) -> Value {
-        let mut map = self.headers.clone();
+        let mut map: serde_json::Map<String, Value> = self
+            .free_headers()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
         if let Some(c) = self.correlation_id {
             map.insert("correlation_id".into(), Value::String(c.to_string()));
         }
@@ -266,6 +321,129 @@ impl Metadata {
         }
         Value::Object(map)
     }
+
+    /// The headers without reserved names (which only code that fills
+    /// `headers` by hand can put there, and which an append refuses).
+    fn free_headers(&self) -> impl Iterator<Item = (&String, &Value)> {
+        self.headers.iter().filter(|(k, _)| !Self::is_reserved(k))
+    }
+}
+
+/// How deeply arrays and objects may nest in what an event stores: its
+/// payload, and its metadata counting the metadata object as the first
+/// level. serde_json, which every read decodes with, stops at 128 levels
+/// (its recursion limit), so anything deeper could be stored but never read
+/// back; appends refuse it with [`Error::InvalidEvent`].
+pub const MAX_JSON_DEPTH: usize = 127;
+
+/// Object keys with this prefix are serde_json's private markers: a value
+/// whose object starts with such a key does not read back as written (or
+/// at all), so no event may contain one.
+const SERDE_PRIVATE_PREFIX: &str = "$serde_json::private::";
+
+/// Why a JSON value cannot be stored so that it reads back.
+#[derive(Debug)]
+enum JsonFault {
+    /// Arrays and objects nest deeper than the limit.
+    TooDeep(usize),
+    /// A string holds U+0000.
+    NulInString,
+    /// An object key holds U+0000.
+    NulInKey(String),
+    /// An object key serde_json reserves.
+    PrivateKey(String),
+}
+
+impl fmt::Display for JsonFault {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            JsonFault::TooDeep(max) => write!(
+                f,
+                "nests arrays and objects more than {max} levels deep; the store reads \
+                 back at most {MAX_JSON_DEPTH} levels (MAX_JSON_DEPTH, below serde_json's \
+                 recursion limit of 128)"
+            ),
+            JsonFault::NulInString => f.write_str(
+                "holds a NUL character (\\u0000) in a string, which PostgreSQL cannot \
+                 store; no backend accepts it",
+            ),
+            JsonFault::NulInKey(key) => write!(
+                f,
+                "has an object key {key:?} holding a NUL character (\\u0000), which \
+                 PostgreSQL cannot store; no backend accepts it"
+            ),
+            JsonFault::PrivateKey(key) => write!(
+                f,
+                "has an object key {key:?}, which serde_json reserves for itself \
+                 (the value would not read back as written)"
+            ),
+        }
+    }
+}
+
+fn check_key(key: &str) -> std::result::Result<(), JsonFault> {
+    if key.contains('\0') {
+        Err(JsonFault::NulInKey(key.to_owned()))
+    } else if key.starts_with(SERDE_PRIVATE_PREFIX) {
+        Err(JsonFault::PrivateKey(key.to_owned()))
+    } else {
+        Ok(())
+    }
+}
+
+/// Checks that `value` nests at most `max_depth` levels of arrays and objects
+/// and holds nothing a read could not give back (see [`JsonFault`]).
+///
+/// Iterative, with `stack` (reused across calls, left empty) in place of the
+/// call stack, so a value nested 100,000 levels deep is refused instead of
+/// overflowing the stack.
+fn check_json<'a>(
+    value: &'a Value,
+    max_depth: usize,
+    stack: &mut Vec<(&'a Value, usize)>,
+) -> std::result::Result<(), JsonFault> {
+    stack.clear();
+    let result = check_json_inner(value, max_depth, stack);
+    stack.clear();
+    result
+}
+
+fn check_json_inner<'a>(
+    value: &'a Value,
+    max_depth: usize,
+    stack: &mut Vec<(&'a Value, usize)>,
+) -> std::result::Result<(), JsonFault> {
+    // Scalars are checked where they are met; containers wait on the stack
+    // with their own depth (1 for the outermost).
+    let visit = |v: &'a Value, depth: usize, stack: &mut Vec<(&'a Value, usize)>| match v {
+        Value::String(s) if s.contains('\0') => Err(JsonFault::NulInString),
+        Value::Array(_) | Value::Object(_) if depth > max_depth => {
+            Err(JsonFault::TooDeep(max_depth))
+        }
+        Value::Array(_) | Value::Object(_) => {
+            stack.push((v, depth));
+            Ok(())
+        }
+        _ => Ok(()),
+    };
+    visit(value, 1, stack)?;
+    while let Some((v, depth)) = stack.pop() {
+        match v {
+            Value::Array(items) => {
+                for item in items {
+                    visit(item, depth + 1, stack)?;
+                }
+            }
+            Value::Object(map) => {
+                for (key, item) in map {
+                    check_key(key)?;
+                    visit(item, depth + 1, stack)?;
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 /// An event to append.
@@ -314,8 +492,19 @@ impl NewEvent {
     }
 }
 
-/// Checks a batch before any backend writes it: non-empty, valid type names,
-/// versions >= 1, and no id twice within the batch.
+/// The highest `event_version` a store keeps: PostgreSQL stores it as an
+/// `integer`, and every backend accepts the same events.
+const MAX_EVENT_VERSION: u32 = i32::MAX as u32;
+
+/// Checks a batch before any backend writes it, so that an append accepts
+/// exactly what a read can give back, on every backend: a non-empty batch; per
+/// event a type name of 1 to 255 bytes without control characters, an
+/// `event_version` from 1 to `i32::MAX`, an id not used twice in the batch;
+/// a payload and header values that nest at most [`MAX_JSON_DEPTH`] levels
+/// (headers sit one level down, inside the metadata object), hold no NUL
+/// character and no key serde_json reserves; and no free header named like
+/// a typed metadata field ([`Metadata::RESERVED_KEYS`]). Every backend calls
+/// it first; the check walks each value without recursion.
 pub fn validate_batch(stream: &StreamId, events: &[NewEvent]) -> Result<()> {
     let invalid = |reason: String| Error::InvalidEvent {
         stream: stream.clone(),
@@ -325,7 +514,8 @@ pub fn validate_batch(stream: &StreamId, events: &[NewEvent]) -> Result<()> {
         return Err(invalid("empty batch: append at least one event".into()));
     }
     let mut seen = std::collections::HashSet::with_capacity(events.len());
-    for e in events {
+    let mut stack = Vec::new();
+    for (i, e) in events.iter().enumerate() {
         if e.event_type.is_empty()
             || e.event_type.len() > 255
             || e.event_type.chars().any(char::is_control)
@@ -341,14 +531,85 @@ pub fn validate_batch(stream: &StreamId, events: &[NewEvent]) -> Result<()> {
                 e.event_type
             )));
         }
+        if e.event_version > MAX_EVENT_VERSION {
+            return Err(invalid(format!(
+                "event type {:?} has event_version {}; the store keeps at most \
+                 {MAX_EVENT_VERSION} (i32::MAX)",
+                e.event_type, e.event_version
+            )));
+        }
         if !seen.insert(e.event_id) {
             return Err(invalid(format!(
                 "event id {} appears twice in the batch",
                 e.event_id
             )));
         }
+        let which = || {
+            format!(
+                "event {i} of the batch ({:?}, id {})",
+                e.event_type, e.event_id
+            )
+        };
+        check_json(&e.data, MAX_JSON_DEPTH, &mut stack)
+            .map_err(|fault| invalid(format!("the payload of {} {fault}", which())))?;
+        for (key, value) in &e.metadata.headers {
+            if Metadata::is_reserved(key) {
+                return Err(invalid(format!(
+                    "{} has a free metadata header named {key:?}: that name is reserved \
+                     for the typed field Metadata::{key}, which reads decode as a UUID; \
+                     set it through the field (or CommandContext::with_{key}), not as a header",
+                    which()
+                )));
+            }
+            check_key(key)
+                .and_then(|()| check_json(value, MAX_JSON_DEPTH - 1, &mut stack))
+                .map_err(|fault| {
+                    let note = match fault {
+                        JsonFault::TooDeep(_) => {
+                            " (a header's value starts one level down, inside the metadata object)"
+                        }
+                        _ => "",
+                    };
+                    invalid(format!(
+                        "metadata header {key:?} of {} {fault}{note}",
+                        which()
+                    ))
+                })?;
+        }
     }
     Ok(())
+}
+
+/// [`validate_batch`] for a batch handed over by value, as backends get it:
+/// returns the batch when it is valid. A refused batch is taken apart
+/// without recursion before the error returns, because serde_json's `Value`
+/// drops recursively: dropping a refused payload nested 100,000 levels deep
+/// the ordinary way would overflow the caller's stack.
+pub fn validate_batch_owned(stream: &StreamId, events: Vec<NewEvent>) -> Result<Vec<NewEvent>> {
+    match validate_batch(stream, &events) {
+        Ok(()) => Ok(events),
+        Err(e) => {
+            for event in events {
+                dismantle(event.data);
+                dismantle(Value::Object(event.metadata.headers));
+            }
+            Err(e)
+        }
+    }
+}
+
+/// Drops `value` without recursion, however deeply it nests.
+fn dismantle(value: Value) {
+    let mut stack = vec![value];
+    while let Some(v) = stack.pop() {
+        // Each container is emptied onto the stack before it drops, so no
+        // drop reaches more than one level down.
+        match v {
+            Value::Array(items) => stack.extend(items),
+            Value::Object(map) => stack.extend(map.into_iter().map(|(_, v)| v)),
+            _ => {}
+        }
+    }
 }
 
 /// A stored event's payload: JSON text, validated when read from the store
@@ -358,8 +619,13 @@ pub fn validate_batch(stream: &StreamId, events: &[NewEvent]) -> Result<()> {
 pub struct Payload(Box<serde_json::value::RawValue>);
 
 impl Payload {
-    /// A payload from a JSON value.
+    /// A payload from a JSON value. Fails, without recursing, on a value
+    /// that would not read back: nested deeper than [`MAX_JSON_DEPTH`], or
+    /// holding a NUL character or a key serde_json reserves.
     pub fn from_value(value: &Value) -> std::result::Result<Self, serde_json::Error> {
+        check_json(value, MAX_JSON_DEPTH, &mut Vec::new()).map_err(|fault| {
+            <serde_json::Error as serde::ser::Error>::custom(format!("the payload {fault}"))
+        })?;
         serde_json::value::to_raw_value(value).map(Payload)
     }
 
@@ -373,11 +639,12 @@ impl Payload {
         self.0.get()
     }
 
-    /// The payload as a JSON value (parses the text).
-    pub fn to_value(&self) -> Value {
-        // The text was validated on construction, so this cannot fail;
-        // `Null` keeps the signature infallible without a panic path.
-        serde_json::from_str(self.0.get()).unwrap_or(Value::Null)
+    /// The payload as a JSON value (parses the text). Fails on text that is
+    /// valid JSON but that serde_json cannot build a value from: nested
+    /// deeper than its recursion limit (appends refuse such payloads, see
+    /// [`MAX_JSON_DEPTH`], but a row written by other means may hold one).
+    pub fn to_value(&self) -> std::result::Result<Value, serde_json::Error> {
+        serde_json::from_str(self.0.get())
     }
 
     /// Deserializes the payload into `T`.
@@ -397,13 +664,14 @@ impl From<Box<serde_json::value::RawValue>> for Payload {
 /// Equal when the JSON values are equal (whitespace and key order aside).
 impl PartialEq for Payload {
     fn eq(&self, other: &Self) -> bool {
-        self.as_str() == other.as_str() || self.to_value() == other.to_value()
+        self.as_str() == other.as_str()
+            || matches!((self.to_value(), other.to_value()), (Ok(a), Ok(b)) if a == b)
     }
 }
 
 impl PartialEq<Value> for Payload {
     fn eq(&self, other: &Value) -> bool {
-        self.to_value() == *other
+        self.to_value().is_ok_and(|v| v == *other)
     }
 }
 
@@ -482,6 +750,7 @@ pub struct AppendResult {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     #[test]
     fn positions_order_and_round_trip() {
@@ -509,6 +778,190 @@ mod tests {
         assert!("-1".parse::<ExpectedVersion>().is_err());
     }
 
+    /// `depth` arrays nested in each other (`[[...]]`), built without recursion.
+    fn nested(depth: usize) -> Value {
+        let mut v = Value::Null;
+        for _ in 0..depth {
+            v = Value::Array(vec![v]);
+        }
+        v
+    }
+
+    fn stream() -> StreamId {
+        StreamId::parse("Hostile-1").expect("valid")
+    }
+
+    fn refused(events: &[NewEvent]) -> String {
+        match validate_batch(&stream(), events) {
+            Err(Error::InvalidEvent { stream: s, reason }) => {
+                assert_eq!(s, stream());
+                reason
+            }
+            other => panic!("expected InvalidEvent, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn reserved_metadata_names_are_refused_as_headers() {
+        for key in Metadata::RESERVED_KEYS {
+            let mut m = Metadata::default();
+            m.headers.insert((*key).into(), json!("req-123"));
+            let reason = refused(&[NewEvent::new("A", json!({})).with_metadata(m)]);
+            assert!(reason.contains(&format!("{key:?}")), "{reason}");
+            assert!(reason.contains("reserved"), "{reason}");
+        }
+        // The typed fields are the way to set them.
+        let m = Metadata {
+            correlation_id: Some(Uuid::now_v7()),
+            causation_id: Some(Uuid::now_v7()),
+            ..Default::default()
+        };
+        validate_batch(&stream(), &[NewEvent::new("A", json!({})).with_metadata(m)])
+            .expect("typed ids are fine");
+    }
+
+    #[test]
+    fn reserved_headers_are_never_written() {
+        // Only code that fills `headers` by hand gets one in; both ways of
+        // writing metadata leave it out, so the typed field always wins.
+        let id = Uuid::now_v7();
+        let mut m = Metadata {
+            correlation_id: Some(id),
+            ..Default::default()
+        };
+        m.headers.insert("correlation_id".into(), json!("req-123"));
+        m.headers.insert("causation_id".into(), json!("req-456"));
+        m.headers.insert("user".into(), json!("ann"));
+        let expected = json!({"correlation_id": id.to_string(), "user": "ann"});
+        assert_eq!(m.to_value(), expected);
+        let text = serde_json::to_string(&m).expect("serializes");
+        assert_eq!(
+            serde_json::from_str::<Value>(&text).expect("parses"),
+            expected
+        );
+        let back: Metadata = serde_json::from_str(&text).expect("reads back");
+        assert_eq!(back.correlation_id, Some(id));
+        assert_eq!(back.causation_id, None);
+    }
+
+    #[test]
+    fn payload_depth_is_bounded_by_what_reads_back() {
+        let ok = nested(MAX_JSON_DEPTH);
+        validate_batch(&stream(), &[NewEvent::new("A", ok.clone())]).expect("at the limit");
+        let text = serde_json::to_string(&ok).expect("serializes");
+        let payload = Payload::from_json(text).expect("valid JSON");
+        assert_eq!(payload.to_value().expect("reads back"), ok);
+
+        let reason = refused(&[NewEvent::new("A", nested(MAX_JSON_DEPTH + 1))]);
+        assert!(reason.contains("127 levels"), "{reason}");
+        assert!(reason.contains("event 0"), "{reason}");
+        // Proof that the limit is the decoder's: one level more does not read.
+        let text = serde_json::to_string(&nested(MAX_JSON_DEPTH + 1)).expect("serializes");
+        assert!(serde_json::from_str::<Value>(&text).is_err());
+        assert!(Payload::from_value(&nested(MAX_JSON_DEPTH + 1)).is_err());
+    }
+
+    #[test]
+    fn header_depth_counts_the_metadata_object() {
+        let mut m = Metadata::default();
+        m.headers.insert("h".into(), nested(MAX_JSON_DEPTH - 1));
+        validate_batch(
+            &stream(),
+            &[NewEvent::new("A", json!(1)).with_metadata(m.clone())],
+        )
+        .expect("at the limit");
+        let text = serde_json::to_string(&m).expect("serializes");
+        assert_eq!(serde_json::from_str::<Metadata>(&text).expect("reads"), m);
+        assert_eq!(Metadata::from_value(m.to_value()).expect("parses"), m);
+
+        m.headers.insert("h".into(), nested(MAX_JSON_DEPTH));
+        let reason = refused(&[NewEvent::new("A", json!(1)).with_metadata(m.clone())]);
+        assert!(reason.contains("header \"h\""), "{reason}");
+        assert!(reason.contains("127 levels"), "{reason}");
+        let text = serde_json::to_string(&m).expect("serializes");
+        assert!(serde_json::from_str::<Metadata>(&text).is_err());
+        let err = Metadata::from_value(m.to_value()).expect_err("too deep");
+        assert!(err.contains("127 levels"), "{err}");
+    }
+
+    #[test]
+    fn very_deep_values_are_refused_without_recursion() {
+        // 100,000 levels: serializing or parsing this recursively overflows
+        // the stack; the check must not.
+        let deep = nested(100_000);
+        let mut m = Metadata::default();
+        m.headers.insert("h".into(), nested(100_000));
+        let events = vec![
+            NewEvent::new("A", deep),
+            NewEvent::new("B", json!(1)).with_metadata(m),
+        ];
+        let reason = refused(&events[..1]);
+        assert!(reason.contains("levels deep"), "{reason}");
+        let reason = refused(&events[1..]);
+        assert!(reason.contains("header"), "{reason}");
+        let mut meta = serde_json::Map::new();
+        meta.insert("h".into(), nested(100_000));
+        let err = Metadata::from_value(Value::Object(meta)).expect_err("too deep");
+        assert!(err.contains("levels deep"), "{err}");
+        assert!(Payload::from_value(&events[0].data).is_err());
+        // The owned check takes a refused batch apart without recursion.
+        let err = validate_batch_owned(&stream(), events).expect_err("too deep");
+        assert!(err.to_string().contains("levels deep"), "{err}");
+    }
+
+    #[test]
+    fn nul_characters_and_serde_private_keys_are_refused() {
+        let private = "$serde_json::private::RawValue";
+        // Proof that such a key does not read back: serde_json parses the
+        // string as JSON text in place of the object.
+        let text = serde_json::to_string(&json!({ private: "[1," })).expect("serializes");
+        assert!(serde_json::from_str::<Value>(&text).is_err());
+        let cases = [
+            (json!({"a": ["x\u{0}y"]}), "NUL"),
+            (json!({"k\u{0}": 1}), "NUL"),
+            (json!([{ private: "5" }]), private),
+            (
+                json!({"a": {"$serde_json::private::Number": "1"}}),
+                "reserves",
+            ),
+        ];
+        for (data, needle) in cases {
+            let reason = refused(&[NewEvent::new("A", data.clone())]);
+            assert!(reason.contains("payload"), "{reason}");
+            assert!(reason.contains(needle), "{reason}");
+            assert!(Payload::from_value(&data).is_err());
+            let mut m = Metadata::default();
+            m.headers.insert("h".into(), data.clone());
+            let reason = refused(&[NewEvent::new("A", json!(1)).with_metadata(m)]);
+            assert!(reason.contains("header \"h\""), "{reason}");
+            assert!(Metadata::from_value(json!({ "h": data })).is_err());
+        }
+        let mut m = Metadata::default();
+        m.headers.insert(private.into(), json!(1));
+        let reason = refused(&[NewEvent::new("A", json!(1)).with_metadata(m)]);
+        assert!(reason.contains(private), "{reason}");
+    }
+
+    #[test]
+    fn event_versions_beyond_i32_are_refused() {
+        let reason = refused(&[NewEvent::new("A", json!(1)).with_event_version(u32::MAX)]);
+        assert!(reason.contains("2147483647"), "{reason}");
+        validate_batch(
+            &stream(),
+            &[NewEvent::new("A", json!(1)).with_event_version(i32::MAX as u32)],
+        )
+        .expect("i32::MAX is kept");
+    }
+
+    #[test]
+    fn payload_to_value_fails_instead_of_null() {
+        let text = serde_json::to_string(&nested(200)).expect("serializes");
+        let payload = Payload::from_json(text).expect("valid JSON text");
+        assert!(payload.to_value().is_err());
+        assert_ne!(payload, Value::Null);
+        assert_ne!(payload, Payload::from_json("null".into()).expect("null"));
+    }
+
     #[test]
     fn metadata_round_trips_headers() {
         let v = serde_json::json!({"correlation_id": "0190a8c4-0000-7000-8000-000000000001", "user": "ann"});
@@ -517,5 +970,12 @@ mod tests {
         assert_eq!(m.headers["user"], "ann");
         assert_eq!(m.to_value(), v);
         assert!(Metadata::from_value(serde_json::json!([1])).is_err());
+        let err = Metadata::from_value(json!({"causation_id": "req-123"})).expect_err("not a UUID");
+        assert!(err.contains("causation_id must be a UUID"), "{err}");
+        assert!(err.contains("req-123"), "{err}");
+        let m =
+            Metadata::from_value(json!({"correlation_id": null, "x": 1})).expect("null is none");
+        assert_eq!(m.correlation_id, None);
+        assert!(!m.headers.contains_key("correlation_id"));
     }
 }

@@ -67,6 +67,7 @@ pub use event::{
     validate_batch, AppendResult, EventId, ExpectedVersion, GlobalPosition, Metadata, NewEvent,
     Payload, RecordedEvent, StreamVersion,
 };
+pub use event::{validate_batch_owned, MAX_JSON_DEPTH};
 pub use event_store::{
     CategoryStats, Direction, EventStore, EventStream, EventTypeStats, ReadAll, ReadStream,
     StoreStats, StreamInfo, DEFAULT_BATCH_SIZE,

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use chrono::Utc;
 use futures::stream::{self, BoxStream, StreamExt};
 
-use crate::event::validate_batch;
+use crate::event::validate_batch_owned;
 use crate::event_store::{
     CategoryStats, Direction, EventStream, EventTypeStats, ReadAll, ReadStream, StoreStats,
     StreamInfo, DEFAULT_BATCH_SIZE,
@@ -62,7 +62,7 @@ impl EventStore for InMemoryStore {
         expected: ExpectedVersion,
         events: Vec<NewEvent>,
     ) -> Result<AppendResult> {
-        validate_batch(stream, &events)?;
+        let events = validate_batch_owned(stream, events)?;
         let mut st = self.lock();
         // Idempotency first: a retried batch succeeds whatever `expected` says.
         let existing: Vec<Option<usize>> = events

@@ -93,7 +93,13 @@ impl CommandContext {
         self
     }
 
-    /// Adds a free header.
+    /// Adds a free header. The names of the typed fields
+    /// ([`Metadata::RESERVED_KEYS`]: `correlation_id`, `causation_id`) are
+    /// not free headers: set them with [`CommandContext::with_correlation_id`]
+    /// and [`CommandContext::with_causation_id`]. A command whose context has
+    /// such a header, a value nested deeper than [`crate::MAX_JSON_DEPTH`]` - 1`
+    /// levels or a NUL character fails at append with [`crate::Error::InvalidEvent`]
+    /// and writes nothing.
     pub fn with_header(mut self, key: impl Into<String>, value: Value) -> Self {
         self.metadata.headers.insert(key.into(), value);
         self

@@ -190,3 +190,59 @@ async fn two_stores_migrating_one_file_apply_each_migration_once() {
     .await
     .expect("append via b sees a's commit");
 }
+
+/// Issue 7: opening an already migrated file and reading it takes no write
+/// lock, so it succeeds at once while another process holds a write
+/// transaction (it used to wait for the busy timeout, then fail "starting a
+/// migration").
+#[tokio::test]
+async fn open_and_read_while_another_connection_holds_the_write_lock() {
+    let store = fresh_store().await;
+    let s = sid("Order-1");
+    store
+        .append(&s, ExpectedVersion::NoStream, vec![ev("A", 1), ev("B", 2)])
+        .await
+        .expect("append");
+    let path = store.path().to_owned();
+    drop(store);
+
+    let writer = rusqlite::Connection::open(&path).expect("open the file");
+    writer
+        .execute_batch("BEGIN IMMEDIATE; DELETE FROM checkpoints;")
+        .expect("take the write lock");
+    // The lock is really held: another writer cannot start.
+    let probe = rusqlite::Connection::open(&path).expect("open the file");
+    probe
+        .busy_timeout(std::time::Duration::ZERO)
+        .expect("no wait");
+    assert!(probe.execute_batch("BEGIN IMMEDIATE").is_err());
+
+    let store = SqliteEventStore::open(&path)
+        .await
+        .expect("opening a current store takes no write lock");
+    let events = store
+        .read_stream_to_vec(&s, annals::ReadStream::forward())
+        .await
+        .expect("read_stream");
+    assert_eq!(events.len(), 2);
+    let feed: Vec<_> = store
+        .read_all(ReadAll::from_start())
+        .collect::<Vec<_>>()
+        .await;
+    assert_eq!(feed.len(), 2);
+    assert!(feed.iter().all(Result::is_ok));
+    store
+        .migrate()
+        .await
+        .expect("migrate is a no-op without the lock");
+
+    writer.execute_batch("ROLLBACK").expect("release the lock");
+    store
+        .append(
+            &s,
+            ExpectedVersion::Exact(annals::StreamVersion(2)),
+            vec![ev("C", 3)],
+        )
+        .await
+        .expect("writes work once the lock is gone");
+}
