@@ -71,7 +71,8 @@ use annals_postgres::{PgEventStore, PgOptions};
 use annals_sqlite::{SqliteEventStore, SqliteOptions};
 use futures::stream::BoxStream;
 
-/// A backend name, as `annals schema --backend` takes it.
+/// A backend: the crate behind a store (`annals schema --backend` takes its
+/// name).
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum Backend {
     /// Embedded SQLite (`annals-sqlite`).
