@@ -13,7 +13,9 @@
 use std::io::Write;
 
 use annals::bank::{Account, AccountError};
-use annals::{CommandContext, CommandError, EventStore, Repository, SnapshotConfig, StreamVersion};
+use annals::{
+    CommandContext, CommandError, Repository, SnapshotConfig, StreamCatalog, StreamVersion,
+};
 use anyhow::{bail, Context};
 use futures::TryStreamExt;
 use serde::Serialize;

@@ -7,9 +7,10 @@
 //!   that domain commands (`annals aggregate TYPE ID`) can fold its events;
 //!   [`App::run`] parses arguments, runs one command and returns the exit code.
 //! - [`AnyStore`]: the store a database URL names (`sqlite://PATH` or
-//!   `postgres://…`), implementing [`annals::EventStore`],
-//!   [`annals::SnapshotStore`] and [`annals::CheckpointStore`] by delegation,
-//!   so every generic function of the core runs on it.
+//!   `postgres://…`), from the `annals-any` crate (re-exported here; an
+//!   application that needs only the store depends on `annals-any`). It
+//!   implements every trait of the core by delegation, so every generic
+//!   function of the core runs on it.
 //! - [`AggregateOps`] and [`Registered`]: the type-erased registry behind
 //!   [`App::register`], with the snapshot jobs of a registered type.
 //!
@@ -36,7 +37,8 @@
 //! # Snapshots
 //!
 //! `annals snapshots status|stale|delete|invalidate` run on the
-//! [`annals::SnapshotStore`] queries and work for any aggregate type;
+//! [`annals::SnapshotStore`] and [`annals::SnapshotAdmin`] queries and work
+//! for any aggregate type;
 //! `annals snapshots create|prepopulate|migrate|verify|promote` run
 //! [`annals::SnapshotJobs`] through [`AggregateOps`] and need the type
 //! registered. Long jobs draw a progress bar on stderr when it is a terminal

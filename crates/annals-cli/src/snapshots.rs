@@ -17,6 +17,7 @@ use std::io::{IsTerminal, Write};
 use annals::{
     JobOptions, JobReport, Progress, PromoteReport, SnapshotStore, StreamId, VerifyReport,
 };
+use annals::{SnapshotAdmin, SnapshotStaging};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
 

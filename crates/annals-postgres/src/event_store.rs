@@ -1,4 +1,4 @@
-//! [`annals::EventStore`] for [`PgEventStore`].
+//! [`annals::EventStore`] and [`annals::StreamCatalog`] for [`PgEventStore`].
 //!
 //! An append is one statement, `annals_append(...)` (see
 //! `sql/0001_initial.sql`), run in its own implicit transaction: one round
@@ -393,108 +393,6 @@ impl EventStore for PgEventStore {
         stream_head(&client, stream).await
     }
 
-    fn list_streams(&self, category: &str) -> BoxStream<'static, Result<StreamInfo>> {
-        let store = self.clone();
-        let category = category.to_owned();
-        paged(String::new(), move |after: String| {
-            let store = store.clone();
-            let category = category.clone();
-            async move {
-                let want = store.inner.batch_size as i64;
-                let client = store.ready_client("list streams").await?;
-                let stmt = client
-                    .prepare_cached(LIST_STREAMS_SQL)
-                    .await
-                    .context("cannot prepare the stream listing")?;
-                let rows = client
-                    .query(&stmt, &[&category, &after, &want])
-                    .await
-                    .context("cannot list streams")?;
-                drop(client);
-                let infos = rows
-                    .iter()
-                    .map(|row| {
-                        let name: &str = row.try_get(0).context("cannot decode a stream")?;
-                        let version: i64 = row.try_get(1).context("cannot decode a stream")?;
-                        Ok(StreamInfo {
-                            stream_id: StreamId::parse(name).map_err(|e| {
-                                backend(format!("stream {name:?} has an invalid name"), e)
-                            })?,
-                            version: StreamVersion(u64::try_from(version).unwrap_or(0)),
-                        })
-                    })
-                    .collect::<Result<Vec<_>>>()?;
-                let next = match infos.last() {
-                    Some(last) if infos.len() as i64 == want => {
-                        Some(last.stream_id.as_str().to_owned())
-                    }
-                    _ => None,
-                };
-                Ok((infos, next))
-            }
-        })
-    }
-
-    async fn stats(&self) -> Result<StoreStats> {
-        let mut client = self.ready_client("read statistics").await?;
-        // One snapshot for all three queries, so the numbers agree.
-        let tx = client
-            .build_transaction()
-            .isolation_level(IsolationLevel::RepeatableRead)
-            .read_only(true)
-            .start()
-            .await
-            .context("cannot start the statistics transaction")?;
-        let what = "cannot read statistics";
-        let categories = tx
-            .query(
-                "SELECT category, count(*), sum(version)::bigint FROM streams \
-                 GROUP BY category ORDER BY category",
-                &[],
-            )
-            .await
-            .context(what)?
-            .iter()
-            .map(|r| {
-                Ok(CategoryStats {
-                    category: r.try_get(0).context(what)?,
-                    streams: count(r.try_get(1).context(what)?),
-                    events: count(r.try_get(2).context(what)?),
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let event_types = tx
-            .query(
-                "SELECT event_type, count(*) FROM events GROUP BY event_type ORDER BY event_type",
-                &[],
-            )
-            .await
-            .context(what)?
-            .iter()
-            .map(|r| {
-                Ok(EventTypeStats {
-                    event_type: r.try_get(0).context(what)?,
-                    events: count(r.try_get(1).context(what)?),
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let times = tx
-            .query_one("SELECT min(recorded_at), max(recorded_at) FROM events", &[])
-            .await
-            .context(what)?;
-        let first_recorded_at = times.try_get(0).context(what)?;
-        let last_recorded_at = times.try_get(1).context(what)?;
-        tx.commit().await.context(what)?;
-        Ok(StoreStats {
-            streams: categories.iter().map(|c| c.streams).sum(),
-            events: event_types.iter().map(|t| t.events).sum(),
-            categories,
-            event_types,
-            first_recorded_at,
-            last_recorded_at,
-        })
-    }
-
     async fn head_position(&self) -> Result<Option<GlobalPosition>> {
         let client = self.ready_client("read the head position").await?;
         self.wait_for_horizon(&client, (0, 0)).await?;
@@ -723,6 +621,110 @@ async fn resolve_existing(
         event_id,
         stream: holder,
     })
+}
+
+impl annals::StreamCatalog for PgEventStore {
+    fn list_streams(&self, category: &str) -> BoxStream<'static, Result<StreamInfo>> {
+        let store = self.clone();
+        let category = category.to_owned();
+        paged(String::new(), move |after: String| {
+            let store = store.clone();
+            let category = category.clone();
+            async move {
+                let want = store.inner.batch_size as i64;
+                let client = store.ready_client("list streams").await?;
+                let stmt = client
+                    .prepare_cached(LIST_STREAMS_SQL)
+                    .await
+                    .context("cannot prepare the stream listing")?;
+                let rows = client
+                    .query(&stmt, &[&category, &after, &want])
+                    .await
+                    .context("cannot list streams")?;
+                drop(client);
+                let infos = rows
+                    .iter()
+                    .map(|row| {
+                        let name: &str = row.try_get(0).context("cannot decode a stream")?;
+                        let version: i64 = row.try_get(1).context("cannot decode a stream")?;
+                        Ok(StreamInfo {
+                            stream_id: StreamId::parse(name).map_err(|e| {
+                                backend(format!("stream {name:?} has an invalid name"), e)
+                            })?,
+                            version: StreamVersion(u64::try_from(version).unwrap_or(0)),
+                        })
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                let next = match infos.last() {
+                    Some(last) if infos.len() as i64 == want => {
+                        Some(last.stream_id.as_str().to_owned())
+                    }
+                    _ => None,
+                };
+                Ok((infos, next))
+            }
+        })
+    }
+
+    async fn stats(&self) -> Result<StoreStats> {
+        let mut client = self.ready_client("read statistics").await?;
+        // One snapshot for all three queries, so the numbers agree.
+        let tx = client
+            .build_transaction()
+            .isolation_level(IsolationLevel::RepeatableRead)
+            .read_only(true)
+            .start()
+            .await
+            .context("cannot start the statistics transaction")?;
+        let what = "cannot read statistics";
+        let categories = tx
+            .query(
+                "SELECT category, count(*), sum(version)::bigint FROM streams \
+                 GROUP BY category ORDER BY category",
+                &[],
+            )
+            .await
+            .context(what)?
+            .iter()
+            .map(|r| {
+                Ok(CategoryStats {
+                    category: r.try_get(0).context(what)?,
+                    streams: count(r.try_get(1).context(what)?),
+                    events: count(r.try_get(2).context(what)?),
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let event_types = tx
+            .query(
+                "SELECT event_type, count(*) FROM events GROUP BY event_type ORDER BY event_type",
+                &[],
+            )
+            .await
+            .context(what)?
+            .iter()
+            .map(|r| {
+                Ok(EventTypeStats {
+                    event_type: r.try_get(0).context(what)?,
+                    events: count(r.try_get(1).context(what)?),
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let times = tx
+            .query_one("SELECT min(recorded_at), max(recorded_at) FROM events", &[])
+            .await
+            .context(what)?;
+        let first_recorded_at = times.try_get(0).context(what)?;
+        let last_recorded_at = times.try_get(1).context(what)?;
+        tx.commit().await.context(what)?;
+        Ok(StoreStats {
+            streams: categories.iter().map(|c| c.streams).sum(),
+            events: event_types.iter().map(|t| t.events).sum(),
+            categories,
+            event_types,
+            first_recorded_at,
+            last_recorded_at,
+        })
+    }
 }
 
 #[cfg(test)]

@@ -3,8 +3,10 @@
 //!
 //! # Overview
 //!
-//! - [`PgEventStore`]: implements [`annals::EventStore`],
-//!   [`annals::SnapshotStore`] and [`annals::CheckpointStore`]. Cheap to
+//! - [`PgEventStore`]: implements every trait of the core:
+//!   [`annals::EventStore`] and [`annals::StreamCatalog`],
+//!   [`annals::SnapshotStore`] with [`annals::SnapshotAdmin`] and
+//!   [`annals::SnapshotStaging`], and [`annals::CheckpointStore`]. Cheap to
 //!   clone; clones share the pool.
 //! - [`PgOptions`]: the PostgreSQL schema to use, pool size, read batch size
 //!   and how many snapshots to keep per aggregate.

@@ -1,4 +1,5 @@
-//! [`annals::SnapshotStore`] for [`PgEventStore`].
+//! [`annals::SnapshotStore`], [`annals::SnapshotAdmin`] and
+//! [`annals::SnapshotStaging`] for [`PgEventStore`].
 //!
 //! The live snapshot of an aggregate is its row with the highest
 //! `(schema_version, version)`; up to `snapshot_history` rows are kept per
@@ -180,7 +181,9 @@ impl SnapshotStore for PgEventStore {
             .context("cannot delete a snapshot")?;
         Ok(n)
     }
+}
 
+impl annals::SnapshotAdmin for PgEventStore {
     async fn invalidate_snapshots(
         &self,
         aggregate_type: &str,
@@ -268,7 +271,9 @@ impl SnapshotStore for PgEventStore {
             })
             .collect()
     }
+}
 
+impl annals::SnapshotStaging for PgEventStore {
     async fn stage_snapshot(&self, snapshot: &Snapshot) -> Result<()> {
         let version = snapshot_version(snapshot)?;
         let client = self.ready_client("stage a snapshot").await?;

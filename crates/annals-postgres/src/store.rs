@@ -79,8 +79,10 @@ impl PgOptions {
     }
 }
 
-/// A PostgreSQL event store: implements [`annals::EventStore`],
-/// [`annals::SnapshotStore`] and [`annals::CheckpointStore`] on one pool.
+/// A PostgreSQL event store: implements every trait of the core
+/// ([`annals::EventStore`], [`annals::StreamCatalog`],
+/// [`annals::SnapshotStore`], [`annals::SnapshotAdmin`],
+/// [`annals::SnapshotStaging`], [`annals::CheckpointStore`]) on one pool.
 ///
 /// Cheap to clone; clones share the pool. See the crate documentation for
 /// the global-order design and its cost.

@@ -1,4 +1,4 @@
-//! [`annals::EventStore`] on SQLite.
+//! [`annals::EventStore`] and [`annals::StreamCatalog`] on SQLite.
 //!
 //! An append is one writer-thread job and one `BEGIN IMMEDIATE` transaction:
 //! read the head from `streams`, check the expected version, insert the
@@ -443,6 +443,50 @@ fn read_all_page(
     Ok((page, next))
 }
 
+impl annals::StreamCatalog for SqliteEventStore {
+    fn list_streams(&self, category: &str) -> BoxStream<'static, Result<StreamInfo>> {
+        let category = category.to_owned();
+        let batch = sql_int(self.batch_size() as u64);
+        self.conns()
+            .paginate(String::new(), move |conn, after: String| {
+                let mut stmt = conn
+                    .prepare_cached(LIST_STREAMS_SQL)
+                    .map_err(db("preparing a stream listing"))?;
+                let mut rows = stmt
+                    .query(rusqlite::params![category, after, batch])
+                    .map_err(db("listing streams"))?;
+                let page = Page::collect(&mut rows, 64, "listing streams", |r| {
+                    let name = r
+                        .get_ref(0)
+                        .and_then(|v| v.as_str().map_err(Into::into))
+                        .map_err(db("listing streams"))?;
+                    let stream_id = StreamId::parse(name).map_err(|e| {
+                        corrupt(format!("streams row {name:?}: invalid stream_id"), e)
+                    })?;
+                    let version: i64 = r.get(1).map_err(db("listing streams"))?;
+                    let version = u64::try_from(version).map_err(|e| {
+                        corrupt(format!("streams row {stream_id}: negative version"), e)
+                    })?;
+                    Ok(StreamInfo {
+                        stream_id,
+                        version: StreamVersion(version),
+                    })
+                })?;
+                let next = match page.last_if_complete() {
+                    Some(last) if page.len() as i64 == batch => {
+                        Some(last.stream_id.as_str().to_owned())
+                    }
+                    _ => None,
+                };
+                Ok(page.finish(next))
+            })
+    }
+
+    async fn stats(&self) -> Result<StoreStats> {
+        self.conns().read(stats_job).await
+    }
+}
+
 fn stats_job(conn: &Connection) -> Result<StoreStats> {
     // One read transaction: every count from the same snapshot.
     let tx = conn
@@ -563,48 +607,6 @@ impl EventStore for SqliteEventStore {
         self.conns()
             .read(move |conn| head_version(conn, &stream))
             .await
-    }
-
-    fn list_streams(&self, category: &str) -> BoxStream<'static, Result<StreamInfo>> {
-        let category = category.to_owned();
-        let batch = sql_int(self.batch_size() as u64);
-        self.conns()
-            .paginate(String::new(), move |conn, after: String| {
-                let mut stmt = conn
-                    .prepare_cached(LIST_STREAMS_SQL)
-                    .map_err(db("preparing a stream listing"))?;
-                let mut rows = stmt
-                    .query(rusqlite::params![category, after, batch])
-                    .map_err(db("listing streams"))?;
-                let page = Page::collect(&mut rows, 64, "listing streams", |r| {
-                    let name = r
-                        .get_ref(0)
-                        .and_then(|v| v.as_str().map_err(Into::into))
-                        .map_err(db("listing streams"))?;
-                    let stream_id = StreamId::parse(name).map_err(|e| {
-                        corrupt(format!("streams row {name:?}: invalid stream_id"), e)
-                    })?;
-                    let version: i64 = r.get(1).map_err(db("listing streams"))?;
-                    let version = u64::try_from(version).map_err(|e| {
-                        corrupt(format!("streams row {stream_id}: negative version"), e)
-                    })?;
-                    Ok(StreamInfo {
-                        stream_id,
-                        version: StreamVersion(version),
-                    })
-                })?;
-                let next = match page.last_if_complete() {
-                    Some(last) if page.len() as i64 == batch => {
-                        Some(last.stream_id.as_str().to_owned())
-                    }
-                    _ => None,
-                };
-                Ok(page.finish(next))
-            })
-    }
-
-    async fn stats(&self) -> Result<StoreStats> {
-        self.conns().read(stats_job).await
     }
 
     async fn head_position(&self) -> Result<Option<GlobalPosition>> {

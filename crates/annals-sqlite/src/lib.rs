@@ -4,9 +4,11 @@
 //! # Overview
 //!
 //! - [`SqliteEventStore`]: the store, a cheap `Clone` handle. It implements
-//!   [`annals::EventStore`], [`annals::SnapshotStore`] and
+//!   every trait of the core: [`annals::EventStore`] and
+//!   [`annals::StreamCatalog`], [`annals::SnapshotStore`] with
+//!   [`annals::SnapshotAdmin`] and [`annals::SnapshotStaging`], and
 //!   [`annals::CheckpointStore`], so it plugs into an
-//!   [`annals::Repository`] and a projection runner as is.
+//!   [`annals::Repository`] and every snapshot job as is.
 //! - [`SqliteOptions`]: migrate on open, read batch size, snapshot history
 //!   and the number of reader connections.
 //!

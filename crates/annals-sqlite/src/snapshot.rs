@@ -1,4 +1,5 @@
-//! [`annals::SnapshotStore`] on SQLite.
+//! [`annals::SnapshotStore`], [`annals::SnapshotAdmin`] and
+//! [`annals::SnapshotStaging`] on SQLite.
 //!
 //! Snapshots live in the same file as the events, so coverage and freshness
 //! are single queries joining `snapshots` with `streams`. The live snapshot of
@@ -376,7 +377,9 @@ impl SnapshotStore for SqliteEventStore {
             })
             .await
     }
+}
 
+impl annals::SnapshotAdmin for SqliteEventStore {
     async fn invalidate_snapshots(
         &self,
         aggregate_type: &str,
@@ -418,7 +421,9 @@ impl SnapshotStore for SqliteEventStore {
             .read(move |conn| stale_job(conn, aggregate_type.as_deref(), min_events))
             .await
     }
+}
 
+impl annals::SnapshotStaging for SqliteEventStore {
     async fn stage_snapshot(&self, snapshot: &Snapshot) -> Result<()> {
         let state = state_text(snapshot)?;
         let snapshot = snapshot.clone();

@@ -43,9 +43,10 @@ impl Default for SqliteOptions {
 /// An event, snapshot and checkpoint store in one SQLite file.
 ///
 /// A cheap handle: clones share one writer thread and a pool of reader
-/// threads, each owning its own connection. Implements
-/// [`annals::EventStore`], [`annals::SnapshotStore`] and
-/// [`annals::CheckpointStore`].
+/// threads, each owning its own connection. Implements every trait of the
+/// core: [`annals::EventStore`], [`annals::StreamCatalog`],
+/// [`annals::SnapshotStore`], [`annals::SnapshotAdmin`],
+/// [`annals::SnapshotStaging`] and [`annals::CheckpointStore`].
 #[derive(Clone)]
 pub struct SqliteEventStore {
     pub(crate) inner: Arc<Inner>,

@@ -10,6 +10,7 @@ use annals::{
     NewEvent, PromoteReport, ReadAll, ReadStream, Result, Snapshot, SnapshotCoverage,
     SnapshotStore, SnapshotWrite, StaleSnapshot, StoreStats, StreamId, StreamInfo, StreamVersion,
 };
+use annals::{SnapshotAdmin, SnapshotStaging, StreamCatalog};
 use futures::stream::BoxStream;
 
 /// Wraps a store; after `budget` successful writes (appends, snapshot saves
@@ -67,12 +68,6 @@ impl<S: EventStore> EventStore for FaultyStore<S> {
     async fn stream_version(&self, stream: &StreamId) -> Result<Option<StreamVersion>> {
         self.inner.stream_version(stream).await
     }
-    fn list_streams(&self, category: &str) -> BoxStream<'static, Result<StreamInfo>> {
-        self.inner.list_streams(category)
-    }
-    async fn stats(&self) -> Result<StoreStats> {
-        self.inner.stats().await
-    }
     async fn head_position(&self) -> Result<Option<GlobalPosition>> {
         self.inner.head_position().await
     }
@@ -89,6 +84,9 @@ impl<S: SnapshotStore> SnapshotStore for FaultyStore<S> {
     async fn delete_snapshot(&self, t: &str, id: &str) -> Result<u64> {
         self.inner.delete_snapshot(t, id).await
     }
+}
+
+impl<S: SnapshotAdmin> SnapshotAdmin for FaultyStore<S> {
     async fn invalidate_snapshots(&self, t: &str, below: Option<u32>) -> Result<u64> {
         self.inner.invalidate_snapshots(t, below).await
     }
@@ -98,6 +96,9 @@ impl<S: SnapshotStore> SnapshotStore for FaultyStore<S> {
     async fn stale_snapshots(&self, t: Option<&str>, min: u64) -> Result<Vec<StaleSnapshot>> {
         self.inner.stale_snapshots(t, min).await
     }
+}
+
+impl<S: SnapshotStaging> SnapshotStaging for FaultyStore<S> {
     async fn stage_snapshot(&self, snapshot: &Snapshot) -> Result<()> {
         self.spend()?;
         self.inner.stage_snapshot(snapshot).await
@@ -126,5 +127,14 @@ impl<S: CheckpointStore> CheckpointStore for FaultyStore<S> {
     }
     async fn reset_checkpoint(&self, name: &str) -> Result<()> {
         self.inner.reset_checkpoint(name).await
+    }
+}
+
+impl<S: StreamCatalog> StreamCatalog for FaultyStore<S> {
+    fn list_streams(&self, category: &str) -> BoxStream<'static, Result<StreamInfo>> {
+        self.inner.list_streams(category)
+    }
+    async fn stats(&self) -> Result<StoreStats> {
+        self.inner.stats().await
     }
 }

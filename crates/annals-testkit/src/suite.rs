@@ -17,7 +17,7 @@ use chrono::Utc;
 use futures::StreamExt;
 use serde_json::json;
 
-use crate::TestStore;
+use annals::{CheckpointStore, SnapshotAdmin, SnapshotStaging, SnapshotStore, StreamCatalog};
 
 mod hostile;
 pub use hostile::*;
@@ -56,7 +56,7 @@ async fn read_all_vec<S: EventStore>(store: &S, opts: ReadAll) -> Vec<RecordedEv
 }
 
 /// Appends then reads back every field.
-pub async fn append_round_trip<S: TestStore>(store: S) {
+pub async fn append_round_trip<S: EventStore>(store: S) {
     let s = sid("Order-1");
     let before = Utc::now() - chrono::Duration::seconds(5);
     let id = EventId::new();
@@ -103,7 +103,7 @@ pub async fn append_round_trip<S: TestStore>(store: S) {
 }
 
 /// Every `ExpectedVersion` case, accepted and refused.
-pub async fn expected_version_cases<S: TestStore>(store: S) {
+pub async fn expected_version_cases<S: EventStore>(store: S) {
     let s = sid("Case-1");
     let conflict =
         |r: annals::Result<annals::AppendResult>| matches!(r, Err(ref e) if e.is_conflict());
@@ -176,7 +176,7 @@ pub async fn expected_version_cases<S: TestStore>(store: S) {
 }
 
 /// A conflict is `WrongExpectedVersion` naming stream, expected and actual.
-pub async fn conflict_names_actual_version<S: TestStore>(store: S) {
+pub async fn conflict_names_actual_version<S: EventStore>(store: S) {
     let s = sid("Acct-x");
     store
         .append(
@@ -219,7 +219,7 @@ pub async fn conflict_names_actual_version<S: TestStore>(store: S) {
 }
 
 /// A batch that fails part-way writes nothing.
-pub async fn batch_is_atomic<S: TestStore>(store: S) {
+pub async fn batch_is_atomic<S: EventStore>(store: S) {
     let s = sid("Atomic-1");
     let other = sid("Atomic-2");
     let taken = EventId::new();
@@ -258,7 +258,7 @@ pub async fn batch_is_atomic<S: TestStore>(store: S) {
 }
 
 /// Retrying the same batch is a no-op that returns the original assignment.
-pub async fn idempotent_event_ids<S: TestStore>(store: S) {
+pub async fn idempotent_event_ids<S: EventStore>(store: S) {
     let s = sid("Idem-1");
     let batch = vec![ev("A", 1), ev("B", 2)];
     let first = store
@@ -288,7 +288,7 @@ pub async fn idempotent_event_ids<S: TestStore>(store: S) {
 }
 
 /// Reusing a stored id for a different event fails and writes nothing.
-pub async fn duplicate_event_id_is_rejected<S: TestStore>(store: S) {
+pub async fn duplicate_event_id_is_rejected<S: EventStore>(store: S) {
     let s = sid("Dup-1");
     let id = EventId::new();
     store
@@ -330,7 +330,7 @@ pub async fn duplicate_event_id_is_rejected<S: TestStore>(store: S) {
 }
 
 /// Invalid events are typed errors; nothing is written.
-pub async fn bad_input_is_rejected<S: TestStore>(store: S) {
+pub async fn bad_input_is_rejected<S: EventStore>(store: S) {
     let s = sid("Bad-1");
     let cases = vec![
         vec![],
@@ -358,7 +358,7 @@ pub async fn bad_input_is_rejected<S: TestStore>(store: S) {
 }
 
 /// Correlation, causation and free headers survive the store.
-pub async fn metadata_round_trip<S: TestStore>(store: S) {
+pub async fn metadata_round_trip<S: EventStore>(store: S) {
     let s = sid("Meta-1");
     let mut m = Metadata {
         correlation_id: Some(uuid::Uuid::now_v7()),
@@ -384,7 +384,7 @@ pub async fn metadata_round_trip<S: TestStore>(store: S) {
 
 /// N tasks race on one stream with exact expected versions: exactly one
 /// winner per version, no gaps, no duplicates.
-pub async fn racing_writers_one_stream<S: TestStore>(store: S) {
+pub async fn racing_writers_one_stream<S: EventStore>(store: S) {
     let s = sid("Race-1");
     let tasks = 8;
     let per_task = 15;
@@ -438,7 +438,7 @@ pub async fn racing_writers_one_stream<S: TestStore>(store: S) {
 /// 8 concurrent writers, one reader following `read_all` from its last
 /// position: every event exactly once, in increasing position, and each
 /// stream's versions in order.
-pub async fn global_order_with_concurrent_writers<S: TestStore>(store: S) {
+pub async fn global_order_with_concurrent_writers<S: EventStore>(store: S) {
     let writers = 8u64;
     let appends = 40u64;
     // (appends finished, all writers done). A reader that has caught up
@@ -534,7 +534,7 @@ pub async fn global_order_with_concurrent_writers<S: TestStore>(store: S) {
 }
 
 /// `from`, `direction` and `limit` of stream reads.
-pub async fn read_stream_options<S: TestStore>(store: S) {
+pub async fn read_stream_options<S: EventStore>(store: S) {
     let s = sid("Opts-1");
     store
         .append(
@@ -574,7 +574,7 @@ pub async fn read_stream_options<S: TestStore>(store: S) {
 }
 
 /// Reads longer than one backend batch come back whole and in order.
-pub async fn reads_cross_batch_boundaries<S: TestStore>(store: S) {
+pub async fn reads_cross_batch_boundaries<S: EventStore>(store: S) {
     let s = sid("Long-1");
     for chunk in 0..3 {
         let batch: Vec<NewEvent> = (0..450).map(|i| ev("A", chunk * 450 + i)).collect();
@@ -603,7 +603,7 @@ pub async fn reads_cross_batch_boundaries<S: TestStore>(store: S) {
 }
 
 /// A stream as of a version and as of an instant.
-pub async fn time_travel<S: TestStore>(store: S) {
+pub async fn time_travel<S: EventStore>(store: S) {
     let s = sid("Travel-1");
     store
         .append(&s, ExpectedVersion::Any, vec![ev("A", 1), ev("A", 2)])
@@ -669,7 +669,7 @@ pub async fn time_travel<S: TestStore>(store: S) {
 }
 
 /// `read_all` by position, category and event type.
-pub async fn read_all_filters<S: TestStore>(store: S) {
+pub async fn read_all_filters<S: EventStore>(store: S) {
     store
         .append(
             &sid("Cat-1"),
@@ -744,7 +744,7 @@ pub async fn read_all_filters<S: TestStore>(store: S) {
 }
 
 /// Streams of a category, head versions and stats.
-pub async fn stream_listing_and_stats<S: TestStore>(store: S) {
+pub async fn stream_listing_and_stats<S: EventStore + StreamCatalog>(store: S) {
     assert_eq!(store.stats().await.expect("stats").events, 0);
     store
         .append(
@@ -793,7 +793,7 @@ pub async fn stream_listing_and_stats<S: TestStore>(store: S) {
 }
 
 /// The bank account through the repository.
-pub async fn repository_commands<S: TestStore>(store: S) {
+pub async fn repository_commands<S: EventStore>(store: S) {
     let repo = Repository::<Account, _>::new(store.clone());
     let ctx = CommandContext::new();
     let r = repo
@@ -851,7 +851,7 @@ pub async fn repository_commands<S: TestStore>(store: S) {
 }
 
 /// Concurrent commands on one aggregate all land through retries.
-pub async fn repository_retries_on_conflict<S: TestStore>(store: S) {
+pub async fn repository_retries_on_conflict<S: EventStore>(store: S) {
     let repo = Repository::<Account, _>::new(store.clone()).with_retry(RetryPolicy {
         max_attempts: 200,
         ..RetryPolicy::default()
@@ -905,7 +905,7 @@ pub async fn repository_retries_on_conflict<S: TestStore>(store: S) {
 }
 
 /// Correlation and causation ids flow from commands and handled events.
-pub async fn repository_metadata_flow<S: TestStore>(store: S) {
+pub async fn repository_metadata_flow<S: EventStore>(store: S) {
     let repo = Repository::<Account, _>::new(store.clone());
     let corr = uuid::Uuid::now_v7();
     let ctx = CommandContext::new()
@@ -927,7 +927,7 @@ pub async fn repository_metadata_flow<S: TestStore>(store: S) {
 }
 
 /// A stored event type the aggregate does not know is an error naming it.
-pub async fn unknown_event_type_is_reported<S: TestStore>(store: S) {
+pub async fn unknown_event_type_is_reported<S: EventStore>(store: S) {
     let s = sid("Account-u1");
     store
         .append(
@@ -979,7 +979,7 @@ fn snap(id: &str, version: u64, schema: u32, balance: i64) -> Snapshot {
 }
 
 /// A snapshot write never replaces a newer one.
-pub async fn snapshot_store_guarded_writes<S: TestStore>(store: S) {
+pub async fn snapshot_store_guarded_writes<S: SnapshotStore>(store: S) {
     assert_eq!(
         store.load_snapshot("Account", "s1").await.expect("load"),
         None
@@ -1071,7 +1071,7 @@ pub async fn snapshot_store_guarded_writes<S: TestStore>(store: S) {
     );
 }
 
-async fn open_accounts<S: TestStore>(store: &S, n: usize, deposits: usize) {
+async fn open_accounts<S: EventStore>(store: &S, n: usize, deposits: usize) {
     let repo = Repository::<Account, _>::new(store.clone());
     let ctx = CommandContext::new();
     for i in 0..n {
@@ -1088,7 +1088,7 @@ async fn open_accounts<S: TestStore>(store: &S, n: usize, deposits: usize) {
 }
 
 /// Coverage, freshness and bulk invalidation.
-pub async fn snapshot_queries<S: TestStore>(store: S) {
+pub async fn snapshot_queries<S: EventStore + SnapshotStore + SnapshotAdmin>(store: S) {
     open_accounts(&store, 3, 2).await; // heads 3, 5, 7
     store
         .append(&sid("Other-1"), ExpectedVersion::Any, vec![ev("X", 1)])
@@ -1170,7 +1170,7 @@ pub async fn snapshot_queries<S: TestStore>(store: S) {
 }
 
 /// Staged snapshots are promoted in one step, never over a newer live one.
-pub async fn snapshot_staging_and_promote<S: TestStore>(store: S) {
+pub async fn snapshot_staging_and_promote<S: SnapshotStore + SnapshotStaging>(store: S) {
     store
         .stage_snapshot(&snap("p1", 5, 2, 5))
         .await
@@ -1253,7 +1253,7 @@ pub async fn snapshot_staging_and_promote<S: TestStore>(store: S) {
 }
 
 /// With a snapshot every N events, a load reads the snapshot plus the tail.
-pub async fn repository_snapshots_every_n<S: TestStore>(store: S) {
+pub async fn repository_snapshots_every_n<S: EventStore + SnapshotStore>(store: S) {
     let repo = Repository::<Account, _>::new(store.clone())
         .with_snapshots(store.clone(), SnapshotConfig::every(10));
     let ctx = CommandContext::new();
@@ -1335,7 +1335,7 @@ pub async fn repository_snapshots_every_n<S: TestStore>(store: S) {
 
 /// The interval policy snapshots when the live snapshot is older than the
 /// interval (or missing), and not otherwise.
-pub async fn snapshot_interval_policy<S: TestStore>(store: S) {
+pub async fn snapshot_interval_policy<S: EventStore + SnapshotStore>(store: S) {
     let hourly = Repository::<Account, _>::new(store.clone()).with_snapshots(
         store.clone(),
         SnapshotConfig {
@@ -1432,7 +1432,7 @@ impl Aggregate for AccountV2Migrating {
 
 /// A schema bump: old snapshots are ignored, the aggregate replayed, and a
 /// new snapshot at the new schema version follows the policy.
-pub async fn snapshot_schema_bump_is_ignored<S: TestStore>(store: S) {
+pub async fn snapshot_schema_bump_is_ignored<S: EventStore + SnapshotStore>(store: S) {
     let v1 = Repository::<Account, _>::new(store.clone())
         .with_snapshots(store.clone(), SnapshotConfig::every(5));
     let ctx = CommandContext::new();
@@ -1494,7 +1494,7 @@ pub async fn snapshot_schema_bump_is_ignored<S: TestStore>(store: S) {
 }
 
 /// A registered state migration upgrades an old snapshot on load.
-pub async fn snapshot_migration_on_load<S: TestStore>(store: S) {
+pub async fn snapshot_migration_on_load<S: EventStore + SnapshotStore>(store: S) {
     let v1 = Repository::<Account, _>::new(store.clone())
         .with_snapshots(store.clone(), SnapshotConfig::every(4));
     let ctx = CommandContext::new();
@@ -1524,7 +1524,7 @@ pub async fn snapshot_migration_on_load<S: TestStore>(store: S) {
 }
 
 /// A snapshot that does not decode is ignored with identical results.
-pub async fn corrupt_snapshot_falls_back<S: TestStore>(store: S) {
+pub async fn corrupt_snapshot_falls_back<S: EventStore + SnapshotStore>(store: S) {
     let repo = Repository::<Account, _>::new(store.clone())
         .with_snapshots(store.clone(), SnapshotConfig::every(3));
     let ctx = CommandContext::new();
@@ -1562,7 +1562,7 @@ pub async fn corrupt_snapshot_falls_back<S: TestStore>(store: S) {
 }
 
 /// A snapshot beyond the stream's head is ignored and reported.
-pub async fn snapshot_ahead_of_head_is_ignored<S: TestStore>(store: S) {
+pub async fn snapshot_ahead_of_head_is_ignored<S: EventStore + SnapshotStore>(store: S) {
     let repo = Repository::<Account, _>::new(store.clone())
         .with_snapshots(store.clone(), SnapshotConfig::every(100));
     let ctx = CommandContext::new();
@@ -1595,7 +1595,7 @@ pub async fn snapshot_ahead_of_head_is_ignored<S: TestStore>(store: S) {
 }
 
 /// Removing the snapshot store changes no result.
-pub async fn snapshots_change_no_result<S: TestStore>(store: S) {
+pub async fn snapshots_change_no_result<S: EventStore + SnapshotStore>(store: S) {
     let with = Repository::<Account, _>::new(store.clone())
         .with_snapshots(store.clone(), SnapshotConfig::every(3));
     let without = Repository::<Account, _>::new(store.clone());
@@ -1622,7 +1622,7 @@ pub async fn snapshots_change_no_result<S: TestStore>(store: S) {
 
 /// Background snapshots: commands never fail or wait on them, none is lost,
 /// and every snapshot is the fold of an exact prefix.
-pub async fn background_snapshots_lose_no_command<S: TestStore>(store: S) {
+pub async fn background_snapshots_lose_no_command<S: EventStore + SnapshotStore>(store: S) {
     let repo = Repository::<Account, _>::new(store.clone())
         .with_snapshots(store.clone(), SnapshotConfig::every(2).background(16));
     let mut handles = Vec::new();
@@ -1669,7 +1669,7 @@ pub async fn background_snapshots_lose_no_command<S: TestStore>(store: S) {
 }
 
 /// Snapshots created while writers append are folds of exact prefixes.
-pub async fn snapshots_under_concurrent_writers<S: TestStore>(store: S) {
+pub async fn snapshots_under_concurrent_writers<S: EventStore + SnapshotStore>(store: S) {
     let writer_repo = Repository::<Account, _>::new(store.clone()).with_retry(RetryPolicy {
         max_attempts: 500,
         ..RetryPolicy::default()
@@ -1743,7 +1743,7 @@ pub async fn snapshots_under_concurrent_writers<S: TestStore>(store: S) {
 }
 
 /// Checkpoints persist, never move backwards, and reset.
-pub async fn checkpoints<S: TestStore>(store: S) {
+pub async fn checkpoints<S: EventStore + CheckpointStore>(store: S) {
     assert_eq!(store.load_checkpoint("proj").await.expect("load"), None);
     let r = store
         .append(
@@ -1780,7 +1780,7 @@ fn quiet(_: Progress) {}
 
 /// Pre-population writes snapshots for the aggregates with most events
 /// first, lists failures, and a rerun has nothing left to do.
-pub async fn prepopulate_snapshots<S: TestStore>(store: S) {
+pub async fn prepopulate_snapshots<S: EventStore + SnapshotStore + SnapshotAdmin>(store: S) {
     open_accounts(&store, 4, 3).await; // heads 4, 7, 10, 13
     store
         .append(
@@ -1848,7 +1848,10 @@ pub async fn prepopulate_snapshots<S: TestStore>(store: S) {
 
 /// Migrate into staging (catching up from current-schema snapshots, fully
 /// replaying others), verify, promote; loads then use the new snapshots.
-pub async fn staged_migration_end_to_end<S: TestStore>(store: S) {
+pub async fn staged_migration_end_to_end<S>(store: S)
+where
+    S: EventStore + StreamCatalog + SnapshotStore + SnapshotAdmin + SnapshotStaging,
+{
     open_accounts(&store, 3, 2).await; // heads 3, 5, 7
                                        // Old-schema snapshots everywhere.
     SnapshotJobs::<Account, _>::new(store.clone())
@@ -1910,7 +1913,10 @@ pub async fn staged_migration_end_to_end<S: TestStore>(store: S) {
 /// An interrupted migration continues where it stopped on rerun: the store
 /// starts failing every write after 5 staged snapshots (a crash, a full
 /// disk); after it heals, a rerun skips what was staged and does the rest.
-pub async fn interrupted_migration_resumes<S: TestStore>(store: S) {
+pub async fn interrupted_migration_resumes<S>(store: S)
+where
+    S: EventStore + StreamCatalog + SnapshotStore + SnapshotAdmin + SnapshotStaging,
+{
     open_accounts(&store, 12, 1).await;
     let faulty = crate::FaultyStore::new(store.clone(), 5);
     let jobs = SnapshotJobs::<AccountV2, _>::new(faulty.clone());
@@ -1952,7 +1958,10 @@ pub async fn interrupted_migration_resumes<S: TestStore>(store: S) {
 
 /// A staged snapshot that does not match a fresh replay blocks promote
 /// unless forced; failures during migrate are listed and the rest go on.
-pub async fn verify_blocks_bad_promote<S: TestStore>(store: S) {
+pub async fn verify_blocks_bad_promote<S>(store: S)
+where
+    S: EventStore + StreamCatalog + SnapshotStore + SnapshotAdmin + SnapshotStaging,
+{
     open_accounts(&store, 3, 1).await;
     store
         .append(
@@ -2002,7 +2011,10 @@ pub async fn verify_blocks_bad_promote<S: TestStore>(store: S) {
 
 /// Promote racing with live saves never replaces a newer live snapshot, and
 /// loads stay correct throughout.
-pub async fn promote_races_with_live_saves<S: TestStore>(store: S) {
+pub async fn promote_races_with_live_saves<S>(store: S)
+where
+    S: EventStore + StreamCatalog + SnapshotStore + SnapshotAdmin + SnapshotStaging,
+{
     open_accounts(&store, 6, 1).await;
     let jobs = SnapshotJobs::<Account, _>::new(store.clone());
     jobs.migrate(JobOptions::default(), &quiet)
@@ -2053,14 +2065,17 @@ pub async fn promote_races_with_live_saves<S: TestStore>(store: S) {
 
 /// Generated append/read/snapshot/checkpoint scenarios agree with a `Vec`
 /// model (see [`crate::model`]).
-pub async fn model_scenarios<S: TestStore>(store: S) {
+pub async fn model_scenarios<S: EventStore + SnapshotStore + CheckpointStore>(store: S) {
     crate::model::check_generated(store, 12).await;
 }
 
 /// A staged migration running while writers append: every staged snapshot is
 /// the fold of an exact prefix of its stream (verify finds no mismatch), and
 /// after promote every load equals a full replay.
-pub async fn migrate_while_writers_append<S: TestStore>(store: S) {
+pub async fn migrate_while_writers_append<S>(store: S)
+where
+    S: EventStore + StreamCatalog + SnapshotStore + SnapshotAdmin + SnapshotStaging,
+{
     open_accounts(&store, 8, 1).await;
     let repo = Repository::<Account, _>::new(store.clone()).with_retry(RetryPolicy {
         max_attempts: 500,

@@ -1,8 +1,12 @@
-//! The [`EventStore`] trait: the contract every backend keeps.
+//! The [`EventStore`] trait: the contract every backend keeps; and
+//! [`StreamCatalog`], the listing and counting a backend adds when it keeps an
+//! index of its streams.
 //!
 //! Reads return lazy streams that fetch bounded batches, so a reader never
 //! holds a whole stream or table in memory. The trait is small on purpose:
-//! five required methods, and helpers built on them.
+//! append, the two reads, the head of a stream and the head of the global
+//! order, and helpers built on them. Everything a log-only backend (a
+//! replicated log read forward) could not answer lives in an optional trait.
 
 use std::future::Future;
 
@@ -230,12 +234,6 @@ pub trait EventStore: Clone + Send + Sync + 'static {
         stream: &StreamId,
     ) -> impl Future<Output = Result<Option<StreamVersion>>> + Send;
 
-    /// The streams of one category with their heads, ordered by name, lazily.
-    fn list_streams(&self, category: &str) -> BoxStream<'static, Result<StreamInfo>>;
-
-    /// Counts of streams and events per category and per type.
-    fn stats(&self) -> impl Future<Output = Result<StoreStats>> + Send;
-
     /// The position of the newest event a `read_all` reader can see now
     /// (`None` when the store is empty). Used to measure projection lag.
     fn head_position(&self) -> impl Future<Output = Result<Option<GlobalPosition>>> + Send;
@@ -248,4 +246,23 @@ pub trait EventStore: Clone + Send + Sync + 'static {
     ) -> impl Future<Output = Result<Vec<RecordedEvent>>> + Send {
         self.read_stream(stream, options).try_collect()
     }
+}
+
+/// Listing and counting the streams of an [`EventStore`]: what `annals
+/// streams`, `annals stats` and the staged snapshot migration (which walks
+/// every stream of a category) use.
+///
+/// Optional. The repository and the `read_all` feed never need it. A backend
+/// implements it when it keeps an index of its streams (the SQL backends'
+/// `streams` table); one that can only read its log forward can leave it
+/// out.
+pub trait StreamCatalog: EventStore {
+    /// The streams of one category with their heads, ordered by name, lazily.
+    /// A stream is listed once it has an event. The listing is read page by
+    /// page, so under concurrent appends a head may be behind by the time the
+    /// caller sees it.
+    fn list_streams(&self, category: &str) -> BoxStream<'static, Result<StreamInfo>>;
+
+    /// Counts of streams and events per category and per type.
+    fn stats(&self) -> impl Future<Output = Result<StoreStats>> + Send;
 }

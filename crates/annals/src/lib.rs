@@ -10,9 +10,13 @@
 //! - [`Aggregate`] and [`Repository`]: state is a fold of events; a command
 //!   returns new events; the repository appends them with optimistic
 //!   concurrency and retries on conflict.
-//! - [`SnapshotStore`]: a cache of aggregate state with a schema version, a
-//!   staging area for migrations, and the coverage and freshness queries.
+//! - [`SnapshotStore`]: a cache of aggregate state with a schema version.
 //! - [`CheckpointStore`]: where each projection has got to.
+//!
+//! Those three are what every backend implements. A backend opts into the
+//! rest: [`StreamCatalog`] (list streams, count them), [`SnapshotAdmin`]
+//! (invalidation, coverage and freshness queries) and [`SnapshotStaging`]
+//! (the staging area of a snapshot migration).
 //!
 //! # Example
 //!
@@ -70,7 +74,7 @@ pub use event::{
 pub use event::{validate_batch_owned, MAX_JSON_DEPTH};
 pub use event_store::{
     CategoryStats, Direction, EventStore, EventStream, EventTypeStats, ReadAll, ReadStream,
-    StoreStats, StreamInfo, DEFAULT_BATCH_SIZE,
+    StoreStats, StreamCatalog, StreamInfo, DEFAULT_BATCH_SIZE,
 };
 pub use memory::InMemoryStore;
 pub use repository::{
@@ -79,8 +83,8 @@ pub use repository::{
     SnapshotSkip, SNAPSHOT_LOG_TARGET,
 };
 pub use snapshot::{
-    NoSnapshots, PromoteReport, Snapshot, SnapshotCoverage, SnapshotStore, SnapshotWrite,
-    StaleSnapshot,
+    NoSnapshots, PromoteReport, Snapshot, SnapshotAdmin, SnapshotCoverage, SnapshotStaging,
+    SnapshotStore, SnapshotWrite, StaleSnapshot,
 };
 pub use snapshot_jobs::{
     JobFailure, JobOptions, JobReport, Progress, SnapshotJobs, VerifyMismatch, VerifyReport,

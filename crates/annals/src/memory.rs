@@ -259,53 +259,6 @@ impl EventStore for InMemoryStore {
             .map(|v| StreamVersion(v.len() as u64)))
     }
 
-    fn list_streams(&self, category: &str) -> BoxStream<'static, Result<StreamInfo>> {
-        let st = self.lock();
-        let infos: Vec<Result<StreamInfo>> = st
-            .streams
-            .iter()
-            .filter(|(s, _)| s.category() == category)
-            .map(|(s, v)| {
-                Ok(StreamInfo {
-                    stream_id: s.clone(),
-                    version: StreamVersion(v.len() as u64),
-                })
-            })
-            .collect();
-        stream::iter(infos).boxed()
-    }
-
-    async fn stats(&self) -> Result<StoreStats> {
-        let st = self.lock();
-        let mut cats: BTreeMap<String, CategoryStats> = BTreeMap::new();
-        for (s, v) in &st.streams {
-            let c = cats
-                .entry(s.category().to_owned())
-                .or_insert_with(|| CategoryStats {
-                    category: s.category().to_owned(),
-                    streams: 0,
-                    events: 0,
-                });
-            c.streams += 1;
-            c.events += v.len() as u64;
-        }
-        let mut types: BTreeMap<String, u64> = BTreeMap::new();
-        for e in &st.events {
-            *types.entry(e.event_type.clone()).or_default() += 1;
-        }
-        Ok(StoreStats {
-            streams: st.streams.len() as u64,
-            events: st.events.len() as u64,
-            categories: cats.into_values().collect(),
-            event_types: types
-                .into_iter()
-                .map(|(event_type, events)| EventTypeStats { event_type, events })
-                .collect(),
-            first_recorded_at: st.events.iter().map(|e| e.recorded_at).min(),
-            last_recorded_at: st.events.iter().map(|e| e.recorded_at).max(),
-        })
-    }
-
     async fn head_position(&self) -> Result<Option<GlobalPosition>> {
         Ok(self.lock().events.last().map(|e| e.global_position))
     }
@@ -347,7 +300,9 @@ impl SnapshotStore for InMemoryStore {
             .remove(&key(aggregate_type, aggregate_id))
             .map_or(0, |_| 1))
     }
+}
 
+impl crate::SnapshotAdmin for InMemoryStore {
     async fn invalidate_snapshots(&self, aggregate_type: &str, below: Option<u32>) -> Result<u64> {
         let mut st = self.lock();
         let before = st.snapshots.len();
@@ -419,7 +374,9 @@ impl SnapshotStore for InMemoryStore {
         });
         Ok(out)
     }
+}
 
+impl crate::SnapshotStaging for InMemoryStore {
     async fn stage_snapshot(&self, snapshot: &Snapshot) -> Result<()> {
         self.lock().staged.insert(
             key(&snapshot.aggregate_type, &snapshot.aggregate_id),
@@ -500,5 +457,54 @@ impl CheckpointStore for InMemoryStore {
     async fn reset_checkpoint(&self, name: &str) -> Result<()> {
         self.lock().checkpoints.remove(name);
         Ok(())
+    }
+}
+
+impl crate::StreamCatalog for InMemoryStore {
+    fn list_streams(&self, category: &str) -> BoxStream<'static, Result<StreamInfo>> {
+        let st = self.lock();
+        let infos: Vec<Result<StreamInfo>> = st
+            .streams
+            .iter()
+            .filter(|(s, _)| s.category() == category)
+            .map(|(s, v)| {
+                Ok(StreamInfo {
+                    stream_id: s.clone(),
+                    version: StreamVersion(v.len() as u64),
+                })
+            })
+            .collect();
+        stream::iter(infos).boxed()
+    }
+
+    async fn stats(&self) -> Result<StoreStats> {
+        let st = self.lock();
+        let mut cats: BTreeMap<String, CategoryStats> = BTreeMap::new();
+        for (s, v) in &st.streams {
+            let c = cats
+                .entry(s.category().to_owned())
+                .or_insert_with(|| CategoryStats {
+                    category: s.category().to_owned(),
+                    streams: 0,
+                    events: 0,
+                });
+            c.streams += 1;
+            c.events += v.len() as u64;
+        }
+        let mut types: BTreeMap<String, u64> = BTreeMap::new();
+        for e in &st.events {
+            *types.entry(e.event_type.clone()).or_default() += 1;
+        }
+        Ok(StoreStats {
+            streams: st.streams.len() as u64,
+            events: st.events.len() as u64,
+            categories: cats.into_values().collect(),
+            event_types: types
+                .into_iter()
+                .map(|(event_type, events)| EventTypeStats { event_type, events })
+                .collect(),
+            first_recorded_at: st.events.iter().map(|e| e.recorded_at).min(),
+            last_recorded_at: st.events.iter().map(|e| e.recorded_at).max(),
+        })
     }
 }

@@ -10,6 +10,12 @@
 //! separate staging table holds snapshots that a migration built ahead of a
 //! deploy; `promote_staged` moves them into the live table in one
 //! transaction.
+//!
+//! A backend implements the cache, [`SnapshotStore`], and opts into the rest:
+//! [`SnapshotAdmin`] (invalidation, coverage, freshness) and
+//! [`SnapshotStaging`] (the staging area). They are separate because each
+//! asks more of the storage: the queries join snapshots with streams, the
+//! staging area needs a transaction over two tables.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -87,7 +93,7 @@ pub struct StaleSnapshot {
     pub events_behind: u64,
 }
 
-/// Outcome of [`SnapshotStore::promote_staged`].
+/// Outcome of [`SnapshotStaging::promote_staged`].
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Default, Serialize)]
 pub struct PromoteReport {
     /// Staged snapshots moved into the live table.
@@ -97,10 +103,13 @@ pub struct PromoteReport {
     pub kept_live: u64,
 }
 
-/// Storage for snapshots, their staging area and the queries operators run.
+/// The snapshot cache: load, guarded save and delete of the live snapshot of
+/// one aggregate. All the repository needs.
 ///
-/// Backends keep snapshots in the same database as the events, so the
-/// coverage and freshness queries can join them with the streams.
+/// The operators' queries ([`SnapshotAdmin`]) and the staging area of a
+/// migration ([`SnapshotStaging`]) are separate, optional traits: a backend
+/// that can keep a value per aggregate (a key-value bucket on a replicated
+/// log) can offer the cache without them.
 pub trait SnapshotStore: Clone + Send + Sync + 'static {
     /// The live snapshot of an aggregate: the one with the highest
     /// `(schema_version, version)`.
@@ -124,7 +133,16 @@ pub trait SnapshotStore: Clone + Send + Sync + 'static {
         aggregate_type: &str,
         aggregate_id: &str,
     ) -> impl Future<Output = Result<u64>> + Send;
+}
 
+/// The queries operators run over the live snapshots: bulk invalidation,
+/// coverage and freshness (`annals snapshots coverage|stale|invalidate`, and
+/// `SnapshotJobs::prepopulate`, which works through the stale list).
+///
+/// Optional. Coverage and freshness join the snapshots with the streams, so
+/// the SQL backends keep both in one database; a backend that cannot answer
+/// these without reading every stream can leave the trait out.
+pub trait SnapshotAdmin: SnapshotStore {
     /// Bulk invalidation: deletes the live snapshots of a type (only those
     /// with `schema_version < below` when given); returns how many.
     fn invalidate_snapshots(
@@ -147,7 +165,16 @@ pub trait SnapshotStore: Clone + Send + Sync + 'static {
         aggregate_type: Option<&str>,
         min_events: u64,
     ) -> impl Future<Output = Result<Vec<StaleSnapshot>>> + Send;
+}
 
+/// The staging area of a snapshot migration: snapshots built at a new schema
+/// version ahead of a deploy, kept apart from the live ones until
+/// [`SnapshotStaging::promote_staged`] switches them in one transaction
+/// (`SnapshotJobs::migrate`, `verify` and `promote`).
+///
+/// Optional: it needs a second table beside the live snapshots and a
+/// transaction over both.
+pub trait SnapshotStaging: SnapshotStore {
     /// Writes (or replaces) the staged snapshot of one aggregate.
     fn stage_snapshot(&self, snapshot: &Snapshot) -> impl Future<Output = Result<()>> + Send;
 
@@ -174,7 +201,8 @@ pub trait SnapshotStore: Clone + Send + Sync + 'static {
 }
 
 /// The snapshot store of a repository configured without snapshots: it holds
-/// nothing and accepts nothing.
+/// nothing and accepts nothing. It is only a cache ([`SnapshotStore`]), so no
+/// snapshot job or operator query runs against it.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct NoSnapshots;
 
@@ -190,30 +218,6 @@ impl SnapshotStore for NoSnapshots {
         Err(no_store())
     }
     async fn delete_snapshot(&self, _: &str, _: &str) -> Result<u64> {
-        Ok(0)
-    }
-    async fn invalidate_snapshots(&self, _: &str, _: Option<u32>) -> Result<u64> {
-        Ok(0)
-    }
-    async fn snapshot_coverage(&self, _: Option<&str>) -> Result<Vec<SnapshotCoverage>> {
-        Err(no_store())
-    }
-    async fn stale_snapshots(&self, _: Option<&str>, _: u64) -> Result<Vec<StaleSnapshot>> {
-        Err(no_store())
-    }
-    async fn stage_snapshot(&self, _: &Snapshot) -> Result<()> {
-        Err(no_store())
-    }
-    async fn load_staged(&self, _: &str, _: &str) -> Result<Option<Snapshot>> {
-        Ok(None)
-    }
-    fn staged_snapshots(&self, _: &str) -> BoxStream<'static, Result<Snapshot>> {
-        Box::pin(futures::stream::empty())
-    }
-    async fn promote_staged(&self, _: &str) -> Result<PromoteReport> {
-        Err(no_store())
-    }
-    async fn clear_staged(&self, _: &str) -> Result<u64> {
         Ok(0)
     }
 }

@@ -16,8 +16,10 @@ use futures::{StreamExt, TryStreamExt};
 use serde::Serialize;
 
 use crate::repository::{decode_snapshot, fold_stream, make_snapshot, resume_from};
-use crate::snapshot::{PromoteReport, Snapshot, SnapshotStore};
-use crate::{Aggregate, Error, EventStore, ReadStream, Result, StreamId, StreamVersion};
+use crate::snapshot::{PromoteReport, Snapshot, SnapshotAdmin, SnapshotStaging, SnapshotStore};
+use crate::{
+    Aggregate, Error, EventStore, ReadStream, Result, StreamCatalog, StreamId, StreamVersion,
+};
 
 /// Progress of a long operation, for a progress bar.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -98,6 +100,11 @@ impl Default for JobOptions {
 
 /// Snapshot operations for aggregate type `A` on a store that holds both
 /// events and snapshots.
+///
+/// Each operation asks only for the traits it uses: [`SnapshotJobs::create`]
+/// works on any snapshot cache; `prepopulate` also needs [`SnapshotAdmin`];
+/// `migrate` needs [`StreamCatalog`], [`SnapshotAdmin`] and
+/// [`SnapshotStaging`]; `verify` and `promote` need [`SnapshotStaging`].
 pub struct SnapshotJobs<A, S> {
     store: S,
     _aggregate: PhantomData<fn() -> A>,
@@ -162,7 +169,10 @@ impl<A: Aggregate, S: EventStore + SnapshotStore> SnapshotJobs<A, S> {
             None => Ok(None),
         }
     }
+}
 
+/// Pre-population works through the stale list of [`SnapshotAdmin`].
+impl<A: Aggregate, S: EventStore + SnapshotAdmin> SnapshotJobs<A, S> {
     /// Writes live snapshots for existing aggregates whose head is more than
     /// `min_events` past their snapshot (or who have none), most events
     /// first. Safe to interrupt and rerun: finished aggregates are no longer
@@ -200,7 +210,14 @@ impl<A: Aggregate, S: EventStore + SnapshotStore> SnapshotJobs<A, S> {
             .await;
         summarize(outcomes)
     }
+}
 
+/// The staged migration walks every stream of the type ([`StreamCatalog`]),
+/// counts them for progress ([`SnapshotAdmin`]) and writes into the staging
+/// area ([`SnapshotStaging`]).
+impl<A: Aggregate, S: EventStore + StreamCatalog + SnapshotAdmin + SnapshotStaging>
+    SnapshotJobs<A, S>
+{
     /// Builds snapshots at the current schema version for every aggregate of
     /// the type into the staging table. An aggregate whose live snapshot has
     /// the current schema version is caught up from it; any other is fully
@@ -259,7 +276,10 @@ impl<A: Aggregate, S: EventStore + SnapshotStore> SnapshotJobs<A, S> {
             .await;
         summarize(outcomes)
     }
+}
 
+/// Verification and promotion read the staging area ([`SnapshotStaging`]).
+impl<A: Aggregate, S: EventStore + SnapshotStaging> SnapshotJobs<A, S> {
     /// Folds staged aggregates from scratch up to their staged version and
     /// compares with the staged state. `sample` checks that many, evenly
     /// spread over the ids; `None` checks all.

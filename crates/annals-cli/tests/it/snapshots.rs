@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::sync::Mutex;
 
 use annals::bank::{Account, AccountEvent};
-use annals::{Aggregate, JobOptions, Progress, SnapshotStore};
+use annals::{Aggregate, JobOptions, Progress, SnapshotAdmin};
 use annals_cli::{AggregateOps, AnyStore, App, Registered};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;

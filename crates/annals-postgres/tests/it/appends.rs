@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use annals::StreamCatalog;
 use annals::{
     Error, EventId, EventStore, ExpectedVersion, GlobalPosition, NewEvent, ReadAll, ReadStream,
     StreamId, StreamVersion,

@@ -1,6 +1,7 @@
 //! Snapshot history (`snapshot_history > 1`) and staged snapshots paging.
 
 use annals::{Snapshot, SnapshotStore, SnapshotWrite, StreamVersion};
+use annals::{SnapshotAdmin, SnapshotStaging};
 use chrono::Utc;
 use futures::TryStreamExt;
 use serde_json::json;

@@ -6,4 +6,14 @@ async fn fresh() -> Option<SqliteEventStore> {
     Some(crate::fresh_store().await)
 }
 
-annals_testkit::conformance_suite!(fresh);
+// Every group: the store implements every trait.
+annals_testkit::conformance_suite!(fresh;
+    event_store,
+    stream_catalog,
+    snapshot_store,
+    snapshot_admin,
+    snapshot_staging,
+    snapshot_migration,
+    checkpoints,
+    model,
+);

@@ -1,6 +1,7 @@
 //! Event reads and writes beyond the shared suite: paging at small batch
 //! sizes, rows that do not decode, SQL-side filters.
 
+use annals::StreamCatalog;
 use annals::{EventStore, ExpectedVersion, GlobalPosition, ReadAll, ReadStream, StreamVersion};
 use annals_sqlite::SqliteOptions;
 use futures::{StreamExt, TryStreamExt};

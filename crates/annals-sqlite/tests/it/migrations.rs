@@ -1,5 +1,6 @@
 //! Versioned migrations, the ledger and the schema-version guard.
 
+use annals::StreamCatalog;
 use annals::{CheckpointStore, EventStore, ExpectedVersion, ReadAll, SnapshotStore};
 use annals_sqlite::{SqliteEventStore, SqliteOptions};
 use futures::StreamExt;

@@ -1,6 +1,7 @@
 //! Snapshot history (`snapshot_history = K`) and the queries over it.
 
 use annals::{EventStore, ExpectedVersion, Snapshot, SnapshotStore, SnapshotWrite, StreamVersion};
+use annals::{SnapshotAdmin, SnapshotStaging};
 use annals_sqlite::{SqliteEventStore, SqliteOptions};
 use chrono::Utc;
 use futures::StreamExt;

@@ -7,14 +7,14 @@
 use std::time::Duration;
 
 use annals::{
-    CommandContext, Error, EventId, ExpectedVersion, GlobalPosition, Metadata, NewEvent, ReadAll,
+    CommandContext, Error, EventId, EventStore, ExpectedVersion, GlobalPosition, Metadata, NewEvent, ReadAll,
     ReadStream, RecordedEvent, StreamId, MAX_JSON_DEPTH,
 };
 use futures::StreamExt;
 use serde_json::{json, Value};
 
 use super::{all, sid};
-use crate::TestStore;
+
 
 /// `depth` arrays nested in each other, built without recursion.
 fn nested_arrays(depth: usize) -> Value {
@@ -245,7 +245,7 @@ fn edge_events() -> Vec<NewEvent> {
 
 /// Appends `case`, which must be refused with [`Error::InvalidEvent`] for
 /// `stream`, naming what was wrong, with nothing written.
-async fn assert_refused<S: TestStore>(store: &S, stream: &StreamId, case: Refused) {
+async fn assert_refused<S: EventStore>(store: &S, stream: &StreamId, case: Refused) {
     let head = store.head_position().await.expect("head");
     let what = case.what;
     let ids: Vec<EventId> = case.batch.iter().map(|e| e.event_id).collect();
@@ -295,7 +295,7 @@ fn assert_same(got: &RecordedEvent, sent: &NewEvent, how: &str) {
 /// Reserved metadata names, too-deep headers, NUL characters and
 /// serde_json's private keys in metadata are refused at append, naming the
 /// header and the stream; nothing is written.
-pub async fn hostile_metadata_is_refused<S: TestStore>(store: S) {
+pub async fn hostile_metadata_is_refused<S: EventStore>(store: S) {
     let s = sid("Hostile-meta");
     let cases = hostile_metadata();
     let mut n = 0;
@@ -310,7 +310,7 @@ pub async fn hostile_metadata_is_refused<S: TestStore>(store: S) {
 /// Payloads nested deeper than the decoder reads (100,000 levels included,
 /// which must not overflow the stack), NUL characters, serde_json's private
 /// keys and out-of-range event versions are refused; nothing is written.
-pub async fn hostile_payloads_are_refused<S: TestStore>(store: S) {
+pub async fn hostile_payloads_are_refused<S: EventStore>(store: S) {
     let s = sid("Hostile-data");
     let cases = hostile_payloads();
     let mut n = 0;
@@ -326,7 +326,7 @@ pub async fn hostile_payloads_are_refused<S: TestStore>(store: S) {
 /// next to the reserved ones, control characters and non-BMP text, a 255-byte
 /// type, `i32::MAX` as event version, a large string) are stored and read
 /// back as written by `read_stream`, backward, and `read_all`.
-pub async fn edge_inputs_read_back<S: TestStore>(store: S) {
+pub async fn edge_inputs_read_back<S: EventStore>(store: S) {
     let s = sid("Edge-1");
     let sent = edge_events();
     store
@@ -365,7 +365,7 @@ pub async fn edge_inputs_read_back<S: TestStore>(store: S) {
 /// A `read_all` follower runs while every hostile batch and every edge input
 /// is appended between ordinary events: it never meets a row it cannot read,
 /// and it reaches the head with exactly the accepted events, in order.
-pub async fn hostile_input_never_stalls_a_follower<S: TestStore>(store: S) {
+pub async fn hostile_input_never_stalls_a_follower<S: EventStore>(store: S) {
     let end = EventId::new();
     let follower = {
         let store = store.clone();

@@ -1,10 +1,23 @@
-//! The conformance suite against the in-memory store.
+//! The conformance suite against the in-memory store, and against a store
+//! with only the required cores.
+
+mod core_only;
 
 async fn fresh_store() -> Option<annals::InMemoryStore> {
     Some(annals::InMemoryStore::new())
 }
 
-annals_testkit::conformance_suite!(fresh_store);
+// Every group: the store implements every trait.
+annals_testkit::conformance_suite!(fresh_store;
+    event_store,
+    stream_catalog,
+    snapshot_store,
+    snapshot_admin,
+    snapshot_staging,
+    snapshot_migration,
+    checkpoints,
+    model,
+);
 
 mod model {
     #[test]

@@ -1,0 +1,5 @@
+//! Integration tests of `AnyStore`: the whole conformance suite through its
+//! delegation, and URL parsing.
+
+mod conformance;
+mod urls;

@@ -1,0 +1,97 @@
+//! A store with only the required cores (`EventStore`, `SnapshotStore`,
+//! `CheckpointStore`), as a backend on a replicated log would offer: it runs
+//! the groups of those traits, and the snapshot jobs it can support
+//! (`create`) are available on it. That this compiles is the check that those
+//! groups and jobs ask for nothing more.
+
+use annals::bank::Account;
+use annals::{
+    AppendResult, CheckpointStore, CommandContext, EventStore, EventStream, ExpectedVersion,
+    GlobalPosition, InMemoryStore, NewEvent, ReadAll, ReadStream, Repository, Result, Snapshot,
+    SnapshotJobs, SnapshotStore, SnapshotWrite, StreamId, StreamVersion,
+};
+
+/// The in-memory store seen through the three core traits only.
+#[derive(Clone, Default)]
+struct CoreOnly(InMemoryStore);
+
+impl EventStore for CoreOnly {
+    async fn append(
+        &self,
+        stream: &StreamId,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+    ) -> Result<AppendResult> {
+        self.0.append(stream, expected, events).await
+    }
+    fn read_stream(&self, stream: &StreamId, options: ReadStream) -> EventStream {
+        self.0.read_stream(stream, options)
+    }
+    fn read_all(&self, options: ReadAll) -> EventStream {
+        self.0.read_all(options)
+    }
+    async fn stream_version(&self, stream: &StreamId) -> Result<Option<StreamVersion>> {
+        self.0.stream_version(stream).await
+    }
+    async fn head_position(&self) -> Result<Option<GlobalPosition>> {
+        self.0.head_position().await
+    }
+}
+
+impl SnapshotStore for CoreOnly {
+    async fn load_snapshot(&self, t: &str, id: &str) -> Result<Option<Snapshot>> {
+        self.0.load_snapshot(t, id).await
+    }
+    async fn save_snapshot(&self, snapshot: &Snapshot) -> Result<SnapshotWrite> {
+        self.0.save_snapshot(snapshot).await
+    }
+    async fn delete_snapshot(&self, t: &str, id: &str) -> Result<u64> {
+        self.0.delete_snapshot(t, id).await
+    }
+}
+
+impl CheckpointStore for CoreOnly {
+    async fn load_checkpoint(&self, name: &str) -> Result<Option<GlobalPosition>> {
+        self.0.load_checkpoint(name).await
+    }
+    async fn save_checkpoint(&self, name: &str, position: GlobalPosition) -> Result<()> {
+        self.0.save_checkpoint(name, position).await
+    }
+    async fn reset_checkpoint(&self, name: &str) -> Result<()> {
+        self.0.reset_checkpoint(name).await
+    }
+}
+
+async fn fresh() -> Option<CoreOnly> {
+    Some(CoreOnly::default())
+}
+
+annals_testkit::conformance_suite!(fresh; event_store, snapshot_store, checkpoints, model);
+
+#[tokio::test]
+async fn create_works_on_a_cache_only_store() {
+    let store = CoreOnly::default();
+    let repo = Repository::<Account, _>::new(store.clone());
+    let ctx = CommandContext::new();
+    repo.execute("c1", &ctx, |a| a.open("cy"))
+        .await
+        .expect("open");
+    repo.execute("c1", &ctx, |a| a.deposit(7))
+        .await
+        .expect("deposit");
+    let jobs = SnapshotJobs::<Account, _>::new(store.clone());
+    let snap = jobs
+        .create("c1")
+        .await
+        .expect("create")
+        .expect("has events");
+    assert_eq!(snap.version, StreamVersion(2));
+    let live = store
+        .load_snapshot("Account", "c1")
+        .await
+        .expect("load")
+        .expect("stored");
+    assert_eq!(live.version, StreamVersion(2));
+    assert_eq!(live.state["balance"], 7);
+    assert!(jobs.create("nobody").await.expect("create").is_none());
+}
