@@ -54,7 +54,8 @@ pub enum Error {
         reason: String,
     },
     /// A stored event has a type that the aggregate's event enum does not know.
-    /// Events are never silently dropped: add the type (or an upcaster).
+    /// Events are never silently dropped: add the type to the event enum (a
+    /// renamed type can keep its stored name with `#[serde(alias = "..")]`).
     #[error("unknown event type {event_type:?} at {stream} version {version}")]
     UnknownEventType {
         /// The stream holding the event.
