@@ -80,6 +80,12 @@ macro_rules! conformance_suite {
             promote_races_with_live_saves,
             model_scenarios,
             migrate_while_writers_append,
+            snapshot_ahead_of_head_is_replaced,
+            snapshot_writes_report_what_happened,
+            snapshot_history_size_is_a_store_setting,
+            snapshot_rollback_sticks,
+            verify_live_finds_wrong_states,
+            snapshot_listings_page_through_many_aggregates,
         );
     };
     (@tests $factory:path; $($name:ident),* $(,)?) => {

@@ -19,6 +19,9 @@ use serde_json::json;
 
 use crate::TestStore;
 
+mod snapshots_repair;
+pub use snapshots_repair::*;
+
 fn sid(name: &str) -> StreamId {
     StreamId::parse(name).expect("valid stream name")
 }
@@ -1810,7 +1813,7 @@ pub async fn prepopulate_snapshots<S: TestStore>(store: S) {
         "only the broken one is left"
     );
     let created = jobs.create("q0").await.expect("create").expect("exists");
-    assert_eq!(created.version, v(4));
+    assert_eq!(created.snapshot.version, v(4));
     assert!(jobs.create("nobody").await.expect("create").is_none());
 }
 

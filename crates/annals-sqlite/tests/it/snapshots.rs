@@ -1,12 +1,12 @@
-//! Snapshot history (`snapshot_history = K`) and the queries over it.
+//! Snapshot history (the store keeps `K` per aggregate) and the queries over it.
 
 use annals::{EventStore, ExpectedVersion, Snapshot, SnapshotStore, SnapshotWrite, StreamVersion};
-use annals_sqlite::{SqliteEventStore, SqliteOptions};
+use annals_sqlite::SqliteEventStore;
 use chrono::Utc;
 use futures::StreamExt;
 use serde_json::json;
 
-use crate::{ev, fresh_store, fresh_store_with, raw, sid};
+use crate::{ev, fresh_store, raw, sid};
 
 fn snap(id: &str, version: u64, schema_version: u32) -> Snapshot {
     Snapshot {
@@ -33,16 +33,19 @@ fn rows(store: &SqliteEventStore, id: &str) -> Vec<(u32, u64)> {
         .expect("rows")
 }
 
-fn history(k: u32) -> SqliteOptions {
-    SqliteOptions {
-        snapshot_history: k,
-        ..SqliteOptions::default()
-    }
+/// A fresh store that keeps `k` snapshots per aggregate.
+async fn history(k: u32) -> SqliteEventStore {
+    let store = fresh_store().await;
+    store
+        .set_snapshot_history_size(k)
+        .await
+        .expect("set the history size");
+    store
 }
 
 #[tokio::test]
 async fn history_keeps_the_newest_k() {
-    let store = fresh_store_with(history(3)).await;
+    let store = history(3).await;
     for v in 1..=5 {
         assert_eq!(
             store.save_snapshot(&snap("1", v, 1)).await.expect("save"),
@@ -109,7 +112,7 @@ async fn the_default_keeps_one_row() {
 
 #[tokio::test]
 async fn coverage_and_staleness_count_only_live_snapshots() {
-    let store = fresh_store_with(history(3)).await;
+    let store = history(3).await;
     for id in ["1", "2", "3"] {
         store
             .append(
@@ -170,7 +173,7 @@ async fn coverage_and_staleness_count_only_live_snapshots() {
 
 #[tokio::test]
 async fn promote_keeps_history_and_never_overwrites_a_newer_live() {
-    let store = fresh_store_with(history(2)).await;
+    let store = history(2).await;
     store.save_snapshot(&snap("1", 5, 1)).await.expect("save");
     store.save_snapshot(&snap("1", 6, 1)).await.expect("save");
     store.save_snapshot(&snap("2", 9, 3)).await.expect("save");
