@@ -164,10 +164,11 @@ impl Default for JobOptions {
 ///
 /// Every operation reads its aggregates as a lazy, paged listing and keeps
 /// only the aggregates in flight (`concurrency`) and the failures in memory,
-/// however many aggregates the type has. Writes record the repository's
-/// metrics (`annals_snapshots_written_total`,
-/// `annals_snapshot_superseded_total`, `annals_snapshot_failures_total`,
-/// `annals_snapshot_skipped_total` for a live snapshot passed over), and
+/// however many aggregates the type has. Jobs record the repository's
+/// metrics: `annals_snapshots_written_total`,
+/// `annals_snapshot_superseded_total`, `annals_snapshot_failures_total` (a
+/// write that failed, or an aggregate whose snapshot could not be built),
+/// `annals_snapshot_skipped_total` (a live snapshot passed over), plus
 /// `annals_snapshots_staged_total` for staged ones.
 pub struct SnapshotJobs<A, S> {
     store: S,
@@ -364,7 +365,10 @@ impl<A: Aggregate, S: EventStore + SnapshotStore> SnapshotJobs<A, S> {
                 Err(e) => failure(id, &e),
             },
             Ok(None) => Outcome::Skipped,
-            Err(e) => failure(id, &e),
+            Err(e) => {
+                record_failure(A::TYPE);
+                failure(id, &e)
+            }
         }
     }
 
@@ -456,13 +460,15 @@ impl<A: Aggregate, S: EventStore + SnapshotStore> SnapshotJobs<A, S> {
                     }
                 }
                 Err(e) => {
-                    metrics::counter!("annals_snapshot_failures_total", "aggregate_type" => A::TYPE)
-                            .increment(1);
+                    record_failure(A::TYPE);
                     failure(id, &e)
                 }
             },
             Ok(None) => Outcome::Skipped,
-            Err(e) => failure(id, &e),
+            Err(e) => {
+                record_failure(A::TYPE);
+                failure(id, &e)
+            }
         }
     }
 
@@ -639,6 +645,13 @@ impl<A: Aggregate, S: EventStore + SnapshotStore> SnapshotJobs<A, S> {
         }
         self.store.promote_staged(A::TYPE).await
     }
+}
+
+/// Counts an aggregate whose snapshot could not be built or staged, like a
+/// failed write: `annals_snapshot_failures_total`.
+fn record_failure(aggregate_type: &'static str) {
+    metrics::counter!("annals_snapshot_failures_total", "aggregate_type" => aggregate_type)
+        .increment(1);
 }
 
 fn failure(id: &str, e: &Error) -> Outcome {
