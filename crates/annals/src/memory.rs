@@ -629,7 +629,7 @@ impl SnapshotStore for InMemoryStore {
                 )
             })
             .collect();
-        out.sort_by(|a, b| (b.schema_version, b.version).cmp(&(a.schema_version, a.version)));
+        out.sort_by_key(|e| std::cmp::Reverse((e.schema_version, e.version)));
         Ok(out)
     }
 

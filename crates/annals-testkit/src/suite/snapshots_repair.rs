@@ -6,12 +6,12 @@
 
 use annals::bank::Account;
 use annals::{
-    CommandContext, Error, EventStore, ExpectedVersion, JobOptions, NewEvent, Progress, Repository,
-    Snapshot, SnapshotConfig, SnapshotJobs, SnapshotSkip, SnapshotWrite, StreamId, StreamVersion,
+    CommandContext, Error, ExpectedVersion, JobOptions, NewEvent, Progress, Repository, Snapshot,
+    SnapshotConfig, SnapshotJobs, SnapshotSkip, SnapshotWrite, StreamId, StreamVersion,
     DEFAULT_BATCH_SIZE,
 };
 use chrono::Utc;
-use futures::{StreamExt, TryStreamExt};
+use futures::TryStreamExt;
 use serde_json::json;
 
 use crate::TestStore;
