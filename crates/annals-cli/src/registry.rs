@@ -148,7 +148,8 @@ pub trait AggregateOps: Send + Sync + 'static {
     ) -> BoxFuture<'a, Result<Option<CreatedSnapshot>>>;
 
     /// [`SnapshotJobs::prepopulate`]: live snapshots for the aggregates more
-    /// than `options.min_events` past their snapshot, most events first.
+    /// than `options.min_events` past their snapshot (or with one ahead of their
+    /// head), in aggregate-id order.
     /// Aggregates that fail are listed in the report; the rest go on.
     fn prepopulate<'a>(
         &'a self,

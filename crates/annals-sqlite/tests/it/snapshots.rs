@@ -190,3 +190,22 @@ async fn promote_keeps_history_and_never_overwrites_a_newer_live() {
     assert_eq!(rows(&store, "3"), vec![(2, 1)]);
     assert_eq!(store.staged_snapshots("Order").count().await, 0);
 }
+
+#[tokio::test]
+async fn the_history_size_is_recorded_in_the_file() {
+    let first = fresh_store().await;
+    let path = first.path().to_owned();
+    let second = SqliteEventStore::open(&path)
+        .await
+        .expect("a second handle");
+    assert_eq!(first.set_snapshot_history_size(2).await.expect("set"), 0);
+    // The other handle (another process, in production) trims to it too.
+    assert_eq!(second.snapshot_history_size().await.expect("size"), 2);
+    for v in [3, 6, 9] {
+        second.save_snapshot(&snap("1", v, 1)).await.expect("save");
+    }
+    assert_eq!(rows(&second, "1"), vec![(1, 9), (1, 6)]);
+    drop((first, second));
+    let reopened = SqliteEventStore::open(&path).await.expect("reopen");
+    assert_eq!(reopened.snapshot_history_size().await.expect("size"), 2);
+}
