@@ -63,9 +63,9 @@ use std::str::FromStr;
 
 use annals::{
     AppendResult, CheckpointStore, Error, EventStore, EventStream, ExpectedVersion, GlobalPosition,
-    NewEvent, PromoteReport, ReadAll, ReadStream, Result, Snapshot, SnapshotAdmin,
-    SnapshotCoverage, SnapshotStaging, SnapshotStore, SnapshotWrite, StaleSnapshot, StoreStats,
-    StreamCatalog, StreamId, StreamInfo, StreamVersion,
+    NewEvent, PromoteReport, ReadAll, ReadStream, Result, RollbackReport, Snapshot, SnapshotAdmin,
+    SnapshotCoverage, SnapshotHistoryEntry, SnapshotStaging, SnapshotStore, SnapshotWrite,
+    StaleSnapshot, StoreStats, StreamCatalog, StreamId, StreamInfo, StreamVersion,
 };
 use annals_postgres::{PgEventStore, PgOptions};
 use annals_sqlite::{SqliteEventStore, SqliteOptions};
@@ -374,6 +374,43 @@ impl SnapshotAdmin for AnyStore {
         min_events: u64,
     ) -> Result<Vec<StaleSnapshot>> {
         delegate!(self, s => s.stale_snapshots(aggregate_type, min_events).await)
+    }
+
+    async fn snapshot_history_size(&self) -> Result<u32> {
+        delegate!(self, s => s.snapshot_history_size().await)
+    }
+
+    async fn set_snapshot_history_size(&self, keep: u32) -> Result<u64> {
+        delegate!(self, s => s.set_snapshot_history_size(keep).await)
+    }
+
+    async fn snapshot_history(
+        &self,
+        aggregate_type: &str,
+        aggregate_id: &str,
+    ) -> Result<Vec<SnapshotHistoryEntry>> {
+        delegate!(self, s => s.snapshot_history(aggregate_type, aggregate_id).await)
+    }
+
+    async fn rollback_snapshot(
+        &self,
+        aggregate_type: &str,
+        aggregate_id: &str,
+        to_version: StreamVersion,
+    ) -> Result<RollbackReport> {
+        delegate!(self, s => s.rollback_snapshot(aggregate_type, aggregate_id, to_version).await)
+    }
+
+    fn list_stale_snapshots(
+        &self,
+        aggregate_type: Option<&str>,
+        min_events: u64,
+    ) -> BoxStream<'static, Result<StaleSnapshot>> {
+        delegate!(self, s => s.list_stale_snapshots(aggregate_type, min_events))
+    }
+
+    fn live_snapshots(&self, aggregate_type: &str) -> BoxStream<'static, Result<Snapshot>> {
+        delegate!(self, s => s.live_snapshots(aggregate_type))
     }
 }
 

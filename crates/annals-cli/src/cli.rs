@@ -95,22 +95,25 @@ pub(crate) enum Command {
     /// Run the bank example: open accounts, deposit and withdraw through the
     /// repository, then print balances and check the totals.
     Demo(DemoArgs),
-    /// Snapshot coverage and freshness, create and delete, prepopulate, and
-    /// the staged migration (migrate, verify, promote).
+    /// Snapshot coverage and freshness, create and delete, prepopulate, the
+    /// staged migration (migrate, verify, promote), verification of live
+    /// snapshots, history and rollback.
     #[command(subcommand)]
     Snapshots(SnapshotsCommand),
 }
 
-/// `annals snapshots …`. `status`, `stale`, `delete` and `invalidate` work on
-/// any aggregate type; the others fold events and need the type registered.
+/// `annals snapshots …`. `status`, `stale`, `delete`, `invalidate`,
+/// `history`, `rollback` and `keep` work on any aggregate type; the others
+/// fold events and need the type registered.
 #[derive(Subcommand, Debug)]
 #[command(after_help = SNAPSHOT_EXIT_CODES)]
 pub(crate) enum SnapshotsCommand {
     /// Coverage per aggregate type: aggregates, with and without a snapshot,
     /// snapshots per schema version.
     Status(StatusArgs),
-    /// Aggregates whose head is more than N events past their snapshot (or
-    /// that have none), most behind first.
+    /// Aggregates whose head is more than N events past their snapshot, that
+    /// have none, or whose snapshot is ahead of the head (events restored
+    /// from an older backup), by stream id; with --limit, the most behind.
     Stale(StaleArgs),
     /// Take a snapshot of one aggregate now (the type must be registered).
     Create(CreateArgs),
@@ -132,17 +135,31 @@ pub(crate) enum SnapshotsCommand {
     /// after verifying them (unless --force). A live snapshot that is newer
     /// at the same schema version is kept.
     Promote(PromoteArgs),
+    /// List the snapshots kept for one aggregate: version, schema version,
+    /// when written, which one is live and which were rolled back.
+    History(HistoryArgs),
+    /// Make an older snapshot of one aggregate live. The newer ones are kept
+    /// but marked rolled back: loads never use them, and a write at or below
+    /// their version (a retry of the bad one) is refused; the next snapshot
+    /// of later events becomes live as usual.
+    Rollback(RollbackArgs),
+    /// Show, or set, how many snapshots the store keeps per aggregate (the
+    /// live one included). The number is recorded in the database, so every
+    /// process trims to it; setting it trims every aggregate at once.
+    Keep(KeepArgs),
 }
 
 const SNAPSHOT_EXIT_CODES: &str = "\
 Exit status:
   0  success
-  1  a check failed: an aggregate that does not exist (create), aggregates
-     that failed (prepopulate, migrate; listed with their reason), staged
-     snapshots that do not match a replay (verify), or a promote blocked by
-     that verification
+  1  a check failed: an aggregate that does not exist, or a snapshot that
+     was built but not stored because a newer one is kept (create; the reason
+     names it), aggregates that failed (prepopulate, migrate; listed with
+     their reason), staged or live snapshots that do not match a replay
+     (verify), or a promote blocked by that verification
   2  error: bad input, an aggregate type this binary does not register (for
-     create, prepopulate, migrate, verify, promote), unreachable database, ...
+     create, prepopulate, migrate, verify, promote), no snapshot at the
+     version to roll back to, unreachable database, ...
 
 Progress bars are drawn on stderr when it is a terminal.";
 
@@ -164,7 +181,8 @@ pub(crate) struct StaleArgs {
     /// Only this aggregate type.
     #[arg(long = "type", value_name = "TYPE", value_parser = parse_category)]
     pub(crate) aggregate_type: Option<String>,
-    /// At most this many aggregates (the most behind).
+    /// Only the N most behind, most behind first (without it every stale
+    /// aggregate is listed, by stream id, as the store pages through them).
     #[arg(long, value_name = "N", value_parser = parse_count, allow_hyphen_values = true)]
     pub(crate) limit: Option<u64>,
     /// Print JSON Lines, one object per aggregate.
@@ -250,8 +268,11 @@ pub(crate) struct VerifyArgs {
     /// The aggregate type, as registered.
     #[arg(value_name = "TYPE")]
     pub(crate) aggregate_type: String,
-    /// Check this many staged aggregates, evenly spread over the ids
-    /// (default: all).
+    /// Check the live snapshots (the ones loads use) instead of the staged
+    /// ones.
+    #[arg(long)]
+    pub(crate) live: bool,
+    /// Check this many aggregates, evenly spread over the ids (default: all).
     #[arg(long, value_name = "N", value_parser = parse_sample, allow_hyphen_values = true)]
     pub(crate) sample: Option<usize>,
     /// Print the report as one JSON object.
@@ -271,6 +292,47 @@ pub(crate) struct PromoteArgs {
     #[arg(long, value_name = "N", value_parser = parse_sample, allow_hyphen_values = true)]
     pub(crate) verify_sample: Option<usize>,
     /// Print the report as one JSON object.
+    #[arg(long)]
+    pub(crate) json: bool,
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct HistoryArgs {
+    /// The aggregate type.
+    #[arg(value_name = "TYPE", value_parser = parse_category)]
+    pub(crate) aggregate_type: String,
+    /// The aggregate id.
+    #[arg(value_name = "ID")]
+    pub(crate) id: String,
+    /// Print JSON Lines, one object per snapshot.
+    #[arg(long)]
+    pub(crate) json: bool,
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct RollbackArgs {
+    /// The aggregate type.
+    #[arg(value_name = "TYPE", value_parser = parse_category)]
+    pub(crate) aggregate_type: String,
+    /// The aggregate id.
+    #[arg(value_name = "ID")]
+    pub(crate) id: String,
+    /// The version of the snapshot to make live (see `annals snapshots
+    /// history`).
+    #[arg(long, value_name = "V", value_parser = parse_version, allow_hyphen_values = true)]
+    pub(crate) to_version: StreamVersion,
+    /// Print one JSON object.
+    #[arg(long)]
+    pub(crate) json: bool,
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct KeepArgs {
+    /// Snapshots to keep per aggregate, 1 or more (omit to show the current
+    /// number).
+    #[arg(value_name = "N", value_parser = parse_history_size, allow_hyphen_values = true)]
+    pub(crate) keep: Option<u32>,
+    /// Print one JSON object.
     #[arg(long)]
     pub(crate) json: bool,
 }
@@ -506,6 +568,16 @@ fn parse_sample(s: &str) -> Result<usize, String> {
         Ok(0) => Err("a sample checks at least 1 aggregate".to_owned()),
         Ok(n) => Ok(n),
         Err(_) => Err(format!("expected a sample size (1 or more), got {s:?}")),
+    }
+}
+
+fn parse_history_size(s: &str) -> Result<u32, String> {
+    match s.trim().parse::<u32>() {
+        Ok(0) => Err("the store keeps at least 1 snapshot per aggregate (the live one)".to_owned()),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!(
+            "expected a number of snapshots (1 or more), got {s:?}"
+        )),
     }
 }
 

@@ -25,8 +25,10 @@
 //! - `0`: success. A closed output pipe (`annals read-all | head`) is success.
 //! - `1`: a check failed: an append's expected version did not match (the
 //!   message names the actual version), the demo's consistency check failed,
-//!   or an aggregate has no events. For `annals snapshots`: `prepopulate` or
-//!   `migrate` left aggregates that failed, `verify` found staged snapshots
+//!   or an aggregate has no events. For `annals snapshots`: `create` built a
+//!   snapshot that the guarded write did not store (the message names the
+//!   snapshot that kept it out), `prepopulate` or `migrate` left aggregates
+//!   that failed, `verify` found staged (or, with `--live`, live) snapshots
 //!   that do not match a replay, or `promote` was refused by that
 //!   verification. These print their whole report on stdout first.
 //! - `2`: error: bad input, an unknown URL scheme, an unreachable database, a
@@ -36,13 +38,15 @@
 //!
 //! # Snapshots
 //!
-//! `annals snapshots status|stale|delete|invalidate` run on the
-//! [`annals::SnapshotStore`] and [`annals::SnapshotAdmin`] queries and work
-//! for any aggregate type;
+//! `annals snapshots status|stale|delete|invalidate|history|rollback|keep`
+//! run on the [`annals::SnapshotStore`] and [`annals::SnapshotAdmin`] queries
+//! and work for any aggregate type;
 //! `annals snapshots create|prepopulate|migrate|verify|promote` run
 //! [`annals::SnapshotJobs`] through [`AggregateOps`] and need the type
 //! registered. Long jobs draw a progress bar on stderr when it is a terminal
-//! and print a summary (`--json`: one object) when they end.
+//! and print a summary (`--json`: one object) when they end. The number of
+//! snapshots kept per aggregate is the store's own setting (`keep`), never
+//! an option of the CLI, so no command trims an application's history.
 //!
 //! # Example
 //!

@@ -17,9 +17,10 @@ use std::fmt;
 use std::marker::PhantomData;
 
 use annals::{
-    Aggregate, JobOptions, JobReport, LoadReport, Loaded, Progress, PromoteReport, Repository,
-    Result, Snapshot, SnapshotConfig, SnapshotJobs, SnapshotMode, SnapshotPolicy, SnapshotSkip,
-    StreamId, StreamVersion, VerifyReport,
+    Aggregate, CreatedSnapshot, JobOptions, JobReport, LiveVerifyReport, LoadReport, Loaded,
+    Progress, PromoteReport, Repository, Result, Snapshot, SnapshotConfig, SnapshotHistoryEntry,
+    SnapshotJobs, SnapshotMode, SnapshotPolicy, SnapshotSkip, SnapshotWrite, StreamId,
+    StreamVersion, VerifyReport,
 };
 use futures::future::BoxFuture;
 use futures::FutureExt;
@@ -139,15 +140,18 @@ pub trait AggregateOps: Send + Sync + 'static {
 
     /// [`SnapshotJobs::create`]: builds the state of `id` at its head
     /// (catching up from a usable live snapshot) and saves it as the live
-    /// snapshot. `None` when the stream does not exist.
+    /// snapshot, saying whether the guarded write stored it and, when it
+    /// did not, which history row kept it out ([`SnapshotJobs::blocker`]).
+    /// `None` when the stream does not exist.
     fn create_snapshot<'a>(
         &'a self,
         store: &'a AnyStore,
         id: &'a str,
-    ) -> BoxFuture<'a, Result<Option<Snapshot>>>;
+    ) -> BoxFuture<'a, Result<Option<(CreatedSnapshot, Option<SnapshotHistoryEntry>)>>>;
 
     /// [`SnapshotJobs::prepopulate`]: live snapshots for the aggregates more
-    /// than `options.min_events` past their snapshot, most events first.
+    /// than `options.min_events` past their snapshot (or with one ahead of their
+    /// head), in aggregate-id order.
     /// Aggregates that fail are listed in the report; the rest go on.
     fn prepopulate<'a>(
         &'a self,
@@ -173,6 +177,15 @@ pub trait AggregateOps: Send + Sync + 'static {
         sample: Option<usize>,
         progress: &'a (dyn Fn(Progress) + Send + Sync),
     ) -> BoxFuture<'a, Result<VerifyReport>>;
+
+    /// [`SnapshotJobs::verify_live`]: folds `sample` aggregates (`None`:
+    /// all) up to their live snapshot's version and compares with its state.
+    fn verify_live<'a>(
+        &'a self,
+        store: &'a AnyStore,
+        sample: Option<usize>,
+        progress: &'a (dyn Fn(Progress) + Send + Sync),
+    ) -> BoxFuture<'a, Result<LiveVerifyReport>>;
 
     /// [`SnapshotJobs::promote`]: verifies (unless `force`; a mismatch is
     /// [`annals::Error::Snapshot`]) and moves the staged snapshots into the
@@ -266,8 +279,19 @@ impl<A: Aggregate> AggregateOps for Registered<A> {
         &'a self,
         store: &'a AnyStore,
         id: &'a str,
-    ) -> BoxFuture<'a, Result<Option<Snapshot>>> {
-        async move { Self::jobs(store).create(id).await }.boxed()
+    ) -> BoxFuture<'a, Result<Option<(CreatedSnapshot, Option<SnapshotHistoryEntry>)>>> {
+        async move {
+            let jobs = Self::jobs(store);
+            let Some(created) = jobs.create(id).await? else {
+                return Ok(None);
+            };
+            let blocker = match created.write {
+                SnapshotWrite::Written => None,
+                SnapshotWrite::Superseded => jobs.blocker(&created.snapshot).await?,
+            };
+            Ok(Some((created, blocker)))
+        }
+        .boxed()
     }
 
     fn prepopulate<'a>(
@@ -295,6 +319,15 @@ impl<A: Aggregate> AggregateOps for Registered<A> {
         progress: &'a (dyn Fn(Progress) + Send + Sync),
     ) -> BoxFuture<'a, Result<VerifyReport>> {
         async move { Self::jobs(store).verify(sample, progress).await }.boxed()
+    }
+
+    fn verify_live<'a>(
+        &'a self,
+        store: &'a AnyStore,
+        sample: Option<usize>,
+        progress: &'a (dyn Fn(Progress) + Send + Sync),
+    ) -> BoxFuture<'a, Result<LiveVerifyReport>> {
+        async move { Self::jobs(store).verify_live(sample, progress).await }.boxed()
     }
 
     fn promote<'a>(

@@ -1,32 +1,42 @@
 //! `annals snapshots …`: the snapshot store's operator queries, and the
 //! snapshot jobs of the core ([`annals::SnapshotJobs`]) behind a progress bar.
 //!
-//! `status`, `stale`, `delete` and `invalidate` only read or delete rows, so
-//! they work on any aggregate type, registered or not: an operator can clean
-//! up after a type the binary no longer knows. `create`, `prepopulate`,
-//! `migrate`, `verify` and `promote` fold events and need the type's `apply`,
-//! so they go through the registry and refuse an unregistered type before
-//! the database is opened.
+//! `status`, `stale`, `delete`, `invalidate`, `history`, `rollback` and
+//! `keep` only read or change rows, so they work on any aggregate type,
+//! registered or not: an operator can clean up after a type the binary no
+//! longer knows. `create`, `prepopulate`, `migrate`, `verify` and `promote`
+//! fold events and need the type's `apply`, so they go through the registry
+//! and refuse an unregistered type before the database is opened.
 //!
 //! A job that finishes with failed aggregates (or a verification with
-//! mismatches) prints its whole report first and then exits 1: the report is
-//! the useful part, and the exit code is what a script checks.
+//! mismatches, or a `create` whose snapshot was not stored) prints its whole
+//! report first and then exits 1: the report is the useful part, and the
+//! exit code is what a script checks.
+//!
+//! Listings over every aggregate (`stale`, and the jobs) page through the
+//! store, so memory stays bounded however many aggregates there are; `stale
+//! --limit N` keeps only the N most behind while it reads.
 
+use std::cmp::{Ordering, Reverse};
+use std::collections::BinaryHeap;
 use std::io::{IsTerminal, Write};
 
 use annals::{
-    JobOptions, JobReport, Progress, PromoteReport, SnapshotStore, StreamId, VerifyReport,
+    JobOptions, JobReport, LiveVerifyReport, Progress, PromoteReport, Snapshot,
+    SnapshotHistoryEntry, SnapshotStore, SnapshotWrite, StaleSnapshot, StreamId, VerifyMismatch,
+    VerifyReport,
 };
 use annals::{SnapshotAdmin, SnapshotStaging};
+use futures::StreamExt;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
 
 use crate::cli::{
-    CreateArgs, DeleteArgs, InvalidateArgs, MigrateArgs, PrepopulateArgs, PromoteArgs,
-    SnapshotsCommand, StaleArgs, StatusArgs, VerifyArgs,
+    CreateArgs, DeleteArgs, HistoryArgs, InvalidateArgs, KeepArgs, MigrateArgs, PrepopulateArgs,
+    PromoteArgs, RollbackArgs, SnapshotsCommand, StaleArgs, StatusArgs, VerifyArgs,
 };
 use crate::commands::{registered, Env};
-use crate::output::{json_line, note, Table};
+use crate::output::{json_line, note, timestamp, Table};
 use crate::Outcome;
 
 pub(crate) async fn dispatch(env: Env<'_>, command: SnapshotsCommand) -> anyhow::Result<Outcome> {
@@ -40,6 +50,9 @@ pub(crate) async fn dispatch(env: Env<'_>, command: SnapshotsCommand) -> anyhow:
         SnapshotsCommand::Migrate(args) => migrate(env, args).await,
         SnapshotsCommand::Verify(args) => verify(env, args).await,
         SnapshotsCommand::Promote(args) => promote(env, args).await,
+        SnapshotsCommand::History(args) => history(env, args).await,
+        SnapshotsCommand::Rollback(args) => rollback(env, args).await,
+        SnapshotsCommand::Keep(args) => keep(env, args).await,
     }
 }
 
@@ -135,64 +148,207 @@ async fn status(env: Env<'_>, args: StatusArgs) -> anyhow::Result<Outcome> {
     Ok(Outcome::Success)
 }
 
-async fn stale(env: Env<'_>, args: StaleArgs) -> anyhow::Result<Outcome> {
-    let store = env.open(false).await?;
-    let mut stale = store
-        .stale_snapshots(args.aggregate_type.as_deref(), args.min_events)
-        .await?;
-    if let Some(limit) = args.limit {
-        stale.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
+/// A stale row ranked for `stale --limit`: more behind first, then by type
+/// and id.
+struct MostBehind(StaleSnapshot);
+
+impl MostBehind {
+    fn key(&self) -> (u64, Reverse<&str>, Reverse<&str>) {
+        let s = &self.0;
+        (
+            s.events_behind,
+            Reverse(s.aggregate_type.as_str()),
+            Reverse(s.aggregate_id.as_str()),
+        )
     }
-    let out = env.out;
-    if args.json {
-        for s in &stale {
-            json_line(out, s)?;
+}
+
+impl PartialEq for MostBehind {
+    fn eq(&self, other: &Self) -> bool {
+        self.key() == other.key()
+    }
+}
+
+impl Eq for MostBehind {}
+
+impl PartialOrd for MostBehind {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for MostBehind {
+    fn cmp(&self, other: &Self) -> Ordering {
+        self.key().cmp(&other.key())
+    }
+}
+
+/// The `limit` most behind of `rows`, most behind first, holding at most
+/// `limit` of them.
+async fn most_behind(
+    mut rows: futures::stream::BoxStream<'static, annals::Result<StaleSnapshot>>,
+    limit: usize,
+) -> anyhow::Result<Vec<StaleSnapshot>> {
+    let mut top: BinaryHeap<Reverse<MostBehind>> = BinaryHeap::with_capacity(limit + 1);
+    while let Some(row) = rows.next().await {
+        if limit == 0 {
+            break;
         }
-        return Ok(Outcome::Success);
+        top.push(Reverse(MostBehind(row?)));
+        if top.len() > limit {
+            top.pop();
+        }
     }
-    if stale.is_empty() {
-        note(&format!(
-            "no aggregate is more than {} past its snapshot",
-            count(args.min_events, "event")
-        ));
-        return Ok(Outcome::Success);
+    let mut out: Vec<MostBehind> = top.into_iter().map(|Reverse(r)| r).collect();
+    out.sort_by(|a, b| b.cmp(a));
+    Ok(out.into_iter().map(|r| r.0).collect())
+}
+
+/// Prints stale rows as they come: JSON Lines, or a table in blocks.
+struct StalePrinter {
+    json: bool,
+    table: Table,
+    rows: u64,
+}
+
+impl StalePrinter {
+    fn new(json: bool) -> Self {
+        StalePrinter {
+            json,
+            table: Table::new(&["TYPE", "ID", "HEAD", "SNAPSHOT", "BEHIND"])
+                .right_align(&[2, 3, 4]),
+            rows: 0,
+        }
     }
-    let mut t = Table::new(&["TYPE", "ID", "HEAD", "SNAPSHOT", "BEHIND"]).right_align(&[2, 3, 4]);
-    for s in &stale {
-        t.push(
+
+    fn print(&mut self, out: &mut (dyn Write + Send), s: &StaleSnapshot) -> std::io::Result<()> {
+        self.rows += 1;
+        if self.json {
+            return json_line(out, s);
+        }
+        let snapshot = match s.snapshot_version {
+            None => "-".to_owned(),
+            Some(v) if s.ahead => format!("{v} (ahead)"),
+            Some(v) => v.to_string(),
+        };
+        self.table.push(
             out,
             vec![
                 s.aggregate_type.clone(),
                 s.aggregate_id.clone(),
                 s.head.to_string(),
-                s.snapshot_version.map_or("-".to_owned(), |v| v.to_string()),
+                snapshot,
                 s.events_behind.to_string(),
             ],
-        )?;
+        )
     }
-    t.finish(out)?;
+
+    fn finish(self, out: &mut (dyn Write + Send)) -> std::io::Result<u64> {
+        self.table.finish(out)?;
+        Ok(self.rows)
+    }
+}
+
+async fn stale(env: Env<'_>, args: StaleArgs) -> anyhow::Result<Outcome> {
+    let store = env.open(false).await?;
+    let rows = store.list_stale_snapshots(args.aggregate_type.as_deref(), args.min_events);
+    let out = env.out;
+    let mut printer = StalePrinter::new(args.json);
+    match args.limit {
+        Some(limit) => {
+            let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+            for s in most_behind(rows, limit).await? {
+                printer.print(out, &s)?;
+            }
+        }
+        None => {
+            let mut rows = rows;
+            while let Some(s) = rows.next().await {
+                printer.print(out, &s?)?;
+            }
+        }
+    }
+    if printer.finish(out)? == 0 && !args.json {
+        note(&format!(
+            "no aggregate is more than {} past its snapshot",
+            count(args.min_events, "event")
+        ));
+    }
     Ok(Outcome::Success)
+}
+
+/// What `create --json` prints: the snapshot, and what the write did.
+#[derive(Serialize)]
+struct CreateOutput<'a> {
+    #[serde(flatten)]
+    snapshot: &'a Snapshot,
+    write: SnapshotWrite,
+    blocked_by: Option<&'a SnapshotHistoryEntry>,
+}
+
+/// Why a snapshot was not stored, from the row that blocked it.
+fn not_written_reason(
+    stream: &StreamId,
+    snapshot: &Snapshot,
+    blocker: Option<&SnapshotHistoryEntry>,
+) -> String {
+    let what = format!(
+        "snapshot of {stream} at version {} (schema version {}) not written",
+        snapshot.version, snapshot.schema_version
+    );
+    match blocker {
+        Some(b) if b.rolled_back_at.is_some() => format!(
+            "{what}: the snapshot at version {} was rolled back, and a write must be past it (after more events, or roll forward with `annals snapshots rollback {} {} --to-version {}`)",
+            b.version,
+            stream.category(),
+            stream.id(),
+            b.version
+        ),
+        Some(b) => format!(
+            "{what}: the live snapshot at version {} (schema version {}) is newer",
+            b.version, b.schema_version
+        ),
+        None => format!("{what}: a newer snapshot was written meanwhile"),
+    }
 }
 
 async fn create(env: Env<'_>, args: CreateArgs) -> anyhow::Result<Outcome> {
     let ops = registered(env.app, &args.aggregate_type)?;
     let stream = StreamId::new(ops.aggregate_type(), &args.id)?;
     let store = env.open(false).await?;
-    let Some(snapshot) = ops.create_snapshot(&store, &args.id).await? else {
+    let Some((created, blocked_by)) = ops.create_snapshot(&store, &args.id).await? else {
         return Ok(Outcome::CheckFailed(format!(
             "aggregate {stream} does not exist (its stream has no events)"
         )));
     };
+    let snapshot = &created.snapshot;
     if args.json {
-        json_line(env.out, &snapshot)?;
-    } else {
-        writeln!(
+        json_line(
             env.out,
-            "created snapshot of {stream} at version {} (schema version {})",
-            snapshot.version, snapshot.schema_version
+            &CreateOutput {
+                snapshot,
+                write: created.write,
+                blocked_by: blocked_by.as_ref(),
+            },
         )?;
     }
-    Ok(Outcome::Success)
+    match created.write {
+        SnapshotWrite::Written => {
+            if !args.json {
+                writeln!(
+                    env.out,
+                    "created snapshot of {stream} at version {} (schema version {})",
+                    snapshot.version, snapshot.schema_version
+                )?;
+            }
+            Ok(Outcome::Success)
+        }
+        SnapshotWrite::Superseded => Ok(Outcome::CheckFailed(not_written_reason(
+            &stream,
+            snapshot,
+            blocked_by.as_ref(),
+        ))),
+    }
 }
 
 #[derive(Serialize)]
@@ -285,6 +441,7 @@ fn print_job_report(
     writeln!(out, "{} {}", summary.operation, summary.aggregate_type)?;
     writeln!(out, "examined         {}", r.examined)?;
     writeln!(out, "written          {}", r.written)?;
+    writeln!(out, "superseded       {}", r.superseded)?;
     writeln!(out, "skipped          {}", r.skipped)?;
     writeln!(out, "caught up        {}", r.caught_up)?;
     writeln!(out, "events replayed  {}", r.events_replayed)?;
@@ -373,11 +530,18 @@ struct VerifySummary<'a> {
 fn print_verify_report(out: &mut (dyn Write + Send), r: &VerifyReport) -> std::io::Result<()> {
     writeln!(out, "staged      {}", r.staged)?;
     writeln!(out, "checked     {}", r.checked)?;
-    writeln!(out, "mismatches  {}", r.mismatches.len())?;
-    if !r.mismatches.is_empty() {
+    print_mismatches(out, &r.mismatches)
+}
+
+fn print_mismatches(
+    out: &mut (dyn Write + Send),
+    mismatches: &[VerifyMismatch],
+) -> std::io::Result<()> {
+    writeln!(out, "mismatches  {}", mismatches.len())?;
+    if !mismatches.is_empty() {
         writeln!(out)?;
         let mut t = Table::new(&["MISMATCH_ID", "VERSION", "REASON"]).right_align(&[1]);
-        for m in &r.mismatches {
+        for m in mismatches {
             t.push(
                 out,
                 vec![
@@ -412,7 +576,54 @@ fn nothing_staged(aggregate_type: &str) {
     ));
 }
 
+#[derive(Serialize)]
+struct LiveVerifySummary<'a> {
+    aggregate_type: &'a str,
+    #[serde(flatten)]
+    report: &'a LiveVerifyReport,
+}
+
+/// `verify --live`: the live snapshots against fresh folds.
+async fn verify_live(env: Env<'_>, args: VerifyArgs) -> anyhow::Result<Outcome> {
+    let ops = registered(env.app, &args.aggregate_type)?;
+    let aggregate_type = ops.aggregate_type();
+    let store = env.open(false).await?;
+    let bar = progress_bar(format!("verify {aggregate_type} (live)"));
+    let report = ops.verify_live(&store, args.sample, &advance(&bar)).await;
+    bar.finish_and_clear();
+    let report = report?;
+    if args.json {
+        json_line(
+            env.out,
+            &LiveVerifySummary {
+                aggregate_type,
+                report: &report,
+            },
+        )?;
+    } else {
+        writeln!(env.out, "verify {aggregate_type} (live)")?;
+        writeln!(env.out, "live        {}", report.live)?;
+        writeln!(env.out, "checked     {}", report.checked)?;
+        print_mismatches(env.out, &report.mismatches)?;
+    }
+    if report.live == 0 {
+        note(&format!("no live snapshots of {aggregate_type}"));
+    }
+    Ok(if report.mismatches.is_empty() {
+        Outcome::Success
+    } else {
+        Outcome::CheckFailed(format!(
+            "{} of {} checked live snapshots of {aggregate_type} do not match a replay (listed with their reason); loads use them as they are: delete one (`annals snapshots delete {aggregate_type} ID`, the next load replays) or roll it back (`annals snapshots history` / `rollback`)",
+            report.mismatches.len(),
+            report.checked
+        ))
+    })
+}
+
 async fn verify(env: Env<'_>, args: VerifyArgs) -> anyhow::Result<Outcome> {
+    if args.live {
+        return verify_live(env, args).await;
+    }
     let ops = registered(env.app, &args.aggregate_type)?;
     let store = env.open(false).await?;
     let bar = progress_bar(format!("verify {}", ops.aggregate_type()));
@@ -501,6 +712,125 @@ async fn promote(env: Env<'_>, args: PromoteArgs) -> anyhow::Result<Outcome> {
     }
     if report.promoted + report.kept_live == 0 {
         nothing_staged(aggregate_type);
+    }
+    Ok(Outcome::Success)
+}
+
+/// A history row as `history --json` prints it.
+#[derive(Serialize)]
+struct HistoryRow<'a> {
+    aggregate_type: &'a str,
+    aggregate_id: &'a str,
+    #[serde(flatten)]
+    entry: &'a SnapshotHistoryEntry,
+}
+
+fn status_of(e: &SnapshotHistoryEntry) -> String {
+    match (e.live, e.rolled_back_at) {
+        (true, _) => "live".to_owned(),
+        (false, Some(at)) => format!("rolled back {}", timestamp(&at)),
+        (false, None) => "kept".to_owned(),
+    }
+}
+
+async fn history(env: Env<'_>, args: HistoryArgs) -> anyhow::Result<Outcome> {
+    let stream = StreamId::new(&args.aggregate_type, &args.id)?;
+    let store = env.open(false).await?;
+    let rows = store
+        .snapshot_history(&args.aggregate_type, &args.id)
+        .await?;
+    let out = env.out;
+    if args.json {
+        for entry in &rows {
+            json_line(
+                out,
+                &HistoryRow {
+                    aggregate_type: &args.aggregate_type,
+                    aggregate_id: &args.id,
+                    entry,
+                },
+            )?;
+        }
+        return Ok(Outcome::Success);
+    }
+    if rows.is_empty() {
+        note(&format!("no snapshots of {stream}"));
+        return Ok(Outcome::Success);
+    }
+    let mut t =
+        Table::new(&["VERSION", "SCHEMA_VERSION", "CREATED_AT", "STATUS"]).right_align(&[0, 1]);
+    for e in &rows {
+        t.push(
+            out,
+            vec![
+                e.version.to_string(),
+                e.schema_version.to_string(),
+                timestamp(&e.created_at),
+                status_of(e),
+            ],
+        )?;
+    }
+    t.finish(out)?;
+    Ok(Outcome::Success)
+}
+
+async fn rollback(env: Env<'_>, args: RollbackArgs) -> anyhow::Result<Outcome> {
+    let stream = StreamId::new(&args.aggregate_type, &args.id)?;
+    let store = env.open(false).await?;
+    let report = store
+        .rollback_snapshot(&args.aggregate_type, &args.id, args.to_version)
+        .await?;
+    if args.json {
+        json_line(env.out, &report)?;
+    } else {
+        writeln!(
+            env.out,
+            "{stream}: the snapshot at version {} (schema version {}) is live; {} marked rolled back",
+            report.live.version,
+            report.live.schema_version,
+            count(report.rolled_back, "newer snapshot")
+        )?;
+    }
+    Ok(Outcome::Success)
+}
+
+#[derive(Serialize)]
+struct KeepOutput {
+    /// Snapshots kept per aggregate now.
+    history_size: u32,
+    /// Before the change (`None`: nothing was changed).
+    previous: Option<u32>,
+    /// Snapshots deleted by the change.
+    trimmed: u64,
+}
+
+async fn keep(env: Env<'_>, args: KeepArgs) -> anyhow::Result<Outcome> {
+    let store = env.open(false).await?;
+    let previous = store.snapshot_history_size().await?;
+    let output = match args.keep {
+        None => KeepOutput {
+            history_size: previous,
+            previous: None,
+            trimmed: 0,
+        },
+        Some(keep) => KeepOutput {
+            trimmed: store.set_snapshot_history_size(keep).await?,
+            history_size: keep,
+            previous: Some(previous),
+        },
+    };
+    if args.json {
+        json_line(env.out, &output)?;
+        return Ok(Outcome::Success);
+    }
+    let kept = count(u64::from(output.history_size), "snapshot");
+    match output.previous {
+        None => writeln!(env.out, "{kept} kept per aggregate")?,
+        Some(previous) => writeln!(
+            env.out,
+            "{kept} kept per aggregate (was {previous}); {} trimmed",
+            count(output.trimmed, "snapshot")
+        )?,
     }
     Ok(Outcome::Success)
 }

@@ -27,11 +27,20 @@ pub(crate) struct Migration {
 }
 
 /// All migrations, in order.
-pub(crate) const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "initial",
-    sql: include_str!("../sql/0001_initial.sql"),
-}];
+pub(crate) const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "initial",
+        sql: include_str!("../sql/0001_initial.sql"),
+    },
+    // The file is numbered 0004 because other changes claim 0002 and 0003;
+    // the versions here stay consecutive (renumber on merge).
+    Migration {
+        version: 2,
+        name: "snapshot_history",
+        sql: include_str!("../sql/0004_snapshot_history.sql"),
+    },
+];
 
 /// The schema version this build needs: the last migration's.
 pub(crate) const SCHEMA_VERSION: i64 = MIGRATIONS[MIGRATIONS.len() - 1].version as i64;

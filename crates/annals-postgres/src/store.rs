@@ -40,9 +40,6 @@ pub struct PgOptions {
     /// Rows fetched per round trip by the lazy reads (default
     /// [`annals::DEFAULT_BATCH_SIZE`]).
     pub batch_size: usize,
-    /// Snapshots kept per aggregate: the live one plus `snapshot_history - 1`
-    /// older ones for rollback (default 1).
-    pub snapshot_history: u32,
 }
 
 impl Default for PgOptions {
@@ -51,7 +48,6 @@ impl Default for PgOptions {
             schema: None,
             pool_size: 8,
             batch_size: annals::DEFAULT_BATCH_SIZE,
-            snapshot_history: 1,
         }
     }
 }
@@ -70,9 +66,9 @@ impl PgOptions {
                  not starting with a digit, at most 63 bytes"
             )));
         }
-        if self.pool_size == 0 || self.batch_size == 0 || self.snapshot_history == 0 {
+        if self.pool_size == 0 || self.batch_size == 0 {
             return Err(Error::Config(
-                "pool_size, batch_size and snapshot_history must be at least 1".into(),
+                "pool_size and batch_size must be at least 1".into(),
             ));
         }
         Ok(name.to_owned())
@@ -96,7 +92,6 @@ pub(crate) struct Inner {
     pub(crate) pool: Pool,
     pub(crate) schema: String,
     pub(crate) batch_size: usize,
-    pub(crate) snapshot_history: u32,
     /// Set once the schema was found current and the xid check passed.
     ready: AtomicBool,
 }
@@ -107,7 +102,6 @@ impl fmt::Debug for PgEventStore {
             .field("schema", &self.inner.schema)
             .field("pool", &self.inner.pool.status())
             .field("batch_size", &self.inner.batch_size)
-            .field("snapshot_history", &self.inner.snapshot_history)
             .field("horizon_wait", &self.horizon_wait)
             .finish()
     }
@@ -168,7 +162,6 @@ impl PgEventStore {
                 pool,
                 schema,
                 batch_size: options.batch_size,
-                snapshot_history: options.snapshot_history,
                 ready: AtomicBool::new(false),
             }),
             horizon_wait: DEFAULT_HORIZON_WAIT,

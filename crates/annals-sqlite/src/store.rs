@@ -20,10 +20,6 @@ pub struct SqliteOptions {
     /// [`annals::DEFAULT_BATCH_SIZE`]). A read holds at most two pages: the
     /// one being consumed and the next, fetched ahead.
     pub batch_size: usize,
-    /// Snapshots kept per aggregate (default 1). With `K > 1` the newest `K`
-    /// stay, so an operator can roll back to an older one; the live snapshot
-    /// is always the one with the highest `(schema_version, version)`.
-    pub snapshot_history: u32,
     /// Reader connections (default 4). Reads run on them beside the single
     /// writer connection.
     pub readers: usize,
@@ -34,7 +30,6 @@ impl Default for SqliteOptions {
         SqliteOptions {
             migrate_on_open: true,
             batch_size: annals::DEFAULT_BATCH_SIZE,
-            snapshot_history: 1,
             readers: 4,
         }
     }
@@ -84,11 +79,6 @@ impl SqliteEventStore {
         if options.batch_size == 0 {
             return Err(Error::Config(
                 "SqliteOptions::batch_size must be at least 1".into(),
-            ));
-        }
-        if options.snapshot_history == 0 {
-            return Err(Error::Config(
-                "SqliteOptions::snapshot_history must be at least 1".into(),
             ));
         }
         if options.readers == 0 {

@@ -7,8 +7,9 @@ use std::sync::Arc;
 
 use annals::{
     AppendResult, CheckpointStore, Error, EventStore, EventStream, ExpectedVersion, GlobalPosition,
-    NewEvent, PromoteReport, ReadAll, ReadStream, Result, Snapshot, SnapshotCoverage,
-    SnapshotStore, SnapshotWrite, StaleSnapshot, StoreStats, StreamId, StreamInfo, StreamVersion,
+    NewEvent, PromoteReport, ReadAll, ReadStream, Result, RollbackReport, Snapshot,
+    SnapshotCoverage, SnapshotHistoryEntry, SnapshotStore, SnapshotWrite, StaleSnapshot,
+    StoreStats, StreamId, StreamInfo, StreamVersion,
 };
 use annals::{SnapshotAdmin, SnapshotStaging, StreamCatalog};
 use futures::stream::BoxStream;
@@ -95,6 +96,33 @@ impl<S: SnapshotAdmin> SnapshotAdmin for FaultyStore<S> {
     }
     async fn stale_snapshots(&self, t: Option<&str>, min: u64) -> Result<Vec<StaleSnapshot>> {
         self.inner.stale_snapshots(t, min).await
+    }
+    async fn snapshot_history_size(&self) -> Result<u32> {
+        self.inner.snapshot_history_size().await
+    }
+    async fn set_snapshot_history_size(&self, keep: u32) -> Result<u64> {
+        self.inner.set_snapshot_history_size(keep).await
+    }
+    async fn snapshot_history(&self, t: &str, id: &str) -> Result<Vec<SnapshotHistoryEntry>> {
+        self.inner.snapshot_history(t, id).await
+    }
+    async fn rollback_snapshot(
+        &self,
+        t: &str,
+        id: &str,
+        to: StreamVersion,
+    ) -> Result<RollbackReport> {
+        self.inner.rollback_snapshot(t, id, to).await
+    }
+    fn list_stale_snapshots(
+        &self,
+        t: Option<&str>,
+        min: u64,
+    ) -> BoxStream<'static, Result<StaleSnapshot>> {
+        self.inner.list_stale_snapshots(t, min)
+    }
+    fn live_snapshots(&self, t: &str) -> BoxStream<'static, Result<Snapshot>> {
+        self.inner.live_snapshots(t)
     }
 }
 

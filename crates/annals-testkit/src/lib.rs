@@ -139,6 +139,10 @@ macro_rules! conformance_suite {
         $crate::conformance_suite! { $($then)*
             snapshot_queries,
             prepopulate_snapshots,
+            snapshot_ahead_of_head_is_replaced,
+            snapshot_writes_report_what_happened,
+            snapshot_history_size_is_a_store_setting,
+            snapshot_rollback_sticks,
         }
     };
     (@group snapshot_staging, $($then:tt)*) => {
@@ -153,6 +157,8 @@ macro_rules! conformance_suite {
             verify_blocks_bad_promote,
             promote_races_with_live_saves,
             migrate_while_writers_append,
+            verify_live_finds_wrong_states,
+            snapshot_listings_page_through_many_aggregates,
         }
     };
     (@group checkpoints, $($then:tt)*) => {

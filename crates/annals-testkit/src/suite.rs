@@ -22,6 +22,9 @@ use annals::{CheckpointStore, SnapshotAdmin, SnapshotStaging, SnapshotStore, Str
 mod hostile;
 pub use hostile::*;
 
+mod snapshots_repair;
+pub use snapshots_repair::*;
+
 fn sid(name: &str) -> StreamId {
     StreamId::parse(name).expect("valid stream name")
 }
@@ -1842,7 +1845,7 @@ pub async fn prepopulate_snapshots<S: EventStore + SnapshotStore + SnapshotAdmin
         "only the broken one is left"
     );
     let created = jobs.create("q0").await.expect("create").expect("exists");
-    assert_eq!(created.version, v(4));
+    assert_eq!(created.snapshot.version, v(4));
     assert!(jobs.create("nobody").await.expect("create").is_none());
 }
 

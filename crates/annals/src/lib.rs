@@ -61,6 +61,7 @@ mod memory;
 mod repository;
 mod snapshot;
 mod snapshot_jobs;
+mod snapshot_worker;
 mod stream;
 
 pub use aggregate::{decode_event, encode_event, Aggregate, DomainEvent};
@@ -83,10 +84,12 @@ pub use repository::{
     SnapshotSkip, SNAPSHOT_LOG_TARGET,
 };
 pub use snapshot::{
-    NoSnapshots, PromoteReport, Snapshot, SnapshotAdmin, SnapshotCoverage, SnapshotStaging,
-    SnapshotStore, SnapshotWrite, StaleSnapshot,
+    no_such_snapshot, validate_history_size, NoSnapshots, PromoteReport, RollbackReport, Snapshot,
+    SnapshotAdmin, SnapshotCoverage, SnapshotHistoryEntry, SnapshotStaging, SnapshotStore,
+    SnapshotWrite, StaleSnapshot, DEFAULT_SNAPSHOT_HISTORY,
 };
 pub use snapshot_jobs::{
-    JobFailure, JobOptions, JobReport, Progress, SnapshotJobs, VerifyMismatch, VerifyReport,
+    CreatedSnapshot, JobFailure, JobOptions, JobReport, LiveVerifyReport, Progress, SnapshotJobs,
+    VerifyMismatch, VerifyReport,
 };
 pub use stream::{validate_category, StreamId, MAX_STREAM_NAME_LEN};

@@ -5,9 +5,10 @@
 //! lock, like the database backends do.
 
 use std::collections::{BTreeMap, HashMap};
+use std::ops::Bound;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use futures::stream::{self, BoxStream, StreamExt};
 
 use crate::event::validate_batch_owned;
@@ -16,7 +17,9 @@ use crate::event_store::{
     StreamInfo, DEFAULT_BATCH_SIZE,
 };
 use crate::snapshot::{
-    PromoteReport, Snapshot, SnapshotCoverage, SnapshotStore, SnapshotWrite, StaleSnapshot,
+    no_such_snapshot, validate_history_size, PromoteReport, RollbackReport, Snapshot,
+    SnapshotCoverage, SnapshotHistoryEntry, SnapshotStore, SnapshotWrite, StaleSnapshot,
+    DEFAULT_SNAPSHOT_HISTORY,
 };
 use crate::{
     AppendResult, CheckpointStore, Error, EventStore, ExpectedVersion, GlobalPosition, NewEvent,
@@ -31,9 +34,28 @@ struct State {
     streams: BTreeMap<StreamId, Vec<usize>>,
     /// Event id -> index into `events`.
     ids: HashMap<crate::EventId, usize>,
-    snapshots: BTreeMap<(String, String), Snapshot>,
+    /// Each aggregate's snapshot history (see [`crate::snapshot`]).
+    snapshots: BTreeMap<(String, String), Vec<SnapRow>>,
+    snapshot_history: HistorySize,
     staged: BTreeMap<(String, String), Snapshot>,
     checkpoints: HashMap<String, GlobalPosition>,
+}
+
+/// One row of an aggregate's snapshot history.
+#[derive(Clone)]
+struct SnapRow {
+    snap: Snapshot,
+    rolled_back_at: Option<DateTime<Utc>>,
+}
+
+/// Snapshots kept per aggregate.
+#[derive(Clone, Copy)]
+struct HistorySize(u32);
+
+impl Default for HistorySize {
+    fn default() -> Self {
+        HistorySize(DEFAULT_SNAPSHOT_HISTORY)
+    }
 }
 
 /// The in-memory store. Clones share the same data.
@@ -268,28 +290,118 @@ fn key(t: &str, id: &str) -> (String, String) {
     (t.to_owned(), id.to_owned())
 }
 
+/// The order of a history: `(schema_version, version)`.
+fn rank(s: &Snapshot) -> (u32, StreamVersion) {
+    (s.schema_version, s.version)
+}
+
+/// The live row: the highest one not rolled back.
+fn live_row(rows: &[SnapRow]) -> Option<&SnapRow> {
+    rows.iter()
+        .filter(|r| r.rolled_back_at.is_none())
+        .max_by_key(|r| rank(&r.snap))
+}
+
+/// Keeps `keep` rows: the rows not rolled back first (the live one leads),
+/// then the rolled-back ones, each newest first.
+fn trim(rows: &mut Vec<SnapRow>, keep: u32) -> u64 {
+    rows.sort_by(|a, b| {
+        a.rolled_back_at
+            .is_some()
+            .cmp(&b.rolled_back_at.is_some())
+            .then(rank(&b.snap).cmp(&rank(&a.snap)))
+    });
+    let before = rows.len();
+    rows.truncate(keep as usize);
+    (before - rows.len()) as u64
+}
+
+/// Whether a guarded write of `snap` goes in over `rows` (see
+/// [`SnapshotStore::save_snapshot`]).
+fn admits(rows: &[SnapRow], snap: &Snapshot) -> bool {
+    live_row(rows).is_none_or(|live| snap.supersedes(&live.snap))
+        && rows
+            .iter()
+            .all(|r| r.rolled_back_at.is_none() || r.snap.version < snap.version)
+}
+
+fn entry(row: &SnapRow, live: bool) -> SnapshotHistoryEntry {
+    SnapshotHistoryEntry {
+        version: row.snap.version,
+        schema_version: row.snap.schema_version,
+        created_at: row.snap.created_at,
+        live,
+        rolled_back_at: row.rolled_back_at,
+    }
+}
+
+impl State {
+    /// The head of the stream of aggregate `(t, id)`, when it exists.
+    fn head_of(&self, t: &str, id: &str) -> Option<StreamVersion> {
+        let stream = StreamId::new(t, id).ok()?;
+        self.streams
+            .get(&stream)
+            .map(|v| StreamVersion(v.len() as u64))
+    }
+
+    fn live(&self, t: &str, id: &str) -> Option<&Snapshot> {
+        self.snapshots
+            .get(&key(t, id))
+            .and_then(|rows| live_row(rows))
+            .map(|r| &r.snap)
+    }
+
+    /// Stores `snap` as the live row of its aggregate (replacing a row at
+    /// the same version) and trims the history.
+    fn put_live(&mut self, snap: Snapshot) {
+        let keep = self.snapshot_history.0;
+        let rows = self
+            .snapshots
+            .entry(key(&snap.aggregate_type, &snap.aggregate_id))
+            .or_default();
+        rows.retain(|r| r.snap.version != snap.version);
+        rows.push(SnapRow {
+            snap,
+            rolled_back_at: None,
+        });
+        trim(rows, keep);
+    }
+
+    fn stale(&self, stream: &StreamId, len: usize) -> StaleSnapshot {
+        StaleSnapshot::new(
+            stream.category().to_owned(),
+            stream.id().to_owned(),
+            StreamVersion(len as u64),
+            self.live(stream.category(), stream.id()).map(|s| s.version),
+        )
+    }
+}
+
 impl SnapshotStore for InMemoryStore {
     async fn load_snapshot(
         &self,
         aggregate_type: &str,
         aggregate_id: &str,
     ) -> Result<Option<Snapshot>> {
-        Ok(self
-            .lock()
-            .snapshots
-            .get(&key(aggregate_type, aggregate_id))
-            .cloned())
+        Ok(self.lock().live(aggregate_type, aggregate_id).cloned())
     }
 
     async fn save_snapshot(&self, snapshot: &Snapshot) -> Result<SnapshotWrite> {
         let mut st = self.lock();
         let k = key(&snapshot.aggregate_type, &snapshot.aggregate_id);
-        if let Some(live) = st.snapshots.get(&k) {
-            if !snapshot.supersedes(live) {
-                return Ok(SnapshotWrite::Superseded);
-            }
+        let head = st.head_of(&snapshot.aggregate_type, &snapshot.aggregate_id);
+        if let (Some(head), Some(rows)) = (head, st.snapshots.get_mut(&k)) {
+            // Rows beyond the head are invalid (restored events).
+            rows.retain(|r| r.snap.version <= head);
         }
-        st.snapshots.insert(k, snapshot.clone());
+        if !st
+            .snapshots
+            .get(&k)
+            .is_none_or(|rows| admits(rows, snapshot))
+        {
+            return Ok(SnapshotWrite::Superseded);
+        }
+        st.put_live(snapshot.clone());
         Ok(SnapshotWrite::Written)
     }
 
@@ -298,18 +410,24 @@ impl SnapshotStore for InMemoryStore {
             .lock()
             .snapshots
             .remove(&key(aggregate_type, aggregate_id))
-            .map_or(0, |_| 1))
+            .map_or(0, |rows| rows.len() as u64))
     }
 }
 
 impl crate::SnapshotAdmin for InMemoryStore {
     async fn invalidate_snapshots(&self, aggregate_type: &str, below: Option<u32>) -> Result<u64> {
         let mut st = self.lock();
-        let before = st.snapshots.len();
-        st.snapshots.retain(|(t, _), s| {
-            !(t == aggregate_type && below.is_none_or(|b| s.schema_version < b))
-        });
-        Ok((before - st.snapshots.len()) as u64)
+        let mut removed = 0;
+        for ((t, _), rows) in st.snapshots.iter_mut() {
+            if t != aggregate_type {
+                continue;
+            }
+            let before = rows.len();
+            rows.retain(|r| below.is_some_and(|b| r.snap.schema_version >= b));
+            removed += (before - rows.len()) as u64;
+        }
+        st.snapshots.retain(|_, rows| !rows.is_empty());
+        Ok(removed)
     }
 
     async fn snapshot_coverage(
@@ -329,7 +447,7 @@ impl crate::SnapshotAdmin for InMemoryStore {
                     ..Default::default()
                 });
             c.aggregates += 1;
-            match st.snapshots.get(&key(s.category(), s.id())) {
+            match st.live(s.category(), s.id()) {
                 Some(snap) => {
                     c.with_snapshot += 1;
                     *c.by_schema_version.entry(snap.schema_version).or_default() += 1;
@@ -346,33 +464,143 @@ impl crate::SnapshotAdmin for InMemoryStore {
         min_events: u64,
     ) -> Result<Vec<StaleSnapshot>> {
         let st = self.lock();
-        let mut out = Vec::new();
-        for (s, idxs) in &st.streams {
-            if aggregate_type.is_some_and(|t| t != s.category()) {
-                continue;
-            }
-            let head = idxs.len() as u64;
-            let snap = st
-                .snapshots
-                .get(&key(s.category(), s.id()))
-                .map(|x| x.version);
-            let behind = head.saturating_sub(snap.map_or(0, |v| v.0));
-            if behind > min_events {
-                out.push(StaleSnapshot {
-                    aggregate_type: s.category().to_owned(),
-                    aggregate_id: s.id().to_owned(),
-                    head: StreamVersion(head),
-                    snapshot_version: snap,
-                    events_behind: behind,
-                });
-            }
-        }
+        let mut out: Vec<StaleSnapshot> = st
+            .streams
+            .iter()
+            .filter(|(s, _)| aggregate_type.is_none_or(|t| t == s.category()))
+            .map(|(s, idxs)| st.stale(s, idxs.len()))
+            .filter(|s| s.events_behind > min_events)
+            .collect();
         out.sort_by(|a, b| {
             b.events_behind
                 .cmp(&a.events_behind)
                 .then(a.aggregate_id.cmp(&b.aggregate_id))
         });
         Ok(out)
+    }
+    async fn snapshot_history_size(&self) -> Result<u32> {
+        Ok(self.lock().snapshot_history.0)
+    }
+
+    async fn set_snapshot_history_size(&self, keep: u32) -> Result<u64> {
+        validate_history_size(keep)?;
+        let mut st = self.lock();
+        st.snapshot_history = HistorySize(keep);
+        Ok(st.snapshots.values_mut().map(|rows| trim(rows, keep)).sum())
+    }
+
+    async fn snapshot_history(
+        &self,
+        aggregate_type: &str,
+        aggregate_id: &str,
+    ) -> Result<Vec<SnapshotHistoryEntry>> {
+        let st = self.lock();
+        let Some(rows) = st.snapshots.get(&key(aggregate_type, aggregate_id)) else {
+            return Ok(Vec::new());
+        };
+        let live = live_row(rows).map(|r| r.snap.version);
+        let mut out: Vec<SnapshotHistoryEntry> = rows
+            .iter()
+            .map(|r| {
+                entry(
+                    r,
+                    r.rolled_back_at.is_none() && Some(r.snap.version) == live,
+                )
+            })
+            .collect();
+        out.sort_by_key(|e| std::cmp::Reverse((e.schema_version, e.version)));
+        Ok(out)
+    }
+
+    async fn rollback_snapshot(
+        &self,
+        aggregate_type: &str,
+        aggregate_id: &str,
+        to_version: StreamVersion,
+    ) -> Result<RollbackReport> {
+        let mut st = self.lock();
+        let rows = st
+            .snapshots
+            .get_mut(&key(aggregate_type, aggregate_id))
+            .map(|rows| rows.as_mut_slice())
+            .unwrap_or_default();
+        let Some(target) = rows.iter().find(|r| r.snap.version == to_version) else {
+            let mut kept: Vec<StreamVersion> = rows.iter().map(|r| r.snap.version).collect();
+            kept.sort_by(|a, b| b.cmp(a));
+            return Err(no_such_snapshot(
+                aggregate_type,
+                aggregate_id,
+                to_version,
+                &kept,
+            ));
+        };
+        let target_rank = rank(&target.snap);
+        let now = Utc::now();
+        let mut rolled_back = 0;
+        for r in rows.iter_mut() {
+            if rank(&r.snap) > target_rank && r.rolled_back_at.is_none() {
+                r.rolled_back_at = Some(now);
+                rolled_back += 1;
+            } else if r.snap.version == to_version {
+                r.rolled_back_at = None;
+            }
+        }
+        let live = rows
+            .iter()
+            .find(|r| r.snap.version == to_version)
+            .map(|r| entry(r, true))
+            .ok_or_else(|| no_such_snapshot(aggregate_type, aggregate_id, to_version, &[]))?;
+        Ok(RollbackReport {
+            aggregate_type: aggregate_type.to_owned(),
+            aggregate_id: aggregate_id.to_owned(),
+            live,
+            rolled_back,
+        })
+    }
+
+    fn list_stale_snapshots(
+        &self,
+        aggregate_type: Option<&str>,
+        min_events: u64,
+    ) -> BoxStream<'static, Result<StaleSnapshot>> {
+        let store = self.clone();
+        let t = aggregate_type.map(str::to_owned);
+        pages(
+            None,
+            move |after: Option<StreamId>| {
+                let st = store.lock();
+                let lower = after.map_or(Bound::Unbounded, Bound::Excluded);
+                st.streams
+                    .range((lower, Bound::Unbounded))
+                    .filter(|(s, _)| t.as_deref().is_none_or(|t| t == s.category()))
+                    .map(|(s, idxs)| (s.clone(), st.stale(s, idxs.len())))
+                    .filter(|(_, row)| row.events_behind > min_events)
+                    .take(DEFAULT_BATCH_SIZE)
+                    .collect()
+            },
+            |(s, _): &(StreamId, StaleSnapshot)| Some(s.clone()),
+        )
+        .map(|item| item.map(|(_, row)| row))
+        .boxed()
+    }
+
+    fn live_snapshots(&self, aggregate_type: &str) -> BoxStream<'static, Result<Snapshot>> {
+        let store = self.clone();
+        let t = aggregate_type.to_owned();
+        pages(
+            String::new(),
+            move |after: String| {
+                let st = store.lock();
+                let lower = (t.clone(), after);
+                st.snapshots
+                    .range((Bound::Excluded(lower), Bound::Unbounded))
+                    .take_while(|((tt, _), _)| *tt == t)
+                    .filter_map(|(_, rows)| live_row(rows).map(|r| r.snap.clone()))
+                    .take(DEFAULT_BATCH_SIZE)
+                    .collect()
+            },
+            |s: &Snapshot| s.aggregate_id.clone(),
+        )
     }
 }
 
@@ -398,14 +626,22 @@ impl crate::SnapshotStaging for InMemoryStore {
     }
 
     fn staged_snapshots(&self, aggregate_type: &str) -> BoxStream<'static, Result<Snapshot>> {
-        let items: Vec<Result<Snapshot>> = self
-            .lock()
-            .staged
-            .iter()
-            .filter(|((t, _), _)| t == aggregate_type)
-            .map(|(_, s)| Ok(s.clone()))
-            .collect();
-        stream::iter(items).boxed()
+        let store = self.clone();
+        let t = aggregate_type.to_owned();
+        pages(
+            String::new(),
+            move |after: String| {
+                let st = store.lock();
+                let lower = (t.clone(), after);
+                st.staged
+                    .range((Bound::Excluded(lower), Bound::Unbounded))
+                    .take_while(|((tt, _), _)| *tt == t)
+                    .take(DEFAULT_BATCH_SIZE)
+                    .map(|(_, s)| s.clone())
+                    .collect()
+            },
+            |s: &Snapshot| s.aggregate_id.clone(),
+        )
     }
 
     async fn promote_staged(&self, aggregate_type: &str) -> Result<PromoteReport> {
@@ -421,12 +657,15 @@ impl crate::SnapshotStaging for InMemoryStore {
             let Some(staged) = st.staged.remove(&k) else {
                 continue;
             };
-            match st.snapshots.get(&k) {
-                Some(live) if !staged.supersedes(live) => report.kept_live += 1,
-                _ => {
-                    st.snapshots.insert(k, staged);
-                    report.promoted += 1;
-                }
+            if st
+                .snapshots
+                .get(&k)
+                .is_none_or(|rows| admits(rows, &staged))
+            {
+                st.put_live(staged);
+                report.promoted += 1;
+            } else {
+                report.kept_live += 1;
             }
         }
         Ok(report)
@@ -438,6 +677,30 @@ impl crate::SnapshotStaging for InMemoryStore {
         st.staged.retain(|(t, _), _| t != aggregate_type);
         Ok((before - st.staged.len()) as u64)
     }
+}
+
+/// A lazy listing a page at a time, like the database backends' keyset
+/// pagination: `fetch` returns the page after a cursor (a full page is
+/// [`DEFAULT_BATCH_SIZE`] items), `cursor` the cursor after an item.
+fn pages<C, T>(
+    start: C,
+    fetch: impl Fn(C) -> Vec<T> + Send + 'static,
+    cursor: impl Fn(&T) -> C + Send + 'static,
+) -> BoxStream<'static, Result<T>>
+where
+    C: Send + 'static,
+    T: Send + 'static,
+{
+    stream::unfold(Some(start), move |after| {
+        let page = after.map(&fetch);
+        let next = match &page {
+            Some(p) if p.len() == DEFAULT_BATCH_SIZE => p.last().map(&cursor),
+            _ => None,
+        };
+        futures::future::ready(page.map(|p| (stream::iter(p.into_iter().map(Ok)), next)))
+    })
+    .flatten()
+    .boxed()
 }
 
 impl CheckpointStore for InMemoryStore {

@@ -5,19 +5,18 @@
 //! about a snapshot is reported in [`LoadReport`], so tests and metrics can see
 //! whether a snapshot was used and why one was passed over.
 
-use std::collections::HashMap;
 use std::marker::PhantomData;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
 use futures::StreamExt;
 use serde_json::Value;
-use tokio::sync::Notify;
 use uuid::Uuid;
 
 use crate::aggregate::{decode_event, encode_event};
 use crate::snapshot::{NoSnapshots, Snapshot, SnapshotStore};
+use crate::snapshot_worker::{write_snapshot, Worker};
 use crate::{
     Aggregate, AppendResult, Error, EventStore, ExpectedVersion, Metadata, NewEvent, ReadStream,
     RecordedEvent, Result, StreamId, StreamVersion,
@@ -264,23 +263,13 @@ impl<E> CommandError<E> {
     }
 }
 
-type PendingKey = (String, String);
-type WorkerHandle = Arc<tokio::sync::Mutex<Option<tokio::task::JoinHandle<()>>>>;
-
-struct Background<N> {
-    pending: Mutex<HashMap<PendingKey, Snapshot>>,
-    notify: Notify,
-    capacity: usize,
-    closed: std::sync::atomic::AtomicBool,
-    store: N,
-}
-
 /// Loads aggregates and executes commands against an [`EventStore`], with an
 /// optional [`SnapshotStore`].
 pub struct Repository<A, S, N = NoSnapshots> {
     store: S,
     snapshots: Option<(N, SnapshotConfig)>,
-    background: Option<(Arc<Background<N>>, WorkerHandle)>,
+    /// The background worker, shared by the clones (see `snapshot_worker`).
+    background: Option<Arc<Worker<N>>>,
     retry: RetryPolicy,
     _aggregate: PhantomData<fn() -> A>,
 }
@@ -309,8 +298,11 @@ impl<A: Aggregate, S: EventStore> Repository<A, S, NoSnapshots> {
         }
     }
 
-    /// Adds a snapshot store and policy. In background mode this spawns the
-    /// worker on the current tokio runtime.
+    /// Adds a snapshot store and policy. In background mode the worker task
+    /// starts with the first snapshot request, on the tokio runtime that
+    /// request runs on, so the repository may be built outside a runtime.
+    /// It ends at [`Repository::shutdown`], or when the last clone of the
+    /// repository is dropped (after writing what is queued).
     pub fn with_snapshots<N: SnapshotStore>(
         self,
         store: N,
@@ -318,17 +310,7 @@ impl<A: Aggregate, S: EventStore> Repository<A, S, NoSnapshots> {
     ) -> Repository<A, S, N> {
         let background = match config.mode {
             SnapshotMode::Sync => None,
-            SnapshotMode::Background { queue } => {
-                let bg = Arc::new(Background {
-                    pending: Mutex::new(HashMap::new()),
-                    notify: Notify::new(),
-                    capacity: queue.max(1),
-                    closed: std::sync::atomic::AtomicBool::new(false),
-                    store: store.clone(),
-                });
-                let handle = tokio::spawn(background_worker(bg.clone()));
-                Some((bg, Arc::new(tokio::sync::Mutex::new(Some(handle)))))
-            }
+            SnapshotMode::Background { queue } => Some(Arc::new(Worker::new(store.clone(), queue))),
         };
         Repository {
             store: self.store,
@@ -336,35 +318,6 @@ impl<A: Aggregate, S: EventStore> Repository<A, S, NoSnapshots> {
             background,
             retry: self.retry,
             _aggregate: PhantomData,
-        }
-    }
-}
-
-async fn background_worker<N: SnapshotStore>(bg: Arc<Background<N>>) {
-    loop {
-        let batch: Vec<Snapshot> = {
-            let mut p = bg.pending.lock().unwrap_or_else(|e| e.into_inner());
-            p.drain().map(|(_, s)| s).collect()
-        };
-        if batch.is_empty() {
-            if bg.closed.load(std::sync::atomic::Ordering::Acquire) {
-                return;
-            }
-            bg.notify.notified().await;
-            continue;
-        }
-        for snap in batch {
-            write_snapshot(&bg.store, &snap).await;
-        }
-    }
-}
-
-async fn write_snapshot<N: SnapshotStore>(store: &N, snap: &Snapshot) {
-    match store.save_snapshot(snap).await {
-        Ok(_) => metrics::counter!("annals_snapshots_written_total", "aggregate_type" => snap.aggregate_type.clone()).increment(1),
-        Err(e) => {
-            metrics::counter!("annals_snapshot_failures_total", "aggregate_type" => snap.aggregate_type.clone()).increment(1);
-            tracing::warn!(target: SNAPSHOT_LOG_TARGET, aggregate_type = %snap.aggregate_type, aggregate_id = %snap.aggregate_id, version = %snap.version, error = %e, "snapshot write failed; the command succeeded");
         }
     }
 }
@@ -641,30 +594,16 @@ impl<A: Aggregate, S: EventStore, N: SnapshotStore> Repository<A, S, N> {
 
     async fn request_snapshot(&self, snap: Snapshot) {
         match (&self.background, &self.snapshots) {
-            (Some((bg, _)), _) if bg.closed.load(std::sync::atomic::Ordering::Acquire) => {
-                write_snapshot(&bg.store, &snap).await;
-            }
-            (Some((bg, _)), _) => {
-                let mut p = bg.pending.lock().unwrap_or_else(|e| e.into_inner());
-                let key = (snap.aggregate_type.clone(), snap.aggregate_id.clone());
-                if p.len() >= bg.capacity && !p.contains_key(&key) {
-                    metrics::counter!("annals_snapshot_dropped_total", "aggregate_type" => A::TYPE)
-                        .increment(1);
-                    return;
-                }
-                // Coalesce: keep the newest request per aggregate.
-                match p.get(&key) {
-                    Some(existing) if existing.version > snap.version => {}
-                    _ => {
-                        p.insert(key, snap);
-                    }
-                }
-                drop(p);
-                bg.notify.notify_one();
-            }
+            (Some(worker), _) => worker.request(snap).await,
             (None, Some((store, _))) => write_snapshot(store, &snap).await,
             (None, None) => {}
         }
+    }
+
+    /// The background worker, for the worker's tests.
+    #[cfg(test)]
+    pub(crate) fn worker(&self) -> Option<&Worker<N>> {
+        self.background.as_deref()
     }
 
     /// Takes a snapshot of aggregate `id` now (any policy), from a fresh load.
@@ -684,15 +623,11 @@ impl<A: Aggregate, S: EventStore, N: SnapshotStore> Repository<A, S, N> {
 
     /// Flushes queued background snapshots and stops the worker. Commands
     /// still work afterwards; their snapshots are then written synchronously.
+    /// Dropping the last clone of the repository does the same without
+    /// waiting; call this to know that the queue is written.
     pub async fn shutdown(&self) {
-        if let Some((bg, handle)) = &self.background {
-            bg.closed.store(true, std::sync::atomic::Ordering::Release);
-            bg.notify.notify_one();
-            if let Some(h) = handle.lock().await.take() {
-                if let Err(e) = h.await {
-                    tracing::warn!(target: SNAPSHOT_LOG_TARGET, error = %e, "snapshot worker ended abnormally");
-                }
-            }
+        if let Some(worker) = &self.background {
+            worker.shutdown().await;
         }
     }
 }

@@ -17,6 +17,9 @@ scenario_tests!(Some(Db::sqlite());
     snapshots_create_delete_invalidate,
     snapshots_migrate_verify_promote,
     snapshots_verify_reports_a_mismatch,
+    snapshots_ahead_of_head_are_repaired,
+    snapshots_history_rollback_and_keep,
+    snapshots_verify_live_reports_a_mismatch,
 );
 
 #[test]

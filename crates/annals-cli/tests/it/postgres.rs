@@ -27,6 +27,9 @@ scenario_tests!(pg();
     snapshots_create_delete_invalidate,
     snapshots_migrate_verify_promote,
     snapshots_verify_reports_a_mismatch,
+    snapshots_ahead_of_head_are_repaired,
+    snapshots_history_rollback_and_keep,
+    snapshots_verify_live_reports_a_mismatch,
 );
 
 #[test]

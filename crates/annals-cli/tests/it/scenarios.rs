@@ -7,9 +7,10 @@ use crate::util::{assert_event_fields, Db};
 
 mod snapshots;
 pub use snapshots::{
-    snapshots_create_delete_invalidate, snapshots_migrate_verify_promote,
+    snapshots_ahead_of_head_are_repaired, snapshots_create_delete_invalidate,
+    snapshots_history_rollback_and_keep, snapshots_migrate_verify_promote,
     snapshots_stale_most_behind_first, snapshots_status_and_prepopulate,
-    snapshots_verify_reports_a_mismatch,
+    snapshots_verify_live_reports_a_mismatch, snapshots_verify_reports_a_mismatch,
 };
 
 /// Declares one `#[test]` per scenario, on the databases `$make` returns

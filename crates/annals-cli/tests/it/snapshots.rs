@@ -49,6 +49,10 @@ fn an_unregistered_type_is_refused_before_the_database_is_opened() {
         &["stale", "--min-events", "1"],
         &["delete", "Cart", "1"],
         &["invalidate", "Cart"],
+        &["history", "Cart", "1"],
+        &["rollback", "Cart", "1", "--to-version", "3"],
+        &["keep"],
+        &["keep", "3"],
     ] {
         fresh.run(&snapshots(args)).fails(2, &["does not exist"]);
     }
@@ -81,6 +85,18 @@ fn bad_input_is_named_and_writes_nothing() {
         ),
         (&["create", "Account"], &["ID"]),
         (&["stale", "--min-events", "many"], &["--min-events"]),
+        (&["keep", "0"], &["at least 1"]),
+        (&["keep", "-2"], &["number of snapshots"]),
+        (&["history", "Ac-count", "1"], &["category"]),
+        (&["rollback", "Account", "1"], &["--to-version"]),
+        (
+            &["rollback", "Account", "1", "--to-version", "0"],
+            &["start at 1"],
+        ),
+        (
+            &["verify", "Account", "--live", "--sample", "0"],
+            &["at least 1"],
+        ),
     ];
     for (args, needles) in cases {
         let fresh = Db::sqlite();
@@ -106,6 +122,9 @@ fn help_lists_the_subcommands_and_exit_codes() {
         "migrate",
         "verify",
         "promote",
+        "history",
+        "rollback",
+        "keep",
         "Exit status",
     ] {
         assert!(help.contains(needle), "{needle}: {help}");
@@ -201,7 +220,10 @@ fn the_readme_snapshot_commands_run_as_written() {
             "prepopulate",
             "migrate",
             "verify",
-            "promote"
+            "promote",
+            "verify",
+            "keep",
+            "history"
         ],
         "the README's snapshot walkthrough changed: update this test"
     );
@@ -212,6 +234,10 @@ fn the_readme_snapshot_commands_run_as_written() {
         let args: Vec<&str> = command.iter().map(String::as_str).collect();
         db.run(&args).ok();
     }
+    assert_eq!(
+        db.run(&["snapshots", "keep", "--json"]).ok().json()["history_size"],
+        3
+    );
     // After the walkthrough every account loads from a snapshot.
     let status = db
         .run(&["snapshots", "status", "Account", "--json"])
@@ -421,16 +447,136 @@ fn registered_ops_report_progress() {
 
             let promoted = ops.promote(&store, false, None).await.expect("promote");
             assert_eq!(promoted.promoted + promoted.kept_live, 4);
-            let snap = ops
+            let (created, blocker) = ops
                 .create_snapshot(&store, "demo1-1")
                 .await
                 .expect("create")
                 .expect("the account exists");
-            assert_eq!(snap.aggregate_type, "Account");
+            assert_eq!(created.snapshot.aggregate_type, "Account");
+            assert_eq!(created.write, annals::SnapshotWrite::Written);
+            assert_eq!(blocker, None);
+
+            let report = ops
+                .verify_live(&store, None, &progress)
+                .await
+                .expect("verify live");
+            assert_eq!((report.live, report.checked), (4, 4));
+            assert!(report.mismatches.is_empty(), "{report:?}");
+            check(&seen, 4);
             assert!(ops
                 .create_snapshot(&store, "nobody")
                 .await
                 .expect("create")
                 .is_none());
         });
+}
+
+/// The value of one counter of the Prometheus text `text`, for `Account`.
+fn counter(text: &str, name: &str) -> Option<u64> {
+    let prefix = format!("{name}{{aggregate_type=\"Account\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .map(|v| v.trim().parse().expect("a count"))
+}
+
+/// Runs `args` with `--metrics-file` and returns the exit code and the
+/// metrics written.
+fn with_metrics(db: &Db, args: &[&str]) -> (i32, String) {
+    let file = db.dir.path().join("run.prom");
+    let _ = std::fs::remove_file(&file);
+    let file_arg = file.to_str().expect("utf-8 temp path").to_owned();
+    let mut all = args.to_vec();
+    all.extend_from_slice(&["--metrics-file", &file_arg]);
+    let run = db.run(&all);
+    let text = std::fs::read_to_string(&file).expect("metrics file");
+    (run.code, text)
+}
+
+fn append(db: &Db, stream: &str, event_type: &str, data: &str) {
+    db.run(&["append", stream, "--type", event_type, "--data", data])
+        .ok();
+}
+
+#[test]
+fn snapshot_jobs_write_the_repository_metrics_to_the_metrics_file() {
+    let db = Db::sqlite();
+    db.run(&["init"]).ok();
+    for id in ["m1", "m2", "m3"] {
+        let stream = format!("Account-{id}");
+        append(&db, &stream, "Opened", r#"{"owner":"m"}"#);
+        append(&db, &stream, "Deposited", r#"{"amount":5}"#);
+    }
+    append(&db, "Account-bad", "Opened", r#"{"owner":"b"}"#);
+    append(&db, "Account-bad", "Exploded", "{}");
+
+    // Cron runs prepopulate: three written, one that cannot be built.
+    let (code, text) = with_metrics(&db, &["snapshots", "prepopulate", "Account"]);
+    assert_eq!(code, 1, "the broken aggregate fails the run: {text}");
+    assert_eq!(
+        counter(&text, "annals_snapshots_written_total"),
+        Some(3),
+        "{text}"
+    );
+    assert_eq!(
+        counter(&text, "annals_snapshot_failures_total"),
+        Some(1),
+        "{text}"
+    );
+
+    // A snapshot ahead of restored events is passed over (a skip) and
+    // replaced (a write).
+    db.execute_sql("DELETE FROM events WHERE stream_id = 'Account-m1' AND stream_version = 2");
+    db.execute_sql("UPDATE streams SET version = 1 WHERE stream_id = 'Account-m1'");
+    let (code, text) = with_metrics(&db, &["snapshots", "create", "Account", "m1"]);
+    assert_eq!(code, 0, "{text}");
+    assert_eq!(
+        counter(&text, "annals_snapshot_skipped_total"),
+        Some(1),
+        "{text}"
+    );
+    assert_eq!(
+        counter(&text, "annals_snapshots_written_total"),
+        Some(1),
+        "{text}"
+    );
+
+    // A write that the guard refuses is counted as superseded, not written.
+    db.run(&["snapshots", "keep", "2"]).ok();
+    append(&db, "Account-m2", "Deposited", r#"{"amount":5}"#);
+    db.run(&["snapshots", "create", "Account", "m2"]).ok();
+    db.run(&[
+        "snapshots",
+        "rollback",
+        "Account",
+        "m2",
+        "--to-version",
+        "2",
+    ])
+    .ok();
+    let (code, text) = with_metrics(&db, &["snapshots", "create", "Account", "m2"]);
+    assert_eq!(code, 1, "{text}");
+    assert_eq!(
+        counter(&text, "annals_snapshot_superseded_total"),
+        Some(1),
+        "{text}"
+    );
+    assert_eq!(
+        counter(&text, "annals_snapshots_written_total"),
+        None,
+        "{text}"
+    );
+
+    // Migrate counts what it stages.
+    let (code, text) = with_metrics(&db, &["snapshots", "migrate", "Account"]);
+    assert_eq!(code, 1, "{text}");
+    assert_eq!(
+        counter(&text, "annals_snapshots_staged_total"),
+        Some(3),
+        "{text}"
+    );
+    assert_eq!(
+        counter(&text, "annals_snapshot_failures_total"),
+        Some(1),
+        "{text}"
+    );
 }

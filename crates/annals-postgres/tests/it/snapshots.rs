@@ -1,4 +1,5 @@
-//! Snapshot history (`snapshot_history > 1`) and staged snapshots paging.
+//! Snapshot history (the store keeps more than one per aggregate) and staged
+//! snapshots paging.
 
 use annals::{Snapshot, SnapshotStore, SnapshotWrite, StreamVersion};
 use annals::{SnapshotAdmin, SnapshotStaging};
@@ -37,7 +38,6 @@ async fn stored_versions(db: &TestDb, id: &str) -> Vec<(i64, i64)> {
 #[tokio::test]
 async fn history_keeps_the_newest_k() {
     let Some(db) = TestDb::with_options("history_keeps_the_newest_k", |o| {
-        o.snapshot_history = 3;
         o.batch_size = 2;
     })
     .await
@@ -45,6 +45,10 @@ async fn history_keeps_the_newest_k() {
         return;
     };
     let store = &db.store;
+    store
+        .set_snapshot_history_size(3)
+        .await
+        .expect("set the history size");
     for v in 1..=5 {
         assert_eq!(
             store.save_snapshot(&snap("h", v, 1)).await.expect("save"),

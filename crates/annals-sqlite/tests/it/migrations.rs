@@ -8,8 +8,13 @@ use futures::StreamExt;
 use crate::{ev, fresh_path, fresh_store, raw, sid};
 
 /// Versions this build ships, by name.
-const EXPECTED: &[(i64, &str)] = &[(1, "events"), (2, "snapshots"), (3, "checkpoints")];
-const LATEST: i64 = 3;
+const EXPECTED: &[(i64, &str)] = &[
+    (1, "events"),
+    (2, "snapshots"),
+    (3, "checkpoints"),
+    (4, "snapshot_history"),
+];
+const LATEST: i64 = 4;
 
 fn ledger(conn: &rusqlite::Connection) -> Vec<(i64, String, String)> {
     let mut s = conn

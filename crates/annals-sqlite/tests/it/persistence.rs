@@ -154,10 +154,6 @@ async fn zero_options_are_configuration_errors() {
             ..SqliteOptions::default()
         },
         SqliteOptions {
-            snapshot_history: 0,
-            ..SqliteOptions::default()
-        },
-        SqliteOptions {
             readers: 0,
             ..SqliteOptions::default()
         },
@@ -170,7 +166,6 @@ async fn zero_options_are_configuration_errors() {
     let defaults = SqliteOptions::default();
     assert!(defaults.migrate_on_open);
     assert_eq!(defaults.batch_size, annals::DEFAULT_BATCH_SIZE);
-    assert_eq!(defaults.snapshot_history, 1);
     assert_eq!(defaults.readers, 4);
 }
 

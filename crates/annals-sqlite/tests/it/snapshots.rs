@@ -1,13 +1,13 @@
-//! Snapshot history (`snapshot_history = K`) and the queries over it.
+//! Snapshot history (the store keeps `K` per aggregate) and the queries over it.
 
 use annals::{EventStore, ExpectedVersion, Snapshot, SnapshotStore, SnapshotWrite, StreamVersion};
 use annals::{SnapshotAdmin, SnapshotStaging};
-use annals_sqlite::{SqliteEventStore, SqliteOptions};
+use annals_sqlite::SqliteEventStore;
 use chrono::Utc;
 use futures::StreamExt;
 use serde_json::json;
 
-use crate::{ev, fresh_store, fresh_store_with, raw, sid};
+use crate::{ev, fresh_store, raw, sid};
 
 fn snap(id: &str, version: u64, schema_version: u32) -> Snapshot {
     Snapshot {
@@ -34,16 +34,19 @@ fn rows(store: &SqliteEventStore, id: &str) -> Vec<(u32, u64)> {
         .expect("rows")
 }
 
-fn history(k: u32) -> SqliteOptions {
-    SqliteOptions {
-        snapshot_history: k,
-        ..SqliteOptions::default()
-    }
+/// A fresh store that keeps `k` snapshots per aggregate.
+async fn history(k: u32) -> SqliteEventStore {
+    let store = fresh_store().await;
+    store
+        .set_snapshot_history_size(k)
+        .await
+        .expect("set the history size");
+    store
 }
 
 #[tokio::test]
 async fn history_keeps_the_newest_k() {
-    let store = fresh_store_with(history(3)).await;
+    let store = history(3).await;
     for v in 1..=5 {
         assert_eq!(
             store.save_snapshot(&snap("1", v, 1)).await.expect("save"),
@@ -110,7 +113,7 @@ async fn the_default_keeps_one_row() {
 
 #[tokio::test]
 async fn coverage_and_staleness_count_only_live_snapshots() {
-    let store = fresh_store_with(history(3)).await;
+    let store = history(3).await;
     for id in ["1", "2", "3"] {
         store
             .append(
@@ -171,7 +174,7 @@ async fn coverage_and_staleness_count_only_live_snapshots() {
 
 #[tokio::test]
 async fn promote_keeps_history_and_never_overwrites_a_newer_live() {
-    let store = fresh_store_with(history(2)).await;
+    let store = history(2).await;
     store.save_snapshot(&snap("1", 5, 1)).await.expect("save");
     store.save_snapshot(&snap("1", 6, 1)).await.expect("save");
     store.save_snapshot(&snap("2", 9, 3)).await.expect("save");
@@ -187,4 +190,23 @@ async fn promote_keeps_history_and_never_overwrites_a_newer_live() {
     assert_eq!(rows(&store, "2"), vec![(3, 9)]);
     assert_eq!(rows(&store, "3"), vec![(2, 1)]);
     assert_eq!(store.staged_snapshots("Order").count().await, 0);
+}
+
+#[tokio::test]
+async fn the_history_size_is_recorded_in_the_file() {
+    let first = fresh_store().await;
+    let path = first.path().to_owned();
+    let second = SqliteEventStore::open(&path)
+        .await
+        .expect("a second handle");
+    assert_eq!(first.set_snapshot_history_size(2).await.expect("set"), 0);
+    // The other handle (another process, in production) trims to it too.
+    assert_eq!(second.snapshot_history_size().await.expect("size"), 2);
+    for v in [3, 6, 9] {
+        second.save_snapshot(&snap("1", v, 1)).await.expect("save");
+    }
+    assert_eq!(rows(&second, "1"), vec![(1, 9), (1, 6)]);
+    drop((first, second));
+    let reopened = SqliteEventStore::open(&path).await.expect("reopen");
+    assert_eq!(reopened.snapshot_history_size().await.expect("size"), 2);
 }

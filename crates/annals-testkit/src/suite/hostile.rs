@@ -7,14 +7,13 @@
 use std::time::Duration;
 
 use annals::{
-    CommandContext, Error, EventId, EventStore, ExpectedVersion, GlobalPosition, Metadata, NewEvent, ReadAll,
-    ReadStream, RecordedEvent, StreamId, MAX_JSON_DEPTH,
+    CommandContext, Error, EventId, EventStore, ExpectedVersion, GlobalPosition, Metadata,
+    NewEvent, ReadAll, ReadStream, RecordedEvent, StreamId, MAX_JSON_DEPTH,
 };
 use futures::StreamExt;
 use serde_json::{json, Value};
 
 use super::{all, sid};
-
 
 /// `depth` arrays nested in each other, built without recursion.
 fn nested_arrays(depth: usize) -> Value {

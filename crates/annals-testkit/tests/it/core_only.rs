@@ -80,11 +80,13 @@ async fn create_works_on_a_cache_only_store() {
         .await
         .expect("deposit");
     let jobs = SnapshotJobs::<Account, _>::new(store.clone());
-    let snap = jobs
+    let created = jobs
         .create("c1")
         .await
         .expect("create")
         .expect("has events");
+    assert_eq!(created.write, annals::SnapshotWrite::Written);
+    let snap = created.snapshot;
     assert_eq!(snap.version, StreamVersion(2));
     let live = store
         .load_snapshot("Account", "c1")

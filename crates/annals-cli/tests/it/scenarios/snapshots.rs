@@ -1,5 +1,6 @@
 //! `annals snapshots …` scenarios, on every backend: coverage and freshness,
-//! create/delete/invalidate, prepopulate, and the staged migration.
+//! create/delete/invalidate, prepopulate, the staged migration, and repair
+//! (ahead-of-head snapshots, live verification, history and rollback).
 
 use serde_json::{json, Value};
 
@@ -176,6 +177,7 @@ pub fn snapshots_stale_most_behind_first(db: &Db) {
     db.run(&["snapshots", "create", "Account", "c"]).ok();
     deposit(db, "c", 2);
 
+    // Every stale aggregate, by stream id, as the store pages through them.
     let stale = db
         .run(&["snapshots", "stale", "--min-events", "0", "--json"])
         .ok()
@@ -189,11 +191,11 @@ pub fn snapshots_stale_most_behind_first(db: &Db) {
             )
         })
         .collect();
-    assert_eq!(behind, [("b", 4), ("c", 2), ("a", 1)]);
+    assert_eq!(behind, [("a", 1), ("b", 4), ("c", 2)]);
     assert_eq!(
-        stale[1],
+        stale[2],
         json!({"aggregate_type": "Account", "aggregate_id": "c", "head": 9,
-               "snapshot_version": 7, "events_behind": 2})
+               "snapshot_version": 7, "events_behind": 2, "ahead": false})
     );
     assert_eq!(stale[0]["snapshot_version"], Value::Null);
 
@@ -210,12 +212,13 @@ pub fn snapshots_stale_most_behind_first(db: &Db) {
         ])
         .ok()
         .json_lines();
-    assert_eq!(over_one, stale[..2]);
+    assert_eq!(over_one, stale[1..]);
+    // --limit: the most behind, most behind first.
     let first = db
-        .run(&["snapshots", "stale", "--limit", "1", "--json"])
+        .run(&["snapshots", "stale", "--limit", "2", "--json"])
         .ok()
         .json_lines();
-    assert_eq!(first, stale[..1]);
+    assert_eq!(first, [stale[1].clone(), stale[2].clone()]);
 
     let table = db
         .run(&["snapshots", "stale", "--min-events", "1"])
@@ -534,4 +537,233 @@ pub fn snapshots_verify_reports_a_mismatch(db: &Db) {
         (Some(3), Some(0))
     );
     db.run(&["snapshots", "verify", "Account"]).ok();
+}
+
+/// Events restored from an older backup: the stream is cut back to
+/// `version`, behind the CLI's back (the snapshot stays).
+fn restore_older_backup(db: &Db, id: &str, version: u64) {
+    let stream = format!("Account-{id}");
+    db.execute_sql(&format!(
+        "DELETE FROM events WHERE stream_id = '{stream}' AND stream_version > {version}"
+    ));
+    let changed = db.execute_sql(&format!(
+        "UPDATE streams SET version = {version} WHERE stream_id = '{stream}'"
+    ));
+    assert_eq!(changed, 1);
+}
+
+pub fn snapshots_ahead_of_head_are_repaired(db: &Db) {
+    init(db);
+    account(db, "r1", 5);
+    account(db, "r2", 5);
+    for id in ["r1", "r2"] {
+        db.run(&["snapshots", "create", "Account", id]).ok();
+    }
+    restore_older_backup(db, "r1", 2);
+    restore_older_backup(db, "r2", 3);
+
+    let r1 = aggregate(db, "r1");
+    assert_eq!(r1["snapshot_used"], false, "{r1}");
+    assert!(
+        r1["snapshot_skipped"]
+            .as_str()
+            .is_some_and(|s| s.contains("ahead of the stream head 2")),
+        "{r1}"
+    );
+    let stale = db.run(&["snapshots", "stale", "--json"]).ok().json_lines();
+    assert_eq!(
+        stale[0],
+        json!({"aggregate_type": "Account", "aggregate_id": "r1", "head": 2,
+               "snapshot_version": 6, "events_behind": 2, "ahead": true})
+    );
+    let table = db.run(&["snapshots", "stale"]).ok().stdout;
+    assert!(table.contains("6 (ahead)"), "{table}");
+
+    // `create` replaces it (the guarded write used to keep the higher
+    // version and print "created" all the same).
+    let text = db
+        .run(&["snapshots", "create", "Account", "r1"])
+        .ok()
+        .stdout;
+    assert_eq!(
+        text.trim(),
+        "created snapshot of Account-r1 at version 2 (schema version 1)"
+    );
+    let r1 = aggregate(db, "r1");
+    assert_eq!(r1["snapshot_version"], 2, "{r1}");
+    assert_eq!(r1["state"]["balance"], 10);
+    // And the next write after new events (here: prepopulate) for r2.
+    deposit(db, "r2", 1);
+    let report = db
+        .run(&["snapshots", "prepopulate", "Account", "--json"])
+        .ok()
+        .json();
+    assert_eq!(
+        (report["written"].as_u64(), report["superseded"].as_u64()),
+        (Some(1), Some(0))
+    );
+    assert_eq!(aggregate(db, "r2")["snapshot_version"], 4);
+    let history = db
+        .run(&["snapshots", "history", "Account", "r2", "--json"])
+        .ok()
+        .json_lines();
+    assert_eq!(history.len(), 1, "the ahead row is gone: {history:?}");
+}
+
+pub fn snapshots_history_rollback_and_keep(db: &Db) {
+    init(db);
+    let keep = db.run(&["snapshots", "keep", "--json"]).ok().json();
+    assert_eq!(
+        keep,
+        json!({"history_size": 1, "previous": null, "trimmed": 0})
+    );
+    let set = db.run(&["snapshots", "keep", "3"]).ok().stdout;
+    assert_eq!(
+        set.trim(),
+        "3 snapshots kept per aggregate (was 1); 0 snapshots trimmed"
+    );
+    account(db, "h", 2);
+    db.run(&["snapshots", "create", "Account", "h"]).ok();
+    for _ in 0..2 {
+        deposit(db, "h", 2);
+        db.run(&["snapshots", "create", "Account", "h"]).ok();
+    } // snapshots at 3, 5, 7; head 7
+    let history = db
+        .run(&["snapshots", "history", "Account", "h", "--json"])
+        .ok()
+        .json_lines();
+    let rows: Vec<(u64, bool)> = history
+        .iter()
+        .map(|e| {
+            (
+                e["version"].as_u64().expect("v"),
+                e["live"].as_bool().expect("live"),
+            )
+        })
+        .collect();
+    assert_eq!(
+        rows,
+        [(7, true), (5, false), (3, false)],
+        "create kept the history"
+    );
+    assert_eq!(history[0]["aggregate_id"], "h");
+    assert_eq!(history[0]["rolled_back_at"], Value::Null);
+
+    let run = db.run(&["snapshots", "rollback", "Account", "h", "--to-version", "4"]);
+    run.fails(2, &["no snapshot of Account/h at version 4", "7, 5, 3"]);
+    let text = db
+        .run(&["snapshots", "rollback", "Account", "h", "--to-version", "3"])
+        .ok()
+        .stdout;
+    assert_eq!(
+        text.trim(),
+        "Account-h: the snapshot at version 3 (schema version 1) is live; 2 newer snapshots marked rolled back"
+    );
+    let h = aggregate(db, "h");
+    assert_eq!(
+        (
+            h["snapshot_version"].as_u64(),
+            h["events_replayed"].as_u64()
+        ),
+        (Some(3), Some(4))
+    );
+    let table = db
+        .run(&["snapshots", "history", "Account", "h"])
+        .ok()
+        .stdout;
+    let lines: Vec<&str> = table.lines().collect();
+    assert!(
+        lines[0].starts_with("VERSION") && lines[0].ends_with("STATUS"),
+        "{table}"
+    );
+    assert!(lines[1].contains("rolled back 20"), "{table}");
+    assert!(lines[3].ends_with("live"), "{table}");
+
+    // A snapshot at or below a rolled-back version is not written (the
+    // rollback is not undone by a rerun): exit 1, with the reason.
+    let run = db.run(&["snapshots", "create", "Account", "h", "--json"]);
+    check_failed(&run, &["not written", "version 7 was rolled back"]);
+    let out = run.json();
+    assert_eq!(out["write"], "superseded");
+    assert_eq!(out["version"], 7);
+    assert_eq!(out["blocked_by"]["version"], 7);
+    let run = db.run(&["snapshots", "create", "Account", "h"]);
+    check_failed(&run, &["Account-h at version 7", "not written"]);
+    assert_eq!(aggregate(db, "h")["snapshot_version"], 3);
+    // After new events, a snapshot is genuinely newer and becomes live.
+    deposit(db, "h", 1);
+    db.run(&["snapshots", "create", "Account", "h"]).ok();
+    assert_eq!(aggregate(db, "h")["snapshot_version"], 8);
+
+    // Roll forward, then lower the history size: trims at once.
+    let forward = db
+        .run(&[
+            "snapshots",
+            "rollback",
+            "Account",
+            "h",
+            "--to-version",
+            "7",
+            "--json",
+        ])
+        .ok()
+        .json();
+    assert_eq!(forward["live"]["version"], 7);
+    assert_eq!(forward["rolled_back"], 1);
+    let set = db.run(&["snapshots", "keep", "1", "--json"]).ok().json();
+    assert_eq!(set, json!({"history_size": 1, "previous": 3, "trimmed": 2}));
+    let history = db
+        .run(&["snapshots", "history", "Account", "h", "--json"])
+        .ok()
+        .json_lines();
+    assert_eq!(history.len(), 1);
+    assert_eq!(history[0]["version"], 7);
+    let none = db.run(&["snapshots", "history", "Account", "nobody"]).ok();
+    assert!(none.stdout.is_empty() && none.stderr.contains("no snapshots of Account-nobody"));
+}
+
+pub fn snapshots_verify_live_reports_a_mismatch(db: &Db) {
+    init(db);
+    for id in ["l1", "l2", "l3"] {
+        account(db, id, 2);
+    }
+    db.run(&["snapshots", "prepopulate", "Account"]).ok();
+    let clean = db
+        .run(&["snapshots", "verify", "Account", "--live", "--json"])
+        .ok()
+        .json();
+    assert_eq!(
+        clean,
+        json!({"aggregate_type": "Account", "live": 3, "checked": 3, "mismatches": []})
+    );
+    // A snapshot that loads but holds the wrong state (seed 004).
+    let changed = db.execute_sql(
+        r#"UPDATE snapshots SET state = '{"owner":"l2","balance":777777,"open":true}'
+           WHERE aggregate_type = 'Account' AND aggregate_id = 'l2'"#,
+    );
+    assert_eq!(changed, 1);
+    assert_eq!(aggregate(db, "l2")["state"]["balance"], 777777);
+    let run = db.run(&["snapshots", "verify", "Account", "--live", "--json"]);
+    check_failed(&run, &["1 of 3", "live snapshots", "do not match"]);
+    let report = run.json();
+    assert_eq!(ids(&report["mismatches"]), ["l2"]);
+    assert!(report["mismatches"][0]["reason"]
+        .as_str()
+        .is_some_and(|r| r.contains("777777")));
+    let run = db.run(&["snapshots", "verify", "Account", "--live", "--sample", "1"]);
+    assert!(
+        run.stdout
+            .starts_with("verify Account (live)\nlive        3\nchecked     1\n"),
+        "{run:#?}"
+    );
+    // The cure: delete it; the next load replays, the next check is clean.
+    db.run(&["snapshots", "delete", "Account", "l2"]).ok();
+    let after = db
+        .run(&["snapshots", "verify", "Account", "--live", "--json"])
+        .ok()
+        .json();
+    assert_eq!(
+        (after["live"].as_u64(), after["checked"].as_u64()),
+        (Some(2), Some(2))
+    );
 }
