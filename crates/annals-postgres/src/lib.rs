@@ -135,9 +135,10 @@
 mod checkpoint;
 mod error;
 mod event_store;
+mod horizon;
 mod migrate;
 mod rows;
 mod snapshot;
 mod store;
 
-pub use store::{PgEventStore, PgOptions};
+pub use store::{PgEventStore, PgOptions, DEFAULT_PAGE_BYTES, DEFAULT_POOL_WAIT_TIMEOUT};
