@@ -12,6 +12,15 @@
 //! connect and then call [`PgEventStore::migrate`]), but every operation
 //! then fails with [`annals::Error::SchemaVersion`] until the schema is
 //! current. The first successful check is cached.
+//!
+//! Checkouts wait at most `PgOptions::pool_wait_timeout` (then
+//! [`annals::Error::Unavailable`]). Recycling is deadpool's fast method: a
+//! connection whose socket is known to be closed is dropped at checkout, at
+//! no round trip; one that dies under a call is found by the call's error,
+//! removed from the pool, and the call runs again ([`with_client!`]). The
+//! global feed takes its connections through a semaphore
+//! (`PgOptions::feed_connections`) so that followers leave the rest of the
+//! pool to writers.
 
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -260,7 +269,8 @@ impl PgEventStore {
     ///
     /// The wait only covers transactions that were running when the read
     /// started, so it never waits on writers that start later; when it
-    /// expires the read returns what is safe to deliver.
+    /// expires the read returns what is safe to deliver. A waiting read
+    /// holds no pooled connection (see the crate docs).
     pub fn with_horizon_wait(mut self, wait: Duration) -> Self {
         self.horizon_wait = wait;
         self
