@@ -170,7 +170,10 @@ impl fmt::Debug for PgEventStore {
             .field("schema", &self.inner.schema)
             .field("pool", &self.inner.pool.status())
             .field("pool_wait_timeout", &self.inner.pool_wait)
-            .field("feed_connections", &self.inner.feed.available_permits())
+            .field(
+                "free_feed_connections",
+                &self.inner.feed.available_permits(),
+            )
             .field("batch_size", &self.inner.batch_size)
             .field("page_bytes", &self.inner.page_bytes)
             .field("snapshot_history", &self.inner.snapshot_history)
@@ -559,5 +562,33 @@ async fn check_xids(client: &Client) -> Result<()> {
              (pg_resetwal --epoch and --next-transaction-id) before using it"
         ))),
         _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_feed_gets_half_the_pool_by_default() {
+        let options = |pool_size, feed_connections| PgOptions {
+            pool_size,
+            feed_connections,
+            ..PgOptions::default()
+        };
+        assert_eq!(PgOptions::default().feed_limit(), 4);
+        assert_eq!(options(1, None).feed_limit(), 1);
+        assert_eq!(options(3, None).feed_limit(), 1);
+        assert_eq!(options(8, Some(2)).feed_limit(), 2);
+        assert_eq!(options(8, Some(20)).feed_limit(), 8);
+        assert!(options(8, Some(0)).schema_name().is_err());
+    }
+
+    #[test]
+    fn defaults_bound_waits_and_pages() {
+        let options = PgOptions::default();
+        assert_eq!(options.pool_wait_timeout, Duration::from_secs(30));
+        assert_eq!(options.page_bytes, 8 * 1024 * 1024);
+        assert!(options.schema_name().is_ok());
     }
 }
