@@ -28,6 +28,24 @@ pub const REQUIRE_VAR: &str = "ANNALS_REQUIRE_POSTGRES";
 ///
 /// When no server is configured and [`REQUIRE_VAR`] is `1`.
 pub fn url(test: &str) -> Option<String> {
+    let url = server_url(test);
+    if url.is_none() {
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIPPED {test}: set {URL_VAR} (for example \
+             postgres://postgres@127.0.0.1:5432/test) to run the PostgreSQL tests"
+        );
+    }
+    url
+}
+
+/// The test server's URL, or `None` without a word (for callers that say
+/// so themselves, like the conformance suite's macro).
+///
+/// # Panics
+///
+/// When no server is configured and [`REQUIRE_VAR`] is `1`.
+pub fn server_url(test: &str) -> Option<String> {
     match std::env::var(URL_VAR) {
         Ok(url) if !url.trim().is_empty() => Some(url),
         _ => {
@@ -35,11 +53,6 @@ pub fn url(test: &str) -> Option<String> {
                 std::env::var(REQUIRE_VAR).as_deref() != Ok("1"),
                 "{test}: {REQUIRE_VAR}=1 but {URL_VAR} is not set: the PostgreSQL tests \
                  must run (set {URL_VAR}, for example postgres://postgres@127.0.0.1:5432/test)"
-            );
-            let _ = writeln!(
-                std::io::stderr(),
-                "SKIPPED {test}: set {URL_VAR} (for example \
-                 postgres://postgres@127.0.0.1:5432/test) to run the PostgreSQL tests"
             );
             None
         }
@@ -69,7 +82,10 @@ pub fn options(schema: &str) -> PgOptions {
 
 /// The conformance suite's factory: a migrated store in a fresh schema.
 pub async fn fresh_store() -> Option<PgEventStore> {
-    let url = url("conformance test")?;
+    // The harness names each test's thread after the test; the suite's
+    // macro prints the SKIPPED line.
+    let test = std::thread::current().name().map(str::to_owned);
+    let url = server_url(test.as_deref().unwrap_or("conformance test"))?;
     sweep_once(&url).await;
     let store = PgEventStore::connect_with(&url, options(&new_schema()))
         .await
