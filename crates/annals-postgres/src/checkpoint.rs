@@ -6,8 +6,12 @@
 
 use annals::{CheckpointStore, Error, GlobalPosition, Result};
 
+use deadpool_postgres::Client;
+use tokio_postgres::Row;
+
 use crate::error::Context;
 use crate::rows::position;
+use crate::store::{with_client, Lane};
 use crate::PgEventStore;
 
 const LOAD_SQL: &str = "SELECT commit_pos, seq FROM checkpoints WHERE name = $1";
@@ -20,15 +24,9 @@ const SAVE_SQL: &str = "INSERT INTO checkpoints AS c (name, commit_pos, seq, upd
 
 impl CheckpointStore for PgEventStore {
     async fn load_checkpoint(&self, name: &str) -> Result<Option<GlobalPosition>> {
-        let client = self.ready_client("load a checkpoint").await?;
-        let stmt = client
-            .prepare_cached(LOAD_SQL)
-            .await
-            .context("cannot prepare a checkpoint load")?;
-        let row = client
-            .query_opt(&stmt, &[&name])
-            .await
-            .context("cannot load a checkpoint")?;
+        let row = with_client!(self, Lane::Any, "load a checkpoint", |client| {
+            load(client, name).await
+        })?;
         match row {
             None => Ok(None),
             Some(row) => {
@@ -49,16 +47,11 @@ impl CheckpointStore for PgEventStore {
                 reason: "beyond what a PostgreSQL checkpoint stores".into(),
             });
         };
-        let client = self.ready_client("save a checkpoint").await?;
-        let stmt = client
-            .prepare_cached(SAVE_SQL)
-            .await
-            .context("cannot prepare a checkpoint save")?;
-        client
-            .execute(&stmt, &[&name, &commit, &seq])
-            .await
-            .context("cannot save a checkpoint")?;
-        Ok(())
+        // The save only ever moves a checkpoint forward: running it again
+        // after a lost connection changes nothing.
+        with_client!(self, Lane::Any, "save a checkpoint", |client| {
+            save(client, name, commit, seq).await
+        })
     }
 
     async fn reset_checkpoint(&self, name: &str) -> Result<()> {
@@ -69,4 +62,27 @@ impl CheckpointStore for PgEventStore {
             .context("cannot reset a checkpoint")?;
         Ok(())
     }
+}
+
+async fn load(client: &Client, name: &str) -> Result<Option<Row>> {
+    let stmt = client
+        .prepare_cached(LOAD_SQL)
+        .await
+        .context("cannot prepare a checkpoint load")?;
+    client
+        .query_opt(&stmt, &[&name])
+        .await
+        .context("cannot load a checkpoint")
+}
+
+async fn save(client: &Client, name: &str, commit: i64, seq: i64) -> Result<()> {
+    let stmt = client
+        .prepare_cached(SAVE_SQL)
+        .await
+        .context("cannot prepare a checkpoint save")?;
+    client
+        .execute(&stmt, &[&name, &commit, &seq])
+        .await
+        .context("cannot save a checkpoint")?;
+    Ok(())
 }

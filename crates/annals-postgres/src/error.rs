@@ -34,6 +34,10 @@ pub(crate) enum ErrorClass {
     /// A JSON payload that PostgreSQL's `jsonb` refuses (a `\u0000` in a
     /// string): the caller's input, not the store, is at fault.
     UnstorablePayload,
+    /// The server ended the session (`pg_terminate_backend`, a shutdown or a
+    /// crash): the connection is dead, and the statement may be run again
+    /// on a fresh one.
+    ConnectionLost,
     /// Anything else: a backend error.
     Other,
 }
@@ -56,6 +60,8 @@ pub(crate) fn classify(code: Option<&SqlState>, constraint: Option<&str>) -> Err
         ErrorClass::Retry
     } else if *code == SqlState::UNTRANSLATABLE_CHARACTER {
         ErrorClass::UnstorablePayload
+    } else if *code == SqlState::ADMIN_SHUTDOWN || *code == SqlState::CRASH_SHUTDOWN {
+        ErrorClass::ConnectionLost
     } else {
         ErrorClass::Other
     }
@@ -65,6 +71,26 @@ pub(crate) fn classify(code: Option<&SqlState>, constraint: Option<&str>) -> Err
 pub(crate) fn class_of(err: &tokio_postgres::Error) -> ErrorClass {
     let constraint = err.as_db_error().and_then(|d| d.constraint());
     classify(err.code(), constraint)
+}
+
+/// True when `err` says that the connection it ran on is dead (closed by
+/// the server, terminated by an administrator, a broken socket): the
+/// connection must be discarded, and an idempotent operation may run again
+/// on a fresh one.
+pub(crate) fn connection_lost(err: &Error) -> bool {
+    let Error::Backend {
+        source: Some(source),
+        ..
+    } = err
+    else {
+        return false;
+    };
+    let Some(pg) = source.downcast_ref::<tokio_postgres::Error>() else {
+        return false;
+    };
+    pg.is_closed()
+        || class_of(pg) == ErrorClass::ConnectionLost
+        || std::error::Error::source(pg).is_some_and(|s| s.is::<std::io::Error>())
 }
 
 /// A backend error that keeps the driver error as its source.
@@ -97,9 +123,21 @@ impl<T> Context<T> for Result<T, tokio_postgres::Error> {
     }
 }
 
-impl<T> Context<T> for Result<T, deadpool_postgres::PoolError> {
-    fn context(self, what: &str) -> annals::Result<T> {
-        self.map_err(|e| backend(format!("{what}: cannot get a connection"), e))
+/// A failed checkout from the pool: a wait that timed out after `waited`
+/// is [`Error::Unavailable`]; anything else (the server refused a new
+/// connection) a backend error.
+pub(crate) fn pool_error(
+    what: &str,
+    err: deadpool_postgres::PoolError,
+    waited: std::time::Duration,
+) -> Error {
+    use deadpool_postgres::{PoolError, TimeoutType};
+    match err {
+        PoolError::Timeout(TimeoutType::Wait) => Error::Unavailable {
+            what: format!("a free connection to {what}"),
+            after: waited,
+        },
+        other => backend(format!("{what}: cannot get a connection"), other),
     }
 }
 
@@ -144,6 +182,41 @@ mod tests {
             classify(Some(&SqlState::UNTRANSLATABLE_CHARACTER), None),
             ErrorClass::UnstorablePayload
         );
+    }
+
+    #[test]
+    fn terminated_sessions_are_lost_connections() {
+        for code in [SqlState::ADMIN_SHUTDOWN, SqlState::CRASH_SHUTDOWN] {
+            assert_eq!(classify(Some(&code), None), ErrorClass::ConnectionLost);
+        }
+        // Only driver errors of a dead connection count.
+        assert!(!connection_lost(&backend_msg("no driver error")));
+        assert!(!connection_lost(&Error::Unavailable {
+            what: "a free connection".into(),
+            after: std::time::Duration::from_secs(1),
+        }));
+    }
+
+    #[test]
+    fn pool_timeouts_are_unavailable() {
+        let waited = std::time::Duration::from_millis(250);
+        let err = pool_error(
+            "append",
+            deadpool_postgres::PoolError::Timeout(deadpool_postgres::TimeoutType::Wait),
+            waited,
+        );
+        match &err {
+            Error::Unavailable { what, after } => {
+                assert!(what.contains("append"), "{what}");
+                assert_eq!(*after, waited);
+            }
+            other => panic!("expected Unavailable, got {other:?}"),
+        }
+        assert!(!err.is_conflict());
+        assert!(matches!(
+            pool_error("append", deadpool_postgres::PoolError::Closed, waited),
+            Error::Backend { .. }
+        ));
     }
 
     #[test]

@@ -14,7 +14,7 @@
 //! horizon; see the crate documentation for why that is gap-free.
 
 use std::collections::HashMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use annals::{
     validate_batch_owned, AppendResult, CategoryStats, Direction, Error, EventStore, EventStream,
@@ -24,11 +24,17 @@ use annals::{
 use deadpool_postgres::Client;
 use futures::stream::BoxStream;
 use serde_json::Value;
+use tokio::time::Instant;
+use tokio_postgres::types::ToSql;
 use tokio_postgres::IsolationLevel;
 use uuid::Uuid;
 
 use crate::error::{backend, backend_msg, class_of, Context, ErrorClass};
-use crate::rows::{decode_event, event_columns, failed, page_size, paged, position, to_i64};
+use crate::rows::{
+    budget, byte_bounded, cut_by_bytes, decode_event, event_bytes, event_columns, failed, paged,
+    position, to_i64, PageRows,
+};
+use crate::store::{with_client, Lane};
 use crate::PgEventStore;
 
 /// Attempts of one append before giving up on transient failures.
@@ -48,20 +54,32 @@ const EXISTING_SQL: &str = "SELECT e.event_id, e.stream_id, e.stream_version, \
 
 const STREAM_VERSION_SQL: &str = "SELECT version FROM streams WHERE stream_id = $1";
 
-const READ_STREAM_FORWARD: &str = concat!(
-    "SELECT ",
-    event_columns!(),
-    " FROM events e WHERE e.stream_id = $1 AND e.stream_version BETWEEN $2 AND $3 \
-     AND ($4::timestamptz IS NULL OR e.recorded_at <= $4) \
-     ORDER BY e.stream_version LIMIT $5"
+const READ_STREAM_FORWARD: &str = byte_bounded!(
+    inner: concat!(
+        "SELECT i.*, ",
+        event_bytes!("i"),
+        " AS bytes FROM events i \
+         WHERE i.stream_id = $1 AND i.stream_version BETWEEN $2 AND $3 \
+         AND ($4::timestamptz IS NULL OR i.recorded_at <= $4) \
+         ORDER BY i.stream_version LIMIT $5"
+    ),
+    window: "p.stream_version",
+    order: "e.stream_version",
+    budget: "$6"
 );
 
-const READ_STREAM_BACKWARD: &str = concat!(
-    "SELECT ",
-    event_columns!(),
-    " FROM events e WHERE e.stream_id = $1 AND e.stream_version BETWEEN $2 AND $3 \
-     AND ($4::timestamptz IS NULL OR e.recorded_at <= $4) \
-     ORDER BY e.stream_version DESC LIMIT $5"
+const READ_STREAM_BACKWARD: &str = byte_bounded!(
+    inner: concat!(
+        "SELECT i.*, ",
+        event_bytes!("i"),
+        " AS bytes FROM events i \
+         WHERE i.stream_id = $1 AND i.stream_version BETWEEN $2 AND $3 \
+         AND ($4::timestamptz IS NULL OR i.recorded_at <= $4) \
+         ORDER BY i.stream_version DESC LIMIT $5"
+    ),
+    window: "p.stream_version DESC",
+    order: "e.stream_version DESC",
+    budget: "$6"
 );
 
 /// The horizon: every transaction with a smaller id has finished, so no row
@@ -80,43 +98,58 @@ macro_rules! below_horizon {
     };
 }
 
-const READ_ALL: &str = concat!(
-    "SELECT ",
-    event_columns!(),
-    " FROM events e WHERE ",
-    below_horizon!("e"),
-    " ORDER BY e.tx_id, e.seq LIMIT $3"
+const READ_ALL: &str = byte_bounded!(
+    inner: concat!(
+        "SELECT i.*, ",
+        event_bytes!("i"),
+        " AS bytes FROM events i WHERE ",
+        below_horizon!("i"),
+        " ORDER BY i.tx_id, i.seq LIMIT $3"
+    ),
+    window: "p.tx_id, p.seq",
+    order: "e.tx_id, e.seq",
+    budget: "$4"
 );
 
-const READ_ALL_TYPES: &str = concat!(
-    "SELECT ",
-    event_columns!(),
-    " FROM events e WHERE ",
-    below_horizon!("e"),
-    " AND e.event_type = ANY($4) ORDER BY e.tx_id, e.seq LIMIT $3"
+const READ_ALL_TYPES: &str = byte_bounded!(
+    inner: concat!(
+        "SELECT i.*, ",
+        event_bytes!("i"),
+        " AS bytes FROM events i WHERE ",
+        below_horizon!("i"),
+        " AND i.event_type = ANY($5) ORDER BY i.tx_id, i.seq LIMIT $3"
+    ),
+    window: "p.tx_id, p.seq",
+    order: "e.tx_id, e.seq",
+    budget: "$4"
 );
 
 /// One index range scan per category on (category, tx_id, seq), merged:
 /// bounded work whatever the categories' sizes.
-const READ_ALL_CATEGORIES: &str = concat!(
-    "SELECT ",
-    event_columns!(),
-    " FROM unnest($4::text[]) AS c(category) CROSS JOIN LATERAL (\
-     SELECT * FROM events i WHERE i.category = c.category AND ",
-    below_horizon!("i"),
-    " AND (cardinality($5::text[]) = 0 OR i.event_type = ANY($5)) \
-     ORDER BY i.tx_id, i.seq LIMIT $3) e \
-     ORDER BY e.tx_id, e.seq LIMIT $3"
+const READ_ALL_CATEGORIES: &str = byte_bounded!(
+    inner: concat!(
+        "SELECT i.*, ",
+        event_bytes!("i"),
+        " AS bytes FROM unnest($5::text[]) AS c(category) CROSS JOIN LATERAL (\
+         SELECT * FROM events x WHERE x.category = c.category AND ",
+        below_horizon!("x"),
+        " AND (cardinality($6::text[]) = 0 OR x.event_type = ANY($6)) \
+         ORDER BY x.tx_id, x.seq LIMIT $3) i \
+         ORDER BY i.tx_id, i.seq LIMIT $3"
+    ),
+    window: "p.tx_id, p.seq",
+    order: "e.tx_id, e.seq",
+    budget: "$4"
 );
 
-/// The newest transaction with events after a position. Called with the
-/// last position a page delivered: any row after it was held back when the
-/// page was read (or committed since), whatever the horizon is by now, so
-/// the check cannot miss a horizon that moved between the two queries.
-const HELD_BACK_SQL: &str = "SELECT max(e.tx_id)::text::bigint FROM events e \
+/// What is held back after a position: the newest transaction with events
+/// after it, and the horizon now. Called with the last position a page
+/// delivered: any row after it was held back when the page was read (or
+/// committed since), whatever the horizon is by now, so the check cannot
+/// miss a horizon that moved between the two queries.
+const HELD_BACK_SQL: &str = "SELECT max(e.tx_id)::text::bigint, \
+     pg_snapshot_xmin(pg_current_snapshot())::text::bigint FROM events e \
      WHERE (e.tx_id, e.seq) > ($1::bigint::text::xid8, $2)";
-
-const XMIN_SQL: &str = "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint";
 
 const HEAD_SQL: &str = "SELECT e.tx_id::text::bigint, e.seq FROM events e \
      WHERE e.tx_id < pg_snapshot_xmin(pg_current_snapshot()) \
@@ -157,104 +190,33 @@ impl EventStore for PgEventStore {
             ExpectedVersion::StreamExists => (2, 0),
             ExpectedVersion::Exact(v) => (3, to_i64(v.0)),
         };
-
-        let client = self.ready_client("append").await?;
-        let stmt = client
-            .prepare_cached(APPEND_SQL)
-            .await
-            .context("cannot prepare the append")?;
-        for attempt in 1..=MAX_APPEND_ATTEMPTS {
-            let result = client
-                .query(
-                    &stmt,
-                    &[
-                        &stream.as_str(),
-                        &stream.category(),
-                        &kind,
-                        &version,
-                        &ids,
-                        &types,
-                        &versions,
-                        &data,
-                        &metadata,
-                    ],
-                )
-                .await;
-            let retry_reason = match result {
-                Ok(rows) => {
-                    let first = rows
-                        .first()
-                        .ok_or_else(|| backend_msg("annals_append returned no row"))?;
-                    let outcome: i16 = first.try_get(0).context("cannot decode the append")?;
-                    match outcome {
-                        APPENDED => return appended(first, events.len()),
-                        WRONG_VERSION => {
-                            let head: Option<i64> =
-                                first.try_get(1).context("cannot decode the append")?;
-                            // Idempotency comes first: a retried batch succeeds
-                            // whatever it expected.
-                            if let Some(done) = resolve_existing(&client, stream, &events).await? {
-                                return Ok(done);
-                            }
-                            return Err(Error::WrongExpectedVersion {
-                                stream: stream.clone(),
-                                expected,
-                                actual: head.and_then(|h| u64::try_from(h).ok()).map(StreamVersion),
-                            });
-                        }
-                        YOUNGER_WRITER => "the stream was written by a younger transaction",
-                        other => {
-                            return Err(backend_msg(format!(
-                                "annals_append returned unknown outcome {other}"
-                            )))
-                        }
-                    }
-                }
-                Err(e) => match class_of(&e) {
-                    ErrorClass::Retry => "serialization failure or deadlock",
-                    ErrorClass::EventIdTaken => {
-                        match resolve_existing(&client, stream, &events).await? {
-                            Some(done) => return Ok(done),
-                            None => "an event id was taken by a transaction that rolled back",
-                        }
-                    }
-                    ErrorClass::StreamVersionTaken if expected != ExpectedVersion::Any => {
-                        let actual = stream_head(&client, stream).await?;
-                        return Err(Error::WrongExpectedVersion {
-                            stream: stream.clone(),
-                            expected,
-                            actual,
-                        });
-                    }
-                    ErrorClass::StreamVersionTaken => "a concurrent writer took the version",
-                    ErrorClass::UnstorablePayload => {
-                        return Err(Error::InvalidEvent {
-                            stream: stream.clone(),
-                            reason: format!(
-                                "PostgreSQL cannot store this payload or metadata \
-                                 (a \\u0000 in a JSON string?): {e}"
-                            ),
-                        })
-                    }
-                    ErrorClass::Other => {
-                        return Err(backend(format!("cannot append to {stream}"), e))
-                    }
-                },
-            };
-            tracing::debug!(%stream, attempt, reason = retry_reason, "retrying append");
-            metrics::counter!("annals_pg_append_retries_total").increment(1);
-            tokio::time::sleep(Duration::from_millis(u64::from(attempt))).await;
-        }
-        Err(backend_msg(format!(
-            "append to {stream} did not succeed in {MAX_APPEND_ATTEMPTS} attempts \
-             (transient conflicts); nothing was written"
-        )))
+        let batch = Batch {
+            stream,
+            expected,
+            events: &events,
+            params: [
+                &stream.as_str(),
+                &stream.category(),
+                &kind,
+                &version,
+                &ids,
+                &types,
+                &versions,
+                &data,
+                &metadata,
+            ],
+        };
+        // A connection lost mid-append is replaced and the batch sent again:
+        // if the first attempt committed, its event ids make the second one
+        // return the original assignment (deduplicated) instead of writing.
+        with_client!(self, Lane::Any, "append", |client| batch
+            .append_on(client)
+            .await)
     }
 
     fn read_stream(&self, stream: &StreamId, options: ReadStream) -> EventStream {
         let store = self.clone();
-        let stream_id_owned = stream.clone();
-        let stream = stream.as_str().to_owned();
+        let stream_id = stream.clone();
         let until = options.until_version.map_or(i64::MAX, |v| to_i64(v.0));
         let limit = options.limit.unwrap_or(u64::MAX);
         let as_of = options.as_of;
@@ -264,12 +226,11 @@ impl EventStore for PgEventStore {
         } else {
             options.from.map_or(1, |v| to_i64(v.0).max(1))
         };
-        let stream_id = stream_id_owned;
+        let budget = budget(self.inner.page_bytes);
         paged(
-            (start, 0u64, 0u32),
-            move |(cursor, taken, page_no): (i64, u64, u32)| {
+            (start, 0u64, PageRows::new(self.inner.batch_size)),
+            move |(cursor, taken, page): (i64, u64, PageRows)| {
                 let store = store.clone();
-                let stream = stream.clone();
                 let stream_id = stream_id.clone();
                 async move {
                     let (lo, hi) = if backward {
@@ -280,33 +241,37 @@ impl EventStore for PgEventStore {
                     if taken >= limit || lo > hi {
                         return Ok((Vec::new(), None));
                     }
-                    let want =
-                        (limit - taken).min(page_size(store.inner.batch_size, page_no)) as i64;
-                    let client = store.ready_client("read a stream").await?;
+                    let want = (limit - taken).min(page.rows()) as i64;
                     let sql = if backward {
                         READ_STREAM_BACKWARD
                     } else {
                         READ_STREAM_FORWARD
                     };
-                    let stmt = client
-                        .prepare_cached(sql)
+                    let name = stream_id.as_str();
+                    let rows = with_client!(store, Lane::Any, "read a stream", |client| {
+                        read_stream_page(
+                            client,
+                            sql,
+                            name,
+                            &[&name, &lo, &hi, &as_of, &want, &budget],
+                        )
                         .await
-                        .context("cannot prepare a stream read")?;
-                    let rows = client
-                        .query(&stmt, &[&stream, &lo, &hi, &as_of, &want])
-                        .await
-                        .map_err(|e| backend(format!("cannot read stream {stream}"), e))?;
-                    drop(client);
+                    })?;
+                    let cut = cut_by_bytes(&rows, budget)?;
                     let mut last_stream = Some(stream_id);
                     let events = rows
                         .iter()
                         .map(|row| decode_event(row, &mut last_stream))
                         .collect::<Result<Vec<_>>>()?;
                     let next = match events.last() {
-                        Some(last) if (events.len() as i64) == want => {
+                        Some(last) if cut || (events.len() as i64) == want => {
                             let v = to_i64(last.stream_version.0);
                             let next = if backward { v - 1 } else { v.saturating_add(1) };
-                            Some((next, taken + events.len() as u64, page_no + 1))
+                            Some((
+                                next,
+                                taken + events.len() as u64,
+                                page.next(events.len(), cut),
+                            ))
                         }
                         _ => None,
                     };
@@ -330,9 +295,10 @@ impl EventStore for PgEventStore {
         categories.sort();
         categories.dedup();
         let event_types = options.event_types;
+        let budget = budget(self.inner.page_bytes);
         paged(
-            ((tx, seq), 0u64, 0u32),
-            move |(cursor, taken, page_no): ((i64, i64), u64, u32)| {
+            ((tx, seq), 0u64, PageRows::new(self.inner.batch_size)),
+            move |(cursor, taken, rows_limit): ((i64, i64), u64, PageRows)| {
                 let store = store.clone();
                 let categories = categories.clone();
                 let event_types = event_types.clone();
@@ -340,45 +306,28 @@ impl EventStore for PgEventStore {
                     if taken >= limit {
                         return Ok((Vec::new(), None));
                     }
-                    let want =
-                        (limit - taken).min(page_size(store.inner.batch_size, page_no)) as i64;
-                    let client = store.ready_client("read all events").await?;
+                    let want = (limit - taken).min(rows_limit.rows()) as i64;
                     let page = Page {
                         after: cursor,
                         want,
+                        budget,
                         categories: &categories,
                         event_types: &event_types,
                     };
-                    let mut rows = page.fetch(&client).await?;
-                    if (rows.len() as i64) < want {
-                        // Where this page stopped: its last row, or where it began.
-                        let delivered = match rows.last() {
-                            Some(row) => (
-                                row.try_get(0)
-                                    .context("cannot decode an event's position")?,
-                                row.try_get(1)
-                                    .context("cannot decode an event's position")?,
-                            ),
-                            None => cursor,
-                        };
-                        if store.wait_for_horizon(&client, delivered).await? {
-                            rows = page.fetch(&client).await?;
-                        }
-                    }
-                    drop(client);
+                    let (rows, cut) = store.read_all_page(&page).await?;
                     let mut last_stream = None;
                     let events = rows
                         .iter()
                         .map(|row| decode_event(row, &mut last_stream))
                         .collect::<Result<Vec<_>>>()?;
                     let next = match events.last() {
-                        Some(last) if (events.len() as i64) == want => Some((
+                        Some(last) if cut || (events.len() as i64) == want => Some((
                             (
                                 to_i64(last.global_position.commit()),
                                 to_i64(last.global_position.seq()),
                             ),
                             taken + events.len() as u64,
-                            page_no + 1,
+                            rows_limit.next(events.len(), cut),
                         )),
                         _ => None,
                     };
@@ -389,26 +338,27 @@ impl EventStore for PgEventStore {
     }
 
     async fn stream_version(&self, stream: &StreamId) -> Result<Option<StreamVersion>> {
-        let client = self.ready_client("read a stream version").await?;
-        stream_head(&client, stream).await
+        with_client!(self, Lane::Any, "read a stream version", |client| {
+            stream_head(client, stream).await
+        })
     }
 
     async fn head_position(&self) -> Result<Option<GlobalPosition>> {
-        let client = self.ready_client("read the head position").await?;
-        self.wait_for_horizon(&client, (0, 0)).await?;
-        let stmt = client
-            .prepare_cached(HEAD_SQL)
-            .await
-            .context("cannot prepare the head query")?;
-        let row = client
-            .query_opt(&stmt, &[])
-            .await
-            .context("cannot read the head position")?;
-        match row {
+        if let Some(held) = self.held_back((0, 0)).await? {
+            if !held.passed {
+                let deadline = Instant::now() + self.horizon_wait;
+                self.wait_past(held.newest, deadline).await;
+            }
+        }
+        let what = "cannot read the head position";
+        let rows = with_client!(self, Lane::Feed, "read the head position", |client| {
+            query(client, HEAD_SQL, &[], what).await
+        })?;
+        match rows.first() {
             None => Ok(None),
             Some(row) => {
-                let tx: i64 = row.try_get(0).context("cannot decode the head position")?;
-                let seq: i64 = row.try_get(1).context("cannot decode the head position")?;
+                let tx: i64 = row.try_get(0).context(what)?;
+                let seq: i64 = row.try_get(1).context(what)?;
                 position(tx, seq).map(Some)
             }
         }
@@ -419,10 +369,101 @@ fn count(n: i64) -> u64 {
     u64::try_from(n).unwrap_or(0)
 }
 
+/// One append's statement parameters, with what an outcome needs.
+struct Batch<'a> {
+    stream: &'a StreamId,
+    expected: ExpectedVersion,
+    events: &'a [NewEvent],
+    params: [&'a (dyn ToSql + Sync); 9],
+}
+
+impl Batch<'_> {
+    /// Runs the append on one connection, retrying transient conflicts.
+    async fn append_on(&self, client: &Client) -> Result<AppendResult> {
+        let (stream, expected, events) = (self.stream, self.expected, self.events);
+        let stmt = client
+            .prepare_cached(APPEND_SQL)
+            .await
+            .context("cannot prepare the append")?;
+        for attempt in 1..=MAX_APPEND_ATTEMPTS {
+            let result = client.query(&stmt, &self.params).await;
+            let retry_reason = match result {
+                Ok(rows) => {
+                    let first = rows
+                        .first()
+                        .ok_or_else(|| backend_msg("annals_append returned no row"))?;
+                    let outcome: i16 = first.try_get(0).context("cannot decode the append")?;
+                    match outcome {
+                        APPENDED => return appended(first, events.len()),
+                        WRONG_VERSION => {
+                            let head: Option<i64> =
+                                first.try_get(1).context("cannot decode the append")?;
+                            // Idempotency comes first: a retried batch succeeds
+                            // whatever it expected.
+                            if let Some(done) = resolve_existing(client, stream, events).await? {
+                                return Ok(done);
+                            }
+                            return Err(Error::WrongExpectedVersion {
+                                stream: stream.clone(),
+                                expected,
+                                actual: head.and_then(|h| u64::try_from(h).ok()).map(StreamVersion),
+                            });
+                        }
+                        YOUNGER_WRITER => "the stream was written by a younger transaction",
+                        other => {
+                            return Err(backend_msg(format!(
+                                "annals_append returned unknown outcome {other}"
+                            )))
+                        }
+                    }
+                }
+                Err(e) => match class_of(&e) {
+                    ErrorClass::Retry => "serialization failure or deadlock",
+                    ErrorClass::EventIdTaken => {
+                        match resolve_existing(client, stream, events).await? {
+                            Some(done) => return Ok(done),
+                            None => "an event id was taken by a transaction that rolled back",
+                        }
+                    }
+                    ErrorClass::StreamVersionTaken if expected != ExpectedVersion::Any => {
+                        let actual = stream_head(client, stream).await?;
+                        return Err(Error::WrongExpectedVersion {
+                            stream: stream.clone(),
+                            expected,
+                            actual,
+                        });
+                    }
+                    ErrorClass::StreamVersionTaken => "a concurrent writer took the version",
+                    ErrorClass::UnstorablePayload => {
+                        return Err(Error::InvalidEvent {
+                            stream: stream.clone(),
+                            reason: format!(
+                                "PostgreSQL cannot store this payload or metadata \
+                                 (a \\u0000 in a JSON string?): {e}"
+                            ),
+                        })
+                    }
+                    ErrorClass::ConnectionLost | ErrorClass::Other => {
+                        return Err(backend(format!("cannot append to {stream}"), e))
+                    }
+                },
+            };
+            tracing::debug!(%stream, attempt, reason = retry_reason, "retrying append");
+            metrics::counter!("annals_pg_append_retries_total").increment(1);
+            tokio::time::sleep(Duration::from_millis(u64::from(attempt))).await;
+        }
+        Err(backend_msg(format!(
+            "append to {stream} did not succeed in {MAX_APPEND_ATTEMPTS} attempts \
+             (transient conflicts); nothing was written"
+        )))
+    }
+}
+
 /// One page of `read_all`.
 struct Page<'a> {
     after: (i64, i64),
     want: i64,
+    budget: i64,
     categories: &'a [String],
     event_types: &'a [String],
 }
@@ -439,68 +480,139 @@ impl Page<'_> {
             client
                 .query(
                     &stmt,
-                    &[&tx, &seq, &self.want, &self.categories, &self.event_types],
+                    &[
+                        &tx,
+                        &seq,
+                        &self.want,
+                        &self.budget,
+                        &self.categories,
+                        &self.event_types,
+                    ],
                 )
                 .await
         } else if !self.event_types.is_empty() {
             let stmt = client.prepare_cached(READ_ALL_TYPES).await.context(what)?;
             client
-                .query(&stmt, &[&tx, &seq, &self.want, &self.event_types])
+                .query(
+                    &stmt,
+                    &[&tx, &seq, &self.want, &self.budget, &self.event_types],
+                )
                 .await
         } else {
             let stmt = client.prepare_cached(READ_ALL).await.context(what)?;
-            client.query(&stmt, &[&tx, &seq, &self.want]).await
+            client
+                .query(&stmt, &[&tx, &seq, &self.want, &self.budget])
+                .await
         };
         rows.context(what)
     }
 }
 
 impl PgEventStore {
-    /// At the tail of the log: if committed events after `after` are held
-    /// back by transactions still in flight, waits (at most `horizon_wait`)
-    /// for those transactions to finish. Transactions that start later are
-    /// not waited for. Returns whether anything was held back.
-    async fn wait_for_horizon(&self, client: &Client, after: (i64, i64)) -> Result<bool> {
-        if self.horizon_wait.is_zero() {
-            return Ok(false);
+    /// Fetches one page of `read_all`, and whether its byte budget cut it.
+    ///
+    /// A page that ends short of its limits is at the tail of what is safe
+    /// to deliver. If committed events after it are held back by
+    /// transactions still in flight, the page waits for those transactions
+    /// (at most `horizon_wait`, holding no connection; transactions that
+    /// start later are not waited for) and is read again.
+    async fn read_all_page(&self, page: &Page<'_>) -> Result<(Vec<tokio_postgres::Row>, bool)> {
+        let rows = with_client!(self, Lane::Feed, "read all events", |client| page
+            .fetch(client)
+            .await)?;
+        let cut = cut_by_bytes(&rows, page.budget)?;
+        if cut || rows.len() as i64 >= page.want || self.horizon_wait.is_zero() {
+            return Ok((rows, cut));
         }
-        let what = "cannot read the snapshot horizon";
-        let stmt = client.prepare_cached(HELD_BACK_SQL).await.context(what)?;
-        let newest: Option<i64> = client
-            .query_one(&stmt, &[&after.0, &after.1])
-            .await
-            .context(what)?
-            .try_get(0)
-            .context(what)?;
-        let Some(newest) = newest else {
-            return Ok(false);
+        // Where this page stopped: its last row, or where it began.
+        let delivered = match rows.last() {
+            Some(row) => (
+                row.try_get(0)
+                    .context("cannot decode an event's position")?,
+                row.try_get(1)
+                    .context("cannot decode an event's position")?,
+            ),
+            None => page.after,
         };
-        let deadline = Instant::now() + self.horizon_wait;
-        let stmt = client.prepare_cached(XMIN_SQL).await.context(what)?;
-        let mut pause = Duration::from_millis(1);
-        loop {
-            let xmin: i64 = client
-                .query_one(&stmt, &[])
-                .await
-                .context(what)?
-                .try_get(0)
-                .context(what)?;
-            if xmin > newest {
-                return Ok(true);
-            }
-            let now = Instant::now();
-            if now >= deadline {
+        let Some(held) = self.held_back(delivered).await? else {
+            return Ok((rows, cut));
+        };
+        if !held.passed {
+            let deadline = Instant::now() + self.horizon_wait;
+            if !self.wait_past(held.newest, deadline).await {
                 tracing::debug!(
-                    newest,
-                    xmin,
+                    newest = held.newest,
                     "read_all: committed events held back by a long transaction"
                 );
-                return Ok(true);
             }
-            tokio::time::sleep(pause.min(deadline - now)).await;
-            pause = (pause * 2).min(Duration::from_millis(20));
         }
+        let rows = with_client!(self, Lane::Feed, "read all events", |client| page
+            .fetch(client)
+            .await)?;
+        let cut = cut_by_bytes(&rows, page.budget)?;
+        Ok((rows, cut))
     }
+
+    /// What lies after `after`: `None` when nothing does (or waiting is
+    /// off); otherwise the newest transaction with events there, and
+    /// whether the horizon has passed it already (then a page read before
+    /// this check is read again at once).
+    async fn held_back(&self, after: (i64, i64)) -> Result<Option<Held>> {
+        if self.horizon_wait.is_zero() {
+            return Ok(None);
+        }
+        let what = "cannot read the snapshot horizon";
+        let rows = with_client!(self, Lane::Feed, "read the snapshot horizon", |client| {
+            query(client, HELD_BACK_SQL, &[&after.0, &after.1], what).await
+        })?;
+        let row = rows
+            .first()
+            .ok_or_else(|| backend_msg("the horizon query returned no row"))?;
+        let newest: Option<i64> = row.try_get(0).context(what)?;
+        let horizon: i64 = row.try_get(1).context(what)?;
+        self.saw_horizon(horizon);
+        Ok(newest.map(|newest| Held {
+            newest,
+            passed: horizon > newest,
+        }))
+    }
+}
+
+/// Events after a position (see [`PgEventStore::held_back`]).
+#[derive(Clone, Copy, Debug)]
+struct Held {
+    /// The newest transaction that wrote them.
+    newest: i64,
+    /// Whether the horizon has passed it.
+    passed: bool,
+}
+
+/// Runs a cached statement.
+async fn query(
+    client: &Client,
+    sql: &str,
+    params: &[&(dyn ToSql + Sync)],
+    what: &str,
+) -> Result<Vec<tokio_postgres::Row>> {
+    let stmt = client.prepare_cached(sql).await.context(what)?;
+    client.query(&stmt, params).await.context(what)
+}
+
+/// One page of a stream read (`params` of [`READ_STREAM_FORWARD`]).
+async fn read_stream_page(
+    client: &Client,
+    sql: &str,
+    stream: &str,
+    params: &[&(dyn ToSql + Sync); 6],
+) -> Result<Vec<tokio_postgres::Row>> {
+    let stmt = client
+        .prepare_cached(sql)
+        .await
+        .context("cannot prepare a stream read")?;
+    client
+        .query(&stmt, params)
+        .await
+        .map_err(|e| backend(format!("cannot read stream {stream}"), e))
 }
 
 async fn stream_head(client: &Client, stream: &StreamId) -> Result<Option<StreamVersion>> {
@@ -632,16 +744,15 @@ impl annals::StreamCatalog for PgEventStore {
             let category = category.clone();
             async move {
                 let want = store.inner.batch_size as i64;
-                let client = store.ready_client("list streams").await?;
-                let stmt = client
-                    .prepare_cached(LIST_STREAMS_SQL)
+                let rows = with_client!(store, Lane::Any, "list streams", |client| {
+                    query(
+                        client,
+                        LIST_STREAMS_SQL,
+                        &[&category, &after, &want],
+                        "cannot list streams",
+                    )
                     .await
-                    .context("cannot prepare the stream listing")?;
-                let rows = client
-                    .query(&stmt, &[&category, &after, &want])
-                    .await
-                    .context("cannot list streams")?;
-                drop(client);
+                })?;
                 let infos = rows
                     .iter()
                     .map(|row| {
@@ -736,6 +847,24 @@ mod tests {
         for sql in [READ_ALL, READ_ALL_TYPES, READ_ALL_CATEGORIES] {
             assert!(sql.contains("tx_id < pg_snapshot_xmin(pg_current_snapshot())"));
             assert!(sql.contains("($1::bigint::text::xid8, $2)"));
+            assert!(sql.contains("LIMIT $3"));
+        }
+    }
+
+    #[test]
+    fn every_event_page_is_bounded_in_bytes() {
+        for (sql, budget) in [
+            (READ_ALL, "$4"),
+            (READ_ALL_TYPES, "$4"),
+            (READ_ALL_CATEGORIES, "$4"),
+            (READ_STREAM_FORWARD, "$6"),
+            (READ_STREAM_BACKWARD, "$6"),
+        ] {
+            assert!(
+                sql.contains(&format!("WHERE e.run - e.bytes < {budget} ORDER BY")),
+                "{sql}"
+            );
+            assert!(sql.contains(event_bytes!("i")), "{sql}");
         }
     }
 }

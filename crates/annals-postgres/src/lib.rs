@@ -8,8 +8,9 @@
 //!   [`annals::SnapshotStore`] with [`annals::SnapshotAdmin`] and
 //!   [`annals::SnapshotStaging`], and [`annals::CheckpointStore`]. Cheap to
 //!   clone; clones share the pool.
-//! - [`PgOptions`]: the PostgreSQL schema to use, pool size, read batch size
-//!   and how many snapshots to keep per aggregate.
+//! - [`PgOptions`]: the PostgreSQL schema to use, the pool (size, wait
+//!   timeout, connections for the global feed), read pages (rows, bytes) and
+//!   how many snapshots to keep per aggregate.
 //! - [`PgEventStore::migrate`] (`annals init`) creates or upgrades the schema
 //!   from versioned SQL files; [`PgEventStore::schema_sql`] prints it.
 //! - [`PgEventStore::horizon_lag`] measures how many committed events readers
@@ -61,6 +62,17 @@
 //! `(tx_id, seq)` order (keyset pagination on an index) delivers every
 //! committed event exactly once.
 //!
+//! So positions order by transaction id, not by commit time: a
+//! transaction that took its id earlier but commits later gets the smaller
+//! position. `read_all` never delivers an event while a transaction that
+//! could still commit below it is running, so a reader sees the log in
+//! position order without holes. The positions an [`annals::EventStore::append`]
+//! returns are final and unique, and a caller may wait until a follower has
+//! passed them (read-your-writes), but they are not a place to start a
+//! `read_all` from: appends still in flight may commit below them later,
+//! and a reader starting there would never see those. Resume only from
+//! positions that `read_all` delivered (or checkpoints saved from them).
+//!
 //! Each stream's events must also appear in version order. An append takes
 //! an advisory lock on the stream *before* its transaction has an id, and
 //! only then takes one; the previous writer of the stream got its id before
@@ -91,6 +103,39 @@
 //! most [`PgEventStore::with_horizon_wait`], 1 s by default) for the
 //! transactions that hold back events already committed, so that a writer
 //! that reads right after its own append normally sees it.
+//!
+//! # Under pressure
+//!
+//! With a long transaction in the cluster, every follower at the tail waits
+//! its full `horizon_wait`, over and over. Waiting costs no connection: a
+//! waiting reader sleeps on a watch of the horizon that one task per store
+//! polls (one short query at a time) while anybody waits. The global feed
+//! (`read_all` pages, `head_position`, the horizon watch) may use at most
+//! [`PgOptions::feed_connections`] connections at once (half the pool by
+//! default), so followers never take every connection from appends, stream
+//! reads and snapshots.
+//!
+//! No call waits for ever for a connection: after
+//! [`PgOptions::pool_wait_timeout`] (30 s by default) it fails with
+//! [`annals::Error::Unavailable`], which names what it waited for and how
+//! long, and means that nothing was written. (Waits inside the server, such
+//! as an append queued behind another transaction that holds its stream's
+//! lock, are not bounded by the store; `statement_timeout` and
+//! `idle_in_transaction_session_timeout` bound those.)
+//!
+//! A connection that the server ends (`pg_terminate_backend`, a restart, a
+//! broken socket) is removed from the pool, and the call that met it runs
+//! again on a fresh connection: reads, checkpoints, and appends, whose
+//! event ids make a second run of a batch that did commit return the
+//! original assignment (with `deduplicated: true`) instead of writing it
+//! twice. Every checkout also skips connections already known to be closed
+//! (deadpool's fast recycling, which costs no round trip).
+//!
+//! Read pages are bounded in rows (the batch size, doubling per page up to
+//! 16 times it) and in bytes ([`PgOptions::page_bytes`], 8 MiB of payload
+//! and metadata by default): a replay of large events holds a few of them
+//! at a time. The size of a value stored uncompressed is its stored size;
+//! that of a compressed one, the length of its JSON text.
 //!
 //! # Appends
 //!
@@ -126,8 +171,9 @@
 //! # Crate features
 //!
 //! None. Connections use `tokio_postgres::NoTls`. The store runs on Tokio
-//! and needs the runtime's time driver (`enable_all`): append retries and
-//! the horizon wait sleep.
+//! and needs the runtime's time driver (`enable_all`): append retries, pool
+//! timeouts and the horizon wait sleep. It needs PostgreSQL 14 or later
+//! (`pg_column_compression` measures read pages).
 //!
 //! See `docs/architecture.md` in the repository for the crates, the traits
 //! between them and the ordering guarantees of each backend.
@@ -137,9 +183,10 @@
 mod checkpoint;
 mod error;
 mod event_store;
+mod horizon;
 mod migrate;
 mod rows;
 mod snapshot;
 mod store;
 
-pub use store::{PgEventStore, PgOptions};
+pub use store::{PgEventStore, PgOptions, DEFAULT_PAGE_BYTES, DEFAULT_POOL_WAIT_TIMEOUT};

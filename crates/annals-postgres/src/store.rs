@@ -12,6 +12,15 @@
 //! connect and then call [`PgEventStore::migrate`]), but every operation
 //! then fails with [`annals::Error::SchemaVersion`] until the schema is
 //! current. The first successful check is cached.
+//!
+//! Checkouts wait at most `PgOptions::pool_wait_timeout` (then
+//! [`annals::Error::Unavailable`]). Recycling is deadpool's fast method: a
+//! connection whose socket is known to be closed is dropped at checkout, at
+//! no round trip; one that dies under a call is found by the call's error,
+//! removed from the pool, and the call runs again ([`with_client!`]). The
+//! global feed takes its connections through a semaphore
+//! (`PgOptions::feed_connections`) so that followers leave the rest of the
+//! pool to writers.
 
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -19,14 +28,29 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use annals::{Error, Result};
-use deadpool_postgres::{Client, Manager, ManagerConfig, Pool, RecyclingMethod};
+use deadpool_postgres::{
+    Client, Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime, Timeouts,
+};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
 use tokio_postgres::NoTls;
 
-use crate::error::Context;
+use crate::error::{backend_msg, connection_lost, pool_error, Context};
+use crate::horizon::HorizonWatch;
 use crate::migrate::{self, SCHEMA_VERSION};
 
 /// Default for [`PgEventStore::with_horizon_wait`].
 pub(crate) const DEFAULT_HORIZON_WAIT: Duration = Duration::from_secs(1);
+
+/// Default of [`PgOptions::pool_wait_timeout`].
+pub const DEFAULT_POOL_WAIT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Default of [`PgOptions::page_bytes`]: 8 MiB.
+pub const DEFAULT_PAGE_BYTES: usize = 8 << 20;
+
+/// Connections a lost one is replaced by, within one call, before the call
+/// gives up (see [`PgEventStore::with_client`]).
+const MAX_RECONNECTS: u32 = 2;
 
 /// Options of [`PgEventStore::connect_with`].
 #[derive(Clone, PartialEq, Eq, Debug)]
@@ -37,9 +61,26 @@ pub struct PgOptions {
     pub schema: Option<String>,
     /// Maximum number of pooled connections (default 8).
     pub pool_size: usize,
+    /// How long a call waits for a free pooled connection before it fails
+    /// with [`annals::Error::Unavailable`] (default
+    /// [`DEFAULT_POOL_WAIT_TIMEOUT`], 30 s; zero fails at once when every
+    /// connection is busy). Opening a new connection is bounded separately,
+    /// by the URL's `connect_timeout` (10 s when the URL sets none).
+    pub pool_wait_timeout: Duration,
+    /// How many pooled connections the global feed may use at once:
+    /// `read_all` pages, `head_position` and the store's horizon watch.
+    /// Followers at the tail of the log then never hold every connection,
+    /// and appends, stream reads and snapshots always find one. `None`
+    /// (default): half the pool, at least one. At most `pool_size`.
+    pub feed_connections: Option<usize>,
     /// Rows fetched per round trip by the lazy reads (default
     /// [`annals::DEFAULT_BATCH_SIZE`]).
     pub batch_size: usize,
+    /// A read page also stops once it holds about this many bytes of
+    /// payload and metadata (default [`DEFAULT_PAGE_BYTES`], 8 MiB), so a
+    /// read of large events holds a few of them in memory at a time, not a
+    /// batch. An event larger than this comes alone in its page.
+    pub page_bytes: usize,
 }
 
 impl Default for PgOptions {
@@ -47,7 +88,10 @@ impl Default for PgOptions {
         PgOptions {
             schema: None,
             pool_size: 8,
+            pool_wait_timeout: DEFAULT_POOL_WAIT_TIMEOUT,
+            feed_connections: None,
             batch_size: annals::DEFAULT_BATCH_SIZE,
+            page_bytes: DEFAULT_PAGE_BYTES,
         }
     }
 }
@@ -66,12 +110,23 @@ impl PgOptions {
                  not starting with a digit, at most 63 bytes"
             )));
         }
-        if self.pool_size == 0 || self.batch_size == 0 {
+        if self.pool_size == 0
+            || self.batch_size == 0
+            || self.page_bytes == 0
+            || self.feed_connections == Some(0)
+        {
             return Err(Error::Config(
-                "pool_size and batch_size must be at least 1".into(),
+                "pool_size, feed_connections, batch_size and page_bytes must be at least 1".into(),
             ));
         }
         Ok(name.to_owned())
+    }
+
+    /// The connections the feed may hold at once.
+    fn feed_limit(&self) -> usize {
+        self.feed_connections
+            .unwrap_or(self.pool_size / 2)
+            .clamp(1, self.pool_size)
     }
 }
 
@@ -92,6 +147,13 @@ pub(crate) struct Inner {
     pub(crate) pool: Pool,
     pub(crate) schema: String,
     pub(crate) batch_size: usize,
+    pub(crate) page_bytes: usize,
+    /// How long a checkout waits (`PgOptions::pool_wait_timeout`).
+    pool_wait: Duration,
+    /// Permits for the feed's connections (`PgOptions::feed_connections`).
+    feed: Arc<Semaphore>,
+    /// The shared watch on the snapshot horizon.
+    pub(crate) horizon: HorizonWatch,
     /// Set once the schema was found current and the xid check passed.
     ready: AtomicBool,
 }
@@ -101,7 +163,13 @@ impl fmt::Debug for PgEventStore {
         f.debug_struct("PgEventStore")
             .field("schema", &self.inner.schema)
             .field("pool", &self.inner.pool.status())
+            .field("pool_wait_timeout", &self.inner.pool_wait)
+            .field(
+                "free_feed_connections",
+                &self.inner.feed.available_permits(),
+            )
             .field("batch_size", &self.inner.batch_size)
+            .field("page_bytes", &self.inner.page_bytes)
             .field("horizon_wait", &self.horizon_wait)
             .finish()
     }
@@ -155,6 +223,8 @@ impl PgEventStore {
         );
         let pool = Pool::builder(manager)
             .max_size(options.pool_size)
+            .wait_timeout(Some(options.pool_wait_timeout))
+            .runtime(Runtime::Tokio1)
             .build()
             .map_err(|e| Error::Config(format!("cannot build the connection pool: {e}")))?;
         let store = PgEventStore {
@@ -162,6 +232,10 @@ impl PgEventStore {
                 pool,
                 schema,
                 batch_size: options.batch_size,
+                page_bytes: options.page_bytes,
+                pool_wait: options.pool_wait_timeout,
+                feed: Arc::new(Semaphore::new(options.feed_limit())),
+                horizon: HorizonWatch::default(),
                 ready: AtomicBool::new(false),
             }),
             horizon_wait: DEFAULT_HORIZON_WAIT,
@@ -190,7 +264,8 @@ impl PgEventStore {
     ///
     /// The wait only covers transactions that were running when the read
     /// started, so it never waits on writers that start later; when it
-    /// expires the read returns what is safe to deliver.
+    /// expires the read returns what is safe to deliver. A waiting read
+    /// holds no pooled connection (see the crate docs).
     pub fn with_horizon_wait(mut self, wait: Duration) -> Self {
         self.horizon_wait = wait;
         self
@@ -269,9 +344,15 @@ impl PgEventStore {
         Ok(lag)
     }
 
-    /// A pooled connection.
+    /// A pooled connection, waiting at most the pool's wait timeout
+    /// ([`annals::Error::Unavailable`] after that).
     pub(crate) async fn client(&self, what: &str) -> Result<Client> {
-        self.inner.pool.get().await.context(what)
+        let waited = self.inner.pool_wait;
+        self.inner
+            .pool
+            .get()
+            .await
+            .map_err(|e| pool_error(what, e, waited))
     }
 
     /// A pooled connection for an operation on the store's tables: checks
@@ -279,6 +360,168 @@ impl PgEventStore {
     pub(crate) async fn ready_client(&self, what: &str) -> Result<Client> {
         self.check_schema().await?;
         self.client(what).await
+    }
+
+    /// A pooled connection for the global feed: first one of the feed's
+    /// permits, then a connection, both within one pool wait timeout.
+    pub(crate) async fn feed_client(&self, what: &str) -> Result<FeedClient> {
+        self.check_schema().await?;
+        let waited = self.inner.pool_wait;
+        let deadline = Instant::now() + waited;
+        let unavailable = || Error::Unavailable {
+            what: format!("a free feed connection to {what}"),
+            after: waited,
+        };
+        let permit = tokio::time::timeout_at(deadline, self.inner.feed.clone().acquire_owned())
+            .await
+            .map_err(|_| unavailable())?
+            .map_err(|_| backend_msg("the feed's connection limit was closed"))?;
+        let timeouts = Timeouts {
+            wait: Some(deadline.saturating_duration_since(Instant::now())),
+            ..self.inner.pool.timeouts()
+        };
+        let client = self
+            .inner
+            .pool
+            .timeout_get(&timeouts)
+            .await
+            .map_err(|e| pool_error(what, e, waited))?;
+        Ok(FeedClient {
+            client,
+            _permit: permit,
+        })
+    }
+}
+
+/// Runs `$body` with `$client` bound to a pooled connection of `$lane`
+/// ([`Lane`]) and evaluates to its `Result`. When the connection turns out
+/// to be dead (terminated by the server, a broken socket), it is removed
+/// from the pool for good and `$body` runs again on a fresh one, up to
+/// [`MAX_RECONNECTS`] times (see [`Reconnect`]).
+///
+/// Only for idempotent operations: reads, and appends, whose event ids make
+/// a repeated batch a no-op that returns the first assignment. A macro
+/// rather than a function taking a closure, because the closure would
+/// borrow the connection across awaits, and the futures must stay `Send`.
+macro_rules! with_client {
+    ($store:expr, $lane:expr, $what:expr, |$client:ident| $body:expr) => {{
+        let mut reconnect = $crate::store::Reconnect::new($lane, $what);
+        loop {
+            let checkout = reconnect.checkout(&$store).await?;
+            let result = {
+                let $client: &::deadpool_postgres::Client = checkout.client();
+                $body
+            };
+            if let Some(done) = reconnect.done(checkout, result) {
+                break done;
+            }
+        }
+    }};
+}
+pub(crate) use with_client;
+
+/// The state of [`with_client!`]: which connections, and the error of a
+/// connection that was lost.
+pub(crate) struct Reconnect<'a> {
+    lane: Lane,
+    what: &'a str,
+    left: u32,
+    lost: Option<Error>,
+}
+
+impl<'a> Reconnect<'a> {
+    pub(crate) fn new(lane: Lane, what: &'a str) -> Self {
+        Reconnect {
+            lane,
+            what,
+            left: MAX_RECONNECTS,
+            lost: None,
+        }
+    }
+
+    /// A connection. If none can be had after a connection was lost, the
+    /// lost connection's error is returned: its operation may have taken
+    /// effect, so it must not turn into an `Unavailable`, which promises
+    /// that nothing was written.
+    pub(crate) async fn checkout(&mut self, store: &PgEventStore) -> Result<Checkout> {
+        let got = match self.lane {
+            Lane::Any => store.ready_client(self.what).await.map(Checkout::Any),
+            Lane::Feed => store.feed_client(self.what).await.map(Checkout::Feed),
+        };
+        match (got, self.lost.take()) {
+            (Ok(client), _) => Ok(client),
+            (Err(_), Some(lost)) => Err(lost),
+            (Err(e), None) => Err(e),
+        }
+    }
+
+    /// The outcome of one run on `checkout`: `Some` when it is final,
+    /// `None` when the connection was lost (and is now discarded) and the
+    /// operation should run again.
+    pub(crate) fn done<T>(&mut self, checkout: Checkout, result: Result<T>) -> Option<Result<T>> {
+        match result {
+            Err(e) if connection_lost(&e) => {
+                tracing::debug!(error = %e, what = self.what, "discarding a lost connection");
+                checkout.discard();
+                if self.left == 0 {
+                    return Some(Err(e));
+                }
+                self.left -= 1;
+                self.lost = Some(e);
+                None
+            }
+            other => Some(other),
+        }
+    }
+}
+
+/// Which connections an operation may use.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum Lane {
+    /// Any pooled connection: appends, stream reads, everything else.
+    Any,
+    /// One of the feed's connections (`read_all`, `head_position`, the
+    /// horizon watch), limited by `PgOptions::feed_connections`.
+    Feed,
+}
+
+/// A pooled connection together with one of the feed's permits; both are
+/// given back when it is dropped.
+pub(crate) struct FeedClient {
+    client: Client,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl std::ops::Deref for FeedClient {
+    type Target = Client;
+
+    fn deref(&self) -> &Client {
+        &self.client
+    }
+}
+
+/// A connection checked out by [`Reconnect`].
+pub(crate) enum Checkout {
+    Any(Client),
+    Feed(FeedClient),
+}
+
+impl Checkout {
+    pub(crate) fn client(&self) -> &Client {
+        match self {
+            Checkout::Any(c) => c,
+            Checkout::Feed(c) => &c.client,
+        }
+    }
+
+    /// Removes the connection from the pool (and closes it) instead of
+    /// returning it: a dead connection is never handed out again.
+    fn discard(self) {
+        let client = match self {
+            Checkout::Any(c) => c,
+            Checkout::Feed(c) => c.client,
+        };
+        drop(Object::take(client));
     }
 }
 
@@ -311,5 +554,33 @@ async fn check_xids(client: &Client) -> Result<()> {
              (pg_resetwal --epoch and --next-transaction-id) before using it"
         ))),
         _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_feed_gets_half_the_pool_by_default() {
+        let options = |pool_size, feed_connections| PgOptions {
+            pool_size,
+            feed_connections,
+            ..PgOptions::default()
+        };
+        assert_eq!(PgOptions::default().feed_limit(), 4);
+        assert_eq!(options(1, None).feed_limit(), 1);
+        assert_eq!(options(3, None).feed_limit(), 1);
+        assert_eq!(options(8, Some(2)).feed_limit(), 2);
+        assert_eq!(options(8, Some(20)).feed_limit(), 8);
+        assert!(options(8, Some(0)).schema_name().is_err());
+    }
+
+    #[test]
+    fn defaults_bound_waits_and_pages() {
+        let options = PgOptions::default();
+        assert_eq!(options.pool_wait_timeout, Duration::from_secs(30));
+        assert_eq!(options.page_bytes, 8 * 1024 * 1024);
+        assert!(options.schema_name().is_ok());
     }
 }

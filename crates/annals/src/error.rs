@@ -124,6 +124,19 @@ pub enum Error {
     /// this and falls back to a full replay; it only surfaces from direct calls.
     #[error("snapshot error: {0}")]
     Snapshot(String),
+    /// The store could not serve the call in time: it gave up after waiting
+    /// `after` for `what` (for example a pooled PostgreSQL connection while
+    /// every connection was busy). Nothing was written by this call. Not a
+    /// conflict: the store is overloaded or a connection is stuck, so retry
+    /// later (with backoff), raise the limit that ran out, or look for what
+    /// holds the resource.
+    #[error("store unavailable: gave up waiting for {what} after {after:?}")]
+    Unavailable {
+        /// What the call waited for.
+        what: String,
+        /// How long it waited before giving up.
+        after: std::time::Duration,
+    },
     /// The database driver failed (connection lost, disk full, ...). The
     /// driver error is the source. Appends are atomic, so nothing was written.
     #[error("{backend} backend error: {message}")]
@@ -163,5 +176,22 @@ impl Error {
             message: message.into(),
             source: Some(Box::new(source)),
         }
+    }
+}
+
+#[cfg(test)]
+mod unavailable_tests {
+    use super::*;
+
+    #[test]
+    fn unavailable_names_what_and_how_long_and_is_no_conflict() {
+        let err = Error::Unavailable {
+            what: "a pooled connection".into(),
+            after: std::time::Duration::from_millis(1500),
+        };
+        assert!(!err.is_conflict());
+        let text = err.to_string();
+        assert!(text.contains("a pooled connection"), "{text}");
+        assert!(text.contains("1.5s"), "{text}");
     }
 }

@@ -205,8 +205,29 @@ pub trait EventStore: Clone + Send + Sync + 'static {
     ///   no-op that returns the original assignment with `deduplicated: true`
     ///   (checked before `expected`, so a retried request succeeds). Any other
     ///   reuse of a stored id is [`Error::DuplicateEventId`](crate::Error::DuplicateEventId).
-    /// - Global positions increase in commit order: a `read_all` reader that
-    ///   has seen position `p` never later sees an event at a position `<= p`.
+    /// - Positions: each event gets a unique [`GlobalPosition`]; within the
+    ///   batch they increase in batch order, and a stream's events have
+    ///   increasing positions in version order. Positions may have gaps,
+    ///   and they follow commit order only on some backends: SQLite and the
+    ///   in-memory store assign them in commit order, PostgreSQL orders them
+    ///   by the appending transaction's id (taken when the append starts
+    ///   writing), so an append that commits later can get smaller
+    ///   positions than one that committed before it. [`read_all`](Self::read_all)
+    ///   makes up for that: a reader that has seen position `p` never later
+    ///   sees an event at a position `<= p`.
+    ///
+    /// With the positions it returns, a caller may wait until a follower of
+    /// `read_all` (or a checkpoint it saved) has reached the last of them:
+    /// the follower has then delivered these events and every event with a
+    /// smaller position (read-your-writes on the feed); and it may compare
+    /// them with other positions of the same store. It may not start or
+    /// resume a `read_all` after a returned position (on PostgreSQL, appends
+    /// still in flight can commit later at smaller positions, and that
+    /// reader would never see them: resume only from positions that
+    /// `read_all` delivered); conclude from two returned positions which
+    /// append committed first, or that every smaller position is already
+    /// readable; count events by subtracting positions; or use the
+    /// positions of one store (or PostgreSQL cluster) in another.
     fn append(
         &self,
         stream: &StreamId,
@@ -226,6 +247,17 @@ pub trait EventStore: Clone + Send + Sync + 'static {
     /// exactly once and each stream's events in version order. An event
     /// whose commit may still be preceded by an in-flight one is held back
     /// until it is safe to deliver.
+    ///
+    /// Global order is position order: commit order on SQLite and in
+    /// memory, transaction-id order on PostgreSQL, where an event is held
+    /// back until every transaction of the cluster with a smaller id has
+    /// finished (so a long transaction anywhere in the cluster delays the
+    /// feed, not the appends). A read may therefore end before events that
+    /// are already committed; the next read from its last position
+    /// delivers them. `options.after` must be [`GlobalPosition::START`], a
+    /// position this method delivered, or a checkpoint saved from one; a
+    /// position returned by [`append`](Self::append) is not a safe place to
+    /// start (see there).
     fn read_all(&self, options: ReadAll) -> EventStream;
 
     /// The head version of a stream, `None` when it does not exist.

@@ -1,16 +1,14 @@
 //! The scenarios on PostgreSQL, each in a fresh schema, when
-//! `ANNALS_TEST_POSTGRES_URL` names a server; skipped (visibly) otherwise.
+//! `ANNALS_TEST_POSTGRES_URL` names a server; skipped (visibly) otherwise,
+//! or failed when `ANNALS_REQUIRE_POSTGRES=1`.
 
 use crate::scenarios::scenario_tests;
 use crate::util::Db;
 
-/// A fresh schema, or `None` after saying why the test is skipped.
+/// A fresh schema, or `None` after saying (visibly) why the test is
+/// skipped; fails instead when `ANNALS_REQUIRE_POSTGRES=1`.
 fn pg() -> Option<Db> {
-    let db = Db::postgres();
-    if db.is_none() {
-        eprintln!("skipped: set ANNALS_TEST_POSTGRES_URL to run the PostgreSQL CLI tests");
-    }
-    db
+    Db::postgres()
 }
 
 scenario_tests!(pg();
@@ -61,4 +59,38 @@ fn stats_records_the_horizon_lag_in_the_metrics_file() {
             .any(|l| l.starts_with("annals_pg_horizon_lag_events")),
         "{text}"
     );
+}
+
+/// Issue 7: without a server a PostgreSQL CLI test says so where `cargo
+/// test` shows it (past the harness's capture), and fails when
+/// `ANNALS_REQUIRE_POSTGRES=1`. Runs one of them in a child process.
+#[test]
+fn issue7_a_missing_server_is_visible_and_fails_when_required() {
+    let name = "postgres::commands_before_init_say_to_run_init";
+    let run = |require: Option<&str>| {
+        let mut cmd = std::process::Command::new(std::env::current_exe().expect("test binary"));
+        cmd.args([name, "--exact", "--test-threads=1"])
+            .env_remove("ANNALS_TEST_POSTGRES_URL")
+            .env_remove("ANNALS_REQUIRE_POSTGRES");
+        if let Some(value) = require {
+            cmd.env("ANNALS_REQUIRE_POSTGRES", value);
+        }
+        let out = cmd.output().expect("run the test binary");
+        let text = format!(
+            "{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    };
+    let (ok, text) = run(None);
+    assert!(ok, "skipped, not failed:\n{text}");
+    assert!(text.contains("1 passed"), "{text}");
+    assert!(
+        text.contains(&format!("SKIPPED {name}")),
+        "not visible:\n{text}"
+    );
+    let (ok, text) = run(Some("1"));
+    assert!(!ok, "must fail when required:\n{text}");
+    assert!(text.contains("ANNALS_REQUIRE_POSTGRES"), "{text}");
 }

@@ -131,10 +131,35 @@ impl Db {
         }
     }
 
-    /// A fresh schema in the test PostgreSQL database (`None` when
-    /// `ANNALS_TEST_POSTGRES_URL` is unset).
+    /// A fresh schema in the test PostgreSQL database, or `None` when
+    /// `ANNALS_TEST_POSTGRES_URL` is unset: then a SKIPPED line naming the
+    /// test goes straight to the process's stderr (the harness captures
+    /// `eprintln!` and shows it only for failing tests), and with
+    /// `ANNALS_REQUIRE_POSTGRES=1` (set by `.ci/run`) the test fails instead.
     pub fn postgres() -> Option<Self> {
-        let url = std::env::var("ANNALS_TEST_POSTGRES_URL").ok()?;
+        let url = match std::env::var("ANNALS_TEST_POSTGRES_URL") {
+            Ok(url) if !url.trim().is_empty() => url,
+            _ => {
+                let test = std::thread::current()
+                    .name()
+                    .unwrap_or("a PostgreSQL test")
+                    .to_owned();
+                assert!(
+                    std::env::var("ANNALS_REQUIRE_POSTGRES").as_deref() != Ok("1"),
+                    "{test}: ANNALS_REQUIRE_POSTGRES=1 but ANNALS_TEST_POSTGRES_URL is not set: \
+                     the PostgreSQL CLI tests must run"
+                );
+                let _ = std::io::Write::write_all(
+                    &mut std::io::stderr(),
+                    format!(
+                        "SKIPPED {test}: set ANNALS_TEST_POSTGRES_URL (for example \
+                         postgres://postgres@127.0.0.1:5432/test) to run the PostgreSQL CLI tests\n"
+                    )
+                    .as_bytes(),
+                );
+                return None;
+            }
+        };
         let schema = format!("annals_cli_{}", uuid::Uuid::now_v7().simple());
         Some(Db {
             dir: tempfile::tempdir().expect("temp dir"),

@@ -1,8 +1,6 @@
 //! Appends under races that only a server with real concurrency produces,
 //! input PostgreSQL cannot store, and paginated reads.
 
-use std::time::Duration;
-
 use annals::StreamCatalog;
 use annals::{
     Error, EventId, EventStore, ExpectedVersion, GlobalPosition, NewEvent, ReadAll, ReadStream,
@@ -40,11 +38,9 @@ async fn racing_duplicate_id_names_the_holder() {
             )
             .await
     });
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    assert!(
-        !ours.is_finished(),
-        "the insert should wait on the open transaction"
-    );
+    // The insert waits on the open transaction's index entry.
+    db.wait_for_lock_wait(&[]).await;
+    assert!(!ours.is_finished());
     raw.batch_execute("COMMIT").await.expect("commit");
     match ours.await.expect("task") {
         Err(Error::DuplicateEventId { event_id, stream }) => {
@@ -81,7 +77,7 @@ async fn racing_duplicate_id_that_rolls_back() {
             )
             .await
     });
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    db.wait_for_lock_wait(&[]).await;
     raw.batch_execute("ROLLBACK").await.expect("rollback");
     let done = ours.await.expect("task").expect("append");
     assert_eq!(done.first_version, StreamVersion(1));
@@ -111,11 +107,9 @@ async fn racing_retry_is_deduplicated() {
             )
             .await
     });
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    assert!(
-        !retry.is_finished(),
-        "the retry should wait on the stream lock"
-    );
+    // The retry waits on the stream lock.
+    db.wait_for_lock_wait(&[]).await;
+    assert!(!retry.is_finished());
     raw.batch_execute("COMMIT").await.expect("commit");
     let done = retry.await.expect("task").expect("deduplicated");
     assert!(done.deduplicated);

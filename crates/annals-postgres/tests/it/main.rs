@@ -3,8 +3,10 @@
 //! horizon, error mapping under races, pagination).
 //!
 //! They need `ANNALS_TEST_POSTGRES_URL` (for example
-//! `postgres://postgres@127.0.0.1:5432/test`); without it every test prints
-//! a SKIPPED line and passes. Each test works in its own fresh schema.
+//! `postgres://postgres@127.0.0.1:5432/test`); without it every test writes
+//! a SKIPPED line to stderr (past the harness's capture, so `cargo test`
+//! shows it) and passes, unless `ANNALS_REQUIRE_POSTGRES=1` (set by
+//! `.ci/run`), which makes it fail. Each test works in its own fresh schema.
 
 mod appends;
 mod common;
@@ -12,4 +14,7 @@ mod conformance;
 mod migrations;
 mod model;
 mod ordering;
+mod pages;
+mod pressure;
+mod skips;
 mod snapshots;

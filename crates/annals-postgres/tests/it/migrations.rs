@@ -255,14 +255,28 @@ async fn bad_options_are_config_errors() {
             "{schema:?}"
         );
     }
-    let opts = PgOptions {
-        pool_size: 0,
-        ..PgOptions::default()
-    };
-    assert!(matches!(
-        PgEventStore::connect_with(&url, opts).await,
-        Err(Error::Config(_))
-    ));
+    for opts in [
+        PgOptions {
+            pool_size: 0,
+            ..PgOptions::default()
+        },
+        PgOptions {
+            page_bytes: 0,
+            ..PgOptions::default()
+        },
+        PgOptions {
+            feed_connections: Some(0),
+            ..PgOptions::default()
+        },
+    ] {
+        assert!(
+            matches!(
+                PgEventStore::connect_with(&url, opts.clone()).await,
+                Err(Error::Config(_))
+            ),
+            "{opts:?}"
+        );
+    }
     assert!(matches!(
         PgEventStore::connect("mysql://nope").await,
         Err(Error::Config(_))
