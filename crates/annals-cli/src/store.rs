@@ -13,9 +13,10 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use annals::{
-    AppendResult, CheckpointStore, Error, EventStore, EventStream, ExpectedVersion, GlobalPosition,
-    NewEvent, PromoteReport, ReadAll, ReadStream, Result, Snapshot, SnapshotCoverage,
-    SnapshotStore, SnapshotWrite, StaleSnapshot, StoreStats, StreamId, StreamInfo, StreamVersion,
+    AppendResult, CheckpointStore, Error, EventId, EventStore, EventStream, ExpectedVersion,
+    GlobalPosition, NewEvent, PromoteReport, ReadAll, ReadStream, RecordedEvent, Result, Snapshot,
+    SnapshotCoverage, SnapshotStore, SnapshotWrite, StaleSnapshot, StoreStats, StreamId,
+    StreamInfo, StreamVersion,
 };
 use annals_postgres::{PgEventStore, PgOptions};
 use annals_sqlite::{SqliteEventStore, SqliteOptions};
@@ -281,6 +282,10 @@ impl EventStore for AnyStore {
 
     async fn head_position(&self) -> Result<Option<GlobalPosition>> {
         delegate!(self, s => s.head_position().await)
+    }
+
+    async fn read_event(&self, id: EventId) -> Result<Option<RecordedEvent>> {
+        delegate!(self, s => s.read_event(id).await)
     }
 }
 

@@ -27,11 +27,18 @@ pub(crate) struct Migration {
 }
 
 /// All migrations, in order.
-pub(crate) const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "initial",
-    sql: include_str!("../sql/0001_initial.sql"),
-}];
+pub(crate) const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "initial",
+        sql: include_str!("../sql/0001_initial.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "event_fingerprints",
+        sql: include_str!("../sql/0002_event_fingerprints.sql"),
+    },
+];
 
 /// The schema version this build needs: the last migration's.
 pub(crate) const SCHEMA_VERSION: i64 = MIGRATIONS[MIGRATIONS.len() - 1].version as i64;

@@ -39,6 +39,11 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         name: "checkpoints",
         sql: include_str!("../sql/0003_checkpoints.sql"),
     },
+    Migration {
+        version: 4,
+        name: "event_fingerprints",
+        sql: include_str!("../sql/0004_event_fingerprints.sql"),
+    },
 ];
 
 /// The schema version this build needs.

@@ -27,7 +27,7 @@ mod faulty;
 pub mod model;
 pub mod suite;
 
-pub use faulty::FaultyStore;
+pub use faulty::{FaultyStore, LOST_REPLY};
 
 use annals::{CheckpointStore, EventStore, SnapshotStore};
 
