@@ -80,6 +80,15 @@ macro_rules! conformance_suite {
             promote_races_with_live_saves,
             model_scenarios,
             migrate_while_writers_append,
+            lost_reply_command_applies_once,
+            replay_after_other_commands,
+            command_id_reused_is_an_error,
+            commands_without_an_id_are_not_deduplicated,
+            concurrent_attempts_apply_once,
+            async_command_awaits_a_service,
+            command_owns_its_arguments_across_retries,
+            read_event_by_id,
+            numbers_read_back_as_promised,
         );
     };
     (@tests $factory:path; $($name:ident),* $(,)?) => {

@@ -19,6 +19,11 @@ use serde_json::json;
 
 use crate::TestStore;
 
+mod commands;
+pub use commands::*;
+mod numbers;
+pub use numbers::*;
+
 fn sid(name: &str) -> StreamId {
     StreamId::parse(name).expect("valid stream name")
 }

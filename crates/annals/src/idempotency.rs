@@ -83,10 +83,31 @@ pub const MAX_JSON_NESTING: usize = 127;
 )]
 pub struct NestingTooDeep;
 
-/// The canonical JSON text of `value`: compact, object keys sorted by bytes,
-/// integers in decimal, floats as the shortest round-tripping decimal in
-/// plain notation with a `.` (`-0.0` as `0.0`). See the
-/// [module documentation](self) for why.
+/// The canonical JSON text of `value`: what every backend stores for a
+/// payload or a metadata object ([`prepare_batch`]).
+///
+/// Compact, object keys sorted by bytes, integers in decimal, floats as the
+/// shortest decimal that parses back to the same `f64`, in plain notation and
+/// with a `.` (`-0.0` as `0.0`). That is the form PostgreSQL's `jsonb` keeps
+/// numbers in (it stores them as `numeric`, and would otherwise turn `1e300`
+/// into a 301-digit integer and the float `1e16` into an integer), so every
+/// backend reads back the same values. What the store promises for numbers:
+///
+/// - an integer (`u64` or `i64`) reads back as the same integer;
+/// - a float reads back as the same `f64`, still a float, except that the
+///   sign of zero is not kept (`-0.0` reads back as `0.0`);
+/// - the JSON text is not kept: spacing, key order and number notation may
+///   differ between backends, the values do not.
+///
+/// Fails when `value` nests arrays and objects deeper than
+/// [`MAX_JSON_NESTING`]: no reader could decode it.
+///
+/// ```
+/// use serde_json::json;
+/// let text = annals::canonical_json(&json!({"b": 1e16, "a": [-0.0, 0.1, u64::MAX]}))?;
+/// assert_eq!(text, r#"{"a":[0.0,0.1,18446744073709551615],"b":10000000000000000.0}"#);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 pub fn canonical_json(value: &Value) -> std::result::Result<String, NestingTooDeep> {
     let mut out = String::new();
     write_value(&mut out, value, 0)?;
@@ -207,9 +228,18 @@ fn write_string(out: &mut String, s: &str) {
 }
 
 /// The fingerprint of an event's payload: what the idempotency check
-/// compares. By default SHA-256 of the payload's [`canonical_json`]; a wrapper
-/// that transforms payloads before the backend sets its own (see the
-/// [module documentation](self)).
+/// ([`check_retry`]) compares, stored with each event.
+///
+/// By default it is SHA-256 of the payload's [`canonical_json`], computed by
+/// [`prepare_batch`]. Comparing fingerprints rather than stored payloads
+/// means nothing stored is decoded to recognise a retry, and the check keeps
+/// working behind a wrapper that encrypts payloads on their way to the
+/// backend (its ciphertext differs on every attempt). Such a wrapper sets
+/// [`NewEvent::fingerprint`] itself, from the plaintext, with a *keyed* hash
+/// (for example an HMAC under the data subject's key over [`canonical_json`]
+/// of the plaintext): a plain SHA-256 of a small payload would let anyone
+/// confirm a guessed payload after the key is shredded. The store only
+/// compares the bytes.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Fingerprint([u8; 32]);
 

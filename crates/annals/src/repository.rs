@@ -9,32 +9,10 @@
 //!
 //! A caller that retries a command after losing the reply (its append
 //! committed, the answer never arrived) would apply it twice if every attempt
-//! minted fresh event ids. With [`CommandContext::with_command_id`] the event
-//! ids of a command are derived from the command id instead (UUID v5 of the
-//! command id and the event's index in the batch, [`CommandContext::event_id`]),
-//! and before running the command the repository looks the first of them up
-//! ([`EventStore::read_event`]):
-//!
-//! - found in the command's stream: the command was applied. It is not run
-//!   again (the aggregate has moved on, and so may the services a command
-//!   consults: re-running `withdraw(100)` on the emptied account would now be
-//!   refused). The original result is rebuilt from the stored events: their
-//!   versions and positions (an [`AppendResult`] with `deduplicated: true`),
-//!   and the state as of the command's last event, which is what the first
-//!   attempt returned (not today's state, when other commands ran since).
-//!   [`Executed::replayed`] says so.
-//! - found in another stream: the id was used for another command,
-//!   [`Error::CommandIdReused`]. So is an append whose derived ids are held by
-//!   events the command did not write.
-//! - not found: the command runs as usual. The lookup comes after the load,
-//!   so the state the command sees never holds its own events; if a
-//!   concurrent attempt of the same command commits meanwhile, the store's
-//!   idempotency or the next attempt's lookup answers with the replay.
-//!
-//! The repository cannot tell two different commands on the same aggregate
-//! apart without running them: a command id reused on the same aggregate
-//! returns the first command's result, marked as replayed. A command that
-//! emits no events leaves nothing to find, so its retry runs it again.
+//! minted fresh event ids. With a command id the event ids derive from it, and
+//! the repository looks the first one up before running the command; the
+//! contract is on [`Repository::execute`], the rationale in
+//! `docs/architecture.md` ("Idempotent commands").
 //!
 //! # Commands
 //!
@@ -109,8 +87,8 @@ impl RetryPolicy {
 
 /// Who asked for a command: the correlation and causation ids (and any
 /// headers) stamped on every event it produces, and optionally the command's
-/// own id, which makes a retried command idempotent (see the
-/// [module documentation](self)).
+/// own id, which makes a retried command idempotent (see
+/// [`Repository::execute`]).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct CommandContext {
     metadata: Metadata,
@@ -656,10 +634,35 @@ impl<A: Aggregate, S: EventStore, N: SnapshotStore> Repository<A, S, N> {
 
     /// Runs `command` on aggregate `id` and appends the events it returns with
     /// the loaded version as the expected version. On a conflict it reloads
-    /// and runs the command again, up to the retry policy. With a command id
-    /// in `ctx`, a command that was applied before is not run again: its
-    /// original result comes back with [`Executed::replayed`] set (see the
-    /// [module documentation](self)).
+    /// and runs the command again, up to the retry policy.
+    ///
+    /// # Idempotent commands
+    ///
+    /// With a command id in `ctx` ([`CommandContext::with_command_id`]), the
+    /// command's events get ids derived from it ([`CommandContext::event_id`]),
+    /// and after loading the aggregate the repository looks up the first of
+    /// them ([`EventStore::read_event`]):
+    ///
+    /// - Stored in this aggregate's stream: the command was applied (its
+    ///   reply may have been lost). It is not run again, since the aggregate
+    ///   and the services it consulted have moved on (a retried
+    ///   `withdraw(100)` on the account it emptied would be refused). The
+    ///   original result is rebuilt from the store: the versions and positions
+    ///   of its events (`append` with `deduplicated: true`) and the state as
+    ///   of its last event, not today's when other commands ran since.
+    ///   [`Executed::replayed`] is set and nothing is appended.
+    /// - Stored in another stream, or the derived ids are held by events this
+    ///   command did not write: [`Error::CommandIdReused`], nothing written.
+    /// - Not stored: the command runs. The lookup follows the load, so the
+    ///   state the command sees never holds its own events; a concurrent
+    ///   attempt of the same command that commits meanwhile is answered by the
+    ///   store's idempotency or by the next attempt's lookup, as a replay.
+    ///
+    /// The repository cannot tell two commands apart without running them:
+    /// a command id reused for another command on the same aggregate returns
+    /// the first one's result, replayed. A command that emits no events leaves
+    /// nothing to find and runs again when retried. Without a command id,
+    /// every call is a new command.
     ///
     /// `command` is a closure; for commands that await or own their
     /// arguments, see [`Repository::execute_command`].
