@@ -91,6 +91,20 @@ pub async fn lost_reply_command_applies_once<S: TestStore>(store: S) {
     assert_eq!(again.append, Some(original));
     assert_eq!(repo.load("lr1").await.expect("load").state.balance, 100);
 
+    // `create` too: without the command id its retry would be a conflict
+    // (the stream exists); with it, the retry is the original result.
+    let create = with_command_id();
+    faulty.lose_replies(1);
+    assert_lost_reply(repo.create("lr2", &create, |a| a.open("bo")).await);
+    let created = repo
+        .create("lr2", &create, |a| a.open("bo"))
+        .await
+        .expect("retried create");
+    assert!(created.replayed);
+    assert_eq!(created.version, Some(v(1)));
+    assert_eq!(created.state.owner, "bo");
+    assert_eq!(events(&store, "lr2").await.len(), 1);
+
     // A command id whose command went through normally is not a replay.
     let fresh = repo
         .execute("lr1", &with_command_id(), |a| a.deposit(1))
@@ -343,17 +357,18 @@ pub async fn async_command_awaits_a_service<S: TestStore>(store: S) {
     });
     let directory = Directory { requests };
     let ctx = CommandContext::new();
-    let opened = repo
-        .execute_command(
-            "as1",
-            &ctx,
-            OpenUnique {
-                owner: "ann".into(),
-                directory: &directory,
-            },
-        )
-        .await
-        .expect("ann is free");
+    let opening = repo.execute_command(
+        "as1",
+        &ctx,
+        OpenUnique {
+            owner: "ann".into(),
+            directory: &directory,
+        },
+    );
+    // Callers spawn command futures on a multi-threaded runtime.
+    fn assert_send<T: Send>(_: &T) {}
+    assert_send(&opening);
+    let opened = opening.await.expect("ann is free");
     assert_eq!(opened.state.owner, "ann");
     let refused = repo
         .execute_command(
