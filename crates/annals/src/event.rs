@@ -471,10 +471,11 @@ pub struct RecordedEvent {
 impl RecordedEvent {
     /// Whether a stored event is the same event as `new`: same id, type,
     /// version and payload, numbers compared by value as the store promises
-    /// (see `idempotency`: `0.0` matches `-0.0`, and the integer text
-    /// PostgreSQL returns for the float `1e16` matches it). A payload that
-    /// does not decode matches nothing. The stores themselves compare
-    /// fingerprints ([`check_retry`](crate::check_retry)).
+    /// (see [`canonical_json`](crate::canonical_json): `0.0` matches `-0.0`,
+    /// and the integer text an older PostgreSQL row holds for the float
+    /// `1e16` matches it). A payload that does not decode matches nothing.
+    /// The stores themselves compare fingerprints
+    /// ([`check_retry`](crate::check_retry)).
     pub fn matches(&self, new: &NewEvent) -> bool {
         self.event_id == new.event_id
             && self.event_type == new.event_type
