@@ -62,10 +62,11 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use annals::{
-    AppendResult, CheckpointStore, Error, EventStore, EventStream, ExpectedVersion, GlobalPosition,
-    NewEvent, PromoteReport, ReadAll, ReadStream, Result, RollbackReport, Snapshot, SnapshotAdmin,
-    SnapshotCoverage, SnapshotHistoryEntry, SnapshotStaging, SnapshotStore, SnapshotWrite,
-    StaleSnapshot, StoreStats, StreamCatalog, StreamId, StreamInfo, StreamVersion,
+    AppendResult, CheckpointStore, Error, EventId, EventStore, EventStream, ExpectedVersion,
+    GlobalPosition, NewEvent, PromoteReport, ReadAll, ReadStream, RecordedEvent, Result,
+    RollbackReport, Snapshot, SnapshotAdmin, SnapshotCoverage, SnapshotHistoryEntry,
+    SnapshotStaging, SnapshotStore, SnapshotWrite, StaleSnapshot, StoreStats, StreamCatalog,
+    StreamId, StreamInfo, StreamVersion,
 };
 use annals_postgres::{PgEventStore, PgOptions};
 use annals_sqlite::{SqliteEventStore, SqliteOptions};
@@ -321,6 +322,10 @@ impl EventStore for AnyStore {
 
     async fn head_position(&self) -> Result<Option<GlobalPosition>> {
         delegate!(self, s => s.head_position().await)
+    }
+
+    async fn read_event(&self, id: EventId) -> Result<Option<RecordedEvent>> {
+        delegate!(self, s => s.read_event(id).await)
     }
 }
 

@@ -8,7 +8,14 @@
 //! by a lookup beforehand. The rare outcomes that need more work (a reused
 //! event id, a conflict that may be a retried batch, a stream written by a
 //! younger transaction, a serialization failure) are handled here, with a
-//! bounded retry for the transient ones.
+//! bounded retry for the transient ones. A reused id is decided by the core
+//! ([`annals::check_retry`]) from the stored rows' fingerprints
+//! (`data_digest`), so no stored payload is decoded on that path.
+//!
+//! Payloads and metadata are sent as the core's canonical JSON text
+//! ([`annals::prepare_batch`]) and cast to `jsonb` by the server: that text
+//! is already in the form `jsonb` keeps numbers in, so what is read back is
+//! what every other backend returns.
 //!
 //! `read_all` pages through `(tx_id, seq)` strictly below the snapshot
 //! horizon; see the crate documentation for why that is gap-free.
@@ -17,13 +24,13 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use annals::{
-    validate_batch_owned, AppendResult, CategoryStats, Direction, Error, EventStore, EventStream,
-    EventTypeStats, ExpectedVersion, GlobalPosition, NewEvent, ReadAll, ReadStream, Result,
-    StoreStats, StreamId, StreamInfo, StreamVersion,
+    check_retry, prepare_batch, AppendResult, CategoryStats, Direction, Error, EventId, EventStore,
+    EventStream, EventTypeStats, ExpectedVersion, Fingerprint, GlobalPosition, NewEvent,
+    PreparedEvent, ReadAll, ReadStream, RecordedEvent, Result, StoreStats, StoredEvent, StreamId,
+    StreamInfo, StreamVersion,
 };
 use deadpool_postgres::Client;
 use futures::stream::BoxStream;
-use serde_json::Value;
 use tokio::time::Instant;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::IsolationLevel;
@@ -40,17 +47,29 @@ use crate::PgEventStore;
 /// Attempts of one append before giving up on transient failures.
 const MAX_APPEND_ATTEMPTS: u32 = 10;
 
+/// Payloads and metadata travel as text (the core's canonical JSON) and are
+/// cast to `jsonb` on the server.
 const APPEND_SQL: &str = "SELECT r_outcome, r_version, r_tx, r_seqs \
-     FROM annals_append($1, $2, $3, $4, $5, $6, $7, $8, $9)";
+     FROM annals_append($1, $2, $3, $4, $5, $6, $7, $8::text[]::jsonb[], $9::text[]::jsonb[], $10)";
 
 /// `annals_append` outcomes (a stored event id is a unique violation).
 const APPENDED: i16 = 0;
 const WRONG_VERSION: i16 = 2;
 const YOUNGER_WRITER: i16 = 4;
 
+/// What the idempotency check needs of stored events; the payload (as text,
+/// never decoded into numbers) only for rows written before fingerprints.
 const EXISTING_SQL: &str = "SELECT e.event_id, e.stream_id, e.stream_version, \
-     e.tx_id::text::bigint, e.seq, e.event_type, e.event_version, e.data \
+     e.tx_id::text::bigint, e.seq, e.event_type, e.event_version, e.data_digest, \
+     CASE WHEN e.data_digest IS NULL THEN e.data::text END \
      FROM events e WHERE e.event_id = ANY($1)";
+
+/// One event by id. No horizon here, unlike `read_all`: see `read_event`.
+const READ_EVENT_SQL: &str = concat!(
+    "SELECT ",
+    event_columns!(),
+    " FROM events e WHERE e.event_id = $1"
+);
 
 const STREAM_VERSION_SQL: &str = "SELECT version FROM streams WHERE stream_id = $1";
 
@@ -165,7 +184,7 @@ impl EventStore for PgEventStore {
         expected: ExpectedVersion,
         events: Vec<NewEvent>,
     ) -> Result<AppendResult> {
-        let events = validate_batch_owned(stream, events)?;
+        let events = prepare_batch(stream, events)?;
         let ids: Vec<Uuid> = events.iter().map(|e| e.event_id.0).collect();
         let types: Vec<&str> = events.iter().map(|e| e.event_type.as_str()).collect();
         let versions = events
@@ -182,8 +201,12 @@ impl EventStore for PgEventStore {
                 })
             })
             .collect::<Result<Vec<i32>>>()?;
-        let data: Vec<&Value> = events.iter().map(|e| &e.data).collect();
-        let metadata: Vec<Value> = events.iter().map(|e| e.metadata.to_value()).collect();
+        let data: Vec<&str> = events.iter().map(|e| e.data.as_str()).collect();
+        let metadata: Vec<&str> = events.iter().map(|e| e.metadata.as_str()).collect();
+        let digests: Vec<&[u8]> = events
+            .iter()
+            .map(|e| &e.fingerprint.as_bytes()[..])
+            .collect();
         let (kind, version): (i16, i64) = match expected {
             ExpectedVersion::Any => (0, 0),
             ExpectedVersion::NoStream => (1, 0),
@@ -204,6 +227,7 @@ impl EventStore for PgEventStore {
                 &versions,
                 &data,
                 &metadata,
+                &digests,
             ],
         };
         // A connection lost mid-append is replaced and the batch sent again:
@@ -363,6 +387,30 @@ impl EventStore for PgEventStore {
             }
         }
     }
+
+    /// A direct lookup, without the horizon that `read_all` applies. The
+    /// horizon exists for readers that walk the global order and keep the
+    /// last position as a checkpoint: they must not pass a position below
+    /// which a transaction still in flight may add a row. A lookup by id
+    /// walks nothing and keeps no cursor; it sees committed rows only (MVCC),
+    /// exactly like `read_stream`, and the position it returns carries the
+    /// same caveat as the positions an append returns (documented on the
+    /// trait). Waiting for the horizon here would instead make the
+    /// repository's command-id check wait for unrelated long transactions
+    /// anywhere in the cluster.
+    async fn read_event(&self, id: EventId) -> Result<Option<RecordedEvent>> {
+        let client = self.ready_client("read an event by id").await?;
+        let stmt = client
+            .prepare_cached(READ_EVENT_SQL)
+            .await
+            .context("cannot prepare an event lookup")?;
+        let row = client
+            .query_opt(&stmt, &[&id.0])
+            .await
+            .map_err(|e| backend(format!("cannot read event {id}"), e))?;
+        drop(client);
+        row.map(|row| decode_event(&row, &mut None)).transpose()
+    }
 }
 
 fn count(n: i64) -> u64 {
@@ -373,8 +421,8 @@ fn count(n: i64) -> u64 {
 struct Batch<'a> {
     stream: &'a StreamId,
     expected: ExpectedVersion,
-    events: &'a [NewEvent],
-    params: [&'a (dyn ToSql + Sync); 9],
+    events: &'a [PreparedEvent],
+    params: [&'a (dyn ToSql + Sync); 10],
 }
 
 impl Batch<'_> {
@@ -661,78 +709,51 @@ fn appended(row: &tokio_postgres::Row, n: usize) -> Result<AppendResult> {
     })
 }
 
-/// Looks up the batch's ids: when some are stored, an idempotent retry
-/// returns the original assignment and any other reuse is a duplicate id.
-/// `Ok(None)`: none is stored.
+/// Reads the stored rows of the batch's ids and lets the core decide:
+/// `Ok(None)` when none is stored, the original assignment for a retry of a
+/// stored batch, [`Error::DuplicateEventId`] for any other reuse.
 async fn resolve_existing(
     client: &Client,
     stream: &StreamId,
-    events: &[NewEvent],
+    events: &[PreparedEvent],
 ) -> Result<Option<AppendResult>> {
-    struct Stored {
-        stream: String,
-        version: i64,
-        position: GlobalPosition,
-        event_type: String,
-        event_version: i32,
-        data: Value,
-    }
     let what = "cannot read stored event ids";
     let ids: Vec<Uuid> = events.iter().map(|e| e.event_id.0).collect();
     let stmt = client.prepare_cached(EXISTING_SQL).await.context(what)?;
     let rows = client.query(&stmt, &[&ids]).await.context(what)?;
-    let mut stored = HashMap::with_capacity(rows.len());
+    let mut found = HashMap::with_capacity(rows.len());
     for r in &rows {
         let id: Uuid = r.try_get(0).context(what)?;
-        stored.insert(
+        let holder: &str = r.try_get(1).context(what)?;
+        let version: i64 = r.try_get(2).context(what)?;
+        let event_version: i32 = r.try_get(6).context(what)?;
+        let digest: Option<&[u8]> = r.try_get(7).context(what)?;
+        let bad = |field: &str| backend_msg(format!("stored event {id} has an invalid {field}"));
+        found.insert(
             id,
-            Stored {
-                stream: r.try_get(1).context(what)?,
-                version: r.try_get(2).context(what)?,
-                position: position(r.try_get(3).context(what)?, r.try_get(4).context(what)?)?,
+            StoredEvent {
+                stream_id: StreamId::parse(holder).map_err(|e| {
+                    backend(format!("stored event {id} has an invalid stream id"), e)
+                })?,
+                stream_version: StreamVersion(
+                    u64::try_from(version).map_err(|_| bad("stream version"))?,
+                ),
+                global_position: position(
+                    r.try_get(3).context(what)?,
+                    r.try_get(4).context(what)?,
+                )?,
                 event_type: r.try_get(5).context(what)?,
-                event_version: r.try_get(6).context(what)?,
-                data: r.try_get(7).context(what)?,
+                event_version: u32::try_from(event_version).map_err(|_| bad("event version"))?,
+                fingerprint: digest
+                    .map(|d| Fingerprint::from_slice(d).ok_or_else(|| bad("data_digest")))
+                    .transpose()?,
+                data: r.try_get(8).context(what)?,
             },
         );
     }
-    if stored.is_empty() {
-        return Ok(None);
-    }
-    let same = stored.get(&events[0].event_id.0).is_some_and(|first| {
-        events.iter().enumerate().all(|(i, e)| {
-            stored.get(&e.event_id.0).is_some_and(|s| {
-                s.stream == stream.as_str()
-                    && s.event_type == e.event_type
-                    && i64::from(s.event_version) == i64::from(e.event_version)
-                    && s.data == e.data
-                    && s.version == first.version + i as i64
-            })
-        })
-    });
-    if same {
-        let versions: Vec<&Stored> = events
-            .iter()
-            .filter_map(|e| stored.get(&e.event_id.0))
-            .collect();
-        let first = versions.first().map_or(0, |s| count(s.version));
-        return Ok(Some(AppendResult {
-            first_version: StreamVersion(first),
-            last_version: StreamVersion(first + events.len() as u64 - 1),
-            positions: versions.iter().map(|s| s.position).collect(),
-            deduplicated: true,
-        }));
-    }
-    let (event_id, holder) = events
-        .iter()
-        .find_map(|e| stored.get(&e.event_id.0).map(|s| (e.event_id, s)))
-        .ok_or_else(|| backend_msg("stored event ids vanished"))?;
-    let holder = StreamId::parse(&holder.stream)
-        .map_err(|e| backend(format!("event {event_id} has an invalid stream id"), e))?;
-    Err(Error::DuplicateEventId {
-        event_id,
-        stream: holder,
-    })
+    let stored: Vec<Option<StoredEvent>> =
+        events.iter().map(|e| found.remove(&e.event_id.0)).collect();
+    check_retry(stream, events, &stored)
 }
 
 impl annals::StreamCatalog for PgEventStore {

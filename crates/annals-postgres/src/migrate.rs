@@ -33,12 +33,15 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         name: "initial",
         sql: include_str!("../sql/0001_initial.sql"),
     },
-    // The file is numbered 0004 because other changes claim 0002 and 0003;
-    // the versions here stay consecutive (renumber on merge).
     Migration {
         version: 2,
+        name: "event_fingerprints",
+        sql: include_str!("../sql/0002_event_fingerprints.sql"),
+    },
+    Migration {
+        version: 3,
         name: "snapshot_history",
-        sql: include_str!("../sql/0004_snapshot_history.sql"),
+        sql: include_str!("../sql/0003_snapshot_history.sql"),
     },
 ];
 

@@ -300,11 +300,6 @@ fn decode_metadata(text: &str) -> serde_json::Result<Metadata> {
     serde_json::from_str(text)
 }
 
-/// Whether metadata is empty, so it can be stored as `{}` without serde.
-pub(crate) fn metadata_is_empty(m: &Metadata) -> bool {
-    m.correlation_id.is_none() && m.causation_id.is_none() && m.headers.is_empty()
-}
-
 /// Decodes a row of [`snapshot_columns!`] (from `snapshots` or
 /// `snapshot_staging`, named by `table`).
 pub(crate) fn decode_snapshot(table: &str, row: &Row<'_>) -> Result<Snapshot> {

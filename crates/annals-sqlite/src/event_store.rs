@@ -4,9 +4,13 @@
 //! read the head from `streams`, check the expected version, insert the
 //! events, move the head, commit. The idempotency check costs nothing on the
 //! normal path: a reused event id surfaces as a unique violation on insert,
-//! and only then does the job roll back and compare the batch with what is
-//! stored (when the expected version does not match, the same comparison runs
-//! before the conflict is reported, because a retried batch must succeed).
+//! and only then does the job roll back, read the stored rows of the batch's
+//! ids and let the core decide ([`annals::check_retry`], on their
+//! fingerprints); when the expected version does not match, the same check
+//! runs before the conflict is reported, because a retried batch must
+//! succeed. Payloads and metadata are stored as the core prepared them
+//! ([`annals::prepare_batch`]: canonical JSON text), with the payload's
+//! fingerprint in `data_digest`.
 //!
 //! Reads are keyset-paginated (`stream_version` for a stream, `position` for
 //! the global feed), `batch_size` rows per reader round trip, with every
@@ -18,13 +22,13 @@
 use std::sync::Arc;
 
 use annals::{
-    validate_batch_owned, AppendResult, CategoryStats, Direction, EventStore, EventStream,
-    EventTypeStats, ExpectedVersion, GlobalPosition, NewEvent, ReadAll, ReadStream, Result,
-    StoreStats, StreamId, StreamInfo, StreamVersion,
+    check_retry, prepare_batch, AppendResult, CategoryStats, Direction, EventId, EventStore,
+    EventStream, EventTypeStats, ExpectedVersion, Fingerprint, GlobalPosition, NewEvent,
+    PreparedEvent, ReadAll, ReadStream, RecordedEvent, Result, StoreStats, StoredEvent, StreamId,
+    StreamInfo, StreamVersion,
 };
 use futures::stream::BoxStream;
 use rusqlite::{Connection, OptionalExtension, ToSql, Transaction, TransactionBehavior};
-use serde_json::Value;
 
 use crate::codec::{event_columns, from_micros, now_micros, sql_int, to_micros, RawEvents};
 use crate::conn::Page;
@@ -39,14 +43,23 @@ pub(crate) const PAGE_BYTES: usize = 4 << 20;
 const HEAD_SQL: &str = "SELECT version FROM streams WHERE stream_id = ?1";
 
 const INSERT_SQL: &str = "INSERT INTO events \
-    (event_id, stream_id, category, stream_version, event_type, event_version, data, metadata, recorded_at) \
-    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)";
+    (event_id, stream_id, category, stream_version, event_type, event_version, data, metadata, recorded_at, data_digest) \
+    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)";
 
 const UPSERT_STREAM_SQL: &str = "INSERT INTO streams (stream_id, category, version) \
     VALUES (?1, ?2, ?3) ON CONFLICT (stream_id) DO UPDATE SET version = excluded.version";
 
+/// What the idempotency check needs of a stored event; the payload only for
+/// rows written before fingerprints were stored.
 const FIND_BY_ID_SQL: &str = "SELECT position, stream_id, stream_version, event_type, \
-    event_version, data FROM events WHERE event_id = ?1";
+    event_version, data_digest, CASE WHEN data_digest IS NULL THEN data END \
+    FROM events WHERE event_id = ?1";
+
+const READ_EVENT_SQL: &str = concat!(
+    "SELECT ",
+    event_columns!(),
+    " FROM events WHERE event_id = ?1"
+);
 
 const READ_FORWARD_SQL: &str = concat!(
     "SELECT ",
@@ -98,24 +111,14 @@ fn insert_events(
     tx: &Transaction<'_>,
     stream: &StreamId,
     head: u64,
-    events: &[NewEvent],
+    events: &[PreparedEvent],
     recorded_at: i64,
 ) -> std::result::Result<Vec<GlobalPosition>, InsertError> {
     let mut insert = tx
         .prepare_cached(INSERT_SQL)
         .map_err(db("preparing the event insert"))?;
     let mut positions = Vec::with_capacity(events.len());
-    // One buffer for every payload of the batch.
-    let mut data = String::new();
-    let mut metadata = String::new();
     for (i, e) in events.iter().enumerate() {
-        write_json(&mut data, &e.data, "event data")?;
-        let metadata_text = if crate::codec::metadata_is_empty(&e.metadata) {
-            "{}"
-        } else {
-            write_json(&mut metadata, &e.metadata, "event metadata")?;
-            metadata.as_str()
-        };
         let version = sql_int(head + i as u64 + 1);
         let inserted = insert.execute(rusqlite::params![
             &e.event_id.0.as_bytes()[..],
@@ -124,9 +127,10 @@ fn insert_events(
             version,
             e.event_type,
             i64::from(e.event_version),
-            data,
-            metadata_text,
+            e.data,
+            e.metadata,
             recorded_at,
+            &e.fingerprint.as_bytes()[..],
         ]);
         match inserted {
             Ok(_) => positions.push(GlobalPosition::from_seq(tx.last_insert_rowid() as u64)),
@@ -139,53 +143,13 @@ fn insert_events(
     Ok(positions)
 }
 
-/// Serializes `value` into `buf` (cleared first), reusing its allocation.
-fn write_json<T: serde::Serialize + ?Sized>(buf: &mut String, value: &T, what: &str) -> Result<()> {
-    let mut bytes = std::mem::take(buf).into_bytes();
-    bytes.clear();
-    serde_json::to_writer(&mut bytes, value).map_err(|source| annals::Error::Encode {
-        what: what.to_owned(),
-        source,
-    })?;
-    // serde_json writes UTF-8 only; the check is cheap next to the serializer.
-    *buf = String::from_utf8(bytes).map_err(|e| corrupt(format!("{what}: not UTF-8"), e))?;
-    Ok(())
-}
-
-/// One stored event, as the idempotency check needs it.
-struct Stored {
-    position: i64,
-    stream_id: String,
-    stream_version: i64,
-    event_type: String,
-    event_version: i64,
-    data: String,
-}
-
-impl Stored {
-    fn matches(&self, new: &NewEvent) -> bool {
-        self.event_type == new.event_type
-            && self.event_version == i64::from(new.event_version)
-            && json_equal(&self.data, &new.data)
-    }
-}
-
-/// Whether stored JSON text is the same payload as `value`: the same text
-/// when re-serialized (exact, even for floats), or the same parsed value
-/// (when the object keys were written in another order).
-fn json_equal(text: &str, value: &Value) -> bool {
-    serde_json::to_string(value).is_ok_and(|t| t == text)
-        || serde_json::from_str::<Value>(text).is_ok_and(|v| v == *value)
-}
-
-/// The idempotency check: `Ok(None)` when no id of the batch is stored,
-/// `Ok(Some(original))` when the whole batch is, in `stream`, consecutively
-/// and with the same content, and [`annals::Error::DuplicateEventId`] for any
-/// other reuse.
+/// Reads the stored rows of the batch's ids and lets the core decide:
+/// `Ok(None)` when none is stored, `Ok(Some(original))` for a retry of a
+/// stored batch, [`annals::Error::DuplicateEventId`] for any other reuse.
 fn find_existing(
     conn: &Connection,
     stream: &StreamId,
-    events: &[NewEvent],
+    events: &[PreparedEvent],
 ) -> Result<Option<AppendResult>> {
     let mut find = conn
         .prepare_cached(FIND_BY_ID_SQL)
@@ -194,64 +158,47 @@ fn find_existing(
     for e in events {
         let row = find
             .query_row([&e.event_id.0.as_bytes()[..]], |r| {
-                Ok(Stored {
-                    position: r.get(0)?,
-                    stream_id: r.get(1)?,
-                    stream_version: r.get(2)?,
-                    event_type: r.get(3)?,
-                    event_version: r.get(4)?,
-                    data: r.get(5)?,
-                })
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, i64>(2)?,
+                    r.get::<_, String>(3)?,
+                    r.get::<_, i64>(4)?,
+                    r.get::<_, Option<Vec<u8>>>(5)?,
+                    r.get::<_, Option<String>>(6)?,
+                ))
             })
             .optional()
             .map_err(db("looking up an event id"))?;
-        stored.push(row);
-    }
-    let Some((first_index, first)) = stored
-        .iter()
-        .enumerate()
-        .find_map(|(i, s)| s.as_ref().map(|s| (i, s)))
-    else {
-        return Ok(None);
-    };
-    let same = stored.iter().zip(events).enumerate().all(|(i, (s, new))| {
-        s.as_ref().is_some_and(|s| {
-            s.stream_id == stream.as_str()
-                && s.matches(new)
-                && s.stream_version == first.stream_version + i as i64
-        })
-    });
-    if !same {
-        let holder = StreamId::parse(&first.stream_id).map_err(|e| {
-            corrupt(
-                format!("event at position {}: invalid stream_id", first.position),
-                e,
-            )
-        })?;
-        return Err(annals::Error::DuplicateEventId {
-            event_id: events[first_index].event_id,
-            stream: holder,
-        });
-    }
-    let first_version = u64::try_from(first.stream_version).map_err(|e| {
-        corrupt(
-            format!(
-                "event at position {}: negative stream_version",
-                first.position
+        let Some((position, stream_id, version, event_type, event_version, digest, data)) = row
+        else {
+            stored.push(None);
+            continue;
+        };
+        let bad = |what: &str| format!("event at position {position}: {what}");
+        let fingerprint = digest
+            .map(|d| {
+                Fingerprint::from_slice(&d)
+                    .ok_or_else(|| crate::codec::corrupt_row(bad("data_digest is not 32 bytes")))
+            })
+            .transpose()?;
+        stored.push(Some(StoredEvent {
+            stream_id: StreamId::parse(&stream_id)
+                .map_err(|e| corrupt(bad("invalid stream_id"), e))?,
+            stream_version: StreamVersion(
+                u64::try_from(version).map_err(|e| corrupt(bad("negative stream_version"), e))?,
             ),
-            e,
-        )
-    })?;
-    Ok(Some(AppendResult {
-        first_version: StreamVersion(first_version),
-        last_version: StreamVersion(first_version + events.len() as u64 - 1),
-        positions: stored
-            .iter()
-            .flatten()
-            .map(|s| GlobalPosition::from_seq(s.position as u64))
-            .collect(),
-        deduplicated: true,
-    }))
+            global_position: GlobalPosition::from_seq(
+                u64::try_from(position).map_err(|e| corrupt(bad("negative position"), e))?,
+            ),
+            event_type,
+            event_version: u32::try_from(event_version)
+                .map_err(|e| corrupt(bad("event_version out of range"), e))?,
+            fingerprint,
+            data,
+        }));
+    }
+    check_retry(stream, events, &stored)
 }
 
 /// The whole append, on the writer thread.
@@ -259,7 +206,7 @@ fn append_job(
     conn: &mut Connection,
     stream: &StreamId,
     expected: ExpectedVersion,
-    events: &[NewEvent],
+    events: &[PreparedEvent],
 ) -> Result<AppendResult> {
     let tx = conn
         .transaction_with_behavior(TransactionBehavior::Immediate)
@@ -553,7 +500,7 @@ impl EventStore for SqliteEventStore {
         expected: ExpectedVersion,
         events: Vec<NewEvent>,
     ) -> Result<AppendResult> {
-        let events = validate_batch_owned(stream, events)?;
+        let events = prepare_batch(stream, events)?;
         let stream = stream.clone();
         self.conns()
             .write(move |conn| append_job(conn, &stream, expected, &events))
@@ -620,6 +567,22 @@ impl EventStore for SqliteEventStore {
             .await?;
         Ok(max.map(|p| GlobalPosition::from_seq(p as u64)))
     }
+
+    async fn read_event(&self, id: EventId) -> Result<Option<RecordedEvent>> {
+        let page = self
+            .conns()
+            .read(move |conn| {
+                let mut stmt = conn
+                    .prepare_cached(READ_EVENT_SQL)
+                    .map_err(db("preparing an event lookup"))?;
+                let mut rows = stmt
+                    .query([&id.0.as_bytes()[..]])
+                    .map_err(db("reading an event by id"))?;
+                RawEvents::collect(&mut rows, 1, usize::MAX, "reading an event by id")
+            })
+            .await?;
+        page.into_iter().next().transpose()
+    }
 }
 
 #[cfg(test)]
@@ -653,9 +616,11 @@ mod tests {
         let other = StreamId::parse("Other-1").expect("stream");
         for i in 0..n {
             let e = NewEvent::new("Big", serde_json::json!({"i": i, "s": "x".repeat(size)}));
-            append_job(&mut conn, &big, ExpectedVersion::Any, &[e]).expect("append");
+            let e = prepare_batch(&big, vec![e]).expect("valid");
+            append_job(&mut conn, &big, ExpectedVersion::Any, &e).expect("append");
             let e = NewEvent::new("Small", serde_json::json!({"i": i}));
-            append_job(&mut conn, &other, ExpectedVersion::Any, &[e]).expect("append");
+            let e = prepare_batch(&other, vec![e]).expect("valid");
+            append_job(&mut conn, &other, ExpectedVersion::Any, &e).expect("append");
         }
         conn
     }
@@ -764,15 +729,5 @@ mod tests {
         assert_eq!(feed[0], vec![0, 0, 1, 1, 2]);
         assert_eq!(feed.concat().len(), 20);
         assert!(feed.iter().all(|p| p.len() <= 6), "{feed:?}");
-    }
-
-    #[test]
-    fn json_equality_ignores_key_order_and_keeps_floats() {
-        let v = serde_json::json!({"a": 1, "b": [0.1, 2.5e-300]});
-        let text = serde_json::to_string(&v).expect("serializes");
-        assert!(json_equal(&text, &v));
-        assert!(json_equal(r#"{"b": [0.1, 2.5e-300], "a": 1}"#, &v));
-        assert!(!json_equal(r#"{"a": 2, "b": [0.1, 2.5e-300]}"#, &v));
-        assert!(!json_equal("not json", &v));
     }
 }

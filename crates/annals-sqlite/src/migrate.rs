@@ -41,10 +41,13 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         name: "checkpoints",
         sql: include_str!("../sql/0003_checkpoints.sql"),
     },
-    // The file is numbered 0005 because another change claims 0004; the
-    // versions here stay consecutive (renumber on merge).
     Migration {
         version: 4,
+        name: "event_fingerprints",
+        sql: include_str!("../sql/0004_event_fingerprints.sql"),
+    },
+    Migration {
+        version: 5,
         name: "snapshot_history",
         sql: include_str!("../sql/0005_snapshot_history.sql"),
     },

@@ -1,26 +1,32 @@
 //! A fault-injecting store wrapper: delegates to a real store, but fails
 //! writes once a budget is spent, the way a crash or a full disk would cut a
-//! long operation short.
+//! long operation short, and can lose the reply of an append that committed,
+//! the way a dropped connection or a timeout does.
 
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use annals::{
-    AppendResult, CheckpointStore, Error, EventStore, EventStream, ExpectedVersion, GlobalPosition,
-    NewEvent, PromoteReport, ReadAll, ReadStream, Result, RollbackReport, Snapshot,
-    SnapshotCoverage, SnapshotHistoryEntry, SnapshotStore, SnapshotWrite, StaleSnapshot,
-    StoreStats, StreamId, StreamInfo, StreamVersion,
+    AppendResult, CheckpointStore, Error, EventId, EventStore, EventStream, ExpectedVersion,
+    GlobalPosition, NewEvent, PromoteReport, ReadAll, ReadStream, RecordedEvent, Result,
+    RollbackReport, Snapshot, SnapshotCoverage, SnapshotHistoryEntry, SnapshotStore, SnapshotWrite,
+    StaleSnapshot, StoreStats, StreamId, StreamInfo, StreamVersion,
 };
 use annals::{SnapshotAdmin, SnapshotStaging, StreamCatalog};
 use futures::stream::BoxStream;
 
+/// The message of the error that replaces a lost reply.
+pub const LOST_REPLY: &str = "injected lost reply: the append committed, its reply never arrived";
+
 /// Wraps a store; after `budget` successful writes (appends, snapshot saves
 /// and stages) every further write fails with a backend error before it
-/// reaches the inner store.
+/// reaches the inner store. Separately, [`FaultyStore::lose_replies`] makes
+/// appends commit and then fail.
 #[derive(Clone)]
 pub struct FaultyStore<S> {
     inner: S,
     budget: Arc<AtomicI64>,
+    lost_replies: Arc<AtomicU64>,
 }
 
 impl<S> FaultyStore<S> {
@@ -29,7 +35,29 @@ impl<S> FaultyStore<S> {
         FaultyStore {
             inner,
             budget: Arc::new(AtomicI64::new(budget)),
+            lost_replies: Arc::new(AtomicU64::new(0)),
         }
+    }
+
+    /// The next `n` appends that succeed on the inner store (they are
+    /// committed there) return an error instead of their result: a
+    /// [`Error::Backend`] from backend `faulty` with message [`LOST_REPLY`],
+    /// the way a caller sees a commit whose reply was lost. Appends that fail
+    /// on the inner store fail as they are and do not count.
+    pub fn lose_replies(&self, n: u64) {
+        self.lost_replies.store(n, Ordering::SeqCst);
+    }
+
+    /// Replies still to be lost.
+    pub fn replies_to_lose(&self) -> u64 {
+        self.lost_replies.load(Ordering::SeqCst)
+    }
+
+    /// Takes one lost reply, if any are left.
+    fn lose_reply(&self) -> bool {
+        self.lost_replies
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
     }
 
     /// Allows writes again (the "restart").
@@ -58,7 +86,15 @@ impl<S: EventStore> EventStore for FaultyStore<S> {
         events: Vec<NewEvent>,
     ) -> Result<AppendResult> {
         self.spend()?;
-        self.inner.append(stream, expected, events).await
+        let result = self.inner.append(stream, expected, events).await?;
+        if self.lose_reply() {
+            return Err(Error::Backend {
+                backend: "faulty",
+                message: LOST_REPLY.into(),
+                source: None,
+            });
+        }
+        Ok(result)
     }
     fn read_stream(&self, stream: &StreamId, options: ReadStream) -> EventStream {
         self.inner.read_stream(stream, options)
@@ -71,6 +107,9 @@ impl<S: EventStore> EventStore for FaultyStore<S> {
     }
     async fn head_position(&self) -> Result<Option<GlobalPosition>> {
         self.inner.head_position().await
+    }
+    async fn read_event(&self, id: EventId) -> Result<Option<RecordedEvent>> {
+        self.inner.read_event(id).await
     }
 }
 

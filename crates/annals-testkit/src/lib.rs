@@ -27,7 +27,7 @@ mod faulty;
 pub mod model;
 pub mod suite;
 
-pub use faulty::FaultyStore;
+pub use faulty::{FaultyStore, LOST_REPLY};
 
 use annals::{CheckpointStore, EventStore, SnapshotStore};
 
@@ -114,6 +114,14 @@ macro_rules! conformance_suite {
             hostile_payloads_are_refused,
             edge_inputs_read_back,
             hostile_input_never_stalls_a_follower,
+            lost_reply_command_applies_once,
+            command_id_reused_is_an_error,
+            commands_without_an_id_are_not_deduplicated,
+            concurrent_attempts_apply_once,
+            async_command_awaits_a_service,
+            command_owns_its_arguments_across_retries,
+            read_event_by_id,
+            numbers_read_back_as_promised,
         }
     };
     (@group stream_catalog, $($then:tt)*) => {
@@ -133,6 +141,7 @@ macro_rules! conformance_suite {
             snapshots_change_no_result,
             background_snapshots_lose_no_command,
             snapshots_under_concurrent_writers,
+            replay_after_other_commands,
         }
     };
     (@group snapshot_admin, $($then:tt)*) => {

@@ -25,6 +25,11 @@ pub use hostile::*;
 mod snapshots_repair;
 pub use snapshots_repair::*;
 
+mod commands;
+pub use commands::*;
+mod numbers;
+pub use numbers::*;
+
 fn sid(name: &str) -> StreamId {
     StreamId::parse(name).expect("valid stream name")
 }

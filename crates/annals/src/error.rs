@@ -44,6 +44,21 @@ pub enum Error {
         /// The stream that holds the existing event.
         stream: StreamId,
     },
+    /// A command id ([`CommandContext::with_command_id`](crate::CommandContext::with_command_id))
+    /// was already used by another command: its events are in another
+    /// stream, or the ids derived from it are held by events this command
+    /// did not write. Nothing was written. Give each command its own id; a
+    /// retry of the same command reuses it and is answered with the original
+    /// result instead.
+    #[error("command id {command_id} was already used by another command (events in {stream}): {reason}")]
+    CommandIdReused {
+        /// The command id.
+        command_id: uuid::Uuid,
+        /// The stream holding the events of its first use.
+        stream: StreamId,
+        /// What did not match.
+        reason: String,
+    },
     /// An event could not be accepted as written (empty type name, version 0,
     /// metadata that is not an object, empty batch ...). Nothing was written.
     #[error("invalid event for stream {stream}: {reason}")]

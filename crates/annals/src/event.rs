@@ -459,6 +459,11 @@ pub struct NewEvent {
     pub data: Value,
     /// Correlation, causation and headers.
     pub metadata: Metadata,
+    /// What the store's idempotency check compares for the payload. `None`
+    /// (the default): the store computes it from `data`. Only a wrapper
+    /// that changes `data` on its way to the backend (encryption) sets it;
+    /// see [`Fingerprint`](crate::Fingerprint).
+    pub fingerprint: Option<crate::Fingerprint>,
 }
 
 impl NewEvent {
@@ -470,7 +475,16 @@ impl NewEvent {
             event_version: 1,
             data,
             metadata: Metadata::default(),
+            fingerprint: None,
         }
+    }
+
+    /// Sets the fingerprint the store compares instead of one of `data`
+    /// (for wrappers that transform payloads; see
+    /// [`Fingerprint`](crate::Fingerprint)).
+    pub fn with_fingerprint(mut self, fingerprint: crate::Fingerprint) -> Self {
+        self.fingerprint = Some(fingerprint);
+        self
     }
 
     /// Sets the event id (for idempotent retries).
@@ -723,13 +737,19 @@ pub struct RecordedEvent {
 }
 
 impl RecordedEvent {
-    /// Whether a stored event is the same event as `new` (used for idempotent
-    /// retries): same id, type, version and payload.
+    /// Whether a stored event is the same event as `new`: same id, type,
+    /// version and payload, numbers compared by value as the store promises
+    /// (see [`canonical_json`](crate::canonical_json): `0.0` matches `-0.0`,
+    /// and the integer text an older PostgreSQL row holds for the float
+    /// `1e16` matches it). A payload that does not decode matches nothing.
+    /// The stores themselves compare fingerprints
+    /// ([`check_retry`](crate::check_retry)).
     pub fn matches(&self, new: &NewEvent) -> bool {
         self.event_id == new.event_id
             && self.event_type == new.event_type
             && self.event_version == new.event_version
-            && self.data == new.data
+            && serde_json::from_str::<Value>(self.data.as_str())
+                .is_ok_and(|stored| crate::idempotency::same_json(&stored, &new.data))
     }
 }
 

@@ -16,8 +16,8 @@ use futures::TryStreamExt;
 use serde::Serialize;
 
 use crate::{
-    AppendResult, ExpectedVersion, GlobalPosition, NewEvent, RecordedEvent, Result, StreamId,
-    StreamVersion,
+    AppendResult, EventId, ExpectedVersion, GlobalPosition, NewEvent, RecordedEvent, Result,
+    StreamId, StreamVersion,
 };
 
 /// A lazy, batched stream of recorded events.
@@ -205,6 +205,16 @@ pub trait EventStore: Clone + Send + Sync + 'static {
     ///   no-op that returns the original assignment with `deduplicated: true`
     ///   (checked before `expected`, so a retried request succeeds). Any other
     ///   reuse of a stored id is [`Error::DuplicateEventId`](crate::Error::DuplicateEventId).
+    ///   Payloads are compared by [`Fingerprint`](crate::Fingerprint), and the
+    ///   decision is [`check_retry`](crate::check_retry) on every backend.
+    /// - Payloads and metadata are stored as [`prepare_batch`](crate::prepare_batch)
+    ///   makes them, so every backend reads back the same values. Numbers:
+    ///   an integer reads back as the same integer, a float as the same `f64`
+    ///   (still a float), except that `-0.0` reads back as `0.0`; the JSON
+    ///   text may differ. JSON nested deeper than
+    ///   [`MAX_JSON_NESTING`](crate::MAX_JSON_NESTING) is refused with
+    ///   [`Error::InvalidEvent`](crate::Error::InvalidEvent), since no reader
+    ///   could decode it.
     /// - Positions: each event gets a unique [`GlobalPosition`]; within the
     ///   batch they increase in batch order, and a stream's events have
     ///   increasing positions in version order. Positions may have gaps,
@@ -269,6 +279,17 @@ pub trait EventStore: Clone + Send + Sync + 'static {
     /// The position of the newest event a `read_all` reader can see now
     /// (`None` when the store is empty). Used to measure projection lag.
     fn head_position(&self) -> impl Future<Output = Result<Option<GlobalPosition>>> + Send;
+
+    /// The event with id `id`, in whichever stream it is (`None`: no event
+    /// has that id). The repository uses it to recognise a retried command.
+    ///
+    /// Contract: a point lookup (the id is indexed), never a scan. It sees
+    /// every append that has returned `Ok`, through any handle on the store.
+    /// The event's `global_position` is like the positions an append returns:
+    /// a `read_all` reader may not have been given it yet, so it is not a
+    /// checkpoint.
+    fn read_event(&self, id: EventId)
+        -> impl Future<Output = Result<Option<RecordedEvent>>> + Send;
 
     /// Reads a whole stream into memory. For tests, tools and small streams.
     fn read_stream_to_vec(

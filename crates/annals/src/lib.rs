@@ -57,6 +57,7 @@ mod checkpoint;
 mod error;
 mod event;
 mod event_store;
+mod idempotency;
 mod memory;
 mod repository;
 mod snapshot;
@@ -77,9 +78,13 @@ pub use event_store::{
     CategoryStats, Direction, EventStore, EventStream, EventTypeStats, ReadAll, ReadStream,
     StoreStats, StreamCatalog, StreamInfo, DEFAULT_BATCH_SIZE,
 };
+pub use idempotency::{
+    canonical_json, check_retry, prepare_batch, Fingerprint, NestingTooDeep, PreparedEvent,
+    StoredEvent, MAX_JSON_NESTING,
+};
 pub use memory::InMemoryStore;
 pub use repository::{
-    decode_snapshot, fold_stream, make_snapshot, CommandContext, CommandError, Executed,
+    decode_snapshot, fold_stream, make_snapshot, Command, CommandContext, CommandError, Executed,
     LoadReport, Loaded, Repository, RetryPolicy, SnapshotConfig, SnapshotMode, SnapshotPolicy,
     SnapshotSkip, SNAPSHOT_LOG_TARGET,
 };

@@ -11,19 +11,19 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use chrono::{DateTime, Utc};
 use futures::stream::{self, BoxStream, StreamExt};
 
-use crate::event::validate_batch_owned;
 use crate::event_store::{
     CategoryStats, Direction, EventStream, EventTypeStats, ReadAll, ReadStream, StoreStats,
     StreamInfo, DEFAULT_BATCH_SIZE,
 };
+use crate::idempotency::{check_retry, prepare_batch, Fingerprint, StoredEvent};
 use crate::snapshot::{
     no_such_snapshot, validate_history_size, PromoteReport, RollbackReport, Snapshot,
     SnapshotCoverage, SnapshotHistoryEntry, SnapshotStore, SnapshotWrite, StaleSnapshot,
     DEFAULT_SNAPSHOT_HISTORY,
 };
 use crate::{
-    AppendResult, CheckpointStore, Error, EventStore, ExpectedVersion, GlobalPosition, NewEvent,
-    Payload, RecordedEvent, Result, StreamId, StreamVersion,
+    AppendResult, CheckpointStore, Error, EventId, EventStore, ExpectedVersion, GlobalPosition,
+    NewEvent, Payload, RecordedEvent, Result, StreamId, StreamVersion,
 };
 
 #[derive(Default)]
@@ -34,6 +34,8 @@ struct State {
     streams: BTreeMap<StreamId, Vec<usize>>,
     /// Event id -> index into `events`.
     ids: HashMap<crate::EventId, usize>,
+    /// The payload fingerprint of `events[i]`.
+    fingerprints: Vec<Fingerprint>,
     /// Each aggregate's snapshot history (see [`crate::snapshot`]).
     snapshots: BTreeMap<(String, String), Vec<SnapRow>>,
     snapshot_history: HistorySize,
@@ -84,52 +86,37 @@ impl EventStore for InMemoryStore {
         expected: ExpectedVersion,
         events: Vec<NewEvent>,
     ) -> Result<AppendResult> {
-        let events = validate_batch_owned(stream, events)?;
+        let batch = prepare_batch(stream, events)?;
+        // Decode what a reader gets before changing anything: all or nothing.
+        let mut decoded = Vec::with_capacity(batch.len());
+        for e in &batch {
+            let data = Payload::from_json(e.data.clone()).map_err(|source| Error::Encode {
+                what: format!("payload of {}", e.event_type),
+                source,
+            })?;
+            decoded.push((data, e.parsed_metadata()?));
+        }
         let mut st = self.lock();
         // Idempotency first: a retried batch succeeds whatever `expected` says.
-        let existing: Vec<Option<usize>> = events
+        let stored: Vec<Option<StoredEvent>> = batch
             .iter()
-            .map(|e| st.ids.get(&e.event_id).copied())
+            .map(|e| {
+                st.ids.get(&e.event_id).map(|&i| {
+                    let r = &st.events[i];
+                    StoredEvent {
+                        stream_id: r.stream_id.clone(),
+                        stream_version: r.stream_version,
+                        global_position: r.global_position,
+                        event_type: r.event_type.clone(),
+                        event_version: r.event_version,
+                        fingerprint: Some(st.fingerprints[i]),
+                        data: None,
+                    }
+                })
+            })
             .collect();
-        if let Some(first) = existing.iter().flatten().next() {
-            let first_stored = &st.events[*first];
-            let same = existing
-                .iter()
-                .zip(&events)
-                .enumerate()
-                .all(|(i, (idx, new))| {
-                    idx.is_some_and(|idx| {
-                        let e = &st.events[idx];
-                        e.stream_id == *stream
-                            && e.matches(new)
-                            && e.stream_version.0 == first_stored.stream_version.0 + i as u64
-                    })
-                });
-            if !same {
-                let clash = existing
-                    .iter()
-                    .zip(&events)
-                    .find_map(|(idx, new)| idx.map(|i| (i, new.event_id)))
-                    .map(|(i, id)| (st.events[i].stream_id.clone(), id));
-                let (stream_of, event_id) = clash.unwrap_or((stream.clone(), events[0].event_id));
-                return Err(Error::DuplicateEventId {
-                    event_id,
-                    stream: stream_of,
-                });
-            }
-            let positions = existing
-                .iter()
-                .flatten()
-                .map(|i| st.events[*i].global_position)
-                .collect();
-            return Ok(AppendResult {
-                first_version: first_stored.stream_version,
-                last_version: StreamVersion(
-                    first_stored.stream_version.0 + events.len() as u64 - 1,
-                ),
-                positions,
-                deduplicated: true,
-            });
+        if let Some(original) = check_retry(stream, &batch, &stored)? {
+            return Ok(original);
         }
         let actual = st
             .streams
@@ -142,25 +129,16 @@ impl EventStore for InMemoryStore {
                 actual,
             });
         }
-        // Encode every payload before changing anything: all or nothing.
-        let payloads = events
-            .iter()
-            .map(|e| {
-                Payload::from_value(&e.data).map_err(|source| Error::Encode {
-                    what: format!("payload of {}", e.event_type),
-                    source,
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
         let now = Utc::now();
         let head = actual.map_or(0, |v| v.0);
-        let mut positions = Vec::with_capacity(events.len());
-        for (i, (e, data)) in events.into_iter().zip(payloads).enumerate() {
+        let mut positions = Vec::with_capacity(batch.len());
+        for (i, (e, (data, metadata))) in batch.into_iter().zip(decoded).enumerate() {
             let idx = st.events.len();
             let position = GlobalPosition::from_seq(idx as u64 + 1);
             positions.push(position);
             st.ids.insert(e.event_id, idx);
             st.streams.entry(stream.clone()).or_default().push(idx);
+            st.fingerprints.push(e.fingerprint);
             st.events.push(RecordedEvent {
                 event_id: e.event_id,
                 stream_id: stream.clone(),
@@ -169,7 +147,7 @@ impl EventStore for InMemoryStore {
                 event_type: e.event_type,
                 event_version: e.event_version,
                 data,
-                metadata: e.metadata,
+                metadata,
                 recorded_at: now,
             });
         }
@@ -283,6 +261,11 @@ impl EventStore for InMemoryStore {
 
     async fn head_position(&self) -> Result<Option<GlobalPosition>> {
         Ok(self.lock().events.last().map(|e| e.global_position))
+    }
+
+    async fn read_event(&self, id: EventId) -> Result<Option<RecordedEvent>> {
+        let st = self.lock();
+        Ok(st.ids.get(&id).map(|&i| st.events[i].clone()))
     }
 }
 

@@ -4,7 +4,24 @@
 //! Snapshots are optional and only ever a cache. Every decision the load made
 //! about a snapshot is reported in [`LoadReport`], so tests and metrics can see
 //! whether a snapshot was used and why one was passed over.
+//!
+//! # Idempotent commands
+//!
+//! A caller that retries a command after losing the reply (its append
+//! committed, the answer never arrived) would apply it twice if every attempt
+//! minted fresh event ids. With a command id the event ids derive from it, and
+//! the repository looks the first one up before running the command; the
+//! contract is on [`Repository::execute`], the rationale in
+//! `docs/architecture.md` ("Idempotent commands").
+//!
+//! # Commands
+//!
+//! A command is anything that implements [`Command`]: a closure
+//! `Fn(&A) -> Result<Vec<A::Event>, E>` (passed to [`Repository::execute`]),
+//! or a type whose `handle` is an `async fn` that can await a service and owns
+//! its arguments (passed to [`Repository::execute_command`]; see [`Command`]).
 
+use std::future::Future;
 use std::marker::PhantomData;
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,8 +35,8 @@ use crate::aggregate::{decode_event, encode_event};
 use crate::snapshot::{NoSnapshots, Snapshot, SnapshotStore};
 use crate::snapshot_worker::{write_snapshot, Worker};
 use crate::{
-    Aggregate, AppendResult, Error, EventStore, ExpectedVersion, Metadata, NewEvent, ReadStream,
-    RecordedEvent, Result, StreamId, StreamVersion,
+    Aggregate, AppendResult, Error, EventId, EventStore, ExpectedVersion, Metadata, NewEvent,
+    ReadStream, RecordedEvent, Result, StreamId, StreamVersion,
 };
 
 /// Tracing target for snapshot decisions (a snapshot passed over, a failed
@@ -68,10 +85,13 @@ impl RetryPolicy {
 }
 
 /// Who asked for a command: the correlation and causation ids (and any
-/// headers) stamped on every event it produces.
+/// headers) stamped on every event it produces, and optionally the command's
+/// own id, which makes a retried command idempotent (see
+/// [`Repository::execute`]).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct CommandContext {
     metadata: Metadata,
+    command_id: Option<Uuid>,
 }
 
 impl CommandContext {
@@ -90,6 +110,30 @@ impl CommandContext {
     pub fn with_causation_id(mut self, id: Uuid) -> Self {
         self.metadata.causation_id = Some(id);
         self
+    }
+
+    /// Gives the command an id: a command retried with the same id (after a
+    /// lost reply, say) is applied once. The events of the command get ids
+    /// derived from it ([`CommandContext::event_id`]); the retry of a command
+    /// that was applied returns the original result with
+    /// [`Executed::replayed`] set, and appends nothing. Use a fresh id (a v4
+    /// or v7 UUID) per command, kept with the request that the caller
+    /// retries.
+    pub fn with_command_id(mut self, id: Uuid) -> Self {
+        self.command_id = Some(id);
+        self
+    }
+
+    /// The command id, when one was given.
+    pub fn command_id(&self) -> Option<Uuid> {
+        self.command_id
+    }
+
+    /// The id of the command's event number `index` (0-based, in the order
+    /// the command returned them): UUID v5 with the command id as namespace
+    /// and `index` as 8 big-endian bytes as name. `None` without a command id.
+    pub fn event_id(&self, index: usize) -> Option<EventId> {
+        self.command_id.map(|id| command_event_id(id, index))
     }
 
     /// Adds a free header. The names of the typed fields
@@ -114,6 +158,7 @@ impl CommandContext {
                 causation_id: Some(event.event_id.0),
                 headers: serde_json::Map::new(),
             },
+            command_id: None,
         }
     }
 
@@ -240,6 +285,107 @@ pub struct Executed<A> {
     pub append: Option<AppendResult>,
     /// Attempts it took (1 unless there were conflicts).
     pub attempts: u32,
+    /// True when the command (same command id) had been applied before: the
+    /// command was not run, nothing was appended, and this is the original
+    /// result rebuilt from the store (`append` has `deduplicated: true`,
+    /// `state` and `version` are as of the command's last event).
+    pub replayed: bool,
+}
+
+/// A command on aggregate `A`: from the state, the events to append, or the
+/// user's own error.
+///
+/// A closure `Fn(&A) -> Result<Vec<A::Event>, E>` is a command (that is what
+/// [`Repository::execute`] takes). A type that implements `Command` can do
+/// more: `handle` may be an `async fn` that awaits a service (a uniqueness
+/// lookup, a price), and the command owns its arguments, moved in once.
+/// `handle` borrows the command and the state, and is called again, on a
+/// fresh state, after each conflict: a retry clones nothing.
+///
+/// Besides the events it returns, a command should have no effects that a
+/// retry would repeat.
+///
+/// # Example
+///
+/// ```
+/// use annals::bank::{Account, AccountError, AccountEvent};
+/// use annals::{Command, CommandContext, CommandError, EventStore, InMemoryStore, Repository, StreamId};
+///
+/// /// Opens an account unless its owner's name is reserved (a stream
+/// /// `Reserved-<name>`): the command awaits that lookup.
+/// struct OpenUnique<'a> {
+///     owner: String,
+///     names: &'a InMemoryStore,
+/// }
+///
+/// #[derive(Debug)]
+/// enum OpenError {
+///     NameTaken,
+///     Account(AccountError),
+///     Lookup(annals::Error),
+/// }
+///
+/// impl Command<Account> for OpenUnique<'_> {
+///     type Error = OpenError;
+///
+///     async fn handle(&self, account: &Account) -> Result<Vec<AccountEvent>, OpenError> {
+///         let reserved = StreamId::new("Reserved", &self.owner).map_err(OpenError::Lookup)?;
+///         if self.names.stream_version(&reserved).await.map_err(OpenError::Lookup)?.is_some() {
+///             return Err(OpenError::NameTaken);
+///         }
+///         account.open(&self.owner).map_err(OpenError::Account)
+///     }
+/// }
+///
+/// # tokio::runtime::Runtime::new()?.block_on(async {
+/// let store = InMemoryStore::new();
+/// let repo = Repository::<Account, _>::new(store.clone());
+/// let ctx = CommandContext::new();
+/// let owner = String::from("ann"); // moved into the command, never cloned
+/// let opened = repo
+///     .execute_command("acc-1", &ctx, OpenUnique { owner, names: &store })
+///     .await
+///     .expect("ann is free");
+/// assert_eq!(opened.state.owner, "ann");
+///
+/// store
+///     .append(&StreamId::new("Reserved", "bob")?, annals::ExpectedVersion::NoStream,
+///         vec![annals::NewEvent::new("Reserved", serde_json::json!({}))])
+///     .await?;
+/// let refused = repo
+///     .execute_command("acc-2", &ctx, OpenUnique { owner: "bob".into(), names: &store })
+///     .await;
+/// assert!(matches!(refused, Err(CommandError::Rejected(OpenError::NameTaken))));
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// # })?;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub trait Command<A: Aggregate>: Send + Sync {
+    /// The user's error type for a refused command.
+    type Error: Send;
+
+    /// Decides, from the state as loaded for this attempt, which events to
+    /// append.
+    fn handle(
+        &self,
+        state: &A,
+    ) -> impl Future<Output = std::result::Result<Vec<A::Event>, Self::Error>> + Send;
+}
+
+impl<A, F, E> Command<A> for F
+where
+    A: Aggregate,
+    F: Fn(&A) -> std::result::Result<Vec<A::Event>, E> + Send + Sync,
+    E: Send,
+{
+    type Error = E;
+
+    fn handle(
+        &self,
+        state: &A,
+    ) -> impl Future<Output = std::result::Result<Vec<A::Event>, E>> + Send {
+        std::future::ready(self(state))
+    }
 }
 
 /// A command failed.
@@ -448,6 +594,37 @@ impl<A: Aggregate, S: EventStore, N: SnapshotStore> Repository<A, S, N> {
     /// Runs `command` on aggregate `id` and appends the events it returns with
     /// the loaded version as the expected version. On a conflict it reloads
     /// and runs the command again, up to the retry policy.
+    ///
+    /// # Idempotent commands
+    ///
+    /// With a command id in `ctx` ([`CommandContext::with_command_id`]), the
+    /// command's events get ids derived from it ([`CommandContext::event_id`]),
+    /// and after loading the aggregate the repository looks up the first of
+    /// them ([`EventStore::read_event`]):
+    ///
+    /// - Stored in this aggregate's stream: the command was applied (its
+    ///   reply may have been lost). It is not run again, since the aggregate
+    ///   and the services it consulted have moved on (a retried
+    ///   `withdraw(100)` on the account it emptied would be refused). The
+    ///   original result is rebuilt from the store: the versions and positions
+    ///   of its events (`append` with `deduplicated: true`) and the state as
+    ///   of its last event, not today's when other commands ran since.
+    ///   [`Executed::replayed`] is set and nothing is appended.
+    /// - Stored in another stream, or the derived ids are held by events this
+    ///   command did not write: [`Error::CommandIdReused`], nothing written.
+    /// - Not stored: the command runs. The lookup follows the load, so the
+    ///   state the command sees never holds its own events; a concurrent
+    ///   attempt of the same command that commits meanwhile is answered by the
+    ///   store's idempotency or by the next attempt's lookup, as a replay.
+    ///
+    /// The repository cannot tell two commands apart without running them:
+    /// a command id reused for another command on the same aggregate returns
+    /// the first one's result, replayed. A command that emits no events leaves
+    /// nothing to find and runs again when retried. Without a command id,
+    /// every call is a new command.
+    ///
+    /// `command` is a closure; for commands that await or own their
+    /// arguments, see [`Repository::execute_command`].
     pub async fn execute<E, F>(
         &self,
         id: &str,
@@ -458,23 +635,58 @@ impl<A: Aggregate, S: EventStore, N: SnapshotStore> Repository<A, S, N> {
         F: Fn(&A) -> std::result::Result<Vec<A::Event>, E> + Send + Sync,
         E: Send,
     {
+        self.execute_command(id, ctx, command).await
+    }
+
+    /// [`Repository::execute`] for any [`Command`], such as one whose
+    /// `handle` is an `async fn`.
+    pub async fn execute_command<C: Command<A>>(
+        &self,
+        id: &str,
+        ctx: &CommandContext,
+        command: C,
+    ) -> std::result::Result<Executed<A>, CommandError<C::Error>> {
         let stream = Self::stream_id(id)?;
         let mut attempt = 0;
         loop {
             attempt += 1;
             let loaded = self.load_with(&stream, true).await?;
-            let new_events = command(&loaded.state).map_err(CommandError::Rejected)?;
+            // Looked up after the load: when the command's events are not
+            // found, the loaded state cannot hold them either.
+            if let Some(command_id) = ctx.command_id {
+                let first = self
+                    .store
+                    .read_event(command_event_id(command_id, 0))
+                    .await?;
+                if let Some(first) = first {
+                    return Ok(self
+                        .replay(&stream, command_id, first, Some(loaded), attempt)
+                        .await?);
+                }
+            }
+            let new_events = command
+                .handle(&loaded.state)
+                .await
+                .map_err(CommandError::Rejected)?;
             if new_events.is_empty() {
                 return Ok(Executed {
                     state: loaded.state,
                     version: loaded.version,
                     append: None,
                     attempts: attempt,
+                    replayed: false,
                 });
             }
             let batch = encode_batch::<A>(&new_events, ctx)?;
             let expected = ExpectedVersion::Exact(loaded.version.unwrap_or_default());
             match self.store.append(&stream, expected, batch).await {
+                Ok(result) if result.deduplicated => {
+                    // A concurrent attempt of this command stored the same
+                    // events since the lookup.
+                    return Ok(self
+                        .deduplicated(&stream, result, loaded, &new_events, attempt)
+                        .await?);
+                }
                 Ok(result) => {
                     let mut state = loaded.state;
                     for ev in &new_events {
@@ -494,11 +706,15 @@ impl<A: Aggregate, S: EventStore, N: SnapshotStore> Repository<A, S, N> {
                         version: Some(result.last_version),
                         append: Some(result),
                         attempts: attempt,
+                        replayed: false,
                     });
                 }
                 Err(e) if e.is_conflict() && attempt < self.retry.max_attempts => {
                     metrics::counter!("annals_command_conflicts_total", "aggregate_type" => A::TYPE).increment(1);
                     tokio::time::sleep(self.retry.delay(attempt - 1)).await;
+                }
+                Err(e @ Error::DuplicateEventId { .. }) => {
+                    return Ok(self.after_clash(&stream, ctx, e, attempt).await?);
                 }
                 Err(e) => return Err(e.into()),
             }
@@ -509,7 +725,9 @@ impl<A: Aggregate, S: EventStore, N: SnapshotStore> Repository<A, S, N> {
     /// appends its events with [`ExpectedVersion::NoStream`], without reading
     /// the store first. If the stream already exists this is a conflict
     /// ([`Error::WrongExpectedVersion`]), never retried: use
-    /// [`Repository::execute`] to act on existing aggregates.
+    /// [`Repository::execute`] to act on existing aggregates. With a command
+    /// id in `ctx`, the store is read once, to recognise a retry of a create
+    /// that was applied (see [`Repository::execute`]).
     pub async fn create<E, F>(
         &self,
         id: &str,
@@ -520,6 +738,15 @@ impl<A: Aggregate, S: EventStore, N: SnapshotStore> Repository<A, S, N> {
         F: FnOnce(&A) -> std::result::Result<Vec<A::Event>, E>,
     {
         let stream = Self::stream_id(id)?;
+        if let Some(command_id) = ctx.command_id {
+            if let Some(first) = self
+                .store
+                .read_event(command_event_id(command_id, 0))
+                .await?
+            {
+                return Ok(self.replay(&stream, command_id, first, None, 1).await?);
+            }
+        }
         let mut state = A::default();
         let new_events = command(&state).map_err(CommandError::Rejected)?;
         if new_events.is_empty() {
@@ -528,13 +755,41 @@ impl<A: Aggregate, S: EventStore, N: SnapshotStore> Repository<A, S, N> {
                 version: None,
                 append: None,
                 attempts: 1,
+                replayed: false,
             });
         }
         let batch = encode_batch::<A>(&new_events, ctx)?;
-        let result = self
+        let result = match self
             .store
             .append(&stream, ExpectedVersion::NoStream, batch)
-            .await?;
+            .await
+        {
+            Ok(result) if result.deduplicated => {
+                let loaded = Loaded {
+                    state,
+                    version: None,
+                    report: LoadReport {
+                        snapshot_version: None,
+                        snapshot_migrated: false,
+                        events_replayed: 0,
+                        skipped: None,
+                    },
+                    snapshot_created_at: None,
+                };
+                return Ok(self
+                    .deduplicated(&stream, result, loaded, &new_events, 1)
+                    .await?);
+            }
+            Ok(result) => result,
+            // A concurrent attempt of this command may have created it.
+            Err(e) if ctx.command_id.is_some() && e.is_conflict() => {
+                return Ok(self.after_clash(&stream, ctx, e, 1).await?);
+            }
+            Err(e @ Error::DuplicateEventId { .. }) => {
+                return Ok(self.after_clash(&stream, ctx, e, 1).await?);
+            }
+            Err(e) => return Err(e.into()),
+        };
         for ev in &new_events {
             state.apply(ev);
         }
@@ -551,7 +806,147 @@ impl<A: Aggregate, S: EventStore, N: SnapshotStore> Repository<A, S, N> {
             version: Some(result.last_version),
             append: Some(result),
             attempts: 1,
+            replayed: false,
         })
+    }
+
+    /// The original result of a command whose first event (`first`, found by
+    /// its derived id) is stored: the batch's versions and positions, and the
+    /// state as of its last event. `loaded` is the current state, when known,
+    /// which is that state when nothing was appended since.
+    async fn replay(
+        &self,
+        stream: &StreamId,
+        command_id: Uuid,
+        first: RecordedEvent,
+        loaded: Option<Loaded<A>>,
+        attempts: u32,
+    ) -> Result<Executed<A>> {
+        if first.stream_id != *stream {
+            return Err(Error::CommandIdReused {
+                command_id,
+                reason: format!(
+                    "its events are in {}, this command is for {stream}",
+                    first.stream_id
+                ),
+                stream: first.stream_id,
+            });
+        }
+        // The batch is the run of events from `first` whose ids derive from
+        // the command id.
+        let mut events = self
+            .store
+            .read_stream(stream, ReadStream::forward().from(first.stream_version));
+        let mut positions = Vec::new();
+        let mut last = first.stream_version;
+        while let Some(e) = events.next().await {
+            let e = e?;
+            if e.event_id != command_event_id(command_id, positions.len()) {
+                break;
+            }
+            positions.push(e.global_position);
+            last = e.stream_version;
+        }
+        drop(events);
+        if positions.is_empty() {
+            // The stream read did not return the event the lookup found.
+            positions.push(first.global_position);
+        }
+        let state = match loaded {
+            Some(l) if l.version == Some(last) => l.state,
+            _ => self.state_at(stream, last).await?,
+        };
+        metrics::counter!("annals_command_replays_total", "aggregate_type" => A::TYPE).increment(1);
+        Ok(Executed {
+            state,
+            version: Some(last),
+            append: Some(AppendResult {
+                first_version: first.stream_version,
+                last_version: last,
+                positions,
+                deduplicated: true,
+            }),
+            attempts,
+            replayed: true,
+        })
+    }
+
+    /// The result of an append that the store answered as a retry (`result`
+    /// has `deduplicated: true`): `new_events` were stored before.
+    async fn deduplicated(
+        &self,
+        stream: &StreamId,
+        result: AppendResult,
+        loaded: Loaded<A>,
+        new_events: &[A::Event],
+        attempts: u32,
+    ) -> Result<Executed<A>> {
+        let next = StreamVersion(loaded.version.map_or(0, |v| v.0) + 1);
+        let state = if result.first_version == next {
+            let mut state = loaded.state;
+            for ev in new_events {
+                state.apply(ev);
+            }
+            state
+        } else {
+            self.state_at(stream, result.last_version).await?
+        };
+        metrics::counter!("annals_command_replays_total", "aggregate_type" => A::TYPE).increment(1);
+        Ok(Executed {
+            state,
+            version: Some(result.last_version),
+            append: Some(result),
+            attempts,
+            replayed: true,
+        })
+    }
+
+    /// After an append that clashed with stored ids (or, for `create`, an
+    /// existing stream): a command whose first event is stored is a replay
+    /// (or [`Error::CommandIdReused`] when it is in another stream); other
+    /// duplicate ids are [`Error::CommandIdReused`]; anything else is `err`.
+    async fn after_clash(
+        &self,
+        stream: &StreamId,
+        ctx: &CommandContext,
+        err: Error,
+        attempts: u32,
+    ) -> Result<Executed<A>> {
+        let Some(command_id) = ctx.command_id else {
+            return Err(err);
+        };
+        if let Some(first) = self
+            .store
+            .read_event(command_event_id(command_id, 0))
+            .await?
+        {
+            return self.replay(stream, command_id, first, None, attempts).await;
+        }
+        match err {
+            Error::DuplicateEventId {
+                event_id,
+                stream: holder,
+            } => Err(Error::CommandIdReused {
+                command_id,
+                reason: format!(
+                    "event id {event_id}, derived from it, is held by an event this command did not write"
+                ),
+                stream: holder,
+            }),
+            other => Err(other),
+        }
+    }
+
+    /// The state of `stream` as of `version`, by full replay.
+    async fn state_at(&self, stream: &StreamId, version: StreamVersion) -> Result<A> {
+        let (state, _, _) = fold_stream::<A, S>(
+            &self.store,
+            stream,
+            A::default(),
+            ReadStream::forward().until_version(version),
+        )
+        .await?;
+        Ok(state)
     }
 
     async fn after_save(
@@ -632,15 +1027,27 @@ impl<A: Aggregate, S: EventStore, N: SnapshotStore> Repository<A, S, N> {
     }
 }
 
-/// Encodes a command's events with the context's metadata.
+/// The id of event `index` of command `command_id`: UUID v5, namespace the
+/// command id, name `index` as 8 big-endian bytes.
+fn command_event_id(command_id: Uuid, index: usize) -> EventId {
+    EventId(Uuid::new_v5(&command_id, &(index as u64).to_be_bytes()))
+}
+
+/// Encodes a command's events with the context's metadata, and ids derived
+/// from its command id when it has one.
 fn encode_batch<A: Aggregate>(events: &[A::Event], ctx: &CommandContext) -> Result<Vec<NewEvent>> {
     events
         .iter()
-        .map(|ev| {
+        .enumerate()
+        .map(|(i, ev)| {
             let (event_type, event_version, data) = encode_event(ev)?;
-            Ok(NewEvent::new(event_type, data)
+            let event = NewEvent::new(event_type, data)
                 .with_event_version(event_version)
-                .with_metadata(ctx.metadata.clone()))
+                .with_metadata(ctx.metadata.clone());
+            Ok(match ctx.event_id(i) {
+                Some(id) => event.with_id(id),
+                None => event,
+            })
         })
         .collect()
 }

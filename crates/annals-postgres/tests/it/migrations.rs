@@ -282,3 +282,110 @@ async fn bad_options_are_config_errors() {
         Err(Error::Config(_))
     ));
 }
+
+/// A store created by release 1 (schema 1, no payload fingerprints) is
+/// refused until `annals init`, then upgrades in place: its old events have
+/// no fingerprint, and an identical retry of one is still deduplicated (its
+/// payload compared by value: this one holds `f64::MAX`, which `jsonb` keeps
+/// as a 309-digit integer and whose retry used to fail with "cannot read
+/// stored event ids"), while another payload under its id is a duplicate.
+#[tokio::test]
+async fn schema_1_upgrades_and_old_events_still_deduplicate() {
+    let Some(url) = url("schema_1_upgrades_and_old_events_still_deduplicate") else {
+        return;
+    };
+    let schema = new_schema();
+    let raw = raw_client(&url, None).await;
+    raw.batch_execute(&format!(
+        "CREATE SCHEMA \"{schema}\"; SET search_path TO \"{schema}\";
+         CREATE TABLE annals_migrations (version int PRIMARY KEY, name text NOT NULL,
+             applied_at timestamptz NOT NULL DEFAULT now());"
+    ))
+    .await
+    .expect("ledger");
+    raw.batch_execute(include_str!("../../sql/0001_initial.sql"))
+        .await
+        .expect("schema 1");
+    raw.execute(
+        "INSERT INTO annals_migrations (version, name) VALUES (1, 'initial')",
+        &[],
+    )
+    .await
+    .expect("record");
+    let id = uuid::Uuid::now_v7();
+    let data = json!({"max": f64::MAX, "f": 1e16, "z": -0.0, "n": 1});
+    // As release 1 appended: the function without fingerprints.
+    assert_eq!(
+        crate::common::raw_append(&raw, "Old-1", id, data.clone()).await,
+        0
+    );
+
+    let store = PgEventStore::connect_with(&url, options(&schema))
+        .await
+        .expect("connect");
+    assert!(matches!(
+        store.check_schema().await,
+        Err(Error::SchemaVersion {
+            found: 1,
+            expected: 2
+        })
+    ));
+    store.migrate().await.expect("annals init");
+    store.check_schema().await.expect("current");
+    let rows = migration_rows(&url, &schema).await;
+    assert_eq!(rows[1], (2, "event_fingerprints".to_owned()));
+
+    let event = |data: serde_json::Value| NewEvent::new("E", data).with_id(annals::EventId(id));
+    let again = store
+        .append(
+            &sid("Old-1"),
+            ExpectedVersion::NoStream,
+            vec![event(data.clone())],
+        )
+        .await
+        .expect("identical retry of an old event");
+    assert!(again.deduplicated);
+    let err = store
+        .append(
+            &sid("Old-1"),
+            ExpectedVersion::Any,
+            vec![event(json!({"n": 2}))],
+        )
+        .await
+        .expect_err("another payload");
+    assert!(matches!(err, Error::DuplicateEventId { .. }), "{err:?}");
+    let old = store
+        .read_event(annals::EventId(id))
+        .await
+        .expect("read_event")
+        .expect("stored");
+    assert_eq!(
+        old.data.to_value().expect("payload")["max"].as_f64(),
+        Some(f64::MAX)
+    );
+
+    // New appends store a fingerprint; the old row keeps none.
+    store
+        .append(
+            &sid("Old-1"),
+            ExpectedVersion::Exact(annals::StreamVersion(1)),
+            vec![event(json!(1)).with_id(annals::EventId::new())],
+        )
+        .await
+        .expect("append after the upgrade");
+    let digests: Vec<Option<Vec<u8>>> = raw_client(&url, Some(&schema))
+        .await
+        .query(
+            "SELECT data_digest FROM events ORDER BY stream_version",
+            &[],
+        )
+        .await
+        .expect("digests")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(digests.len(), 2);
+    assert_eq!(digests[0], None);
+    assert_eq!(digests[1].as_ref().map(Vec::len), Some(32));
+    drop_schema(&url, &schema).await;
+}

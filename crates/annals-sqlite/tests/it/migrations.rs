@@ -12,9 +12,10 @@ const EXPECTED: &[(i64, &str)] = &[
     (1, "events"),
     (2, "snapshots"),
     (3, "checkpoints"),
-    (4, "snapshot_history"),
+    (4, "event_fingerprints"),
+    (5, "snapshot_history"),
 ];
-const LATEST: i64 = 4;
+const LATEST: i64 = 5;
 
 fn ledger(conn: &rusqlite::Connection) -> Vec<(i64, String, String)> {
     let mut s = conn
@@ -251,4 +252,82 @@ async fn open_and_read_while_another_connection_holds_the_write_lock() {
         )
         .await
         .expect("writes work once the lock is gone");
+}
+
+/// Events written before migration 4 have no fingerprint: after the upgrade
+/// an identical retry of one is still deduplicated (compared by value, even
+/// where the old text wrote a float as `1e+16`) and a different payload
+/// under its id is still a duplicate id.
+#[tokio::test]
+async fn events_from_before_fingerprints_still_deduplicate() {
+    let path = fresh_path();
+    let id = uuid::Uuid::now_v7();
+    let data = serde_json::json!({"n": 1, "f": 1e16, "z": -0.0});
+    {
+        // A file as release 3 left it, with one event as that code wrote it.
+        let conn = rusqlite::Connection::open(&path).expect("create");
+        conn.execute_batch(include_str!("../../sql/bootstrap.sql"))
+            .expect("ledger");
+        for (version, name, sql) in [
+            (1, "events", include_str!("../../sql/0001_events.sql")),
+            (2, "snapshots", include_str!("../../sql/0002_snapshots.sql")),
+            (
+                3,
+                "checkpoints",
+                include_str!("../../sql/0003_checkpoints.sql"),
+            ),
+        ] {
+            conn.execute_batch(sql).expect("migration");
+            conn.execute(
+                "INSERT INTO annals_migrations VALUES (?1, ?2, '2024-01-01T00:00:00Z')",
+                rusqlite::params![version, name],
+            )
+            .expect("record");
+        }
+        conn.execute(
+            "INSERT INTO events (event_id, stream_id, category, stream_version, event_type, \
+             event_version, data, metadata, recorded_at) \
+             VALUES (?1, 'Old-1', 'Old', 1, 'A', 1, ?2, '{}', 0)",
+            rusqlite::params![
+                &id.as_bytes()[..],
+                serde_json::to_string(&data).expect("json")
+            ],
+        )
+        .expect("old event");
+        conn.execute(
+            "INSERT INTO streams (stream_id, category, version) VALUES ('Old-1', 'Old', 1)",
+            [],
+        )
+        .expect("old stream");
+    }
+    let store = SqliteEventStore::open(&path).await.expect("open migrates");
+    assert_eq!(ledger(&raw(&store)).len(), EXPECTED.len());
+    let event =
+        |data: serde_json::Value| annals::NewEvent::new("A", data).with_id(annals::EventId(id));
+    let again = store
+        .append(
+            &sid("Old-1"),
+            ExpectedVersion::NoStream,
+            vec![event(data.clone())],
+        )
+        .await
+        .expect("identical retry");
+    assert!(again.deduplicated);
+    assert_eq!(again.first_version, annals::StreamVersion(1));
+    let err = store
+        .append(
+            &sid("Old-1"),
+            ExpectedVersion::Any,
+            vec![event(serde_json::json!({"n": 2}))],
+        )
+        .await
+        .expect_err("another payload");
+    assert!(
+        matches!(err, annals::Error::DuplicateEventId { .. }),
+        "{err:?}"
+    );
+    assert_eq!(
+        store.stream_version(&sid("Old-1")).await.expect("head"),
+        Some(annals::StreamVersion(1))
+    );
 }

@@ -6,9 +6,10 @@
 
 use annals::bank::Account;
 use annals::{
-    AppendResult, CheckpointStore, CommandContext, EventStore, EventStream, ExpectedVersion,
-    GlobalPosition, InMemoryStore, NewEvent, ReadAll, ReadStream, Repository, Result, Snapshot,
-    SnapshotJobs, SnapshotStore, SnapshotWrite, StreamId, StreamVersion,
+    AppendResult, CheckpointStore, CommandContext, EventId, EventStore, EventStream,
+    ExpectedVersion, GlobalPosition, InMemoryStore, NewEvent, ReadAll, ReadStream, RecordedEvent,
+    Repository, Result, Snapshot, SnapshotJobs, SnapshotStore, SnapshotWrite, StreamId,
+    StreamVersion,
 };
 
 /// The in-memory store seen through the three core traits only.
@@ -35,6 +36,9 @@ impl EventStore for CoreOnly {
     }
     async fn head_position(&self) -> Result<Option<GlobalPosition>> {
         self.0.head_position().await
+    }
+    async fn read_event(&self, id: EventId) -> Result<Option<RecordedEvent>> {
+        self.0.read_event(id).await
     }
 }
 
