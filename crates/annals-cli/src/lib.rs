@@ -109,7 +109,7 @@ use std::sync::Arc;
 
 use clap::Parser;
 
-pub use registry::{AggregateOps, AggregateView, LoadRequest, Registered};
+pub use registry::{AggregateOps, AggregateView, CreateOutcome, LoadRequest, Registered};
 pub use store::{AnyStore, Backend, DatabaseUrl, OpenOptions, DEFAULT_DATABASE_URL};
 
 /// Exit code of a failed check (a conflict, a failed demo check).

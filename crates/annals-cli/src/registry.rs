@@ -110,6 +110,11 @@ pub(crate) fn describe_skip(skip: &SnapshotSkip) -> String {
     }
 }
 
+/// What [`AggregateOps::create_snapshot`] did: the snapshot built and whether
+/// the guarded write stored it, and, when it did not, the history row that
+/// kept it out.
+pub type CreateOutcome = (CreatedSnapshot, Option<SnapshotHistoryEntry>);
+
 /// The operations the CLI runs on an aggregate type known only by name.
 ///
 /// Implemented by [`Registered<A>`] for every [`Aggregate`]; implement it by
@@ -147,7 +152,7 @@ pub trait AggregateOps: Send + Sync + 'static {
         &'a self,
         store: &'a AnyStore,
         id: &'a str,
-    ) -> BoxFuture<'a, Result<Option<(CreatedSnapshot, Option<SnapshotHistoryEntry>)>>>;
+    ) -> BoxFuture<'a, Result<Option<CreateOutcome>>>;
 
     /// [`SnapshotJobs::prepopulate`]: live snapshots for the aggregates more
     /// than `options.min_events` past their snapshot (or with one ahead of their
@@ -279,7 +284,7 @@ impl<A: Aggregate> AggregateOps for Registered<A> {
         &'a self,
         store: &'a AnyStore,
         id: &'a str,
-    ) -> BoxFuture<'a, Result<Option<(CreatedSnapshot, Option<SnapshotHistoryEntry>)>>> {
+    ) -> BoxFuture<'a, Result<Option<CreateOutcome>>> {
         async move {
             let jobs = Self::jobs(store);
             let Some(created) = jobs.create(id).await? else {

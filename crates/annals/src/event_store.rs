@@ -212,7 +212,7 @@ pub trait EventStore: Clone + Send + Sync + 'static {
     ///   an integer reads back as the same integer, a float as the same `f64`
     ///   (still a float), except that `-0.0` reads back as `0.0`; the JSON
     ///   text may differ. JSON nested deeper than
-    ///   [`MAX_JSON_NESTING`](crate::MAX_JSON_NESTING) is refused with
+    ///   [`MAX_JSON_DEPTH`](crate::MAX_JSON_DEPTH) is refused with
     ///   [`Error::InvalidEvent`](crate::Error::InvalidEvent), since no reader
     ///   could decode it.
     /// - Positions: each event gets a unique [`GlobalPosition`]; within the

@@ -26,7 +26,7 @@
 //! a correctly rounding float parser, so the workspace builds `serde_json`
 //! with `float_roundtrip`.
 //!
-//! A payload (or metadata) nested deeper than [`MAX_JSON_NESTING`] arrays and
+//! A payload (or metadata) nested deeper than [`MAX_JSON_DEPTH`] arrays and
 //! objects is refused at append with [`Error::InvalidEvent`]: the JSON decoder
 //! that reads events back stops at that depth, so such an event could be
 //! stored but never read.
@@ -65,21 +65,15 @@ use std::fmt::{self, Write as _};
 use serde_json::{Number, Value};
 use sha2::{Digest, Sha256};
 
+use crate::event::MAX_JSON_DEPTH;
 use crate::{
     AppendResult, Error, EventId, GlobalPosition, Metadata, NewEvent, Result, StreamId,
     StreamVersion,
 };
 
-/// The deepest nesting of arrays and objects that an event's payload (and its
-/// metadata) may have: what `serde_json`'s decoder, which reads every event
-/// back, accepts (its recursion limit is 128, so 127 nested containers).
-pub const MAX_JSON_NESTING: usize = 127;
-
-/// A JSON value nests arrays and objects deeper than [`MAX_JSON_NESTING`].
+/// A JSON value nests arrays and objects deeper than [`MAX_JSON_DEPTH`].
 #[derive(Clone, Copy, PartialEq, Eq, Debug, thiserror::Error)]
-#[error(
-    "nested more than {MAX_JSON_NESTING} arrays and objects deep, which no reader could decode"
-)]
+#[error("nested more than {MAX_JSON_DEPTH} arrays and objects deep, which no reader could decode")]
 pub struct NestingTooDeep;
 
 /// The canonical JSON text of `value`: what every backend stores for a
@@ -99,7 +93,7 @@ pub struct NestingTooDeep;
 ///   differ between backends, the values do not.
 ///
 /// Fails when `value` nests arrays and objects deeper than
-/// [`MAX_JSON_NESTING`]: no reader could decode it.
+/// [`MAX_JSON_DEPTH`]: no reader could decode it.
 ///
 /// ```
 /// use serde_json::json;
@@ -124,7 +118,7 @@ fn write_value(
         Value::Number(n) => write_number(out, n),
         Value::String(s) => write_string(out, s),
         Value::Array(items) => {
-            if depth >= MAX_JSON_NESTING {
+            if depth >= MAX_JSON_DEPTH {
                 return Err(NestingTooDeep);
             }
             out.push('[');
@@ -137,7 +131,7 @@ fn write_value(
             out.push(']');
         }
         Value::Object(map) => {
-            if depth >= MAX_JSON_NESTING {
+            if depth >= MAX_JSON_DEPTH {
                 return Err(NestingTooDeep);
             }
             out.push('{');
@@ -449,7 +443,7 @@ pub(crate) fn same_json_text(a: &str, b: &str) -> bool {
 /// integers equal as integers, and where either side is a float, equal as
 /// `f64` (so `jsonb`'s `10000000000000000` matches the float `1e16`, and
 /// `0.0` matches `-0.0`). Values decoded from JSON text nest at most
-/// [`MAX_JSON_NESTING`] deep, so the recursion is bounded.
+/// [`MAX_JSON_DEPTH`] deep, so the recursion is bounded.
 pub(crate) fn same_json(a: &Value, b: &Value) -> bool {
     match (a, b) {
         (Value::Number(x), Value::Number(y)) => {
@@ -539,12 +533,12 @@ mod tests {
 
     #[test]
     fn nesting_is_bounded_by_what_the_decoder_reads() {
-        let deepest = canonical_json(&nested(MAX_JSON_NESTING)).expect("at the limit");
+        let deepest = canonical_json(&nested(MAX_JSON_DEPTH)).expect("at the limit");
         assert!(serde_json::from_str::<Value>(&deepest).is_ok());
         let too_deep = format!("[{deepest}]");
         assert!(serde_json::from_str::<Value>(&too_deep).is_err());
         assert_eq!(
-            canonical_json(&nested(MAX_JSON_NESTING + 1)),
+            canonical_json(&nested(MAX_JSON_DEPTH + 1)),
             Err(NestingTooDeep)
         );
     }
@@ -662,14 +656,14 @@ mod tests {
     #[test]
     fn too_deep_payloads_and_metadata_are_invalid_events() {
         let s = StreamId::parse("S-1").expect("stream");
-        let e = prepare_batch(&s, vec![NewEvent::new("E", nested(MAX_JSON_NESTING + 1))])
+        let e = prepare_batch(&s, vec![NewEvent::new("E", nested(MAX_JSON_DEPTH + 1))])
             .expect_err("too deep");
         assert!(
             matches!(&e, Error::InvalidEvent { reason, .. } if reason.contains("127")),
             "{e}"
         );
         let mut m = Metadata::default();
-        m.headers.insert("h".into(), nested(MAX_JSON_NESTING));
+        m.headers.insert("h".into(), nested(MAX_JSON_DEPTH));
         let e = prepare_batch(&s, vec![NewEvent::new("E", json!(1)).with_metadata(m)])
             .expect_err("metadata too deep");
         assert!(

@@ -80,7 +80,7 @@ pub use event_store::{
 };
 pub use idempotency::{
     canonical_json, check_retry, prepare_batch, Fingerprint, NestingTooDeep, PreparedEvent,
-    StoredEvent, MAX_JSON_NESTING,
+    StoredEvent,
 };
 pub use memory::InMemoryStore;
 pub use repository::{
