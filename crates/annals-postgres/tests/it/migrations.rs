@@ -325,10 +325,7 @@ async fn schema_1_upgrades_and_old_events_still_deduplicate() {
         .expect("connect");
     assert!(matches!(
         store.check_schema().await,
-        Err(Error::SchemaVersion {
-            found: 1,
-            expected: 2
-        })
+        Err(Error::SchemaVersion { found: 1, expected }) if expected == PgEventStore::SCHEMA_VERSION
     ));
     store.migrate().await.expect("annals init");
     store.check_schema().await.expect("current");
