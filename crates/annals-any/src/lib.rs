@@ -198,8 +198,8 @@ impl FromStr for DatabaseUrl {
 /// How [`AnyStore::open_with`] opens a store.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct OpenOptions {
-    /// PostgreSQL schema holding the tables (`None`: the driver default,
-    /// usually `public`). Ignored by SQLite.
+    /// PostgreSQL schema holding the tables (`None`: `public`). Ignored by
+    /// SQLite.
     pub pg_schema: Option<String>,
     /// Refuse to open an SQLite file that does not exist yet, instead of
     /// creating it. A read-only tool sets this, so a mistyped path is an

@@ -1,7 +1,8 @@
-//! `annals-bench`: the standard workload of `WORKLOAD.md` (W1 command append,
-//! W2 long-stream load, W3 bulk append, W4 replay) on Annals and, in the same
-//! run and on the same schema, with plain SQL (the raw baseline). Prints one
-//! JSON result line per backend with `raw` figures and `ratio_to_raw`.
+//! `annals-bench`: the standard workload of `docs/benchmarks.md` (W1
+//! command append, W2 long-stream load, W3 bulk append, W4 replay) on Annals
+//! and, in the same run and on the same schema, with plain SQL (the raw
+//! baseline). Prints one JSON result line per backend with `raw` figures and
+//! `ratio_to_raw`.
 //!
 //! `ratio_to_raw` is always "higher is better, 1.0 = as fast as raw SQL":
 //! throughput(annals) / throughput(raw) for W1, W3 and W4, and
@@ -20,7 +21,7 @@ use serde_json::{json, Value};
 
 use workload::{Results, Sizes};
 
-/// Command-line options; sizes default to WORKLOAD.md's.
+/// Command-line options; sizes default to those of `docs/benchmarks.md`.
 #[derive(Parser, Debug)]
 #[command(
     name = "annals-bench",

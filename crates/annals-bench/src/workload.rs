@@ -14,7 +14,7 @@ use futures::TryStreamExt;
 use serde_json::{json, Value};
 use uuid::Uuid;
 
-/// Workload sizes (WORKLOAD.md defaults).
+/// Workload sizes (the defaults of `docs/benchmarks.md`).
 #[derive(clap::Args, Clone, Debug)]
 pub struct Sizes {
     /// W1 accounts.

@@ -45,8 +45,8 @@ pub(crate) struct Cli {
     )]
     pub(crate) database_url: String,
 
-    /// PostgreSQL schema that holds the tables (default: the server's
-    /// search_path, usually public). Ignored for SQLite.
+    /// PostgreSQL schema that holds the tables (default: public). Ignored
+    /// for SQLite.
     #[arg(
         long,
         global = true,
@@ -84,7 +84,8 @@ pub(crate) enum Command {
     /// Read the whole store in global order.
     ReadAll(ReadAllArgs),
     /// Streams and events per category, events per type, first and last
-    /// recorded_at.
+    /// recorded_at; on PostgreSQL also the horizon lag (committed events
+    /// that readers of the global order cannot see yet).
     Stats {
         /// Print one JSON object.
         #[arg(long)]
@@ -122,14 +123,16 @@ pub(crate) enum SnapshotsCommand {
     /// Delete the snapshots of a type (optionally only those below a schema
     /// version); prints how many.
     Invalidate(InvalidateArgs),
-    /// Snapshot existing aggregates, the ones with most events first. Safe
-    /// to interrupt and rerun: finished aggregates are not redone.
+    /// Snapshot existing aggregates that are stale (see `stale`), in
+    /// aggregate-id order. Safe to interrupt and rerun: finished aggregates
+    /// are not redone.
     Prepopulate(PrepopulateArgs),
     /// Build snapshots at the current schema version for every aggregate of
     /// a type into the staging table, while the application keeps using the
     /// live one. Resumable: a rerun skips what is staged already.
     Migrate(MigrateArgs),
-    /// Fold staged aggregates from scratch and compare with the staged state.
+    /// Fold staged aggregates from scratch and compare with the staged state
+    /// (with --live, the live snapshots instead).
     Verify(VerifyArgs),
     /// Move the staged snapshots into the live table in one transaction,
     /// after verifying them (unless --force). A live snapshot that is newer

@@ -135,8 +135,11 @@ pub trait AggregateOps: Send + Sync + 'static {
         request: LoadRequest,
     ) -> BoxFuture<'a, Result<AggregateView>>;
 
-    /// Takes a snapshot of aggregate `id` now, from a fresh load. `None` when
-    /// the stream does not exist.
+    /// Takes a snapshot of aggregate `id` now, from a fresh load
+    /// ([`annals::Repository::snapshot`]). `None` when the stream does not
+    /// exist. The snapshot returned is not stored when the guarded write
+    /// keeps a newer one, and the result does not say so: use
+    /// [`AggregateOps::create_snapshot`] to know.
     fn take_snapshot<'a>(
         &'a self,
         store: &'a AnyStore,

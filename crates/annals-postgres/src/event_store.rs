@@ -1,7 +1,8 @@
 //! [`annals::EventStore`] and [`annals::StreamCatalog`] for [`PgEventStore`].
 //!
 //! An append is one statement, `annals_append(...)` (see
-//! `sql/0001_initial.sql`), run in its own implicit transaction: one round
+//! `sql/0001_initial.sql`; `sql/0002_event_fingerprints.sql` adds the
+//! fingerprints), run in its own implicit transaction: one round
 //! trip whatever the batch size, with the stream lock, the expected-version
 //! check and the insert (one `INSERT ... SELECT FROM unnest(...)`) on the
 //! server. Event ids are checked by the unique index during the insert, not

@@ -9,8 +9,9 @@
 //!   [`annals::SnapshotStaging`], and [`annals::CheckpointStore`]. Cheap to
 //!   clone; clones share the pool.
 //! - [`PgOptions`]: the PostgreSQL schema to use, the pool (size, wait
-//!   timeout, connections for the global feed), read pages (rows, bytes) and
-//!   how many snapshots to keep per aggregate.
+//!   timeout, connections for the global feed) and read pages (rows, bytes).
+//!   (How many snapshots each aggregate keeps is a setting recorded in the
+//!   database, [`annals::SnapshotAdmin::set_snapshot_history_size`].)
 //! - [`PgEventStore::migrate`] (`annals init`) creates or upgrades the schema
 //!   from versioned SQL files; [`PgEventStore::schema_sql`] prints it.
 //! - [`PgEventStore::horizon_lag`] measures how many committed events readers
@@ -124,12 +125,16 @@
 //! `idle_in_transaction_session_timeout` bound those.)
 //!
 //! A connection that the server ends (`pg_terminate_backend`, a restart, a
-//! broken socket) is removed from the pool, and the call that met it runs
-//! again on a fresh connection: reads, checkpoints, and appends, whose
-//! event ids make a second run of a batch that did commit return the
-//! original assignment (with `deduplicated: true`) instead of writing it
-//! twice. Every checkout also skips connections already known to be closed
-//! (deadpool's fast recycling, which costs no round trip).
+//! broken socket) is removed from the pool. The calls of the event store
+//! (`read_stream`, `read_all`, `stream_version`, `head_position`,
+//! `list_streams`), checkpoint loads and saves, and appends then run again on
+//! a fresh connection; an append's event ids make a second run of a batch
+//! that did commit return the original assignment (with `deduplicated:
+//! true`) instead of writing it twice. Other calls (`read_event`, `stats`,
+//! the snapshot traits, `reset_checkpoint`) return the error, and the next
+//! call gets a fresh connection: every checkout skips connections already
+//! known to be closed (deadpool's fast recycling, which costs no round
+//! trip).
 //!
 //! Read pages are bounded in rows (the batch size, doubling per page up to
 //! 16 times it) and in bytes ([`PgOptions::page_bytes`], 8 MiB of payload
@@ -144,8 +149,9 @@
 //! inserts the batch with one `INSERT ... SELECT FROM unnest(...)`. Reused
 //! event ids are caught by the unique index on `event_id` during that
 //! insert (no lookup on the common path); the store then reads the stored
-//! events to tell an idempotent retry (returned with `deduplicated: true`)
-//! from a [`annals::Error::DuplicateEventId`]. Optimistic-concurrency
+//! rows' fingerprints, and the core's [`annals::check_retry`] tells an
+//! idempotent retry (returned with `deduplicated: true`) from a
+//! [`annals::Error::DuplicateEventId`]. Optimistic-concurrency
 //! conflicts surface as [`annals::Error::WrongExpectedVersion`]; driver
 //! errors keep the `tokio_postgres` error as their source. Connections use
 //! `READ COMMITTED` whatever the server's default.
@@ -160,8 +166,9 @@
 //!
 //! # Schema
 //!
-//! Tables `events`, `streams`, `snapshots`, `snapshot_staging`,
-//! `checkpoints` and `annals_migrations`, in the schema named by
+//! Tables `events`, `streams`, `snapshots`, `snapshot_settings`,
+//! `snapshot_staging`, `checkpoints` and `annals_migrations`, in the schema
+//! named by
 //! [`PgOptions::schema`] (the connections' `search_path`). `connect` never
 //! changes the database: when the schema is missing or older than this
 //! build, it succeeds, and every operation returns

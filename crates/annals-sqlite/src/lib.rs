@@ -9,8 +9,9 @@
 //!   [`annals::SnapshotAdmin`] and [`annals::SnapshotStaging`], and
 //!   [`annals::CheckpointStore`], so it plugs into an
 //!   [`annals::Repository`] and every snapshot job as is.
-//! - [`SqliteOptions`]: migrate on open, read batch size, snapshot history
-//!   and the number of reader connections.
+//! - [`SqliteOptions`]: migrate on open, read batch size and the number of
+//!   reader connections. (How many snapshots each aggregate keeps is a
+//!   setting recorded in the file, [`annals::SnapshotAdmin::set_snapshot_history_size`].)
 //!
 //! The file is in WAL mode with `synchronous = FULL`: an append is durable
 //! when it returns. One writer thread owns the only writing connection and
@@ -18,8 +19,10 @@
 //! (the `AUTOINCREMENT` rowid) are assigned in commit order and a `read_all`
 //! reader can never pass an uncommitted event. Reads run on a small pool of
 //! reader threads beside the writer and come back as lazy streams that fetch
-//! `batch_size` rows per round trip. No SQLite call runs on an async worker
-//! thread.
+//! `batch_size` rows per round trip (fewer when they hold 4 MiB of text).
+//! Opening a file that is already migrated takes no write lock, so readers
+//! never wait for another process's writer. No SQLite call runs on an async
+//! worker thread.
 //!
 //! The schema is a set of versioned migrations (`sql/NNNN_*.sql` in this
 //! crate), recorded in `annals_migrations`; [`SqliteEventStore::schema_sql`]

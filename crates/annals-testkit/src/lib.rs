@@ -2,8 +2,14 @@
 //!
 //! One suite, never per-backend copies: each backend's `tests/it/conformance.rs`
 //! invokes [`conformance_suite!`] with a factory that returns a fresh, empty
-//! store (or `None` to skip, with a visible message, when its server is not
-//! configured). The in-memory store runs it from this crate's own tests.
+//! store (or `None` to skip, with a visible `SKIPPED` line on stderr, when its
+//! server is not configured; with `ANNALS_REQUIRE_POSTGRES=1` a skip fails
+//! instead), and the groups of the traits the store implements (see
+//! [`GROUPS`]). The in-memory store runs it from this crate's own tests.
+//!
+//! Also here: [`model`], a property test that runs random scenarios against
+//! a store and a plain `Vec` model, and [`FaultyStore`], a wrapper that fails
+//! writes after a budget or loses the reply of an append that committed.
 //!
 //! # Example
 //!

@@ -1786,8 +1786,8 @@ use annals::{JobOptions, Progress, SnapshotJobs};
 
 fn quiet(_: Progress) {}
 
-/// Pre-population writes snapshots for the aggregates with most events
-/// first, lists failures, and a rerun has nothing left to do.
+/// Pre-population writes snapshots for the stale aggregates, lists
+/// failures, and a rerun has nothing left to do.
 pub async fn prepopulate_snapshots<S: EventStore + SnapshotStore + SnapshotAdmin>(store: S) {
     open_accounts(&store, 4, 3).await; // heads 4, 7, 10, 13
     store

@@ -153,7 +153,11 @@ pub enum Error {
         after: std::time::Duration,
     },
     /// The database driver failed (connection lost, disk full, ...). The
-    /// driver error is the source. Appends are atomic, so nothing was written.
+    /// driver error is the source. Appends are atomic: an append that fails
+    /// this way wrote all of its events or none, and when the connection was
+    /// lost around the commit it may have written them (a lost reply). Retry
+    /// it with the same event ids (or the same command id): a batch that was
+    /// stored is then answered as a retry, not written twice.
     #[error("{backend} backend error: {message}")]
     Backend {
         /// `sqlite`, `postgres`, `memory`.

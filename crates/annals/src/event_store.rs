@@ -5,7 +5,7 @@
 //! Reads return lazy streams that fetch bounded batches, so a reader never
 //! holds a whole stream or table in memory. The trait is small on purpose:
 //! append, the two reads, the head of a stream and the head of the global
-//! order, and helpers built on them. Everything a log-only backend (a
+//! order, a lookup of one event by id, and helpers built on them. Everything a log-only backend (a
 //! replicated log read forward) could not answer lives in an optional trait.
 
 use std::future::Future;
@@ -302,8 +302,8 @@ pub trait EventStore: Clone + Send + Sync + 'static {
 }
 
 /// Listing and counting the streams of an [`EventStore`]: what `annals
-/// streams`, `annals stats` and the staged snapshot migration (which walks
-/// every stream of a category) use.
+/// stats` and the staged snapshot migration (which walks every stream of a
+/// category) use.
 ///
 /// Optional. The repository and the `read_all` feed never need it. A backend
 /// implements it when it keeps an index of its streams (the SQL backends'

@@ -13,10 +13,11 @@
 //! - [`SnapshotStore`]: a cache of aggregate state with a schema version.
 //! - [`CheckpointStore`]: where each projection has got to.
 //!
-//! Those three are what every backend implements. A backend opts into the
-//! rest: [`StreamCatalog`] (list streams, count them), [`SnapshotAdmin`]
-//! (invalidation, coverage and freshness queries) and [`SnapshotStaging`]
-//! (the staging area of a snapshot migration).
+//! Those three traits are what every backend implements. A backend opts into
+//! the rest: [`StreamCatalog`] (list streams, count them), [`SnapshotAdmin`]
+//! (invalidation, coverage and freshness queries, the snapshot history and
+//! rollback) and [`SnapshotStaging`] (the staging area of a snapshot
+//! migration).
 //!
 //! # Example
 //!

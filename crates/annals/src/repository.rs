@@ -1001,8 +1001,11 @@ impl<A: Aggregate, S: EventStore, N: SnapshotStore> Repository<A, S, N> {
         self.background.as_deref()
     }
 
-    /// Takes a snapshot of aggregate `id` now (any policy), from a fresh load.
-    /// Returns the snapshot written, `None` when the stream does not exist.
+    /// Takes a snapshot of aggregate `id` now (any policy), from a fresh load,
+    /// with a guarded write. Returns the snapshot built, `None` when the
+    /// stream does not exist; it is not stored when the guarded write keeps
+    /// a newer one, and the result does not say so (use
+    /// [`SnapshotJobs::create`](crate::SnapshotJobs::create) to know).
     pub async fn snapshot(&self, id: &str) -> Result<Option<Snapshot>> {
         let Some((store, _)) = &self.snapshots else {
             return Err(Error::Snapshot("repository has no snapshot store".into()));

@@ -38,10 +38,11 @@
 //! live again (roll forward).
 //!
 //! A backend implements the cache, [`SnapshotStore`], and opts into the rest:
-//! [`SnapshotAdmin`] (invalidation, coverage, freshness) and
-//! [`SnapshotStaging`] (the staging area). They are separate because each
-//! asks more of the storage: the queries join snapshots with streams, the
-//! staging area needs a transaction over two tables.
+//! [`SnapshotAdmin`] (invalidation, coverage, freshness, paged listings, the
+//! history size, history and rollback) and [`SnapshotStaging`] (the staging
+//! area). They are separate because each asks more of the storage: the
+//! queries join snapshots with streams, the staging area needs a transaction
+//! over two tables.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -92,7 +93,7 @@ pub enum SnapshotWrite {
     Superseded,
 }
 
-/// Snapshot coverage of one aggregate type (seed 000's coverage query).
+/// Snapshot coverage of one aggregate type (`annals snapshots status`).
 #[derive(Clone, PartialEq, Eq, Debug, Default, Serialize)]
 pub struct SnapshotCoverage {
     /// The aggregate type.
@@ -108,7 +109,7 @@ pub struct SnapshotCoverage {
 }
 
 /// An aggregate whose snapshot is behind its head, missing, or ahead of its
-/// head (seed 000's freshness query).
+/// head (`annals snapshots stale`).
 #[derive(Clone, PartialEq, Eq, Debug, Serialize)]
 pub struct StaleSnapshot {
     /// The aggregate type.
@@ -237,7 +238,7 @@ pub struct PromoteReport {
 /// log) can offer the cache without them.
 pub trait SnapshotStore: Clone + Send + Sync + 'static {
     /// The live snapshot of an aggregate: the one with the highest
-    /// `(schema_version, version)`.
+    /// `(schema_version, version)` that has not been rolled back.
     fn load_snapshot(
         &self,
         aggregate_type: &str,
@@ -256,7 +257,8 @@ pub trait SnapshotStore: Clone + Send + Sync + 'static {
         snapshot: &Snapshot,
     ) -> impl Future<Output = Result<SnapshotWrite>> + Send;
 
-    /// Deletes every live snapshot of one aggregate; returns how many.
+    /// Deletes every snapshot of one aggregate (its whole history, rolled-back
+    /// rows included); returns how many.
     fn delete_snapshot(
         &self,
         aggregate_type: &str,
@@ -264,16 +266,19 @@ pub trait SnapshotStore: Clone + Send + Sync + 'static {
     ) -> impl Future<Output = Result<u64>> + Send;
 }
 
-/// The queries operators run over the live snapshots: bulk invalidation,
-/// coverage and freshness (`annals snapshots coverage|stale|invalidate`, and
-/// `SnapshotJobs::prepopulate`, which works through the stale list).
+/// The queries and repairs operators run over the live snapshots: bulk
+/// invalidation, coverage, freshness, paged listings, the history size,
+/// history and rollback (`annals snapshots
+/// status|stale|invalidate|keep|history|rollback`, and the snapshot jobs
+/// `prepopulate`, which works through the stale list, and `verify_live`).
 ///
 /// Optional. Coverage and freshness join the snapshots with the streams, so
 /// the SQL backends keep both in one database; a backend that cannot answer
 /// these without reading every stream can leave the trait out.
 pub trait SnapshotAdmin: SnapshotStore {
-    /// Bulk invalidation: deletes the live snapshots of a type (only those
-    /// with `schema_version < below` when given); returns how many.
+    /// Bulk invalidation: deletes the snapshots of a type, history rows
+    /// included (only those with `schema_version < below_schema_version`
+    /// when given); returns how many.
     fn invalidate_snapshots(
         &self,
         aggregate_type: &str,

@@ -171,9 +171,10 @@ impl Default for JobOptions {
 /// `annals_snapshots_staged_total` for staged ones.
 ///
 /// Each operation asks only for the traits it uses: [`SnapshotJobs::create`]
-/// works on any snapshot cache; `prepopulate` also needs [`SnapshotAdmin`];
-/// `migrate` needs [`StreamCatalog`], [`SnapshotAdmin`] and
-/// [`SnapshotStaging`]; `verify` and `promote` need [`SnapshotStaging`].
+/// works on any snapshot cache; `prepopulate`, `verify_live` and `blocker`
+/// also need [`SnapshotAdmin`]; `migrate` needs [`StreamCatalog`],
+/// [`SnapshotAdmin`] and [`SnapshotStaging`]; `verify` and `promote` need
+/// [`SnapshotStaging`].
 pub struct SnapshotJobs<A, S> {
     store: S,
     _aggregate: PhantomData<fn() -> A>,
@@ -293,8 +294,9 @@ impl<A: Aggregate, S: EventStore + SnapshotStore> SnapshotJobs<A, S> {
     /// when usable, else by full replay. A live snapshot ahead of the
     /// stream's head is replaced. `None` when the aggregate has no events.
     /// The guarded write may keep what is stored (see
-    /// [`SnapshotStore::save_snapshot`]): the result says so and names the
-    /// row that blocked it.
+    /// [`SnapshotStore::save_snapshot`]): the result says so
+    /// ([`CreatedSnapshot::write`]), and [`SnapshotJobs::blocker`] (on a
+    /// store with [`SnapshotAdmin`]) names the row that blocked it.
     pub async fn create(&self, id: &str) -> Result<Option<CreatedSnapshot>> {
         let Some((snapshot, _, _)) = self.build(id).await? else {
             return Ok(None);
