@@ -25,7 +25,7 @@ use workload::{Results, Sizes};
 #[derive(Parser, Debug)]
 #[command(
     name = "annals-bench",
-    about = "Runs WORKLOAD.md W1-W4 on Annals and raw SQL"
+    about = "Runs the standard workload W1-W4 (docs/benchmarks.md) on Annals and raw SQL"
 )]
 struct Args {
     /// Backend(s) to run.

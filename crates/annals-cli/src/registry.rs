@@ -136,15 +136,13 @@ pub trait AggregateOps: Send + Sync + 'static {
     ) -> BoxFuture<'a, Result<AggregateView>>;
 
     /// Takes a snapshot of aggregate `id` now, from a fresh load
-    /// ([`annals::Repository::snapshot`]). `None` when the stream does not
-    /// exist. The snapshot returned is not stored when the guarded write
-    /// keeps a newer one, and the result does not say so: use
-    /// [`AggregateOps::create_snapshot`] to know.
+    /// ([`annals::Repository::snapshot`]): the snapshot built and whether the
+    /// guarded write stored it. `None` when the stream does not exist.
     fn take_snapshot<'a>(
         &'a self,
         store: &'a AnyStore,
         id: &'a str,
-    ) -> BoxFuture<'a, Result<Option<Snapshot>>>;
+    ) -> BoxFuture<'a, Result<Option<CreatedSnapshot>>>;
 
     /// [`SnapshotJobs::create`]: builds the state of `id` at its head
     /// (catching up from a usable live snapshot) and saves it as the live
@@ -279,7 +277,7 @@ impl<A: Aggregate> AggregateOps for Registered<A> {
         &'a self,
         store: &'a AnyStore,
         id: &'a str,
-    ) -> BoxFuture<'a, Result<Option<Snapshot>>> {
+    ) -> BoxFuture<'a, Result<Option<CreatedSnapshot>>> {
         async move { Self::repository(store).snapshot(id).await }.boxed()
     }
 

@@ -39,8 +39,7 @@ use uuid::Uuid;
 
 use crate::error::{backend, backend_msg, class_of, Context, ErrorClass};
 use crate::rows::{
-    budget, byte_bounded, cut_by_bytes, decode_event, event_bytes, event_columns, failed, paged,
-    position, to_i64, PageRows,
+    budget, collect_page, decode_event, event_columns, failed, paged, position, to_i64, PageRows,
 };
 use crate::store::{with_client, Lane};
 use crate::PgEventStore;
@@ -74,32 +73,20 @@ const READ_EVENT_SQL: &str = concat!(
 
 const STREAM_VERSION_SQL: &str = "SELECT version FROM streams WHERE stream_id = $1";
 
-const READ_STREAM_FORWARD: &str = byte_bounded!(
-    inner: concat!(
-        "SELECT i.*, ",
-        event_bytes!("i"),
-        " AS bytes FROM events i \
-         WHERE i.stream_id = $1 AND i.stream_version BETWEEN $2 AND $3 \
-         AND ($4::timestamptz IS NULL OR i.recorded_at <= $4) \
-         ORDER BY i.stream_version LIMIT $5"
-    ),
-    window: "p.stream_version",
-    order: "e.stream_version",
-    budget: "$6"
+const READ_STREAM_FORWARD: &str = concat!(
+    "SELECT ",
+    event_columns!(),
+    " FROM events e WHERE e.stream_id = $1 AND e.stream_version BETWEEN $2 AND $3 \
+     AND ($4::timestamptz IS NULL OR e.recorded_at <= $4) \
+     ORDER BY e.stream_version LIMIT $5"
 );
 
-const READ_STREAM_BACKWARD: &str = byte_bounded!(
-    inner: concat!(
-        "SELECT i.*, ",
-        event_bytes!("i"),
-        " AS bytes FROM events i \
-         WHERE i.stream_id = $1 AND i.stream_version BETWEEN $2 AND $3 \
-         AND ($4::timestamptz IS NULL OR i.recorded_at <= $4) \
-         ORDER BY i.stream_version DESC LIMIT $5"
-    ),
-    window: "p.stream_version DESC",
-    order: "e.stream_version DESC",
-    budget: "$6"
+const READ_STREAM_BACKWARD: &str = concat!(
+    "SELECT ",
+    event_columns!(),
+    " FROM events e WHERE e.stream_id = $1 AND e.stream_version BETWEEN $2 AND $3 \
+     AND ($4::timestamptz IS NULL OR e.recorded_at <= $4) \
+     ORDER BY e.stream_version DESC LIMIT $5"
 );
 
 /// The horizon: every transaction with a smaller id has finished, so no row
@@ -118,48 +105,33 @@ macro_rules! below_horizon {
     };
 }
 
-const READ_ALL: &str = byte_bounded!(
-    inner: concat!(
-        "SELECT i.*, ",
-        event_bytes!("i"),
-        " AS bytes FROM events i WHERE ",
-        below_horizon!("i"),
-        " ORDER BY i.tx_id, i.seq LIMIT $3"
-    ),
-    window: "p.tx_id, p.seq",
-    order: "e.tx_id, e.seq",
-    budget: "$4"
+const READ_ALL: &str = concat!(
+    "SELECT ",
+    event_columns!(),
+    " FROM events e WHERE ",
+    below_horizon!("e"),
+    " ORDER BY e.tx_id, e.seq LIMIT $3"
 );
 
-const READ_ALL_TYPES: &str = byte_bounded!(
-    inner: concat!(
-        "SELECT i.*, ",
-        event_bytes!("i"),
-        " AS bytes FROM events i WHERE ",
-        below_horizon!("i"),
-        " AND i.event_type = ANY($5) ORDER BY i.tx_id, i.seq LIMIT $3"
-    ),
-    window: "p.tx_id, p.seq",
-    order: "e.tx_id, e.seq",
-    budget: "$4"
+const READ_ALL_TYPES: &str = concat!(
+    "SELECT ",
+    event_columns!(),
+    " FROM events e WHERE ",
+    below_horizon!("e"),
+    " AND e.event_type = ANY($4) ORDER BY e.tx_id, e.seq LIMIT $3"
 );
 
 /// One index range scan per category on (category, tx_id, seq), merged:
 /// bounded work whatever the categories' sizes.
-const READ_ALL_CATEGORIES: &str = byte_bounded!(
-    inner: concat!(
-        "SELECT i.*, ",
-        event_bytes!("i"),
-        " AS bytes FROM unnest($5::text[]) AS c(category) CROSS JOIN LATERAL (\
-         SELECT * FROM events x WHERE x.category = c.category AND ",
-        below_horizon!("x"),
-        " AND (cardinality($6::text[]) = 0 OR x.event_type = ANY($6)) \
-         ORDER BY x.tx_id, x.seq LIMIT $3) i \
-         ORDER BY i.tx_id, i.seq LIMIT $3"
-    ),
-    window: "p.tx_id, p.seq",
-    order: "e.tx_id, e.seq",
-    budget: "$4"
+const READ_ALL_CATEGORIES: &str = concat!(
+    "SELECT ",
+    event_columns!(),
+    " FROM unnest($4::text[]) AS c(category) CROSS JOIN LATERAL (\
+     SELECT * FROM events i WHERE i.category = c.category AND ",
+    below_horizon!("i"),
+    " AND (cardinality($5::text[]) = 0 OR i.event_type = ANY($5)) \
+     ORDER BY i.tx_id, i.seq LIMIT $3) e \
+     ORDER BY e.tx_id, e.seq LIMIT $3"
 );
 
 /// What is held back after a position: the newest transaction with events
@@ -273,16 +245,16 @@ impl EventStore for PgEventStore {
                         READ_STREAM_FORWARD
                     };
                     let name = stream_id.as_str();
-                    let rows = with_client!(store, Lane::Any, "read a stream", |client| {
+                    let (rows, cut) = with_client!(store, Lane::Any, "read a stream", |client| {
                         read_stream_page(
                             client,
                             sql,
                             name,
-                            &[&name, &lo, &hi, &as_of, &want, &budget],
+                            &[&name, &lo, &hi, &as_of, &want],
+                            budget,
                         )
                         .await
                     })?;
-                    let cut = cut_by_bytes(&rows, budget)?;
                     let mut last_stream = Some(stream_id);
                     let events = rows
                         .iter()
@@ -400,18 +372,25 @@ impl EventStore for PgEventStore {
     /// repository's command-id check wait for unrelated long transactions
     /// anywhere in the cluster.
     async fn read_event(&self, id: EventId) -> Result<Option<RecordedEvent>> {
-        let client = self.ready_client("read an event by id").await?;
-        let stmt = client
-            .prepare_cached(READ_EVENT_SQL)
-            .await
-            .context("cannot prepare an event lookup")?;
-        let row = client
-            .query_opt(&stmt, &[&id.0])
-            .await
-            .map_err(|e| backend(format!("cannot read event {id}"), e))?;
-        drop(client);
+        // The repository looks up a command's first event id before every
+        // command that has one: a connection killed under the store is
+        // replaced here too, rather than failing the command.
+        let row = with_client!(self, Lane::Any, "read an event by id", |client| {
+            read_event_row(client, id).await
+        })?;
         row.map(|row| decode_event(&row, &mut None)).transpose()
     }
+}
+
+async fn read_event_row(client: &Client, id: EventId) -> Result<Option<tokio_postgres::Row>> {
+    let stmt = client
+        .prepare_cached(READ_EVENT_SQL)
+        .await
+        .context("cannot prepare an event lookup")?;
+    client
+        .query_opt(&stmt, &[&id.0])
+        .await
+        .map_err(|e| backend(format!("cannot read event {id}"), e))
 }
 
 fn count(n: i64) -> u64 {
@@ -443,7 +422,12 @@ impl Batch<'_> {
                         .ok_or_else(|| backend_msg("annals_append returned no row"))?;
                     let outcome: i16 = first.try_get(0).context("cannot decode the append")?;
                     match outcome {
-                        APPENDED => return appended(first, events.len()),
+                        APPENDED => {
+                            let done = appended(first, events.len())?;
+                            metrics::counter!("annals_events_appended_total", "backend" => "postgres")
+                                .increment(events.len() as u64);
+                            return Ok(done);
+                        }
                         WRONG_VERSION => {
                             let head: Option<i64> =
                                 first.try_get(1).context("cannot decode the append")?;
@@ -512,48 +496,42 @@ impl Batch<'_> {
 struct Page<'a> {
     after: (i64, i64),
     want: i64,
-    budget: i64,
+    budget: usize,
     categories: &'a [String],
     event_types: &'a [String],
 }
 
 impl Page<'_> {
-    async fn fetch(&self, client: &Client) -> Result<Vec<tokio_postgres::Row>> {
+    /// The page's rows and whether its byte budget cut it.
+    async fn fetch(&self, client: &Client) -> Result<(Vec<tokio_postgres::Row>, bool)> {
         let (tx, seq) = self.after;
         let what = "cannot read all events";
-        let rows = if !self.categories.is_empty() {
+        let page = if !self.categories.is_empty() {
             let stmt = client
                 .prepare_cached(READ_ALL_CATEGORIES)
                 .await
                 .context(what)?;
-            client
-                .query(
-                    &stmt,
-                    &[
-                        &tx,
-                        &seq,
-                        &self.want,
-                        &self.budget,
-                        &self.categories,
-                        &self.event_types,
-                    ],
-                )
-                .await
+            collect_page(
+                client,
+                &stmt,
+                &[&tx, &seq, &self.want, &self.categories, &self.event_types],
+                self.budget,
+            )
+            .await
         } else if !self.event_types.is_empty() {
             let stmt = client.prepare_cached(READ_ALL_TYPES).await.context(what)?;
-            client
-                .query(
-                    &stmt,
-                    &[&tx, &seq, &self.want, &self.budget, &self.event_types],
-                )
-                .await
+            collect_page(
+                client,
+                &stmt,
+                &[&tx, &seq, &self.want, &self.event_types],
+                self.budget,
+            )
+            .await
         } else {
             let stmt = client.prepare_cached(READ_ALL).await.context(what)?;
-            client
-                .query(&stmt, &[&tx, &seq, &self.want, &self.budget])
-                .await
+            collect_page(client, &stmt, &[&tx, &seq, &self.want], self.budget).await
         };
-        rows.context(what)
+        page.context(what)
     }
 }
 
@@ -566,10 +544,9 @@ impl PgEventStore {
     /// (at most `horizon_wait`, holding no connection; transactions that
     /// start later are not waited for) and is read again.
     async fn read_all_page(&self, page: &Page<'_>) -> Result<(Vec<tokio_postgres::Row>, bool)> {
-        let rows = with_client!(self, Lane::Feed, "read all events", |client| page
+        let (rows, cut) = with_client!(self, Lane::Feed, "read all events", |client| page
             .fetch(client)
             .await)?;
-        let cut = cut_by_bytes(&rows, page.budget)?;
         if cut || rows.len() as i64 >= page.want || self.horizon_wait.is_zero() {
             return Ok((rows, cut));
         }
@@ -595,10 +572,9 @@ impl PgEventStore {
                 );
             }
         }
-        let rows = with_client!(self, Lane::Feed, "read all events", |client| page
+        let (rows, cut) = with_client!(self, Lane::Feed, "read all events", |client| page
             .fetch(client)
             .await)?;
-        let cut = cut_by_bytes(&rows, page.budget)?;
         Ok((rows, cut))
     }
 
@@ -652,14 +628,14 @@ async fn read_stream_page(
     client: &Client,
     sql: &str,
     stream: &str,
-    params: &[&(dyn ToSql + Sync); 6],
-) -> Result<Vec<tokio_postgres::Row>> {
+    params: &[&(dyn ToSql + Sync); 5],
+    budget: usize,
+) -> Result<(Vec<tokio_postgres::Row>, bool)> {
     let stmt = client
         .prepare_cached(sql)
         .await
         .context("cannot prepare a stream read")?;
-    client
-        .query(&stmt, params)
+    collect_page(client, &stmt, params, budget)
         .await
         .map_err(|e| backend(format!("cannot read stream {stream}"), e))
 }
@@ -870,23 +846,6 @@ mod tests {
             assert!(sql.contains("tx_id < pg_snapshot_xmin(pg_current_snapshot())"));
             assert!(sql.contains("($1::bigint::text::xid8, $2)"));
             assert!(sql.contains("LIMIT $3"));
-        }
-    }
-
-    #[test]
-    fn every_event_page_is_bounded_in_bytes() {
-        for (sql, budget) in [
-            (READ_ALL, "$4"),
-            (READ_ALL_TYPES, "$4"),
-            (READ_ALL_CATEGORIES, "$4"),
-            (READ_STREAM_FORWARD, "$6"),
-            (READ_STREAM_BACKWARD, "$6"),
-        ] {
-            assert!(
-                sql.contains(&format!("WHERE e.run - e.bytes < {budget} ORDER BY")),
-                "{sql}"
-            );
-            assert!(sql.contains(event_bytes!("i")), "{sql}");
         }
     }
 }

@@ -1297,6 +1297,8 @@ pub async fn repository_snapshots_every_n<S: EventStore + SnapshotStore>(store: 
         .await
         .expect("snapshot")
         .expect("exists");
+    assert_eq!(taken.write, annals::SnapshotWrite::Written);
+    let taken = taken.snapshot;
     assert_eq!(taken.version, v(25));
     assert_eq!(
         manual
@@ -1722,7 +1724,7 @@ pub async fn snapshots_under_concurrent_writers<S: EventStore + SnapshotStore>(s
             let mut taken = Vec::new();
             while !stop.load(Ordering::Acquire) {
                 if let Some(s) = repo.snapshot("cw").await.expect("snapshot") {
-                    taken.push(s);
+                    taken.push(s.snapshot);
                 }
                 snapping.store(true, Ordering::Release);
                 tokio::task::yield_now().await;

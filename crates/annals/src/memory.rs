@@ -151,6 +151,8 @@ impl EventStore for InMemoryStore {
                 recorded_at: now,
             });
         }
+        metrics::counter!("annals_events_appended_total", "backend" => "memory")
+            .increment(positions.len() as u64);
         Ok(AppendResult {
             first_version: StreamVersion(head + 1),
             last_version: StreamVersion(head + positions.len() as u64),

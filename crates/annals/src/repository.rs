@@ -1002,11 +1002,12 @@ impl<A: Aggregate, S: EventStore, N: SnapshotStore> Repository<A, S, N> {
     }
 
     /// Takes a snapshot of aggregate `id` now (any policy), from a fresh load,
-    /// with a guarded write. Returns the snapshot built, `None` when the
-    /// stream does not exist; it is not stored when the guarded write keeps
-    /// a newer one, and the result does not say so (use
-    /// [`SnapshotJobs::create`](crate::SnapshotJobs::create) to know).
-    pub async fn snapshot(&self, id: &str) -> Result<Option<Snapshot>> {
+    /// with a guarded write. Returns the snapshot built and what the write
+    /// did ([`SnapshotWrite::Superseded`](crate::SnapshotWrite::Superseded)
+    /// when a newer live snapshot, or a rolled-back one at or above its
+    /// version, kept it out), `None` when the stream does not exist. The
+    /// outcome is counted like the policy's writes.
+    pub async fn snapshot(&self, id: &str) -> Result<Option<crate::CreatedSnapshot>> {
         let Some((store, _)) = &self.snapshots else {
             return Err(Error::Snapshot("repository has no snapshot store".into()));
         };
@@ -1014,9 +1015,13 @@ impl<A: Aggregate, S: EventStore, N: SnapshotStore> Repository<A, S, N> {
         let Some(version) = loaded.version else {
             return Ok(None);
         };
-        let snap = make_snapshot(&Self::stream_id(id)?, &loaded.state, version)?;
-        store.save_snapshot(&snap).await?;
-        Ok(Some(snap))
+        let snapshot = make_snapshot(&Self::stream_id(id)?, &loaded.state, version)?;
+        let result = store.save_snapshot(&snapshot).await;
+        crate::snapshot_worker::record_write(A::TYPE, &result);
+        Ok(Some(crate::CreatedSnapshot {
+            snapshot,
+            write: result?,
+        }))
     }
 
     /// Flushes queued background snapshots and stops the worker. Commands

@@ -152,8 +152,13 @@ fn any_store_runs_the_generic_core() {
             .expect("load");
         assert!(!fresh.snapshot_used);
         assert_eq!(fresh.events_replayed, 3);
-        let snap = ops.take_snapshot(&store, "x").await.expect("snapshot");
-        assert_eq!(snap.map(|s| s.version.get()), Some(3));
+        let snap = ops
+            .take_snapshot(&store, "x")
+            .await
+            .expect("snapshot")
+            .expect("the stream exists");
+        assert_eq!(snap.snapshot.version.get(), 3);
+        assert_eq!(snap.write, annals::SnapshotWrite::Written);
         assert!(ops
             .take_snapshot(&store, "nobody")
             .await
