@@ -18,7 +18,7 @@ use std::marker::PhantomData;
 
 use annals::{
     Aggregate, CreatedSnapshot, JobOptions, JobReport, LiveVerifyReport, LoadReport, Loaded,
-    Progress, PromoteReport, Repository, Result, Snapshot, SnapshotConfig, SnapshotHistoryEntry,
+    Progress, PromoteReport, Repository, Result, SnapshotConfig, SnapshotHistoryEntry,
     SnapshotJobs, SnapshotMode, SnapshotPolicy, SnapshotSkip, SnapshotWrite, StreamId,
     StreamVersion, VerifyReport,
 };

@@ -179,8 +179,7 @@
 //!
 //! None. Connections use `tokio_postgres::NoTls`. The store runs on Tokio
 //! and needs the runtime's time driver (`enable_all`): append retries, pool
-//! timeouts and the horizon wait sleep. It needs PostgreSQL 14 or later
-//! (`pg_column_compression` measures read pages).
+//! timeouts and the horizon wait sleep.
 //!
 //! See `docs/architecture.md` in the repository for the crates, the traits
 //! between them and the ordering guarantees of each backend.
