@@ -162,6 +162,42 @@ fn decode_history_entry(r: &Row, live: bool) -> Result<SnapshotHistoryEntry> {
 }
 
 impl PgEventStore {
+    /// The snapshots of one aggregate type that `sql` selects (the live or
+    /// the staged ones: `which`), ordered by aggregate id, a page at a time.
+    fn snapshot_pages(
+        &self,
+        aggregate_type: &str,
+        sql: &'static str,
+        which: &'static str,
+    ) -> BoxStream<'static, Result<Snapshot>> {
+        let store = self.clone();
+        let aggregate_type = aggregate_type.to_owned();
+        paged(String::new(), move |after: String| {
+            let store = store.clone();
+            let aggregate_type = aggregate_type.clone();
+            async move {
+                let what = format!("cannot read {which} snapshots of {aggregate_type}");
+                let want = store.inner.batch_size as i64;
+                let client = store.ready_client("read snapshots").await?;
+                let stmt = client.prepare_cached(sql).await.context(&what)?;
+                let rows = client
+                    .query(&stmt, &[&aggregate_type, &after, &want])
+                    .await
+                    .context(&what)?;
+                drop(client);
+                let snaps = rows
+                    .iter()
+                    .map(decode_snapshot)
+                    .collect::<Result<Vec<_>>>()?;
+                let next = match snaps.last() {
+                    Some(last) if snaps.len() as i64 == want => Some(last.aggregate_id.clone()),
+                    _ => None,
+                };
+                Ok((snaps, next))
+            }
+        })
+    }
+
     /// One snapshot row by `(aggregate_type, aggregate_id)`: the live one
     /// or the staged one, depending on `sql`.
     async fn load_one(
@@ -474,34 +510,7 @@ impl annals::SnapshotAdmin for PgEventStore {
     }
 
     fn live_snapshots(&self, aggregate_type: &str) -> BoxStream<'static, Result<Snapshot>> {
-        let store = self.clone();
-        let aggregate_type = aggregate_type.to_owned();
-        paged(String::new(), move |after: String| {
-            let store = store.clone();
-            let aggregate_type = aggregate_type.clone();
-            async move {
-                let want = store.inner.batch_size as i64;
-                let client = store.ready_client("read live snapshots").await?;
-                let stmt = client
-                    .prepare_cached(LIVE_PAGE_SQL)
-                    .await
-                    .context("cannot prepare a live snapshot read")?;
-                let rows = client
-                    .query(&stmt, &[&aggregate_type, &after, &want])
-                    .await
-                    .context("cannot read live snapshots")?;
-                drop(client);
-                let snaps = rows
-                    .iter()
-                    .map(decode_snapshot)
-                    .collect::<Result<Vec<_>>>()?;
-                let next = match snaps.last() {
-                    Some(last) if snaps.len() as i64 == want => Some(last.aggregate_id.clone()),
-                    _ => None,
-                };
-                Ok((snaps, next))
-            }
-        })
+        self.snapshot_pages(aggregate_type, LIVE_PAGE_SQL, "live")
     }
 }
 
@@ -550,34 +559,7 @@ impl annals::SnapshotStaging for PgEventStore {
     }
 
     fn staged_snapshots(&self, aggregate_type: &str) -> BoxStream<'static, Result<Snapshot>> {
-        let store = self.clone();
-        let aggregate_type = aggregate_type.to_owned();
-        paged(String::new(), move |after: String| {
-            let store = store.clone();
-            let aggregate_type = aggregate_type.clone();
-            async move {
-                let want = store.inner.batch_size as i64;
-                let client = store.ready_client("read staged snapshots").await?;
-                let stmt = client
-                    .prepare_cached(STAGED_PAGE_SQL)
-                    .await
-                    .context("cannot prepare a staged snapshot read")?;
-                let rows = client
-                    .query(&stmt, &[&aggregate_type, &after, &want])
-                    .await
-                    .context("cannot read staged snapshots")?;
-                drop(client);
-                let snaps = rows
-                    .iter()
-                    .map(decode_snapshot)
-                    .collect::<Result<Vec<_>>>()?;
-                let next = match snaps.last() {
-                    Some(last) if snaps.len() as i64 == want => Some(last.aggregate_id.clone()),
-                    _ => None,
-                };
-                Ok((snaps, next))
-            }
-        })
+        self.snapshot_pages(aggregate_type, STAGED_PAGE_SQL, "staged")
     }
 
     async fn promote_staged(&self, aggregate_type: &str) -> Result<PromoteReport> {
