@@ -14,6 +14,19 @@
 //! and it keeps a quiet store's reads on the first connection, whose page
 //! cache stays warm.
 //!
+//! Appends commit in groups. While the writer thread runs one transaction
+//! (and waits for its fsync), other appends queue on its channel; when it
+//! takes an append, it also takes the appends queued behind it (up to
+//! [`MAX_GROUP`]), opens one `BEGIN IMMEDIATE` transaction, runs each append
+//! in its own savepoint (an append that fails, on its expected version or a
+//! bad event, rolls back its savepoint only and answers only its own
+//! caller), commits once and then answers everyone. So `k` waiting appends
+//! cost one fsync instead of `k`, and each is still durable and atomic when
+//! its call returns: nobody is answered before the commit, and a commit that
+//! fails fails every append of the group. An append that finds nothing
+//! queued is a group of one: the same transaction it always had, plus a
+//! savepoint. Other writes (snapshots, checkpoints, migrations) run alone.
+//!
 //! Work travels as boxed closures over a channel; each closure answers on a
 //! `tokio::sync::oneshot`, which an async caller awaits without blocking. When
 //! the last handle (store clone or open read stream) is dropped, the channels
@@ -47,6 +60,90 @@ use crate::migrate;
 type WriteJob = Box<dyn FnOnce(&mut Connection) + Send>;
 type ReadJob = Box<dyn FnOnce(&Connection) + Send>;
 
+/// The most appends one group transaction takes. Bounded so that the first
+/// caller of a long queue is answered after a bounded amount of work.
+pub(crate) const MAX_GROUP: usize = 256;
+
+/// A job on the writer thread.
+enum WriterJob {
+    /// Runs alone, in whatever transaction it opens itself.
+    Solo(WriteJob),
+    /// Runs in a savepoint inside a group transaction that the writer opens
+    /// and commits.
+    Member(Box<dyn GroupMember>),
+}
+
+/// One append of a group: it runs inside the group's transaction, and is
+/// answered once the group's fate is known.
+trait GroupMember: Send {
+    /// Does the work (inside its own savepoint) and keeps the result.
+    fn run(&mut self, conn: &mut Connection);
+    /// Answers the caller: its own result if the group committed (or if its
+    /// own work failed), else the group's failure.
+    fn answer(self: Box<Self>, group: std::result::Result<(), &GroupFailure>);
+}
+
+/// Why a whole group failed (its transaction could not begin or commit);
+/// every member whose own work succeeded gets it as its error.
+struct GroupFailure {
+    context: &'static str,
+    error: rusqlite::Error,
+}
+
+impl GroupFailure {
+    /// An error of its own for one member (driver errors are not `Clone`).
+    fn to_error(&self) -> annals::Error {
+        let copy = match &self.error {
+            rusqlite::Error::SqliteFailure(code, message) => {
+                rusqlite::Error::SqliteFailure(*code, message.clone())
+            }
+            other => rusqlite::Error::SqliteFailure(
+                rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_ERROR),
+                Some(other.to_string()),
+            ),
+        };
+        crate::error::map_err(self.context, copy)
+    }
+}
+
+/// A group member for a closure `f` and its caller's reply channel.
+struct Member<T, F> {
+    f: Option<F>,
+    schema_ok: Arc<AtomicBool>,
+    result: Option<Result<T>>,
+    reply: oneshot::Sender<Result<T>>,
+}
+
+impl<T, F> GroupMember for Member<T, F>
+where
+    T: Send + 'static,
+    F: FnOnce(&mut Connection) -> Result<T> + Send + 'static,
+{
+    fn run(&mut self, conn: &mut Connection) {
+        let Some(f) = self.f.take() else { return };
+        let schema_ok = &self.schema_ok;
+        // A panic unwinds through the member's savepoint, whose drop rolls
+        // back what it wrote; the group's transaction stays open for the
+        // others.
+        let result = catch_unwind(AssertUnwindSafe(|| {
+            ensure_schema(conn, schema_ok)?;
+            f(conn)
+        }))
+        .unwrap_or_else(|payload| Err(panicked("writer", payload.as_ref(), String::new())));
+        self.result = Some(result);
+    }
+
+    fn answer(self: Box<Self>, group: std::result::Result<(), &GroupFailure>) {
+        let out = match (self.result, group) {
+            (Some(Err(own)), _) => Err(own),
+            (Some(Ok(value)), Ok(())) => Ok(value),
+            (Some(Ok(_)) | None, Err(failure)) => Err(failure.to_error()),
+            (None, Ok(())) => Err(thread_stopped("writer")),
+        };
+        let _ = self.reply.send(out);
+    }
+}
+
 /// How long a connection waits for a lock held by another process.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -64,8 +161,12 @@ struct Reader {
 /// Handles on the writer and reader threads. Cheap to clone.
 #[derive(Clone)]
 pub(crate) struct Conns {
-    writer: mpsc::Sender<WriteJob>,
+    writer: mpsc::Sender<WriterJob>,
     readers: Arc<[Reader]>,
+    /// Group transactions committed by the writer (for tests and metrics).
+    groups: Arc<AtomicUsize>,
+    /// Appends sent to the writer and not yet taken into a group.
+    queued: Arc<AtomicUsize>,
     /// Set once the schema is known to be current; until then every job
     /// checks `annals_migrations` first (on its own thread).
     schema_ok: Arc<AtomicBool>,
@@ -75,9 +176,12 @@ impl Conns {
     /// Starts the writer and `readers` reader threads, each with its own
     /// connection to `path`, and waits until all of them are open.
     pub(crate) async fn start(path: &Path, readers: usize) -> Result<Self> {
-        let (writer_tx, writer_rx) = mpsc::channel::<WriteJob>();
+        let (writer_tx, writer_rx) = mpsc::channel::<WriterJob>();
         let (ready_tx, ready_rx) = oneshot::channel();
         let writer_path = path.to_owned();
+        let groups = Arc::new(AtomicUsize::new(0));
+        let queued = Arc::new(AtomicUsize::new(0));
+        let counters = (Arc::clone(&groups), Arc::clone(&queued));
         std::thread::Builder::new()
             .name("annals-sqlite-writer".into())
             .spawn(move || {
@@ -91,9 +195,7 @@ impl Conns {
                         return;
                     }
                 };
-                while let Some(job) = next_job(&writer_rx) {
-                    job(&mut conn);
-                }
+                writer_loop(&mut conn, &writer_rx, &counters.0, &counters.1);
             })
             .map_err(|e| spawn_failed("writer", e))?;
         ready_rx.await.map_err(|_| thread_stopped("writer"))??;
@@ -136,6 +238,8 @@ impl Conns {
         Ok(Conns {
             writer: writer_tx,
             readers: pool.into(),
+            groups,
+            queued,
             schema_ok: Arc::new(AtomicBool::new(false)),
         })
     }
@@ -167,9 +271,49 @@ impl Conns {
             let _ = tx.send(result);
         });
         self.writer
-            .send(job)
+            .send(WriterJob::Solo(job))
             .map_err(|_| thread_stopped("writer"))?;
         rx.await.map_err(|_| thread_stopped("writer"))?
+    }
+
+    /// Runs `f` on the writer thread as a member of a group transaction
+    /// (see the module docs), after checking the schema version. `f` runs
+    /// inside a transaction the writer opened: it must do its writes in a
+    /// savepoint of its own (`conn.savepoint()`), release it when it
+    /// succeeds and roll it back (or drop it) when it fails, and never
+    /// commit or roll back the enclosing transaction. The reply comes after
+    /// the group committed.
+    pub(crate) async fn write_in_group<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> Result<T> + Send + 'static,
+    {
+        let (tx, rx) = oneshot::channel();
+        let member = Member {
+            f: Some(f),
+            schema_ok: Arc::clone(&self.schema_ok),
+            result: None,
+            reply: tx,
+        };
+        self.queued.fetch_add(1, Ordering::Relaxed);
+        if self
+            .writer
+            .send(WriterJob::Member(Box::new(member)))
+            .is_err()
+        {
+            self.queued.fetch_sub(1, Ordering::Relaxed);
+            return Err(thread_stopped("writer"));
+        }
+        rx.await.map_err(|_| thread_stopped("writer"))?
+    }
+
+    /// Group transactions committed so far, and appends queued for the
+    /// writer and not yet taken (for the test hooks).
+    pub(crate) fn group_counters(&self) -> (usize, usize) {
+        (
+            self.groups.load(Ordering::Relaxed),
+            self.queued.load(Ordering::Relaxed),
+        )
     }
 
     /// Runs `f` on a reader thread after checking the schema version.
@@ -301,26 +445,109 @@ async fn wait<T>(reply: Result<Reply<T>>) -> Result<T> {
 /// reader). A job that used a rusqlite `Transaction` has already rolled back
 /// while unwinding; one that ran `BEGIN` itself has not.
 fn job_panicked(conn: &Connection, which: &str, payload: &(dyn Any + Send)) -> annals::Error {
+    if conn.is_autocommit() {
+        return panicked(which, payload, String::new());
+    }
+    match conn.execute_batch("ROLLBACK") {
+        Ok(()) => panicked(which, payload, " (its transaction was rolled back)".into()),
+        Err(e) => {
+            let mut err = panicked(
+                which,
+                payload,
+                "; rolling back its open transaction failed".into(),
+            );
+            if let annals::Error::Backend { source, .. } = &mut err {
+                *source = Some(Box::new(e));
+            }
+            err
+        }
+    }
+}
+
+/// The error of a job that panicked on the `which` thread, with `note`
+/// appended to its message.
+fn panicked(which: &str, payload: &(dyn Any + Send), note: String) -> annals::Error {
     let what = payload
         .downcast_ref::<&str>()
         .copied()
         .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
         .unwrap_or("a panic with a non-string payload");
-    let mut message = format!("a job on the sqlite {which} thread panicked: {what}");
-    let mut source: Option<Box<dyn std::error::Error + Send + Sync>> = None;
-    if !conn.is_autocommit() {
-        match conn.execute_batch("ROLLBACK") {
-            Ok(()) => message.push_str(" (its transaction was rolled back)"),
-            Err(e) => {
-                message.push_str("; rolling back its open transaction failed");
-                source = Some(Box::new(e));
+    annals::Error::Backend {
+        backend: crate::error::BACKEND,
+        message: format!("a job on the sqlite {which} thread panicked: {what}{note}"),
+        source: None,
+    }
+}
+
+/// The writer thread: runs solo jobs one at a time and appends in groups.
+fn writer_loop(
+    conn: &mut Connection,
+    rx: &mpsc::Receiver<WriterJob>,
+    groups: &AtomicUsize,
+    queued: &AtomicUsize,
+) {
+    // A solo job met while gathering a group runs right after that group.
+    let mut next: Option<WriterJob> = None;
+    loop {
+        let job = match next.take() {
+            Some(job) => job,
+            None => match next_job(rx) {
+                Some(job) => job,
+                None => return,
+            },
+        };
+        match job {
+            WriterJob::Solo(job) => job(conn),
+            WriterJob::Member(first) => {
+                let mut group = vec![first];
+                while group.len() < MAX_GROUP {
+                    match rx.try_recv() {
+                        Ok(WriterJob::Member(m)) => group.push(m),
+                        Ok(solo) => {
+                            next = Some(solo);
+                            break;
+                        }
+                        Err(_) => break,
+                    }
+                }
+                queued.fetch_sub(group.len(), Ordering::Relaxed);
+                run_group(conn, group);
+                groups.fetch_add(1, Ordering::Relaxed);
             }
         }
     }
-    annals::Error::Backend {
-        backend: crate::error::BACKEND,
-        message,
-        source,
+}
+
+/// One group transaction: begin, every member in turn, commit, answer.
+fn run_group(conn: &mut Connection, mut group: Vec<Box<dyn GroupMember>>) {
+    if let Err(error) = conn.execute_batch("BEGIN IMMEDIATE") {
+        let failure = GroupFailure {
+            context: "starting an append",
+            error,
+        };
+        for member in group {
+            member.answer(Err(&failure));
+        }
+        return;
+    }
+    for member in &mut group {
+        member.run(conn);
+    }
+    let outcome = conn.execute_batch("COMMIT").map_err(|error| {
+        // Nothing of the group stays; the connection is ready for the next.
+        if !conn.is_autocommit() {
+            let _ = conn.execute_batch("ROLLBACK");
+        }
+        GroupFailure {
+            context: "committing an append",
+            error,
+        }
+    });
+    if outcome.is_ok() {
+        metrics::histogram!("annals_sqlite_group_commit_size").record(group.len() as f64);
+    }
+    for member in group {
+        member.answer(outcome.as_ref().map(|_| ()));
     }
 }
 

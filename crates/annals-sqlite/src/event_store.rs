@@ -1,10 +1,12 @@
 //! [`annals::EventStore`] and [`annals::StreamCatalog`] on SQLite.
 //!
-//! An append is one writer-thread job and one `BEGIN IMMEDIATE` transaction:
-//! read the head from `streams`, check the expected version, insert the
-//! events, move the head, commit. The idempotency check costs nothing on the
+//! An append is one writer-thread job in one savepoint of a group
+//! transaction (`BEGIN IMMEDIATE`, committed once for all the appends that
+//! were waiting; see `conn`): read the head from `streams`, check the
+//! expected version, insert the events, move the head, release the
+//! savepoint. The idempotency check costs nothing on the
 //! normal path: a reused event id surfaces as a unique violation on insert,
-//! and only then does the job roll back, read the stored rows of the batch's
+//! and only then does the job roll back its savepoint, read the stored rows of the batch's
 //! ids and let the core decide ([`annals::check_retry`], on their
 //! fingerprints); when the expected version does not match, the same check
 //! runs before the conflict is reported, because a retried batch must
@@ -28,7 +30,7 @@ use annals::{
     StreamInfo, StreamVersion,
 };
 use futures::stream::BoxStream;
-use rusqlite::{Connection, OptionalExtension, ToSql, Transaction, TransactionBehavior};
+use rusqlite::{Connection, OptionalExtension, ToSql};
 
 use crate::codec::{event_columns, from_micros, now_micros, sql_int, to_micros, RawEvents};
 use crate::conn::Page;
@@ -108,7 +110,7 @@ impl From<annals::Error> for InsertError {
 
 /// Inserts the batch after `head`; returns each event's position.
 fn insert_events(
-    tx: &Transaction<'_>,
+    tx: &Connection,
     stream: &StreamId,
     head: u64,
     events: &[PreparedEvent],
@@ -201,20 +203,21 @@ fn find_existing(
     check_retry(stream, events, &stored)
 }
 
-/// The whole append, on the writer thread.
+/// The whole append, on the writer thread, inside a group transaction
+/// (`Conns::write_in_group`): everything it writes is in its own savepoint,
+/// released when it succeeds and rolled back when it fails, so a failed
+/// append leaves the other appends of its group as they were.
 fn append_job(
     conn: &mut Connection,
     stream: &StreamId,
     expected: ExpectedVersion,
     events: &[PreparedEvent],
 ) -> Result<AppendResult> {
-    let tx = conn
-        .transaction_with_behavior(TransactionBehavior::Immediate)
-        .map_err(db("starting an append"))?;
-    let actual = head_version(&tx, stream)?;
+    let sp = conn.savepoint().map_err(db("starting an append"))?;
+    let actual = head_version(&sp, stream)?;
     if !expected.matches(actual) {
         // Idempotency first: a retried batch succeeds whatever `expected` says.
-        if let Some(original) = find_existing(&tx, stream, events)? {
+        if let Some(original) = find_existing(&sp, stream, events)? {
             return Ok(original);
         }
         return Err(annals::Error::WrongExpectedVersion {
@@ -225,10 +228,10 @@ fn append_job(
     }
     let head = actual.map_or(0, StreamVersion::get);
     let recorded_at = now_micros();
-    match insert_events(&tx, stream, head, events, recorded_at) {
+    match insert_events(&sp, stream, head, events, recorded_at) {
         Ok(positions) => {
             let last = head + events.len() as u64;
-            tx.prepare_cached(UPSERT_STREAM_SQL)
+            sp.prepare_cached(UPSERT_STREAM_SQL)
                 .and_then(|mut s| {
                     s.execute(rusqlite::params![
                         stream.as_str(),
@@ -237,9 +240,7 @@ fn append_job(
                     ])
                 })
                 .map_err(db("moving the stream head"))?;
-            tx.commit().map_err(db("committing an append"))?;
-            metrics::counter!("annals_events_appended_total", "backend" => "sqlite")
-                .increment(events.len() as u64);
+            sp.commit().map_err(db("releasing an append's savepoint"))?;
             Ok(AppendResult {
                 first_version: StreamVersion(head + 1),
                 last_version: StreamVersion(last),
@@ -250,9 +251,9 @@ fn append_job(
         Err(InsertError::Other(e)) => Err(e),
         Err(InsertError::Unique(err)) => {
             // Drop this batch's own rows before comparing with what is stored.
-            tx.rollback().map_err(db("rolling back an append"))?;
-            let check = conn.transaction().map_err(db("starting an id check"))?;
-            match find_existing(&check, stream, events)? {
+            let mut sp = sp;
+            sp.rollback().map_err(db("rolling back an append"))?;
+            match find_existing(&sp, stream, events)? {
                 Some(original) => Ok(original),
                 // Not an event id: the (stream_id, stream_version) key, which
                 // means `streams` is out of step with `events`.
@@ -502,9 +503,15 @@ impl EventStore for SqliteEventStore {
     ) -> Result<AppendResult> {
         let events = prepare_batch(stream, events)?;
         let stream = stream.clone();
-        self.conns()
-            .write(move |conn| append_job(conn, &stream, expected, &events))
-            .await
+        let appended = self
+            .conns()
+            .write_in_group(move |conn| append_job(conn, &stream, expected, &events))
+            .await?;
+        if !appended.deduplicated {
+            metrics::counter!("annals_events_appended_total", "backend" => "sqlite")
+                .increment(appended.positions.len() as u64);
+        }
+        Ok(appended)
     }
 
     fn read_stream(&self, stream: &StreamId, options: ReadStream) -> EventStream {

@@ -158,6 +158,32 @@ impl SqliteEventStore {
         self.inner.conns.reader_jobs_in_flight()
     }
 
+    /// TEST HOOK, not part of the API: runs `f` on the writer thread as a
+    /// member of a group transaction, the way every append runs (inside the
+    /// group's transaction; `f` must keep its writes in a savepoint of its
+    /// own). The tests use it to put a member that panics, or one that makes
+    /// the commit fail, into a group of appends.
+    #[doc(hidden)]
+    pub async fn test_hook_group_job<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut rusqlite::Connection) -> T + Send + 'static,
+    {
+        self.inner
+            .conns
+            .write_in_group(move |conn| Ok(f(conn)))
+            .await
+    }
+
+    /// TEST HOOK, not part of the API: the group transactions the writer
+    /// has committed, and the appends queued for the writer and not yet
+    /// taken into a group. The tests use them to gather a group of appends
+    /// behind a blocked writer.
+    #[doc(hidden)]
+    pub fn test_hook_group_counters(&self) -> (usize, usize) {
+        self.inner.conns.group_counters()
+    }
+
     pub(crate) fn conns(&self) -> &Conns {
         &self.inner.conns
     }
