@@ -93,6 +93,7 @@
 #[cfg(doctest)]
 pub struct ReadmeDoctests;
 
+mod check;
 mod cli;
 mod commands;
 mod demo;
