@@ -21,7 +21,8 @@ Exit status:
   1  a check failed: an append's expected version did not match (the message
      names the actual version), a demo consistency check failed, an
      aggregate has no events, or a snapshot job found failed aggregates or
-     mismatches (see `annals snapshots --help`)
+     mismatches (see `annals snapshots --help`), or `annals check` found
+     an error (see `annals check --help`)
   2  error: bad input, unknown URL scheme, unreachable database, schema not
      initialized, an aggregate type this binary does not register, ...; bad
      input is refused before anything is written
