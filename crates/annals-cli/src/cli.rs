@@ -109,7 +109,8 @@ pub(crate) enum Command {
 }
 
 const CHECK_HELP: &str = "\
-Checks: schema (migrations pending: run `annals init`), stream-versions
+Checks: schema (the database schema is behind this build, its migrations
+pending: run `annals init`; or ahead of it), stream-versions
 (stored events not exactly versions 1..head, or a head in `streams` that
 disagrees), clock (recorded_at going backwards along the global order by more
 than --clock-tolerance), decode (events of a registered aggregate type whose

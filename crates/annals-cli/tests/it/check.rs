@@ -378,3 +378,91 @@ fn postgres_long_transaction_holding_the_horizon_is_named_by_pid() {
     drop(client);
     let _ = rt.block_on(conn);
 }
+
+/// PostgreSQL: a transaction that only holds a snapshot (a repeatable-read
+/// reader, no transaction id) does not hold readers back but keeps vacuum
+/// from cleaning up: a warning naming its pid.
+#[test]
+fn postgres_snapshot_only_transaction_is_a_warning() {
+    let Some(db) = Db::postgres() else { return };
+    db.run(&["init"]).ok();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let (client, connection) = rt
+        .block_on(tokio_postgres::connect(&db.url, tokio_postgres::NoTls))
+        .expect("connect");
+    let conn = rt.spawn(connection);
+    let pid: i32 = rt.block_on(async {
+        // The first query of a repeatable-read transaction takes the
+        // snapshot it keeps until it ends; it writes nothing, so it never
+        // gets a transaction id.
+        client
+            .batch_execute(
+                "SET application_name = 'annals-check-reader'; \
+                 BEGIN ISOLATION LEVEL REPEATABLE READ",
+            )
+            .await
+            .expect("begin");
+        client
+            .query_one("SELECT pg_backend_pid()", &[])
+            .await
+            .expect("pid")
+            .get(0)
+    });
+    let subject = format!("pid {pid}");
+    // Other tests on the cluster may hold transactions of their own, so the
+    // exit status is not this test's to decide: only our pid's row is.
+    let run = db.run(&["check", "--json", "--max-transaction-age", "0s"]);
+    let found = findings(&run);
+    let ours: Vec<&Value> = of(&found, "horizon")
+        .into_iter()
+        .filter(|f| f["subject"] == subject.as_str())
+        .collect();
+    assert_eq!(ours.len(), 1, "{found:#?}");
+    assert_eq!(ours[0]["severity"], "warning");
+    let detail = ours[0]["detail"].as_str().expect("detail");
+    assert!(detail.contains("annals-check-reader"), "{detail}");
+    assert!(detail.contains("holds a snapshot"), "{detail}");
+    assert!(detail.contains("idle in transaction"), "{detail}");
+    rt.block_on(client.batch_execute("COMMIT")).expect("commit");
+    drop(client);
+    let _ = rt.block_on(conn);
+}
+
+/// PostgreSQL: a schema `annals init` never ran in is a finding (version 0,
+/// migrations pending), not a failure to run.
+#[test]
+fn postgres_uninitialized_schema_is_a_finding() {
+    let Some(db) = Db::postgres() else { return };
+    let found = failed(&check(&db, &[]));
+    assert_eq!(found.len(), 1, "{found:#?}");
+    assert_eq!(found[0]["check"], "schema");
+    let detail = found[0]["detail"].as_str().expect("detail");
+    assert!(
+        detail.contains("schema is at version 0") && detail.contains("run `annals init`"),
+        "{detail}"
+    );
+}
+
+/// Checks that cannot run at all are an error (status 2, one line on
+/// stderr), not a finding: a missing SQLite file, an unreachable server.
+#[test]
+fn a_check_that_cannot_run_exits_2() {
+    let db = Db::sqlite();
+    db.run(&["check", "--json"])
+        .fails(2, &["does not exist", "test.db"]);
+    assert!(!db.sqlite_path().exists(), "check must not create the file");
+    // Port 1: nothing listens there, so the connection is refused.
+    let dir = tempfile::tempdir().expect("temp dir");
+    crate::util::annals_in(
+        dir.path(),
+        &[
+            "check",
+            "--database-url",
+            "postgres://postgres@127.0.0.1:1/test",
+        ],
+    )
+    .fails(2, &["cannot open postgres://postgres@127.0.0.1:1/test"]);
+}
