@@ -60,6 +60,7 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::time::Duration;
 
 use annals::{
     AppendResult, CheckpointStore, Error, EventId, EventStore, EventStream, ExpectedVersion,
@@ -68,6 +69,7 @@ use annals::{
     SnapshotStaging, SnapshotStore, SnapshotWrite, StaleSnapshot, StoreStats, StreamCatalog,
     StreamId, StreamInfo, StreamVersion,
 };
+use annals::{ClockSkew, LongTransaction, StreamVersionIssue};
 use annals_postgres::{PgEventStore, PgOptions};
 use annals_sqlite::{SqliteEventStore, SqliteOptions};
 use futures::stream::BoxStream;
@@ -283,6 +285,39 @@ impl AnyStore {
         match self {
             AnyStore::Sqlite(s) => s.migrate().await,
             AnyStore::Postgres(s) => s.migrate().await,
+        }
+    }
+
+    /// Streams whose stored events are not exactly versions `1..=head`, at
+    /// most `limit` of them (see [`StreamVersionIssue`]).
+    pub async fn stream_version_issues(&self, limit: usize) -> Result<Vec<StreamVersionIssue>> {
+        match self {
+            AnyStore::Sqlite(s) => s.stream_version_issues(limit).await,
+            AnyStore::Postgres(s) => s.stream_version_issues(limit).await,
+        }
+    }
+
+    /// Events recorded more than `tolerance` before the event preceding them
+    /// in the global order, at most `limit` of them (see [`ClockSkew`]).
+    pub async fn clock_skews(&self, tolerance: Duration, limit: usize) -> Result<Vec<ClockSkew>> {
+        match self {
+            AnyStore::Sqlite(s) => s.clock_skews(tolerance, limit).await,
+            AnyStore::Postgres(s) => s.clock_skews(tolerance, limit).await,
+        }
+    }
+
+    /// On PostgreSQL, the transactions open for at least `min_age` that hold
+    /// back the horizon or vacuum (see [`LongTransaction`]), at most `limit`
+    /// of them. SQLite has no such horizon (one writer at a time, readers on
+    /// WAL snapshots): always empty there.
+    pub async fn long_transactions(
+        &self,
+        min_age: Duration,
+        limit: usize,
+    ) -> Result<Vec<LongTransaction>> {
+        match self {
+            AnyStore::Sqlite(_) => Ok(Vec::new()),
+            AnyStore::Postgres(s) => s.long_transactions(min_age, limit).await,
         }
     }
 }

@@ -21,7 +21,8 @@ Exit status:
   1  a check failed: an append's expected version did not match (the message
      names the actual version), a demo consistency check failed, an
      aggregate has no events, or a snapshot job found failed aggregates or
-     mismatches (see `annals snapshots --help`)
+     mismatches (see `annals snapshots --help`), or `annals check` found
+     an error (see `annals check --help`)
   2  error: bad input, unknown URL scheme, unreachable database, schema not
      initialized, an aggregate type this binary does not register, ...; bad
      input is refused before anything is written
@@ -101,6 +102,49 @@ pub(crate) enum Command {
     /// snapshots, history and rollback.
     #[command(subcommand)]
     Snapshots(SnapshotsCommand),
+    /// Run the health checks and print one row per finding (check, severity,
+    /// subject, detail). Exit status 1 when any finding is an error.
+    #[command(after_help = CHECK_HELP)]
+    Check(CheckArgs),
+}
+
+const CHECK_HELP: &str = "\
+Checks: schema (the database schema is behind this build, its migrations
+pending: run `annals init`; or ahead of it), stream-versions
+(stored events not exactly versions 1..head, or a head in `streams` that
+disagrees), clock (recorded_at going backwards along the global order by more
+than --clock-tolerance), decode (events of a registered aggregate type whose
+type is unknown or whose payload does not decode), snapshot-ahead (a live
+snapshot beyond its stream's head), snapshot-stale and snapshot-coverage
+(warnings), horizon (PostgreSQL: a transaction open longer than
+--max-transaction-age; an error when it holds a transaction id, which keeps
+readers of the global order from passing it).
+
+Exit status: 0 healthy (warnings alone are healthy), 1 an error finding, 2 the
+checks could not run.";
+
+#[derive(Args, Debug)]
+pub(crate) struct CheckArgs {
+    /// How far recorded_at may go backwards along the global order (as in
+    /// 1s, 250ms, 2m; a bare number is seconds).
+    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = parse_duration)]
+    pub(crate) clock_tolerance: std::time::Duration,
+    /// Warn about aggregate types where fewer than this percentage of
+    /// aggregates have a live snapshot (0, the default, turns it off).
+    #[arg(long, value_name = "PERCENT", default_value = "0", value_parser = parse_percent)]
+    pub(crate) min_coverage: f64,
+    /// Warn about live snapshots more than N events behind their head.
+    #[arg(long, value_name = "N", default_value = "1000", value_parser = parse_count, allow_hyphen_values = true)]
+    pub(crate) stale_events: u64,
+    /// PostgreSQL: report transactions open longer than this.
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
+    pub(crate) max_transaction_age: std::time::Duration,
+    /// Findings shown per check (the rest are counted in one more row).
+    #[arg(long, value_name = "N", default_value = "100", value_parser = parse_max_findings, allow_hyphen_values = true)]
+    pub(crate) max_findings: usize,
+    /// Print JSON Lines, one object per finding.
+    #[arg(long)]
+    pub(crate) json: bool,
 }
 
 /// `annals snapshots …`. `status`, `stale`, `delete`, `invalidate`,
@@ -584,6 +628,44 @@ fn parse_history_size(s: &str) -> Result<u32, String> {
     }
 }
 
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let scale = match unit.trim() {
+        "" | "s" => 1.0,
+        "ms" => 0.001,
+        "m" | "min" => 60.0,
+        "h" => 3600.0,
+        _ => f64::NAN,
+    };
+    match number.parse::<f64>() {
+        Ok(n) if scale.is_finite() => std::time::Duration::try_from_secs_f64(n * scale)
+            .map_err(|e| format!("duration {s:?} out of range: {e}")),
+        _ => Err(format!(
+            "expected a duration such as 1s, 250ms, 2m or 1h, got {s:?}"
+        )),
+    }
+}
+
+fn parse_percent(s: &str) -> Result<f64, String> {
+    match s.trim().trim_end_matches('%').parse::<f64>() {
+        Ok(p) if (0.0..=100.0).contains(&p) => Ok(p),
+        _ => Err(format!("expected a percentage from 0 to 100, got {s:?}")),
+    }
+}
+
+fn parse_max_findings(s: &str) -> Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err(format!(
+            "expected a number of findings (1 or more), got {s:?}"
+        )),
+    }
+}
+
 fn parse_position(s: &str) -> Result<GlobalPosition, String> {
     s.parse::<GlobalPosition>().map_err(|e| e.to_string())
 }
@@ -629,5 +711,16 @@ mod tests {
         assert_eq!(parse_metadata_input("-"), Ok(JsonInput::Stdin));
         assert!(parse_time("yesterday").is_err());
         assert!(parse_event_version("0").is_err());
+        let ms = std::time::Duration::from_millis;
+        assert_eq!(parse_duration("1s"), Ok(ms(1000)));
+        assert_eq!(parse_duration("250ms"), Ok(ms(250)));
+        assert_eq!(parse_duration("2m"), Ok(ms(120_000)));
+        assert_eq!(parse_duration("1.5"), Ok(ms(1500)));
+        assert!(parse_duration("soon").is_err());
+        assert!(parse_duration("-1s").is_err());
+        assert!(parse_duration("5 days").is_err());
+        assert!(parse_percent("101").is_err());
+        assert_eq!(parse_percent("50%"), Ok(50.0));
+        assert!(parse_max_findings("0").is_err());
     }
 }

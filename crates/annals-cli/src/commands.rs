@@ -17,7 +17,7 @@ use crate::cli::{AggregateArgs, AppendArgs, Command, JsonInput, ReadAllArgs, Rea
 use crate::output::{json_line, note, timestamp, EventPrinter, Table};
 use crate::registry::LoadRequest;
 use crate::store::{Backend, DatabaseUrl, OpenOptions};
-use crate::{demo, snapshots, AggregateOps, AnyStore, App, Outcome};
+use crate::{check, demo, snapshots, AggregateOps, AnyStore, App, Outcome};
 
 /// What every command that touches the database needs.
 pub(crate) struct Env<'a> {
@@ -28,7 +28,7 @@ pub(crate) struct Env<'a> {
 }
 
 impl Env<'_> {
-    fn database_url(&self) -> anyhow::Result<DatabaseUrl> {
+    pub(crate) fn database_url(&self) -> anyhow::Result<DatabaseUrl> {
         Ok(self.url.parse::<DatabaseUrl>()?)
     }
 
@@ -77,6 +77,7 @@ pub(crate) async fn dispatch(env: Env<'_>, command: Command) -> anyhow::Result<O
             demo::run(&store, &url.to_string(), &args, env.out).await
         }
         Command::Snapshots(command) => snapshots::dispatch(env, command).await,
+        Command::Check(args) => check::run(env, args).await,
     }
 }
 

@@ -31,10 +31,14 @@
 //!   that failed, `verify` found staged (or, with `--live`, live) snapshots
 //!   that do not match a replay, or `promote` was refused by that
 //!   verification. These print their whole report on stdout first.
+//!   For `annals check`: a finding of severity error (the findings are on
+//!   stdout; warnings alone exit 0, and a schema that needs `annals init` is
+//!   a finding there rather than an error).
 //! - `2`: error: bad input, an unknown URL scheme, an unreachable database, a
-//!   schema that needs `annals init`, an aggregate type the binary does not
-//!   register (for the commands that fold events). The message is one line
-//!   on stderr; bad input is refused before anything is written.
+//!   schema that needs `annals init` (except for `annals check`), an
+//!   aggregate type the binary does not register (for the commands that
+//!   fold events). The message is one line on stderr; bad input is refused
+//!   before anything is written.
 //!
 //! # Snapshots
 //!
@@ -93,6 +97,7 @@
 #[cfg(doctest)]
 pub struct ReadmeDoctests;
 
+mod check;
 mod cli;
 mod commands;
 mod demo;

@@ -18,9 +18,9 @@ use std::marker::PhantomData;
 
 use annals::{
     Aggregate, CreatedSnapshot, JobOptions, JobReport, LiveVerifyReport, LoadReport, Loaded,
-    Progress, PromoteReport, Repository, Result, SnapshotConfig, SnapshotHistoryEntry,
-    SnapshotJobs, SnapshotMode, SnapshotPolicy, SnapshotSkip, SnapshotWrite, StreamId,
-    StreamVersion, VerifyReport,
+    Progress, PromoteReport, RecordedEvent, Repository, Result, SnapshotConfig,
+    SnapshotHistoryEntry, SnapshotJobs, SnapshotMode, SnapshotPolicy, SnapshotSkip, SnapshotWrite,
+    StreamId, StreamVersion, VerifyReport,
 };
 use futures::future::BoxFuture;
 use futures::FutureExt;
@@ -202,6 +202,12 @@ pub trait AggregateOps: Send + Sync + 'static {
         force: bool,
         verify_sample: Option<usize>,
     ) -> BoxFuture<'a, Result<PromoteReport>>;
+
+    /// Decodes a recorded event of this type's stream with the type's event
+    /// enum ([`annals::decode_event`]), to check it (`annals check`):
+    /// [`annals::Error::UnknownEventType`] for a type the enum does not
+    /// know, [`annals::Error::Decode`] for a payload that does not fit.
+    fn check_event(&self, event: &RecordedEvent) -> Result<()>;
 }
 
 /// The [`AggregateOps`] of aggregate type `A`.
@@ -343,5 +349,8 @@ impl<A: Aggregate> AggregateOps for Registered<A> {
         verify_sample: Option<usize>,
     ) -> BoxFuture<'a, Result<PromoteReport>> {
         async move { Self::jobs(store).promote(force, verify_sample).await }.boxed()
+    }
+    fn check_event(&self, event: &RecordedEvent) -> Result<()> {
+        annals::decode_event::<A::Event>(event).map(drop)
     }
 }

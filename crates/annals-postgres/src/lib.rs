@@ -189,6 +189,7 @@
 mod checkpoint;
 mod error;
 mod event_store;
+mod health;
 mod horizon;
 mod migrate;
 mod rows;

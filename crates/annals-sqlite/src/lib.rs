@@ -74,6 +74,7 @@ mod codec;
 mod conn;
 mod error;
 mod event_store;
+mod health;
 mod migrate;
 mod snapshot;
 mod store;

@@ -58,6 +58,7 @@ mod checkpoint;
 mod error;
 mod event;
 mod event_store;
+mod health;
 mod idempotency;
 mod memory;
 mod repository;
@@ -79,6 +80,7 @@ pub use event_store::{
     CategoryStats, Direction, EventStore, EventStream, EventTypeStats, ReadAll, ReadStream,
     StoreStats, StreamCatalog, StreamInfo, DEFAULT_BATCH_SIZE,
 };
+pub use health::{ClockSkew, LongTransaction, StreamVersionIssue};
 pub use idempotency::{
     canonical_json, check_retry, prepare_batch, Fingerprint, NestingTooDeep, PreparedEvent,
     StoredEvent,

@@ -1,0 +1,456 @@
+//! `annals check`: the health checks, one finding per row.
+//!
+//! Each check asks the store one bounded question (an SQL aggregate or
+//! window scan that returns at most `--max-findings` rows, or a lazy stream
+//! read a page at a time), so the check runs in bounded memory on any store.
+//! A check that finds more than `--max-findings` problems shows the first
+//! ones and one more row that counts the rest.
+//!
+//! Severity: an `error` is something wrong with the data or something that
+//! stops readers (exit status 1); a `warning` is worth a look but harms
+//! nothing yet (stale snapshots, low coverage, a snapshot-only transaction).
+//! A failure to run a check at all is not a finding but an error (status 2).
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::Duration;
+
+use annals::{EventStore, ReadAll, SnapshotAdmin, StaleSnapshot};
+use anyhow::Context;
+use futures::StreamExt;
+use serde::Serialize;
+
+use crate::cli::CheckArgs;
+use crate::commands::Env;
+use crate::output::{json_line, note, timestamp, Table};
+use crate::{AnyStore, App, Outcome};
+
+/// How bad a finding is.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug, Serialize)]
+#[serde(rename_all = "lowercase")]
+enum Severity {
+    Warning,
+    Error,
+}
+
+impl fmt::Display for Severity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Severity::Warning => "warning",
+            Severity::Error => "error",
+        })
+    }
+}
+
+/// One problem found: a row of the table, an object of `--json`.
+#[derive(Clone, Debug, Serialize)]
+struct Finding {
+    /// The check's name (`stream-versions`, `clock`, ...).
+    check: &'static str,
+    severity: Severity,
+    /// What the finding is about: a stream, a position, a type, a pid.
+    subject: String,
+    /// What is wrong, in a sentence.
+    detail: String,
+}
+
+/// The findings so far, and at most `limit` shown per check.
+struct Findings {
+    limit: usize,
+    list: Vec<Finding>,
+}
+
+impl Findings {
+    fn add(&mut self, check: &'static str, severity: Severity, subject: String, detail: String) {
+        self.list.push(Finding {
+            check,
+            severity,
+            subject,
+            detail,
+        });
+    }
+
+    /// The row that stands for the findings of `check` beyond the limit.
+    fn more(&mut self, check: &'static str, severity: Severity, what: String) {
+        let limit = self.limit;
+        self.add(
+            check,
+            severity,
+            "...".to_owned(),
+            format!("{what} not shown (--max-findings {limit})"),
+        );
+    }
+
+    /// Adds the findings of a check that asked for `limit + 1` rows.
+    fn add_capped<T>(
+        &mut self,
+        check: &'static str,
+        severity: Severity,
+        rows: Vec<T>,
+        describe: impl Fn(&T) -> (String, String),
+    ) {
+        let over = rows.len() > self.limit;
+        for row in rows.iter().take(self.limit) {
+            let (subject, detail) = describe(row);
+            self.add(check, severity, subject, detail);
+        }
+        if over {
+            self.more(check, severity, "more findings".to_owned());
+        }
+    }
+}
+
+pub(crate) async fn run(env: Env<'_>, args: CheckArgs) -> anyhow::Result<Outcome> {
+    let mut findings = Findings {
+        limit: args.max_findings,
+        list: Vec::new(),
+    };
+    let url = env.database_url()?;
+    // A store whose schema is older or newer than this build is a finding
+    // (run `annals init`), not a failure to run the checks. SQLite applies
+    // pending migrations when it opens, so there only a file from a newer
+    // build is found; PostgreSQL is only migrated when asked.
+    let store = match env.open(false).await {
+        Ok(store) => Some(store),
+        Err(e) if schema_error(&e).is_some() => {
+            schema_finding(&mut findings, &e);
+            None
+        }
+        Err(e) => return Err(e),
+    };
+    if let Some(store) = &store {
+        let schema_ok = match store.head_position().await {
+            Ok(_) => true,
+            Err(e) => {
+                let e = anyhow::Error::new(e);
+                if schema_error(&e).is_none() {
+                    return Err(e.context(format!("cannot read {url}")));
+                }
+                schema_finding(&mut findings, &e);
+                false
+            }
+        };
+        if schema_ok {
+            stream_versions(store, &mut findings).await?;
+            clock(store, &args, &mut findings).await?;
+            decode(env.app, store, &mut findings).await?;
+            snapshots(store, &args, &mut findings).await?;
+        }
+        // Needs no schema: it reads the server's activity.
+        horizon(store, &args, &mut findings).await?;
+    }
+    print(env.out, &findings.list, args.json)?;
+    let errors = count(&findings.list, Severity::Error);
+    let warnings = count(&findings.list, Severity::Warning);
+    if errors > 0 {
+        return Ok(Outcome::CheckFailed(format!(
+            "{url}: {errors} error finding(s), {warnings} warning(s)"
+        )));
+    }
+    match warnings {
+        0 => note(&format!("{url}: healthy, no findings")),
+        n => note(&format!("{url}: healthy, {n} warning(s)")),
+    }
+    Ok(Outcome::Success)
+}
+
+fn count(findings: &[Finding], severity: Severity) -> usize {
+    findings.iter().filter(|f| f.severity == severity).count()
+}
+
+fn print(
+    out: &mut (dyn std::io::Write + Send),
+    findings: &[Finding],
+    json: bool,
+) -> anyhow::Result<()> {
+    if json {
+        for f in findings {
+            json_line(out, f)?;
+        }
+        return Ok(());
+    }
+    if findings.is_empty() {
+        return Ok(());
+    }
+    let mut table = Table::new(&["CHECK", "SEVERITY", "SUBJECT", "DETAIL"]);
+    for f in findings {
+        table.push(
+            out,
+            vec![
+                f.check.to_owned(),
+                f.severity.to_string(),
+                f.subject.clone(),
+                f.detail.clone(),
+            ],
+        )?;
+    }
+    table.finish(out)?;
+    Ok(())
+}
+
+/// The schema-version error in an error's chain, if that is what it is.
+fn schema_error(e: &anyhow::Error) -> Option<&annals::Error> {
+    e.chain()
+        .filter_map(|cause| cause.downcast_ref::<annals::Error>())
+        .find(|cause| matches!(cause, annals::Error::SchemaVersion { .. }))
+}
+
+fn schema_finding(findings: &mut Findings, e: &anyhow::Error) {
+    let detail = match schema_error(e) {
+        Some(annals::Error::SchemaVersion { found, expected }) if found < expected => format!(
+            "schema is at version {found}, this build needs {expected}: migrations pending, run `annals init`"
+        ),
+        Some(annals::Error::SchemaVersion { found, expected }) => format!(
+            "schema is at version {found}, newer than this build's {expected}: use a newer `annals`"
+        ),
+        _ => format!("{e:#}"),
+    };
+    findings.add("schema", Severity::Error, "database".to_owned(), detail);
+}
+
+/// Stored events must be exactly versions `1..=head`, and `streams` must
+/// hold that head.
+async fn stream_versions(store: &AnyStore, findings: &mut Findings) -> anyhow::Result<()> {
+    let issues = store
+        .stream_version_issues(findings.limit + 1)
+        .await
+        .context("cannot check stream versions")?;
+    findings.add_capped("stream-versions", Severity::Error, issues, |i| {
+        let range = match (i.min_version, i.max_version) {
+            (Some(lo), Some(hi)) => format!("versions {lo}..{hi}"),
+            _ => "no versions".to_owned(),
+        };
+        let detail = match i.head {
+            None => format!("{} event(s) ({range}) but no row in streams", i.events),
+            Some(head) if i.events == 0 => {
+                format!("streams records head {head} but no events are stored")
+            }
+            Some(head) => {
+                let mut problems = Vec::new();
+                if i.distinct_versions < i.events {
+                    problems.push(format!(
+                        "{} duplicated version(s)",
+                        i.events - i.distinct_versions
+                    ));
+                }
+                if i.min_version != Some(1) {
+                    problems.push("version 1 missing".to_owned());
+                }
+                let span = match (i.min_version, i.max_version) {
+                    (Some(lo), Some(hi)) => hi - lo + 1,
+                    _ => 0,
+                };
+                if i.distinct_versions < span {
+                    problems.push(format!(
+                        "{} version(s) missing (gap)",
+                        span - i.distinct_versions
+                    ));
+                }
+                if i.max_version != Some(head) {
+                    problems.push(format!("head {head} in streams is not the last event"));
+                }
+                format!(
+                    "head {head}, {} event(s) stored with {range}: {}",
+                    i.events,
+                    problems.join(", ")
+                )
+            }
+        };
+        (i.stream_id.clone(), detail)
+    });
+    Ok(())
+}
+
+/// `recorded_at` must not go backwards along the global order by more than
+/// the tolerance.
+async fn clock(store: &AnyStore, args: &CheckArgs, findings: &mut Findings) -> anyhow::Result<()> {
+    let skews = store
+        .clock_skews(args.clock_tolerance, findings.limit + 1)
+        .await
+        .context("cannot check recorded_at order")?;
+    findings.add_capped("clock", Severity::Error, skews, |s| {
+        (
+            format!("position {}", s.position),
+            format!(
+                "recorded at {}, {} before position {} ({}): the clock went backwards beyond the tolerance",
+                timestamp(&s.recorded_at),
+                seconds(s.backwards_by()),
+                s.previous_position,
+                timestamp(&s.previous_recorded_at),
+            ),
+        )
+    });
+    Ok(())
+}
+
+/// Every event of a registered aggregate type must decode with the type's
+/// event enum. Streams the type's category a page at a time.
+async fn decode(app: &App, store: &AnyStore, findings: &mut Findings) -> anyhow::Result<()> {
+    for name in app.aggregate_types() {
+        let Some(ops) = app.aggregate(name) else {
+            continue;
+        };
+        let mut events = store.read_all(ReadAll {
+            categories: vec![name.to_owned()],
+            ..ReadAll::from_start()
+        });
+        let mut failed = 0_usize;
+        while let Some(event) = events.next().await {
+            let event = event.with_context(|| format!("cannot read the {name} events"))?;
+            if let Err(e) = ops.check_event(&event) {
+                failed += 1;
+                if failed <= findings.limit {
+                    findings.add(
+                        "decode",
+                        Severity::Error,
+                        format!("{}@{}", event.stream_id, event.stream_version),
+                        format!("position {}: {e}", event.global_position),
+                    );
+                }
+            }
+        }
+        if failed > findings.limit {
+            findings.more(
+                "decode",
+                Severity::Error,
+                format!("{} more {name} event(s) that fail", failed - findings.limit),
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Live snapshots ahead of their head (error), far behind it (warning, one
+/// row per type) and coverage below the threshold (warning).
+async fn snapshots(
+    store: &AnyStore,
+    args: &CheckArgs,
+    findings: &mut Findings,
+) -> anyhow::Result<()> {
+    // Every aggregate not exactly at its head, a page at a time.
+    let mut rows = store.list_stale_snapshots(None, 0);
+    let mut ahead = 0_usize;
+    // Per type: how many are stale, and the one most behind.
+    let mut stale: BTreeMap<String, (u64, StaleSnapshot)> = BTreeMap::new();
+    while let Some(row) = rows.next().await {
+        let row = row.context("cannot list the snapshots")?;
+        if row.ahead {
+            ahead += 1;
+            if ahead <= findings.limit {
+                let version = row.snapshot_version.map_or(0, |v| v.0);
+                findings.add(
+                    "snapshot-ahead",
+                    Severity::Error,
+                    format!("{}-{}", row.aggregate_type, row.aggregate_id),
+                    format!(
+                        "live snapshot at version {version} is ahead of the stream head {}: loads pass it over; `annals snapshots create` replaces it",
+                        row.head
+                    ),
+                );
+            }
+        } else if row.snapshot_version.is_some() && row.events_behind > args.stale_events {
+            match stale.get_mut(&row.aggregate_type) {
+                Some((n, worst)) => {
+                    *n += 1;
+                    if row.events_behind > worst.events_behind {
+                        *worst = row;
+                    }
+                }
+                None => {
+                    stale.insert(row.aggregate_type.clone(), (1, row));
+                }
+            }
+        }
+    }
+    if ahead > findings.limit {
+        findings.more(
+            "snapshot-ahead",
+            Severity::Error,
+            format!("{} more snapshot(s) ahead", ahead - findings.limit),
+        );
+    }
+    for (aggregate_type, (n, worst)) in stale {
+        findings.add(
+            "snapshot-stale",
+            Severity::Warning,
+            aggregate_type,
+            format!(
+                "{n} live snapshot(s) more than {} events behind their head (most: {}-{}, {} behind): `annals snapshots prepopulate`",
+                args.stale_events, worst.aggregate_type, worst.aggregate_id, worst.events_behind
+            ),
+        );
+    }
+    if args.min_coverage > 0.0 {
+        let coverage = store
+            .snapshot_coverage(None)
+            .await
+            .context("cannot read the snapshot coverage")?;
+        for c in coverage.into_iter().filter(|c| c.aggregates > 0) {
+            let percent = c.with_snapshot as f64 * 100.0 / c.aggregates as f64;
+            if percent < args.min_coverage {
+                findings.add(
+                    "snapshot-coverage",
+                    Severity::Warning,
+                    c.aggregate_type,
+                    format!(
+                        "{} of {} aggregates have a live snapshot ({percent:.1}%), below --min-coverage {}%",
+                        c.with_snapshot, c.aggregates, args.min_coverage
+                    ),
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// PostgreSQL: transactions open longer than `--max-transaction-age`.
+async fn horizon(
+    store: &AnyStore,
+    args: &CheckArgs,
+    findings: &mut Findings,
+) -> anyhow::Result<()> {
+    let long = store
+        .long_transactions(args.max_transaction_age, findings.limit + 1)
+        .await
+        .context("cannot list long transactions")?;
+    let over = long.len() > findings.limit;
+    for t in long.iter().take(findings.limit) {
+        let (severity, effect) = if t.holds_xid {
+            (
+                Severity::Error,
+                "holds a transaction id: readers of the global order cannot pass it and followers stall",
+            )
+        } else {
+            (
+                Severity::Warning,
+                "holds a snapshot: vacuum cannot clean up behind it",
+            )
+        };
+        let app = if t.application_name.is_empty() {
+            String::new()
+        } else {
+            format!(", application {:?}", t.application_name)
+        };
+        findings.add(
+            "horizon",
+            severity,
+            format!("pid {}", t.pid),
+            format!(
+                "transaction open for {} (database {:?}{app}, {}) {effect}; end it with pg_terminate_backend({})",
+                seconds(t.age),
+                t.database,
+                t.state,
+                t.pid
+            ),
+        );
+    }
+    if over {
+        findings.more("horizon", Severity::Warning, "more transactions".to_owned());
+    }
+    Ok(())
+}
+
+/// A duration as seconds with a tenth, e.g. `61.3s`.
+fn seconds(d: Duration) -> String {
+    format!("{:.1}s", d.as_secs_f64())
+}
