@@ -212,7 +212,7 @@ pub struct OpenOptions {
 /// A store on whichever backend a database URL selects.
 ///
 /// Every backend it knows implements every trait of the core, so it does
-/// too, by delegation: [`EventStore`], [`StreamCatalog`], [`SnapshotStore`],
+/// too, by delegation: [`EventStore`], [`annals::MultiStreamAppend`], [`StreamCatalog`], [`SnapshotStore`],
 /// [`SnapshotAdmin`], [`SnapshotStaging`] and [`CheckpointStore`]. Every
 /// generic function of the core works on it.
 #[derive(Clone)]
@@ -361,6 +361,12 @@ impl EventStore for AnyStore {
 
     async fn read_event(&self, id: EventId) -> Result<Option<RecordedEvent>> {
         delegate!(self, s => s.read_event(id).await)
+    }
+}
+
+impl annals::MultiStreamAppend for AnyStore {
+    async fn append_many(&self, batches: Vec<annals::StreamBatch>) -> Result<Vec<AppendResult>> {
+        delegate!(self, s => s.append_many(batches).await)
     }
 }
 

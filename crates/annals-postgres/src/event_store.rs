@@ -18,6 +18,11 @@
 //! is already in the form `jsonb` keeps numbers in, so what is read back is
 //! what every other backend returns.
 //!
+//! An `append_many` ([`annals::MultiStreamAppend`]) is one statement too,
+//! `annals_append_many(...)` (`sql/0004_append_many.sql`): it takes every
+//! stream's lock in key order, checks every stream, then writes each with
+//! `annals_append`; its outcomes are handled as an append's are.
+//!
 //! `read_all` pages through `(tx_id, seq)` strictly below the snapshot
 //! horizon; see the crate documentation for why that is gap-free.
 
@@ -25,10 +30,11 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use annals::{
-    check_retry, prepare_batch, AppendResult, CategoryStats, Direction, Error, EventId, EventStore,
-    EventStream, EventTypeStats, ExpectedVersion, Fingerprint, GlobalPosition, NewEvent,
-    PreparedEvent, ReadAll, ReadStream, RecordedEvent, Result, StoreStats, StoredEvent, StreamId,
-    StreamInfo, StreamVersion,
+    check_retry, check_retry_many, prepare_batch, prepare_many, AppendResult, CategoryStats,
+    Direction, Error, EventId, EventStore, EventStream, EventTypeStats, ExpectedVersion,
+    Fingerprint, GlobalPosition, NewEvent, PreparedEvent, PreparedStreamBatch, ReadAll, ReadStream,
+    RecordedEvent, Result, StoreStats, StoredEvent, StreamBatch, StreamId, StreamInfo,
+    StreamVersion,
 };
 use deadpool_postgres::Client;
 use futures::stream::BoxStream;
@@ -51,6 +57,12 @@ const MAX_APPEND_ATTEMPTS: u32 = 10;
 /// cast to `jsonb` on the server.
 const APPEND_SQL: &str = "SELECT r_outcome, r_version, r_tx, r_seqs \
      FROM annals_append($1, $2, $3, $4, $5, $6, $7, $8::text[]::jsonb[], $9::text[]::jsonb[], $10)";
+
+/// One `annals_append_many` (`sql/0004_append_many.sql`): the batches'
+/// streams, expectations and event counts, then their events flattened.
+const APPEND_MANY_SQL: &str = "SELECT r_outcome, r_version, r_tx, r_seqs, r_index \
+     FROM annals_append_many($1, $2, $3, $4, $5, $6, $7, $8, $9::text[]::jsonb[], \
+     $10::text[]::jsonb[], $11)";
 
 /// `annals_append` outcomes (a stored event id is a unique violation).
 const APPENDED: i16 = 0;
@@ -160,32 +172,14 @@ impl EventStore for PgEventStore {
         let events = prepare_batch(stream, events)?;
         let ids: Vec<Uuid> = events.iter().map(|e| e.event_id.0).collect();
         let types: Vec<&str> = events.iter().map(|e| e.event_type.as_str()).collect();
-        let versions = events
-            .iter()
-            .map(|e| {
-                i32::try_from(e.event_version).map_err(|_| Error::InvalidEvent {
-                    stream: stream.clone(),
-                    reason: format!(
-                        "event type {:?} has event_version {}; this store keeps at most {}",
-                        e.event_type,
-                        e.event_version,
-                        i32::MAX
-                    ),
-                })
-            })
-            .collect::<Result<Vec<i32>>>()?;
+        let versions = event_versions(stream, &events)?;
         let data: Vec<&str> = events.iter().map(|e| e.data.as_str()).collect();
         let metadata: Vec<&str> = events.iter().map(|e| e.metadata.as_str()).collect();
         let digests: Vec<&[u8]> = events
             .iter()
             .map(|e| &e.fingerprint.as_bytes()[..])
             .collect();
-        let (kind, version): (i16, i64) = match expected {
-            ExpectedVersion::Any => (0, 0),
-            ExpectedVersion::NoStream => (1, 0),
-            ExpectedVersion::StreamExists => (2, 0),
-            ExpectedVersion::Exact(v) => (3, to_i64(v.0)),
-        };
+        let (kind, version) = expected_params(expected);
         let batch = Batch {
             stream,
             expected,
@@ -393,6 +387,34 @@ async fn read_event_row(client: &Client, id: EventId) -> Result<Option<tokio_pos
         .map_err(|e| backend(format!("cannot read event {id}"), e))
 }
 
+/// How `annals_append` encodes an [`ExpectedVersion`]: kind and version.
+fn expected_params(expected: ExpectedVersion) -> (i16, i64) {
+    match expected {
+        ExpectedVersion::Any => (0, 0),
+        ExpectedVersion::NoStream => (1, 0),
+        ExpectedVersion::StreamExists => (2, 0),
+        ExpectedVersion::Exact(v) => (3, to_i64(v.0)),
+    }
+}
+
+/// The events' payload schema versions as the `int` column stores them.
+fn event_versions(stream: &StreamId, events: &[PreparedEvent]) -> Result<Vec<i32>> {
+    events
+        .iter()
+        .map(|e| {
+            i32::try_from(e.event_version).map_err(|_| Error::InvalidEvent {
+                stream: stream.clone(),
+                reason: format!(
+                    "event type {:?} has event_version {}; this store keeps at most {}",
+                    e.event_type,
+                    e.event_version,
+                    i32::MAX
+                ),
+            })
+        })
+        .collect()
+}
+
 fn count(n: i64) -> u64 {
     u64::try_from(n).unwrap_or(0)
 }
@@ -489,6 +511,207 @@ impl Batch<'_> {
             "append to {stream} did not succeed in {MAX_APPEND_ATTEMPTS} attempts \
              (transient conflicts); nothing was written"
         )))
+    }
+}
+
+/// One `append_many`'s statement parameters, with what an outcome needs.
+struct ManyBatch<'a> {
+    batches: &'a [PreparedStreamBatch],
+    params: [&'a (dyn ToSql + Sync); 11],
+}
+
+impl ManyBatch<'_> {
+    /// Runs the call on one connection, retrying transient conflicts: the
+    /// outcomes of [`Batch::append_on`], for several streams at once.
+    async fn append_on(&self, client: &Client) -> Result<Vec<AppendResult>> {
+        let batches = self.batches;
+        let names = || {
+            batches
+                .iter()
+                .map(|b| b.stream.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let stmt = client
+            .prepare_cached(APPEND_MANY_SQL)
+            .await
+            .context("cannot prepare the multi-stream append")?;
+        let what = "cannot decode the multi-stream append";
+        for attempt in 1..=MAX_APPEND_ATTEMPTS {
+            let result = client.query(&stmt, &self.params).await;
+            let retry_reason = match result {
+                Ok(rows) => {
+                    let first = rows
+                        .first()
+                        .ok_or_else(|| backend_msg("annals_append_many returned no row"))?;
+                    let outcome: i16 = first.try_get(0).context(what)?;
+                    match outcome {
+                        APPENDED => {
+                            if rows.len() != batches.len() {
+                                return Err(backend_msg(format!(
+                                    "annals_append_many answered {} of {} streams",
+                                    rows.len(),
+                                    batches.len()
+                                )));
+                            }
+                            let mut done = Vec::with_capacity(rows.len());
+                            for (row, b) in rows.iter().zip(batches) {
+                                done.push(appended(row, b.events.len())?);
+                            }
+                            let n: usize = batches.iter().map(|b| b.events.len()).sum();
+                            metrics::counter!("annals_events_appended_total", "backend" => "postgres")
+                                .increment(n as u64);
+                            return Ok(done);
+                        }
+                        WRONG_VERSION => {
+                            let head: Option<i64> = first.try_get(1).context(what)?;
+                            let index: i32 = first.try_get(4).context(what)?;
+                            let b = usize::try_from(index)
+                                .ok()
+                                .and_then(|i| batches.get(i.wrapping_sub(1)))
+                                .ok_or_else(|| {
+                                    backend_msg(format!(
+                                        "annals_append_many named stream {index} of {}",
+                                        batches.len()
+                                    ))
+                                })?;
+                            // Idempotency comes first: a retried call succeeds
+                            // whatever it expected.
+                            if let Some(done) = resolve_existing_many(client, batches).await? {
+                                return Ok(done);
+                            }
+                            return Err(Error::WrongExpectedVersion {
+                                stream: b.stream.clone(),
+                                expected: b.expected,
+                                actual: head.and_then(|h| u64::try_from(h).ok()).map(StreamVersion),
+                            });
+                        }
+                        YOUNGER_WRITER => "a stream was written by a younger transaction",
+                        other => {
+                            return Err(backend_msg(format!(
+                                "annals_append_many returned unknown outcome {other}"
+                            )))
+                        }
+                    }
+                }
+                Err(e) => match class_of(&e) {
+                    ErrorClass::Retry => "serialization failure or deadlock",
+                    ErrorClass::EventIdTaken => {
+                        match resolve_existing_many(client, batches).await? {
+                            Some(done) => return Ok(done),
+                            None => "an event id was taken by a transaction that rolled back",
+                        }
+                    }
+                    // A writer bypassed the stream locks; the checks of the
+                    // next attempt see what it wrote.
+                    ErrorClass::StreamVersionTaken => "a concurrent writer took a version",
+                    ErrorClass::UnstorablePayload => {
+                        // The text PostgreSQL refuses: a NUL, which canonical
+                        // JSON writes as this escape.
+                        let holder = batches
+                            .iter()
+                            .find(|b| {
+                                b.events.iter().any(|e| {
+                                    e.data.contains("\\u0000") || e.metadata.contains("\\u0000")
+                                })
+                            })
+                            .or(batches.first());
+                        let Some(holder) = holder else {
+                            return Err(backend(format!("cannot append to {}", names()), e));
+                        };
+                        return Err(Error::InvalidEvent {
+                            stream: holder.stream.clone(),
+                            reason: format!(
+                                "PostgreSQL cannot store this payload or metadata \
+                                 (a \\u0000 in a JSON string?): {e}"
+                            ),
+                        });
+                    }
+                    ErrorClass::ConnectionLost | ErrorClass::Other => {
+                        return Err(backend(format!("cannot append to {}", names()), e))
+                    }
+                },
+            };
+            tracing::debug!(streams = %names(), attempt, reason = retry_reason, "retrying append_many");
+            metrics::counter!("annals_pg_append_retries_total").increment(1);
+            tokio::time::sleep(Duration::from_millis(u64::from(attempt))).await;
+        }
+        Err(backend_msg(format!(
+            "append to {} did not succeed in {MAX_APPEND_ATTEMPTS} attempts \
+             (transient conflicts); nothing was written",
+            names()
+        )))
+    }
+}
+
+/// [`resolve_existing`] for every batch, decided together by
+/// [`annals::check_retry_many`].
+async fn resolve_existing_many(
+    client: &Client,
+    batches: &[PreparedStreamBatch],
+) -> Result<Option<Vec<AppendResult>>> {
+    let mut retries = Vec::with_capacity(batches.len());
+    for b in batches {
+        retries.push(resolve_existing(client, &b.stream, &b.events).await?);
+    }
+    check_retry_many(batches, retries)
+}
+
+impl annals::MultiStreamAppend for PgEventStore {
+    async fn append_many(&self, batches: Vec<StreamBatch>) -> Result<Vec<AppendResult>> {
+        let batches = prepare_many(batches)?;
+        if batches.is_empty() {
+            return Ok(Vec::new());
+        }
+        let streams: Vec<&str> = batches.iter().map(|b| b.stream.as_str()).collect();
+        let categories: Vec<&str> = batches.iter().map(|b| b.stream.category()).collect();
+        let (kinds, expected): (Vec<i16>, Vec<i64>) =
+            batches.iter().map(|b| expected_params(b.expected)).unzip();
+        let counts: Vec<i32> = batches
+            .iter()
+            .map(|b| {
+                i32::try_from(b.events.len()).map_err(|_| Error::InvalidEvent {
+                    stream: b.stream.clone(),
+                    reason: format!(
+                        "{} events in one batch; at most {}",
+                        b.events.len(),
+                        i32::MAX
+                    ),
+                })
+            })
+            .collect::<Result<_>>()?;
+        let mut versions = Vec::new();
+        for b in &batches {
+            versions.extend(event_versions(&b.stream, &b.events)?);
+        }
+        let events = || batches.iter().flat_map(|b| &b.events);
+        let ids: Vec<Uuid> = events().map(|e| e.event_id.0).collect();
+        let types: Vec<&str> = events().map(|e| e.event_type.as_str()).collect();
+        let data: Vec<&str> = events().map(|e| e.data.as_str()).collect();
+        let metadata: Vec<&str> = events().map(|e| e.metadata.as_str()).collect();
+        let digests: Vec<&[u8]> = events().map(|e| &e.fingerprint.as_bytes()[..]).collect();
+        let call = ManyBatch {
+            batches: &batches,
+            params: [
+                &streams,
+                &categories,
+                &kinds,
+                &expected,
+                &counts,
+                &ids,
+                &types,
+                &versions,
+                &data,
+                &metadata,
+                &digests,
+            ],
+        };
+        // As for `append`: a call whose connection was lost is sent again,
+        // and if the first one committed, its event ids make the second
+        // return the original results.
+        with_client!(self, Lane::Any, "append to several streams", |client| call
+            .append_on(client)
+            .await)
     }
 }
 

@@ -43,6 +43,11 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         name: "snapshot_history",
         sql: include_str!("../sql/0003_snapshot_history.sql"),
     },
+    Migration {
+        version: 4,
+        name: "append_many",
+        sql: include_str!("../sql/0004_append_many.sql"),
+    },
 ];
 
 /// The schema version this build needs: the last migration's.

@@ -20,14 +20,18 @@
 //! its rows hold [`PAGE_BYTES`] of text (it always has one row), so that a
 //! read of large events holds a few megabytes, not `batch_size` of them
 //! twice over (the page being consumed and the one read ahead).
+//!
+//! An `append_many` ([`annals::MultiStreamAppend`]) is the same steps for
+//! each of its batches inside one such transaction.
 
 use std::sync::Arc;
 
 use annals::{
-    check_retry, prepare_batch, AppendResult, CategoryStats, Direction, EventId, EventStore,
-    EventStream, EventTypeStats, ExpectedVersion, Fingerprint, GlobalPosition, NewEvent,
-    PreparedEvent, ReadAll, ReadStream, RecordedEvent, Result, StoreStats, StoredEvent, StreamId,
-    StreamInfo, StreamVersion,
+    check_retry, check_retry_many, prepare_batch, prepare_many, AppendResult, CategoryStats,
+    Direction, EventId, EventStore, EventStream, EventTypeStats, ExpectedVersion, Fingerprint,
+    GlobalPosition, NewEvent, PreparedEvent, PreparedStreamBatch, ReadAll, ReadStream,
+    RecordedEvent, Result, StoreStats, StoredEvent, StreamBatch, StreamId, StreamInfo,
+    StreamVersion,
 };
 use futures::stream::BoxStream;
 use rusqlite::{Connection, OptionalExtension, ToSql};
@@ -263,6 +267,104 @@ fn append_job(
                 )),
             }
         }
+    }
+}
+
+/// A whole `append_many`, on the writer thread: one `BEGIN IMMEDIATE`
+/// transaction, which locks the database for writing, so the streams need no
+/// lock order of their own here. Each batch goes through the steps of
+/// [`append_job`] (head, expected version, insert, head update); the first
+/// failure rolls everything back.
+fn append_many_job(
+    conn: &mut Connection,
+    batches: &[PreparedStreamBatch],
+) -> Result<Vec<AppendResult>> {
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(db("starting an append"))?;
+    let mut heads = Vec::with_capacity(batches.len());
+    for b in batches {
+        let actual = head_version(&tx, &b.stream)?;
+        if !b.expected.matches(actual) {
+            // Idempotency first: a retried call succeeds whatever it expected.
+            if let Some(originals) = find_existing_many(&tx, batches)? {
+                return Ok(originals);
+            }
+            return Err(annals::Error::WrongExpectedVersion {
+                stream: b.stream.clone(),
+                expected: b.expected,
+                actual,
+            });
+        }
+        heads.push(actual.map_or(0, StreamVersion::get));
+    }
+    let recorded_at = now_micros();
+    let mut results = Vec::with_capacity(batches.len());
+    for (b, head) in batches.iter().zip(heads) {
+        match insert_events(&tx, &b.stream, head, &b.events, recorded_at) {
+            Ok(positions) => {
+                let last = head + b.events.len() as u64;
+                tx.prepare_cached(UPSERT_STREAM_SQL)
+                    .and_then(|mut s| {
+                        s.execute(rusqlite::params![
+                            b.stream.as_str(),
+                            b.stream.category(),
+                            sql_int(last)
+                        ])
+                    })
+                    .map_err(db("moving the stream head"))?;
+                results.push(AppendResult {
+                    first_version: StreamVersion(head + 1),
+                    last_version: StreamVersion(last),
+                    positions,
+                    deduplicated: false,
+                });
+            }
+            Err(InsertError::Other(e)) => return Err(e),
+            Err(InsertError::Unique(err)) => {
+                tx.rollback().map_err(db("rolling back an append"))?;
+                let check = conn.transaction().map_err(db("starting an id check"))?;
+                return match find_existing_many(&check, batches)? {
+                    Some(originals) => Ok(originals),
+                    None => Err(map_err(
+                        &format!(
+                            "appending to {}: stream head out of step with its events",
+                            b.stream
+                        ),
+                        err,
+                    )),
+                };
+            }
+        }
+    }
+    tx.commit().map_err(db("committing an append"))?;
+    metrics::counter!("annals_events_appended_total", "backend" => "sqlite")
+        .increment(batches.iter().map(|b| b.events.len() as u64).sum());
+    Ok(results)
+}
+
+/// [`find_existing`] for every batch, decided together by
+/// [`annals::check_retry_many`].
+fn find_existing_many(
+    conn: &Connection,
+    batches: &[PreparedStreamBatch],
+) -> Result<Option<Vec<AppendResult>>> {
+    let retries = batches
+        .iter()
+        .map(|b| find_existing(conn, &b.stream, &b.events))
+        .collect::<Result<Vec<_>>>()?;
+    check_retry_many(batches, retries)
+}
+
+impl annals::MultiStreamAppend for SqliteEventStore {
+    async fn append_many(&self, batches: Vec<StreamBatch>) -> Result<Vec<AppendResult>> {
+        let batches = prepare_many(batches)?;
+        if batches.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.conns()
+            .write(move |conn| append_many_job(conn, &batches))
+            .await
     }
 }
 

@@ -12,7 +12,7 @@ use annals::{
     RollbackReport, Snapshot, SnapshotCoverage, SnapshotHistoryEntry, SnapshotStore, SnapshotWrite,
     StaleSnapshot, StoreStats, StreamId, StreamInfo, StreamVersion,
 };
-use annals::{SnapshotAdmin, SnapshotStaging, StreamCatalog};
+use annals::{MultiStreamAppend, SnapshotAdmin, SnapshotStaging, StreamBatch, StreamCatalog};
 use futures::stream::BoxStream;
 
 /// The message of the error that replaces a lost reply.
@@ -110,6 +110,23 @@ impl<S: EventStore> EventStore for FaultyStore<S> {
     }
     async fn read_event(&self, id: EventId) -> Result<Option<RecordedEvent>> {
         self.inner.read_event(id).await
+    }
+}
+
+/// One write of the budget, like an append; a lost reply loses the whole
+/// call's reply (every stream committed).
+impl<S: MultiStreamAppend> MultiStreamAppend for FaultyStore<S> {
+    async fn append_many(&self, batches: Vec<StreamBatch>) -> Result<Vec<AppendResult>> {
+        self.spend()?;
+        let result = self.inner.append_many(batches).await?;
+        if self.lose_reply() {
+            return Err(Error::Backend {
+                backend: "faulty",
+                message: LOST_REPLY.into(),
+                source: None,
+            });
+        }
+        Ok(result)
     }
 }
 

@@ -40,7 +40,7 @@ use annals::{CheckpointStore, EventStore, SnapshotStore};
 /// The traits every backend implements: the required cores of the event
 /// store, the snapshot cache and the checkpoints. The optional traits
 /// ([`annals::StreamCatalog`], [`annals::SnapshotAdmin`],
-/// [`annals::SnapshotStaging`]) are named by the tests that use them.
+/// [`annals::SnapshotStaging`], [`annals::MultiStreamAppend`]) are named by the tests that use them.
 pub trait TestStore: EventStore + SnapshotStore + CheckpointStore {}
 impl<T: EventStore + SnapshotStore + CheckpointStore> TestStore for T {}
 
@@ -61,7 +61,8 @@ mod drift;
 /// ```text
 /// annals_testkit::conformance_suite!(fresh_store;
 ///     event_store, stream_catalog, snapshot_store, snapshot_admin,
-///     snapshot_staging, snapshot_migration, checkpoints, model);
+///     snapshot_staging, snapshot_migration, multi_stream_append, checkpoints,
+///     model);
 /// ```
 ///
 /// | group | the store must implement |
@@ -72,6 +73,7 @@ mod drift;
 /// | `snapshot_admin` | `EventStore` + `SnapshotAdmin` (queries, `SnapshotJobs::prepopulate`) |
 /// | `snapshot_staging` | `SnapshotStaging` |
 /// | `snapshot_migration` | `StreamCatalog` + `SnapshotAdmin` + `SnapshotStaging` (`SnapshotJobs::migrate`, `verify`, `promote`) |
+/// | `multi_stream_append` | `MultiStreamAppend` (`append_many`) |
 /// | `checkpoints` | `EventStore` + `CheckpointStore` |
 /// | `model` | `EventStore` + `SnapshotStore` + `CheckpointStore` (the `Vec`-model check) |
 ///
@@ -176,6 +178,16 @@ macro_rules! conformance_suite {
             snapshot_listings_page_through_many_aggregates,
         }
     };
+    (@group multi_stream_append, $($then:tt)*) => {
+        $crate::conformance_suite! { $($then)*
+            append_many_round_trip,
+            append_many_is_all_or_nothing,
+            append_many_retry_is_deduplicated,
+            append_many_transfer_between_accounts,
+            append_many_global_order,
+            append_many_overlapping_calls_never_deadlock,
+        }
+    };
     (@group checkpoints, $($then:tt)*) => {
         $crate::conformance_suite! { $($then)*
             checkpoints,
@@ -202,6 +214,7 @@ macro_rules! conformance_suite {
             $crate::conformance_suite!(@group snapshot_admin, @names snapshot_admin;),
             $crate::conformance_suite!(@group snapshot_staging, @names snapshot_staging;),
             $crate::conformance_suite!(@group snapshot_migration, @names snapshot_migration;),
+            $crate::conformance_suite!(@group multi_stream_append, @names multi_stream_append;),
             $crate::conformance_suite!(@group checkpoints, @names checkpoints;),
             $crate::conformance_suite!(@group model, @names model;),
         ]

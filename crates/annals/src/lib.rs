@@ -17,7 +17,8 @@
 //! the rest: [`StreamCatalog`] (list streams, count them), [`SnapshotAdmin`]
 //! (invalidation, coverage and freshness queries, the snapshot history and
 //! rollback) and [`SnapshotStaging`] (the staging area of a snapshot
-//! migration).
+//! migration) and [`MultiStreamAppend`] (one atomic write to several
+//! streams).
 //!
 //! # Example
 //!
@@ -61,6 +62,7 @@ mod event_store;
 mod health;
 mod idempotency;
 mod memory;
+mod multi_stream;
 mod repository;
 mod snapshot;
 mod snapshot_jobs;
@@ -86,6 +88,9 @@ pub use idempotency::{
     StoredEvent,
 };
 pub use memory::InMemoryStore;
+pub use multi_stream::{
+    check_retry_many, lock_order, prepare_many, MultiStreamAppend, PreparedStreamBatch, StreamBatch,
+};
 pub use repository::{
     decode_snapshot, fold_stream, make_snapshot, Command, CommandContext, CommandError, Executed,
     LoadReport, Loaded, Repository, RetryPolicy, SnapshotConfig, SnapshotMode, SnapshotPolicy,

@@ -15,7 +15,8 @@ use crate::event_store::{
     CategoryStats, Direction, EventStream, EventTypeStats, ReadAll, ReadStream, StoreStats,
     StreamInfo, DEFAULT_BATCH_SIZE,
 };
-use crate::idempotency::{check_retry, prepare_batch, Fingerprint, StoredEvent};
+use crate::idempotency::{check_retry, prepare_batch, Fingerprint, PreparedEvent, StoredEvent};
+use crate::multi_stream::{check_retry_many, prepare_many, MultiStreamAppend, StreamBatch};
 use crate::snapshot::{
     no_such_snapshot, validate_history_size, PromoteReport, RollbackReport, Snapshot,
     SnapshotCoverage, SnapshotHistoryEntry, SnapshotStore, SnapshotWrite, StaleSnapshot,
@@ -23,7 +24,7 @@ use crate::snapshot::{
 };
 use crate::{
     AppendResult, CheckpointStore, Error, EventId, EventStore, ExpectedVersion, GlobalPosition,
-    NewEvent, Payload, RecordedEvent, Result, StreamId, StreamVersion,
+    Metadata, NewEvent, Payload, RecordedEvent, Result, StreamId, StreamVersion,
 };
 
 #[derive(Default)]
@@ -79,67 +80,67 @@ impl InMemoryStore {
     }
 }
 
-impl EventStore for InMemoryStore {
-    async fn append(
-        &self,
-        stream: &StreamId,
-        expected: ExpectedVersion,
-        events: Vec<NewEvent>,
-    ) -> Result<AppendResult> {
-        let batch = prepare_batch(stream, events)?;
-        // Decode what a reader gets before changing anything: all or nothing.
-        let mut decoded = Vec::with_capacity(batch.len());
-        for e in &batch {
+/// What a reader gets of a prepared batch, decoded before anything changes:
+/// all or nothing.
+fn decode_batch(batch: &[PreparedEvent]) -> Result<Vec<(Payload, Metadata)>> {
+    batch
+        .iter()
+        .map(|e| {
             let data = Payload::from_json(e.data.clone()).map_err(|source| Error::Encode {
                 what: format!("payload of {}", e.event_type),
                 source,
             })?;
-            decoded.push((data, e.parsed_metadata()?));
-        }
-        let mut st = self.lock();
-        // Idempotency first: a retried batch succeeds whatever `expected` says.
-        let stored: Vec<Option<StoredEvent>> = batch
+            Ok((data, e.parsed_metadata()?))
+        })
+        .collect()
+}
+
+impl State {
+    /// What the store holds under each of the batch's event ids.
+    fn stored_of(&self, batch: &[PreparedEvent]) -> Vec<Option<StoredEvent>> {
+        batch
             .iter()
             .map(|e| {
-                st.ids.get(&e.event_id).map(|&i| {
-                    let r = &st.events[i];
+                self.ids.get(&e.event_id).map(|&i| {
+                    let r = &self.events[i];
                     StoredEvent {
                         stream_id: r.stream_id.clone(),
                         stream_version: r.stream_version,
                         global_position: r.global_position,
                         event_type: r.event_type.clone(),
                         event_version: r.event_version,
-                        fingerprint: Some(st.fingerprints[i]),
+                        fingerprint: Some(self.fingerprints[i]),
                         data: None,
                     }
                 })
             })
-            .collect();
-        if let Some(original) = check_retry(stream, &batch, &stored)? {
-            return Ok(original);
-        }
-        let actual = st
-            .streams
+            .collect()
+    }
+
+    fn head(&self, stream: &StreamId) -> Option<StreamVersion> {
+        self.streams
             .get(stream)
-            .map(|v| StreamVersion(v.len() as u64));
-        if !expected.matches(actual) {
-            return Err(Error::WrongExpectedVersion {
-                stream: stream.clone(),
-                expected,
-                actual,
-            });
-        }
-        let now = Utc::now();
-        let head = actual.map_or(0, |v| v.0);
+            .map(|v| StreamVersion(v.len() as u64))
+    }
+
+    /// Stores a checked batch after the stream's head.
+    fn push_batch(
+        &mut self,
+        stream: &StreamId,
+        batch: Vec<PreparedEvent>,
+        decoded: Vec<(Payload, Metadata)>,
+        now: DateTime<Utc>,
+    ) -> AppendResult {
+        let head = self.head(stream).map_or(0, |v| v.0);
         let mut positions = Vec::with_capacity(batch.len());
         for (i, (e, (data, metadata))) in batch.into_iter().zip(decoded).enumerate() {
-            let idx = st.events.len();
+            let idx = self.events.len();
             let position = GlobalPosition::from_seq(idx as u64 + 1);
             positions.push(position);
-            st.ids.insert(e.event_id, idx);
-            st.streams.entry(stream.clone()).or_default().push(idx);
-            st.fingerprints.push(e.fingerprint);
-            st.events.push(RecordedEvent {
+            self.ids.insert(e.event_id, idx);
+            self.streams.entry(stream.clone()).or_default().push(idx);
+            self.fingerprints.push(e.fingerprint);
+            self.events.push(RecordedEvent {
                 event_id: e.event_id,
                 stream_id: stream.clone(),
                 stream_version: StreamVersion(head + i as u64 + 1),
@@ -153,12 +154,38 @@ impl EventStore for InMemoryStore {
         }
         metrics::counter!("annals_events_appended_total", "backend" => "memory")
             .increment(positions.len() as u64);
-        Ok(AppendResult {
+        AppendResult {
             first_version: StreamVersion(head + 1),
             last_version: StreamVersion(head + positions.len() as u64),
             positions,
             deduplicated: false,
-        })
+        }
+    }
+}
+
+impl EventStore for InMemoryStore {
+    async fn append(
+        &self,
+        stream: &StreamId,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+    ) -> Result<AppendResult> {
+        let batch = prepare_batch(stream, events)?;
+        let decoded = decode_batch(&batch)?;
+        let mut st = self.lock();
+        // Idempotency first: a retried batch succeeds whatever `expected` says.
+        if let Some(original) = check_retry(stream, &batch, &st.stored_of(&batch))? {
+            return Ok(original);
+        }
+        let actual = st.head(stream);
+        if !expected.matches(actual) {
+            return Err(Error::WrongExpectedVersion {
+                stream: stream.clone(),
+                expected,
+                actual,
+            });
+        }
+        Ok(st.push_batch(stream, batch, decoded, Utc::now()))
     }
 
     fn read_stream(&self, stream: &StreamId, options: ReadStream) -> EventStream {
@@ -268,6 +295,41 @@ impl EventStore for InMemoryStore {
     async fn read_event(&self, id: EventId) -> Result<Option<RecordedEvent>> {
         let st = self.lock();
         Ok(st.ids.get(&id).map(|&i| st.events[i].clone()))
+    }
+}
+
+/// One lock over the whole store: the streams need no lock order here.
+impl MultiStreamAppend for InMemoryStore {
+    async fn append_many(&self, batches: Vec<StreamBatch>) -> Result<Vec<AppendResult>> {
+        let batches = prepare_many(batches)?;
+        let decoded = batches
+            .iter()
+            .map(|b| decode_batch(&b.events))
+            .collect::<Result<Vec<_>>>()?;
+        let mut st = self.lock();
+        let retries = batches
+            .iter()
+            .map(|b| check_retry(&b.stream, &b.events, &st.stored_of(&b.events)))
+            .collect::<Result<Vec<_>>>()?;
+        if let Some(originals) = check_retry_many(&batches, retries)? {
+            return Ok(originals);
+        }
+        for b in &batches {
+            let actual = st.head(&b.stream);
+            if !b.expected.matches(actual) {
+                return Err(Error::WrongExpectedVersion {
+                    stream: b.stream.clone(),
+                    expected: b.expected,
+                    actual,
+                });
+            }
+        }
+        let now = Utc::now();
+        Ok(batches
+            .into_iter()
+            .zip(decoded)
+            .map(|(b, d)| st.push_batch(&b.stream, b.events, d, now))
+            .collect())
     }
 }
 

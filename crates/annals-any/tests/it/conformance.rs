@@ -26,6 +26,7 @@ annals_testkit::conformance_suite!(fresh;
     snapshot_admin,
     snapshot_staging,
     snapshot_migration,
+    multi_stream_append,
     checkpoints,
     model,
 );

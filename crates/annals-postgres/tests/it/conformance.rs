@@ -8,6 +8,7 @@ annals_testkit::conformance_suite!(crate::common::fresh_store;
     snapshot_admin,
     snapshot_staging,
     snapshot_migration,
+    multi_stream_append,
     checkpoints,
     model,
 );

@@ -15,6 +15,7 @@ annals_testkit::conformance_suite!(fresh_store;
     snapshot_admin,
     snapshot_staging,
     snapshot_migration,
+    multi_stream_append,
     checkpoints,
     model,
 );
