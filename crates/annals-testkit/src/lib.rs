@@ -182,7 +182,9 @@ macro_rules! conformance_suite {
         $crate::conformance_suite! { $($then)*
             append_many_round_trip,
             append_many_is_all_or_nothing,
+            append_many_checks_each_streams_own_version,
             append_many_retry_is_deduplicated,
+            append_many_lost_reply_retry_applies_once,
             append_many_transfer_between_accounts,
             append_many_global_order,
             append_many_overlapping_calls_never_deadlock,

@@ -89,7 +89,7 @@ pub use idempotency::{
 };
 pub use memory::InMemoryStore;
 pub use multi_stream::{
-    check_retry_many, lock_order, prepare_many, MultiStreamAppend, PreparedStreamBatch, StreamBatch,
+    check_retry_many, prepare_many, MultiStreamAppend, PreparedStreamBatch, StreamBatch,
 };
 pub use repository::{
     decode_snapshot, fold_stream, make_snapshot, Command, CommandContext, CommandError, Executed,

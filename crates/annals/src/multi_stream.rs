@@ -59,8 +59,10 @@ pub struct PreparedStreamBatch {
 
 /// Appending to several streams in one atomic write.
 ///
-/// Optional: see the [module documentation](self) for why. The SQLite,
-/// PostgreSQL and in-memory stores implement it.
+/// Optional, because it needs one transaction across streams, which a
+/// backend built on a log partitioned by stream may not offer; code that
+/// needs the guarantee says so in its bounds (`S: MultiStreamAppend`). The
+/// SQLite, PostgreSQL and in-memory stores implement it.
 pub trait MultiStreamAppend: EventStore {
     /// Appends each batch to its stream if every stream's head satisfies its
     /// batch's `expected`; returns one [`AppendResult`] per batch, in the
@@ -87,10 +89,11 @@ pub trait MultiStreamAppend: EventStore {
     /// - Versions and positions are assigned as [`EventStore::append`]
     ///   assigns them, per stream; across the call, positions increase in
     ///   the order of `batches`. The same caveats on positions apply.
-    /// - No deadlock: streams are locked in one fixed order (sorted; on
-    ///   PostgreSQL by the key of each stream's lock), whatever the order of
-    ///   `batches`, so overlapping calls from many tasks wait for each other
-    ///   instead of deadlocking.
+    /// - No deadlock: overlapping calls from many tasks wait for each other
+    ///   instead of deadlocking, whatever the order of `batches`. A backend
+    ///   that locks streams one at a time takes them in one fixed order
+    ///   (PostgreSQL: increasing advisory-lock key); SQLite and the
+    ///   in-memory store take one lock for the whole call.
     ///
     /// An empty `batches` writes nothing and returns an empty list.
     fn append_many(
@@ -135,15 +138,6 @@ pub fn prepare_many(batches: Vec<StreamBatch>) -> Result<Vec<PreparedStreamBatch
         });
     }
     Ok(out)
-}
-
-/// The order in which a backend locks the batches' streams: indexes into
-/// `batches`, sorted by stream id. Every caller taking locks in this order
-/// is what keeps overlapping calls free of deadlocks.
-pub fn lock_order(batches: &[PreparedStreamBatch]) -> Vec<usize> {
-    let mut order: Vec<usize> = (0..batches.len()).collect();
-    order.sort_by(|&a, &b| batches[a].stream.cmp(&batches[b].stream));
-    order
 }
 
 /// The idempotency decision of an `append_many`, from each batch's own
@@ -208,7 +202,8 @@ mod tests {
             "{shared:?}"
         );
         let ok = prepare_many(vec![batch("B-1", &[a]), batch("A-1", &[b])]).expect("valid");
-        assert_eq!(lock_order(&ok), [1, 0]);
+        let streams: Vec<&str> = ok.iter().map(|b| b.stream.as_str()).collect();
+        assert_eq!(streams, ["B-1", "A-1"], "the caller's order is kept");
     }
 
     #[test]

@@ -11,6 +11,7 @@
 mod appends;
 mod common;
 mod conformance;
+mod many;
 mod migrations;
 mod model;
 mod ordering;
