@@ -52,7 +52,8 @@ fn decode(event_type: &str, p: Payload) -> anyhow::Result<AccountEvent> {
     })
 }
 
-fn encode(e: &AccountEvent) -> (&'static str, Value) {
+/// A typed event as this baseline stores it: type and JSON.
+pub fn encode(e: &AccountEvent) -> (&'static str, Value) {
     match e {
         AccountEvent::Opened { owner } => ("Opened", json!({ "owner": owner })),
         AccountEvent::Deposited { amount } => ("Deposited", json!({ "amount": amount })),

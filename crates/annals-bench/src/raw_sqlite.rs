@@ -41,7 +41,8 @@ fn decode(event_type: &str, data: &str) -> anyhow::Result<AccountEvent> {
     })
 }
 
-fn encode(e: &AccountEvent) -> (&'static str, String) {
+/// A typed event as this baseline stores it: type and JSON text.
+pub fn encode(e: &AccountEvent) -> (&'static str, String) {
     match e {
         AccountEvent::Opened { owner } => {
             ("Opened", serde_json::json!({ "owner": owner }).to_string())

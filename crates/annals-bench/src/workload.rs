@@ -38,7 +38,7 @@ pub struct Sizes {
     /// W3 events per stream (and per commit).
     #[arg(long, default_value_t = 100)]
     pub bulk_stream_len: u64,
-    /// W3m streams per commit (not supported; reported as null).
+    /// W3m streams per atomic write (`append_many`).
     #[arg(long, default_value_t = 10)]
     pub multi_streams: u64,
     /// W4 page size.
