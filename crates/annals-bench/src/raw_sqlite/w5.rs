@@ -17,13 +17,17 @@ use super::{insert_events, load};
 use crate::w5::{backoff, CaseResult, Plan, TaskOutcome, W5Args, RETRY, W5};
 use crate::workload::account_id;
 
-/// The busy timeout of every connection, as in the Annals SQLite store.
-const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+/// The busy timeout of every connection. SQLite's busy handler is not
+/// fair: with 64 writers one of them can wait for seconds while the others
+/// take the lock in turn, so this is longer than the Annals store's 5 s
+/// (which has one writer).
+const BUSY_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// A task's connection. WAL mode is a property of the file (set by the
+/// setup connection); `synchronous` is per connection.
 fn connect(path: &Path) -> anyhow::Result<Connection> {
     let conn = Connection::open(path).with_context(|| format!("open {}", path.display()))?;
     conn.busy_timeout(BUSY_TIMEOUT)?;
-    conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", "FULL")?;
     Ok(conn)
 }
@@ -39,9 +43,12 @@ fn command(conn: &mut Connection, stream: &str) -> anyhow::Result<u32> {
     let mut attempt = 0;
     loop {
         attempt += 1;
-        let (state, version) = load(conn, stream, 0, Account::default())?;
+        let (state, version) = load(conn, stream, 0, Account::default())
+            .with_context(|| format!("raw W5: loading {stream}"))?;
         ensure!(state.open, "raw W5: {stream} not open");
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .with_context(|| format!("raw W5: BEGIN IMMEDIATE for {stream}"))?;
         let moved = tx
             .prepare_cached(
                 "UPDATE streams SET version = ?1 WHERE stream_id = ?2 AND version = ?3",
@@ -54,7 +61,8 @@ fn command(conn: &mut Connection, stream: &str) -> anyhow::Result<u32> {
                 version + 1,
                 &[AccountEvent::Deposited { amount: 100 }],
             )?;
-            tx.commit()?;
+            tx.commit()
+                .with_context(|| format!("raw W5: commit on {stream}"))?;
             return Ok(attempt);
         }
         drop(tx); // rolls back
@@ -69,6 +77,7 @@ fn command(conn: &mut Connection, stream: &str) -> anyhow::Result<u32> {
 pub fn run(path: &Path, args: &W5Args) -> anyhow::Result<W5> {
     let started = Instant::now();
     let mut setup = connect(path)?;
+    setup.pragma_update(None, "journal_mode", "WAL")?;
     setup.execute_batch(&annals_sqlite::SqliteEventStore::schema_sql())?;
     let mut w5 = W5 {
         commands: args.w5_commands,
