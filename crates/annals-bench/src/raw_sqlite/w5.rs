@@ -17,10 +17,12 @@ use super::{insert_events, load};
 use crate::w5::{backoff, CaseResult, Plan, TaskOutcome, W5Args, RETRY, W5};
 use crate::workload::account_id;
 
-/// The busy timeout of every connection. SQLite's busy handler is not
-/// fair: with 64 writers one of them can wait for seconds while the others
-/// take the lock in turn, so this is longer than the Annals store's 5 s
-/// (which has one writer).
+/// The busy timeout of every connection. SQLite's busy handler is not a
+/// queue: a waiter sleeps (1 ms, growing to 100 ms) and tries again, so one
+/// of several writers can wait for seconds while the others take the lock in
+/// turn. This is longer than the Annals store's 5 s (which has one writing
+/// connection) so that such a wait does not end the run; it changes nothing
+/// else, since the sleeps between tries do not depend on it.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// A task's connection. WAL mode is a property of the file (set by the
