@@ -26,7 +26,7 @@ use workload::{Results, Sizes};
 #[derive(Parser, Debug)]
 #[command(
     name = "annals-bench",
-    about = "Runs the standard workload W1-W4 (docs/benchmarks.md) on Annals and raw SQL"
+    about = "Runs the standard workload W1-W5 (docs/benchmarks.md) on Annals and raw SQL"
 )]
 struct Args {
     /// Backend(s) to run.

@@ -28,9 +28,9 @@ pub const COMMANDS_PER_DISTINCT_ACCOUNT: u64 = 10;
 /// doubling, at most 200 ms, with jitter), with enough attempts that no
 /// command of the hot case gives up (a command that did would end the run).
 /// The delays grow with each retry while newcomers start at 2 ms, so an
-/// unlucky command of the hot case can lose many times in a row: 28
-/// attempts were seen with the defaults, which is why this is far above the
-/// library's 8.
+/// unlucky command of the hot case can lose many times in a row (up to 44
+/// attempts were seen on a loaded machine), which is why this is far above
+/// the library's 8.
 pub const RETRY: RetryPolicy = RetryPolicy {
     max_attempts: 100,
     base_delay: Duration::from_millis(2),
