@@ -12,6 +12,7 @@
 mod multi;
 mod raw_pg;
 mod raw_sqlite;
+mod w5;
 mod workload;
 
 use std::path::PathBuf;
@@ -26,7 +27,7 @@ use workload::{Results, Sizes};
 #[derive(Parser, Debug)]
 #[command(
     name = "annals-bench",
-    about = "Runs the standard workload W1-W4 (docs/benchmarks.md) on Annals and raw SQL"
+    about = "Runs the standard workload W1-W5 (docs/benchmarks.md) on Annals and raw SQL"
 )]
 struct Args {
     /// Backend(s) to run.
@@ -47,6 +48,8 @@ struct Args {
     dir: Option<PathBuf>,
     #[command(flatten)]
     sizes: Sizes,
+    #[command(flatten)]
+    w5: w5::W5Args,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -65,7 +68,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     };
     for backend in backends {
         let started = std::time::Instant::now();
-        let (annals, raw) = match backend {
+        let (mut annals, mut raw) = match backend {
             "sqlite" => run_sqlite(&args).await?,
             _ => run_postgres(&args).await?,
         };
@@ -77,6 +80,17 @@ async fn run(args: Args) -> anyhow::Result<()> {
             &args.sizes,
         )
         .await?;
+        // W5 after W4, on fresh stores of its own.
+        if !args.w5.no_w5 {
+            let (a, r) = match backend {
+                "sqlite" => w5::run_sqlite(args.dir.as_deref(), &args.w5, args.no_raw).await?,
+                _ => w5::run_postgres(&args.database_url, &args.w5, args.no_raw).await?,
+            };
+            annals.w5 = Some(a);
+            if let Some(raw) = raw.as_mut() {
+                raw.w5 = r;
+            }
+        }
         let mut line = result_line(
             backend,
             &args.sizes,
@@ -189,6 +203,7 @@ fn result_line(
             "w4": ratio(a.w4.events_per_sec(), r.w4.events_per_sec()),
         });
     }
+    w5::add_to_line(&mut line, a, raw);
     line["w2"]["snapshot_speedup"] = ratio(a.w2.no_snapshot.median(), a.w2.snapshot.median());
     line
 }

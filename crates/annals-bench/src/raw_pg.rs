@@ -3,6 +3,8 @@
 //! backend's own migrations in a separate, fresh schema), one connection,
 //! prepared statements, no pool and no library in between.
 
+pub(crate) mod w5;
+
 use std::collections::HashMap;
 use std::time::Instant;
 

@@ -2,6 +2,8 @@
 //! plain rusqlite on the same schema, with the same durability settings
 //! (WAL, synchronous=FULL), single-threaded with no async runtime in the way.
 
+pub(crate) mod w5;
+
 use std::collections::HashMap;
 use std::path::Path;
 use std::time::Instant;

@@ -200,6 +200,8 @@ pub struct Results {
     pub w4: Throughput,
     /// W4 page.
     pub w4_page: u64,
+    /// W5 (concurrent commands, on a store of its own); `None` when skipped.
+    pub w5: Option<crate::w5::W5>,
 }
 
 fn round(x: f64) -> f64 {

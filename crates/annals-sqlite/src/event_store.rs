@@ -22,7 +22,7 @@
 //! twice over (the page being consumed and the one read ahead).
 //!
 //! An `append_many` ([`annals::MultiStreamAppend`]) is the same steps for
-//! each of its batches inside one such transaction.
+//! each of its batches inside one such savepoint.
 
 use std::sync::Arc;
 
@@ -270,18 +270,17 @@ fn append_job(
     }
 }
 
-/// A whole `append_many`, on the writer thread: one `BEGIN IMMEDIATE`
-/// transaction, which locks the database for writing, so the streams need no
-/// lock order of their own here. Each batch goes through the steps of
-/// [`append_job`] (head, expected version, insert, head update); the first
-/// failure rolls everything back.
+/// A whole `append_many`, on the writer thread, in one savepoint of a group
+/// transaction (`BEGIN IMMEDIATE`, which locks the database for writing, so
+/// the streams need no lock order of their own here). Each batch goes
+/// through the steps of [`append_job`] (head, expected version, insert, head
+/// update); the first failure rolls the savepoint back, so nothing of the
+/// call stays and the other appends of the group are untouched.
 fn append_many_job(
     conn: &mut Connection,
     batches: &[PreparedStreamBatch],
 ) -> Result<Vec<AppendResult>> {
-    let tx = conn
-        .transaction_with_behavior(TransactionBehavior::Immediate)
-        .map_err(db("starting an append"))?;
+    let tx = conn.savepoint().map_err(db("starting an append"))?;
     let mut heads = Vec::with_capacity(batches.len());
     for b in batches {
         let actual = head_version(&tx, &b.stream)?;
@@ -322,9 +321,10 @@ fn append_many_job(
             }
             Err(InsertError::Other(e)) => return Err(e),
             Err(InsertError::Unique(err)) => {
+                // Drop this call's own rows before comparing.
+                let mut tx = tx;
                 tx.rollback().map_err(db("rolling back an append"))?;
-                let check = conn.transaction().map_err(db("starting an id check"))?;
-                return match find_existing_many(&check, batches)? {
+                return match find_existing_many(&tx, batches)? {
                     Some(originals) => Ok(originals),
                     None => Err(map_err(
                         &format!(
@@ -337,9 +337,7 @@ fn append_many_job(
             }
         }
     }
-    tx.commit().map_err(db("committing an append"))?;
-    metrics::counter!("annals_events_appended_total", "backend" => "sqlite")
-        .increment(batches.iter().map(|b| b.events.len() as u64).sum());
+    tx.commit().map_err(db("releasing an append's savepoint"))?;
     Ok(results)
 }
 
@@ -362,9 +360,19 @@ impl annals::MultiStreamAppend for SqliteEventStore {
         if batches.is_empty() {
             return Ok(Vec::new());
         }
-        self.conns()
-            .write(move |conn| append_many_job(conn, &batches))
-            .await
+        let appended = self
+            .conns()
+            .write_in_group(move |conn| append_many_job(conn, &batches))
+            .await?;
+        let new: u64 = appended
+            .iter()
+            .filter(|r| !r.deduplicated)
+            .map(|r| r.positions.len() as u64)
+            .sum();
+        if new > 0 {
+            metrics::counter!("annals_events_appended_total", "backend" => "sqlite").increment(new);
+        }
+        Ok(appended)
     }
 }
 
