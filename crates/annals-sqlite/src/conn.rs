@@ -163,7 +163,7 @@ struct Reader {
 pub(crate) struct Conns {
     writer: mpsc::Sender<WriterJob>,
     readers: Arc<[Reader]>,
-    /// Group transactions committed by the writer (for tests and metrics).
+    /// Group transactions the writer has committed (for the test hooks).
     groups: Arc<AtomicUsize>,
     /// Appends sent to the writer and not yet taken into a group.
     queued: Arc<AtomicUsize>,
@@ -511,15 +511,14 @@ fn writer_loop(
                     }
                 }
                 queued.fetch_sub(group.len(), Ordering::Relaxed);
-                run_group(conn, group);
-                groups.fetch_add(1, Ordering::Relaxed);
+                run_group(conn, group, groups);
             }
         }
     }
 }
 
 /// One group transaction: begin, every member in turn, commit, answer.
-fn run_group(conn: &mut Connection, mut group: Vec<Box<dyn GroupMember>>) {
+fn run_group(conn: &mut Connection, mut group: Vec<Box<dyn GroupMember>>, groups: &AtomicUsize) {
     if let Err(error) = conn.execute_batch("BEGIN IMMEDIATE") {
         let failure = GroupFailure {
             context: "starting an append",
@@ -544,6 +543,8 @@ fn run_group(conn: &mut Connection, mut group: Vec<Box<dyn GroupMember>>) {
         }
     });
     if outcome.is_ok() {
+        // Counted before anybody is answered, so a caller sees its group.
+        groups.fetch_add(1, Ordering::Relaxed);
         metrics::histogram!("annals_sqlite_group_commit_size").record(group.len() as f64);
     }
     for member in group {

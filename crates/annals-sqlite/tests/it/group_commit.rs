@@ -18,18 +18,22 @@ use tokio::task::JoinHandle;
 
 use crate::{ev, fresh_store, sid};
 
-/// Holds the writer thread until the returned sender is used (or dropped).
-fn hold_writer(store: &SqliteEventStore) -> (mpsc::Sender<()>, JoinHandle<()>) {
+/// Holds the writer thread until the returned sender is used (or dropped);
+/// returns once the holding job runs on the writer.
+async fn hold_writer(store: &SqliteEventStore) -> (mpsc::Sender<()>, JoinHandle<()>) {
     let (go, wait) = mpsc::channel::<()>();
+    let (running_tx, running) = tokio::sync::oneshot::channel::<()>();
     let store = store.clone();
     let held = tokio::spawn(async move {
         store
             .test_hook_writer_job(move |_conn| {
+                let _ = running_tx.send(());
                 let _ = wait.recv();
             })
             .await
             .expect("the holding job runs");
     });
+    running.await.expect("the holding job started");
     (go, held)
 }
 
@@ -91,7 +95,7 @@ async fn issue_11_waiting_appends_commit_as_one_group_and_a_bad_one_fails_alone(
         .await
         .expect("append");
 
-    let (go, held) = hold_writer(&store);
+    let (go, held) = hold_writer(&store).await;
     let (groups_before, _) = store.test_hook_group_counters();
     let mut q = 0;
     let good_a = queue(
@@ -225,7 +229,7 @@ async fn issue_11_waiting_appends_commit_as_one_group_and_a_bad_one_fails_alone(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn issue_11_a_member_that_panics_fails_alone() {
     let store = fresh_store().await;
-    let (go, held) = hold_writer(&store);
+    let (go, held) = hold_writer(&store).await;
     let mut q = 0;
     let before = queue(
         &store,
@@ -291,7 +295,7 @@ async fn issue_11_a_member_that_panics_fails_alone() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn issue_11_a_group_whose_commit_fails_fails_every_append_and_writes_nothing() {
     let store = fresh_store().await;
-    let (go, held) = hold_writer(&store);
+    let (go, held) = hold_writer(&store).await;
     let mut q = 0;
     let first = queue(
         &store,
