@@ -22,7 +22,8 @@
 //! twice over (the page being consumed and the one read ahead).
 //!
 //! An `append_many` ([`annals::MultiStreamAppend`]) is the same steps for
-//! each of its batches inside one such transaction.
+//! each of its batches inside one savepoint: one member of a group, all or
+//! nothing.
 
 use std::sync::Arc;
 
@@ -270,24 +271,24 @@ fn append_job(
     }
 }
 
-/// A whole `append_many`, on the writer thread: one `BEGIN IMMEDIATE`
-/// transaction, which locks the database for writing, so the streams need no
-/// lock order of their own here. Each batch goes through the steps of
-/// [`append_job`] (head, expected version, insert, head update); the first
-/// failure rolls everything back.
+/// A whole `append_many`, on the writer thread, as one member of a group
+/// transaction (`Conns::write_in_group`), like [`append_job`]: every batch
+/// goes through its steps (head, expected version, insert, head update)
+/// inside one savepoint, released when every batch is written and rolled
+/// back at the first failure, so the call is all or nothing and leaves the
+/// other members of its group as they were. The writer thread runs one
+/// member at a time, so the streams need no lock order of their own here.
 fn append_many_job(
     conn: &mut Connection,
     batches: &[PreparedStreamBatch],
 ) -> Result<Vec<AppendResult>> {
-    let tx = conn
-        .transaction_with_behavior(TransactionBehavior::Immediate)
-        .map_err(db("starting an append"))?;
+    let sp = conn.savepoint().map_err(db("starting an append"))?;
     let mut heads = Vec::with_capacity(batches.len());
     for b in batches {
-        let actual = head_version(&tx, &b.stream)?;
+        let actual = head_version(&sp, &b.stream)?;
         if !b.expected.matches(actual) {
             // Idempotency first: a retried call succeeds whatever it expected.
-            if let Some(originals) = find_existing_many(&tx, batches)? {
+            if let Some(originals) = find_existing_many(&sp, batches)? {
                 return Ok(originals);
             }
             return Err(annals::Error::WrongExpectedVersion {
@@ -301,10 +302,10 @@ fn append_many_job(
     let recorded_at = now_micros();
     let mut results = Vec::with_capacity(batches.len());
     for (b, head) in batches.iter().zip(heads) {
-        match insert_events(&tx, &b.stream, head, &b.events, recorded_at) {
+        match insert_events(&sp, &b.stream, head, &b.events, recorded_at) {
             Ok(positions) => {
                 let last = head + b.events.len() as u64;
-                tx.prepare_cached(UPSERT_STREAM_SQL)
+                sp.prepare_cached(UPSERT_STREAM_SQL)
                     .and_then(|mut s| {
                         s.execute(rusqlite::params![
                             b.stream.as_str(),
@@ -322,9 +323,11 @@ fn append_many_job(
             }
             Err(InsertError::Other(e)) => return Err(e),
             Err(InsertError::Unique(err)) => {
-                tx.rollback().map_err(db("rolling back an append"))?;
-                let check = conn.transaction().map_err(db("starting an id check"))?;
-                return match find_existing_many(&check, batches)? {
+                // Drop the call's own rows before comparing with what is
+                // stored.
+                let mut sp = sp;
+                sp.rollback().map_err(db("rolling back an append"))?;
+                return match find_existing_many(&sp, batches)? {
                     Some(originals) => Ok(originals),
                     None => Err(map_err(
                         &format!(
@@ -337,9 +340,7 @@ fn append_many_job(
             }
         }
     }
-    tx.commit().map_err(db("committing an append"))?;
-    metrics::counter!("annals_events_appended_total", "backend" => "sqlite")
-        .increment(batches.iter().map(|b| b.events.len() as u64).sum());
+    sp.commit().map_err(db("releasing an append's savepoint"))?;
     Ok(results)
 }
 
@@ -362,9 +363,20 @@ impl annals::MultiStreamAppend for SqliteEventStore {
         if batches.is_empty() {
             return Ok(Vec::new());
         }
-        self.conns()
-            .write(move |conn| append_many_job(conn, &batches))
-            .await
+        let appended = self
+            .conns()
+            .write_in_group(move |conn| append_many_job(conn, &batches))
+            .await?;
+        let fresh: usize = appended
+            .iter()
+            .filter(|r| !r.deduplicated)
+            .map(|r| r.positions.len())
+            .sum();
+        if fresh > 0 {
+            metrics::counter!("annals_events_appended_total", "backend" => "sqlite")
+                .increment(fresh as u64);
+        }
+        Ok(appended)
     }
 }
 
