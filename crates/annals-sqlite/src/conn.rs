@@ -44,7 +44,7 @@
 use std::any::Any;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicIsize, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
@@ -163,10 +163,13 @@ struct Reader {
 pub(crate) struct Conns {
     writer: mpsc::Sender<WriterJob>,
     readers: Arc<[Reader]>,
-    /// Group transactions the writer has committed (for the test hooks).
+    /// Group transactions the writer has run (committed or not; for the
+    /// test hooks).
     groups: Arc<AtomicUsize>,
-    /// Appends sent to the writer and not yet taken into a group.
-    queued: Arc<AtomicUsize>,
+    /// Appends sent to the writer and not yet taken into a group. Counted
+    /// once sent, so that a count of n means n are in the channel; the
+    /// writer may take one before it is counted, hence signed.
+    queued: Arc<AtomicIsize>,
     /// Set once the schema is known to be current; until then every job
     /// checks `annals_migrations` first (on its own thread).
     schema_ok: Arc<AtomicBool>,
@@ -180,7 +183,7 @@ impl Conns {
         let (ready_tx, ready_rx) = oneshot::channel();
         let writer_path = path.to_owned();
         let groups = Arc::new(AtomicUsize::new(0));
-        let queued = Arc::new(AtomicUsize::new(0));
+        let queued = Arc::new(AtomicIsize::new(0));
         let counters = (Arc::clone(&groups), Arc::clone(&queued));
         std::thread::Builder::new()
             .name("annals-sqlite-writer".into())
@@ -295,15 +298,14 @@ impl Conns {
             result: None,
             reply: tx,
         };
-        self.queued.fetch_add(1, Ordering::Relaxed);
         if self
             .writer
             .send(WriterJob::Member(Box::new(member)))
             .is_err()
         {
-            self.queued.fetch_sub(1, Ordering::Relaxed);
             return Err(thread_stopped("writer"));
         }
+        self.queued.fetch_add(1, Ordering::Relaxed);
         rx.await.map_err(|_| thread_stopped("writer"))?
     }
 
@@ -312,7 +314,7 @@ impl Conns {
     pub(crate) fn group_counters(&self) -> (usize, usize) {
         (
             self.groups.load(Ordering::Relaxed),
-            self.queued.load(Ordering::Relaxed),
+            usize::try_from(self.queued.load(Ordering::Relaxed)).unwrap_or(0),
         )
     }
 
@@ -484,7 +486,7 @@ fn writer_loop(
     conn: &mut Connection,
     rx: &mpsc::Receiver<WriterJob>,
     groups: &AtomicUsize,
-    queued: &AtomicUsize,
+    queued: &AtomicIsize,
 ) {
     // A solo job met while gathering a group runs right after that group.
     let mut next: Option<WriterJob> = None;
@@ -510,15 +512,21 @@ fn writer_loop(
                         Err(_) => break,
                     }
                 }
-                queued.fetch_sub(group.len(), Ordering::Relaxed);
-                run_group(conn, group, groups);
+                queued.fetch_sub(
+                    isize::try_from(group.len()).unwrap_or(isize::MAX),
+                    Ordering::Relaxed,
+                );
+                // Counted before its members are answered, so that a caller
+                // who got its answer sees its group counted.
+                groups.fetch_add(1, Ordering::Relaxed);
+                run_group(conn, group);
             }
         }
     }
 }
 
 /// One group transaction: begin, every member in turn, commit, answer.
-fn run_group(conn: &mut Connection, mut group: Vec<Box<dyn GroupMember>>, groups: &AtomicUsize) {
+fn run_group(conn: &mut Connection, mut group: Vec<Box<dyn GroupMember>>) {
     if let Err(error) = conn.execute_batch("BEGIN IMMEDIATE") {
         let failure = GroupFailure {
             context: "starting an append",
@@ -543,8 +551,6 @@ fn run_group(conn: &mut Connection, mut group: Vec<Box<dyn GroupMember>>, groups
         }
     });
     if outcome.is_ok() {
-        // Counted before anybody is answered, so a caller sees its group.
-        groups.fetch_add(1, Ordering::Relaxed);
         metrics::histogram!("annals_sqlite_group_commit_size").record(group.len() as f64);
     }
     for member in group {

@@ -22,7 +22,8 @@
 //! twice over (the page being consumed and the one read ahead).
 //!
 //! An `append_many` ([`annals::MultiStreamAppend`]) is the same steps for
-//! each of its batches inside one such savepoint.
+//! each of its batches inside one savepoint: one member of a group, all or
+//! nothing.
 
 use std::sync::Arc;
 
@@ -270,23 +271,24 @@ fn append_job(
     }
 }
 
-/// A whole `append_many`, on the writer thread, in one savepoint of a group
-/// transaction (`BEGIN IMMEDIATE`, which locks the database for writing, so
-/// the streams need no lock order of their own here). Each batch goes
-/// through the steps of [`append_job`] (head, expected version, insert, head
-/// update); the first failure rolls the savepoint back, so nothing of the
-/// call stays and the other appends of the group are untouched.
+/// A whole `append_many`, on the writer thread, as one member of a group
+/// transaction (`Conns::write_in_group`), like [`append_job`]: every batch
+/// goes through its steps (head, expected version, insert, head update)
+/// inside one savepoint, released when every batch is written and rolled
+/// back at the first failure, so the call is all or nothing and leaves the
+/// other members of its group as they were. The writer thread runs one
+/// member at a time, so the streams need no lock order of their own here.
 fn append_many_job(
     conn: &mut Connection,
     batches: &[PreparedStreamBatch],
 ) -> Result<Vec<AppendResult>> {
-    let tx = conn.savepoint().map_err(db("starting an append"))?;
+    let sp = conn.savepoint().map_err(db("starting an append"))?;
     let mut heads = Vec::with_capacity(batches.len());
     for b in batches {
-        let actual = head_version(&tx, &b.stream)?;
+        let actual = head_version(&sp, &b.stream)?;
         if !b.expected.matches(actual) {
             // Idempotency first: a retried call succeeds whatever it expected.
-            if let Some(originals) = find_existing_many(&tx, batches)? {
+            if let Some(originals) = find_existing_many(&sp, batches)? {
                 return Ok(originals);
             }
             return Err(annals::Error::WrongExpectedVersion {
@@ -300,10 +302,10 @@ fn append_many_job(
     let recorded_at = now_micros();
     let mut results = Vec::with_capacity(batches.len());
     for (b, head) in batches.iter().zip(heads) {
-        match insert_events(&tx, &b.stream, head, &b.events, recorded_at) {
+        match insert_events(&sp, &b.stream, head, &b.events, recorded_at) {
             Ok(positions) => {
                 let last = head + b.events.len() as u64;
-                tx.prepare_cached(UPSERT_STREAM_SQL)
+                sp.prepare_cached(UPSERT_STREAM_SQL)
                     .and_then(|mut s| {
                         s.execute(rusqlite::params![
                             b.stream.as_str(),
@@ -321,10 +323,11 @@ fn append_many_job(
             }
             Err(InsertError::Other(e)) => return Err(e),
             Err(InsertError::Unique(err)) => {
-                // Drop this call's own rows before comparing.
-                let mut tx = tx;
-                tx.rollback().map_err(db("rolling back an append"))?;
-                return match find_existing_many(&tx, batches)? {
+                // Drop the call's own rows before comparing with what is
+                // stored.
+                let mut sp = sp;
+                sp.rollback().map_err(db("rolling back an append"))?;
+                return match find_existing_many(&sp, batches)? {
                     Some(originals) => Ok(originals),
                     None => Err(map_err(
                         &format!(
@@ -337,7 +340,7 @@ fn append_many_job(
             }
         }
     }
-    tx.commit().map_err(db("releasing an append's savepoint"))?;
+    sp.commit().map_err(db("releasing an append's savepoint"))?;
     Ok(results)
 }
 
@@ -364,13 +367,14 @@ impl annals::MultiStreamAppend for SqliteEventStore {
             .conns()
             .write_in_group(move |conn| append_many_job(conn, &batches))
             .await?;
-        let new: u64 = appended
+        let fresh: usize = appended
             .iter()
             .filter(|r| !r.deduplicated)
-            .map(|r| r.positions.len() as u64)
+            .map(|r| r.positions.len())
             .sum();
-        if new > 0 {
-            metrics::counter!("annals_events_appended_total", "backend" => "sqlite").increment(new);
+        if fresh > 0 {
+            metrics::counter!("annals_events_appended_total", "backend" => "sqlite")
+                .increment(fresh as u64);
         }
         Ok(appended)
     }

@@ -15,9 +15,11 @@
 //!
 //! The file is in WAL mode with `synchronous = FULL`: an append is durable
 //! when it returns. One writer thread owns the only writing connection and
-//! runs each append as one `BEGIN IMMEDIATE` transaction, so global positions
+//! runs appends in `BEGIN IMMEDIATE` transactions, so global positions
 //! (the `AUTOINCREMENT` rowid) are assigned in commit order and a `read_all`
-//! reader can never pass an uncommitted event. Reads run on a small pool of
+//! reader can never pass an uncommitted event. Appends that wait for the
+//! writer commit together (group commit: one transaction and one fsync, each
+//! append in its own savepoint, every caller answered after the commit). Reads run on a small pool of
 //! reader threads beside the writer and come back as lazy streams that fetch
 //! `batch_size` rows per round trip (fewer when they hold 4 MiB of text).
 //! Opening a file that is already migrated takes no write lock, so readers

@@ -176,7 +176,7 @@ impl SqliteEventStore {
     }
 
     /// TEST HOOK, not part of the API: the group transactions the writer
-    /// has committed, and the appends queued for the writer and not yet
+    /// has run, and the appends queued for the writer and not yet
     /// taken into a group. The tests use them to gather a group of appends
     /// behind a blocked writer.
     #[doc(hidden)]

@@ -10,7 +10,8 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use annals::{
-    AppendResult, EventId, EventStore, ExpectedVersion, NewEvent, ReadAll, StreamVersion,
+    AppendResult, EventId, EventStore, ExpectedVersion, MultiStreamAppend, NewEvent, ReadAll,
+    StreamBatch, StreamVersion,
 };
 use annals_sqlite::SqliteEventStore;
 use futures::TryStreamExt;
@@ -18,22 +19,23 @@ use tokio::task::JoinHandle;
 
 use crate::{ev, fresh_store, sid};
 
-/// Holds the writer thread until the returned sender is used (or dropped);
-/// returns once the holding job runs on the writer.
+/// Holds the writer thread until the returned sender is used (or dropped).
+/// Returns once the writer runs the holding job, so that whatever is queued
+/// after this waits behind it.
 async fn hold_writer(store: &SqliteEventStore) -> (mpsc::Sender<()>, JoinHandle<()>) {
     let (go, wait) = mpsc::channel::<()>();
-    let (running_tx, running) = tokio::sync::oneshot::channel::<()>();
+    let (holding, is_holding) = tokio::sync::oneshot::channel::<()>();
     let store = store.clone();
     let held = tokio::spawn(async move {
         store
             .test_hook_writer_job(move |_conn| {
-                let _ = running_tx.send(());
+                let _ = holding.send(());
                 let _ = wait.recv();
             })
             .await
             .expect("the holding job runs");
     });
-    running.await.expect("the holding job started");
+    is_holding.await.expect("the writer runs the holding job");
     (go, held)
 }
 
@@ -356,4 +358,116 @@ async fn issue_11_a_group_whose_commit_fails_fails_every_append_and_writes_nothi
         .append(&sid("Next-1"), ExpectedVersion::NoStream, vec![ev("C", 1)])
         .await
         .expect("the next append works");
+}
+
+/// An `append_many` is one member of a group: refused (one stream's
+/// expected version is wrong), it writes nothing on any of its streams and
+/// leaves the others of its group alone; accepted, all its streams commit
+/// with the group, in the group's order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issue_11_append_many_in_a_group_is_all_or_nothing() {
+    let store = fresh_store().await;
+    store
+        .append(&sid("Pm-b"), ExpectedVersion::NoStream, vec![ev("B", 0)])
+        .await
+        .expect("seed");
+    let (go, held) = hold_writer(&store).await;
+    let (groups_before, _) = store.test_hook_group_counters();
+    let mut q = 0;
+    let first = queue(
+        &store,
+        &mut q,
+        "Pm-a",
+        ExpectedVersion::NoStream,
+        vec![ev("A", 1)],
+    )
+    .await;
+    let many = |batches: Vec<StreamBatch>| {
+        let s = store.clone();
+        tokio::spawn(async move { s.append_many(batches).await })
+    };
+    // Pm-a is written by the member before it; Pm-b is at 1, not 5.
+    let refused = many(vec![
+        StreamBatch::new(
+            sid("Pm-a"),
+            ExpectedVersion::Exact(StreamVersion(1)),
+            vec![ev("A", 2)],
+        ),
+        StreamBatch::new(
+            sid("Pm-b"),
+            ExpectedVersion::Exact(StreamVersion(5)),
+            vec![ev("B", 1)],
+        ),
+    ]);
+    q += 1;
+    until_queued(&store, q).await;
+    let accepted = many(vec![
+        StreamBatch::new(
+            sid("Pm-b"),
+            ExpectedVersion::Exact(StreamVersion(1)),
+            vec![ev("B", 2), ev("B", 3)],
+        ),
+        StreamBatch::new(
+            sid("Pm-a"),
+            ExpectedVersion::Exact(StreamVersion(1)),
+            vec![ev("A", 3)],
+        ),
+    ]);
+    q += 1;
+    until_queued(&store, q).await;
+    let last = queue(
+        &store,
+        &mut q,
+        "Pm-c",
+        ExpectedVersion::NoStream,
+        vec![ev("C", 1)],
+    )
+    .await;
+    go.send(()).expect("release the writer");
+    held.await.expect("holding task");
+
+    first.await.expect("task").expect("append before");
+    match refused.await.expect("task") {
+        Err(annals::Error::WrongExpectedVersion { stream, actual, .. }) => {
+            assert_eq!(stream, sid("Pm-b"));
+            assert_eq!(actual, Some(StreamVersion(1)));
+        }
+        other => panic!("expected a conflict on Pm-b, got {other:?}"),
+    }
+    let done = accepted.await.expect("task").expect("append_many");
+    last.await.expect("task").expect("append after");
+    assert_eq!(store.test_hook_group_counters().0, groups_before + 1);
+    let heads: Vec<(u64, u64)> = done
+        .iter()
+        .map(|r| (r.first_version.get(), r.last_version.get()))
+        .collect();
+    assert_eq!(heads, [(2, 3), (2, 2)]);
+    let order: Vec<(String, u64, i64)> = store
+        .read_all(ReadAll::default())
+        .try_collect::<Vec<_>>()
+        .await
+        .expect("read all")
+        .iter()
+        .map(|e| {
+            (
+                e.stream_id.to_string(),
+                e.stream_version.get(),
+                e.data.to_value().expect("payload")["n"]
+                    .as_i64()
+                    .expect("n"),
+            )
+        })
+        .collect();
+    let want: Vec<(String, u64, i64)> = [
+        ("Pm-b", 1, 0),
+        ("Pm-a", 1, 1),
+        ("Pm-b", 2, 2),
+        ("Pm-b", 3, 3),
+        ("Pm-a", 2, 3),
+        ("Pm-c", 1, 1),
+    ]
+    .iter()
+    .map(|(s, v, n)| (s.to_string(), *v, *n))
+    .collect();
+    assert_eq!(order, want, "the refused call must write nothing");
 }
