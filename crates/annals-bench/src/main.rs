@@ -80,7 +80,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             &args.sizes,
         )
         .await?;
-        // W5 after W4, on fresh stores of its own.
+        // W5 after W4 and W3m, on fresh stores of its own.
         if !args.w5.no_w5 {
             let (a, r) = match backend {
                 "sqlite" => w5::run_sqlite(args.dir.as_deref(), &args.w5, args.no_raw).await?,

@@ -4,9 +4,10 @@
 //! three cases: (a) T = 8 and T = 64 on accounts of their own, (b) T = 64 on
 //! a few hot accounts, where commands conflict and retry.
 //!
-//! W5 runs after W4 on a fresh store of its own (so W1-W4 and W4's data set
-//! are unchanged), and the raw baselines (`raw_sqlite::w5`, `raw_pg::w5`) run
-//! the same cases, in the same run, with the same retry schedule.
+//! W5 runs last (after W4 and W3m) on a fresh store of its own (so W1-W4
+//! and W4's data set are unchanged), and the raw baselines
+//! (`raw_sqlite::w5`, `raw_pg::w5`) run the same cases, in the same run,
+//! with the same retry schedule.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
