@@ -69,9 +69,10 @@ use annals::{
     SnapshotStaging, SnapshotStore, SnapshotWrite, StaleSnapshot, StoreStats, StreamCatalog,
     StreamId, StreamInfo, StreamVersion,
 };
-use annals::{ClockSkew, LongTransaction, StreamVersionIssue};
+use annals::{ClockSkew, LongTransaction, StorageSize, StreamVersionIssue};
 use annals_postgres::{PgEventStore, PgOptions};
 use annals_sqlite::{SqliteEventStore, SqliteOptions};
+use chrono::{DateTime, Utc};
 use futures::stream::BoxStream;
 
 /// A backend: the crate behind a store (`annals schema --backend` takes its
@@ -306,6 +307,15 @@ impl AnyStore {
         }
     }
 
+    /// The disk the store takes (see [`StorageSize`]): the SQLite file, or
+    /// the PostgreSQL schema's tables and the whole database.
+    pub async fn storage_size(&self) -> Result<StorageSize> {
+        match self {
+            AnyStore::Sqlite(s) => s.storage_size().await,
+            AnyStore::Postgres(s) => s.storage_size().await,
+        }
+    }
+
     /// On PostgreSQL, the transactions open for at least `min_age` that hold
     /// back the horizon or vacuum (see [`LongTransaction`]), at most `limit`
     /// of them. SQLite has no such horizon (one writer at a time, readers on
@@ -371,6 +381,14 @@ impl StreamCatalog for AnyStore {
 
     async fn stats(&self) -> Result<StoreStats> {
         delegate!(self, s => s.stats().await)
+    }
+
+    async fn largest_streams(&self, limit: usize) -> Result<Vec<StreamInfo>> {
+        delegate!(self, s => s.largest_streams(limit).await)
+    }
+
+    async fn events_recorded_since(&self, since: DateTime<Utc>) -> Result<u64> {
+        delegate!(self, s => s.events_recorded_since(since).await)
     }
 }
 

@@ -102,6 +102,7 @@ mod cli;
 mod commands;
 mod demo;
 mod output;
+mod read;
 mod registry;
 mod snapshots;
 mod store;

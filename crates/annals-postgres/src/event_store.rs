@@ -30,6 +30,7 @@ use annals::{
     PreparedEvent, ReadAll, ReadStream, RecordedEvent, Result, StoreStats, StoredEvent, StreamId,
     StreamInfo, StreamVersion,
 };
+use chrono::{DateTime, Utc};
 use deadpool_postgres::Client;
 use futures::stream::BoxStream;
 use tokio::time::Instant;
@@ -134,6 +135,60 @@ const READ_ALL_CATEGORIES: &str = concat!(
      ORDER BY e.tx_id, e.seq LIMIT $3"
 );
 
+/// The `read_all` queries with `ReadAll::since` / `until` (the parameters
+/// after the others; NULL for a bound not given). Separate statements, so
+/// that the unbounded feed keeps its plain plan.
+macro_rules! recorded_between {
+    ($alias:literal, $since:literal, $until:literal) => {
+        concat!(
+            " AND ($",
+            $since,
+            "::timestamptz IS NULL OR ",
+            $alias,
+            ".recorded_at >= $",
+            $since,
+            ") AND ($",
+            $until,
+            "::timestamptz IS NULL OR ",
+            $alias,
+            ".recorded_at <= $",
+            $until,
+            ")"
+        )
+    };
+}
+
+const READ_ALL_TIMED: &str = concat!(
+    "SELECT ",
+    event_columns!(),
+    " FROM events e WHERE ",
+    below_horizon!("e"),
+    recorded_between!("e", "4", "5"),
+    " ORDER BY e.tx_id, e.seq LIMIT $3"
+);
+
+const READ_ALL_TYPES_TIMED: &str = concat!(
+    "SELECT ",
+    event_columns!(),
+    " FROM events e WHERE ",
+    below_horizon!("e"),
+    " AND e.event_type = ANY($4)",
+    recorded_between!("e", "5", "6"),
+    " ORDER BY e.tx_id, e.seq LIMIT $3"
+);
+
+const READ_ALL_CATEGORIES_TIMED: &str = concat!(
+    "SELECT ",
+    event_columns!(),
+    " FROM unnest($4::text[]) AS c(category) CROSS JOIN LATERAL (\
+     SELECT * FROM events i WHERE i.category = c.category AND ",
+    below_horizon!("i"),
+    " AND (cardinality($5::text[]) = 0 OR i.event_type = ANY($5))",
+    recorded_between!("i", "6", "7"),
+    " ORDER BY i.tx_id, i.seq LIMIT $3) e \
+     ORDER BY e.tx_id, e.seq LIMIT $3"
+);
+
 /// What is held back after a position: the newest transaction with events
 /// after it, and the horizon now. Called with the last position a page
 /// delivered: any row after it was held back when the page was read (or
@@ -146,6 +201,12 @@ const HELD_BACK_SQL: &str = "SELECT max(e.tx_id)::text::bigint, \
 const HEAD_SQL: &str = "SELECT e.tx_id::text::bigint, e.seq FROM events e \
      WHERE e.tx_id < pg_snapshot_xmin(pg_current_snapshot()) \
      ORDER BY e.tx_id DESC, e.seq DESC LIMIT 1";
+
+const LARGEST_STREAMS_SQL: &str = "SELECT stream_id, version FROM streams \
+     ORDER BY version DESC, stream_id LIMIT $1";
+
+/// A range count on the recorded_at index.
+const RECORDED_SINCE_SQL: &str = "SELECT count(*) FROM events WHERE recorded_at >= $1";
 
 const LIST_STREAMS_SQL: &str = "SELECT stream_id, version FROM streams \
      WHERE category = $1 AND stream_id > $2 ORDER BY stream_id LIMIT $3";
@@ -292,6 +353,7 @@ impl EventStore for PgEventStore {
         categories.sort();
         categories.dedup();
         let event_types = options.event_types;
+        let (since, until) = (options.since, options.until);
         let budget = budget(self.inner.page_bytes);
         paged(
             ((tx, seq), 0u64, PageRows::new(self.inner.batch_size)),
@@ -310,6 +372,8 @@ impl EventStore for PgEventStore {
                         budget,
                         categories: &categories,
                         event_types: &event_types,
+                        since,
+                        until,
                     };
                     let (rows, cut) = store.read_all_page(&page).await?;
                     let mut last_stream = None;
@@ -499,6 +563,8 @@ struct Page<'a> {
     budget: usize,
     categories: &'a [String],
     event_types: &'a [String],
+    since: Option<DateTime<Utc>>,
+    until: Option<DateTime<Utc>>,
 }
 
 impl Page<'_> {
@@ -506,7 +572,42 @@ impl Page<'_> {
     async fn fetch(&self, client: &Client) -> Result<(Vec<tokio_postgres::Row>, bool)> {
         let (tx, seq) = self.after;
         let what = "cannot read all events";
-        let page = if !self.categories.is_empty() {
+        let timed = self.since.is_some() || self.until.is_some();
+        let page = if timed {
+            let (sql, params): (&str, Vec<&(dyn ToSql + Sync)>) = if !self.categories.is_empty() {
+                (
+                    READ_ALL_CATEGORIES_TIMED,
+                    vec![
+                        &tx,
+                        &seq,
+                        &self.want,
+                        &self.categories,
+                        &self.event_types,
+                        &self.since,
+                        &self.until,
+                    ],
+                )
+            } else if !self.event_types.is_empty() {
+                (
+                    READ_ALL_TYPES_TIMED,
+                    vec![
+                        &tx,
+                        &seq,
+                        &self.want,
+                        &self.event_types,
+                        &self.since,
+                        &self.until,
+                    ],
+                )
+            } else {
+                (
+                    READ_ALL_TIMED,
+                    vec![&tx, &seq, &self.want, &self.since, &self.until],
+                )
+            };
+            let stmt = client.prepare_cached(sql).await.context(what)?;
+            collect_page(client, &stmt, &params, self.budget).await
+        } else if !self.categories.is_empty() {
             let stmt = client
                 .prepare_cached(READ_ALL_CATEGORIES)
                 .await
@@ -834,6 +935,36 @@ impl annals::StreamCatalog for PgEventStore {
             last_recorded_at,
         })
     }
+
+    async fn largest_streams(&self, limit: usize) -> Result<Vec<StreamInfo>> {
+        let what = "cannot list the largest streams";
+        let want = to_i64(limit as u64);
+        let rows = with_client!(self, Lane::Any, "list the largest streams", |client| {
+            query(client, LARGEST_STREAMS_SQL, &[&want], what).await
+        })?;
+        rows.iter()
+            .map(|row| {
+                let name: &str = row.try_get(0).context(what)?;
+                let version: i64 = row.try_get(1).context(what)?;
+                Ok(StreamInfo {
+                    stream_id: StreamId::parse(name)
+                        .map_err(|e| backend(format!("stream {name:?} has an invalid name"), e))?,
+                    version: StreamVersion(count(version)),
+                })
+            })
+            .collect()
+    }
+
+    async fn events_recorded_since(&self, since: DateTime<Utc>) -> Result<u64> {
+        let what = "cannot count recent events";
+        let rows = with_client!(self, Lane::Any, "count recent events", |client| {
+            query(client, RECORDED_SINCE_SQL, &[&since], what).await
+        })?;
+        let row = rows
+            .first()
+            .ok_or_else(|| backend_msg("the count of recent events returned no row"))?;
+        Ok(count(row.try_get(0).context(what)?))
+    }
 }
 
 #[cfg(test)]
@@ -842,7 +973,14 @@ mod tests {
 
     #[test]
     fn read_all_queries_share_the_horizon() {
-        for sql in [READ_ALL, READ_ALL_TYPES, READ_ALL_CATEGORIES] {
+        for sql in [
+            READ_ALL,
+            READ_ALL_TYPES,
+            READ_ALL_CATEGORIES,
+            READ_ALL_TIMED,
+            READ_ALL_TYPES_TIMED,
+            READ_ALL_CATEGORIES_TIMED,
+        ] {
             assert!(sql.contains("tx_id < pg_snapshot_xmin(pg_current_snapshot())"));
             assert!(sql.contains("($1::bigint::text::xid8, $2)"));
             assert!(sql.contains("LIMIT $3"));

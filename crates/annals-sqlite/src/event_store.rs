@@ -29,6 +29,7 @@ use annals::{
     PreparedEvent, ReadAll, ReadStream, RecordedEvent, Result, StoreStats, StoredEvent, StreamId,
     StreamInfo, StreamVersion,
 };
+use chrono::{DateTime, Utc};
 use futures::stream::BoxStream;
 use rusqlite::{Connection, OptionalExtension, ToSql};
 
@@ -278,7 +279,17 @@ struct StreamCursor {
 struct AllCursor {
     after: i64,
     remaining: u64,
+    /// Whether the first page is still to skip ahead to the first event
+    /// recorded at or after `ReadAll::since` (see [`read_all_page`]).
+    seek_since: bool,
 }
+
+/// The lowest position recorded at or after `?1`: one range scan of the
+/// recorded_at index (named, because SQLite's MIN optimization would rather
+/// walk the table from position 1 until the first match, which is the whole
+/// log before a recent `since`).
+const FIRST_SINCE_SQL: &str =
+    "SELECT MIN(position) FROM events INDEXED BY events_recorded_at WHERE recorded_at >= ?1";
 
 fn read_stream_page(
     conn: &Connection,
@@ -350,6 +361,17 @@ fn read_all_sql(options: &ReadAll) -> String {
     };
     list(&mut sql, "category", options.categories.len());
     list(&mut sql, "event_type", options.event_types.len());
+    // Filters, not the access path: `+recorded_at` keeps the planner off
+    // the recorded_at index, which would read every event of the window and
+    // sort it again for each page; the walk stays in position order.
+    if options.since.is_some() {
+        sql.push_str(&format!(" AND +recorded_at >= ?{n}"));
+        n += 1;
+    }
+    if options.until.is_some() {
+        sql.push_str(&format!(" AND +recorded_at <= ?{n}"));
+        n += 1;
+    }
     sql.push_str(&format!(" ORDER BY position ASC LIMIT ?{n}"));
     sql
 }
@@ -362,13 +384,32 @@ fn read_all_page(
     max_bytes: usize,
     cursor: AllCursor,
 ) -> Result<(RawEvents, Option<AllCursor>)> {
+    let mut cursor = cursor;
+    let since = options.since.map(to_micros);
+    if let (true, Some(since)) = (cursor.seek_since, since) {
+        // Positions follow commit order on SQLite, so no event recorded at
+        // or after `since` can appear below the first one stored now: the
+        // walk starts there instead of filtering the whole log before it.
+        let first: Option<i64> = conn
+            .prepare_cached(FIRST_SINCE_SQL)
+            .and_then(|mut s| s.query_row([since], |r| r.get(0)))
+            .map_err(db("seeking the first event since an instant"))?;
+        match first {
+            Some(first) => cursor.after = cursor.after.max(first - 1),
+            None => return Ok((RawEvents::empty(), None)),
+        }
+        cursor.seek_since = false;
+    }
     let want = cursor.remaining.min(batch);
     let limit = sql_int(want);
+    let until = options.until.map(to_micros);
     let mut params: Vec<&dyn ToSql> =
-        Vec::with_capacity(2 + options.categories.len() + options.event_types.len());
+        Vec::with_capacity(4 + options.categories.len() + options.event_types.len());
     params.push(&cursor.after);
     params.extend(options.categories.iter().map(|c| c as &dyn ToSql));
     params.extend(options.event_types.iter().map(|t| t as &dyn ToSql));
+    params.extend(since.iter().map(|t| t as &dyn ToSql));
+    params.extend(until.iter().map(|t| t as &dyn ToSql));
     params.push(&limit);
     let mut stmt = conn
         .prepare_cached(sql)
@@ -384,6 +425,7 @@ fn read_all_page(
             Some(AllCursor {
                 after: position,
                 remaining: cursor.remaining - n,
+                seek_since: false,
             })
         }
         _ => None,
@@ -433,6 +475,49 @@ impl annals::StreamCatalog for SqliteEventStore {
     async fn stats(&self) -> Result<StoreStats> {
         self.conns().read(stats_job).await
     }
+
+    async fn largest_streams(&self, limit: usize) -> Result<Vec<StreamInfo>> {
+        let limit = sql_int(limit as u64);
+        self.conns()
+            .read(move |conn| largest_streams(conn, limit))
+            .await
+    }
+
+    async fn events_recorded_since(&self, since: DateTime<Utc>) -> Result<u64> {
+        let since = to_micros(since);
+        self.conns()
+            .read(move |conn| {
+                // A range count on the recorded_at index.
+                conn.prepare_cached("SELECT COUNT(*) FROM events WHERE recorded_at >= ?1")
+                    .and_then(|mut s| s.query_row([since], |r| r.get::<_, i64>(0)))
+                    .map(|n| u64::try_from(n).unwrap_or(0))
+                    .map_err(db("counting recent events"))
+            })
+            .await
+    }
+}
+
+const LARGEST_STREAMS_SQL: &str = "SELECT stream_id, version FROM streams \
+    ORDER BY version DESC, stream_id ASC LIMIT ?1";
+
+fn largest_streams(conn: &Connection, limit: i64) -> Result<Vec<StreamInfo>> {
+    let what = "listing the largest streams";
+    let mut stmt = conn.prepare_cached(LARGEST_STREAMS_SQL).map_err(db(what))?;
+    let mut rows = stmt.query([limit]).map_err(db(what))?;
+    let mut infos = Vec::new();
+    while let Some(r) = rows.next().map_err(db(what))? {
+        let name: String = r.get(0).map_err(db(what))?;
+        let stream_id = StreamId::parse(&name)
+            .map_err(|e| corrupt(format!("streams row {name:?}: invalid stream_id"), e))?;
+        let version: i64 = r.get(1).map_err(db(what))?;
+        let version = u64::try_from(version)
+            .map_err(|e| corrupt(format!("streams row {stream_id}: negative version"), e))?;
+        infos.push(StreamInfo {
+            stream_id,
+            version: StreamVersion(version),
+        });
+    }
+    Ok(infos)
 }
 
 fn stats_job(conn: &Connection) -> Result<StoreStats> {
@@ -545,6 +630,7 @@ impl EventStore for SqliteEventStore {
         let cursor = AllCursor {
             after: sql_int(options.after.seq()),
             remaining: options.limit.unwrap_or(u64::MAX),
+            seek_since: options.since.is_some(),
         };
         if cursor.remaining == 0 {
             return Box::pin(futures::stream::empty());
@@ -611,6 +697,15 @@ mod tests {
         );
         assert!(read_all_sql(&ReadAll::from_start())
             .ends_with("position > ?1 ORDER BY position ASC LIMIT ?2"));
+        let t = chrono::DateTime::<chrono::Utc>::UNIX_EPOCH;
+        assert!(
+            read_all_sql(&ReadAll::from_start().event_types(["X"]).since(t).until(t)).ends_with(
+                "event_type IN (?2) AND +recorded_at >= ?3 AND +recorded_at <= ?4 \
+                 ORDER BY position ASC LIMIT ?5"
+            )
+        );
+        assert!(read_all_sql(&ReadAll::from_start().until(t))
+            .ends_with("position > ?1 AND +recorded_at <= ?2 ORDER BY position ASC LIMIT ?3"));
     }
 
     /// A migrated in-memory database holding `n` events of about `size`
@@ -716,6 +811,7 @@ mod tests {
             Some(AllCursor {
                 after: 0,
                 remaining: u64::MAX,
+                seek_since: false,
             }),
             |c| read_all_page(&conn, &sql, &options, 100, budget, c),
         );
@@ -729,6 +825,7 @@ mod tests {
             Some(AllCursor {
                 after: 0,
                 remaining: u64::MAX,
+                seek_since: false,
             }),
             |c| read_all_page(&conn, &sql, &options, 100, budget, c),
         );

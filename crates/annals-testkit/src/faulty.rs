@@ -204,4 +204,10 @@ impl<S: StreamCatalog> StreamCatalog for FaultyStore<S> {
     async fn stats(&self) -> Result<StoreStats> {
         self.inner.stats().await
     }
+    async fn largest_streams(&self, limit: usize) -> Result<Vec<StreamInfo>> {
+        self.inner.largest_streams(limit).await
+    }
+    async fn events_recorded_since(&self, since: chrono::DateTime<chrono::Utc>) -> Result<u64> {
+        self.inner.events_recorded_since(since).await
+    }
 }

@@ -112,6 +112,8 @@ macro_rules! conformance_suite {
             reads_cross_batch_boundaries,
             time_travel,
             read_all_filters,
+            read_all_by_recorded_at,
+            repository_load_as_of,
             repository_commands,
             repository_retries_on_conflict,
             repository_metadata_flow,
@@ -133,6 +135,7 @@ macro_rules! conformance_suite {
     (@group stream_catalog, $($then:tt)*) => {
         $crate::conformance_suite! { $($then)*
             stream_listing_and_stats,
+            largest_streams_and_recent_events,
         }
     };
     (@group snapshot_store, $($then:tt)*) => {

@@ -29,6 +29,8 @@ mod commands;
 pub use commands::*;
 mod numbers;
 pub use numbers::*;
+mod inspection;
+pub use inspection::*;
 
 fn sid(name: &str) -> StreamId {
     StreamId::parse(name).expect("valid stream name")

@@ -755,4 +755,28 @@ impl crate::StreamCatalog for InMemoryStore {
             last_recorded_at: st.events.iter().map(|e| e.recorded_at).max(),
         })
     }
+
+    async fn largest_streams(&self, limit: usize) -> Result<Vec<StreamInfo>> {
+        let st = self.lock();
+        let mut infos: Vec<StreamInfo> = st
+            .streams
+            .iter()
+            .map(|(s, v)| StreamInfo {
+                stream_id: s.clone(),
+                version: StreamVersion(v.len() as u64),
+            })
+            .collect();
+        infos.sort_by(|a, b| {
+            b.version
+                .cmp(&a.version)
+                .then_with(|| a.stream_id.as_str().cmp(b.stream_id.as_str()))
+        });
+        infos.truncate(limit);
+        Ok(infos)
+    }
+
+    async fn events_recorded_since(&self, since: DateTime<Utc>) -> Result<u64> {
+        let st = self.lock();
+        Ok(st.events.iter().filter(|e| e.recorded_at >= since).count() as u64)
+    }
 }
