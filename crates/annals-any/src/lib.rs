@@ -74,6 +74,7 @@ use annals_postgres::{PgEventStore, PgOptions};
 use annals_sqlite::{SqliteEventStore, SqliteOptions};
 use chrono::{DateTime, Utc};
 use futures::stream::BoxStream;
+use uuid::Uuid;
 
 /// A backend: the crate behind a store (`annals schema --backend` takes its
 /// name).
@@ -307,7 +308,7 @@ impl AnyStore {
         }
     }
 
-    /// The disk the store takes (see [`StorageSize`]): the SQLite file, or
+    /// The disk the store takes (see [`StorageSize`]): the SQLite database, or
     /// the PostgreSQL schema's tables and the whole database.
     pub async fn storage_size(&self) -> Result<StorageSize> {
         match self {
@@ -381,6 +382,14 @@ impl StreamCatalog for AnyStore {
 
     async fn stats(&self) -> Result<StoreStats> {
         delegate!(self, s => s.stats().await)
+    }
+
+    fn read_correlated(&self, correlation_id: Uuid, limit: Option<u64>) -> EventStream {
+        delegate!(self, s => s.read_correlated(correlation_id, limit))
+    }
+
+    fn read_caused_by(&self, causation_id: Uuid, limit: Option<u64>) -> EventStream {
+        delegate!(self, s => s.read_caused_by(causation_id, limit))
     }
 
     async fn largest_streams(&self, limit: usize) -> Result<Vec<StreamInfo>> {

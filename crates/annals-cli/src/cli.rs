@@ -92,6 +92,9 @@ pub(crate) enum Command {
     Stats(StatsArgs),
     /// Show an aggregate's state, version and how it was loaded.
     Aggregate(AggregateArgs),
+    /// Show one event (by id or global position) with its metadata, the
+    /// events it caused, and the rest of its correlation as a tree.
+    Event(EventArgs),
     /// Run the bank example: open accounts, deposit and withdraw through the
     /// repository, then print balances and check the totals.
     Demo(DemoArgs),
@@ -544,6 +547,30 @@ pub(crate) struct AggregateArgs {
 }
 
 #[derive(Args, Debug)]
+pub(crate) struct EventArgs {
+    /// The event's id (a UUID) or its global position (`N` or `COMMIT:SEQ`,
+    /// as printed in the POSITION column).
+    #[arg(value_name = "ID|POSITION", value_parser = parse_event_ref)]
+    pub(crate) event: EventRef,
+    /// At most this many events of its correlation, and of the events it
+    /// caused, are shown (the rest are counted).
+    #[arg(long, value_name = "N", default_value = "1000", value_parser = parse_count, allow_hyphen_values = true)]
+    pub(crate) limit: u64,
+    /// Print one JSON object.
+    #[arg(long)]
+    pub(crate) json: bool,
+}
+
+/// How `annals event` names an event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum EventRef {
+    /// By its id.
+    Id(annals::EventId),
+    /// By its global position.
+    Position(GlobalPosition),
+}
+
+#[derive(Args, Debug)]
 pub(crate) struct DemoArgs {
     /// Accounts to open.
     #[arg(long, default_value = "5", value_name = "N", value_parser = clap::value_parser!(u32).range(1..=10_000))]
@@ -728,6 +755,20 @@ fn parse_position(s: &str) -> Result<GlobalPosition, String> {
     s.parse::<GlobalPosition>().map_err(|e| e.to_string())
 }
 
+fn parse_event_ref(s: &str) -> Result<EventRef, String> {
+    let t = s.trim();
+    if let Ok(id) = uuid::Uuid::parse_str(t) {
+        return Ok(EventRef::Id(annals::EventId(id)));
+    }
+    t.parse::<GlobalPosition>()
+        .map(EventRef::Position)
+        .map_err(|_| {
+            format!(
+                "expected an event id (a UUID) or a global position (N or COMMIT:SEQ), got {s:?}"
+            )
+        })
+}
+
 fn parse_time(s: &str) -> Result<DateTime<Utc>, String> {
     DateTime::parse_from_rfc3339(s.trim())
         .map(|t| t.with_timezone(&Utc))
@@ -781,6 +822,19 @@ mod tests {
         assert_eq!(parse_percent("50%"), Ok(50.0));
         assert!(parse_max_findings("0").is_err());
         assert!(parse_poll_interval("1ms").is_err());
+        assert_eq!(
+            parse_event_ref("12"),
+            Ok(EventRef::Position(GlobalPosition::from_seq(12)))
+        );
+        assert_eq!(
+            parse_event_ref("7:3"),
+            Ok(EventRef::Position(GlobalPosition::new(7, 3)))
+        );
+        assert!(matches!(
+            parse_event_ref("0190a1b2-0000-7000-8000-000000000001"),
+            Ok(EventRef::Id(_))
+        ));
+        assert!(parse_event_ref("last").is_err());
         assert_eq!(parse_poll_interval("250ms"), Ok(ms(250)));
     }
 }

@@ -15,7 +15,7 @@ use crate::cli::{AggregateArgs, AppendArgs, Command, JsonInput, StatsArgs};
 use crate::output::{json_line, timestamp, EventPrinter, Table};
 use crate::registry::LoadRequest;
 use crate::store::{Backend, DatabaseUrl, OpenOptions};
-use crate::{check, demo, read, snapshots, AggregateOps, AnyStore, App, Outcome};
+use crate::{check, demo, event, read, snapshots, AggregateOps, AnyStore, App, Outcome};
 
 /// What every command that touches the database needs.
 pub(crate) struct Env<'a> {
@@ -69,6 +69,7 @@ pub(crate) async fn dispatch(env: Env<'_>, command: Command) -> anyhow::Result<O
         Command::ReadAll(args) => read::read_all(env, args).await,
         Command::Stats(args) => stats(env, args).await,
         Command::Aggregate(args) => aggregate(env, args).await,
+        Command::Event(args) => event::run(env, args).await,
         Command::Demo(args) => {
             let url = env.database_url()?;
             let store = env.open(true).await?;

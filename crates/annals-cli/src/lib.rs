@@ -101,6 +101,7 @@ mod check;
 mod cli;
 mod commands;
 mod demo;
+mod event;
 mod output;
 mod read;
 mod registry;

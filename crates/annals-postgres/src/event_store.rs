@@ -202,6 +202,76 @@ const HEAD_SQL: &str = "SELECT e.tx_id::text::bigint, e.seq FROM events e \
      WHERE e.tx_id < pg_snapshot_xmin(pg_current_snapshot()) \
      ORDER BY e.tx_id DESC, e.seq DESC LIMIT 1";
 
+/// The events of one correlation in global order, after a position (on
+/// `events_correlation_idx`). Committed rows, without the horizon: a lookup,
+/// like `read_event`.
+const READ_CORRELATED_SQL: &str = concat!(
+    "SELECT ",
+    event_columns!(),
+    " FROM events e WHERE e.metadata->>'correlation_id' = $1 \
+     AND (e.tx_id, e.seq) > ($2::bigint::text::xid8, $3) \
+     ORDER BY e.tx_id, e.seq LIMIT $4"
+);
+
+/// The events one event (or command) caused (on `events_causation_idx`).
+const READ_CAUSED_BY_SQL: &str = concat!(
+    "SELECT ",
+    event_columns!(),
+    " FROM events e WHERE e.metadata->>'causation_id' = $1 \
+     AND (e.tx_id, e.seq) > ($2::bigint::text::xid8, $3) \
+     ORDER BY e.tx_id, e.seq LIMIT $4"
+);
+
+impl PgEventStore {
+    /// The events whose metadata holds `id` under the key `sql` looks up, a
+    /// page at a time.
+    fn read_related(&self, sql: &'static str, id: Uuid, limit: Option<u64>) -> EventStream {
+        let store = self.clone();
+        let limit = limit.unwrap_or(u64::MAX);
+        // Canonical JSON writes a UUID lowercase and hyphenated.
+        let id = id.hyphenated().to_string();
+        let budget = budget(self.inner.page_bytes);
+        paged(
+            ((0i64, 0i64), 0u64, PageRows::new(self.inner.batch_size)),
+            move |(cursor, taken, rows_limit): ((i64, i64), u64, PageRows)| {
+                let store = store.clone();
+                let id = id.clone();
+                async move {
+                    if taken >= limit {
+                        return Ok((Vec::new(), None));
+                    }
+                    let want = (limit - taken).min(rows_limit.rows()) as i64;
+                    let what = "cannot read events by metadata";
+                    let (rows, cut) =
+                        with_client!(store, Lane::Any, "read events by metadata", |client| {
+                            let stmt = client.prepare_cached(sql).await.context(what)?;
+                            collect_page(client, &stmt, &[&id, &cursor.0, &cursor.1, &want], budget)
+                                .await
+                                .context(what)
+                        })?;
+                    let mut last_stream = None;
+                    let events = rows
+                        .iter()
+                        .map(|row| decode_event(row, &mut last_stream))
+                        .collect::<Result<Vec<_>>>()?;
+                    let next = match events.last() {
+                        Some(last) if cut || (events.len() as i64) == want => Some((
+                            (
+                                to_i64(last.global_position.commit()),
+                                to_i64(last.global_position.seq()),
+                            ),
+                            taken + events.len() as u64,
+                            rows_limit.next(events.len(), cut),
+                        )),
+                        _ => None,
+                    };
+                    Ok((events, next))
+                }
+            },
+        )
+    }
+}
+
 const LARGEST_STREAMS_SQL: &str = "SELECT stream_id, version FROM streams \
      ORDER BY version DESC, stream_id LIMIT $1";
 
@@ -936,6 +1006,14 @@ impl annals::StreamCatalog for PgEventStore {
         })
     }
 
+    fn read_correlated(&self, correlation_id: Uuid, limit: Option<u64>) -> EventStream {
+        self.read_related(READ_CORRELATED_SQL, correlation_id, limit)
+    }
+
+    fn read_caused_by(&self, causation_id: Uuid, limit: Option<u64>) -> EventStream {
+        self.read_related(READ_CAUSED_BY_SQL, causation_id, limit)
+    }
+
     async fn largest_streams(&self, limit: usize) -> Result<Vec<StreamInfo>> {
         let what = "cannot list the largest streams";
         let want = to_i64(limit as u64);
@@ -970,6 +1048,78 @@ impl annals::StreamCatalog for PgEventStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The metadata lookups can read the indexes of migration 5 (the
+    /// expression must match the index's exactly): with sequential scans
+    /// off, the plan of each names its index. Needs the test server (see
+    /// `tests/it/common.rs`); skipped with a line on stderr without one.
+    #[tokio::test]
+    async fn metadata_lookups_use_their_indexes() {
+        let url = match std::env::var("ANNALS_TEST_POSTGRES_URL") {
+            Ok(url) if !url.trim().is_empty() => url,
+            _ => {
+                assert!(
+                    std::env::var("ANNALS_REQUIRE_POSTGRES").as_deref() != Ok("1"),
+                    "ANNALS_REQUIRE_POSTGRES=1 but ANNALS_TEST_POSTGRES_URL is not set"
+                );
+                let _ = std::io::Write::write_all(
+                    &mut std::io::stderr(),
+                    b"SKIPPED metadata_lookups_use_their_indexes: set ANNALS_TEST_POSTGRES_URL\n",
+                );
+                return;
+            }
+        };
+        let schema = format!("annals_unit_{}", Uuid::now_v7().simple());
+        let store = crate::PgEventStore::connect_with(
+            &url,
+            crate::PgOptions {
+                schema: Some(schema.clone()),
+                ..crate::PgOptions::default()
+            },
+        )
+        .await
+        .expect("connect");
+        store.migrate().await.expect("migrate");
+        let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+            .await
+            .expect("connect");
+        let connection = tokio::spawn(connection);
+        client
+            .batch_execute(&format!(
+                "SET search_path TO \"{schema}\"; SET enable_seqscan = off"
+            ))
+            .await
+            .expect("settings");
+        for (i, (sql, index)) in [
+            (READ_CORRELATED_SQL, "events_correlation_idx"),
+            (READ_CAUSED_BY_SQL, "events_causation_idx"),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            client
+                .batch_execute(&format!("PREPARE q{i} AS {sql}"))
+                .await
+                .expect("prepare");
+            let plan: Vec<String> = client
+                .query(&format!("EXPLAIN EXECUTE q{i}('x', 0, 0, 10)"), &[])
+                .await
+                .expect("explain")
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            assert!(
+                plan.iter().any(|line| line.contains(index)),
+                "{index} not in {plan:#?}"
+            );
+        }
+        client
+            .batch_execute(&format!("DROP SCHEMA \"{schema}\" CASCADE"))
+            .await
+            .expect("drop schema");
+        drop(client);
+        let _ = connection.await;
+    }
 
     #[test]
     fn read_all_queries_share_the_horizon() {

@@ -32,6 +32,7 @@ use annals::{
 use chrono::{DateTime, Utc};
 use futures::stream::BoxStream;
 use rusqlite::{Connection, OptionalExtension, ToSql};
+use uuid::Uuid;
 
 use crate::codec::{event_columns, from_micros, now_micros, sql_int, to_micros, RawEvents};
 use crate::conn::Page;
@@ -476,6 +477,14 @@ impl annals::StreamCatalog for SqliteEventStore {
         self.conns().read(stats_job).await
     }
 
+    fn read_correlated(&self, correlation_id: Uuid, limit: Option<u64>) -> EventStream {
+        self.read_related(READ_CORRELATED_SQL, correlation_id, limit)
+    }
+
+    fn read_caused_by(&self, causation_id: Uuid, limit: Option<u64>) -> EventStream {
+        self.read_related(READ_CAUSED_BY_SQL, causation_id, limit)
+    }
+
     async fn largest_streams(&self, limit: usize) -> Result<Vec<StreamInfo>> {
         let limit = sql_int(limit as u64);
         self.conns()
@@ -494,6 +503,71 @@ impl annals::StreamCatalog for SqliteEventStore {
                     .map_err(db("counting recent events"))
             })
             .await
+    }
+}
+
+/// The events of one correlation, in global order (the expression is the
+/// one `events_correlation_id` indexes, which is what lets SQLite use it).
+const READ_CORRELATED_SQL: &str = concat!(
+    "SELECT ",
+    event_columns!(),
+    " FROM events WHERE json_extract(metadata, '$.correlation_id') = ?1 \
+     AND position > ?2 ORDER BY position ASC LIMIT ?3"
+);
+
+/// The events one event (or command) caused, in global order (on the
+/// `events_causation_id` index).
+const READ_CAUSED_BY_SQL: &str = concat!(
+    "SELECT ",
+    event_columns!(),
+    " FROM events WHERE json_extract(metadata, '$.causation_id') = ?1 \
+     AND position > ?2 ORDER BY position ASC LIMIT ?3"
+);
+
+impl SqliteEventStore {
+    /// The events whose metadata holds `id` under the key `sql` looks up, a
+    /// page at a time.
+    fn read_related(&self, sql: &'static str, id: Uuid, limit: Option<u64>) -> EventStream {
+        let cursor = AllCursor {
+            after: 0,
+            remaining: limit.unwrap_or(u64::MAX),
+            seek_since: false,
+        };
+        if cursor.remaining == 0 {
+            return Box::pin(futures::stream::empty());
+        }
+        // Canonical JSON writes a UUID lowercase and hyphenated.
+        let id = id.hyphenated().to_string();
+        let batch = self.batch_size() as u64;
+        self.conns()
+            .paginate(cursor, move |conn, cursor: AllCursor| {
+                let want = cursor.remaining.min(batch);
+                let mut stmt = conn
+                    .prepare_cached(sql)
+                    .map_err(db("preparing a metadata lookup"))?;
+                let mut rows = stmt
+                    .query(rusqlite::params![id, cursor.after, sql_int(want)])
+                    .map_err(db("reading events by metadata"))?;
+                let page = RawEvents::collect(
+                    &mut rows,
+                    want as usize,
+                    PAGE_BYTES,
+                    "reading events by metadata",
+                )?;
+                let n = page.len() as u64;
+                let more = n == want || page.is_at_budget();
+                let next = match page.last_keys() {
+                    Some((position, _)) if more && page.is_complete() && cursor.remaining > n => {
+                        Some(AllCursor {
+                            after: position,
+                            remaining: cursor.remaining - n,
+                            seek_since: false,
+                        })
+                    }
+                    _ => None,
+                };
+                Ok((page, next))
+            })
     }
 }
 
@@ -706,6 +780,30 @@ mod tests {
         );
         assert!(read_all_sql(&ReadAll::from_start().until(t))
             .ends_with("position > ?1 AND +recorded_at <= ?2 ORDER BY position ASC LIMIT ?3"));
+    }
+
+    /// The metadata lookups read the indexes migration 6 made for them
+    /// (the expression must match the index's exactly).
+    #[test]
+    fn metadata_lookups_use_their_indexes() {
+        let mut conn = Connection::open_in_memory().expect("in-memory database");
+        crate::migrate::migrate(&mut conn).expect("migrate");
+        for (sql, index) in [
+            (READ_CORRELATED_SQL, "events_correlation_id"),
+            (READ_CAUSED_BY_SQL, "events_causation_id"),
+        ] {
+            let plan: Vec<String> = conn
+                .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
+                .expect("explain")
+                .query_map(rusqlite::params!["x", 0, 10], |r| r.get(3))
+                .expect("plan")
+                .collect::<rusqlite::Result<_>>()
+                .expect("rows");
+            assert!(
+                plan.iter().any(|step| step.contains(index)),
+                "{index} not in {plan:?}"
+            );
+        }
     }
 
     /// A migrated in-memory database holding `n` events of about `size`

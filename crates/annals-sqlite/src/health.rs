@@ -58,9 +58,10 @@ impl SqliteEventStore {
             .await
     }
 
-    /// The size of the database file (`annals stats`): its pages, and how
-    /// many of them are free (see [`StorageSize`]). The write-ahead log
-    /// beside it is not counted; a checkpoint folds it into the file.
+    /// The size of the database (`annals stats`): its pages, and how many
+    /// of them are free (see [`StorageSize`]). That is the file's size once
+    /// the write-ahead log is checkpointed into it; the log beside it is not
+    /// counted.
     pub async fn storage_size(&self) -> Result<StorageSize> {
         self.conns().read(storage_size).await
     }

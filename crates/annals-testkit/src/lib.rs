@@ -136,6 +136,7 @@ macro_rules! conformance_suite {
         $crate::conformance_suite! { $($then)*
             stream_listing_and_stats,
             largest_streams_and_recent_events,
+            correlation_and_causation_lookups,
         }
     };
     (@group snapshot_store, $($then:tt)*) => {

@@ -14,6 +14,7 @@ use chrono::{DateTime, Utc};
 use futures::stream::BoxStream;
 use futures::TryStreamExt;
 use serde::Serialize;
+use uuid::Uuid;
 
 use crate::{
     AppendResult, EventId, ExpectedVersion, GlobalPosition, NewEvent, RecordedEvent, Result,
@@ -348,6 +349,20 @@ pub trait StreamCatalog: EventStore {
     /// (not of the events).
     fn largest_streams(&self, limit: usize)
         -> impl Future<Output = Result<Vec<StreamInfo>>> + Send;
+
+    /// The events whose metadata carries `correlation_id` (every event one
+    /// request caused), in global order, lazily, at most `limit`. A lookup,
+    /// not a feed: it reads the committed events on an index of the
+    /// metadata's `correlation_id` and keeps no position to resume from
+    /// (on PostgreSQL it does not wait for the horizon, as
+    /// [`EventStore::read_event`] does not).
+    fn read_correlated(&self, correlation_id: Uuid, limit: Option<u64>) -> EventStream;
+
+    /// The events whose metadata names `causation_id` as their cause (the
+    /// events an event or command caused: [`CommandContext::caused_by`](crate::CommandContext::caused_by)
+    /// sets it to the causing event's id), in global order, lazily, at most
+    /// `limit`; a lookup like [`read_correlated`](Self::read_correlated).
+    fn read_caused_by(&self, causation_id: Uuid, limit: Option<u64>) -> EventStream;
 
     /// How many stored events were recorded at or after `since` (by
     /// `recorded_at`, see [`ReadAll::since`]): the store's append rate over

@@ -82,9 +82,11 @@ pub struct LongTransaction {
 /// How much disk a store takes (`annals stats`), as its backend measures it.
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize)]
 pub struct StorageSize {
-    /// The store's own bytes. SQLite: the database file (its pages in use
-    /// and free, not the write-ahead log); PostgreSQL: the tables of the
-    /// store's schema with their indexes and TOAST.
+    /// The store's own bytes. SQLite: the database's pages, in use and
+    /// free, which is the file's size once the write-ahead log is
+    /// checkpointed into it (the log beside it is not counted);
+    /// PostgreSQL: the tables of the store's schema with their indexes and
+    /// TOAST.
     pub store_bytes: u64,
     /// SQLite: the bytes of free pages inside the file, which later writes
     /// reuse and `VACUUM` gives back. `None` on PostgreSQL, where free space

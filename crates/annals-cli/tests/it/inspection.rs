@@ -42,6 +42,7 @@ inspection_tests!(
     read_follow_tails_one_stream,
     aggregate_as_of_folds_what_was_recorded_by_then,
     stats_show_largest_streams_append_rate_and_size,
+    event_shows_what_it_caused_and_its_correlation_tree,
 );
 
 /// How long a test waits for a follower's line before it fails: far longer
@@ -412,7 +413,13 @@ pub fn stats_show_largest_streams_append_rate_and_size(db: &Db) {
         assert!(database >= store_bytes, "{s}");
         assert!(storage["free_bytes"].is_null(), "{s}");
     } else {
-        // The file itself.
+        // The file's size once the write-ahead log is folded into it.
+        let conn = rusqlite::Connection::open(db.sqlite_path()).expect("open");
+        let busy: i64 = conn
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get(0))
+            .expect("checkpoint");
+        assert_eq!(busy, 0, "the checkpoint ran to the end");
+        drop(conn);
         let file = std::fs::metadata(db.sqlite_path()).expect("file").len();
         assert_eq!(store_bytes, file, "{s}");
         assert!(storage["free_bytes"].is_u64(), "{s}");
@@ -454,4 +461,139 @@ pub fn stats_show_largest_streams_append_rate_and_size(db: &Db) {
         assert!(text.contains(needle), "{needle:?} in {text}");
     }
     assert!(!text.contains("Big-2"), "--top 1: {text}");
+}
+
+/// Appends one event with the given correlation and causation; returns it.
+fn append_caused(
+    db: &Db,
+    stream: &str,
+    n: i64,
+    correlation: &str,
+    causation: Option<&str>,
+) -> Value {
+    let mut metadata = json!({ "correlation_id": correlation });
+    if let Some(c) = causation {
+        metadata["causation_id"] = json!(c);
+    }
+    let data = json!({ "n": n }).to_string();
+    let metadata = metadata.to_string();
+    db.run(&[
+        "append",
+        stream,
+        "--type",
+        "E",
+        "--data",
+        &data,
+        "--metadata",
+        &metadata,
+        "--json",
+    ])
+    .ok()
+    .json()
+}
+
+pub fn event_shows_what_it_caused_and_its_correlation_tree(db: &Db) {
+    db.run(&["init"]).ok();
+    let request = uuid::Uuid::now_v7().to_string();
+    let other = uuid::Uuid::now_v7().to_string();
+    let id = |e: &Value| e["event_id"].as_str().expect("event_id").to_owned();
+    let root = append_caused(db, "Req-1", 1, &request, None);
+    let a = append_caused(db, "Req-2", 2, &request, Some(&id(&root)));
+    let elsewhere = append_caused(db, "Req-9", 9, &other, Some(&id(&root)));
+    let b = append_caused(db, "Req-1", 3, &request, Some(&id(&root)));
+    let c = append_caused(db, "Req-3", 4, &request, Some(&id(&b)));
+    let plain = append(db, "Plain-1", "E", json!({"n": 0}));
+
+    let view = db.run(&["event", &id(&root), "--json"]).ok().json();
+    assert_eq!(view["event"]["event_id"], root["event_id"]);
+    assert_eq!(view["event"]["metadata"]["correlation_id"], json!(request));
+    // What it caused, in global order, in its correlation or not.
+    let caused: Vec<String> = view["caused"]
+        .as_array()
+        .expect("caused")
+        .iter()
+        .map(id)
+        .collect();
+    assert_eq!(caused, [id(&a), id(&elsewhere), id(&b)]);
+    assert_eq!(view["caused_truncated"], false);
+    let correlation = &view["correlation"];
+    assert_eq!(correlation["correlation_id"], json!(request));
+    assert_eq!(correlation["truncated"], false);
+    let tree: Vec<(String, u64, Value, bool)> = correlation["events"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .map(|n| {
+            (
+                id(&n["event"]),
+                n["depth"].as_u64().expect("depth"),
+                n["caused_by"].clone(),
+                n["this"].as_bool().expect("this"),
+            )
+        })
+        .collect();
+    assert_eq!(
+        tree,
+        [
+            (id(&root), 0, Value::Null, true),
+            (id(&a), 1, json!(id(&root)), false),
+            (id(&b), 1, json!(id(&root)), false),
+            (id(&c), 2, json!(id(&b)), false),
+        ]
+    );
+
+    // By position, as a table: b, under the root, with c under it.
+    let position = b["global_position"]
+        .as_str()
+        .map_or_else(|| b["global_position"].to_string(), str::to_owned);
+    let text = db.run(&["event", &position]).ok().stdout;
+    assert!(
+        text.contains(&format!("event_id        {}", id(&b))),
+        "{text}"
+    );
+    assert!(text.contains("caused: 1 event(s)"), "{text}");
+    assert!(
+        text.contains(&format!("correlation {request}: 4 event(s)")),
+        "{text}"
+    );
+    let this = text
+        .lines()
+        .find(|l| l.ends_with("<- this event"))
+        .expect("this event is marked");
+    assert!(this.starts_with("└─ ") && this.contains(&id(&b)), "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("   └─ ") && l.contains(&id(&c))),
+        "{text}"
+    );
+
+    // --limit: the first events, and says so.
+    let view = db
+        .run(&["event", &id(&root), "--json", "--limit", "2"])
+        .ok()
+        .json();
+    assert_eq!(view["correlation"]["truncated"], true);
+    assert_eq!(
+        view["correlation"]["events"].as_array().map(Vec::len),
+        Some(2)
+    );
+    assert_eq!(view["caused_truncated"], true);
+    assert_eq!(view["caused"].as_array().map(Vec::len), Some(2));
+
+    // No correlation: said so.
+    let text = db.run(&["event", &id(&plain)]).ok().stdout;
+    assert!(text.contains("correlation: none"), "{text}");
+    assert!(text.contains("caused: no events"), "{text}");
+
+    // Not there: status 1. Not an id or a position: status 2.
+    let run = db.run(&["event", &uuid::Uuid::now_v7().to_string()]);
+    assert_eq!(run.code, 1, "{run:#?}");
+    assert!(run.stderr.contains("no event with id"), "{run:#?}");
+    let run = db.run(&["event", "999999"]);
+    assert_eq!(run.code, 1, "{run:#?}");
+    assert!(
+        run.stderr.contains("no event at position 999999"),
+        "{run:#?}"
+    );
+    db.run(&["event", "latest"]).fails(2, &["UUID", "position"]);
 }

@@ -261,3 +261,94 @@ pub async fn largest_streams_and_recent_events<S: EventStore + StreamCatalog>(st
     let future = Utc::now() + chrono::Duration::hours(1);
     assert_eq!(store.events_recorded_since(future).await.expect("count"), 0);
 }
+
+/// [`StreamCatalog::read_correlated`] and [`StreamCatalog::read_caused_by`]:
+/// the events one request caused, and the events one event caused, in
+/// global order, with a limit, across streams.
+pub async fn correlation_and_causation_lookups<S: EventStore + StreamCatalog>(store: S) {
+    let ids =
+        |events: Vec<RecordedEvent>| events.into_iter().map(|e| e.event_id).collect::<Vec<_>>();
+    let request = uuid::Uuid::now_v7();
+    // The request's first event, then two events it caused (in two
+    // streams), then one caused by the second of those; plus an event of
+    // another request, and one without metadata.
+    let metadata = |correlation: uuid::Uuid, causation: Option<uuid::Uuid>| annals::Metadata {
+        correlation_id: Some(correlation),
+        causation_id: causation,
+        ..annals::Metadata::default()
+    };
+    let with = |n: i64, causation: Option<uuid::Uuid>| {
+        ev("E", n).with_metadata(metadata(request, causation))
+    };
+    let root = with(1, None);
+    let a = with(2, Some(root.event_id.0));
+    let b = with(3, Some(root.event_id.0));
+    let c = with(4, Some(b.event_id.0));
+    let (root_id, a_id, b_id, c_id) = (root.event_id, a.event_id, b.event_id, c.event_id);
+    store
+        .append(&sid("Req-1"), ExpectedVersion::Any, vec![root])
+        .await
+        .expect("append");
+    let other = uuid::Uuid::now_v7();
+    store
+        .append(
+            &sid("Req-9"),
+            ExpectedVersion::Any,
+            vec![ev("E", 9).with_metadata(metadata(other, Some(root_id.0)))],
+        )
+        .await
+        .expect("append");
+    store
+        .append(&sid("Req-2"), ExpectedVersion::Any, vec![a, ev("E", 0)])
+        .await
+        .expect("append");
+    store
+        .append(&sid("Req-1"), ExpectedVersion::Any, vec![b, c])
+        .await
+        .expect("append");
+
+    let correlated = store
+        .read_correlated(request, None)
+        .try_collect::<Vec<_>>()
+        .await
+        .expect("correlated");
+    assert_eq!(ids(correlated.clone()), [root_id, a_id, b_id, c_id]);
+    assert!(correlated
+        .windows(2)
+        .all(|w| w[0].global_position < w[1].global_position));
+    let first_two = store
+        .read_correlated(request, Some(2))
+        .try_collect::<Vec<_>>()
+        .await
+        .expect("correlated");
+    assert_eq!(ids(first_two), [root_id, a_id]);
+    // The root caused a and b here, and the event of the other request.
+    let caused = store
+        .read_caused_by(root_id.0, None)
+        .try_collect::<Vec<_>>()
+        .await
+        .expect("caused");
+    assert_eq!(caused.len(), 3);
+    assert_eq!(n_of(&caused[0].data), Some(9));
+    assert_eq!(caused[1].event_id, a_id);
+    assert_eq!(caused[2].event_id, b_id);
+    let by_b = store
+        .read_caused_by(b_id.0, None)
+        .try_collect::<Vec<_>>()
+        .await
+        .expect("caused");
+    assert_eq!(ids(by_b), [c_id]);
+    // Nobody: nothing.
+    let none = store
+        .read_correlated(uuid::Uuid::now_v7(), None)
+        .try_collect::<Vec<_>>()
+        .await
+        .expect("none");
+    assert!(none.is_empty());
+    let none = store
+        .read_caused_by(c_id.0, Some(0))
+        .try_collect::<Vec<_>>()
+        .await
+        .expect("none");
+    assert!(none.is_empty());
+}
