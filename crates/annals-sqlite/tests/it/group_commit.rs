@@ -215,7 +215,10 @@ async fn issue_11_waiting_appends_commit_as_one_group_and_a_bad_one_fails_alone(
             c.positions.clone()
         ]
         .concat(),
-        all[2..].iter().map(|e| e.global_position).collect::<Vec<_>>()
+        all[2..]
+            .iter()
+            .map(|e| e.global_position)
+            .collect::<Vec<_>>()
     );
 }
 
