@@ -69,10 +69,12 @@ use annals::{
     SnapshotStaging, SnapshotStore, SnapshotWrite, StaleSnapshot, StoreStats, StreamCatalog,
     StreamId, StreamInfo, StreamVersion,
 };
-use annals::{ClockSkew, LongTransaction, StreamVersionIssue};
+use annals::{ClockSkew, LongTransaction, StorageSize, StreamVersionIssue};
 use annals_postgres::{PgEventStore, PgOptions};
 use annals_sqlite::{SqliteEventStore, SqliteOptions};
+use chrono::{DateTime, Utc};
 use futures::stream::BoxStream;
+use uuid::Uuid;
 
 /// A backend: the crate behind a store (`annals schema --backend` takes its
 /// name).
@@ -306,6 +308,15 @@ impl AnyStore {
         }
     }
 
+    /// The disk the store takes (see [`StorageSize`]): the SQLite database, or
+    /// the PostgreSQL schema's tables and the whole database.
+    pub async fn storage_size(&self) -> Result<StorageSize> {
+        match self {
+            AnyStore::Sqlite(s) => s.storage_size().await,
+            AnyStore::Postgres(s) => s.storage_size().await,
+        }
+    }
+
     /// On PostgreSQL, the transactions open for at least `min_age` that hold
     /// back the horizon or vacuum (see [`LongTransaction`]), at most `limit`
     /// of them. SQLite has no such horizon (one writer at a time, readers on
@@ -377,6 +388,22 @@ impl StreamCatalog for AnyStore {
 
     async fn stats(&self) -> Result<StoreStats> {
         delegate!(self, s => s.stats().await)
+    }
+
+    fn read_correlated(&self, correlation_id: Uuid, limit: Option<u64>) -> EventStream {
+        delegate!(self, s => s.read_correlated(correlation_id, limit))
+    }
+
+    fn read_caused_by(&self, causation_id: Uuid, limit: Option<u64>) -> EventStream {
+        delegate!(self, s => s.read_caused_by(causation_id, limit))
+    }
+
+    async fn largest_streams(&self, limit: usize) -> Result<Vec<StreamInfo>> {
+        delegate!(self, s => s.largest_streams(limit).await)
+    }
+
+    async fn events_recorded_since(&self, since: DateTime<Utc>) -> Result<u64> {
+        delegate!(self, s => s.events_recorded_since(since).await)
     }
 }
 

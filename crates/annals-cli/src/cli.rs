@@ -80,20 +80,21 @@ pub(crate) enum Command {
     },
     /// Append one event to a stream and print what was recorded.
     Append(AppendArgs),
-    /// Read one stream.
+    /// Read one stream (with --follow, then wait for its new events).
     Read(ReadArgs),
-    /// Read the whole store in global order.
+    /// Read the whole store in global order (with --follow, then wait for
+    /// new events).
     ReadAll(ReadAllArgs),
     /// Streams and events per category, events per type, first and last
-    /// recorded_at; on PostgreSQL also the horizon lag (committed events
-    /// that readers of the global order cannot see yet).
-    Stats {
-        /// Print one JSON object.
-        #[arg(long)]
-        json: bool,
-    },
+    /// recorded_at, the largest streams, the events appended in the last
+    /// hour and day, the database size; on PostgreSQL also the horizon lag
+    /// (committed events that readers of the global order cannot see yet).
+    Stats(StatsArgs),
     /// Show an aggregate's state, version and how it was loaded.
     Aggregate(AggregateArgs),
+    /// Show one event (by id or global position) with its metadata, the
+    /// events it caused, and the rest of its correlation as a tree.
+    Event(EventArgs),
     /// Run the bank example: open accounts, deposit and withdraw through the
     /// repository, then print balances and check the totals.
     Demo(DemoArgs),
@@ -443,15 +444,26 @@ pub(crate) struct ReadArgs {
     #[arg(long, value_name = "VERSION", value_parser = parse_version, allow_hyphen_values = true)]
     pub(crate) from: Option<StreamVersion>,
     /// Time travel: ignore events recorded after this instant (RFC 3339, for
-    /// example 2025-01-31T12:00:00Z).
-    #[arg(long, value_name = "RFC3339", value_parser = parse_time)]
+    /// example 2025-01-31T12:00:00Z); the same as --until.
+    #[arg(long, value_name = "RFC3339", value_parser = parse_time, conflicts_with_all = ["until", "follow"])]
     pub(crate) as_of: Option<DateTime<Utc>>,
-    /// At most this many events.
+    /// Only events of this type (repeatable).
+    #[arg(long = "type", value_name = "TYPE")]
+    pub(crate) event_type: Vec<String>,
+    /// Only events recorded at or after this instant (RFC 3339).
+    #[arg(long, value_name = "RFC3339", value_parser = parse_time)]
+    pub(crate) since: Option<DateTime<Utc>>,
+    /// Only events recorded at or before this instant (RFC 3339).
+    #[arg(long, value_name = "RFC3339", value_parser = parse_time, conflicts_with = "follow")]
+    pub(crate) until: Option<DateTime<Utc>>,
+    /// At most this many events (after the filters; with --follow, in all).
     #[arg(long, value_name = "N", value_parser = parse_count, allow_hyphen_values = true)]
     pub(crate) limit: Option<u64>,
     /// Newest first.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "follow")]
     pub(crate) backward: bool,
+    #[command(flatten)]
+    pub(crate) follow: FollowArgs,
     /// Print JSON Lines.
     #[arg(long)]
     pub(crate) json: bool,
@@ -463,7 +475,7 @@ pub(crate) struct ReadAllArgs {
     /// as printed in the POSITION column).
     #[arg(long, value_name = "POS", value_parser = parse_position, allow_hyphen_values = true)]
     pub(crate) from: Option<GlobalPosition>,
-    /// At most this many events.
+    /// At most this many events (with --follow, in all).
     #[arg(long, value_name = "N", value_parser = parse_count, allow_hyphen_values = true)]
     pub(crate) limit: Option<u64>,
     /// Only this category (repeatable).
@@ -472,7 +484,40 @@ pub(crate) struct ReadAllArgs {
     /// Only this event type (repeatable).
     #[arg(long = "type", value_name = "TYPE")]
     pub(crate) event_type: Vec<String>,
+    /// Only events recorded at or after this instant (RFC 3339). A filter:
+    /// the read still walks the global order (recorded_at need not grow
+    /// along it).
+    #[arg(long, value_name = "RFC3339", value_parser = parse_time)]
+    pub(crate) since: Option<DateTime<Utc>>,
+    /// Only events recorded at or before this instant (RFC 3339).
+    #[arg(long, value_name = "RFC3339", value_parser = parse_time, conflicts_with = "follow")]
+    pub(crate) until: Option<DateTime<Utc>>,
+    #[command(flatten)]
+    pub(crate) follow: FollowArgs,
     /// Print JSON Lines.
+    #[arg(long)]
+    pub(crate) json: bool,
+}
+
+/// Tailing a read.
+#[derive(Args, Debug)]
+pub(crate) struct FollowArgs {
+    /// After the events stored now, keep waiting for new ones and print
+    /// them as they arrive, until interrupted (or --limit events).
+    #[arg(long)]
+    pub(crate) follow: bool,
+    /// With --follow: how long to wait between two looks for new events,
+    /// from 10ms (as in 500ms, 2s).
+    #[arg(long, value_name = "DURATION", default_value = "500ms", value_parser = parse_poll_interval, requires = "follow")]
+    pub(crate) poll_interval: std::time::Duration,
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct StatsArgs {
+    /// How many of the largest streams to list.
+    #[arg(long, value_name = "N", default_value = "10", value_parser = parse_count, allow_hyphen_values = true)]
+    pub(crate) top: u64,
+    /// Print one JSON object.
     #[arg(long)]
     pub(crate) json: bool,
 }
@@ -488,12 +533,41 @@ pub(crate) struct AggregateArgs {
     /// Time travel: the state as of this stream version (full replay).
     #[arg(long, value_name = "VERSION", value_parser = parse_version, allow_hyphen_values = true)]
     pub(crate) at_version: Option<StreamVersion>,
+    /// Time travel: the state at this instant (RFC 3339), folded from the
+    /// events recorded at or before it (full replay; the first event
+    /// recorded later ends the fold).
+    #[arg(long, value_name = "RFC3339", value_parser = parse_time, conflicts_with = "at_version")]
+    pub(crate) as_of: Option<DateTime<Utc>>,
     /// Ignore snapshots and replay the whole stream.
     #[arg(long)]
     pub(crate) no_snapshot: bool,
     /// Print one JSON object.
     #[arg(long)]
     pub(crate) json: bool,
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct EventArgs {
+    /// The event's id (a UUID) or its global position (`N` or `COMMIT:SEQ`,
+    /// as printed in the POSITION column).
+    #[arg(value_name = "ID|POSITION", value_parser = parse_event_ref)]
+    pub(crate) event: EventRef,
+    /// At most this many events of its correlation, and of the events it
+    /// caused, are shown (the rest are counted).
+    #[arg(long, value_name = "N", default_value = "1000", value_parser = parse_count, allow_hyphen_values = true)]
+    pub(crate) limit: u64,
+    /// Print one JSON object.
+    #[arg(long)]
+    pub(crate) json: bool,
+}
+
+/// How `annals event` names an event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum EventRef {
+    /// By its id.
+    Id(annals::EventId),
+    /// By its global position.
+    Position(GlobalPosition),
 }
 
 #[derive(Args, Debug)]
@@ -650,6 +724,17 @@ fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     }
 }
 
+/// The shortest wait between two looks of a follower: a shorter one would
+/// keep a database busy answering "nothing new".
+const MIN_POLL_INTERVAL: std::time::Duration = std::time::Duration::from_millis(10);
+
+fn parse_poll_interval(s: &str) -> Result<std::time::Duration, String> {
+    match parse_duration(s)? {
+        d if d < MIN_POLL_INTERVAL => Err(format!("a poll interval is at least 10ms, got {s:?}")),
+        d => Ok(d),
+    }
+}
+
 fn parse_percent(s: &str) -> Result<f64, String> {
     match s.trim().trim_end_matches('%').parse::<f64>() {
         Ok(p) if (0.0..=100.0).contains(&p) => Ok(p),
@@ -668,6 +753,20 @@ fn parse_max_findings(s: &str) -> Result<usize, String> {
 
 fn parse_position(s: &str) -> Result<GlobalPosition, String> {
     s.parse::<GlobalPosition>().map_err(|e| e.to_string())
+}
+
+fn parse_event_ref(s: &str) -> Result<EventRef, String> {
+    let t = s.trim();
+    if let Ok(id) = uuid::Uuid::parse_str(t) {
+        return Ok(EventRef::Id(annals::EventId(id)));
+    }
+    t.parse::<GlobalPosition>()
+        .map(EventRef::Position)
+        .map_err(|_| {
+            format!(
+                "expected an event id (a UUID) or a global position (N or COMMIT:SEQ), got {s:?}"
+            )
+        })
 }
 
 fn parse_time(s: &str) -> Result<DateTime<Utc>, String> {
@@ -722,5 +821,20 @@ mod tests {
         assert!(parse_percent("101").is_err());
         assert_eq!(parse_percent("50%"), Ok(50.0));
         assert!(parse_max_findings("0").is_err());
+        assert!(parse_poll_interval("1ms").is_err());
+        assert_eq!(
+            parse_event_ref("12"),
+            Ok(EventRef::Position(GlobalPosition::from_seq(12)))
+        );
+        assert_eq!(
+            parse_event_ref("7:3"),
+            Ok(EventRef::Position(GlobalPosition::new(7, 3)))
+        );
+        assert!(matches!(
+            parse_event_ref("0190a1b2-0000-7000-8000-000000000001"),
+            Ok(EventRef::Id(_))
+        ));
+        assert!(parse_event_ref("last").is_err());
+        assert_eq!(parse_poll_interval("250ms"), Ok(ms(250)));
     }
 }

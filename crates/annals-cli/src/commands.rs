@@ -5,19 +5,17 @@ use std::future::Future;
 use std::io::{Read, Write};
 
 use annals::StreamCatalog;
-use annals::{
-    validate_batch, validate_category, Direction, EventStore, GlobalPosition, Metadata, NewEvent,
-    ReadAll, ReadStream, StreamId,
-};
+use annals::{validate_batch, EventStore, Metadata, NewEvent, ReadStream, StreamId};
 use anyhow::{anyhow, Context};
+use chrono::{DateTime, Duration, Utc};
 use futures::StreamExt;
 use serde_json::Value;
 
-use crate::cli::{AggregateArgs, AppendArgs, Command, JsonInput, ReadAllArgs, ReadArgs};
-use crate::output::{json_line, note, timestamp, EventPrinter, Table};
+use crate::cli::{AggregateArgs, AppendArgs, Command, JsonInput, StatsArgs};
+use crate::output::{json_line, timestamp, EventPrinter, Table};
 use crate::registry::LoadRequest;
 use crate::store::{Backend, DatabaseUrl, OpenOptions};
-use crate::{check, demo, snapshots, AggregateOps, AnyStore, App, Outcome};
+use crate::{check, demo, event, read, snapshots, AggregateOps, AnyStore, App, Outcome};
 
 /// What every command that touches the database needs.
 pub(crate) struct Env<'a> {
@@ -67,10 +65,11 @@ pub(crate) async fn dispatch(env: Env<'_>, command: Command) -> anyhow::Result<O
             Ok(Outcome::Success)
         }
         Command::Append(args) => append(env, args).await,
-        Command::Read(args) => read(env, args).await,
-        Command::ReadAll(args) => read_all(env, args).await,
-        Command::Stats { json } => stats(env, json).await,
+        Command::Read(args) => read::read(env, args).await,
+        Command::ReadAll(args) => read::read_all(env, args).await,
+        Command::Stats(args) => stats(env, args).await,
         Command::Aggregate(args) => aggregate(env, args).await,
+        Command::Event(args) => event::run(env, args).await,
         Command::Demo(args) => {
             let url = env.database_url()?;
             let store = env.open(true).await?;
@@ -190,60 +189,55 @@ async fn append(env: Env<'_>, args: AppendArgs) -> anyhow::Result<Outcome> {
     Ok(Outcome::Success)
 }
 
-async fn read(env: Env<'_>, args: ReadArgs) -> anyhow::Result<Outcome> {
-    let options = ReadStream {
-        from: args.from,
-        direction: if args.backward {
-            Direction::Backward
-        } else {
-            Direction::Forward
-        },
-        limit: args.limit,
-        until_version: None,
-        as_of: args.as_of,
-    };
-    let store = env.open(false).await?;
-    let events = store.read_stream(&args.stream, options);
-    print_events(env.out, events, args.json, || {
-        format!("no events in stream {}", args.stream)
-    })
-    .await
+/// The events appended over a window before now, and their rate.
+#[derive(serde::Serialize)]
+struct AppendRate {
+    events: u64,
+    per_second: f64,
 }
 
-async fn read_all(env: Env<'_>, args: ReadAllArgs) -> anyhow::Result<Outcome> {
-    for c in &args.category {
-        validate_category(c).context("invalid --category")?;
+impl AppendRate {
+    async fn over(store: &AnyStore, now: DateTime<Utc>, window: Duration) -> anyhow::Result<Self> {
+        let events = store
+            .events_recorded_since(now - window)
+            .await
+            .context("cannot count the recent events")?;
+        let seconds = window.num_seconds().max(1) as f64;
+        Ok(AppendRate {
+            events,
+            per_second: events as f64 / seconds,
+        })
     }
-    let options = ReadAll {
-        after: args.from.unwrap_or(GlobalPosition::START),
-        limit: args.limit,
-        categories: args.category,
-        event_types: args.event_type,
-    };
-    let store = env.open(false).await?;
-    let events = store.read_all(options);
-    print_events(env.out, events, args.json, || "no events".to_owned()).await
 }
 
-async fn print_events(
-    out: &mut (dyn Write + Send),
-    mut events: annals::EventStream,
-    json: bool,
-    empty: impl FnOnce() -> String,
-) -> anyhow::Result<Outcome> {
-    let mut printer = EventPrinter::new(json);
-    while let Some(e) = events.next().await {
-        printer.print(out, &e?)?;
+impl std::fmt::Display for AppendRate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} events ({:.2}/min)",
+            self.events,
+            self.per_second * 60.0
+        )
     }
-    if printer.finish(out)? == 0 && !json {
-        note(&empty());
-    }
-    Ok(Outcome::Success)
 }
 
-async fn stats(env: Env<'_>, json: bool) -> anyhow::Result<Outcome> {
+async fn stats(env: Env<'_>, args: StatsArgs) -> anyhow::Result<Outcome> {
     let store = env.open(false).await?;
     let stats = store.stats().await?;
+    let top = usize::try_from(args.top).unwrap_or(usize::MAX);
+    let largest = store
+        .largest_streams(top)
+        .await
+        .context("cannot list the largest streams")?;
+    // The window ends at this host's clock; events are stamped by the
+    // appending host's (SQLite) or the server's (PostgreSQL).
+    let now = Utc::now();
+    let last_hour = AppendRate::over(&store, now, Duration::hours(1)).await?;
+    let last_day = AppendRate::over(&store, now, Duration::days(1)).await?;
+    let size = store
+        .storage_size()
+        .await
+        .context("cannot read the database size")?;
     // PostgreSQL: committed events that readers cannot see yet because an
     // older transaction is still open (also sets the horizon-lag gauge).
     let horizon_lag = match &store {
@@ -252,10 +246,18 @@ async fn stats(env: Env<'_>, json: bool) -> anyhow::Result<Outcome> {
         _ => None,
     };
     let out = env.out;
-    if json {
+    if args.json {
         let mut value = serde_json::to_value(&stats)?;
-        if let (Some(lag), Some(map)) = (horizon_lag, value.as_object_mut()) {
-            map.insert("horizon_lag_events".into(), lag.into());
+        if let Some(map) = value.as_object_mut() {
+            map.insert("largest_streams".into(), serde_json::to_value(&largest)?);
+            map.insert(
+                "appended".into(),
+                serde_json::json!({ "last_hour": last_hour, "last_day": last_day }),
+            );
+            map.insert("storage".into(), serde_json::to_value(size)?);
+            if let Some(lag) = horizon_lag {
+                map.insert("horizon_lag_events".into(), lag.into());
+            }
         }
         json_line(out, &value)?;
         return Ok(Outcome::Success);
@@ -266,6 +268,15 @@ async fn stats(env: Env<'_>, json: bool) -> anyhow::Result<Outcome> {
     writeln!(out, "events            {}", stats.events)?;
     writeln!(out, "first recorded_at {}", time(&stats.first_recorded_at))?;
     writeln!(out, "last recorded_at  {}", time(&stats.last_recorded_at))?;
+    writeln!(out, "appended, 1 hour  {last_hour}")?;
+    writeln!(out, "appended, 1 day   {last_day}")?;
+    writeln!(out, "store size        {}", bytes(size.store_bytes))?;
+    if let Some(free) = size.free_bytes {
+        writeln!(out, "free in file      {}", bytes(free))?;
+    }
+    if let Some(database) = size.database_bytes {
+        writeln!(out, "database size     {}", bytes(database))?;
+    }
     if let Some(lag) = horizon_lag {
         writeln!(out, "horizon lag       {lag} events")?;
     }
@@ -292,7 +303,31 @@ async fn stats(env: Env<'_>, json: bool) -> anyhow::Result<Outcome> {
         }
         t.finish(out)?;
     }
+    if !largest.is_empty() {
+        writeln!(out)?;
+        let mut t = Table::new(&["LARGEST_STREAM", "EVENTS"]).right_align(&[1]);
+        for s in &largest {
+            t.push(out, vec![s.stream_id.to_string(), s.version.to_string()])?;
+        }
+        t.finish(out)?;
+    }
     Ok(Outcome::Success)
+}
+
+/// A byte count for people: `12.3 MiB (12897484 bytes)`.
+fn bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = n as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{value:.1} {} ({n} bytes)", UNITS[unit])
+    }
 }
 
 async fn aggregate(env: Env<'_>, args: AggregateArgs) -> anyhow::Result<Outcome> {
@@ -301,13 +336,18 @@ async fn aggregate(env: Env<'_>, args: AggregateArgs) -> anyhow::Result<Outcome>
     let store = env.open(false).await?;
     let request = LoadRequest {
         at_version: args.at_version,
+        as_of: args.as_of,
         no_snapshot: args.no_snapshot,
     };
     let view = ops.load(&store, &args.id, request).await?;
     if view.version.is_none() {
-        return Ok(Outcome::CheckFailed(format!(
-            "aggregate {stream} does not exist (its stream has no events)"
-        )));
+        return Ok(Outcome::CheckFailed(match args.as_of {
+            Some(t) => format!(
+                "aggregate {stream} did not exist at {} (no event recorded at or before it)",
+                timestamp(&t)
+            ),
+            None => format!("aggregate {stream} does not exist (its stream has no events)"),
+        }));
     }
     let out = env.out;
     if args.json {
@@ -322,6 +362,9 @@ async fn aggregate(env: Env<'_>, args: AggregateArgs) -> anyhow::Result<Outcome>
         (None, None) => "not used".to_owned(),
     };
     writeln!(out, "aggregate        {stream}")?;
+    if let Some(t) = &args.as_of {
+        writeln!(out, "as of            {}", timestamp(t))?;
+    }
     writeln!(out, "version          {version}")?;
     writeln!(out, "snapshot         {snapshot}")?;
     writeln!(out, "events replayed  {}", view.events_replayed)?;

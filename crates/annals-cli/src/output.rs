@@ -1,9 +1,9 @@
 //! Output: aligned text tables for people, JSON Lines for programs.
 //!
 //! Tables are written in blocks so that `annals read-all` on a large store
-//! never holds more than one block of rows: a block's column widths are the
-//! widest seen so far, so columns only ever grow and the header is printed
-//! once. JSON output is one object per line, written as rows arrive.
+//! never holds more than one block of rows (and `--follow` writes one block
+//! per look): a block's column widths are the widest seen so far, so columns
+//! only ever grow and the header is printed once. JSON output is one object per line, written as rows arrive.
 
 use std::io::{self, Write};
 
@@ -175,6 +175,16 @@ impl EventPrinter {
                 metadata,
             ],
         )
+    }
+
+    /// Writes what is buffered (the table's rows so far, aligned to the
+    /// widest yet) and flushes `out`: a follower shows each event as it
+    /// arrives.
+    pub(crate) fn flush(&mut self, out: &mut dyn Write) -> io::Result<()> {
+        if !self.json {
+            self.table.flush_block(out)?;
+        }
+        out.flush()
     }
 
     /// Finishes the table; returns how many events were printed.

@@ -22,6 +22,7 @@ use annals::{
     SnapshotHistoryEntry, SnapshotJobs, SnapshotMode, SnapshotPolicy, SnapshotSkip, SnapshotWrite,
     StreamId, StreamVersion, VerifyReport,
 };
+use chrono::{DateTime, Utc};
 use futures::future::BoxFuture;
 use futures::FutureExt;
 use serde::Serialize;
@@ -35,6 +36,10 @@ pub struct LoadRequest {
     /// Time travel: the state as of this stream version, by full replay
     /// (snapshots are then not used).
     pub at_version: Option<StreamVersion>,
+    /// Time travel: the state at this instant, folded from the events
+    /// recorded at or before it ([`Repository::load_as_of`]; snapshots are
+    /// then not used). With `at_version` too, `at_version` wins.
+    pub as_of: Option<DateTime<Utc>>,
     /// Ignore snapshots and fold the whole stream.
     pub no_snapshot: bool,
 }
@@ -127,7 +132,7 @@ pub trait AggregateOps: Send + Sync + 'static {
     fn schema_version(&self) -> u32;
 
     /// Loads aggregate `id` through an [`annals::Repository`] (with the
-    /// store's snapshots unless `request.no_snapshot`).
+    /// store's snapshots unless `request.no_snapshot` or a time travel).
     fn load<'a>(
         &'a self,
         store: &'a AnyStore,
@@ -269,10 +274,11 @@ impl<A: Aggregate> AggregateOps for Registered<A> {
         async move {
             let stream = StreamId::new(A::TYPE, id)?;
             let repo = Self::repository(store);
-            let loaded = match (request.at_version, request.no_snapshot) {
-                (Some(v), _) => repo.load_at_version(id, v).await?,
-                (None, true) => repo.load_without_snapshot(id).await?,
-                (None, false) => repo.load(id).await?,
+            let loaded = match (request.at_version, request.as_of, request.no_snapshot) {
+                (Some(v), _, _) => repo.load_at_version(id, v).await?,
+                (None, Some(t), _) => repo.load_as_of(id, t).await?,
+                (None, None, true) => repo.load_without_snapshot(id).await?,
+                (None, None, false) => repo.load(id).await?,
             };
             AggregateView::new(stream, loaded)
         }

@@ -36,6 +36,7 @@ use annals::{
     RecordedEvent, Result, StoreStats, StoredEvent, StreamBatch, StreamId, StreamInfo,
     StreamVersion,
 };
+use chrono::{DateTime, Utc};
 use deadpool_postgres::Client;
 use futures::stream::BoxStream;
 use tokio::time::Instant;
@@ -146,6 +147,60 @@ const READ_ALL_CATEGORIES: &str = concat!(
      ORDER BY e.tx_id, e.seq LIMIT $3"
 );
 
+/// The `read_all` queries with `ReadAll::since` / `until` (the parameters
+/// after the others; NULL for a bound not given). Separate statements, so
+/// that the unbounded feed keeps its plain plan.
+macro_rules! recorded_between {
+    ($alias:literal, $since:literal, $until:literal) => {
+        concat!(
+            " AND ($",
+            $since,
+            "::timestamptz IS NULL OR ",
+            $alias,
+            ".recorded_at >= $",
+            $since,
+            ") AND ($",
+            $until,
+            "::timestamptz IS NULL OR ",
+            $alias,
+            ".recorded_at <= $",
+            $until,
+            ")"
+        )
+    };
+}
+
+const READ_ALL_TIMED: &str = concat!(
+    "SELECT ",
+    event_columns!(),
+    " FROM events e WHERE ",
+    below_horizon!("e"),
+    recorded_between!("e", "4", "5"),
+    " ORDER BY e.tx_id, e.seq LIMIT $3"
+);
+
+const READ_ALL_TYPES_TIMED: &str = concat!(
+    "SELECT ",
+    event_columns!(),
+    " FROM events e WHERE ",
+    below_horizon!("e"),
+    " AND e.event_type = ANY($4)",
+    recorded_between!("e", "5", "6"),
+    " ORDER BY e.tx_id, e.seq LIMIT $3"
+);
+
+const READ_ALL_CATEGORIES_TIMED: &str = concat!(
+    "SELECT ",
+    event_columns!(),
+    " FROM unnest($4::text[]) AS c(category) CROSS JOIN LATERAL (\
+     SELECT * FROM events i WHERE i.category = c.category AND ",
+    below_horizon!("i"),
+    " AND (cardinality($5::text[]) = 0 OR i.event_type = ANY($5))",
+    recorded_between!("i", "6", "7"),
+    " ORDER BY i.tx_id, i.seq LIMIT $3) e \
+     ORDER BY e.tx_id, e.seq LIMIT $3"
+);
+
 /// What is held back after a position: the newest transaction with events
 /// after it, and the horizon now. Called with the last position a page
 /// delivered: any row after it was held back when the page was read (or
@@ -158,6 +213,82 @@ const HELD_BACK_SQL: &str = "SELECT max(e.tx_id)::text::bigint, \
 const HEAD_SQL: &str = "SELECT e.tx_id::text::bigint, e.seq FROM events e \
      WHERE e.tx_id < pg_snapshot_xmin(pg_current_snapshot()) \
      ORDER BY e.tx_id DESC, e.seq DESC LIMIT 1";
+
+/// The events of one correlation in global order, after a position (on
+/// `events_correlation_idx`). Committed rows, without the horizon: a lookup,
+/// like `read_event`.
+const READ_CORRELATED_SQL: &str = concat!(
+    "SELECT ",
+    event_columns!(),
+    " FROM events e WHERE e.metadata->>'correlation_id' = $1 \
+     AND (e.tx_id, e.seq) > ($2::bigint::text::xid8, $3) \
+     ORDER BY e.tx_id, e.seq LIMIT $4"
+);
+
+/// The events one event (or command) caused (on `events_causation_idx`).
+const READ_CAUSED_BY_SQL: &str = concat!(
+    "SELECT ",
+    event_columns!(),
+    " FROM events e WHERE e.metadata->>'causation_id' = $1 \
+     AND (e.tx_id, e.seq) > ($2::bigint::text::xid8, $3) \
+     ORDER BY e.tx_id, e.seq LIMIT $4"
+);
+
+impl PgEventStore {
+    /// The events whose metadata holds `id` under the key `sql` looks up, a
+    /// page at a time.
+    fn read_related(&self, sql: &'static str, id: Uuid, limit: Option<u64>) -> EventStream {
+        let store = self.clone();
+        let limit = limit.unwrap_or(u64::MAX);
+        // Canonical JSON writes a UUID lowercase and hyphenated.
+        let id = id.hyphenated().to_string();
+        let budget = budget(self.inner.page_bytes);
+        paged(
+            ((0i64, 0i64), 0u64, PageRows::new(self.inner.batch_size)),
+            move |(cursor, taken, rows_limit): ((i64, i64), u64, PageRows)| {
+                let store = store.clone();
+                let id = id.clone();
+                async move {
+                    if taken >= limit {
+                        return Ok((Vec::new(), None));
+                    }
+                    let want = (limit - taken).min(rows_limit.rows()) as i64;
+                    let what = "cannot read events by metadata";
+                    let (rows, cut) =
+                        with_client!(store, Lane::Any, "read events by metadata", |client| {
+                            let stmt = client.prepare_cached(sql).await.context(what)?;
+                            collect_page(client, &stmt, &[&id, &cursor.0, &cursor.1, &want], budget)
+                                .await
+                                .context(what)
+                        })?;
+                    let mut last_stream = None;
+                    let events = rows
+                        .iter()
+                        .map(|row| decode_event(row, &mut last_stream))
+                        .collect::<Result<Vec<_>>>()?;
+                    let next = match events.last() {
+                        Some(last) if cut || (events.len() as i64) == want => Some((
+                            (
+                                to_i64(last.global_position.commit()),
+                                to_i64(last.global_position.seq()),
+                            ),
+                            taken + events.len() as u64,
+                            rows_limit.next(events.len(), cut),
+                        )),
+                        _ => None,
+                    };
+                    Ok((events, next))
+                }
+            },
+        )
+    }
+}
+
+const LARGEST_STREAMS_SQL: &str = "SELECT stream_id, version FROM streams \
+     ORDER BY version DESC, stream_id LIMIT $1";
+
+/// A range count on the recorded_at index.
+const RECORDED_SINCE_SQL: &str = "SELECT count(*) FROM events WHERE recorded_at >= $1";
 
 const LIST_STREAMS_SQL: &str = "SELECT stream_id, version FROM streams \
      WHERE category = $1 AND stream_id > $2 ORDER BY stream_id LIMIT $3";
@@ -286,6 +417,7 @@ impl EventStore for PgEventStore {
         categories.sort();
         categories.dedup();
         let event_types = options.event_types;
+        let (since, until) = (options.since, options.until);
         let budget = budget(self.inner.page_bytes);
         paged(
             ((tx, seq), 0u64, PageRows::new(self.inner.batch_size)),
@@ -304,6 +436,8 @@ impl EventStore for PgEventStore {
                         budget,
                         categories: &categories,
                         event_types: &event_types,
+                        since,
+                        until,
                     };
                     let (rows, cut) = store.read_all_page(&page).await?;
                     let mut last_stream = None;
@@ -722,6 +856,8 @@ struct Page<'a> {
     budget: usize,
     categories: &'a [String],
     event_types: &'a [String],
+    since: Option<DateTime<Utc>>,
+    until: Option<DateTime<Utc>>,
 }
 
 impl Page<'_> {
@@ -729,7 +865,42 @@ impl Page<'_> {
     async fn fetch(&self, client: &Client) -> Result<(Vec<tokio_postgres::Row>, bool)> {
         let (tx, seq) = self.after;
         let what = "cannot read all events";
-        let page = if !self.categories.is_empty() {
+        let timed = self.since.is_some() || self.until.is_some();
+        let page = if timed {
+            let (sql, params): (&str, Vec<&(dyn ToSql + Sync)>) = if !self.categories.is_empty() {
+                (
+                    READ_ALL_CATEGORIES_TIMED,
+                    vec![
+                        &tx,
+                        &seq,
+                        &self.want,
+                        &self.categories,
+                        &self.event_types,
+                        &self.since,
+                        &self.until,
+                    ],
+                )
+            } else if !self.event_types.is_empty() {
+                (
+                    READ_ALL_TYPES_TIMED,
+                    vec![
+                        &tx,
+                        &seq,
+                        &self.want,
+                        &self.event_types,
+                        &self.since,
+                        &self.until,
+                    ],
+                )
+            } else {
+                (
+                    READ_ALL_TIMED,
+                    vec![&tx, &seq, &self.want, &self.since, &self.until],
+                )
+            };
+            let stmt = client.prepare_cached(sql).await.context(what)?;
+            collect_page(client, &stmt, &params, self.budget).await
+        } else if !self.categories.is_empty() {
             let stmt = client
                 .prepare_cached(READ_ALL_CATEGORIES)
                 .await
@@ -1057,15 +1228,132 @@ impl annals::StreamCatalog for PgEventStore {
             last_recorded_at,
         })
     }
+
+    fn read_correlated(&self, correlation_id: Uuid, limit: Option<u64>) -> EventStream {
+        self.read_related(READ_CORRELATED_SQL, correlation_id, limit)
+    }
+
+    fn read_caused_by(&self, causation_id: Uuid, limit: Option<u64>) -> EventStream {
+        self.read_related(READ_CAUSED_BY_SQL, causation_id, limit)
+    }
+
+    async fn largest_streams(&self, limit: usize) -> Result<Vec<StreamInfo>> {
+        let what = "cannot list the largest streams";
+        let want = to_i64(limit as u64);
+        let rows = with_client!(self, Lane::Any, "list the largest streams", |client| {
+            query(client, LARGEST_STREAMS_SQL, &[&want], what).await
+        })?;
+        rows.iter()
+            .map(|row| {
+                let name: &str = row.try_get(0).context(what)?;
+                let version: i64 = row.try_get(1).context(what)?;
+                Ok(StreamInfo {
+                    stream_id: StreamId::parse(name)
+                        .map_err(|e| backend(format!("stream {name:?} has an invalid name"), e))?,
+                    version: StreamVersion(count(version)),
+                })
+            })
+            .collect()
+    }
+
+    async fn events_recorded_since(&self, since: DateTime<Utc>) -> Result<u64> {
+        let what = "cannot count recent events";
+        let rows = with_client!(self, Lane::Any, "count recent events", |client| {
+            query(client, RECORDED_SINCE_SQL, &[&since], what).await
+        })?;
+        let row = rows
+            .first()
+            .ok_or_else(|| backend_msg("the count of recent events returned no row"))?;
+        Ok(count(row.try_get(0).context(what)?))
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    /// The metadata lookups can read the indexes of migration 5 (the
+    /// expression must match the index's exactly): with sequential scans
+    /// off, the plan of each names its index. Needs the test server (see
+    /// `tests/it/common.rs`); skipped with a line on stderr without one.
+    #[tokio::test]
+    async fn metadata_lookups_use_their_indexes() {
+        let url = match std::env::var("ANNALS_TEST_POSTGRES_URL") {
+            Ok(url) if !url.trim().is_empty() => url,
+            _ => {
+                assert!(
+                    std::env::var("ANNALS_REQUIRE_POSTGRES").as_deref() != Ok("1"),
+                    "ANNALS_REQUIRE_POSTGRES=1 but ANNALS_TEST_POSTGRES_URL is not set"
+                );
+                let _ = std::io::Write::write_all(
+                    &mut std::io::stderr(),
+                    b"SKIPPED metadata_lookups_use_their_indexes: set ANNALS_TEST_POSTGRES_URL\n",
+                );
+                return;
+            }
+        };
+        let schema = format!("annals_unit_{}", Uuid::now_v7().simple());
+        let store = crate::PgEventStore::connect_with(
+            &url,
+            crate::PgOptions {
+                schema: Some(schema.clone()),
+                ..crate::PgOptions::default()
+            },
+        )
+        .await
+        .expect("connect");
+        store.migrate().await.expect("migrate");
+        let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+            .await
+            .expect("connect");
+        let connection = tokio::spawn(connection);
+        client
+            .batch_execute(&format!(
+                "SET search_path TO \"{schema}\"; SET enable_seqscan = off"
+            ))
+            .await
+            .expect("settings");
+        for (i, (sql, index)) in [
+            (READ_CORRELATED_SQL, "events_correlation_idx"),
+            (READ_CAUSED_BY_SQL, "events_causation_idx"),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            client
+                .batch_execute(&format!("PREPARE q{i} AS {sql}"))
+                .await
+                .expect("prepare");
+            let plan: Vec<String> = client
+                .query(&format!("EXPLAIN EXECUTE q{i}('x', 0, 0, 10)"), &[])
+                .await
+                .expect("explain")
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            assert!(
+                plan.iter().any(|line| line.contains(index)),
+                "{index} not in {plan:#?}"
+            );
+        }
+        client
+            .batch_execute(&format!("DROP SCHEMA \"{schema}\" CASCADE"))
+            .await
+            .expect("drop schema");
+        drop(client);
+        let _ = connection.await;
+    }
+
     #[test]
     fn read_all_queries_share_the_horizon() {
-        for sql in [READ_ALL, READ_ALL_TYPES, READ_ALL_CATEGORIES] {
+        for sql in [
+            READ_ALL,
+            READ_ALL_TYPES,
+            READ_ALL_CATEGORIES,
+            READ_ALL_TIMED,
+            READ_ALL_TYPES_TIMED,
+            READ_ALL_CATEGORIES_TIMED,
+        ] {
             assert!(sql.contains("tx_id < pg_snapshot_xmin(pg_current_snapshot())"));
             assert!(sql.contains("($1::bigint::text::xid8, $2)"));
             assert!(sql.contains("LIMIT $3"));

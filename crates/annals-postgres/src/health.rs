@@ -1,11 +1,11 @@
 //! The integrity and horizon queries behind `annals check` (see
 //! [`annals::StreamVersionIssue`], [`annals::ClockSkew`] and
 //! [`annals::LongTransaction`]): one scan each, returning at most `limit`
-//! rows.
+//! rows; and the store's size for `annals stats` ([`annals::StorageSize`]).
 
 use std::time::Duration;
 
-use annals::{ClockSkew, LongTransaction, Result, StreamVersionIssue};
+use annals::{ClockSkew, LongTransaction, Result, StorageSize, StreamVersionIssue};
 use chrono::{DateTime, Utc};
 
 use crate::error::Context;
@@ -61,7 +61,34 @@ SELECT pid, coalesce(datname, ''), coalesce(application_name, ''), coalesce(stat
  ORDER BY xact_start
  LIMIT $2";
 
+/// The store's tables (those of its schema, the connections' `search_path`)
+/// with their indexes and TOAST, and the whole database.
+const STORAGE_SIZE_SQL: &str = "\
+SELECT coalesce(sum(pg_total_relation_size(c.oid)), 0)::bigint,
+       pg_database_size(current_database())
+  FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+ WHERE n.nspname = current_schema() AND c.relkind IN ('r', 'p', 'm')";
+
 impl PgEventStore {
+    /// The disk the store takes (`annals stats`): the tables of its schema
+    /// with their indexes and TOAST, and the whole database
+    /// (see [`StorageSize`]).
+    pub async fn storage_size(&self) -> Result<StorageSize> {
+        let what = "cannot read the database size";
+        let client = self.ready_client(what).await?;
+        let row = client
+            .query_one(STORAGE_SIZE_SQL, &[])
+            .await
+            .context(what)?;
+        let store: i64 = row.try_get(0).context(what)?;
+        let database: i64 = row.try_get(1).context(what)?;
+        Ok(StorageSize {
+            store_bytes: count(store),
+            free_bytes: None,
+            database_bytes: Some(count(database)),
+        })
+    }
+
     /// Streams whose stored events are not exactly versions `1..=head` of
     /// their `streams` row (or that have no such row), in stream order, at
     /// most `limit` of them. One aggregate scan of the events table.

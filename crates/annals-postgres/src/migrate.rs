@@ -48,6 +48,11 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         name: "append_many",
         sql: include_str!("../sql/0004_append_many.sql"),
     },
+    Migration {
+        version: 5,
+        name: "correlation_index",
+        sql: include_str!("../sql/0005_correlation_index.sql"),
+    },
 ];
 
 /// The schema version this build needs: the last migration's.
@@ -180,10 +185,20 @@ mod tests {
 
     #[test]
     fn migrations_are_numbered_in_order() {
-        for (i, m) in MIGRATIONS.iter().enumerate() {
-            assert_eq!(m.version, i as i32 + 1, "{}", m.name);
+        // 1, 2, 3 ... with no gap.
+        assert_eq!(MIGRATIONS[0].version, 1);
+        for w in MIGRATIONS.windows(2) {
+            assert!(
+                w[0].version + 1 == w[1].version,
+                "{} before {}",
+                w[0].name,
+                w[1].name
+            );
         }
-        assert_eq!(SCHEMA_VERSION, MIGRATIONS.len() as i64);
+        assert_eq!(
+            SCHEMA_VERSION,
+            i64::from(MIGRATIONS[MIGRATIONS.len() - 1].version)
+        );
     }
 
     #[test]

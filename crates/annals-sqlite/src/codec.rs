@@ -191,6 +191,16 @@ impl RawEvents {
         })
     }
 
+    /// A page without rows: a read that has nothing to return.
+    pub(crate) fn empty() -> Self {
+        RawEvents {
+            text: String::new(),
+            rows: Vec::new(),
+            error: None,
+            at_budget: false,
+        }
+    }
+
     /// Rows read (not counting a row that ended the page early).
     pub(crate) fn len(&self) -> usize {
         self.rows.len()

@@ -34,8 +34,10 @@ use annals::{
     RecordedEvent, Result, StoreStats, StoredEvent, StreamBatch, StreamId, StreamInfo,
     StreamVersion,
 };
+use chrono::{DateTime, Utc};
 use futures::stream::BoxStream;
 use rusqlite::{Connection, OptionalExtension, ToSql};
+use uuid::Uuid;
 
 use crate::codec::{event_columns, from_micros, now_micros, sql_int, to_micros, RawEvents};
 use crate::conn::Page;
@@ -392,7 +394,17 @@ struct StreamCursor {
 struct AllCursor {
     after: i64,
     remaining: u64,
+    /// Whether the first page is still to skip ahead to the first event
+    /// recorded at or after `ReadAll::since` (see [`read_all_page`]).
+    seek_since: bool,
 }
+
+/// The lowest position recorded at or after `?1`: one range scan of the
+/// recorded_at index (named, because SQLite's MIN optimization would rather
+/// walk the table from position 1 until the first match, which is the whole
+/// log before a recent `since`).
+const FIRST_SINCE_SQL: &str =
+    "SELECT MIN(position) FROM events INDEXED BY events_recorded_at WHERE recorded_at >= ?1";
 
 fn read_stream_page(
     conn: &Connection,
@@ -464,6 +476,17 @@ fn read_all_sql(options: &ReadAll) -> String {
     };
     list(&mut sql, "category", options.categories.len());
     list(&mut sql, "event_type", options.event_types.len());
+    // Filters, not the access path: `+recorded_at` keeps the planner off
+    // the recorded_at index, which would read every event of the window and
+    // sort it again for each page; the walk stays in position order.
+    if options.since.is_some() {
+        sql.push_str(&format!(" AND +recorded_at >= ?{n}"));
+        n += 1;
+    }
+    if options.until.is_some() {
+        sql.push_str(&format!(" AND +recorded_at <= ?{n}"));
+        n += 1;
+    }
     sql.push_str(&format!(" ORDER BY position ASC LIMIT ?{n}"));
     sql
 }
@@ -476,13 +499,32 @@ fn read_all_page(
     max_bytes: usize,
     cursor: AllCursor,
 ) -> Result<(RawEvents, Option<AllCursor>)> {
+    let mut cursor = cursor;
+    let since = options.since.map(to_micros);
+    if let (true, Some(since)) = (cursor.seek_since, since) {
+        // Positions follow commit order on SQLite, so no event recorded at
+        // or after `since` can appear below the first one stored now: the
+        // walk starts there instead of filtering the whole log before it.
+        let first: Option<i64> = conn
+            .prepare_cached(FIRST_SINCE_SQL)
+            .and_then(|mut s| s.query_row([since], |r| r.get(0)))
+            .map_err(db("seeking the first event since an instant"))?;
+        match first {
+            Some(first) => cursor.after = cursor.after.max(first - 1),
+            None => return Ok((RawEvents::empty(), None)),
+        }
+        cursor.seek_since = false;
+    }
     let want = cursor.remaining.min(batch);
     let limit = sql_int(want);
+    let until = options.until.map(to_micros);
     let mut params: Vec<&dyn ToSql> =
-        Vec::with_capacity(2 + options.categories.len() + options.event_types.len());
+        Vec::with_capacity(4 + options.categories.len() + options.event_types.len());
     params.push(&cursor.after);
     params.extend(options.categories.iter().map(|c| c as &dyn ToSql));
     params.extend(options.event_types.iter().map(|t| t as &dyn ToSql));
+    params.extend(since.iter().map(|t| t as &dyn ToSql));
+    params.extend(until.iter().map(|t| t as &dyn ToSql));
     params.push(&limit);
     let mut stmt = conn
         .prepare_cached(sql)
@@ -498,6 +540,7 @@ fn read_all_page(
             Some(AllCursor {
                 after: position,
                 remaining: cursor.remaining - n,
+                seek_since: false,
             })
         }
         _ => None,
@@ -547,6 +590,122 @@ impl annals::StreamCatalog for SqliteEventStore {
     async fn stats(&self) -> Result<StoreStats> {
         self.conns().read(stats_job).await
     }
+
+    fn read_correlated(&self, correlation_id: Uuid, limit: Option<u64>) -> EventStream {
+        self.read_related(READ_CORRELATED_SQL, correlation_id, limit)
+    }
+
+    fn read_caused_by(&self, causation_id: Uuid, limit: Option<u64>) -> EventStream {
+        self.read_related(READ_CAUSED_BY_SQL, causation_id, limit)
+    }
+
+    async fn largest_streams(&self, limit: usize) -> Result<Vec<StreamInfo>> {
+        let limit = sql_int(limit as u64);
+        self.conns()
+            .read(move |conn| largest_streams(conn, limit))
+            .await
+    }
+
+    async fn events_recorded_since(&self, since: DateTime<Utc>) -> Result<u64> {
+        let since = to_micros(since);
+        self.conns()
+            .read(move |conn| {
+                // A range count on the recorded_at index.
+                conn.prepare_cached("SELECT COUNT(*) FROM events WHERE recorded_at >= ?1")
+                    .and_then(|mut s| s.query_row([since], |r| r.get::<_, i64>(0)))
+                    .map(|n| u64::try_from(n).unwrap_or(0))
+                    .map_err(db("counting recent events"))
+            })
+            .await
+    }
+}
+
+/// The events of one correlation, in global order (the expression is the
+/// one `events_correlation_id` indexes, which is what lets SQLite use it).
+const READ_CORRELATED_SQL: &str = concat!(
+    "SELECT ",
+    event_columns!(),
+    " FROM events WHERE json_extract(metadata, '$.correlation_id') = ?1 \
+     AND position > ?2 ORDER BY position ASC LIMIT ?3"
+);
+
+/// The events one event (or command) caused, in global order (on the
+/// `events_causation_id` index).
+const READ_CAUSED_BY_SQL: &str = concat!(
+    "SELECT ",
+    event_columns!(),
+    " FROM events WHERE json_extract(metadata, '$.causation_id') = ?1 \
+     AND position > ?2 ORDER BY position ASC LIMIT ?3"
+);
+
+impl SqliteEventStore {
+    /// The events whose metadata holds `id` under the key `sql` looks up, a
+    /// page at a time.
+    fn read_related(&self, sql: &'static str, id: Uuid, limit: Option<u64>) -> EventStream {
+        let cursor = AllCursor {
+            after: 0,
+            remaining: limit.unwrap_or(u64::MAX),
+            seek_since: false,
+        };
+        if cursor.remaining == 0 {
+            return Box::pin(futures::stream::empty());
+        }
+        // Canonical JSON writes a UUID lowercase and hyphenated.
+        let id = id.hyphenated().to_string();
+        let batch = self.batch_size() as u64;
+        self.conns()
+            .paginate(cursor, move |conn, cursor: AllCursor| {
+                let want = cursor.remaining.min(batch);
+                let mut stmt = conn
+                    .prepare_cached(sql)
+                    .map_err(db("preparing a metadata lookup"))?;
+                let mut rows = stmt
+                    .query(rusqlite::params![id, cursor.after, sql_int(want)])
+                    .map_err(db("reading events by metadata"))?;
+                let page = RawEvents::collect(
+                    &mut rows,
+                    want as usize,
+                    PAGE_BYTES,
+                    "reading events by metadata",
+                )?;
+                let n = page.len() as u64;
+                let more = n == want || page.is_at_budget();
+                let next = match page.last_keys() {
+                    Some((position, _)) if more && page.is_complete() && cursor.remaining > n => {
+                        Some(AllCursor {
+                            after: position,
+                            remaining: cursor.remaining - n,
+                            seek_since: false,
+                        })
+                    }
+                    _ => None,
+                };
+                Ok((page, next))
+            })
+    }
+}
+
+const LARGEST_STREAMS_SQL: &str = "SELECT stream_id, version FROM streams \
+    ORDER BY version DESC, stream_id ASC LIMIT ?1";
+
+fn largest_streams(conn: &Connection, limit: i64) -> Result<Vec<StreamInfo>> {
+    let what = "listing the largest streams";
+    let mut stmt = conn.prepare_cached(LARGEST_STREAMS_SQL).map_err(db(what))?;
+    let mut rows = stmt.query([limit]).map_err(db(what))?;
+    let mut infos = Vec::new();
+    while let Some(r) = rows.next().map_err(db(what))? {
+        let name: String = r.get(0).map_err(db(what))?;
+        let stream_id = StreamId::parse(&name)
+            .map_err(|e| corrupt(format!("streams row {name:?}: invalid stream_id"), e))?;
+        let version: i64 = r.get(1).map_err(db(what))?;
+        let version = u64::try_from(version)
+            .map_err(|e| corrupt(format!("streams row {stream_id}: negative version"), e))?;
+        infos.push(StreamInfo {
+            stream_id,
+            version: StreamVersion(version),
+        });
+    }
+    Ok(infos)
 }
 
 fn stats_job(conn: &Connection) -> Result<StoreStats> {
@@ -659,6 +818,7 @@ impl EventStore for SqliteEventStore {
         let cursor = AllCursor {
             after: sql_int(options.after.seq()),
             remaining: options.limit.unwrap_or(u64::MAX),
+            seek_since: options.since.is_some(),
         };
         if cursor.remaining == 0 {
             return Box::pin(futures::stream::empty());
@@ -725,6 +885,39 @@ mod tests {
         );
         assert!(read_all_sql(&ReadAll::from_start())
             .ends_with("position > ?1 ORDER BY position ASC LIMIT ?2"));
+        let t = chrono::DateTime::<chrono::Utc>::UNIX_EPOCH;
+        assert!(
+            read_all_sql(&ReadAll::from_start().event_types(["X"]).since(t).until(t)).ends_with(
+                "event_type IN (?2) AND +recorded_at >= ?3 AND +recorded_at <= ?4 \
+                 ORDER BY position ASC LIMIT ?5"
+            )
+        );
+        assert!(read_all_sql(&ReadAll::from_start().until(t))
+            .ends_with("position > ?1 AND +recorded_at <= ?2 ORDER BY position ASC LIMIT ?3"));
+    }
+
+    /// The metadata lookups read the indexes migration 6 made for them
+    /// (the expression must match the index's exactly).
+    #[test]
+    fn metadata_lookups_use_their_indexes() {
+        let mut conn = Connection::open_in_memory().expect("in-memory database");
+        crate::migrate::migrate(&mut conn).expect("migrate");
+        for (sql, index) in [
+            (READ_CORRELATED_SQL, "events_correlation_id"),
+            (READ_CAUSED_BY_SQL, "events_causation_id"),
+        ] {
+            let plan: Vec<String> = conn
+                .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
+                .expect("explain")
+                .query_map(rusqlite::params!["x", 0, 10], |r| r.get(3))
+                .expect("plan")
+                .collect::<rusqlite::Result<_>>()
+                .expect("rows");
+            assert!(
+                plan.iter().any(|step| step.contains(index)),
+                "{index} not in {plan:?}"
+            );
+        }
     }
 
     /// A migrated in-memory database holding `n` events of about `size`
@@ -830,6 +1023,7 @@ mod tests {
             Some(AllCursor {
                 after: 0,
                 remaining: u64::MAX,
+                seek_since: false,
             }),
             |c| read_all_page(&conn, &sql, &options, 100, budget, c),
         );
@@ -843,6 +1037,7 @@ mod tests {
             Some(AllCursor {
                 after: 0,
                 remaining: u64::MAX,
+                seek_since: false,
             }),
             |c| read_all_page(&conn, &sql, &options, 100, budget, c),
         );

@@ -1,10 +1,11 @@
 //! The integrity queries behind `annals check` (see [`annals::StreamVersionIssue`]
 //! and [`annals::ClockSkew`]): one aggregate or window scan each, on a reader
-//! thread, returning at most `limit` rows.
+//! thread, returning at most `limit` rows; and the file's size for
+//! `annals stats` ([`annals::StorageSize`]).
 
 use std::time::Duration;
 
-use annals::{ClockSkew, GlobalPosition, Result, StreamVersionIssue};
+use annals::{ClockSkew, GlobalPosition, Result, StorageSize, StreamVersionIssue};
 use rusqlite::Connection;
 
 use crate::codec::{corrupt_row, from_micros, sql_int};
@@ -57,6 +58,14 @@ impl SqliteEventStore {
             .await
     }
 
+    /// The size of the database (`annals stats`): its pages, and how many
+    /// of them are free (see [`StorageSize`]). That is the file's size once
+    /// the write-ahead log is checkpointed into it; the log beside it is not
+    /// counted.
+    pub async fn storage_size(&self) -> Result<StorageSize> {
+        self.conns().read(storage_size).await
+    }
+
     /// Events whose `recorded_at` is more than `tolerance` earlier than the
     /// event before them in the global order, in position order, at most
     /// `limit` of them. One window scan of the events table.
@@ -67,6 +76,21 @@ impl SqliteEventStore {
             .read(move |conn| clock_skews(conn, tolerance, limit))
             .await
     }
+}
+
+fn storage_size(conn: &Connection) -> Result<StorageSize> {
+    let what = "reading the database size";
+    let pragma = |name: &str| -> Result<u64> {
+        conn.query_row(&format!("PRAGMA {name}"), [], |r| r.get::<_, i64>(0))
+            .map(count)
+            .map_err(db(what))
+    };
+    let page_size = pragma("page_size")?;
+    Ok(StorageSize {
+        store_bytes: pragma("page_count")?.saturating_mul(page_size),
+        free_bytes: Some(pragma("freelist_count")?.saturating_mul(page_size)),
+        database_bytes: None,
+    })
 }
 
 fn count(v: i64) -> u64 {

@@ -51,6 +51,11 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         name: "snapshot_history",
         sql: include_str!("../sql/0005_snapshot_history.sql"),
     },
+    Migration {
+        version: 6,
+        name: "correlation_index",
+        sql: include_str!("../sql/0006_correlation_index.sql"),
+    },
 ];
 
 /// The schema version this build needs.

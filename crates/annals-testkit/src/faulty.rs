@@ -221,4 +221,16 @@ impl<S: StreamCatalog> StreamCatalog for FaultyStore<S> {
     async fn stats(&self) -> Result<StoreStats> {
         self.inner.stats().await
     }
+    fn read_correlated(&self, correlation_id: uuid::Uuid, limit: Option<u64>) -> EventStream {
+        self.inner.read_correlated(correlation_id, limit)
+    }
+    fn read_caused_by(&self, causation_id: uuid::Uuid, limit: Option<u64>) -> EventStream {
+        self.inner.read_caused_by(causation_id, limit)
+    }
+    async fn largest_streams(&self, limit: usize) -> Result<Vec<StreamInfo>> {
+        self.inner.largest_streams(limit).await
+    }
+    async fn events_recorded_since(&self, since: chrono::DateTime<chrono::Utc>) -> Result<u64> {
+        self.inner.events_recorded_since(since).await
+    }
 }

@@ -114,6 +114,8 @@ macro_rules! conformance_suite {
             reads_cross_batch_boundaries,
             time_travel,
             read_all_filters,
+            read_all_by_recorded_at,
+            repository_load_as_of,
             repository_commands,
             repository_retries_on_conflict,
             repository_metadata_flow,
@@ -135,6 +137,8 @@ macro_rules! conformance_suite {
     (@group stream_catalog, $($then:tt)*) => {
         $crate::conformance_suite! { $($then)*
             stream_listing_and_stats,
+            largest_streams_and_recent_events,
+            correlation_and_causation_lookups,
         }
     };
     (@group snapshot_store, $($then:tt)*) => {

@@ -31,6 +31,8 @@ mod numbers;
 pub use numbers::*;
 mod append_many;
 pub use append_many::*;
+mod inspection;
+pub use inspection::*;
 
 fn sid(name: &str) -> StreamId {
     StreamId::parse(name).expect("valid stream name")

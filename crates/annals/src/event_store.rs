@@ -14,6 +14,7 @@ use chrono::{DateTime, Utc};
 use futures::stream::BoxStream;
 use futures::TryStreamExt;
 use serde::Serialize;
+use uuid::Uuid;
 
 use crate::{
     AppendResult, EventId, ExpectedVersion, GlobalPosition, NewEvent, RecordedEvent, Result,
@@ -104,6 +105,18 @@ pub struct ReadAll {
     pub categories: Vec<String>,
     /// Only these event types (empty: all).
     pub event_types: Vec<String>,
+    /// Only events recorded at or after this instant (`recorded_at`).
+    ///
+    /// A filter, not a starting point: `recorded_at` is stamped by the
+    /// appending host's clock (SQLite, memory) or the server's (PostgreSQL)
+    /// and need not grow along the global order (a clock stepped back, or on
+    /// PostgreSQL a transaction that took its id early and committed late),
+    /// so the read still walks the global order from `after` and skips the
+    /// events outside the bounds.
+    pub since: Option<DateTime<Utc>>,
+    /// Only events recorded at or before this instant (`recorded_at`); a
+    /// filter like [`since`](Self::since).
+    pub until: Option<DateTime<Utc>>,
 }
 
 impl ReadAll {
@@ -133,10 +146,22 @@ impl ReadAll {
         self.event_types = t.into_iter().map(Into::into).collect();
         self
     }
+    /// Only events recorded at or after `t`.
+    pub fn since(mut self, t: DateTime<Utc>) -> Self {
+        self.since = Some(t);
+        self
+    }
+    /// Only events recorded at or before `t`.
+    pub fn until(mut self, t: DateTime<Utc>) -> Self {
+        self.until = Some(t);
+        self
+    }
     /// Whether an event passes the filters (for backends that filter in code).
     pub fn admits(&self, e: &RecordedEvent) -> bool {
         (self.categories.is_empty() || self.categories.iter().any(|c| c == e.stream_id.category()))
             && (self.event_types.is_empty() || self.event_types.contains(&e.event_type))
+            && self.since.is_none_or(|t| e.recorded_at >= t)
+            && self.until.is_none_or(|t| e.recorded_at <= t)
     }
 }
 
@@ -318,4 +343,33 @@ pub trait StreamCatalog: EventStore {
 
     /// Counts of streams and events per category and per type.
     fn stats(&self) -> impl Future<Output = Result<StoreStats>> + Send;
+
+    /// The `limit` streams with the most events (the highest heads), most
+    /// first, streams with equal heads by name. One scan of the stream index
+    /// (not of the events).
+    fn largest_streams(&self, limit: usize)
+        -> impl Future<Output = Result<Vec<StreamInfo>>> + Send;
+
+    /// The events whose metadata carries `correlation_id` (every event one
+    /// request caused), in global order, lazily, at most `limit`. A lookup,
+    /// not a feed: it reads the committed events on an index of the
+    /// metadata's `correlation_id` and keeps no position to resume from
+    /// (on PostgreSQL it does not wait for the horizon, as
+    /// [`EventStore::read_event`] does not).
+    fn read_correlated(&self, correlation_id: Uuid, limit: Option<u64>) -> EventStream;
+
+    /// The events whose metadata names `causation_id` as their cause (the
+    /// events an event or command caused: [`CommandContext::caused_by`](crate::CommandContext::caused_by)
+    /// sets it to the causing event's id), in global order, lazily, at most
+    /// `limit`; a lookup like [`read_correlated`](Self::read_correlated).
+    fn read_caused_by(&self, causation_id: Uuid, limit: Option<u64>) -> EventStream;
+
+    /// How many stored events were recorded at or after `since` (by
+    /// `recorded_at`, see [`ReadAll::since`]): the store's append rate over
+    /// a window when `since` is that long ago. Counted with the index on
+    /// `recorded_at`, without reading the events.
+    fn events_recorded_since(
+        &self,
+        since: DateTime<Utc>,
+    ) -> impl Future<Output = Result<u64>> + Send;
 }

@@ -1,6 +1,6 @@
-//! What the health checks (`annals check`) read from a backend: the rows of
-//! the integrity queries that each backend answers with its own SQL, in
-//! backend-neutral types.
+//! What the health checks (`annals check`) and `annals stats` read from a
+//! backend: the rows of the integrity queries and the storage size that each
+//! backend answers with its own SQL, in backend-neutral types.
 //!
 //! These are inherent methods of each backend store, not a trait: they are
 //! diagnostics for operators, and a backend without the concept (SQLite has
@@ -77,4 +77,23 @@ pub struct LongTransaction {
     pub application_name: String,
     /// The session state (`active`, `idle in transaction`, ...).
     pub state: String,
+}
+
+/// How much disk a store takes (`annals stats`), as its backend measures it.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize)]
+pub struct StorageSize {
+    /// The store's own bytes. SQLite: the database's pages, in use and
+    /// free, which is the file's size once the write-ahead log is
+    /// checkpointed into it (the log beside it is not counted);
+    /// PostgreSQL: the tables of the store's schema with their indexes and
+    /// TOAST.
+    pub store_bytes: u64,
+    /// SQLite: the bytes of free pages inside the file, which later writes
+    /// reuse and `VACUUM` gives back. `None` on PostgreSQL, where free space
+    /// lives inside each table (vacuum's business).
+    pub free_bytes: Option<u64>,
+    /// PostgreSQL: the whole database (every schema), as
+    /// `pg_database_size` reports it. `None` on SQLite, where the file is
+    /// the database.
+    pub database_bytes: Option<u64>,
 }

@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use chrono::{DateTime, Utc};
 use futures::stream::{self, BoxStream, StreamExt};
+use uuid::Uuid;
 
 use crate::event_store::{
     CategoryStats, Direction, EventStream, EventTypeStats, ReadAll, ReadStream, StoreStats,
@@ -247,37 +248,10 @@ impl EventStore for InMemoryStore {
     }
 
     fn read_all(&self, options: ReadAll) -> EventStream {
-        let store = self.clone();
-        let limit = options.limit.unwrap_or(u64::MAX);
         // Positions are seq = index + 1 on this backend.
         let start = options.after.seq() as usize;
-        stream::unfold((start, 0u64), move |(cursor, taken)| {
-            let store = store.clone();
-            let options = options.clone();
-            async move {
-                if taken >= limit {
-                    return None;
-                }
-                let st = store.lock();
-                let want = (limit - taken).min(DEFAULT_BATCH_SIZE as u64) as usize;
-                let mut batch = Vec::new();
-                let mut i = cursor;
-                while i < st.events.len() && batch.len() < want {
-                    let e = &st.events[i];
-                    i += 1;
-                    if options.admits(e) {
-                        batch.push(Ok(e.clone()));
-                    }
-                }
-                if batch.is_empty() {
-                    return None;
-                }
-                let n = batch.len() as u64;
-                Some((stream::iter(batch), (i, taken + n)))
-            }
-        })
-        .flatten()
-        .boxed()
+        let limit = options.limit;
+        self.scan(start, limit, move |e| options.admits(e))
     }
 
     async fn stream_version(&self, stream: &StreamId) -> Result<Option<StreamVersion>> {
@@ -770,7 +744,62 @@ impl CheckpointStore for InMemoryStore {
     }
 }
 
+impl InMemoryStore {
+    /// The events from index `start` on that `admits` keeps, in global
+    /// order, at most `limit`, a batch at a time (the lock is held per
+    /// batch, never across an await).
+    fn scan(
+        &self,
+        start: usize,
+        limit: Option<u64>,
+        admits: impl Fn(&RecordedEvent) -> bool + Send + Sync + 'static,
+    ) -> EventStream {
+        let store = self.clone();
+        let limit = limit.unwrap_or(u64::MAX);
+        let admits = Arc::new(admits);
+        stream::unfold((start, 0u64), move |(cursor, taken)| {
+            let store = store.clone();
+            let admits = Arc::clone(&admits);
+            async move {
+                if taken >= limit {
+                    return None;
+                }
+                let st = store.lock();
+                let want = (limit - taken).min(DEFAULT_BATCH_SIZE as u64) as usize;
+                let mut batch = Vec::new();
+                let mut i = cursor;
+                while i < st.events.len() && batch.len() < want {
+                    let e = &st.events[i];
+                    i += 1;
+                    if admits(e) {
+                        batch.push(Ok(e.clone()));
+                    }
+                }
+                if batch.is_empty() {
+                    return None;
+                }
+                let n = batch.len() as u64;
+                Some((stream::iter(batch), (i, taken + n)))
+            }
+        })
+        .flatten()
+        .boxed()
+    }
+}
+
 impl crate::StreamCatalog for InMemoryStore {
+    fn read_correlated(&self, correlation_id: Uuid, limit: Option<u64>) -> EventStream {
+        self.scan(0, limit, move |e| {
+            e.metadata.correlation_id == Some(correlation_id)
+        })
+    }
+
+    fn read_caused_by(&self, causation_id: Uuid, limit: Option<u64>) -> EventStream {
+        self.scan(0, limit, move |e| {
+            e.metadata.causation_id == Some(causation_id)
+        })
+    }
+
     fn list_streams(&self, category: &str) -> BoxStream<'static, Result<StreamInfo>> {
         let st = self.lock();
         let infos: Vec<Result<StreamInfo>> = st
@@ -816,5 +845,29 @@ impl crate::StreamCatalog for InMemoryStore {
             first_recorded_at: st.events.iter().map(|e| e.recorded_at).min(),
             last_recorded_at: st.events.iter().map(|e| e.recorded_at).max(),
         })
+    }
+
+    async fn largest_streams(&self, limit: usize) -> Result<Vec<StreamInfo>> {
+        let st = self.lock();
+        let mut infos: Vec<StreamInfo> = st
+            .streams
+            .iter()
+            .map(|(s, v)| StreamInfo {
+                stream_id: s.clone(),
+                version: StreamVersion(v.len() as u64),
+            })
+            .collect();
+        infos.sort_by(|a, b| {
+            b.version
+                .cmp(&a.version)
+                .then_with(|| a.stream_id.as_str().cmp(b.stream_id.as_str()))
+        });
+        infos.truncate(limit);
+        Ok(infos)
+    }
+
+    async fn events_recorded_since(&self, since: DateTime<Utc>) -> Result<u64> {
+        let st = self.lock();
+        Ok(st.events.iter().filter(|e| e.recorded_at >= since).count() as u64)
     }
 }

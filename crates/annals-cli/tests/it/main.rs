@@ -7,6 +7,7 @@ mod check;
 mod demo;
 mod errors;
 mod events;
+mod inspection;
 mod library;
 mod postgres;
 mod scenarios;

@@ -12,6 +12,21 @@ fn sid(s: &str) -> StreamId {
     StreamId::parse(s).expect("stream id")
 }
 
+/// Asserts that `rows` record every migration of this build once, in order,
+/// up to [`PgEventStore::SCHEMA_VERSION`].
+#[track_caller]
+fn assert_every_migration(rows: &[(i32, String)]) {
+    let migrations = PgEventStore::schema_sql()
+        .matches("INSERT INTO annals_migrations")
+        .count();
+    assert_eq!(rows.len(), migrations, "{rows:?}");
+    assert!(rows.windows(2).all(|w| w[0].0 < w[1].0), "{rows:?}");
+    assert_eq!(
+        rows.last().map(|r| i64::from(r.0)),
+        Some(PgEventStore::SCHEMA_VERSION)
+    );
+}
+
 async fn migration_rows(url: &str, schema: &str) -> Vec<(i32, String)> {
     raw_client(url, Some(schema))
         .await
@@ -34,7 +49,7 @@ async fn migrate_is_idempotent() {
     db.store.migrate().await.expect("second migrate");
     db.store.migrate().await.expect("third migrate");
     let rows = migration_rows(&db.url, &db.schema).await;
-    assert_eq!(rows.len() as i64, PgEventStore::SCHEMA_VERSION);
+    assert_every_migration(&rows);
     assert_eq!(rows[0], (1, "initial".to_owned()));
     db.store
         .append(
@@ -70,7 +85,7 @@ async fn concurrent_migrations_are_safe() {
         stores.push(h.await.expect("task"));
     }
     let rows = migration_rows(&url, &schema).await;
-    assert_eq!(rows.len() as i64, PgEventStore::SCHEMA_VERSION);
+    assert_every_migration(&rows);
     for (i, store) in stores.iter().enumerate() {
         store
             .append(

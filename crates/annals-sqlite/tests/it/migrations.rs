@@ -14,8 +14,9 @@ const EXPECTED: &[(i64, &str)] = &[
     (3, "checkpoints"),
     (4, "event_fingerprints"),
     (5, "snapshot_history"),
+    (6, "correlation_index"),
 ];
-const LATEST: i64 = 5;
+const LATEST: i64 = 6;
 
 fn ledger(conn: &rusqlite::Connection) -> Vec<(i64, String, String)> {
     let mut s = conn
