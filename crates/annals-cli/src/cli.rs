@@ -20,7 +20,8 @@ Exit status:
   0  success (a closed output pipe, as in `annals read-all | head`, is success)
   1  a check failed: an append's expected version did not match (the message
      names the actual version), a demo consistency check failed, an
-     aggregate has no events, or a snapshot job found failed aggregates or
+     aggregate has no events (with --as-of: none recorded by then), `annals
+     event` found no such event, or a snapshot job found failed aggregates or
      mismatches (see `annals snapshots --help`), or `annals check` found
      an error (see `annals check --help`)
   2  error: bad input, unknown URL scheme, unreachable database, schema not

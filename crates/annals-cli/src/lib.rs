@@ -25,9 +25,11 @@
 //! - `0`: success. A closed output pipe (`annals read-all | head`) is success.
 //! - `1`: a check failed: an append's expected version did not match (the
 //!   message names the actual version), the demo's consistency check failed,
-//!   or an aggregate has no events. For `annals snapshots`: `create` built a
-//!   snapshot that the guarded write did not store (the message names the
-//!   snapshot that kept it out), `prepopulate` or `migrate` left aggregates
+//!   an aggregate has no events (with `--as-of`: none recorded by then), or
+//!   `annals event` found no event with that id or position. For `annals
+//!   snapshots`: `create` built a snapshot that the guarded write did not
+//!   store (the message names the snapshot that kept it out),
+//!   `prepopulate` or `migrate` left aggregates
 //!   that failed, `verify` found staged (or, with `--live`, live) snapshots
 //!   that do not match a replay, or `promote` was refused by that
 //!   verification. These print their whole report on stdout first.
