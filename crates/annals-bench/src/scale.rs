@@ -355,9 +355,11 @@ mod tests {
     fn scale_must_be_a_whole_number_of_streams_above_the_small_store() {
         let sz = sizes();
         assert!(check(1_000_000, &sz).is_ok());
-        let e = check(1_000_050, &sz).unwrap_err().to_string();
+        let e = check(1_000_050, &sz)
+            .expect_err("not whole streams")
+            .to_string();
         assert!(e.contains("not a multiple of --bulk-stream-len 100"), "{e}");
-        let e = check(100_000, &sz).unwrap_err().to_string();
+        let e = check(100_000, &sz).expect_err("not larger").to_string();
         assert!(e.contains("larger than the small store"), "{e}");
         assert_eq!(large_sizes(1_000_000, &sz).bulk_events, 1_000_000);
         assert_eq!(large_sizes(1_000_000, &sz).accounts, 1000);
