@@ -7,11 +7,16 @@
 //! `ratio_to_raw` is always "higher is better, 1.0 = as fast as raw SQL":
 //! throughput(annals) / throughput(raw) for W1, W3, W3m and W4, and
 //! median_ms(raw) / median_ms(annals) for the W2 loads.
+//!
+//! `--scale N` runs instead the growth comparison of `scale.rs`: W1, W2
+//! and W4 on a store of N events as ratios to the same workloads on the
+//! default store, one `scale` line per backend.
 #![forbid(unsafe_code)]
 
 mod multi;
 mod raw_pg;
 mod raw_sqlite;
+mod scale;
 mod w5;
 mod workload;
 
@@ -46,6 +51,12 @@ struct Args {
     /// Directory for the SQLite files (default: a fresh temporary directory).
     #[arg(long)]
     dir: Option<PathBuf>,
+    /// Instead of the standard run: load N events in W3's shape and report
+    /// W1, W2 and W4 as ratios to the same workloads on the default store of
+    /// --bulk-events events, measured in the same run (docs/benchmarks.md,
+    /// "Cost as the store grows"). No raw baseline, W3m or W5.
+    #[arg(long, value_name = "N")]
+    scale: Option<u64>,
     #[command(flatten)]
     sizes: Sizes,
     #[command(flatten)]
@@ -66,6 +77,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
         "all" => vec!["sqlite", "postgres"],
         b => vec![b],
     };
+    if let Some(n) = args.scale {
+        scale::check(n, &args.sizes)?;
+        for backend in backends {
+            let line = run_scale(&args, backend, n).await?;
+            println!("{}", serde_json::to_string(&line)?);
+        }
+        return Ok(());
+    }
     for backend in backends {
         let started = std::time::Instant::now();
         let (mut annals, mut raw) = match backend {
@@ -102,6 +121,30 @@ async fn run(args: Args) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string(&line)?);
     }
     Ok(())
+}
+
+async fn run_scale(args: &Args, backend: &str, n: u64) -> anyhow::Result<Value> {
+    let started = std::time::Instant::now();
+    let (small, large) = match backend {
+        "sqlite" => {
+            let tmp = tempfile::tempdir()?;
+            let dir = args.dir.clone().unwrap_or_else(|| tmp.path().to_path_buf());
+            std::fs::create_dir_all(&dir)?;
+            scale::sqlite(&dir, n, &args.sizes).await?
+        }
+        _ => scale::postgres(&args.database_url, n, &args.sizes).await?,
+    };
+    let total = started.elapsed().as_secs_f64();
+    Ok(json!({
+        "peer": "annals",
+        "version": env!("CARGO_PKG_VERSION"),
+        "backend": backend,
+        "date": chrono::Utc::now().to_rfc3339(),
+        "machine": workload::machine(),
+        "sizes": args.sizes.to_json(),
+        "scale": scale::report(n, &small, &large),
+        "total_seconds": (total * 1000.0).round() / 1000.0,
+    }))
 }
 
 async fn run_sqlite(args: &Args) -> anyhow::Result<(Results, Option<Results>)> {
@@ -206,4 +249,26 @@ fn result_line(
     w5::add_to_line(&mut line, a, raw);
     line["w2"]["snapshot_speedup"] = ratio(a.w2.no_snapshot.median(), a.w2.snapshot.median());
     line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scale_is_parsed_with_the_backend_and_sizes() {
+        let a = Args::try_parse_from(["annals-bench", "--scale", "1000000", "--backend", "sqlite"])
+            .expect("valid arguments");
+        assert_eq!(a.scale, Some(1_000_000));
+        assert_eq!(a.backend, "sqlite");
+        assert_eq!(a.sizes.bulk_events, 100_000);
+        assert_eq!(
+            Args::try_parse_from(["annals-bench"])
+                .expect("defaults")
+                .scale,
+            None
+        );
+        assert!(Args::try_parse_from(["annals-bench", "--scale", "ten"]).is_err());
+        assert!(Args::try_parse_from(["annals-bench", "--scale", "-1"]).is_err());
+    }
 }

@@ -266,14 +266,25 @@ where
     F: FnOnce() -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<()>>,
 {
-    let mut res = Results {
+    let w1 = w1(&store, sz).await?;
+    let w2 = w2(&store, sz).await?;
+    let w3 = w3(&store, sz).await?;
+    before_replay().await?;
+    let w4 = w4(&store, sz).await?;
+    Ok(Results {
+        w1,
+        w2,
+        w3,
         w3_per_commit: sz.bulk_stream_len,
+        w4,
         w4_page: sz.feed_page,
-        ..Default::default()
-    };
-    let ctx = CommandContext::new();
+        w5: None,
+    })
+}
 
-    // W1: no snapshots, no cache; every command loads from the store.
+/// W1: no snapshots, no cache; every command loads from the store.
+pub async fn w1<S: EventStore>(store: &S, sz: &Sizes) -> anyhow::Result<W1> {
+    let ctx = CommandContext::new();
     let repo = Repository::<Account, _>::new(store.clone());
     let ids: Vec<(String, String)> = (1..=sz.accounts)
         .map(|i| {
@@ -285,7 +296,7 @@ where
     for (id, o) in &ids {
         repo.create(id, &ctx, |a| a.open(o)).await?;
     }
-    res.w1.open_per_sec = sz.accounts as f64 / t.elapsed().as_secs_f64().max(1e-9);
+    let open_per_sec = sz.accounts as f64 / t.elapsed().as_secs_f64().max(1e-9);
     let mut lat = Vec::with_capacity((sz.accounts * sz.deposits) as usize);
     let t = Instant::now();
     for _ in 0..sz.deposits {
@@ -295,11 +306,19 @@ where
             lat.push(c.elapsed());
         }
     }
-    res.w1.seconds = t.elapsed().as_secs_f64();
-    res.w1.commands = sz.accounts * sz.deposits;
-    res.w1.latency = Latencies(lat);
+    Ok(W1 {
+        commands: sz.accounts * sz.deposits,
+        seconds: t.elapsed().as_secs_f64(),
+        latency: Latencies(lat),
+        open_per_sec,
+    })
+}
 
-    // W2: one long stream written in saves of I events, snapshot every I.
+/// W2: one long stream written in saves of I events, snapshot every I;
+/// timed loads with and without the snapshot.
+pub async fn w2<S: EventStore + SnapshotStore>(store: &S, sz: &Sizes) -> anyhow::Result<W2> {
+    let ctx = CommandContext::new();
+    let mut res = W2::default();
     let o = owner("w2", 1);
     let id = account_id(&o);
     let snap_repo = Repository::<Account, _>::new(store.clone())
@@ -322,7 +341,7 @@ where
         }
         k = end + 1;
     }
-    res.w2.setup_seconds = t.elapsed().as_secs_f64();
+    res.setup_seconds = t.elapsed().as_secs_f64();
     let want = pattern_balance(sz.long_stream);
     let mut no_snap = Vec::new();
     for i in 0..=sz.loads {
@@ -349,15 +368,21 @@ where
         if l.report.snapshot_version.is_none() {
             bail!("W2 snapshot load did not use a snapshot: {:?}", l.report);
         }
-        res.w2.snapshot_version = l.report.snapshot_version.map_or(0, |v| v.get());
+        res.snapshot_version = l.report.snapshot_version.map_or(0, |v| v.get());
         if i > 0 {
             with_snap.push(d);
         }
     }
-    res.w2.no_snapshot = Latencies(no_snap);
-    res.w2.snapshot = Latencies(with_snap);
+    res.no_snapshot = Latencies(no_snap);
+    res.snapshot = Latencies(with_snap);
+    Ok(res)
+}
 
-    // W3: one atomic append of L events per account.
+/// W3: one atomic append of L events per account (accounts `w3-…`), B/L
+/// accounts.
+pub async fn w3<S: EventStore>(store: &S, sz: &Sizes) -> anyhow::Result<Throughput> {
+    let ctx = CommandContext::new();
+    let repo = Repository::<Account, _>::new(store.clone());
     let streams = sz.bulk_events / sz.bulk_stream_len;
     let t = Instant::now();
     for i in 1..=streams {
@@ -370,13 +395,15 @@ where
         })
         .await?;
     }
-    res.w3 = Throughput {
+    Ok(Throughput {
         events: streams * sz.bulk_stream_len,
         seconds: t.elapsed().as_secs_f64(),
-    };
+    })
+}
 
-    before_replay().await?;
-    // W4: the whole feed in pages, decoded into typed events, folded.
+/// W4: the whole feed in pages, decoded into typed events, folded into a
+/// map of account to balance, then verified against the sizes.
+pub async fn w4<S: EventStore>(store: &S, sz: &Sizes) -> anyhow::Result<Throughput> {
     let t = Instant::now();
     let mut balances: HashMap<String, i64> = HashMap::new();
     let mut after = GlobalPosition::START;
@@ -395,12 +422,12 @@ where
             fold_balance(b, &ev);
         }
     }
-    res.w4 = Throughput {
+    let w4 = Throughput {
         events,
         seconds: t.elapsed().as_secs_f64(),
     };
     verify(sz, events, balances.len() as u64, balances.values().sum())?;
-    Ok(res)
+    Ok(w4)
 }
 
 /// W4's fold: an account's balance after one more event.
