@@ -261,23 +261,7 @@ impl PgEventStore {
                                 .await
                                 .context(what)
                         })?;
-                    let mut last_stream = None;
-                    let events = rows
-                        .iter()
-                        .map(|row| decode_event(row, &mut last_stream))
-                        .collect::<Result<Vec<_>>>()?;
-                    let next = match events.last() {
-                        Some(last) if cut || (events.len() as i64) == want => Some((
-                            (
-                                to_i64(last.global_position.commit()),
-                                to_i64(last.global_position.seq()),
-                            ),
-                            taken + events.len() as u64,
-                            rows_limit.next(events.len(), cut),
-                        )),
-                        _ => None,
-                    };
-                    Ok((events, next))
+                    position_page(&rows, cut, want, taken, rows_limit)
                 }
             },
         )
@@ -440,23 +424,7 @@ impl EventStore for PgEventStore {
                         until,
                     };
                     let (rows, cut) = store.read_all_page(&page).await?;
-                    let mut last_stream = None;
-                    let events = rows
-                        .iter()
-                        .map(|row| decode_event(row, &mut last_stream))
-                        .collect::<Result<Vec<_>>>()?;
-                    let next = match events.last() {
-                        Some(last) if cut || (events.len() as i64) == want => Some((
-                            (
-                                to_i64(last.global_position.commit()),
-                                to_i64(last.global_position.seq()),
-                            ),
-                            taken + events.len() as u64,
-                            rows_limit.next(events.len(), cut),
-                        )),
-                        _ => None,
-                    };
-                    Ok((events, next))
+                    position_page(&rows, cut, want, taken, rows_limit)
                 }
             },
         )
@@ -1266,6 +1234,37 @@ impl annals::StreamCatalog for PgEventStore {
             .ok_or_else(|| backend_msg("the count of recent events returned no row"))?;
         Ok(count(row.try_get(0).context(what)?))
     }
+}
+
+/// Decodes a page of a read in global order and gives its next cursor
+/// (after the last position, events taken so far, the next page's rows), or
+/// `None` when the page was the last: it came back short of `want` rows
+/// without being cut by its byte budget.
+#[allow(clippy::type_complexity)]
+fn position_page(
+    rows: &[tokio_postgres::Row],
+    cut: bool,
+    want: i64,
+    taken: u64,
+    rows_limit: PageRows,
+) -> Result<(Vec<RecordedEvent>, Option<((i64, i64), u64, PageRows)>)> {
+    let mut last_stream = None;
+    let events = rows
+        .iter()
+        .map(|row| decode_event(row, &mut last_stream))
+        .collect::<Result<Vec<_>>>()?;
+    let next = match events.last() {
+        Some(last) if cut || (events.len() as i64) == want => Some((
+            (
+                to_i64(last.global_position.commit()),
+                to_i64(last.global_position.seq()),
+            ),
+            taken + events.len() as u64,
+            rows_limit.next(events.len(), cut),
+        )),
+        _ => None,
+    };
+    Ok((events, next))
 }
 
 #[cfg(test)]
