@@ -1,11 +1,11 @@
 //! `annals-bench`: the standard workload of `docs/benchmarks.md` (W1
 //! command append, W2 long-stream load, W3 bulk append, W3m multi-stream
-//! commits, W4 replay) on Annals and, in the same run and on the same
+//! commits, W4 replay, W5 concurrent commands) on Annals and, in the same run and on the same
 //! schema, with plain SQL (the raw baseline). Prints one JSON result line
 //! per backend with `raw` figures and `ratio_to_raw`.
 //!
 //! `ratio_to_raw` is always "higher is better, 1.0 = as fast as raw SQL":
-//! throughput(annals) / throughput(raw) for W1, W3, W3m and W4, and
+//! throughput(annals) / throughput(raw) for W1, W3, W3m, W4 and W5, and
 //! median_ms(raw) / median_ms(annals) for the W2 loads.
 //!
 //! `--scale N` runs instead the growth comparison of `scale.rs`: W1, W2
