@@ -7,9 +7,11 @@
 //! (accounts `w3-…` with L events each), written M accounts per atomic
 //! `append_many` as W3m writes them (the fastest bulk path the bench
 //! measures: one commit per M·L events), then W1 and W2 on their own
-//! new accounts, then W4 over everything. The small store runs first and is
-//! deleted before the large one is built, so the two never share a disk
-//! cache or a connection.
+//! new accounts, then W4 over everything. Both stores are loaded first;
+//! then each workload runs on the small store and on the large one back to
+//! back, so that what else the machine does at that moment (a shared
+//! machine's load, the page cache) weighs on both alike: measured one store
+//! after the other, the ratios swung by a factor of three between runs.
 //!
 //! Peak resident memory of W4 is measured in-process on Linux: just before
 //! W4, writing `5` to `/proc/self/clear_refs` resets the kernel's
@@ -143,43 +145,65 @@ pub async fn load<S: MultiStreamAppend>(store: &S, sz: &Sizes) -> anyhow::Result
     })
 }
 
-/// Loads `sz.bulk_events` events in W3's shape, then runs W1, W2 and W4.
-/// `analyze` runs (untimed) after the load and again before W4.
-pub async fn measure<S, F, Fut, Z, ZFut>(
-    store: &S,
-    sz: &Sizes,
-    analyze: F,
-    size: Z,
-) -> anyhow::Result<Side>
+/// A loaded store with what its load measured, waiting for the workloads.
+pub struct Loaded<S> {
+    store: S,
+    sizes: Sizes,
+    load: Throughput,
+    store_bytes: u64,
+}
+
+/// Loads `sz.bulk_events` events in W3's shape and reads the store's size.
+pub async fn prepare<S, Z, ZFut>(store: S, sz: &Sizes, size: Z) -> anyhow::Result<Loaded<S>>
 where
     S: EventStore + SnapshotStore + MultiStreamAppend,
-    F: Fn() -> Fut,
-    Fut: std::future::Future<Output = anyhow::Result<()>>,
     Z: FnOnce() -> ZFut,
     ZFut: std::future::Future<Output = annals::Result<StorageSize>>,
 {
-    let load = load(store, sz).await.context("loading the store")?;
+    let load = load(&store, sz).await.context("loading the store")?;
     let store_bytes = size()
         .await
         .context("reading the store's size")?
         .store_bytes;
-    analyze().await?;
-    let w1 = workload::w1(store, sz).await.context("W1")?;
-    let w2 = workload::w2(store, sz).await.context("W2")?;
-    analyze().await?;
-    let rss_before_w4 = own_status("VmRSS");
-    let reset = reset_peak_rss();
-    let w4 = workload::w4(store, sz).await.context("W4")?;
-    let w4_peak_rss = if reset { own_status("VmHWM") } else { None };
-    Ok(Side {
+    Ok(Loaded {
+        store,
+        sizes: sz.clone(),
         load,
         store_bytes,
-        w1,
-        w2,
-        w4,
-        rss_before_w4,
-        w4_peak_rss,
     })
+}
+
+/// Runs W1, W2 and W4 on both loaded stores, each workload on the small
+/// store and then on the large one, back to back, so that whatever else
+/// the machine is doing at that moment weighs on both alike.
+/// `analyze(i)` runs (untimed) on store `i` (0 small, 1 large) before W1
+/// and again before W4.
+pub async fn measure<S, F, Fut>(stores: [&Loaded<S>; 2], analyze: F) -> anyhow::Result<[Side; 2]>
+where
+    S: EventStore + SnapshotStore + MultiStreamAppend,
+    F: Fn(usize) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    let mut sides: [Side; 2] = Default::default();
+    for (i, l) in stores.iter().enumerate() {
+        sides[i].load = l.load.clone();
+        sides[i].store_bytes = l.store_bytes;
+        analyze(i).await?;
+    }
+    for (i, l) in stores.iter().enumerate() {
+        sides[i].w1 = workload::w1(&l.store, &l.sizes).await.context("W1")?;
+    }
+    for (i, l) in stores.iter().enumerate() {
+        sides[i].w2 = workload::w2(&l.store, &l.sizes).await.context("W2")?;
+    }
+    for (i, l) in stores.iter().enumerate() {
+        analyze(i).await?;
+        sides[i].rss_before_w4 = own_status("VmRSS");
+        let reset = reset_peak_rss();
+        sides[i].w4 = workload::w4(&l.store, &l.sizes).await.context("W4")?;
+        sides[i].w4_peak_rss = if reset { own_status("VmHWM") } else { None };
+    }
+    Ok(sides)
 }
 
 fn round(x: f64) -> f64 {
@@ -245,60 +269,82 @@ pub fn large_sizes(n: u64, sz: &Sizes) -> Sizes {
     }
 }
 
+fn remove_sqlite_files(dir: &Path, id: &str) -> anyhow::Result<()> {
+    for suffix in ["", "-wal", "-shm"] {
+        let file = dir.join(format!("annals-scale-{id}.db{suffix}"));
+        if file.exists() {
+            std::fs::remove_file(&file).with_context(|| format!("removing {}", file.display()))?;
+        }
+    }
+    Ok(())
+}
+
 /// Both sides on SQLite, each on a new file in `dir` removed afterwards.
 pub async fn sqlite(dir: &Path, n: u64, sz: &Sizes) -> anyhow::Result<(Side, Side)> {
-    let mut sides = Vec::with_capacity(2);
-    for sizes in [sz.clone(), large_sizes(n, sz)] {
-        let id = uuid::Uuid::now_v7().simple().to_string();
-        let path = dir.join(format!("annals-scale-{id}.db"));
-        let store = annals_sqlite::SqliteEventStore::open(&path).await?;
-        let side = measure(&store, &sizes, || async { Ok(()) }, || store.storage_size()).await;
-        drop(store);
-        for suffix in ["", "-wal", "-shm"] {
-            let file = dir.join(format!("annals-scale-{id}.db{suffix}"));
-            if file.exists() {
-                std::fs::remove_file(&file)
-                    .with_context(|| format!("removing {}", file.display()))?;
-            }
+    let ids = [0, 1].map(|_| uuid::Uuid::now_v7().simple().to_string());
+    let run = async {
+        let mut loaded = Vec::with_capacity(2);
+        for (id, sizes) in ids.iter().zip([sz.clone(), large_sizes(n, sz)]) {
+            let path = dir.join(format!("annals-scale-{id}.db"));
+            let store = annals_sqlite::SqliteEventStore::open(&path).await?;
+            let size_of = store.clone();
+            loaded.push(
+                prepare(
+                    store,
+                    &sizes,
+                    || async move { size_of.storage_size().await },
+                )
+                .await?,
+            );
         }
-        sides.push(side?);
+        measure([&loaded[0], &loaded[1]], |_| async { Ok(()) }).await
+    };
+    let sides = run.await;
+    for id in &ids {
+        remove_sqlite_files(dir, id)?;
     }
-    let large = sides.pop().context("large side missing")?;
-    let small = sides.pop().context("small side missing")?;
+    let [small, large] = sides?;
     Ok((small, large))
 }
 
 /// Both sides on PostgreSQL, each in a new schema dropped afterwards.
 pub async fn postgres(url: &str, n: u64, sz: &Sizes) -> anyhow::Result<(Side, Side)> {
-    let mut sides = Vec::with_capacity(2);
-    for sizes in [sz.clone(), large_sizes(n, sz)] {
-        let id = uuid::Uuid::now_v7().simple().to_string();
-        let schema = format!("annals_scale_{id}");
-        let store = annals_postgres::PgEventStore::connect_with(
-            url,
-            annals_postgres::PgOptions {
-                schema: Some(schema.clone()),
-                batch_size: sizes.feed_page as usize,
-                ..Default::default()
-            },
-        )
-        .await?;
-        store.migrate().await?;
+    let schemas = [0, 1].map(|_| format!("annals_scale_{}", uuid::Uuid::now_v7().simple()));
+    let run = async {
+        let mut loaded = Vec::with_capacity(2);
+        for (schema, sizes) in schemas.iter().zip([sz.clone(), large_sizes(n, sz)]) {
+            let store = annals_postgres::PgEventStore::connect_with(
+                url,
+                annals_postgres::PgOptions {
+                    schema: Some(schema.clone()),
+                    batch_size: sizes.feed_page as usize,
+                    ..Default::default()
+                },
+            )
+            .await?;
+            store.migrate().await?;
+            let size_of = store.clone();
+            loaded.push(
+                prepare(
+                    store,
+                    &sizes,
+                    || async move { size_of.storage_size().await },
+                )
+                .await?,
+            );
+        }
         // As in the standard run: analyze (untimed) so that the planner
         // sees the loaded table, after the load and before W4.
-        let side = measure(
-            &store,
-            &sizes,
-            || crate::raw_pg::analyze(url, &schema),
-            || store.storage_size(),
-        )
-        .await;
-        drop(store);
-        crate::raw_pg::drop_schema(url, &schema).await?;
-        sides.push(side?);
+        measure([&loaded[0], &loaded[1]], |i| {
+            crate::raw_pg::analyze(url, &schemas[i])
+        })
+        .await
+    };
+    let sides = run.await;
+    for schema in &schemas {
+        crate::raw_pg::drop_schema(url, schema).await?;
     }
-    let large = sides.pop().context("large side missing")?;
-    let small = sides.pop().context("small side missing")?;
+    let [small, large] = sides?;
     Ok((small, large))
 }
 
