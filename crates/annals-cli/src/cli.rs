@@ -108,6 +108,60 @@ pub(crate) enum Command {
     /// subject, detail). Exit status 1 when any finding is an error.
     #[command(after_help = CHECK_HELP)]
     Check(CheckArgs),
+    /// Turn the rows of an existing table into the first event of one stream
+    /// per row (CATEGORY-ID), idempotently: a rerun adds nothing.
+    #[command(after_help = ADOPT_HELP)]
+    Adopt(AdoptArgs),
+}
+
+const ADOPT_HELP: &str = "\
+Each row of the query becomes one event of type --type whose payload is the
+row as a JSON object (PostgreSQL: row_to_json; SQLite: integers, reals, text
+and NULL; a BLOB column is refused, select hex(col) instead), appended to a
+new stream CATEGORY-ID, ID being the --id-column's value (text or integer).
+The event's id is derived from the stream name, so a rerun adds nothing:
+rows adopted before are counted as already adopted, or as changed when the
+row's values differ now (the stream is kept as it is). A stream that exists
+without an adopted event is a conflict; the row is not adopted.
+
+Exit status: 0 every row adopted or already adopted (changed rows are
+listed), 1 conflicts (listed on stdout), 2 error (bad query, no such id column,
+a NULL id, ...; rows before the bad one stay adopted and a rerun goes on).";
+
+#[derive(Args, Debug)]
+pub(crate) struct AdoptArgs {
+    /// The query whose rows to adopt, e.g. "SELECT * FROM customers".
+    #[arg(long, value_name = "SQL")]
+    pub(crate) query: String,
+    /// The category of the new streams.
+    #[arg(long, value_name = "C", value_parser = parse_category)]
+    pub(crate) category: String,
+    /// The column that holds each row's id (the stream is CATEGORY-ID).
+    #[arg(long, value_name = "COL")]
+    pub(crate) id_column: String,
+    /// The event type of the adopted events.
+    #[arg(long = "type", value_name = "T")]
+    pub(crate) event_type: String,
+    /// Their payload schema version.
+    #[arg(long, value_name = "N", default_value = "1", value_parser = clap::value_parser!(u32).range(1..))]
+    pub(crate) event_version: u32,
+    /// Where the table is, if not in the store's database: sqlite://PATH or
+    /// postgres://… (read only).
+    #[arg(long, value_name = "URL")]
+    pub(crate) source: Option<String>,
+    /// Rows per atomic append.
+    #[arg(long, value_name = "N", default_value = "100", value_parser = parse_batch_size)]
+    pub(crate) batch_size: usize,
+    /// Print the summary as one JSON object.
+    #[arg(long)]
+    pub(crate) json: bool,
+}
+
+fn parse_batch_size(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if (1..=10_000).contains(&n) => Ok(n),
+        _ => Err(format!("{s:?} is not a batch size between 1 and 10000")),
+    }
 }
 
 const CHECK_HELP: &str = "\

@@ -77,6 +77,7 @@ pub(crate) async fn dispatch(env: Env<'_>, command: Command) -> anyhow::Result<O
         }
         Command::Snapshots(command) => snapshots::dispatch(env, command).await,
         Command::Check(args) => check::run(env, args).await,
+        Command::Adopt(args) => crate::adopt::run(env, args).await,
     }
 }
 

@@ -99,6 +99,7 @@
 #[cfg(doctest)]
 pub struct ReadmeDoctests;
 
+mod adopt;
 mod check;
 mod cli;
 mod commands;

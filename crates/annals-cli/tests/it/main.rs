@@ -2,6 +2,7 @@
 //! against a temporary SQLite file (and, when `ANNALS_TEST_POSTGRES_URL` is
 //! set, a fresh PostgreSQL schema), the way an operator would.
 
+mod adopt;
 mod append_input;
 mod check;
 mod demo;
