@@ -116,9 +116,21 @@ pub(crate) async fn run(env: Env<'_>, args: AdoptArgs) -> anyhow::Result<Outcome
     let mut batch: Vec<(StreamId, NewEvent)> = Vec::with_capacity(args.batch_size);
     let result: anyhow::Result<()> = async {
         while let Some(row) = rx.recv().await {
-            let row = row?;
+            // A bad row stops the run, after the rows before it are
+            // appended, so that "the rows before it stay adopted" holds
+            // whatever the batch size.
+            let event = row.and_then(|row| to_event(&args, row, &source_url));
+            let event = match event {
+                Ok(event) => event,
+                Err(e) => {
+                    if !batch.is_empty() {
+                        append_batch(&store, std::mem::take(&mut batch), &mut tally).await?;
+                    }
+                    return Err(e);
+                }
+            };
             tally.rows += 1;
-            batch.push(to_event(&args, row, &source_url)?);
+            batch.push(event);
             if batch.len() >= args.batch_size {
                 append_batch(&store, std::mem::take(&mut batch), &mut tally).await?;
                 bar.set_position(tally.rows);

@@ -153,7 +153,7 @@ fn bad_id_columns_are_errors_naming_the_row(db: &Db) {
     adopt(
         db,
         "SELECT CASE WHEN id = 2 THEN NULL ELSE id END AS id, name FROM customers ORDER BY name",
-        &["--batch-size", "1"],
+        &[],
     )
     .fails(2, &["row 2 of the query", "\"id\" is NULL"]);
     // The row before the bad one was adopted; a rerun goes on from there.
