@@ -22,8 +22,9 @@ Exit status:
      names the actual version), a demo consistency check failed, an
      aggregate has no events (with --as-of: none recorded by then), `annals
      event` found no such event, or a snapshot job found failed aggregates or
-     mismatches (see `annals snapshots --help`), or `annals check` found
-     an error (see `annals check --help`)
+     mismatches (see `annals snapshots --help`), `annals check` found
+     an error (see `annals check --help`), or `annals adopt` met streams
+     it did not write (see `annals adopt --help`)
   2  error: bad input, unknown URL scheme, unreachable database, schema not
      initialized, an aggregate type this binary does not register, ...; bad
      input is refused before anything is written

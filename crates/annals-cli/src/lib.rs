@@ -35,7 +35,8 @@
 //!   verification. These print their whole report on stdout first.
 //!   For `annals check`: a finding of severity error (the findings are on
 //!   stdout; warnings alone exit 0, and a schema that needs `annals init` is
-//!   a finding there rather than an error).
+//!   a finding there rather than an error). For `annals adopt`: rows whose
+//!   streams exist and were not started by `adopt` (listed on stdout).
 //! - `2`: error: bad input, an unknown URL scheme, an unreachable database, a
 //!   schema that needs `annals init` (except for `annals check`), an
 //!   aggregate type the binary does not register (for the commands that
