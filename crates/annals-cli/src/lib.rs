@@ -107,6 +107,7 @@ mod event;
 mod output;
 mod read;
 mod registry;
+mod serve;
 mod snapshots;
 mod store;
 
@@ -119,6 +120,7 @@ use std::sync::Arc;
 use clap::Parser;
 
 pub use registry::{AggregateOps, AggregateView, CreateOutcome, LoadRequest, Registered};
+pub use serve::{describe_serve_metrics, prometheus_recorder, MetricsServer, SERVE_METRICS};
 pub use store::{AnyStore, Backend, DatabaseUrl, OpenOptions, DEFAULT_DATABASE_URL};
 
 /// Exit code of a failed check (a conflict, a failed demo check).
