@@ -11,5 +11,6 @@ mod inspection;
 mod library;
 mod postgres;
 mod scenarios;
+mod serve;
 mod snapshots;
 mod util;
