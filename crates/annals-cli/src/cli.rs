@@ -843,6 +843,24 @@ mod tests {
     }
 
     #[test]
+    fn check_options_default_to_the_command_line_defaults() {
+        let cli = Cli::try_parse_from(["annals", "check"]).expect("parses");
+        let Command::Check(args) = cli.command else {
+            panic!("not check: {:?}", cli.command);
+        };
+        let d = CheckOptions::default();
+        let o = args.options;
+        assert_eq!(
+            (o.clock_tolerance, o.stale_events, o.max_transaction_age),
+            (d.clock_tolerance, d.stale_events, d.max_transaction_age)
+        );
+        assert_eq!(
+            (o.min_coverage, o.max_findings),
+            (d.min_coverage, d.max_findings)
+        );
+    }
+
+    #[test]
     fn value_parsers_reject_bad_input() {
         assert!(parse_expected("-1").is_err());
         assert_eq!(parse_expected("no-stream"), Ok(ExpectedVersion::NoStream));

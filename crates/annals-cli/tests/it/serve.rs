@@ -447,3 +447,119 @@ pub fn scrape_after_a_workload_finds_the_counters(db: &Db) {
         .expect("server thread")
         .expect("server ran and stopped");
 }
+
+#[test]
+fn serve_refuses_a_metrics_file() {
+    let db = Db::sqlite();
+    db.run(&["init"]).ok();
+    db.run(&[
+        "serve",
+        "--metrics-file",
+        "m.prom",
+        "--metrics-addr",
+        "127.0.0.1:0",
+    ])
+    .fails(
+        2,
+        &["cannot install the metrics recorder", "--metrics-file"],
+    );
+}
+
+/// `docs/metrics.md` has a row for every metric of `annals::CATALOGUE` and
+/// `annals_cli::SERVE_METRICS`, with its type and labels, and no row for a
+/// metric that is in neither (but for the three one backend records).
+#[test]
+fn docs_list_every_metric() {
+    let docs = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../docs/metrics.md"
+    ))
+    .expect("docs/metrics.md");
+    let (metrics, targets) = docs
+        .split_once("## Tracing targets")
+        .expect("a tracing targets section");
+    // `| `name` | type | labels | meaning |`
+    let rows: Vec<(String, String, String)> = metrics
+        .lines()
+        .filter_map(|l| {
+            let cells: Vec<&str> = l.split('|').map(str::trim).collect();
+            let name = cells.get(1)?.strip_prefix("`annals_")?.strip_suffix('`')?;
+            Some((
+                format!("annals_{name}"),
+                cells[2].to_owned(),
+                cells[3].replace('`', ""),
+            ))
+        })
+        .collect();
+    let row = |name: &str| rows.iter().find(|(n, _, _)| n == name);
+    for m in annals::CATALOGUE {
+        let (_, kind, labels) =
+            row(m.name).unwrap_or_else(|| panic!("{} not in docs/metrics.md", m.name));
+        assert_eq!(*kind, format!("{:?}", m.kind).to_lowercase(), "{}", m.name);
+        assert_eq!(*labels, m.labels.join(", "), "{}", m.name);
+    }
+    for (name, _) in annals_cli::SERVE_METRICS {
+        let (_, kind, _) = row(name).unwrap_or_else(|| panic!("{name} not in docs/metrics.md"));
+        let want = if name.ends_with("_total") {
+            "counter"
+        } else {
+            "gauge"
+        };
+        assert_eq!(kind, want, "{name}");
+    }
+    let backend_only = [
+        "annals_sqlite_group_commit_size",
+        "annals_pg_append_retries_total",
+        "annals_pg_horizon_lag_events",
+    ];
+    for (name, _, _) in &rows {
+        assert!(
+            annals::CATALOGUE.iter().any(|m| m.name == name)
+                || annals_cli::SERVE_METRICS.iter().any(|(n, _)| n == name)
+                || backend_only.contains(&name.as_str()),
+            "docs/metrics.md lists {name}, which nothing records"
+        );
+    }
+    // The backend-only ones are recorded where the docs say.
+    for (name, file) in [
+        (
+            "annals_sqlite_group_commit_size",
+            "annals-sqlite/src/conn.rs",
+        ),
+        (
+            "annals_pg_append_retries_total",
+            "annals-postgres/src/event_store.rs",
+        ),
+        (
+            "annals_pg_horizon_lag_events",
+            "annals-postgres/src/store.rs",
+        ),
+    ] {
+        let path = format!("{}/../{file}", env!("CARGO_MANIFEST_DIR"));
+        let source = std::fs::read_to_string(&path).expect("source");
+        assert!(
+            source.contains(&format!("\"{name}\"")),
+            "{name} not in {file}"
+        );
+    }
+    // Each target is a module that logs (or the snapshot target).
+    let mut listed = 0;
+    for line in targets.lines() {
+        let Some(target) = line.strip_prefix("| `").and_then(|l| l.split('`').next()) else {
+            continue;
+        };
+        listed += 1;
+        if target == annals::SNAPSHOT_LOG_TARGET {
+            continue;
+        }
+        let (krate, module) = target.split_once("::").expect("crate::module");
+        let path = format!(
+            "{}/../{}/src/{module}.rs",
+            env!("CARGO_MANIFEST_DIR"),
+            krate.replace('_', "-")
+        );
+        let source = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        assert!(source.contains("tracing::"), "{target} does not log");
+    }
+    assert_eq!(listed, 8);
+}
