@@ -13,6 +13,8 @@
 //!   function of the core runs on it.
 //! - [`AggregateOps`] and [`Registered`]: the type-erased registry behind
 //!   [`App::register`], with the snapshot jobs of a registered type.
+//! - [`MetricsServer`]: `/metrics` and `/health` over HTTP (`annals
+//!   serve`), which an application can also run on its own recorder.
 //!
 //! The database comes from `--database-url` or `ANNALS_DATABASE_URL`
 //! (default `sqlite://annals.db`). Output is an aligned table by default and

@@ -90,9 +90,9 @@ pub const SERVE_METRICS: &[(&str, &str)] = &[
 /// whatever recorder the process (or the thread) has installed, which is
 /// the one of `handle` when the caller installed it. The `annals serve`
 /// command builds one with `PrometheusBuilder::build_recorder` and installs
-/// it as the global recorder; a test can install it on its thread with
-/// `metrics::set_default_local_recorder` instead, on a current-thread
-/// runtime.
+/// it as the global recorder; a test can instead install it with
+/// `metrics::set_default_local_recorder` on the thread that runs its
+/// workload, and serve its handle from another.
 ///
 /// `app` supplies the aggregate types that the decode check folds.
 pub struct MetricsServer {
