@@ -10,8 +10,9 @@
 //! label, whose [`StoreMetrics::append`] wraps the backend's append (timing
 //! it and counting its outcome) and whose [`StoreMetrics::count_reads`] wraps
 //! its read streams. A backend cannot count differently from another, and
-//! the keys are built at compile time, so recording allocates nothing beyond
-//! what the recorder does. Aggregate loads and snapshot writes are recorded
+//! the keys are built at compile time, so recording an append allocates
+//! nothing beyond what the recorder does; a read wraps its stream once (one
+//! box per read call) and bumps a counter handle per event. Aggregate loads and snapshot writes are recorded
 //! by the repository and the snapshot jobs, above the backends.
 //!
 //! Projection metrics (lag, rebuild progress, dead letters) are to be added
