@@ -20,7 +20,7 @@ use anyhow::Context;
 use futures::StreamExt;
 use serde::Serialize;
 
-use crate::cli::CheckArgs;
+use crate::cli::{CheckArgs, CheckOptions};
 use crate::commands::Env;
 use crate::output::{json_line, note, timestamp, Table};
 use crate::{AnyStore, App, Outcome};
@@ -28,7 +28,7 @@ use crate::{AnyStore, App, Outcome};
 /// How bad a finding is.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug, Serialize)]
 #[serde(rename_all = "lowercase")]
-enum Severity {
+pub(crate) enum Severity {
     Warning,
     Error,
 }
@@ -44,14 +44,14 @@ impl fmt::Display for Severity {
 
 /// One problem found: a row of the table, an object of `--json`.
 #[derive(Clone, Debug, Serialize)]
-struct Finding {
+pub(crate) struct Finding {
     /// The check's name (`stream-versions`, `clock`, ...).
-    check: &'static str,
-    severity: Severity,
+    pub(crate) check: &'static str,
+    pub(crate) severity: Severity,
     /// What the finding is about: a stream, a position, a type, a pid.
-    subject: String,
+    pub(crate) subject: String,
     /// What is wrong, in a sentence.
-    detail: String,
+    pub(crate) detail: String,
 }
 
 /// The findings so far, and at most `limit` shown per check.
@@ -100,9 +100,54 @@ impl Findings {
     }
 }
 
+/// The findings of every check on an open store (`/health` of `annals
+/// serve`), in the order `annals check` prints them.
+pub(crate) async fn findings(
+    app: &App,
+    store: &AnyStore,
+    options: &CheckOptions,
+) -> anyhow::Result<Vec<Finding>> {
+    let mut findings = Findings {
+        limit: options.max_findings,
+        list: Vec::new(),
+    };
+    run_checks(app, store, options, &mut findings).await?;
+    Ok(findings.list)
+}
+
+/// Runs the checks on an open store: a schema that is not this build's is a
+/// finding, and then only the checks that need no schema run.
+async fn run_checks(
+    app: &App,
+    store: &AnyStore,
+    options: &CheckOptions,
+    findings: &mut Findings,
+) -> anyhow::Result<()> {
+    let schema_ok = match store.head_position().await {
+        Ok(_) => true,
+        Err(e) => {
+            let e = anyhow::Error::new(e);
+            if schema_error(&e).is_none() {
+                return Err(e.context("cannot read the head position"));
+            }
+            schema_finding(findings, &e);
+            false
+        }
+    };
+    if schema_ok {
+        stream_versions(store, findings).await?;
+        clock(store, options, findings).await?;
+        decode(app, store, findings).await?;
+        snapshots(store, options, findings).await?;
+    }
+    // Needs no schema: it reads the server's activity.
+    horizon(store, options, findings).await?;
+    Ok(())
+}
+
 pub(crate) async fn run(env: Env<'_>, args: CheckArgs) -> anyhow::Result<Outcome> {
     let mut findings = Findings {
-        limit: args.max_findings,
+        limit: args.options.max_findings,
         list: Vec::new(),
     };
     let url = env.database_url()?;
@@ -119,25 +164,9 @@ pub(crate) async fn run(env: Env<'_>, args: CheckArgs) -> anyhow::Result<Outcome
         Err(e) => return Err(e),
     };
     if let Some(store) = &store {
-        let schema_ok = match store.head_position().await {
-            Ok(_) => true,
-            Err(e) => {
-                let e = anyhow::Error::new(e);
-                if schema_error(&e).is_none() {
-                    return Err(e.context(format!("cannot read {url}")));
-                }
-                schema_finding(&mut findings, &e);
-                false
-            }
-        };
-        if schema_ok {
-            stream_versions(store, &mut findings).await?;
-            clock(store, &args, &mut findings).await?;
-            decode(env.app, store, &mut findings).await?;
-            snapshots(store, &args, &mut findings).await?;
-        }
-        // Needs no schema: it reads the server's activity.
-        horizon(store, &args, &mut findings).await?;
+        run_checks(env.app, store, &args.options, &mut findings)
+            .await
+            .with_context(|| format!("cannot check {url}"))?;
     }
     print(env.out, &findings.list, args.json)?;
     let errors = count(&findings.list, Severity::Error);
@@ -263,7 +292,11 @@ async fn stream_versions(store: &AnyStore, findings: &mut Findings) -> anyhow::R
 
 /// `recorded_at` must not go backwards along the global order by more than
 /// the tolerance.
-async fn clock(store: &AnyStore, args: &CheckArgs, findings: &mut Findings) -> anyhow::Result<()> {
+async fn clock(
+    store: &AnyStore,
+    args: &CheckOptions,
+    findings: &mut Findings,
+) -> anyhow::Result<()> {
     let skews = store
         .clock_skews(args.clock_tolerance, findings.limit + 1)
         .await
@@ -324,7 +357,7 @@ async fn decode(app: &App, store: &AnyStore, findings: &mut Findings) -> anyhow:
 /// row per type) and coverage below the threshold (warning).
 async fn snapshots(
     store: &AnyStore,
-    args: &CheckArgs,
+    args: &CheckOptions,
     findings: &mut Findings,
 ) -> anyhow::Result<()> {
     // Every aggregate not exactly at its head, a page at a time.
@@ -406,7 +439,7 @@ async fn snapshots(
 /// PostgreSQL: transactions open longer than `--max-transaction-age`.
 async fn horizon(
     store: &AnyStore,
-    args: &CheckArgs,
+    args: &CheckOptions,
     findings: &mut Findings,
 ) -> anyhow::Result<()> {
     let long = store

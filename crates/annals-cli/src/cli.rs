@@ -113,6 +113,11 @@ pub(crate) enum Command {
     /// per row (CATEGORY-ID), idempotently: a rerun adds nothing.
     #[command(after_help = ADOPT_HELP)]
     Adopt(AdoptArgs),
+    /// Serve the Prometheus metrics (`/metrics`) and the health checks
+    /// (`/health`: 200 when no finding is an error, 503 otherwise, with the
+    /// findings as JSON) over HTTP until Ctrl-C or SIGTERM.
+    #[command(after_help = SERVE_HELP)]
+    Serve(ServeArgs),
 }
 
 const ADOPT_HELP: &str = "\
@@ -165,6 +170,49 @@ fn parse_batch_size(s: &str) -> Result<usize, String> {
     }
 }
 
+const SERVE_HELP: &str = "\
+Prints `listening on http://ADDR` on stdout once bound (ADDR is the actual
+address: with port 0 the system picks one). The gauges that need a query
+(streams, events, head position, storage size; on PostgreSQL the horizon lag)
+are refreshed every --interval; /health runs the checks of `annals check`,
+with the same options, one request at a time. The library's counters (appends,
+loads, snapshots) count what this process does; an application exposes its
+own with `annals_cli::MetricsServer`. Metric names: docs/metrics.md.";
+
+#[derive(Args, Debug)]
+pub(crate) struct ServeArgs {
+    /// The address to listen on.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9187")]
+    pub(crate) metrics_addr: std::net::SocketAddr,
+    /// How often the gauges that need a query are refreshed (as in 15s, 1m).
+    #[arg(long, value_name = "DURATION", default_value = "15s", value_parser = parse_interval)]
+    pub(crate) interval: std::time::Duration,
+    #[command(flatten)]
+    pub(crate) checks: CheckOptions,
+}
+
+impl Default for CheckOptions {
+    /// The command line's defaults (a test holds them equal).
+    fn default() -> Self {
+        CheckOptions {
+            clock_tolerance: std::time::Duration::from_secs(1),
+            min_coverage: 0.0,
+            stale_events: 1000,
+            max_transaction_age: std::time::Duration::from_secs(60),
+            max_findings: 100,
+        }
+    }
+}
+
+/// A refresh interval: a duration above zero.
+fn parse_interval(s: &str) -> Result<std::time::Duration, String> {
+    let d = parse_duration(s)?;
+    if d.is_zero() {
+        return Err("the interval must be above zero".to_owned());
+    }
+    Ok(d)
+}
+
 const CHECK_HELP: &str = "\
 Checks: schema (the database schema is behind this build, its migrations
 pending: run `annals init`; or ahead of it), stream-versions
@@ -182,6 +230,17 @@ checks could not run.";
 
 #[derive(Args, Debug)]
 pub(crate) struct CheckArgs {
+    #[command(flatten)]
+    pub(crate) options: CheckOptions,
+    /// Print JSON Lines, one object per finding.
+    #[arg(long)]
+    pub(crate) json: bool,
+}
+
+/// The thresholds of the health checks (`annals check`, and `/health` of
+/// `annals serve`).
+#[derive(Args, Debug, Clone)]
+pub(crate) struct CheckOptions {
     /// How far recorded_at may go backwards along the global order (as in
     /// 1s, 250ms, 2m; a bare number is seconds).
     #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = parse_duration)]
@@ -199,9 +258,6 @@ pub(crate) struct CheckArgs {
     /// Findings shown per check (the rest are counted in one more row).
     #[arg(long, value_name = "N", default_value = "100", value_parser = parse_max_findings, allow_hyphen_values = true)]
     pub(crate) max_findings: usize,
-    /// Print JSON Lines, one object per finding.
-    #[arg(long)]
-    pub(crate) json: bool,
 }
 
 /// `annals snapshots …`. `status`, `stale`, `delete`, `invalidate`,
@@ -839,6 +895,24 @@ mod tests {
     #[test]
     fn cli_is_well_formed() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn check_options_default_to_the_command_line_defaults() {
+        let cli = Cli::try_parse_from(["annals", "check"]).expect("parses");
+        let Command::Check(args) = cli.command else {
+            panic!("not check: {:?}", cli.command);
+        };
+        let d = CheckOptions::default();
+        let o = args.options;
+        assert_eq!(
+            (o.clock_tolerance, o.stale_events, o.max_transaction_age),
+            (d.clock_tolerance, d.stale_events, d.max_transaction_age)
+        );
+        assert_eq!(
+            (o.min_coverage, o.max_findings),
+            (d.min_coverage, d.max_findings)
+        );
     }
 
     #[test]

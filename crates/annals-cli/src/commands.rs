@@ -15,7 +15,7 @@ use crate::cli::{AggregateArgs, AppendArgs, Command, JsonInput, StatsArgs};
 use crate::output::{json_line, timestamp, EventPrinter, Table};
 use crate::registry::LoadRequest;
 use crate::store::{Backend, DatabaseUrl, OpenOptions};
-use crate::{check, demo, event, read, snapshots, AggregateOps, AnyStore, App, Outcome};
+use crate::{check, demo, event, read, serve, snapshots, AggregateOps, AnyStore, App, Outcome};
 
 /// What every command that touches the database needs.
 pub(crate) struct Env<'a> {
@@ -78,6 +78,7 @@ pub(crate) async fn dispatch(env: Env<'_>, command: Command) -> anyhow::Result<O
         Command::Snapshots(command) => snapshots::dispatch(env, command).await,
         Command::Check(args) => check::run(env, args).await,
         Command::Adopt(args) => crate::adopt::run(env, args).await,
+        Command::Serve(args) => serve::run(env, args).await,
     }
 }
 

@@ -13,6 +13,8 @@
 //!   function of the core runs on it.
 //! - [`AggregateOps`] and [`Registered`]: the type-erased registry behind
 //!   [`App::register`], with the snapshot jobs of a registered type.
+//! - [`MetricsServer`]: `/metrics` and `/health` over HTTP (`annals
+//!   serve`), which an application can also run on its own recorder.
 //!
 //! The database comes from `--database-url` or `ANNALS_DATABASE_URL`
 //! (default `sqlite://annals.db`). Output is an aligned table by default and
@@ -109,6 +111,7 @@ mod event;
 mod output;
 mod read;
 mod registry;
+mod serve;
 mod snapshots;
 mod store;
 
@@ -121,6 +124,7 @@ use std::sync::Arc;
 use clap::Parser;
 
 pub use registry::{AggregateOps, AggregateView, CreateOutcome, LoadRequest, Registered};
+pub use serve::{describe_serve_metrics, prometheus_recorder, MetricsServer, SERVE_METRICS};
 pub use store::{AnyStore, Backend, DatabaseUrl, OpenOptions, DEFAULT_DATABASE_URL};
 
 /// Exit code of a failed check (a conflict, a failed demo check).

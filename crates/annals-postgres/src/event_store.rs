@@ -51,6 +51,10 @@ use crate::rows::{
 use crate::store::{with_client, Lane};
 use crate::PgEventStore;
 
+static LABELS: [metrics::Label; 1] = [metrics::Label::from_static_parts("backend", "postgres")];
+/// The append and read metrics of this backend.
+static METRICS: annals::StoreMetrics = annals::StoreMetrics::new(&LABELS);
+
 /// Attempts of one append before giving up on transient failures.
 const MAX_APPEND_ATTEMPTS: u32 = 10;
 
@@ -284,40 +288,44 @@ impl EventStore for PgEventStore {
         expected: ExpectedVersion,
         events: Vec<NewEvent>,
     ) -> Result<AppendResult> {
-        let events = prepare_batch(stream, events)?;
-        let ids: Vec<Uuid> = events.iter().map(|e| e.event_id.0).collect();
-        let types: Vec<&str> = events.iter().map(|e| e.event_type.as_str()).collect();
-        let versions = event_versions(stream, &events)?;
-        let data: Vec<&str> = events.iter().map(|e| e.data.as_str()).collect();
-        let metadata: Vec<&str> = events.iter().map(|e| e.metadata.as_str()).collect();
-        let digests: Vec<&[u8]> = events
-            .iter()
-            .map(|e| &e.fingerprint.as_bytes()[..])
-            .collect();
-        let (kind, version) = expected_params(expected);
-        let batch = Batch {
-            stream,
-            expected,
-            events: &events,
-            params: [
-                &stream.as_str(),
-                &stream.category(),
-                &kind,
-                &version,
-                &ids,
-                &types,
-                &versions,
-                &data,
-                &metadata,
-                &digests,
-            ],
-        };
-        // A connection lost mid-append is replaced and the batch sent again:
-        // if the first attempt committed, its event ids make the second one
-        // return the original assignment (deduplicated) instead of writing.
-        with_client!(self, Lane::Any, "append", |client| batch
-            .append_on(client)
-            .await)
+        METRICS
+            .append(async {
+                let events = prepare_batch(stream, events)?;
+                let ids: Vec<Uuid> = events.iter().map(|e| e.event_id.0).collect();
+                let types: Vec<&str> = events.iter().map(|e| e.event_type.as_str()).collect();
+                let versions = event_versions(stream, &events)?;
+                let data: Vec<&str> = events.iter().map(|e| e.data.as_str()).collect();
+                let metadata: Vec<&str> = events.iter().map(|e| e.metadata.as_str()).collect();
+                let digests: Vec<&[u8]> = events
+                    .iter()
+                    .map(|e| &e.fingerprint.as_bytes()[..])
+                    .collect();
+                let (kind, version) = expected_params(expected);
+                let batch = Batch {
+                    stream,
+                    expected,
+                    events: &events,
+                    params: [
+                        &stream.as_str(),
+                        &stream.category(),
+                        &kind,
+                        &version,
+                        &ids,
+                        &types,
+                        &versions,
+                        &data,
+                        &metadata,
+                        &digests,
+                    ],
+                };
+                // A connection lost mid-append is replaced and the batch sent again:
+                // if the first attempt committed, its event ids make the second one
+                // return the original assignment (deduplicated) instead of writing.
+                with_client!(self, Lane::Any, "append", |client| batch
+                    .append_on(client)
+                    .await)
+            })
+            .await
     }
 
     fn read_stream(&self, stream: &StreamId, options: ReadStream) -> EventStream {
@@ -333,7 +341,7 @@ impl EventStore for PgEventStore {
             options.from.map_or(1, |v| to_i64(v.0).max(1))
         };
         let budget = budget(self.inner.page_bytes);
-        paged(
+        let events = paged(
             (start, 0u64, PageRows::new(self.inner.batch_size)),
             move |(cursor, taken, page): (i64, u64, PageRows)| {
                 let store = store.clone();
@@ -384,7 +392,8 @@ impl EventStore for PgEventStore {
                     Ok((events, next))
                 }
             },
-        )
+        );
+        METRICS.count_reads(events)
     }
 
     fn read_all(&self, options: ReadAll) -> EventStream {
@@ -403,7 +412,7 @@ impl EventStore for PgEventStore {
         let event_types = options.event_types;
         let (since, until) = (options.since, options.until);
         let budget = budget(self.inner.page_bytes);
-        paged(
+        let events = paged(
             ((tx, seq), 0u64, PageRows::new(self.inner.batch_size)),
             move |(cursor, taken, rows_limit): ((i64, i64), u64, PageRows)| {
                 let store = store.clone();
@@ -427,7 +436,8 @@ impl EventStore for PgEventStore {
                     position_page(&rows, cut, want, taken, rows_limit)
                 }
             },
-        )
+        );
+        METRICS.count_reads(events)
     }
 
     async fn stream_version(&self, stream: &StreamId) -> Result<Option<StreamVersion>> {
@@ -547,10 +557,7 @@ impl Batch<'_> {
                     let outcome: i16 = first.try_get(0).context("cannot decode the append")?;
                     match outcome {
                         APPENDED => {
-                            let done = appended(first, events.len())?;
-                            metrics::counter!("annals_events_appended_total", "backend" => "postgres")
-                                .increment(events.len() as u64);
-                            return Ok(done);
+                            return appended(first, events.len());
                         }
                         WRONG_VERSION => {
                             let head: Option<i64> =
@@ -660,9 +667,6 @@ impl ManyBatch<'_> {
                             for (row, b) in rows.iter().zip(batches) {
                                 done.push(appended(row, b.events.len())?);
                             }
-                            let n: usize = batches.iter().map(|b| b.events.len()).sum();
-                            metrics::counter!("annals_events_appended_total", "backend" => "postgres")
-                                .increment(n as u64);
                             return Ok(done);
                         }
                         WRONG_VERSION => {
@@ -761,59 +765,63 @@ async fn resolve_existing_many(
 
 impl annals::MultiStreamAppend for PgEventStore {
     async fn append_many(&self, batches: Vec<StreamBatch>) -> Result<Vec<AppendResult>> {
-        let batches = prepare_many(batches)?;
-        if batches.is_empty() {
-            return Ok(Vec::new());
-        }
-        let streams: Vec<&str> = batches.iter().map(|b| b.stream.as_str()).collect();
-        let categories: Vec<&str> = batches.iter().map(|b| b.stream.category()).collect();
-        let (kinds, expected): (Vec<i16>, Vec<i64>) =
-            batches.iter().map(|b| expected_params(b.expected)).unzip();
-        let counts: Vec<i32> = batches
-            .iter()
-            .map(|b| {
-                i32::try_from(b.events.len()).map_err(|_| Error::InvalidEvent {
-                    stream: b.stream.clone(),
-                    reason: format!(
-                        "{} events in one batch; at most {}",
-                        b.events.len(),
-                        i32::MAX
-                    ),
-                })
+        METRICS
+            .append(async {
+                let batches = prepare_many(batches)?;
+                if batches.is_empty() {
+                    return Ok(Vec::new());
+                }
+                let streams: Vec<&str> = batches.iter().map(|b| b.stream.as_str()).collect();
+                let categories: Vec<&str> = batches.iter().map(|b| b.stream.category()).collect();
+                let (kinds, expected): (Vec<i16>, Vec<i64>) =
+                    batches.iter().map(|b| expected_params(b.expected)).unzip();
+                let counts: Vec<i32> = batches
+                    .iter()
+                    .map(|b| {
+                        i32::try_from(b.events.len()).map_err(|_| Error::InvalidEvent {
+                            stream: b.stream.clone(),
+                            reason: format!(
+                                "{} events in one batch; at most {}",
+                                b.events.len(),
+                                i32::MAX
+                            ),
+                        })
+                    })
+                    .collect::<Result<_>>()?;
+                let mut versions = Vec::new();
+                for b in &batches {
+                    versions.extend(event_versions(&b.stream, &b.events)?);
+                }
+                let events = || batches.iter().flat_map(|b| &b.events);
+                let ids: Vec<Uuid> = events().map(|e| e.event_id.0).collect();
+                let types: Vec<&str> = events().map(|e| e.event_type.as_str()).collect();
+                let data: Vec<&str> = events().map(|e| e.data.as_str()).collect();
+                let metadata: Vec<&str> = events().map(|e| e.metadata.as_str()).collect();
+                let digests: Vec<&[u8]> = events().map(|e| &e.fingerprint.as_bytes()[..]).collect();
+                let call = ManyBatch {
+                    batches: &batches,
+                    params: [
+                        &streams,
+                        &categories,
+                        &kinds,
+                        &expected,
+                        &counts,
+                        &ids,
+                        &types,
+                        &versions,
+                        &data,
+                        &metadata,
+                        &digests,
+                    ],
+                };
+                // As for `append`: a call whose connection was lost is sent again,
+                // and if the first one committed, its event ids make the second
+                // return the original results.
+                with_client!(self, Lane::Any, "append to several streams", |client| call
+                    .append_on(client)
+                    .await)
             })
-            .collect::<Result<_>>()?;
-        let mut versions = Vec::new();
-        for b in &batches {
-            versions.extend(event_versions(&b.stream, &b.events)?);
-        }
-        let events = || batches.iter().flat_map(|b| &b.events);
-        let ids: Vec<Uuid> = events().map(|e| e.event_id.0).collect();
-        let types: Vec<&str> = events().map(|e| e.event_type.as_str()).collect();
-        let data: Vec<&str> = events().map(|e| e.data.as_str()).collect();
-        let metadata: Vec<&str> = events().map(|e| e.metadata.as_str()).collect();
-        let digests: Vec<&[u8]> = events().map(|e| &e.fingerprint.as_bytes()[..]).collect();
-        let call = ManyBatch {
-            batches: &batches,
-            params: [
-                &streams,
-                &categories,
-                &kinds,
-                &expected,
-                &counts,
-                &ids,
-                &types,
-                &versions,
-                &data,
-                &metadata,
-                &digests,
-            ],
-        };
-        // As for `append`: a call whose connection was lost is sent again,
-        // and if the first one committed, its event ids make the second
-        // return the original results.
-        with_client!(self, Lane::Any, "append to several streams", |client| call
-            .append_on(client)
-            .await)
+            .await
     }
 }
 

@@ -44,6 +44,10 @@ use crate::conn::Page;
 use crate::error::{classify, corrupt, db, map_err, ErrorKind};
 use crate::SqliteEventStore;
 
+static LABELS: [metrics::Label; 1] = [metrics::Label::from_static_parts("backend", "sqlite")];
+/// The append and read metrics of this backend.
+static METRICS: annals::StoreMetrics = annals::StoreMetrics::new(&LABELS);
+
 /// The text (payloads, metadata, names) a read page stops at: the row that
 /// reaches it is the page's last. Small events fill `batch_size` rows long
 /// before this; events of a megabyte come a few per page.
@@ -361,24 +365,17 @@ fn find_existing_many(
 
 impl annals::MultiStreamAppend for SqliteEventStore {
     async fn append_many(&self, batches: Vec<StreamBatch>) -> Result<Vec<AppendResult>> {
-        let batches = prepare_many(batches)?;
-        if batches.is_empty() {
-            return Ok(Vec::new());
-        }
-        let appended = self
-            .conns()
-            .write_in_group(move |conn| append_many_job(conn, &batches))
-            .await?;
-        let fresh: usize = appended
-            .iter()
-            .filter(|r| !r.deduplicated)
-            .map(|r| r.positions.len())
-            .sum();
-        if fresh > 0 {
-            metrics::counter!("annals_events_appended_total", "backend" => "sqlite")
-                .increment(fresh as u64);
-        }
-        Ok(appended)
+        METRICS
+            .append(async {
+                let batches = prepare_many(batches)?;
+                if batches.is_empty() {
+                    return Ok(Vec::new());
+                }
+                self.conns()
+                    .write_in_group(move |conn| append_many_job(conn, &batches))
+                    .await
+            })
+            .await
     }
 }
 
@@ -774,17 +771,15 @@ impl EventStore for SqliteEventStore {
         expected: ExpectedVersion,
         events: Vec<NewEvent>,
     ) -> Result<AppendResult> {
-        let events = prepare_batch(stream, events)?;
-        let stream = stream.clone();
-        let appended = self
-            .conns()
-            .write_in_group(move |conn| append_job(conn, &stream, expected, &events))
-            .await?;
-        if !appended.deduplicated {
-            metrics::counter!("annals_events_appended_total", "backend" => "sqlite")
-                .increment(appended.positions.len() as u64);
-        }
-        Ok(appended)
+        METRICS
+            .append(async {
+                let events = prepare_batch(stream, events)?;
+                let stream = stream.clone();
+                self.conns()
+                    .write_in_group(move |conn| append_job(conn, &stream, expected, &events))
+                    .await
+            })
+            .await
     }
 
     fn read_stream(&self, stream: &StreamId, options: ReadStream) -> EventStream {
@@ -801,9 +796,10 @@ impl EventStore for SqliteEventStore {
         }
         let stream = stream.clone();
         let batch = self.batch_size() as u64;
-        self.conns().paginate(cursor, move |conn, cursor| {
+        let events = self.conns().paginate(cursor, move |conn, cursor| {
             read_stream_page(conn, &stream, &options, batch, PAGE_BYTES, cursor)
-        })
+        });
+        METRICS.count_reads(events)
     }
 
     fn read_all(&self, options: ReadAll) -> EventStream {
@@ -825,9 +821,10 @@ impl EventStore for SqliteEventStore {
         }
         let sql = Arc::new(read_all_sql(&options));
         let batch = self.batch_size() as u64;
-        self.conns().paginate(cursor, move |conn, cursor| {
+        let events = self.conns().paginate(cursor, move |conn, cursor| {
             read_all_page(conn, &sql, &options, batch, PAGE_BYTES, cursor)
-        })
+        });
+        METRICS.count_reads(events)
     }
 
     async fn stream_version(&self, stream: &StreamId) -> Result<Option<StreamVersion>> {

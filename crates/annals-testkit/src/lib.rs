@@ -132,6 +132,7 @@ macro_rules! conformance_suite {
             command_owns_its_arguments_across_retries,
             read_event_by_id,
             numbers_read_back_as_promised,
+            append_and_read_metrics,
         }
     };
     (@group stream_catalog, $($then:tt)*) => {
@@ -154,6 +155,7 @@ macro_rules! conformance_suite {
             background_snapshots_lose_no_command,
             snapshots_under_concurrent_writers,
             replay_after_other_commands,
+            aggregate_load_metrics,
         }
     };
     (@group snapshot_admin, $($then:tt)*) => {

@@ -23,10 +23,15 @@ use crate::snapshot::{
     SnapshotCoverage, SnapshotHistoryEntry, SnapshotStore, SnapshotWrite, StaleSnapshot,
     DEFAULT_SNAPSHOT_HISTORY,
 };
+use crate::telemetry::StoreMetrics;
 use crate::{
     AppendResult, CheckpointStore, Error, EventId, EventStore, ExpectedVersion, GlobalPosition,
     Metadata, NewEvent, Payload, RecordedEvent, Result, StreamId, StreamVersion,
 };
+
+static LABELS: [metrics::Label; 1] = [metrics::Label::from_static_parts("backend", "memory")];
+/// The append and read metrics of this backend.
+static METRICS: StoreMetrics = StoreMetrics::new(&LABELS);
 
 #[derive(Default)]
 struct State {
@@ -153,8 +158,6 @@ impl State {
                 recorded_at: now,
             });
         }
-        metrics::counter!("annals_events_appended_total", "backend" => "memory")
-            .increment(positions.len() as u64);
         AppendResult {
             first_version: StreamVersion(head + 1),
             last_version: StreamVersion(head + positions.len() as u64),
@@ -171,22 +174,9 @@ impl EventStore for InMemoryStore {
         expected: ExpectedVersion,
         events: Vec<NewEvent>,
     ) -> Result<AppendResult> {
-        let batch = prepare_batch(stream, events)?;
-        let decoded = decode_batch(&batch)?;
-        let mut st = self.lock();
-        // Idempotency first: a retried batch succeeds whatever `expected` says.
-        if let Some(original) = check_retry(stream, &batch, &st.stored_of(&batch))? {
-            return Ok(original);
-        }
-        let actual = st.head(stream);
-        if !expected.matches(actual) {
-            return Err(Error::WrongExpectedVersion {
-                stream: stream.clone(),
-                expected,
-                actual,
-            });
-        }
-        Ok(st.push_batch(stream, batch, decoded, Utc::now()))
+        METRICS
+            .append(async { self.append_unrecorded(stream, expected, events) })
+            .await
     }
 
     fn read_stream(&self, stream: &StreamId, options: ReadStream) -> EventStream {
@@ -198,7 +188,7 @@ impl EventStore for InMemoryStore {
             Direction::Backward => options.from.map_or(u64::MAX, |v| v.0),
         };
         let limit = options.limit.unwrap_or(u64::MAX);
-        stream::unfold((Some(start), 0u64), move |(cursor, taken)| {
+        let events = stream::unfold((Some(start), 0u64), move |(cursor, taken)| {
             let store = store.clone();
             let stream = stream.clone();
             let options = options.clone();
@@ -243,15 +233,15 @@ impl EventStore for InMemoryStore {
                 Some((stream::iter(batch), (next, taken + n)))
             }
         })
-        .flatten()
-        .boxed()
+        .flatten();
+        METRICS.count_reads(events)
     }
 
     fn read_all(&self, options: ReadAll) -> EventStream {
         // Positions are seq = index + 1 on this backend.
         let start = options.after.seq() as usize;
         let limit = options.limit;
-        self.scan(start, limit, move |e| options.admits(e))
+        METRICS.count_reads(self.scan(start, limit, move |e| options.admits(e)))
     }
 
     async fn stream_version(&self, stream: &StreamId) -> Result<Option<StreamVersion>> {
@@ -275,6 +265,40 @@ impl EventStore for InMemoryStore {
 /// One lock over the whole store: the streams need no lock order here.
 impl MultiStreamAppend for InMemoryStore {
     async fn append_many(&self, batches: Vec<StreamBatch>) -> Result<Vec<AppendResult>> {
+        METRICS
+            .append(async { self.append_many_unrecorded(batches) })
+            .await
+    }
+}
+
+impl InMemoryStore {
+    /// [`EventStore::append`], before [`METRICS`] records it.
+    fn append_unrecorded(
+        &self,
+        stream: &StreamId,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+    ) -> Result<AppendResult> {
+        let batch = prepare_batch(stream, events)?;
+        let decoded = decode_batch(&batch)?;
+        let mut st = self.lock();
+        // Idempotency first: a retried batch succeeds whatever `expected` says.
+        if let Some(original) = check_retry(stream, &batch, &st.stored_of(&batch))? {
+            return Ok(original);
+        }
+        let actual = st.head(stream);
+        if !expected.matches(actual) {
+            return Err(Error::WrongExpectedVersion {
+                stream: stream.clone(),
+                expected,
+                actual,
+            });
+        }
+        Ok(st.push_batch(stream, batch, decoded, Utc::now()))
+    }
+
+    /// [`MultiStreamAppend::append_many`], before [`METRICS`] records it.
+    fn append_many_unrecorded(&self, batches: Vec<StreamBatch>) -> Result<Vec<AppendResult>> {
         let batches = prepare_many(batches)?;
         let decoded = batches
             .iter()

@@ -502,6 +502,12 @@ impl<A: Aggregate, S: EventStore, N: SnapshotStore> Repository<A, S, N> {
     }
 
     async fn load_with(&self, stream: &StreamId, use_snapshot: bool) -> Result<Loaded<A>> {
+        let loaded = self.load_unrecorded(stream, use_snapshot).await?;
+        crate::telemetry::record_load(A::TYPE, &loaded.report);
+        Ok(loaded)
+    }
+
+    async fn load_unrecorded(&self, stream: &StreamId, use_snapshot: bool) -> Result<Loaded<A>> {
         let mut skipped = Some(SnapshotSkip::Disabled);
         if let (true, Some((snaps, _))) = (use_snapshot, &self.snapshots) {
             match self.try_snapshot(snaps, stream).await? {

@@ -12,5 +12,6 @@ mod inspection;
 mod library;
 mod postgres;
 mod scenarios;
+mod serve;
 mod snapshots;
 mod util;
