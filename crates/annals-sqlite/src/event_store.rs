@@ -849,6 +849,32 @@ impl EventStore for SqliteEventStore {
         Ok(max.map(|p| GlobalPosition::from_seq(p as u64)))
     }
 
+    fn append_signal(&self) -> Option<annals::AppendSignal> {
+        Some(self.conns().append_signal())
+    }
+
+    async fn count_events_between(
+        &self,
+        after: GlobalPosition,
+        up_to: GlobalPosition,
+    ) -> Result<u64> {
+        if up_to <= after {
+            return Ok(0);
+        }
+        let (lo, hi) = (sql_int(after.seq()), sql_int(up_to.seq()));
+        let n: i64 = self
+            .conns()
+            .read(move |conn| {
+                conn.prepare_cached(
+                    "SELECT count(*) FROM events WHERE position > ?1 AND position <= ?2",
+                )
+                .and_then(|mut s| s.query_row([lo, hi], |r| r.get(0)))
+                .map_err(db("counting events between two positions"))
+            })
+            .await?;
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+
     async fn read_event(&self, id: EventId) -> Result<Option<RecordedEvent>> {
         let page = self
             .conns()

@@ -63,11 +63,13 @@ mod health;
 mod idempotency;
 mod memory;
 mod multi_stream;
+mod projection;
 mod repository;
 mod snapshot;
 mod snapshot_jobs;
 mod snapshot_worker;
 mod stream;
+mod subscription;
 
 pub use aggregate::{decode_event, encode_event, Aggregate, DomainEvent};
 pub use annals_derive::DomainEvent;
@@ -78,6 +80,7 @@ pub use event::{
     Payload, RecordedEvent, StreamVersion,
 };
 pub use event::{validate_batch_owned, MAX_JSON_DEPTH};
+pub use event_store::{AppendSignal, FeedPage};
 pub use event_store::{
     CategoryStats, Direction, EventStore, EventStream, EventTypeStats, ReadAll, ReadStream,
     StoreStats, StreamCatalog, StreamInfo, DEFAULT_BATCH_SIZE,
@@ -90,6 +93,11 @@ pub use idempotency::{
 pub use memory::InMemoryStore;
 pub use multi_stream::{
     check_retry_many, prepare_many, MultiStreamAppend, PreparedStreamBatch, StreamBatch,
+};
+pub use projection::{
+    checkpoint_name, idempotency_key, projection_lag, wait_for, ApplyError, AtLeastOnce,
+    BatchApplier, BatchContext, HandlerError, IdempotencyGuard, Projection, ProjectionError,
+    ProjectionFilter, ProjectionHandle, ProjectionLag, ProjectionRunner, RunnerOptions,
 };
 pub use repository::{
     decode_snapshot, fold_stream, make_snapshot, Command, CommandContext, CommandError, Executed,
@@ -106,3 +114,6 @@ pub use snapshot_jobs::{
     VerifyMismatch, VerifyReport,
 };
 pub use stream::{validate_category, StreamId, MAX_STREAM_NAME_LEN};
+pub use subscription::{
+    is_transient, Backoff, Subscription, SubscriptionBatch, SubscriptionOptions,
+};
