@@ -479,15 +479,20 @@ impl EventStore for PgEventStore {
         }
         let bounds = [after, up_to].map(|p| (to_i64(p.commit()), to_i64(p.seq())));
         let what = "cannot count events between two positions";
-        let rows = with_client!(self, Lane::Feed, "count events between two positions", |client| {
-            query(
-                client,
-                COUNT_BETWEEN_SQL,
-                &[&bounds[0].0, &bounds[0].1, &bounds[1].0, &bounds[1].1],
-                what,
-            )
-            .await
-        })?;
+        let rows = with_client!(
+            self,
+            Lane::Feed,
+            "count events between two positions",
+            |client| {
+                query(
+                    client,
+                    COUNT_BETWEEN_SQL,
+                    &[&bounds[0].0, &bounds[0].1, &bounds[1].0, &bounds[1].1],
+                    what,
+                )
+                .await
+            }
+        )?;
         let n: i64 = rows
             .first()
             .ok_or_else(|| backend_msg("the count query returned no row"))?
