@@ -193,8 +193,10 @@ mod health;
 mod horizon;
 mod listen;
 mod migrate;
+mod projection;
 mod rows;
 mod snapshot;
 mod store;
 
+pub use projection::{PgProjection, PgTransactional};
 pub use store::{PgEventStore, PgOptions, DEFAULT_PAGE_BYTES, DEFAULT_POOL_WAIT_TIMEOUT};
