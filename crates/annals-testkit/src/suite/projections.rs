@@ -365,15 +365,16 @@ pub async fn projection_with_concurrent_writers_equals_fold<S: EventStore + Chec
     }
     handle.wait_for(last, PATIENCE).await.expect("caught up");
     let expected = fold(&store, &ReadAll::from_start().categories(["Acc"])).await;
-    let model = sums.model();
-    assert_eq!(rows_of(&model), expected, "read model = fold of all events");
-    let distinct: HashSet<_> = model.handled.iter().collect();
-    assert_eq!(
-        distinct.len(),
-        model.handled.len(),
-        "no event delivered twice"
-    );
-    drop(model);
+    {
+        let model = sums.model();
+        assert_eq!(rows_of(&model), expected, "read model = fold of all events");
+        let distinct: HashSet<_> = model.handled.iter().collect();
+        assert_eq!(
+            distinct.len(),
+            model.handled.len(),
+            "no event delivered twice"
+        );
+    }
     handle.stop().await.expect("stop");
 }
 
