@@ -12,6 +12,9 @@
 //!   concurrency and retries on conflict.
 //! - [`SnapshotStore`]: a cache of aggregate state with a schema version.
 //! - [`CheckpointStore`]: where each projection has got to.
+//! - [`Projection`] and [`ProjectionRunner`]: read models fed from the global
+//!   feed by a [`Subscription`] (catch-up, then live), checkpointed after
+//!   each batch; [`ProjectionHandle::wait_for`] for read-your-writes.
 //!
 //! Those three traits are what every backend implements. A backend opts into
 //! the rest: [`StreamCatalog`] (list streams, count them), [`SnapshotAdmin`]
