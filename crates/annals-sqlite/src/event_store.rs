@@ -922,6 +922,31 @@ mod tests {
             .ends_with("position > ?1 AND +recorded_at <= ?2 ORDER BY position ASC LIMIT ?3"));
     }
 
+    /// A feed read filtered by type walks migration 7's index in position
+    /// order (no sort), not the whole log.
+    #[test]
+    fn feed_reads_filtered_by_type_use_their_index() {
+        let mut conn = Connection::open_in_memory().expect("in-memory database");
+        crate::migrate::migrate(&mut conn).expect("migrate");
+        let sql = read_all_sql(&ReadAll::from_start().event_types(["Rare"]));
+        let plan: Vec<String> = conn
+            .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
+            .expect("explain")
+            .query_map(rusqlite::params![0, "Rare", 10], |r| r.get(3))
+            .expect("plan")
+            .collect::<rusqlite::Result<_>>()
+            .expect("rows");
+        assert!(
+            plan.iter()
+                .any(|step| step.contains("events_event_type_position")),
+            "events_event_type_position not in {plan:?}"
+        );
+        assert!(
+            !plan.iter().any(|step| step.contains("TEMP B-TREE")),
+            "a sort in {plan:?}"
+        );
+    }
+
     /// The metadata lookups read the indexes migration 6 made for them
     /// (the expression must match the index's exactly).
     #[test]
