@@ -209,6 +209,7 @@ macro_rules! conformance_suite {
             projection_resumes_from_checkpoint,
             poison_event_stops_the_projection,
             wait_for_reaches_or_times_out,
+            failed_checkpoint_redelivers_and_the_guard_absorbs_it,
         }
     };
     (@group model, $($then:tt)*) => {

@@ -248,3 +248,33 @@ async fn issue8_in_transaction_projection_skips_a_committed_batch() {
         .expect("row");
     assert_eq!(total, 5);
 }
+
+/// Another process's appends (here a second store on the same file, with
+/// its own writer) raise no signal in this one: the subscription's poll
+/// finds them.
+#[tokio::test]
+async fn issue8_other_processes_appends_are_polled() {
+    let store = fresh_store().await;
+    let other = annals_sqlite::SqliteEventStore::open(store.path())
+        .await
+        .expect("a second store on the file");
+    let options = SubscriptionOptions::default().poll_interval(Duration::from_millis(20));
+    let mut sub = Subscription::new(store.clone(), GlobalPosition::START, options);
+    let mut expected = Vec::new();
+    let mut got = Vec::new();
+    for i in 0..3 {
+        let r = other
+            .append(&sid("Other-1"), ExpectedVersion::Any, vec![ev("E", i)])
+            .await
+            .expect("append from the other store");
+        expected.extend(r.positions);
+        while got.len() < expected.len() {
+            let batch = tokio::time::timeout(PATIENCE, sub.next_batch())
+                .await
+                .expect("found by the poll")
+                .expect("batch");
+            got.extend(batch.events.iter().map(|e| e.global_position));
+        }
+    }
+    assert_eq!(got, expected);
+}

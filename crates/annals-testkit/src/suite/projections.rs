@@ -561,3 +561,67 @@ pub async fn wait_for_reaches_or_times_out<S: EventStore + CheckpointStore>(stor
         other => panic!("expected a timeout, got {other:?}"),
     }
 }
+
+/// A checkpoint that cannot be saved (writes fail, [`crate::FaultyStore`])
+/// stops the runner with [`ProjectionError::Store`] and no checkpoint; the
+/// next run delivers the same events again (at-least-once), and the
+/// read model's [`IdempotencyGuard`] applies each of them once.
+pub async fn failed_checkpoint_redelivers_and_the_guard_absorbs_it<
+    S: EventStore + CheckpointStore,
+>(
+    store: S,
+) {
+    let r = store
+        .append(
+            &sid("Fcp-1"),
+            ExpectedVersion::Any,
+            (1..=6).map(|i| ev("E", i)).collect(),
+        )
+        .await
+        .expect("append");
+    let faulty = crate::FaultyStore::new(store.clone(), 0);
+    let sums = Sums::new("faulty", ProjectionFilter::all());
+    let handle = ProjectionRunner::at_least_once(faulty.clone(), sums.clone())
+        .with_options(quick())
+        .spawn();
+    match tokio::time::timeout(PATIENCE, handle.join()).await {
+        Ok(Err(ProjectionError::Store { projection, source })) => {
+            assert_eq!(projection, "faulty");
+            assert!(
+                source.to_string().contains("injected write failure"),
+                "{source}"
+            );
+        }
+        Ok(Err(other)) => panic!("expected a store error, got {other}"),
+        Ok(Ok(_)) => panic!("the runner ended without an error"),
+        Err(_) => panic!("the runner did not stop"),
+    }
+    let name = checkpoint_name("faulty", 1);
+    assert_eq!(store.load_checkpoint(&name).await.expect("load"), None);
+    assert_eq!(
+        sums.model().handled.len(),
+        6 * 3,
+        "three attempts at the batch"
+    );
+
+    faulty.heal();
+    let handle = ProjectionRunner::at_least_once(faulty, sums.clone())
+        .with_options(quick())
+        .spawn();
+    handle
+        .wait_for(r.positions[5], PATIENCE)
+        .await
+        .expect("resumed");
+    handle.stop().await.expect("stop");
+    let model = sums.model();
+    assert_eq!(
+        model.handled.len(),
+        6 * 4,
+        "delivered again after the failure"
+    );
+    assert_eq!(
+        rows_of(&model),
+        HashMap::from([(sid("Fcp-1"), (21, 6))]),
+        "the guard applied each event once"
+    );
+}
