@@ -577,7 +577,8 @@ where
     }
 }
 
-/// A running projection ([`ProjectionRunner::spawn`]).
+/// A running projection ([`ProjectionRunner::spawn`]). Dropping the handle
+/// stops the runner as [`stop`](Self::stop) does (after its current batch).
 pub struct ProjectionHandle<A> {
     name: String,
     checkpoint: String,
