@@ -320,9 +320,13 @@ impl EventStore for PgEventStore {
         // A connection lost mid-append is replaced and the batch sent again:
         // if the first attempt committed, its event ids make the second one
         // return the original assignment (deduplicated) instead of writing.
-        with_client!(self, Lane::Any, "append", |client| batch
+        let appended = with_client!(self, Lane::Any, "append", |client| batch
             .append_on(client)
-            .await)
+            .await)?;
+        if !appended.deduplicated {
+            self.announce_append();
+        }
+        Ok(appended)
     }
 
     fn read_stream(&self, stream: &StreamId, options: ReadStream) -> EventStream {
@@ -855,9 +859,13 @@ impl annals::MultiStreamAppend for PgEventStore {
         // As for `append`: a call whose connection was lost is sent again,
         // and if the first one committed, its event ids make the second
         // return the original results.
-        with_client!(self, Lane::Any, "append to several streams", |client| call
+        let appended = with_client!(self, Lane::Any, "append to several streams", |client| call
             .append_on(client)
-            .await)
+            .await)?;
+        if appended.iter().any(|r| !r.deduplicated) {
+            self.announce_append();
+        }
+        Ok(appended)
     }
 }
 

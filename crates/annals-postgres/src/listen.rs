@@ -1,15 +1,29 @@
-//! The append signal on PostgreSQL: `LISTEN/NOTIFY`, one dedicated
-//! connection per store, opened while anybody listens.
+//! The append signal on PostgreSQL: `LISTEN/NOTIFY`, sent after each
+//! append commits, heard on one dedicated connection per store, opened while
+//! anybody listens.
 //!
-//! Migration 6 adds a statement trigger on `events` that runs
-//! `pg_notify('annals_appended', <schema>)`; PostgreSQL delivers it when
-//! the appending transaction commits (never for one that rolls back), from
-//! any process appending to the schema. [`PgEventStore::append_signal`]
-//! hands out receivers of a counter; the first one starts a task that opens
-//! a connection outside the pool (its `application_name` is the store's
-//! with `/listen` appended, so an operator can find it), runs `LISTEN` and
-//! raises the counter on each notification for this store's schema. The
-//! task ends when the last receiver is dropped.
+//! **Sending.** After an append (or `append_many`) that wrote events returns
+//! from the server, the store raises its own counter at once (followers in
+//! this process wake without a round trip) and marks a notification as
+//! pending; one task per store, started on demand, sends
+//! `SELECT pg_notify('annals_appended', <schema>)` on a pooled connection
+//! while notifications are pending, one at a time, so a burst of appends
+//! costs one notification per round trip, not one per append, and stops
+//! after a second without appends. The notification is sent *after* the
+//! commit, in a transaction of its own, rather than from a trigger in the
+//! appending transaction: PostgreSQL serializes the commits of notifying
+//! transactions on one lock, held until their commit record is flushed, which
+//! would serialize every append's commit. A notification-only transaction
+//! writes no commit record, so the lock is held briefly. If the process
+//! dies between its commit and the notification, other processes' followers
+//! find the events at their next poll.
+//!
+//! **Hearing.** [`PgEventStore::append_signal`] hands out receivers of the
+//! counter; the first one starts a task that opens a connection outside the
+//! pool (its `application_name` is the store's with `/listen` appended, so
+//! an operator can find it), runs `LISTEN` and raises the counter on each
+//! notification for this store's schema, from any process. The task ends
+//! when the last receiver is dropped.
 //!
 //! The horizon watch (`horizon.rs`) could not serve here: it polls only
 //! while a reader waits for a transaction it already knows of, and says
@@ -22,16 +36,19 @@
 //! its last position, so nothing is lost or delivered twice. The signal only
 //! says when to read, never what: delivery is the feed's (`read_feed_page`).
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use futures::StreamExt;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, Notify};
 use tokio_postgres::{AsyncMessage, NoTls};
 
+use crate::error::Context;
+use crate::store::{with_client, Lane};
 use crate::PgEventStore;
 
-/// The channel of migration 6's trigger; the payload is the schema.
+/// The notification channel; the payload is the schema.
 const CHANNEL: &str = "annals_appended";
 
 /// First pause before reconnecting, and the longest.
@@ -41,12 +58,22 @@ const MAX_RETRY: Duration = Duration::from_secs(5);
 /// How often an idle listener checks whether anybody still listens.
 const IDLE_CHECK: Duration = Duration::from_millis(500);
 
-/// The shared listener of one store (see the module docs).
+/// How long the notifying task waits for another append before it ends.
+const NOTIFIER_IDLE: Duration = Duration::from_secs(1);
+
+/// The shared listener and notifier of one store (see the module docs).
 pub(crate) struct AppendListener {
     signal: watch::Sender<u64>,
     /// Whether the listening task runs. Receivers subscribe and the task
     /// decides to stop under this lock, so no receiver is left without one.
     running: Mutex<bool>,
+    /// A notification is due (an append committed since the last one sent).
+    pending: AtomicBool,
+    /// Whether the notifying task runs; it decides to stop under this lock
+    /// after finding nothing pending, so no append is left unannounced.
+    notifying: Mutex<bool>,
+    /// Wakes the notifying task.
+    wake: Notify,
 }
 
 impl Default for AppendListener {
@@ -54,6 +81,9 @@ impl Default for AppendListener {
         AppendListener {
             signal: watch::Sender::new(0),
             running: Mutex::new(false),
+            pending: AtomicBool::new(false),
+            notifying: Mutex::new(false),
+            wake: Notify::new(),
         }
     }
 }
@@ -68,6 +98,22 @@ fn raise(signal: &watch::Sender<u64>) {
 }
 
 impl PgEventStore {
+    /// Called after an append that wrote events returned from the server:
+    /// wakes this process's followers and has the notifying task tell the
+    /// other processes.
+    pub(crate) fn announce_append(&self) {
+        let listener = &self.inner.listener;
+        raise(&listener.signal);
+        listener.pending.store(true, Ordering::SeqCst);
+        let mut notifying = lock(&listener.notifying);
+        if *notifying {
+            listener.wake.notify_one();
+        } else {
+            *notifying = true;
+            tokio::spawn(notify(self.clone()));
+        }
+    }
+
     /// A receiver of the append counter; starts the listening task if none
     /// runs (needs a tokio runtime, as every call of the store does).
     pub(crate) fn subscribe_appends(&self) -> watch::Receiver<u64> {
@@ -193,4 +239,64 @@ async fn listen_once(
     drop(client);
     driver.abort();
     result
+}
+
+/// Clears the `notifying` flag however the notifying task ends.
+struct NotifierGuard {
+    store: Option<PgEventStore>,
+}
+
+impl Drop for NotifierGuard {
+    fn drop(&mut self) {
+        if let Some(store) = self.store.take() {
+            *lock(&store.inner.listener.notifying) = false;
+        }
+    }
+}
+
+/// The notifying task: one `pg_notify` per round while appends are pending.
+async fn notify(store: PgEventStore) {
+    let mut guard = NotifierGuard {
+        store: Some(store.clone()),
+    };
+    let listener = &store.inner.listener;
+    loop {
+        if !listener.pending.swap(false, Ordering::SeqCst) {
+            let woken = tokio::time::timeout(NOTIFIER_IDLE, listener.wake.notified()).await;
+            if woken.is_err() {
+                let mut notifying = lock(&listener.notifying);
+                if !listener.pending.load(Ordering::SeqCst) {
+                    *notifying = false;
+                    guard.store = None;
+                    return;
+                }
+            }
+            continue;
+        }
+        let sent = send_notification(&store).await;
+        if let Err(e) = sent {
+            // Followers elsewhere find the events at their next poll; try
+            // again shortly.
+            tracing::debug!(error = %e, "cannot send the append notification");
+            listener.pending.store(true, Ordering::SeqCst);
+            tokio::time::sleep(MAX_RETRY / 50).await;
+        }
+    }
+}
+
+/// One `pg_notify` for this store's schema.
+async fn send_notification(store: &PgEventStore) -> annals::Result<()> {
+    let schema = store.inner.schema.as_str();
+    with_client!(
+        store,
+        Lane::Any,
+        "notify followers of an append",
+        |client| {
+            client
+                .execute("SELECT pg_notify($1, $2)", &[&CHANNEL, &schema])
+                .await
+                .context("cannot notify followers of an append")
+        }
+    )?;
+    Ok(())
 }

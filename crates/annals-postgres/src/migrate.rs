@@ -55,8 +55,8 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
     },
     Migration {
         version: 6,
-        name: "feed",
-        sql: include_str!("../sql/0006_feed.sql"),
+        name: "feed_indexes",
+        sql: include_str!("../sql/0006_feed_indexes.sql"),
     },
 ];
 

@@ -409,7 +409,8 @@ pub trait EventStore: Clone + Send + Sync + 'static {
     /// [`read_feed_page`](Self::read_feed_page). The in-memory store raises it
     /// after every append; SQLite after each group commit of this process
     /// (other processes' appends are seen by the follower's poll);
-    /// PostgreSQL on `NOTIFY` from any session appending to the same schema.
+    /// PostgreSQL on `NOTIFY`, which every store handle (in any process)
+    /// sends after its appends to the same schema commit.
     fn append_signal(&self) -> Option<AppendSignal> {
         None
     }
