@@ -7,7 +7,9 @@
 //! exists and lock it (`SELECT ... FOR UPDATE`, so two runners of one
 //! projection apply batches one after the other), skip the batch if the
 //! checkpoint is already at or past it (an earlier attempt committed, for
-//! example one whose `COMMIT` reply was lost with its connection), run the
+//! example one whose `COMMIT` reply was lost with its connection), fail it
+//! with [`annals::checkpoint_moved`] if the checkpoint is anywhere else than
+//! where the batch starts (another runner moved it, or it was reset), run the
 //! handler's statements through the `tokio_postgres::Transaction` it is
 //! given, move the checkpoint, commit. A handler that fails, a lost
 //! connection, or a failed commit rolls everything back: the read model
@@ -17,11 +19,12 @@
 use std::future::Future;
 
 use annals::{
-    checkpoint_name, ApplyError, BatchApplier, BatchContext, Error, HandlerError, ProjectionFilter,
-    RecordedEvent,
+    checkpoint_moved, checkpoint_name, ApplyError, BatchApplier, BatchContext, Error, HandlerError,
+    ProjectionFilter, RecordedEvent,
 };
 
 use crate::error::Context;
+use crate::rows::{position as position_of, to_i64};
 use crate::PgEventStore;
 
 /// A projection whose read model lives in the store's PostgreSQL database
@@ -124,6 +127,10 @@ impl<P: PgProjection> BatchApplier for PgTransactional<P> {
         if stored >= (commit, seq) {
             // Applied already (by an attempt that committed).
             return Ok(());
+        }
+        if stored != (to_i64(ctx.after.commit()), to_i64(ctx.after.seq())) {
+            let at = position_of(stored.0, stored.1)?;
+            return Err(ApplyError::Store(checkpoint_moved(ctx, at)));
         }
         // Dropping `tx` on an error rolls back whatever the handler wrote.
         self.projection

@@ -19,8 +19,8 @@
 use std::sync::Arc;
 
 use annals::{
-    checkpoint_name, ApplyError, BatchApplier, BatchContext, HandlerError, ProjectionFilter,
-    RecordedEvent,
+    checkpoint_moved, checkpoint_name, ApplyError, BatchApplier, BatchContext, GlobalPosition,
+    HandlerError, ProjectionFilter, RecordedEvent,
 };
 use rusqlite::{OptionalExtension, TransactionBehavior};
 
@@ -106,6 +106,7 @@ impl<P: SqliteProjection> BatchApplier for SqliteTransactional<P> {
         let ctx = ctx.clone();
         let commit = sql_int(ctx.position.commit());
         let seq = sql_int(ctx.position.seq());
+        let after = (sql_int(ctx.after.commit()), sql_int(ctx.after.seq()));
         let outcome = self
             .store
             .conns()
@@ -120,9 +121,17 @@ impl<P: SqliteProjection> BatchApplier for SqliteTransactional<P> {
                             .optional()
                     })
                     .map_err(db("reading a projection's checkpoint"))?;
-                if stored.is_some_and(|s| s >= (commit, seq)) {
+                let stored = stored.unwrap_or((0, 0));
+                if stored >= (commit, seq) {
                     // Applied already (by an earlier attempt that committed).
                     return Ok(Ok(()));
+                }
+                if stored != after {
+                    let at = GlobalPosition::new(
+                        u64::try_from(stored.0).unwrap_or(0),
+                        u64::try_from(stored.1).unwrap_or(0),
+                    );
+                    return Err(checkpoint_moved(&ctx, at));
                 }
                 if let Err(e) = projection.handle(&tx, &events, &ctx) {
                     // Dropping `tx` rolls back whatever the handler wrote.

@@ -98,9 +98,10 @@ pub use multi_stream::{
     check_retry_many, prepare_many, MultiStreamAppend, PreparedStreamBatch, StreamBatch,
 };
 pub use projection::{
-    checkpoint_name, idempotency_key, projection_lag, wait_for, ApplyError, AtLeastOnce,
-    BatchApplier, BatchContext, HandlerError, IdempotencyGuard, Projection, ProjectionError,
-    ProjectionFilter, ProjectionHandle, ProjectionLag, ProjectionRunner, RunnerOptions,
+    checkpoint_moved, checkpoint_name, idempotency_key, projection_lag, wait_for, ApplyError,
+    AtLeastOnce, BatchApplier, BatchContext, HandlerError, IdempotencyGuard, Projection,
+    ProjectionError, ProjectionFilter, ProjectionHandle, ProjectionLag, ProjectionRunner,
+    RunnerOptions,
 };
 pub use repository::{
     decode_snapshot, fold_stream, make_snapshot, Command, CommandContext, CommandError, Executed,

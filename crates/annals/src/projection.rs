@@ -83,6 +83,10 @@ impl ProjectionFilter {
 pub struct BatchContext {
     /// The projection's checkpoint name ([`checkpoint_name`]).
     pub checkpoint: String,
+    /// The checkpoint before the batch: the batch holds the matching events
+    /// after it. A transactional applier checks that the stored checkpoint
+    /// is still here (or already at `position`) before it applies.
+    pub after: GlobalPosition,
     /// The checkpoint saved once the batch is applied.
     pub position: GlobalPosition,
     /// Whether the batch was read while catching up (a replay of events
@@ -418,6 +422,7 @@ where
             };
             let ctx = BatchContext {
                 checkpoint: checkpoint.clone(),
+                after: batch.after,
                 position: batch.position,
                 replaying: batch.replaying,
                 attempt: 1,
@@ -460,12 +465,15 @@ where
                     "a batch keeps failing: applying its events one at a time");
             }
         }
+        let mut after = ctx.after;
         for event in events {
             let one = BatchContext {
+                after,
                 position: event.global_position,
                 ..ctx.clone()
             };
             self.apply_batch_one(event, one).await?;
+            after = event.global_position;
         }
         // The scan may have moved past the last event: record that too.
         if events.last().map(|e| e.global_position) < Some(ctx.position) {
@@ -800,4 +808,18 @@ impl IdempotencyGuard {
 /// redeliveries, so the other system can drop a repeat.
 pub fn idempotency_key(id: EventId) -> String {
     id.0.to_string()
+}
+
+/// The error of a transactional applier that finds the stored checkpoint
+/// neither where its batch starts (`ctx.after`) nor at or past its end:
+/// another runner of the projection moved it, or it was reset. Not
+/// transient: the runner stops with [`ProjectionError::Store`] rather than
+/// apply events twice.
+pub fn checkpoint_moved(ctx: &BatchContext, stored: GlobalPosition) -> Error {
+    Error::Unsafe(format!(
+        "checkpoint {} is at {stored}, but this runner's batch starts after {} \
+         (another runner of the projection moved it, or it was reset): stopping \
+         instead of applying events twice",
+        ctx.checkpoint, ctx.after
+    ))
 }

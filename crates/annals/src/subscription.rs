@@ -123,6 +123,9 @@ pub struct SubscriptionBatch {
     /// The matching events, in global order (may be empty when only the
     /// scan moved, through events that do not match).
     pub events: Vec<RecordedEvent>,
+    /// Where the subscription stood before this batch (the batch holds the
+    /// matching events after it, up to `position`).
+    pub after: GlobalPosition,
     /// Where the subscription now stands: every matching event up to here
     /// has been delivered. A safe checkpoint.
     pub position: GlobalPosition,
@@ -192,10 +195,12 @@ impl<S: EventStore> Subscription<S> {
                 if page.at_end {
                     self.caught_up = true;
                 }
-                let position = page.scanned_to.max(self.filter.after);
+                let after = self.filter.after;
+                let position = page.scanned_to.max(after);
                 self.filter.after = position;
                 return Ok(SubscriptionBatch {
                     events: page.events,
+                    after,
                     position,
                     replaying,
                 });

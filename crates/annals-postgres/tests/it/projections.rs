@@ -336,6 +336,7 @@ async fn issue8_in_transaction_projection_applies_each_batch_once() {
     let before = calls.load(Ordering::SeqCst);
     let ctx = BatchContext {
         checkpoint,
+        after: GlobalPosition::START,
         position: last,
         replaying: false,
         attempt: 2,
@@ -361,4 +362,69 @@ async fn table(raw: &tokio_postgres::Client) -> HashMap<String, (i64, i64)> {
             )
         })
         .collect()
+}
+
+/// Two runners of one transactional projection at once: batches apply in
+/// turn under the checkpoint's row lock, a runner whose batch no longer
+/// starts at the checkpoint stops instead of applying it, and the table
+/// ends with each event applied once.
+#[tokio::test]
+async fn issue8_two_transactional_runners_never_apply_twice() {
+    let Some(db) = TestDb::new("issue8_two_transactional_runners_never_apply_twice").await else {
+        return;
+    };
+    let raw = db.raw().await;
+    raw.batch_execute(
+        "CREATE TABLE balances (stream text PRIMARY KEY, total bigint NOT NULL, events bigint NOT NULL)",
+    )
+    .await
+    .expect("create the read model");
+    let mut last = GlobalPosition::START;
+    for i in 0..200 {
+        last = db
+            .store
+            .append(
+                &sid(&format!("Acc-{}", i % 4)),
+                ExpectedVersion::Any,
+                vec![ev(i)],
+            )
+            .await
+            .expect("append")
+            .positions[0];
+    }
+    let runner = |batch: usize| {
+        let mut opts = runner_options();
+        opts.batch_size = batch;
+        ProjectionRunner::new(
+            db.store.clone(),
+            db.store.transactional(Balances {
+                failures: Arc::new(AtomicU32::new(0)),
+                calls: Arc::new(AtomicU32::new(0)),
+            }),
+        )
+        .with_options(opts)
+        .spawn()
+    };
+    // Different batch sizes, so their batches do not line up.
+    let a = runner(7);
+    let b = runner(11);
+    let checkpoint = annals::checkpoint_name("balances", 1);
+    annals::wait_for(&db.store, &checkpoint, last, PATIENCE)
+        .await
+        .expect("one of them reaches the end");
+    for handle in [a, b] {
+        if let Err(e) = handle.stop().await {
+            assert!(e.to_string().contains("another runner"), "{e}");
+        }
+    }
+    let row = raw
+        .query_one(
+            "SELECT sum(total)::bigint, sum(events)::bigint FROM balances",
+            &[],
+        )
+        .await
+        .expect("sums");
+    assert_eq!(row.get::<_, i64>(1), 200, "each event applied once");
+    assert_eq!(row.get::<_, i64>(0), (0..200).sum::<i64>());
+    db.cleanup().await;
 }

@@ -235,6 +235,7 @@ async fn issue8_in_transaction_projection_skips_a_committed_batch() {
         .expect("read_all");
     let ctx = BatchContext {
         checkpoint: annals::checkpoint_name("balances", 1),
+        after: GlobalPosition::START,
         position: r.positions[0],
         replaying: true,
         attempt: 1,
@@ -247,6 +248,83 @@ async fn issue8_in_transaction_projection_skips_a_committed_batch() {
         .query_row("SELECT total FROM balances", [], |r| r.get(0))
         .expect("row");
     assert_eq!(total, 5);
+
+    // A batch that starts anywhere but at the stored checkpoint (another
+    // runner moved it) is refused, not applied twice.
+    let r2 = store
+        .append(&sid("Acc-1"), ExpectedVersion::Any, vec![ev("D", 7)])
+        .await
+        .expect("append");
+    let stale = BatchContext {
+        position: r2.positions[0],
+        ..ctx
+    };
+    let all: Vec<RecordedEvent> = store
+        .read_all(ReadAll::from_start())
+        .try_collect()
+        .await
+        .expect("read_all");
+    match applier.apply(&all, &stale).await {
+        Err(annals::ApplyError::Store(annals::Error::Unsafe(why))) => {
+            assert!(why.contains("another runner"), "{why}")
+        }
+        other => panic!("expected the checkpoint-moved refusal, got {other:?}"),
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+}
+
+/// Two runners of one transactional projection at once (a second process
+/// started by mistake): batches apply in turn, a runner whose batch no
+/// longer starts at the checkpoint stops instead of applying it, and the
+/// table ends equal to a fold of the events, each applied once.
+#[tokio::test]
+async fn issue8_two_transactional_runners_never_apply_twice() {
+    let store = fresh_store().await;
+    let mut last = GlobalPosition::START;
+    for i in 0..200 {
+        let r = store
+            .append(
+                &sid(&format!("Acc-{}", i % 4)),
+                ExpectedVersion::Any,
+                vec![ev("D", i)],
+            )
+            .await
+            .expect("append");
+        last = r.positions[0];
+    }
+    let runner = |batch: usize| {
+        let mut opts = options();
+        opts.batch_size = batch;
+        ProjectionRunner::new(
+            store.clone(),
+            store.transactional(Balances {
+                failures: Arc::new(AtomicU32::new(0)),
+                calls: Arc::new(AtomicU32::new(0)),
+            }),
+        )
+        .with_options(opts)
+        .spawn()
+    };
+    // Different batch sizes, so their batches do not line up.
+    let a = runner(7);
+    let b = runner(11);
+    let checkpoint = annals::checkpoint_name("balances", 1);
+    annals::wait_for(&store, &checkpoint, last, PATIENCE)
+        .await
+        .expect("one of them reaches the end");
+    for handle in [a, b] {
+        if let Err(e) = handle.stop().await {
+            assert!(e.to_string().contains("another runner"), "{e}");
+        }
+    }
+    let conn = raw(&store);
+    let (total, events): (i64, i64) = conn
+        .query_row("SELECT sum(total), sum(events) FROM balances", [], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .expect("sums");
+    assert_eq!(events, 200, "each event applied once");
+    assert_eq!(total, (0..200).sum::<i64>());
 }
 
 /// Another process's appends (here a second store on the same file, with
