@@ -373,6 +373,22 @@ impl EventStore for AnyStore {
     async fn read_event(&self, id: EventId) -> Result<Option<RecordedEvent>> {
         delegate!(self, s => s.read_event(id).await)
     }
+
+    async fn read_feed_page(&self, filter: &ReadAll, limit: usize) -> Result<annals::FeedPage> {
+        delegate!(self, s => s.read_feed_page(filter, limit).await)
+    }
+
+    fn append_signal(&self) -> Option<annals::AppendSignal> {
+        delegate!(self, s => s.append_signal())
+    }
+
+    async fn count_events_between(
+        &self,
+        after: GlobalPosition,
+        up_to: GlobalPosition,
+    ) -> Result<u64> {
+        delegate!(self, s => s.count_events_between(after, up_to).await)
+    }
 }
 
 impl annals::MultiStreamAppend for AnyStore {

@@ -214,6 +214,11 @@ const HELD_BACK_SQL: &str = "SELECT max(e.tx_id)::text::bigint, \
      pg_snapshot_xmin(pg_current_snapshot())::text::bigint FROM events e \
      WHERE (e.tx_id, e.seq) > ($1::bigint::text::xid8, $2)";
 
+/// Events in `((tx, seq), (tx, seq)]`, on the `(tx_id, seq)` index.
+const COUNT_BETWEEN_SQL: &str = "SELECT count(*) FROM events e \
+     WHERE (e.tx_id, e.seq) > ($1::bigint::text::xid8, $2) \
+     AND (e.tx_id, e.seq) <= ($3::bigint::text::xid8, $4)";
+
 const HEAD_SQL: &str = "SELECT e.tx_id::text::bigint, e.seq FROM events e \
      WHERE e.tx_id < pg_snapshot_xmin(pg_current_snapshot()) \
      ORDER BY e.tx_id DESC, e.seq DESC LIMIT 1";
@@ -321,9 +326,13 @@ impl EventStore for PgEventStore {
                 // A connection lost mid-append is replaced and the batch sent again:
                 // if the first attempt committed, its event ids make the second one
                 // return the original assignment (deduplicated) instead of writing.
-                with_client!(self, Lane::Any, "append", |client| batch
+                let appended = with_client!(self, Lane::Any, "append", |client| batch
                     .append_on(client)
-                    .await)
+                    .await)?;
+                if !appended.deduplicated {
+                    self.announce_append();
+                }
+                Ok(appended)
             })
             .await
     }
@@ -465,6 +474,45 @@ impl EventStore for PgEventStore {
                 position(tx, seq).map(Some)
             }
         }
+    }
+
+    /// `LISTEN/NOTIFY` on one connection per store, opened while anybody
+    /// listens (see `listen.rs`): raised on appends by any process to this
+    /// schema.
+    fn append_signal(&self) -> Option<annals::AppendSignal> {
+        Some(self.subscribe_appends())
+    }
+
+    async fn count_events_between(
+        &self,
+        after: GlobalPosition,
+        up_to: GlobalPosition,
+    ) -> Result<u64> {
+        if up_to <= after {
+            return Ok(0);
+        }
+        let bounds = [after, up_to].map(|p| (to_i64(p.commit()), to_i64(p.seq())));
+        let what = "cannot count events between two positions";
+        let rows = with_client!(
+            self,
+            Lane::Feed,
+            "count events between two positions",
+            |client| {
+                query(
+                    client,
+                    COUNT_BETWEEN_SQL,
+                    &[&bounds[0].0, &bounds[0].1, &bounds[1].0, &bounds[1].1],
+                    what,
+                )
+                .await
+            }
+        )?;
+        let n: i64 = rows
+            .first()
+            .ok_or_else(|| backend_msg("the count query returned no row"))?
+            .try_get(0)
+            .context(what)?;
+        Ok(count(n))
     }
 
     /// A direct lookup, without the horizon that `read_all` applies. The
@@ -817,9 +865,14 @@ impl annals::MultiStreamAppend for PgEventStore {
                 // As for `append`: a call whose connection was lost is sent again,
                 // and if the first one committed, its event ids make the second
                 // return the original results.
-                with_client!(self, Lane::Any, "append to several streams", |client| call
-                    .append_on(client)
-                    .await)
+                let appended =
+                    with_client!(self, Lane::Any, "append to several streams", |client| call
+                        .append_on(client)
+                        .await)?;
+                if appended.iter().any(|r| !r.deduplicated) {
+                    self.announce_append();
+                }
+                Ok(appended)
             })
             .await
     }

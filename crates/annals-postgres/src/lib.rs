@@ -191,9 +191,12 @@ mod error;
 mod event_store;
 mod health;
 mod horizon;
+mod listen;
 mod migrate;
+mod projection;
 mod rows;
 mod snapshot;
 mod store;
 
+pub use projection::{PgProjection, PgTransactional};
 pub use store::{PgEventStore, PgOptions, DEFAULT_PAGE_BYTES, DEFAULT_POOL_WAIT_TIMEOUT};

@@ -53,6 +53,11 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         name: "correlation_index",
         sql: include_str!("../sql/0005_correlation_index.sql"),
     },
+    Migration {
+        version: 6,
+        name: "feed_indexes",
+        sql: include_str!("../sql/0006_feed_indexes.sql"),
+    },
 ];
 
 /// The schema version this build needs: the last migration's.

@@ -154,6 +154,10 @@ pub(crate) struct Inner {
     feed: Arc<Semaphore>,
     /// The shared watch on the snapshot horizon.
     pub(crate) horizon: HorizonWatch,
+    /// The `LISTEN` connection's signal (`EventStore::append_signal`).
+    pub(crate) listener: crate::listen::AppendListener,
+    /// The pool's connection settings, for the `LISTEN` connection.
+    pub(crate) config: tokio_postgres::Config,
     /// Set once the schema was found current and the xid check passed.
     ready: AtomicBool,
 }
@@ -215,7 +219,7 @@ impl PgEventStore {
         let schema = options.schema_name()?;
         let config = pg_config(url, &schema)?;
         let manager = Manager::from_config(
-            config,
+            config.clone(),
             NoTls,
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
@@ -236,6 +240,8 @@ impl PgEventStore {
                 pool_wait: options.pool_wait_timeout,
                 feed: Arc::new(Semaphore::new(options.feed_limit())),
                 horizon: HorizonWatch::default(),
+                listener: crate::listen::AppendListener::default(),
+                config,
                 ready: AtomicBool::new(false),
             }),
             horizon_wait: DEFAULT_HORIZON_WAIT,

@@ -173,6 +173,9 @@ pub(crate) struct Conns {
     /// Set once the schema is known to be current; until then every job
     /// checks `annals_migrations` first (on its own thread).
     schema_ok: Arc<AtomicBool>,
+    /// Raised by the writer after each group commit, before it answers the
+    /// group (`EventStore::append_signal`).
+    appended: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 impl Conns {
@@ -185,6 +188,8 @@ impl Conns {
         let groups = Arc::new(AtomicUsize::new(0));
         let queued = Arc::new(AtomicIsize::new(0));
         let counters = (Arc::clone(&groups), Arc::clone(&queued));
+        let appended = Arc::new(tokio::sync::watch::Sender::new(0u64));
+        let signal = Arc::clone(&appended);
         std::thread::Builder::new()
             .name("annals-sqlite-writer".into())
             .spawn(move || {
@@ -198,7 +203,7 @@ impl Conns {
                         return;
                     }
                 };
-                writer_loop(&mut conn, &writer_rx, &counters.0, &counters.1);
+                writer_loop(&mut conn, &writer_rx, &counters.0, &counters.1, &signal);
             })
             .map_err(|e| spawn_failed("writer", e))?;
         ready_rx.await.map_err(|_| thread_stopped("writer"))??;
@@ -244,7 +249,13 @@ impl Conns {
             groups,
             queued,
             schema_ok: Arc::new(AtomicBool::new(false)),
+            appended,
         })
+    }
+
+    /// A receiver of the counter the writer raises after each group commit.
+    pub(crate) fn append_signal(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.appended.subscribe()
     }
 
     /// Runs `f` on the writer thread after checking the schema version.
@@ -487,6 +498,7 @@ fn writer_loop(
     rx: &mpsc::Receiver<WriterJob>,
     groups: &AtomicUsize,
     queued: &AtomicIsize,
+    appended: &tokio::sync::watch::Sender<u64>,
 ) {
     // A solo job met while gathering a group runs right after that group.
     let mut next: Option<WriterJob> = None;
@@ -519,14 +531,19 @@ fn writer_loop(
                 // Counted before its members are answered, so that a caller
                 // who got its answer sees its group counted.
                 groups.fetch_add(1, Ordering::Relaxed);
-                run_group(conn, group);
+                run_group(conn, group, appended);
             }
         }
     }
 }
 
-/// One group transaction: begin, every member in turn, commit, answer.
-fn run_group(conn: &mut Connection, mut group: Vec<Box<dyn GroupMember>>) {
+/// One group transaction: begin, every member in turn, commit, raise the
+/// append signal, answer.
+fn run_group(
+    conn: &mut Connection,
+    mut group: Vec<Box<dyn GroupMember>>,
+    appended: &tokio::sync::watch::Sender<u64>,
+) {
     if let Err(error) = conn.execute_batch("BEGIN IMMEDIATE") {
         let failure = GroupFailure {
             context: "starting an append",
@@ -552,6 +569,10 @@ fn run_group(conn: &mut Connection, mut group: Vec<Box<dyn GroupMember>>) {
     });
     if outcome.is_ok() {
         metrics::histogram!("annals_sqlite_group_commit_size").record(group.len() as f64);
+        // Before anybody is answered: a caller whose append returned `Ok`
+        // finds the signal raised. Every path that writes events (append,
+        // append_many) is a group member, so this is the one place.
+        appended.send_modify(|n| *n = n.wrapping_add(1));
     }
     for member in group {
         member.answer(outcome.as_ref().map(|_| ()));

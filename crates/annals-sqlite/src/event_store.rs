@@ -846,6 +846,32 @@ impl EventStore for SqliteEventStore {
         Ok(max.map(|p| GlobalPosition::from_seq(p as u64)))
     }
 
+    fn append_signal(&self) -> Option<annals::AppendSignal> {
+        Some(self.conns().append_signal())
+    }
+
+    async fn count_events_between(
+        &self,
+        after: GlobalPosition,
+        up_to: GlobalPosition,
+    ) -> Result<u64> {
+        if up_to <= after {
+            return Ok(0);
+        }
+        let (lo, hi) = (sql_int(after.seq()), sql_int(up_to.seq()));
+        let n: i64 = self
+            .conns()
+            .read(move |conn| {
+                conn.prepare_cached(
+                    "SELECT count(*) FROM events WHERE position > ?1 AND position <= ?2",
+                )
+                .and_then(|mut s| s.query_row([lo, hi], |r| r.get(0)))
+                .map_err(db("counting events between two positions"))
+            })
+            .await?;
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+
     async fn read_event(&self, id: EventId) -> Result<Option<RecordedEvent>> {
         let page = self
             .conns()
@@ -891,6 +917,31 @@ mod tests {
         );
         assert!(read_all_sql(&ReadAll::from_start().until(t))
             .ends_with("position > ?1 AND +recorded_at <= ?2 ORDER BY position ASC LIMIT ?3"));
+    }
+
+    /// A feed read filtered by type walks migration 7's index in position
+    /// order (no sort), not the whole log.
+    #[test]
+    fn feed_reads_filtered_by_type_use_their_index() {
+        let mut conn = Connection::open_in_memory().expect("in-memory database");
+        crate::migrate::migrate(&mut conn).expect("migrate");
+        let sql = read_all_sql(&ReadAll::from_start().event_types(["Rare"]));
+        let plan: Vec<String> = conn
+            .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
+            .expect("explain")
+            .query_map(rusqlite::params![0, "Rare", 10], |r| r.get(3))
+            .expect("plan")
+            .collect::<rusqlite::Result<_>>()
+            .expect("rows");
+        assert!(
+            plan.iter()
+                .any(|step| step.contains("events_event_type_position")),
+            "events_event_type_position not in {plan:?}"
+        );
+        assert!(
+            !plan.iter().any(|step| step.contains("TEMP B-TREE")),
+            "a sort in {plan:?}"
+        );
     }
 
     /// The metadata lookups read the indexes migration 6 made for them

@@ -78,7 +78,9 @@ mod error;
 mod event_store;
 mod health;
 mod migrate;
+mod projection;
 mod snapshot;
 mod store;
 
+pub use projection::{SqliteProjection, SqliteTransactional};
 pub use store::{SqliteEventStore, SqliteOptions};

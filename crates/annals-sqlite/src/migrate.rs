@@ -56,6 +56,11 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         name: "correlation_index",
         sql: include_str!("../sql/0006_correlation_index.sql"),
     },
+    Migration {
+        version: 7,
+        name: "feed_indexes",
+        sql: include_str!("../sql/0007_feed_indexes.sql"),
+    },
 ];
 
 /// The schema version this build needs.

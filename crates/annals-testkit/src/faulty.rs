@@ -108,6 +108,23 @@ impl<S: EventStore> EventStore for FaultyStore<S> {
     async fn head_position(&self) -> Result<Option<GlobalPosition>> {
         self.inner.head_position().await
     }
+    async fn read_feed_page(
+        &self,
+        filter: &annals::ReadAll,
+        limit: usize,
+    ) -> Result<annals::FeedPage> {
+        self.inner.read_feed_page(filter, limit).await
+    }
+    fn append_signal(&self) -> Option<annals::AppendSignal> {
+        self.inner.append_signal()
+    }
+    async fn count_events_between(
+        &self,
+        after: GlobalPosition,
+        up_to: GlobalPosition,
+    ) -> Result<u64> {
+        self.inner.count_events_between(after, up_to).await
+    }
     async fn read_event(&self, id: EventId) -> Result<Option<RecordedEvent>> {
         self.inner.read_event(id).await
     }

@@ -62,7 +62,7 @@ mod drift;
 /// annals_testkit::conformance_suite!(fresh_store;
 ///     event_store, stream_catalog, snapshot_store, snapshot_admin,
 ///     snapshot_staging, snapshot_migration, multi_stream_append, checkpoints,
-///     model);
+///     projections, model);
 /// ```
 ///
 /// | group | the store must implement |
@@ -75,6 +75,7 @@ mod drift;
 /// | `snapshot_migration` | `StreamCatalog` + `SnapshotAdmin` + `SnapshotStaging` (`SnapshotJobs::migrate`, `verify`, `promote`) |
 /// | `multi_stream_append` | `MultiStreamAppend` (`append_many`) |
 /// | `checkpoints` | `EventStore` + `CheckpointStore` |
+/// | `projections` | `EventStore` + `CheckpointStore` (feed pages, subscriptions, projection runners) |
 /// | `model` | `EventStore` + `SnapshotStore` + `CheckpointStore` (the `Vec`-model check) |
 ///
 /// A test goes into the group of what its bound names (one line in the
@@ -201,6 +202,18 @@ macro_rules! conformance_suite {
             checkpoints,
         }
     };
+    (@group projections, $($then:tt)*) => {
+        $crate::conformance_suite! { $($then)*
+            feed_pages_scan_through_non_matching_events,
+            subscription_catch_up_then_live,
+            filtered_projection_advances_through_other_events,
+            projection_with_concurrent_writers_equals_fold,
+            projection_resumes_from_checkpoint,
+            poison_event_stops_the_projection,
+            wait_for_reaches_or_times_out,
+            failed_checkpoint_redelivers_and_the_guard_absorbs_it,
+        }
+    };
     (@group model, $($then:tt)*) => {
         $crate::conformance_suite! { $($then)*
             model_scenarios,
@@ -224,6 +237,7 @@ macro_rules! conformance_suite {
             $crate::conformance_suite!(@group snapshot_migration, @names snapshot_migration;),
             $crate::conformance_suite!(@group multi_stream_append, @names multi_stream_append;),
             $crate::conformance_suite!(@group checkpoints, @names checkpoints;),
+            $crate::conformance_suite!(@group projections, @names projections;),
             $crate::conformance_suite!(@group model, @names model;),
         ]
     };

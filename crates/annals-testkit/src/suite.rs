@@ -33,6 +33,8 @@ mod append_many;
 pub use append_many::*;
 mod inspection;
 pub use inspection::*;
+mod projections;
+pub use projections::*;
 mod telemetry;
 pub use telemetry::*;
 

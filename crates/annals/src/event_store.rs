@@ -165,6 +165,28 @@ impl ReadAll {
     }
 }
 
+/// One page of the global feed: what [`EventStore::read_feed_page`] returns.
+#[derive(Clone, PartialEq, Debug)]
+pub struct FeedPage {
+    /// The matching events, in global order (at most the page's limit).
+    pub events: Vec<RecordedEvent>,
+    /// How far the read scanned: every event at or below this position that
+    /// matches the filter is in `events` (or was before the page's `after`),
+    /// even when none matched. Never past what is safe to deliver, so it is a
+    /// valid checkpoint and the next page starts after it.
+    pub scanned_to: GlobalPosition,
+    /// Whether the page reached the end of what was readable when it was
+    /// read (a subscription then waits for new appends instead of reading
+    /// the next page at once).
+    pub at_end: bool,
+}
+
+/// What [`EventStore::append_signal`] returns: a counter that the store
+/// raises after every commit that wrote events. Only the change matters; a
+/// receiver wakes with [`changed`](tokio::sync::watch::Receiver::changed)
+/// and then reads the feed.
+pub type AppendSignal = tokio::sync::watch::Receiver<u64>;
+
 /// A stream and its head.
 #[derive(Clone, PartialEq, Eq, Debug, Serialize)]
 pub struct StreamInfo {
@@ -315,6 +337,109 @@ pub trait EventStore: Clone + Send + Sync + 'static {
     /// checkpoint.
     fn read_event(&self, id: EventId)
         -> impl Future<Output = Result<Option<RecordedEvent>>> + Send;
+
+    /// One page of the global feed after `filter.after`: at most `limit`
+    /// matching events (`filter.limit` is ignored), and how far the read
+    /// scanned ([`FeedPage::scanned_to`]), which moves through stretches of
+    /// events that do not match the filter, so a subscriber of a rare event
+    /// type does not rescan the log on every poll and its checkpoint moves.
+    ///
+    /// Contract: the delivery guarantee of [`read_all`](Self::read_all)
+    /// (a reader that keeps calling this from its last `scanned_to` sees
+    /// every matching event exactly once, in global order); `scanned_to` is
+    /// never below `filter.after` and never past a position that
+    /// `read_all` could not deliver yet (on PostgreSQL, never past the
+    /// snapshot horizon), so it is a safe checkpoint; `at_end` is true when
+    /// fewer than `limit` events matched up to the safe end of the log.
+    ///
+    /// Provided on top of [`head_position`](Self::head_position) (read
+    /// first: every event at or below it is already readable, and none can
+    /// appear there later) and one bounded `read_all` after it; the events
+    /// the read returns beyond that head are left for the next page. A
+    /// backend may answer it in fewer round trips.
+    fn read_feed_page(
+        &self,
+        filter: &ReadAll,
+        limit: usize,
+    ) -> impl Future<Output = Result<FeedPage>> + Send {
+        let filter = filter.clone();
+        async move {
+            let after = filter.after;
+            let limit = limit.max(1);
+            let head = self.head_position().await?;
+            let Some(head) = head.filter(|h| *h > after) else {
+                return Ok(FeedPage {
+                    events: Vec::new(),
+                    scanned_to: after,
+                    at_end: true,
+                });
+            };
+            let mut events: Vec<RecordedEvent> = self
+                .read_all(filter.limit(limit as u64))
+                .try_collect()
+                .await?;
+            let full = events.len() >= limit;
+            events.retain(|e| e.global_position <= head);
+            if full && events.len() == limit {
+                let scanned_to = events.last().map_or(after, |e| e.global_position);
+                return Ok(FeedPage {
+                    events,
+                    scanned_to,
+                    at_end: false,
+                });
+            }
+            // Every matching event up to the head is in `events`.
+            Ok(FeedPage {
+                events,
+                scanned_to: head,
+                at_end: true,
+            })
+        }
+    }
+
+    /// A wake-up source for followers of the feed: a counter the store raises
+    /// after each commit that wrote events (see [`AppendSignal`]), or `None`
+    /// when the store has none (then a follower polls).
+    ///
+    /// Contract: after an append through this store (or, where the backend
+    /// says so, through another process) has returned `Ok`, the counter has
+    /// changed or will change. A change may be spurious (a follower then reads
+    /// nothing new) and several commits may raise it once. It only says when
+    /// to read, never what: a follower always reads with
+    /// [`read_feed_page`](Self::read_feed_page). The in-memory store raises it
+    /// after every append; SQLite after each group commit of this process
+    /// (other processes' appends are seen by the follower's poll);
+    /// PostgreSQL on `NOTIFY`, which every store handle (in any process)
+    /// sends after its appends to the same schema commit.
+    fn append_signal(&self) -> Option<AppendSignal> {
+        None
+    }
+
+    /// How many events lie after `after` up to and including `up_to` in the
+    /// global order (a projection's lag in events: from its checkpoint to
+    /// [`head_position`](Self::head_position)). Provided as a count over
+    /// `read_all` (so it costs a read of the lag); the SQL backends count on
+    /// their position index.
+    fn count_events_between(
+        &self,
+        after: GlobalPosition,
+        up_to: GlobalPosition,
+    ) -> impl Future<Output = Result<u64>> + Send {
+        async move {
+            if up_to <= after {
+                return Ok(0);
+            }
+            let mut n = 0u64;
+            let mut events = self.read_all(ReadAll::after(after));
+            while let Some(e) = futures::StreamExt::next(&mut events).await {
+                if e?.global_position > up_to {
+                    break;
+                }
+                n += 1;
+            }
+            Ok(n)
+        }
+    }
 
     /// Reads a whole stream into memory. For tests, tools and small streams.
     fn read_stream_to_vec(

@@ -12,6 +12,9 @@
 //!   concurrency and retries on conflict.
 //! - [`SnapshotStore`]: a cache of aggregate state with a schema version.
 //! - [`CheckpointStore`]: where each projection has got to.
+//! - [`Projection`] and [`ProjectionRunner`]: read models fed from the global
+//!   feed by a [`Subscription`] (catch-up, then live), checkpointed after
+//!   each batch; [`ProjectionHandle::wait_for`] for read-your-writes.
 //!
 //! Those three traits are what every backend implements. A backend opts into
 //! the rest: [`StreamCatalog`] (list streams, count them), [`SnapshotAdmin`]
@@ -63,11 +66,13 @@ mod health;
 mod idempotency;
 mod memory;
 mod multi_stream;
+mod projection;
 mod repository;
 mod snapshot;
 mod snapshot_jobs;
 mod snapshot_worker;
 mod stream;
+mod subscription;
 mod telemetry;
 
 pub use aggregate::{decode_event, encode_event, Aggregate, DomainEvent};
@@ -79,6 +84,7 @@ pub use event::{
     Payload, RecordedEvent, StreamVersion,
 };
 pub use event::{validate_batch_owned, MAX_JSON_DEPTH};
+pub use event_store::{AppendSignal, FeedPage};
 pub use event_store::{
     CategoryStats, Direction, EventStore, EventStream, EventTypeStats, ReadAll, ReadStream,
     StoreStats, StreamCatalog, StreamInfo, DEFAULT_BATCH_SIZE,
@@ -91,6 +97,12 @@ pub use idempotency::{
 pub use memory::InMemoryStore;
 pub use multi_stream::{
     check_retry_many, prepare_many, MultiStreamAppend, PreparedStreamBatch, StreamBatch,
+};
+pub use projection::{
+    checkpoint_moved, checkpoint_name, idempotency_key, projection_lag, wait_for, ApplyError,
+    AtLeastOnce, BatchApplier, BatchContext, HandlerError, IdempotencyGuard, Projection,
+    ProjectionError, ProjectionFilter, ProjectionHandle, ProjectionLag, ProjectionRunner,
+    RunnerOptions,
 };
 pub use repository::{
     decode_snapshot, fold_stream, make_snapshot, Command, CommandContext, CommandError, Executed,
@@ -107,6 +119,9 @@ pub use snapshot_jobs::{
     VerifyMismatch, VerifyReport,
 };
 pub use stream::{validate_category, StreamId, MAX_STREAM_NAME_LEN};
+pub use subscription::{
+    is_transient, Backoff, Subscription, SubscriptionBatch, SubscriptionOptions,
+};
 pub use telemetry::{
     describe_metrics, AppendOutcome, MetricInfo, MetricKind, StoreMetrics, CATALOGUE,
 };

@@ -68,15 +68,32 @@ impl Default for HistorySize {
 }
 
 /// The in-memory store. Clones share the same data.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct InMemoryStore {
     state: Arc<Mutex<State>>,
+    /// Raised after every append that stored events ([`EventStore::append_signal`]).
+    appended: Arc<tokio::sync::watch::Sender<u64>>,
+}
+
+impl Default for InMemoryStore {
+    fn default() -> Self {
+        InMemoryStore {
+            state: Arc::default(),
+            appended: Arc::new(tokio::sync::watch::Sender::new(0)),
+        }
+    }
 }
 
 impl InMemoryStore {
     /// An empty store.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Tells the followers that events were stored (after the lock is
+    /// released, so a woken follower finds them).
+    fn raise_signal(&self) {
+        self.appended.send_modify(|n| *n = n.wrapping_add(1));
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -177,6 +194,10 @@ impl EventStore for InMemoryStore {
         METRICS
             .append(async { self.append_unrecorded(stream, expected, events) })
             .await
+    }
+
+    fn append_signal(&self) -> Option<crate::AppendSignal> {
+        Some(self.appended.subscribe())
     }
 
     fn read_stream(&self, stream: &StreamId, options: ReadStream) -> EventStream {
@@ -294,7 +315,10 @@ impl InMemoryStore {
                 actual,
             });
         }
-        Ok(st.push_batch(stream, batch, decoded, Utc::now()))
+        let appended = st.push_batch(stream, batch, decoded, Utc::now());
+        drop(st);
+        self.raise_signal();
+        Ok(appended)
     }
 
     /// [`MultiStreamAppend::append_many`], before [`METRICS`] records it.
@@ -323,11 +347,14 @@ impl InMemoryStore {
             }
         }
         let now = Utc::now();
-        Ok(batches
+        let results = batches
             .into_iter()
             .zip(decoded)
             .map(|(b, d)| st.push_batch(&b.stream, b.events, d, now))
-            .collect())
+            .collect();
+        drop(st);
+        self.raise_signal();
+        Ok(results)
     }
 }
 

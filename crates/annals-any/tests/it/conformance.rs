@@ -28,5 +28,6 @@ annals_testkit::conformance_suite!(fresh;
     snapshot_migration,
     multi_stream_append,
     checkpoints,
+    projections,
     model,
 );

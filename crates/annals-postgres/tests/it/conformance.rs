@@ -10,5 +10,6 @@ annals_testkit::conformance_suite!(crate::common::fresh_store;
     snapshot_migration,
     multi_stream_append,
     checkpoints,
+    projections,
     model,
 );

@@ -17,5 +17,6 @@ mod model;
 mod ordering;
 mod pages;
 mod pressure;
+mod projections;
 mod skips;
 mod snapshots;

@@ -16,5 +16,6 @@ annals_testkit::conformance_suite!(fresh;
     snapshot_migration,
     multi_stream_append,
     checkpoints,
+    projections,
     model,
 );

@@ -8,6 +8,7 @@ mod migrations;
 mod model;
 mod panics;
 mod persistence;
+mod projections;
 mod snapshots;
 
 use std::path::PathBuf;

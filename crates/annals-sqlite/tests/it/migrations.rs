@@ -15,8 +15,9 @@ const EXPECTED: &[(i64, &str)] = &[
     (4, "event_fingerprints"),
     (5, "snapshot_history"),
     (6, "correlation_index"),
+    (7, "feed_indexes"),
 ];
-const LATEST: i64 = 6;
+const LATEST: i64 = 7;
 
 fn ledger(conn: &rusqlite::Connection) -> Vec<(i64, String, String)> {
     let mut s = conn

@@ -70,7 +70,7 @@ async fn fresh() -> Option<CoreOnly> {
     Some(CoreOnly::default())
 }
 
-annals_testkit::conformance_suite!(fresh; event_store, snapshot_store, checkpoints, model);
+annals_testkit::conformance_suite!(fresh; event_store, snapshot_store, checkpoints, projections, model);
 
 #[tokio::test]
 async fn create_works_on_a_cache_only_store() {

@@ -1,0 +1,627 @@
+//! Subscriptions and projections: feed pages that scan through events that do
+//! not match, catch-up then live delivery exactly once and in order, a
+//! filtered projection whose checkpoint moves through a long stretch of
+//! other events, 8 concurrent writers under a running projection (the read
+//! model equals a fold of all events), resume from the checkpoint, a poison
+//! event, and read-your-writes with `wait_for`.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use annals::{
+    checkpoint_name, projection_lag, wait_for, Backoff, BatchContext, CheckpointStore, EventStore,
+    ExpectedVersion, GlobalPosition, HandlerError, IdempotencyGuard, Projection, ProjectionError,
+    ProjectionFilter, ProjectionRunner, ReadAll, RecordedEvent, RunnerOptions, StreamId,
+    Subscription, SubscriptionOptions,
+};
+
+use super::{ev, n_of, read_all_vec, sid};
+
+/// Long enough for any healthy wait in these tests; a wait that takes it
+/// is a failure.
+const PATIENCE: Duration = Duration::from_secs(30);
+
+/// Fast retries and a short poll, so the error paths finish quickly.
+fn quick() -> RunnerOptions {
+    RunnerOptions {
+        batch_size: 50,
+        poll_interval: Duration::from_millis(50),
+        store_retry: Backoff {
+            initial: Duration::from_millis(5),
+            max: Duration::from_millis(100),
+            max_attempts: 20,
+        },
+        handler_retry: Backoff {
+            initial: Duration::from_millis(1),
+            max: Duration::from_millis(5),
+            max_attempts: 3,
+        },
+    }
+}
+
+/// The read model of the test projection: per stream, the sum of the
+/// events' `n` and the events counted, guarded by the last applied position.
+#[derive(Default)]
+struct Model {
+    rows: HashMap<StreamId, (IdempotencyGuard, i64, u64)>,
+    /// Every event id handled (with repeats), and each batch's flag.
+    handled: Vec<annals::EventId>,
+    replaying: Vec<bool>,
+}
+
+#[derive(Clone)]
+struct Sums {
+    name: String,
+    filter: ProjectionFilter,
+    model: Arc<Mutex<Model>>,
+    /// Fail every batch holding an event of this type.
+    poison: Option<String>,
+}
+
+impl Sums {
+    fn new(name: &str, filter: ProjectionFilter) -> Self {
+        Sums {
+            name: name.to_owned(),
+            filter,
+            model: Arc::default(),
+            poison: None,
+        }
+    }
+
+    fn model(&self) -> std::sync::MutexGuard<'_, Model> {
+        self.model.lock().expect("model lock")
+    }
+}
+
+impl Projection for Sums {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn filter(&self) -> ProjectionFilter {
+        self.filter.clone()
+    }
+    async fn handle(
+        &mut self,
+        events: &[RecordedEvent],
+        ctx: &BatchContext,
+    ) -> Result<(), HandlerError> {
+        let mut m = self.model();
+        m.replaying.push(ctx.replaying);
+        for e in events {
+            if self.poison.as_deref() == Some(e.event_type.as_str()) {
+                return Err(format!("cannot apply {}", e.event_type).into());
+            }
+            m.handled.push(e.event_id);
+            let row = m.rows.entry(e.stream_id.clone()).or_default();
+            if row.0.admit(e.global_position) {
+                row.1 += n_of(&e.data).unwrap_or(0);
+                row.2 += 1;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The fold the read model must equal: per stream, the sum and count of
+/// every event that `filter` admits.
+async fn fold<S: EventStore>(store: &S, filter: &ReadAll) -> HashMap<StreamId, (i64, u64)> {
+    let mut out: HashMap<StreamId, (i64, u64)> = HashMap::new();
+    for e in read_all_vec(store, filter.clone()).await {
+        let row = out.entry(e.stream_id.clone()).or_default();
+        row.0 += n_of(&e.data).unwrap_or(0);
+        row.1 += 1;
+    }
+    out
+}
+
+fn rows_of(model: &Model) -> HashMap<StreamId, (i64, u64)> {
+    model
+        .rows
+        .iter()
+        .map(|(k, (_, sum, n))| (k.clone(), (*sum, *n)))
+        .collect()
+}
+
+async fn head<S: EventStore>(store: &S) -> GlobalPosition {
+    store
+        .head_position()
+        .await
+        .expect("head")
+        .expect("a non-empty store")
+}
+
+/// `read_feed_page` scans through events that do not match: `scanned_to`
+/// moves to the head even when nothing matched, a full page stops at its
+/// last event, and the next page from `scanned_to` goes on without a repeat.
+pub async fn feed_pages_scan_through_non_matching_events<S: EventStore>(store: S) {
+    let filter = ReadAll::from_start().event_types(["Rare"]);
+    let empty = store.read_feed_page(&filter, 10).await.expect("empty page");
+    assert!(empty.events.is_empty() && empty.at_end);
+    assert_eq!(empty.scanned_to, GlobalPosition::START);
+
+    let rare = store
+        .append(&sid("Feed-r"), ExpectedVersion::Any, vec![ev("Rare", 1)])
+        .await
+        .expect("rare");
+    for chunk in 0..6 {
+        let events = (0..100).map(|i| ev("Common", chunk * 100 + i)).collect();
+        store
+            .append(&sid("Feed-c"), ExpectedVersion::Any, events)
+            .await
+            .expect("commons");
+    }
+    let top = head(&store).await;
+    let page = store.read_feed_page(&filter, 10).await.expect("page");
+    assert_eq!(page.events.len(), 1);
+    assert_eq!(page.events[0].global_position, rare.positions[0]);
+    assert_eq!(page.scanned_to, top, "the scan passed the 600 other events");
+    assert!(page.at_end);
+
+    // Nothing matches after it: the scan still reaches the head.
+    let after = store
+        .read_feed_page(&ReadAll::after(rare.positions[0]).event_types(["Rare"]), 10)
+        .await
+        .expect("page after");
+    assert!(after.events.is_empty());
+    assert_eq!(after.scanned_to, top);
+
+    // A full page stops at its last event; the next one goes on from there.
+    let more = store
+        .append(
+            &sid("Feed-r"),
+            ExpectedVersion::Any,
+            vec![ev("Rare", 2), ev("Common", 0), ev("Rare", 3)],
+        )
+        .await
+        .expect("more");
+    let first = store
+        .read_feed_page(&ReadAll::after(top).event_types(["Rare"]), 1)
+        .await
+        .expect("first");
+    assert_eq!(first.events.len(), 1);
+    assert_eq!(first.scanned_to, more.positions[0]);
+    assert!(!first.at_end);
+    let second = store
+        .read_feed_page(&ReadAll::after(first.scanned_to).event_types(["Rare"]), 1)
+        .await
+        .expect("second");
+    assert_eq!(second.events.len(), 1);
+    assert_eq!(second.events[0].global_position, more.positions[2]);
+
+    // Categories filter the same way.
+    let cats = store
+        .read_feed_page(&ReadAll::from_start().categories(["Nope"]), 10)
+        .await
+        .expect("categories");
+    assert!(cats.events.is_empty());
+    assert_eq!(cats.scanned_to, head(&store).await);
+}
+
+/// A subscription catches up from the start, in bounded batches flagged as
+/// replays, then follows new appends live: every event once, in order.
+pub async fn subscription_catch_up_then_live<S: EventStore>(store: S) {
+    let mut expected = Vec::new();
+    for i in 0..20 {
+        let r = store
+            .append(
+                &sid(&format!("Sub-{}", i % 3)),
+                ExpectedVersion::Any,
+                vec![ev("E", i)],
+            )
+            .await
+            .expect("append");
+        expected.extend(r.positions);
+    }
+    let options = SubscriptionOptions::default()
+        .batch_size(7)
+        .poll_interval(Duration::from_millis(50));
+    let mut sub = Subscription::new(store.clone(), GlobalPosition::START, options);
+    let mut seen = Vec::new();
+    let mut flags = Vec::new();
+    while seen.len() < 20 {
+        let batch = sub.next_batch().await.expect("batch");
+        assert!(batch.events.len() <= 7, "bounded batches");
+        flags.push(batch.replaying);
+        seen.extend(batch.events.iter().map(|e| e.global_position));
+    }
+    assert_eq!(
+        seen, expected,
+        "catch-up delivers every event once, in order"
+    );
+    assert!(flags.iter().all(|r| *r), "catch-up batches are replays");
+
+    // Live: appends made while the subscription waits.
+    let writer = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            let mut out = Vec::new();
+            for i in 0..10 {
+                let r = store
+                    .append(
+                        &sid("Sub-live"),
+                        ExpectedVersion::Any,
+                        vec![ev("E", 100 + i)],
+                    )
+                    .await
+                    .expect("live append");
+                out.extend(r.positions);
+            }
+            out
+        })
+    };
+    let mut live = Vec::new();
+    let mut live_flags = Vec::new();
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while live.len() < 10 {
+        let batch = tokio::time::timeout_at(deadline, sub.next_batch())
+            .await
+            .expect("live events arrive")
+            .expect("batch");
+        if !batch.events.is_empty() {
+            live_flags.push(batch.replaying);
+        }
+        live.extend(batch.events.iter().map(|e| e.global_position));
+    }
+    let written = writer.await.expect("writer");
+    let mut sorted = written.clone();
+    sorted.sort();
+    assert_eq!(live, sorted, "live events once each, in global order");
+    assert!(
+        live_flags.iter().all(|r| !r),
+        "live batches are not replays"
+    );
+    assert_eq!(sub.position(), *live.last().expect("some"));
+}
+
+/// A projection of a rare type over a long stretch of other events: its
+/// checkpoint moves to the head without the handler being called, and its
+/// lag drops to zero.
+pub async fn filtered_projection_advances_through_other_events<S: EventStore + CheckpointStore>(
+    store: S,
+) {
+    for chunk in 0..10 {
+        let events = (0..100).map(|i| ev("Common", chunk * 100 + i)).collect();
+        store
+            .append(&sid("Skip-c"), ExpectedVersion::Any, events)
+            .await
+            .expect("commons");
+    }
+    let top = head(&store).await;
+    let sums = Sums::new("rare-sums", ProjectionFilter::all().event_types(["Rare"]));
+    let handle = ProjectionRunner::at_least_once(store.clone(), sums.clone())
+        .with_options(quick())
+        .spawn();
+    handle
+        .wait_for(top, PATIENCE)
+        .await
+        .expect("checkpoint moves");
+    assert!(sums.model().handled.is_empty(), "no event matched");
+    let name = checkpoint_name("rare-sums", 1);
+    assert_eq!(handle.checkpoint_name(), name);
+    assert!(store.load_checkpoint(&name).await.expect("load") >= Some(top));
+    let lag = projection_lag(&store, &name).await.expect("lag");
+    assert_eq!(lag.events, 0);
+    assert_eq!(lag.head, Some(top));
+
+    // A rare event after the stretch is delivered.
+    let r = store
+        .append(&sid("Skip-r"), ExpectedVersion::Any, vec![ev("Rare", 7)])
+        .await
+        .expect("rare");
+    handle
+        .wait_for(r.positions[0], PATIENCE)
+        .await
+        .expect("rare event handled");
+    assert_eq!(sums.model().handled.len(), 1);
+    handle.stop().await.expect("stop");
+}
+
+/// 8 concurrent writers while a projection runs: once it has reached the
+/// last position any append returned, its read model equals a fold of all
+/// events (none lost, none applied twice).
+pub async fn projection_with_concurrent_writers_equals_fold<S: EventStore + CheckpointStore>(
+    store: S,
+) {
+    let sums = Sums::new("sums", ProjectionFilter::all().categories(["Acc"]));
+    let handle = ProjectionRunner::at_least_once(store.clone(), sums.clone())
+        .with_options(quick())
+        .spawn();
+    let mut writers = Vec::new();
+    for w in 0..8i64 {
+        let store = store.clone();
+        writers.push(tokio::spawn(async move {
+            let mut last = GlobalPosition::START;
+            for i in 0..25i64 {
+                let stream = sid(&format!("Acc-{}", (w + i) % 5));
+                let events = if i % 5 == 0 {
+                    (0..4)
+                        .map(|k| ev("Deposited", w * 1000 + i * 10 + k))
+                        .collect()
+                } else {
+                    vec![ev("Deposited", w * 1000 + i)]
+                };
+                let r = store
+                    .append(&stream, ExpectedVersion::Any, events)
+                    .await
+                    .expect("append");
+                // Noise the filter skips.
+                store
+                    .append(
+                        &sid(&format!("Noise-{w}")),
+                        ExpectedVersion::Any,
+                        vec![ev("N", i)],
+                    )
+                    .await
+                    .expect("noise");
+                last = last.max(*r.positions.last().expect("positions"));
+            }
+            last
+        }));
+    }
+    let mut last = GlobalPosition::START;
+    for w in writers {
+        last = last.max(w.await.expect("writer"));
+    }
+    handle.wait_for(last, PATIENCE).await.expect("caught up");
+    let expected = fold(&store, &ReadAll::from_start().categories(["Acc"])).await;
+    {
+        let model = sums.model();
+        assert_eq!(rows_of(&model), expected, "read model = fold of all events");
+        let distinct: HashSet<_> = model.handled.iter().collect();
+        assert_eq!(
+            distinct.len(),
+            model.handled.len(),
+            "no event delivered twice"
+        );
+    }
+    handle.stop().await.expect("stop");
+}
+
+/// A stopped projection resumes from its checkpoint: the second run handles
+/// only the events appended since.
+pub async fn projection_resumes_from_checkpoint<S: EventStore + CheckpointStore>(store: S) {
+    let first = store
+        .append(
+            &sid("Res-1"),
+            ExpectedVersion::Any,
+            (0..30).map(|i| ev("E", i)).collect(),
+        )
+        .await
+        .expect("first");
+    let sums = Sums::new("resume", ProjectionFilter::all());
+    let handle = ProjectionRunner::at_least_once(store.clone(), sums.clone())
+        .with_options(quick())
+        .spawn();
+    handle
+        .wait_for(*first.positions.last().expect("some"), PATIENCE)
+        .await
+        .expect("first run");
+    handle.stop().await.expect("stop");
+    assert_eq!(sums.model().handled.len(), 30);
+    assert!(sums.model().replaying.iter().all(|r| *r));
+
+    let second = store
+        .append(
+            &sid("Res-1"),
+            ExpectedVersion::Any,
+            (30..45).map(|i| ev("E", i)).collect(),
+        )
+        .await
+        .expect("second");
+    let again = Sums::new("resume", ProjectionFilter::all());
+    let handle = ProjectionRunner::at_least_once(store.clone(), again.clone())
+        .with_options(quick())
+        .spawn();
+    handle
+        .wait_for(*second.positions.last().expect("some"), PATIENCE)
+        .await
+        .expect("second run");
+    handle.stop().await.expect("stop");
+    let ids: Vec<_> = again.model().handled.clone();
+    let expected: Vec<_> =
+        read_all_vec(&store, ReadAll::after(*first.positions.last().expect("x")))
+            .await
+            .iter()
+            .map(|e| e.event_id)
+            .collect();
+    assert_eq!(ids, expected, "only the new events, once each");
+}
+
+/// A poison event stops the runner with a typed error naming the
+/// projection, the event's position, stream and type; the checkpoint stays
+/// just before it, with every earlier event applied.
+pub async fn poison_event_stops_the_projection<S: EventStore + CheckpointStore>(store: S) {
+    let good = store
+        .append(
+            &sid("Poi-1"),
+            ExpectedVersion::Any,
+            (0..5).map(|i| ev("Good", i)).collect(),
+        )
+        .await
+        .expect("good");
+    let bad = store
+        .append(&sid("Poi-2"), ExpectedVersion::Any, vec![ev("Poison", 0)])
+        .await
+        .expect("poison");
+    store
+        .append(
+            &sid("Poi-1"),
+            ExpectedVersion::Any,
+            (5..8).map(|i| ev("Good", i)).collect(),
+        )
+        .await
+        .expect("after");
+    let mut sums = Sums::new("poisoned", ProjectionFilter::all());
+    sums.poison = Some("Poison".into());
+    let handle = ProjectionRunner::at_least_once(store.clone(), sums.clone())
+        .with_options(quick())
+        .spawn();
+    let err = match tokio::time::timeout(PATIENCE, handle.join()).await {
+        Ok(Err(err)) => err,
+        Ok(Ok(_)) => panic!("the runner ended without an error"),
+        Err(_) => panic!("the runner did not stop on the poison event"),
+    };
+    match &err {
+        ProjectionError::Handler {
+            projection,
+            position,
+            stream,
+            event_type,
+            attempts,
+            ..
+        } => {
+            assert_eq!(projection, "poisoned");
+            assert_eq!(*position, bad.positions[0]);
+            assert_eq!(stream, &sid("Poi-2"));
+            assert_eq!(event_type, "Poison");
+            assert_eq!(*attempts, 3);
+        }
+        other => panic!("expected a handler error, got {other}"),
+    }
+    let text = err.to_string();
+    assert!(text.contains("Poi-2") && text.contains("Poison"), "{text}");
+    let checkpoint = store
+        .load_checkpoint(&checkpoint_name("poisoned", 1))
+        .await
+        .expect("load");
+    assert_eq!(checkpoint, Some(*good.positions.last().expect("some")));
+    let applied: HashSet<_> = sums.model().handled.iter().copied().collect();
+    for e in read_all_vec(&store, ReadAll::from_start()).await {
+        let before = e.global_position < bad.positions[0];
+        assert_eq!(
+            applied.contains(&e.event_id),
+            before,
+            "{}",
+            e.global_position
+        );
+    }
+}
+
+/// Read-your-writes: `wait_for` returns once the checkpoint has reached a
+/// position, and times out with a typed error naming where it stands.
+pub async fn wait_for_reaches_or_times_out<S: EventStore + CheckpointStore>(store: S) {
+    let name = checkpoint_name("rw", 1);
+    let r = store
+        .append(
+            &sid("Rw-1"),
+            ExpectedVersion::Any,
+            vec![ev("E", 1), ev("E", 2)],
+        )
+        .await
+        .expect("append");
+    let waited = wait_for(&store, &name, r.positions[1], Duration::from_millis(30)).await;
+    match waited {
+        Err(ProjectionError::WaitTimeout {
+            checkpoint,
+            position,
+            reached,
+            ..
+        }) => {
+            assert_eq!(checkpoint, name);
+            assert_eq!(position, r.positions[1]);
+            assert_eq!(reached, None);
+        }
+        other => panic!("expected a timeout, got {other:?}"),
+    }
+    let lag = projection_lag(&store, &name).await.expect("lag");
+    assert_eq!(lag.events, 2);
+
+    let sums = Sums::new("rw", ProjectionFilter::all());
+    let handle = ProjectionRunner::at_least_once(store.clone(), sums)
+        .with_options(quick())
+        .spawn();
+    wait_for(&store, &name, r.positions[1], PATIENCE)
+        .await
+        .expect("reached");
+    handle
+        .wait_for(r.positions[1], PATIENCE)
+        .await
+        .expect("handle");
+    let later = store
+        .append(&sid("Rw-1"), ExpectedVersion::Any, vec![ev("E", 3)])
+        .await
+        .expect("later");
+    handle
+        .wait_for(later.positions[0], PATIENCE)
+        .await
+        .expect("later reached");
+    handle.stop().await.expect("stop");
+    match wait_for(
+        &store,
+        &name,
+        GlobalPosition::new(u32::MAX as u64, 0),
+        Duration::from_millis(20),
+    )
+    .await
+    {
+        Err(ProjectionError::WaitTimeout { reached, .. }) => {
+            assert_eq!(reached, Some(later.positions[0]))
+        }
+        other => panic!("expected a timeout, got {other:?}"),
+    }
+}
+
+/// A checkpoint that cannot be saved (writes fail, [`crate::FaultyStore`])
+/// stops the runner with [`ProjectionError::Store`] and no checkpoint; the
+/// next run delivers the same events again (at-least-once), and the
+/// read model's [`IdempotencyGuard`] applies each of them once.
+pub async fn failed_checkpoint_redelivers_and_the_guard_absorbs_it<
+    S: EventStore + CheckpointStore,
+>(
+    store: S,
+) {
+    let r = store
+        .append(
+            &sid("Fcp-1"),
+            ExpectedVersion::Any,
+            (1..=6).map(|i| ev("E", i)).collect(),
+        )
+        .await
+        .expect("append");
+    let faulty = crate::FaultyStore::new(store.clone(), 0);
+    let sums = Sums::new("faulty", ProjectionFilter::all());
+    let handle = ProjectionRunner::at_least_once(faulty.clone(), sums.clone())
+        .with_options(quick())
+        .spawn();
+    match tokio::time::timeout(PATIENCE, handle.join()).await {
+        Ok(Err(ProjectionError::Store { projection, source })) => {
+            assert_eq!(projection, "faulty");
+            assert!(
+                source.to_string().contains("injected write failure"),
+                "{source}"
+            );
+        }
+        Ok(Err(other)) => panic!("expected a store error, got {other}"),
+        Ok(Ok(_)) => panic!("the runner ended without an error"),
+        Err(_) => panic!("the runner did not stop"),
+    }
+    let name = checkpoint_name("faulty", 1);
+    assert_eq!(store.load_checkpoint(&name).await.expect("load"), None);
+    assert_eq!(
+        sums.model().handled.len(),
+        6 * 3,
+        "three attempts at the batch"
+    );
+
+    faulty.heal();
+    let handle = ProjectionRunner::at_least_once(faulty, sums.clone())
+        .with_options(quick())
+        .spawn();
+    handle
+        .wait_for(r.positions[5], PATIENCE)
+        .await
+        .expect("resumed");
+    handle.stop().await.expect("stop");
+    let model = sums.model();
+    assert_eq!(
+        model.handled.len(),
+        6 * 4,
+        "delivered again after the failure"
+    );
+    assert_eq!(
+        rows_of(&model),
+        HashMap::from([(sid("Fcp-1"), (21, 6))]),
+        "the guard applied each event once"
+    );
+}

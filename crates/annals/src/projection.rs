@@ -1,0 +1,825 @@
+//! Projections: read models built from the global feed, with checkpoints.
+//!
+//! A [`Projection`] has a name, a version, a filter and a batch handler. A
+//! [`ProjectionRunner`] feeds it through a [`Subscription`] (catch-up from
+//! its checkpoint, then live), one bounded batch at a time, and saves the
+//! checkpoint (a [`CheckpointStore`] entry named by [`checkpoint_name`])
+//! after each batch.
+//!
+//! # Delivery guarantees
+//!
+//! - **At-least-once** (any [`Projection`], read model anywhere): the
+//!   checkpoint is saved *after* the handler returned. A crash between the
+//!   two delivers the batch again on restart, never skips it. Handlers make
+//!   redelivery harmless: keep, per read-model row, the position of the last
+//!   event applied to it and skip events at or below it (see
+//!   [`IdempotencyGuard`]); for calls to other systems, send the event id
+//!   ([`idempotency_key`]) as the idempotency key.
+//! - **Exactly-once in effect** (read model in the same database as the
+//!   events): the backends offer appliers whose handler runs inside the
+//!   transaction that also saves the checkpoint (`annals-sqlite`'s
+//!   `SqliteEventStore::transactional`, `annals-postgres`'s
+//!   `PgEventStore::transactional`), so a batch's rows and its checkpoint
+//!   commit together or not at all. They plug into the same runner through
+//!   [`BatchApplier`].
+//!
+//! # Errors
+//!
+//! A handler that fails is retried with backoff ([`RunnerOptions::handler_retry`]).
+//! When a batch still fails, the runner applies its events one at a time to
+//! find the event that fails (the events before it are applied and
+//! checkpointed), retries that one the same way, and then stops with
+//! [`ProjectionError::Handler`], naming the projection and the event's
+//! position, stream, version and type. The checkpoint is then just before
+//! that event: a fixed handler resumes there. A store that keeps failing
+//! stops it with [`ProjectionError::Store`].
+//!
+//! The handler knows whether a batch is a replay (read while catching up)
+//! or live ([`BatchContext::replaying`]), so side effects such as e-mails
+//! need not fire again when a projection catches up.
+
+use std::future::Future;
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use crate::subscription::{is_transient, Backoff, Subscription, SubscriptionOptions};
+use crate::{
+    CheckpointStore, Error, EventId, EventStore, GlobalPosition, RecordedEvent, StreamId,
+    StreamVersion,
+};
+
+/// The error a handler returns: the user's own, boxed.
+pub type HandlerError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Which events a projection receives.
+#[derive(Clone, PartialEq, Eq, Debug, Default)]
+pub struct ProjectionFilter {
+    /// Only events of these categories (empty: all).
+    pub categories: Vec<String>,
+    /// Only events of these types (empty: all).
+    pub event_types: Vec<String>,
+}
+
+impl ProjectionFilter {
+    /// Every event.
+    pub fn all() -> Self {
+        Self::default()
+    }
+    /// Only events of these categories.
+    pub fn categories<I: IntoIterator<Item = S>, S: Into<String>>(mut self, c: I) -> Self {
+        self.categories = c.into_iter().map(Into::into).collect();
+        self
+    }
+    /// Only events of these types.
+    pub fn event_types<I: IntoIterator<Item = S>, S: Into<String>>(mut self, t: I) -> Self {
+        self.event_types = t.into_iter().map(Into::into).collect();
+        self
+    }
+}
+
+/// What a handler is told about its batch.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct BatchContext {
+    /// The projection's checkpoint name ([`checkpoint_name`]).
+    pub checkpoint: String,
+    /// The checkpoint before the batch: the batch holds the matching events
+    /// after it. A transactional applier checks that the stored checkpoint
+    /// is still here (or already at `position`) before it applies.
+    pub after: GlobalPosition,
+    /// The checkpoint saved once the batch is applied.
+    pub position: GlobalPosition,
+    /// Whether the batch was read while catching up (a replay of events
+    /// appended before the runner reached the end of the log), not live.
+    pub replaying: bool,
+    /// Which attempt at this batch this is (1 for the first).
+    pub attempt: u32,
+}
+
+/// A read model fed from the global feed (see the module docs).
+pub trait Projection: Send + 'static {
+    /// The projection's name (with its version, the checkpoint's name).
+    fn name(&self) -> &str;
+
+    /// Its version: a new version is a new checkpoint, so it starts from
+    /// the beginning.
+    fn version(&self) -> u32 {
+        1
+    }
+
+    /// Which events it receives (default: all).
+    fn filter(&self) -> ProjectionFilter {
+        ProjectionFilter::all()
+    }
+
+    /// Applies one batch (matching events in global order, never empty).
+    ///
+    /// Contract: may be called again with the same events (at-least-once:
+    /// after a crash before the checkpoint was saved, or a retry after an
+    /// error), so it must be idempotent (see [`IdempotencyGuard`]).
+    fn handle(
+        &mut self,
+        events: &[RecordedEvent],
+        ctx: &BatchContext,
+    ) -> impl Future<Output = std::result::Result<(), HandlerError>> + Send;
+}
+
+/// The checkpoint name of a projection: `name@vVERSION`.
+pub fn checkpoint_name(name: &str, version: u32) -> String {
+    format!("{name}@v{version}")
+}
+
+/// Why applying a batch failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    /// The handler failed: retried, then reported with the event.
+    #[error("handler failed: {0}")]
+    Handler(HandlerError),
+    /// The store failed (the checkpoint or the transaction).
+    #[error(transparent)]
+    Store(#[from] Error),
+}
+
+/// What the runner drives: applies a batch and saves its checkpoint.
+///
+/// [`AtLeastOnce`] calls a [`Projection`] and then saves the checkpoint; the
+/// backends' transactional appliers do both in one transaction.
+pub trait BatchApplier: Send + 'static {
+    /// The projection's name.
+    fn name(&self) -> &str;
+    /// The checkpoint it saves ([`checkpoint_name`]).
+    fn checkpoint(&self) -> String;
+    /// The events it receives.
+    fn filter(&self) -> ProjectionFilter;
+    /// Applies `events` (never empty) and saves `ctx.position` as the
+    /// checkpoint: after the handler (at-least-once), or atomically with it.
+    fn apply(
+        &mut self,
+        events: &[RecordedEvent],
+        ctx: &BatchContext,
+    ) -> impl Future<Output = std::result::Result<(), ApplyError>> + Send;
+}
+
+/// The at-least-once applier: the projection's handler, then
+/// [`CheckpointStore::save_checkpoint`].
+pub struct AtLeastOnce<C, P> {
+    checkpoints: C,
+    projection: P,
+    checkpoint: String,
+}
+
+impl<C: CheckpointStore, P: Projection> AtLeastOnce<C, P> {
+    /// `projection`, checkpointed in `checkpoints`.
+    pub fn new(checkpoints: C, projection: P) -> Self {
+        let checkpoint = checkpoint_name(projection.name(), projection.version());
+        AtLeastOnce {
+            checkpoints,
+            projection,
+            checkpoint,
+        }
+    }
+
+    /// The projection (to read its in-memory state in tests and examples).
+    pub fn projection(&self) -> &P {
+        &self.projection
+    }
+}
+
+impl<C: CheckpointStore, P: Projection> BatchApplier for AtLeastOnce<C, P> {
+    fn name(&self) -> &str {
+        self.projection.name()
+    }
+    fn checkpoint(&self) -> String {
+        self.checkpoint.clone()
+    }
+    fn filter(&self) -> ProjectionFilter {
+        self.projection.filter()
+    }
+    async fn apply(
+        &mut self,
+        events: &[RecordedEvent],
+        ctx: &BatchContext,
+    ) -> std::result::Result<(), ApplyError> {
+        self.projection
+            .handle(events, ctx)
+            .await
+            .map_err(ApplyError::Handler)?;
+        self.checkpoints
+            .save_checkpoint(&self.checkpoint, ctx.position)
+            .await?;
+        Ok(())
+    }
+}
+
+/// Everything that stops a projection, and the timeout of [`wait_for`].
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ProjectionError {
+    /// The handler kept failing on one event (a poison event): the runner
+    /// stopped with its checkpoint just before it. Fix the handler (or the
+    /// data) and start the runner again; it resumes at this event.
+    #[error(
+        "projection {projection} failed on the event at position {position} \
+         ({stream} version {version}, type {event_type:?}) after {attempts} attempts: {source}"
+    )]
+    Handler {
+        /// The projection's name.
+        projection: String,
+        /// The event's position.
+        position: GlobalPosition,
+        /// Its stream.
+        stream: StreamId,
+        /// Its version in the stream.
+        version: StreamVersion,
+        /// Its type.
+        event_type: String,
+        /// Attempts made on it.
+        attempts: u32,
+        /// The handler's last error.
+        #[source]
+        source: HandlerError,
+    },
+    /// Reading the feed or saving the checkpoint kept failing; the
+    /// checkpoint is where it was. Start the runner again once the store
+    /// is back.
+    #[error("projection {projection} stopped: the store failed: {source}")]
+    Store {
+        /// The projection's name.
+        projection: String,
+        /// The store's error.
+        #[source]
+        source: Error,
+    },
+    /// [`wait_for`] (or [`ProjectionHandle::wait_for`]) gave up: the
+    /// projection had not reached `position` within `waited`.
+    #[error(
+        "projection checkpoint {checkpoint} did not reach {position} within {waited:?} \
+         (it is at {})", display_reached(.reached)
+    )]
+    WaitTimeout {
+        /// The checkpoint waited on.
+        checkpoint: String,
+        /// The position waited for.
+        position: GlobalPosition,
+        /// Where the checkpoint was when the wait gave up.
+        reached: Option<GlobalPosition>,
+        /// How long it waited.
+        waited: Duration,
+    },
+    /// The runner is no longer running (stopped, or failed with an error
+    /// its `join` returns), so a wait cannot succeed.
+    #[error("projection {projection} is not running (its checkpoint is at {})", display_reached(.reached))]
+    NotRunning {
+        /// The projection's name.
+        projection: String,
+        /// Its last checkpoint.
+        reached: Option<GlobalPosition>,
+    },
+}
+
+fn display_reached(reached: &Option<GlobalPosition>) -> String {
+    reached.map_or_else(|| "the start".to_owned(), |p| p.to_string())
+}
+
+/// How a [`ProjectionRunner`] reads and retries.
+#[derive(Clone, PartialEq, Debug)]
+pub struct RunnerOptions {
+    /// At most this many events per batch.
+    pub batch_size: usize,
+    /// The subscription's poll interval at the end of the log.
+    pub poll_interval: Duration,
+    /// Retries of a failed read or checkpoint save.
+    pub store_retry: Backoff,
+    /// Retries of a failed handler, per batch and per isolated event.
+    pub handler_retry: Backoff,
+}
+
+impl Default for RunnerOptions {
+    fn default() -> Self {
+        let sub = SubscriptionOptions::default();
+        RunnerOptions {
+            batch_size: sub.batch_size,
+            poll_interval: sub.poll_interval,
+            store_retry: Backoff::default(),
+            handler_retry: Backoff {
+                initial: Duration::from_millis(50),
+                max: Duration::from_secs(5),
+                max_attempts: 5,
+            },
+        }
+    }
+}
+
+/// Runs one projection: subscription, batches, checkpoints, error policy
+/// (see the module docs).
+pub struct ProjectionRunner<S, A> {
+    store: S,
+    applier: A,
+    options: RunnerOptions,
+}
+
+impl<S, P> ProjectionRunner<S, AtLeastOnce<S, P>>
+where
+    S: EventStore + CheckpointStore,
+    P: Projection,
+{
+    /// Runs `projection` at-least-once on `store` (its events and its
+    /// checkpoint).
+    pub fn at_least_once(store: S, projection: P) -> Self {
+        let applier = AtLeastOnce::new(store.clone(), projection);
+        ProjectionRunner::new(store, applier)
+    }
+}
+
+impl<S, A> ProjectionRunner<S, A>
+where
+    S: EventStore + CheckpointStore,
+    A: BatchApplier,
+{
+    /// Runs `applier` on the events of `store`, which also holds its
+    /// checkpoint.
+    pub fn new(store: S, applier: A) -> Self {
+        ProjectionRunner {
+            store,
+            applier,
+            options: RunnerOptions::default(),
+        }
+    }
+
+    /// Sets the options.
+    pub fn with_options(mut self, options: RunnerOptions) -> Self {
+        self.options = options;
+        self
+    }
+
+    /// Starts the runner on a task of the current tokio runtime.
+    pub fn spawn(self) -> ProjectionHandle<A> {
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let (pos_tx, pos_rx) = watch::channel(Some(None));
+        let name = self.applier.name().to_owned();
+        let checkpoint = self.applier.checkpoint();
+        let task = tokio::spawn(self.run_until(stop_rx, pos_tx));
+        ProjectionHandle {
+            name,
+            checkpoint,
+            stop: stop_tx,
+            position: pos_rx,
+            task,
+        }
+    }
+
+    /// Runs until `stop` becomes true (then returns the applier) or the
+    /// projection fails. `position` receives each saved checkpoint, and
+    /// `None` once the runner has ended.
+    async fn run_until(
+        mut self,
+        mut stop: watch::Receiver<bool>,
+        position: watch::Sender<Option<Option<GlobalPosition>>>,
+    ) -> Result<A, ProjectionError> {
+        let out = self.run_inner(&mut stop, &position).await;
+        position.send_modify(|p| *p = None);
+        out.map(|()| self.applier)
+    }
+
+    async fn run_inner(
+        &mut self,
+        stop: &mut watch::Receiver<bool>,
+        position: &watch::Sender<Option<Option<GlobalPosition>>>,
+    ) -> Result<(), ProjectionError> {
+        let name = self.applier.name().to_owned();
+        let checkpoint = self.applier.checkpoint();
+        let store_err = |source| ProjectionError::Store {
+            projection: name.clone(),
+            source,
+        };
+        let start = self
+            .retry_store(|s| {
+                let checkpoint = checkpoint.clone();
+                async move { s.load_checkpoint(&checkpoint).await }
+            })
+            .await
+            .map_err(store_err)?;
+        position.send_replace(Some(start));
+        let filter = self.applier.filter();
+        let options = SubscriptionOptions::default()
+            .categories(filter.categories)
+            .event_types(filter.event_types)
+            .batch_size(self.options.batch_size)
+            .poll_interval(self.options.poll_interval)
+            .retry(self.options.store_retry);
+        let mut sub = Subscription::new(
+            self.store.clone(),
+            start.unwrap_or(GlobalPosition::START),
+            options,
+        );
+        loop {
+            if *stop.borrow_and_update() {
+                return Ok(());
+            }
+            let batch = tokio::select! {
+                batch = sub.next_batch() => batch.map_err(store_err)?,
+                _ = stop.changed() => return Ok(()),
+            };
+            let ctx = BatchContext {
+                checkpoint: checkpoint.clone(),
+                after: batch.after,
+                position: batch.position,
+                replaying: batch.replaying,
+                attempt: 1,
+            };
+            if batch.events.is_empty() {
+                // Only the scan moved (through events that do not match).
+                self.retry_store(|s| {
+                    let checkpoint = checkpoint.clone();
+                    async move { s.save_checkpoint(&checkpoint, ctx.position).await }
+                })
+                .await
+                .map_err(store_err)?;
+            } else {
+                self.apply_batch(&batch.events, ctx).await?;
+            }
+            position.send_replace(Some(Some(batch.position)));
+        }
+    }
+
+    /// Applies a batch with retries; if it keeps failing, one event at a
+    /// time, to stop on the event that fails.
+    async fn apply_batch(
+        &mut self,
+        events: &[RecordedEvent],
+        ctx: BatchContext,
+    ) -> Result<(), ProjectionError> {
+        match self.apply_with_retry(events, ctx.clone()).await {
+            Ok(()) => return Ok(()),
+            Err((ApplyError::Store(source), _)) => {
+                return Err(ProjectionError::Store {
+                    projection: self.applier.name().to_owned(),
+                    source,
+                })
+            }
+            Err((ApplyError::Handler(source), attempts)) if events.len() == 1 => {
+                return Err(self.poison(&events[0], attempts, source));
+            }
+            Err((ApplyError::Handler(e), _)) => {
+                tracing::warn!(projection = self.applier.name(), error = %e,
+                    "a batch keeps failing: applying its events one at a time");
+            }
+        }
+        let mut after = ctx.after;
+        for event in events {
+            let one = BatchContext {
+                after,
+                position: event.global_position,
+                ..ctx.clone()
+            };
+            self.apply_batch_one(event, one).await?;
+            after = event.global_position;
+        }
+        // The scan may have moved past the last event: record that too.
+        if events.last().map(|e| e.global_position) < Some(ctx.position) {
+            let checkpoint = ctx.checkpoint.clone();
+            self.retry_store(|s| {
+                let checkpoint = checkpoint.clone();
+                async move { s.save_checkpoint(&checkpoint, ctx.position).await }
+            })
+            .await
+            .map_err(|source| ProjectionError::Store {
+                projection: self.applier.name().to_owned(),
+                source,
+            })?;
+        }
+        Ok(())
+    }
+
+    async fn apply_batch_one(
+        &mut self,
+        event: &RecordedEvent,
+        ctx: BatchContext,
+    ) -> Result<(), ProjectionError> {
+        match self
+            .apply_with_retry(std::slice::from_ref(event), ctx)
+            .await
+        {
+            Ok(()) => Ok(()),
+            Err((ApplyError::Store(source), _)) => Err(ProjectionError::Store {
+                projection: self.applier.name().to_owned(),
+                source,
+            }),
+            Err((ApplyError::Handler(source), attempts)) => {
+                Err(self.poison(event, attempts, source))
+            }
+        }
+    }
+
+    fn poison(
+        &self,
+        event: &RecordedEvent,
+        attempts: u32,
+        source: HandlerError,
+    ) -> ProjectionError {
+        ProjectionError::Handler {
+            projection: self.applier.name().to_owned(),
+            position: event.global_position,
+            stream: event.stream_id.clone(),
+            version: event.stream_version,
+            event_type: event.event_type.clone(),
+            attempts,
+            source,
+        }
+    }
+
+    /// Applies with the handler retry policy (transient store errors are
+    /// retried too); the last error and the attempts made.
+    async fn apply_with_retry(
+        &mut self,
+        events: &[RecordedEvent],
+        mut ctx: BatchContext,
+    ) -> Result<(), (ApplyError, u32)> {
+        let retry = self.options.handler_retry;
+        loop {
+            let err = match self.applier.apply(events, &ctx).await {
+                Ok(()) => return Ok(()),
+                Err(e) => e,
+            };
+            let again = match &err {
+                ApplyError::Handler(_) => true,
+                ApplyError::Store(e) => is_transient(e),
+            };
+            if !again || ctx.attempt >= retry.max_attempts.max(1) {
+                return Err((err, ctx.attempt));
+            }
+            tracing::debug!(projection = self.applier.name(), attempt = ctx.attempt,
+                error = %err, "projection batch failed, retrying");
+            tokio::time::sleep(retry.delay(ctx.attempt)).await;
+            ctx.attempt += 1;
+        }
+    }
+
+    /// Runs a store call with the store retry policy (a free function's
+    /// future: `&self` is not `Send` when the applier is not `Sync`).
+    fn retry_store<T, F, Fut>(&self, f: F) -> impl Future<Output = crate::Result<T>> + Send
+    where
+        T: Send,
+        F: Fn(S) -> Fut + Send,
+        Fut: Future<Output = crate::Result<T>> + Send,
+    {
+        retry_store(self.store.clone(), self.options.store_retry, f)
+    }
+}
+
+async fn retry_store<S: Clone, T, F, Fut>(store: S, retry: Backoff, f: F) -> crate::Result<T>
+where
+    F: Fn(S) -> Fut,
+    Fut: Future<Output = crate::Result<T>>,
+{
+    let mut attempt = 1;
+    loop {
+        match f(store.clone()).await {
+            Ok(v) => return Ok(v),
+            Err(e) if is_transient(&e) && attempt < retry.max_attempts => {
+                tokio::time::sleep(retry.delay(attempt)).await;
+                attempt += 1;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// A running projection ([`ProjectionRunner::spawn`]). Dropping the handle
+/// stops the runner as [`stop`](Self::stop) does (after its current batch).
+pub struct ProjectionHandle<A> {
+    name: String,
+    checkpoint: String,
+    stop: watch::Sender<bool>,
+    /// `Some(checkpoint)` while running; `None` once ended.
+    position: watch::Receiver<Option<Option<GlobalPosition>>>,
+    task: tokio::task::JoinHandle<Result<A, ProjectionError>>,
+}
+
+impl<A> ProjectionHandle<A> {
+    /// The projection's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Its checkpoint name.
+    pub fn checkpoint_name(&self) -> &str {
+        &self.checkpoint
+    }
+
+    /// The last checkpoint it saved (or loaded at start); `None` before
+    /// its first batch on a fresh checkpoint.
+    pub fn checkpoint(&self) -> Option<GlobalPosition> {
+        self.position.borrow().flatten()
+    }
+
+    /// Whether the runner still runs.
+    pub fn is_running(&self) -> bool {
+        self.position.borrow().is_some()
+    }
+
+    /// Read-your-writes: waits until the projection's checkpoint is at or
+    /// past `position` (for example the last position an append returned:
+    /// the projection has then applied that event and every earlier one),
+    /// at most `timeout`. Fails with [`ProjectionError::WaitTimeout`], or
+    /// [`ProjectionError::NotRunning`] when the runner has ended.
+    pub async fn wait_for(
+        &self,
+        position: GlobalPosition,
+        timeout: Duration,
+    ) -> Result<(), ProjectionError> {
+        let mut rx = self.position.clone();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let now = *rx.borrow_and_update();
+            match now {
+                Some(Some(p)) if p >= position => return Ok(()),
+                Some(_) => {}
+                None => {
+                    return Err(ProjectionError::NotRunning {
+                        projection: self.name.clone(),
+                        reached: None,
+                    })
+                }
+            }
+            match tokio::time::timeout_at(deadline, rx.changed()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => {
+                    return Err(ProjectionError::NotRunning {
+                        projection: self.name.clone(),
+                        reached: now.flatten(),
+                    })
+                }
+                Err(_) => {
+                    return Err(ProjectionError::WaitTimeout {
+                        checkpoint: self.checkpoint.clone(),
+                        position,
+                        reached: now.flatten(),
+                        waited: timeout,
+                    })
+                }
+            }
+        }
+    }
+
+    /// Stops the runner after its current batch and returns its applier
+    /// (or the error it had already stopped with).
+    pub async fn stop(self) -> Result<A, ProjectionError> {
+        self.stop.send_replace(true);
+        self.join().await
+    }
+
+    /// Waits until the runner ends by itself (an error) or is stopped.
+    pub async fn join(self) -> Result<A, ProjectionError> {
+        match self.task.await {
+            Ok(out) => out,
+            Err(e) => Err(ProjectionError::Store {
+                projection: self.name,
+                source: Error::Backend {
+                    backend: "projection",
+                    message: format!("the runner task ended abnormally: {e}"),
+                    source: None,
+                },
+            }),
+        }
+    }
+}
+
+/// Read-your-writes across processes: waits until the checkpoint named
+/// `checkpoint` ([`checkpoint_name`]) in `store` is at or past `position`,
+/// at most `timeout`, reading it every few milliseconds (1 ms, doubling up to
+/// 50 ms). Fails with [`ProjectionError::WaitTimeout`] naming where the
+/// checkpoint was, or [`ProjectionError::Store`].
+pub async fn wait_for<C: CheckpointStore>(
+    store: &C,
+    checkpoint: &str,
+    position: GlobalPosition,
+    timeout: Duration,
+) -> Result<(), ProjectionError> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut pause = Duration::from_millis(1);
+    loop {
+        let reached =
+            store
+                .load_checkpoint(checkpoint)
+                .await
+                .map_err(|source| ProjectionError::Store {
+                    projection: checkpoint.to_owned(),
+                    source,
+                })?;
+        if reached.is_some_and(|p| p >= position) {
+            return Ok(());
+        }
+        let now = tokio::time::Instant::now();
+        if now >= deadline {
+            return Err(ProjectionError::WaitTimeout {
+                checkpoint: checkpoint.to_owned(),
+                position,
+                reached,
+                waited: timeout,
+            });
+        }
+        tokio::time::sleep(pause.min(deadline - now)).await;
+        pause = (pause * 2).min(Duration::from_millis(50));
+    }
+}
+
+/// A projection's lag ([`projection_lag`]).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct ProjectionLag {
+    /// Its checkpoint (`None`: never ran).
+    pub checkpoint: Option<GlobalPosition>,
+    /// The head of the feed (`None`: empty store).
+    pub head: Option<GlobalPosition>,
+    /// Events after the checkpoint up to the head (all events, matching
+    /// its filter or not: the scan still has to pass them).
+    pub events: u64,
+}
+
+/// How far the checkpoint `checkpoint` is behind the head of `store`'s feed,
+/// in events ([`EventStore::count_events_between`]).
+pub async fn projection_lag<S: EventStore + CheckpointStore>(
+    store: &S,
+    checkpoint: &str,
+) -> crate::Result<ProjectionLag> {
+    let at = store.load_checkpoint(checkpoint).await?;
+    let head = store.head_position().await?;
+    let events = match head {
+        Some(h) => {
+            store
+                .count_events_between(at.unwrap_or(GlobalPosition::START), h)
+                .await?
+        }
+        None => 0,
+    };
+    Ok(ProjectionLag {
+        checkpoint: at,
+        head,
+        events,
+    })
+}
+
+/// The idempotency helper of at-least-once handlers: a read-model row keeps
+/// the position of the last event applied to it, and an event at or below
+/// it is skipped (it was applied before a crash or a retry).
+///
+/// ```
+/// use annals::{GlobalPosition, IdempotencyGuard};
+/// let mut row = IdempotencyGuard::default(); // stored with the row
+/// assert!(row.admit(GlobalPosition::from_seq(5)));
+/// assert!(!row.admit(GlobalPosition::from_seq(5))); // redelivered: skip
+/// assert!(!row.admit(GlobalPosition::from_seq(3)));
+/// assert!(row.admit(GlobalPosition::from_seq(9)));
+/// assert_eq!(row.last_applied(), Some(GlobalPosition::from_seq(9)));
+/// ```
+///
+/// In SQL the same guard is the upsert's condition, for example
+/// `... ON CONFLICT (id) DO UPDATE SET balance = ..., last_event_position = $p
+/// WHERE accounts.last_event_position < $p`.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
+pub struct IdempotencyGuard {
+    last: Option<GlobalPosition>,
+}
+
+impl IdempotencyGuard {
+    /// A guard whose row was last changed by the event at `last`.
+    pub fn at(last: Option<GlobalPosition>) -> Self {
+        IdempotencyGuard { last }
+    }
+
+    /// Whether the event at `position` is new for this row; if so, records
+    /// it as the last applied.
+    pub fn admit(&mut self, position: GlobalPosition) -> bool {
+        if self.last.is_some_and(|l| position <= l) {
+            return false;
+        }
+        self.last = Some(position);
+        true
+    }
+
+    /// The position of the last event applied to the row.
+    pub fn last_applied(&self) -> Option<GlobalPosition> {
+        self.last
+    }
+}
+
+/// The idempotency key to send with a side effect of event `id` to another
+/// system (an e-mail service, a payment API): the event id, stable across
+/// redeliveries, so the other system can drop a repeat.
+pub fn idempotency_key(id: EventId) -> String {
+    id.0.to_string()
+}
+
+/// The error of a transactional applier that finds the stored checkpoint
+/// neither where its batch starts (`ctx.after`) nor at or past its end:
+/// another runner of the projection moved it, or it was reset. Not
+/// transient: the runner stops with [`ProjectionError::Store`] rather than
+/// apply events twice.
+pub fn checkpoint_moved(ctx: &BatchContext, stored: GlobalPosition) -> Error {
+    Error::Unsafe(format!(
+        "checkpoint {} is at {stored}, but this runner's batch starts after {} \
+         (another runner of the projection moved it, or it was reset): stopping \
+         instead of applying events twice",
+        ctx.checkpoint, ctx.after
+    ))
+}
