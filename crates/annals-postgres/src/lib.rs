@@ -191,6 +191,7 @@ mod error;
 mod event_store;
 mod health;
 mod horizon;
+mod import;
 mod migrate;
 mod rows;
 mod snapshot;

@@ -61,6 +61,7 @@ mod event;
 mod event_store;
 mod health;
 mod idempotency;
+mod import;
 mod memory;
 mod multi_stream;
 mod repository;
@@ -86,6 +87,10 @@ pub use health::{ClockSkew, LongTransaction, StorageSize, StreamVersionIssue};
 pub use idempotency::{
     canonical_json, check_retry, prepare_batch, Fingerprint, NestingTooDeep, PreparedEvent,
     StoredEvent,
+};
+pub use import::{
+    plan_import, EventImport, ImportConflict, ImportConflictKind, ImportEvent, ImportPlan,
+    ImportReport, ImportRun,
 };
 pub use memory::InMemoryStore;
 pub use multi_stream::{

@@ -27,6 +27,7 @@ annals_testkit::conformance_suite!(fresh;
     snapshot_staging,
     snapshot_migration,
     multi_stream_append,
+    event_import,
     checkpoints,
     model,
 );

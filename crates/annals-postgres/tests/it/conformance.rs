@@ -9,6 +9,7 @@ annals_testkit::conformance_suite!(crate::common::fresh_store;
     snapshot_staging,
     snapshot_migration,
     multi_stream_append,
+    event_import,
     checkpoints,
     model,
 );

@@ -16,6 +16,7 @@ annals_testkit::conformance_suite!(fresh_store;
     snapshot_staging,
     snapshot_migration,
     multi_stream_append,
+    event_import,
     checkpoints,
     model,
 );
