@@ -62,7 +62,7 @@ mod drift;
 /// annals_testkit::conformance_suite!(fresh_store;
 ///     event_store, stream_catalog, snapshot_store, snapshot_admin,
 ///     snapshot_staging, snapshot_migration, multi_stream_append, event_import,
-///     checkpoints, model);
+///     checkpoint_listing, checkpoints, model);
 /// ```
 ///
 /// | group | the store must implement |
@@ -75,6 +75,7 @@ mod drift;
 /// | `snapshot_migration` | `StreamCatalog` + `SnapshotAdmin` + `SnapshotStaging` (`SnapshotJobs::migrate`, `verify`, `promote`) |
 /// | `multi_stream_append` | `MultiStreamAppend` (`append_many`) |
 /// | `event_import` | `EventImport` (`import_events`) |
+/// | `checkpoint_listing` | `CheckpointListing` (`list_checkpoints`) |
 /// | `checkpoints` | `EventStore` + `CheckpointStore` |
 /// | `model` | `EventStore` + `SnapshotStore` + `CheckpointStore` (the `Vec`-model check) |
 ///
@@ -203,6 +204,11 @@ macro_rules! conformance_suite {
             import_with_concurrent_appends_keeps_the_feed_gap_free,
         }
     };
+    (@group checkpoint_listing, $($then:tt)*) => {
+        $crate::conformance_suite! { $($then)*
+            checkpoints_are_listed_by_name,
+        }
+    };
     (@group checkpoints, $($then:tt)*) => {
         $crate::conformance_suite! { $($then)*
             checkpoints,
@@ -231,6 +237,7 @@ macro_rules! conformance_suite {
             $crate::conformance_suite!(@group snapshot_migration, @names snapshot_migration;),
             $crate::conformance_suite!(@group multi_stream_append, @names multi_stream_append;),
             $crate::conformance_suite!(@group event_import, @names event_import;),
+            $crate::conformance_suite!(@group checkpoint_listing, @names checkpoint_listing;),
             $crate::conformance_suite!(@group checkpoints, @names checkpoints;),
             $crate::conformance_suite!(@group model, @names model;),
         ]

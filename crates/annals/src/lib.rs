@@ -72,7 +72,7 @@ mod stream;
 
 pub use aggregate::{decode_event, encode_event, Aggregate, DomainEvent};
 pub use annals_derive::DomainEvent;
-pub use checkpoint::CheckpointStore;
+pub use checkpoint::{Checkpoint, CheckpointListing, CheckpointStore};
 pub use error::{Error, Result};
 pub use event::{
     validate_batch, AppendResult, EventId, ExpectedVersion, GlobalPosition, Metadata, NewEvent,

@@ -272,6 +272,22 @@ impl EventStore for InMemoryStore {
     }
 }
 
+impl crate::checkpoint::CheckpointListing for InMemoryStore {
+    async fn list_checkpoints(&self) -> Result<Vec<crate::checkpoint::Checkpoint>> {
+        let mut all: Vec<_> = self
+            .lock()
+            .checkpoints
+            .iter()
+            .map(|(name, &position)| crate::checkpoint::Checkpoint {
+                name: name.clone(),
+                position,
+            })
+            .collect();
+        all.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(all)
+    }
+}
+
 /// One lock over the whole import: heads, lookups, plan and writes see one
 /// state, and the events get positions in input order.
 impl crate::import::EventImport for InMemoryStore {

@@ -10,6 +10,7 @@ annals_testkit::conformance_suite!(crate::common::fresh_store;
     snapshot_migration,
     multi_stream_append,
     event_import,
+    checkpoint_listing,
     checkpoints,
     model,
 );

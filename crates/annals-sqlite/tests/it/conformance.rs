@@ -16,6 +16,7 @@ annals_testkit::conformance_suite!(fresh;
     snapshot_migration,
     multi_stream_append,
     event_import,
+    checkpoint_listing,
     checkpoints,
     model,
 );

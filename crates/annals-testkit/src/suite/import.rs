@@ -277,3 +277,27 @@ fn with_place(
     ));
     e
 }
+
+/// `list_checkpoints` lists every checkpoint once, by name, at its saved
+/// position; a reset one is gone.
+pub async fn checkpoints_are_listed_by_name<S: annals::CheckpointListing>(store: S) {
+    assert!(store.list_checkpoints().await.expect("list").is_empty());
+    for (name, seq) in [("proj-b", 7), ("proj-a", 3), ("proj-c", 1)] {
+        store
+            .save_checkpoint(name, annals::GlobalPosition::from_seq(seq))
+            .await
+            .expect("save");
+    }
+    store.reset_checkpoint("proj-c").await.expect("reset");
+    let listed: Vec<(String, u64)> = store
+        .list_checkpoints()
+        .await
+        .expect("list")
+        .into_iter()
+        .map(|c| (c.name, c.position.seq()))
+        .collect();
+    assert_eq!(
+        listed,
+        vec![("proj-a".to_owned(), 3), ("proj-b".to_owned(), 7)]
+    );
+}

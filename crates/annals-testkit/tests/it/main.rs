@@ -17,6 +17,7 @@ annals_testkit::conformance_suite!(fresh_store;
     snapshot_migration,
     multi_stream_append,
     event_import,
+    checkpoint_listing,
     checkpoints,
     model,
 );
