@@ -77,6 +77,8 @@ pub(crate) async fn dispatch(env: Env<'_>, command: Command) -> anyhow::Result<O
         }
         Command::Snapshots(command) => snapshots::dispatch(env, command).await,
         Command::Check(args) => check::run(env, args).await,
+        Command::Export(args) => crate::transfer::export_cmd(env, args).await,
+        Command::Import(args) => crate::transfer::import_cmd(env, args).await,
     }
 }
 

@@ -109,6 +109,7 @@ mod read;
 mod registry;
 mod snapshots;
 mod store;
+pub mod transfer;
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
