@@ -288,7 +288,11 @@ impl FileSink {
                 let what = || format!("cannot write {shown}");
                 let file = BufWriter::new(file);
                 let mut out: Box<dyn Write> = if zst {
-                    Box::new(zstd::Encoder::new(file, 3).with_context(what)?.auto_finish())
+                    Box::new(
+                        zstd::Encoder::new(file, 3)
+                            .with_context(what)?
+                            .auto_finish(),
+                    )
                 } else {
                     Box::new(file)
                 };
@@ -591,11 +595,16 @@ async fn import_batch<S: EventImport>(
         .into_iter()
         .filter(|(_, e)| !conflicted.contains(&e.stream_id))
         .unzip();
-    let first = batch.first().map(|e| (e.stream_id.clone(), e.stream_version));
-    let report = store.import_events(batch).await.with_context(|| match first {
-        Some((s, v)) => format!("cannot import the batch starting at {s} version {v}"),
-        None => "cannot import a batch".into(),
-    })?;
+    let first = batch
+        .first()
+        .map(|e| (e.stream_id.clone(), e.stream_version));
+    let report = store
+        .import_events(batch)
+        .await
+        .with_context(|| match first {
+            Some((s, v)) => format!("cannot import the batch starting at {s} version {v}"),
+            None => "cannot import a batch".into(),
+        })?;
     summary.imported += report.imported;
     summary.skipped += report.skipped;
     summary.not_written += report.positions.iter().filter(|p| p.is_none()).count() as u64;

@@ -12,4 +12,5 @@ mod library;
 mod postgres;
 mod scenarios;
 mod snapshots;
+mod transfer;
 mod util;
