@@ -253,6 +253,18 @@ fn a_corrupt_line_is_named() {
     import(&dst, &bad, &["--batch-size", "2"]).fails(2, &["line 5", "not an export line"]);
     // Lines 2-3 were one complete batch; line 4 waited for line 5.
     assert_eq!(stats_events(&dst), 2);
+
+    // A trailer whose counts disagree with the lines: the events' batches
+    // are written (their part ended), the checkpoint is not.
+    let mut lines: Vec<String> = text.lines().map(str::to_owned).collect();
+    let last = lines.len() - 1;
+    let n = lines.len() as u64;
+    lines[last] = lines[last].replace("\"checkpoints\":1", "\"checkpoints\":2");
+    let bad = file_in(&src, "bad-trailer.jsonl");
+    std::fs::write(&bad, lines.join("\n") + "\n").expect("write");
+    let dst = Db::sqlite();
+    import(&dst, &bad, &[]).fails(2, &[&format!("line {n}"), "trailer counts"]);
+    assert!(export(&dst).iter().all(|l| l.get("checkpoint").is_none()));
 }
 
 #[test]
@@ -289,7 +301,43 @@ fn a_conflicting_stream_is_reported_and_the_others_are_imported() {
         (events.len() - in_stream + 1) as u64,
         "{run:#?}"
     );
+    // Its snapshot is ahead of the target's stream: skipped.
+    assert!(run.stdout.contains("snapshots (1 skipped)"), "{run:#?}");
     let mine = dst.run(&["read", &stream, "--json"]).ok().json_lines();
     assert_eq!(mine.len(), 1);
     assert_eq!(mine[0]["data"]["owner"], "someone else");
+}
+
+#[test]
+fn filters_select_events_and_leave_checkpoints_out() {
+    let src = source(3);
+    src.run(&["append", "Other-1", "--type", "Noted", "--data", "{}"])
+        .ok();
+    let all = export(&src);
+    let only = src
+        .run(&["export", "--category", "Other"])
+        .ok()
+        .json_lines();
+    let events = events_of(&only);
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0]["stream_id"], "Other-1");
+    // No checkpoint in a filtered export; no Account snapshot either.
+    assert!(only
+        .iter()
+        .all(|l| l.get("checkpoint").is_none() && l.get("snapshot").is_none()));
+    let accounts = src
+        .run(&["export", "--category", "Account"])
+        .ok()
+        .json_lines();
+    assert_eq!(events_of(&accounts).len(), events_of(&all).len() - 1);
+    assert!(accounts.iter().any(|l| l.get("snapshot").is_some()));
+    let later = src
+        .run(&["export", "--since", "2999-01-01T00:00:00Z"])
+        .ok()
+        .json_lines();
+    assert_eq!(later.len(), 2, "header and trailer: {later:?}");
+    assert_eq!(
+        later[1]["trailer"],
+        serde_json::json!({"events": 0, "checkpoints": 0, "snapshots": 0})
+    );
 }
