@@ -208,7 +208,7 @@ where
             .context("cannot list the aggregate types with snapshots")?;
         for c in coverage {
             let wanted = options.categories.is_empty()
-                || options.categories.iter().any(|k| *k == c.aggregate_type);
+                || options.categories.contains(&c.aggregate_type);
             if c.with_snapshot == 0 || !wanted {
                 continue;
             }
