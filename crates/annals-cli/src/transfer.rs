@@ -207,8 +207,8 @@ where
             .await
             .context("cannot list the aggregate types with snapshots")?;
         for c in coverage {
-            let wanted = options.categories.is_empty()
-                || options.categories.contains(&c.aggregate_type);
+            let wanted =
+                options.categories.is_empty() || options.categories.contains(&c.aggregate_type);
             if c.with_snapshot == 0 || !wanted {
                 continue;
             }

@@ -68,7 +68,8 @@ pub enum ImportConflictKind {
     /// The store holds another event at that version.
     Differs,
     /// The event's id is stored, but as another event (another stream or
-    /// version, type, payload or metadata).
+    /// version, type, payload or metadata), or an earlier event of the same
+    /// call that is being written has it.
     IdTaken {
         /// The stream of the stored event.
         stream: StreamId,
@@ -149,8 +150,8 @@ pub trait EventImport: EventStore {
     ///   compared) is skipped, so a rerun adds nothing. An event at the
     ///   stream's next version whose id is not stored is written. Anything
     ///   else is a conflict of its stream: another event stored at that
-    ///   version, the id stored as another event, or a gap (a version past
-    ///   the next one). A conflicting stream is reported once, with its
+    ///   version, the id stored as another event (or held by an earlier
+    ///   event of the call), or a gap (a version past the next one). A conflicting stream is reported once, with its
     ///   first conflicting version, and none of its events of this call is
     ///   written; the other streams go on.
     /// - The written events keep their id, stream version, type, event
@@ -258,6 +259,10 @@ pub fn plan_import(
     let mut conflicted: HashSet<StreamId> = HashSet::new();
     // (index, event) to write, in input order.
     let mut writes: Vec<(usize, ImportEvent)> = Vec::new();
+    // The ids this call plans to write, and where: a second event with one
+    // of them is a conflict of its stream, not a unique violation that
+    // would fail the whole call.
+    let mut planned: HashMap<EventId, (StreamId, StreamVersion)> = HashMap::new();
     for (i, e) in events.into_iter().enumerate() {
         if conflicted.contains(&e.stream_id) {
             continue;
@@ -269,6 +274,10 @@ pub fn plan_import(
             .map_or(0, |v| v.0);
         let want = *next.entry(e.stream_id.clone()).or_insert(head + 1);
         let conflict = match stored.get(&e.event_id) {
+            _ if planned.contains_key(&e.event_id) => {
+                let (stream, version) = planned[&e.event_id].clone();
+                Some(ImportConflictKind::IdTaken { stream, version })
+            }
             Some(s) if same_event(s, &e) => {
                 report.positions[i] = Some(s.global_position);
                 report.skipped += 1;
@@ -280,6 +289,7 @@ pub fn plan_import(
             }),
             None if e.stream_version.0 == want => {
                 next.insert(e.stream_id.clone(), want + 1);
+                planned.insert(e.event_id, (e.stream_id.clone(), e.stream_version));
                 writes.push((i, e.clone()));
                 None
             }

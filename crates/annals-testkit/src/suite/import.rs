@@ -1,7 +1,7 @@
 //! Importing recorded events ([`annals::EventImport`]): every field but the
 //! position kept, input order kept, a rerun adds nothing, conflicts are per
-//! stream (another event at a version, an id stored as another event, a
-//! gap) and leave the other streams going, a stream continued across calls,
+//! stream (another event at a version, an id stored as another event or
+//! written earlier in the call, a gap) and leave the other streams going, a stream continued across calls,
 //! and a `read_all` follower stays gap-free while imports and appends run
 //! together.
 
@@ -130,6 +130,9 @@ pub async fn import_reports_conflicts_per_stream<S: EventImport>(store: S) {
         )
         .await
         .expect("seed D-1");
+    // F-1's event has the id of C-1's first event, earlier in the batch.
+    let mut f1 = imp("F-1", 1, 10);
+    f1.event_id = imp("C-1", 1, 5).event_id;
     let input = vec![
         imp("A-1", 1, 11), // another event at A-1 version 1
         imp("A-1", 2, 12),
@@ -138,6 +141,7 @@ pub async fn import_reports_conflicts_per_stream<S: EventImport>(store: S) {
         imp("C-1", 1, 5),
         imp("E-1", 2, 8), // a gap: E-1 does not exist
         imp("C-1", 2, 9),
+        f1,
     ];
     let report = store.import_events(input).await.expect("import");
     let conflicts: Vec<_> = report
@@ -168,6 +172,14 @@ pub async fn import_reports_conflicts_per_stream<S: EventImport>(store: S) {
                 2,
                 ImportConflictKind::Gap { expected: v(1) }
             ),
+            (
+                "F-1".to_owned(),
+                1,
+                ImportConflictKind::IdTaken {
+                    stream: sid("C-1"),
+                    version: v(1)
+                }
+            ),
         ]
     );
     assert_eq!(report.imported, 2, "C-1's two events");
@@ -177,7 +189,7 @@ pub async fn import_reports_conflicts_per_stream<S: EventImport>(store: S) {
             .iter()
             .map(Option::is_some)
             .collect::<Vec<_>>(),
-        vec![false, false, false, false, true, false, true]
+        vec![false, false, false, false, true, false, true, false]
     );
     // Nothing of a conflicting stream was written, not even B-1's first
     // event, which came before its conflict.
@@ -185,6 +197,7 @@ pub async fn import_reports_conflicts_per_stream<S: EventImport>(store: S) {
     assert!(all(&store, &sid("B-1")).await.is_empty());
     assert!(all(&store, &sid("E-1")).await.is_empty());
     assert_eq!(all(&store, &sid("C-1")).await.len(), 2);
+    assert!(all(&store, &sid("F-1")).await.is_empty());
 }
 
 /// Imports and appends running together: a `read_all` follower sees every
