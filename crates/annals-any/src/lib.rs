@@ -214,7 +214,7 @@ pub struct OpenOptions {
 /// A store on whichever backend a database URL selects.
 ///
 /// Every backend it knows implements every trait of the core, so it does
-/// too, by delegation: [`EventStore`], [`annals::MultiStreamAppend`], [`StreamCatalog`], [`SnapshotStore`],
+/// too, by delegation: [`EventStore`], [`annals::MultiStreamAppend`], [`annals::EventImport`], [`annals::CheckpointListing`], [`StreamCatalog`], [`SnapshotStore`],
 /// [`SnapshotAdmin`], [`SnapshotStaging`] and [`CheckpointStore`]. Every
 /// generic function of the core works on it.
 #[derive(Clone)]
@@ -394,6 +394,21 @@ impl EventStore for AnyStore {
 impl annals::MultiStreamAppend for AnyStore {
     async fn append_many(&self, batches: Vec<annals::StreamBatch>) -> Result<Vec<AppendResult>> {
         delegate!(self, s => s.append_many(batches).await)
+    }
+}
+
+impl annals::CheckpointListing for AnyStore {
+    async fn list_checkpoints(&self) -> Result<Vec<annals::Checkpoint>> {
+        delegate!(self, s => s.list_checkpoints().await)
+    }
+}
+
+impl annals::EventImport for AnyStore {
+    async fn import_events(
+        &self,
+        events: Vec<annals::ImportEvent>,
+    ) -> Result<annals::ImportReport> {
+        delegate!(self, s => s.import_events(events).await)
     }
 }
 

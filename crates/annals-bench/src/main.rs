@@ -1,6 +1,7 @@
 //! `annals-bench`: the standard workload of `docs/benchmarks.md` (W1
 //! command append, W2 long-stream load, W3 bulk append, W3m multi-stream
-//! commits, W4 replay, W5 concurrent commands) on Annals and, in the same run and on the same
+//! commits, W4 replay, W5 concurrent commands, then the export and import
+//! rates) on Annals and, in the same run and on the same
 //! schema, with plain SQL (the raw baseline). Prints one JSON result line
 //! per backend with `raw` figures and `ratio_to_raw`.
 //!
@@ -17,6 +18,7 @@ mod multi;
 mod raw_pg;
 mod raw_sqlite;
 mod scale;
+mod transfer;
 mod w5;
 mod workload;
 
@@ -57,6 +59,12 @@ struct Args {
     /// "Cost as the store grows"). No raw baseline, W3m or W5.
     #[arg(long, value_name = "N")]
     scale: Option<u64>,
+    /// Events per import batch of the export/import rates.
+    #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    transfer_batch: u64,
+    /// Skip the export and import rates.
+    #[arg(long)]
+    no_transfer: bool,
     #[command(flatten)]
     sizes: Sizes,
     #[command(flatten)]
@@ -154,7 +162,13 @@ async fn run_sqlite(args: &Args) -> anyhow::Result<(Results, Option<Results>)> {
     let id = uuid::Uuid::now_v7().simple().to_string();
     let annals_path = dir.join(format!("annals-{id}.db"));
     let store = annals_sqlite::SqliteEventStore::open(&annals_path).await?;
-    let annals = workload::run(store, &args.sizes, || async { Ok(()) }).await?;
+    let mut annals = workload::run(store.clone(), &args.sizes, || async { Ok(()) }).await?;
+    if !args.no_transfer {
+        let target =
+            annals_sqlite::SqliteEventStore::open(dir.join(format!("import-{id}.db"))).await?;
+        let batch = args.transfer_batch as usize;
+        annals.transfer = Some(transfer::run(&store, &target, "sqlite", batch).await?);
+    }
     let raw = if args.no_raw {
         None
     } else {
@@ -186,10 +200,19 @@ async fn run_postgres(args: &Args) -> anyhow::Result<(Results, Option<Results>)>
     // left to itself would shortly do.
     let url = args.database_url.clone();
     let analyze_schema = schema.clone();
-    let annals = workload::run(store, &args.sizes, || async move {
+    let mut annals = workload::run(store.clone(), &args.sizes, || async move {
         raw_pg::analyze(&url, &analyze_schema).await
     })
     .await;
+    if let (Ok(results), false) = (annals.as_mut(), args.no_transfer) {
+        let import_schema = format!("annals_import_{id}");
+        let measured = pg_transfer(&store, &args.database_url, &import_schema, args).await;
+        raw_pg::drop_schema(&args.database_url, &import_schema).await?;
+        match measured {
+            Ok(t) => results.transfer = Some(t),
+            Err(e) => annals = Err(e),
+        }
+    }
     let raw = if args.no_raw || annals.is_err() {
         None
     } else {
@@ -200,6 +223,25 @@ async fn run_postgres(args: &Args) -> anyhow::Result<(Results, Option<Results>)>
     };
     raw_pg::drop_schema(&args.database_url, &schema).await?;
     Ok((annals?, raw))
+}
+
+/// The export of `store` imported into a fresh schema `schema`.
+async fn pg_transfer(
+    store: &annals_postgres::PgEventStore,
+    url: &str,
+    schema: &str,
+    args: &Args,
+) -> anyhow::Result<transfer::Transfer> {
+    let target = annals_postgres::PgEventStore::connect_with(
+        url,
+        annals_postgres::PgOptions {
+            schema: Some(schema.to_owned()),
+            ..Default::default()
+        },
+    )
+    .await?;
+    target.migrate().await?;
+    transfer::run(store, &target, "postgres", args.transfer_batch as usize).await
 }
 
 fn ratio(a: f64, b: f64) -> Value {
@@ -247,6 +289,9 @@ fn result_line(
         });
     }
     w5::add_to_line(&mut line, a, raw);
+    if let Some(t) = &a.transfer {
+        line["transfer"] = t.to_json(&a.w4, raw.map(|r| &r.w4));
+    }
     line["w2"]["snapshot_speedup"] = ratio(a.w2.no_snapshot.median(), a.w2.snapshot.median());
     line
 }

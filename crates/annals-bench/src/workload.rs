@@ -202,6 +202,9 @@ pub struct Results {
     pub w4_page: u64,
     /// W5 (concurrent commands, on a store of its own); `None` when skipped.
     pub w5: Option<crate::w5::W5>,
+    /// Export and import rates (on the main store after W4); `None` when
+    /// skipped.
+    pub transfer: Option<crate::transfer::Transfer>,
 }
 
 fn round(x: f64) -> f64 {
@@ -279,6 +282,7 @@ where
         w4,
         w4_page: sz.feed_page,
         w5: None,
+        transfer: None,
     })
 }
 

@@ -79,6 +79,8 @@ pub(crate) async fn dispatch(env: Env<'_>, command: Command) -> anyhow::Result<O
         Command::Check(args) => check::run(env, args).await,
         Command::Adopt(args) => crate::adopt::run(env, args).await,
         Command::Serve(args) => serve::run(env, args).await,
+        Command::Export(args) => crate::transfer::export_cmd(env, args).await,
+        Command::Import(args) => crate::transfer::import_cmd(env, args).await,
     }
 }
 

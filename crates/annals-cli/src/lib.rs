@@ -114,6 +114,7 @@ mod registry;
 mod serve;
 mod snapshots;
 mod store;
+pub mod transfer;
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;

@@ -86,3 +86,28 @@ async fn save(client: &Client, name: &str, commit: i64, seq: i64) -> Result<()> 
         .context("cannot save a checkpoint")?;
     Ok(())
 }
+
+impl annals::CheckpointListing for PgEventStore {
+    async fn list_checkpoints(&self) -> Result<Vec<annals::Checkpoint>> {
+        let rows = with_client!(self, Lane::Any, "list checkpoints", |client| {
+            client
+                .query(
+                    "SELECT name, commit_pos, seq FROM checkpoints ORDER BY name",
+                    &[],
+                )
+                .await
+                .context("cannot list checkpoints")
+        })?;
+        rows.iter()
+            .map(|row| {
+                let name: String = row.try_get(0).context("cannot decode a checkpoint")?;
+                let commit: i64 = row.try_get(1).context("cannot decode a checkpoint")?;
+                let seq: i64 = row.try_get(2).context("cannot decode a checkpoint")?;
+                Ok(annals::Checkpoint {
+                    name,
+                    position: position(commit, seq)?,
+                })
+            })
+            .collect()
+    }
+}

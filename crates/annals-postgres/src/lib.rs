@@ -191,6 +191,7 @@ mod error;
 mod event_store;
 mod health;
 mod horizon;
+mod import;
 mod listen;
 mod migrate;
 mod projection;

@@ -82,3 +82,43 @@ impl CheckpointStore for SqliteEventStore {
             .await
     }
 }
+
+impl annals::CheckpointListing for SqliteEventStore {
+    async fn list_checkpoints(&self) -> Result<Vec<annals::Checkpoint>> {
+        self.conns()
+            .read(|conn| {
+                let mut stmt = conn
+                    .prepare_cached(
+                        "SELECT name, position_commit, position FROM checkpoints ORDER BY name",
+                    )
+                    .map_err(db("listing checkpoints"))?;
+                let rows = stmt
+                    .query_map([], |r| {
+                        Ok((
+                            r.get::<_, String>(0)?,
+                            r.get::<_, i64>(1)?,
+                            r.get::<_, i64>(2)?,
+                        ))
+                    })
+                    .map_err(db("listing checkpoints"))?;
+                let mut all = Vec::new();
+                for row in rows {
+                    let (name, commit, seq) = row.map_err(db("listing checkpoints"))?;
+                    match (u64::try_from(commit), u64::try_from(seq)) {
+                        (Ok(c), Ok(s)) => all.push(annals::Checkpoint {
+                            name,
+                            position: GlobalPosition::new(c, s),
+                        }),
+                        (Err(e), _) | (_, Err(e)) => {
+                            return Err(corrupt(
+                                format!("checkpoint {name:?}: negative position"),
+                                e,
+                            ))
+                        }
+                    }
+                }
+                Ok(all)
+            })
+            .await
+    }
+}

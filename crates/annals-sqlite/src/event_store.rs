@@ -55,11 +55,11 @@ pub(crate) const PAGE_BYTES: usize = 4 << 20;
 
 const HEAD_SQL: &str = "SELECT version FROM streams WHERE stream_id = ?1";
 
-const INSERT_SQL: &str = "INSERT INTO events \
+pub(crate) const INSERT_SQL: &str = "INSERT INTO events \
     (event_id, stream_id, category, stream_version, event_type, event_version, data, metadata, recorded_at, data_digest) \
     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)";
 
-const UPSERT_STREAM_SQL: &str = "INSERT INTO streams (stream_id, category, version) \
+pub(crate) const UPSERT_STREAM_SQL: &str = "INSERT INTO streams (stream_id, category, version) \
     VALUES (?1, ?2, ?3) ON CONFLICT (stream_id) DO UPDATE SET version = excluded.version";
 
 /// What the idempotency check needs of a stored event; the payload only for
@@ -68,7 +68,7 @@ const FIND_BY_ID_SQL: &str = "SELECT position, stream_id, stream_version, event_
     event_version, data_digest, CASE WHEN data_digest IS NULL THEN data END \
     FROM events WHERE event_id = ?1";
 
-const READ_EVENT_SQL: &str = concat!(
+pub(crate) const READ_EVENT_SQL: &str = concat!(
     "SELECT ",
     event_columns!(),
     " FROM events WHERE event_id = ?1"
@@ -92,7 +92,7 @@ const LIST_STREAMS_SQL: &str = "SELECT stream_id, version FROM streams \
     WHERE category = ?1 AND stream_id > ?2 ORDER BY stream_id LIMIT ?3";
 
 /// The head of `stream` as seen by `conn`.
-fn head_version(conn: &Connection, stream: &StreamId) -> Result<Option<StreamVersion>> {
+pub(crate) fn head_version(conn: &Connection, stream: &StreamId) -> Result<Option<StreamVersion>> {
     let v: Option<i64> = conn
         .prepare_cached(HEAD_SQL)
         .and_then(|mut s| s.query_row([stream.as_str()], |r| r.get(0)).optional())

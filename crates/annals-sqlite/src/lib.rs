@@ -77,6 +77,7 @@ mod conn;
 mod error;
 mod event_store;
 mod health;
+mod import;
 mod migrate;
 mod projection;
 mod snapshot;

@@ -61,8 +61,8 @@ mod drift;
 /// ```text
 /// annals_testkit::conformance_suite!(fresh_store;
 ///     event_store, stream_catalog, snapshot_store, snapshot_admin,
-///     snapshot_staging, snapshot_migration, multi_stream_append, checkpoints,
-///     projections, model);
+///     snapshot_staging, snapshot_migration, multi_stream_append, event_import,
+///     checkpoint_listing, checkpoints, projections, model);
 /// ```
 ///
 /// | group | the store must implement |
@@ -74,6 +74,8 @@ mod drift;
 /// | `snapshot_staging` | `SnapshotStaging` |
 /// | `snapshot_migration` | `StreamCatalog` + `SnapshotAdmin` + `SnapshotStaging` (`SnapshotJobs::migrate`, `verify`, `promote`) |
 /// | `multi_stream_append` | `MultiStreamAppend` (`append_many`) |
+/// | `event_import` | `EventImport` (`import_events`) |
+/// | `checkpoint_listing` | `CheckpointListing` (`list_checkpoints`) |
 /// | `checkpoints` | `EventStore` + `CheckpointStore` |
 /// | `projections` | `EventStore` + `CheckpointStore` (feed pages, subscriptions, projection runners) |
 /// | `model` | `EventStore` + `SnapshotStore` + `CheckpointStore` (the `Vec`-model check) |
@@ -197,6 +199,19 @@ macro_rules! conformance_suite {
             append_many_overlapping_calls_never_deadlock,
         }
     };
+    (@group event_import, $($then:tt)*) => {
+        $crate::conformance_suite! { $($then)*
+            import_keeps_events_and_order,
+            import_twice_adds_nothing,
+            import_reports_conflicts_per_stream,
+            import_with_concurrent_appends_keeps_the_feed_gap_free,
+        }
+    };
+    (@group checkpoint_listing, $($then:tt)*) => {
+        $crate::conformance_suite! { $($then)*
+            checkpoints_are_listed_by_name,
+        }
+    };
     (@group checkpoints, $($then:tt)*) => {
         $crate::conformance_suite! { $($then)*
             checkpoints,
@@ -236,6 +251,8 @@ macro_rules! conformance_suite {
             $crate::conformance_suite!(@group snapshot_staging, @names snapshot_staging;),
             $crate::conformance_suite!(@group snapshot_migration, @names snapshot_migration;),
             $crate::conformance_suite!(@group multi_stream_append, @names multi_stream_append;),
+            $crate::conformance_suite!(@group event_import, @names event_import;),
+            $crate::conformance_suite!(@group checkpoint_listing, @names checkpoint_listing;),
             $crate::conformance_suite!(@group checkpoints, @names checkpoints;),
             $crate::conformance_suite!(@group projections, @names projections;),
             $crate::conformance_suite!(@group model, @names model;),

@@ -37,6 +37,8 @@ mod projections;
 pub use projections::*;
 mod telemetry;
 pub use telemetry::*;
+mod import;
+pub use import::*;
 
 fn sid(name: &str) -> StreamId {
     StreamId::parse(name).expect("valid stream name")

@@ -64,6 +64,7 @@ mod event;
 mod event_store;
 mod health;
 mod idempotency;
+mod import;
 mod memory;
 mod multi_stream;
 mod projection;
@@ -77,7 +78,7 @@ mod telemetry;
 
 pub use aggregate::{decode_event, encode_event, Aggregate, DomainEvent};
 pub use annals_derive::DomainEvent;
-pub use checkpoint::CheckpointStore;
+pub use checkpoint::{Checkpoint, CheckpointListing, CheckpointStore};
 pub use error::{Error, Result};
 pub use event::{
     validate_batch, AppendResult, EventId, ExpectedVersion, GlobalPosition, Metadata, NewEvent,
@@ -93,6 +94,10 @@ pub use health::{ClockSkew, LongTransaction, StorageSize, StreamVersionIssue};
 pub use idempotency::{
     canonical_json, check_retry, prepare_batch, Fingerprint, NestingTooDeep, PreparedEvent,
     StoredEvent,
+};
+pub use import::{
+    plan_import, EventImport, ImportConflict, ImportConflictKind, ImportEvent, ImportPlan,
+    ImportReport, ImportRun,
 };
 pub use memory::InMemoryStore;
 pub use multi_stream::{

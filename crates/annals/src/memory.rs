@@ -283,6 +283,61 @@ impl EventStore for InMemoryStore {
     }
 }
 
+impl crate::checkpoint::CheckpointListing for InMemoryStore {
+    async fn list_checkpoints(&self) -> Result<Vec<crate::checkpoint::Checkpoint>> {
+        let mut all: Vec<_> = self
+            .lock()
+            .checkpoints
+            .iter()
+            .map(|(name, &position)| crate::checkpoint::Checkpoint {
+                name: name.clone(),
+                position,
+            })
+            .collect();
+        all.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(all)
+    }
+}
+
+/// One lock over the whole import: heads, lookups, plan and writes see one
+/// state, and the events get positions in input order.
+impl crate::import::EventImport for InMemoryStore {
+    async fn import_events(
+        &self,
+        events: Vec<crate::import::ImportEvent>,
+    ) -> Result<crate::import::ImportReport> {
+        let mut st = self.lock();
+        let heads = events
+            .iter()
+            .map(|e| (e.stream_id.clone(), st.head(&e.stream_id)))
+            .collect();
+        let stored = events
+            .iter()
+            .filter_map(|e| {
+                let &i = st.ids.get(&e.event_id)?;
+                Some((e.event_id, st.events[i].clone()))
+            })
+            .collect();
+        let plan = crate::import::plan_import(events, &heads, &stored)?;
+        // Decode every run before anything changes: all or nothing.
+        let decoded = plan
+            .runs
+            .iter()
+            .map(|r| decode_batch(&r.events))
+            .collect::<Result<Vec<_>>>()?;
+        let mut positions = Vec::with_capacity(plan.runs.len());
+        for (run, decoded) in plan.runs.iter().zip(decoded) {
+            let mut assigned = Vec::with_capacity(run.events.len());
+            for ((e, d), t) in run.events.iter().zip(decoded).zip(&run.recorded_at) {
+                let done = st.push_batch(&run.stream, vec![e.clone()], vec![d], *t);
+                assigned.extend(done.positions);
+            }
+            positions.push(assigned);
+        }
+        plan.finish("memory", positions)
+    }
+}
+
 /// One lock over the whole store: the streams need no lock order here.
 impl MultiStreamAppend for InMemoryStore {
     async fn append_many(&self, batches: Vec<StreamBatch>) -> Result<Vec<AppendResult>> {

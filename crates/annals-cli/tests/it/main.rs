@@ -14,4 +14,5 @@ mod postgres;
 mod scenarios;
 mod serve;
 mod snapshots;
+mod transfer;
 mod util;

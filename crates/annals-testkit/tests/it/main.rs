@@ -16,6 +16,8 @@ annals_testkit::conformance_suite!(fresh_store;
     snapshot_staging,
     snapshot_migration,
     multi_stream_append,
+    event_import,
+    checkpoint_listing,
     checkpoints,
     projections,
     model,
