@@ -338,6 +338,8 @@ mod tests {
                 ..Metadata::default()
             },
             recorded_at: chrono::DateTime::UNIX_EPOCH,
+            stored_event_version: None,
+            stored_event_type: None,
         }
     }
 

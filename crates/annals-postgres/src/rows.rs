@@ -220,6 +220,8 @@ pub(crate) fn decode_event(row: &Row, last_stream: &mut Option<StreamId>) -> Res
         data,
         metadata,
         recorded_at,
+        stored_event_version: None,
+        stored_event_type: None,
     })
 }
 

@@ -299,6 +299,8 @@ fn decode_event(
         data,
         metadata,
         recorded_at,
+        stored_event_version: None,
+        stored_event_type: None,
     })
 }
 

@@ -95,6 +95,28 @@ pub enum Error {
         #[source]
         source: serde_json::Error,
     },
+    /// An upcaster failed on a stored event (or the stored payload did not
+    /// parse, or the result was not a storable payload). Nothing was
+    /// changed in the store; fix the step (or the plan's filter) for
+    /// `step` and read again.
+    #[error("cannot upcast event {event_type:?} stored at v{stored_version} at {stream} version {version} (position {position}): step {step} failed: {source}")]
+    Upcast {
+        /// The stream holding the event.
+        stream: StreamId,
+        /// Its version in the stream.
+        version: StreamVersion,
+        /// Its global position.
+        position: GlobalPosition,
+        /// The stored type name.
+        event_type: String,
+        /// The stored payload schema version.
+        stored_version: u32,
+        /// The step that failed (`TYPE vN`, or the plan step's label).
+        step: String,
+        /// What the step reported.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     /// A typed value (event or aggregate state) could not be serialized.
     #[error("cannot encode {what}: {source}")]
     Encode {

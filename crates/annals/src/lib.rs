@@ -68,6 +68,7 @@ mod snapshot;
 mod snapshot_jobs;
 mod snapshot_worker;
 mod stream;
+mod upcast;
 
 pub use aggregate::{decode_event, encode_event, Aggregate, DomainEvent};
 pub use annals_derive::DomainEvent;
@@ -106,3 +107,6 @@ pub use snapshot_jobs::{
     VerifyMismatch, VerifyReport,
 };
 pub use stream::{validate_category, StreamId, MAX_STREAM_NAME_LEN};
+pub use upcast::{
+    current_versions, upcast_event, BoxError, Step, UpcastError, Upcasters, UpcastersBuilder,
+};

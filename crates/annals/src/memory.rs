@@ -25,7 +25,7 @@ use crate::snapshot::{
 };
 use crate::{
     AppendResult, CheckpointStore, Error, EventId, EventStore, ExpectedVersion, GlobalPosition,
-    Metadata, NewEvent, Payload, RecordedEvent, Result, StreamId, StreamVersion,
+    Metadata, NewEvent, Payload, RecordedEvent, Result, StreamId, StreamVersion, Upcasters,
 };
 
 #[derive(Default)]
@@ -66,12 +66,43 @@ impl Default for HistorySize {
 #[derive(Clone, Default)]
 pub struct InMemoryStore {
     state: Arc<Mutex<State>>,
+    /// Applied to every event a read returns (see [`crate::Upcasters`]).
+    upcasters: Option<Arc<Upcasters>>,
 }
 
 impl InMemoryStore {
     /// An empty store.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// This store (the same data) with every read upcast by `upcasters`.
+    pub fn with_upcasters(mut self, upcasters: Arc<Upcasters>) -> Self {
+        self.upcasters = Some(upcasters);
+        self
+    }
+
+    /// This store (the same data) reading events as stored, without
+    /// upcasters.
+    pub fn raw(&self) -> Self {
+        InMemoryStore {
+            state: Arc::clone(&self.state),
+            upcasters: None,
+        }
+    }
+
+    /// The upcasters this handle applies, if any.
+    pub fn upcasters(&self) -> Option<&Arc<Upcasters>> {
+        self.upcasters.as_ref()
+    }
+
+    /// A stored event as a read returns it: the one place where this
+    /// backend's reads apply the upcasters.
+    fn deliver(&self, event: &RecordedEvent) -> Result<RecordedEvent> {
+        match &self.upcasters {
+            Some(u) => u.apply_ref(event),
+            None => Ok(event.clone()),
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -151,6 +182,8 @@ impl State {
                 data,
                 metadata,
                 recorded_at: now,
+                stored_event_version: None,
+                stored_event_type: None,
             });
         }
         metrics::counter!("annals_events_appended_total", "backend" => "memory")
@@ -219,7 +252,7 @@ impl EventStore for InMemoryStore {
                             let e = &st.events[idxs[(v - 1) as usize]];
                             v += 1;
                             if options.admits(e) {
-                                batch.push(Ok(e.clone()));
+                                batch.push(store.deliver(e));
                             }
                         }
                         (v <= head).then_some(v)
@@ -230,7 +263,7 @@ impl EventStore for InMemoryStore {
                             let e = &st.events[idxs[(v - 1) as usize]];
                             v -= 1;
                             if options.admits(e) {
-                                batch.push(Ok(e.clone()));
+                                batch.push(store.deliver(e));
                             }
                         }
                         (v >= 1).then_some(v)
@@ -268,7 +301,10 @@ impl EventStore for InMemoryStore {
 
     async fn read_event(&self, id: EventId) -> Result<Option<RecordedEvent>> {
         let st = self.lock();
-        Ok(st.ids.get(&id).map(|&i| st.events[i].clone()))
+        st.ids
+            .get(&id)
+            .map(|&i| self.deliver(&st.events[i]))
+            .transpose()
     }
 }
 
@@ -772,7 +808,7 @@ impl InMemoryStore {
                     let e = &st.events[i];
                     i += 1;
                     if admits(e) {
-                        batch.push(Ok(e.clone()));
+                        batch.push(store.deliver(e));
                     }
                 }
                 if batch.is_empty() {
