@@ -43,6 +43,7 @@ impl Env<'_> {
         let options = OpenOptions {
             pg_schema: self.pg_schema.clone(),
             must_exist: !create,
+            upcasters: None,
         };
         async move {
             let url = url?;
