@@ -610,3 +610,12 @@ mod tests {
         );
     }
 }
+
+impl annals::Upcasting for AnyStore {
+    fn with_upcasters(self, upcasters: Arc<Upcasters>) -> Self {
+        AnyStore::with_upcasters(self, upcasters)
+    }
+    fn raw(&self) -> Self {
+        AnyStore::raw(self)
+    }
+}

@@ -611,3 +611,12 @@ mod tests {
         assert!(options.schema_name().is_ok());
     }
 }
+
+impl annals::Upcasting for PgEventStore {
+    fn with_upcasters(self, upcasters: Arc<Upcasters>) -> Self {
+        PgEventStore::with_upcasters(self, upcasters)
+    }
+    fn raw(&self) -> Self {
+        PgEventStore::raw(self)
+    }
+}

@@ -220,3 +220,12 @@ impl SqliteEventStore {
         self.inner.options.batch_size
     }
 }
+
+impl annals::Upcasting for SqliteEventStore {
+    fn with_upcasters(self, upcasters: Arc<Upcasters>) -> Self {
+        SqliteEventStore::with_upcasters(self, upcasters)
+    }
+    fn raw(&self) -> Self {
+        SqliteEventStore::raw(self)
+    }
+}

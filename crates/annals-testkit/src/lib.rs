@@ -76,6 +76,7 @@ mod drift;
 /// | `multi_stream_append` | `MultiStreamAppend` (`append_many`) |
 /// | `checkpoints` | `EventStore` + `CheckpointStore` |
 /// | `model` | `EventStore` + `SnapshotStore` + `CheckpointStore` (the `Vec`-model check) |
+/// | `upcasting` | `EventStore` + `SnapshotStore` + `annals::Upcasting` (reads through `Upcasters`) |
 ///
 /// A test goes into the group of what its bound names (one line in the
 /// group's arm below). The lists cannot drift from the suite: the build
@@ -199,6 +200,14 @@ macro_rules! conformance_suite {
             checkpoints,
         }
     };
+    (@group upcasting, $($then:tt)*) => {
+        $crate::conformance_suite! { $($then)*
+            upcasting_on_every_read_path,
+            failing_upcaster_names_the_event,
+            missing_upcaster_fails_at_build,
+            tolerant_reading_needs_no_upcaster,
+        }
+    };
     (@group model, $($then:tt)*) => {
         $crate::conformance_suite! { $($then)*
             model_scenarios,
@@ -223,6 +232,7 @@ macro_rules! conformance_suite {
             $crate::conformance_suite!(@group multi_stream_append, @names multi_stream_append;),
             $crate::conformance_suite!(@group checkpoints, @names checkpoints;),
             $crate::conformance_suite!(@group model, @names model;),
+            $crate::conformance_suite!(@group upcasting, @names upcasting;),
         ]
     };
     (@names $group:ident; $($name:ident),* $(,)?) => {

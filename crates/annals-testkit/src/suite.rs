@@ -33,6 +33,8 @@ mod append_many;
 pub use append_many::*;
 mod inspection;
 pub use inspection::*;
+mod upcasting;
+pub use upcasting::*;
 
 fn sid(name: &str) -> StreamId {
     StreamId::parse(name).expect("valid stream name")

@@ -109,4 +109,5 @@ pub use snapshot_jobs::{
 pub use stream::{validate_category, StreamId, MAX_STREAM_NAME_LEN};
 pub use upcast::{
     current_versions, upcast_event, BoxError, Step, UpcastError, Upcasters, UpcastersBuilder,
+    Upcasting,
 };

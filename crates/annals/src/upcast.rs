@@ -515,6 +515,26 @@ impl Upcasters {
     }
 }
 
+/// A store handle that can carry an [`Upcasters`] registry: every backend
+/// implements it, so that generic code (the conformance suite, a tool) can
+/// attach a registry or read as stored. Handles share their data: both
+/// methods return a new handle on the same store.
+pub trait Upcasting: Sized {
+    /// This store with every read upcast by `upcasters`.
+    fn with_upcasters(self, upcasters: Arc<Upcasters>) -> Self;
+    /// This store reading events as stored, without upcasters.
+    fn raw(&self) -> Self;
+}
+
+impl Upcasting for crate::InMemoryStore {
+    fn with_upcasters(self, upcasters: Arc<Upcasters>) -> Self {
+        crate::InMemoryStore::with_upcasters(self, upcasters)
+    }
+    fn raw(&self) -> Self {
+        crate::InMemoryStore::raw(self)
+    }
+}
+
 /// Applies an optional registry (what a store carries): `None` hands the
 /// event back.
 pub fn upcast_event(upcasters: Option<&Upcasters>, event: RecordedEvent) -> Result<RecordedEvent> {

@@ -29,4 +29,5 @@ annals_testkit::conformance_suite!(fresh;
     multi_stream_append,
     checkpoints,
     model,
+    upcasting,
 );

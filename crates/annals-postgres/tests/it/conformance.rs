@@ -11,4 +11,5 @@ annals_testkit::conformance_suite!(crate::common::fresh_store;
     multi_stream_append,
     checkpoints,
     model,
+    upcasting,
 );

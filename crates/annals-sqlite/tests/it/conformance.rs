@@ -17,4 +17,5 @@ annals_testkit::conformance_suite!(fresh;
     multi_stream_append,
     checkpoints,
     model,
+    upcasting,
 );

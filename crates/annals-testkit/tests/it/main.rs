@@ -18,6 +18,7 @@ annals_testkit::conformance_suite!(fresh_store;
     multi_stream_append,
     checkpoints,
     model,
+    upcasting,
 );
 
 mod model {
