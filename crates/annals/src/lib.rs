@@ -63,6 +63,8 @@ mod health;
 mod idempotency;
 mod memory;
 mod multi_stream;
+#[cfg(feature = "plan")]
+mod plan;
 mod repository;
 mod snapshot;
 mod snapshot_jobs;
@@ -92,6 +94,8 @@ pub use memory::InMemoryStore;
 pub use multi_stream::{
     check_retry_many, prepare_many, MultiStreamAppend, PreparedStreamBatch, StreamBatch,
 };
+#[cfg(feature = "plan")]
+pub use plan::{Plan, PlanError};
 pub use repository::{
     decode_snapshot, fold_stream, make_snapshot, Command, CommandContext, CommandError, Executed,
     LoadReport, Loaded, Repository, RetryPolicy, SnapshotConfig, SnapshotMode, SnapshotPolicy,

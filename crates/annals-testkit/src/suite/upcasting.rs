@@ -6,7 +6,8 @@ use std::sync::Arc;
 
 use annals::{
     decode_event, Aggregate, BoxError, DomainEvent, Error, EventStore, ExpectedVersion, NewEvent,
-    ReadAll, ReadStream, RecordedEvent, Repository, SnapshotConfig, SnapshotJobs, SnapshotStore, Step, StreamId, UpcastError, Upcasters, Upcasting,
+    ReadAll, ReadStream, RecordedEvent, Repository, SnapshotConfig, SnapshotJobs, SnapshotStore,
+    Step, StreamId, UpcastError, Upcasters, Upcasting,
 };
 use futures::TryStreamExt;
 use serde::{Deserialize, Serialize};
@@ -123,8 +124,14 @@ fn current_shape(events: &[RecordedEvent]) {
             ("Noted", 1, None, None),
         ]
     );
-    assert_eq!(events[0].data, json!({"amount_cents": 1250, "currency": "EUR"}));
-    assert_eq!(events[1].data, json!({"amount_cents": 100, "currency": "EUR"}));
+    assert_eq!(
+        events[0].data,
+        json!({"amount_cents": 1250, "currency": "EUR"})
+    );
+    assert_eq!(
+        events[1].data,
+        json!({"amount_cents": 100, "currency": "EUR"})
+    );
     for e in events {
         decode_event::<LedgerEvent>(e).expect("every event decodes at its current version");
     }
@@ -173,7 +180,11 @@ where
     assert_eq!(loaded.version.map(|v| v.get()), Some(4));
 
     let jobs = SnapshotJobs::<Ledger, _>::new(store.clone());
-    let created = jobs.create("1").await.expect("snapshot job").expect("built");
+    let created = jobs
+        .create("1")
+        .await
+        .expect("snapshot job")
+        .expect("built");
     let state: Ledger = serde_json::from_value(created.snapshot.state).expect("state");
     assert_eq!(state, loaded.state);
     // The snapshot holds the upcast state; a load from it agrees.
@@ -261,7 +272,10 @@ where
             .expect_err("read_event fails"),
     );
     let (delivered, err) = first_error(store.read_all(ReadAll::from_start())).await;
-    assert!(delivered <= 5, "at most Ledger-1's four events and the note");
+    assert!(
+        delivered <= 5,
+        "at most Ledger-1's four events and the note"
+    );
     check(err);
     // Ledger-1 still loads.
     assert!(store
