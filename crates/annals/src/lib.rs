@@ -20,6 +20,10 @@
 //! migration) and [`MultiStreamAppend`] (one atomic write to several
 //! streams).
 //!
+//! Events stored by older versions of the application are read at their
+//! current version through [`Upcasters`], which a store applies on every
+//! read path (see the `upcast` module's docs on [`Upcasters`]).
+//!
 //! # Example
 //!
 //! ```
@@ -43,7 +47,10 @@
 //!
 //! # Crate features
 //!
-//! None: the core is always complete. Backends live in their own crates.
+//! - `plan` (off by default): `Plan`, declarative upcasting plans (TOML
+//!   steps whose payload transforms are jq filters, run by jaq). Rust
+//!   upcasters ([`Upcasters`], [`Step`]) need no feature. Backends live in
+//!   their own crates.
 //!
 //! See `docs/architecture.md` in the repository for the crates, the traits
 //! between them and how an event flows.
