@@ -556,6 +556,15 @@ impl CheckpointStore for AnyStore {
     }
 }
 
+impl annals::Upcasting for AnyStore {
+    fn with_upcasters(self, upcasters: Arc<Upcasters>) -> Self {
+        AnyStore::with_upcasters(self, upcasters)
+    }
+    fn raw(&self) -> Self {
+        AnyStore::raw(self)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -608,14 +617,5 @@ mod tests {
             redact_password("postgres://ann@h/db"),
             "postgres://ann@h/db"
         );
-    }
-}
-
-impl annals::Upcasting for AnyStore {
-    fn with_upcasters(self, upcasters: Arc<Upcasters>) -> Self {
-        AnyStore::with_upcasters(self, upcasters)
-    }
-    fn raw(&self) -> Self {
-        AnyStore::raw(self)
     }
 }

@@ -584,6 +584,15 @@ async fn check_xids(client: &Client) -> Result<()> {
     }
 }
 
+impl annals::Upcasting for PgEventStore {
+    fn with_upcasters(self, upcasters: Arc<Upcasters>) -> Self {
+        PgEventStore::with_upcasters(self, upcasters)
+    }
+    fn raw(&self) -> Self {
+        PgEventStore::raw(self)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -609,14 +618,5 @@ mod tests {
         assert_eq!(options.pool_wait_timeout, Duration::from_secs(30));
         assert_eq!(options.page_bytes, 8 * 1024 * 1024);
         assert!(options.schema_name().is_ok());
-    }
-}
-
-impl annals::Upcasting for PgEventStore {
-    fn with_upcasters(self, upcasters: Arc<Upcasters>) -> Self {
-        PgEventStore::with_upcasters(self, upcasters)
-    }
-    fn raw(&self) -> Self {
-        PgEventStore::raw(self)
     }
 }

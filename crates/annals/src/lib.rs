@@ -82,7 +82,7 @@ mod upcast;
 pub use aggregate::{decode_event, encode_event, Aggregate, DomainEvent};
 pub use annals_derive::DomainEvent;
 pub use checkpoint::CheckpointStore;
-pub use error::{Error, Result};
+pub use error::{Error, Result, UpcastFailure};
 pub use event::{
     validate_batch, AppendResult, EventId, ExpectedVersion, GlobalPosition, Metadata, NewEvent,
     Payload, RecordedEvent, StreamVersion,

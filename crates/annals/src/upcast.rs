@@ -51,6 +51,7 @@ use std::sync::Arc;
 
 use serde_json::Value;
 
+use crate::error::UpcastFailure;
 use crate::{DomainEvent, Error, Payload, RecordedEvent, Result};
 
 /// An error of a payload transform, boxed.
@@ -465,14 +466,16 @@ impl Upcasters {
     fn upcast(&self, mut event: RecordedEvent) -> Result<RecordedEvent> {
         let stored_type = event.event_type.clone();
         let stored_version = event.event_version;
-        let fail = |event: &RecordedEvent, step: String, source: BoxError| Error::Upcast {
-            stream: event.stream_id.clone(),
-            version: event.stream_version,
-            position: event.global_position,
-            event_type: stored_type.clone(),
-            stored_version,
-            step,
-            source,
+        let fail = |event: &RecordedEvent, step: String, source: BoxError| {
+            Error::Upcast(Box::new(UpcastFailure {
+                stream: event.stream_id.clone(),
+                version: event.stream_version,
+                position: event.global_position,
+                event_type: stored_type.clone(),
+                stored_version,
+                step,
+                source,
+            }))
         };
         // Parsed lazily: a chain of relabels never parses the payload.
         let mut value: Option<Value> = None;
@@ -720,9 +723,9 @@ mod tests {
             .expect_err("fails");
         assert!(matches!(
             &err,
-            Error::Upcast { stream, version, position, event_type, stored_version: 1, .. }
-                if stream.as_str() == "Account-1" && version.get() == 7
-                    && *position == GlobalPosition::from_seq(42) && event_type == "Deposited"
+            Error::Upcast(f) if f.stream.as_str() == "Account-1" && f.version.get() == 7
+                && f.position == GlobalPosition::from_seq(42) && f.event_type == "Deposited"
+                && f.stored_version == 1
         ));
         assert_eq!(
             err.to_string(),

@@ -231,21 +231,13 @@ where
         .expect("raw");
     let store = store.with_upcasters(Arc::new(ledger_upcasters()));
     let check = |err: Error| match err {
-        Error::Upcast {
-            stream,
-            version,
-            position,
-            event_type,
-            stored_version,
-            step,
-            source,
-        } => {
-            assert_eq!(stream, bad);
-            assert_eq!(version.get(), 2);
-            assert_eq!(position, stored[1].global_position);
-            assert_eq!((event_type.as_str(), stored_version), ("Deposited", 1));
-            assert_eq!(step, "Deposited v1");
-            assert!(source.to_string().contains("more than two decimals"));
+        Error::Upcast(f) => {
+            assert_eq!(f.stream, bad);
+            assert_eq!(f.version.get(), 2);
+            assert_eq!(f.position, stored[1].global_position);
+            assert_eq!((f.event_type.as_str(), f.stored_version), ("Deposited", 1));
+            assert_eq!(f.step, "Deposited v1");
+            assert!(f.source.to_string().contains("more than two decimals"));
         }
         other => panic!("expected Error::Upcast, got {other:?}"),
     };
