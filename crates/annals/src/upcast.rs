@@ -1,49 +1,5 @@
 //! Upcasting: reading events stored by older versions of the application.
-//!
-//! An event type's payload has a current version (declared on the event enum
-//! with `#[event(version = N)]`, see [`current_versions`]). Events stored at
-//! an older version are brought to the current one as they are read, by a
-//! chain of [`Step`]s: each takes one stored event of `(type, N)` to
-//! `(type', N + 1)`, with a payload transform and an optional new type name.
-//! One event in, one event out, so stream versions and global positions keep
-//! their meaning.
-//!
-//! [`Upcasters`] is the validated registry. It is checked when it is built,
-//! against the current versions the application declares: a missing link is
-//! [`UpcastError::MissingStep`] naming the type and both versions, raised
-//! before any read rather than in the middle of a replay.
-//!
-//! A store carries the registry (each backend's `with_upcasters`) and applies
-//! it in the one function where its rows become [`RecordedEvent`]s, so every
-//! read path (aggregate loads, `read_stream`, `read_all`, `read_event`, the
-//! snapshot jobs, the tools) sees the current shape. An event already at its
-//! current version is not copied: [`Upcasters::apply`] looks its type up in a
-//! hash map (nothing at all for an empty registry) and hands the event back.
-//! An upcasted event keeps its stored form in
-//! [`RecordedEvent::stored_event_version`] and
-//! [`RecordedEvent::stored_event_type`]; the stored bytes never change.
-//!
-//! ```
-//! use annals::{Step, Upcasters};
-//! use serde_json::json;
-//!
-//! let upcasters = Upcasters::builder()
-//!     .step(Step::new("Deposited", 1, |mut v: serde_json::Value| {
-//!         v["currency"] = json!("EUR");
-//!         Ok::<_, std::convert::Infallible>(v)
-//!     }))
-//!     .build(&[("Deposited", 2)])?;
-//! assert!(upcasters.needs_upcast("Deposited", 1));
-//! assert!(!upcasters.needs_upcast("Deposited", 2));
-//!
-//! // A missing link is refused before anything is read.
-//! let missing = Upcasters::builder().build(&[("Deposited", 2)]);
-//! assert_eq!(
-//!     missing.unwrap_err().to_string(),
-//!     "no upcaster for event type \"Deposited\" from version 1 to version 2"
-//! );
-//! # Ok::<(), Box<dyn std::error::Error>>(())
-//! ```
+//! The public documentation is on [`Upcasters`].
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -397,7 +353,53 @@ struct TypeSteps {
     steps: BTreeMap<u32, Arc<Step>>,
 }
 
-/// A validated registry of upcasting steps; see the [module](self) docs.
+/// Upcasting: reading events stored by older versions of the application.
+///
+/// An event type's payload has a current version (declared on the event enum
+/// with `#[event(version = N)]`, see [`current_versions`]). Events stored at
+/// an older version are brought to the current one as they are read, by a
+/// chain of [`Step`]s: each takes one stored event of `(type, N)` to
+/// `(type', N + 1)`, with a payload transform and an optional new type name.
+/// One event in, one event out, so stream versions and global positions keep
+/// their meaning.
+///
+/// [`Upcasters`] is the validated registry. It is checked when it is built,
+/// against the current versions the application declares: a missing link is
+/// [`UpcastError::MissingStep`] naming the type and both versions, raised
+/// before any read rather than in the middle of a replay.
+///
+/// A store carries the registry (each backend's `with_upcasters`) and applies
+/// it in the one function where its rows become [`RecordedEvent`]s, so every
+/// read path (aggregate loads, `read_stream`, `read_all`, `read_event`, the
+/// snapshot jobs, the tools) sees the current shape. An event already at its
+/// current version is not copied: [`Upcasters::apply`] looks its type up in a
+/// hash map (nothing at all for an empty registry) and hands the event back.
+/// An upcasted event keeps its stored form in
+/// [`RecordedEvent::stored_event_version`] and
+/// [`RecordedEvent::stored_event_type`]; the stored bytes never change.
+///
+/// ```
+/// use annals::{Step, Upcasters};
+/// use serde_json::json;
+///
+/// let upcasters = Upcasters::builder()
+///     .step(Step::new("Deposited", 1, |mut v: serde_json::Value| {
+///         v["currency"] = json!("EUR");
+///         Ok::<_, std::convert::Infallible>(v)
+///     }))
+///     .build(&[("Deposited", 2)])?;
+/// assert!(upcasters.needs_upcast("Deposited", 1));
+/// assert!(!upcasters.needs_upcast("Deposited", 2));
+///
+/// // A missing link is refused before anything is read.
+/// let missing = Upcasters::builder().build(&[("Deposited", 2)]);
+/// assert_eq!(
+///     missing.unwrap_err().to_string(),
+///     "no upcaster for event type \"Deposited\" from version 1 to version 2"
+/// );
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+///
 /// Built with [`Upcasters::builder`]; an empty registry
 /// ([`Upcasters::default`]) upcasts nothing and costs nothing.
 #[derive(Default)]
