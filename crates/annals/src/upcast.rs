@@ -20,7 +20,10 @@ type Transform = dyn Fn(Value) -> std::result::Result<Value, BoxError> + Send + 
 /// [`DomainEvent::EVENT_TYPES`] (aliases included) with its
 /// [`current_version`](DomainEvent::current_version). What
 /// [`UpcastersBuilder::build`] validates a registry against; concatenate
-/// the lists of several enums for a store that holds them all.
+/// the lists of several enums for a store that holds them all. An alias is
+/// listed as a type of its own: an alias of a variant above version 1 needs
+/// its own chain too (or [`UpcastersBuilder::introduced_at`]), since events
+/// stored under the old name may be at any of its versions.
 pub fn current_versions<E: DomainEvent>() -> Vec<(&'static str, u32)> {
     E::EVENT_TYPES
         .iter()
@@ -710,6 +713,31 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    /// Aliases are types of their own for the chain check.
+    #[test]
+    fn an_alias_needs_its_own_chain() {
+        #[derive(serde::Serialize, serde::Deserialize, crate::DomainEvent)]
+        enum E {
+            #[event(version = 2)]
+            #[serde(alias = "Frozen")]
+            Locked,
+        }
+        assert_eq!(current_versions::<E>(), [("Locked", 2), ("Frozen", 2)]);
+        let relabel = || Step::relabel("Locked", 1);
+        let err = Upcasters::builder()
+            .step(relabel())
+            .build_for::<E>()
+            .expect_err("Frozen v1 has no step");
+        assert!(
+            matches!(err, UpcastError::MissingStep { ref event_type, .. } if event_type == "Frozen")
+        );
+        Upcasters::builder()
+            .step(relabel())
+            .introduced_at("Frozen", 2)
+            .build_for::<E>()
+            .expect("Frozen was only ever stored at v2");
     }
 
     #[test]

@@ -138,3 +138,11 @@ fn help_documents_the_exit_codes() {
     assert_eq!(run.code, 2);
     assert!(run.stderr.contains("Usage"), "{run:#?}");
 }
+
+#[test]
+fn a_bad_plan_is_refused_before_the_database_is_opened() {
+    let db = Db::sqlite();
+    db.run(&["read-all", "--plan", "missing.toml"])
+        .fails(2, &["missing.toml", "cannot read the plan"]);
+    assert!(!db.sqlite_path().exists());
+}
