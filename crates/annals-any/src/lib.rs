@@ -60,6 +60,7 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use annals::{
@@ -69,7 +70,7 @@ use annals::{
     SnapshotStaging, SnapshotStore, SnapshotWrite, StaleSnapshot, StoreStats, StreamCatalog,
     StreamId, StreamInfo, StreamVersion,
 };
-use annals::{ClockSkew, LongTransaction, StorageSize, StreamVersionIssue};
+use annals::{ClockSkew, LongTransaction, StorageSize, StreamVersionIssue, Upcasters};
 use annals_postgres::{PgEventStore, PgOptions};
 use annals_sqlite::{SqliteEventStore, SqliteOptions};
 use chrono::{DateTime, Utc};
@@ -200,7 +201,7 @@ impl FromStr for DatabaseUrl {
 }
 
 /// How [`AnyStore::open_with`] opens a store.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default)]
 pub struct OpenOptions {
     /// PostgreSQL schema holding the tables (`None`: `public`). Ignored by
     /// SQLite.
@@ -209,6 +210,9 @@ pub struct OpenOptions {
     /// creating it. A read-only tool sets this, so a mistyped path is an
     /// error rather than a new empty database.
     pub must_exist: bool,
+    /// Upcasters applied to every event the store reads (see
+    /// [`AnyStore::with_upcasters`]); `None` reads events as stored.
+    pub upcasters: Option<Arc<Upcasters>>,
 }
 
 /// A store on whichever backend a database URL selects.
@@ -260,17 +264,42 @@ impl AnyStore {
                 }
                 let path: &Path = path;
                 let store = SqliteEventStore::open_with(path, SqliteOptions::default()).await?;
-                Ok(AnyStore::Sqlite(store))
+                Ok(AnyStore::Sqlite(store).with_optional_upcasters(options))
             }
             DatabaseUrl::Postgres(url) => {
                 let pg = PgOptions {
                     schema: options.pg_schema.clone(),
                     ..PgOptions::default()
                 };
-                Ok(AnyStore::Postgres(
-                    PgEventStore::connect_with(url, pg).await?,
-                ))
+                Ok(
+                    AnyStore::Postgres(PgEventStore::connect_with(url, pg).await?)
+                        .with_optional_upcasters(options),
+                )
             }
+        }
+    }
+
+    fn with_optional_upcasters(self, options: &OpenOptions) -> Self {
+        match &options.upcasters {
+            Some(u) => self.with_upcasters(Arc::clone(u)),
+            None => self,
+        }
+    }
+
+    /// This store (the same connections) with every read upcast by
+    /// `upcasters` (see [`annals::Upcasters`]).
+    pub fn with_upcasters(self, upcasters: Arc<Upcasters>) -> Self {
+        match self {
+            AnyStore::Sqlite(s) => AnyStore::Sqlite(s.with_upcasters(upcasters)),
+            AnyStore::Postgres(s) => AnyStore::Postgres(s.with_upcasters(upcasters)),
+        }
+    }
+
+    /// This store (the same connections) reading events as stored.
+    pub fn raw(&self) -> Self {
+        match self {
+            AnyStore::Sqlite(s) => AnyStore::Sqlite(s.raw()),
+            AnyStore::Postgres(s) => AnyStore::Postgres(s.raw()),
         }
     }
 
@@ -555,6 +584,15 @@ impl CheckpointStore for AnyStore {
 
     async fn reset_checkpoint(&self, name: &str) -> Result<()> {
         delegate!(self, s => s.reset_checkpoint(name).await)
+    }
+}
+
+impl annals::Upcasting for AnyStore {
+    fn with_upcasters(self, upcasters: Arc<Upcasters>) -> Self {
+        AnyStore::with_upcasters(self, upcasters)
+    }
+    fn raw(&self) -> Self {
+        AnyStore::raw(self)
     }
 }
 

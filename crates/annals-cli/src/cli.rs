@@ -632,6 +632,8 @@ pub(crate) struct ReadArgs {
     pub(crate) backward: bool,
     #[command(flatten)]
     pub(crate) follow: FollowArgs,
+    #[command(flatten)]
+    pub(crate) upcast: UpcastArgs,
     /// Print JSON Lines.
     #[arg(long)]
     pub(crate) json: bool,
@@ -662,9 +664,25 @@ pub(crate) struct ReadAllArgs {
     pub(crate) until: Option<DateTime<Utc>>,
     #[command(flatten)]
     pub(crate) follow: FollowArgs,
+    #[command(flatten)]
+    pub(crate) upcast: UpcastArgs,
     /// Print JSON Lines.
     #[arg(long)]
     pub(crate) json: bool,
+}
+
+/// How a read command treats events stored at older payload versions.
+#[derive(Args, Debug, Default)]
+pub(crate) struct UpcastArgs {
+    /// Upcast the events with this plan: a TOML file of steps (event_type,
+    /// from_version, rename_to, and a jq filter for the payload), in place of
+    /// the application's upcasters. Upcasted events show the version they
+    /// are stored at.
+    #[arg(long, value_name = "FILE")]
+    pub(crate) plan: Option<std::path::PathBuf>,
+    /// Show events as stored: no upcasting.
+    #[arg(long, conflicts_with = "plan")]
+    pub(crate) raw: bool,
 }
 
 /// Tailing a read.
@@ -709,6 +727,8 @@ pub(crate) struct AggregateArgs {
     /// Ignore snapshots and replay the whole stream.
     #[arg(long)]
     pub(crate) no_snapshot: bool,
+    #[command(flatten)]
+    pub(crate) upcast: UpcastArgs,
     /// Print one JSON object.
     #[arg(long)]
     pub(crate) json: bool,
@@ -724,6 +744,8 @@ pub(crate) struct EventArgs {
     /// caused, are shown (the rest are counted).
     #[arg(long, value_name = "N", default_value = "1000", value_parser = parse_count, allow_hyphen_values = true)]
     pub(crate) limit: u64,
+    #[command(flatten)]
+    pub(crate) upcast: UpcastArgs,
     /// Print one JSON object.
     #[arg(long)]
     pub(crate) json: bool,

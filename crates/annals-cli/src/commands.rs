@@ -3,6 +3,7 @@
 
 use std::future::Future;
 use std::io::{Read, Write};
+use std::sync::Arc;
 
 use annals::StreamCatalog;
 use annals::{validate_batch, EventStore, Metadata, NewEvent, ReadStream, StreamId};
@@ -11,7 +12,7 @@ use chrono::{DateTime, Duration, Utc};
 use futures::StreamExt;
 use serde_json::Value;
 
-use crate::cli::{AggregateArgs, AppendArgs, Command, JsonInput, StatsArgs};
+use crate::cli::{AggregateArgs, AppendArgs, Command, JsonInput, StatsArgs, UpcastArgs};
 use crate::output::{json_line, timestamp, EventPrinter, Table};
 use crate::registry::LoadRequest;
 use crate::store::{Backend, DatabaseUrl, OpenOptions};
@@ -39,10 +40,42 @@ impl Env<'_> {
         &self,
         create: bool,
     ) -> impl Future<Output = anyhow::Result<AnyStore>> + Send + 'static {
+        self.open_upcasting(create, self.app.upcasters.clone())
+    }
+
+    /// Opens the store for a read command: with the plan of `--plan`
+    /// (loaded and checked before the database is opened), as stored with
+    /// `--raw`, else with the application's upcasters.
+    pub(crate) fn open_for_read(
+        &self,
+        upcast: &UpcastArgs,
+    ) -> impl Future<Output = anyhow::Result<AnyStore>> + Send + 'static {
+        let upcasters = if upcast.raw {
+            Ok(None)
+        } else if let Some(file) = &upcast.plan {
+            // Without the application's event types here, each chain's end
+            // is taken as current; holes and duplicates are still refused.
+            annals::Plan::load(file)
+                .and_then(annals::Plan::build_without_types)
+                .map(|u| Some(Arc::new(u)))
+                .map_err(anyhow::Error::from)
+        } else {
+            Ok(self.app.upcasters.clone())
+        };
+        let open = upcasters.map(|u| self.open_upcasting(false, u));
+        async move { open?.await }
+    }
+
+    fn open_upcasting(
+        &self,
+        create: bool,
+        upcasters: Option<Arc<annals::Upcasters>>,
+    ) -> impl Future<Output = anyhow::Result<AnyStore>> + Send + 'static {
         let url = self.database_url();
         let options = OpenOptions {
             pg_schema: self.pg_schema.clone(),
             must_exist: !create,
+            upcasters,
         };
         async move {
             let url = url?;
@@ -337,7 +370,7 @@ fn bytes(n: u64) -> String {
 async fn aggregate(env: Env<'_>, args: AggregateArgs) -> anyhow::Result<Outcome> {
     let ops = registered(env.app, &args.aggregate_type)?;
     let stream = StreamId::new(ops.aggregate_type(), &args.id)?;
-    let store = env.open(false).await?;
+    let store = env.open_for_read(&args.upcast).await?;
     let request = LoadRequest {
         at_version: args.at_version,
         as_of: args.as_of,

@@ -31,7 +31,7 @@ use crate::output::{json_line, timestamp, Table};
 use crate::{AnyStore, Outcome};
 
 pub(crate) async fn run(env: Env<'_>, args: EventArgs) -> anyhow::Result<Outcome> {
-    let store = env.open(false).await?;
+    let store = env.open_for_read(&args.upcast).await?;
     let Some(event) = find(&store, args.event).await? else {
         return Ok(Outcome::CheckFailed(match args.event {
             EventRef::Id(id) => format!("no event with id {id}"),
@@ -182,6 +182,12 @@ fn print_event(out: &mut dyn Write, e: &RecordedEvent) -> anyhow::Result<()> {
     writeln!(out, "position        {}", e.global_position)?;
     writeln!(out, "type            {}", e.event_type)?;
     writeln!(out, "event_version   {}", e.event_version)?;
+    if let Some(stored) = e.stored_event_version {
+        match &e.stored_event_type {
+            Some(t) => writeln!(out, "stored_as       {t} v{stored} (upcasted)")?,
+            None => writeln!(out, "stored_as       v{stored} (upcasted)")?,
+        }
+    }
     writeln!(out, "recorded_at     {}", timestamp(&e.recorded_at))?;
     writeln!(out, "correlation_id  {}", id(e.metadata.correlation_id))?;
     writeln!(out, "causation_id    {}", id(e.metadata.causation_id))?;
@@ -338,6 +344,8 @@ mod tests {
                 ..Metadata::default()
             },
             recorded_at: chrono::DateTime::UNIX_EPOCH,
+            stored_event_version: None,
+            stored_event_type: None,
         }
     }
 

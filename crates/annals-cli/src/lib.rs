@@ -148,12 +148,14 @@ pub(crate) enum Outcome {
 #[derive(Clone, Default)]
 pub struct App {
     aggregates: BTreeMap<&'static str, Arc<dyn AggregateOps>>,
+    upcasters: Option<Arc<annals::Upcasters>>,
 }
 
 impl std::fmt::Debug for App {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("App")
             .field("aggregates", &self.aggregates.keys().collect::<Vec<_>>())
+            .field("upcasters", &self.upcasters)
             .finish()
     }
 }
@@ -162,6 +164,14 @@ impl App {
     /// An app with no aggregate types.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Upcasts every event the commands read with `upcasters` (the
+    /// application's own, see [`annals::Upcasters`]). The read commands'
+    /// `--plan FILE` replaces them for one run, and `--raw` reads as stored.
+    pub fn with_upcasters(mut self, upcasters: Arc<annals::Upcasters>) -> Self {
+        self.upcasters = Some(upcasters);
+        self
     }
 
     /// An app that knows the demo domain, [`annals::bank::Account`].

@@ -150,10 +150,17 @@ impl EventPrinter {
         }
         // The payload's schema version is shown only when it is not the
         // default, to keep the common case narrow.
-        let event_type = if e.event_version == 1 {
-            e.event_type.clone()
-        } else {
-            format!("{} (v{})", e.event_type, e.event_version)
+        let event_type = match (e.stored_event_version, &e.stored_event_type) {
+            // An upcasted event says what it is stored as.
+            (Some(stored), Some(stored_type)) => format!(
+                "{} (v{}, stored as {stored_type} v{stored})",
+                e.event_type, e.event_version
+            ),
+            (Some(stored), None) => {
+                format!("{} (v{}, stored v{stored})", e.event_type, e.event_version)
+            }
+            (None, _) if e.event_version == 1 => e.event_type.clone(),
+            (None, _) => format!("{} (v{})", e.event_type, e.event_version),
         };
         let metadata = e.metadata.to_value();
         let metadata = match metadata.as_object() {

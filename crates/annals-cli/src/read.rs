@@ -48,7 +48,7 @@ pub(crate) async fn read(env: Env<'_>, args: ReadArgs) -> anyhow::Result<Outcome
         until_version: None,
         as_of: args.as_of.or(args.until),
     };
-    let store = env.open(false).await?;
+    let store = env.open_for_read(&args.upcast).await?;
     let out = env.out;
     let mut printer = EventPrinter::new(args.json);
     let mut remaining = args.limit;
@@ -109,7 +109,7 @@ pub(crate) async fn read_all(env: Env<'_>, args: ReadAllArgs) -> anyhow::Result<
         since: args.since,
         until: args.until,
     };
-    let store = env.open(false).await?;
+    let store = env.open_for_read(&args.upcast).await?;
     let out = env.out;
     let mut printer = EventPrinter::new(args.json);
     if args.follow.follow {

@@ -807,7 +807,10 @@ pub(crate) async fn export_cmd(
     env: crate::commands::Env<'_>,
     args: crate::cli::ExportArgs,
 ) -> anyhow::Result<crate::Outcome> {
-    let store = env.open(false).await?;
+    // A backup holds the events as stored, never upcast: importing it gives
+    // back the same history, and the application's upcasters apply to its
+    // reads there as here.
+    let store = env.open(false).await?.raw();
     let options = ExportOptions {
         categories: args.category,
         since: args.since,

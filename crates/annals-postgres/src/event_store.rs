@@ -34,7 +34,7 @@ use annals::{
     Direction, Error, EventId, EventStore, EventStream, EventTypeStats, ExpectedVersion,
     Fingerprint, GlobalPosition, NewEvent, PreparedEvent, PreparedStreamBatch, ReadAll, ReadStream,
     RecordedEvent, Result, StoreStats, StoredEvent, StreamBatch, StreamId, StreamInfo,
-    StreamVersion,
+    StreamVersion, Upcasters,
 };
 use chrono::{DateTime, Utc};
 use deadpool_postgres::Client;
@@ -270,7 +270,7 @@ impl PgEventStore {
                                 .await
                                 .context(what)
                         })?;
-                    position_page(&rows, cut, want, taken, rows_limit)
+                    position_page(&rows, cut, want, taken, rows_limit, store.upcasters())
                 }
             },
         )
@@ -384,7 +384,7 @@ impl EventStore for PgEventStore {
                     let mut last_stream = Some(stream_id);
                     let events = rows
                         .iter()
-                        .map(|row| decode_event(row, &mut last_stream))
+                        .map(|row| decode_event(row, &mut last_stream, store.upcasters()))
                         .collect::<Result<Vec<_>>>()?;
                     let next = match events.last() {
                         Some(last) if cut || (events.len() as i64) == want => {
@@ -442,7 +442,7 @@ impl EventStore for PgEventStore {
                         until,
                     };
                     let (rows, cut) = store.read_all_page(&page).await?;
-                    position_page(&rows, cut, want, taken, rows_limit)
+                    position_page(&rows, cut, want, taken, rows_limit, store.upcasters())
                 }
             },
         );
@@ -532,7 +532,8 @@ impl EventStore for PgEventStore {
         let row = with_client!(self, Lane::Any, "read an event by id", |client| {
             read_event_row(client, id).await
         })?;
-        row.map(|row| decode_event(&row, &mut None)).transpose()
+        row.map(|row| decode_event(&row, &mut None, self.upcasters()))
+            .transpose()
     }
 }
 
@@ -1308,11 +1309,12 @@ fn position_page(
     want: i64,
     taken: u64,
     rows_limit: PageRows,
+    upcasters: Option<&Upcasters>,
 ) -> Result<(Vec<RecordedEvent>, Option<((i64, i64), u64, PageRows)>)> {
     let mut last_stream = None;
     let events = rows
         .iter()
-        .map(|row| decode_event(row, &mut last_stream))
+        .map(|row| decode_event(row, &mut last_stream, upcasters))
         .collect::<Result<Vec<_>>>()?;
     let next = match events.last() {
         Some(last) if cut || (events.len() as i64) == want => Some((

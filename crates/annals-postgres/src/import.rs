@@ -89,7 +89,7 @@ impl EventImport for PgEventStore {
             .await
             .context("cannot look up the imported event ids")?
         {
-            let e = decode_event(&row, &mut None)?;
+            let e = decode_event(&row, &mut None, None)?;
             stored.insert(e.event_id, e);
         }
         let plan = plan_import(events, &heads, &stored)?;

@@ -15,6 +15,7 @@ use std::future::Future;
 
 use annals::{
     EventId, GlobalPosition, Metadata, Payload, RecordedEvent, Result, StreamId, StreamVersion,
+    Upcasters,
 };
 use deadpool_postgres::Client;
 use futures::stream::{self, BoxStream, StreamExt, TryStreamExt};
@@ -167,11 +168,18 @@ pub(crate) fn budget(page_bytes: usize) -> usize {
     page_bytes.max(1)
 }
 
-/// Decodes a row selected with [`event_columns!`]. A row that does not
-/// decode is an error naming its position. `last_stream` is the stream of
-/// the previous row (or the stream being read): when the row has the same
-/// name it is reused instead of parsed and validated again.
-pub(crate) fn decode_event(row: &Row, last_stream: &mut Option<StreamId>) -> Result<RecordedEvent> {
+/// Decodes a row selected with [`event_columns!`] and upcasts it with
+/// `upcasters` (the store handle's, [`crate::PgEventStore::upcasters`];
+/// `None` reads it as stored). Every read of events goes through here, so
+/// that no read path can forget the upcasters. A row that does not decode
+/// is an error naming its position. `last_stream` is the stream of the
+/// previous row (or the stream being read): when the row has the same name
+/// it is reused instead of parsed and validated again.
+pub(crate) fn decode_event(
+    row: &Row,
+    last_stream: &mut Option<StreamId>,
+    upcasters: Option<&Upcasters>,
+) -> Result<RecordedEvent> {
     let tx: i64 = row
         .try_get(0)
         .context("cannot decode an event's position")?;
@@ -210,7 +218,7 @@ pub(crate) fn decode_event(row: &Row, last_stream: &mut Option<StreamId>) -> Res
     let recorded_at = row
         .try_get(9)
         .map_err(|e| backend(what("recording time"), e))?;
-    Ok(RecordedEvent {
+    let event = RecordedEvent {
         event_id: EventId(event_id),
         stream_id,
         stream_version,
@@ -220,7 +228,10 @@ pub(crate) fn decode_event(row: &Row, last_stream: &mut Option<StreamId>) -> Res
         data,
         metadata,
         recorded_at,
-    })
+        stored_event_version: None,
+        stored_event_type: None,
+    };
+    annals::upcast_event(upcasters, event)
 }
 
 /// A lazy stream of pages. `next(cursor)` fetches one page and returns its

@@ -27,7 +27,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use annals::{Error, Result};
+use annals::{Error, Result, Upcasters};
 use deadpool_postgres::{
     Client, Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime, Timeouts,
 };
@@ -141,6 +141,9 @@ impl PgOptions {
 pub struct PgEventStore {
     pub(crate) inner: Arc<Inner>,
     pub(crate) horizon_wait: Duration,
+    /// Applied to every event a read returns; per handle, so that
+    /// [`PgEventStore::raw`] shares the pool and reads as stored.
+    upcasters: Option<Arc<Upcasters>>,
 }
 
 pub(crate) struct Inner {
@@ -245,6 +248,7 @@ impl PgEventStore {
                 ready: AtomicBool::new(false),
             }),
             horizon_wait: DEFAULT_HORIZON_WAIT,
+            upcasters: None,
         };
         let client = store.client("connect").await?;
         let found = migrate::current_version(&client).await?;
@@ -275,6 +279,29 @@ impl PgEventStore {
     pub fn with_horizon_wait(mut self, wait: Duration) -> Self {
         self.horizon_wait = wait;
         self
+    }
+
+    /// This store (the same pool) with every read upcast by `upcasters`:
+    /// aggregate loads, `read_stream`, `read_all`, `read_event`, the
+    /// metadata lookups and the snapshot jobs all see events at their
+    /// current versions (see [`annals::Upcasters`]).
+    pub fn with_upcasters(mut self, upcasters: Arc<Upcasters>) -> Self {
+        self.upcasters = Some(upcasters);
+        self
+    }
+
+    /// This store (the same pool) reading events as stored, without
+    /// upcasters (what `annals read --raw` shows).
+    pub fn raw(&self) -> Self {
+        PgEventStore {
+            upcasters: None,
+            ..self.clone()
+        }
+    }
+
+    /// The upcasters this handle applies, if any.
+    pub fn upcasters(&self) -> Option<&Upcasters> {
+        self.upcasters.as_deref()
     }
 
     /// Creates the schema if needed and applies every pending migration, each
@@ -560,6 +587,15 @@ async fn check_xids(client: &Client) -> Result<()> {
              (pg_resetwal --epoch and --next-transaction-id) before using it"
         ))),
         _ => Ok(()),
+    }
+}
+
+impl annals::Upcasting for PgEventStore {
+    fn with_upcasters(self, upcasters: Arc<Upcasters>) -> Self {
+        PgEventStore::with_upcasters(self, upcasters)
+    }
+    fn raw(&self) -> Self {
+        PgEventStore::raw(self)
     }
 }
 

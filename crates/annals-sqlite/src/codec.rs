@@ -6,10 +6,11 @@
 //! written by another tool.
 
 use std::ops::Range;
+use std::sync::Arc;
 
 use annals::{
     EventId, GlobalPosition, Metadata, Payload, RecordedEvent, Result, Snapshot, StreamId,
-    StreamVersion,
+    StreamVersion, Upcasters,
 };
 use chrono::{DateTime, Utc};
 use rusqlite::types::ValueRef;
@@ -225,21 +226,27 @@ impl RawEvents {
 
 /// Decodes a [`RawEvents`] page row by row as it is iterated, reusing the last
 /// stream name (pages of one stream, and runs of one stream in the global
-/// order, validate it once). Ends with the page's error, if it had one.
+/// order, validate it once), and upcasting each event with the store
+/// handle's registry. Ends with the page's error, if it had one.
 pub(crate) struct EventRows {
     page: RawEvents,
     next: usize,
     last_stream: Option<StreamId>,
+    upcasters: Option<Arc<Upcasters>>,
 }
 
-impl IntoIterator for RawEvents {
-    type Item = Result<RecordedEvent>;
-    type IntoIter = EventRows;
-    fn into_iter(self) -> EventRows {
+impl RawEvents {
+    /// The page's events, decoded as they are iterated and upcast by
+    /// `upcasters` (the store handle's, [`crate::SqliteEventStore::upcasters`];
+    /// `None` reads them as stored). This is the only way from rows to
+    /// [`RecordedEvent`]s, so that no read path can forget the upcasters:
+    /// there is deliberately no `IntoIterator` for a page.
+    pub(crate) fn decode(self, upcasters: Option<Arc<Upcasters>>) -> EventRows {
         EventRows {
             page: self,
             next: 0,
             last_stream: None,
+            upcasters,
         }
     }
 }
@@ -252,7 +259,11 @@ impl Iterator for EventRows {
             return self.page.error.take().map(Err);
         };
         self.next += 1;
-        Some(decode_event(&self.page.text, raw, &mut self.last_stream))
+        let event = decode_event(&self.page.text, raw, &mut self.last_stream);
+        Some(match &self.upcasters {
+            None => event,
+            Some(u) => event.and_then(|e| u.apply(e)),
+        })
     }
 
     fn size_hint(&self) -> (usize, Option<usize>) {
@@ -299,6 +310,8 @@ fn decode_event(
         data,
         metadata,
         recorded_at,
+        stored_event_version: None,
+        stored_event_type: None,
     })
 }
 

@@ -650,6 +650,7 @@ impl SqliteEventStore {
         // Canonical JSON writes a UUID lowercase and hyphenated.
         let id = id.hyphenated().to_string();
         let batch = self.batch_size() as u64;
+        let upcasters = self.upcasters().cloned();
         self.conns()
             .paginate(cursor, move |conn, cursor: AllCursor| {
                 let want = cursor.remaining.min(batch);
@@ -677,7 +678,7 @@ impl SqliteEventStore {
                     }
                     _ => None,
                 };
-                Ok((page, next))
+                Ok((page.decode(upcasters.clone()), next))
             })
     }
 }
@@ -796,8 +797,10 @@ impl EventStore for SqliteEventStore {
         }
         let stream = stream.clone();
         let batch = self.batch_size() as u64;
+        let upcasters = self.upcasters().cloned();
         let events = self.conns().paginate(cursor, move |conn, cursor| {
             read_stream_page(conn, &stream, &options, batch, PAGE_BYTES, cursor)
+                .map(|(page, next)| (page.decode(upcasters.clone()), next))
         });
         METRICS.count_reads(events)
     }
@@ -821,8 +824,10 @@ impl EventStore for SqliteEventStore {
         }
         let sql = Arc::new(read_all_sql(&options));
         let batch = self.batch_size() as u64;
+        let upcasters = self.upcasters().cloned();
         let events = self.conns().paginate(cursor, move |conn, cursor| {
             read_all_page(conn, &sql, &options, batch, PAGE_BYTES, cursor)
+                .map(|(page, next)| (page.decode(upcasters.clone()), next))
         });
         METRICS.count_reads(events)
     }
@@ -885,7 +890,7 @@ impl EventStore for SqliteEventStore {
                 RawEvents::collect(&mut rows, 1, usize::MAX, "reading an event by id")
             })
             .await?;
-        page.into_iter().next().transpose()
+        page.decode(self.upcasters().cloned()).next().transpose()
     }
 }
 
@@ -1003,7 +1008,7 @@ mod tests {
                 break;
             }
             out.push(
-                page.into_iter()
+                page.decode(None)
                     .map(|e| {
                         let e = e.expect("row decodes");
                         e.data.to_value().expect("payload")["i"]

@@ -51,7 +51,7 @@ fn import_job(conn: &mut Connection, events: Vec<ImportEvent>) -> Result<ImportR
                 .query([&e.event_id.0.as_bytes()[..]])
                 .map_err(db("reading an event by id"))?;
             let page = RawEvents::collect(&mut rows, 1, usize::MAX, "reading an event by id")?;
-            if let Some(found) = page.into_iter().next().transpose()? {
+            if let Some(found) = page.decode(None).next().transpose()? {
                 stored.insert(e.event_id, found);
             }
         }

@@ -4,7 +4,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use annals::{Error, Result};
+use annals::{Error, Result, Upcasters};
 
 use crate::conn::Conns;
 use crate::migrate;
@@ -45,6 +45,9 @@ impl Default for SqliteOptions {
 #[derive(Clone)]
 pub struct SqliteEventStore {
     pub(crate) inner: Arc<Inner>,
+    /// Applied to every event a read returns; per handle, so that
+    /// [`SqliteEventStore::raw`] shares the connections and reads as stored.
+    upcasters: Option<Arc<Upcasters>>,
 }
 
 pub(crate) struct Inner {
@@ -58,6 +61,7 @@ impl fmt::Debug for SqliteEventStore {
         f.debug_struct("SqliteEventStore")
             .field("path", &self.inner.path)
             .field("options", &self.inner.options)
+            .field("upcasters", &self.upcasters)
             .finish()
     }
 }
@@ -94,6 +98,7 @@ impl SqliteEventStore {
                 options,
                 conns,
             }),
+            upcasters: None,
         };
         if store.inner.options.migrate_on_open {
             store.migrate().await?;
@@ -119,6 +124,29 @@ impl SqliteEventStore {
     /// current version (what `annals schema --backend sqlite` prints).
     pub fn schema_sql() -> String {
         migrate::schema_sql()
+    }
+
+    /// This store (the same file and threads) with every read upcast by
+    /// `upcasters`: aggregate loads, `read_stream`, `read_all`, `read_event`,
+    /// the metadata lookups and the snapshot jobs all see events at their
+    /// current versions (see [`annals::Upcasters`]).
+    pub fn with_upcasters(mut self, upcasters: Arc<Upcasters>) -> Self {
+        self.upcasters = Some(upcasters);
+        self
+    }
+
+    /// This store (the same file and threads) reading events as stored,
+    /// without upcasters (what `annals read --raw` shows).
+    pub fn raw(&self) -> Self {
+        SqliteEventStore {
+            inner: Arc::clone(&self.inner),
+            upcasters: None,
+        }
+    }
+
+    /// The upcasters this handle applies, if any.
+    pub fn upcasters(&self) -> Option<&Arc<Upcasters>> {
+        self.upcasters.as_ref()
     }
 
     /// The database file.
@@ -190,5 +218,14 @@ impl SqliteEventStore {
 
     pub(crate) fn batch_size(&self) -> usize {
         self.inner.options.batch_size
+    }
+}
+
+impl annals::Upcasting for SqliteEventStore {
+    fn with_upcasters(self, upcasters: Arc<Upcasters>) -> Self {
+        SqliteEventStore::with_upcasters(self, upcasters)
+    }
+    fn raw(&self) -> Self {
+        SqliteEventStore::raw(self)
     }
 }

@@ -79,6 +79,7 @@ mod drift;
 /// | `checkpoints` | `EventStore` + `CheckpointStore` |
 /// | `projections` | `EventStore` + `CheckpointStore` (feed pages, subscriptions, projection runners) |
 /// | `model` | `EventStore` + `SnapshotStore` + `CheckpointStore` (the `Vec`-model check) |
+/// | `upcasting` | `EventStore` + `SnapshotStore` + `annals::Upcasting` (reads through `Upcasters`) |
 ///
 /// A test goes into the group of what its bound names (one line in the
 /// group's arm below). The lists cannot drift from the suite: the build
@@ -229,6 +230,14 @@ macro_rules! conformance_suite {
             failed_checkpoint_redelivers_and_the_guard_absorbs_it,
         }
     };
+    (@group upcasting, $($then:tt)*) => {
+        $crate::conformance_suite! { $($then)*
+            upcasting_on_every_read_path,
+            failing_upcaster_names_the_event,
+            missing_upcaster_fails_at_build,
+            tolerant_reading_needs_no_upcaster,
+        }
+    };
     (@group model, $($then:tt)*) => {
         $crate::conformance_suite! { $($then)*
             model_scenarios,
@@ -256,6 +265,7 @@ macro_rules! conformance_suite {
             $crate::conformance_suite!(@group checkpoints, @names checkpoints;),
             $crate::conformance_suite!(@group projections, @names projections;),
             $crate::conformance_suite!(@group model, @names model;),
+            $crate::conformance_suite!(@group upcasting, @names upcasting;),
         ]
     };
     (@names $group:ident; $($name:ident),* $(,)?) => {

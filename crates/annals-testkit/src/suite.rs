@@ -39,6 +39,8 @@ mod telemetry;
 pub use telemetry::*;
 mod import;
 pub use import::*;
+mod upcasting;
+pub use upcasting::*;
 
 fn sid(name: &str) -> StreamId {
     StreamId::parse(name).expect("valid stream name")

@@ -303,6 +303,8 @@ mod tests {
             data: Payload::from_value(data).expect("a JSON value"),
             metadata: Metadata::default(),
             recorded_at: chrono::Utc::now(),
+            stored_event_version: None,
+            stored_event_type: None,
         }
     }
 

@@ -95,6 +95,12 @@ pub enum Error {
         #[source]
         source: serde_json::Error,
     },
+    /// An upcaster failed on a stored event (or the stored payload did not
+    /// parse, or the result was not a storable payload). Nothing was
+    /// changed in the store; fix the step (or the plan's filter) named in
+    /// the [`UpcastFailure`] and read again. Boxed, to keep `Error` small.
+    #[error(transparent)]
+    Upcast(Box<UpcastFailure>),
     /// A typed value (event or aggregate state) could not be serialized.
     #[error("cannot encode {what}: {source}")]
     Encode {
@@ -168,6 +174,28 @@ pub enum Error {
         #[source]
         source: Option<Box<dyn std::error::Error + Send + Sync>>,
     },
+}
+
+/// What [`Error::Upcast`] reports: which stored event a step failed on.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot upcast event {event_type:?} stored at v{stored_version} at {stream} version {version} (position {position}): step {step} failed: {source}")]
+#[non_exhaustive]
+pub struct UpcastFailure {
+    /// The stream holding the event.
+    pub stream: StreamId,
+    /// Its version in the stream.
+    pub version: StreamVersion,
+    /// Its global position.
+    pub position: GlobalPosition,
+    /// The stored type name.
+    pub event_type: String,
+    /// The stored payload schema version.
+    pub stored_version: u32,
+    /// The step that failed (`TYPE vN`, or the plan step's label).
+    pub step: String,
+    /// What the step reported.
+    #[source]
+    pub source: Box<dyn std::error::Error + Send + Sync>,
 }
 
 fn display_actual(actual: &Option<StreamVersion>) -> String {

@@ -726,7 +726,7 @@ pub struct RecordedEvent {
     pub global_position: GlobalPosition,
     /// Type name.
     pub event_type: String,
-    /// Payload schema version.
+    /// Payload schema version (after upcasting, the current one).
     pub event_version: u32,
     /// Payload, as JSON text.
     pub data: Payload,
@@ -734,6 +734,15 @@ pub struct RecordedEvent {
     pub metadata: Metadata,
     /// When the store recorded it (UTC).
     pub recorded_at: DateTime<Utc>,
+    /// The payload schema version the event is stored at, when the store's
+    /// [`Upcasters`](crate::Upcasters) brought it to a newer one; `None`
+    /// when it is read as stored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stored_event_version: Option<u32>,
+    /// The type name the event is stored under, when an upcaster renamed
+    /// it; `None` otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stored_event_type: Option<String>,
 }
 
 impl RecordedEvent {

@@ -23,6 +23,10 @@
 //! migration) and [`MultiStreamAppend`] (one atomic write to several
 //! streams).
 //!
+//! Events stored by older versions of the application are read at their
+//! current version through [`Upcasters`], which a store applies on every
+//! read path (see the `upcast` module's docs on [`Upcasters`]).
+//!
 //! # Example
 //!
 //! ```
@@ -46,7 +50,10 @@
 //!
 //! # Crate features
 //!
-//! None: the core is always complete. Backends live in their own crates.
+//! - `plan` (off by default): `Plan`, declarative upcasting plans (TOML
+//!   steps whose payload transforms are jq filters, run by jaq). Rust
+//!   upcasters ([`Upcasters`], [`Step`]) need no feature. Backends live in
+//!   their own crates.
 //!
 //! See `docs/architecture.md` in the repository for the crates, the traits
 //! between them and how an event flows.
@@ -67,6 +74,8 @@ mod idempotency;
 mod import;
 mod memory;
 mod multi_stream;
+#[cfg(feature = "plan")]
+mod plan;
 mod projection;
 mod repository;
 mod snapshot;
@@ -75,11 +84,12 @@ mod snapshot_worker;
 mod stream;
 mod subscription;
 mod telemetry;
+mod upcast;
 
 pub use aggregate::{decode_event, encode_event, Aggregate, DomainEvent};
 pub use annals_derive::DomainEvent;
 pub use checkpoint::{Checkpoint, CheckpointListing, CheckpointStore};
-pub use error::{Error, Result};
+pub use error::{Error, Result, UpcastFailure};
 pub use event::{
     validate_batch, AppendResult, EventId, ExpectedVersion, GlobalPosition, Metadata, NewEvent,
     Payload, RecordedEvent, StreamVersion,
@@ -103,6 +113,8 @@ pub use memory::InMemoryStore;
 pub use multi_stream::{
     check_retry_many, prepare_many, MultiStreamAppend, PreparedStreamBatch, StreamBatch,
 };
+#[cfg(feature = "plan")]
+pub use plan::{Plan, PlanError};
 pub use projection::{
     checkpoint_moved, checkpoint_name, idempotency_key, projection_lag, wait_for, ApplyError,
     AtLeastOnce, BatchApplier, BatchContext, HandlerError, IdempotencyGuard, Projection,
@@ -129,4 +141,8 @@ pub use subscription::{
 };
 pub use telemetry::{
     describe_metrics, AppendOutcome, MetricInfo, MetricKind, StoreMetrics, CATALOGUE,
+};
+pub use upcast::{
+    current_versions, upcast_event, BoxError, Step, UpcastError, Upcasters, UpcastersBuilder,
+    Upcasting,
 };

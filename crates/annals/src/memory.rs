@@ -26,7 +26,7 @@ use crate::snapshot::{
 use crate::telemetry::StoreMetrics;
 use crate::{
     AppendResult, CheckpointStore, Error, EventId, EventStore, ExpectedVersion, GlobalPosition,
-    Metadata, NewEvent, Payload, RecordedEvent, Result, StreamId, StreamVersion,
+    Metadata, NewEvent, Payload, RecordedEvent, Result, StreamId, StreamVersion, Upcasters,
 };
 
 static LABELS: [metrics::Label; 1] = [metrics::Label::from_static_parts("backend", "memory")];
@@ -71,6 +71,8 @@ impl Default for HistorySize {
 #[derive(Clone)]
 pub struct InMemoryStore {
     state: Arc<Mutex<State>>,
+    /// Applied to every event a read returns (see [`crate::Upcasters`]).
+    upcasters: Option<Arc<Upcasters>>,
     /// Raised after every append that stored events ([`EventStore::append_signal`]).
     appended: Arc<tokio::sync::watch::Sender<u64>>,
 }
@@ -80,6 +82,7 @@ impl Default for InMemoryStore {
         InMemoryStore {
             state: Arc::default(),
             appended: Arc::new(tokio::sync::watch::Sender::new(0)),
+            upcasters: None,
         }
     }
 }
@@ -88,6 +91,36 @@ impl InMemoryStore {
     /// An empty store.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// This store (the same data) with every read upcast by `upcasters`.
+    pub fn with_upcasters(mut self, upcasters: Arc<Upcasters>) -> Self {
+        self.upcasters = Some(upcasters);
+        self
+    }
+
+    /// This store (the same data) reading events as stored, without
+    /// upcasters.
+    pub fn raw(&self) -> Self {
+        InMemoryStore {
+            state: Arc::clone(&self.state),
+            appended: Arc::clone(&self.appended),
+            upcasters: None,
+        }
+    }
+
+    /// The upcasters this handle applies, if any.
+    pub fn upcasters(&self) -> Option<&Arc<Upcasters>> {
+        self.upcasters.as_ref()
+    }
+
+    /// A stored event as a read returns it: the one place where this
+    /// backend's reads apply the upcasters.
+    fn deliver(&self, event: &RecordedEvent) -> Result<RecordedEvent> {
+        match &self.upcasters {
+            Some(u) => u.apply_ref(event),
+            None => Ok(event.clone()),
+        }
     }
 
     /// Tells the followers that events were stored (after the lock is
@@ -173,6 +206,8 @@ impl State {
                 data,
                 metadata,
                 recorded_at: now,
+                stored_event_version: None,
+                stored_event_type: None,
             });
         }
         AppendResult {
@@ -230,7 +265,7 @@ impl EventStore for InMemoryStore {
                             let e = &st.events[idxs[(v - 1) as usize]];
                             v += 1;
                             if options.admits(e) {
-                                batch.push(Ok(e.clone()));
+                                batch.push(store.deliver(e));
                             }
                         }
                         (v <= head).then_some(v)
@@ -241,7 +276,7 @@ impl EventStore for InMemoryStore {
                             let e = &st.events[idxs[(v - 1) as usize]];
                             v -= 1;
                             if options.admits(e) {
-                                batch.push(Ok(e.clone()));
+                                batch.push(store.deliver(e));
                             }
                         }
                         (v >= 1).then_some(v)
@@ -279,7 +314,10 @@ impl EventStore for InMemoryStore {
 
     async fn read_event(&self, id: EventId) -> Result<Option<RecordedEvent>> {
         let st = self.lock();
-        Ok(st.ids.get(&id).map(|&i| st.events[i].clone()))
+        st.ids
+            .get(&id)
+            .map(|&i| self.deliver(&st.events[i]))
+            .transpose()
     }
 }
 
@@ -878,7 +916,7 @@ impl InMemoryStore {
                     let e = &st.events[i];
                     i += 1;
                     if admits(e) {
-                        batch.push(Ok(e.clone()));
+                        batch.push(store.deliver(e));
                     }
                 }
                 if batch.is_empty() {

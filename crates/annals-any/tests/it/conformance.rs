@@ -32,4 +32,5 @@ annals_testkit::conformance_suite!(fresh;
     checkpoints,
     projections,
     model,
+    upcasting,
 );

@@ -20,6 +20,8 @@ scenario_tests!(Some(Db::sqlite());
     snapshots_ahead_of_head_are_repaired,
     snapshots_history_rollback_and_keep,
     snapshots_verify_live_reports_a_mismatch,
+    plan_upcasts_every_read_command,
+    bad_plans_are_refused_before_reading,
 );
 
 #[test]
@@ -135,4 +137,12 @@ fn help_documents_the_exit_codes() {
     let run = annals_in(dir.path(), &[]);
     assert_eq!(run.code, 2);
     assert!(run.stderr.contains("Usage"), "{run:#?}");
+}
+
+#[test]
+fn a_bad_plan_is_refused_before_the_database_is_opened() {
+    let db = Db::sqlite();
+    db.run(&["read-all", "--plan", "missing.toml"])
+        .fails(2, &["missing.toml", "cannot read the plan"]);
+    assert!(!db.sqlite_path().exists());
 }

@@ -28,6 +28,8 @@ scenario_tests!(pg();
     snapshots_ahead_of_head_are_repaired,
     snapshots_history_rollback_and_keep,
     snapshots_verify_live_reports_a_mismatch,
+    plan_upcasts_every_read_command,
+    bad_plans_are_refused_before_reading,
 );
 
 #[test]

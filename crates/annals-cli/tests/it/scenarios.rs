@@ -6,12 +6,14 @@ use serde_json::{json, Value};
 use crate::util::{assert_event_fields, Db};
 
 mod snapshots;
+mod upcasting;
 pub use snapshots::{
     snapshots_ahead_of_head_are_repaired, snapshots_create_delete_invalidate,
     snapshots_history_rollback_and_keep, snapshots_migrate_verify_promote,
     snapshots_stale_most_behind_first, snapshots_status_and_prepopulate,
     snapshots_verify_live_reports_a_mismatch, snapshots_verify_reports_a_mismatch,
 };
+pub use upcasting::{bad_plans_are_refused_before_reading, plan_upcasts_every_read_command};
 
 /// Declares one `#[test]` per scenario, on the databases `$make` returns
 /// (`None`: skip, with the reason already printed).

@@ -296,6 +296,7 @@ pub fn scrape_after_a_workload_finds_the_counters(db: &Db) {
     let options = OpenOptions {
         pg_schema: db.pg_schema.clone(),
         must_exist: false,
+        ..OpenOptions::default()
     };
     let store = rt
         .block_on(async {

@@ -40,6 +40,8 @@ fn check<E: DomainEvent + PartialEq + std::fmt::Debug>(events: &[E], names: &[&s
             data: Payload::from_value(&data).expect("JSON"),
             metadata: Metadata::default(),
             recorded_at: chrono::Utc::now(),
+            stored_event_version: None,
+            stored_event_type: None,
         };
         assert_eq!(&decode_event::<E>(&stored).expect("decodes"), event);
     }
@@ -198,6 +200,8 @@ fn aliases_are_read_and_listed_after_the_names() {
         data: Payload::from_json(r#"{"owner":"ann"}"#.to_owned()).expect("JSON"),
         metadata: Metadata::default(),
         recorded_at: chrono::Utc::now(),
+        stored_event_version: None,
+        stored_event_type: None,
     };
     assert_eq!(
         decode_event::<E>(&stored).expect("decodes"),

@@ -14,4 +14,5 @@ annals_testkit::conformance_suite!(crate::common::fresh_store;
     checkpoints,
     projections,
     model,
+    upcasting,
 );

@@ -20,4 +20,5 @@ annals_testkit::conformance_suite!(fresh;
     checkpoints,
     projections,
     model,
+    upcasting,
 );

@@ -21,6 +21,7 @@ annals_testkit::conformance_suite!(fresh_store;
     checkpoints,
     projections,
     model,
+    upcasting,
 );
 
 mod model {

@@ -1,0 +1,573 @@
+//! Declarative upcasting plans: [`Step`]s written in a TOML file, each
+//! payload transform a jq filter run by [jaq](https://github.com/01mf02/jaq),
+//! so that operators can read history at the current version without
+//! compiling code (`annals read --plan FILE`).
+//!
+//! ```toml
+//! [[step]]
+//! event_type = "Deposited"
+//! from_version = 1
+//! rename_to = "MoneyDeposited"          # optional
+//! filter = '.amount_cents = (.amount | tonumber * 100) | del(.amount)'
+//! ```
+//!
+//! A plan compiles to the same [`Upcasters`] as Rust steps, validated the same
+//! way. Each filter gets the stored payload and must produce exactly one
+//! value (one event in, one event out). Behind the `plan` feature, because
+//! jaq and a TOML parser are dependencies an application with Rust
+//! upcasters does not need.
+//!
+//! Errors name the file, the step (its index from 1 and its event type) and
+//! the line and column in the file: a TOML error where the parser stopped, a
+//! filter error where jaq found the fault (exact for filters written as TOML
+//! literal strings, `'…'` or `'''…'''`; inside a basic string with escapes
+//! the column counts the filter's own characters from the string's start).
+
+use std::fmt;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use jaq_core::load::{Arena, File, Loader};
+use jaq_core::{data, Compiler, Ctx, Vars};
+use jaq_json::Val;
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::{BoxError, DomainEvent, Step, UpcastError, Upcasters, UpcastersBuilder};
+
+/// Why a plan could not be loaded. Every variant names the file.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PlanError {
+    /// The file could not be read.
+    #[error("{}: cannot read the plan: {source}", file.display())]
+    Io {
+        /// The plan file.
+        file: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not a plan: TOML that does not parse, or a step with a
+    /// missing, unknown or mistyped key.
+    #[error("{}:{line}:{column}: {}{message}", file.display(), step_prefix(*step, event_type.as_deref()))]
+    Toml {
+        /// The plan file.
+        file: PathBuf,
+        /// The step the error is in (from 1), when the parser got that far.
+        step: Option<usize>,
+        /// That step's event type, when it has one.
+        event_type: Option<String>,
+        /// Line in the file (from 1).
+        line: usize,
+        /// Column in the line (from 1, in characters).
+        column: usize,
+        /// The parser's message.
+        message: String,
+    },
+    /// A step's filter is not a jq filter jaq can compile.
+    #[error("{}:{line}:{column}: step {step} ({event_type} v{from_version}): the filter does not compile: {message}", file.display())]
+    Filter {
+        /// The plan file.
+        file: PathBuf,
+        /// The step (from 1).
+        step: usize,
+        /// The step's event type.
+        event_type: String,
+        /// The step's stored version.
+        from_version: u32,
+        /// Line in the file (from 1).
+        line: usize,
+        /// Column in the line (from 1, in characters).
+        column: usize,
+        /// What jaq expected or could not find.
+        message: String,
+    },
+    /// The steps do not form a valid registry (a missing link, a duplicate
+    /// step ...), as [`UpcastersBuilder::build`] reports it.
+    #[error("{}: {source}", file.display())]
+    Invalid {
+        /// The plan file.
+        file: PathBuf,
+        /// What the validation found.
+        #[source]
+        source: UpcastError,
+    },
+}
+
+fn step_prefix(step: Option<usize>, event_type: Option<&str>) -> String {
+    match (step, event_type) {
+        (Some(i), Some(t)) => format!("step {i} ({t}): "),
+        (Some(i), None) => format!("step {i}: "),
+        _ => String::new(),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PlanFile {
+    #[serde(default)]
+    step: Vec<toml::Spanned<PlanStep>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PlanStep {
+    event_type: String,
+    from_version: u32,
+    #[serde(default)]
+    rename_to: Option<String>,
+    filter: toml::Spanned<String>,
+}
+
+/// A loaded plan: its steps, compiled, ready to
+/// [`build`](Plan::build) into [`Upcasters`].
+#[derive(Debug)]
+pub struct Plan {
+    file: PathBuf,
+    steps: Vec<Step>,
+}
+
+impl Plan {
+    /// Reads and compiles the plan in `path`.
+    pub fn load(path: impl AsRef<Path>) -> Result<Plan, PlanError> {
+        let file = path.as_ref().to_owned();
+        let text = std::fs::read_to_string(&file).map_err(|source| PlanError::Io {
+            file: file.clone(),
+            source,
+        })?;
+        Plan::parse(file, &text)
+    }
+
+    /// Compiles the plan `text`, naming it `file` in errors.
+    pub fn parse(file: impl Into<PathBuf>, text: &str) -> Result<Plan, PlanError> {
+        let file = file.into();
+        let parsed: PlanFile = toml::from_str(text).map_err(|e| {
+            let at = e.span().map_or(0, |s| s.start);
+            let (line, column) = line_column(text, at);
+            // Which step the error is in: the last `[[step]]` header before it.
+            let step = text[..at.min(text.len())].matches("[[step]]").count();
+            PlanError::Toml {
+                file: file.clone(),
+                step: (step > 0).then_some(step),
+                event_type: None,
+                line,
+                column,
+                message: e.message().trim_end().to_owned(),
+            }
+        })?;
+        let mut steps = Vec::with_capacity(parsed.step.len());
+        for (i, spanned) in parsed.step.into_iter().enumerate() {
+            let index = i + 1;
+            let def = spanned.into_inner();
+            let filter_span = def.filter.span();
+            let code = def.filter.into_inner();
+            let filter = JqFilter::compile(&code).map_err(|(offset, message)| {
+                let at = filter_offset(text, filter_span.clone(), offset);
+                let (line, column) = line_column(text, at);
+                PlanError::Filter {
+                    file: file.clone(),
+                    step: index,
+                    event_type: def.event_type.clone(),
+                    from_version: def.from_version,
+                    line,
+                    column,
+                    message,
+                }
+            })?;
+            let label = format!(
+                "{}:{} ({} v{})",
+                file.display(),
+                line_column(text, filter_span.start).0,
+                def.event_type,
+                def.from_version
+            );
+            let filter = Arc::new(filter);
+            let mut step = Step::new(def.event_type, def.from_version, move |v: Value| {
+                filter.run(v)
+            })
+            .label(label);
+            if let Some(to) = def.rename_to {
+                step = step.rename_to(to);
+            }
+            steps.push(step);
+        }
+        Ok(Plan { file, steps })
+    }
+
+    /// The compiled steps, in file order.
+    pub fn steps(&self) -> &[Step] {
+        &self.steps
+    }
+
+    /// The plan's steps added to `builder`.
+    pub fn into_builder(self, builder: UpcastersBuilder) -> UpcastersBuilder {
+        builder.steps(self.steps)
+    }
+
+    /// Validates the plan against the application's current versions (see
+    /// [`UpcastersBuilder::build`]) and builds the registry.
+    pub fn build(self, current: &[(&str, u32)]) -> Result<Upcasters, PlanError> {
+        let file = self.file.clone();
+        self.into_builder(Upcasters::builder())
+            .build(current)
+            .map_err(|source| PlanError::Invalid { file, source })
+    }
+
+    /// [`build`](Plan::build) against one event enum.
+    pub fn build_for<E: DomainEvent>(self) -> Result<Upcasters, PlanError> {
+        self.build(&crate::current_versions::<E>())
+    }
+
+    /// Builds the registry without the application's types, taking each
+    /// chain's end as current (see [`UpcastersBuilder::build_without_types`]).
+    pub fn build_without_types(self) -> Result<Upcasters, PlanError> {
+        let file = self.file.clone();
+        self.into_builder(Upcasters::builder())
+            .build_without_types()
+            .map_err(|source| PlanError::Invalid { file, source })
+    }
+}
+
+/// The byte offset in the file of byte `offset` of a filter whose TOML
+/// string value spans `value` (quotes included).
+fn filter_offset(text: &str, value: Range<usize>, offset: usize) -> usize {
+    let raw = text.get(value.clone()).unwrap_or("");
+    let mut skip = if raw.starts_with("'''") || raw.starts_with("\"\"\"") {
+        3
+    } else {
+        1
+    };
+    // A newline right after a multi-line string's opening quotes is trimmed.
+    if skip == 3 {
+        if raw[skip..].starts_with("\r\n") {
+            skip += 2;
+        } else if raw[skip..].starts_with('\n') {
+            skip += 1;
+        }
+    }
+    (value.start + skip + offset).min(value.end.saturating_sub(1))
+}
+
+/// 1-based line and column (in characters) of byte `at` in `text`.
+fn line_column(text: &str, at: usize) -> (usize, usize) {
+    let mut at = at.min(text.len());
+    while !text.is_char_boundary(at) {
+        at -= 1;
+    }
+    let before = &text[..at];
+    let line = before.matches('\n').count() + 1;
+    let start = before.rfind('\n').map_or(0, |i| i + 1);
+    (line, before[start..].chars().count() + 1)
+}
+
+type JaqData = data::JustLut<Val>;
+
+/// A compiled jq filter.
+struct JqFilter {
+    filter: jaq_core::Filter<JaqData>,
+}
+
+impl fmt::Debug for JqFilter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("JqFilter")
+    }
+}
+
+impl JqFilter {
+    /// Compiles `code`; an error is the byte offset in `code` of the fault
+    /// and what is wrong there.
+    fn compile(code: &str) -> Result<JqFilter, (usize, String)> {
+        let defs = jaq_core::defs()
+            .chain(jaq_std::defs())
+            .chain(jaq_json::defs());
+        let funs = jaq_core::funs()
+            .chain(jaq_std::funs())
+            .chain(jaq_json::funs());
+        let arena = Arena::default();
+        let loader = Loader::new(defs);
+        let offset = |part: &str| {
+            let base = code.as_ptr() as usize;
+            let p = part.as_ptr() as usize;
+            if p >= base && p <= base + code.len() {
+                p - base
+            } else {
+                code.len()
+            }
+        };
+        let modules = loader
+            .load(&arena, File { code, path: () })
+            .map_err(|errors| {
+                let first = errors.into_iter().next().map(|(_, e)| e);
+                match first {
+                    Some(jaq_core::load::Error::Lex(errs)) => match errs.into_iter().next() {
+                        Some((expect, found)) => {
+                            (offset(found), format!("expected {}", expect.as_str()))
+                        }
+                        None => (0, "lexing failed".to_owned()),
+                    },
+                    Some(jaq_core::load::Error::Parse(errs)) => match errs.into_iter().next() {
+                        Some((expect, found)) => (
+                            offset(found),
+                            if found.is_empty() {
+                                format!("expected {}, found the end of the filter", expect.as_str())
+                            } else {
+                                format!("expected {}, found {found:?}", expect.as_str())
+                            },
+                        ),
+                        None => (0, "parsing failed".to_owned()),
+                    },
+                    Some(jaq_core::load::Error::Io(errs)) => match errs.into_iter().next() {
+                        Some((path, message)) => (offset(path), message),
+                        None => (0, "loading failed".to_owned()),
+                    },
+                    None => (0, "loading failed".to_owned()),
+                }
+            })?;
+        let filter = Compiler::default()
+            .with_funs(funs)
+            .compile(modules)
+            .map_err(|errors| {
+                let first = errors
+                    .into_iter()
+                    .next()
+                    .and_then(|(_, e)| e.into_iter().next());
+                match first {
+                    Some((name, undefined)) => (
+                        offset(name),
+                        format!("undefined {} {name:?}", undefined.as_str()),
+                    ),
+                    None => (0, "compiling failed".to_owned()),
+                }
+            })?;
+        Ok(JqFilter { filter })
+    }
+
+    /// Runs the filter on one payload; it must produce exactly one value.
+    fn run(&self, input: Value) -> Result<Value, BoxError> {
+        let text = serde_json::to_string(&input)?;
+        let input = jaq_json::read::parse_single(text.as_bytes())
+            .map_err(|e| format!("the payload is not JSON jaq reads: {e}"))?;
+        let ctx = Ctx::<JaqData>::new(&self.filter.lut, Vars::new([]));
+        let mut out = self.filter.id.run((ctx, input)).map(jaq_core::unwrap_valr);
+        let first = match out.next() {
+            Some(Ok(v)) => v,
+            Some(Err(e)) => return Err(format!("the filter failed: {e}").into()),
+            None => return Err("the filter produced no value (one event in, one event out)".into()),
+        };
+        let more = out.count();
+        if more > 0 {
+            return Err(format!(
+                "the filter produced {} values; an upcaster turns one event into one event",
+                more + 1
+            )
+            .into());
+        }
+        let text = first.to_string();
+        serde_json::from_str(&text)
+            .map_err(|e| format!("the filter's result {text} is not a JSON payload: {e}").into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        EventId, GlobalPosition, Metadata, Payload, RecordedEvent, StreamId, StreamVersion,
+    };
+    use serde_json::json;
+
+    fn stored(event_type: &str, version: u32, data: Value) -> RecordedEvent {
+        RecordedEvent {
+            event_id: EventId::new(),
+            stream_id: StreamId::parse("Account-1").expect("stream"),
+            stream_version: StreamVersion(3),
+            global_position: GlobalPosition::from_seq(9),
+            event_type: event_type.to_owned(),
+            event_version: version,
+            data: Payload::from_value(&data).expect("payload"),
+            metadata: Metadata::default(),
+            recorded_at: chrono::Utc::now(),
+            stored_event_version: None,
+            stored_event_type: None,
+        }
+    }
+
+    const PLAN: &str = r#"
+[[step]]
+event_type = "Deposited"
+from_version = 1
+rename_to = "MoneyDeposited"
+filter = '.amount_cents = (.amount | tonumber * 100 | round) | del(.amount)'
+
+[[step]]
+event_type = "MoneyDeposited"
+from_version = 2
+filter = '''
+. + {currency: "EUR"}
+'''
+"#;
+
+    #[test]
+    fn a_plan_compiles_to_upcasters() {
+        let u = Plan::parse("plan.toml", PLAN)
+            .expect("plan")
+            .build(&[("MoneyDeposited", 3)])
+            .expect("valid");
+        let e = u
+            .apply(stored("Deposited", 1, json!({"amount": "12.5"})))
+            .expect("upcast");
+        assert_eq!(
+            (e.event_type.as_str(), e.event_version),
+            ("MoneyDeposited", 3)
+        );
+        assert_eq!(e.data, json!({"amount_cents": 1250, "currency": "EUR"}));
+        assert_eq!(e.stored_event_type.as_deref(), Some("Deposited"));
+    }
+
+    #[test]
+    fn toml_errors_name_the_file_step_and_position() {
+        let err = Plan::parse(
+            "p.toml",
+            "[[step]]\nevent_type = \"A\"\nfrom_version = 1\nfilter = '.'\nbogus = 1\n",
+        )
+        .expect_err("unknown key");
+        assert!(
+            matches!(
+                &err,
+                PlanError::Toml {
+                    step: Some(1),
+                    line: 5,
+                    column: 1,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        assert!(
+            err.to_string()
+                .starts_with("p.toml:5:1: step 1: unknown field `bogus`"),
+            "{err}"
+        );
+        let err = Plan::parse(
+            "p.toml",
+            "[[step]]\nevent_type = \"A\"\nfrom_version = \"x\"\n",
+        )
+        .expect_err("mistyped");
+        assert!(
+            matches!(
+                &err,
+                PlanError::Toml {
+                    line: 3,
+                    column: 16,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        let err = Plan::parse("p.toml", "[[step]\n").expect_err("syntax");
+        assert!(matches!(&err, PlanError::Toml { line: 1, .. }), "{err:?}");
+        let err = Plan::load("/nonexistent/plan.toml").expect_err("io");
+        assert!(err
+            .to_string()
+            .starts_with("/nonexistent/plan.toml: cannot read the plan"));
+    }
+
+    #[test]
+    fn filter_errors_name_the_step_and_position() {
+        let plan = "[[step]]\nevent_type = \"A\"\nfrom_version = 1\nfilter = '.a = ('\n\n\
+                    [[step]]\nevent_type = \"B\"\nfrom_version = 1\nfilter = '.a | nosuchfn(1)'\n";
+        let err = Plan::parse("p.toml", plan).expect_err("parse error");
+        assert!(
+            matches!(
+                &err,
+                PlanError::Filter {
+                    step: 1,
+                    line: 4,
+                    column: 17,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        assert!(
+            err.to_string()
+                .starts_with("p.toml:4:17: step 1 (A v1): the filter does not compile: expected"),
+            "{err}"
+        );
+        let fixed = plan.replace(".a = (", ".a = 1");
+        let err = Plan::parse("p.toml", &fixed).expect_err("undefined");
+        assert!(
+            matches!(
+                &err,
+                PlanError::Filter {
+                    step: 2,
+                    line: 9,
+                    column: 16,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        assert!(
+            err.to_string().contains("undefined filter \"nosuchfn\""),
+            "{err}"
+        );
+        let err = Plan::parse("p.toml", "[[step]]\nevent_type = \"A\"\nfrom_version = 1\nfilter = '''\n.a |\n  \"unterminated'''\n")
+            .expect_err("lex error");
+        assert!(
+            matches!(
+                &err,
+                PlanError::Filter {
+                    step: 1,
+                    line: 6,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn an_invalid_chain_names_the_file() {
+        let err = Plan::parse("p.toml", PLAN)
+            .expect("plan")
+            .build(&[("MoneyDeposited", 4)])
+            .expect_err("missing 3 -> 4");
+        assert_eq!(
+            err.to_string(),
+            "p.toml: no upcaster for event type \"MoneyDeposited\" from version 3 to version 4"
+        );
+    }
+
+    #[test]
+    fn a_filter_must_produce_one_value() {
+        let u = |filter: &str| {
+            Plan::parse(
+                "p.toml",
+                &format!("[[step]]\nevent_type = \"A\"\nfrom_version = 1\nfilter = '{filter}'\n"),
+            )
+            .expect("plan")
+            .build(&[("A", 2)])
+            .expect("valid")
+        };
+        for (filter, says) in [
+            ("empty", "no value"),
+            (".a, .b", "2 values"),
+            ("error(\"boom\")", "boom"),
+            (".a | tonumber", "cannot"),
+        ] {
+            let err = u(filter)
+                .apply(stored("A", 1, json!({"a": "x"})))
+                .expect_err(filter);
+            let text = err.to_string();
+            assert!(text.contains("Account-1 version 3 (position 9)"), "{text}");
+            assert!(text.contains("step p.toml:4 (A v1)"), "{text}");
+            assert!(
+                text.contains(says) || filter.contains("tonumber"),
+                "{filter}: {text}"
+            );
+        }
+    }
+}
