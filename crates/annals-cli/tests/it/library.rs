@@ -177,3 +177,64 @@ fn run_is_a_send_future() {
     let future = App::with_demo().run_with_output(["annals", "stats"], &mut out);
     assert_send(&future);
 }
+
+/// The application's upcasters apply to reads, never to a backup: `read`
+/// shows the current version, `export` the stored one.
+#[test]
+fn export_writes_events_as_stored_while_reads_upcast() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let url = sqlite_url(&dir);
+    let upcasters = Arc::new(annals::bank::upcasters().expect("the bank's chains are complete"));
+    let app = || App::with_demo().with_upcasters(Arc::clone(&upcasters));
+    let run = |args: Vec<String>| {
+        let app = app();
+        runtime().block_on(async move {
+            let mut out = Vec::new();
+            let code = app.run_with_output(args, &mut out).await;
+            (code, String::from_utf8(out).expect("UTF-8"))
+        })
+    };
+    let args = |a: &[&str]| {
+        let mut v: Vec<String> = std::iter::once("annals")
+            .chain(a.iter().copied())
+            .map(str::to_owned)
+            .collect();
+        v.push("--database-url".into());
+        v.push(url.clone());
+        v
+    };
+    let (code, _) = run(args(&[
+        "append",
+        "Account-1",
+        "--type",
+        "Opened",
+        "--event-version",
+        "1",
+        "--data",
+        r#"{"name":"ann"}"#,
+    ]));
+    assert_eq!(code, ExitCode::SUCCESS);
+
+    let (code, out) = run(args(&["read", "Account-1", "--json"]));
+    assert_eq!(code, ExitCode::SUCCESS);
+    let read: serde_json::Value = serde_json::from_str(out.trim()).expect("one JSON line");
+    assert_eq!(read["event_version"], 2, "reads upcast: {read}");
+    assert_eq!(read["data"], serde_json::json!({"owner": "ann"}));
+
+    let file = dir.path().join("backup.jsonl");
+    let file_arg = file.display().to_string();
+    let (code, _) = run(args(&["export", "--output", &file_arg]));
+    assert_eq!(code, ExitCode::SUCCESS);
+    let text = std::fs::read_to_string(&file).expect("export file");
+    let event = text
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("JSON line"))
+        .find_map(|v| Some(v.get("event")?.clone()))
+        .expect("the event's line");
+    assert_eq!(event["stream_id"], "Account-1");
+    assert_eq!(
+        event["event_version"], 1,
+        "the export holds it as stored: {event}"
+    );
+    assert_eq!(event["data"], serde_json::json!({"name": "ann"}));
+}
