@@ -259,7 +259,9 @@ fn a_corrupt_line_is_named() {
     let mut lines: Vec<String> = text.lines().map(str::to_owned).collect();
     let last = lines.len() - 1;
     let n = lines.len() as u64;
-    lines[last] = lines[last].replace("\"checkpoints\":1", "\"checkpoints\":2");
+    // The source has two checkpoints: the test's own and the demo's
+    // account_balances@v1.
+    lines[last] = lines[last].replace("\"checkpoints\":2", "\"checkpoints\":3");
     let bad = file_in(&src, "bad-trailer.jsonl");
     std::fs::write(&bad, lines.join("\n") + "\n").expect("write");
     let dst = Db::sqlite();
