@@ -179,6 +179,9 @@ fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(60);
     while !done() {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        // A pause between two polls of the condition (a plain test thread,
+        // no async runtime), not a decision.
+        #[allow(clippy::disallowed_methods)]
         std::thread::sleep(Duration::from_millis(20));
     }
 }
