@@ -15,7 +15,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::time::Duration;
 
-use annals::{EventStore, ReadAll, SnapshotAdmin, StaleSnapshot};
+use annals::{CheckpointStore, EventStore, ReadAll, SnapshotAdmin, StaleSnapshot};
 use anyhow::Context;
 use futures::StreamExt;
 use serde::Serialize;
@@ -139,6 +139,7 @@ async fn run_checks(
         clock(store, options, findings).await?;
         decode(app, store, findings).await?;
         snapshots(store, options, findings).await?;
+        projection_lag(app, store, options, findings).await?;
     }
     // Needs no schema: it reads the server's activity.
     horizon(store, options, findings).await?;
@@ -317,19 +318,45 @@ async fn clock(
 }
 
 /// Every event of a registered aggregate type must decode with the type's
-/// event enum. Streams the type's category a page at a time.
+/// event enum, through the application's upcasters (an event they fail on
+/// is an `upcast` finding). Streams the type's category a page at a time,
+/// as stored, and upcasts each event here, so one failure does not end the
+/// read.
 async fn decode(app: &App, store: &AnyStore, findings: &mut Findings) -> anyhow::Result<()> {
+    let raw = store.raw();
+    let upcasters = app.upcasters.as_deref();
     for name in app.aggregate_types() {
         let Some(ops) = app.aggregate(name) else {
             continue;
         };
-        let mut events = store.read_all(ReadAll {
+        let mut events = raw.read_all(ReadAll {
             categories: vec![name.to_owned()],
             ..ReadAll::from_start()
         });
         let mut failed = 0_usize;
+        let mut upcast_failed = 0_usize;
         while let Some(event) = events.next().await {
             let event = event.with_context(|| format!("cannot read the {name} events"))?;
+            let event = match annals::upcast_event(upcasters, event) {
+                Ok(event) => event,
+                Err(annals::Error::Upcast(f)) => {
+                    upcast_failed += 1;
+                    if upcast_failed <= findings.limit {
+                        findings.add(
+                            "upcast",
+                            Severity::Error,
+                            format!("{}@{}", f.stream, f.version),
+                            format!("position {}: {f}", f.position),
+                        );
+                    }
+                    continue;
+                }
+                Err(e) => {
+                    return Err(
+                        anyhow::Error::new(e).context(format!("cannot upcast the {name} events"))
+                    )
+                }
+            };
             if let Err(e) = ops.check_event(&event) {
                 failed += 1;
                 if failed <= findings.limit {
@@ -341,6 +368,16 @@ async fn decode(app: &App, store: &AnyStore, findings: &mut Findings) -> anyhow:
                     );
                 }
             }
+        }
+        if upcast_failed > findings.limit {
+            findings.more(
+                "upcast",
+                Severity::Error,
+                format!(
+                    "{} more {name} event(s) that fail to upcast",
+                    upcast_failed - findings.limit
+                ),
+            );
         }
         if failed > findings.limit {
             findings.more(
@@ -432,6 +469,61 @@ async fn snapshots(
                 );
             }
         }
+    }
+    Ok(())
+}
+
+/// Registered projections that have run (they have a checkpoint) and are
+/// more than `--max-projection-lag` events, or `--max-projection-age`, behind
+/// the head: an error, since their read model serves data older than the
+/// operator accepts. One row per projection.
+async fn projection_lag(
+    app: &App,
+    store: &AnyStore,
+    args: &CheckOptions,
+    findings: &mut Findings,
+) -> anyhow::Result<()> {
+    for p in app.projections() {
+        // Never run: not checked (and its lag in time not read).
+        let ran = store
+            .load_checkpoint(&p.checkpoint())
+            .await
+            .with_context(|| format!("cannot read the checkpoint of projection {}", p.name()))?;
+        if ran.is_none() {
+            continue;
+        }
+        let status = crate::projections_cmd::status_of(store, p).await?;
+        let age = Duration::from_secs_f64(status.lag_seconds);
+        let mut over = Vec::new();
+        if status.lag_events > args.max_projection_lag {
+            over.push(format!(
+                "{} events behind (--max-projection-lag {})",
+                status.lag_events, args.max_projection_lag
+            ));
+        }
+        if age > args.max_projection_age {
+            over.push(format!(
+                "{} behind the head event (--max-projection-age {})",
+                seconds(age),
+                seconds(args.max_projection_age)
+            ));
+        }
+        if over.is_empty() {
+            continue;
+        }
+        findings.add(
+            "projection-lag",
+            Severity::Error,
+            status.name.clone(),
+            format!(
+                "checkpoint {} at {}, head {}: {}; run it (`annals projections run {}`)",
+                status.checkpoint_name,
+                status.checkpoint.as_deref().unwrap_or("-"),
+                status.head.as_deref().unwrap_or("-"),
+                over.join(", "),
+                status.name
+            ),
+        );
     }
     Ok(())
 }

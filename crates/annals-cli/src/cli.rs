@@ -127,6 +127,59 @@ pub(crate) enum Command {
     /// checkpoints are translated; a rerun adds nothing.
     #[command(after_help = IMPORT_HELP)]
     Import(ImportArgs),
+    /// The projections this binary registers: list them, show their
+    /// checkpoint and lag, run them, reset them.
+    #[command(subcommand)]
+    Projections(ProjectionsCommand),
+}
+
+const PROJECTIONS_HELP: &str = "\
+State (status): `not-started` (no checkpoint), `caught-up` (checkpoint at the
+head), `behind` (events after the checkpoint). Whether a runner is running
+somewhere is not recorded in the database, so status does not claim it.
+Lag in seconds: recorded_at of the head event minus recorded_at of the first
+event after the checkpoint (0 when caught up).
+
+Exit status: 0 done, 2 error (an unknown projection, a runner that failed).";
+
+/// `annals projections …`.
+#[derive(Subcommand, Debug)]
+#[command(after_help = PROJECTIONS_HELP)]
+pub(crate) enum ProjectionsCommand {
+    /// The registered projections: name, checkpoint name, what they build.
+    List {
+        /// Print JSON Lines.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Per projection: checkpoint, head, lag in events and in seconds,
+    /// state.
+    Status {
+        /// Print JSON Lines, one object per projection.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run projections (all registered ones without NAME) until Ctrl-C or
+    /// SIGTERM, or with --until-caught-up until they have applied the head
+    /// read at the start.
+    Run {
+        /// The projections to run.
+        #[arg(value_name = "NAME")]
+        names: Vec<String>,
+        /// Stop once every projection has reached the head read at start.
+        #[arg(long)]
+        until_caught_up: bool,
+        /// At most this many events per batch.
+        #[arg(long, value_name = "N", default_value = "500", value_parser = parse_batch_size)]
+        batch_size: usize,
+    },
+    /// Delete a projection's checkpoint and its read model's rows (in one
+    /// transaction), so the next run rebuilds it from the first event.
+    Reset {
+        /// The projection.
+        #[arg(value_name = "NAME")]
+        name: String,
+    },
 }
 
 const ADOPT_HELP: &str = "\
@@ -256,6 +309,8 @@ impl Default for CheckOptions {
             stale_events: 1000,
             max_transaction_age: std::time::Duration::from_secs(60),
             max_findings: 100,
+            max_projection_lag: 10_000,
+            max_projection_age: std::time::Duration::from_secs(300),
         }
     }
 }
@@ -279,7 +334,12 @@ type is unknown or whose payload does not decode), snapshot-ahead (a live
 snapshot beyond its stream's head), snapshot-stale and snapshot-coverage
 (warnings), horizon (PostgreSQL: a transaction open longer than
 --max-transaction-age; an error when it holds a transaction id, which keeps
-readers of the global order from passing it).
+readers of the global order from passing it), upcast (events of a registered
+aggregate type that the application's upcasters fail on: stream, version,
+position), projection-lag (an error: a registered projection with a
+checkpoint more than --max-projection-lag events behind the head, or whose
+first unapplied event was recorded more than --max-projection-age before the
+head event; projections that never ran are not checked).
 
 Exit status: 0 healthy (warnings alone are healthy), 1 an error finding, 2 the
 checks could not run.";
@@ -314,6 +374,13 @@ pub(crate) struct CheckOptions {
     /// Findings shown per check (the rest are counted in one more row).
     #[arg(long, value_name = "N", default_value = "100", value_parser = parse_max_findings, allow_hyphen_values = true)]
     pub(crate) max_findings: usize,
+    /// Report registered projections more than N events behind the head.
+    #[arg(long, value_name = "N", default_value = "10000", value_parser = parse_count, allow_hyphen_values = true)]
+    pub(crate) max_projection_lag: u64,
+    /// Report registered projections whose first unapplied event is older
+    /// than this, measured from the head event's recorded_at.
+    #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = parse_duration)]
+    pub(crate) max_projection_age: std::time::Duration,
 }
 
 /// `annals snapshots …`. `status`, `stale`, `delete`, `invalidate`,
@@ -990,6 +1057,10 @@ mod tests {
         assert_eq!(
             (o.min_coverage, o.max_findings),
             (d.min_coverage, d.max_findings)
+        );
+        assert_eq!(
+            (o.max_projection_lag, o.max_projection_age),
+            (d.max_projection_lag, d.max_projection_age)
         );
     }
 

@@ -106,7 +106,12 @@ pub(crate) async fn dispatch(env: Env<'_>, command: Command) -> anyhow::Result<O
         Command::Demo(args) => {
             let url = env.database_url()?;
             let store = env.open(true).await?;
-            demo::run(&store, &url.to_string(), &args, env.out).await
+            let db = crate::ReadModelDb {
+                store,
+                url: env.url.to_owned(),
+                pg_schema: env.pg_schema.clone(),
+            };
+            demo::run(&db, &url.to_string(), &args, env.out).await
         }
         Command::Snapshots(command) => snapshots::dispatch(env, command).await,
         Command::Check(args) => check::run(env, args).await,
@@ -114,6 +119,7 @@ pub(crate) async fn dispatch(env: Env<'_>, command: Command) -> anyhow::Result<O
         Command::Serve(args) => serve::run(env, args).await,
         Command::Export(args) => crate::transfer::export_cmd(env, args).await,
         Command::Import(args) => crate::transfer::import_cmd(env, args).await,
+        Command::Projections(command) => crate::projections_cmd::dispatch(env, command).await,
     }
 }
 

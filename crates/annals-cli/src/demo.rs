@@ -6,6 +6,11 @@
 //! expected version, and snapshots every 10 events. The choices are a small
 //! LCG over `--seed`, so a run is reproducible without a `rand` dependency.
 //!
+//! Then it runs the demo's projection, [`AccountBalances`] (the table
+//! `account_balances`, exactly-once in the same database), until it has
+//! applied the last event, prints the balances from the table, and checks
+//! that each row equals the account's fold.
+//!
 //! Each run opens fresh accounts `Account-demo<RUN>-<i>`, with `RUN` one more
 //! than the highest run already in the store, so running the demo twice on
 //! the same database never collides and each run checks only its own totals.
@@ -14,7 +19,8 @@ use std::io::Write;
 
 use annals::bank::{Account, AccountError};
 use annals::{
-    CommandContext, CommandError, Repository, SnapshotConfig, StreamCatalog, StreamVersion,
+    CommandContext, CommandError, EventStore, Repository, SnapshotConfig, StreamCatalog,
+    StreamVersion,
 };
 use anyhow::{bail, Context};
 use futures::TryStreamExt;
@@ -22,7 +28,10 @@ use serde::Serialize;
 
 use crate::cli::DemoArgs;
 use crate::output::{json_line, Table};
-use crate::{AnyStore, Outcome};
+use crate::{AccountBalances, AnyStore, Outcome, ProjectionOps, ReadModelDb};
+
+/// How long the demo waits for its projection to catch up.
+const PROJECTION_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
 
 /// Owners cycled through by the opened accounts.
 const OWNERS: &[&str] = &[
@@ -65,6 +74,8 @@ struct Balance {
     owner: String,
     balance: i64,
     version: u64,
+    /// The balance in the `account_balances` table (none: no row).
+    projected_balance: Option<i64>,
 }
 
 #[derive(Serialize, Default)]
@@ -80,6 +91,8 @@ struct Summary {
     refused: u64,
     events_written: u64,
     total_balance: i64,
+    /// Every account's row in `account_balances` equals its fold.
+    projection_matches: bool,
     check_passed: bool,
     balances: Vec<Balance>,
 }
@@ -103,11 +116,12 @@ async fn next_run(store: &AnyStore) -> anyhow::Result<u64> {
 }
 
 pub(crate) async fn run(
-    store: &AnyStore,
+    db: &ReadModelDb,
     location: &str,
     args: &DemoArgs,
     out: &mut (dyn Write + Send),
 ) -> anyhow::Result<Outcome> {
+    let store = &db.store;
     let repo = Repository::<Account, _>::new(store.clone())
         .with_snapshots(store.clone(), SnapshotConfig::every(10));
     let ctx = CommandContext::new()
@@ -196,9 +210,19 @@ pub(crate) async fn run(
             owner: loaded.state.owner,
             balance: loaded.state.balance,
             version,
+            projected_balance: None,
         });
     }
-    s.check_passed = all_non_negative
+    // The read model, caught up with the last event, against the folds.
+    let rows = project(db, run).await?;
+    s.projection_matches = rows.len() == s.balances.len();
+    for b in &mut s.balances {
+        let row = rows.iter().find(|r| r.stream_id == b.stream_id);
+        b.projected_balance = row.map(|r| r.balance);
+        s.projection_matches &= row.is_some_and(|r| r.balance == b.balance && r.owner == b.owner);
+    }
+    s.check_passed = s.projection_matches
+        && all_non_negative
         && s.total_balance == s.deposited - s.withdrawn
         && s.events_written == s.accounts + s.deposits + s.withdrawals;
 
@@ -211,7 +235,8 @@ pub(crate) async fn run(
         Outcome::Success
     } else {
         Outcome::CheckFailed(format!(
-            "demo check failed: total balance {} but deposits {} - withdrawals {} = {}, {} events stored for {} expected",
+            "demo check failed: account_balances {} the folds; total balance {} but deposits {} - withdrawals {} = {}, {} events stored for {} expected",
+            if s.projection_matches { "matches" } else { "does not match" },
             s.total_balance,
             s.deposited,
             s.withdrawn,
@@ -220,6 +245,32 @@ pub(crate) async fn run(
             s.accounts + s.deposits + s.withdrawals
         ))
     })
+}
+
+/// Runs [`AccountBalances`] until it has applied the head, and reads this
+/// run's rows.
+async fn project(db: &ReadModelDb, run: u64) -> anyhow::Result<Vec<crate::BalanceRow>> {
+    let head = db
+        .store
+        .head_position()
+        .await
+        .context("cannot read the head position")?;
+    let runner = AccountBalances
+        .start(db, annals::RunnerOptions::default())
+        .await
+        .context("cannot start the account_balances projection")?;
+    let reached = match head {
+        Some(head) => runner.wait_for(head, PROJECTION_TIMEOUT).await,
+        None => Ok(()),
+    };
+    let stopped = runner.stop().await;
+    reached
+        .and(stopped)
+        .context("the account_balances projection did not catch up")?;
+    let prefix = format!("{}-demo{run}-", <Account as annals::Aggregate>::TYPE);
+    crate::account_balances(db, &prefix)
+        .await
+        .context("cannot read account_balances")
 }
 
 fn print_text(out: &mut (dyn Write + Send), location: &str, s: &Summary) -> std::io::Result<()> {
@@ -242,7 +293,8 @@ fn print_text(out: &mut (dyn Write + Send), location: &str, s: &Summary) -> std:
     )?;
     writeln!(out, "refused:          {} (insufficient funds)", s.refused)?;
     writeln!(out)?;
-    let mut table = Table::new(&["ACCOUNT", "OWNER", "BALANCE", "VERSION"]).right_align(&[2, 3]);
+    let mut table = Table::new(&["ACCOUNT", "OWNER", "BALANCE", "VERSION", "PROJECTED"])
+        .right_align(&[2, 3, 4]);
     for b in s.balances.iter().take(LISTED_ACCOUNTS) {
         table.push(
             out,
@@ -251,6 +303,8 @@ fn print_text(out: &mut (dyn Write + Send), location: &str, s: &Summary) -> std:
                 b.owner.clone(),
                 b.balance.to_string(),
                 b.version.to_string(),
+                b.projected_balance
+                    .map_or_else(|| "-".to_owned(), |p| p.to_string()),
             ],
         )?;
     }
@@ -275,6 +329,15 @@ fn print_text(out: &mut (dyn Write + Send), location: &str, s: &Summary) -> std:
         out,
         "events written:   {} ({} opened, {} deposited, {} withdrew)",
         s.events_written, s.accounts, s.deposits, s.withdrawals
+    )?;
+    writeln!(
+        out,
+        "account_balances: {} (the projection's table against each account's fold)",
+        if s.projection_matches {
+            "ok"
+        } else {
+            "MISMATCH"
+        }
     )?;
     if let Some(first) = s.balances.first() {
         let id = first

@@ -109,6 +109,8 @@ mod commands;
 mod demo;
 mod event;
 mod output;
+mod projections;
+mod projections_cmd;
 mod read;
 mod registry;
 mod serve;
@@ -124,6 +126,10 @@ use std::sync::Arc;
 
 use clap::Parser;
 
+pub use projections::{
+    account_balances, AccountBalances, BalanceRow, ProjectionOps, ReadModelDb, RunningProjection,
+    ACCOUNT_BALANCES_TABLE,
+};
 pub use registry::{AggregateOps, AggregateView, CreateOutcome, LoadRequest, Registered};
 pub use serve::{describe_serve_metrics, prometheus_recorder, MetricsServer, SERVE_METRICS};
 pub use store::{AnyStore, Backend, DatabaseUrl, OpenOptions, DEFAULT_DATABASE_URL};
@@ -149,6 +155,7 @@ pub(crate) enum Outcome {
 pub struct App {
     aggregates: BTreeMap<&'static str, Arc<dyn AggregateOps>>,
     upcasters: Option<Arc<annals::Upcasters>>,
+    projections: projections::Registry,
 }
 
 impl std::fmt::Debug for App {
@@ -156,6 +163,7 @@ impl std::fmt::Debug for App {
         f.debug_struct("App")
             .field("aggregates", &self.aggregates.keys().collect::<Vec<_>>())
             .field("upcasters", &self.upcasters)
+            .field("projections", &self.projections.keys().collect::<Vec<_>>())
             .finish()
     }
 }
@@ -174,9 +182,32 @@ impl App {
         self
     }
 
-    /// An app that knows the demo domain, [`annals::bank::Account`].
+    /// An app that knows the demo domain, [`annals::bank::Account`], and
+    /// its projection [`AccountBalances`].
     pub fn with_demo() -> Self {
-        Self::new().register::<annals::bank::Account>()
+        Self::new()
+            .register::<annals::bank::Account>()
+            .register_projection(Arc::new(AccountBalances))
+    }
+
+    /// Registers a projection under [`ProjectionOps::name`] (registering a
+    /// name twice keeps the last), for `annals projections`, the
+    /// `projection-lag` check of `annals check`, and (for
+    /// [`AccountBalances`]) `annals demo`.
+    pub fn register_projection(mut self, projection: Arc<dyn ProjectionOps>) -> Self {
+        self.projections
+            .insert(projection.name().to_owned(), projection);
+        self
+    }
+
+    /// The registered projections, sorted by name.
+    pub fn projections(&self) -> impl Iterator<Item = &dyn ProjectionOps> + '_ {
+        self.projections.values().map(|p| &**p)
+    }
+
+    /// A registered projection.
+    pub fn projection(&self, name: &str) -> Option<&dyn ProjectionOps> {
+        self.projections.get(name).map(|p| &**p)
     }
 
     /// Registers aggregate type `A` under [`annals::Aggregate::TYPE`]

@@ -1,5 +1,6 @@
 //! The `annals` binary: the operations CLI with the demo domain
-//! ([`annals::bank::Account`]) registered. Applications build their own with
+//! ([`annals::bank::Account`] and its `account_balances` projection)
+//! registered. Applications build their own with
 //! [`annals_cli::App::register`].
 #![forbid(unsafe_code)]
 
@@ -7,8 +8,5 @@ use std::process::ExitCode;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    annals_cli::App::new()
-        .register::<annals::bank::Account>()
-        .run(std::env::args_os())
-        .await
+    annals_cli::App::with_demo().run(std::env::args_os()).await
 }

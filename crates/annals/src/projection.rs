@@ -407,6 +407,7 @@ where
             .batch_size(self.options.batch_size)
             .poll_interval(self.options.poll_interval)
             .retry(self.options.store_retry);
+        let mut lag_metrics = LagMetrics::new(&name);
         let mut sub = Subscription::new(
             self.store.clone(),
             start.unwrap_or(GlobalPosition::START),
@@ -439,6 +440,10 @@ where
                 self.apply_batch(&batch.events, ctx).await?;
             }
             position.send_replace(Some(Some(batch.position)));
+            let at_end = batch.events.len() < self.options.batch_size;
+            lag_metrics
+                .record(&self.store, batch.position, batch.events.len(), at_end)
+                .await;
         }
     }
 
@@ -581,6 +586,56 @@ where
                 attempt += 1;
             }
             Err(e) => return Err(e),
+        }
+    }
+}
+
+/// The runner's metrics (`annals_projection_events_handled_total` and
+/// `annals_projection_lag_events`, see [`crate::CATALOGUE`]). The lag costs
+/// two queries (the head, and a count), so it is measured at most every
+/// [`LAG_METRIC_EVERY`], and after a batch that reached the end of the log
+/// (so an idle runner's gauge does not stay at an old value).
+struct LagMetrics {
+    handled: metrics::Counter,
+    lag: metrics::Gauge,
+    last: Option<std::time::Instant>,
+}
+
+/// How often a runner measures its lag while it catches up.
+const LAG_METRIC_EVERY: Duration = Duration::from_millis(250);
+
+impl LagMetrics {
+    fn new(projection: &str) -> Self {
+        let labels = [("projection", projection.to_owned())];
+        LagMetrics {
+            handled: metrics::counter!("annals_projection_events_handled_total", &labels),
+            lag: metrics::gauge!("annals_projection_lag_events", &labels),
+            last: None,
+        }
+    }
+
+    async fn record<S: EventStore>(
+        &mut self,
+        store: &S,
+        position: GlobalPosition,
+        handled: usize,
+        at_end: bool,
+    ) {
+        self.handled.increment(handled as u64);
+        let due = self.last.is_none_or(|t| t.elapsed() >= LAG_METRIC_EVERY);
+        if !(due || at_end) {
+            return;
+        }
+        self.last = Some(std::time::Instant::now());
+        let lag = match store.head_position().await {
+            Ok(Some(head)) if head > position => store.count_events_between(position, head).await,
+            Ok(_) => Ok(0),
+            Err(e) => Err(e),
+        };
+        match lag {
+            Ok(n) => self.lag.set(n as f64),
+            // A metric is not worth stopping for; the next batch tries again.
+            Err(e) => tracing::debug!(error = %e, "cannot measure the projection lag"),
         }
     }
 }

@@ -15,8 +15,9 @@
 //! box per read call) and bumps a counter handle per event. Aggregate loads and snapshot writes are recorded
 //! by the repository and the snapshot jobs, above the backends.
 //!
-//! Projection metrics (lag, rebuild progress, dead letters) are to be added
-//! to [`CATALOGUE`] with the projection runner that records them.
+//! The projection runner records the events it applied and its lag, by
+//! projection name; rebuild progress and dead letters are to be added to
+//! [`CATALOGUE`] with the code that records them.
 
 use std::future::Future;
 use std::time::Instant;
@@ -53,6 +54,7 @@ pub struct MetricInfo {
 
 const BACKEND: &[&str] = &["backend"];
 const AGGREGATE_TYPE: &[&str] = &["aggregate_type"];
+const PROJECTION: &[&str] = &["projection"];
 
 /// Every metric the core library and its backends record alike (the
 /// backends' own ones, such as SQLite's group-commit size or PostgreSQL's
@@ -159,6 +161,18 @@ pub const CATALOGUE: &[MetricInfo] = &[
         kind: MetricKind::Counter,
         labels: AGGREGATE_TYPE,
         help: "Commands with a command id that were applied before: the original result was returned.",
+    },
+    MetricInfo {
+        name: "annals_projection_events_handled_total",
+        kind: MetricKind::Counter,
+        labels: PROJECTION,
+        help: "Events a projection runner applied (handler and checkpoint committed), by projection name.",
+    },
+    MetricInfo {
+        name: "annals_projection_lag_events",
+        kind: MetricKind::Gauge,
+        labels: PROJECTION,
+        help: "Events between a running projection's checkpoint and the head of the feed, measured by its runner after a batch (at most every 250 ms, and whenever a batch reached the end of the log).",
     },
 ];
 

@@ -11,6 +11,7 @@ mod events;
 mod inspection;
 mod library;
 mod postgres;
+mod projections;
 mod scenarios;
 mod serve;
 mod snapshots;

@@ -1,0 +1,366 @@
+//! `annals projections list | status | run | reset`, and the status that
+//! `annals check` also reads.
+//!
+//! State is what the database knows: `not-started` (no checkpoint),
+//! `caught-up` (checkpoint at the head) or `behind`. Whether a runner is
+//! running at this moment is not recorded anywhere (there is no heartbeat
+//! or lease yet), so status does not guess it.
+
+use std::time::Duration;
+
+use annals::{EventStore, GlobalPosition, ReadAll, RunnerOptions};
+use anyhow::{anyhow, Context};
+use futures::StreamExt;
+use serde::Serialize;
+
+use crate::cli::ProjectionsCommand;
+use crate::commands::Env;
+use crate::output::{json_line, note, Table};
+use crate::{AnyStore, App, Outcome, ProjectionOps, ReadModelDb};
+
+pub(crate) async fn dispatch(env: Env<'_>, command: ProjectionsCommand) -> anyhow::Result<Outcome> {
+    match command {
+        ProjectionsCommand::List { json } => list(env, json),
+        ProjectionsCommand::Status { json } => status(env, json).await,
+        ProjectionsCommand::Run {
+            names,
+            until_caught_up,
+            batch_size,
+        } => run(env, names, until_caught_up, batch_size).await,
+        ProjectionsCommand::Reset { name } => reset(env, name).await,
+    }
+}
+
+#[derive(Serialize)]
+struct Listed {
+    name: String,
+    checkpoint: String,
+    description: String,
+}
+
+fn list(env: Env<'_>, json: bool) -> anyhow::Result<Outcome> {
+    let rows: Vec<Listed> = env
+        .app
+        .projections()
+        .map(|p| Listed {
+            name: p.name().to_owned(),
+            checkpoint: p.checkpoint(),
+            description: p.describe(),
+        })
+        .collect();
+    if json {
+        for r in &rows {
+            json_line(env.out, r)?;
+        }
+    } else if rows.is_empty() {
+        note("this binary registers no projections");
+    } else {
+        let mut table = Table::new(&["NAME", "CHECKPOINT", "DESCRIPTION"]);
+        for r in rows {
+            table.push(env.out, vec![r.name, r.checkpoint, r.description])?;
+        }
+        table.finish(env.out)?;
+    }
+    Ok(Outcome::Success)
+}
+
+/// One projection's status (a row of `status`, an object of `--json`).
+#[derive(Clone, Debug, Serialize)]
+pub(crate) struct Status {
+    pub(crate) name: String,
+    pub(crate) checkpoint_name: String,
+    /// The checkpoint's position (`N` or `COMMIT:SEQ`), none if never run.
+    pub(crate) checkpoint: Option<String>,
+    pub(crate) head: Option<String>,
+    pub(crate) lag_events: u64,
+    pub(crate) lag_seconds: f64,
+    pub(crate) state: &'static str,
+}
+
+/// The status of `projection` on `store`.
+pub(crate) async fn status_of(
+    store: &AnyStore,
+    projection: &dyn ProjectionOps,
+) -> anyhow::Result<Status> {
+    let checkpoint_name = projection.checkpoint();
+    let lag = annals::projection_lag(store, &checkpoint_name)
+        .await
+        .with_context(|| format!("cannot read the lag of projection {}", projection.name()))?;
+    let lag_seconds = match lag.head {
+        Some(head) if lag.events > 0 => lag_age(store, lag.checkpoint, head)
+            .await
+            .with_context(|| format!("cannot read the lag of projection {}", projection.name()))?
+            .as_secs_f64(),
+        _ => 0.0,
+    };
+    let state = match (lag.checkpoint, lag.events) {
+        (None, _) => "not-started",
+        (Some(_), 0) => "caught-up",
+        (Some(_), _) => "behind",
+    };
+    Ok(Status {
+        name: projection.name().to_owned(),
+        checkpoint_name,
+        checkpoint: lag.checkpoint.map(|p| p.to_string()),
+        head: lag.head.map(|p| p.to_string()),
+        lag_events: lag.events,
+        lag_seconds,
+        state,
+    })
+}
+
+/// The lag in time: `recorded_at` of the head event minus that of the first
+/// event after `checkpoint` (zero when the clock went backwards between
+/// them). Two reads of one event each.
+pub(crate) async fn lag_age(
+    store: &AnyStore,
+    checkpoint: Option<GlobalPosition>,
+    head: GlobalPosition,
+) -> annals::Result<Duration> {
+    let store = store.raw();
+    let first = first_after(&store, checkpoint.unwrap_or(GlobalPosition::START)).await?;
+    // Just before the head: the head is the first event after it (positions
+    // order by commit, then sequence).
+    let before_head = GlobalPosition::new(head.commit(), head.seq().saturating_sub(1));
+    let last = if head.seq() == 0 {
+        None
+    } else {
+        first_after(&store, before_head).await?
+    };
+    Ok(match (first, last) {
+        (Some(first), Some(last)) => (last - first).to_std().unwrap_or(Duration::ZERO),
+        _ => Duration::ZERO,
+    })
+}
+
+async fn first_after(
+    store: &AnyStore,
+    after: GlobalPosition,
+) -> annals::Result<Option<chrono::DateTime<chrono::Utc>>> {
+    let mut events = store.read_all(ReadAll::after(after).limit(1));
+    match events.next().await {
+        Some(event) => Ok(Some(event?.recorded_at)),
+        None => Ok(None),
+    }
+}
+
+fn read_model_db(env: &Env<'_>, store: AnyStore) -> ReadModelDb {
+    ReadModelDb {
+        store,
+        url: env.url.to_owned(),
+        pg_schema: env.pg_schema.clone(),
+    }
+}
+
+async fn status(env: Env<'_>, json: bool) -> anyhow::Result<Outcome> {
+    let store = env.open(false).await?;
+    let mut rows = Vec::new();
+    for p in env.app.projections() {
+        rows.push(status_of(&store, p).await?);
+    }
+    if json {
+        for r in &rows {
+            json_line(env.out, r)?;
+        }
+        return Ok(Outcome::Success);
+    }
+    if rows.is_empty() {
+        note("this binary registers no projections");
+        return Ok(Outcome::Success);
+    }
+    let none = || "-".to_owned();
+    let mut table = Table::new(&[
+        "NAME",
+        "CHECKPOINT",
+        "HEAD",
+        "LAG_EVENTS",
+        "LAG_SECONDS",
+        "STATE",
+    ])
+    .right_align(&[3, 4]);
+    for r in rows {
+        table.push(
+            env.out,
+            vec![
+                r.name,
+                r.checkpoint.unwrap_or_else(none),
+                r.head.unwrap_or_else(none),
+                r.lag_events.to_string(),
+                format!("{:.1}", r.lag_seconds),
+                r.state.to_owned(),
+            ],
+        )?;
+    }
+    table.finish(env.out)?;
+    Ok(Outcome::Success)
+}
+
+/// The registered projection `name`, or an error that lists them.
+fn registered<'a>(app: &'a App, name: &str) -> anyhow::Result<&'a dyn ProjectionOps> {
+    app.projection(name).ok_or_else(|| {
+        let known: Vec<&str> = app.projections().map(|p| p.name()).collect();
+        if known.is_empty() {
+            anyhow!("unknown projection {name:?}: this binary registers no projections")
+        } else {
+            anyhow!(
+                "unknown projection {name:?}: this binary registers {}",
+                known.join(", ")
+            )
+        }
+    })
+}
+
+async fn run(
+    env: Env<'_>,
+    names: Vec<String>,
+    until_caught_up: bool,
+    batch_size: usize,
+) -> anyhow::Result<Outcome> {
+    let selected: Vec<&dyn ProjectionOps> = if names.is_empty() {
+        env.app.projections().collect()
+    } else {
+        names
+            .iter()
+            .map(|n| registered(env.app, n))
+            .collect::<anyhow::Result<_>>()?
+    };
+    if selected.is_empty() {
+        return Err(anyhow!("this binary registers no projections to run"));
+    }
+    // Installed before anything runs, so a signal is never missed.
+    let mut stop = Shutdown::install()?;
+    let store = env.open(false).await?;
+    let db = read_model_db(&env, store.clone());
+    let head = store
+        .head_position()
+        .await
+        .context("cannot read the head position")?;
+    let options = RunnerOptions {
+        batch_size,
+        ..RunnerOptions::default()
+    };
+    let mut running = Vec::new();
+    for p in &selected {
+        let started = p
+            .start(&db, options.clone())
+            .await
+            .with_context(|| format!("cannot start projection {}", p.name()));
+        match started {
+            Ok(r) => running.push(r),
+            Err(e) => {
+                stop_all(running).await;
+                return Err(e);
+            }
+        }
+    }
+    let names: Vec<&str> = running.iter().map(|r| r.name()).collect();
+    note(&format!(
+        "running {} (head at start: {})",
+        names.join(", "),
+        head.map_or_else(|| "empty store".to_owned(), |h| h.to_string())
+    ));
+    // Until a signal, a runner that fails, or (--until-caught-up) every
+    // runner at the head read at the start.
+    {
+        let caught_up = async {
+            match head {
+                Some(head) if until_caught_up => {
+                    for r in &running {
+                        // Ends early when the runner fails; its error comes
+                        // from `stop` below.
+                        let _ = r.wait_for(head, Duration::from_secs(365 * 24 * 3600)).await;
+                    }
+                }
+                None if until_caught_up => {}
+                _ => std::future::pending::<()>().await,
+            }
+        };
+        let failed = futures::future::select_all(running.iter().map(|r| Box::pin(r.ended())));
+        tokio::select! {
+            () = stop.wait() => note("stopping on a signal"),
+            () = caught_up => {}
+            _ = failed => {}
+        }
+    }
+    let mut first_error = None;
+    for r in running {
+        let name = r.name().to_owned();
+        let at = r.checkpoint();
+        match r.stop().await {
+            Ok(()) => note(&format!(
+                "{name}: stopped at {}",
+                at.map_or_else(|| "the start".to_owned(), |p| p.to_string())
+            )),
+            Err(e) => {
+                first_error.get_or_insert(anyhow::Error::new(e));
+            }
+        }
+    }
+    match first_error {
+        Some(e) => Err(e),
+        None => Ok(Outcome::Success),
+    }
+}
+
+async fn stop_all(running: Vec<crate::RunningProjection>) {
+    for r in running {
+        let _ = r.stop().await;
+    }
+}
+
+async fn reset(env: Env<'_>, name: String) -> anyhow::Result<Outcome> {
+    let projection = registered(env.app, &name)?;
+    let store = env.open(false).await?;
+    let db = read_model_db(&env, store);
+    projection
+        .reset(&db)
+        .await
+        .with_context(|| format!("cannot reset projection {name}"))?;
+    writeln_out(
+        env.out,
+        &format!(
+            "reset {name}: checkpoint {} deleted with its read model",
+            projection.checkpoint()
+        ),
+    )?;
+    Ok(Outcome::Success)
+}
+
+fn writeln_out(out: &mut (dyn std::io::Write + Send), line: &str) -> std::io::Result<()> {
+    writeln!(out, "{line}")
+}
+
+/// Ctrl-C (SIGINT) and SIGTERM, listened to from the moment of `install`.
+struct Shutdown {
+    #[cfg(unix)]
+    int: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    term: tokio::signal::unix::Signal,
+}
+
+impl Shutdown {
+    fn install() -> anyhow::Result<Self> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            Ok(Shutdown {
+                int: signal(SignalKind::interrupt()).context("cannot listen for Ctrl-C")?,
+                term: signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?,
+            })
+        }
+        #[cfg(not(unix))]
+        Ok(Shutdown {})
+    }
+
+    async fn wait(&mut self) {
+        #[cfg(unix)]
+        tokio::select! {
+            _ = self.int.recv() => {}
+            _ = self.term.recv() => {}
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
