@@ -64,6 +64,7 @@
 extern crate self as annals;
 
 mod aggregate;
+mod archive;
 pub mod bank;
 mod checkpoint;
 mod error;
@@ -86,6 +87,7 @@ mod subscription;
 mod telemetry;
 mod upcast;
 
+pub use archive::{ArchivedStream, StreamArchive};
 pub use aggregate::{decode_event, encode_event, Aggregate, DomainEvent};
 pub use annals_derive::DomainEvent;
 pub use checkpoint::{Checkpoint, CheckpointListing, CheckpointStore};
