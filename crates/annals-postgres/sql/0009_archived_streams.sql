@@ -5,8 +5,8 @@
 -- where its events went. Reads and `stream_version` look here and fail with
 -- a typed error naming `location`; appends are refused by the trigger
 -- below, which fires when `annals_append` (or `annals_append_many`) moves
--- the stream's head, with SQLSTATE AN001, the stream in the message's
--- HINT and the location in DETAIL.
+-- the stream's head, with SQLSTATE AN001, the stream in the error's HINT,
+-- the location in its DETAIL and the head at the end of its message.
 CREATE TABLE archived_streams (
     stream_id   text        PRIMARY KEY,
     version     bigint      NOT NULL,   -- the head when archived
@@ -23,7 +23,7 @@ BEGIN
     IF FOUND THEN
         RAISE EXCEPTION USING
             ERRCODE = 'AN001',
-            MESSAGE = format('stream %s is archived', NEW.stream_id),
+            MESSAGE = format('stream %s is archived at version %s', NEW.stream_id, OLD.version),
             DETAIL = loc,
             HINT = NEW.stream_id;
     END IF;

@@ -22,6 +22,7 @@ use annals::{
     StreamVersion,
 };
 use chrono::{DateTime, Utc};
+use deadpool_postgres::Transaction;
 use uuid::Uuid;
 
 use crate::error::{backend_msg, Context};
@@ -65,12 +66,38 @@ impl EventImport for PgEventStore {
             .transaction()
             .await
             .context("cannot start an import")?;
+        lock_streams(&tx, &events).await?;
+        let report = import_locked(&tx, events).await?;
+        tx.commit().await.context("cannot commit an import")?;
+        if report.imported > 0 {
+            metrics::counter!("annals_events_appended_total", "backend" => "postgres")
+                .increment(report.imported);
+        }
+        Ok(report)
+    }
+}
+
+/// Step 1: the advisory locks of the events' streams, taken in `tx` before
+/// it writes anything (so before it has an id).
+pub(crate) async fn lock_streams(tx: &Transaction<'_>, events: &[ImportEvent]) -> Result<()> {
+    let mut names: Vec<&str> = events.iter().map(|e| e.stream_id.as_str()).collect();
+    names.sort_unstable();
+    names.dedup();
+    tx.query(LOCK_SQL, &[&names])
+        .await
+        .context("cannot lock the imported streams")?;
+    Ok(())
+}
+
+/// Steps 2 to 4 in `tx`, which holds the streams' locks
+/// ([`lock_streams`]); the caller commits.
+pub(crate) async fn import_locked(
+    tx: &Transaction<'_>,
+    events: Vec<ImportEvent>,
+) -> Result<ImportReport> {
         let mut names: Vec<&str> = events.iter().map(|e| e.stream_id.as_str()).collect();
         names.sort_unstable();
         names.dedup();
-        tx.query(LOCK_SQL, &[&names])
-            .await
-            .context("cannot lock the imported streams")?;
         let mut heads: HashMap<StreamId, Option<StreamVersion>> = HashMap::new();
         for row in tx
             .query(HEADS_SQL, &[&names])
@@ -94,7 +121,6 @@ impl EventImport for PgEventStore {
         }
         let plan = plan_import(events, &heads, &stored)?;
         if plan.runs.is_empty() {
-            tx.commit().await.context("cannot commit an import")?;
             return plan.finish("postgres", Vec::new());
         }
         let mut streams = Vec::new();
@@ -199,10 +225,5 @@ impl EventImport for PgEventStore {
         tx.execute(RECORDED_AT_SQL, &[&all_seqs, &times])
             .await
             .context("cannot set the imported events' recorded_at")?;
-        tx.commit().await.context("cannot commit an import")?;
-        let report = plan.finish("postgres", positions)?;
-        metrics::counter!("annals_events_appended_total", "backend" => "postgres")
-            .increment(report.imported);
-        Ok(report)
-    }
+        plan.finish("postgres", positions)
 }
