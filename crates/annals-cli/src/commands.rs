@@ -114,6 +114,8 @@ pub(crate) async fn dispatch(env: Env<'_>, command: Command) -> anyhow::Result<O
         Command::Serve(args) => serve::run(env, args).await,
         Command::Export(args) => crate::transfer::export_cmd(env, args).await,
         Command::Import(args) => crate::transfer::import_cmd(env, args).await,
+        Command::Archive(args) => crate::archive::archive_cmd(env, args).await,
+        Command::RestoreArchive(args) => crate::archive::restore_cmd(env, args).await,
     }
 }
 

@@ -3,6 +3,7 @@
 //! set, a fresh PostgreSQL schema), the way an operator would.
 
 mod adopt;
+mod archive;
 mod append_input;
 mod check;
 mod demo;
