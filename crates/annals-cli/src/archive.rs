@@ -112,11 +112,7 @@ pub struct ArchiveSummary {
 }
 
 fn sha256_hex(bytes: impl AsRef<[u8]>) -> String {
-    bytes
-        .as_ref()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    bytes.as_ref().iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Reads the manifest of `dir`, `None` when there is none.
@@ -314,8 +310,8 @@ where
     S: StreamArchive + StreamCatalog,
 {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let dir = std::fs::canonicalize(dir)
-        .with_context(|| format!("cannot resolve {}", dir.display()))?;
+    let dir =
+        std::fs::canonicalize(dir).with_context(|| format!("cannot resolve {}", dir.display()))?;
     let mut manifest = match read_manifest(&dir)? {
         Some(m) if m.category != category => bail!(
             "{} holds an archive of category {}, not {category}: use another directory",
@@ -356,7 +352,9 @@ where
         let info = info.with_context(|| format!("cannot list the streams of {category}"))?;
         let mut last = store.read_stream(&info.stream_id, ReadStream::backward().limit(1));
         match last.next().await {
-            Some(Ok(e)) if e.recorded_at < before => closed.push((info.stream_id, e.stream_version)),
+            Some(Ok(e)) if e.recorded_at < before => {
+                closed.push((info.stream_id, e.stream_version))
+            }
             Some(Ok(_)) | None => {}
             Some(Err(annals::Error::StreamArchived { .. })) => {}
             Some(Err(e)) => {
@@ -521,8 +519,11 @@ pub async fn restore<S: StreamArchive>(store: &S, dir: &Path) -> anyhow::Result<
         for e in &checked.events {
             *per_stream.entry(&e.stream_id).or_default() += 1;
         }
-        let listed: BTreeMap<&StreamId, u64> =
-            entry.streams.iter().map(|s| (&s.stream, s.events)).collect();
+        let listed: BTreeMap<&StreamId, u64> = entry
+            .streams
+            .iter()
+            .map(|s| (&s.stream, s.events))
+            .collect();
         if per_stream != listed {
             summary.bad_files.push(format!(
                 "archive file {} does not hold the streams its manifest entry lists",

@@ -59,7 +59,10 @@ async fn tombstone(
 
 /// [`annals::Error::StreamArchived`] when `stream` is archived: what a read
 /// that found no events returns.
-pub(crate) async fn refuse_archived(client: &deadpool_postgres::Client, stream: &str) -> Result<()> {
+pub(crate) async fn refuse_archived(
+    client: &deadpool_postgres::Client,
+    stream: &str,
+) -> Result<()> {
     let stream = StreamId::parse(stream)?;
     match tombstone(client, &stream).await? {
         Some(t) => Err(annals::Error::StreamArchived {

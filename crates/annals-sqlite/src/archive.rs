@@ -33,9 +33,12 @@ fn tombstone(conn: &Connection, stream: &StreamId) -> Result<Option<ArchivedStre
         })
         .map_err(db("reading a stream's tombstone"))?;
     row.map(|(v, location, at)| {
-        let head = u64::try_from(v)
-            .map(StreamVersion)
-            .map_err(|e| corrupt(format!("archived_streams row {stream}: negative version"), e))?;
+        let head = u64::try_from(v).map(StreamVersion).map_err(|e| {
+            corrupt(
+                format!("archived_streams row {stream}: negative version"),
+                e,
+            )
+        })?;
         let archived_at = from_micros(at).ok_or_else(|| annals::Error::Backend {
             backend: "sqlite",
             message: format!("archived_streams row {stream}: archived_at {at} out of range"),
@@ -97,7 +100,8 @@ fn archive_job(conn: &mut Connection, streams: Vec<ArchivedStream>) -> Result<u6
         })
         .map_err(db("recording a stream's tombstone"))?;
     }
-    sp.commit().map_err(db("releasing an archive's savepoint"))?;
+    sp.commit()
+        .map_err(db("releasing an archive's savepoint"))?;
     Ok(removed)
 }
 

@@ -87,9 +87,9 @@ mod subscription;
 mod telemetry;
 mod upcast;
 
-pub use archive::{ArchivedStream, StreamArchive};
 pub use aggregate::{decode_event, encode_event, Aggregate, DomainEvent};
 pub use annals_derive::DomainEvent;
+pub use archive::{ArchivedStream, StreamArchive};
 pub use checkpoint::{Checkpoint, CheckpointListing, CheckpointStore};
 pub use error::{Error, Result, UpcastFailure};
 pub use event::{

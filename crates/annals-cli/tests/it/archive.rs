@@ -70,7 +70,10 @@ fn scenario(db: Db) {
     append(&db, "Account-live", 6);
     // The cut-off: the live stream's last event, recorded after the others.
     let live = events_of(&db, "Account-live");
-    let before = live[1]["recorded_at"].as_str().expect("recorded_at").to_owned();
+    let before = live[1]["recorded_at"]
+        .as_str()
+        .expect("recorded_at")
+        .to_owned();
     let originals = [events_of(&db, "Account-a"), events_of(&db, "Account-b")];
     assert_eq!((originals[0].len(), originals[1].len()), (2, 1));
 
@@ -90,25 +93,24 @@ fn scenario(db: Db) {
     assert_eq!(manifest["files"][0]["streams"][0]["stream"], "Account-a");
     assert_eq!(manifest["files"][0]["streams"][0]["events"], 2);
     assert_eq!(manifest["files"][0]["streams"][0]["last_version"], 2);
-    assert_eq!(manifest["files"][0]["sha256"].as_str().map(str::len), Some(64));
+    assert_eq!(
+        manifest["files"][0]["sha256"].as_str().map(str::len),
+        Some(64)
+    );
     assert_eq!(manifest["files"][1]["complete"], true);
 
     // Gone from the hot table; the other streams are untouched.
     assert!(events_of(&db, "Account-a").is_empty());
-    assert_eq!(events_of(&db, "Account-live"), live_without_positions(&live));
+    assert_eq!(
+        events_of(&db, "Account-live"),
+        live_without_positions(&live)
+    );
     assert_eq!(events_of(&db, "Order-x").len(), 1);
     let shown_a = file_a.display().to_string();
     db.run(&["read", "Account-a"])
         .fails(2, &["Account-a is archived", &shown_a]);
-    db.run(&[
-        "append",
-        "Account-a",
-        "--type",
-        "Deposited",
-        "--data",
-        "{}",
-    ])
-    .fails(2, &["Account-a is archived", &shown_a]);
+    db.run(&["append", "Account-a", "--type", "Deposited", "--data", "{}"])
+        .fails(2, &["Account-a is archived", &shown_a]);
 
     // A rerun archives nothing.
     let out = archive(&db, &before, &dir);
@@ -116,7 +118,8 @@ fn scenario(db: Db) {
 
     let run = db.run(&["restore-archive", path_arg(&dir)]).ok();
     assert!(
-        run.stdout.contains("restored 2 files: 3 events (0 already present)"),
+        run.stdout
+            .contains("restored 2 files: 3 events (0 already present)"),
         "{run:#?}"
     );
     assert_eq!(events_of(&db, "Account-a"), originals[0]);
@@ -126,7 +129,8 @@ fn scenario(db: Db) {
     assert_eq!(events_of(&db, "Account-b")[1]["stream_version"], 2);
     let run = db.run(&["restore-archive", path_arg(&dir)]).ok();
     assert!(
-        run.stdout.contains("restored 2 files: 0 events (3 already present)"),
+        run.stdout
+            .contains("restored 2 files: 0 events (3 already present)"),
         "{run:#?}"
     );
 
@@ -186,4 +190,47 @@ fn archive_and_restore_on_sqlite() {
 fn archive_and_restore_on_postgres() {
     let Some(db) = Db::postgres() else { return };
     scenario(db);
+}
+
+/// An archive interrupted after its files and manifest were written but
+/// before the events were removed (a manifest entry not `complete`) is
+/// completed by the next run, after its file is checked again.
+fn resumed(db: Db) {
+    if db.is_postgres() {
+        db.run(&["init"]).ok();
+    }
+    append(&db, "Account-a", 1);
+    let now = chrono::Utc::now().to_rfc3339();
+    let dir = db.dir.path().join("archive");
+    archive(&db, &now, &dir);
+    db.run(&["restore-archive", path_arg(&dir)]).ok();
+    // As if the run had stopped before removing the events.
+    let path = dir.join("manifest.json");
+    let mut manifest: Value =
+        serde_json::from_slice(&std::fs::read(&path).expect("manifest")).expect("JSON");
+    manifest["files"][0]["complete"] = Value::Bool(false);
+    std::fs::write(&path, serde_json::to_vec(&manifest).expect("JSON")).expect("write");
+    // A cut-off before everything: only the interrupted entry is archived.
+    let out = archive(&db, "2000-01-01T00:00:00Z", &dir);
+    assert!(
+        out.contains("completed an interrupted archive: 1 streams"),
+        "{out}"
+    );
+    db.run(&["read", "Account-a"])
+        .fails(2, &["Account-a is archived"]);
+    let manifest: Value =
+        serde_json::from_slice(&std::fs::read(&path).expect("manifest")).expect("JSON");
+    assert_eq!(manifest["files"][0]["complete"], true);
+    assert_eq!(manifest["files"].as_array().map(Vec::len), Some(1));
+}
+
+#[test]
+fn an_interrupted_archive_is_completed_on_sqlite() {
+    resumed(Db::sqlite());
+}
+
+#[test]
+fn an_interrupted_archive_is_completed_on_postgres() {
+    let Some(db) = Db::postgres() else { return };
+    resumed(db);
 }

@@ -3,8 +3,8 @@
 //! set, a fresh PostgreSQL schema), the way an operator would.
 
 mod adopt;
-mod archive;
 mod append_input;
+mod archive;
 mod check;
 mod demo;
 mod errors;
