@@ -218,7 +218,7 @@ pub struct OpenOptions {
 /// A store on whichever backend a database URL selects.
 ///
 /// Every backend it knows implements every trait of the core, so it does
-/// too, by delegation: [`EventStore`], [`annals::MultiStreamAppend`], [`annals::EventImport`], [`annals::CheckpointListing`], [`StreamCatalog`], [`SnapshotStore`],
+/// too, by delegation: [`EventStore`], [`annals::MultiStreamAppend`], [`annals::EventImport`], [`annals::StreamArchive`], [`annals::CheckpointListing`], [`StreamCatalog`], [`SnapshotStore`],
 /// [`SnapshotAdmin`], [`SnapshotStaging`] and [`CheckpointStore`]. Every
 /// generic function of the core works on it.
 #[derive(Clone)]
@@ -438,6 +438,26 @@ impl annals::EventImport for AnyStore {
         events: Vec<annals::ImportEvent>,
     ) -> Result<annals::ImportReport> {
         delegate!(self, s => s.import_events(events).await)
+    }
+}
+
+impl annals::StreamArchive for AnyStore {
+    async fn archive_streams(&self, streams: Vec<annals::ArchivedStream>) -> Result<u64> {
+        delegate!(self, s => s.archive_streams(streams).await)
+    }
+
+    async fn archived_stream(
+        &self,
+        stream: &annals::StreamId,
+    ) -> Result<Option<annals::ArchivedStream>> {
+        delegate!(self, s => s.archived_stream(stream).await)
+    }
+
+    async fn restore_streams(
+        &self,
+        events: Vec<annals::ImportEvent>,
+    ) -> Result<annals::ImportReport> {
+        delegate!(self, s => s.restore_streams(events).await)
     }
 }
 

@@ -131,6 +131,15 @@ pub(crate) enum Command {
     /// checkpoint and lag, run them, reset them.
     #[command(subcommand)]
     Projections(ProjectionsCommand),
+    /// Move the closed streams of a category (no event recorded at or after
+    /// --before) to zstd JSON Lines files with a checksummed manifest in
+    /// --to, and remove their events, leaving a tombstone per stream.
+    #[command(after_help = ARCHIVE_HELP)]
+    Archive(ArchiveArgs),
+    /// Bring the streams of an archive directory back (checksums checked
+    /// first; ids, versions, metadata and recorded_at kept; new positions).
+    #[command(name = "restore-archive", after_help = RESTORE_ARCHIVE_HELP)]
+    RestoreArchive(RestoreArchiveArgs),
 }
 
 const PROJECTIONS_HELP: &str = "\
@@ -180,6 +189,48 @@ pub(crate) enum ProjectionsCommand {
         #[arg(value_name = "NAME")]
         name: String,
     },
+}
+
+
+const ARCHIVE_HELP: &str = "\
+Each batch of streams is written, fsynced, read back and checksummed, and
+entered in DIR/manifest.json, before one transaction removes its events and
+records the tombstones. An archived stream keeps its head: reading it,
+asking its version or appending to it fails with an error naming its
+archive file. A rerun completes an interrupted run and archives nothing
+twice.
+
+Exit status: 0 archived (or nothing to archive), 2 error.";
+
+const RESTORE_ARCHIVE_HELP: &str = "\
+A file that is missing or does not match its checksum is named, and nothing
+of it is restored; the other files are. A rerun adds nothing.
+
+Exit status: 0 restored, 1 some files were not restored or some streams
+conflict (listed), 2 error.";
+
+#[derive(Args, Debug)]
+pub(crate) struct ArchiveArgs {
+    /// The category whose closed streams are archived.
+    #[arg(long, value_name = "CATEGORY", value_parser = parse_category)]
+    pub(crate) category: String,
+    /// Archive the streams whose last event was recorded before this
+    /// instant (RFC 3339).
+    #[arg(long, value_name = "RFC3339", value_parser = parse_time)]
+    pub(crate) before: DateTime<Utc>,
+    /// The archive directory (created if needed).
+    #[arg(long, value_name = "DIR")]
+    pub(crate) to: std::path::PathBuf,
+    /// Streams per archive file (and per removal transaction).
+    #[arg(long, value_name = "N", default_value = "1000", value_parser = parse_batch_size)]
+    pub(crate) streams_per_file: usize,
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct RestoreArchiveArgs {
+    /// The archive directory (with its manifest.json).
+    #[arg(value_name = "DIR")]
+    pub(crate) dir: std::path::PathBuf,
 }
 
 const ADOPT_HELP: &str = "\

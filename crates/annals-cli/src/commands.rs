@@ -120,6 +120,8 @@ pub(crate) async fn dispatch(env: Env<'_>, command: Command) -> anyhow::Result<O
         Command::Export(args) => crate::transfer::export_cmd(env, args).await,
         Command::Import(args) => crate::transfer::import_cmd(env, args).await,
         Command::Projections(command) => crate::projections_cmd::dispatch(env, command).await,
+        Command::Archive(args) => crate::archive::archive_cmd(env, args).await,
+        Command::RestoreArchive(args) => crate::archive::restore_cmd(env, args).await,
     }
 }
 

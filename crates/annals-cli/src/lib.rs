@@ -103,6 +103,7 @@
 pub struct ReadmeDoctests;
 
 mod adopt;
+pub mod archive;
 mod check;
 mod cli;
 mod commands;

@@ -98,7 +98,33 @@ pub(crate) fn backend(
     message: impl Into<String>,
     source: impl std::error::Error + Send + Sync + 'static,
 ) -> Error {
+    if let Some(archived) = stream_archived(&source) {
+        return archived;
+    }
     Error::backend(BACKEND, message, source)
+}
+
+/// The SQLSTATE of the trigger that refuses to move an archived stream's
+/// head (`sql/0009_archived_streams.sql`).
+pub(crate) const STREAM_ARCHIVED_STATE: &str = "AN001";
+
+/// [`Error::StreamArchived`] from the archived-stream trigger's error: the
+/// stream in its HINT, the archive location in its DETAIL, the head at the
+/// end of its message.
+fn stream_archived(source: &(dyn std::error::Error + 'static)) -> Option<Error> {
+    let db = source
+        .downcast_ref::<tokio_postgres::Error>()?
+        .as_db_error()?;
+    if db.code().code() != STREAM_ARCHIVED_STATE {
+        return None;
+    }
+    let stream = annals::StreamId::parse(db.hint()?).ok()?;
+    let head = db.message().rsplit(' ').next()?.parse().ok()?;
+    Some(Error::StreamArchived {
+        stream,
+        head: annals::StreamVersion(head),
+        location: db.detail()?.to_owned(),
+    })
 }
 
 /// A backend error without a driver error behind it (a row that does not

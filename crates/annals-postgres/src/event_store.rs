@@ -88,7 +88,9 @@ const READ_EVENT_SQL: &str = concat!(
     " FROM events e WHERE e.event_id = $1"
 );
 
-const STREAM_VERSION_SQL: &str = "SELECT version FROM streams WHERE stream_id = $1";
+/// The head, and the archive of an archived stream (its tombstone).
+const STREAM_VERSION_SQL: &str = "SELECT s.version, a.location FROM streams s \
+     LEFT JOIN archived_streams a ON a.stream_id = s.stream_id WHERE s.stream_id = $1";
 
 const READ_STREAM_FORWARD: &str = concat!(
     "SELECT ",
@@ -1059,9 +1061,14 @@ async fn read_stream_page(
         .prepare_cached(sql)
         .await
         .context("cannot prepare a stream read")?;
-    collect_page(client, &stmt, params, budget)
+    let page = collect_page(client, &stmt, params, budget)
         .await
-        .map_err(|e| backend(format!("cannot read stream {stream}"), e))
+        .map_err(|e| backend(format!("cannot read stream {stream}"), e))?;
+    if page.0.is_empty() {
+        // No events: an archived stream says where they went.
+        crate::archive::refuse_archived(client, stream).await?;
+    }
+    Ok(page)
 }
 
 async fn stream_head(client: &Client, stream: &StreamId) -> Result<Option<StreamVersion>> {
@@ -1079,7 +1086,17 @@ async fn stream_head(client: &Client, stream: &StreamId) -> Result<Option<Stream
             let v: i64 = row
                 .try_get(0)
                 .map_err(|e| backend(format!("cannot decode the version of {stream}"), e))?;
-            Ok(Some(StreamVersion(count(v))))
+            let archived: Option<String> = row
+                .try_get(1)
+                .map_err(|e| backend(format!("cannot decode the version of {stream}"), e))?;
+            match archived {
+                Some(location) => Err(Error::StreamArchived {
+                    stream: stream.clone(),
+                    head: StreamVersion(count(v)),
+                    location,
+                }),
+                None => Ok(Some(StreamVersion(count(v)))),
+            }
         }
     }
 }

@@ -186,6 +186,7 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+mod archive;
 mod checkpoint;
 mod error;
 mod event_store;

@@ -53,7 +53,9 @@ static METRICS: annals::StoreMetrics = annals::StoreMetrics::new(&LABELS);
 /// before this; events of a megabyte come a few per page.
 pub(crate) const PAGE_BYTES: usize = 4 << 20;
 
-const HEAD_SQL: &str = "SELECT version FROM streams WHERE stream_id = ?1";
+/// The head, and the archive of an archived stream (its tombstone).
+const HEAD_SQL: &str = "SELECT s.version, a.location FROM streams s \
+    LEFT JOIN archived_streams a ON a.stream_id = s.stream_id WHERE s.stream_id = ?1";
 
 pub(crate) const INSERT_SQL: &str = "INSERT INTO events \
     (event_id, stream_id, category, stream_version, event_type, event_version, data, metadata, recorded_at, data_digest) \
@@ -91,18 +93,30 @@ const READ_BACKWARD_SQL: &str = concat!(
 const LIST_STREAMS_SQL: &str = "SELECT stream_id, version FROM streams \
     WHERE category = ?1 AND stream_id > ?2 ORDER BY stream_id LIMIT ?3";
 
-/// The head of `stream` as seen by `conn`.
+/// The head of `stream` as seen by `conn`; [`annals::Error::StreamArchived`]
+/// when it is archived (so appends and imports refuse it too).
 pub(crate) fn head_version(conn: &Connection, stream: &StreamId) -> Result<Option<StreamVersion>> {
-    let v: Option<i64> = conn
+    let row: Option<(i64, Option<String>)> = conn
         .prepare_cached(HEAD_SQL)
-        .and_then(|mut s| s.query_row([stream.as_str()], |r| r.get(0)).optional())
+        .and_then(|mut s| {
+            s.query_row([stream.as_str()], |r| Ok((r.get(0)?, r.get(1)?)))
+                .optional()
+        })
         .map_err(db("reading a stream head"))?;
-    v.map(|v| {
-        u64::try_from(v)
-            .map(StreamVersion)
-            .map_err(|e| corrupt(format!("streams row {stream}: negative version"), e))
-    })
-    .transpose()
+    let Some((v, archived)) = row else {
+        return Ok(None);
+    };
+    let head = u64::try_from(v)
+        .map(StreamVersion)
+        .map_err(|e| corrupt(format!("streams row {stream}: negative version"), e))?;
+    match archived {
+        Some(location) => Err(annals::Error::StreamArchived {
+            stream: stream.clone(),
+            head,
+            location,
+        }),
+        None => Ok(Some(head)),
+    }
 }
 
 /// Why inserting a batch stopped.
@@ -432,6 +446,10 @@ fn read_stream_page(
         .map_err(db("reading a stream"))?;
     let page = RawEvents::collect(&mut rows, want as usize, max_bytes, "reading a stream")?;
     let n = page.len() as u64;
+    if n == 0 {
+        // No events: an archived stream says where they went.
+        crate::archive::refuse_archived(conn, stream)?;
+    }
     let more = n == want || page.is_at_budget();
     let next = match page.last_keys() {
         Some((_, v)) if more && page.is_complete() && cursor.remaining > n => {

@@ -35,10 +35,17 @@ impl EventImport for SqliteEventStore {
 
 fn import_job(conn: &mut Connection, events: Vec<ImportEvent>) -> Result<ImportReport> {
     let sp = conn.savepoint().map_err(db("starting an import"))?;
+    let report = import_in(&sp, events)?;
+    sp.commit().map_err(db("releasing an import's savepoint"))?;
+    Ok(report)
+}
+
+/// The import's work on `sp`, an open savepoint (committed by the caller).
+pub(crate) fn import_in(sp: &Connection, events: Vec<ImportEvent>) -> Result<ImportReport> {
     let mut heads = HashMap::new();
     for e in &events {
         if !heads.contains_key(&e.stream_id) {
-            heads.insert(e.stream_id.clone(), head_version(&sp, &e.stream_id)?);
+            heads.insert(e.stream_id.clone(), head_version(sp, &e.stream_id)?);
         }
     }
     let mut stored = HashMap::new();
@@ -102,7 +109,5 @@ fn import_job(conn: &mut Connection, events: Vec<ImportEvent>) -> Result<ImportR
             positions.push(assigned);
         }
     }
-    let report = plan.finish("sqlite", positions)?;
-    sp.commit().map_err(db("releasing an import's savepoint"))?;
-    Ok(report)
+    plan.finish("sqlite", positions)
 }

@@ -158,6 +158,20 @@ pub enum Error {
         /// How long it waited before giving up.
         after: std::time::Duration,
     },
+    /// The stream was archived (`annals archive`): its events were moved to
+    /// the archive file `location` and removed from the store, which keeps
+    /// a tombstone with its head version. Reads, `stream_version` and
+    /// appends are refused; restore it (`annals restore-archive DIR`) to use
+    /// it again.
+    #[error("stream {stream} is archived (head version {head}) in {location}: restore it with `annals restore-archive` first")]
+    StreamArchived {
+        /// The archived stream.
+        stream: StreamId,
+        /// Its head version when it was archived.
+        head: StreamVersion,
+        /// The archive file holding its events.
+        location: String,
+    },
     /// The database driver failed (connection lost, disk full, ...). The
     /// driver error is the source. Appends are atomic: an append that fails
     /// this way wrote all of its events or none, and when the connection was

@@ -64,6 +64,7 @@
 extern crate self as annals;
 
 mod aggregate;
+mod archive;
 pub mod bank;
 mod checkpoint;
 mod error;
@@ -88,6 +89,7 @@ mod upcast;
 
 pub use aggregate::{decode_event, encode_event, Aggregate, DomainEvent};
 pub use annals_derive::DomainEvent;
+pub use archive::{ArchivedStream, StreamArchive};
 pub use checkpoint::{Checkpoint, CheckpointListing, CheckpointStore};
 pub use error::{Error, Result, UpcastFailure};
 pub use event::{

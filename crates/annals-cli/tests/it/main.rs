@@ -4,6 +4,7 @@
 
 mod adopt;
 mod append_input;
+mod archive;
 mod check;
 mod demo;
 mod errors;
