@@ -69,6 +69,7 @@ mod checkpoint;
 mod error;
 mod event;
 mod event_store;
+pub mod gdpr;
 mod health;
 mod idempotency;
 mod import;
@@ -88,6 +89,7 @@ mod upcast;
 
 pub use aggregate::{decode_event, encode_event, Aggregate, DomainEvent};
 pub use annals_derive::DomainEvent;
+pub use gdpr::{GdprStore, KeyStore, PersonalData};
 pub use checkpoint::{Checkpoint, CheckpointListing, CheckpointStore};
 pub use error::{Error, Result, UpcastFailure};
 pub use event::{
