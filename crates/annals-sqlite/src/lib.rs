@@ -76,6 +76,7 @@ mod codec;
 mod conn;
 mod error;
 mod event_store;
+mod gdpr;
 mod health;
 mod import;
 mod migrate;

@@ -847,3 +847,29 @@ impl KeyStore for MemoryKeyStore {
             .cloned())
     }
 }
+
+impl KeyStore for crate::InMemoryStore {
+    fn load_key(&self, subject: &str) -> impl Future<Output = Result<Option<WrappedKey>>> + Send {
+        self.key_store().load_key(subject)
+    }
+
+    fn insert_key(
+        &self,
+        subject: &str,
+        key: &WrappedKey,
+    ) -> impl Future<Output = Result<WrappedKey>> + Send {
+        self.key_store().insert_key(subject, key)
+    }
+
+    fn forget_key(
+        &self,
+        subject: &str,
+        record: &ErasureRecord,
+    ) -> impl Future<Output = Result<bool>> + Send {
+        self.key_store().forget_key(subject, record)
+    }
+
+    fn erasure(&self, subject: &str) -> impl Future<Output = Result<Option<ErasureRecord>>> + Send {
+        self.key_store().erasure(subject)
+    }
+}
