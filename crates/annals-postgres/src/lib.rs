@@ -189,6 +189,7 @@
 mod checkpoint;
 mod error;
 mod event_store;
+mod gdpr;
 mod health;
 mod horizon;
 mod import;

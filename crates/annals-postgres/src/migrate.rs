@@ -58,6 +58,11 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         name: "feed_indexes",
         sql: include_str!("../sql/0006_feed_indexes.sql"),
     },
+    Migration {
+        version: 7,
+        name: "gdpr_keys",
+        sql: include_str!("../sql/0007_gdpr_keys.sql"),
+    },
 ];
 
 /// The schema version this build needs: the last migration's.

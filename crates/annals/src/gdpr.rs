@@ -149,9 +149,10 @@ pub enum GdprError {
     },
 }
 
-impl From<GdprError> for Error {
-    fn from(e: GdprError) -> Self {
-        Error::Gdpr(Box::new(e))
+impl GdprError {
+    /// As an [`Error`] (boxed in [`Error::Gdpr`]).
+    pub fn into_error(self) -> Error {
+        Error::Gdpr(Box::new(self))
     }
 }
 
@@ -400,7 +401,7 @@ impl<K: KeyStore> Crypto<K> {
 
     /// Checks that the master key is configured (and well formed).
     pub fn check_master_key(&self) -> Result<MasterKey> {
-        Ok(self.provider.master_key()?)
+        Ok(self.provider.master_key().map_err(GdprError::into_error)?)
     }
 
     fn unwrap_key(&self, subject: &str, master: &MasterKey, key: &WrappedKey) -> Result<Aes256Gcm> {
@@ -410,7 +411,7 @@ impl<K: KeyStore> Crypto<K> {
             configured_key_id: master.id(),
         };
         if key.master_key_id != master.id() || key.wrapped.len() < 12 {
-            return Err(wrong().into());
+            return Err(wrong().into_error());
         }
         let (nonce, ct) = key.wrapped.split_at(12);
         let aad = format!("annals data key\0{subject}");
@@ -423,9 +424,9 @@ impl<K: KeyStore> Crypto<K> {
                     aad: aad.as_bytes(),
                 },
             )
-            .map_err(|_| wrong())?;
+            .map_err(|_| wrong().into_error())?;
         if dek.len() != 32 {
-            return Err(wrong().into());
+            return Err(wrong().into_error());
         }
         Ok(Aes256Gcm::new(Key::<Aes256Gcm>::from_slice(&dek)))
     }
@@ -494,7 +495,7 @@ impl<K: KeyStore> Crypto<K> {
                         event_type: e.event_type.clone(),
                         field: pd.subject.to_owned(),
                     }
-                    .into())
+                    .into_error())
                 }
             };
             if e.fingerprint.is_none() {
@@ -506,7 +507,7 @@ impl<K: KeyStore> Crypto<K> {
             }
             let m = match master.take() {
                 Some(m) => m,
-                None => self.provider.master_key()?,
+                None => self.provider.master_key().map_err(GdprError::into_error)?,
             };
             let cipher = match keys.remove(&subject) {
                 Some(k) => k,
@@ -581,13 +582,13 @@ impl<K: KeyStore> Crypto<K> {
                 stream: event.stream_id.to_string(),
                 reason,
             };
-            let blob = B64.decode(blob).map_err(|e| corrupt(e.to_string()))?;
+            let blob = B64.decode(blob).map_err(|e| corrupt(e.to_string()).into_error())?;
             if !keys.contains_key(&subject) {
                 let key = match self.keys.load_key(&subject).await? {
                     Some(k) => {
                         let m = match master.take() {
                             Some(m) => m,
-                            None => self.provider.master_key()?,
+                            None => self.provider.master_key().map_err(GdprError::into_error)?,
                         };
                         let cipher = self.unwrap_key(&subject, &m, &k)?;
                         master = Some(m);
@@ -600,7 +601,7 @@ impl<K: KeyStore> Crypto<K> {
                                 event_id: event.event_id,
                                 stream: event.stream_id.to_string(),
                             }
-                            .into());
+                            .into_error());
                         }
                         None
                     }
@@ -610,7 +611,7 @@ impl<K: KeyStore> Crypto<K> {
             *v = match keys.get(&subject) {
                 Some(Some(cipher)) => {
                     if blob.len() < 12 {
-                        return Err(corrupt("ciphertext too short".into()).into());
+                        return Err(corrupt("ciphertext too short".into()).into_error());
                     }
                     let (nonce, ct) = blob.split_at(12);
                     let plain = cipher
@@ -621,8 +622,8 @@ impl<K: KeyStore> Crypto<K> {
                                 aad: field.as_bytes(),
                             },
                         )
-                        .map_err(|e| corrupt(e.to_string()))?;
-                    serde_json::from_slice(&plain).map_err(|e| corrupt(e.to_string()))?
+                        .map_err(|e| corrupt(e.to_string()).into_error())?;
+                    serde_json::from_slice(&plain).map_err(|e| corrupt(e.to_string()).into_error())?
                 }
                 _ => Value::String(ERASED.to_owned()),
             };
