@@ -127,6 +127,9 @@ pub(crate) enum Command {
     /// checkpoints are translated; a rerun adds nothing.
     #[command(after_help = IMPORT_HELP)]
     Import(ImportArgs),
+    /// GDPR crypto-shredding: forget a subject, or show its status.
+    #[command(subcommand)]
+    Gdpr(crate::gdpr::GdprCommand),
 }
 
 const ADOPT_HELP: &str = "\

@@ -114,6 +114,7 @@ pub(crate) async fn dispatch(env: Env<'_>, command: Command) -> anyhow::Result<O
         Command::Serve(args) => serve::run(env, args).await,
         Command::Export(args) => crate::transfer::export_cmd(env, args).await,
         Command::Import(args) => crate::transfer::import_cmd(env, args).await,
+        Command::Gdpr(command) => crate::gdpr::dispatch(env, command).await,
     }
 }
 

@@ -108,6 +108,7 @@ mod cli;
 mod commands;
 mod demo;
 mod event;
+mod gdpr;
 mod output;
 mod read;
 mod registry;

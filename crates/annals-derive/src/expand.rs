@@ -423,7 +423,10 @@ fn personal_attr(meta: &ParseNestedMeta<'_>, v: &syn::Variant) -> Result<(String
     let mut names: Vec<String> = Vec::new();
     for lit in &fields {
         if names.contains(&lit.value()) {
-            return Err(Error::new(lit.span(), format_args!("field {:?} is listed twice", lit.value())));
+            return Err(Error::new(
+                lit.span(),
+                format_args!("field {:?} is listed twice", lit.value()),
+            ));
         }
         names.push(lit.value());
     }

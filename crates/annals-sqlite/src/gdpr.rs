@@ -110,12 +110,13 @@ impl KeyStore for SqliteEventStore {
                     })
                     .map_err(db("reading the erasure log"))?;
                 row.map(|(at, by)| {
-                    let erased_at = DateTime::<Utc>::from_timestamp_micros(at).ok_or_else(|| {
-                        corrupt(
-                            format!("erasure_log: timestamp {at} out of range"),
-                            std::fmt::Error,
-                        )
-                    })?;
+                    let erased_at =
+                        DateTime::<Utc>::from_timestamp_micros(at).ok_or_else(|| {
+                            corrupt(
+                                format!("erasure_log: timestamp {at} out of range"),
+                                std::fmt::Error,
+                            )
+                        })?;
                     Ok(ErasureRecord {
                         subject_hash: hash.clone(),
                         erased_at,

@@ -49,8 +49,7 @@ use sha2::{Digest, Sha256};
 use crate::{
     upcast::upcast_event, AppendResult, AppendSignal, DomainEvent, Error, EventId, EventStore,
     EventStream, ExpectedVersion, FeedPage, Fingerprint, GlobalPosition, NewEvent, Payload,
-    ReadAll, ReadStream, RecordedEvent, Result, SnapshotStore, StreamId, StreamVersion,
-    Upcasters,
+    ReadAll, ReadStream, RecordedEvent, Result, SnapshotStore, StreamId, StreamVersion, Upcasters,
 };
 
 /// What a forgotten subject's personal fields read as.
@@ -214,7 +213,10 @@ impl MasterKey {
         let mut h = Sha256::new();
         h.update(b"annals master key id\0");
         h.update(self.0);
-        h.finalize()[..8].iter().map(|b| format!("{b:02x}")).collect()
+        h.finalize()[..8]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
     }
 
     fn cipher(&self) -> Aes256Gcm {
@@ -299,8 +301,7 @@ pub fn subject_hash(subject: &str) -> String {
 /// backend (memory, SQLite, PostgreSQL, `AnyStore`).
 pub trait KeyStore: Clone + Send + Sync + 'static {
     /// The subject's wrapped key, if it has one.
-    fn load_key(&self, subject: &str)
-        -> impl Future<Output = Result<Option<WrappedKey>>> + Send;
+    fn load_key(&self, subject: &str) -> impl Future<Output = Result<Option<WrappedKey>>> + Send;
 
     /// Stores `key` for `subject` unless it already has one (a concurrent
     /// writer won); returns the key stored now.
@@ -483,7 +484,11 @@ impl<K: KeyStore> Crypto<K> {
                 out.push(e);
                 continue;
             };
-            if !pd.fields.iter().any(|f| obj.get(*f).is_some_and(|v| !v.is_null())) {
+            if !pd
+                .fields
+                .iter()
+                .any(|f| obj.get(*f).is_some_and(|v| !v.is_null()))
+            {
                 out.push(e);
                 continue;
             }
@@ -519,7 +524,9 @@ impl<K: KeyStore> Crypto<K> {
                 let Some(obj) = data.as_object_mut() else {
                     break;
                 };
-                let Some(v) = obj.get_mut(*field) else { continue };
+                let Some(v) = obj.get_mut(*field) else {
+                    continue;
+                };
                 if v.is_null() {
                     continue;
                 }
@@ -582,7 +589,9 @@ impl<K: KeyStore> Crypto<K> {
                 stream: event.stream_id.to_string(),
                 reason,
             };
-            let blob = B64.decode(blob).map_err(|e| corrupt(e.to_string()).into_error())?;
+            let blob = B64
+                .decode(blob)
+                .map_err(|e| corrupt(e.to_string()).into_error())?;
             if !keys.contains_key(&subject) {
                 let key = match self.keys.load_key(&subject).await? {
                     Some(k) => {
@@ -623,7 +632,8 @@ impl<K: KeyStore> Crypto<K> {
                             },
                         )
                         .map_err(|e| corrupt(e.to_string()).into_error())?;
-                    serde_json::from_slice(&plain).map_err(|e| corrupt(e.to_string()).into_error())?
+                    serde_json::from_slice(&plain)
+                        .map_err(|e| corrupt(e.to_string()).into_error())?
                 }
                 _ => Value::String(ERASED.to_owned()),
             };
@@ -672,7 +682,9 @@ impl<S: EventStore, K: KeyStore> GdprStore<S, K> {
         &self.crypto
     }
 
-    fn reader(&self) -> impl Fn(RecordedEvent) -> futures::future::BoxFuture<'static, Result<RecordedEvent>> {
+    fn reader(
+        &self,
+    ) -> impl Fn(RecordedEvent) -> futures::future::BoxFuture<'static, Result<RecordedEvent>> {
         let crypto = self.crypto.clone();
         let upcasters = self.upcasters.clone();
         move |e| {

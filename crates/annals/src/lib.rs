@@ -89,7 +89,6 @@ mod upcast;
 
 pub use aggregate::{decode_event, encode_event, Aggregate, DomainEvent};
 pub use annals_derive::DomainEvent;
-pub use gdpr::{GdprStore, KeyStore, PersonalData};
 pub use checkpoint::{Checkpoint, CheckpointListing, CheckpointStore};
 pub use error::{Error, Result, UpcastFailure};
 pub use event::{
@@ -102,6 +101,7 @@ pub use event_store::{
     CategoryStats, Direction, EventStore, EventStream, EventTypeStats, ReadAll, ReadStream,
     StoreStats, StreamCatalog, StreamInfo, DEFAULT_BATCH_SIZE,
 };
+pub use gdpr::{GdprStore, KeyStore, PersonalData};
 pub use health::{ClockSkew, LongTransaction, StorageSize, StreamVersionIssue};
 pub use idempotency::{
     canonical_json, check_retry, prepare_batch, Fingerprint, NestingTooDeep, PreparedEvent,

@@ -37,7 +37,10 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 
 /// Every file (all segments) of every relation of the schema, tables, TOAST
 /// tables and indexes; `None` when the data directory is not readable.
-async fn schema_files(raw: &tokio_postgres::Client, schema: &str) -> Option<Vec<(String, Vec<u8>)>> {
+async fn schema_files(
+    raw: &tokio_postgres::Client,
+    schema: &str,
+) -> Option<Vec<(String, Vec<u8>)>> {
     let dir: String = raw
         .query_one("SHOW data_directory", &[])
         .await
@@ -134,7 +137,11 @@ async fn no_plaintext_in_the_table_files_after_forget() {
     .await
     .expect("register");
     repo.snapshot("p1").await.expect("snapshot");
-    assert!(store.load_snapshot("Person", "p1").await.expect("load").is_some());
+    assert!(store
+        .load_snapshot("Person", "p1")
+        .await
+        .expect("load")
+        .is_some());
 
     let raw = db.raw().await;
     let tables: Vec<String> = raw
@@ -148,7 +155,10 @@ async fn no_plaintext_in_the_table_files_after_forget() {
         .map(|r| r.get(0))
         .collect();
     // The searches work: before forgetting, the snapshot has the name.
-    assert_eq!(rows_with_name(&raw, &db.schema, &tables, name).await, ["snapshots"]);
+    assert_eq!(
+        rows_with_name(&raw, &db.schema, &tables, name).await,
+        ["snapshots"]
+    );
     raw.batch_execute("CHECKPOINT").await.expect("checkpoint");
     if let Some(files) = schema_files(&raw, &db.schema).await {
         assert!(
@@ -160,7 +170,9 @@ async fn no_plaintext_in_the_table_files_after_forget() {
     g.forget("p1", "test", Some(&store), &[("Person", "p1")], &[])
         .await
         .expect("forget");
-    assert!(rows_with_name(&raw, &db.schema, &tables, name).await.is_empty());
+    assert!(rows_with_name(&raw, &db.schema, &tables, name)
+        .await
+        .is_empty());
     for t in &tables {
         raw.batch_execute(&format!("VACUUM FULL \"{}\".\"{t}\"", db.schema))
             .await

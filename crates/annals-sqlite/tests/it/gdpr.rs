@@ -64,7 +64,11 @@ async fn no_plaintext_in_the_files_after_forget() {
     .await
     .expect("register");
     repo.snapshot("p1").await.expect("snapshot");
-    assert!(store.load_snapshot("Person", "p1").await.expect("load").is_some());
+    assert!(store
+        .load_snapshot("Person", "p1")
+        .await
+        .expect("load")
+        .is_some());
 
     // The search works: the snapshot holds the name in clear.
     let conn = crate::raw(&store);
@@ -83,8 +87,14 @@ async fn no_plaintext_in_the_files_after_forget() {
         .expect("checkpoint and vacuum");
     drop(conn);
     let (db, wal) = files(store.path());
-    assert!(!contains(&db, name.as_bytes()), "plaintext in the database file");
-    assert!(!contains(&wal, name.as_bytes()), "plaintext in the WAL file");
+    assert!(
+        !contains(&db, name.as_bytes()),
+        "plaintext in the database file"
+    );
+    assert!(
+        !contains(&wal, name.as_bytes()),
+        "plaintext in the WAL file"
+    );
     let loaded = repo.load("p1").await.expect("still loads");
     assert_eq!(loaded.state.name, annals::gdpr::ERASED);
 }

@@ -4,9 +4,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use annals::gdpr::{
-    Crypto, ErasureHandler, ErasureNotice, GdprError, MasterKey, ERASED,
-};
+use annals::gdpr::{Crypto, ErasureHandler, ErasureNotice, GdprError, MasterKey, ERASED};
 use annals::{
     Aggregate, CommandContext, DomainEvent, Error, EventStore, ExpectedVersion, GdprStore,
     KeyStore, NewEvent, ReadAll, ReadStream, Repository, SnapshotConfig, SnapshotStore, StreamId,
@@ -153,10 +151,7 @@ impl ErasureHandler for Scrubber {
         notice: &'a ErasureNotice,
     ) -> futures::future::BoxFuture<'a, annals::Result<()>> {
         Box::pin(async move {
-            self.0
-                .lock()
-                .expect("lock")
-                .push(notice.subject.clone());
+            self.0.lock().expect("lock").push(notice.subject.clone());
             Ok(())
         })
     }
@@ -184,7 +179,13 @@ pub async fn gdpr_forget_erases_and_aggregates_still_load<
 
     let scrubber = Scrubber(Mutex::new(Vec::new()));
     let out = g
-        .forget("p1", "dpo@example", Some(&store), &[("Person", "p1")], &[&scrubber])
+        .forget(
+            "p1",
+            "dpo@example",
+            Some(&store),
+            &[("Person", "p1")],
+            &[&scrubber],
+        )
         .await
         .expect("forget");
     assert!(out.key_deleted);
