@@ -402,7 +402,7 @@ impl<K: KeyStore> Crypto<K> {
 
     /// Checks that the master key is configured (and well formed).
     pub fn check_master_key(&self) -> Result<MasterKey> {
-        Ok(self.provider.master_key().map_err(GdprError::into_error)?)
+        self.provider.master_key().map_err(GdprError::into_error)
     }
 
     fn unwrap_key(&self, subject: &str, master: &MasterKey, key: &WrappedKey) -> Result<Aes256Gcm> {

@@ -113,6 +113,11 @@ pub async fn gdpr_encrypts_on_append_and_decrypts_on_read<S: EventStore + KeySto
         .await
         .expect("read_all");
     assert_eq!(all[0].data, read[0].data);
+    let page = g
+        .read_feed_page(&ReadAll::from_start(), 10)
+        .await
+        .expect("feed page");
+    assert_eq!(page.events[0].data, read[0].data);
     let one = g
         .read_event(read[0].event_id)
         .await
@@ -124,6 +129,35 @@ pub async fn gdpr_encrypts_on_append_and_decrypts_on_read<S: EventStore + KeySto
         .await
         .expect("load");
     assert_eq!(loaded.state.name, "Ada Lovelace");
+
+    // The upcasters run after decryption: a step that needs the plain
+    // name sees it.
+    let upcasters = annals::Upcasters::builder()
+        .step(annals::Step::new(
+            "Registered",
+            1,
+            |mut v: serde_json::Value| {
+                let name = v["name"]
+                    .as_str()
+                    .ok_or("name is not plaintext")?
+                    .to_uppercase();
+                v["name"] = json!(name);
+                Ok::<_, annals::BoxError>(v)
+            },
+        ))
+        .build_without_types()
+        .expect("upcasters");
+    let upcast = g
+        .clone()
+        .with_upcasters(Arc::new(upcasters))
+        .read_stream_to_vec(&s, ReadStream::forward())
+        .await
+        .expect("upcast read");
+    assert_eq!(upcast[0].event_version, 2);
+    assert_eq!(
+        upcast[0].data.to_value().expect("json")["name"],
+        json!("ADA LOVELACE")
+    );
 
     // A retry of the same event (same id, same plaintext) is a no-op even
     // though its ciphertext differs (fresh nonce): the fingerprint is the
