@@ -607,6 +607,32 @@ impl CheckpointStore for AnyStore {
     }
 }
 
+impl annals::KeyStore for AnyStore {
+    async fn load_key(&self, subject: &str) -> Result<Option<annals::gdpr::WrappedKey>> {
+        delegate!(self, s => s.load_key(subject).await)
+    }
+
+    async fn insert_key(
+        &self,
+        subject: &str,
+        key: &annals::gdpr::WrappedKey,
+    ) -> Result<annals::gdpr::WrappedKey> {
+        delegate!(self, s => s.insert_key(subject, key).await)
+    }
+
+    async fn forget_key(
+        &self,
+        subject: &str,
+        record: &annals::gdpr::ErasureRecord,
+    ) -> Result<bool> {
+        delegate!(self, s => s.forget_key(subject, record).await)
+    }
+
+    async fn erasure(&self, subject: &str) -> Result<Option<annals::gdpr::ErasureRecord>> {
+        delegate!(self, s => s.erasure(subject).await)
+    }
+}
+
 impl annals::Upcasting for AnyStore {
     fn with_upcasters(self, upcasters: Arc<Upcasters>) -> Self {
         AnyStore::with_upcasters(self, upcasters)

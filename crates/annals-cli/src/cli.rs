@@ -140,6 +140,9 @@ pub(crate) enum Command {
     /// first; ids, versions, metadata and recorded_at kept; new positions).
     #[command(name = "restore-archive", after_help = RESTORE_ARCHIVE_HELP)]
     RestoreArchive(RestoreArchiveArgs),
+    /// GDPR crypto-shredding: forget a subject, or show its status.
+    #[command(subcommand)]
+    Gdpr(crate::gdpr::GdprCommand),
 }
 
 const PROJECTIONS_HELP: &str = "\
@@ -190,7 +193,6 @@ pub(crate) enum ProjectionsCommand {
         name: String,
     },
 }
-
 
 const ARCHIVE_HELP: &str = "\
 Each batch of streams is written, fsynced, read back and checksummed, and

@@ -122,6 +122,7 @@ pub(crate) async fn dispatch(env: Env<'_>, command: Command) -> anyhow::Result<O
         Command::Projections(command) => crate::projections_cmd::dispatch(env, command).await,
         Command::Archive(args) => crate::archive::archive_cmd(env, args).await,
         Command::RestoreArchive(args) => crate::archive::restore_cmd(env, args).await,
+        Command::Gdpr(command) => crate::gdpr::dispatch(env, command).await,
     }
 }
 

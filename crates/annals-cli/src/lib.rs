@@ -109,6 +109,7 @@ mod cli;
 mod commands;
 mod demo;
 mod event;
+mod gdpr;
 mod output;
 mod projections;
 mod projections_cmd;

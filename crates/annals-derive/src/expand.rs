@@ -55,6 +55,9 @@ struct Variant<'a> {
     name: String,
     aliases: Vec<String>,
     version: u32,
+    /// `#[event(personal(subject = "..", fields(..)))]`: the subject field
+    /// and the personal fields (as serialized).
+    personal: Option<(String, Vec<String>)>,
 }
 
 pub(crate) fn derive(input: &DeriveInput) -> Result<TokenStream> {
@@ -215,6 +218,7 @@ fn variant<'a>(
     let mut de_names: Vec<String> = Vec::new();
     let mut aliases: Vec<String> = Vec::new();
     let mut version: Option<u32> = None;
+    let mut personal: Option<(String, Vec<String>)> = None;
     for attr in &v.attrs {
         if attr.path().is_ident("serde") {
             if !has_arguments(attr) {
@@ -261,9 +265,15 @@ fn variant<'a>(
                     if version.replace(n).is_some() {
                         return Err(meta.error("duplicate `version` for this variant"));
                     }
+                } else if meta.path.is_ident("personal") {
+                    if personal.is_some() {
+                        return Err(meta.error("duplicate `personal(..)` for this variant"));
+                    }
+                    personal = Some(personal_attr(&meta, v)?);
                 } else {
                     return Err(meta.error(format_args!(
-                        "unknown event attribute `{}` on a variant; expected `version = N`",
+                        "unknown event attribute `{}` on a variant; expected `version = N` or \
+                         `personal(subject = \"..\", fields(\"..\", ..))`",
                         path_name(&meta.path)
                     )));
                 }
@@ -317,7 +327,110 @@ fn variant<'a>(
         name: written,
         aliases: other_names,
         version: version.unwrap_or(1),
+        personal,
     })
+}
+
+/// The payload names of a variant's named fields: each field's serde
+/// `rename` (serialize side), else its Rust name.
+fn field_names(v: &syn::Variant) -> Option<Vec<String>> {
+    let syn::Fields::Named(named) = &v.fields else {
+        return None;
+    };
+    let mut out = Vec::new();
+    for f in &named.named {
+        let mut name = f
+            .ident
+            .as_ref()
+            .map(|i| i.to_string().trim_start_matches("r#").to_owned())
+            .unwrap_or_default();
+        for attr in f.attrs.iter().filter(|a| a.path().is_ident("serde")) {
+            let _ = attr.parse_nested_meta(|meta| {
+                if meta.path.is_ident("rename") {
+                    if let Ok((ser, _)) = ser_and_de(&meta) {
+                        if let Some(ser) = ser.first() {
+                            name = ser.value();
+                        }
+                    }
+                } else {
+                    skip_value(&meta)?;
+                }
+                Ok(())
+            });
+        }
+        out.push(name);
+    }
+    Some(out)
+}
+
+/// Reads `personal(subject = "..", fields("..", ..))` on variant `v`.
+fn personal_attr(meta: &ParseNestedMeta<'_>, v: &syn::Variant) -> Result<(String, Vec<String>)> {
+    let mut subject: Option<LitStr> = None;
+    let mut fields: Vec<LitStr> = Vec::new();
+    meta.parse_nested_meta(|inner| {
+        if inner.path.is_ident("subject") {
+            subject = Some(inner.value()?.parse()?);
+        } else if inner.path.is_ident("fields") {
+            let content;
+            syn::parenthesized!(content in inner.input);
+            let lits =
+                syn::punctuated::Punctuated::<LitStr, Token![,]>::parse_terminated(&content)?;
+            fields.extend(lits);
+        } else {
+            return Err(inner.error(format_args!(
+                "unknown key `{}` in `personal(..)`; expected `subject = \"..\"` and \
+                 `fields(\"..\", ..)`",
+                path_name(&inner.path)
+            )));
+        }
+        Ok(())
+    })?;
+    let Some(known) = field_names(v) else {
+        return Err(meta.error(format_args!(
+            "`personal(..)` needs a variant with named fields; variant `{}` has none",
+            v.ident
+        )));
+    };
+    let Some(subject) = subject else {
+        return Err(meta.error(
+            "`personal(..)` needs `subject = \"field\"`: the field holding the id of the person \
+             the personal fields belong to (their data key is that subject's)",
+        ));
+    };
+    if fields.is_empty() {
+        return Err(meta.error("`personal(..)` needs `fields(\"..\", ..)` with at least one field"));
+    }
+    for lit in std::iter::once(&subject).chain(&fields) {
+        if !known.contains(&lit.value()) {
+            return Err(Error::new(
+                lit.span(),
+                format_args!(
+                    "variant `{}` has no field {:?} (its fields are {})",
+                    v.ident,
+                    lit.value(),
+                    known.join(", ")
+                ),
+            ));
+        }
+    }
+    if let Some(lit) = fields.iter().find(|f| f.value() == subject.value()) {
+        return Err(Error::new(
+            lit.span(),
+            "the subject field cannot be personal: it stays in clear so the subject's key can be \
+             found (and forgotten)",
+        ));
+    }
+    let mut names: Vec<String> = Vec::new();
+    for lit in &fields {
+        if names.contains(&lit.value()) {
+            return Err(Error::new(
+                lit.span(),
+                format_args!("field {:?} is listed twice", lit.value()),
+            ));
+        }
+        names.push(lit.value());
+    }
+    Ok((subject.value(), names))
 }
 
 /// Why a serde attribute on variant `ident` is refused, if it is.
@@ -403,6 +516,32 @@ fn generate(input: &DeriveInput, container: &Container, variants: &[Variant<'_>]
         quote!(#(#names)|*)
     });
 
+    let personal = variants.iter().filter_map(|v| {
+        let (subject, fields) = v.personal.as_ref()?;
+        let names = std::iter::once(&v.name).chain(&v.aliases).map(|n| lit(n));
+        let subject = lit(subject);
+        let fields = fields.iter().map(|f| lit(f));
+        Some(quote! {
+            #(#names)|* => ::core::option::Option::Some(#krate::PersonalData {
+                subject: #subject,
+                fields: &[#(#fields),*],
+            }),
+        })
+    });
+    let personal: Vec<_> = personal.collect();
+    let personal_fn = if personal.is_empty() {
+        quote!()
+    } else {
+        quote! {
+            fn personal_data(event_type: &str) -> ::core::option::Option<#krate::PersonalData> {
+                match event_type {
+                    #(#personal)*
+                    _ => ::core::option::Option::None,
+                }
+            }
+        }
+    };
+
     quote! {
         #[automatically_derived]
         impl #impl_generics #krate::DomainEvent for #ident #ty_generics #where_clause {
@@ -426,6 +565,8 @@ fn generate(input: &DeriveInput, container: &Container, variants: &[Variant<'_>]
                     _ => ::core::option::Option::None,
                 }
             }
+
+            #personal_fn
         }
     }
 }

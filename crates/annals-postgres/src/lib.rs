@@ -190,6 +190,7 @@ mod archive;
 mod checkpoint;
 mod error;
 mod event_store;
+mod gdpr;
 mod health;
 mod horizon;
 mod import;

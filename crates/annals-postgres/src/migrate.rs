@@ -58,12 +58,15 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         name: "feed_indexes",
         sql: include_str!("../sql/0006_feed_indexes.sql"),
     },
-    // File numbered for the merge (other branches add the numbers before
-    // it); its version here is the next one of this branch.
     Migration {
         version: 7,
         name: "archived_streams",
         sql: include_str!("../sql/0007_archived_streams.sql"),
+    },
+    Migration {
+        version: 8,
+        name: "gdpr_keys",
+        sql: include_str!("../sql/0008_gdpr_keys.sql"),
     },
 ];
 

@@ -77,6 +77,7 @@ mod codec;
 mod conn;
 mod error;
 mod event_store;
+mod gdpr;
 mod health;
 mod import;
 mod migrate;

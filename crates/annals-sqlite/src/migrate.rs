@@ -61,12 +61,15 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         name: "feed_indexes",
         sql: include_str!("../sql/0007_feed_indexes.sql"),
     },
-    // File numbered for the merge (other branches add the numbers before
-    // it); its version here is the next one of this branch.
     Migration {
         version: 8,
         name: "archived_streams",
         sql: include_str!("../sql/0008_archived_streams.sql"),
+    },
+    Migration {
+        version: 9,
+        name: "gdpr_keys",
+        sql: include_str!("../sql/0009_gdpr_keys.sql"),
     },
 ];
 

@@ -80,6 +80,7 @@ mod drift;
 /// | `projections` | `EventStore` + `CheckpointStore` (feed pages, subscriptions, projection runners) |
 /// | `model` | `EventStore` + `SnapshotStore` + `CheckpointStore` (the `Vec`-model check) |
 /// | `upcasting` | `EventStore` + `SnapshotStore` + `annals::Upcasting` (reads through `Upcasters`) |
+/// | `gdpr` | `EventStore` + `SnapshotStore` + `annals::KeyStore` (crypto-shredding through `GdprStore`) |
 ///
 /// A test goes into the group of what its bound names (one line in the
 /// group's arm below). The lists cannot drift from the suite: the build
@@ -238,6 +239,13 @@ macro_rules! conformance_suite {
             tolerant_reading_needs_no_upcaster,
         }
     };
+    (@group gdpr, $($then:tt)*) => {
+        $crate::conformance_suite! { $($then)*
+            gdpr_encrypts_on_append_and_decrypts_on_read,
+            gdpr_forget_erases_and_aggregates_still_load,
+            gdpr_wrong_master_key_is_a_typed_error,
+        }
+    };
     (@group model, $($then:tt)*) => {
         $crate::conformance_suite! { $($then)*
             model_scenarios,
@@ -266,6 +274,7 @@ macro_rules! conformance_suite {
             $crate::conformance_suite!(@group projections, @names projections;),
             $crate::conformance_suite!(@group model, @names model;),
             $crate::conformance_suite!(@group upcasting, @names upcasting;),
+            $crate::conformance_suite!(@group gdpr, @names gdpr;),
         ]
     };
     (@names $group:ident; $($name:ident),* $(,)?) => {

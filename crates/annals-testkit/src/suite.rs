@@ -41,6 +41,8 @@ mod import;
 pub use import::*;
 mod upcasting;
 pub use upcasting::*;
+mod gdpr;
+pub use gdpr::*;
 
 fn sid(name: &str) -> StreamId {
     StreamId::parse(name).expect("valid stream name")

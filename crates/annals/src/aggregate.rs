@@ -63,6 +63,15 @@ pub trait DomainEvent: Serialize + DeserializeOwned + Send + Sync + 'static {
     fn current_version(event_type: &str) -> Option<u32> {
         Self::EVENT_TYPES.contains(&event_type).then_some(1)
     }
+
+    /// The personal data events of type `event_type` carry (see
+    /// [`crate::gdpr`]): `None` (the default) when they carry none. The
+    /// derive answers with each variant's
+    /// `#[event(personal(subject = "..", fields("..", ..)))]`.
+    fn personal_data(event_type: &str) -> Option<crate::PersonalData> {
+        let _ = event_type;
+        None
+    }
 }
 
 /// An event-sourced aggregate: state folded from the events of one stream

@@ -101,6 +101,10 @@ pub enum Error {
     /// the [`UpcastFailure`] and read again. Boxed, to keep `Error` small.
     #[error(transparent)]
     Upcast(Box<UpcastFailure>),
+    /// Personal data could not be encrypted or decrypted (no or a wrong
+    /// master key, a missing data key); see [`crate::gdpr`]. Boxed.
+    #[error(transparent)]
+    Gdpr(Box<crate::gdpr::GdprError>),
     /// A typed value (event or aggregate state) could not be serialized.
     #[error("cannot encode {what}: {source}")]
     Encode {

@@ -70,6 +70,7 @@ mod checkpoint;
 mod error;
 mod event;
 mod event_store;
+pub mod gdpr;
 mod health;
 mod idempotency;
 mod import;
@@ -102,6 +103,7 @@ pub use event_store::{
     CategoryStats, Direction, EventStore, EventStream, EventTypeStats, ReadAll, ReadStream,
     StoreStats, StreamCatalog, StreamInfo, DEFAULT_BATCH_SIZE,
 };
+pub use gdpr::{GdprStore, KeyStore, PersonalData};
 pub use health::{ClockSkew, LongTransaction, StorageSize, StreamVersionIssue};
 pub use idempotency::{
     canonical_json, check_retry, prepare_batch, Fingerprint, NestingTooDeep, PreparedEvent,

@@ -75,6 +75,8 @@ pub struct InMemoryStore {
     upcasters: Option<Arc<Upcasters>>,
     /// Raised after every append that stored events ([`EventStore::append_signal`]).
     appended: Arc<tokio::sync::watch::Sender<u64>>,
+    /// Subject keys and the erasure log ([`crate::KeyStore`]).
+    keys: crate::gdpr::MemoryKeyStore,
 }
 
 impl Default for InMemoryStore {
@@ -83,6 +85,7 @@ impl Default for InMemoryStore {
             state: Arc::default(),
             appended: Arc::new(tokio::sync::watch::Sender::new(0)),
             upcasters: None,
+            keys: crate::gdpr::MemoryKeyStore::new(),
         }
     }
 }
@@ -106,7 +109,13 @@ impl InMemoryStore {
             state: Arc::clone(&self.state),
             appended: Arc::clone(&self.appended),
             upcasters: None,
+            keys: self.keys.clone(),
         }
+    }
+
+    /// The subject keys and erasure log of this store (shared by clones).
+    pub fn key_store(&self) -> &crate::gdpr::MemoryKeyStore {
+        &self.keys
     }
 
     /// The upcasters this handle applies, if any.

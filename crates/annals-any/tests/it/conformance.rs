@@ -33,4 +33,5 @@ annals_testkit::conformance_suite!(fresh;
     projections,
     model,
     upcasting,
+    gdpr,
 );

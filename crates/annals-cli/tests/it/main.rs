@@ -9,6 +9,7 @@ mod check;
 mod demo;
 mod errors;
 mod events;
+mod gdpr;
 mod inspection;
 mod library;
 mod postgres;

@@ -297,3 +297,30 @@ fn generic_and_empty_enums() {
     assert!(Never::EVENT_TYPES.is_empty());
     assert_eq!(Never::current_version("Anything"), None);
 }
+
+#[test]
+fn personal_data_is_declared_per_variant_and_alias() {
+    #[derive(Serialize, Deserialize, DomainEvent)]
+    #[allow(dead_code)]
+    enum E {
+        #[event(version = 2, personal(subject = "owner_id", fields("name", "mail")))]
+        #[serde(alias = "Created")]
+        Opened {
+            owner_id: String,
+            name: String,
+            #[serde(rename = "mail")]
+            email: String,
+        },
+        Closed {
+            owner_id: String,
+        },
+    }
+    let pd = annals::PersonalData {
+        subject: "owner_id",
+        fields: &["name", "mail"],
+    };
+    assert_eq!(E::personal_data("Opened"), Some(pd));
+    assert_eq!(E::personal_data("Created"), Some(pd));
+    assert_eq!(E::personal_data("Closed"), None);
+    assert_eq!(E::current_version("Opened"), Some(2));
+}

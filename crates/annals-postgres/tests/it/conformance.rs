@@ -15,4 +15,5 @@ annals_testkit::conformance_suite!(crate::common::fresh_store;
     projections,
     model,
     upcasting,
+    gdpr,
 );

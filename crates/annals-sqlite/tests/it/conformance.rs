@@ -21,4 +21,5 @@ annals_testkit::conformance_suite!(fresh;
     projections,
     model,
     upcasting,
+    gdpr,
 );

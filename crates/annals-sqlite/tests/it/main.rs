@@ -3,6 +3,7 @@
 
 mod conformance;
 mod events;
+mod gdpr;
 mod group_commit;
 mod migrations;
 mod model;

@@ -17,6 +17,7 @@ const EXPECTED: &[(i64, &str)] = &[
     (6, "correlation_index"),
     (7, "feed_indexes"),
     (8, "archived_streams"),
+    (9, "gdpr_keys"),
 ];
 const LATEST: i64 = 8;
 

@@ -22,6 +22,7 @@ annals_testkit::conformance_suite!(fresh_store;
     projections,
     model,
     upcasting,
+    gdpr,
 );
 
 mod model {

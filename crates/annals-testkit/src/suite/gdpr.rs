@@ -1,0 +1,325 @@
+//! GDPR crypto-shredding ([`annals::gdpr`]): personal fields are encrypted on
+//! append, decrypted on read, read as `"[erased]"` once the subject is
+//! forgotten (aggregates still load), and a wrong master key is a typed error.
+
+use std::sync::{Arc, Mutex};
+
+use annals::gdpr::{Crypto, ErasureHandler, ErasureNotice, GdprError, MasterKey, ERASED};
+use annals::{
+    Aggregate, CommandContext, DomainEvent, Error, EventStore, ExpectedVersion, GdprStore,
+    KeyStore, NewEvent, ReadAll, ReadStream, Repository, SnapshotConfig, SnapshotStore, StreamId,
+};
+use futures::TryStreamExt;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+/// A person's events: `Registered` carries a name and an e-mail of the
+/// subject named by `person_id`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, DomainEvent)]
+enum PersonEvent {
+    #[event(personal(subject = "person_id", fields("name", "email")))]
+    Registered {
+        person_id: String,
+        name: String,
+        email: Option<String>,
+    },
+    Visited {
+        person_id: String,
+    },
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+struct Person {
+    name: String,
+    email: Option<String>,
+    visits: u32,
+}
+
+impl Aggregate for Person {
+    const TYPE: &'static str = "Person";
+    type Event = PersonEvent;
+    fn apply(&mut self, event: &PersonEvent) {
+        match event {
+            PersonEvent::Registered { name, email, .. } => {
+                self.name = name.clone();
+                self.email = email.clone();
+            }
+            PersonEvent::Visited { .. } => self.visits += 1,
+        }
+    }
+}
+
+fn key(n: u8) -> MasterKey {
+    MasterKey::from_bytes([n; 32])
+}
+
+fn gdpr<S: EventStore + KeyStore>(store: &S, master: MasterKey) -> GdprStore<S, S> {
+    GdprStore::new(
+        store.clone(),
+        Crypto::new::<PersonEvent>(store.clone(), Arc::new(master)),
+    )
+}
+
+async fn register<S: EventStore + KeyStore>(g: &GdprStore<S, S>, id: &str, name: &str) {
+    Repository::<Person, _>::new(g.clone())
+        .create(id, &CommandContext::new(), |_| {
+            Ok::<_, String>(vec![
+                PersonEvent::Registered {
+                    person_id: id.into(),
+                    name: name.into(),
+                    email: Some(format!("{id}@mail.example")),
+                },
+                PersonEvent::Visited {
+                    person_id: id.into(),
+                },
+            ])
+        })
+        .await
+        .expect("register");
+}
+
+/// Personal fields are ciphertext as stored and plaintext through the
+/// wrapper on every read path; a retried append still deduplicates.
+pub async fn gdpr_encrypts_on_append_and_decrypts_on_read<S: EventStore + KeyStore>(store: S) {
+    let g = gdpr(&store, key(1));
+    register(&g, "p1", "Ada Lovelace").await;
+    let s = StreamId::parse("Person-p1").expect("stream");
+
+    let raw = store
+        .read_stream_to_vec(&s, ReadStream::forward())
+        .await
+        .expect("raw read");
+    let stored = raw[0].data.as_str();
+    assert!(!stored.contains("Ada"), "plaintext stored: {stored}");
+    assert!(!stored.contains("p1@mail"), "plaintext stored: {stored}");
+    assert!(stored.contains("$enc"), "{stored}");
+    assert_eq!(
+        raw[0].data.to_value().expect("json")["person_id"],
+        json!("p1"),
+        "subject in clear: {stored}"
+    );
+
+    let read = g
+        .read_stream_to_vec(&s, ReadStream::forward())
+        .await
+        .expect("read");
+    assert_eq!(
+        read[0].data.to_value().expect("json"),
+        json!({"person_id": "p1", "name": "Ada Lovelace", "email": "p1@mail.example"})
+    );
+    let all: Vec<_> = g
+        .read_all(ReadAll::from_start())
+        .try_collect()
+        .await
+        .expect("read_all");
+    assert_eq!(all[0].data, read[0].data);
+    let page = g
+        .read_feed_page(&ReadAll::from_start(), 10)
+        .await
+        .expect("feed page");
+    assert_eq!(page.events[0].data, read[0].data);
+    let one = g
+        .read_event(read[0].event_id)
+        .await
+        .expect("read_event")
+        .expect("found");
+    assert_eq!(one.data, read[0].data);
+    let loaded = Repository::<Person, _>::new(g.clone())
+        .load("p1")
+        .await
+        .expect("load");
+    assert_eq!(loaded.state.name, "Ada Lovelace");
+
+    // The upcasters run after decryption: a step that needs the plain
+    // name sees it.
+    let upcasters = annals::Upcasters::builder()
+        .step(annals::Step::new(
+            "Registered",
+            1,
+            |mut v: serde_json::Value| {
+                let name = v["name"]
+                    .as_str()
+                    .ok_or("name is not plaintext")?
+                    .to_uppercase();
+                v["name"] = json!(name);
+                Ok::<_, annals::BoxError>(v)
+            },
+        ))
+        .build_without_types()
+        .expect("upcasters");
+    let upcast = g
+        .clone()
+        .with_upcasters(Arc::new(upcasters))
+        .read_stream_to_vec(&s, ReadStream::forward())
+        .await
+        .expect("upcast read");
+    assert_eq!(upcast[0].event_version, 2);
+    assert_eq!(
+        upcast[0].data.to_value().expect("json")["name"],
+        json!("ADA LOVELACE")
+    );
+
+    // A retry of the same event (same id, same plaintext) is a no-op even
+    // though its ciphertext differs (fresh nonce): the fingerprint is the
+    // plaintext's.
+    let t = StreamId::parse("Person-p2").expect("stream");
+    let e = NewEvent::new(
+        "Registered",
+        json!({"person_id": "p2", "name": "Grace", "email": null}),
+    );
+    g.append(&t, ExpectedVersion::NoStream, vec![e.clone()])
+        .await
+        .expect("first");
+    let again = g
+        .append(&t, ExpectedVersion::NoStream, vec![e])
+        .await
+        .expect("retry");
+    assert!(again.deduplicated);
+}
+
+struct Scrubber(Mutex<Vec<String>>);
+
+impl ErasureHandler for Scrubber {
+    fn on_erasure<'a>(
+        &'a self,
+        notice: &'a ErasureNotice,
+    ) -> futures::future::BoxFuture<'a, annals::Result<()>> {
+        Box::pin(async move {
+            self.0.lock().expect("lock").push(notice.subject.clone());
+            Ok(())
+        })
+    }
+}
+
+/// Forgetting deletes the key and the snapshots, records the erasure,
+/// notifies the handlers; reads then show the erased marker and the
+/// aggregate still loads; other subjects are untouched.
+pub async fn gdpr_forget_erases_and_aggregates_still_load<
+    S: EventStore + KeyStore + SnapshotStore,
+>(
+    store: S,
+) {
+    let g = gdpr(&store, key(1));
+    register(&g, "p1", "Ada Lovelace").await;
+    register(&g, "p2", "Grace Hopper").await;
+    let repo = Repository::<Person, _>::new(g.clone())
+        .with_snapshots(store.clone(), SnapshotConfig::every(1));
+    repo.snapshot("p1").await.expect("snapshot");
+    assert!(store
+        .load_snapshot("Person", "p1")
+        .await
+        .expect("load")
+        .is_some());
+
+    let scrubber = Scrubber(Mutex::new(Vec::new()));
+    let out = g
+        .forget(
+            "p1",
+            "dpo@example",
+            Some(&store),
+            &[("Person", "p1")],
+            &[&scrubber],
+        )
+        .await
+        .expect("forget");
+    assert!(out.key_deleted);
+    assert_eq!(out.snapshots_deleted, 1);
+    assert_eq!(*scrubber.0.lock().expect("lock"), ["p1"]);
+    let record = store.erasure("p1").await.expect("log").expect("recorded");
+    assert_eq!(record.erased_by, "dpo@example");
+    assert_eq!(record.subject_hash, annals::gdpr::subject_hash("p1"));
+    assert!(!record.subject_hash.contains("p1"));
+    assert!(store.erasure("p2").await.expect("log").is_none());
+    assert!(store.load_key("p1").await.expect("key").is_none());
+
+    let s = StreamId::parse("Person-p1").expect("stream");
+    let read = g
+        .read_stream_to_vec(&s, ReadStream::forward())
+        .await
+        .expect("read after forget");
+    assert_eq!(
+        read[0].data.to_value().expect("json"),
+        json!({"person_id": "p1", "name": ERASED, "email": ERASED})
+    );
+    let p1 = repo.load("p1").await.expect("aggregate still loads");
+    assert_eq!(p1.state.name, ERASED);
+    assert_eq!(p1.state.visits, 1);
+    let p2 = repo.load("p2").await.expect("other subject");
+    assert_eq!(p2.state.name, "Grace Hopper");
+    let all: Vec<_> = g
+        .read_all(ReadAll::from_start())
+        .try_collect()
+        .await
+        .expect("a rebuild reads everything");
+    assert_eq!(all.len(), 4);
+}
+
+/// A wrong master key is `GdprError::WrongMasterKey`, on reads and on
+/// appends for an existing subject; a missing one is `NoMasterKey`. Neither
+/// reads as erased data.
+pub async fn gdpr_wrong_master_key_is_a_typed_error<S: EventStore + KeyStore>(store: S) {
+    register(&gdpr(&store, key(1)), "p1", "Ada Lovelace").await;
+    let wrong = gdpr(&store, key(2));
+    let s = StreamId::parse("Person-p1").expect("stream");
+    let err = wrong
+        .read_stream_to_vec(&s, ReadStream::forward())
+        .await
+        .expect_err("wrong key");
+    match err {
+        Error::Gdpr(e) => match *e {
+            GdprError::WrongMasterKey {
+                subject,
+                stored_key_id,
+                configured_key_id,
+            } => {
+                assert_eq!(subject, "p1");
+                assert_eq!(stored_key_id, key(1).id());
+                assert_eq!(configured_key_id, key(2).id());
+            }
+            other => panic!("expected WrongMasterKey, got {other:?}"),
+        },
+        other => panic!("expected a GDPR error, got {other:?}"),
+    }
+    let err = wrong
+        .append(
+            &s,
+            ExpectedVersion::Any,
+            vec![NewEvent::new(
+                "Registered",
+                json!({"person_id": "p1", "name": "x", "email": null}),
+            )],
+        )
+        .await
+        .expect_err("wrong key on append");
+    assert!(
+        matches!(&err, Error::Gdpr(e) if matches!(**e, GdprError::WrongMasterKey { .. })),
+        "{err:?}"
+    );
+
+    let none = GdprStore::new(
+        store.clone(),
+        Crypto::new::<PersonEvent>(
+            store.clone(),
+            Arc::new(annals::gdpr::EnvKeyProvider::new(
+                "ANNALS_TEST_MASTER_KEY_THAT_IS_NEVER_SET",
+            )),
+        ),
+    );
+    let err = none
+        .read_stream_to_vec(&s, ReadStream::forward())
+        .await
+        .expect_err("no key");
+    assert!(
+        matches!(&err, Error::Gdpr(e) if matches!(**e, GdprError::NoMasterKey { .. })),
+        "{err:?}"
+    );
+    // Events without personal data need no key.
+    let v = StreamId::parse("Person-p9").expect("stream");
+    none.append(
+        &v,
+        ExpectedVersion::NoStream,
+        vec![NewEvent::new("Visited", json!({"person_id": "p9"}))],
+    )
+    .await
+    .expect("no personal data, no key needed");
+}

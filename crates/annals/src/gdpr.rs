@@ -1,0 +1,888 @@
+//! GDPR erasure by crypto-shredding.
+//!
+//! An event type declares its personal fields and the field naming the
+//! person they belong to (the *subject*) on the derive:
+//! `#[event(personal(subject = "owner_id", fields("name", "email")))]`
+//! (see [`PersonalData`]). Every subject gets its own random AES-256-GCM data
+//! key, stored *wrapped* (encrypted by a master key) in a [`KeyStore`]; the
+//! master key comes from a [`KeyProvider`] (by default the environment
+//! variable `ANNALS_MASTER_KEY`, see [`EnvKeyProvider`]) and is never stored.
+//!
+//! The one place that encrypts and decrypts is [`GdprStore`], an
+//! [`EventStore`] wrapper the application puts around the raw store handle
+//! and hands to its [`Repository`](crate::Repository), projections and
+//! readers:
+//! - on append, each personal field with a value is replaced by
+//!   `{"$enc": "<base64 nonce+ciphertext>", "$subject": "<subject id>"}`;
+//!   the idempotency fingerprint is computed from the plaintext first
+//!   ([`NewEvent::with_fingerprint`]), so a retried append still deduplicates;
+//! - on read, such values are decrypted *before* the upcasters run (the
+//!   wrapper holds the upcasters; give it the inner store without any);
+//! - for a forgotten subject ([`GdprStore::forget`]) each encrypted field
+//!   reads as the string [`ERASED`] (`"[erased]"`), so aggregates and
+//!   projections still load and rebuild (declare personal fields as strings
+//!   or `Option<String>`);
+//! - a key wrapped by another master key is [`GdprError::WrongMasterKey`],
+//!   and a key that is missing without an erasure record is
+//!   [`GdprError::KeyMissing`]: neither is ever read as erased data.
+//!
+//! Forgetting deletes the subject's key and records the erasure (a SHA-256
+//! of the subject id, when, by whom: no personal data) in one call of the key
+//! store, deletes the snapshots the caller names, and hands an
+//! [`ErasureNotice`] to every [`ErasureHandler`] given (a projection scrubs
+//! the subject's rows there).
+
+use std::collections::HashMap;
+use std::fmt;
+use std::future::Future;
+use std::sync::Arc;
+
+use aes_gcm::aead::{Aead, KeyInit, OsRng, Payload as AeadPayload};
+use aes_gcm::{AeadCore, Aes256Gcm, Key, Nonce};
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine as _;
+use chrono::{DateTime, Utc};
+use futures::{StreamExt, TryStreamExt};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+use crate::{
+    upcast::upcast_event, AppendResult, AppendSignal, DomainEvent, Error, EventId, EventStore,
+    EventStream, ExpectedVersion, FeedPage, Fingerprint, GlobalPosition, NewEvent, Payload,
+    ReadAll, ReadStream, RecordedEvent, Result, SnapshotStore, StreamId, StreamVersion, Upcasters,
+};
+
+/// What a forgotten subject's personal fields read as.
+pub const ERASED: &str = "[erased]";
+
+/// The key of an encrypted field value (`{"$enc": .., "$subject": ..}`).
+pub const ENC_KEY: &str = "$enc";
+/// The key naming the subject in an encrypted field value.
+pub const SUBJECT_KEY: &str = "$subject";
+
+/// The environment variable [`EnvKeyProvider::default`] reads.
+pub const MASTER_KEY_VAR: &str = "ANNALS_MASTER_KEY";
+
+/// The personal data one event type carries: the payload field naming the
+/// subject (kept in clear) and the personal fields (encrypted).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PersonalData {
+    /// The field holding the subject's id (a string or a number).
+    pub subject: &'static str,
+    /// The personal fields, as serialized.
+    pub fields: &'static [&'static str],
+}
+
+/// Everything that can go wrong with personal data.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum GdprError {
+    /// No master key is configured.
+    #[error(
+        "no master key: set {var} to 32 bytes as 64 hex digits or base64 \
+         (for example `openssl rand -hex 32`), or plug in a KeyProvider"
+    )]
+    NoMasterKey {
+        /// The variable that was read.
+        var: String,
+    },
+    /// The master key text is not 32 bytes of hex or base64.
+    #[error("invalid master key in {source_name}: {reason}")]
+    InvalidMasterKey {
+        /// Where it came from (a variable or a file).
+        source_name: String,
+        /// What was wrong.
+        reason: String,
+    },
+    /// The subject's data key was wrapped by another master key: the
+    /// configured master key is wrong. Not erased data.
+    #[error(
+        "wrong master key for subject {subject:?}: its data key was wrapped by master key \
+         {stored_key_id}, the configured one is {configured_key_id}"
+    )]
+    WrongMasterKey {
+        /// The subject.
+        subject: String,
+        /// The id of the master key that wrapped the data key.
+        stored_key_id: String,
+        /// The id of the configured master key.
+        configured_key_id: String,
+    },
+    /// An encrypted field's subject has no key and no erasure record: the
+    /// key table lost a row (or the events come from another store).
+    #[error(
+        "no data key for subject {subject:?} and no erasure recorded for it \
+         (event {event_id} in stream {stream})"
+    )]
+    KeyMissing {
+        /// The subject.
+        subject: String,
+        /// The event.
+        event_id: EventId,
+        /// Its stream.
+        stream: String,
+    },
+    /// Decryption failed although the key matched its master key id: the
+    /// ciphertext was altered.
+    #[error("cannot decrypt field {field:?} of event {event_id} in stream {stream}: {reason}")]
+    Corrupt {
+        /// The field.
+        field: String,
+        /// The event.
+        event_id: EventId,
+        /// Its stream.
+        stream: String,
+        /// What failed.
+        reason: String,
+    },
+    /// An event with personal fields lacks its subject field.
+    #[error(
+        "event of type {event_type:?} declares personal data of the subject in field \
+         {field:?}, but its payload has no such string or number"
+    )]
+    NoSubject {
+        /// The event type.
+        event_type: String,
+        /// The subject field.
+        field: String,
+    },
+}
+
+impl GdprError {
+    /// As an [`Error`] (boxed in [`Error::Gdpr`]).
+    pub fn into_error(self) -> Error {
+        Error::Gdpr(Box::new(self))
+    }
+}
+
+/// A 32-byte master key. Its [`id`](MasterKey::id) (a hash, not the key) is
+/// stored beside each data key it wraps, so a wrong key is recognised.
+#[derive(Clone)]
+pub struct MasterKey([u8; 32]);
+
+impl fmt::Debug for MasterKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "MasterKey({})", self.id())
+    }
+}
+
+impl MasterKey {
+    /// A key from its bytes.
+    pub fn from_bytes(bytes: [u8; 32]) -> Self {
+        MasterKey(bytes)
+    }
+
+    /// A fresh random key.
+    pub fn generate() -> Self {
+        let key = Aes256Gcm::generate_key(OsRng);
+        let mut bytes = [0u8; 32];
+        bytes.copy_from_slice(&key);
+        MasterKey(bytes)
+    }
+
+    /// Parses 64 hex digits or the base64 of 32 bytes (surrounding
+    /// whitespace ignored); `source_name` names where the text came from.
+    pub fn parse(text: &str, source_name: &str) -> Result<Self, GdprError> {
+        let text = text.trim();
+        let invalid = |reason: String| GdprError::InvalidMasterKey {
+            source_name: source_name.to_owned(),
+            reason,
+        };
+        let bytes = if text.len() == 64 && text.bytes().all(|b| b.is_ascii_hexdigit()) {
+            (0..32)
+                .map(|i| u8::from_str_radix(&text[2 * i..2 * i + 2], 16))
+                .collect::<Result<Vec<u8>, _>>()
+                .map_err(|e| invalid(e.to_string()))?
+        } else {
+            B64.decode(text)
+                .map_err(|e| invalid(format!("neither 64 hex digits nor base64 ({e})")))?
+        };
+        let bytes: [u8; 32] = bytes
+            .try_into()
+            .map_err(|b: Vec<u8>| invalid(format!("{} bytes, expected 32", b.len())))?;
+        Ok(MasterKey(bytes))
+    }
+
+    /// The key as 64 hex digits (what a key file holds).
+    pub fn to_hex(&self) -> String {
+        self.0.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// The key's id: the first 8 bytes of a SHA-256 of it, in hex.
+    pub fn id(&self) -> String {
+        let mut h = Sha256::new();
+        h.update(b"annals master key id\0");
+        h.update(self.0);
+        h.finalize()[..8]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+
+    fn cipher(&self) -> Aes256Gcm {
+        Aes256Gcm::new(Key::<Aes256Gcm>::from_slice(&self.0))
+    }
+}
+
+/// Supplies the master key. Implement it to take the key from a KMS or
+/// Vault; [`EnvKeyProvider`] reads an environment variable, and a
+/// [`MasterKey`] is its own provider.
+pub trait KeyProvider: Send + Sync + 'static {
+    /// The master key, or why there is none.
+    fn master_key(&self) -> Result<MasterKey, GdprError>;
+}
+
+impl KeyProvider for MasterKey {
+    fn master_key(&self) -> Result<MasterKey, GdprError> {
+        Ok(self.clone())
+    }
+}
+
+/// Reads the master key from an environment variable (default
+/// [`MASTER_KEY_VAR`]) each time it is asked.
+#[derive(Debug, Clone)]
+pub struct EnvKeyProvider {
+    var: String,
+}
+
+impl EnvKeyProvider {
+    /// Reads `var`.
+    pub fn new(var: impl Into<String>) -> Self {
+        EnvKeyProvider { var: var.into() }
+    }
+}
+
+impl Default for EnvKeyProvider {
+    fn default() -> Self {
+        EnvKeyProvider::new(MASTER_KEY_VAR)
+    }
+}
+
+impl KeyProvider for EnvKeyProvider {
+    fn master_key(&self) -> Result<MasterKey, GdprError> {
+        match std::env::var(&self.var) {
+            Ok(text) if !text.trim().is_empty() => MasterKey::parse(&text, &self.var),
+            _ => Err(GdprError::NoMasterKey {
+                var: self.var.clone(),
+            }),
+        }
+    }
+}
+
+/// A subject's data key as stored: encrypted by a master key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WrappedKey {
+    /// The [`MasterKey::id`] of the master key that wrapped it.
+    pub master_key_id: String,
+    /// Nonce (12 bytes) and ciphertext of the 32-byte data key.
+    pub wrapped: Vec<u8>,
+}
+
+/// One recorded erasure. No personal data: the subject appears only hashed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ErasureRecord {
+    /// [`subject_hash`] of the subject.
+    pub subject_hash: String,
+    /// When it was forgotten.
+    pub erased_at: DateTime<Utc>,
+    /// Who asked (an operator, a ticket).
+    pub erased_by: String,
+}
+
+/// The hex SHA-256 of a subject id: how the erasure log names subjects.
+pub fn subject_hash(subject: &str) -> String {
+    let mut h = Sha256::new();
+    h.update(b"annals subject\0");
+    h.update(subject.as_bytes());
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Where wrapped data keys and the erasure log live: one table each per
+/// backend (memory, SQLite, PostgreSQL, `AnyStore`).
+pub trait KeyStore: Clone + Send + Sync + 'static {
+    /// The subject's wrapped key, if it has one.
+    fn load_key(&self, subject: &str) -> impl Future<Output = Result<Option<WrappedKey>>> + Send;
+
+    /// Stores `key` for `subject` unless it already has one (a concurrent
+    /// writer won); returns the key stored now.
+    fn insert_key(
+        &self,
+        subject: &str,
+        key: &WrappedKey,
+    ) -> impl Future<Output = Result<WrappedKey>> + Send;
+
+    /// Deletes the subject's key and appends `record` to the erasure log, in
+    /// one transaction; returns whether a key was deleted. Forgetting twice
+    /// records twice.
+    fn forget_key(
+        &self,
+        subject: &str,
+        record: &ErasureRecord,
+    ) -> impl Future<Output = Result<bool>> + Send;
+
+    /// The latest erasure recorded for a subject (by [`subject_hash`]).
+    fn erasure(&self, subject: &str) -> impl Future<Output = Result<Option<ErasureRecord>>> + Send;
+}
+
+/// What a projection is told when a subject is forgotten.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ErasureNotice {
+    /// The subject id (the read model's rows are keyed by it).
+    pub subject: String,
+    /// The erasure record.
+    pub record: ErasureRecord,
+}
+
+/// A read model that scrubs a forgotten subject's rows. Handed to
+/// [`GdprStore::forget`]; called after the key is gone.
+pub trait ErasureHandler: Send + Sync {
+    /// Removes or blanks whatever the read model keeps about `notice.subject`.
+    fn on_erasure<'a>(
+        &'a self,
+        notice: &'a ErasureNotice,
+    ) -> futures::future::BoxFuture<'a, Result<()>>;
+}
+
+/// The outcome of [`GdprStore::forget`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Forgotten {
+    /// Whether the subject had a key (false: nothing was encrypted for it,
+    /// or it was already forgotten).
+    pub key_deleted: bool,
+    /// Snapshots deleted.
+    pub snapshots_deleted: u64,
+    /// The erasure recorded.
+    pub record: ErasureRecord,
+}
+
+type PersonalLookup = fn(&str) -> Option<PersonalData>;
+
+/// The personal data declarations, the key store and the master key: what
+/// encrypts and decrypts.
+#[derive(Clone)]
+pub struct Crypto<K> {
+    keys: K,
+    provider: Arc<dyn KeyProvider>,
+    lookups: Vec<PersonalLookup>,
+}
+
+impl<K> fmt::Debug for Crypto<K> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Crypto")
+            .field("event_enums", &self.lookups.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<K: KeyStore> Crypto<K> {
+    /// Encrypts the personal data `E` declares, with keys in `keys` wrapped
+    /// by `provider`'s master key.
+    pub fn new<E: DomainEvent>(keys: K, provider: Arc<dyn KeyProvider>) -> Self {
+        Crypto {
+            keys,
+            provider,
+            lookups: vec![E::personal_data],
+        }
+    }
+
+    /// Also the personal data of another event enum.
+    pub fn with_events<E: DomainEvent>(mut self) -> Self {
+        self.lookups.push(E::personal_data);
+        self
+    }
+
+    /// The key store.
+    pub fn keys(&self) -> &K {
+        &self.keys
+    }
+
+    fn personal(&self, event_type: &str) -> Option<PersonalData> {
+        self.lookups.iter().find_map(|f| f(event_type))
+    }
+
+    /// Checks that the master key is configured (and well formed).
+    pub fn check_master_key(&self) -> Result<MasterKey> {
+        self.provider.master_key().map_err(GdprError::into_error)
+    }
+
+    fn unwrap_key(&self, subject: &str, master: &MasterKey, key: &WrappedKey) -> Result<Aes256Gcm> {
+        let wrong = || GdprError::WrongMasterKey {
+            subject: subject.to_owned(),
+            stored_key_id: key.master_key_id.clone(),
+            configured_key_id: master.id(),
+        };
+        if key.master_key_id != master.id() || key.wrapped.len() < 12 {
+            return Err(wrong().into_error());
+        }
+        let (nonce, ct) = key.wrapped.split_at(12);
+        let aad = format!("annals data key\0{subject}");
+        let dek = master
+            .cipher()
+            .decrypt(
+                Nonce::from_slice(nonce),
+                AeadPayload {
+                    msg: ct,
+                    aad: aad.as_bytes(),
+                },
+            )
+            .map_err(|_| wrong().into_error())?;
+        if dek.len() != 32 {
+            return Err(wrong().into_error());
+        }
+        Ok(Aes256Gcm::new(Key::<Aes256Gcm>::from_slice(&dek)))
+    }
+
+    /// The subject's data key, created (and stored wrapped) if it has none.
+    async fn key_for_write(&self, subject: &str, master: &MasterKey) -> Result<Aes256Gcm> {
+        if let Some(k) = self.keys.load_key(subject).await? {
+            return self.unwrap_key(subject, master, &k);
+        }
+        let dek = Aes256Gcm::generate_key(OsRng);
+        let nonce = Aes256Gcm::generate_nonce(OsRng);
+        let aad = format!("annals data key\0{subject}");
+        let ct = master
+            .cipher()
+            .encrypt(
+                &nonce,
+                AeadPayload {
+                    msg: dek.as_slice(),
+                    aad: aad.as_bytes(),
+                },
+            )
+            .map_err(|e| Error::Config(format!("cannot wrap a data key: {e}")))?;
+        let mut wrapped = nonce.to_vec();
+        wrapped.extend_from_slice(&ct);
+        let stored = self
+            .keys
+            .insert_key(
+                subject,
+                &WrappedKey {
+                    master_key_id: master.id(),
+                    wrapped,
+                },
+            )
+            .await?;
+        self.unwrap_key(subject, master, &stored)
+    }
+
+    /// Encrypts the personal fields of a batch (events of undeclared types
+    /// pass unchanged), fingerprinting each changed event's plaintext first.
+    pub async fn encrypt_batch(
+        &self,
+        stream: &StreamId,
+        events: Vec<NewEvent>,
+    ) -> Result<Vec<NewEvent>> {
+        let mut master = None;
+        let mut keys: HashMap<String, Aes256Gcm> = HashMap::new();
+        let mut out = Vec::with_capacity(events.len());
+        for mut e in events {
+            let Some(pd) = self.personal(&e.event_type) else {
+                out.push(e);
+                continue;
+            };
+            let Some(obj) = e.data.as_object() else {
+                out.push(e);
+                continue;
+            };
+            if !pd
+                .fields
+                .iter()
+                .any(|f| obj.get(*f).is_some_and(|v| !v.is_null()))
+            {
+                out.push(e);
+                continue;
+            }
+            let subject = match obj.get(pd.subject) {
+                Some(Value::String(s)) => s.clone(),
+                Some(Value::Number(n)) => n.to_string(),
+                _ => {
+                    return Err(GdprError::NoSubject {
+                        event_type: e.event_type.clone(),
+                        field: pd.subject.to_owned(),
+                    }
+                    .into_error())
+                }
+            };
+            if e.fingerprint.is_none() {
+                let fp = Fingerprint::of_value(&e.data).map_err(|_| Error::InvalidEvent {
+                    stream: stream.clone(),
+                    reason: format!("event {} is nested too deep", e.event_id),
+                })?;
+                e.fingerprint = Some(fp);
+            }
+            let m = match master.take() {
+                Some(m) => m,
+                None => self.provider.master_key().map_err(GdprError::into_error)?,
+            };
+            let cipher = match keys.remove(&subject) {
+                Some(k) => k,
+                None => self.key_for_write(&subject, &m).await?,
+            };
+            master = Some(m);
+            let mut data = std::mem::take(&mut e.data);
+            for field in pd.fields {
+                let Some(obj) = data.as_object_mut() else {
+                    break;
+                };
+                let Some(v) = obj.get_mut(*field) else {
+                    continue;
+                };
+                if v.is_null() {
+                    continue;
+                }
+                let plain = serde_json::to_vec(v).map_err(|err| Error::Encode {
+                    what: format!("personal field {field:?} of {}", e.event_type),
+                    source: err,
+                })?;
+                let nonce = Aes256Gcm::generate_nonce(OsRng);
+                let ct = cipher
+                    .encrypt(
+                        &nonce,
+                        AeadPayload {
+                            msg: &plain,
+                            aad: field.as_bytes(),
+                        },
+                    )
+                    .map_err(|err| Error::Config(format!("cannot encrypt: {err}")))?;
+                let mut blob = nonce.to_vec();
+                blob.extend_from_slice(&ct);
+                *v = serde_json::json!({ ENC_KEY: B64.encode(blob), SUBJECT_KEY: subject });
+            }
+            e.data = data;
+            keys.insert(subject, cipher);
+            out.push(e);
+        }
+        Ok(out)
+    }
+
+    /// Decrypts every encrypted top-level field of a stored event; a
+    /// forgotten subject's fields become [`ERASED`]. An event without
+    /// encrypted fields is handed back unchanged (not reparsed).
+    pub async fn decrypt_event(&self, mut event: RecordedEvent) -> Result<RecordedEvent> {
+        if !event.data.as_str().contains("\"$enc\"") {
+            return Ok(event);
+        }
+        let decode_err = |e: serde_json::Error| Error::Decode {
+            stream: event.stream_id.clone(),
+            version: event.stream_version,
+            event_type: event.event_type.clone(),
+            event_version: event.event_version,
+            source: e,
+        };
+        let mut value = event.data.to_value().map_err(decode_err)?;
+        let Some(obj) = value.as_object_mut() else {
+            return Ok(event);
+        };
+        let mut master: Option<MasterKey> = None;
+        let mut keys: HashMap<String, Option<Aes256Gcm>> = HashMap::new();
+        for (field, v) in obj.iter_mut() {
+            let Some(enc) = v.as_object() else { continue };
+            let (Some(Value::String(blob)), Some(Value::String(subject))) =
+                (enc.get(ENC_KEY), enc.get(SUBJECT_KEY))
+            else {
+                continue;
+            };
+            let subject = subject.clone();
+            let corrupt = |reason: String| GdprError::Corrupt {
+                field: field.clone(),
+                event_id: event.event_id,
+                stream: event.stream_id.to_string(),
+                reason,
+            };
+            let blob = B64
+                .decode(blob)
+                .map_err(|e| corrupt(e.to_string()).into_error())?;
+            if !keys.contains_key(&subject) {
+                let key = match self.keys.load_key(&subject).await? {
+                    Some(k) => {
+                        let m = match master.take() {
+                            Some(m) => m,
+                            None => self.provider.master_key().map_err(GdprError::into_error)?,
+                        };
+                        let cipher = self.unwrap_key(&subject, &m, &k)?;
+                        master = Some(m);
+                        Some(cipher)
+                    }
+                    None => {
+                        if self.keys.erasure(&subject).await?.is_none() {
+                            return Err(GdprError::KeyMissing {
+                                subject,
+                                event_id: event.event_id,
+                                stream: event.stream_id.to_string(),
+                            }
+                            .into_error());
+                        }
+                        None
+                    }
+                };
+                keys.insert(subject.clone(), key);
+            }
+            *v = match keys.get(&subject) {
+                Some(Some(cipher)) => {
+                    if blob.len() < 12 {
+                        return Err(corrupt("ciphertext too short".into()).into_error());
+                    }
+                    let (nonce, ct) = blob.split_at(12);
+                    let plain = cipher
+                        .decrypt(
+                            Nonce::from_slice(nonce),
+                            AeadPayload {
+                                msg: ct,
+                                aad: field.as_bytes(),
+                            },
+                        )
+                        .map_err(|e| corrupt(e.to_string()).into_error())?;
+                    serde_json::from_slice(&plain)
+                        .map_err(|e| corrupt(e.to_string()).into_error())?
+                }
+                _ => Value::String(ERASED.to_owned()),
+            };
+        }
+        event.data = Payload::from_value(&value).map_err(decode_err)?;
+        Ok(event)
+    }
+}
+
+/// An [`EventStore`] that encrypts personal fields on append and decrypts
+/// them (then upcasts) on read: the one place that does it, for every path
+/// that goes through it (repository loads and saves, `read_stream`,
+/// `read_all`, `read_event`, the feed pages subscriptions and projections
+/// read). Wrap the store handle *without* upcasters and give the upcasters
+/// to this wrapper ([`GdprStore::with_upcasters`]), so they see plaintext.
+#[derive(Clone, Debug)]
+pub struct GdprStore<S, K> {
+    inner: S,
+    crypto: Crypto<K>,
+    upcasters: Option<Arc<Upcasters>>,
+}
+
+impl<S: EventStore, K: KeyStore> GdprStore<S, K> {
+    /// Wraps `inner` (a handle without upcasters).
+    pub fn new(inner: S, crypto: Crypto<K>) -> Self {
+        GdprStore {
+            inner,
+            crypto,
+            upcasters: None,
+        }
+    }
+
+    /// Upcasts every read, after decryption.
+    pub fn with_upcasters(mut self, upcasters: Arc<Upcasters>) -> Self {
+        self.upcasters = Some(upcasters);
+        self
+    }
+
+    /// The wrapped store (reads return ciphertext, as stored).
+    pub fn inner(&self) -> &S {
+        &self.inner
+    }
+
+    /// The crypto layer.
+    pub fn crypto(&self) -> &Crypto<K> {
+        &self.crypto
+    }
+
+    fn reader(
+        &self,
+    ) -> impl Fn(RecordedEvent) -> futures::future::BoxFuture<'static, Result<RecordedEvent>> {
+        let crypto = self.crypto.clone();
+        let upcasters = self.upcasters.clone();
+        move |e| {
+            let crypto = crypto.clone();
+            let upcasters = upcasters.clone();
+            Box::pin(async move {
+                let e = crypto.decrypt_event(e).await?;
+                upcast_event(upcasters.as_deref(), e)
+            })
+        }
+    }
+
+    /// Forgets `subject`: deletes its data key and records the erasure
+    /// (`by`: who asked), deletes the snapshots of `aggregates` (type, id)
+    /// from `snapshots`, then hands an [`ErasureNotice`] to each of
+    /// `handlers`. Reads then return [`ERASED`] for its personal fields.
+    pub async fn forget<Sn: SnapshotStore>(
+        &self,
+        subject: &str,
+        by: &str,
+        snapshots: Option<&Sn>,
+        aggregates: &[(&str, &str)],
+        handlers: &[&dyn ErasureHandler],
+    ) -> Result<Forgotten> {
+        let record = ErasureRecord {
+            subject_hash: subject_hash(subject),
+            erased_at: Utc::now(),
+            erased_by: by.to_owned(),
+        };
+        let key_deleted = self.crypto.keys.forget_key(subject, &record).await?;
+        let mut snapshots_deleted = 0;
+        if let Some(s) = snapshots {
+            for (t, id) in aggregates {
+                snapshots_deleted += s.delete_snapshot(t, id).await?;
+            }
+        }
+        let notice = ErasureNotice {
+            subject: subject.to_owned(),
+            record: record.clone(),
+        };
+        for h in handlers {
+            h.on_erasure(&notice).await?;
+        }
+        Ok(Forgotten {
+            key_deleted,
+            snapshots_deleted,
+            record,
+        })
+    }
+}
+
+impl<S: EventStore, K: KeyStore> EventStore for GdprStore<S, K> {
+    async fn append(
+        &self,
+        stream: &StreamId,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+    ) -> Result<AppendResult> {
+        let events = self.crypto.encrypt_batch(stream, events).await?;
+        self.inner.append(stream, expected, events).await
+    }
+
+    fn read_stream(&self, stream: &StreamId, options: ReadStream) -> EventStream {
+        self.inner
+            .read_stream(stream, options)
+            .and_then(self.reader())
+            .boxed()
+    }
+
+    fn read_all(&self, options: ReadAll) -> EventStream {
+        self.inner.read_all(options).and_then(self.reader()).boxed()
+    }
+
+    fn stream_version(
+        &self,
+        stream: &StreamId,
+    ) -> impl Future<Output = Result<Option<StreamVersion>>> + Send {
+        self.inner.stream_version(stream)
+    }
+
+    fn head_position(&self) -> impl Future<Output = Result<Option<GlobalPosition>>> + Send {
+        self.inner.head_position()
+    }
+
+    async fn read_event(&self, id: EventId) -> Result<Option<RecordedEvent>> {
+        match self.inner.read_event(id).await? {
+            Some(e) => Ok(Some(self.reader()(e).await?)),
+            None => Ok(None),
+        }
+    }
+
+    async fn read_feed_page(&self, filter: &ReadAll, limit: usize) -> Result<FeedPage> {
+        let mut page = self.inner.read_feed_page(filter, limit).await?;
+        let read = self.reader();
+        let mut out = Vec::with_capacity(page.events.len());
+        for e in std::mem::take(&mut page.events) {
+            out.push(read(e).await?);
+        }
+        page.events = out;
+        Ok(page)
+    }
+
+    fn append_signal(&self) -> Option<AppendSignal> {
+        self.inner.append_signal()
+    }
+
+    fn count_events_between(
+        &self,
+        after: GlobalPosition,
+        up_to: GlobalPosition,
+    ) -> impl Future<Output = Result<u64>> + Send {
+        self.inner.count_events_between(after, up_to)
+    }
+}
+
+/// Keys and erasures in memory, shared by the handle's clones (for tests
+/// and the in-memory store).
+#[derive(Clone, Debug, Default)]
+pub struct MemoryKeyStore {
+    inner: Arc<std::sync::Mutex<MemoryKeys>>,
+}
+
+#[derive(Debug, Default)]
+struct MemoryKeys {
+    keys: HashMap<String, WrappedKey>,
+    erasures: Vec<ErasureRecord>,
+}
+
+impl MemoryKeyStore {
+    /// An empty key store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> Result<std::sync::MutexGuard<'_, MemoryKeys>> {
+        self.inner.lock().map_err(|_| Error::Backend {
+            backend: "memory",
+            message: "key store lock poisoned".into(),
+            source: None,
+        })
+    }
+}
+
+impl KeyStore for MemoryKeyStore {
+    async fn load_key(&self, subject: &str) -> Result<Option<WrappedKey>> {
+        Ok(self.lock()?.keys.get(subject).cloned())
+    }
+
+    async fn insert_key(&self, subject: &str, key: &WrappedKey) -> Result<WrappedKey> {
+        Ok(self
+            .lock()?
+            .keys
+            .entry(subject.to_owned())
+            .or_insert_with(|| key.clone())
+            .clone())
+    }
+
+    async fn forget_key(&self, subject: &str, record: &ErasureRecord) -> Result<bool> {
+        let mut g = self.lock()?;
+        let had = g.keys.remove(subject).is_some();
+        g.erasures.push(record.clone());
+        Ok(had)
+    }
+
+    async fn erasure(&self, subject: &str) -> Result<Option<ErasureRecord>> {
+        let h = subject_hash(subject);
+        Ok(self
+            .lock()?
+            .erasures
+            .iter()
+            .rev()
+            .find(|r| r.subject_hash == h)
+            .cloned())
+    }
+}
+
+impl KeyStore for crate::InMemoryStore {
+    fn load_key(&self, subject: &str) -> impl Future<Output = Result<Option<WrappedKey>>> + Send {
+        self.key_store().load_key(subject)
+    }
+
+    fn insert_key(
+        &self,
+        subject: &str,
+        key: &WrappedKey,
+    ) -> impl Future<Output = Result<WrappedKey>> + Send {
+        self.key_store().insert_key(subject, key)
+    }
+
+    fn forget_key(
+        &self,
+        subject: &str,
+        record: &ErasureRecord,
+    ) -> impl Future<Output = Result<bool>> + Send {
+        self.key_store().forget_key(subject, record)
+    }
+
+    fn erasure(&self, subject: &str) -> impl Future<Output = Result<Option<ErasureRecord>>> + Send {
+        self.key_store().erasure(subject)
+    }
+}
