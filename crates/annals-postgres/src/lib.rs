@@ -187,6 +187,7 @@
 #![deny(missing_docs)]
 
 mod checkpoint;
+mod control;
 mod error;
 mod event_store;
 mod health;

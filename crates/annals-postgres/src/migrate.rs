@@ -58,6 +58,11 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         name: "feed_indexes",
         sql: include_str!("../sql/0006_feed_indexes.sql"),
     },
+    Migration {
+        version: 7,
+        name: "projection_control",
+        sql: include_str!("../sql/0007_projection_control.sql"),
+    },
 ];
 
 /// The schema version this build needs: the last migration's.

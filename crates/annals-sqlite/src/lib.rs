@@ -74,6 +74,7 @@
 mod checkpoint;
 mod codec;
 mod conn;
+mod control;
 mod error;
 mod event_store;
 mod health;

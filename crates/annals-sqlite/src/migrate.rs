@@ -61,6 +61,11 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         name: "feed_indexes",
         sql: include_str!("../sql/0007_feed_indexes.sql"),
     },
+    Migration {
+        version: 8,
+        name: "projection_control",
+        sql: include_str!("../sql/0008_projection_control.sql"),
+    },
 ];
 
 /// The schema version this build needs.

@@ -16,8 +16,9 @@ const EXPECTED: &[(i64, &str)] = &[
     (5, "snapshot_history"),
     (6, "correlation_index"),
     (7, "feed_indexes"),
+    (8, "projection_control"),
 ];
-const LATEST: i64 = 7;
+const LATEST: i64 = 8;
 
 fn ledger(conn: &rusqlite::Connection) -> Vec<(i64, String, String)> {
     let mut s = conn
