@@ -18,5 +18,6 @@ mod ordering;
 mod pages;
 mod pressure;
 mod projections;
+mod rebuilds;
 mod skips;
 mod snapshots;
