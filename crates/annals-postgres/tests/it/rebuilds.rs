@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use annals::{
     checkpoint_name, lock_owner, lock_token, BatchContext, CheckpointStore, EventStore,
-    ExpectedVersion, GlobalPosition, HandlerError, LockAttempt, ProjectionControl,
-    ProjectionError, ProjectionRunner, ReadAll, RebuildOptions, RecordedEvent,
+    ExpectedVersion, GlobalPosition, HandlerError, LockAttempt, ProjectionControl, ProjectionError,
+    ProjectionRunner, ReadAll, RebuildOptions, RecordedEvent,
 };
 use annals_postgres::{PgEventStore, PgProjection};
 use serde_json::json;
@@ -116,7 +116,9 @@ async fn issue8_lock_refuses_a_runner_on_another_machine() {
 
     a.stop().await.expect("A stops");
     let b = ProjectionRunner::new(other.clone(), other.transactional(projection())).spawn();
-    b.wait_for(last, PATIENCE).await.expect("machine B runs now");
+    b.wait_for(last, PATIENCE)
+        .await
+        .expect("machine B runs now");
     b.stop().await.expect("B stops");
 
     // Expiry and takeover, on the database's clock.
@@ -146,7 +148,10 @@ async fn issue8_lock_refuses_a_runner_on_another_machine() {
         {
             LockAttempt::Acquired(lock) => break lock,
             LockAttempt::Held(_) => {
-                assert!(tokio::time::Instant::now() < deadline, "the lease never expired");
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "the lease never expired"
+                );
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         }
@@ -160,9 +165,16 @@ async fn issue8_lock_refuses_a_runner_on_another_machine() {
         None,
         "the expired holder cannot renew"
     );
-    db.store.release_projection_lock(&old).await.expect("release");
+    db.store
+        .release_projection_lock(&old)
+        .await
+        .expect("release");
     assert_eq!(
-        other.projection_lock(cp).await.expect("lock").map(|l| l.owner),
+        other
+            .projection_lock(cp)
+            .await
+            .expect("lock")
+            .map(|l| l.owner),
         Some("machine B".to_owned()),
         "the old holder's release leaves the new holder's lease"
     );
@@ -215,7 +227,12 @@ async fn issue8_transactional_rebuild_resumes_and_applies_each_event_once() {
         "{err}"
     );
     let cp = checkpoint_name("applied", 1);
-    let stopped = db.store.load_checkpoint(&cp).await.expect("cp").expect("some");
+    let stopped = db
+        .store
+        .load_checkpoint(&cp)
+        .await
+        .expect("cp")
+        .expect("some");
     assert_eq!(stopped, events[69].global_position);
     let count: i64 = raw
         .query_one("SELECT count(*) FROM applied", &[])

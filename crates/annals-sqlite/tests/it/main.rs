@@ -9,6 +9,7 @@ mod model;
 mod panics;
 mod persistence;
 mod projections;
+mod rebuilds;
 mod snapshots;
 
 use std::path::PathBuf;
