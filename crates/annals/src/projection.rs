@@ -691,7 +691,8 @@ where
     /// a time, each applied with [`BatchContext::replaying`] true and
     /// checkpointed, under the same lock as the live runner (a rebuild and
     /// the runner of the same projection version never run at once).
-    /// `progress` is called after each checkpoint. Returns the applier
+    /// `progress` is called after each checkpoint (once, at the head, when there
+    /// was nothing to do). Returns the applier
     /// once the checkpoint has reached the head as read at the end.
     ///
     /// Cancel-safe: dropping the future loses at most the batch in flight
@@ -732,6 +733,7 @@ where
                 .event_types(filter.event_types);
             let began = tokio::time::Instant::now();
             let mut scanned = 0u64;
+            let mut reported = false;
             let chunk = options.checkpoint_every.max(1);
             let page_size = options.batch_size.max(1).min(chunk);
             loop {
@@ -752,7 +754,8 @@ where
                     read.after = page.scanned_to.max(read.after);
                     events.extend(page.events);
                 }
-                if read.after > after {
+                let moved = read.after > after;
+                if moved {
                     let ctx = BatchContext {
                         checkpoint: checkpoint.clone(),
                         after,
@@ -768,6 +771,10 @@ where
                         .await
                         .map_err(store_err)?;
                 }
+                if !moved && reported {
+                    return Ok(());
+                }
+                reported = true;
                 let head = self
                     .retry_store(|s| async move { s.head_position().await })
                     .await
