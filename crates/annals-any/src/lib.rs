@@ -633,6 +633,40 @@ impl annals::KeyStore for AnyStore {
     }
 }
 
+impl annals::ProjectionControl for AnyStore {
+    async fn acquire_projection_lock(
+        &self,
+        checkpoint: &str,
+        owner: &str,
+        token: &str,
+        ttl: std::time::Duration,
+    ) -> Result<annals::LockAttempt> {
+        delegate!(self, s => s.acquire_projection_lock(checkpoint, owner, token, ttl).await)
+    }
+    async fn renew_projection_lock(
+        &self,
+        lock: &annals::ProjectionLock,
+        ttl: std::time::Duration,
+    ) -> Result<Option<annals::ProjectionLock>> {
+        delegate!(self, s => s.renew_projection_lock(lock, ttl).await)
+    }
+    async fn release_projection_lock(&self, lock: &annals::ProjectionLock) -> Result<()> {
+        delegate!(self, s => s.release_projection_lock(lock).await)
+    }
+    async fn projection_lock(&self, checkpoint: &str) -> Result<Option<annals::ProjectionLock>> {
+        delegate!(self, s => s.projection_lock(checkpoint).await)
+    }
+    async fn park_event(&self, letter: &annals::DeadLetter) -> Result<()> {
+        delegate!(self, s => s.park_event(letter).await)
+    }
+    async fn dead_letters(&self, checkpoint: &str) -> Result<Vec<annals::DeadLetter>> {
+        delegate!(self, s => s.dead_letters(checkpoint).await)
+    }
+    async fn drop_dead_letter(&self, checkpoint: &str, event_id: annals::EventId) -> Result<bool> {
+        delegate!(self, s => s.drop_dead_letter(checkpoint, event_id).await)
+    }
+}
+
 impl annals::Upcasting for AnyStore {
     fn with_upcasters(self, upcasters: Arc<Upcasters>) -> Self {
         AnyStore::with_upcasters(self, upcasters)

@@ -188,6 +188,7 @@
 
 mod archive;
 mod checkpoint;
+mod control;
 mod error;
 mod event_store;
 mod gdpr;

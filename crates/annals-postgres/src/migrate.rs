@@ -68,6 +68,11 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         name: "gdpr_keys",
         sql: include_str!("../sql/0008_gdpr_keys.sql"),
     },
+    Migration {
+        version: 9,
+        name: "projection_control",
+        sql: include_str!("../sql/0009_projection_control.sql"),
+    },
 ];
 
 /// The schema version this build needs: the last migration's.

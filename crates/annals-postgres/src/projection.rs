@@ -145,4 +145,24 @@ impl<P: PgProjection> BatchApplier for PgTransactional<P> {
             .context("cannot commit a projection batch")?;
         Ok(())
     }
+
+    async fn apply_parked(
+        &mut self,
+        event: &RecordedEvent,
+        ctx: &BatchContext,
+    ) -> Result<(), ApplyError> {
+        let mut client = self
+            .store
+            .ready_client("retry a parked projection event")
+            .await?;
+        let what = "cannot retry a parked projection event";
+        let tx = client.transaction().await.context(what)?;
+        // Dropping `tx` on an error rolls back whatever the handler wrote.
+        self.projection
+            .handle(&tx, std::slice::from_ref(event), ctx)
+            .await
+            .map_err(ApplyError::Handler)?;
+        tx.commit().await.context(what)?;
+        Ok(())
+    }
 }

@@ -75,6 +75,7 @@ mod archive;
 mod checkpoint;
 mod codec;
 mod conn;
+mod control;
 mod error;
 mod event_store;
 mod gdpr;

@@ -71,6 +71,11 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         name: "gdpr_keys",
         sql: include_str!("../sql/0009_gdpr_keys.sql"),
     },
+    Migration {
+        version: 10,
+        name: "projection_control",
+        sql: include_str!("../sql/0010_projection_control.sql"),
+    },
 ];
 
 /// The schema version this build needs.

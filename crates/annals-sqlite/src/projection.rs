@@ -148,4 +148,30 @@ impl<P: SqliteProjection> BatchApplier for SqliteTransactional<P> {
             .await?;
         outcome.map_err(ApplyError::Handler)
     }
+
+    async fn apply_parked(
+        &mut self,
+        event: &RecordedEvent,
+        ctx: &BatchContext,
+    ) -> Result<(), ApplyError> {
+        let projection = Arc::clone(&self.projection);
+        let events = vec![event.clone()];
+        let ctx = ctx.clone();
+        let outcome = self
+            .store
+            .conns()
+            .write(move |conn| {
+                let tx = conn
+                    .transaction_with_behavior(TransactionBehavior::Immediate)
+                    .map_err(db("starting a parked event's retry"))?;
+                if let Err(e) = projection.handle(&tx, &events, &ctx) {
+                    return Ok(Err(e));
+                }
+                tx.commit()
+                    .map_err(db("committing a parked event's retry"))?;
+                Ok(Ok(()))
+            })
+            .await?;
+        outcome.map_err(ApplyError::Handler)
+    }
 }

@@ -231,6 +231,42 @@ impl<S: CheckpointStore> CheckpointStore for FaultyStore<S> {
     }
 }
 
+impl<S: annals::ProjectionControl> annals::ProjectionControl for FaultyStore<S> {
+    async fn acquire_projection_lock(
+        &self,
+        checkpoint: &str,
+        owner: &str,
+        token: &str,
+        ttl: std::time::Duration,
+    ) -> Result<annals::LockAttempt> {
+        self.inner
+            .acquire_projection_lock(checkpoint, owner, token, ttl)
+            .await
+    }
+    async fn renew_projection_lock(
+        &self,
+        lock: &annals::ProjectionLock,
+        ttl: std::time::Duration,
+    ) -> Result<Option<annals::ProjectionLock>> {
+        self.inner.renew_projection_lock(lock, ttl).await
+    }
+    async fn release_projection_lock(&self, lock: &annals::ProjectionLock) -> Result<()> {
+        self.inner.release_projection_lock(lock).await
+    }
+    async fn projection_lock(&self, checkpoint: &str) -> Result<Option<annals::ProjectionLock>> {
+        self.inner.projection_lock(checkpoint).await
+    }
+    async fn park_event(&self, letter: &annals::DeadLetter) -> Result<()> {
+        self.inner.park_event(letter).await
+    }
+    async fn dead_letters(&self, checkpoint: &str) -> Result<Vec<annals::DeadLetter>> {
+        self.inner.dead_letters(checkpoint).await
+    }
+    async fn drop_dead_letter(&self, checkpoint: &str, event_id: annals::EventId) -> Result<bool> {
+        self.inner.drop_dead_letter(checkpoint, event_id).await
+    }
+}
+
 impl<S: StreamCatalog> StreamCatalog for FaultyStore<S> {
     fn list_streams(&self, category: &str) -> BoxStream<'static, Result<StreamInfo>> {
         self.inner.list_streams(category)

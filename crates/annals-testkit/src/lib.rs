@@ -77,7 +77,7 @@ mod drift;
 /// | `event_import` | `EventImport` (`import_events`) |
 /// | `checkpoint_listing` | `CheckpointListing` (`list_checkpoints`) |
 /// | `checkpoints` | `EventStore` + `CheckpointStore` |
-/// | `projections` | `EventStore` + `CheckpointStore` (feed pages, subscriptions, projection runners) |
+/// | `projections` | `EventStore` + `ProjectionControl` (feed pages, subscriptions, projection runners, locks, rebuilds, dead letters) |
 /// | `model` | `EventStore` + `SnapshotStore` + `CheckpointStore` (the `Vec`-model check) |
 /// | `upcasting` | `EventStore` + `SnapshotStore` + `annals::Upcasting` (reads through `Upcasters`) |
 /// | `gdpr` | `EventStore` + `SnapshotStore` + `annals::KeyStore` (crypto-shredding through `GdprStore`) |
@@ -229,6 +229,10 @@ macro_rules! conformance_suite {
             poison_event_stops_the_projection,
             wait_for_reaches_or_times_out,
             failed_checkpoint_redelivers_and_the_guard_absorbs_it,
+            second_runner_of_a_projection_is_refused,
+            rebuild_fails_then_resumes_from_its_checkpoint,
+            poison_event_is_parked_and_the_projection_goes_on,
+            stalled_projection_trips_the_breaker,
         }
     };
     (@group upcasting, $($then:tt)*) => {

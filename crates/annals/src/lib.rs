@@ -79,6 +79,7 @@ mod multi_stream;
 #[cfg(feature = "plan")]
 mod plan;
 mod projection;
+mod projection_control;
 mod repository;
 mod snapshot;
 mod snapshot_jobs;
@@ -124,6 +125,13 @@ pub use projection::{
     AtLeastOnce, BatchApplier, BatchContext, HandlerError, IdempotencyGuard, Projection,
     ProjectionError, ProjectionFilter, ProjectionHandle, ProjectionLag, ProjectionRunner,
     RunnerOptions,
+};
+pub use projection::{
+    retry_dead_letter, ErrorPolicy, ProjectionState, RebuildOptions, RebuildProgress,
+    DEFAULT_LOCK_TTL,
+};
+pub use projection_control::{
+    lock_owner, lock_token, DeadLetter, LockAttempt, ProjectionControl, ProjectionLock,
 };
 pub use repository::{
     decode_snapshot, fold_stream, make_snapshot, Command, CommandContext, CommandError, Executed,

@@ -48,6 +48,10 @@ struct State {
     snapshot_history: HistorySize,
     staged: BTreeMap<(String, String), Snapshot>,
     checkpoints: HashMap<String, GlobalPosition>,
+    /// Projection locks by checkpoint name.
+    locks: HashMap<String, crate::ProjectionLock>,
+    /// Parked events by checkpoint name and position.
+    dead_letters: BTreeMap<(String, GlobalPosition), crate::DeadLetter>,
 }
 
 /// One row of an aggregate's snapshot history.
@@ -895,6 +899,95 @@ impl CheckpointStore for InMemoryStore {
         self.lock().checkpoints.remove(name);
         Ok(())
     }
+}
+
+impl crate::ProjectionControl for InMemoryStore {
+    async fn acquire_projection_lock(
+        &self,
+        checkpoint: &str,
+        owner: &str,
+        token: &str,
+        ttl: std::time::Duration,
+    ) -> Result<crate::LockAttempt> {
+        let now = Utc::now();
+        let mut st = self.lock();
+        if let Some(held) = st.locks.get(checkpoint) {
+            if held.expires_at > now {
+                return Ok(crate::LockAttempt::Held(held.clone()));
+            }
+        }
+        let lock = crate::ProjectionLock {
+            checkpoint: checkpoint.to_owned(),
+            owner: owner.to_owned(),
+            token: token.to_owned(),
+            expires_at: now + lease(ttl),
+        };
+        st.locks.insert(checkpoint.to_owned(), lock.clone());
+        Ok(crate::LockAttempt::Acquired(lock))
+    }
+
+    async fn renew_projection_lock(
+        &self,
+        lock: &crate::ProjectionLock,
+        ttl: std::time::Duration,
+    ) -> Result<Option<crate::ProjectionLock>> {
+        let mut st = self.lock();
+        match st.locks.get_mut(&lock.checkpoint) {
+            Some(held) if held.token == lock.token => {
+                held.expires_at = Utc::now() + lease(ttl);
+                Ok(Some(held.clone()))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    async fn release_projection_lock(&self, lock: &crate::ProjectionLock) -> Result<()> {
+        let mut st = self.lock();
+        if st
+            .locks
+            .get(&lock.checkpoint)
+            .is_some_and(|held| held.token == lock.token)
+        {
+            st.locks.remove(&lock.checkpoint);
+        }
+        Ok(())
+    }
+
+    async fn projection_lock(&self, checkpoint: &str) -> Result<Option<crate::ProjectionLock>> {
+        Ok(self.lock().locks.get(checkpoint).cloned())
+    }
+
+    async fn park_event(&self, letter: &crate::DeadLetter) -> Result<()> {
+        self.lock()
+            .dead_letters
+            .insert((letter.checkpoint.clone(), letter.position), letter.clone());
+        Ok(())
+    }
+
+    async fn dead_letters(&self, checkpoint: &str) -> Result<Vec<crate::DeadLetter>> {
+        Ok(self
+            .lock()
+            .dead_letters
+            .values()
+            .filter(|d| d.checkpoint == checkpoint)
+            .cloned()
+            .collect())
+    }
+
+    async fn drop_dead_letter(&self, checkpoint: &str, event_id: EventId) -> Result<bool> {
+        let mut st = self.lock();
+        let key = st
+            .dead_letters
+            .iter()
+            .find(|(_, d)| d.checkpoint == checkpoint && d.event_id == event_id)
+            .map(|(k, _)| k.clone());
+        Ok(key.and_then(|k| st.dead_letters.remove(&k)).is_some())
+    }
+}
+
+/// A lease of `ttl` as a `chrono` duration (capped at 100 years).
+fn lease(ttl: std::time::Duration) -> chrono::Duration {
+    chrono::Duration::from_std(ttl).unwrap_or_else(|_| chrono::Duration::days(36_500))
 }
 
 impl InMemoryStore {

@@ -43,10 +43,11 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
+use crate::projection_control::{lock_owner, lock_token, DeadLetter, LockAttempt, ProjectionLock};
 use crate::subscription::{is_transient, Backoff, Subscription, SubscriptionOptions};
 use crate::{
-    CheckpointStore, Error, EventId, EventStore, GlobalPosition, RecordedEvent, StreamId,
-    StreamVersion,
+    CheckpointStore, Error, EventId, EventStore, GlobalPosition, ProjectionControl, ReadAll,
+    RecordedEvent, StreamId, StreamVersion,
 };
 
 /// The error a handler returns: the user's own, boxed.
@@ -158,6 +159,14 @@ pub trait BatchApplier: Send + 'static {
         events: &[RecordedEvent],
         ctx: &BatchContext,
     ) -> impl Future<Output = std::result::Result<(), ApplyError>> + Send;
+
+    /// Applies one parked event again ([`retry_dead_letter`]) without
+    /// moving the checkpoint (it is already past the event).
+    fn apply_parked(
+        &mut self,
+        event: &RecordedEvent,
+        ctx: &BatchContext,
+    ) -> impl Future<Output = std::result::Result<(), ApplyError>> + Send;
 }
 
 /// The at-least-once applier: the projection's handler, then
@@ -209,6 +218,16 @@ impl<C: CheckpointStore, P: Projection> BatchApplier for AtLeastOnce<C, P> {
             .await?;
         Ok(())
     }
+    async fn apply_parked(
+        &mut self,
+        event: &RecordedEvent,
+        ctx: &BatchContext,
+    ) -> std::result::Result<(), ApplyError> {
+        self.projection
+            .handle(std::slice::from_ref(event), ctx)
+            .await
+            .map_err(ApplyError::Handler)
+    }
 }
 
 /// Everything that stops a projection, and the timeout of [`wait_for`].
@@ -249,6 +268,50 @@ pub enum ProjectionError {
         /// The store's error.
         #[source]
         source: Error,
+    },
+    /// Another runner or rebuild holds the projection's lock
+    /// ([`ProjectionControl::acquire_projection_lock`]): this one did not
+    /// start. It can start once the holder stops (or its lease expires).
+    #[error(
+        "projection {projection} ({checkpoint}) is locked by {owner} until {expires_at} \
+         (another runner or rebuild of this version runs)"
+    )]
+    Locked {
+        /// The projection's name.
+        projection: String,
+        /// Its checkpoint name.
+        checkpoint: String,
+        /// The holder ([`crate::lock_owner`]).
+        owner: String,
+        /// When the holder's lease expires unless renewed.
+        expires_at: chrono::DateTime<chrono::Utc>,
+    },
+    /// The runner could not renew its lock in time (the lease expired and
+    /// another runner may have taken it): it stopped.
+    #[error("projection {projection} lost its lock on {checkpoint}: it stopped")]
+    LockLost {
+        /// The projection's name.
+        projection: String,
+        /// Its checkpoint name.
+        checkpoint: String,
+    },
+    /// The circuit breaker tripped: a batch made no progress (retries
+    /// included, or a handler that did not return) for the configured time
+    /// ([`ProjectionRunner::trip_after`]).
+    #[error("projection {projection} tripped: {reason}")]
+    Tripped {
+        /// The projection's name.
+        projection: String,
+        /// Why (the time without progress, the position, the last error).
+        reason: String,
+    },
+    /// [`retry_dead_letter`] found no parked event with this id.
+    #[error("projection checkpoint {checkpoint} has no parked event {event_id}")]
+    NoDeadLetter {
+        /// The checkpoint name.
+        checkpoint: String,
+        /// The event id asked for.
+        event_id: EventId,
     },
     /// [`wait_for`] (or [`ProjectionHandle::wait_for`]) gave up: the
     /// projection had not reached `position` within `waited`.
@@ -310,17 +373,101 @@ impl Default for RunnerOptions {
     }
 }
 
+/// What the runner does with an event the handler keeps failing on (after
+/// [`RunnerOptions::handler_retry`]).
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
+pub enum ErrorPolicy {
+    /// Stop with [`ProjectionError::Handler`], the checkpoint just before
+    /// the event (the default).
+    #[default]
+    Stop,
+    /// Park the event in the store's dead-letter table
+    /// ([`ProjectionControl::park_event`]), move the checkpoint past it and
+    /// go on. Parked events are listed with
+    /// [`ProjectionControl::dead_letters`], applied again with
+    /// [`retry_dead_letter`] and dropped with
+    /// [`ProjectionControl::drop_dead_letter`].
+    Park,
+}
+
+/// Where a runner stands ([`ProjectionHandle::state`]).
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub enum ProjectionState {
+    /// Taking its lock and loading its checkpoint.
+    Starting,
+    /// Applying batches or waiting for new events.
+    Running,
+    /// Stopped on request.
+    Stopped,
+    /// Stopped by the circuit breaker ([`ProjectionRunner::trip_after`]),
+    /// with the reason.
+    Tripped(String),
+    /// Stopped by an error (the one [`ProjectionHandle::join`] returns).
+    Failed(String),
+}
+
+/// How a rebuild reads and checkpoints ([`ProjectionRunner::rebuild`]).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct RebuildOptions {
+    /// Events read per page (bounds memory with `checkpoint_every`).
+    pub batch_size: usize,
+    /// The handler gets batches of up to this many events, and the
+    /// checkpoint is saved after each: a crash loses at most this much work.
+    pub checkpoint_every: usize,
+    /// Start from position 0 (the checkpoint is reset first: the read model
+    /// must be empty or reset by the caller); `false` resumes from the
+    /// checkpoint (after a crash, a stop or a failure).
+    pub from_start: bool,
+}
+
+impl Default for RebuildOptions {
+    fn default() -> Self {
+        RebuildOptions {
+            batch_size: crate::DEFAULT_BATCH_SIZE,
+            checkpoint_every: 1_000,
+            from_start: false,
+        }
+    }
+}
+
+/// What a rebuild reports after each checkpoint ([`ProjectionRunner::rebuild`]).
+#[derive(Clone, Copy, PartialEq, Debug)]
+pub struct RebuildProgress {
+    /// The checkpoint just saved.
+    pub position: GlobalPosition,
+    /// The head of the feed when last read.
+    pub head: Option<GlobalPosition>,
+    /// Events scanned by this call so far (matching or not).
+    pub events: u64,
+    /// Events scanned still to go up to `head`.
+    pub remaining: u64,
+    /// Events scanned per second by this call.
+    pub events_per_sec: f64,
+    /// Time since this call started.
+    pub elapsed: Duration,
+}
+
 /// Runs one projection: subscription, batches, checkpoints, error policy
 /// (see the module docs).
+///
+/// The runner (and a [`rebuild`](Self::rebuild)) first takes the
+/// projection's lock in the store ([`ProjectionControl`]): a second runner or
+/// rebuild of the same projection version, on this machine or another one,
+/// is refused with [`ProjectionError::Locked`] naming the holder, until the
+/// first one stops. The lease is renewed every third of
+/// [`lock_ttl`](Self::lock_ttl) and released when the runner ends.
 pub struct ProjectionRunner<S, A> {
     store: S,
     applier: A,
     options: RunnerOptions,
+    policy: ErrorPolicy,
+    lock_ttl: Duration,
+    trip_after: Option<Duration>,
 }
 
 impl<S, P> ProjectionRunner<S, AtLeastOnce<S, P>>
 where
-    S: EventStore + CheckpointStore,
+    S: EventStore + ProjectionControl,
     P: Projection,
 {
     /// Runs `projection` at-least-once on `store` (its events and its
@@ -331,18 +478,24 @@ where
     }
 }
 
+/// The default lease of a projection lock.
+pub const DEFAULT_LOCK_TTL: Duration = Duration::from_secs(30);
+
 impl<S, A> ProjectionRunner<S, A>
 where
-    S: EventStore + CheckpointStore,
+    S: EventStore + ProjectionControl,
     A: BatchApplier,
 {
     /// Runs `applier` on the events of `store`, which also holds its
-    /// checkpoint.
+    /// checkpoint, its lock and its dead letters.
     pub fn new(store: S, applier: A) -> Self {
         ProjectionRunner {
             store,
             applier,
             options: RunnerOptions::default(),
+            policy: ErrorPolicy::Stop,
+            lock_ttl: DEFAULT_LOCK_TTL,
+            trip_after: None,
         }
     }
 
@@ -352,20 +505,58 @@ where
         self
     }
 
+    /// Sets the error policy (default [`ErrorPolicy::Stop`]).
+    pub fn error_policy(mut self, policy: ErrorPolicy) -> Self {
+        self.policy = policy;
+        self
+    }
+
+    /// The lease of the projection lock (default [`DEFAULT_LOCK_TTL`]); a
+    /// runner that dies without releasing it blocks others this long.
+    pub fn lock_ttl(mut self, ttl: Duration) -> Self {
+        self.lock_ttl = ttl.max(Duration::from_millis(30));
+        self
+    }
+
+    /// The circuit breaker: when a batch makes no progress for `limit`
+    /// (handler retries included, or a handler that does not return), the
+    /// runner stops with [`ProjectionError::Tripped`] and its state says why
+    /// ([`ProjectionState::Tripped`]). Off by default.
+    pub fn trip_after(mut self, limit: Duration) -> Self {
+        self.trip_after = Some(limit);
+        self
+    }
+
     /// Starts the runner on a task of the current tokio runtime.
     pub fn spawn(self) -> ProjectionHandle<A> {
         let (stop_tx, stop_rx) = watch::channel(false);
         let (pos_tx, pos_rx) = watch::channel(Some(None));
+        let (state_tx, state_rx) = watch::channel(ProjectionState::Starting);
         let name = self.applier.name().to_owned();
         let checkpoint = self.applier.checkpoint();
-        let task = tokio::spawn(self.run_until(stop_rx, pos_tx));
+        let task = tokio::spawn(self.run_until(stop_rx, pos_tx, state_tx));
         ProjectionHandle {
             name,
             checkpoint,
             stop: stop_tx,
             position: pos_rx,
+            state: state_rx,
             task,
         }
+    }
+
+    /// Takes the projection's lock and starts renewing it (a plain future:
+    /// `&self` is not `Send` when the applier is not `Sync`).
+    fn take_lock(
+        &self,
+    ) -> impl Future<Output = Result<LockKeeper<S>, ProjectionError>> + Send + 'static {
+        take_lock(
+            self.store.clone(),
+            self.applier.name().to_owned(),
+            self.applier.checkpoint(),
+            self.lock_ttl,
+            self.options.store_retry,
+        )
     }
 
     /// Runs until `stop` becomes true (then returns the applier) or the
@@ -375,9 +566,25 @@ where
         mut self,
         mut stop: watch::Receiver<bool>,
         position: watch::Sender<Option<Option<GlobalPosition>>>,
+        state: watch::Sender<ProjectionState>,
     ) -> Result<A, ProjectionError> {
-        let out = self.run_inner(&mut stop, &position).await;
+        let out = match self.take_lock().await {
+            Ok(mut keeper) => {
+                state.send_replace(ProjectionState::Running);
+                let out = self.run_inner(&mut stop, &position, &mut keeper).await;
+                keeper.release().await;
+                out
+            }
+            Err(e) => Err(e),
+        };
         position.send_modify(|p| *p = None);
+        state.send_replace(match &out {
+            Ok(()) => ProjectionState::Stopped,
+            Err(ProjectionError::Tripped { reason, .. }) => {
+                ProjectionState::Tripped(reason.clone())
+            }
+            Err(e) => ProjectionState::Failed(e.to_string()),
+        });
         out.map(|()| self.applier)
     }
 
@@ -385,6 +592,7 @@ where
         &mut self,
         stop: &mut watch::Receiver<bool>,
         position: &watch::Sender<Option<Option<GlobalPosition>>>,
+        keeper: &mut LockKeeper<S>,
     ) -> Result<(), ProjectionError> {
         let name = self.applier.name().to_owned();
         let checkpoint = self.applier.checkpoint();
@@ -417,9 +625,11 @@ where
             if *stop.borrow_and_update() {
                 return Ok(());
             }
+            keeper.check(&name, &checkpoint)?;
             let batch = tokio::select! {
                 batch = sub.next_batch() => batch.map_err(store_err)?,
                 _ = stop.changed() => return Ok(()),
+                _ = keeper.lost() => return Err(keeper.lost_error(&name, &checkpoint)),
             };
             let ctx = BatchContext {
                 checkpoint: checkpoint.clone(),
@@ -428,17 +638,7 @@ where
                 replaying: batch.replaying,
                 attempt: 1,
             };
-            if batch.events.is_empty() {
-                // Only the scan moved (through events that do not match).
-                self.retry_store(|s| {
-                    let checkpoint = checkpoint.clone();
-                    async move { s.save_checkpoint(&checkpoint, ctx.position).await }
-                })
-                .await
-                .map_err(store_err)?;
-            } else {
-                self.apply_batch(&batch.events, ctx).await?;
-            }
+            self.apply_guarded(&batch.events, ctx).await?;
             position.send_replace(Some(Some(batch.position)));
             let at_end = batch.events.len() < self.options.batch_size;
             lag_metrics
@@ -447,8 +647,171 @@ where
         }
     }
 
+    /// Applies a batch (or saves the checkpoint of a scan that moved past
+    /// non-matching events only), under the circuit breaker.
+    async fn apply_guarded(
+        &mut self,
+        events: &[RecordedEvent],
+        ctx: BatchContext,
+    ) -> Result<(), ProjectionError> {
+        let limit = self.trip_after;
+        let name = self.applier.name().to_owned();
+        let (after, position) = (ctx.after, ctx.position);
+        let work = async {
+            if events.is_empty() {
+                let checkpoint = ctx.checkpoint.clone();
+                self.retry_store(|s| {
+                    let checkpoint = checkpoint.clone();
+                    async move { s.save_checkpoint(&checkpoint, position).await }
+                })
+                .await
+                .map_err(|source| ProjectionError::Store {
+                    projection: name.clone(),
+                    source,
+                })
+            } else {
+                self.apply_batch(events, ctx).await
+            }
+        };
+        match limit {
+            None => work.await,
+            Some(limit) => match tokio::time::timeout(limit, work).await {
+                Ok(out) => out,
+                Err(_) => Err(ProjectionError::Tripped {
+                    projection: name.clone(),
+                    reason: format!(
+                        "no progress for {limit:?} on the batch after {after} \
+                         (up to {position}, {} events): the handler kept failing or did not return",
+                        events.len()
+                    ),
+                }),
+            },
+        }
+    }
+
+    /// Rebuilds the projection: from position 0 (`options.from_start`: the
+    /// checkpoint is reset first) or from its checkpoint (resuming a rebuild
+    /// that crashed, failed or was cancelled), up to the head of the feed,
+    /// in batches of `options.checkpoint_every` events read `batch_size` at
+    /// a time, each applied with [`BatchContext::replaying`] true and
+    /// checkpointed, under the same lock as the live runner (a rebuild and
+    /// the runner of the same projection version never run at once).
+    /// `progress` is called after each checkpoint (once, at the head, when there
+    /// was nothing to do). Returns the applier
+    /// once the checkpoint has reached the head as read at the end.
+    ///
+    /// Cancel-safe: dropping the future loses at most the batch in flight
+    /// (its checkpoint was not saved); the lock is then held until its
+    /// lease expires ([`lock_ttl`](Self::lock_ttl)).
+    pub async fn rebuild(
+        mut self,
+        options: RebuildOptions,
+        mut progress: impl FnMut(&RebuildProgress) + Send,
+    ) -> Result<A, ProjectionError> {
+        let name = self.applier.name().to_owned();
+        let checkpoint = self.applier.checkpoint();
+        let store_err = |source| ProjectionError::Store {
+            projection: name.clone(),
+            source,
+        };
+        let mut keeper = self.take_lock().await?;
+        let out = async {
+            if options.from_start {
+                self.retry_store(|s| {
+                    let checkpoint = checkpoint.clone();
+                    async move { s.reset_checkpoint(&checkpoint).await }
+                })
+                .await
+                .map_err(store_err)?;
+            }
+            let start = self
+                .retry_store(|s| {
+                    let checkpoint = checkpoint.clone();
+                    async move { s.load_checkpoint(&checkpoint).await }
+                })
+                .await
+                .map_err(store_err)?
+                .unwrap_or(GlobalPosition::START);
+            let filter = self.applier.filter();
+            let mut read = ReadAll::after(start)
+                .categories(filter.categories)
+                .event_types(filter.event_types);
+            let began = tokio::time::Instant::now();
+            let mut scanned = 0u64;
+            let mut reported = false;
+            let chunk = options.checkpoint_every.max(1);
+            let page_size = options.batch_size.max(1).min(chunk);
+            loop {
+                keeper.check(&name, &checkpoint)?;
+                let after = read.after;
+                let mut events = Vec::new();
+                let mut at_end = false;
+                while events.len() < chunk && !at_end {
+                    let want = page_size.min(chunk - events.len());
+                    let page = self
+                        .retry_store(|s| {
+                            let read = read.clone();
+                            async move { s.read_feed_page(&read, want).await }
+                        })
+                        .await
+                        .map_err(store_err)?;
+                    at_end = page.at_end || page.scanned_to <= read.after;
+                    read.after = page.scanned_to.max(read.after);
+                    events.extend(page.events);
+                }
+                let moved = read.after > after;
+                if moved {
+                    let ctx = BatchContext {
+                        checkpoint: checkpoint.clone(),
+                        after,
+                        position: read.after,
+                        replaying: true,
+                        attempt: 1,
+                    };
+                    self.apply_guarded(&events, ctx).await?;
+                    scanned += self
+                        .retry_store(
+                            |s| async move { s.count_events_between(after, read.after).await },
+                        )
+                        .await
+                        .map_err(store_err)?;
+                }
+                if !moved && reported {
+                    return Ok(());
+                }
+                reported = true;
+                let head = self
+                    .retry_store(|s| async move { s.head_position().await })
+                    .await
+                    .map_err(store_err)?;
+                let remaining = match head {
+                    Some(h) if h > read.after => self
+                        .retry_store(|s| async move { s.count_events_between(read.after, h).await })
+                        .await
+                        .map_err(store_err)?,
+                    _ => 0,
+                };
+                let elapsed = began.elapsed();
+                progress(&RebuildProgress {
+                    position: read.after,
+                    head,
+                    events: scanned,
+                    remaining,
+                    events_per_sec: scanned as f64 / elapsed.as_secs_f64().max(1e-6),
+                    elapsed,
+                });
+                if at_end {
+                    return Ok(());
+                }
+            }
+        }
+        .await;
+        keeper.release().await;
+        out.map(|()| self.applier)
+    }
+
     /// Applies a batch with retries; if it keeps failing, one event at a
-    /// time, to stop on the event that fails.
+    /// time, to stop on (or park) the event that fails.
     async fn apply_batch(
         &mut self,
         events: &[RecordedEvent],
@@ -463,7 +826,8 @@ where
                 })
             }
             Err((ApplyError::Handler(source), attempts)) if events.len() == 1 => {
-                return Err(self.poison(&events[0], attempts, source));
+                self.poison(&events[0], &ctx, attempts, source).await?;
+                return self.save_scan(&ctx, events).await;
             }
             Err((ApplyError::Handler(e), _)) => {
                 tracing::warn!(projection = self.applier.name(), error = %e,
@@ -480,12 +844,21 @@ where
             self.apply_batch_one(event, one).await?;
             after = event.global_position;
         }
-        // The scan may have moved past the last event: record that too.
+        self.save_scan(&ctx, events).await
+    }
+
+    /// The scan may have moved past the last event: records that too.
+    async fn save_scan(
+        &mut self,
+        ctx: &BatchContext,
+        events: &[RecordedEvent],
+    ) -> Result<(), ProjectionError> {
         if events.last().map(|e| e.global_position) < Some(ctx.position) {
             let checkpoint = ctx.checkpoint.clone();
+            let position = ctx.position;
             self.retry_store(|s| {
                 let checkpoint = checkpoint.clone();
-                async move { s.save_checkpoint(&checkpoint, ctx.position).await }
+                async move { s.save_checkpoint(&checkpoint, position).await }
             })
             .await
             .map_err(|source| ProjectionError::Store {
@@ -502,7 +875,7 @@ where
         ctx: BatchContext,
     ) -> Result<(), ProjectionError> {
         match self
-            .apply_with_retry(std::slice::from_ref(event), ctx)
+            .apply_with_retry(std::slice::from_ref(event), ctx.clone())
             .await
         {
             Ok(()) => Ok(()),
@@ -511,26 +884,58 @@ where
                 source,
             }),
             Err((ApplyError::Handler(source), attempts)) => {
-                Err(self.poison(event, attempts, source))
+                self.poison(event, &ctx, attempts, source).await
             }
         }
     }
 
-    fn poison(
-        &self,
+    /// An event the handler keeps failing on: stops ([`ErrorPolicy::Stop`])
+    /// or parks it and moves the checkpoint past it ([`ErrorPolicy::Park`]).
+    async fn poison(
+        &mut self,
         event: &RecordedEvent,
+        ctx: &BatchContext,
         attempts: u32,
         source: HandlerError,
-    ) -> ProjectionError {
-        ProjectionError::Handler {
-            projection: self.applier.name().to_owned(),
-            position: event.global_position,
-            stream: event.stream_id.clone(),
-            version: event.stream_version,
-            event_type: event.event_type.clone(),
-            attempts,
-            source,
+    ) -> Result<(), ProjectionError> {
+        let name = self.applier.name().to_owned();
+        if self.policy == ErrorPolicy::Stop {
+            return Err(ProjectionError::Handler {
+                projection: name,
+                position: event.global_position,
+                stream: event.stream_id.clone(),
+                version: event.stream_version,
+                event_type: event.event_type.clone(),
+                attempts,
+                source,
+            });
         }
+        tracing::warn!(projection = %name, position = %event.global_position,
+            error = %source, "parking an event the handler keeps failing on");
+        let letter = DeadLetter {
+            checkpoint: ctx.checkpoint.clone(),
+            position: event.global_position,
+            event_id: event.event_id,
+            stream: event.stream_id.clone(),
+            event_type: event.event_type.clone(),
+            error: source.to_string(),
+            attempts,
+            parked_at: chrono::Utc::now(),
+        };
+        let checkpoint = ctx.checkpoint.clone();
+        let position = event.global_position;
+        self.retry_store(|s| {
+            let (letter, checkpoint) = (letter.clone(), checkpoint.clone());
+            async move {
+                s.park_event(&letter).await?;
+                s.save_checkpoint(&checkpoint, position).await
+            }
+        })
+        .await
+        .map_err(|source| ProjectionError::Store {
+            projection: name,
+            source,
+        })
     }
 
     /// Applies with the handler retry policy (transient store errors are
@@ -569,6 +974,118 @@ where
         Fut: Future<Output = crate::Result<T>> + Send,
     {
         retry_store(self.store.clone(), self.options.store_retry, f)
+    }
+}
+
+async fn take_lock<S: ProjectionControl>(
+    store: S,
+    name: String,
+    checkpoint: String,
+    ttl: Duration,
+    retry: Backoff,
+) -> Result<LockKeeper<S>, ProjectionError> {
+    let owner = lock_owner();
+    let token = lock_token();
+    let attempt = retry_store(store.clone(), retry, |s| {
+        let (checkpoint, owner, token) = (checkpoint.clone(), owner.clone(), token.clone());
+        async move {
+            s.acquire_projection_lock(&checkpoint, &owner, &token, ttl)
+                .await
+        }
+    })
+    .await
+    .map_err(|source| ProjectionError::Store {
+        projection: name.clone(),
+        source,
+    })?;
+    match attempt {
+        LockAttempt::Acquired(lock) => Ok(LockKeeper::start(store, lock, ttl)),
+        LockAttempt::Held(holder) => Err(ProjectionError::Locked {
+            projection: name,
+            checkpoint,
+            owner: holder.owner,
+            expires_at: holder.expires_at,
+        }),
+    }
+}
+
+/// Renews a held projection lock on its own task, every third of its lease;
+/// aborted (and the lock released) when the runner ends.
+struct LockKeeper<S: ProjectionControl> {
+    store: S,
+    lock: ProjectionLock,
+    /// Becomes true when a renewal found the lock gone or kept failing.
+    lost: watch::Receiver<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl<S: ProjectionControl> LockKeeper<S> {
+    fn start(store: S, lock: ProjectionLock, ttl: Duration) -> Self {
+        let (lost_tx, lost) = watch::channel(false);
+        let task = tokio::spawn({
+            let store = store.clone();
+            let lock = lock.clone();
+            async move {
+                let every = ttl / 3;
+                let mut last_ok = tokio::time::Instant::now();
+                loop {
+                    tokio::time::sleep(every).await;
+                    match store.renew_projection_lock(&lock, ttl).await {
+                        Ok(Some(_)) => last_ok = tokio::time::Instant::now(),
+                        Ok(None) => break,
+                        Err(e) => {
+                            tracing::warn!(checkpoint = %lock.checkpoint, error = %e,
+                                "cannot renew a projection lock");
+                            if last_ok.elapsed() >= ttl {
+                                break;
+                            }
+                        }
+                    }
+                }
+                lost_tx.send_replace(true);
+            }
+        });
+        LockKeeper {
+            store,
+            lock,
+            lost,
+            task,
+        }
+    }
+
+    fn lost_error(&self, name: &str, checkpoint: &str) -> ProjectionError {
+        ProjectionError::LockLost {
+            projection: name.to_owned(),
+            checkpoint: checkpoint.to_owned(),
+        }
+    }
+
+    fn check(&self, name: &str, checkpoint: &str) -> Result<(), ProjectionError> {
+        if *self.lost.borrow() {
+            return Err(self.lost_error(name, checkpoint));
+        }
+        Ok(())
+    }
+
+    /// Resolves once the lock is lost (never, while it is held).
+    async fn lost(&mut self) {
+        if self.lost.wait_for(|l| *l).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+
+    async fn release(&mut self) {
+        self.task.abort();
+        if let Err(e) = self.store.release_projection_lock(&self.lock).await {
+            tracing::warn!(checkpoint = %self.lock.checkpoint, error = %e,
+                "cannot release a projection lock: it expires with its lease");
+        }
+    }
+}
+
+impl<S: ProjectionControl> Drop for LockKeeper<S> {
+    fn drop(&mut self) {
+        self.task.abort();
     }
 }
 
@@ -640,6 +1157,77 @@ impl LagMetrics {
     }
 }
 
+/// Applies the parked event `event_id` of `applier`'s projection again
+/// through its handler ([`BatchApplier::apply_parked`], with
+/// [`BatchContext::replaying`] true, the checkpoint untouched). On success
+/// the dead letter is dropped; on failure it stays, with the new error and
+/// one more attempt, and the handler's error is returned as
+/// [`ProjectionError::Handler`].
+pub async fn retry_dead_letter<S, A>(
+    store: &S,
+    applier: &mut A,
+    event_id: EventId,
+) -> Result<(), ProjectionError>
+where
+    S: EventStore + ProjectionControl,
+    A: BatchApplier,
+{
+    let name = applier.name().to_owned();
+    let checkpoint = applier.checkpoint();
+    let store_err = |source| ProjectionError::Store {
+        projection: name.clone(),
+        source,
+    };
+    let letters = store.dead_letters(&checkpoint).await.map_err(store_err)?;
+    let Some(mut letter) = letters.into_iter().find(|d| d.event_id == event_id) else {
+        return Err(ProjectionError::NoDeadLetter {
+            checkpoint,
+            event_id,
+        });
+    };
+    let Some(event) = store.read_event(event_id).await.map_err(store_err)? else {
+        return Err(store_err(Error::Unsafe(format!(
+            "parked event {event_id} of {checkpoint} is no longer in the store"
+        ))));
+    };
+    let at = store
+        .load_checkpoint(&checkpoint)
+        .await
+        .map_err(store_err)?;
+    let ctx = BatchContext {
+        checkpoint: checkpoint.clone(),
+        after: at.unwrap_or(GlobalPosition::START),
+        position: at.unwrap_or(GlobalPosition::START),
+        replaying: true,
+        attempt: letter.attempts.saturating_add(1),
+    };
+    match applier.apply_parked(&event, &ctx).await {
+        Ok(()) => {
+            store
+                .drop_dead_letter(&checkpoint, event_id)
+                .await
+                .map_err(store_err)?;
+            Ok(())
+        }
+        Err(ApplyError::Store(e)) => Err(store_err(e)),
+        Err(ApplyError::Handler(source)) => {
+            letter.error = source.to_string();
+            letter.attempts = ctx.attempt;
+            letter.parked_at = chrono::Utc::now();
+            store.park_event(&letter).await.map_err(store_err)?;
+            Err(ProjectionError::Handler {
+                projection: name,
+                position: event.global_position,
+                stream: event.stream_id,
+                version: event.stream_version,
+                event_type: event.event_type,
+                attempts: ctx.attempt,
+                source,
+            })
+        }
+    }
+}
+
 /// A running projection ([`ProjectionRunner::spawn`]). Dropping the handle
 /// stops the runner as [`stop`](Self::stop) does (after its current batch).
 pub struct ProjectionHandle<A> {
@@ -648,6 +1236,7 @@ pub struct ProjectionHandle<A> {
     stop: watch::Sender<bool>,
     /// `Some(checkpoint)` while running; `None` once ended.
     position: watch::Receiver<Option<Option<GlobalPosition>>>,
+    state: watch::Receiver<ProjectionState>,
     task: tokio::task::JoinHandle<Result<A, ProjectionError>>,
 }
 
@@ -666,6 +1255,22 @@ impl<A> ProjectionHandle<A> {
     /// its first batch on a fresh checkpoint.
     pub fn checkpoint(&self) -> Option<GlobalPosition> {
         self.position.borrow().flatten()
+    }
+
+    /// Where the runner stands (running, stopped, tripped and why, failed).
+    pub fn state(&self) -> ProjectionState {
+        self.state.borrow().clone()
+    }
+
+    /// Waits until the runner ends (by itself or stopped) and returns its
+    /// final state, without consuming the handle.
+    pub async fn ended(&self) -> ProjectionState {
+        let mut rx = self.state.clone();
+        let out = rx
+            .wait_for(|s| !matches!(s, ProjectionState::Starting | ProjectionState::Running))
+            .await
+            .map(|s| s.clone());
+        out.unwrap_or_else(|_| self.state.borrow().clone())
     }
 
     /// Whether the runner still runs.

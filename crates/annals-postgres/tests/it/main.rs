@@ -19,5 +19,6 @@ mod ordering;
 mod pages;
 mod pressure;
 mod projections;
+mod rebuilds;
 mod skips;
 mod snapshots;

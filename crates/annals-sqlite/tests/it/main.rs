@@ -10,6 +10,7 @@ mod model;
 mod panics;
 mod persistence;
 mod projections;
+mod rebuilds;
 mod snapshots;
 
 use std::path::PathBuf;

@@ -18,8 +18,9 @@ const EXPECTED: &[(i64, &str)] = &[
     (7, "feed_indexes"),
     (8, "archived_streams"),
     (9, "gdpr_keys"),
+    (10, "projection_control"),
 ];
-const LATEST: i64 = 8;
+const LATEST: i64 = 10;
 
 fn ledger(conn: &rusqlite::Connection) -> Vec<(i64, String, String)> {
     let mut s = conn

@@ -10,10 +10,14 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use annals::{
-    checkpoint_name, projection_lag, wait_for, Backoff, BatchContext, CheckpointStore, EventStore,
-    ExpectedVersion, GlobalPosition, HandlerError, IdempotencyGuard, Projection, ProjectionError,
+    checkpoint_name, projection_lag, wait_for, Backoff, BatchContext, EventStore, ExpectedVersion,
+    GlobalPosition, HandlerError, IdempotencyGuard, Projection, ProjectionControl, ProjectionError,
     ProjectionFilter, ProjectionRunner, ReadAll, RecordedEvent, RunnerOptions, StreamId,
     Subscription, SubscriptionOptions,
+};
+use annals::{
+    lock_owner, retry_dead_letter, AtLeastOnce, ErrorPolicy, ProjectionState, RebuildOptions,
+    RebuildProgress,
 };
 
 use super::{ev, n_of, read_all_vec, sid};
@@ -48,6 +52,8 @@ struct Model {
     /// Every event id handled (with repeats), and each batch's flag.
     handled: Vec<annals::EventId>,
     replaying: Vec<bool>,
+    /// Once true, the poison type no longer fails (the handler was fixed).
+    healed: bool,
 }
 
 #[derive(Clone)]
@@ -89,7 +95,7 @@ impl Projection for Sums {
         let mut m = self.model();
         m.replaying.push(ctx.replaying);
         for e in events {
-            if self.poison.as_deref() == Some(e.event_type.as_str()) {
+            if self.poison.as_deref() == Some(e.event_type.as_str()) && !m.healed {
                 return Err(format!("cannot apply {}", e.event_type).into());
             }
             m.handled.push(e.event_id);
@@ -277,7 +283,9 @@ pub async fn subscription_catch_up_then_live<S: EventStore>(store: S) {
 /// A projection of a rare type over a long stretch of other events: its
 /// checkpoint moves to the head without the handler being called, and its
 /// lag drops to zero.
-pub async fn filtered_projection_advances_through_other_events<S: EventStore + CheckpointStore>(
+pub async fn filtered_projection_advances_through_other_events<
+    S: EventStore + ProjectionControl,
+>(
     store: S,
 ) {
     for chunk in 0..10 {
@@ -320,7 +328,7 @@ pub async fn filtered_projection_advances_through_other_events<S: EventStore + C
 /// 8 concurrent writers while a projection runs: once it has reached the
 /// last position any append returned, its read model equals a fold of all
 /// events (none lost, none applied twice).
-pub async fn projection_with_concurrent_writers_equals_fold<S: EventStore + CheckpointStore>(
+pub async fn projection_with_concurrent_writers_equals_fold<S: EventStore + ProjectionControl>(
     store: S,
 ) {
     let sums = Sums::new("sums", ProjectionFilter::all().categories(["Acc"]));
@@ -380,7 +388,7 @@ pub async fn projection_with_concurrent_writers_equals_fold<S: EventStore + Chec
 
 /// A stopped projection resumes from its checkpoint: the second run handles
 /// only the events appended since.
-pub async fn projection_resumes_from_checkpoint<S: EventStore + CheckpointStore>(store: S) {
+pub async fn projection_resumes_from_checkpoint<S: EventStore + ProjectionControl>(store: S) {
     let first = store
         .append(
             &sid("Res-1"),
@@ -431,7 +439,7 @@ pub async fn projection_resumes_from_checkpoint<S: EventStore + CheckpointStore>
 /// A poison event stops the runner with a typed error naming the
 /// projection, the event's position, stream and type; the checkpoint stays
 /// just before it, with every earlier event applied.
-pub async fn poison_event_stops_the_projection<S: EventStore + CheckpointStore>(store: S) {
+pub async fn poison_event_stops_the_projection<S: EventStore + ProjectionControl>(store: S) {
     let good = store
         .append(
             &sid("Poi-1"),
@@ -500,7 +508,7 @@ pub async fn poison_event_stops_the_projection<S: EventStore + CheckpointStore>(
 
 /// Read-your-writes: `wait_for` returns once the checkpoint has reached a
 /// position, and times out with a typed error naming where it stands.
-pub async fn wait_for_reaches_or_times_out<S: EventStore + CheckpointStore>(store: S) {
+pub async fn wait_for_reaches_or_times_out<S: EventStore + ProjectionControl>(store: S) {
     let name = checkpoint_name("rw", 1);
     let r = store
         .append(
@@ -567,7 +575,7 @@ pub async fn wait_for_reaches_or_times_out<S: EventStore + CheckpointStore>(stor
 /// next run delivers the same events again (at-least-once), and the
 /// read model's [`IdempotencyGuard`] applies each of them once.
 pub async fn failed_checkpoint_redelivers_and_the_guard_absorbs_it<
-    S: EventStore + CheckpointStore,
+    S: EventStore + ProjectionControl,
 >(
     store: S,
 ) {
@@ -624,4 +632,427 @@ pub async fn failed_checkpoint_redelivers_and_the_guard_absorbs_it<
         HashMap::from([(sid("Fcp-1"), (21, 6))]),
         "the guard applied each event once"
     );
+}
+
+/// Waits (polling with a deadline) until `checkpoint`'s lock is held.
+async fn lock_taken<S: ProjectionControl>(store: &S, checkpoint: &str) -> annals::ProjectionLock {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        if let Some(lock) = store.projection_lock(checkpoint).await.expect("lock row") {
+            return lock;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the lock of {checkpoint} was never taken"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// The projection lock: while a runner of a projection version runs, a
+/// second runner and a rebuild of it are refused with
+/// [`ProjectionError::Locked`] naming the holder (its process); another
+/// version is not affected; once the first runner stops (and releases the
+/// lock), the second one starts.
+pub async fn second_runner_of_a_projection_is_refused<S: EventStore + ProjectionControl>(store: S) {
+    let r = store
+        .append(
+            &sid("Lck-1"),
+            ExpectedVersion::Any,
+            (1..=5).map(|i| ev("E", i)).collect(),
+        )
+        .await
+        .expect("append");
+    let cp = checkpoint_name("locked", 1);
+    let sums = Sums::new("locked", ProjectionFilter::all());
+    let first = ProjectionRunner::at_least_once(store.clone(), sums.clone())
+        .with_options(quick())
+        .spawn();
+    first
+        .wait_for(*r.positions.last().expect("some"), PATIENCE)
+        .await
+        .expect("first runner caught up");
+    assert_eq!(first.state(), ProjectionState::Running);
+    let held = lock_taken(&store, &cp).await;
+    assert_eq!(held.owner, lock_owner());
+
+    let second = ProjectionRunner::at_least_once(store.clone(), sums.clone())
+        .with_options(quick())
+        .spawn();
+    match tokio::time::timeout(PATIENCE, second.join()).await {
+        Ok(Err(ProjectionError::Locked {
+            projection,
+            checkpoint,
+            owner,
+            ..
+        })) => {
+            assert_eq!(projection, "locked");
+            assert_eq!(checkpoint, cp);
+            assert_eq!(owner, held.owner);
+        }
+        Ok(Err(other)) => panic!("expected Locked, got {other}"),
+        Ok(Ok(_)) => panic!("a second runner of a locked projection ran"),
+        Err(_) => panic!("the second runner neither ran nor failed"),
+    }
+    let rebuild = ProjectionRunner::at_least_once(store.clone(), sums.clone())
+        .with_options(quick())
+        .rebuild(RebuildOptions::default(), |_| {})
+        .await;
+    match rebuild {
+        Err(e @ ProjectionError::Locked { .. }) => {
+            assert!(e.to_string().contains(&held.owner), "{e}");
+        }
+        Err(other) => panic!("expected Locked, got {other}"),
+        Ok(_) => panic!("a rebuild ran while the runner held the projection"),
+    }
+    // The same name at another version is another lock.
+    struct V2(Sums);
+    impl Projection for V2 {
+        fn name(&self) -> &str {
+            self.0.name()
+        }
+        fn version(&self) -> u32 {
+            2
+        }
+        async fn handle(
+            &mut self,
+            events: &[RecordedEvent],
+            ctx: &BatchContext,
+        ) -> Result<(), HandlerError> {
+            self.0.handle(events, ctx).await
+        }
+    }
+    let v2 = Sums::new("locked", ProjectionFilter::all());
+    ProjectionRunner::at_least_once(store.clone(), V2(v2))
+        .with_options(quick())
+        .rebuild(RebuildOptions::default(), |_| {})
+        .await
+        .expect("version 2 is not locked by version 1");
+
+    first.stop().await.expect("first stops");
+    assert_eq!(store.projection_lock(&cp).await.expect("lock row"), None);
+    let again = ProjectionRunner::at_least_once(store.clone(), sums.clone())
+        .with_options(quick())
+        .spawn();
+    again
+        .wait_for(*r.positions.last().expect("some"), PATIENCE)
+        .await
+        .expect("runs once the first one stopped");
+    assert!(again.is_running());
+    again.stop().await.expect("stops");
+}
+
+/// A rebuild from position 0 in small batches fails (injected) mid-way:
+/// the checkpoint is just before the failing event; the rebuild resumes
+/// from there (nothing before it is handled again) and ends with the read
+/// model equal to a fold of all events, `replaying` true for every batch,
+/// and a progress report after each checkpoint, the last at the head.
+pub async fn rebuild_fails_then_resumes_from_its_checkpoint<S: EventStore + ProjectionControl>(
+    store: S,
+) {
+    for i in 0..6 {
+        store
+            .append(
+                &sid(&format!("Reb-{}", i % 3)),
+                ExpectedVersion::Any,
+                (0..10).map(|n| ev("E", i * 10 + n)).collect(),
+            )
+            .await
+            .expect("append");
+    }
+    let bad = store
+        .append(&sid("Reb-9"), ExpectedVersion::Any, vec![ev("Bad", 1000)])
+        .await
+        .expect("bad");
+    for i in 0..3 {
+        store
+            .append(
+                &sid(&format!("Reb-{i}")),
+                ExpectedVersion::Any,
+                (0..10).map(|n| ev("E", n)).collect(),
+            )
+            .await
+            .expect("append");
+    }
+    let cp = checkpoint_name("rebuilt", 1);
+    // An old checkpoint, as a projection that ran before would have: the
+    // rebuild from the start resets it.
+    store
+        .save_checkpoint(&cp, head(&store).await)
+        .await
+        .expect("old checkpoint");
+    let mut sums = Sums::new("rebuilt", ProjectionFilter::all());
+    sums.poison = Some("Bad".into());
+    let options = RebuildOptions {
+        batch_size: 4,
+        checkpoint_every: 10,
+        from_start: true,
+    };
+    let mut reports: Vec<RebuildProgress> = Vec::new();
+    let err = ProjectionRunner::at_least_once(store.clone(), sums.clone())
+        .with_options(quick())
+        .rebuild(options, |p| reports.push(*p))
+        .await
+        .err()
+        .expect("the injected failure stops the rebuild");
+    match &err {
+        ProjectionError::Handler { position, .. } => assert_eq!(*position, bad.positions[0]),
+        other => panic!("expected a handler error, got {other}"),
+    }
+    let stopped_at = store
+        .load_checkpoint(&cp)
+        .await
+        .expect("load")
+        .expect("some");
+    assert!(stopped_at < bad.positions[0], "{stopped_at}");
+    let all = read_all_vec(&store, ReadAll::from_start()).await;
+    let last_before = all
+        .iter()
+        .rfind(|e| e.global_position < bad.positions[0])
+        .expect("events before");
+    assert_eq!(stopped_at, last_before.global_position);
+    assert!(!reports.is_empty(), "progress was reported");
+    assert!(reports.windows(2).all(|w| w[0].position < w[1].position));
+    assert!(reports
+        .iter()
+        .all(|p| p.position <= stopped_at && p.remaining > 0));
+    let before_resume = sums.model().handled.len();
+
+    sums.model().healed = true;
+    let mut resumed: Vec<RebuildProgress> = Vec::new();
+    ProjectionRunner::at_least_once(store.clone(), sums.clone())
+        .with_options(quick())
+        .rebuild(
+            RebuildOptions {
+                from_start: false,
+                ..options
+            },
+            |p| resumed.push(*p),
+        )
+        .await
+        .expect("the resumed rebuild completes");
+    let folded = fold(&store, &ReadAll::from_start()).await;
+    {
+        let m = sums.model();
+        let positions: HashMap<_, _> = all
+            .iter()
+            .map(|e| (e.event_id, e.global_position))
+            .collect();
+        for id in &m.handled[before_resume..] {
+            assert!(
+                positions[id] > stopped_at,
+                "an event before the checkpoint was handled again"
+            );
+        }
+        assert!(
+            m.replaying.iter().all(|r| *r),
+            "every rebuild batch is a replay"
+        );
+        assert_eq!(rows_of(&m), folded);
+    }
+    let last = resumed.last().expect("progress");
+    assert_eq!(last.position, head(&store).await);
+    assert_eq!(last.head, Some(last.position));
+    assert_eq!(last.remaining, 0);
+    assert_eq!(
+        last.events,
+        store
+            .count_events_between(stopped_at, last.position)
+            .await
+            .expect("count")
+    );
+    assert!(last.events_per_sec > 0.0);
+    assert_eq!(
+        store.load_checkpoint(&cp).await.expect("load"),
+        Some(last.position)
+    );
+    assert_eq!(
+        store.projection_lock(&cp).await.expect("lock"),
+        None,
+        "released"
+    );
+}
+
+/// The `Park` error policy: a poison event is recorded in the dead-letter
+/// table (projection, position, event id, stream, type, error, attempts,
+/// time) and the runner goes on past it; a retry through the still-broken
+/// handler fails and counts the attempt, a retry through the fixed one
+/// applies it and removes it; `drop_dead_letter` deletes one.
+pub async fn poison_event_is_parked_and_the_projection_goes_on<
+    S: EventStore + ProjectionControl,
+>(
+    store: S,
+) {
+    store
+        .append(
+            &sid("Park-1"),
+            ExpectedVersion::Any,
+            (0..4).map(|i| ev("Good", i)).collect(),
+        )
+        .await
+        .expect("good");
+    let bad = store
+        .append(
+            &sid("Park-2"),
+            ExpectedVersion::Any,
+            vec![ev("Poison", 100)],
+        )
+        .await
+        .expect("poison");
+    let other = store
+        .append(
+            &sid("Park-3"),
+            ExpectedVersion::Any,
+            vec![ev("Poison", 200)],
+        )
+        .await
+        .expect("poison 2");
+    let tail = store
+        .append(
+            &sid("Park-1"),
+            ExpectedVersion::Any,
+            (4..8).map(|i| ev("Good", i)).collect(),
+        )
+        .await
+        .expect("after");
+    let cp = checkpoint_name("parking", 1);
+    let mut sums = Sums::new("parking", ProjectionFilter::all());
+    sums.poison = Some("Poison".into());
+    let handle = ProjectionRunner::at_least_once(store.clone(), sums.clone())
+        .with_options(quick())
+        .error_policy(ErrorPolicy::Park)
+        .spawn();
+    handle
+        .wait_for(*tail.positions.last().expect("some"), PATIENCE)
+        .await
+        .expect("the runner goes past the poison events");
+    let mut applier: AtLeastOnce<S, Sums> = handle.stop().await.expect("stops");
+    let letters = store.dead_letters(&cp).await.expect("dead letters");
+    assert_eq!(letters.len(), 2);
+    let first = &letters[0];
+    assert_eq!(first.checkpoint, cp);
+    assert_eq!(first.position, bad.positions[0]);
+    assert_eq!(first.stream, sid("Park-2"));
+    assert_eq!(first.event_type, "Poison");
+    assert_eq!(first.attempts, 3);
+    assert!(
+        first.error.contains("cannot apply Poison"),
+        "{}",
+        first.error
+    );
+    assert_eq!(letters[1].position, other.positions[0]);
+    let second_id = letters[1].event_id;
+    let everything_but_poison = fold(&store, &ReadAll::from_start().event_types(["Good"])).await;
+    assert_eq!(rows_of(&sums.model()), everything_but_poison);
+
+    // Still broken: the retry fails and counts.
+    match retry_dead_letter(&store, &mut applier, first.event_id).await {
+        Err(ProjectionError::Handler {
+            position, attempts, ..
+        }) => {
+            assert_eq!(position, first.position);
+            assert_eq!(attempts, 4);
+        }
+        other => panic!("expected a handler error, got {other:?}"),
+    }
+    let letters = store.dead_letters(&cp).await.expect("dead letters");
+    assert_eq!(letters.len(), 2);
+    assert_eq!(letters[0].attempts, 4);
+
+    // Fixed: the retry applies it and removes it.
+    sums.model().healed = true;
+    retry_dead_letter(&store, &mut applier, first.event_id)
+        .await
+        .expect("the fixed handler applies the parked event");
+    let letters = store.dead_letters(&cp).await.expect("dead letters");
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0].event_id, second_id);
+    let mut expected = everything_but_poison.clone();
+    let row = expected.entry(sid("Park-2")).or_default();
+    row.0 += 100;
+    row.1 += 1;
+    assert_eq!(rows_of(&sums.model()), expected);
+
+    // Dropped: gone, and dropping again finds nothing.
+    assert!(store.drop_dead_letter(&cp, second_id).await.expect("drop"));
+    assert!(!store
+        .drop_dead_letter(&cp, second_id)
+        .await
+        .expect("drop again"));
+    assert!(store
+        .dead_letters(&cp)
+        .await
+        .expect("dead letters")
+        .is_empty());
+    match retry_dead_letter(&store, &mut applier, second_id).await {
+        Err(ProjectionError::NoDeadLetter { event_id, .. }) => {
+            assert_eq!(event_id, second_id);
+        }
+        other => panic!("expected NoDeadLetter, got {other:?}"),
+    }
+}
+
+/// A handler that never returns on a `Hang` event.
+struct Hangs;
+
+impl Projection for Hangs {
+    fn name(&self) -> &str {
+        "hangs"
+    }
+    async fn handle(
+        &mut self,
+        events: &[RecordedEvent],
+        _ctx: &BatchContext,
+    ) -> Result<(), HandlerError> {
+        if events.iter().any(|e| e.event_type == "Hang") {
+            std::future::pending::<()>().await;
+        }
+        Ok(())
+    }
+}
+
+/// The circuit breaker: a projection whose batch makes no progress for the
+/// configured time (here a handler that never returns) stops with
+/// [`ProjectionError::Tripped`]; its state says `Tripped` with the reason
+/// (the time, the batch's position); the checkpoint stays before the batch
+/// and the lock is released.
+pub async fn stalled_projection_trips_the_breaker<S: EventStore + ProjectionControl>(store: S) {
+    let good = store
+        .append(
+            &sid("Trip-1"),
+            ExpectedVersion::Any,
+            (0..3).map(|i| ev("E", i)).collect(),
+        )
+        .await
+        .expect("good");
+    store
+        .append(&sid("Trip-1"), ExpectedVersion::Any, vec![ev("Hang", 0)])
+        .await
+        .expect("hang");
+    let handle = ProjectionRunner::at_least_once(store.clone(), Hangs)
+        .with_options(RunnerOptions {
+            batch_size: 3,
+            ..quick()
+        })
+        .trip_after(Duration::from_millis(300))
+        .spawn();
+    let state = tokio::time::timeout(PATIENCE, handle.ended())
+        .await
+        .expect("the breaker trips");
+    let ProjectionState::Tripped(reason) = state else {
+        panic!("expected Tripped, got {state:?}");
+    };
+    assert!(reason.contains("no progress for 300ms"), "{reason}");
+    let last_good = *good.positions.last().expect("some");
+    assert!(reason.contains(&last_good.to_string()), "{reason}");
+    assert!(matches!(
+        handle.join().await,
+        Err(ProjectionError::Tripped { .. })
+    ));
+    let cp = checkpoint_name("hangs", 1);
+    assert_eq!(
+        store.load_checkpoint(&cp).await.expect("load"),
+        Some(last_good)
+    );
+    assert_eq!(store.projection_lock(&cp).await.expect("lock"), None);
 }

@@ -1,6 +1,7 @@
 //! A store with only the required cores (`EventStore`, `SnapshotStore`,
-//! `CheckpointStore`), as a backend on a replicated log would offer: it runs
-//! the groups of those traits, and the snapshot jobs it can support
+//! `CheckpointStore`, and `ProjectionControl`, the projection locks and
+//! dead letters a projection runner needs), as a backend on a replicated log
+//! would offer: it runs the groups of those traits, and the snapshot jobs it can support
 //! (`create`) are available on it. That this compiles is the check that those
 //! groups and jobs ask for nothing more.
 
@@ -63,6 +64,42 @@ impl CheckpointStore for CoreOnly {
     }
     async fn reset_checkpoint(&self, name: &str) -> Result<()> {
         self.0.reset_checkpoint(name).await
+    }
+}
+
+impl annals::ProjectionControl for CoreOnly {
+    async fn acquire_projection_lock(
+        &self,
+        checkpoint: &str,
+        owner: &str,
+        token: &str,
+        ttl: std::time::Duration,
+    ) -> Result<annals::LockAttempt> {
+        self.0
+            .acquire_projection_lock(checkpoint, owner, token, ttl)
+            .await
+    }
+    async fn renew_projection_lock(
+        &self,
+        lock: &annals::ProjectionLock,
+        ttl: std::time::Duration,
+    ) -> Result<Option<annals::ProjectionLock>> {
+        self.0.renew_projection_lock(lock, ttl).await
+    }
+    async fn release_projection_lock(&self, lock: &annals::ProjectionLock) -> Result<()> {
+        self.0.release_projection_lock(lock).await
+    }
+    async fn projection_lock(&self, checkpoint: &str) -> Result<Option<annals::ProjectionLock>> {
+        self.0.projection_lock(checkpoint).await
+    }
+    async fn park_event(&self, letter: &annals::DeadLetter) -> Result<()> {
+        self.0.park_event(letter).await
+    }
+    async fn dead_letters(&self, checkpoint: &str) -> Result<Vec<annals::DeadLetter>> {
+        self.0.dead_letters(checkpoint).await
+    }
+    async fn drop_dead_letter(&self, checkpoint: &str, event_id: annals::EventId) -> Result<bool> {
+        self.0.drop_dead_letter(checkpoint, event_id).await
     }
 }
 

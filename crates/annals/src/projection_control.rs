@@ -1,0 +1,147 @@
+//! What runs a projection safely besides its checkpoint: the projection
+//! lock (one runner or rebuild of a projection version at a time, on any
+//! machine) and the dead-letter table (events parked by the `Park` error
+//! policy).
+//!
+//! Both live in the store, next to the checkpoints: on SQLite in the
+//! `projection_locks` and `dead_letters` tables of the same file, on
+//! PostgreSQL in the same tables of the store's schema, in memory in the
+//! store itself (shared by its clones).
+//!
+//! # The lock
+//!
+//! A lease row per checkpoint name ([`crate::checkpoint_name`]): its owner
+//! (process id and host), a token unique to the acquisition, and an expiry.
+//! [`ProjectionControl::acquire_projection_lock`] takes it when there is no
+//! row or the row has expired, in one statement (SQLite: in the writer's
+//! transaction; PostgreSQL: an upsert guarded by `expires_at < now()`, the
+//! database's clock), and otherwise returns the holder. The holder renews it
+//! well before it expires ([`ProjectionControl::renew_projection_lock`],
+//! which fails when the token is no longer the row's: the lease expired and
+//! someone else took it) and deletes it when it stops.
+
+use std::future::Future;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+
+use crate::{CheckpointStore, EventId, GlobalPosition, Result, StreamId};
+
+/// A held projection lock ([`ProjectionControl::acquire_projection_lock`]).
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct ProjectionLock {
+    /// The checkpoint name it protects.
+    pub checkpoint: String,
+    /// Who holds it (see [`lock_owner`]).
+    pub owner: String,
+    /// Unique to this acquisition: renewals and the release name it.
+    pub token: String,
+    /// When it expires unless renewed.
+    pub expires_at: DateTime<Utc>,
+}
+
+/// The outcome of [`ProjectionControl::acquire_projection_lock`].
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub enum LockAttempt {
+    /// Taken: this caller holds it.
+    Acquired(ProjectionLock),
+    /// Held by someone else, until `expires_at` unless renewed.
+    Held(ProjectionLock),
+}
+
+/// The owner string of this process: `pid PID on HOST`.
+pub fn lock_owner() -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| {
+            std::fs::read_to_string("/etc/hostname")
+                .ok()
+                .map(|h| h.trim().to_owned())
+        })
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "an unknown host".to_owned());
+    format!("pid {} on {host}", std::process::id())
+}
+
+/// A fresh lock token.
+pub fn lock_token() -> String {
+    uuid::Uuid::now_v7().to_string()
+}
+
+/// An event a projection could not apply, parked by the `Park` error policy
+/// ([`crate::ErrorPolicy::Park`]) so that the projection went on.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct DeadLetter {
+    /// The projection's checkpoint name ([`crate::checkpoint_name`]).
+    pub checkpoint: String,
+    /// The event's position.
+    pub position: GlobalPosition,
+    /// The event's id.
+    pub event_id: EventId,
+    /// Its stream.
+    pub stream: StreamId,
+    /// Its type.
+    pub event_type: String,
+    /// The handler's last error.
+    pub error: String,
+    /// Attempts made on it.
+    pub attempts: u32,
+    /// When it was parked (or last retried).
+    pub parked_at: DateTime<Utc>,
+}
+
+/// Projection locks and dead letters, kept by the store (see the module
+/// docs).
+pub trait ProjectionControl: CheckpointStore {
+    /// Takes the lock of `checkpoint` for `owner` (with a fresh `token`)
+    /// for `ttl`, when no one holds it or the holder's lease has expired;
+    /// otherwise returns the holder.
+    fn acquire_projection_lock(
+        &self,
+        checkpoint: &str,
+        owner: &str,
+        token: &str,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<LockAttempt>> + Send;
+
+    /// Extends `lock` by `ttl` from now; `None` when it is no longer held
+    /// with this token (it expired and someone else took it, or it was
+    /// released).
+    fn renew_projection_lock(
+        &self,
+        lock: &ProjectionLock,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<Option<ProjectionLock>>> + Send;
+
+    /// Releases `lock` (nothing when it is no longer held with its token).
+    fn release_projection_lock(
+        &self,
+        lock: &ProjectionLock,
+    ) -> impl Future<Output = Result<()>> + Send;
+
+    /// The holder of the lock of `checkpoint`, expired or not (`None`: no
+    /// row).
+    fn projection_lock(
+        &self,
+        checkpoint: &str,
+    ) -> impl Future<Output = Result<Option<ProjectionLock>>> + Send;
+
+    /// Records `letter`. Parking the same event (checkpoint and position)
+    /// again replaces its error, attempts and time.
+    fn park_event(&self, letter: &DeadLetter) -> impl Future<Output = Result<()>> + Send;
+
+    /// The parked events of `checkpoint`, in global order.
+    fn dead_letters(
+        &self,
+        checkpoint: &str,
+    ) -> impl Future<Output = Result<Vec<DeadLetter>>> + Send;
+
+    /// Deletes the parked event `event_id` of `checkpoint`; whether there
+    /// was one.
+    fn drop_dead_letter(
+        &self,
+        checkpoint: &str,
+        event_id: EventId,
+    ) -> impl Future<Output = Result<bool>> + Send;
+}
