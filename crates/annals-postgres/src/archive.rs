@@ -10,7 +10,7 @@
 //! Restoring deletes the tombstones and heads of the archived streams among
 //! the events, then imports them with the import's own code, in the same
 //! transaction. Appends of an archived stream are refused by a trigger on
-//! `streams` (see `sql/0009_archived_streams.sql`), mapped to
+//! `streams` (see `sql/0007_archived_streams.sql`), mapped to
 //! [`annals::Error::StreamArchived`] in `error`.
 
 use std::collections::HashSet;

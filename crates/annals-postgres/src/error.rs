@@ -105,7 +105,7 @@ pub(crate) fn backend(
 }
 
 /// The SQLSTATE of the trigger that refuses to move an archived stream's
-/// head (`sql/0009_archived_streams.sql`).
+/// head (`sql/0007_archived_streams.sql`).
 pub(crate) const STREAM_ARCHIVED_STATE: &str = "AN001";
 
 /// [`Error::StreamArchived`] from the archived-stream trigger's error: the

@@ -1,5 +1,5 @@
 //! [`annals::KeyStore`] on SQLite: the `subject_keys` and `erasure_log`
-//! tables (migration 0008), written on the writer thread.
+//! tables (migration 0009), written on the writer thread.
 
 use annals::gdpr::{subject_hash, ErasureRecord, WrappedKey};
 use annals::{KeyStore, Result};
