@@ -1,5 +1,5 @@
 //! [`annals::KeyStore`] on PostgreSQL: the `subject_keys` and `erasure_log`
-//! tables (migration 0007).
+//! tables (migration 0008).
 
 use annals::gdpr::{subject_hash, ErasureRecord, WrappedKey};
 use annals::{KeyStore, Result};
