@@ -618,6 +618,10 @@ impl Batch<'_> {
                             if let Some(done) = resolve_existing(client, stream, events).await? {
                                 return Ok(done);
                             }
+                            // An archived stream says so whatever was
+                            // expected, as on SQLite (the trigger only sees
+                            // appends that passed the version check).
+                            crate::archive::refuse_archived(client, stream.as_str()).await?;
                             return Err(Error::WrongExpectedVersion {
                                 stream: stream.clone(),
                                 expected,
@@ -737,6 +741,7 @@ impl ManyBatch<'_> {
                             if let Some(done) = resolve_existing_many(client, batches).await? {
                                 return Ok(done);
                             }
+                            crate::archive::refuse_archived(client, b.stream.as_str()).await?;
                             return Err(Error::WrongExpectedVersion {
                                 stream: b.stream.clone(),
                                 expected: b.expected,

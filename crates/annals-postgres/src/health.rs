@@ -12,7 +12,8 @@ use crate::error::Context;
 use crate::rows::{position, to_i64};
 use crate::PgEventStore;
 
-/// Streams whose `streams` row and event rows disagree (as on SQLite).
+/// Streams whose `streams` row and event rows disagree (as on SQLite; an
+/// archived stream, its tombstone at the head and its events gone, is not one).
 const STREAM_VERSION_ISSUES_SQL: &str = "\
 SELECT stream_id, head, n, d, lo, hi FROM (
     SELECT s.stream_id AS stream_id, s.version AS head, count(e.stream_version) AS n,
@@ -27,7 +28,9 @@ SELECT stream_id, head, n, d, lo, hi FROM (
      WHERE NOT EXISTS (SELECT 1 FROM streams s WHERE s.stream_id = e.stream_id)
      GROUP BY e.stream_id
 ) AS t
-WHERE head IS NULL OR n <> head OR d <> n OR lo <> 1 OR hi <> head
+WHERE (head IS NULL OR n <> head OR d <> n OR lo <> 1 OR hi <> head)
+  AND NOT (n = 0 AND EXISTS (SELECT 1 FROM archived_streams a
+                             WHERE a.stream_id = t.stream_id AND a.version = t.head))
 ORDER BY stream_id
 LIMIT $1";
 

@@ -14,7 +14,8 @@ use crate::SqliteEventStore;
 
 /// Streams whose `streams` row and event rows disagree: a head that is not
 /// the highest version, versions that do not start at 1, missing or
-/// duplicated versions, or events without a `streams` row.
+/// duplicated versions, or events without a `streams` row. An archived
+/// stream (its tombstone at the head, its events gone) is not one.
 const STREAM_VERSION_ISSUES_SQL: &str = "\
 SELECT stream_id, head, n, d, lo, hi FROM (
     SELECT s.stream_id AS stream_id, s.version AS head, COUNT(e.stream_version) AS n,
@@ -29,7 +30,9 @@ SELECT stream_id, head, n, d, lo, hi FROM (
      WHERE NOT EXISTS (SELECT 1 FROM streams s WHERE s.stream_id = e.stream_id)
      GROUP BY e.stream_id
 ) AS t
-WHERE head IS NULL OR n <> head OR d <> n OR lo <> 1 OR hi <> head
+WHERE (head IS NULL OR n <> head OR d <> n OR lo <> 1 OR hi <> head)
+  AND NOT (n = 0 AND EXISTS (SELECT 1 FROM archived_streams a
+                             WHERE a.stream_id = t.stream_id AND a.version = t.head))
 ORDER BY stream_id
 LIMIT ?1";
 

@@ -4,31 +4,9 @@
 
 use serde_json::{json, Value};
 
-use crate::util::Db;
+use crate::util::{per_backend, Db};
 
-macro_rules! adopt_tests {
-    ($($name:ident),* $(,)?) => {
-        mod sqlite {
-            $(
-                #[test]
-                fn $name() {
-                    super::$name(&crate::util::Db::sqlite());
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[test]
-                fn $name() {
-                    let Some(db) = crate::util::Db::postgres() else { return };
-                    super::$name(&db);
-                }
-            )*
-        }
-    };
-}
-
-adopt_tests!(
+per_backend!(
     rows_become_streams_and_a_rerun_adds_nothing,
     changed_rows_and_foreign_streams_are_reported,
     bad_id_columns_are_errors_naming_the_row,

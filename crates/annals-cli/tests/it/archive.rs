@@ -7,7 +7,12 @@ use std::path::Path;
 
 use serde_json::Value;
 
-use crate::util::Db;
+use crate::util::{per_backend, Db};
+
+per_backend!(
+    check_passes_archived_streams_and_finds_a_tombstone_off_the_head,
+    append_with_a_wrong_expected_version_says_the_stream_is_archived,
+);
 
 fn append(db: &Db, stream: &str, n: u32) {
     db.run(&[
@@ -233,4 +238,74 @@ fn an_interrupted_archive_is_completed_on_sqlite() {
 fn an_interrupted_archive_is_completed_on_postgres() {
     let Some(db) = Db::postgres() else { return };
     resumed(db);
+}
+
+/// Archives every `Account` stream (one file per stream); the first file.
+fn archive_all(db: &Db) -> std::path::PathBuf {
+    let dir = db.dir.path().join("archive");
+    let now = chrono::Utc::now().to_rfc3339();
+    let out = archive(db, &now, &dir);
+    assert!(out.contains("archived "), "{out}");
+    std::fs::canonicalize(dir.join("Account-000001.jsonl.zst")).expect("archive file")
+}
+
+/// `annals check`'s `stream-versions` check: an archived stream (its
+/// `streams` row at the head, no events, its tombstone at that head) is
+/// healthy; a tombstone that no longer matches the head is a stream whose
+/// events are missing.
+pub fn check_passes_archived_streams_and_finds_a_tombstone_off_the_head(db: &Db) {
+    db.run(&["init"]).ok();
+    append(db, "Account-a", 1);
+    append(db, "Account-a", 2);
+    append(db, "Account-b", 3);
+    archive_all(db);
+    db.run(&["read", "Account-a"])
+        .fails(2, &["Account-a is archived"]);
+    let check = ["check", "--json", "--max-transaction-age", "1h"];
+    let run = db.run(&check).ok();
+    assert!(run.json_lines().is_empty(), "{run:#?}");
+    // A live stream beside them is checked as before.
+    append(db, "Account-live", 4);
+    assert!(db.run(&check).ok().json_lines().is_empty());
+    // The tombstone no longer at the head: the head's events are nowhere.
+    let changed = db.execute_sql(
+        "UPDATE archived_streams SET version = version + 1 WHERE stream_id = 'Account-a'",
+    );
+    assert_eq!(changed, 1);
+    let run = db.run(&check);
+    assert_eq!(run.code, 1, "{run:#?}");
+    let found = run.json_lines();
+    assert_eq!(found.len(), 1, "{found:#?}");
+    assert_eq!(found[0]["check"], "stream-versions");
+    assert_eq!(found[0]["subject"], "Account-a");
+    assert_eq!(found[0]["severity"], "error");
+    let detail = found[0]["detail"].as_str().expect("detail");
+    assert!(
+        detail.contains("streams records head 2 but no events are stored"),
+        "{detail}"
+    );
+}
+
+/// An append to an archived stream fails with `StreamArchived` (exit 2,
+/// naming the archive file) whatever it expected, not with a wrong expected
+/// version (exit 1), on PostgreSQL as on SQLite.
+pub fn append_with_a_wrong_expected_version_says_the_stream_is_archived(db: &Db) {
+    db.run(&["init"]).ok();
+    append(db, "Account-a", 1);
+    append(db, "Account-a", 2);
+    let file = archive_all(db);
+    let shown = file.display().to_string();
+    for expected in ["7", "1", "no-stream", "2", "any", "exists"] {
+        db.run(&[
+            "append",
+            "Account-a",
+            "--type",
+            "Deposited",
+            "--data",
+            "{}",
+            "--expected-version",
+            expected,
+        ])
+        .fails(2, &["Account-a is archived", &shown]);
+    }
 }

@@ -4,32 +4,9 @@
 
 use serde_json::{json, Value};
 
-use crate::util::{Db, Run};
+use crate::util::{per_backend, Db, Run};
 
-/// Declares each scenario once per backend.
-macro_rules! check_tests {
-    ($($name:ident),* $(,)?) => {
-        mod sqlite {
-            $(
-                #[test]
-                fn $name() {
-                    super::$name(&crate::util::Db::sqlite());
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[test]
-                fn $name() {
-                    let Some(db) = crate::util::Db::postgres() else { return };
-                    super::$name(&db);
-                }
-            )*
-        }
-    };
-}
-
-check_tests!(
+per_backend!(
     healthy_store_has_no_findings,
     version_gaps_heads_and_orphans_are_errors,
     recorded_at_going_backwards_is_an_error,

@@ -10,32 +10,9 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use serde_json::{json, Value};
 
-use crate::util::Db;
+use crate::util::{per_backend, Db};
 
-/// Declares each scenario once per backend.
-macro_rules! inspection_tests {
-    ($($name:ident),* $(,)?) => {
-        mod sqlite {
-            $(
-                #[test]
-                fn $name() {
-                    super::$name(&crate::util::Db::sqlite());
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[test]
-                fn $name() {
-                    let Some(db) = crate::util::Db::postgres() else { return };
-                    super::$name(&db);
-                }
-            )*
-        }
-    };
-}
-
-inspection_tests!(
+per_backend!(
     read_all_filters_by_category_type_and_time,
     read_filters_one_stream_by_type_and_time,
     read_all_follow_prints_new_events_as_they_arrive,

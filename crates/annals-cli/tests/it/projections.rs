@@ -11,32 +11,9 @@ use annals::{Step, Upcasters};
 use annals_cli::App;
 use serde_json::Value;
 
-use crate::util::Db;
+use crate::util::{per_backend, Db};
 
-/// Declares each scenario once per backend.
-macro_rules! projection_tests {
-    ($($name:ident),* $(,)?) => {
-        mod sqlite {
-            $(
-                #[test]
-                fn $name() {
-                    super::$name(&crate::util::Db::sqlite());
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[test]
-                fn $name() {
-                    let Some(db) = crate::util::Db::postgres() else { return };
-                    super::$name(&db);
-                }
-            )*
-        }
-    };
-}
-
-projection_tests!(
+per_backend!(
     demo_projects_balances_equal_to_the_folds,
     list_status_run_and_reset,
     run_follows_new_events_until_sigterm,

@@ -16,32 +16,9 @@ use annals::{
 use annals_cli::{AnyStore, App, DatabaseUrl, MetricsServer, OpenOptions};
 use serde_json::{json, Value};
 
-use crate::util::Db;
+use crate::util::{per_backend, Db};
 
-/// Declares each scenario once per backend.
-macro_rules! serve_tests {
-    ($($name:ident),* $(,)?) => {
-        mod sqlite {
-            $(
-                #[test]
-                fn $name() {
-                    super::$name(&crate::util::Db::sqlite());
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[test]
-                fn $name() {
-                    let Some(db) = crate::util::Db::postgres() else { return };
-                    super::$name(&db);
-                }
-            )*
-        }
-    };
-}
-
-serve_tests!(
+per_backend!(
     serve_shows_gauges_and_health,
     scrape_after_a_workload_finds_the_counters,
 );

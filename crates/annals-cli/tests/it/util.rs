@@ -19,6 +19,34 @@ pub const EVENT_FIELDS: &[&str] = &[
     "recorded_at",
 ];
 
+/// Declares each scenario (a `fn name(db: &Db)` of the calling module) once
+/// per backend: `sqlite::name` on a new SQLite file and `postgres::name` on
+/// a fresh PostgreSQL schema (skipped with a message, or failed under
+/// `ANNALS_REQUIRE_POSTGRES=1`, when no server is configured: see
+/// [`Db::postgres`]).
+macro_rules! per_backend {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[test]
+                fn $name() {
+                    super::$name(&crate::util::Db::sqlite());
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[test]
+                fn $name() {
+                    let Some(db) = crate::util::Db::postgres() else { return };
+                    super::$name(&db);
+                }
+            )*
+        }
+    };
+}
+pub(crate) use per_backend;
+
 /// The outcome of one run of the binary.
 #[derive(Debug)]
 pub struct Run {
