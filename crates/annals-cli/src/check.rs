@@ -15,7 +15,9 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::time::Duration;
 
-use annals::{CheckpointStore, EventStore, ReadAll, SnapshotAdmin, StaleSnapshot};
+use annals::{
+    CheckpointStore, EventStore, ProjectionControl, ReadAll, SnapshotAdmin, StaleSnapshot,
+};
 use anyhow::Context;
 use futures::StreamExt;
 use serde::Serialize;
@@ -140,6 +142,7 @@ async fn run_checks(
         decode(app, store, findings).await?;
         snapshots(store, options, findings).await?;
         projection_lag(app, store, options, findings).await?;
+        projection_control(app, store, findings).await?;
     }
     // Needs no schema: it reads the server's activity.
     horizon(store, options, findings).await?;
@@ -524,6 +527,64 @@ async fn projection_lag(
                 status.name
             ),
         );
+    }
+    Ok(())
+}
+
+/// Registered projections stopped by their circuit breaker (the trip note
+/// their runner left, [`annals::projection_trip`]) or with parked events
+/// (dead letters): errors, since their read model is stale or misses those
+/// events. One row per projection and problem.
+async fn projection_control(
+    app: &App,
+    store: &AnyStore,
+    findings: &mut Findings,
+) -> anyhow::Result<()> {
+    for p in app.projections() {
+        let checkpoint = p.checkpoint();
+        let trip = annals::projection_trip(store, &checkpoint)
+            .await
+            .with_context(|| format!("cannot read the lock of projection {}", p.name()))?;
+        if let Some(trip) = trip {
+            findings.add(
+                "projection-tripped",
+                Severity::Error,
+                p.name().to_owned(),
+                format!(
+                    "{checkpoint} stopped by its circuit breaker at {} ({}): {}; \
+                     fix the cause, then run it again (`annals projections run {}`)",
+                    timestamp(&trip.at),
+                    trip.owner,
+                    trip.reason,
+                    p.name()
+                ),
+            );
+        }
+        let letters = store
+            .dead_letters(&checkpoint)
+            .await
+            .with_context(|| format!("cannot list the dead letters of projection {}", p.name()))?;
+        if let Some(first) = letters.first() {
+            findings.add(
+                "projection-dead-letters",
+                Severity::Error,
+                p.name().to_owned(),
+                format!(
+                    "{checkpoint} parked {} event(s) that its read model misses; the first at \
+                     position {} (event {} of {}, type {}, {} attempt(s), parked {}): {}; \
+                     retry or drop them (`annals projections dead-letters {}`)",
+                    letters.len(),
+                    first.position,
+                    first.event_id,
+                    first.stream,
+                    first.event_type,
+                    first.attempts,
+                    timestamp(&first.parked_at),
+                    first.error,
+                    p.name()
+                ),
+            );
+        }
     }
     Ok(())
 }

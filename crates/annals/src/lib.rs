@@ -131,7 +131,8 @@ pub use projection::{
     DEFAULT_LOCK_TTL,
 };
 pub use projection_control::{
-    lock_owner, lock_token, DeadLetter, LockAttempt, ProjectionControl, ProjectionLock,
+    lock_owner, lock_token, projection_trip, record_trip, DeadLetter, LockAttempt,
+    ProjectionControl, ProjectionLock, ProjectionTrip,
 };
 pub use repository::{
     decode_snapshot, fold_stream, make_snapshot, Command, CommandContext, CommandError, Executed,

@@ -573,6 +573,9 @@ where
                 state.send_replace(ProjectionState::Running);
                 let out = self.run_inner(&mut stop, &position, &mut keeper).await;
                 keeper.release().await;
+                if let Err(ProjectionError::Tripped { reason, .. }) = &out {
+                    keeper.leave_trip_note(reason).await;
+                }
                 out
             }
             Err(e) => Err(e),
@@ -1079,6 +1082,19 @@ impl<S: ProjectionControl> LockKeeper<S> {
         if let Err(e) = self.store.release_projection_lock(&self.lock).await {
             tracing::warn!(checkpoint = %self.lock.checkpoint, error = %e,
                 "cannot release a projection lock: it expires with its lease");
+        }
+    }
+}
+
+impl<S: ProjectionControl> LockKeeper<S> {
+    /// After [`release`](Self::release): the trip note in place of the lock
+    /// ([`crate::record_trip`]), so that other processes see why it stopped.
+    async fn leave_trip_note(&self, reason: &str) {
+        let lock = &self.lock;
+        if let Err(e) = crate::record_trip(&self.store, &lock.checkpoint, &lock.owner, reason).await
+        {
+            tracing::warn!(checkpoint = %lock.checkpoint, error = %e,
+                "cannot leave the note that the projection tripped");
         }
     }
 }

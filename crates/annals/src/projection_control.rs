@@ -19,6 +19,18 @@
 //! well before it expires ([`ProjectionControl::renew_projection_lock`],
 //! which fails when the token is no longer the row's: the lease expired and
 //! someone else took it) and deletes it when it stops.
+//!
+//! # Trip notes
+//!
+//! A runner stopped by its circuit breaker ([`crate::ProjectionState::Tripped`])
+//! releases its lock and puts back in its place a row that is already
+//! expired, whose token says why (`tripped: REASON`) and whose expiry is the
+//! time of the trip ([`record_trip`]). It blocks no one: the next runner or
+//! rebuild takes the lock over it, and the note is gone. Until then
+//! [`projection_trip`] reads it, so that a process other than the one that
+//! tripped (`annals check`) can report the stopped projection. The note
+//! needs no table of its own; when another runner took the lock between the
+//! release and the note, the projection runs again and no note is left.
 
 use std::future::Future;
 use std::time::Duration;
@@ -144,4 +156,64 @@ pub trait ProjectionControl: CheckpointStore {
         checkpoint: &str,
         event_id: EventId,
     ) -> impl Future<Output = Result<bool>> + Send;
+}
+
+/// The token prefix of a trip note (see the module docs).
+const TRIP_TOKEN_PREFIX: &str = "tripped: ";
+
+/// What a runner stopped by its circuit breaker left in its lock row (see
+/// the module docs): [`projection_trip`].
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct ProjectionTrip {
+    /// The checkpoint name of the projection.
+    pub checkpoint: String,
+    /// The runner that tripped ([`lock_owner`]).
+    pub owner: String,
+    /// Why it tripped (as in [`crate::ProjectionState::Tripped`]).
+    pub reason: String,
+    /// When it tripped.
+    pub at: DateTime<Utc>,
+}
+
+impl ProjectionTrip {
+    /// The trip note a lock row holds, if it is one.
+    pub fn from_lock(lock: &ProjectionLock) -> Option<Self> {
+        let reason = lock.token.strip_prefix(TRIP_TOKEN_PREFIX)?;
+        Some(ProjectionTrip {
+            checkpoint: lock.checkpoint.clone(),
+            owner: lock.owner.clone(),
+            reason: reason.to_owned(),
+            at: lock.expires_at,
+        })
+    }
+}
+
+/// Leaves the trip note of `checkpoint` (see the module docs), once its
+/// runner `owner` has released the lock: an expired lock row whose token
+/// holds `reason`. Returns `false`, leaving nothing, when another runner
+/// holds the lock by now.
+pub async fn record_trip<S: ProjectionControl>(
+    store: &S,
+    checkpoint: &str,
+    owner: &str,
+    reason: &str,
+) -> Result<bool> {
+    let token = format!("{TRIP_TOKEN_PREFIX}{reason}");
+    let attempt = store
+        .acquire_projection_lock(checkpoint, owner, &token, Duration::ZERO)
+        .await?;
+    Ok(matches!(attempt, LockAttempt::Acquired(_)))
+}
+
+/// The trip note of `checkpoint`: `Some` when its last runner was stopped
+/// by its circuit breaker and no runner or rebuild has taken the lock since.
+pub async fn projection_trip<S: ProjectionControl>(
+    store: &S,
+    checkpoint: &str,
+) -> Result<Option<ProjectionTrip>> {
+    Ok(store
+        .projection_lock(checkpoint)
+        .await?
+        .as_ref()
+        .and_then(ProjectionTrip::from_lock))
 }

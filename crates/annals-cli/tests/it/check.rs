@@ -2,6 +2,13 @@
 //! back with raw SQL, on SQLite and (when `ANNALS_TEST_POSTGRES_URL` is set)
 //! on PostgreSQL; a healthy store exits 0.
 
+use std::time::Duration;
+
+use annals::{
+    BatchContext, DeadLetter, EventStore, HandlerError, Projection, ProjectionControl,
+    ProjectionFilter, ProjectionRunner, ProjectionState, ReadAll,
+};
+use futures::TryStreamExt;
 use serde_json::{json, Value};
 
 use crate::util::{per_backend, Db, Run};
@@ -14,6 +21,8 @@ per_backend!(
     snapshot_ahead_of_its_head_is_an_error,
     stale_snapshots_and_low_coverage_are_warnings,
     schema_out_of_date_is_a_finding,
+    tripped_projection_is_an_error_until_it_runs_again,
+    dead_letters_are_errors_until_dropped,
 );
 
 /// The same options on every run: the PostgreSQL horizon is cluster-wide,
@@ -291,6 +300,130 @@ pub fn schema_out_of_date_is_a_finding(db: &Db) {
     assert_eq!(found[0]["severity"], "error");
     let detail = found[0]["detail"].as_str().expect("detail");
     assert!(detail.contains(needle), "{detail}");
+}
+
+/// A stand-in for the demo's registered `account_balances` (same name and
+/// version, so the same checkpoint) whose handler never returns.
+struct Stalls;
+
+impl Projection for Stalls {
+    fn name(&self) -> &str {
+        "account_balances"
+    }
+    fn filter(&self) -> ProjectionFilter {
+        ProjectionFilter::all().categories(["Account"])
+    }
+    async fn handle(
+        &mut self,
+        _events: &[annals::RecordedEvent],
+        _ctx: &BatchContext,
+    ) -> Result<(), HandlerError> {
+        std::future::pending().await
+    }
+}
+
+/// A runner of `account_balances` stopped by its circuit breaker (in this
+/// process, on the test's database) is found by `annals check` in another
+/// process, from the note the runner left; the next run clears it.
+pub fn tripped_projection_is_an_error_until_it_runs_again(db: &Db) {
+    db.run(&["init"]).ok();
+    account(db, "t", 2);
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let store = db.open_store(&rt);
+    let state = rt.block_on(async {
+        let handle = ProjectionRunner::at_least_once(store.clone(), Stalls)
+            .trip_after(Duration::from_millis(200))
+            .spawn();
+        let state = tokio::time::timeout(Duration::from_secs(60), handle.ended())
+            .await
+            .expect("the breaker trips");
+        assert!(handle.join().await.is_err());
+        state
+    });
+    let ProjectionState::Tripped(reason) = state else {
+        panic!("expected Tripped, got {state:?}");
+    };
+    let found = failed(&check(db, &[]));
+    assert_eq!(found.len(), 1, "{found:#?}");
+    let f = &found[0];
+    assert_eq!(f["check"], "projection-tripped");
+    assert_eq!(f["severity"], "error");
+    assert_eq!(f["subject"], "account_balances");
+    let detail = f["detail"].as_str().expect("detail");
+    assert!(detail.contains(&reason), "{detail}");
+    assert!(detail.contains("no progress for 200ms"), "{detail}");
+    assert!(
+        detail.contains("account_balances@v1 stopped by its circuit breaker"),
+        "{detail}"
+    );
+    assert!(detail.contains(&annals::lock_owner()), "{detail}");
+    // The table names it too.
+    let mut args = vec!["check"];
+    args.extend_from_slice(QUIET_HORIZON);
+    let table = db.run(&args);
+    assert_eq!(table.code, 1, "{table:#?}");
+    assert!(table.stdout.contains("projection-tripped"), "{table:#?}");
+    // Run again (the real projection): the note is gone.
+    db.run(&["projections", "run", "--until-caught-up"]).ok();
+    let run = check(db, &[]).ok();
+    assert!(findings(&run).is_empty(), "{run:#?}");
+}
+
+/// Events parked for `account_balances` (as the `Park` error policy parks
+/// them) are one error naming how many and the first; dropped, the store is
+/// healthy again. Parked events of a projection this binary does not
+/// register are not its business.
+pub fn dead_letters_are_errors_until_dropped(db: &Db) {
+    db.run(&["init"]).ok();
+    account(db, "d", 2);
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let store = db.open_store(&rt);
+    let events: Vec<annals::RecordedEvent> = rt
+        .block_on(store.read_all(ReadAll::from_start()).try_collect())
+        .expect("read");
+    let park = |checkpoint: &str, e: &annals::RecordedEvent, error: &str| {
+        let letter = DeadLetter {
+            checkpoint: checkpoint.to_owned(),
+            position: e.global_position,
+            event_id: e.event_id,
+            stream: e.stream_id.clone(),
+            event_type: e.event_type.clone(),
+            error: error.to_owned(),
+            attempts: 5,
+            parked_at: chrono::Utc::now(),
+        };
+        rt.block_on(store.park_event(&letter)).expect("park");
+    };
+    park("unregistered@v1", &events[0], "not ours");
+    assert!(findings(&check(db, &[]).ok()).is_empty());
+    park("account_balances@v1", &events[1], "the handler refused it");
+    park("account_balances@v1", &events[2], "and this one");
+    let found = failed(&check(db, &[]));
+    assert_eq!(found.len(), 1, "{found:#?}");
+    let f = &found[0];
+    assert_eq!(f["check"], "projection-dead-letters");
+    assert_eq!(f["severity"], "error");
+    assert_eq!(f["subject"], "account_balances");
+    let detail = f["detail"].as_str().expect("detail");
+    for needle in [
+        "account_balances@v1 parked 2 event(s)",
+        &format!("position {}", events[1].global_position),
+        &events[1].event_id.to_string(),
+        "Account-d",
+        "type Deposited",
+        "5 attempt(s)",
+        "the handler refused it",
+    ] {
+        assert!(detail.contains(needle), "{needle:?} not in {detail}");
+    }
+    for e in &events[1..=2] {
+        let dropped = rt
+            .block_on(store.drop_dead_letter("account_balances@v1", e.event_id))
+            .expect("drop");
+        assert!(dropped);
+    }
+    let run = check(db, &[]).ok();
+    assert!(findings(&run).is_empty(), "{run:#?}");
 }
 
 /// PostgreSQL: a transaction held open by another connection is named by its

@@ -261,6 +261,20 @@ impl Db {
         })
     }
 
+    /// A store handle on this database in the test's process, on `rt`
+    /// (to run a projection runner or park an event as an application
+    /// would, behind the CLI's back).
+    pub fn open_store(&self, rt: &tokio::runtime::Runtime) -> annals_cli::AnyStore {
+        let url: annals_cli::DatabaseUrl = self.url.parse().expect("URL");
+        let options = annals_cli::OpenOptions {
+            pg_schema: self.pg_schema.clone(),
+            must_exist: true,
+            ..annals_cli::OpenOptions::default()
+        };
+        rt.block_on(annals_cli::AnyStore::open_with(&url, &options))
+            .expect("open the store")
+    }
+
     /// Every event in the store, via `read-all --json`.
     pub fn all_events(&self) -> Vec<Value> {
         self.run(&["read-all", "--json"]).ok().json_lines()

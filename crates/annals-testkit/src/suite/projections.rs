@@ -1014,8 +1014,10 @@ impl Projection for Hangs {
 /// The circuit breaker: a projection whose batch makes no progress for the
 /// configured time (here a handler that never returns) stops with
 /// [`ProjectionError::Tripped`]; its state says `Tripped` with the reason
-/// (the time, the batch's position); the checkpoint stays before the batch
-/// and the lock is released.
+/// (the time, the batch's position); the checkpoint stays before the batch,
+/// and the lock is released with a trip note in its place that other
+/// processes read ([`annals::projection_trip`]), which the next runner's
+/// lock replaces.
 pub async fn stalled_projection_trips_the_breaker<S: EventStore + ProjectionControl>(store: S) {
     let good = store
         .append(
@@ -1054,5 +1056,27 @@ pub async fn stalled_projection_trips_the_breaker<S: EventStore + ProjectionCont
         store.load_checkpoint(&cp).await.expect("load"),
         Some(last_good)
     );
+    let note = annals::projection_trip(&store, &cp)
+        .await
+        .expect("read the note")
+        .expect("a trip note");
+    assert_eq!(note.reason, reason);
+    assert_eq!(note.owner, lock_owner());
+    assert_eq!(note.checkpoint, cp);
+    // The note blocks no one: the next runner takes the lock over it, and
+    // the note is gone.
+    let token = annals::lock_token();
+    let next = store
+        .acquire_projection_lock(&cp, "next runner", &token, Duration::from_secs(30))
+        .await
+        .expect("acquire");
+    let annals::LockAttempt::Acquired(next) = next else {
+        panic!("the trip note held the lock: {next:?}");
+    };
+    assert_eq!(
+        annals::projection_trip(&store, &cp).await.expect("read"),
+        None
+    );
+    store.release_projection_lock(&next).await.expect("release");
     assert_eq!(store.projection_lock(&cp).await.expect("lock"), None);
 }
