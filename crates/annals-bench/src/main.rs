@@ -1,7 +1,9 @@
 //! `annals-bench`: the standard workload of `docs/benchmarks.md` (W1
 //! command append, W2 long-stream load, W3 bulk append, W3m multi-stream
 //! commits, W4 replay, W5 concurrent commands, then the export and import
-//! rates) on Annals and, in the same run and on the same
+//! rates, W4 through upcasters, the `account_balances` rebuild and the
+//! append-to-handled delay, and W1 with encryption) on Annals and, in the
+//! same run and on the same
 //! schema, with plain SQL (the raw baseline). Prints one JSON result line
 //! per backend with `raw` figures and `ratio_to_raw`.
 //!
@@ -14,11 +16,14 @@
 //! default store, one `scale` line per backend.
 #![forbid(unsafe_code)]
 
+mod gdpr;
 mod multi;
+mod projection;
 mod raw_pg;
 mod raw_sqlite;
 mod scale;
 mod transfer;
+mod upcast;
 mod w5;
 mod workload;
 
@@ -65,6 +70,21 @@ struct Args {
     /// Skip the export and import rates.
     #[arg(long)]
     no_transfer: bool,
+    /// Skip W4 through upcasters (the v1 copy of W4's data set).
+    #[arg(long)]
+    no_upcast: bool,
+    /// Skip the account_balances rebuild and the append-to-handled delay.
+    #[arg(long)]
+    no_projection: bool,
+    /// Accounts of the delay run (D deposit rounds each, as W1).
+    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(1..))]
+    delay_accounts: u64,
+    /// Skip W1 with personal-data encryption.
+    #[arg(long)]
+    no_gdpr: bool,
+    /// Accounts per side of the encryption runs (D deposit rounds each).
+    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(1..))]
+    gdpr_accounts: u64,
     #[command(flatten)]
     sizes: Sizes,
     #[command(flatten)]
@@ -169,6 +189,32 @@ async fn run_sqlite(args: &Args) -> anyhow::Result<(Results, Option<Results>)> {
         let batch = args.transfer_batch as usize;
         annals.transfer = Some(transfer::run(&store, &target, "sqlite", batch).await?);
     }
+    if !args.no_upcast {
+        let v1 = annals_sqlite::SqliteEventStore::open(dir.join(format!("v1-{id}.db"))).await?;
+        upcast::load_v1(&v1, &args.sizes).await?;
+        let with = |s: &annals_sqlite::SqliteEventStore, u| s.clone().with_upcasters(u);
+        annals.upcast = Some(upcast::run(&store, &v1, with, &args.sizes).await?);
+    }
+    if !args.no_projection {
+        let db = annals_cli::ReadModelDb {
+            store: annals_cli::AnyStore::Sqlite(store.clone()),
+            url: format!("sqlite://{}", annals_path.display()),
+            pg_schema: None,
+        };
+        let runner = || {
+            annals::ProjectionRunner::new(
+                store.clone(),
+                store.transactional(annals_cli::AccountBalances),
+            )
+        };
+        let figures =
+            projection::run(&store, &db, &args.sizes, args.delay_accounts, runner).await?;
+        annals.projection = Some(figures);
+    }
+    if !args.no_gdpr {
+        let cost = gdpr::run(&store, args.gdpr_accounts, args.sizes.deposits).await?;
+        annals.gdpr = Some(cost);
+    }
     let raw = if args.no_raw {
         None
     } else {
@@ -213,6 +259,11 @@ async fn run_postgres(args: &Args) -> anyhow::Result<(Results, Option<Results>)>
             Err(e) => annals = Err(e),
         }
     }
+    if let Ok(results) = annals.as_mut() {
+        if let Err(e) = pg_costs(&store, &schema, args, results).await {
+            annals = Err(e);
+        }
+    }
     let raw = if args.no_raw || annals.is_err() {
         None
     } else {
@@ -223,6 +274,60 @@ async fn run_postgres(args: &Args) -> anyhow::Result<(Results, Option<Results>)>
     };
     raw_pg::drop_schema(&args.database_url, &schema).await?;
     Ok((annals?, raw))
+}
+
+/// W4 through upcasters (on a v1 copy of W4's data set in a schema of its
+/// own, dropped at the end), the `account_balances` rebuild and delay, and
+/// W1 with encryption, on the main store after W4.
+async fn pg_costs(
+    store: &annals_postgres::PgEventStore,
+    schema: &str,
+    args: &Args,
+    results: &mut Results,
+) -> anyhow::Result<()> {
+    let url = &args.database_url;
+    if !args.no_upcast {
+        let v1_schema = format!("{schema}_v1");
+        let measured = async {
+            let v1 = annals_postgres::PgEventStore::connect_with(
+                url,
+                annals_postgres::PgOptions {
+                    schema: Some(v1_schema.clone()),
+                    batch_size: args.sizes.feed_page as usize,
+                    ..Default::default()
+                },
+            )
+            .await?;
+            v1.migrate().await?;
+            upcast::load_v1(&v1, &args.sizes).await?;
+            raw_pg::analyze(url, &v1_schema).await?;
+            let with = |s: &annals_postgres::PgEventStore, u| s.clone().with_upcasters(u);
+            upcast::run(store, &v1, with, &args.sizes).await
+        }
+        .await;
+        raw_pg::drop_schema(url, &v1_schema).await?;
+        results.upcast = Some(measured?);
+    }
+    if !args.no_projection {
+        let db = annals_cli::ReadModelDb {
+            store: annals_cli::AnyStore::Postgres(store.clone()),
+            url: url.clone(),
+            pg_schema: Some(schema.to_owned()),
+        };
+        let runner = || {
+            annals::ProjectionRunner::new(
+                store.clone(),
+                store.transactional(annals_cli::AccountBalances),
+            )
+        };
+        let figures = projection::run(store, &db, &args.sizes, args.delay_accounts, runner).await?;
+        results.projection = Some(figures);
+    }
+    if !args.no_gdpr {
+        let cost = gdpr::run(store, args.gdpr_accounts, args.sizes.deposits).await?;
+        results.gdpr = Some(cost);
+    }
+    Ok(())
 }
 
 /// The export of `store` imported into a fresh schema `schema`.
@@ -291,6 +396,15 @@ fn result_line(
     w5::add_to_line(&mut line, a, raw);
     if let Some(t) = &a.transfer {
         line["transfer"] = t.to_json(&a.w4, raw.map(|r| &r.w4));
+    }
+    if let Some(u) = &a.upcast {
+        line["upcast"] = u.to_json();
+    }
+    if let Some(p) = &a.projection {
+        line["projection"] = p.to_json(&a.w4, raw.map(|r| &r.w4));
+    }
+    if let Some(g) = &a.gdpr {
+        line["gdpr"] = g.to_json();
     }
     line["w2"]["snapshot_speedup"] = ratio(a.w2.no_snapshot.median(), a.w2.snapshot.median());
     line

@@ -205,6 +205,14 @@ pub struct Results {
     /// Export and import rates (on the main store after W4); `None` when
     /// skipped.
     pub transfer: Option<crate::transfer::Transfer>,
+    /// W4 through upcasters (on a v1 copy of W4's data set); `None` when
+    /// skipped.
+    pub upcast: Option<crate::upcast::UpcastCost>,
+    /// The `account_balances` rebuild and the append-to-handled delay;
+    /// `None` when skipped.
+    pub projection: Option<crate::projection::ProjectionFigures>,
+    /// W1 with personal-data encryption; `None` when skipped.
+    pub gdpr: Option<crate::gdpr::GdprCost>,
 }
 
 fn round(x: f64) -> f64 {
@@ -283,6 +291,9 @@ where
         w4_page: sz.feed_page,
         w5: None,
         transfer: None,
+        upcast: None,
+        projection: None,
+        gdpr: None,
     })
 }
 
@@ -451,8 +462,23 @@ pub fn verify(sz: &Sizes, events: u64, accounts: u64, sum: i64) -> anyhow::Resul
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// Small sizes for the unit tests of the bench's own code.
+    pub(crate) fn small() -> Sizes {
+        Sizes {
+            accounts: 5,
+            deposits: 2,
+            long_stream: 30,
+            loads: 1,
+            snapshot_interval: 10,
+            bulk_events: 40,
+            bulk_stream_len: 20,
+            multi_streams: 2,
+            feed_page: 7,
+        }
+    }
 
     #[test]
     fn ids_and_pattern_match_the_workload() {
