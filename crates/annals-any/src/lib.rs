@@ -441,6 +441,66 @@ impl annals::EventImport for AnyStore {
     }
 }
 
+/// Copy-and-transform migrations: SQLite only for now; on PostgreSQL every
+/// call fails with [`annals::Error::Config`] saying so.
+impl annals::EventMigration for AnyStore {
+    async fn begin_migration(&self, plan_file: &str, plan: &str) -> Result<annals::MigrationRun> {
+        match self {
+            AnyStore::Sqlite(s) => s.begin_migration(plan_file, plan).await,
+            AnyStore::Postgres(_) => Err(no_pg_migration()),
+        }
+    }
+
+    async fn migration_run(&self) -> Result<Option<annals::MigrationRun>> {
+        match self {
+            AnyStore::Sqlite(s) => s.migration_run().await,
+            AnyStore::Postgres(_) => Ok(None),
+        }
+    }
+
+    async fn migration_deltas(&self) -> Result<Vec<(StreamId, i64)>> {
+        match self {
+            AnyStore::Sqlite(s) => s.migration_deltas().await,
+            AnyStore::Postgres(_) => Err(no_pg_migration()),
+        }
+    }
+
+    async fn write_migration_batch(
+        &self,
+        run: i64,
+        batch: Vec<annals::MigratedSource>,
+    ) -> Result<()> {
+        match self {
+            AnyStore::Sqlite(s) => s.write_migration_batch(run, batch).await,
+            AnyStore::Postgres(_) => Err(no_pg_migration()),
+        }
+    }
+
+    async fn swap_migration(
+        &self,
+        run: i64,
+        tail: annals::TailTransform,
+    ) -> Result<annals::SwapReport> {
+        match self {
+            AnyStore::Sqlite(s) => s.swap_migration(run, tail).await,
+            AnyStore::Postgres(_) => Err(no_pg_migration()),
+        }
+    }
+
+    async fn drop_migration_backup(&self) -> Result<Option<String>> {
+        match self {
+            AnyStore::Sqlite(s) => s.drop_migration_backup().await,
+            AnyStore::Postgres(_) => Err(no_pg_migration()),
+        }
+    }
+}
+
+fn no_pg_migration() -> annals::Error {
+    annals::Error::Config(
+        "copy-and-transform migrations (annals events migrate) are not implemented on PostgreSQL yet".into(),
+    )
+}
+
 impl annals::StreamArchive for AnyStore {
     async fn archive_streams(&self, streams: Vec<annals::ArchivedStream>) -> Result<u64> {
         delegate!(self, s => s.archive_streams(streams).await)
