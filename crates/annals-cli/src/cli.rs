@@ -143,6 +143,10 @@ pub(crate) enum Command {
     /// GDPR crypto-shredding: forget a subject, or show its status.
     #[command(subcommand)]
     Gdpr(crate::gdpr::GdprCommand),
+    /// Copy-and-transform migrations of the event table: migrate (with
+    /// --dry-run), swap, drop-backup.
+    #[command(subcommand)]
+    Events(crate::events_cmd::EventsCommand),
 }
 
 const PROJECTIONS_HELP: &str = "\

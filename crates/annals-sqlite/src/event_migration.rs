@@ -11,9 +11,9 @@
 //! position is never handed out twice.
 
 use annals::{
-    backup_table_name, EventMigration, GlobalPosition, MigratedSource,
-    MigrationCheckFailure, MigrationRun, MigrationState, Result, StreamId, StreamVersion,
-    SwapReport, TailTransform, MIGRATION_TABLE,
+    backup_table_name, EventMigration, GlobalPosition, MigratedSource, MigrationCheckFailure,
+    MigrationRun, MigrationState, Result, StreamId, StreamVersion, SwapReport, TailTransform,
+    MIGRATION_TABLE,
 };
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
@@ -47,8 +47,19 @@ fn run_row(conn: &Connection) -> Result<Option<MigrationRun>> {
             .optional()
         })
         .map_err(db("reading the migration run"))?;
-    let Some((id, plan_file, plan, state, started, source, copied, written, renumbered, backup, swapped)) =
-        row
+    let Some((
+        id,
+        plan_file,
+        plan,
+        state,
+        started,
+        source,
+        copied,
+        written,
+        renumbered,
+        backup,
+        swapped,
+    )) = row
     else {
         return Ok(None);
     };
@@ -249,7 +260,9 @@ fn check_failure(
     match StreamId::parse(stream) {
         Ok(stream) => annals::Error::MigrationCheck(Box::new(MigrationCheckFailure {
             stream,
-            version: version.and_then(|v| u64::try_from(v).ok()).map(StreamVersion),
+            version: version
+                .and_then(|v| u64::try_from(v).ok())
+                .map(StreamVersion),
             position: position
                 .and_then(|p| u64::try_from(p).ok())
                 .map(GlobalPosition::from_seq),
@@ -392,13 +405,12 @@ fn swap_job(conn: &mut Connection, run: i64, mut tail: TailTransform) -> Result<
             .map_err(db("creating an index on the new table"))?;
     }
     let new_max: i64 = tx
-        .query_row("SELECT coalesce(max(position), 0) FROM events", [], |r| r.get(0))
+        .query_row("SELECT coalesce(max(position), 0) FROM events", [], |r| {
+            r.get(0)
+        })
         .map_err(db("reading the new table's last position"))?;
-    tx.execute(
-        "DELETE FROM sqlite_sequence WHERE name = 'events'",
-        [],
-    )
-    .map_err(db("resetting the new table's sequence"))?;
+    tx.execute("DELETE FROM sqlite_sequence WHERE name = 'events'", [])
+        .map_err(db("resetting the new table's sequence"))?;
     tx.execute(
         "INSERT INTO sqlite_sequence (name, seq) VALUES ('events', ?1)",
         [new_max.max(old_seq)],
@@ -506,4 +518,3 @@ impl EventMigration for SqliteEventStore {
         self.conns().write(drop_job).await
     }
 }
-

@@ -259,6 +259,9 @@ mod tests {
             position: Some(GlobalPosition::from_seq(9)),
             what: "missing".into(),
         };
-        assert_eq!(f.to_string(), "missing (stream Account-1 version 3 position 9)");
+        assert_eq!(
+            f.to_string(),
+            "missing (stream Account-1 version 3 position 9)"
+        );
     }
 }

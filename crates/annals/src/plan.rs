@@ -183,7 +183,6 @@ impl Plan {
         Ok(Plan { file, steps })
     }
 
-
     /// The compiled steps, in file order.
     pub fn steps(&self) -> &[Step] {
         &self.steps
@@ -218,21 +217,20 @@ impl Plan {
     }
 }
 
-
 fn parse_file(file: &Path, text: &str) -> Result<PlanFile, PlanError> {
     toml::from_str(text).map_err(|e| {
-            let at = e.span().map_or(0, |s| s.start);
-            let (line, column) = line_column(text, at);
-            // Which step the error is in: the last `[[step]]` header before it.
-            let step = text[..at.min(text.len())].matches("[[step]]").count();
-            PlanError::Toml {
-                file: file.to_owned(),
-                step: (step > 0).then_some(step),
-                event_type: None,
-                line,
-                column,
-                message: e.message().trim_end().to_owned(),
-            }
+        let at = e.span().map_or(0, |s| s.start);
+        let (line, column) = line_column(text, at);
+        // Which step the error is in: the last `[[step]]` header before it.
+        let step = text[..at.min(text.len())].matches("[[step]]").count();
+        PlanError::Toml {
+            file: file.to_owned(),
+            step: (step > 0).then_some(step),
+            event_type: None,
+            line,
+            column,
+            message: e.message().trim_end().to_owned(),
+        }
     })
 }
 
@@ -241,43 +239,43 @@ fn compile_steps(
     text: &str,
     defs: Vec<toml::Spanned<PlanStep>>,
 ) -> Result<Vec<Step>, PlanError> {
-        let mut steps = Vec::with_capacity(defs.len());
-        for (i, spanned) in defs.into_iter().enumerate() {
-            let index = i + 1;
-            let def = spanned.into_inner();
-            let filter_span = def.filter.span();
-            let code = def.filter.into_inner();
-            let filter = JqFilter::compile(&code).map_err(|(offset, message)| {
-                let at = filter_offset(text, filter_span.clone(), offset);
-                let (line, column) = line_column(text, at);
-                PlanError::Filter {
-                    file: file.to_owned(),
-                    step: index,
-                    event_type: def.event_type.clone(),
-                    from_version: def.from_version,
-                    line,
-                    column,
-                    message,
-                }
-            })?;
-            let label = format!(
-                "{}:{} ({} v{})",
-                file.display(),
-                line_column(text, filter_span.start).0,
-                def.event_type,
-                def.from_version
-            );
-            let filter = Arc::new(filter);
-            let mut step = Step::new(def.event_type, def.from_version, move |v: Value| {
-                filter.run(v)
-            })
-            .label(label);
-            if let Some(to) = def.rename_to {
-                step = step.rename_to(to);
+    let mut steps = Vec::with_capacity(defs.len());
+    for (i, spanned) in defs.into_iter().enumerate() {
+        let index = i + 1;
+        let def = spanned.into_inner();
+        let filter_span = def.filter.span();
+        let code = def.filter.into_inner();
+        let filter = JqFilter::compile(&code).map_err(|(offset, message)| {
+            let at = filter_offset(text, filter_span.clone(), offset);
+            let (line, column) = line_column(text, at);
+            PlanError::Filter {
+                file: file.to_owned(),
+                step: index,
+                event_type: def.event_type.clone(),
+                from_version: def.from_version,
+                line,
+                column,
+                message,
             }
-            steps.push(step);
+        })?;
+        let label = format!(
+            "{}:{} ({} v{})",
+            file.display(),
+            line_column(text, filter_span.start).0,
+            def.event_type,
+            def.from_version
+        );
+        let filter = Arc::new(filter);
+        let mut step = Step::new(def.event_type, def.from_version, move |v: Value| {
+            filter.run(v)
+        })
+        .label(label);
+        if let Some(to) = def.rename_to {
+            step = step.rename_to(to);
         }
-        Ok(steps)
+        steps.push(step);
+    }
+    Ok(steps)
 }
 
 /// The byte offset in the file of byte `offset` of a filter whose TOML
@@ -407,9 +405,10 @@ impl JqFilter {
         for out in self.filter.id.run((ctx, input)).map(jaq_core::unwrap_valr) {
             let v = out.map_err(|e| format!("the filter failed: {e}"))?;
             let text = v.to_string();
-            values.push(serde_json::from_str(&text).map_err(|e| {
-                format!("the filter's result {text} is not JSON: {e}")
-            })?);
+            values.push(
+                serde_json::from_str(&text)
+                    .map_err(|e| format!("the filter's result {text} is not JSON: {e}"))?,
+            );
         }
         Ok(values)
     }

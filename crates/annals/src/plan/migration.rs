@@ -31,13 +31,11 @@ use std::sync::Arc;
 
 use serde_json::{json, Value};
 
-use super::{
-    compile_steps, filter_offset, line_column, parse_file, JqFilter, PlanError, PurgeDef,
-};
+use super::{compile_steps, filter_offset, line_column, parse_file, JqFilter, PlanError, PurgeDef};
 use crate::{
-    canonical_json, derived_event_id, BoxError, Error, EventId, Fingerprint, MigratedEvent,
-    MigratedSource, MigrationCheckFailure, Payload, RecordedEvent, Result, StreamId,
-    StreamVersion, UpcastFailure, Upcasters,
+    canonical_json, derived_event_id, BoxError, Error, Fingerprint, MigratedEvent, MigratedSource,
+    MigrationCheckFailure, Payload, RecordedEvent, Result, StreamId, StreamVersion, UpcastFailure,
+    Upcasters,
 };
 
 struct Rule {
@@ -215,14 +213,17 @@ impl MigrationPlan {
                         format!("a value is not an object {{type, version, data}}: {v}").into(),
                     ));
                 };
-                let data = o.remove("data").ok_or_else(|| {
-                    fail(&rule.label, "a value has no `data`".into())
-                })?;
+                let data = o
+                    .remove("data")
+                    .ok_or_else(|| fail(&rule.label, "a value has no `data`".into()))?;
                 let event_type = match o.remove("type") {
                     None => current.event_type.clone(),
                     Some(Value::String(t)) => t,
                     Some(t) => {
-                        return Err(fail(&rule.label, format!("`type` {t} is not a string").into()))
+                        return Err(fail(
+                            &rule.label,
+                            format!("`type` {t} is not a string").into(),
+                        ))
                     }
                 };
                 let event_version = match o.remove("version") {
@@ -232,11 +233,17 @@ impl MigrationPlan {
                         .and_then(|v| u32::try_from(v).ok())
                         .filter(|v| *v > 0)
                         .ok_or_else(|| {
-                            fail(&rule.label, format!("`version` {v} is not a positive integer").into())
+                            fail(
+                                &rule.label,
+                                format!("`version` {v} is not a positive integer").into(),
+                            )
                         })?,
                 };
                 if let Some(k) = o.keys().next() {
-                    return Err(fail(&rule.label, format!("unknown key `{k}` in a value").into()));
+                    return Err(fail(
+                        &rule.label,
+                        format!("unknown key `{k}` in a value").into(),
+                    ));
                 }
                 Ok(Planned {
                     event_type,
@@ -318,12 +325,11 @@ impl Migrator {
         let before = self.deltas.get(&event.stream_id).copied().unwrap_or(0);
         let n = planned.len();
         let keeps_id = n == 1 && !self.plan.purges.contains_key(event.stream_id.as_str());
-        let metadata = canonical_json(&event.metadata.to_value()).map_err(|e| {
-            Error::InvalidEvent {
+        let metadata =
+            canonical_json(&event.metadata.to_value()).map_err(|e| Error::InvalidEvent {
                 stream: event.stream_id.clone(),
                 reason: format!("the metadata is {e}"),
-            }
-        })?;
+            })?;
         let mut events = Vec::with_capacity(n);
         for (i, p) in planned.into_iter().enumerate() {
             let version = i64::try_from(event.stream_version.0)
@@ -422,7 +428,7 @@ fn is_unchanged(event: &RecordedEvent, planned: &[Planned]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{GlobalPosition, Metadata};
+    use crate::{EventId, GlobalPosition, Metadata};
     use serde_json::json;
 
     fn stored(stream: &str, version: u64, event_type: &str, data: Value) -> RecordedEvent {
@@ -477,7 +483,12 @@ reason = "retention"
         assert_eq!(a.events.len(), 1);
         assert!(a.removed.is_none() && a.delta.is_none());
         assert_eq!(a.events[0].fingerprint, None, "unchanged keeps its digest");
-        let moved = stored("Account-1", 2, "Moved", json!({"street": "Main", "city": "X"}));
+        let moved = stored(
+            "Account-1",
+            2,
+            "Moved",
+            json!({"street": "Main", "city": "X"}),
+        );
         let id = moved.event_id;
         let b = m.migrate(moved).expect("split");
         assert_eq!(b.events.len(), 2);
@@ -537,10 +548,18 @@ reason = "retention"
             }
         });
         let err = m
-            .migrate(stored("Account-1", 2, "Moved", json!({"street": "a", "city": "b"})))
+            .migrate(stored(
+                "Account-1",
+                2,
+                "Moved",
+                json!({"street": "a", "city": "b"}),
+            ))
             .expect_err("check");
         let text = err.to_string();
-        assert!(text.contains("stream Account-1 version 3 position 20"), "{text}");
+        assert!(
+            text.contains("stream Account-1 version 3 position 20"),
+            "{text}"
+        );
         assert!(text.contains("CityChanged"), "{text}");
     }
 
