@@ -441,28 +441,17 @@ impl annals::EventImport for AnyStore {
     }
 }
 
-/// Copy-and-transform migrations: SQLite only for now; on PostgreSQL every
-/// call fails with [`annals::Error::Config`] saying so.
 impl annals::EventMigration for AnyStore {
     async fn begin_migration(&self, plan_file: &str, plan: &str) -> Result<annals::MigrationRun> {
-        match self {
-            AnyStore::Sqlite(s) => s.begin_migration(plan_file, plan).await,
-            AnyStore::Postgres(_) => Err(no_pg_migration()),
-        }
+        delegate!(self, s => s.begin_migration(plan_file, plan).await)
     }
 
     async fn migration_run(&self) -> Result<Option<annals::MigrationRun>> {
-        match self {
-            AnyStore::Sqlite(s) => s.migration_run().await,
-            AnyStore::Postgres(_) => Ok(None),
-        }
+        delegate!(self, s => s.migration_run().await)
     }
 
     async fn migration_deltas(&self) -> Result<Vec<(StreamId, i64)>> {
-        match self {
-            AnyStore::Sqlite(s) => s.migration_deltas().await,
-            AnyStore::Postgres(_) => Err(no_pg_migration()),
-        }
+        delegate!(self, s => s.migration_deltas().await)
     }
 
     async fn write_migration_batch(
@@ -470,10 +459,7 @@ impl annals::EventMigration for AnyStore {
         run: i64,
         batch: Vec<annals::MigratedSource>,
     ) -> Result<()> {
-        match self {
-            AnyStore::Sqlite(s) => s.write_migration_batch(run, batch).await,
-            AnyStore::Postgres(_) => Err(no_pg_migration()),
-        }
+        delegate!(self, s => s.write_migration_batch(run, batch).await)
     }
 
     async fn swap_migration(
@@ -481,24 +467,12 @@ impl annals::EventMigration for AnyStore {
         run: i64,
         tail: annals::TailTransform,
     ) -> Result<annals::SwapReport> {
-        match self {
-            AnyStore::Sqlite(s) => s.swap_migration(run, tail).await,
-            AnyStore::Postgres(_) => Err(no_pg_migration()),
-        }
+        delegate!(self, s => s.swap_migration(run, tail).await)
     }
 
     async fn drop_migration_backup(&self) -> Result<Option<String>> {
-        match self {
-            AnyStore::Sqlite(s) => s.drop_migration_backup().await,
-            AnyStore::Postgres(_) => Err(no_pg_migration()),
-        }
+        delegate!(self, s => s.drop_migration_backup().await)
     }
-}
-
-fn no_pg_migration() -> annals::Error {
-    annals::Error::Config(
-        "copy-and-transform migrations (annals events migrate) are not implemented on PostgreSQL yet".into(),
-    )
 }
 
 impl annals::StreamArchive for AnyStore {
