@@ -353,6 +353,44 @@ fn splits_drops_purges_and_swaps(db: Db) {
     ])
     .ok();
 
+    if db.is_postgres() {
+        // The live table carries the original names of its indexes (and of
+        // the constraints behind them), and its identity sequence.
+        let names = [
+            "events_pkey",
+            "events_event_id_key",
+            "events_stream_version_key",
+            "events_tx_seq_idx",
+            "events_type_recorded_idx",
+            "events_recorded_idx",
+            "events_category_tx_seq_idx",
+            "events_correlation_idx",
+            "events_causation_idx",
+            "events_type_tx_seq_idx",
+        ];
+        let list = names.map(|n| format!("'{n}'")).join(", ");
+        assert_eq!(
+            db.execute_sql(&format!(
+                "SELECT 1 FROM pg_indexes WHERE schemaname = current_schema() \
+                 AND tablename = 'events' AND indexname IN ({list})"
+            )),
+            names.len() as u64
+        );
+        assert_eq!(
+            db.execute_sql(
+                "SELECT 1 FROM pg_constraint WHERE conrelid = 'events'::regclass \
+                 AND conname IN ('events_event_id_key', 'events_stream_version_key', 'events_pkey')"
+            ),
+            3
+        );
+        assert_eq!(
+            db.execute_sql(
+                "SELECT 1 WHERE pg_get_serial_sequence('events', 'seq') LIKE '%.events_seq_seq'"
+            ),
+            1
+        );
+    }
+
     let left = findings(&db, "migration");
     assert_eq!(left.len(), 1);
     assert!(left[0]["detail"]
@@ -551,4 +589,43 @@ fn refuses_undecodable(db: Db) {
         run.stderr
     );
     assert!(run.stderr.contains("Bogus"), "{}", run.stderr);
+}
+
+#[test]
+fn check_reports_a_planted_pending_migration_on_sqlite() {
+    planted(Db::sqlite());
+}
+
+#[test]
+fn check_reports_a_planted_pending_migration_on_postgres() {
+    let Some(db) = Db::postgres() else { return };
+    planted(db);
+}
+
+/// A run row planted behind the CLI's back: a copy not swapped, then a
+/// backup left over; each is a `migration` warning (exit 0), gone once the
+/// run is done.
+fn planted(db: Db) {
+    db.run(&["init"]).ok();
+    let started = if db.is_postgres() { "now()" } else { "0" };
+    db.execute_sql(&format!(
+        "INSERT INTO event_migrations (plan_file, plan, state, started_at) \
+         VALUES ('p.toml', '', 'copying', {started})"
+    ));
+    let found = findings(&db, "migration");
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(found[0]["severity"], "warning");
+    assert!(found[0]["detail"]
+        .as_str()
+        .expect("detail")
+        .contains("p.toml"));
+    db.execute_sql("UPDATE event_migrations SET state = 'swapped', backup_table = 'events_backup_20260101000000'");
+    let found = findings(&db, "migration");
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert!(found[0]["detail"]
+        .as_str()
+        .expect("detail")
+        .contains("events_backup_20260101000000"));
+    db.execute_sql("UPDATE event_migrations SET state = 'done'");
+    assert!(findings(&db, "migration").is_empty());
 }
