@@ -96,6 +96,23 @@ const INSERT_SQL: &str =
                 $7::text[], $8::int[], $9::text[], $10::text[], $11::timestamptz[], $12::bytea[]) \
          AS u(seq, tx, id, stream, category, version, etype, ever, data, meta, at, digest)";
 
+/// The columns of a batch of the copy, one array each for `unnest`.
+#[derive(Default)]
+struct Columns {
+    seq: Vec<i64>,
+    tx: Vec<i64>,
+    id: Vec<uuid::Uuid>,
+    stream: Vec<String>,
+    category: Vec<String>,
+    version: Vec<i64>,
+    event_type: Vec<String>,
+    event_version: Vec<i32>,
+    data: Vec<String>,
+    metadata: Vec<String>,
+    at: Vec<DateTime<Utc>>,
+    digest: Vec<Option<Vec<u8>>>,
+}
+
 /// Writes `batch` into the copy and moves the run's checkpoint, inside the
 /// caller's transaction.
 async fn write_in(tx: &Transaction<'_>, run: i64, batch: Vec<MigratedSource>) -> Result<()> {
@@ -109,20 +126,7 @@ async fn write_in(tx: &Transaction<'_>, run: i64, batch: Vec<MigratedSource>) ->
         .context(what)?;
     let mut next_seq: i64 = row.try_get(0).context(what)?;
     let mut renumbered: bool = row.try_get(1).context(what)?;
-    let mut cols: (
-        Vec<i64>,
-        Vec<i64>,
-        Vec<uuid::Uuid>,
-        Vec<String>,
-        Vec<String>,
-        Vec<i64>,
-        Vec<String>,
-        Vec<i32>,
-        Vec<String>,
-        Vec<String>,
-        Vec<DateTime<Utc>>,
-        Vec<Option<Vec<u8>>>,
-    ) = Default::default();
+    let mut cols = Columns::default();
     let mut removed: (Vec<uuid::Uuid>, Vec<String>, Vec<i64>) = Default::default();
     let mut deltas: HashMap<String, i64> = HashMap::new();
     let mut last = None;
@@ -140,7 +144,7 @@ async fn write_in(tx: &Transaction<'_>, run: i64, batch: Vec<MigratedSource>) ->
                 .try_get(0)
                 .context(what)?;
             // Above every seq written, including this batch's so far.
-            next_seq = max.max(cols.0.iter().copied().max().unwrap_or(0)) + 1;
+            next_seq = max.max(cols.seq.iter().copied().max().unwrap_or(0)) + 1;
         }
         for e in s.events {
             let seq = if renumbered {
@@ -149,19 +153,20 @@ async fn write_in(tx: &Transaction<'_>, run: i64, batch: Vec<MigratedSource>) ->
             } else {
                 src_seq
             };
-            cols.0.push(seq);
-            cols.1.push(src_tx);
-            cols.2.push(e.event_id.0);
-            cols.4.push(e.stream_id.category().to_owned());
-            cols.3.push(e.stream_id.as_str().to_owned());
-            cols.5.push(to_i64(e.stream_version.0));
-            cols.6.push(e.event_type);
-            cols.7
+            cols.seq.push(seq);
+            cols.tx.push(src_tx);
+            cols.id.push(e.event_id.0);
+            cols.category.push(e.stream_id.category().to_owned());
+            cols.stream.push(e.stream_id.as_str().to_owned());
+            cols.version.push(to_i64(e.stream_version.0));
+            cols.event_type.push(e.event_type);
+            cols.event_version
                 .push(i32::try_from(e.event_version).unwrap_or(i32::MAX));
-            cols.8.push(e.data);
-            cols.9.push(e.metadata);
-            cols.10.push(e.recorded_at);
-            cols.11.push(e.fingerprint.map(|f| f.as_bytes().to_vec()));
+            cols.data.push(e.data);
+            cols.metadata.push(e.metadata);
+            cols.at.push(e.recorded_at);
+            cols.digest
+                .push(e.fingerprint.map(|f| f.as_bytes().to_vec()));
         }
         if let Some((id, stream, version)) = s.removed {
             removed.0.push(id.0);
@@ -178,8 +183,18 @@ async fn write_in(tx: &Transaction<'_>, run: i64, batch: Vec<MigratedSource>) ->
     tx.execute(
         INSERT_SQL,
         &[
-            &cols.0, &cols.1, &cols.2, &cols.3, &cols.4, &cols.5, &cols.6, &cols.7, &cols.8,
-            &cols.9, &cols.10, &cols.11,
+            &cols.seq,
+            &cols.tx,
+            &cols.id,
+            &cols.stream,
+            &cols.category,
+            &cols.version,
+            &cols.event_type,
+            &cols.event_version,
+            &cols.data,
+            &cols.metadata,
+            &cols.at,
+            &cols.digest,
         ],
     )
     .await

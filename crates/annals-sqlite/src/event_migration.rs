@@ -495,11 +495,11 @@ impl EventMigration for SqliteEventStore {
     }
 
     async fn migration_run(&self) -> Result<Option<MigrationRun>> {
-        self.conns().read(|conn| run_row(conn)).await
+        self.conns().read(run_row).await
     }
 
     async fn migration_deltas(&self) -> Result<Vec<(StreamId, i64)>> {
-        self.conns().read(|conn| deltas(conn)).await
+        self.conns().read(deltas).await
     }
 
     async fn write_migration_batch(&self, run: i64, batch: Vec<MigratedSource>) -> Result<()> {
