@@ -441,6 +441,40 @@ impl annals::EventImport for AnyStore {
     }
 }
 
+impl annals::EventMigration for AnyStore {
+    async fn begin_migration(&self, plan_file: &str, plan: &str) -> Result<annals::MigrationRun> {
+        delegate!(self, s => s.begin_migration(plan_file, plan).await)
+    }
+
+    async fn migration_run(&self) -> Result<Option<annals::MigrationRun>> {
+        delegate!(self, s => s.migration_run().await)
+    }
+
+    async fn migration_deltas(&self) -> Result<Vec<(StreamId, i64)>> {
+        delegate!(self, s => s.migration_deltas().await)
+    }
+
+    async fn write_migration_batch(
+        &self,
+        run: i64,
+        batch: Vec<annals::MigratedSource>,
+    ) -> Result<()> {
+        delegate!(self, s => s.write_migration_batch(run, batch).await)
+    }
+
+    async fn swap_migration(
+        &self,
+        run: i64,
+        tail: annals::TailTransform,
+    ) -> Result<annals::SwapReport> {
+        delegate!(self, s => s.swap_migration(run, tail).await)
+    }
+
+    async fn drop_migration_backup(&self) -> Result<Option<String>> {
+        delegate!(self, s => s.drop_migration_backup().await)
+    }
+}
+
 impl annals::StreamArchive for AnyStore {
     async fn archive_streams(&self, streams: Vec<annals::ArchivedStream>) -> Result<u64> {
         delegate!(self, s => s.archive_streams(streams).await)

@@ -143,6 +143,7 @@ async fn run_checks(
         snapshots(store, options, findings).await?;
         projection_lag(app, store, options, findings).await?;
         projection_control(app, store, findings).await?;
+        pending_migration(store, findings).await?;
     }
     // Needs no schema: it reads the server's activity.
     horizon(store, options, findings).await?;
@@ -633,6 +634,36 @@ async fn horizon(
     if over {
         findings.more("horizon", Severity::Warning, "more transactions".to_owned());
     }
+    Ok(())
+}
+
+/// A copy-and-transform migration not swapped yet, or a backup left over.
+async fn pending_migration(store: &AnyStore, findings: &mut Findings) -> anyhow::Result<()> {
+    use annals::EventMigration;
+    let Some(run) = store
+        .migration_run()
+        .await
+        .context("cannot read the migration runs")?
+    else {
+        return Ok(());
+    };
+    let detail = match run.state {
+        annals::MigrationState::Copying => format!(
+            "a copy-and-transform migration ({}) is copying, {} events so far, not swapped: run `annals events migrate` again and `annals events swap`, or `annals events drop-backup` to abandon it",
+            run.plan_file, run.source_events
+        ),
+        _ => format!(
+            "the backup table {} of the migration swapped at {} is still there: `annals events drop-backup` removes it",
+            run.backup_table.as_deref().unwrap_or("?"),
+            run.swapped_at.map(|t| t.to_rfc3339()).unwrap_or_default()
+        ),
+    };
+    findings.add(
+        "migration",
+        Severity::Warning,
+        format!("run {}", run.id),
+        detail,
+    );
     Ok(())
 }
 

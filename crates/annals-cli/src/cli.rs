@@ -143,6 +143,10 @@ pub(crate) enum Command {
     /// GDPR crypto-shredding: forget a subject, or show its status.
     #[command(subcommand)]
     Gdpr(crate::gdpr::GdprCommand),
+    /// Copy-and-transform migrations of the event table: migrate (with
+    /// --dry-run), swap, drop-backup.
+    #[command(subcommand)]
+    Events(crate::events_cmd::EventsCommand),
 }
 
 const PROJECTIONS_HELP: &str = "\
@@ -392,7 +396,9 @@ aggregate type that the application's upcasters fail on: stream, version,
 position), projection-lag (an error: a registered projection with a
 checkpoint more than --max-projection-lag events behind the head, or whose
 first unapplied event was recorded more than --max-projection-age before the
-head event; projections that never ran are not checked).
+head event; projections that never ran are not checked), migration (a
+warning: a copy-and-transform migration copying and not swapped, or the
+backup table of a swap not dropped yet).
 
 Exit status: 0 healthy (warnings alone are healthy), 1 an error finding, 2 the
 checks could not run.";

@@ -123,6 +123,7 @@ pub(crate) async fn dispatch(env: Env<'_>, command: Command) -> anyhow::Result<O
         Command::Archive(args) => crate::archive::archive_cmd(env, args).await,
         Command::RestoreArchive(args) => crate::archive::restore_cmd(env, args).await,
         Command::Gdpr(command) => crate::gdpr::dispatch(env, command).await,
+        Command::Events(command) => crate::events_cmd::dispatch(env, command).await,
     }
 }
 

@@ -109,6 +109,7 @@ mod cli;
 mod commands;
 mod demo;
 mod event;
+mod events_cmd;
 mod gdpr;
 mod output;
 mod projections;
@@ -227,6 +228,11 @@ impl App {
     /// The registered aggregate types, sorted.
     pub fn aggregate_types(&self) -> impl Iterator<Item = &'static str> + '_ {
         self.aggregates.keys().copied()
+    }
+
+    /// The registered aggregate types with their operations.
+    pub(crate) fn aggregate_map(&self) -> BTreeMap<&'static str, Arc<dyn AggregateOps>> {
+        self.aggregates.clone()
     }
 
     /// The operations of a registered aggregate type.

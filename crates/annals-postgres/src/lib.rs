@@ -190,6 +190,7 @@ mod archive;
 mod checkpoint;
 mod control;
 mod error;
+mod event_migration;
 mod event_store;
 mod gdpr;
 mod health;

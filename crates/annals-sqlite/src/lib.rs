@@ -77,6 +77,7 @@ mod codec;
 mod conn;
 mod control;
 mod error;
+mod event_migration;
 mod event_store;
 mod gdpr;
 mod health;

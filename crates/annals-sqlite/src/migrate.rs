@@ -76,6 +76,11 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         name: "projection_control",
         sql: include_str!("../sql/0010_projection_control.sql"),
     },
+    Migration {
+        version: 11,
+        name: "event_migrations",
+        sql: include_str!("../sql/0011_event_migrations.sql"),
+    },
 ];
 
 /// The schema version this build needs.

@@ -176,6 +176,12 @@ pub enum Error {
         /// The archive file holding its events.
         location: String,
     },
+    /// A copy-and-transform migration's verification found the copy wrong
+    /// (`annals events swap`): a stream whose count differs, an event id
+    /// missing, an event that does not decode. Nothing was swapped; fix the
+    /// plan, drop the copy (`annals events drop-backup`) and migrate again.
+    #[error("the migrated copy fails verification: {0}")]
+    MigrationCheck(Box<crate::MigrationCheckFailure>),
     /// The database driver failed (connection lost, disk full, ...). The
     /// driver error is the source. Appends are atomic: an append that fails
     /// this way wrote all of its events or none, and when the connection was

@@ -69,6 +69,7 @@ pub mod bank;
 mod checkpoint;
 mod error;
 mod event;
+mod event_migration;
 mod event_store;
 pub mod gdpr;
 mod health;
@@ -99,6 +100,11 @@ pub use event::{
     Payload, RecordedEvent, StreamVersion,
 };
 pub use event::{validate_batch_owned, MAX_JSON_DEPTH};
+pub use event_migration::{
+    backup_table_name, derived_event_id, EventMigration, MigratedEvent, MigratedSource,
+    MigrationCheckFailure, MigrationRun, MigrationState, SwapReport, TailTransform,
+    MIGRATION_TABLE,
+};
 pub use event_store::{AppendSignal, FeedPage};
 pub use event_store::{
     CategoryStats, Direction, EventStore, EventStream, EventTypeStats, ReadAll, ReadStream,
@@ -119,7 +125,7 @@ pub use multi_stream::{
     check_retry_many, prepare_many, MultiStreamAppend, PreparedStreamBatch, StreamBatch,
 };
 #[cfg(feature = "plan")]
-pub use plan::{Plan, PlanError};
+pub use plan::{MigrationPlan, Migrator, Plan, PlanError};
 pub use projection::{
     checkpoint_moved, checkpoint_name, idempotency_key, projection_lag, wait_for, ApplyError,
     AtLeastOnce, BatchApplier, BatchContext, HandlerError, IdempotencyGuard, Projection,

@@ -109,6 +109,41 @@ fn step_prefix(step: Option<usize>, event_type: Option<&str>) -> String {
 struct PlanFile {
     #[serde(default)]
     step: Vec<toml::Spanned<PlanStep>>,
+    /// Copy-and-transform rules (`annals events migrate`); read commands
+    /// ignore them.
+    #[serde(default)]
+    migrate: Vec<toml::Spanned<MigrateRuleDef>>,
+    /// Streams a migration purges; read commands ignore them.
+    #[serde(default)]
+    purge: Vec<PurgeDef>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MigrateRuleDef {
+    event_type: String,
+    #[serde(default)]
+    version: Option<u32>,
+    filter: toml::Spanned<String>,
+}
+
+#[derive(Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+struct PurgeDef {
+    stream: String,
+    reason: String,
+    #[serde(default = "default_tombstone_type")]
+    tombstone_type: String,
+    #[serde(default = "default_tombstone_version")]
+    tombstone_version: u32,
+}
+
+fn default_tombstone_type() -> String {
+    "StreamPurged".to_owned()
+}
+
+fn default_tombstone_version() -> u32 {
+    1
 }
 
 #[derive(Deserialize)]
@@ -143,56 +178,8 @@ impl Plan {
     /// Compiles the plan `text`, naming it `file` in errors.
     pub fn parse(file: impl Into<PathBuf>, text: &str) -> Result<Plan, PlanError> {
         let file = file.into();
-        let parsed: PlanFile = toml::from_str(text).map_err(|e| {
-            let at = e.span().map_or(0, |s| s.start);
-            let (line, column) = line_column(text, at);
-            // Which step the error is in: the last `[[step]]` header before it.
-            let step = text[..at.min(text.len())].matches("[[step]]").count();
-            PlanError::Toml {
-                file: file.clone(),
-                step: (step > 0).then_some(step),
-                event_type: None,
-                line,
-                column,
-                message: e.message().trim_end().to_owned(),
-            }
-        })?;
-        let mut steps = Vec::with_capacity(parsed.step.len());
-        for (i, spanned) in parsed.step.into_iter().enumerate() {
-            let index = i + 1;
-            let def = spanned.into_inner();
-            let filter_span = def.filter.span();
-            let code = def.filter.into_inner();
-            let filter = JqFilter::compile(&code).map_err(|(offset, message)| {
-                let at = filter_offset(text, filter_span.clone(), offset);
-                let (line, column) = line_column(text, at);
-                PlanError::Filter {
-                    file: file.clone(),
-                    step: index,
-                    event_type: def.event_type.clone(),
-                    from_version: def.from_version,
-                    line,
-                    column,
-                    message,
-                }
-            })?;
-            let label = format!(
-                "{}:{} ({} v{})",
-                file.display(),
-                line_column(text, filter_span.start).0,
-                def.event_type,
-                def.from_version
-            );
-            let filter = Arc::new(filter);
-            let mut step = Step::new(def.event_type, def.from_version, move |v: Value| {
-                filter.run(v)
-            })
-            .label(label);
-            if let Some(to) = def.rename_to {
-                step = step.rename_to(to);
-            }
-            steps.push(step);
-        }
+        let parsed = parse_file(&file, text)?;
+        let steps = compile_steps(&file, text, parsed.step)?;
         Ok(Plan { file, steps })
     }
 
@@ -230,6 +217,67 @@ impl Plan {
     }
 }
 
+fn parse_file(file: &Path, text: &str) -> Result<PlanFile, PlanError> {
+    toml::from_str(text).map_err(|e| {
+        let at = e.span().map_or(0, |s| s.start);
+        let (line, column) = line_column(text, at);
+        // Which step the error is in: the last `[[step]]` header before it.
+        let step = text[..at.min(text.len())].matches("[[step]]").count();
+        PlanError::Toml {
+            file: file.to_owned(),
+            step: (step > 0).then_some(step),
+            event_type: None,
+            line,
+            column,
+            message: e.message().trim_end().to_owned(),
+        }
+    })
+}
+
+fn compile_steps(
+    file: &Path,
+    text: &str,
+    defs: Vec<toml::Spanned<PlanStep>>,
+) -> Result<Vec<Step>, PlanError> {
+    let mut steps = Vec::with_capacity(defs.len());
+    for (i, spanned) in defs.into_iter().enumerate() {
+        let index = i + 1;
+        let def = spanned.into_inner();
+        let filter_span = def.filter.span();
+        let code = def.filter.into_inner();
+        let filter = JqFilter::compile(&code).map_err(|(offset, message)| {
+            let at = filter_offset(text, filter_span.clone(), offset);
+            let (line, column) = line_column(text, at);
+            PlanError::Filter {
+                file: file.to_owned(),
+                step: index,
+                event_type: def.event_type.clone(),
+                from_version: def.from_version,
+                line,
+                column,
+                message,
+            }
+        })?;
+        let label = format!(
+            "{}:{} ({} v{})",
+            file.display(),
+            line_column(text, filter_span.start).0,
+            def.event_type,
+            def.from_version
+        );
+        let filter = Arc::new(filter);
+        let mut step = Step::new(def.event_type, def.from_version, move |v: Value| {
+            filter.run(v)
+        })
+        .label(label);
+        if let Some(to) = def.rename_to {
+            step = step.rename_to(to);
+        }
+        steps.push(step);
+    }
+    Ok(steps)
+}
+
 /// The byte offset in the file of byte `offset` of a filter whose TOML
 /// string value spans `value` (quotes included).
 fn filter_offset(text: &str, value: Range<usize>, offset: usize) -> usize {
@@ -263,6 +311,9 @@ fn line_column(text: &str, at: usize) -> (usize, usize) {
 }
 
 type JaqData = data::JustLut<Val>;
+
+mod migration;
+pub use migration::{MigrationPlan, Migrator};
 
 /// A compiled jq filter.
 struct JqFilter {
@@ -342,6 +393,24 @@ impl JqFilter {
                 }
             })?;
         Ok(JqFilter { filter })
+    }
+
+    /// Runs the filter on one input and returns every value it produces.
+    fn run_all(&self, input: Value) -> Result<Vec<Value>, BoxError> {
+        let text = serde_json::to_string(&input)?;
+        let input = jaq_json::read::parse_single(text.as_bytes())
+            .map_err(|e| format!("the input is not JSON jaq reads: {e}"))?;
+        let ctx = Ctx::<JaqData>::new(&self.filter.lut, Vars::new([]));
+        let mut values = Vec::new();
+        for out in self.filter.id.run((ctx, input)).map(jaq_core::unwrap_valr) {
+            let v = out.map_err(|e| format!("the filter failed: {e}"))?;
+            let text = v.to_string();
+            values.push(
+                serde_json::from_str(&text)
+                    .map_err(|e| format!("the filter's result {text} is not JSON: {e}"))?,
+            );
+        }
+        Ok(values)
     }
 
     /// Runs the filter on one payload; it must produce exactly one value.
