@@ -392,6 +392,32 @@ fn splits_drops_purges_and_swaps(db: Db) {
         );
     }
 
+    if !db.is_postgres() {
+        // The live table has the indexes of the old one, under their names,
+        // and its sequence is past every position (the trick: an UPDATE of
+        // the run row that matches only when the condition holds).
+        let names = [
+            "events_event_type_recorded_at",
+            "events_recorded_at",
+            "events_category_position",
+            "events_correlation_id",
+            "events_causation_id",
+            "events_event_type_position",
+        ];
+        let list = names.map(|n| format!("'{n}'")).join(", ");
+        assert_eq!(
+            db.execute_sql(&format!(
+                "UPDATE event_migrations SET plan_file = plan_file WHERE state = 'swapped' \
+                 AND (SELECT count(*) FROM sqlite_schema WHERE type = 'index' \
+                      AND tbl_name = 'events' AND name IN ({list})) = {} \
+                 AND (SELECT seq FROM sqlite_sequence WHERE name = 'events') \
+                     >= (SELECT max(position) FROM events)",
+                names.len()
+            )),
+            1
+        );
+    }
+
     let left = findings(&db, "migration");
     assert_eq!(left.len(), 1);
     assert!(left[0]["detail"]
@@ -706,4 +732,64 @@ fn events_migrate_killed_mid_run_resumes_to_the_same_result_on_sqlite() {
     // events (x % 7 == 0) 39 are in other streams and dropped.
     assert_eq!(a.len(), 300 - 29 - 39);
     assert_eq!(a, b);
+}
+
+#[test]
+fn events_swap_refuses_a_copy_that_fails_verification_on_sqlite() {
+    refuses_a_bad_copy(Db::sqlite());
+}
+
+#[test]
+fn events_swap_refuses_a_copy_that_fails_verification_on_postgres() {
+    let Some(db) = Db::postgres() else { return };
+    refuses_a_bad_copy(db);
+}
+
+/// A copy tampered with behind the CLI's back: an id changed (named by
+/// stream, version and position), then a row removed (named by stream);
+/// nothing is swapped either time.
+fn refuses_a_bad_copy(db: Db) {
+    db.run(&["init"]).ok();
+    seed(&db, false);
+    let plan = plan_file(&db);
+    let before = db.all_events();
+    db.run(&["events", "migrate", "--plan", &plan]).ok();
+    let new_id = if db.is_postgres() {
+        "gen_random_uuid()"
+    } else {
+        "randomblob(16)"
+    };
+    assert_eq!(
+        db.execute_sql(&format!(
+            "UPDATE events_migrating SET event_id = {new_id} \
+             WHERE stream_id = 'Ledger-2' AND stream_version = 1"
+        )),
+        1
+    );
+    let run = db.run(&["events", "swap"]);
+    assert_eq!(run.code, 1, "{run:#?}");
+    assert!(
+        run.stderr.contains("stream Ledger-2 version 1 position "),
+        "{}",
+        run.stderr
+    );
+    assert!(
+        run.stderr.contains("id is not in the copy"),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(db.all_events(), before, "nothing swapped");
+    db.execute_sql("DELETE FROM events_migrating WHERE stream_id = 'Ledger-2'");
+    let run = db.run(&["events", "swap"]);
+    assert_eq!(run.code, 1, "{run:#?}");
+    assert!(
+        run.stderr.contains("the copy has 0 events") && run.stderr.contains("(stream Ledger-2)"),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(db.all_events(), before, "nothing swapped");
+    // Abandoning the copy leaves the live table as it was.
+    let dropped = db.run(&["events", "drop-backup", "--json"]).ok().json();
+    assert_eq!(dropped["dropped"], "events_migrating");
+    assert!(findings(&db, "migration").is_empty());
 }
