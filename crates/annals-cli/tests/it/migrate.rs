@@ -1,6 +1,7 @@
-//! `annals events migrate|swap|drop-backup` on SQLite: a plan that upcasts,
-//! splits, drops and purges; the dry run; a run interrupted and resumed
-//! that ends identical to one run in one go; a swap with a writer appending
+//! `annals events migrate|swap|drop-backup` on SQLite and PostgreSQL: a plan
+//! that upcasts, splits, drops and purges; the dry run; a run interrupted
+//! (`--max-batches`, and on SQLite SIGKILL) and resumed that ends identical
+//! to one run in one go; a swap with a writer appending
 //! throughout (nothing lost or doubled, appends and reads after it); the
 //! `migration` finding of `annals check`; an event that does not decode
 //! named by stream, version and position.
@@ -391,6 +392,32 @@ fn splits_drops_purges_and_swaps(db: Db) {
         );
     }
 
+    if !db.is_postgres() {
+        // The live table has the indexes of the old one, under their names,
+        // and its sequence is past every position (the trick: an UPDATE of
+        // the run row that matches only when the condition holds).
+        let names = [
+            "events_event_type_recorded_at",
+            "events_recorded_at",
+            "events_category_position",
+            "events_correlation_id",
+            "events_causation_id",
+            "events_event_type_position",
+        ];
+        let list = names.map(|n| format!("'{n}'")).join(", ");
+        assert_eq!(
+            db.execute_sql(&format!(
+                "UPDATE event_migrations SET plan_file = plan_file WHERE state = 'swapped' \
+                 AND (SELECT count(*) FROM sqlite_schema WHERE type = 'index' \
+                      AND tbl_name = 'events' AND name IN ({list})) = {} \
+                 AND (SELECT seq FROM sqlite_sequence WHERE name = 'events') \
+                     >= (SELECT max(position) FROM events)",
+                names.len()
+            )),
+            1
+        );
+    }
+
     let left = findings(&db, "migration");
     assert_eq!(left.len(), 1);
     assert!(left[0]["detail"]
@@ -627,5 +654,142 @@ fn planted(db: Db) {
         .expect("detail")
         .contains("events_backup_20260101000000"));
     db.execute_sql("UPDATE event_migrations SET state = 'done'");
+    assert!(findings(&db, "migration").is_empty());
+}
+
+/// 300 events in 10 streams written straight into a new SQLite store, with
+/// ids and times fixed by their number, so two stores get the same log.
+fn seed_many(db: &Db) {
+    db.run(&["init"]).ok();
+    db.execute_sql(
+        "INSERT INTO events (event_id, stream_id, category, stream_version, event_type, \
+         event_version, data, metadata, recorded_at) \
+         WITH RECURSIVE n(x) AS (SELECT 0 UNION ALL SELECT x + 1 FROM n WHERE x < 299) \
+         SELECT unhex(printf('%032x', x + 1)), 'Ledger-' || (x % 10), 'Ledger', x / 10 + 1, \
+                CASE WHEN x % 7 = 0 THEN 'Noise' ELSE 'Withdrawn' END, 1, \
+                '{\"amount\":\"' || x || '\"}', '{}', 1700000000000000 + x FROM n",
+    );
+    db.execute_sql(
+        "INSERT INTO streams (stream_id, category, version) \
+         WITH RECURSIVE k(s) AS (SELECT 0 UNION ALL SELECT s + 1 FROM k WHERE s < 9) \
+         SELECT 'Ledger-' || s, 'Ledger', 30 FROM k",
+    );
+}
+
+#[test]
+fn events_migrate_killed_mid_run_resumes_to_the_same_result_on_sqlite() {
+    let (killed, once) = (Db::sqlite(), Db::sqlite());
+    seed_many(&killed);
+    seed_many(&once);
+    let plan = plan_file(&killed);
+    let mut child = killed
+        .command(&["events", "migrate", "--plan", &plan, "--batch-size", "1"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("migrate");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while killed
+        .execute_sql("UPDATE event_migrations SET plan_file = plan_file WHERE source_events >= 5")
+        == 0
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the copy did not start"
+        );
+    }
+    assert!(
+        child.try_wait().expect("wait").is_none(),
+        "the copy ended before it could be killed"
+    );
+    child.kill().expect("SIGKILL");
+    child.wait().expect("reaped");
+    // What was committed is whole: the copy holds exactly the written events.
+    let partial = killed.execute_sql(
+        "UPDATE event_migrations SET plan_file = plan_file \
+         WHERE state = 'copying' AND source_events < 300 \
+           AND written_events = (SELECT count(*) FROM events_migrating)",
+    );
+    assert_eq!(partial, 1, "a half-written batch, or the run had finished");
+    killed
+        .run(&["events", "migrate", "--plan", &plan, "--batch-size", "7"])
+        .ok();
+    let plan2 = plan_file(&once);
+    once.run(&["events", "migrate", "--plan", &plan2]).ok();
+    killed.run(&["events", "swap"]).ok();
+    once.run(&["events", "swap"]).ok();
+    let all = |db: &Db| -> Vec<Value> {
+        db.all_events()
+            .into_iter()
+            .map(|mut e| {
+                e.as_object_mut().expect("object").remove("recorded_at");
+                e
+            })
+            .collect()
+    };
+    let (a, b) = (all(&killed), all(&once));
+    // Ledger-9 (30 events) is purged to its tombstone; of the 43 Noise
+    // events (x % 7 == 0) 39 are in other streams and dropped.
+    assert_eq!(a.len(), 300 - 29 - 39);
+    assert_eq!(a, b);
+}
+
+#[test]
+fn events_swap_refuses_a_copy_that_fails_verification_on_sqlite() {
+    refuses_a_bad_copy(Db::sqlite());
+}
+
+#[test]
+fn events_swap_refuses_a_copy_that_fails_verification_on_postgres() {
+    let Some(db) = Db::postgres() else { return };
+    refuses_a_bad_copy(db);
+}
+
+/// A copy tampered with behind the CLI's back: an id changed (named by
+/// stream, version and position), then a row removed (named by stream);
+/// nothing is swapped either time.
+fn refuses_a_bad_copy(db: Db) {
+    db.run(&["init"]).ok();
+    seed(&db, false);
+    let plan = plan_file(&db);
+    let before = db.all_events();
+    db.run(&["events", "migrate", "--plan", &plan]).ok();
+    let new_id = if db.is_postgres() {
+        "gen_random_uuid()"
+    } else {
+        "randomblob(16)"
+    };
+    assert_eq!(
+        db.execute_sql(&format!(
+            "UPDATE events_migrating SET event_id = {new_id} \
+             WHERE stream_id = 'Ledger-2' AND stream_version = 1"
+        )),
+        1
+    );
+    let run = db.run(&["events", "swap"]);
+    assert_eq!(run.code, 1, "{run:#?}");
+    assert!(
+        run.stderr.contains("stream Ledger-2 version 1 position "),
+        "{}",
+        run.stderr
+    );
+    assert!(
+        run.stderr.contains("id is not in the copy"),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(db.all_events(), before, "nothing swapped");
+    db.execute_sql("DELETE FROM events_migrating WHERE stream_id = 'Ledger-2'");
+    let run = db.run(&["events", "swap"]);
+    assert_eq!(run.code, 1, "{run:#?}");
+    assert!(
+        run.stderr.contains("the copy has 0 events") && run.stderr.contains("(stream Ledger-2)"),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(db.all_events(), before, "nothing swapped");
+    // Abandoning the copy leaves the live table as it was.
+    let dropped = db.run(&["events", "drop-backup", "--json"]).ok().json();
+    assert_eq!(dropped["dropped"], "events_migrating");
     assert!(findings(&db, "migration").is_empty());
 }
