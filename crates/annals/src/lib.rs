@@ -66,6 +66,7 @@ extern crate self as annals;
 mod aggregate;
 mod archive;
 pub mod bank;
+pub mod blue_green;
 mod checkpoint;
 mod error;
 mod event;
@@ -127,14 +128,18 @@ pub use projection::{
     RunnerOptions,
 };
 pub use projection::{
-    retry_dead_letter, ErrorPolicy, ProjectionState, RebuildOptions, RebuildProgress,
-    DEFAULT_LOCK_TTL,
+    record_dead_letter_count, retry_dead_letter, ErrorPolicy, ProjectionState, RateLimiter,
+    RebuildOptions, RebuildProgress, DEFAULT_LOCK_TTL,
+};
+pub use blue_green::{
+    quote_ident, retired_table, shadow_checkpoint_name, shadow_table, superseded,
+    BlueGreenApplier, TableNames,
 };
 pub use projection_control::{
     lock_owner, lock_token, DeadLetter, LockAttempt, ProjectionControl, ProjectionLock,
 };
 pub use repository::{
-    decode_snapshot, fold_stream, make_snapshot, Command, CommandContext, CommandError, Executed,
+    decode_snapshot, fold_stream, make_snapshot, reaction_command_id, Command, CommandContext, CommandError, Executed,
     LoadReport, Loaded, Repository, RetryPolicy, SnapshotConfig, SnapshotMode, SnapshotPolicy,
     SnapshotSkip, SNAPSHOT_LOG_TARGET,
 };

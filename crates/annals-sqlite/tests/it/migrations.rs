@@ -19,8 +19,9 @@ const EXPECTED: &[(i64, &str)] = &[
     (8, "archived_streams"),
     (9, "gdpr_keys"),
     (10, "projection_control"),
+    (11, "projection_versions"),
 ];
-const LATEST: i64 = 10;
+const LATEST: i64 = 11;
 
 fn ledger(conn: &rusqlite::Connection) -> Vec<(i64, String, String)> {
     let mut s = conn
