@@ -233,6 +233,8 @@ macro_rules! conformance_suite {
             rebuild_fails_then_resumes_from_its_checkpoint,
             poison_event_is_parked_and_the_projection_goes_on,
             stalled_projection_trips_the_breaker,
+            reactor_commands_apply_once_when_events_are_redelivered,
+            rate_limited_projection_delivers_every_event,
         }
     };
     (@group upcasting, $($then:tt)*) => {

@@ -758,18 +758,22 @@ where
         mut progress: impl FnMut(&RebuildProgress) + Send,
     ) -> Result<A, ProjectionError> {
         let mut keeper = self.take_lock().await?;
-        let out = self.rebuild_inner(&mut keeper, options, &mut progress).await;
+        let out = self
+            .rebuild_inner(&mut keeper, options, None, &mut progress)
+            .await;
         keeper.release().await;
         out.map(|()| self.applier)
     }
 
     /// The loop of [`rebuild`](Self::rebuild), under `keeper`'s lock, with
     /// the applier's current checkpoint (the shadow one in a blue-green
-    /// rebuild).
+    /// rebuild): up to the end of the log, or once the checkpoint is at or
+    /// past `until` (a target that writers cannot keep moving).
     async fn rebuild_inner(
         &mut self,
         keeper: &mut LockKeeper<S>,
         options: RebuildOptions,
+        until: Option<GlobalPosition>,
         progress: &mut (impl FnMut(&RebuildProgress) + Send),
     ) -> Result<(), ProjectionError> {
         let name = self.applier.name().to_owned();
@@ -810,6 +814,10 @@ where
             let mut events = Vec::new();
             let mut at_end = false;
             while events.len() < chunk && !at_end {
+                if until.is_some_and(|u| read.after >= u) {
+                    at_end = true;
+                    break;
+                }
                 let want = page_size.min(chunk - events.len());
                 let page = self
                     .retry_store(|s| {
@@ -935,7 +943,25 @@ where
                 from_start: false,
                 ..options
             };
-            self.rebuild_inner(&mut keeper, inner, &mut progress).await?;
+            // Two passes with fixed targets, so that writers faster than the
+            // rebuild cannot keep it from ending: up to the head read now,
+            // then up to the head read after that pass (what was appended
+            // meanwhile). What is appended after the second target is
+            // applied by the new version's runner from the swapped
+            // checkpoint.
+            for _pass in 0..2 {
+                let target = retry_store(self.store.clone(), retry, |s| async move {
+                    s.head_position().await
+                })
+                .await
+                .map_err(|source| ProjectionError::Store {
+                    projection: name.clone(),
+                    source,
+                })?
+                .unwrap_or(GlobalPosition::START);
+                self.rebuild_inner(&mut keeper, inner, Some(target), &mut progress)
+                    .await?;
+            }
             keeper.check(&name, &live)?;
             retry_mut!(self.applier, retry, swap())
                 .map_err(|source| ProjectionError::Store {
@@ -1737,4 +1763,28 @@ pub fn checkpoint_moved(ctx: &BatchContext, stored: GlobalPosition) -> Error {
          instead of applying events twice",
         ctx.checkpoint, ctx.after
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::RateLimiter;
+    use std::time::Duration;
+
+    /// The token bucket with an injected clock: a burst is free, then each
+    /// permit costs 1/rate; idle time refills up to the burst, never more.
+    #[test]
+    fn rate_limiter_counts_permits_against_an_injected_clock() {
+        let t0 = tokio::time::Instant::now();
+        let sec = Duration::from_secs(1);
+        let mut limit = RateLimiter::new(5.0, 5.0);
+        assert_eq!(limit.delay(t0, 5), Duration::ZERO);
+        assert_eq!(limit.delay(t0, 5), sec);
+        // Waited that second: the debt is paid, the bucket is empty.
+        assert_eq!(limit.delay(t0 + sec, 5), sec);
+        // Long idle: refilled to the burst (5), not to 45.
+        assert_eq!(limit.delay(t0 + sec * 11, 10), sec);
+        assert_eq!(limit.granted(), 25);
+        // A clock that goes backwards refills nothing: 5 in debt, 5 more.
+        assert_eq!(limit.delay(t0, 5), sec * 2);
+    }
 }
