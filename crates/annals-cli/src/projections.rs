@@ -83,7 +83,13 @@ pub trait ProjectionOps: Send + Sync + 'static {
     ) -> BoxFuture<'a, Result<(), ProjectionError>> {
         let _ = (db, request, progress);
         let name = self.name().to_owned();
-        async move { Err(unsupported_op(&name, "rebuilt by annals projections rebuild")) }.boxed()
+        async move {
+            Err(unsupported_op(
+                &name,
+                "rebuilt by annals projections rebuild",
+            ))
+        }
+        .boxed()
     }
 
     /// Applies the parked event `event_id` again through the handler
@@ -450,7 +456,10 @@ impl ProjectionOps for AccountBalances {
                     let runner =
                         ProjectionRunner::new(store, s.transactional(*self)).with_options(options);
                     if request.blue_green {
-                        runner.rebuild_blue_green(request.options, progress).await.map(drop)
+                        runner
+                            .rebuild_blue_green(request.options, progress)
+                            .await
+                            .map(drop)
                     } else {
                         runner.rebuild(request.options, progress).await.map(drop)
                     }
@@ -459,7 +468,10 @@ impl ProjectionOps for AccountBalances {
                     let runner =
                         ProjectionRunner::new(store, p.transactional(*self)).with_options(options);
                     if request.blue_green {
-                        runner.rebuild_blue_green(request.options, progress).await.map(drop)
+                        runner
+                            .rebuild_blue_green(request.options, progress)
+                            .await
+                            .map(drop)
                     } else {
                         runner.rebuild(request.options, progress).await.map(drop)
                     }

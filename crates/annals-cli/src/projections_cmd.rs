@@ -363,7 +363,14 @@ async fn rebuild(
     let checkpoint = projection.checkpoint();
     let marker = rebuild_marker(&checkpoint);
     let mut resumed = !from_start;
-    if !blue_green {
+    if blue_green {
+        // An interrupted blue-green rebuild left its shadow checkpoint.
+        resumed &= store
+            .load_checkpoint(&annals::shadow_checkpoint_name(&checkpoint))
+            .await
+            .context("cannot read the shadow checkpoint")?
+            .is_some();
+    } else {
         let under_way = store
             .load_checkpoint(&marker)
             .await
@@ -445,7 +452,9 @@ async fn rebuild(
     let from = if resumed { "resumed, " } else { "" };
     writeln_out(
         env.out,
-        &format!("rebuilt {name}: {from}{events} events scanned, checkpoint {checkpoint} at {at}{how}"),
+        &format!(
+            "rebuilt {name}: {from}{events} events scanned, checkpoint {checkpoint} at {at}{how}"
+        ),
     )?;
     Ok(Outcome::Success)
 }
@@ -487,7 +496,9 @@ async fn dead_letters(
             .await
             .context("cannot drop the dead letter")?;
         if !dropped {
-            return Err(anyhow!("projection {name} ({checkpoint}) has no parked event {id}"));
+            return Err(anyhow!(
+                "projection {name} ({checkpoint}) has no parked event {id}"
+            ));
         }
         annals::record_dead_letter_count(&store, &name, &checkpoint).await;
         writeln_out(env.out, &format!("dropped parked event {id} of {name}"))?;
@@ -497,11 +508,17 @@ async fn dead_letters(
         let db = read_model_db(&env, store.clone());
         return match projection.retry_dead_letter(&db, EventId(id)).await {
             Ok(()) => {
-                writeln_out(env.out, &format!("applied parked event {id} of {name}; dropped"))?;
+                writeln_out(
+                    env.out,
+                    &format!("applied parked event {id} of {name}; dropped"),
+                )?;
                 Ok(Outcome::Success)
             }
             Err(e @ ProjectionError::Handler { .. }) => {
-                writeln_out(env.out, &format!("parked event {id} of {name} failed again: {e}"))?;
+                writeln_out(
+                    env.out,
+                    &format!("parked event {id} of {name} failed again: {e}"),
+                )?;
                 Ok(Outcome::CheckFailed(format!(
                     "parked event {id} of {name} failed again; it stays parked"
                 )))
@@ -534,7 +551,13 @@ async fn dead_letters(
         note(&format!("projection {name} has no parked events"));
     } else {
         let mut table = Table::new(&[
-            "EVENT_ID", "POSITION", "STREAM", "TYPE", "ATTEMPTS", "PARKED_AT", "ERROR",
+            "EVENT_ID",
+            "POSITION",
+            "STREAM",
+            "TYPE",
+            "ATTEMPTS",
+            "PARKED_AT",
+            "ERROR",
         ]);
         for r in rows {
             table.push(

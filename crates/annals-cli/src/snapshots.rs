@@ -58,7 +58,10 @@ pub(crate) async fn dispatch(env: Env<'_>, command: SnapshotsCommand) -> anyhow:
 
 /// The snapshot jobs' bar (see [`crate::progress::progress_bar`]).
 fn progress_bar(prefix: String) -> ProgressBar {
-    crate::progress::progress_bar("{prefix} {wide_bar} {pos}/{len} aggregates, {eta} left", prefix)
+    crate::progress::progress_bar(
+        "{prefix} {wide_bar} {pos}/{len} aggregates, {eta} left",
+        prefix,
+    )
 }
 
 /// The core's progress callback, drawn on `bar`.

@@ -264,7 +264,10 @@ impl<P: PgProjection> PgTransactional<P> {
     /// runner starts).
     pub async fn create_tables(&self) -> annals::Result<()> {
         let what = "cannot create a projection's tables";
-        let mut client = self.store.ready_client("create a projection's tables").await?;
+        let mut client = self
+            .store
+            .ready_client("create a projection's tables")
+            .await?;
         let tx = client.transaction().await.context(what)?;
         self.projection
             .create_tables(&tx, &self.tables)
@@ -281,7 +284,10 @@ impl<P: PgProjection> BlueGreenApplier for PgTransactional<P> {
 
     async fn active_version(&mut self) -> annals::Result<Option<u32>> {
         let what = "cannot read a projection's active version";
-        let client = self.store.ready_client("read a projection's active version").await?;
+        let client = self
+            .store
+            .ready_client("read a projection's active version")
+            .await?;
         let row = client
             .query_opt(
                 "SELECT active_version FROM projection_versions WHERE name = $1",

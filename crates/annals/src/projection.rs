@@ -921,11 +921,12 @@ where
         let mut keeper = self.take_lock().await?;
         let out = async {
             let retry = self.options.store_retry;
-            let active = retry_mut!(self.applier, retry, active_version())
-                .map_err(|source| ProjectionError::Store {
+            let active = retry_mut!(self.applier, retry, active_version()).map_err(|source| {
+                ProjectionError::Store {
                     projection: name.clone(),
                     source,
-                })?;
+                }
+            })?;
             if let Some(active) = active.filter(|a| *a > version) {
                 return Err(ProjectionError::Superseded {
                     projection: name.clone(),
@@ -934,11 +935,12 @@ where
                 });
             }
             let fresh = options.from_start;
-            retry_mut!(self.applier, retry, enter_shadow(fresh))
-                .map_err(|source| ProjectionError::Store {
+            retry_mut!(self.applier, retry, enter_shadow(fresh)).map_err(|source| {
+                ProjectionError::Store {
                     projection: name.clone(),
                     source,
-                })?;
+                }
+            })?;
             let inner = RebuildOptions {
                 from_start: false,
                 ..options
@@ -963,11 +965,10 @@ where
                     .await?;
             }
             keeper.check(&name, &live)?;
-            retry_mut!(self.applier, retry, swap())
-                .map_err(|source| ProjectionError::Store {
-                    projection: name.clone(),
-                    source,
-                })?;
+            retry_mut!(self.applier, retry, swap()).map_err(|source| ProjectionError::Store {
+                projection: name.clone(),
+                source,
+            })?;
             tracing::info!(projection = %name, version, "blue-green swap committed");
             if let Err(e) = self.applier.drop_retired().await {
                 // The next blue-green rebuild drops them before its swap.
@@ -1403,9 +1404,17 @@ impl RateLimiter {
     /// `per_sec` permits a second (at least 0.001), bursts of `burst`
     /// (at least 1).
     pub fn new(per_sec: f64, burst: f64) -> Self {
-        let burst = if burst.is_finite() { burst.max(1.0) } else { 1.0 };
+        let burst = if burst.is_finite() {
+            burst.max(1.0)
+        } else {
+            1.0
+        };
         RateLimiter {
-            per_sec: if per_sec.is_finite() { per_sec.max(0.001) } else { 0.001 },
+            per_sec: if per_sec.is_finite() {
+                per_sec.max(0.001)
+            } else {
+                0.001
+            },
             burst,
             tokens: burst,
             last: None,

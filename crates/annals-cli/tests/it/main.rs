@@ -14,6 +14,7 @@ mod inspection;
 mod library;
 mod postgres;
 mod projections;
+mod projections_rebuild;
 mod scenarios;
 mod serve;
 mod snapshots;

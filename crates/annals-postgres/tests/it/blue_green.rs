@@ -127,12 +127,15 @@ type Rows = HashMap<String, (i64, i64)>;
 
 async fn table(db: &TestDb, name: &str) -> Rows {
     let raw = db.raw().await;
-    raw.query(&format!("SELECT stream, total, events FROM \"{name}\""), &[])
-        .await
-        .expect("query")
-        .iter()
-        .map(|r| (r.get(0), (r.get(1), r.get(2))))
-        .collect()
+    raw.query(
+        &format!("SELECT stream, total, events FROM \"{name}\""),
+        &[],
+    )
+    .await
+    .expect("query")
+    .iter()
+    .map(|r| (r.get(0), (r.get(1), r.get(2))))
+    .collect()
 }
 
 async fn tables_like(db: &TestDb, pattern: &str) -> Vec<String> {
@@ -274,7 +277,10 @@ async fn issue8_blue_green_rebuild_while_eight_writers_append() {
     swapped.store(true, Ordering::SeqCst);
     reading.store(false, Ordering::SeqCst);
     assert!(reports >= 2, "progress after each checkpoint");
-    assert!(handled.load(Ordering::SeqCst) >= 200, "v2 built from the start");
+    assert!(
+        handled.load(Ordering::SeqCst) >= 200,
+        "v2 built from the start"
+    );
     assert_eq!(active_version(&db).await, Some(2));
     assert!(reader.await.expect("reader") > 0);
 
@@ -297,7 +303,10 @@ async fn issue8_blue_green_rebuild_while_eight_writers_append() {
     v2_runner.stop().await.expect("stop v2");
 
     assert_eq!(table(&db, "totals").await, fold(&store).await);
-    assert_eq!(tables_like(&db, "totals\\_\\_bg%").await, Vec::<String>::new());
+    assert_eq!(
+        tables_like(&db, "totals\\_\\_bg%").await,
+        Vec::<String>::new()
+    );
     assert_eq!(
         store
             .load_checkpoint(&shadow_checkpoint_name(&checkpoint_name("totals", 2)))
@@ -332,7 +341,14 @@ async fn issue8_blue_green_rebuild_while_eight_writers_append() {
         .err()
         .expect("refused");
     assert!(
-        matches!(err, ProjectionError::Superseded { version: 1, active: 2, .. }),
+        matches!(
+            err,
+            ProjectionError::Superseded {
+                version: 1,
+                active: 2,
+                ..
+            }
+        ),
         "{err}"
     );
     db.cleanup().await;
@@ -343,7 +359,8 @@ async fn issue8_blue_green_rebuild_while_eight_writers_append() {
 /// from its shadow checkpoint (not from the first event) and swaps.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn issue8_failed_blue_green_rebuild_leaves_the_live_projection() {
-    let Some(db) = TestDb::new("issue8_failed_blue_green_rebuild_leaves_the_live_projection").await else {
+    let Some(db) = TestDb::new("issue8_failed_blue_green_rebuild_leaves_the_live_projection").await
+    else {
         return;
     };
     let store = db.store.clone();
@@ -385,7 +402,10 @@ async fn issue8_failed_blue_green_rebuild_leaves_the_live_projection() {
         .await
         .expect("load")
         .expect("the shadow build checkpointed before the failure");
-    assert_eq!(tables_like(&db, "totals__bg_v2").await, vec!["totals__bg_v2"]);
+    assert_eq!(
+        tables_like(&db, "totals__bg_v2").await,
+        vec!["totals__bg_v2"]
+    );
     assert!(v1.is_running(), "the live runner kept running");
 
     // Resumed: the events up to the shadow checkpoint are not handled again.
@@ -414,7 +434,8 @@ async fn issue8_failed_blue_green_rebuild_leaves_the_live_projection() {
 /// file (a restarted process) resumes it once the lease expired.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn issue8_cancelled_blue_green_rebuild_resumes_after_a_restart() {
-    let Some(db) = TestDb::new("issue8_cancelled_blue_green_rebuild_resumes_after_a_restart").await else {
+    let Some(db) = TestDb::new("issue8_cancelled_blue_green_rebuild_resumes_after_a_restart").await
+    else {
         return;
     };
     let store = db.store.clone();
@@ -448,11 +469,14 @@ async fn issue8_cancelled_blue_green_rebuild_resumes_after_a_restart() {
     let handled = Arc::clone(&fixed.handled);
     let deadline = tokio::time::Instant::now() + PATIENCE;
     let applier = loop {
-        let attempt = ProjectionRunner::new(restarted.clone(), restarted.transactional(Totals {
-            version: 2,
-            fail_on: Arc::new(AtomicI64::new(-1)),
-            handled: Arc::clone(&handled),
-        }))
+        let attempt = ProjectionRunner::new(
+            restarted.clone(),
+            restarted.transactional(Totals {
+                version: 2,
+                fail_on: Arc::new(AtomicI64::new(-1)),
+                handled: Arc::clone(&handled),
+            }),
+        )
         .with_options(options())
         .rebuild_blue_green(rebuild_options(false), |_| {})
         .await;
@@ -471,7 +495,11 @@ async fn issue8_cancelled_blue_green_rebuild_resumes_after_a_restart() {
         .await
         .expect("count");
     assert!(before >= 32);
-    assert_eq!(handled.load(Ordering::SeqCst), 400 - before, "resumed, not restarted");
+    assert_eq!(
+        handled.load(Ordering::SeqCst),
+        400 - before,
+        "resumed, not restarted"
+    );
     drop(applier);
     let _ = v1.stop().await;
     assert_eq!(active_version(&db).await, Some(2));

@@ -130,7 +130,9 @@ fn table(store: &SqliteEventStore, name: &str) -> Rows {
 fn tables_like(store: &SqliteEventStore, pattern: &str) -> Vec<String> {
     let conn = raw(store);
     let mut stmt = conn
-        .prepare("SELECT name FROM sqlite_master WHERE type = 'table' AND name LIKE ?1 ORDER BY name")
+        .prepare(
+            "SELECT name FROM sqlite_master WHERE type = 'table' AND name LIKE ?1 ORDER BY name",
+        )
         .expect("prepare");
     let names = stmt
         .query_map([pattern], |r| r.get(0))
@@ -261,7 +263,10 @@ async fn issue8_blue_green_rebuild_while_eight_writers_append() {
     swapped.store(true, Ordering::SeqCst);
     reading.store(false, Ordering::SeqCst);
     assert!(reports >= 2, "progress after each checkpoint");
-    assert!(handled.load(Ordering::SeqCst) >= 200, "v2 built from the start");
+    assert!(
+        handled.load(Ordering::SeqCst) >= 200,
+        "v2 built from the start"
+    );
     assert_eq!(active_version(&store), Some(2));
     assert!(reader.await.expect("reader") > 0);
 
@@ -319,7 +324,14 @@ async fn issue8_blue_green_rebuild_while_eight_writers_append() {
         .err()
         .expect("refused");
     assert!(
-        matches!(err, ProjectionError::Superseded { version: 1, active: 2, .. }),
+        matches!(
+            err,
+            ProjectionError::Superseded {
+                version: 1,
+                active: 2,
+                ..
+            }
+        ),
         "{err}"
     );
 }
@@ -425,11 +437,14 @@ async fn issue8_cancelled_blue_green_rebuild_resumes_after_a_restart() {
     let handled = Arc::clone(&fixed.handled);
     let deadline = tokio::time::Instant::now() + PATIENCE;
     let applier = loop {
-        let attempt = ProjectionRunner::new(restarted.clone(), restarted.transactional(Totals {
-            version: 2,
-            fail_on: Arc::new(AtomicI64::new(-1)),
-            handled: Arc::clone(&handled),
-        }))
+        let attempt = ProjectionRunner::new(
+            restarted.clone(),
+            restarted.transactional(Totals {
+                version: 2,
+                fail_on: Arc::new(AtomicI64::new(-1)),
+                handled: Arc::clone(&handled),
+            }),
+        )
         .with_options(options())
         .rebuild_blue_green(rebuild_options(false), |_| {})
         .await;
@@ -448,7 +463,11 @@ async fn issue8_cancelled_blue_green_rebuild_resumes_after_a_restart() {
         .await
         .expect("count");
     assert!(before >= 32);
-    assert_eq!(handled.load(Ordering::SeqCst), 400 - before, "resumed, not restarted");
+    assert_eq!(
+        handled.load(Ordering::SeqCst),
+        400 - before,
+        "resumed, not restarted"
+    );
     drop(applier);
     let _ = v1.stop().await;
     assert_eq!(active_version(&restarted), Some(2));

@@ -92,8 +92,14 @@ pub async fn gdpr_encrypts_on_append_and_decrypts_on_read<S: EventStore + KeySto
     let stored = raw[0].data.as_str();
     // Whole values: a space, '@' or '.' never occurs in base64 ciphertext,
     // while a short word like "Ada" can (it did once).
-    assert!(!stored.contains("Ada Lovelace"), "plaintext stored: {stored}");
-    assert!(!stored.contains("p1@mail.example"), "plaintext stored: {stored}");
+    assert!(
+        !stored.contains("Ada Lovelace"),
+        "plaintext stored: {stored}"
+    );
+    assert!(
+        !stored.contains("p1@mail.example"),
+        "plaintext stored: {stored}"
+    );
     assert!(stored.contains("$enc"), "{stored}");
     assert_eq!(
         raw[0].data.to_value().expect("json")["person_id"],

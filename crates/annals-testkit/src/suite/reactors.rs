@@ -96,7 +96,11 @@ pub async fn reactor_commands_apply_once_when_events_are_redelivered<
     assert_eq!(account.state.balance, sum, "each credit applied once");
     let credits = read_all_vec(&store, ReadAll::from_start().categories(["Account"])).await;
     let orders = read_all_vec(&store, ReadAll::from_start().categories(["Order"])).await;
-    assert_eq!(credits.len(), 1 + orders.len(), "Opened plus one deposit per order");
+    assert_eq!(
+        credits.len(),
+        1 + orders.len(),
+        "Opened plus one deposit per order"
+    );
     for (credit, order) in credits[1..].iter().zip(&orders) {
         assert_eq!(credit.metadata.causation_id, Some(order.event_id.0));
         let ctx = CommandContext::reacting_to(order, "credit");
