@@ -77,7 +77,7 @@ mod drift;
 /// | `event_import` | `EventImport` (`import_events`) |
 /// | `checkpoint_listing` | `CheckpointListing` (`list_checkpoints`) |
 /// | `checkpoints` | `EventStore` + `CheckpointStore` |
-/// | `projections` | `EventStore` + `ProjectionControl` (feed pages, subscriptions, projection runners, locks, rebuilds, dead letters) |
+/// | `projections` | `EventStore` + `ProjectionControl` (feed pages, subscriptions, projection runners, locks, rebuilds, dead letters, reactors, rate limits) |
 /// | `model` | `EventStore` + `SnapshotStore` + `CheckpointStore` (the `Vec`-model check) |
 /// | `upcasting` | `EventStore` + `SnapshotStore` + `annals::Upcasting` (reads through `Upcasters`) |
 /// | `gdpr` | `EventStore` + `SnapshotStore` + `annals::KeyStore` (crypto-shredding through `GdprStore`) |

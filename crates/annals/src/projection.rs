@@ -951,6 +951,9 @@ where
             // meanwhile). What is appended after the second target is
             // applied by the new version's runner from the swapped
             // checkpoint.
+            // Progress counts over both passes, as one rebuild.
+            let began = tokio::time::Instant::now();
+            let mut before = 0u64;
             for _pass in 0..2 {
                 let target = retry_store(self.store.clone(), retry, |s| async move {
                     s.head_position().await
@@ -961,8 +964,21 @@ where
                     source,
                 })?
                 .unwrap_or(GlobalPosition::START);
-                self.rebuild_inner(&mut keeper, inner, Some(target), &mut progress)
+                let mut this_pass = 0u64;
+                let mut report = |p: &RebuildProgress| {
+                    this_pass = p.events;
+                    let elapsed = began.elapsed();
+                    let events = before + p.events;
+                    progress(&RebuildProgress {
+                        events,
+                        events_per_sec: events as f64 / elapsed.as_secs_f64().max(1e-6),
+                        elapsed,
+                        ..*p
+                    });
+                };
+                self.rebuild_inner(&mut keeper, inner, Some(target), &mut report)
                     .await?;
+                before += this_pass;
             }
             keeper.check(&name, &live)?;
             retry_mut!(self.applier, retry, swap()).map_err(|source| ProjectionError::Store {

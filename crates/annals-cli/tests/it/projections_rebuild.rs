@@ -39,6 +39,17 @@ rebuild_tests!(
     dead_letters_list_retry_and_drop,
 );
 
+/// The value of `name{projection="account_balances"}` in a metrics file.
+#[track_caller]
+fn metric(file: &std::path::Path, name: &str) -> f64 {
+    let text = std::fs::read_to_string(file).expect("metrics file");
+    text.lines()
+        .find(|l| l.starts_with(&format!("{name}{{projection=\"account_balances\"}}")))
+        .and_then(|l| l.rsplit_once(' '))
+        .and_then(|(_, v)| v.parse::<f64>().ok())
+        .unwrap_or_else(|| panic!("{name} not in {text}"))
+}
+
 fn status(db: &Db) -> Value {
     db.run(&["projections", "status", "--json"]).ok().json()
 }
@@ -272,8 +283,17 @@ fn dead_letters_list_retry_and_drop(db: &Db) {
         ],
     );
 
-    db.run(&["projections", "dead-letters", "account_balances"])
-        .ok();
+    let file = db.dir.path().join("dead.prom");
+    let file_arg = file.to_str().expect("utf-8 temp path");
+    db.run(&[
+        "projections",
+        "dead-letters",
+        "account_balances",
+        "--metrics-file",
+        file_arg,
+    ])
+    .ok();
+    assert_eq!(metric(&file, "annals_projection_dead_letters"), 2.0);
     let listed = db
         .run(&["projections", "dead-letters", "account_balances", "--json"])
         .ok()
