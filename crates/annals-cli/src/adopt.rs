@@ -23,7 +23,6 @@
 //! when every stream of the batch is new (one commit per batch); a batch that
 //! meets streams that exist is retried row by row to classify each one.
 
-use std::io::IsTerminal;
 use std::path::Path;
 
 use annals::{
@@ -32,7 +31,7 @@ use annals::{
 };
 use anyhow::{anyhow, bail, Context};
 use futures::StreamExt;
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use indicatif::ProgressBar;
 use serde_json::{json, Map, Value};
 use tokio::sync::mpsc;
 use uuid::Uuid;
@@ -309,16 +308,7 @@ fn report(env: Env<'_>, args: &AdoptArgs, t: &Tally) -> anyhow::Result<Outcome> 
 }
 
 fn progress_bar() -> ProgressBar {
-    let target = if std::io::stderr().is_terminal() {
-        ProgressDrawTarget::stderr()
-    } else {
-        ProgressDrawTarget::hidden()
-    };
-    let bar = ProgressBar::with_draw_target(None, target);
-    if let Ok(style) = ProgressStyle::with_template("{spinner} {pos} rows adopted ({per_sec})") {
-        bar.set_style(style);
-    }
-    bar
+    crate::progress::progress_bar("{spinner} {pos} rows adopted ({per_sec})", "")
 }
 
 /// Runs `query` on the SQLite file read-only and sends its rows.

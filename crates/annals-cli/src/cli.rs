@@ -156,7 +156,15 @@ somewhere is not recorded in the database, so status does not claim it.
 Lag in seconds: recorded_at of the head event minus recorded_at of the first
 event after the checkpoint (0 when caught up).
 
-Exit status: 0 done, 2 error (an unknown projection, a runner that failed).";
+Rebuild: without --blue-green the read model is reset and rebuilt in place
+(readers see it fill up); an interrupted rebuild (Ctrl-C, a crash) is resumed
+by running the same command again. With --blue-green the new version builds
+into shadow tables under its own lock while the old version's runner keeps
+serving; an interrupted one resumes from its shadow checkpoint. After a
+blue-green swap, run the new version: the old runner stops at its next batch.
+
+Exit status: 0 done, 1 a dead letter's retry failed again, 2 error (an unknown
+projection, a runner or rebuild that failed, an unknown dead letter).";
 
 /// `annals projections …`.
 #[derive(Subcommand, Debug)]
@@ -195,6 +203,42 @@ pub(crate) enum ProjectionsCommand {
         /// The projection.
         #[arg(value_name = "NAME")]
         name: String,
+    },
+    /// Rebuild a projection from the first event up to the head, with a
+    /// progress bar; run it again after Ctrl-C to resume. --blue-green
+    /// builds into shadow tables while the live ones keep serving, then
+    /// swaps them in one transaction.
+    Rebuild {
+        /// The projection.
+        #[arg(value_name = "NAME")]
+        name: String,
+        /// Build into shadow tables and swap them in (the live tables serve
+        /// until the swap).
+        #[arg(long)]
+        blue_green: bool,
+        /// Events read per page; the checkpoint is saved every 2 pages.
+        #[arg(long, value_name = "N", default_value = "500", value_parser = parse_batch_size)]
+        batch_size: usize,
+        /// Start over even when an interrupted rebuild could be resumed.
+        #[arg(long)]
+        from_start: bool,
+    },
+    /// A projection's parked events (error policy Park): list them, or
+    /// apply one again (--retry) or delete one (--drop).
+    #[command(name = "dead-letters")]
+    DeadLetters {
+        /// The projection.
+        #[arg(value_name = "NAME")]
+        name: String,
+        /// Apply the parked event with this id again through the handler.
+        #[arg(long, value_name = "EVENT_ID", conflicts_with = "drop")]
+        retry: Option<uuid::Uuid>,
+        /// Delete the parked event with this id.
+        #[arg(long, value_name = "EVENT_ID")]
+        drop: Option<uuid::Uuid>,
+        /// Print JSON Lines.
+        #[arg(long)]
+        json: bool,
     },
 }
 

@@ -112,6 +112,7 @@ mod event;
 mod events_cmd;
 mod gdpr;
 mod output;
+mod progress;
 mod projections;
 mod projections_cmd;
 mod read;
@@ -130,8 +131,8 @@ use std::sync::Arc;
 use clap::Parser;
 
 pub use projections::{
-    account_balances, AccountBalances, BalanceRow, ProjectionOps, ReadModelDb, RunningProjection,
-    ACCOUNT_BALANCES_TABLE,
+    account_balances, AccountBalances, BalanceRow, ProjectionOps, ReadModelDb, RebuildRequest,
+    RunningProjection, ACCOUNT_BALANCES_TABLE,
 };
 pub use registry::{AggregateOps, AggregateView, CreateOutcome, LoadRequest, Registered};
 pub use serve::{describe_serve_metrics, prometheus_recorder, MetricsServer, SERVE_METRICS};

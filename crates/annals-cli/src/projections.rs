@@ -23,9 +23,9 @@ use std::time::Duration;
 
 use annals::bank::{Account, AccountEvent};
 use annals::{
-    checkpoint_name, Aggregate, BatchApplier, BatchContext, Error, GlobalPosition, HandlerError,
-    ProjectionError, ProjectionFilter, ProjectionHandle, ProjectionRunner, RecordedEvent,
-    RunnerOptions,
+    checkpoint_name, Aggregate, BatchApplier, BatchContext, Error, EventId, GlobalPosition,
+    HandlerError, ProjectionError, ProjectionFilter, ProjectionHandle, ProjectionRunner,
+    RebuildOptions, RebuildProgress, RecordedEvent, RunnerOptions, TableNames,
 };
 use annals_postgres::PgProjection;
 use annals_sqlite::SqliteProjection;
@@ -70,6 +70,56 @@ pub trait ProjectionOps: Send + Sync + 'static {
     /// transaction where the read model lives in the store's database, so
     /// the next run rebuilds it from the first event.
     fn reset<'a>(&'a self, db: &'a ReadModelDb) -> BoxFuture<'a, annals::Result<()>>;
+
+    /// Rebuilds the read model up to the head
+    /// ([`ProjectionRunner::rebuild`], or with `blue_green`
+    /// [`ProjectionRunner::rebuild_blue_green`]), calling `progress` after
+    /// each checkpoint. The default refuses: a projection opts in.
+    fn rebuild<'a>(
+        &'a self,
+        db: &'a ReadModelDb,
+        request: RebuildRequest,
+        progress: &'a mut (dyn FnMut(&RebuildProgress) + Send),
+    ) -> BoxFuture<'a, Result<(), ProjectionError>> {
+        let _ = (db, request, progress);
+        let name = self.name().to_owned();
+        async move {
+            Err(unsupported_op(
+                &name,
+                "rebuilt by annals projections rebuild",
+            ))
+        }
+        .boxed()
+    }
+
+    /// Applies the parked event `event_id` again through the handler
+    /// ([`annals::retry_dead_letter`]). The default refuses: a projection
+    /// opts in.
+    fn retry_dead_letter<'a>(
+        &'a self,
+        db: &'a ReadModelDb,
+        event_id: EventId,
+    ) -> BoxFuture<'a, Result<(), ProjectionError>> {
+        let _ = (db, event_id);
+        let name = self.name().to_owned();
+        async move { Err(unsupported_op(&name, "retry dead letters")) }.boxed()
+    }
+}
+
+/// What [`ProjectionOps::rebuild`] is asked to do.
+#[derive(Clone, Copy, Debug)]
+pub struct RebuildRequest {
+    /// Pages, checkpoints, and whether to start over.
+    pub options: RebuildOptions,
+    /// Into shadow tables, then a swap (see [`annals::blue_green`]).
+    pub blue_green: bool,
+}
+
+fn unsupported_op(name: &str, what: &str) -> ProjectionError {
+    ProjectionError::Store {
+        projection: name.to_owned(),
+        source: Error::Unsafe(format!("projection {name} cannot be {what}")),
+    }
 }
 
 /// A started projection runner ([`ProjectionOps::start`]).
@@ -174,32 +224,40 @@ pub const ACCOUNT_BALANCES_TABLE: &str = "account_balances";
 
 const NAME: &str = "account_balances";
 
-/// The same DDL on both backends.
-const CREATE_SQL: &str = "CREATE TABLE IF NOT EXISTS account_balances (\
-     stream_id TEXT PRIMARY KEY, \
-     owner TEXT NOT NULL, \
-     balance BIGINT NOT NULL, \
-     last_commit BIGINT NOT NULL, \
-     last_seq BIGINT NOT NULL)";
+/// The DDL, the same on both backends, for the table named `t`.
+fn create_sql(t: &str) -> String {
+    let t = annals::quote_ident(t);
+    format!(
+        "CREATE TABLE IF NOT EXISTS {t} (\
+         stream_id TEXT PRIMARY KEY, \
+         owner TEXT NOT NULL, \
+         balance BIGINT NOT NULL, \
+         last_commit BIGINT NOT NULL, \
+         last_seq BIGINT NOT NULL)"
+    )
+}
 
-/// Opened: the owner, and a zero balance.
-const OPENED_PG: &str = "INSERT INTO account_balances \
-     (stream_id, owner, balance, last_commit, last_seq) VALUES ($1, $2, 0, $3, $4) \
-     ON CONFLICT (stream_id) DO UPDATE SET owner = excluded.owner, balance = 0, \
-     last_commit = excluded.last_commit, last_seq = excluded.last_seq";
+/// Opened: the owner, and a zero balance (placeholders `$n` or `?n`).
+fn opened_sql(t: &str, p: char) -> String {
+    let t = annals::quote_ident(t);
+    format!(
+        "INSERT INTO {t} AS r \
+         (stream_id, owner, balance, last_commit, last_seq) VALUES ({p}1, {p}2, 0, {p}3, {p}4) \
+         ON CONFLICT (stream_id) DO UPDATE SET owner = excluded.owner, balance = 0, \
+         last_commit = excluded.last_commit, last_seq = excluded.last_seq"
+    )
+}
+
 /// Deposited and Withdrew: the signed amount added.
-const MOVED_PG: &str = "INSERT INTO account_balances \
-     (stream_id, owner, balance, last_commit, last_seq) VALUES ($1, '', $2, $3, $4) \
-     ON CONFLICT (stream_id) DO UPDATE SET balance = account_balances.balance + excluded.balance, \
-     last_commit = excluded.last_commit, last_seq = excluded.last_seq";
-const OPENED_SQLITE: &str = "INSERT INTO account_balances \
-     (stream_id, owner, balance, last_commit, last_seq) VALUES (?1, ?2, 0, ?3, ?4) \
-     ON CONFLICT (stream_id) DO UPDATE SET owner = excluded.owner, balance = 0, \
-     last_commit = excluded.last_commit, last_seq = excluded.last_seq";
-const MOVED_SQLITE: &str = "INSERT INTO account_balances \
-     (stream_id, owner, balance, last_commit, last_seq) VALUES (?1, '', ?2, ?3, ?4) \
-     ON CONFLICT (stream_id) DO UPDATE SET balance = account_balances.balance + excluded.balance, \
-     last_commit = excluded.last_commit, last_seq = excluded.last_seq";
+fn moved_sql(t: &str, p: char) -> String {
+    let t = annals::quote_ident(t);
+    format!(
+        "INSERT INTO {t} AS r \
+         (stream_id, owner, balance, last_commit, last_seq) VALUES ({p}1, '', {p}2, {p}3, {p}4) \
+         ON CONFLICT (stream_id) DO UPDATE SET balance = r.balance + excluded.balance, \
+         last_commit = excluded.last_commit, last_seq = excluded.last_seq"
+    )
+}
 
 /// What one event does to its row.
 enum Change {
@@ -227,20 +285,33 @@ impl SqliteProjection for AccountBalances {
     fn filter(&self) -> ProjectionFilter {
         ProjectionFilter::all().categories([<Account as Aggregate>::TYPE])
     }
+    fn tables(&self) -> Vec<String> {
+        vec![ACCOUNT_BALANCES_TABLE.to_owned()]
+    }
+    fn create_tables(
+        &self,
+        tx: &rusqlite::Transaction<'_>,
+        tables: &TableNames,
+    ) -> Result<(), HandlerError> {
+        tx.execute_batch(&create_sql(tables.name(ACCOUNT_BALANCES_TABLE)))?;
+        Ok(())
+    }
     fn handle(
         &self,
         tx: &rusqlite::Transaction<'_>,
         events: &[RecordedEvent],
-        _ctx: &BatchContext,
+        ctx: &BatchContext,
     ) -> Result<(), HandlerError> {
+        let t = ctx.tables.name(ACCOUNT_BALANCES_TABLE);
+        let (opened, moved) = (opened_sql(t, '?'), moved_sql(t, '?'));
         for event in events {
             let (stream, change, commit, seq) = change(event)?;
             match change {
                 Change::Opened(owner) => tx
-                    .prepare_cached(OPENED_SQLITE)?
+                    .prepare_cached(&opened)?
                     .execute(rusqlite::params![stream, owner, commit, seq])?,
                 Change::Moved(amount) => tx
-                    .prepare_cached(MOVED_SQLITE)?
+                    .prepare_cached(&moved)?
                     .execute(rusqlite::params![stream, amount, commit, seq])?,
             };
         }
@@ -255,14 +326,27 @@ impl PgProjection for AccountBalances {
     fn filter(&self) -> ProjectionFilter {
         ProjectionFilter::all().categories([<Account as Aggregate>::TYPE])
     }
+    fn tables(&self) -> Vec<String> {
+        vec![ACCOUNT_BALANCES_TABLE.to_owned()]
+    }
+    async fn create_tables(
+        &self,
+        tx: &tokio_postgres::Transaction<'_>,
+        tables: &TableNames,
+    ) -> Result<(), HandlerError> {
+        tx.batch_execute(&create_sql(tables.name(ACCOUNT_BALANCES_TABLE)))
+            .await?;
+        Ok(())
+    }
     async fn handle(
         &self,
         tx: &tokio_postgres::Transaction<'_>,
         events: &[RecordedEvent],
-        _ctx: &BatchContext,
+        ctx: &BatchContext,
     ) -> Result<(), HandlerError> {
-        let opened = tx.prepare(OPENED_PG).await?;
-        let moved = tx.prepare(MOVED_PG).await?;
+        let t = ctx.tables.name(ACCOUNT_BALANCES_TABLE);
+        let opened = tx.prepare(&opened_sql(t, '$')).await?;
+        let moved = tx.prepare(&moved_sql(t, '$')).await?;
         for event in events {
             let (stream, change, commit, seq) = change(event)?;
             match change {
@@ -301,7 +385,7 @@ impl ProjectionOps for AccountBalances {
         options: RunnerOptions,
     ) -> BoxFuture<'a, annals::Result<RunningProjection>> {
         async move {
-            sql_batch(db, CREATE_SQL).await?;
+            sql_batch(db, create_sql(ACCOUNT_BALANCES_TABLE)).await?;
             let store = db.store.clone();
             Ok(match &db.store {
                 AnyStore::Sqlite(s) => RunningProjection::new(
@@ -322,7 +406,7 @@ impl ProjectionOps for AccountBalances {
 
     fn reset<'a>(&'a self, db: &'a ReadModelDb) -> BoxFuture<'a, annals::Result<()>> {
         async move {
-            sql_batch(db, CREATE_SQL).await?;
+            sql_batch(db, create_sql(ACCOUNT_BALANCES_TABLE)).await?;
             let checkpoint = ProjectionOps::checkpoint(self);
             match sql_target(db)? {
                 SqlTarget::Sqlite(path) => {
@@ -354,6 +438,76 @@ impl ProjectionOps for AccountBalances {
         }
         .boxed()
     }
+
+    fn rebuild<'a>(
+        &'a self,
+        db: &'a ReadModelDb,
+        request: RebuildRequest,
+        progress: &'a mut (dyn FnMut(&RebuildProgress) + Send),
+    ) -> BoxFuture<'a, Result<(), ProjectionError>> {
+        async move {
+            let store = db.store.clone();
+            let options = RunnerOptions {
+                batch_size: request.options.batch_size,
+                ..RunnerOptions::default()
+            };
+            match &db.store {
+                AnyStore::Sqlite(s) => {
+                    let runner =
+                        ProjectionRunner::new(store, s.transactional(*self)).with_options(options);
+                    if request.blue_green {
+                        runner
+                            .rebuild_blue_green(request.options, progress)
+                            .await
+                            .map(drop)
+                    } else {
+                        runner.rebuild(request.options, progress).await.map(drop)
+                    }
+                }
+                AnyStore::Postgres(p) => {
+                    let runner =
+                        ProjectionRunner::new(store, p.transactional(*self)).with_options(options);
+                    if request.blue_green {
+                        runner
+                            .rebuild_blue_green(request.options, progress)
+                            .await
+                            .map(drop)
+                    } else {
+                        runner.rebuild(request.options, progress).await.map(drop)
+                    }
+                }
+                other => Err(ProjectionError::Store {
+                    projection: NAME.to_owned(),
+                    source: unsupported(other),
+                }),
+            }
+        }
+        .boxed()
+    }
+
+    fn retry_dead_letter<'a>(
+        &'a self,
+        db: &'a ReadModelDb,
+        event_id: EventId,
+    ) -> BoxFuture<'a, Result<(), ProjectionError>> {
+        async move {
+            match &db.store {
+                AnyStore::Sqlite(s) => {
+                    annals::retry_dead_letter(&db.store, &mut s.transactional(*self), event_id)
+                        .await
+                }
+                AnyStore::Postgres(p) => {
+                    annals::retry_dead_letter(&db.store, &mut p.transactional(*self), event_id)
+                        .await
+                }
+                other => Err(ProjectionError::Store {
+                    projection: NAME.to_owned(),
+                    source: unsupported(other),
+                }),
+            }
+        }
+        .boxed()
+    }
 }
 
 /// One row of `account_balances`.
@@ -370,7 +524,7 @@ pub struct BalanceRow {
 /// The rows of `account_balances` whose stream id starts with `prefix`,
 /// ordered by stream id (none when the table does not exist yet).
 pub async fn account_balances(db: &ReadModelDb, prefix: &str) -> annals::Result<Vec<BalanceRow>> {
-    sql_batch(db, CREATE_SQL).await?;
+    sql_batch(db, create_sql(ACCOUNT_BALANCES_TABLE)).await?;
     let pattern = format!("{}%", prefix.replace('%', "\\%").replace('_', "\\_"));
     match sql_target(db)? {
         SqlTarget::Sqlite(path) => {
@@ -442,13 +596,13 @@ fn unsupported(store: &AnyStore) -> Error {
 }
 
 /// Runs `sql` (statements without parameters) on the store's database.
-async fn sql_batch(db: &ReadModelDb, sql: &'static str) -> annals::Result<()> {
+async fn sql_batch(db: &ReadModelDb, sql: String) -> annals::Result<()> {
     match sql_target(db)? {
-        SqlTarget::Sqlite(path) => sqlite_job(path, move |conn| conn.execute_batch(sql)).await,
+        SqlTarget::Sqlite(path) => sqlite_job(path, move |conn| conn.execute_batch(&sql)).await,
         SqlTarget::Postgres => {
             let (client, conn) = pg_client(db).await?;
             let out = client
-                .batch_execute(sql)
+                .batch_execute(&sql)
                 .await
                 .map_err(pg_error("creating account_balances"));
             drop(client);

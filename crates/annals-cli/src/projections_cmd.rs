@@ -1,5 +1,5 @@
-//! `annals projections list | status | run | reset`, and the status that
-//! `annals check` also reads.
+//! `annals projections list | status | run | reset | rebuild | dead-letters`,
+//! and the status that `annals check` also reads.
 //!
 //! State is what the database knows: `not-started` (no checkpoint),
 //! `caught-up` (checkpoint at the head) or `behind`. Whether a runner is
@@ -8,7 +8,10 @@
 
 use std::time::Duration;
 
-use annals::{EventStore, GlobalPosition, ReadAll, RunnerOptions};
+use annals::{
+    CheckpointStore, EventId, EventStore, GlobalPosition, ProjectionControl, ProjectionError,
+    ReadAll, RebuildOptions, RebuildProgress, RunnerOptions,
+};
 use anyhow::{anyhow, Context};
 use futures::StreamExt;
 use serde::Serialize;
@@ -16,7 +19,7 @@ use serde::Serialize;
 use crate::cli::ProjectionsCommand;
 use crate::commands::Env;
 use crate::output::{json_line, note, Table};
-use crate::{AnyStore, App, Outcome, ProjectionOps, ReadModelDb};
+use crate::{AnyStore, App, Outcome, ProjectionOps, ReadModelDb, RebuildRequest};
 
 pub(crate) async fn dispatch(env: Env<'_>, command: ProjectionsCommand) -> anyhow::Result<Outcome> {
     match command {
@@ -28,6 +31,18 @@ pub(crate) async fn dispatch(env: Env<'_>, command: ProjectionsCommand) -> anyho
             batch_size,
         } => run(env, names, until_caught_up, batch_size).await,
         ProjectionsCommand::Reset { name } => reset(env, name).await,
+        ProjectionsCommand::Rebuild {
+            name,
+            blue_green,
+            batch_size,
+            from_start,
+        } => rebuild(env, name, blue_green, batch_size, from_start).await,
+        ProjectionsCommand::DeadLetters {
+            name,
+            retry,
+            drop,
+            json,
+        } => dead_letters(env, name, retry, drop, json).await,
     }
 }
 
@@ -323,6 +338,243 @@ async fn reset(env: Env<'_>, name: String) -> anyhow::Result<Outcome> {
             projection.checkpoint()
         ),
     )?;
+    Ok(Outcome::Success)
+}
+
+/// The checkpoint that marks an in-place rebuild under way: saved once the
+/// read model was reset, deleted when the rebuild reached the head. While it
+/// exists, `rebuild` resumes instead of resetting again.
+fn rebuild_marker(checkpoint: &str) -> String {
+    format!("{checkpoint}+rebuild")
+}
+
+async fn rebuild(
+    env: Env<'_>,
+    name: String,
+    blue_green: bool,
+    batch_size: usize,
+    from_start: bool,
+) -> anyhow::Result<Outcome> {
+    let projection = registered(env.app, &name)?;
+    // Installed before anything runs, so a signal is never missed.
+    let mut stop = Shutdown::install()?;
+    let store = env.open(false).await?;
+    let db = read_model_db(&env, store.clone());
+    let checkpoint = projection.checkpoint();
+    let marker = rebuild_marker(&checkpoint);
+    let mut resumed = !from_start;
+    if blue_green {
+        // An interrupted blue-green rebuild left its shadow checkpoint.
+        resumed &= store
+            .load_checkpoint(&annals::shadow_checkpoint_name(&checkpoint))
+            .await
+            .context("cannot read the shadow checkpoint")?
+            .is_some();
+    } else {
+        let under_way = store
+            .load_checkpoint(&marker)
+            .await
+            .context("cannot read the rebuild marker")?
+            .is_some();
+        if from_start || !under_way {
+            if let Some(lock) = store
+                .projection_lock(&checkpoint)
+                .await
+                .context("cannot read the projection lock")?
+                .filter(|l| l.expires_at > chrono::Utc::now())
+            {
+                return Err(anyhow!(
+                    "projection {name} ({checkpoint}) is locked by {} until {}: stop its \
+                     runner first (an in-place rebuild resets the read model)",
+                    lock.owner,
+                    lock.expires_at
+                ));
+            }
+            projection
+                .reset(&db)
+                .await
+                .with_context(|| format!("cannot reset projection {name}"))?;
+            store
+                .save_checkpoint(&marker, GlobalPosition::START)
+                .await
+                .context("cannot save the rebuild marker")?;
+            resumed = false;
+        }
+    }
+    let request = RebuildRequest {
+        options: RebuildOptions {
+            batch_size,
+            checkpoint_every: batch_size.saturating_mul(2),
+            from_start: blue_green && from_start,
+        },
+        blue_green,
+    };
+    let bar = crate::progress::progress_bar(
+        "{prefix} {wide_bar} {pos}/{len} events, {per_sec}, {eta} left",
+        format!("rebuilding {name}"),
+    );
+    let mut last: Option<RebuildProgress> = None;
+    let mut report = |p: &RebuildProgress| {
+        bar.set_length(p.events + p.remaining);
+        bar.set_position(p.events);
+        last = Some(*p);
+    };
+    let outcome = tokio::select! {
+        out = projection.rebuild(&db, request, &mut report) => Some(out),
+        () = stop.wait() => None,
+    };
+    bar.finish_and_clear();
+    let Some(outcome) = outcome else {
+        // Cancelled between two awaits: at most the batch in flight is lost
+        // (its checkpoint was not saved). Free the lock now rather than at
+        // the end of its lease, so the resume can start at once.
+        release_own_lock(&store, &checkpoint).await;
+        note(&format!(
+            "stopped on a signal{}; run the same command again to resume",
+            last.map_or_else(String::new, |p| format!(" at {}", p.position))
+        ));
+        return Err(anyhow!("rebuild of {name} interrupted"));
+    };
+    outcome.with_context(|| format!("cannot rebuild projection {name}"))?;
+    if !blue_green {
+        store
+            .reset_checkpoint(&marker)
+            .await
+            .context("cannot delete the rebuild marker")?;
+    }
+    let (events, position) = last.map_or((0, None), |p| (p.events, Some(p.position)));
+    let at = position.map_or_else(|| "the start".to_owned(), |p| p.to_string());
+    let how = if blue_green {
+        "; shadow tables swapped in (run the projection's runner: an older version's stops)"
+    } else {
+        ""
+    };
+    let from = if resumed { "resumed, " } else { "" };
+    writeln_out(
+        env.out,
+        &format!(
+            "rebuilt {name}: {from}{events} events scanned, checkpoint {checkpoint} at {at}{how}"
+        ),
+    )?;
+    Ok(Outcome::Success)
+}
+
+/// Releases the lock of `checkpoint` when this process holds it (a
+/// rebuild cancelled by a signal).
+async fn release_own_lock(store: &AnyStore, checkpoint: &str) {
+    if let Ok(Some(lock)) = store.projection_lock(checkpoint).await {
+        if lock.owner == annals::lock_owner() {
+            let _ = store.release_projection_lock(&lock).await;
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct Letter {
+    event_id: String,
+    position: String,
+    stream: String,
+    event_type: String,
+    attempts: u32,
+    parked_at: String,
+    error: String,
+}
+
+async fn dead_letters(
+    env: Env<'_>,
+    name: String,
+    retry: Option<uuid::Uuid>,
+    drop: Option<uuid::Uuid>,
+    json: bool,
+) -> anyhow::Result<Outcome> {
+    let projection = registered(env.app, &name)?;
+    let store = env.open(false).await?;
+    let checkpoint = projection.checkpoint();
+    if let Some(id) = drop {
+        let dropped = store
+            .drop_dead_letter(&checkpoint, EventId(id))
+            .await
+            .context("cannot drop the dead letter")?;
+        if !dropped {
+            return Err(anyhow!(
+                "projection {name} ({checkpoint}) has no parked event {id}"
+            ));
+        }
+        annals::record_dead_letter_count(&store, &name, &checkpoint).await;
+        writeln_out(env.out, &format!("dropped parked event {id} of {name}"))?;
+        return Ok(Outcome::Success);
+    }
+    if let Some(id) = retry {
+        let db = read_model_db(&env, store.clone());
+        return match projection.retry_dead_letter(&db, EventId(id)).await {
+            Ok(()) => {
+                writeln_out(
+                    env.out,
+                    &format!("applied parked event {id} of {name}; dropped"),
+                )?;
+                Ok(Outcome::Success)
+            }
+            Err(e @ ProjectionError::Handler { .. }) => {
+                writeln_out(
+                    env.out,
+                    &format!("parked event {id} of {name} failed again: {e}"),
+                )?;
+                Ok(Outcome::CheckFailed(format!(
+                    "parked event {id} of {name} failed again; it stays parked"
+                )))
+            }
+            Err(e) => Err(anyhow::Error::new(e).context(format!("cannot retry parked event {id}"))),
+        };
+    }
+    let letters = store
+        .dead_letters(&checkpoint)
+        .await
+        .context("cannot list the dead letters")?;
+    annals::record_dead_letter_count(&store, &name, &checkpoint).await;
+    let rows: Vec<Letter> = letters
+        .into_iter()
+        .map(|d| Letter {
+            event_id: d.event_id.0.to_string(),
+            position: d.position.to_string(),
+            stream: d.stream.to_string(),
+            event_type: d.event_type,
+            attempts: d.attempts,
+            parked_at: d.parked_at.to_rfc3339(),
+            error: d.error,
+        })
+        .collect();
+    if json {
+        for r in &rows {
+            json_line(env.out, r)?;
+        }
+    } else if rows.is_empty() {
+        note(&format!("projection {name} has no parked events"));
+    } else {
+        let mut table = Table::new(&[
+            "EVENT_ID",
+            "POSITION",
+            "STREAM",
+            "TYPE",
+            "ATTEMPTS",
+            "PARKED_AT",
+            "ERROR",
+        ]);
+        for r in rows {
+            table.push(
+                env.out,
+                vec![
+                    r.event_id,
+                    r.position,
+                    r.stream,
+                    r.event_type,
+                    r.attempts.to_string(),
+                    r.parked_at,
+                    r.error,
+                ],
+            )?;
+        }
+        table.finish(env.out)?;
+    }
     Ok(Outcome::Success)
 }
 

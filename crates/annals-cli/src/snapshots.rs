@@ -19,7 +19,7 @@
 
 use std::cmp::{Ordering, Reverse};
 use std::collections::BinaryHeap;
-use std::io::{IsTerminal, Write};
+use std::io::Write;
 
 use annals::{
     JobOptions, JobReport, LiveVerifyReport, Progress, PromoteReport, Snapshot,
@@ -28,7 +28,7 @@ use annals::{
 };
 use annals::{SnapshotAdmin, SnapshotStaging};
 use futures::StreamExt;
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use indicatif::ProgressBar;
 use serde::Serialize;
 
 use crate::cli::{
@@ -56,21 +56,12 @@ pub(crate) async fn dispatch(env: Env<'_>, command: SnapshotsCommand) -> anyhow:
     }
 }
 
-/// A progress bar on stderr when stderr is a terminal; hidden otherwise, so
-/// pipes, logs and tests get only the summary.
+/// The snapshot jobs' bar (see [`crate::progress::progress_bar`]).
 fn progress_bar(prefix: String) -> ProgressBar {
-    let target = if std::io::stderr().is_terminal() {
-        ProgressDrawTarget::stderr()
-    } else {
-        ProgressDrawTarget::hidden()
-    };
-    let bar = ProgressBar::with_draw_target(None, target).with_prefix(prefix);
-    if let Ok(style) =
-        ProgressStyle::with_template("{prefix} {wide_bar} {pos}/{len} aggregates, {eta} left")
-    {
-        bar.set_style(style);
-    }
-    bar
+    crate::progress::progress_bar(
+        "{prefix} {wide_bar} {pos}/{len} aggregates, {eta} left",
+        prefix,
+    )
 }
 
 /// The core's progress callback, drawn on `bar`.

@@ -903,19 +903,7 @@ pub(crate) async fn import_cmd(
     }
 }
 
-/// A counter of events on stderr when it is a terminal; hidden otherwise.
+/// A counter of events (see [`crate::progress::progress_bar`]).
 fn progress_bar(prefix: &'static str) -> indicatif::ProgressBar {
-    use std::io::IsTerminal;
-    let target = if std::io::stderr().is_terminal() {
-        indicatif::ProgressDrawTarget::stderr()
-    } else {
-        indicatif::ProgressDrawTarget::hidden()
-    };
-    let bar = indicatif::ProgressBar::with_draw_target(None, target).with_prefix(prefix);
-    if let Ok(style) =
-        indicatif::ProgressStyle::with_template("{prefix} {spinner} {pos} events ({per_sec})")
-    {
-        bar.set_style(style);
-    }
-    bar
+    crate::progress::progress_bar("{prefix} {spinner} {pos} events ({per_sec})", prefix)
 }

@@ -78,6 +78,11 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         name: "event_migrations",
         sql: include_str!("../sql/0010_event_migrations.sql"),
     },
+    Migration {
+        version: 11,
+        name: "projection_versions",
+        sql: include_str!("../sql/0011_projection_versions.sql"),
+    },
 ];
 
 /// The schema version this build needs: the last migration's.

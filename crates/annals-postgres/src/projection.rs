@@ -15,12 +15,23 @@
 //! connection, or a failed commit rolls everything back: the read model
 //! never holds a batch whose checkpoint was not saved, and never gets a
 //! batch twice. The runner then retries the batch (see its error policy).
+//!
+//! A projection that declares its tables ([`PgProjection::tables`], created
+//! by [`PgProjection::create_tables`]) and writes them through
+//! [`annals::BatchContext::tables`] can be rebuilt blue-green
+//! ([`annals::ProjectionRunner::rebuild_blue_green`], see
+//! [`annals::blue_green`]). Its live batches then also upsert and so lock the
+//! projection's row of `projection_versions` and read the active version;
+//! the swap locks the same row first, so a live batch of the old version
+//! either commits before the swap renames the tables (into the table that
+//! is retired) or waits for it and finds itself superseded.
 
 use std::future::Future;
 
 use annals::{
-    checkpoint_moved, checkpoint_name, ApplyError, BatchApplier, BatchContext, Error, HandlerError,
-    ProjectionFilter, RecordedEvent,
+    checkpoint_moved, checkpoint_name, quote_ident, retired_table, shadow_checkpoint_name,
+    shadow_table, superseded, ApplyError, BatchApplier, BatchContext, BlueGreenApplier, Error,
+    HandlerError, ProjectionFilter, RecordedEvent, TableNames,
 };
 
 use crate::error::Context;
@@ -44,6 +55,27 @@ pub trait PgProjection: Send + Sync + 'static {
         ProjectionFilter::all()
     }
 
+    /// The tables it writes, by their live names (default: none). A
+    /// projection that declares them writes them under
+    /// `ctx.tables.name(TABLE)` and can be rebuilt blue-green.
+    fn tables(&self) -> Vec<String> {
+        Vec::new()
+    }
+
+    /// Creates its tables (and their indexes) if they are missing, under the
+    /// names `tables` gives them (live, or shadow for a blue-green rebuild),
+    /// in the store's schema (the `search_path`); name indexes after
+    /// `tables.name(TABLE)` so that shadow indexes do not collide with live
+    /// ones.
+    fn create_tables(
+        &self,
+        tx: &tokio_postgres::Transaction<'_>,
+        tables: &TableNames,
+    ) -> impl Future<Output = Result<(), HandlerError>> + Send {
+        let _ = (tx, tables);
+        async { Ok(()) }
+    }
+
     /// Applies one batch (never empty) with `tx`. Its statements commit
     /// together with the checkpoint, or not at all. The connection's
     /// `search_path` is the store's schema.
@@ -60,17 +92,25 @@ pub trait PgProjection: Send + Sync + 'static {
 pub struct PgTransactional<P> {
     store: PgEventStore,
     projection: P,
+    /// The checkpoint it saves now: the live one, or the shadow one during
+    /// a blue-green rebuild.
     checkpoint: String,
+    live_checkpoint: String,
+    /// The names its tables have now (live, or shadow).
+    tables: TableNames,
 }
 
 impl PgEventStore {
     /// `projection` as an exactly-once [`annals::BatchApplier`]: give it to
     /// [`annals::ProjectionRunner::new`] with this store.
     pub fn transactional<P: PgProjection>(&self, projection: P) -> PgTransactional<P> {
+        let checkpoint = checkpoint_name(projection.name(), projection.version());
         PgTransactional {
             store: self.clone(),
-            checkpoint: checkpoint_name(projection.name(), projection.version()),
+            live_checkpoint: checkpoint.clone(),
+            checkpoint,
             projection,
+            tables: TableNames::default(),
         }
     }
 }
@@ -113,9 +153,19 @@ impl<P: PgProjection> BatchApplier for PgTransactional<P> {
                 reason: "beyond what a PostgreSQL checkpoint stores".into(),
             }));
         };
+        let mut ctx = ctx.clone();
+        ctx.tables = self.tables.clone();
+        let ctx = &ctx;
         let mut client = self.store.ready_client("apply a projection batch").await?;
         let what = "cannot apply a projection batch";
         let tx = client.transaction().await.context(what)?;
+        if !self.tables.is_shadow() && !self.projection.tables().is_empty() {
+            let name = self.projection.name();
+            let version = self.projection.version();
+            if let Some(active) = lock_active(&tx, name).await?.filter(|a| *a > version) {
+                return Err(ApplyError::Store(superseded(name, version, active)));
+            }
+        }
         tx.execute(ENSURE_SQL, &[&self.checkpoint])
             .await
             .context(what)?;
@@ -156,6 +206,9 @@ impl<P: PgProjection> BatchApplier for PgTransactional<P> {
             .ready_client("retry a parked projection event")
             .await?;
         let what = "cannot retry a parked projection event";
+        let mut ctx = ctx.clone();
+        ctx.tables = self.tables.clone();
+        let ctx = &ctx;
         let tx = client.transaction().await.context(what)?;
         // Dropping `tx` on an error rolls back whatever the handler wrote.
         self.projection
@@ -163,6 +216,233 @@ impl<P: PgProjection> BatchApplier for PgTransactional<P> {
             .await
             .map_err(ApplyError::Handler)?;
         tx.commit().await.context(what)?;
+        Ok(())
+    }
+}
+
+/// Creates (if missing) and locks the projection's row of
+/// `projection_versions`, returning its active version.
+const LOCK_ACTIVE_SQL: &str = "INSERT INTO projection_versions (name) VALUES ($1) \
+     ON CONFLICT (name) DO UPDATE SET name = excluded.name RETURNING active_version";
+
+async fn lock_active(
+    tx: &tokio_postgres::Transaction<'_>,
+    name: &str,
+) -> annals::Result<Option<u32>> {
+    let row = tx
+        .query_one(LOCK_ACTIVE_SQL, &[&name])
+        .await
+        .context("cannot read a projection's active version")?;
+    let v: Option<i32> = row
+        .try_get(0)
+        .context("cannot read a projection's active version")?;
+    Ok(v.and_then(|v| u32::try_from(v).ok()))
+}
+
+async fn table_exists(tx: &tokio_postgres::Transaction<'_>, table: &str) -> annals::Result<bool> {
+    let row = tx
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_tables \
+             WHERE schemaname = current_schema() AND tablename = $1)",
+            &[&table],
+        )
+        .await
+        .context("cannot look up a read-model table")?;
+    row.try_get(0).context("cannot look up a read-model table")
+}
+
+fn handler_failed(what: &str, e: HandlerError) -> Error {
+    Error::Backend {
+        backend: "postgres",
+        message: format!("{what}: {e}"),
+        source: Some(e),
+    }
+}
+
+impl<P: PgProjection> PgTransactional<P> {
+    /// Creates the projection's live tables if missing (before a live
+    /// runner starts).
+    pub async fn create_tables(&self) -> annals::Result<()> {
+        let what = "cannot create a projection's tables";
+        let mut client = self
+            .store
+            .ready_client("create a projection's tables")
+            .await?;
+        let tx = client.transaction().await.context(what)?;
+        self.projection
+            .create_tables(&tx, &self.tables)
+            .await
+            .map_err(|e| handler_failed(what, e))?;
+        tx.commit().await.context(what)
+    }
+}
+
+impl<P: PgProjection> BlueGreenApplier for PgTransactional<P> {
+    fn version(&self) -> u32 {
+        self.projection.version()
+    }
+
+    async fn active_version(&mut self) -> annals::Result<Option<u32>> {
+        let what = "cannot read a projection's active version";
+        let client = self
+            .store
+            .ready_client("read a projection's active version")
+            .await?;
+        let row = client
+            .query_opt(
+                "SELECT active_version FROM projection_versions WHERE name = $1",
+                &[&self.projection.name()],
+            )
+            .await
+            .context(what)?;
+        let v: Option<i32> = match row {
+            Some(r) => r.try_get(0).context(what)?,
+            None => None,
+        };
+        Ok(v.and_then(|v| u32::try_from(v).ok()))
+    }
+
+    async fn enter_shadow(&mut self, fresh: bool) -> annals::Result<bool> {
+        let live = self.projection.tables();
+        if live.is_empty() {
+            return Err(Error::Unsafe(format!(
+                "projection {} declares no tables (PgProjection::tables): it cannot be \
+                 rebuilt blue-green",
+                self.projection.name()
+            )));
+        }
+        let version = self.projection.version();
+        let tables = TableNames::shadow(&live, version);
+        let shadow_cp = shadow_checkpoint_name(&self.live_checkpoint);
+        let what = "cannot create a blue-green rebuild's shadow tables";
+        let mut client = self.store.ready_client("create shadow tables").await?;
+        let tx = client.transaction().await.context(what)?;
+        let mut all = true;
+        for t in &live {
+            all &= table_exists(&tx, &shadow_table(t, version)).await?;
+        }
+        let resumed = all && !fresh;
+        if !resumed {
+            for t in &live {
+                tx.batch_execute(&format!(
+                    "DROP TABLE IF EXISTS {}",
+                    quote_ident(&shadow_table(t, version))
+                ))
+                .await
+                .context(what)?;
+            }
+            tx.execute("DELETE FROM checkpoints WHERE name = $1", &[&shadow_cp])
+                .await
+                .context(what)?;
+            tx.execute("DELETE FROM dead_letters WHERE name = $1", &[&shadow_cp])
+                .await
+                .context(what)?;
+        }
+        self.projection
+            .create_tables(&tx, &tables)
+            .await
+            .map_err(|e| handler_failed(what, e))?;
+        tx.commit().await.context(what)?;
+        self.tables = tables;
+        self.checkpoint = shadow_cp;
+        Ok(resumed)
+    }
+
+    async fn swap(&mut self) -> annals::Result<()> {
+        let live = self.projection.tables();
+        let version = self.projection.version();
+        let name = self.projection.name().to_owned();
+        let live_cp = self.live_checkpoint.clone();
+        let shadow_cp = shadow_checkpoint_name(&live_cp);
+        let what = "cannot swap a blue-green rebuild's tables";
+        let mut client = self.store.ready_client("swap shadow tables").await?;
+        let tx = client.transaction().await.context(what)?;
+        // First the row lock: live batches of the old version wait here.
+        let active = lock_active(&tx, &name).await?;
+        if let Some(active) = active.filter(|a| *a > version) {
+            return Err(Error::Unsafe(format!(
+                "projection {name} v{active} is active: v{version} is not swapped in"
+            )));
+        }
+        let mut shadows = true;
+        for t in &live {
+            shadows &= table_exists(&tx, &shadow_table(t, version)).await?;
+        }
+        if !shadows {
+            if active == Some(version) {
+                // Swapped already (an earlier call whose COMMIT reply was lost).
+                self.tables = TableNames::default();
+                self.checkpoint = live_cp;
+                return Ok(());
+            }
+            return Err(Error::Unsafe(format!(
+                "projection {name} v{version} has no shadow tables to swap in"
+            )));
+        }
+        for t in &live {
+            let (q_live, q_shadow, q_retired) = (
+                quote_ident(t),
+                quote_ident(&shadow_table(t, version)),
+                quote_ident(&retired_table(t)),
+            );
+            tx.batch_execute(&format!("DROP TABLE IF EXISTS {q_retired}"))
+                .await
+                .context(what)?;
+            if table_exists(&tx, t).await? {
+                tx.batch_execute(&format!("ALTER TABLE {q_live} RENAME TO {q_retired}"))
+                    .await
+                    .context(what)?;
+            }
+            tx.batch_execute(&format!("ALTER TABLE {q_shadow} RENAME TO {q_live}"))
+                .await
+                .context(what)?;
+        }
+        // The version's checkpoint is the shadow build's, exactly.
+        tx.execute("DELETE FROM checkpoints WHERE name = $1", &[&live_cp])
+            .await
+            .context(what)?;
+        tx.execute(
+            "UPDATE checkpoints SET name = $1 WHERE name = $2",
+            &[&live_cp, &shadow_cp],
+        )
+        .await
+        .context(what)?;
+        tx.execute("DELETE FROM dead_letters WHERE name = $1", &[&live_cp])
+            .await
+            .context(what)?;
+        tx.execute(
+            "UPDATE dead_letters SET name = $1 WHERE name = $2",
+            &[&live_cp, &shadow_cp],
+        )
+        .await
+        .context(what)?;
+        let v = i32::try_from(version).map_err(|_| {
+            Error::Unsafe(format!("projection {name} version {version} is too large"))
+        })?;
+        tx.execute(
+            "UPDATE projection_versions SET active_version = $2, swapped_at = now() \
+             WHERE name = $1",
+            &[&name, &v],
+        )
+        .await
+        .context(what)?;
+        tx.commit().await.context(what)?;
+        self.tables = TableNames::default();
+        self.checkpoint = live_cp;
+        Ok(())
+    }
+
+    async fn drop_retired(&mut self) -> annals::Result<()> {
+        let client = self.store.ready_client("drop retired tables").await?;
+        for t in self.projection.tables() {
+            client
+                .batch_execute(&format!(
+                    "DROP TABLE IF EXISTS {}",
+                    quote_ident(&retired_table(&t))
+                ))
+                .await
+                .context("cannot drop the tables a blue-green swap retired")?;
+        }
         Ok(())
     }
 }

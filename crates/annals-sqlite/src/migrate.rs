@@ -81,6 +81,11 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         name: "event_migrations",
         sql: include_str!("../sql/0011_event_migrations.sql"),
     },
+    Migration {
+        version: 12,
+        name: "projection_versions",
+        sql: include_str!("../sql/0012_projection_versions.sql"),
+    },
 ];
 
 /// The schema version this build needs.

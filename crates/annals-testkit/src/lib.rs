@@ -77,7 +77,7 @@ mod drift;
 /// | `event_import` | `EventImport` (`import_events`) |
 /// | `checkpoint_listing` | `CheckpointListing` (`list_checkpoints`) |
 /// | `checkpoints` | `EventStore` + `CheckpointStore` |
-/// | `projections` | `EventStore` + `ProjectionControl` (feed pages, subscriptions, projection runners, locks, rebuilds, dead letters) |
+/// | `projections` | `EventStore` + `ProjectionControl` (feed pages, subscriptions, projection runners, locks, rebuilds, dead letters, reactors, rate limits) |
 /// | `model` | `EventStore` + `SnapshotStore` + `CheckpointStore` (the `Vec`-model check) |
 /// | `upcasting` | `EventStore` + `SnapshotStore` + `annals::Upcasting` (reads through `Upcasters`) |
 /// | `gdpr` | `EventStore` + `SnapshotStore` + `annals::KeyStore` (crypto-shredding through `GdprStore`) |
@@ -233,6 +233,8 @@ macro_rules! conformance_suite {
             rebuild_fails_then_resumes_from_its_checkpoint,
             poison_event_is_parked_and_the_projection_goes_on,
             stalled_projection_trips_the_breaker,
+            reactor_commands_apply_once_when_events_are_redelivered,
+            rate_limited_projection_delivers_every_event,
         }
     };
     (@group upcasting, $($then:tt)*) => {

@@ -35,6 +35,8 @@ mod inspection;
 pub use inspection::*;
 mod projections;
 pub use projections::*;
+mod reactors;
+pub use reactors::*;
 mod telemetry;
 pub use telemetry::*;
 mod import;

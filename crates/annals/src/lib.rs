@@ -66,6 +66,7 @@ extern crate self as annals;
 mod aggregate;
 mod archive;
 pub mod bank;
+pub mod blue_green;
 mod checkpoint;
 mod error;
 mod event;
@@ -93,6 +94,10 @@ mod upcast;
 pub use aggregate::{decode_event, encode_event, Aggregate, DomainEvent};
 pub use annals_derive::DomainEvent;
 pub use archive::{ArchivedStream, StreamArchive};
+pub use blue_green::{
+    quote_ident, retired_table, shadow_checkpoint_name, shadow_table, superseded, BlueGreenApplier,
+    TableNames,
+};
 pub use checkpoint::{Checkpoint, CheckpointListing, CheckpointStore};
 pub use error::{Error, Result, UpcastFailure};
 pub use event::{
@@ -133,17 +138,17 @@ pub use projection::{
     RunnerOptions,
 };
 pub use projection::{
-    retry_dead_letter, ErrorPolicy, ProjectionState, RebuildOptions, RebuildProgress,
-    DEFAULT_LOCK_TTL,
+    record_dead_letter_count, retry_dead_letter, ErrorPolicy, ProjectionState, RateLimiter,
+    RebuildOptions, RebuildProgress, DEFAULT_LOCK_TTL,
 };
 pub use projection_control::{
     lock_owner, lock_token, projection_trip, record_trip, DeadLetter, LockAttempt,
     ProjectionControl, ProjectionLock, ProjectionTrip,
 };
 pub use repository::{
-    decode_snapshot, fold_stream, make_snapshot, Command, CommandContext, CommandError, Executed,
-    LoadReport, Loaded, Repository, RetryPolicy, SnapshotConfig, SnapshotMode, SnapshotPolicy,
-    SnapshotSkip, SNAPSHOT_LOG_TARGET,
+    decode_snapshot, fold_stream, make_snapshot, reaction_command_id, Command, CommandContext,
+    CommandError, Executed, LoadReport, Loaded, Repository, RetryPolicy, SnapshotConfig,
+    SnapshotMode, SnapshotPolicy, SnapshotSkip, SNAPSHOT_LOG_TARGET,
 };
 pub use snapshot::{
     no_such_snapshot, validate_history_size, NoSnapshots, PromoteReport, RollbackReport, Snapshot,

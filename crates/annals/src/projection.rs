@@ -43,6 +43,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
+use crate::blue_green::{BlueGreenApplier, TableNames};
 use crate::projection_control::{lock_owner, lock_token, DeadLetter, LockAttempt, ProjectionLock};
 use crate::subscription::{is_transient, Backoff, Subscription, SubscriptionOptions};
 use crate::{
@@ -50,6 +51,23 @@ use crate::{
     RecordedEvent, StreamId, StreamVersion,
 };
 
+/// Calls a method of the applier with the store retry policy (transient
+/// errors again, with backoff).
+macro_rules! retry_mut {
+    ($applier:expr, $retry:expr, $call:ident ( $($arg:expr),* )) => {{
+        let mut attempt = 1;
+        loop {
+            match $applier.$call($($arg),*).await {
+                Ok(v) => break Ok(v),
+                Err(e) if is_transient(&e) && attempt < $retry.max_attempts => {
+                    tokio::time::sleep($retry.delay(attempt)).await;
+                    attempt += 1;
+                }
+                Err(e) => break Err(e),
+            }
+        }
+    }};
+}
 /// The error a handler returns: the user's own, boxed.
 pub type HandlerError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -95,6 +113,10 @@ pub struct BatchContext {
     pub replaying: bool,
     /// Which attempt at this batch this is (1 for the first).
     pub attempt: u32,
+    /// The names to write a SQL projection's tables under: live, or shadow
+    /// during a blue-green rebuild (see [`crate::blue_green`]). Set by the
+    /// backends' transactional appliers; live (the default) otherwise.
+    pub tables: TableNames,
 }
 
 /// A read model fed from the global feed (see the module docs).
@@ -305,6 +327,17 @@ pub enum ProjectionError {
         /// Why (the time without progress, the position, the last error).
         reason: String,
     },
+    /// A blue-green rebuild of a version older than the active one
+    /// ([`ProjectionRunner::rebuild_blue_green`]): nothing was changed.
+    #[error("projection {projection} v{version} is older than its active version v{active}: not rebuilt")]
+    Superseded {
+        /// The projection's name.
+        projection: String,
+        /// The version asked for.
+        version: u32,
+        /// The active version.
+        active: u32,
+    },
     /// [`retry_dead_letter`] found no parked event with this id.
     #[error("projection checkpoint {checkpoint} has no parked event {event_id}")]
     NoDeadLetter {
@@ -463,6 +496,7 @@ pub struct ProjectionRunner<S, A> {
     policy: ErrorPolicy,
     lock_ttl: Duration,
     trip_after: Option<Duration>,
+    rate: Option<RateLimiter>,
 }
 
 impl<S, P> ProjectionRunner<S, AtLeastOnce<S, P>>
@@ -496,6 +530,7 @@ where
             policy: ErrorPolicy::Stop,
             lock_ttl: DEFAULT_LOCK_TTL,
             trip_after: None,
+            rate: None,
         }
     }
 
@@ -524,6 +559,15 @@ where
     /// ([`ProjectionState::Tripped`]). Off by default.
     pub fn trip_after(mut self, limit: Duration) -> Self {
         self.trip_after = Some(limit);
+        self
+    }
+
+    /// The optional maximum rate, for handlers that call other systems: at
+    /// most `events_per_sec` events handled per second on average, with
+    /// bursts of up to one second's worth ([`RateLimiter`]); a batch waits
+    /// for its permits before its handler runs. Off by default.
+    pub fn max_rate(mut self, events_per_sec: f64) -> Self {
+        self.rate = Some(RateLimiter::new(events_per_sec, events_per_sec.ceil()));
         self
     }
 
@@ -640,7 +684,12 @@ where
                 position: batch.position,
                 replaying: batch.replaying,
                 attempt: 1,
+                tables: TableNames::default(),
             };
+            tokio::select! {
+                () = self.throttle(batch.events.len()) => {}
+                _ = stop.changed() => return Ok(()),
+            }
             self.apply_guarded(&batch.events, ctx).await?;
             position.send_replace(Some(Some(batch.position)));
             let at_end = batch.events.len() < self.options.batch_size;
@@ -711,102 +760,241 @@ where
         options: RebuildOptions,
         mut progress: impl FnMut(&RebuildProgress) + Send,
     ) -> Result<A, ProjectionError> {
+        let mut keeper = self.take_lock().await?;
+        let out = self
+            .rebuild_inner(&mut keeper, options, None, &mut progress)
+            .await;
+        keeper.release().await;
+        out.map(|()| self.applier)
+    }
+
+    /// The loop of [`rebuild`](Self::rebuild), under `keeper`'s lock, with
+    /// the applier's current checkpoint (the shadow one in a blue-green
+    /// rebuild): up to the end of the log, or once the checkpoint is at or
+    /// past `until` (a target that writers cannot keep moving).
+    async fn rebuild_inner(
+        &mut self,
+        keeper: &mut LockKeeper<S>,
+        options: RebuildOptions,
+        until: Option<GlobalPosition>,
+        progress: &mut (impl FnMut(&RebuildProgress) + Send),
+    ) -> Result<(), ProjectionError> {
         let name = self.applier.name().to_owned();
         let checkpoint = self.applier.checkpoint();
         let store_err = |source| ProjectionError::Store {
             projection: name.clone(),
             source,
         };
-        let mut keeper = self.take_lock().await?;
-        let out = async {
-            if options.from_start {
-                self.retry_store(|s| {
-                    let checkpoint = checkpoint.clone();
-                    async move { s.reset_checkpoint(&checkpoint).await }
-                })
-                .await
-                .map_err(store_err)?;
-            }
-            let start = self
-                .retry_store(|s| {
-                    let checkpoint = checkpoint.clone();
-                    async move { s.load_checkpoint(&checkpoint).await }
-                })
-                .await
-                .map_err(store_err)?
-                .unwrap_or(GlobalPosition::START);
-            let filter = self.applier.filter();
-            let mut read = ReadAll::after(start)
-                .categories(filter.categories)
-                .event_types(filter.event_types);
-            let began = tokio::time::Instant::now();
-            let mut scanned = 0u64;
-            let mut reported = false;
-            let chunk = options.checkpoint_every.max(1);
-            let page_size = options.batch_size.max(1).min(chunk);
-            loop {
-                keeper.check(&name, &checkpoint)?;
-                let after = read.after;
-                let mut events = Vec::new();
-                let mut at_end = false;
-                while events.len() < chunk && !at_end {
-                    let want = page_size.min(chunk - events.len());
-                    let page = self
-                        .retry_store(|s| {
-                            let read = read.clone();
-                            async move { s.read_feed_page(&read, want).await }
-                        })
-                        .await
-                        .map_err(store_err)?;
-                    at_end = page.at_end || page.scanned_to <= read.after;
-                    read.after = page.scanned_to.max(read.after);
-                    events.extend(page.events);
+        let metrics = RebuildMetrics::new(&name);
+        if options.from_start {
+            self.retry_store(|s| {
+                let checkpoint = checkpoint.clone();
+                async move { s.reset_checkpoint(&checkpoint).await }
+            })
+            .await
+            .map_err(store_err)?;
+        }
+        let start = self
+            .retry_store(|s| {
+                let checkpoint = checkpoint.clone();
+                async move { s.load_checkpoint(&checkpoint).await }
+            })
+            .await
+            .map_err(store_err)?
+            .unwrap_or(GlobalPosition::START);
+        let filter = self.applier.filter();
+        let mut read = ReadAll::after(start)
+            .categories(filter.categories)
+            .event_types(filter.event_types);
+        let began = tokio::time::Instant::now();
+        let mut scanned = 0u64;
+        let mut reported = false;
+        let chunk = options.checkpoint_every.max(1);
+        let page_size = options.batch_size.max(1).min(chunk);
+        loop {
+            keeper.check(&name, &checkpoint)?;
+            let after = read.after;
+            let mut events = Vec::new();
+            let mut at_end = false;
+            while events.len() < chunk && !at_end {
+                if until.is_some_and(|u| read.after >= u) {
+                    at_end = true;
+                    break;
                 }
-                let moved = read.after > after;
-                if moved {
-                    let ctx = BatchContext {
-                        checkpoint: checkpoint.clone(),
-                        after,
-                        position: read.after,
-                        replaying: true,
-                        attempt: 1,
-                    };
-                    self.apply_guarded(&events, ctx).await?;
-                    scanned += self
-                        .retry_store(
-                            |s| async move { s.count_events_between(after, read.after).await },
-                        )
-                        .await
-                        .map_err(store_err)?;
-                }
-                if !moved && reported {
-                    return Ok(());
-                }
-                reported = true;
-                let head = self
-                    .retry_store(|s| async move { s.head_position().await })
+                let want = page_size.min(chunk - events.len());
+                let page = self
+                    .retry_store(|s| {
+                        let read = read.clone();
+                        async move { s.read_feed_page(&read, want).await }
+                    })
                     .await
                     .map_err(store_err)?;
-                let remaining = match head {
-                    Some(h) if h > read.after => self
-                        .retry_store(|s| async move { s.count_events_between(read.after, h).await })
-                        .await
-                        .map_err(store_err)?,
-                    _ => 0,
-                };
-                let elapsed = began.elapsed();
-                progress(&RebuildProgress {
-                    position: read.after,
-                    head,
-                    events: scanned,
-                    remaining,
-                    events_per_sec: scanned as f64 / elapsed.as_secs_f64().max(1e-6),
-                    elapsed,
-                });
-                if at_end {
-                    return Ok(());
-                }
+                at_end = page.at_end || page.scanned_to <= read.after;
+                read.after = page.scanned_to.max(read.after);
+                events.extend(page.events);
             }
+            let moved = read.after > after;
+            if moved {
+                let ctx = BatchContext {
+                    checkpoint: checkpoint.clone(),
+                    after,
+                    position: read.after,
+                    replaying: true,
+                    attempt: 1,
+                    tables: TableNames::default(),
+                };
+                self.throttle(events.len()).await;
+                self.apply_guarded(&events, ctx).await?;
+                let n = self
+                    .retry_store(|s| async move { s.count_events_between(after, read.after).await })
+                    .await
+                    .map_err(store_err)?;
+                scanned += n;
+                metrics.events.increment(n);
+            }
+            if !moved && reported {
+                return Ok(());
+            }
+            reported = true;
+            let head = self
+                .retry_store(|s| async move { s.head_position().await })
+                .await
+                .map_err(store_err)?;
+            let remaining = match head {
+                Some(h) if h > read.after => self
+                    .retry_store(|s| async move { s.count_events_between(read.after, h).await })
+                    .await
+                    .map_err(store_err)?,
+                _ => 0,
+            };
+            let elapsed = began.elapsed();
+            let report = RebuildProgress {
+                position: read.after,
+                head,
+                events: scanned,
+                remaining,
+                events_per_sec: scanned as f64 / elapsed.as_secs_f64().max(1e-6),
+                elapsed,
+            };
+            metrics.record(&report);
+            progress(&report);
+            if at_end {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Waits for the rate limit ([`max_rate`](Self::max_rate)) before a
+    /// batch of `events` events.
+    async fn throttle(&mut self, events: usize) {
+        if let Some(limit) = &mut self.rate {
+            let wait = limit.delay(tokio::time::Instant::now(), events);
+            if !wait.is_zero() {
+                tokio::time::sleep(wait).await;
+            }
+        }
+    }
+
+    /// Rebuilds a new version of a SQL read model blue-green (see
+    /// [`crate::blue_green`]): under the lock of this version, into shadow
+    /// tables with a shadow checkpoint, up to the head, while the live
+    /// runner of the old version keeps serving the live tables; then the
+    /// swap (one transaction: the shadow tables become the live ones, this
+    /// version's checkpoint and the active version move with them) and the
+    /// old tables are dropped. Returns the applier, now on the live tables:
+    /// run it ([`spawn`](Self::spawn) a runner with it) to keep the read
+    /// model current; the old version's runner stops at its next batch.
+    ///
+    /// A rebuild that fails or is cancelled leaves the live tables, the live
+    /// checkpoint and the active version as they were; calling it again
+    /// without `options.from_start` resumes from the shadow checkpoint
+    /// (`from_start` drops the shadow tables and starts over). Refused with
+    /// [`ProjectionError::Superseded`] when a newer version is active.
+    pub async fn rebuild_blue_green(
+        mut self,
+        options: RebuildOptions,
+        mut progress: impl FnMut(&RebuildProgress) + Send,
+    ) -> Result<A, ProjectionError>
+    where
+        A: BlueGreenApplier,
+    {
+        let name = self.applier.name().to_owned();
+        let live = self.applier.checkpoint();
+        let version = self.applier.version();
+        let mut keeper = self.take_lock().await?;
+        let out = async {
+            let retry = self.options.store_retry;
+            let active = retry_mut!(self.applier, retry, active_version()).map_err(|source| {
+                ProjectionError::Store {
+                    projection: name.clone(),
+                    source,
+                }
+            })?;
+            if let Some(active) = active.filter(|a| *a > version) {
+                return Err(ProjectionError::Superseded {
+                    projection: name.clone(),
+                    version,
+                    active,
+                });
+            }
+            let fresh = options.from_start;
+            retry_mut!(self.applier, retry, enter_shadow(fresh)).map_err(|source| {
+                ProjectionError::Store {
+                    projection: name.clone(),
+                    source,
+                }
+            })?;
+            let inner = RebuildOptions {
+                from_start: false,
+                ..options
+            };
+            // Two passes with fixed targets, so that writers faster than the
+            // rebuild cannot keep it from ending: up to the head read now,
+            // then up to the head read after that pass (what was appended
+            // meanwhile). What is appended after the second target is
+            // applied by the new version's runner from the swapped
+            // checkpoint.
+            // Progress counts over both passes, as one rebuild.
+            let began = tokio::time::Instant::now();
+            let mut before = 0u64;
+            for _pass in 0..2 {
+                let target = retry_store(self.store.clone(), retry, |s| async move {
+                    s.head_position().await
+                })
+                .await
+                .map_err(|source| ProjectionError::Store {
+                    projection: name.clone(),
+                    source,
+                })?
+                .unwrap_or(GlobalPosition::START);
+                let mut this_pass = 0u64;
+                let mut report = |p: &RebuildProgress| {
+                    this_pass = p.events;
+                    let elapsed = began.elapsed();
+                    let events = before + p.events;
+                    progress(&RebuildProgress {
+                        events,
+                        events_per_sec: events as f64 / elapsed.as_secs_f64().max(1e-6),
+                        elapsed,
+                        ..*p
+                    });
+                };
+                self.rebuild_inner(&mut keeper, inner, Some(target), &mut report)
+                    .await?;
+                before += this_pass;
+            }
+            keeper.check(&name, &live)?;
+            retry_mut!(self.applier, retry, swap()).map_err(|source| ProjectionError::Store {
+                projection: name.clone(),
+                source,
+            })?;
+            tracing::info!(projection = %name, version, "blue-green swap committed");
+            if let Err(e) = self.applier.drop_retired().await {
+                // The next blue-green rebuild drops them before its swap.
+                tracing::warn!(projection = %name, error = %e,
+                    "cannot drop the retired tables of a blue-green swap");
+            }
+            Ok(())
         }
         .await;
         keeper.release().await;
@@ -936,9 +1124,13 @@ where
         })
         .await
         .map_err(|source| ProjectionError::Store {
-            projection: name,
+            projection: name.clone(),
             source,
-        })
+        })?;
+        metrics::counter!("annals_projection_dead_letters_parked_total", "projection" => name.clone())
+            .increment(1);
+        record_dead_letter_count(&self.store, &name, &ctx.checkpoint).await;
+        Ok(())
     }
 
     /// Applies with the handler retry policy (transient store errors are
@@ -1173,6 +1365,118 @@ impl LagMetrics {
     }
 }
 
+/// A rebuild's metrics (`annals_projection_rebuild_*`, see
+/// [`crate::CATALOGUE`]), recorded after each checkpoint.
+struct RebuildMetrics {
+    events: metrics::Counter,
+    position: metrics::Gauge,
+    head: metrics::Gauge,
+    remaining: metrics::Gauge,
+}
+
+impl RebuildMetrics {
+    fn new(projection: &str) -> Self {
+        let labels = [("projection", projection.to_owned())];
+        RebuildMetrics {
+            events: metrics::counter!("annals_projection_rebuild_events_total", &labels),
+            position: metrics::gauge!("annals_projection_rebuild_position", &labels),
+            head: metrics::gauge!("annals_projection_rebuild_head", &labels),
+            remaining: metrics::gauge!("annals_projection_rebuild_remaining_events", &labels),
+        }
+    }
+
+    fn record(&self, p: &RebuildProgress) {
+        self.position.set(p.position.seq() as f64);
+        self.head.set(p.head.map_or(0, |h| h.seq()) as f64);
+        self.remaining.set(p.remaining as f64);
+    }
+}
+
+/// Sets `annals_projection_dead_letters` of `projection` to the number of
+/// events parked under `checkpoint` (a metric: a failure is only logged).
+pub async fn record_dead_letter_count<S: ProjectionControl>(
+    store: &S,
+    projection: &str,
+    checkpoint: &str,
+) {
+    match store.dead_letters(checkpoint).await {
+        Ok(letters) => metrics::gauge!(
+            "annals_projection_dead_letters",
+            "projection" => projection.to_owned()
+        )
+        .set(letters.len() as f64),
+        Err(e) => tracing::debug!(error = %e, "cannot count a projection's dead letters"),
+    }
+}
+
+/// The token bucket of [`ProjectionRunner::max_rate`]: `per_sec` permits a
+/// second, at most `burst` saved up. Time is passed in, so the arithmetic is
+/// tested without a clock.
+///
+/// ```
+/// use std::time::Duration;
+/// use annals::RateLimiter;
+/// let t0 = tokio::time::Instant::now();
+/// let mut limit = RateLimiter::new(10.0, 5.0);
+/// assert_eq!(limit.delay(t0, 5), Duration::ZERO); // the burst
+/// assert_eq!(limit.delay(t0, 10), Duration::from_secs(1)); // 10 more: 1 s
+/// // After waiting that second, the bucket is empty again.
+/// assert_eq!(limit.delay(t0 + Duration::from_secs(1), 1), Duration::from_millis(100));
+/// ```
+#[derive(Clone, Debug)]
+pub struct RateLimiter {
+    per_sec: f64,
+    burst: f64,
+    tokens: f64,
+    last: Option<tokio::time::Instant>,
+    granted: u64,
+}
+
+impl RateLimiter {
+    /// `per_sec` permits a second (at least 0.001), bursts of `burst`
+    /// (at least 1).
+    pub fn new(per_sec: f64, burst: f64) -> Self {
+        let burst = if burst.is_finite() {
+            burst.max(1.0)
+        } else {
+            1.0
+        };
+        RateLimiter {
+            per_sec: if per_sec.is_finite() {
+                per_sec.max(0.001)
+            } else {
+                0.001
+            },
+            burst,
+            tokens: burst,
+            last: None,
+            granted: 0,
+        }
+    }
+
+    /// Takes `permits` at `now`: how long to wait before using them (zero
+    /// when the bucket holds enough). The bucket may go into debt; the
+    /// debt is the wait.
+    pub fn delay(&mut self, now: tokio::time::Instant, permits: usize) -> Duration {
+        if let Some(last) = self.last {
+            let refill = now.saturating_duration_since(last).as_secs_f64() * self.per_sec;
+            self.tokens = (self.tokens + refill).min(self.burst);
+        }
+        self.last = Some(now.max(self.last.unwrap_or(now)));
+        self.tokens -= permits as f64;
+        self.granted += permits as u64;
+        if self.tokens >= 0.0 {
+            return Duration::ZERO;
+        }
+        Duration::from_secs_f64(-self.tokens / self.per_sec)
+    }
+
+    /// Permits granted so far.
+    pub fn granted(&self) -> u64 {
+        self.granted
+    }
+}
+
 /// Applies the parked event `event_id` of `applier`'s projection again
 /// through its handler ([`BatchApplier::apply_parked`], with
 /// [`BatchContext::replaying`] true, the checkpoint untouched). On success
@@ -1216,6 +1520,7 @@ where
         position: at.unwrap_or(GlobalPosition::START),
         replaying: true,
         attempt: letter.attempts.saturating_add(1),
+        tables: TableNames::default(),
     };
     match applier.apply_parked(&event, &ctx).await {
         Ok(()) => {
@@ -1223,6 +1528,7 @@ where
                 .drop_dead_letter(&checkpoint, event_id)
                 .await
                 .map_err(store_err)?;
+            record_dead_letter_count(store, &name, &checkpoint).await;
             Ok(())
         }
         Err(ApplyError::Store(e)) => Err(store_err(e)),
@@ -1498,4 +1804,28 @@ pub fn checkpoint_moved(ctx: &BatchContext, stored: GlobalPosition) -> Error {
          instead of applying events twice",
         ctx.checkpoint, ctx.after
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::RateLimiter;
+    use std::time::Duration;
+
+    /// The token bucket with an injected clock: a burst is free, then each
+    /// permit costs 1/rate; idle time refills up to the burst, never more.
+    #[test]
+    fn rate_limiter_counts_permits_against_an_injected_clock() {
+        let t0 = tokio::time::Instant::now();
+        let sec = Duration::from_secs(1);
+        let mut limit = RateLimiter::new(5.0, 5.0);
+        assert_eq!(limit.delay(t0, 5), Duration::ZERO);
+        assert_eq!(limit.delay(t0, 5), sec);
+        // Waited that second: the debt is paid, the bucket is empty.
+        assert_eq!(limit.delay(t0 + sec, 5), sec);
+        // Long idle: refilled to the burst (5), not to 45.
+        assert_eq!(limit.delay(t0 + sec * 11, 10), sec);
+        assert_eq!(limit.granted(), 25);
+        // A clock that goes backwards refills nothing: 5 in debt, 5 more.
+        assert_eq!(limit.delay(t0, 5), sec * 2);
+    }
 }

@@ -162,6 +162,16 @@ impl CommandContext {
         }
     }
 
+    /// The context of a command a reactor (a process manager: a projection
+    /// whose handler runs commands) issues while handling `event`:
+    /// [`caused_by`](Self::caused_by) the event, with the command id
+    /// [`reaction_command_id`]`(event, step)`. However often the event is
+    /// delivered (a redelivery after a crash, a rebuild), the command is
+    /// applied once; `step` tells apart the commands one event causes.
+    pub fn reacting_to(event: &RecordedEvent, step: &str) -> Self {
+        Self::caused_by(event).with_command_id(reaction_command_id(event.event_id, step))
+    }
+
     /// The metadata every event of the command gets.
     pub fn metadata(&self) -> &Metadata {
         &self.metadata
@@ -1069,6 +1079,13 @@ impl<A: Aggregate, S: EventStore, N: SnapshotStore> Repository<A, S, N> {
             worker.shutdown().await;
         }
     }
+}
+
+/// The command id of the reaction `step` to event `event`: UUID v5 with the
+/// event id as namespace and `step` as name, the same on every delivery
+/// ([`CommandContext::reacting_to`]).
+pub fn reaction_command_id(event: EventId, step: &str) -> Uuid {
+    Uuid::new_v5(&event.0, step.as_bytes())
 }
 
 /// The id of event `index` of command `command_id`: UUID v5, namespace the

@@ -15,9 +15,9 @@
 //! box per read call) and bumps a counter handle per event. Aggregate loads and snapshot writes are recorded
 //! by the repository and the snapshot jobs, above the backends.
 //!
-//! The projection runner records the events it applied and its lag, by
-//! projection name; rebuild progress and dead letters are to be added to
-//! [`CATALOGUE`] with the code that records them.
+//! The projection runner records the events it applied and its lag, its
+//! rebuilds their progress, and both their dead letters, by projection
+//! name.
 
 use std::future::Future;
 use std::time::Instant;
@@ -173,6 +173,42 @@ pub const CATALOGUE: &[MetricInfo] = &[
         kind: MetricKind::Gauge,
         labels: PROJECTION,
         help: "Events between a running projection's checkpoint and the head of the feed, measured by its runner after a batch (at most every 250 ms, and whenever a batch reached the end of the log).",
+    },
+    MetricInfo {
+        name: "annals_projection_rebuild_events_total",
+        kind: MetricKind::Counter,
+        labels: PROJECTION,
+        help: "Events a projection rebuild (plain or blue-green) scanned and applied, by projection name, counted after each checkpoint.",
+    },
+    MetricInfo {
+        name: "annals_projection_rebuild_position",
+        kind: MetricKind::Gauge,
+        labels: PROJECTION,
+        help: "The sequence part of a running rebuild's last checkpoint (the global position itself on SQLite and in memory), by projection name.",
+    },
+    MetricInfo {
+        name: "annals_projection_rebuild_head",
+        kind: MetricKind::Gauge,
+        labels: PROJECTION,
+        help: "The sequence part of the head of the feed as a running rebuild last read it, by projection name.",
+    },
+    MetricInfo {
+        name: "annals_projection_rebuild_remaining_events",
+        kind: MetricKind::Gauge,
+        labels: PROJECTION,
+        help: "Events between a running rebuild's last checkpoint and the head of the feed, by projection name.",
+    },
+    MetricInfo {
+        name: "annals_projection_dead_letters_parked_total",
+        kind: MetricKind::Counter,
+        labels: PROJECTION,
+        help: "Events a projection runner or rebuild parked in the dead-letter table (error policy Park), by projection name.",
+    },
+    MetricInfo {
+        name: "annals_projection_dead_letters",
+        kind: MetricKind::Gauge,
+        labels: PROJECTION,
+        help: "Events parked in the dead-letter table of a projection, counted after each park, retry or drop made through annals (ProjectionRunner, retry_dead_letter, annals projections dead-letters).",
     },
 ];
 

@@ -15,6 +15,7 @@ mod library;
 mod migrate;
 mod postgres;
 mod projections;
+mod projections_rebuild;
 mod scenarios;
 mod serve;
 mod snapshots;

@@ -9,6 +9,7 @@
 //! `.ci/run`), which makes it fail. Each test works in its own fresh schema.
 
 mod appends;
+mod blue_green;
 mod common;
 mod conformance;
 mod gdpr;

@@ -340,6 +340,7 @@ async fn issue8_in_transaction_projection_applies_each_batch_once() {
         position: last,
         replaying: false,
         attempt: 2,
+        tables: Default::default(),
     };
     applier
         .apply(&events[events.len() - 1..], &ctx)

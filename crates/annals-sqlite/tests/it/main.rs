@@ -1,6 +1,7 @@
 //! Integration tests of the SQLite backend: the shared conformance suite plus
 //! what only this backend has (migrations, the file, options).
 
+mod blue_green;
 mod conformance;
 mod events;
 mod gdpr;

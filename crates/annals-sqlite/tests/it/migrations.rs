@@ -20,8 +20,9 @@ const EXPECTED: &[(i64, &str)] = &[
     (9, "gdpr_keys"),
     (10, "projection_control"),
     (11, "event_migrations"),
+    (12, "projection_versions"),
 ];
-const LATEST: i64 = 11;
+const LATEST: i64 = 12;
 
 fn ledger(conn: &rusqlite::Connection) -> Vec<(i64, String, String)> {
     let mut s = conn

@@ -239,6 +239,7 @@ async fn issue8_in_transaction_projection_skips_a_committed_batch() {
         position: r.positions[0],
         replaying: true,
         attempt: 1,
+        tables: Default::default(),
     };
     use annals::BatchApplier;
     applier.apply(&events, &ctx).await.expect("first");
