@@ -8,32 +8,9 @@ use annals::{DeadLetter, EventId, GlobalPosition, ProjectionControl, StreamId};
 use annals_cli::{AnyStore, OpenOptions};
 use serde_json::Value;
 
-use crate::util::Db;
+use crate::util::{per_backend, Db};
 
-/// Declares each scenario once per backend.
-macro_rules! rebuild_tests {
-    ($($name:ident),* $(,)?) => {
-        mod sqlite {
-            $(
-                #[test]
-                fn $name() {
-                    super::$name(&crate::util::Db::sqlite());
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[test]
-                fn $name() {
-                    let Some(db) = crate::util::Db::postgres() else { return };
-                    super::$name(&db);
-                }
-            )*
-        }
-    };
-}
-
-rebuild_tests!(
+per_backend!(
     rebuild_in_place_and_blue_green_repair_the_read_model,
     rebuild_resumes_after_ctrl_c,
     dead_letters_list_retry_and_drop,
