@@ -210,7 +210,7 @@ enum Change {
 /// The event decoded through the one decode path, as a row change.
 fn change(event: &RecordedEvent) -> Result<(String, Change, i64, i64), HandlerError> {
     let change = match annals::decode_event::<AccountEvent>(event)? {
-        AccountEvent::Opened { owner } => Change::Opened(owner),
+        AccountEvent::Opened { owner, .. } => Change::Opened(owner),
         AccountEvent::Deposited { amount } => Change::Moved(amount),
         AccountEvent::Withdrew { amount } => Change::Moved(-amount),
     };

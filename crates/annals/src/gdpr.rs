@@ -49,11 +49,17 @@ use sha2::{Digest, Sha256};
 use crate::{
     upcast::upcast_event, AppendResult, AppendSignal, DomainEvent, Error, EventId, EventStore,
     EventStream, ExpectedVersion, FeedPage, Fingerprint, GlobalPosition, NewEvent, Payload,
-    ReadAll, ReadStream, RecordedEvent, Result, SnapshotStore, StreamId, StreamVersion, Upcasters,
+    ReadAll, ReadStream, RecordedEvent, Result, Snapshot, SnapshotStore, SnapshotWrite, StreamId,
+    StreamVersion, Upcasters,
 };
 
 /// What a forgotten subject's personal fields read as.
 pub const ERASED: &str = "[erased]";
+
+/// What an encrypted field reads as through a [`Crypto`] that
+/// [redacts](Crypto::redact_without_master_key) when no master key is
+/// configured (the CLI's reads): the value exists, but cannot be shown.
+pub const ENCRYPTED: &str = "[encrypted]";
 
 /// The key of an encrypted field value (`{"$enc": .., "$subject": ..}`).
 pub const ENC_KEY: &str = "$enc";
@@ -132,6 +138,42 @@ pub enum GdprError {
         event_id: EventId,
         /// Its stream.
         stream: String,
+        /// What failed.
+        reason: String,
+    },
+    /// No master key in the environment variable nor in the key file.
+    #[error(
+        "no master key: set {var} to 32 bytes as 64 hex digits or base64 \
+         (for example `openssl rand -hex 32`), or put them in the key file {}",
+        file.display()
+    )]
+    NoMasterKeyOrFile {
+        /// The variable that was read.
+        var: String,
+        /// The key file that does not exist.
+        file: std::path::PathBuf,
+    },
+    /// An encrypted snapshot's subject has no key and no erasure record.
+    #[error(
+        "no data key for subject {subject:?} and no erasure recorded for it \
+         (snapshot of {aggregate_type}/{aggregate_id})"
+    )]
+    SnapshotKeyMissing {
+        /// The subject.
+        subject: String,
+        /// The aggregate type.
+        aggregate_type: String,
+        /// The aggregate id.
+        aggregate_id: String,
+    },
+    /// An encrypted snapshot does not decrypt although its key matched the
+    /// master key: the stored state was altered.
+    #[error("cannot decrypt the snapshot of {aggregate_type}/{aggregate_id}: {reason}")]
+    SnapshotCorrupt {
+        /// The aggregate type.
+        aggregate_type: String,
+        /// The aggregate id.
+        aggregate_id: String,
         /// What failed.
         reason: String,
     },
@@ -269,6 +311,74 @@ impl KeyProvider for EnvKeyProvider {
     }
 }
 
+/// Reads the master key from an environment variable, or when that is unset
+/// from a key file (64 hex digits or base64; what
+/// [`EnvOrFileKeyProvider::generate_file`] writes). The CLI's provider: the
+/// key file lies beside the SQLite database.
+#[derive(Debug, Clone)]
+pub struct EnvOrFileKeyProvider {
+    var: String,
+    file: std::path::PathBuf,
+}
+
+impl EnvOrFileKeyProvider {
+    /// Reads `var`, else `file`.
+    pub fn new(var: impl Into<String>, file: impl Into<std::path::PathBuf>) -> Self {
+        EnvOrFileKeyProvider {
+            var: var.into(),
+            file: file.into(),
+        }
+    }
+
+    /// The key file.
+    pub fn file(&self) -> &std::path::Path {
+        &self.file
+    }
+
+    /// Whether a master key is configured (the variable is set or the file
+    /// exists), without reading it.
+    pub fn is_configured(&self) -> bool {
+        std::env::var(&self.var).is_ok_and(|t| !t.trim().is_empty()) || self.file.exists()
+    }
+
+    /// Writes a fresh random master key to the key file, readable and
+    /// writable by its owner only (mode 0600 on Unix), refusing to replace
+    /// an existing file; returns the key.
+    pub fn generate_file(&self) -> std::io::Result<MasterKey> {
+        let key = MasterKey::generate();
+        let mut options = std::fs::OpenOptions::new();
+        options.write(true).create_new(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+        let mut file = options.open(&self.file)?;
+        std::io::Write::write_all(&mut file, format!("{}\n", key.to_hex()).as_bytes())?;
+        file.sync_all()?;
+        Ok(key)
+    }
+}
+
+impl KeyProvider for EnvOrFileKeyProvider {
+    fn master_key(&self) -> Result<MasterKey, GdprError> {
+        match std::env::var(&self.var) {
+            Ok(text) if !text.trim().is_empty() => return MasterKey::parse(&text, &self.var),
+            _ => {}
+        }
+        match std::fs::read_to_string(&self.file) {
+            Ok(text) => MasterKey::parse(&text, &self.file.display().to_string()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                Err(GdprError::NoMasterKeyOrFile {
+                    var: self.var.clone(),
+                    file: self.file.clone(),
+                })
+            }
+            Err(e) => Err(GdprError::InvalidMasterKey {
+                source_name: self.file.display().to_string(),
+                reason: format!("cannot read it: {e}"),
+            }),
+        }
+    }
+}
+
 /// A subject's data key as stored: encrypted by a master key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WrappedKey {
@@ -364,6 +474,7 @@ pub struct Crypto<K> {
     keys: K,
     provider: Arc<dyn KeyProvider>,
     lookups: Vec<PersonalLookup>,
+    redact: bool,
 }
 
 impl<K> fmt::Debug for Crypto<K> {
@@ -382,6 +493,32 @@ impl<K: KeyStore> Crypto<K> {
             keys,
             provider,
             lookups: vec![E::personal_data],
+            redact: false,
+        }
+    }
+
+    /// Reads an encrypted field of a subject that still has its key as
+    /// [`ENCRYPTED`] when the provider has no master key
+    /// ([`GdprError::NoMasterKey`]), instead of failing; a snapshot then
+    /// reads as absent (loads replay the events). For inspection tools
+    /// that show what they can: a *wrong* master key is still an error,
+    /// and appends still need the key.
+    pub fn redact_without_master_key(mut self) -> Self {
+        self.redact = true;
+        self
+    }
+
+    /// The master key for a read: `Ok(None)` when there is none and this
+    /// crypto redacts.
+    fn master_for_read(&self) -> Result<Option<MasterKey>> {
+        match self.provider.master_key() {
+            Ok(m) => Ok(Some(m)),
+            Err(GdprError::NoMasterKey { .. } | GdprError::NoMasterKeyOrFile { .. })
+                if self.redact =>
+            {
+                Ok(None)
+            }
+            Err(e) => Err(e.into_error()),
         }
     }
 
@@ -573,8 +710,9 @@ impl<K: KeyStore> Crypto<K> {
         let Some(obj) = value.as_object_mut() else {
             return Ok(event);
         };
-        let mut master: Option<MasterKey> = None;
-        let mut keys: HashMap<String, Option<Aes256Gcm>> = HashMap::new();
+        let mut master: Option<Option<MasterKey>> = None;
+        // None: erased; Some(None): redacted (no master key).
+        let mut keys: HashMap<String, Option<Option<Aes256Gcm>>> = HashMap::new();
         for (field, v) in obj.iter_mut() {
             let Some(enc) = v.as_object() else { continue };
             let (Some(Value::String(blob)), Some(Value::String(subject))) =
@@ -597,9 +735,12 @@ impl<K: KeyStore> Crypto<K> {
                     Some(k) => {
                         let m = match master.take() {
                             Some(m) => m,
-                            None => self.provider.master_key().map_err(GdprError::into_error)?,
+                            None => self.master_for_read()?,
                         };
-                        let cipher = self.unwrap_key(&subject, &m, &k)?;
+                        let cipher = match &m {
+                            Some(m) => Some(self.unwrap_key(&subject, m, &k)?),
+                            None => None,
+                        };
                         master = Some(m);
                         Some(cipher)
                     }
@@ -618,7 +759,8 @@ impl<K: KeyStore> Crypto<K> {
                 keys.insert(subject.clone(), key);
             }
             *v = match keys.get(&subject) {
-                Some(Some(cipher)) => {
+                Some(Some(None)) => Value::String(ENCRYPTED.to_owned()),
+                Some(Some(Some(cipher))) => {
                     if blob.len() < 12 {
                         return Err(corrupt("ciphertext too short".into()).into_error());
                     }
@@ -640,6 +782,253 @@ impl<K: KeyStore> Crypto<K> {
         }
         event.data = Payload::from_value(&value).map_err(decode_err)?;
         Ok(event)
+    }
+}
+
+impl<K: KeyStore> Crypto<K> {
+    fn snapshot_aad(aggregate_type: &str, aggregate_id: &str) -> String {
+        format!("annals snapshot\0{aggregate_type}\0{aggregate_id}")
+    }
+
+    /// Encrypts a snapshot's whole state with `subject`'s data key (created
+    /// if it has none): the state becomes
+    /// `{"$enc": "<base64 nonce+ciphertext>", "$subject": "<id>"}`, bound to
+    /// the aggregate (a state cannot be moved to another one).
+    pub async fn encrypt_snapshot(&self, subject: &str, snapshot: &Snapshot) -> Result<Snapshot> {
+        let master = self.provider.master_key().map_err(GdprError::into_error)?;
+        let cipher = self.key_for_write(subject, &master).await?;
+        let plain = serde_json::to_vec(&snapshot.state).map_err(|e| Error::Encode {
+            what: format!(
+                "snapshot of {}/{}",
+                snapshot.aggregate_type, snapshot.aggregate_id
+            ),
+            source: e,
+        })?;
+        let nonce = Aes256Gcm::generate_nonce(OsRng);
+        let aad = Self::snapshot_aad(&snapshot.aggregate_type, &snapshot.aggregate_id);
+        let ct = cipher
+            .encrypt(
+                &nonce,
+                AeadPayload {
+                    msg: &plain,
+                    aad: aad.as_bytes(),
+                },
+            )
+            .map_err(|err| Error::Config(format!("cannot encrypt: {err}")))?;
+        let mut blob = nonce.to_vec();
+        blob.extend_from_slice(&ct);
+        let mut out = snapshot.clone();
+        out.state = serde_json::json!({ ENC_KEY: B64.encode(blob), SUBJECT_KEY: subject });
+        Ok(out)
+    }
+
+    /// Decrypts a snapshot that [`Crypto::encrypt_snapshot`] wrote; a
+    /// snapshot in clear is handed back as it is. `Ok(None)`: unreadable
+    /// because its subject was forgotten (or, when redacting, because there
+    /// is no master key). A wrong master key is
+    /// [`GdprError::WrongMasterKey`], a subject without key and erasure
+    /// record [`GdprError::SnapshotKeyMissing`].
+    pub async fn decrypt_snapshot(&self, snapshot: Snapshot) -> Result<SnapshotRead> {
+        let Some((blob, subject)) = encrypted_parts(&snapshot.state) else {
+            return Ok(SnapshotRead::Plain(snapshot));
+        };
+        let subject = subject.to_owned();
+        let corrupt = |reason: String| {
+            GdprError::SnapshotCorrupt {
+                aggregate_type: snapshot.aggregate_type.clone(),
+                aggregate_id: snapshot.aggregate_id.clone(),
+                reason,
+            }
+            .into_error()
+        };
+        let blob = B64.decode(blob).map_err(|e| corrupt(e.to_string()))?;
+        let Some(key) = self.keys.load_key(&subject).await? else {
+            if self.keys.erasure(&subject).await?.is_some() {
+                return Ok(SnapshotRead::Erased { subject });
+            }
+            return Err(GdprError::SnapshotKeyMissing {
+                subject,
+                aggregate_type: snapshot.aggregate_type.clone(),
+                aggregate_id: snapshot.aggregate_id.clone(),
+            }
+            .into_error());
+        };
+        let Some(master) = self.master_for_read()? else {
+            return Ok(SnapshotRead::Redacted);
+        };
+        let cipher = self.unwrap_key(&subject, &master, &key)?;
+        if blob.len() < 12 {
+            return Err(corrupt("ciphertext too short".into()));
+        }
+        let (nonce, ct) = blob.split_at(12);
+        let aad = Self::snapshot_aad(&snapshot.aggregate_type, &snapshot.aggregate_id);
+        let plain = cipher
+            .decrypt(
+                Nonce::from_slice(nonce),
+                AeadPayload {
+                    msg: ct,
+                    aad: aad.as_bytes(),
+                },
+            )
+            .map_err(|e| corrupt(e.to_string()))?;
+        let state = serde_json::from_slice(&plain).map_err(|e| corrupt(e.to_string()))?;
+        let mut out = snapshot;
+        out.state = state;
+        Ok(SnapshotRead::Decrypted(out))
+    }
+}
+
+/// The `$enc` blob and `$subject` of an encrypted value, if it is one.
+fn encrypted_parts(v: &Value) -> Option<(&str, &str)> {
+    let obj = v.as_object()?;
+    match (obj.get(ENC_KEY), obj.get(SUBJECT_KEY)) {
+        (Some(Value::String(blob)), Some(Value::String(subject))) => Some((blob, subject)),
+        _ => None,
+    }
+}
+
+/// What [`Crypto::decrypt_snapshot`] found.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SnapshotRead {
+    /// The snapshot was stored in clear.
+    Plain(Snapshot),
+    /// Decrypted.
+    Decrypted(Snapshot),
+    /// Encrypted for a forgotten subject: unreadable for good.
+    Erased {
+        /// The subject.
+        subject: String,
+    },
+    /// Encrypted, and the crypto redacts without a master key.
+    Redacted,
+}
+
+/// Where the subject of an aggregate's snapshot is found
+/// ([`GdprSnapshots::aggregate`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SnapshotSubject {
+    /// The aggregate id is the subject (the bank example's `Account`: its
+    /// `Opened` names the account as the subject).
+    AggregateId,
+    /// A top-level string or number field of the state names the subject;
+    /// a state without it holds no one's personal data and stays in clear.
+    StateField(String),
+}
+
+/// A [`SnapshotStore`] wrapper that encrypts the snapshots of aggregates
+/// holding personal data with their subject's data key, so the plaintext
+/// reaches no table; the repository of a [`GdprStore`] takes it as its
+/// snapshot store.
+///
+/// - `save_snapshot` of a declared aggregate type stores the state
+///   encrypted (see [`Crypto::encrypt_snapshot`]); other types pass in clear.
+/// - `load_snapshot` decrypts any encrypted state. A snapshot of a forgotten
+///   subject is unreadable: it is deleted and the load sees none, so the
+///   repository replays the events, whose personal fields read as
+///   [`ERASED`]. A wrong master key is an error, never a missing snapshot
+///   (the repository reports it instead of replaying).
+/// - [`GdprSnapshots::forget_snapshots`] deletes at once the snapshots a
+///   subject's key encrypts where the aggregate id is the subject.
+#[derive(Clone, Debug)]
+pub struct GdprSnapshots<N, K> {
+    inner: N,
+    crypto: Crypto<K>,
+    aggregates: Arc<Vec<(String, SnapshotSubject)>>,
+}
+
+impl<N: SnapshotStore, K: KeyStore> GdprSnapshots<N, K> {
+    /// Wraps `inner`; declare the aggregates with [`GdprSnapshots::aggregate`].
+    pub fn new(inner: N, crypto: Crypto<K>) -> Self {
+        GdprSnapshots {
+            inner,
+            crypto,
+            aggregates: Arc::new(Vec::new()),
+        }
+    }
+
+    /// Encrypts the snapshots of `aggregate_type`, whose subject is found
+    /// as `subject` says.
+    pub fn aggregate(mut self, aggregate_type: impl Into<String>, subject: SnapshotSubject) -> Self {
+        Arc::make_mut(&mut self.aggregates).push((aggregate_type.into(), subject));
+        self
+    }
+
+    /// The wrapped store (loads return ciphertext, as stored).
+    pub fn inner(&self) -> &N {
+        &self.inner
+    }
+
+    /// Deletes the snapshots of `subject` among the declared aggregate types
+    /// whose subject is the aggregate id; returns how many. (Snapshots whose
+    /// subject is a state field are unreadable once the key is gone, and
+    /// deleted when next loaded.)
+    pub async fn forget_snapshots(&self, subject: &str) -> Result<u64> {
+        let mut n = 0;
+        for (t, how) in self.aggregates.iter() {
+            if *how == SnapshotSubject::AggregateId {
+                n += self.inner.delete_snapshot(t, subject).await?;
+            }
+        }
+        Ok(n)
+    }
+
+    fn subject_of(&self, snapshot: &Snapshot) -> Option<String> {
+        let (_, how) = self
+            .aggregates
+            .iter()
+            .find(|(t, _)| *t == snapshot.aggregate_type)?;
+        match how {
+            SnapshotSubject::AggregateId => Some(snapshot.aggregate_id.clone()),
+            SnapshotSubject::StateField(f) => match snapshot.state.get(f) {
+                Some(Value::String(s)) => Some(s.clone()),
+                Some(Value::Number(n)) => Some(n.to_string()),
+                _ => None,
+            },
+        }
+    }
+}
+
+impl<N: SnapshotStore, K: KeyStore> SnapshotStore for GdprSnapshots<N, K> {
+    async fn load_snapshot(
+        &self,
+        aggregate_type: &str,
+        aggregate_id: &str,
+    ) -> Result<Option<Snapshot>> {
+        let Some(snap) = self
+            .inner
+            .load_snapshot(aggregate_type, aggregate_id)
+            .await?
+        else {
+            return Ok(None);
+        };
+        match self.crypto.decrypt_snapshot(snap).await? {
+            SnapshotRead::Plain(s) | SnapshotRead::Decrypted(s) => Ok(Some(s)),
+            SnapshotRead::Erased { .. } => {
+                self.inner
+                    .delete_snapshot(aggregate_type, aggregate_id)
+                    .await?;
+                Ok(None)
+            }
+            SnapshotRead::Redacted => Ok(None),
+        }
+    }
+
+    async fn save_snapshot(&self, snapshot: &Snapshot) -> Result<SnapshotWrite> {
+        match self.subject_of(snapshot) {
+            Some(subject) => {
+                let enc = self.crypto.encrypt_snapshot(&subject, snapshot).await?;
+                self.inner.save_snapshot(&enc).await
+            }
+            None => self.inner.save_snapshot(snapshot).await,
+        }
+    }
+
+    fn delete_snapshot(
+        &self,
+        aggregate_type: &str,
+        aggregate_id: &str,
+    ) -> impl Future<Output = Result<u64>> + Send {
+        self.inner.delete_snapshot(aggregate_type, aggregate_id)
     }
 }
 

@@ -262,7 +262,7 @@ impl Aggregate for AccountV2 {
 
     fn apply(&mut self, event: &AccountEvent) {
         match event {
-            AccountEvent::Opened { owner } => self.holder.clone_from(owner),
+            AccountEvent::Opened { owner, .. } => self.holder.clone_from(owner),
             AccountEvent::Deposited { amount } => self.cents += amount,
             AccountEvent::Withdrew { amount } => self.cents -= amount,
         }
