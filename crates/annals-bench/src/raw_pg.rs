@@ -186,12 +186,16 @@ pub async fn run(url: &str, schema: &str, sz: &Sizes) -> anyhow::Result<Results>
         .collect();
     let t = Instant::now();
     for (s, o) in &streams {
-        raw.save(s, 0, &[AccountEvent::Opened {
+        raw.save(
+            s,
+            0,
+            &[AccountEvent::Opened {
                 account: None,
                 owner: o.clone(),
                 email: None,
-            }])
-            .await?;
+            }],
+        )
+        .await?;
     }
     res.w1.open_per_sec = sz.accounts as f64 / t.elapsed().as_secs_f64().max(1e-9);
     let mut lat = Vec::new();

@@ -120,8 +120,10 @@ pub fn personal_snapshots<N: crate::SnapshotStore, K: crate::KeyStore>(
     inner: N,
     crypto: crate::gdpr::Crypto<K>,
 ) -> crate::GdprSnapshots<N, K> {
-    crate::GdprSnapshots::new(inner, crypto)
-        .aggregate(<Account as Aggregate>::TYPE, crate::gdpr::SnapshotSubject::AggregateId)
+    crate::GdprSnapshots::new(inner, crypto).aggregate(
+        <Account as Aggregate>::TYPE,
+        crate::gdpr::SnapshotSubject::AggregateId,
+    )
 }
 
 /// Why an account command was refused.

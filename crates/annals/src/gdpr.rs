@@ -177,6 +177,20 @@ pub enum GdprError {
         /// What failed.
         reason: String,
     },
+    /// A snapshot of a forgotten subject's aggregate was not stored: it
+    /// would need a new data key for the subject (loads replay the events).
+    #[error(
+        "snapshot of {aggregate_type}/{aggregate_id} not stored: its subject {subject:?} \
+         was forgotten"
+    )]
+    SubjectForgotten {
+        /// The subject.
+        subject: String,
+        /// The aggregate type.
+        aggregate_type: String,
+        /// The aggregate id.
+        aggregate_id: String,
+    },
     /// An event with personal fields lacks its subject field.
     #[error(
         "event of type {event_type:?} declares personal data of the subject in field \
@@ -791,10 +805,21 @@ impl<K: KeyStore> Crypto<K> {
     }
 
     /// Encrypts a snapshot's whole state with `subject`'s data key (created
-    /// if it has none): the state becomes
+    /// if it has none; a forgotten subject gets none:
+    /// [`GdprError::SubjectForgotten`]): the state becomes
     /// `{"$enc": "<base64 nonce+ciphertext>", "$subject": "<id>"}`, bound to
     /// the aggregate (a state cannot be moved to another one).
     pub async fn encrypt_snapshot(&self, subject: &str, snapshot: &Snapshot) -> Result<Snapshot> {
+        if self.keys.load_key(subject).await?.is_none()
+            && self.keys.erasure(subject).await?.is_some()
+        {
+            return Err(GdprError::SubjectForgotten {
+                subject: subject.to_owned(),
+                aggregate_type: snapshot.aggregate_type.clone(),
+                aggregate_id: snapshot.aggregate_id.clone(),
+            }
+            .into_error());
+        }
         let master = self.provider.master_key().map_err(GdprError::into_error)?;
         let cipher = self.key_for_write(subject, &master).await?;
         let plain = serde_json::to_vec(&snapshot.state).map_err(|e| Error::Encode {
@@ -948,7 +973,11 @@ impl<N: SnapshotStore, K: KeyStore> GdprSnapshots<N, K> {
 
     /// Encrypts the snapshots of `aggregate_type`, whose subject is found
     /// as `subject` says.
-    pub fn aggregate(mut self, aggregate_type: impl Into<String>, subject: SnapshotSubject) -> Self {
+    pub fn aggregate(
+        mut self,
+        aggregate_type: impl Into<String>,
+        subject: SnapshotSubject,
+    ) -> Self {
         Arc::make_mut(&mut self.aggregates).push((aggregate_type.into(), subject));
         self
     }
