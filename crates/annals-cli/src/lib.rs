@@ -110,6 +110,7 @@ mod commands;
 mod demo;
 mod event;
 mod gdpr;
+mod keys;
 mod output;
 mod projections;
 mod projections_cmd;
@@ -282,6 +283,7 @@ impl App {
             app: &self,
             url: &cli.database_url,
             pg_schema: cli.pg_schema.clone(),
+            key_file: cli.key_file.clone(),
             out,
         };
         let result = commands::dispatch(env, cli.command).await;

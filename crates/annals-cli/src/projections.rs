@@ -22,6 +22,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use annals::bank::{Account, AccountEvent};
+use annals::gdpr::{ErasureNotice, ERASED};
 use annals::{
     checkpoint_name, Aggregate, BatchApplier, BatchContext, Error, GlobalPosition, HandlerError,
     ProjectionError, ProjectionFilter, ProjectionHandle, ProjectionRunner, RecordedEvent,
@@ -45,6 +46,28 @@ pub struct ReadModelDb {
     pub url: String,
     /// The PostgreSQL schema of the store's tables (`None`: `public`).
     pub pg_schema: Option<String>,
+    /// The master key file (`--key-file`; `None`: beside an SQLite
+    /// database, none for PostgreSQL), read when `ANNALS_MASTER_KEY` is
+    /// unset: projections read personal data decrypted.
+    pub key_file: Option<PathBuf>,
+}
+
+impl ReadModelDb {
+    /// The store's events decrypted with the master key (see
+    /// `annals::gdpr`): a projection reads plaintext, or `"[erased]"` for a
+    /// forgotten subject. Without a master key, an encrypted field is an
+    /// error naming where the key was looked for; nothing is guessed.
+    pub fn decrypting(&self) -> annals::Result<annals::GdprStore<AnyStore, AnyStore>> {
+        let url: crate::DatabaseUrl = self
+            .url
+            .parse()
+            .map_err(|e| Error::Config(format!("{e}")))?;
+        let keys = crate::keys::KeySource::new(&url, self.key_file.clone());
+        Ok(annals::GdprStore::new(
+            self.store.clone(),
+            keys.crypto(&self.store),
+        ))
+    }
 }
 
 /// One registered projection, type-erased (see the module docs).
@@ -70,6 +93,19 @@ pub trait ProjectionOps: Send + Sync + 'static {
     /// transaction where the read model lives in the store's database, so
     /// the next run rebuilds it from the first event.
     fn reset<'a>(&'a self, db: &'a ReadModelDb) -> BoxFuture<'a, annals::Result<()>>;
+
+    /// Scrubs what the read model keeps about a forgotten subject (`annals
+    /// gdpr forget` calls it on every registered projection, after the
+    /// subject's key is deleted). By default nothing: a read model without
+    /// personal data has nothing to scrub.
+    fn on_erasure<'a>(
+        &'a self,
+        db: &'a ReadModelDb,
+        notice: &'a ErasureNotice,
+    ) -> BoxFuture<'a, annals::Result<()>> {
+        let _ = (db, notice);
+        async { Ok(()) }.boxed()
+    }
 }
 
 /// A started projection runner ([`ProjectionOps::start`]).
@@ -302,7 +338,7 @@ impl ProjectionOps for AccountBalances {
     ) -> BoxFuture<'a, annals::Result<RunningProjection>> {
         async move {
             sql_batch(db, CREATE_SQL).await?;
-            let store = db.store.clone();
+            let store = db.decrypting()?;
             Ok(match &db.store {
                 AnyStore::Sqlite(s) => RunningProjection::new(
                     ProjectionRunner::new(store, s.transactional(*self))
@@ -318,6 +354,14 @@ impl ProjectionOps for AccountBalances {
             })
         }
         .boxed()
+    }
+
+    fn on_erasure<'a>(
+        &'a self,
+        db: &'a ReadModelDb,
+        notice: &'a ErasureNotice,
+    ) -> BoxFuture<'a, annals::Result<()>> {
+        async move { self.scrub(db, notice).await.map(|_| ()) }.boxed()
     }
 
     fn reset<'a>(&'a self, db: &'a ReadModelDb) -> BoxFuture<'a, annals::Result<()>> {
@@ -353,6 +397,40 @@ impl ProjectionOps for AccountBalances {
             }
         }
         .boxed()
+    }
+}
+
+/// The owner of a forgotten account's row becomes `"[erased]"`, as a rebuild
+/// would write it (`Opened`'s subject is the account id).
+const SCRUB_SQLITE: &str = "UPDATE account_balances SET owner = ?1 WHERE stream_id = ?2";
+const SCRUB_PG: &str = "UPDATE account_balances SET owner = $1 WHERE stream_id = $2";
+
+impl AccountBalances {
+    /// Scrubs the row of the forgotten account `notice.subject`; returns
+    /// the rows changed.
+    pub async fn scrub(&self, db: &ReadModelDb, notice: &ErasureNotice) -> annals::Result<u64> {
+        sql_batch(db, CREATE_SQL).await?;
+        let stream =
+            annals::StreamId::new(<Account as Aggregate>::TYPE, &notice.subject)?.to_string();
+        match sql_target(db)? {
+            SqlTarget::Sqlite(path) => {
+                sqlite_job(path, move |conn| {
+                    conn.execute(SCRUB_SQLITE, rusqlite::params![ERASED, stream])
+                        .map(|n| n as u64)
+                })
+                .await
+            }
+            SqlTarget::Postgres => {
+                let (client, conn) = pg_client(db).await?;
+                let out = client
+                    .execute(SCRUB_PG, &[&ERASED, &stream])
+                    .await
+                    .map_err(pg_error("scrubbing account_balances"));
+                drop(client);
+                let _ = conn.await;
+                out
+            }
+        }
     }
 }
 

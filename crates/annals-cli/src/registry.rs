@@ -140,6 +140,16 @@ pub trait AggregateOps: Send + Sync + 'static {
         request: LoadRequest,
     ) -> BoxFuture<'a, Result<AggregateView>>;
 
+    /// [`AggregateOps::load`] through a decrypting event store and
+    /// snapshot store (`annals aggregate`; see `annals::gdpr`).
+    fn load_through<'a>(
+        &'a self,
+        events: &'a annals::GdprStore<AnyStore, AnyStore>,
+        snapshots: &'a annals::GdprSnapshots<AnyStore, AnyStore>,
+        id: &'a str,
+        request: LoadRequest,
+    ) -> BoxFuture<'a, Result<AggregateView>>;
+
     /// Takes a snapshot of aggregate `id` now, from a fresh load
     /// ([`annals::Repository::snapshot`]): the snapshot built and whether the
     /// guarded write stored it. `None` when the stream does not exist.
@@ -271,16 +281,25 @@ impl<A: Aggregate> AggregateOps for Registered<A> {
         id: &'a str,
         request: LoadRequest,
     ) -> BoxFuture<'a, Result<AggregateView>> {
+        async move { load_view(Self::repository(store), id, request).await }.boxed()
+    }
+
+    fn load_through<'a>(
+        &'a self,
+        events: &'a annals::GdprStore<AnyStore, AnyStore>,
+        snapshots: &'a annals::GdprSnapshots<AnyStore, AnyStore>,
+        id: &'a str,
+        request: LoadRequest,
+    ) -> BoxFuture<'a, Result<AggregateView>> {
         async move {
-            let stream = StreamId::new(A::TYPE, id)?;
-            let repo = Self::repository(store);
-            let loaded = match (request.at_version, request.as_of, request.no_snapshot) {
-                (Some(v), _, _) => repo.load_at_version(id, v).await?,
-                (None, Some(t), _) => repo.load_as_of(id, t).await?,
-                (None, None, true) => repo.load_without_snapshot(id).await?,
-                (None, None, false) => repo.load(id).await?,
-            };
-            AggregateView::new(stream, loaded)
+            let repo = Repository::<A, _>::new(events.clone()).with_snapshots(
+                snapshots.clone(),
+                SnapshotConfig {
+                    policy: SnapshotPolicy::Manual,
+                    mode: SnapshotMode::Sync,
+                },
+            );
+            load_view(repo, id, request).await
         }
         .boxed()
     }
@@ -359,4 +378,20 @@ impl<A: Aggregate> AggregateOps for Registered<A> {
     fn check_event(&self, event: &RecordedEvent) -> Result<()> {
         annals::decode_event::<A::Event>(event).map(drop)
     }
+}
+
+/// Loads `id` as `request` asks, into a view.
+async fn load_view<A: Aggregate, S: annals::EventStore, N: annals::SnapshotStore>(
+    repo: Repository<A, S, N>,
+    id: &str,
+    request: LoadRequest,
+) -> Result<AggregateView> {
+    let stream = StreamId::new(A::TYPE, id)?;
+    let loaded = match (request.at_version, request.as_of, request.no_snapshot) {
+        (Some(v), _, _) => repo.load_at_version(id, v).await?,
+        (None, Some(t), _) => repo.load_as_of(id, t).await?,
+        (None, None, true) => repo.load_without_snapshot(id).await?,
+        (None, None, false) => repo.load(id).await?,
+    };
+    AggregateView::new(stream, loaded)
 }

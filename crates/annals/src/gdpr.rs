@@ -1304,3 +1304,83 @@ impl KeyStore for crate::InMemoryStore {
         self.key_store().erasure(subject)
     }
 }
+
+/// Checkpoints pass through: a projection runner can read through a
+/// [`GdprStore`].
+impl<S: crate::CheckpointStore, K: KeyStore> crate::CheckpointStore for GdprStore<S, K> {
+    fn load_checkpoint(
+        &self,
+        name: &str,
+    ) -> impl Future<Output = Result<Option<GlobalPosition>>> + Send {
+        self.inner.load_checkpoint(name)
+    }
+
+    fn save_checkpoint(
+        &self,
+        name: &str,
+        position: GlobalPosition,
+    ) -> impl Future<Output = Result<()>> + Send {
+        self.inner.save_checkpoint(name, position)
+    }
+
+    fn reset_checkpoint(&self, name: &str) -> impl Future<Output = Result<()>> + Send {
+        self.inner.reset_checkpoint(name)
+    }
+}
+
+/// Projection locks and dead letters pass through, so a
+/// [`ProjectionRunner`](crate::ProjectionRunner) can run on a [`GdprStore`]
+/// (its handlers then see plaintext, or [`ERASED`]).
+impl<S: crate::ProjectionControl, K: KeyStore> crate::ProjectionControl for GdprStore<S, K> {
+    fn acquire_projection_lock(
+        &self,
+        checkpoint: &str,
+        owner: &str,
+        token: &str,
+        ttl: std::time::Duration,
+    ) -> impl Future<Output = Result<crate::LockAttempt>> + Send {
+        self.inner
+            .acquire_projection_lock(checkpoint, owner, token, ttl)
+    }
+
+    fn renew_projection_lock(
+        &self,
+        lock: &crate::ProjectionLock,
+        ttl: std::time::Duration,
+    ) -> impl Future<Output = Result<Option<crate::ProjectionLock>>> + Send {
+        self.inner.renew_projection_lock(lock, ttl)
+    }
+
+    fn release_projection_lock(
+        &self,
+        lock: &crate::ProjectionLock,
+    ) -> impl Future<Output = Result<()>> + Send {
+        self.inner.release_projection_lock(lock)
+    }
+
+    fn projection_lock(
+        &self,
+        checkpoint: &str,
+    ) -> impl Future<Output = Result<Option<crate::ProjectionLock>>> + Send {
+        self.inner.projection_lock(checkpoint)
+    }
+
+    fn park_event(&self, letter: &crate::DeadLetter) -> impl Future<Output = Result<()>> + Send {
+        self.inner.park_event(letter)
+    }
+
+    fn dead_letters(
+        &self,
+        checkpoint: &str,
+    ) -> impl Future<Output = Result<Vec<crate::DeadLetter>>> + Send {
+        self.inner.dead_letters(checkpoint)
+    }
+
+    fn drop_dead_letter(
+        &self,
+        checkpoint: &str,
+        event_id: EventId,
+    ) -> impl Future<Output = Result<bool>> + Send {
+        self.inner.drop_dead_letter(checkpoint, event_id)
+    }
+}
