@@ -79,12 +79,24 @@ impl Env<'_> {
             let (upcasters, open) = open?;
             let keys = keys?;
             let store = open.await?;
-            let reading = if raw {
-                crate::keys::Reading::raw()
-            } else {
-                crate::keys::Reading::decrypting(keys.crypto(&store), upcasters)
-            };
+            let reading = crate::keys::Reading::new(keys.crypto(&store), raw, upcasters);
             Ok((store, reading))
+        }
+    }
+
+    /// Opens the store for the operations of registered aggregate types
+    /// (snapshot commands): decrypting with the master key, and encrypting
+    /// the accounts' snapshots.
+    pub(crate) fn open_ops(
+        &self,
+        create: bool,
+    ) -> impl Future<Output = anyhow::Result<crate::OpsStore>> + Send + 'static {
+        let keys = self.key_source();
+        let open = self.open(create);
+        async move {
+            let keys = keys?;
+            let store = open.await?;
+            Ok(crate::ops_store(&store, keys.provider()))
         }
     }
 
@@ -409,14 +421,7 @@ async fn aggregate(env: Env<'_>, args: AggregateArgs) -> anyhow::Result<Outcome>
         as_of: args.as_of,
         no_snapshot: args.no_snapshot,
     };
-    // `--raw`: the events as stored, nothing decrypted or upcast.
-    let view = match reading.stores(&store) {
-        Some((events, snapshots)) => {
-            ops.load_through(&events, &snapshots, &args.id, request)
-                .await?
-        }
-        None => ops.load(&store, &args.id, request).await?,
-    };
+    let view = ops.load(&reading.ops_store(&store), &args.id, request).await?;
     if view.version.is_none() {
         return Ok(Outcome::CheckFailed(match args.as_of {
             Some(t) => format!(

@@ -20,18 +20,13 @@ use std::sync::Arc;
 
 use annals::bank::AccountEvent;
 use annals::gdpr::{Crypto, EnvKeyProvider, EnvOrFileKeyProvider, KeyProvider, MASTER_KEY_VAR};
-use annals::{upcast_event, GdprSnapshots, GdprStore, RecordedEvent, Upcasters};
+use annals::{upcast_event, GdprStore, RecordedEvent, Upcasters};
 
 use crate::store::DatabaseUrl;
 use crate::AnyStore;
 
 /// The suffix of the default key file beside an SQLite database.
 pub(crate) const KEY_FILE_SUFFIX: &str = ".key";
-
-/// Events decrypted (and upcast) through the CLI's crypto.
-pub(crate) type CliEvents = GdprStore<AnyStore, AnyStore>;
-/// Snapshots decrypted through the CLI's crypto.
-pub(crate) type CliSnapshots = GdprSnapshots<AnyStore, AnyStore>;
 
 /// Where the master key comes from.
 #[derive(Clone, Debug)]
@@ -59,6 +54,16 @@ impl KeySource {
         }
     }
 
+    /// The default source of an open store (no `--key-file`): for the
+    /// checks `annals serve` runs too.
+    pub(crate) fn of_store(store: &AnyStore) -> Self {
+        let url = match store {
+            AnyStore::Sqlite(s) => DatabaseUrl::Sqlite(s.path().to_owned()),
+            _ => DatabaseUrl::Postgres(String::new()),
+        };
+        KeySource::new(&url, None)
+    }
+
     pub(crate) fn provider(&self) -> Arc<dyn KeyProvider> {
         match self {
             KeySource::EnvOrFile(p) => Arc::new(p.clone()),
@@ -76,47 +81,47 @@ impl KeySource {
 /// How a read command turns a stored event into what it prints.
 #[derive(Clone, Debug)]
 pub(crate) struct Reading {
-    crypto: Option<Crypto<AnyStore>>,
+    /// Redacting: `"[encrypted]"` without a master key.
+    crypto: Crypto<AnyStore>,
+    /// `false` with `--raw`: events as stored.
+    decrypt: bool,
     upcasters: Option<Arc<Upcasters>>,
 }
 
 impl Reading {
-    /// As stored (`--raw`).
-    pub(crate) fn raw() -> Self {
-        Reading {
-            crypto: None,
-            upcasters: None,
-        }
-    }
-
-    /// Decrypting (redacting without a master key), then upcasting.
-    pub(crate) fn decrypting(
+    /// Decrypting (unless `raw`), then upcasting.
+    pub(crate) fn new(
         crypto: Crypto<AnyStore>,
+        raw: bool,
         upcasters: Option<Arc<Upcasters>>,
     ) -> Self {
         Reading {
-            crypto: Some(crypto.redact_without_master_key()),
+            crypto: crypto.redact_without_master_key(),
+            decrypt: !raw,
             upcasters,
         }
     }
 
     /// One stored event, as the command shows it.
     pub(crate) async fn apply(&self, event: RecordedEvent) -> annals::Result<RecordedEvent> {
-        let event = match &self.crypto {
-            Some(c) => c.decrypt_event(event).await?,
-            None => event,
-        };
+        if !self.decrypt {
+            return Ok(event);
+        }
+        let event = self.crypto.decrypt_event(event).await?;
         upcast_event(self.upcasters.as_deref(), event)
     }
 
-    /// The event store and snapshot store an aggregate loads through.
-    pub(crate) fn stores(&self, raw: &AnyStore) -> Option<(CliEvents, CliSnapshots)> {
-        let crypto = self.crypto.clone()?;
-        let mut events = GdprStore::new(raw.raw(), crypto.clone());
+    /// The store an aggregate loads through (`annals aggregate`):
+    /// decrypting (redacting without a master key), then upcasting; with
+    /// `--raw` nothing is upcast.
+    pub(crate) fn ops_store(&self, raw: &AnyStore) -> crate::OpsStore {
+        let mut store = GdprStore::new(raw.raw(), self.crypto.clone()).with_snapshot_subject(
+            <annals::bank::Account as annals::Aggregate>::TYPE,
+            annals::gdpr::SnapshotSubject::AggregateId,
+        );
         if let Some(u) = &self.upcasters {
-            events = events.with_upcasters(u.clone());
+            store = store.with_upcasters(u.clone());
         }
-        let snapshots = annals::bank::personal_snapshots(raw.raw(), crypto);
-        Some((events, snapshots))
+        store
     }
 }

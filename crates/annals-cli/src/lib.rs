@@ -133,7 +133,9 @@ pub use projections::{
     account_balances, AccountBalances, BalanceRow, ProjectionOps, ReadModelDb, RunningProjection,
     ACCOUNT_BALANCES_TABLE,
 };
-pub use registry::{AggregateOps, AggregateView, CreateOutcome, LoadRequest, Registered};
+pub use registry::{
+    ops_store, AggregateOps, AggregateView, CreateOutcome, LoadRequest, OpsStore, Registered,
+};
 pub use serve::{describe_serve_metrics, prometheus_recorder, MetricsServer, SERVE_METRICS};
 pub use store::{AnyStore, Backend, DatabaseUrl, OpenOptions, DEFAULT_DATABASE_URL};
 

@@ -126,7 +126,8 @@ pub(crate) async fn read_all(env: Env<'_>, args: ReadAllArgs) -> anyhow::Result<
     } else {
         let mut events = store.read_all(options);
         while let Some(e) = events.next().await {
-            printer.print(out, &reading.apply(e?).await?)?;
+            let e = reading.apply(e?).await?;
+            printer.print(out, &e)?;
         }
     }
     if printer.finish(out)? == 0 && !args.json && !args.follow.follow {

@@ -14,6 +14,7 @@
 //! progress bar on its own stack and needs no `Arc`.
 
 use std::fmt;
+use std::sync::Arc;
 use std::marker::PhantomData;
 
 use annals::{
@@ -115,6 +116,23 @@ pub(crate) fn describe_skip(skip: &SnapshotSkip) -> String {
     }
 }
 
+/// The store the operations of a registered aggregate type work on: the
+/// open store wrapped so that events and snapshots are decrypted with the
+/// master key, and snapshots of accounts encrypted (see `annals::gdpr`).
+/// [`ops_store`] builds one.
+pub type OpsStore = annals::GdprStore<AnyStore, AnyStore>;
+
+/// `store` wrapped for [`AggregateOps`], with the master key of
+/// `provider`: snapshots of the demo's `Account` are encrypted with the
+/// account's key. Events are decrypted after `store`'s own upcasters.
+pub fn ops_store(store: &AnyStore, provider: Arc<dyn annals::gdpr::KeyProvider>) -> OpsStore {
+    let crypto = annals::gdpr::Crypto::new::<annals::bank::AccountEvent>(store.raw(), provider);
+    annals::GdprStore::new(store.clone(), crypto).with_snapshot_subject(
+        <annals::bank::Account as Aggregate>::TYPE,
+        annals::gdpr::SnapshotSubject::AggregateId,
+    )
+}
+
 /// What [`AggregateOps::create_snapshot`] did: the snapshot built and whether
 /// the guarded write stored it, and, when it did not, the history row that
 /// kept it out.
@@ -135,17 +153,7 @@ pub trait AggregateOps: Send + Sync + 'static {
     /// store's snapshots unless `request.no_snapshot` or a time travel).
     fn load<'a>(
         &'a self,
-        store: &'a AnyStore,
-        id: &'a str,
-        request: LoadRequest,
-    ) -> BoxFuture<'a, Result<AggregateView>>;
-
-    /// [`AggregateOps::load`] through a decrypting event store and
-    /// snapshot store (`annals aggregate`; see `annals::gdpr`).
-    fn load_through<'a>(
-        &'a self,
-        events: &'a annals::GdprStore<AnyStore, AnyStore>,
-        snapshots: &'a annals::GdprSnapshots<AnyStore, AnyStore>,
+        store: &'a OpsStore,
         id: &'a str,
         request: LoadRequest,
     ) -> BoxFuture<'a, Result<AggregateView>>;
@@ -155,7 +163,7 @@ pub trait AggregateOps: Send + Sync + 'static {
     /// guarded write stored it. `None` when the stream does not exist.
     fn take_snapshot<'a>(
         &'a self,
-        store: &'a AnyStore,
+        store: &'a OpsStore,
         id: &'a str,
     ) -> BoxFuture<'a, Result<Option<CreatedSnapshot>>>;
 
@@ -166,7 +174,7 @@ pub trait AggregateOps: Send + Sync + 'static {
     /// `None` when the stream does not exist.
     fn create_snapshot<'a>(
         &'a self,
-        store: &'a AnyStore,
+        store: &'a OpsStore,
         id: &'a str,
     ) -> BoxFuture<'a, Result<Option<CreateOutcome>>>;
 
@@ -176,7 +184,7 @@ pub trait AggregateOps: Send + Sync + 'static {
     /// Aggregates that fail are listed in the report; the rest go on.
     fn prepopulate<'a>(
         &'a self,
-        store: &'a AnyStore,
+        store: &'a OpsStore,
         options: JobOptions,
         progress: &'a (dyn Fn(Progress) + Send + Sync),
     ) -> BoxFuture<'a, Result<JobReport>>;
@@ -185,7 +193,7 @@ pub trait AggregateOps: Send + Sync + 'static {
     /// for every aggregate of the type, into the staging table. Resumable.
     fn migrate<'a>(
         &'a self,
-        store: &'a AnyStore,
+        store: &'a OpsStore,
         options: JobOptions,
         progress: &'a (dyn Fn(Progress) + Send + Sync),
     ) -> BoxFuture<'a, Result<JobReport>>;
@@ -194,7 +202,7 @@ pub trait AggregateOps: Send + Sync + 'static {
     /// all) from scratch and compares with the staged state.
     fn verify<'a>(
         &'a self,
-        store: &'a AnyStore,
+        store: &'a OpsStore,
         sample: Option<usize>,
         progress: &'a (dyn Fn(Progress) + Send + Sync),
     ) -> BoxFuture<'a, Result<VerifyReport>>;
@@ -203,7 +211,7 @@ pub trait AggregateOps: Send + Sync + 'static {
     /// all) up to their live snapshot's version and compares with its state.
     fn verify_live<'a>(
         &'a self,
-        store: &'a AnyStore,
+        store: &'a OpsStore,
         sample: Option<usize>,
         progress: &'a (dyn Fn(Progress) + Send + Sync),
     ) -> BoxFuture<'a, Result<LiveVerifyReport>>;
@@ -213,7 +221,7 @@ pub trait AggregateOps: Send + Sync + 'static {
     /// live table in one transaction.
     fn promote<'a>(
         &'a self,
-        store: &'a AnyStore,
+        store: &'a OpsStore,
         force: bool,
         verify_sample: Option<usize>,
     ) -> BoxFuture<'a, Result<PromoteReport>>;
@@ -251,7 +259,7 @@ impl<A: Aggregate> Registered<A> {
     /// A repository over `store` whose snapshots are read but only written
     /// when asked: the CLI inspects, it does not change the cache behind the
     /// operator's back.
-    fn repository(store: &AnyStore) -> Repository<A, AnyStore, AnyStore> {
+    fn repository(store: &OpsStore) -> Repository<A, OpsStore, OpsStore> {
         Repository::new(store.clone()).with_snapshots(
             store.clone(),
             SnapshotConfig {
@@ -261,7 +269,7 @@ impl<A: Aggregate> Registered<A> {
         )
     }
 
-    fn jobs(store: &AnyStore) -> SnapshotJobs<A, AnyStore> {
+    fn jobs(store: &OpsStore) -> SnapshotJobs<A, OpsStore> {
         SnapshotJobs::new(store.clone())
     }
 }
@@ -277,36 +285,16 @@ impl<A: Aggregate> AggregateOps for Registered<A> {
 
     fn load<'a>(
         &'a self,
-        store: &'a AnyStore,
+        store: &'a OpsStore,
         id: &'a str,
         request: LoadRequest,
     ) -> BoxFuture<'a, Result<AggregateView>> {
         async move { load_view(Self::repository(store), id, request).await }.boxed()
     }
 
-    fn load_through<'a>(
-        &'a self,
-        events: &'a annals::GdprStore<AnyStore, AnyStore>,
-        snapshots: &'a annals::GdprSnapshots<AnyStore, AnyStore>,
-        id: &'a str,
-        request: LoadRequest,
-    ) -> BoxFuture<'a, Result<AggregateView>> {
-        async move {
-            let repo = Repository::<A, _>::new(events.clone()).with_snapshots(
-                snapshots.clone(),
-                SnapshotConfig {
-                    policy: SnapshotPolicy::Manual,
-                    mode: SnapshotMode::Sync,
-                },
-            );
-            load_view(repo, id, request).await
-        }
-        .boxed()
-    }
-
     fn take_snapshot<'a>(
         &'a self,
-        store: &'a AnyStore,
+        store: &'a OpsStore,
         id: &'a str,
     ) -> BoxFuture<'a, Result<Option<CreatedSnapshot>>> {
         async move { Self::repository(store).snapshot(id).await }.boxed()
@@ -314,7 +302,7 @@ impl<A: Aggregate> AggregateOps for Registered<A> {
 
     fn create_snapshot<'a>(
         &'a self,
-        store: &'a AnyStore,
+        store: &'a OpsStore,
         id: &'a str,
     ) -> BoxFuture<'a, Result<Option<CreateOutcome>>> {
         async move {
@@ -333,7 +321,7 @@ impl<A: Aggregate> AggregateOps for Registered<A> {
 
     fn prepopulate<'a>(
         &'a self,
-        store: &'a AnyStore,
+        store: &'a OpsStore,
         options: JobOptions,
         progress: &'a (dyn Fn(Progress) + Send + Sync),
     ) -> BoxFuture<'a, Result<JobReport>> {
@@ -342,7 +330,7 @@ impl<A: Aggregate> AggregateOps for Registered<A> {
 
     fn migrate<'a>(
         &'a self,
-        store: &'a AnyStore,
+        store: &'a OpsStore,
         options: JobOptions,
         progress: &'a (dyn Fn(Progress) + Send + Sync),
     ) -> BoxFuture<'a, Result<JobReport>> {
@@ -351,7 +339,7 @@ impl<A: Aggregate> AggregateOps for Registered<A> {
 
     fn verify<'a>(
         &'a self,
-        store: &'a AnyStore,
+        store: &'a OpsStore,
         sample: Option<usize>,
         progress: &'a (dyn Fn(Progress) + Send + Sync),
     ) -> BoxFuture<'a, Result<VerifyReport>> {
@@ -360,7 +348,7 @@ impl<A: Aggregate> AggregateOps for Registered<A> {
 
     fn verify_live<'a>(
         &'a self,
-        store: &'a AnyStore,
+        store: &'a OpsStore,
         sample: Option<usize>,
         progress: &'a (dyn Fn(Progress) + Send + Sync),
     ) -> BoxFuture<'a, Result<LiveVerifyReport>> {
@@ -369,7 +357,7 @@ impl<A: Aggregate> AggregateOps for Registered<A> {
 
     fn promote<'a>(
         &'a self,
-        store: &'a AnyStore,
+        store: &'a OpsStore,
         force: bool,
         verify_sample: Option<usize>,
     ) -> BoxFuture<'a, Result<PromoteReport>> {

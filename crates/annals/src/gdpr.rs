@@ -804,24 +804,29 @@ impl<K: KeyStore> Crypto<K> {
         format!("annals snapshot\0{aggregate_type}\0{aggregate_id}")
     }
 
-    /// Encrypts a snapshot's whole state with `subject`'s data key (created
-    /// if it has none; a forgotten subject gets none:
-    /// [`GdprError::SubjectForgotten`]): the state becomes
+    /// Encrypts a snapshot's whole state with `subject`'s data key. A
+    /// subject without a key never had an event encrypted (its data is in
+    /// clear in the log), so its snapshot is handed back in clear; a
+    /// forgotten subject's is refused ([`GdprError::SubjectForgotten`]).
+    /// Encrypted, the state becomes
     /// `{"$enc": "<base64 nonce+ciphertext>", "$subject": "<id>"}`, bound to
     /// the aggregate (a state cannot be moved to another one).
     pub async fn encrypt_snapshot(&self, subject: &str, snapshot: &Snapshot) -> Result<Snapshot> {
-        if self.keys.load_key(subject).await?.is_none()
-            && self.keys.erasure(subject).await?.is_some()
-        {
-            return Err(GdprError::SubjectForgotten {
-                subject: subject.to_owned(),
-                aggregate_type: snapshot.aggregate_type.clone(),
-                aggregate_id: snapshot.aggregate_id.clone(),
+        let Some(key) = self.keys.load_key(subject).await? else {
+            if self.keys.erasure(subject).await?.is_some() {
+                return Err(GdprError::SubjectForgotten {
+                    subject: subject.to_owned(),
+                    aggregate_type: snapshot.aggregate_type.clone(),
+                    aggregate_id: snapshot.aggregate_id.clone(),
+                }
+                .into_error());
             }
-            .into_error());
-        }
+            // No key: none of the subject's events was encrypted, its data
+            // is in clear in the log already.
+            return Ok(snapshot.clone());
+        };
         let master = self.provider.master_key().map_err(GdprError::into_error)?;
-        let cipher = self.key_for_write(subject, &master).await?;
+        let cipher = self.unwrap_key(subject, &master, &key)?;
         let plain = serde_json::to_vec(&snapshot.state).map_err(|e| Error::Encode {
             what: format!(
                 "snapshot of {}/{}",
@@ -1072,6 +1077,7 @@ pub struct GdprStore<S, K> {
     inner: S,
     crypto: Crypto<K>,
     upcasters: Option<Arc<Upcasters>>,
+    snapshot_subjects: Arc<Vec<(String, SnapshotSubject)>>,
 }
 
 impl<S: EventStore, K: KeyStore> GdprStore<S, K> {
@@ -1081,6 +1087,7 @@ impl<S: EventStore, K: KeyStore> GdprStore<S, K> {
             inner,
             crypto,
             upcasters: None,
+            snapshot_subjects: Arc::new(Vec::new()),
         }
     }
 
@@ -1093,6 +1100,21 @@ impl<S: EventStore, K: KeyStore> GdprStore<S, K> {
     /// The wrapped store (reads return ciphertext, as stored).
     pub fn inner(&self) -> &S {
         &self.inner
+    }
+
+    /// When the wrapper is also the snapshot store (the snapshot jobs take
+    /// one store for both): encrypts the snapshots of `aggregate_type` as
+    /// [`GdprSnapshots::aggregate`] does. Its [`SnapshotStore`],
+    /// [`SnapshotAdmin`](crate::SnapshotAdmin) and
+    /// [`SnapshotStaging`](crate::SnapshotStaging) encrypt what they store
+    /// and decrypt what they return, like [`GdprSnapshots`].
+    pub fn with_snapshot_subject(
+        mut self,
+        aggregate_type: impl Into<String>,
+        subject: SnapshotSubject,
+    ) -> Self {
+        Arc::make_mut(&mut self.snapshot_subjects).push((aggregate_type.into(), subject));
+        self
     }
 
     /// The crypto layer.
@@ -1382,5 +1404,223 @@ impl<S: crate::ProjectionControl, K: KeyStore> crate::ProjectionControl for Gdpr
         event_id: EventId,
     ) -> impl Future<Output = Result<bool>> + Send {
         self.inner.drop_dead_letter(checkpoint, event_id)
+    }
+}
+
+impl<S: EventStore + SnapshotStore, K: KeyStore> GdprStore<S, K> {
+    /// The snapshot side of this wrapper, as a [`GdprSnapshots`].
+    pub fn snapshots(&self) -> GdprSnapshots<S, K> {
+        GdprSnapshots {
+            inner: self.inner.clone(),
+            crypto: self.crypto.clone(),
+            aggregates: self.snapshot_subjects.clone(),
+        }
+    }
+}
+
+impl<N: SnapshotStore, K: KeyStore> GdprSnapshots<N, K> {
+    /// A stored snapshot as the caller sees it: decrypted, `None` when
+    /// unreadable (forgotten subject, or redacted).
+    async fn readable(&self, snapshot: Snapshot) -> Result<Option<Snapshot>> {
+        Ok(match self.crypto.decrypt_snapshot(snapshot).await? {
+            SnapshotRead::Plain(s) | SnapshotRead::Decrypted(s) => Some(s),
+            SnapshotRead::Erased { .. } | SnapshotRead::Redacted => None,
+        })
+    }
+
+    /// A snapshot as it is to be stored: encrypted when declared.
+    async fn storable(&self, snapshot: &Snapshot) -> Result<Snapshot> {
+        match self.subject_of(snapshot) {
+            Some(subject) => self.crypto.encrypt_snapshot(&subject, snapshot).await,
+            None => Ok(snapshot.clone()),
+        }
+    }
+}
+
+impl<S: EventStore + SnapshotStore, K: KeyStore> SnapshotStore for GdprStore<S, K> {
+    async fn load_snapshot(
+        &self,
+        aggregate_type: &str,
+        aggregate_id: &str,
+    ) -> Result<Option<Snapshot>> {
+        self.snapshots()
+            .load_snapshot(aggregate_type, aggregate_id)
+            .await
+    }
+
+    async fn save_snapshot(&self, snapshot: &Snapshot) -> Result<SnapshotWrite> {
+        self.snapshots().save_snapshot(snapshot).await
+    }
+
+    fn delete_snapshot(
+        &self,
+        aggregate_type: &str,
+        aggregate_id: &str,
+    ) -> impl Future<Output = Result<u64>> + Send {
+        self.inner.delete_snapshot(aggregate_type, aggregate_id)
+    }
+}
+
+impl<S: EventStore + crate::SnapshotAdmin, K: KeyStore> crate::SnapshotAdmin for GdprStore<S, K> {
+    fn invalidate_snapshots(
+        &self,
+        aggregate_type: &str,
+        below_schema_version: Option<u32>,
+    ) -> impl Future<Output = Result<u64>> + Send {
+        self.inner
+            .invalidate_snapshots(aggregate_type, below_schema_version)
+    }
+
+    fn snapshot_coverage(
+        &self,
+        aggregate_type: Option<&str>,
+    ) -> impl Future<Output = Result<Vec<crate::SnapshotCoverage>>> + Send {
+        self.inner.snapshot_coverage(aggregate_type)
+    }
+
+    fn stale_snapshots(
+        &self,
+        aggregate_type: Option<&str>,
+        min_events: u64,
+    ) -> impl Future<Output = Result<Vec<crate::StaleSnapshot>>> + Send {
+        self.inner.stale_snapshots(aggregate_type, min_events)
+    }
+
+    fn snapshot_history_size(&self) -> impl Future<Output = Result<u32>> + Send {
+        self.inner.snapshot_history_size()
+    }
+
+    fn set_snapshot_history_size(&self, keep: u32) -> impl Future<Output = Result<u64>> + Send {
+        self.inner.set_snapshot_history_size(keep)
+    }
+
+    fn snapshot_history(
+        &self,
+        aggregate_type: &str,
+        aggregate_id: &str,
+    ) -> impl Future<Output = Result<Vec<crate::SnapshotHistoryEntry>>> + Send {
+        self.inner.snapshot_history(aggregate_type, aggregate_id)
+    }
+
+    fn rollback_snapshot(
+        &self,
+        aggregate_type: &str,
+        aggregate_id: &str,
+        to_version: StreamVersion,
+    ) -> impl Future<Output = Result<crate::RollbackReport>> + Send {
+        self.inner
+            .rollback_snapshot(aggregate_type, aggregate_id, to_version)
+    }
+
+    fn list_stale_snapshots(
+        &self,
+        aggregate_type: Option<&str>,
+        min_events: u64,
+    ) -> futures::stream::BoxStream<'static, Result<crate::StaleSnapshot>> {
+        self.inner.list_stale_snapshots(aggregate_type, min_events)
+    }
+
+    fn live_snapshots(
+        &self,
+        aggregate_type: &str,
+    ) -> futures::stream::BoxStream<'static, Result<Snapshot>> {
+        let snaps = self.snapshots();
+        self.inner
+            .live_snapshots(aggregate_type)
+            .and_then(move |s| {
+                let snaps = snaps.clone();
+                async move { snaps.readable(s).await }
+            })
+            .try_filter_map(|s| async move { Ok(s) })
+            .boxed()
+    }
+}
+
+impl<S: EventStore + crate::SnapshotStaging, K: KeyStore> crate::SnapshotStaging
+    for GdprStore<S, K>
+{
+    async fn stage_snapshot(&self, snapshot: &Snapshot) -> Result<()> {
+        let stored = self.snapshots().storable(snapshot).await?;
+        self.inner.stage_snapshot(&stored).await
+    }
+
+    async fn load_staged(
+        &self,
+        aggregate_type: &str,
+        aggregate_id: &str,
+    ) -> Result<Option<Snapshot>> {
+        match self.inner.load_staged(aggregate_type, aggregate_id).await? {
+            Some(s) => self.snapshots().readable(s).await,
+            None => Ok(None),
+        }
+    }
+
+    fn staged_snapshots(
+        &self,
+        aggregate_type: &str,
+    ) -> futures::stream::BoxStream<'static, Result<Snapshot>> {
+        let snaps = self.snapshots();
+        self.inner
+            .staged_snapshots(aggregate_type)
+            .and_then(move |s| {
+                let snaps = snaps.clone();
+                async move { snaps.readable(s).await }
+            })
+            .try_filter_map(|s| async move { Ok(s) })
+            .boxed()
+    }
+
+    fn promote_staged(
+        &self,
+        aggregate_type: &str,
+    ) -> impl Future<Output = Result<crate::PromoteReport>> + Send {
+        self.inner.promote_staged(aggregate_type)
+    }
+
+    fn clear_staged(&self, aggregate_type: &str) -> impl Future<Output = Result<u64>> + Send {
+        self.inner.clear_staged(aggregate_type)
+    }
+}
+
+/// The catalog passes through; the correlation and causation reads decrypt
+/// and upcast like every other read.
+impl<S: crate::StreamCatalog, K: KeyStore> crate::StreamCatalog for GdprStore<S, K> {
+    fn list_streams(
+        &self,
+        category: &str,
+    ) -> futures::stream::BoxStream<'static, Result<crate::StreamInfo>> {
+        self.inner.list_streams(category)
+    }
+
+    fn stats(&self) -> impl Future<Output = Result<crate::StoreStats>> + Send {
+        self.inner.stats()
+    }
+
+    fn largest_streams(
+        &self,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<crate::StreamInfo>>> + Send {
+        self.inner.largest_streams(limit)
+    }
+
+    fn read_correlated(&self, correlation_id: uuid::Uuid, limit: Option<u64>) -> EventStream {
+        self.inner
+            .read_correlated(correlation_id, limit)
+            .and_then(self.reader())
+            .boxed()
+    }
+
+    fn read_caused_by(&self, causation_id: uuid::Uuid, limit: Option<u64>) -> EventStream {
+        self.inner
+            .read_caused_by(causation_id, limit)
+            .and_then(self.reader())
+            .boxed()
+    }
+
+    fn events_recorded_since(
+        &self,
+        since: DateTime<Utc>,
+    ) -> impl Future<Output = Result<u64>> + Send {
+        self.inner.events_recorded_since(since)
     }
 }

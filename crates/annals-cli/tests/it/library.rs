@@ -130,7 +130,13 @@ fn any_store_runs_the_generic_core() {
         assert_eq!(store.load_checkpoint("p").await.expect("load"), None);
         assert!(last > GlobalPosition::START);
 
-        // The registry, on the same store.
+        // The registry, on the same store (no personal data: no key).
+        let store = annals_cli::ops_store(
+            &store,
+            Arc::new(annals::gdpr::EnvKeyProvider::new(
+                "ANNALS_TEST_MASTER_KEY_THAT_IS_NEVER_SET",
+            )),
+        );
         let ops = Registered::<Account>::new();
         let view = ops
             .load(&store, "x", LoadRequest::default())
