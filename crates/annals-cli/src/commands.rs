@@ -421,7 +421,9 @@ async fn aggregate(env: Env<'_>, args: AggregateArgs) -> anyhow::Result<Outcome>
         as_of: args.as_of,
         no_snapshot: args.no_snapshot,
     };
-    let view = ops.load(&reading.ops_store(&store), &args.id, request).await?;
+    let view = ops
+        .load(&reading.ops_store(&store), &args.id, request)
+        .await?;
     if view.version.is_none() {
         return Ok(Outcome::CheckFailed(match args.as_of {
             Some(t) => format!(

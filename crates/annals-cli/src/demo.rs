@@ -26,8 +26,8 @@ use std::io::Write;
 
 use annals::bank::{personal_snapshots, Account, AccountError};
 use annals::{
-    CommandContext, CommandError, EventStore, GdprStore, Repository, SnapshotConfig,
-    StreamCatalog, StreamVersion,
+    CommandContext, CommandError, EventStore, GdprStore, Repository, SnapshotConfig, StreamCatalog,
+    StreamVersion,
 };
 use anyhow::{bail, Context};
 use futures::TryStreamExt;

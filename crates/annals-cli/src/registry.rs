@@ -14,8 +14,8 @@
 //! progress bar on its own stack and needs no `Arc`.
 
 use std::fmt;
-use std::sync::Arc;
 use std::marker::PhantomData;
+use std::sync::Arc;
 
 use annals::{
     Aggregate, CreatedSnapshot, JobOptions, JobReport, LiveVerifyReport, LoadReport, Loaded,

@@ -224,8 +224,11 @@ fn export_writes_events_as_stored_while_reads_upcast() {
     let (code, out) = run(args(&["read", "Account-1", "--json"]));
     assert_eq!(code, ExitCode::SUCCESS);
     let read: serde_json::Value = serde_json::from_str(out.trim()).expect("one JSON line");
-    assert_eq!(read["event_version"], 2, "reads upcast: {read}");
-    assert_eq!(read["data"], serde_json::json!({"owner": "ann"}));
+    assert_eq!(read["event_version"], 3, "reads upcast: {read}");
+    assert_eq!(
+        read["data"],
+        serde_json::json!({"account": null, "owner": "ann", "email": null})
+    );
 
     let file = dir.path().join("backup.jsonl");
     let file_arg = file.display().to_string();
