@@ -200,6 +200,7 @@ async fn run_sqlite(args: &Args) -> anyhow::Result<(Results, Option<Results>)> {
             store: annals_cli::AnyStore::Sqlite(store.clone()),
             url: format!("sqlite://{}", annals_path.display()),
             pg_schema: None,
+            key_file: None,
         };
         let runner = || {
             annals::ProjectionRunner::new(
@@ -313,6 +314,7 @@ async fn pg_costs(
             store: annals_cli::AnyStore::Postgres(store.clone()),
             url: url.clone(),
             pg_schema: Some(schema.to_owned()),
+            key_file: None,
         };
         let runner = || {
             annals::ProjectionRunner::new(

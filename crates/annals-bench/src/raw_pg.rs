@@ -35,7 +35,11 @@ fn decode(event_type: &str, p: Payload) -> anyhow::Result<AccountEvent> {
             Payload {
                 owner: Some(owner), ..
             },
-        ) => AccountEvent::Opened { owner },
+        ) => AccountEvent::Opened {
+            account: None,
+            owner,
+            email: None,
+        },
         (
             "Deposited",
             Payload {
@@ -57,7 +61,7 @@ fn decode(event_type: &str, p: Payload) -> anyhow::Result<AccountEvent> {
 /// A typed event as this baseline stores it: type and JSON.
 pub fn encode(e: &AccountEvent) -> (&'static str, Value) {
     match e {
-        AccountEvent::Opened { owner } => ("Opened", json!({ "owner": owner })),
+        AccountEvent::Opened { owner, .. } => ("Opened", json!({ "owner": owner })),
         AccountEvent::Deposited { amount } => ("Deposited", json!({ "amount": amount })),
         AccountEvent::Withdrew { amount } => ("Withdrew", json!({ "amount": amount })),
     }
@@ -182,8 +186,16 @@ pub async fn run(url: &str, schema: &str, sz: &Sizes) -> anyhow::Result<Results>
         .collect();
     let t = Instant::now();
     for (s, o) in &streams {
-        raw.save(s, 0, &[AccountEvent::Opened { owner: o.clone() }])
-            .await?;
+        raw.save(
+            s,
+            0,
+            &[AccountEvent::Opened {
+                account: None,
+                owner: o.clone(),
+                email: None,
+            }],
+        )
+        .await?;
     }
     res.w1.open_per_sec = sz.accounts as f64 / t.elapsed().as_secs_f64().max(1e-9);
     let mut lat = Vec::new();

@@ -31,7 +31,9 @@ struct Amount {
 fn decode(event_type: &str, data: &str) -> anyhow::Result<AccountEvent> {
     Ok(match event_type {
         "Opened" => AccountEvent::Opened {
+            account: None,
             owner: serde_json::from_str::<Owner>(data)?.owner,
+            email: None,
         },
         "Deposited" => AccountEvent::Deposited {
             amount: serde_json::from_str::<Amount>(data)?.amount,
@@ -46,7 +48,7 @@ fn decode(event_type: &str, data: &str) -> anyhow::Result<AccountEvent> {
 /// A typed event as this baseline stores it: type and JSON text.
 pub fn encode(e: &AccountEvent) -> (&'static str, String) {
     match e {
-        AccountEvent::Opened { owner } => {
+        AccountEvent::Opened { owner, .. } => {
             ("Opened", serde_json::json!({ "owner": owner }).to_string())
         }
         AccountEvent::Deposited { amount } => (
@@ -164,7 +166,11 @@ pub fn run(path: &Path, sz: &Sizes) -> anyhow::Result<Results> {
             &mut conn,
             s,
             0,
-            &[AccountEvent::Opened { owner: o.clone() }],
+            &[AccountEvent::Opened {
+                account: None,
+                owner: o.clone(),
+                email: None,
+            }],
         )?;
     }
     res.w1.open_per_sec = sz.accounts as f64 / t.elapsed().as_secs_f64().max(1e-9);

@@ -88,7 +88,9 @@ pub fn account_id(owner: &str) -> String {
 pub fn pattern_event(owner: &str, k: u64) -> AccountEvent {
     if k == 1 {
         AccountEvent::Opened {
+            account: None,
             owner: owner.to_owned(),
+            email: None,
         }
     } else if (k - 1) % 10 == 0 {
         AccountEvent::Withdrew { amount: 50 }

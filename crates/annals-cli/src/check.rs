@@ -329,6 +329,11 @@ async fn clock(
 async fn decode(app: &App, store: &AnyStore, findings: &mut Findings) -> anyhow::Result<()> {
     let raw = store.raw();
     let upcasters = app.upcasters.as_deref();
+    // Personal fields decrypted, or "[encrypted]" without a master key: the
+    // check is about decoding, not about reading personal data.
+    let crypto = crate::keys::KeySource::of_store(store)
+        .crypto(store)
+        .redact_without_master_key();
     for name in app.aggregate_types() {
         let Some(ops) = app.aggregate(name) else {
             continue;
@@ -341,6 +346,10 @@ async fn decode(app: &App, store: &AnyStore, findings: &mut Findings) -> anyhow:
         let mut upcast_failed = 0_usize;
         while let Some(event) = events.next().await {
             let event = event.with_context(|| format!("cannot read the {name} events"))?;
+            let event = crypto
+                .decrypt_event(event)
+                .await
+                .with_context(|| format!("cannot decrypt the {name} events"))?;
             let event = match annals::upcast_event(upcasters, event) {
                 Ok(event) => event,
                 Err(annals::Error::Upcast(f)) => {

@@ -66,6 +66,13 @@ pub(crate) struct Cli {
     #[arg(long, global = true, env = "ANNALS_METRICS_FILE", value_name = "PATH")]
     pub(crate) metrics_file: Option<std::path::PathBuf>,
 
+    /// The master key file of personal-data encryption, used when
+    /// ANNALS_MASTER_KEY is unset (default: the SQLite database's path plus
+    /// `.key`; PostgreSQL has no default). `annals demo` creates it when no
+    /// key is configured.
+    #[arg(long, global = true, env = "ANNALS_KEY_FILE", value_name = "PATH")]
+    pub(crate) key_file: Option<std::path::PathBuf>,
+
     #[command(subcommand)]
     pub(crate) command: Command,
 }

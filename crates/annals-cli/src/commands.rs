@@ -23,6 +23,8 @@ pub(crate) struct Env<'a> {
     pub(crate) app: &'a App,
     pub(crate) url: &'a str,
     pub(crate) pg_schema: Option<String>,
+    /// `--key-file`.
+    pub(crate) key_file: Option<std::path::PathBuf>,
     pub(crate) out: &'a mut (dyn Write + Send),
 }
 
@@ -43,18 +45,26 @@ impl Env<'_> {
         self.open_upcasting(create, self.app.upcasters.clone())
     }
 
-    /// Opens the store for a read command: with the plan of `--plan`
-    /// (loaded and checked before the database is opened), as stored with
-    /// `--raw`, else with the application's upcasters.
-    pub(crate) fn open_for_read(
+    /// Where the master key comes from (see `keys`).
+    pub(crate) fn key_source(&self) -> anyhow::Result<crate::keys::KeySource> {
+        Ok(crate::keys::KeySource::new(
+            &self.database_url()?,
+            self.key_file.clone(),
+        ))
+    }
+
+    /// Opens the store as stored (no upcasters) for a read command, with
+    /// how to turn each stored event into what it shows: as stored with
+    /// `--raw`, else decrypted (`"[encrypted]"` without a master key) and
+    /// upcast by the plan of `--plan` or the application's upcasters.
+    pub(crate) fn open_reading(
         &self,
         upcast: &UpcastArgs,
-    ) -> impl Future<Output = anyhow::Result<AnyStore>> + Send + 'static {
+    ) -> impl Future<Output = anyhow::Result<(AnyStore, crate::keys::Reading)>> + Send + 'static
+    {
         let upcasters = if upcast.raw {
             Ok(None)
         } else if let Some(file) = &upcast.plan {
-            // Without the application's event types here, each chain's end
-            // is taken as current; holes and duplicates are still refused.
             annals::Plan::load(file)
                 .and_then(annals::Plan::build_without_types)
                 .map(|u| Some(Arc::new(u)))
@@ -62,8 +72,32 @@ impl Env<'_> {
         } else {
             Ok(self.app.upcasters.clone())
         };
-        let open = upcasters.map(|u| self.open_upcasting(false, u));
-        async move { open?.await }
+        let raw = upcast.raw;
+        let keys = self.key_source();
+        let open = upcasters.map(|u| (u, self.open_upcasting(false, None)));
+        async move {
+            let (upcasters, open) = open?;
+            let keys = keys?;
+            let store = open.await?;
+            let reading = crate::keys::Reading::new(keys.crypto(&store), raw, upcasters);
+            Ok((store, reading))
+        }
+    }
+
+    /// Opens the store for the operations of registered aggregate types
+    /// (snapshot commands): decrypting with the master key, and encrypting
+    /// the accounts' snapshots.
+    pub(crate) fn open_ops(
+        &self,
+        create: bool,
+    ) -> impl Future<Output = anyhow::Result<crate::OpsStore>> + Send + 'static {
+        let keys = self.key_source();
+        let open = self.open(create);
+        async move {
+            let keys = keys?;
+            let store = open.await?;
+            Ok(crate::ops_store(&store, keys.provider()))
+        }
     }
 
     fn open_upcasting(
@@ -105,13 +139,15 @@ pub(crate) async fn dispatch(env: Env<'_>, command: Command) -> anyhow::Result<O
         Command::Event(args) => event::run(env, args).await,
         Command::Demo(args) => {
             let url = env.database_url()?;
+            let keys = env.key_source()?;
             let store = env.open(true).await?;
             let db = crate::ReadModelDb {
                 store,
                 url: env.url.to_owned(),
                 pg_schema: env.pg_schema.clone(),
+                key_file: env.key_file.clone(),
             };
-            demo::run(&db, &url.to_string(), &args, env.out).await
+            demo::run(&db, &keys, &url.to_string(), &args, env.out).await
         }
         Command::Snapshots(command) => snapshots::dispatch(env, command).await,
         Command::Check(args) => check::run(env, args).await,
@@ -380,13 +416,15 @@ fn bytes(n: u64) -> String {
 async fn aggregate(env: Env<'_>, args: AggregateArgs) -> anyhow::Result<Outcome> {
     let ops = registered(env.app, &args.aggregate_type)?;
     let stream = StreamId::new(ops.aggregate_type(), &args.id)?;
-    let store = env.open_for_read(&args.upcast).await?;
+    let (store, reading) = env.open_reading(&args.upcast).await?;
     let request = LoadRequest {
         at_version: args.at_version,
         as_of: args.as_of,
         no_snapshot: args.no_snapshot,
     };
-    let view = ops.load(&store, &args.id, request).await?;
+    let view = ops
+        .load(&reading.ops_store(&store), &args.id, request)
+        .await?;
     if view.version.is_none() {
         return Ok(Outcome::CheckFailed(match args.as_of {
             Some(t) => format!(

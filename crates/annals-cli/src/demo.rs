@@ -14,12 +14,19 @@
 //! Each run opens fresh accounts `Account-demo<RUN>-<i>`, with `RUN` one more
 //! than the highest run already in the store, so running the demo twice on
 //! the same database never collides and each run checks only its own totals.
+//!
+//! Personal data: each `Opened` carries the owner's name and e-mail,
+//! encrypted with the account's data key (`annals::gdpr`), and so are the
+//! account snapshots; the projection reads them decrypted. The master key
+//! is `ANNALS_MASTER_KEY` or the key file (`--key-file`, by default beside
+//! the SQLite database); when neither exists the demo generates the key
+//! file (mode 0600) and says so. On PostgreSQL without either it refuses.
 
 use std::io::Write;
 
-use annals::bank::{Account, AccountError};
+use annals::bank::{personal_snapshots, Account, AccountError};
 use annals::{
-    CommandContext, CommandError, EventStore, Repository, SnapshotConfig, StreamCatalog,
+    CommandContext, CommandError, EventStore, GdprStore, Repository, SnapshotConfig, StreamCatalog,
     StreamVersion,
 };
 use anyhow::{bail, Context};
@@ -27,6 +34,7 @@ use futures::TryStreamExt;
 use serde::Serialize;
 
 use crate::cli::DemoArgs;
+use crate::keys::KeySource;
 use crate::output::{json_line, Table};
 use crate::{AccountBalances, AnyStore, Outcome, ProjectionOps, ReadModelDb};
 
@@ -82,6 +90,8 @@ struct Balance {
 struct Summary {
     run: u64,
     seed: u64,
+    /// The master key file the run generated (none: a key was configured).
+    generated_key_file: Option<String>,
     accounts: u64,
     operations: u64,
     deposits: u64,
@@ -117,13 +127,22 @@ async fn next_run(store: &AnyStore) -> anyhow::Result<u64> {
 
 pub(crate) async fn run(
     db: &ReadModelDb,
+    keys: &KeySource,
     location: &str,
     args: &DemoArgs,
     out: &mut (dyn Write + Send),
 ) -> anyhow::Result<Outcome> {
     let store = &db.store;
-    let repo = Repository::<Account, _>::new(store.clone())
-        .with_snapshots(store.clone(), SnapshotConfig::every(10));
+    let generated_key_file = ensure_master_key(keys)?;
+    let crypto = keys.crypto(store);
+    crypto
+        .check_master_key()
+        .context("the demo encrypts personal data")?;
+    let repo = Repository::<Account, _>::new(GdprStore::new(store.raw(), crypto.clone()))
+        .with_snapshots(
+            personal_snapshots(store.raw(), crypto),
+            SnapshotConfig::every(10),
+        );
     let ctx = CommandContext::new()
         .with_correlation_id(uuid::Uuid::now_v7())
         .with_header("source", "annals demo".into());
@@ -137,6 +156,7 @@ pub(crate) async fn run(
     let mut s = Summary {
         run,
         seed: args.seed,
+        generated_key_file,
         accounts: ids.len() as u64,
         operations: args.operations,
         ..Summary::default()
@@ -144,7 +164,8 @@ pub(crate) async fn run(
 
     for (i, id) in ids.iter().enumerate() {
         let owner = OWNERS[i % OWNERS.len()];
-        repo.execute(id, &ctx, |a| a.open(owner))
+        let email = format!("{owner}.{id}@mail.example");
+        repo.execute(id, &ctx, |a| a.open_for(id, owner, &email))
             .await
             .with_context(|| format!("opening account {id}"))?;
     }
@@ -227,6 +248,11 @@ pub(crate) async fn run(
         && s.events_written == s.accounts + s.deposits + s.withdrawals;
 
     if args.json {
+        if let Some(file) = &s.generated_key_file {
+            crate::output::note(&format!(
+                "no master key was configured: generated one into {file} (mode 0600)"
+            ));
+        }
         json_line(out, &s)?;
     } else {
         print_text(out, location, &s)?;
@@ -245,6 +271,24 @@ pub(crate) async fn run(
             s.accounts + s.deposits + s.withdrawals
         ))
     })
+}
+
+/// Generates the key file when no master key is configured (variable unset,
+/// file missing) and there is a file to write; returns its path.
+fn ensure_master_key(keys: &KeySource) -> anyhow::Result<Option<String>> {
+    let KeySource::EnvOrFile(provider) = keys else {
+        return Ok(None);
+    };
+    if provider.is_configured() {
+        return Ok(None);
+    }
+    provider.generate_file().with_context(|| {
+        format!(
+            "cannot write the master key file {}",
+            provider.file().display()
+        )
+    })?;
+    Ok(Some(provider.file().display().to_string()))
 }
 
 /// Runs [`AccountBalances`] until it has applied the head, and reads this
@@ -279,6 +323,13 @@ fn print_text(out: &mut (dyn Write + Send), location: &str, s: &Summary) -> std:
         "Annals demo run {} (seed {}) on {location}",
         s.run, s.seed
     )?;
+    if let Some(file) = &s.generated_key_file {
+        writeln!(
+            out,
+            "master key:       none was configured: generated one into {file} (mode 0600); \
+             keep it safe, without it the owners' names and e-mails cannot be read"
+        )?;
+    }
     writeln!(out, "accounts opened:  {}", s.accounts)?;
     writeln!(out, "operations:       {}", s.operations)?;
     writeln!(

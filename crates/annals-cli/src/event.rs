@@ -31,17 +31,19 @@ use crate::output::{json_line, timestamp, Table};
 use crate::{AnyStore, Outcome};
 
 pub(crate) async fn run(env: Env<'_>, args: EventArgs) -> anyhow::Result<Outcome> {
-    let store = env.open_for_read(&args.upcast).await?;
+    let (store, reading) = env.open_reading(&args.upcast).await?;
     let Some(event) = find(&store, args.event).await? else {
         return Ok(Outcome::CheckFailed(match args.event {
             EventRef::Id(id) => format!("no event with id {id}"),
             EventRef::Position(p) => format!("no event at position {p}"),
         }));
     };
+    let event = reading.apply(event).await?;
     let limit = usize::try_from(args.limit).unwrap_or(usize::MAX);
     let ask = args.limit.saturating_add(1);
     let mut caused: Vec<RecordedEvent> = store
         .read_caused_by(event.event_id.0, Some(ask))
+        .and_then(|e| reading.apply(e))
         .try_collect()
         .await
         .context("cannot read the events it caused")?;
@@ -52,6 +54,7 @@ pub(crate) async fn run(env: Env<'_>, args: EventArgs) -> anyhow::Result<Outcome
         Some(id) => {
             let mut events: Vec<RecordedEvent> = store
                 .read_correlated(id, Some(ask))
+                .and_then(|e| reading.apply(e))
                 .try_collect()
                 .await
                 .context("cannot read its correlation")?;

@@ -1,13 +1,29 @@
 //! `annals gdpr forget|status`: crypto-shredding from the command line (see
 //! `annals::gdpr`).
 
-use annals::gdpr::{subject_hash, ErasureRecord};
-use annals::{KeyStore, SnapshotStore};
+use annals::gdpr::{ErasureHandler, ErasureNotice};
+use annals::{GdprStore, KeyStore};
 use anyhow::Context as _;
 use clap::{Args, Subcommand};
 
 use crate::commands::Env;
-use crate::Outcome;
+use crate::{Outcome, ProjectionOps, ReadModelDb};
+
+/// A registered projection as an [`ErasureHandler`]: the notice goes to
+/// [`ProjectionOps::on_erasure`] on the store's database.
+struct ProjectionErasure<'a> {
+    ops: &'a dyn ProjectionOps,
+    db: &'a ReadModelDb,
+}
+
+impl ErasureHandler for ProjectionErasure<'_> {
+    fn on_erasure<'a>(
+        &'a self,
+        notice: &'a ErasureNotice,
+    ) -> futures::future::BoxFuture<'a, annals::Result<()>> {
+        self.ops.on_erasure(self.db, notice)
+    }
+}
 
 /// `annals gdpr ..`.
 #[derive(Subcommand, Debug)]
@@ -50,24 +66,45 @@ pub(crate) async fn dispatch(env: Env<'_>, command: GdprCommand) -> anyhow::Resu
                     .with_context(|| format!("--snapshot {s:?}: expected TYPE-ID"))?;
                 aggregates.push((t.to_owned(), id.to_owned()));
             }
-            let record = ErasureRecord {
-                subject_hash: subject_hash(&args.subject),
-                erased_at: chrono::Utc::now(),
-                erased_by: args.by.clone(),
-            };
-            let had = store.forget_key(&args.subject, &record).await?;
-            let mut deleted = 0;
-            for (t, id) in &aggregates {
-                deleted += store.delete_snapshot(t, id).await?;
-            }
+            let keys = env.key_source()?;
+            // Forgetting needs no master key: it deletes the data key.
+            let crypto = keys.crypto(&store);
+            let db = crate::projections_cmd::read_model_db(&env, store.clone());
+            let projections: Vec<ProjectionErasure<'_>> = env
+                .app
+                .projections()
+                .map(|ops| ProjectionErasure { ops, db: &db })
+                .collect();
+            let handlers: Vec<&dyn ErasureHandler> = projections
+                .iter()
+                .map(|p| p as &dyn ErasureHandler)
+                .collect();
+            let named: Vec<(&str, &str)> = aggregates
+                .iter()
+                .map(|(t, id)| (t.as_str(), id.as_str()))
+                .collect();
+            let g = GdprStore::new(store.raw(), crypto.clone());
+            let forgotten = g
+                .forget(&args.subject, &args.by, Some(&store), &named, &handlers)
+                .await?;
+            // The demo's accounts: the account is the subject of its snapshots.
+            let deleted = forgotten.snapshots_deleted
+                + annals::bank::personal_snapshots(store.raw(), crypto)
+                    .forget_snapshots(&args.subject)
+                    .await?;
             writeln!(
                 env.out,
-                "forgot subject {:?}: data key {}, {deleted} snapshot(s) deleted, erasure \
-                 recorded at {} by {:?}",
+                "forgot subject {:?}: data key {}, {deleted} snapshot(s) deleted, {} projection(s) \
+                 notified, erasure recorded at {} by {:?}",
                 args.subject,
-                if had { "deleted" } else { "absent" },
-                record.erased_at.to_rfc3339(),
-                record.erased_by
+                if forgotten.key_deleted {
+                    "deleted"
+                } else {
+                    "absent"
+                },
+                projections.len(),
+                forgotten.record.erased_at.to_rfc3339(),
+                forgotten.record.erased_by
             )?;
         }
         GdprCommand::Status(args) => {

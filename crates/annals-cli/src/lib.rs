@@ -111,6 +111,7 @@ mod demo;
 mod event;
 mod events_cmd;
 mod gdpr;
+mod keys;
 mod output;
 mod progress;
 mod projections;
@@ -134,7 +135,9 @@ pub use projections::{
     account_balances, AccountBalances, BalanceRow, ProjectionOps, ReadModelDb, RebuildRequest,
     RunningProjection, ACCOUNT_BALANCES_TABLE,
 };
-pub use registry::{AggregateOps, AggregateView, CreateOutcome, LoadRequest, Registered};
+pub use registry::{
+    ops_store, AggregateOps, AggregateView, CreateOutcome, LoadRequest, OpsStore, Registered,
+};
 pub use serve::{describe_serve_metrics, prometheus_recorder, MetricsServer, SERVE_METRICS};
 pub use store::{AnyStore, Backend, DatabaseUrl, OpenOptions, DEFAULT_DATABASE_URL};
 
@@ -289,6 +292,7 @@ impl App {
             app: &self,
             url: &cli.database_url,
             pg_schema: cli.pg_schema.clone(),
+            key_file: cli.key_file.clone(),
             out,
         };
         let result = commands::dispatch(env, cli.command).await;

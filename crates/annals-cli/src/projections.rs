@@ -22,6 +22,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use annals::bank::{Account, AccountEvent};
+use annals::gdpr::{ErasureNotice, ERASED};
 use annals::{
     checkpoint_name, Aggregate, BatchApplier, BatchContext, Error, EventId, GlobalPosition,
     HandlerError, ProjectionError, ProjectionFilter, ProjectionHandle, ProjectionRunner,
@@ -45,6 +46,28 @@ pub struct ReadModelDb {
     pub url: String,
     /// The PostgreSQL schema of the store's tables (`None`: `public`).
     pub pg_schema: Option<String>,
+    /// The master key file (`--key-file`; `None`: beside an SQLite
+    /// database, none for PostgreSQL), read when `ANNALS_MASTER_KEY` is
+    /// unset: projections read personal data decrypted.
+    pub key_file: Option<PathBuf>,
+}
+
+impl ReadModelDb {
+    /// The store's events decrypted with the master key (see
+    /// `annals::gdpr`): a projection reads plaintext, or `"[erased]"` for a
+    /// forgotten subject. Without a master key, an encrypted field is an
+    /// error naming where the key was looked for; nothing is guessed.
+    pub fn decrypting(&self) -> annals::Result<annals::GdprStore<AnyStore, AnyStore>> {
+        let url: crate::DatabaseUrl = self
+            .url
+            .parse()
+            .map_err(|e| Error::Config(format!("{e}")))?;
+        let keys = crate::keys::KeySource::new(&url, self.key_file.clone());
+        Ok(annals::GdprStore::new(
+            self.store.clone(),
+            keys.crypto(&self.store),
+        ))
+    }
 }
 
 /// One registered projection, type-erased (see the module docs).
@@ -103,6 +126,19 @@ pub trait ProjectionOps: Send + Sync + 'static {
         let _ = (db, event_id);
         let name = self.name().to_owned();
         async move { Err(unsupported_op(&name, "retry dead letters")) }.boxed()
+    }
+
+    /// Scrubs what the read model keeps about a forgotten subject (`annals
+    /// gdpr forget` calls it on every registered projection, after the
+    /// subject's key is deleted). By default nothing: a read model without
+    /// personal data has nothing to scrub.
+    fn on_erasure<'a>(
+        &'a self,
+        db: &'a ReadModelDb,
+        notice: &'a ErasureNotice,
+    ) -> BoxFuture<'a, annals::Result<()>> {
+        let _ = (db, notice);
+        async { Ok(()) }.boxed()
     }
 }
 
@@ -268,7 +304,7 @@ enum Change {
 /// The event decoded through the one decode path, as a row change.
 fn change(event: &RecordedEvent) -> Result<(String, Change, i64, i64), HandlerError> {
     let change = match annals::decode_event::<AccountEvent>(event)? {
-        AccountEvent::Opened { owner } => Change::Opened(owner),
+        AccountEvent::Opened { owner, .. } => Change::Opened(owner),
         AccountEvent::Deposited { amount } => Change::Moved(amount),
         AccountEvent::Withdrew { amount } => Change::Moved(-amount),
     };
@@ -386,7 +422,7 @@ impl ProjectionOps for AccountBalances {
     ) -> BoxFuture<'a, annals::Result<RunningProjection>> {
         async move {
             sql_batch(db, create_sql(ACCOUNT_BALANCES_TABLE)).await?;
-            let store = db.store.clone();
+            let store = db.decrypting()?;
             Ok(match &db.store {
                 AnyStore::Sqlite(s) => RunningProjection::new(
                     ProjectionRunner::new(store, s.transactional(*self))
@@ -402,6 +438,14 @@ impl ProjectionOps for AccountBalances {
             })
         }
         .boxed()
+    }
+
+    fn on_erasure<'a>(
+        &'a self,
+        db: &'a ReadModelDb,
+        notice: &'a ErasureNotice,
+    ) -> BoxFuture<'a, annals::Result<()>> {
+        async move { self.scrub(db, notice).await.map(|_| ()) }.boxed()
     }
 
     fn reset<'a>(&'a self, db: &'a ReadModelDb) -> BoxFuture<'a, annals::Result<()>> {
@@ -446,7 +490,10 @@ impl ProjectionOps for AccountBalances {
         progress: &'a mut (dyn FnMut(&RebuildProgress) + Send),
     ) -> BoxFuture<'a, Result<(), ProjectionError>> {
         async move {
-            let store = db.store.clone();
+            let store = db.decrypting().map_err(|source| ProjectionError::Store {
+                projection: NAME.to_owned(),
+                source,
+            })?;
             let options = RunnerOptions {
                 batch_size: request.options.batch_size,
                 ..RunnerOptions::default()
@@ -491,14 +538,16 @@ impl ProjectionOps for AccountBalances {
         event_id: EventId,
     ) -> BoxFuture<'a, Result<(), ProjectionError>> {
         async move {
+            let store = db.decrypting().map_err(|source| ProjectionError::Store {
+                projection: NAME.to_owned(),
+                source,
+            })?;
             match &db.store {
                 AnyStore::Sqlite(s) => {
-                    annals::retry_dead_letter(&db.store, &mut s.transactional(*self), event_id)
-                        .await
+                    annals::retry_dead_letter(&store, &mut s.transactional(*self), event_id).await
                 }
                 AnyStore::Postgres(p) => {
-                    annals::retry_dead_letter(&db.store, &mut p.transactional(*self), event_id)
-                        .await
+                    annals::retry_dead_letter(&store, &mut p.transactional(*self), event_id).await
                 }
                 other => Err(ProjectionError::Store {
                     projection: NAME.to_owned(),
@@ -507,6 +556,40 @@ impl ProjectionOps for AccountBalances {
             }
         }
         .boxed()
+    }
+}
+
+/// The owner of a forgotten account's row becomes `"[erased]"`, as a rebuild
+/// would write it (`Opened`'s subject is the account id).
+const SCRUB_SQLITE: &str = "UPDATE account_balances SET owner = ?1 WHERE stream_id = ?2";
+const SCRUB_PG: &str = "UPDATE account_balances SET owner = $1 WHERE stream_id = $2";
+
+impl AccountBalances {
+    /// Scrubs the row of the forgotten account `notice.subject`; returns
+    /// the rows changed.
+    pub async fn scrub(&self, db: &ReadModelDb, notice: &ErasureNotice) -> annals::Result<u64> {
+        sql_batch(db, create_sql(ACCOUNT_BALANCES_TABLE)).await?;
+        let stream =
+            annals::StreamId::new(<Account as Aggregate>::TYPE, &notice.subject)?.to_string();
+        match sql_target(db)? {
+            SqlTarget::Sqlite(path) => {
+                sqlite_job(path, move |conn| {
+                    conn.execute(SCRUB_SQLITE, rusqlite::params![ERASED, stream])
+                        .map(|n| n as u64)
+                })
+                .await
+            }
+            SqlTarget::Postgres => {
+                let (client, conn) = pg_client(db).await?;
+                let out = client
+                    .execute(SCRUB_PG, &[&ERASED, &stream])
+                    .await
+                    .map_err(pg_error("scrubbing account_balances"));
+                drop(client);
+                let _ = conn.await;
+                out
+            }
+        }
     }
 }
 

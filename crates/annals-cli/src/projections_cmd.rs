@@ -159,11 +159,12 @@ async fn first_after(
     }
 }
 
-fn read_model_db(env: &Env<'_>, store: AnyStore) -> ReadModelDb {
+pub(crate) fn read_model_db(env: &Env<'_>, store: AnyStore) -> ReadModelDb {
     ReadModelDb {
         store,
         url: env.url.to_owned(),
         pg_schema: env.pg_schema.clone(),
+        key_file: env.key_file.clone(),
     }
 }
 

@@ -27,6 +27,7 @@ use futures::StreamExt;
 
 use crate::cli::{ReadAllArgs, ReadArgs};
 use crate::commands::Env;
+use crate::keys::Reading;
 use crate::output::{note, EventPrinter};
 use crate::{AnyStore, Outcome};
 
@@ -48,7 +49,7 @@ pub(crate) async fn read(env: Env<'_>, args: ReadArgs) -> anyhow::Result<Outcome
         until_version: None,
         as_of: args.as_of.or(args.until),
     };
-    let store = env.open_for_read(&args.upcast).await?;
+    let (store, reading) = env.open_reading(&args.upcast).await?;
     let out = env.out;
     let mut printer = EventPrinter::new(args.json);
     let mut remaining = args.limit;
@@ -60,7 +61,7 @@ pub(crate) async fn read(env: Env<'_>, args: ReadArgs) -> anyhow::Result<Outcome
             if remaining == Some(0) {
                 break;
             }
-            let e = e?;
+            let e = reading.apply(e?).await?;
             next = StreamVersion(e.stream_version.0 + 1);
             if filter.admits(&e) {
                 printer.print(out, &e)?;
@@ -109,12 +110,13 @@ pub(crate) async fn read_all(env: Env<'_>, args: ReadAllArgs) -> anyhow::Result<
         since: args.since,
         until: args.until,
     };
-    let store = env.open_for_read(&args.upcast).await?;
+    let (store, reading) = env.open_reading(&args.upcast).await?;
     let out = env.out;
     let mut printer = EventPrinter::new(args.json);
     if args.follow.follow {
         follow_all(
             &store,
+            &reading,
             options,
             &mut printer,
             out,
@@ -124,7 +126,8 @@ pub(crate) async fn read_all(env: Env<'_>, args: ReadAllArgs) -> anyhow::Result<
     } else {
         let mut events = store.read_all(options);
         while let Some(e) = events.next().await {
-            printer.print(out, &e?)?;
+            let e = reading.apply(e?).await?;
+            printer.print(out, &e)?;
         }
     }
     if printer.finish(out)? == 0 && !args.json && !args.follow.follow {
@@ -137,6 +140,7 @@ pub(crate) async fn read_all(env: Env<'_>, args: ReadAllArgs) -> anyhow::Result<
 /// until `options.limit` events were printed (or for ever).
 async fn follow_all(
     store: &AnyStore,
+    reading: &Reading,
     mut options: ReadAll,
     printer: &mut EventPrinter,
     out: &mut (dyn std::io::Write + Send),
@@ -148,7 +152,7 @@ async fn follow_all(
         let head = store.head_position().await?;
         let mut events = store.read_all(options.clone());
         while let Some(e) = events.next().await {
-            let e = e?;
+            let e = reading.apply(e?).await?;
             options.after = e.global_position;
             options.limit = options.limit.map(|n| n - 1);
             printer.print(out, &e)?;

@@ -15,6 +15,7 @@
 
 use std::fmt;
 use std::marker::PhantomData;
+use std::sync::Arc;
 
 use annals::{
     Aggregate, CreatedSnapshot, JobOptions, JobReport, LiveVerifyReport, LoadReport, Loaded,
@@ -115,6 +116,23 @@ pub(crate) fn describe_skip(skip: &SnapshotSkip) -> String {
     }
 }
 
+/// The store the operations of a registered aggregate type work on: the
+/// open store wrapped so that events and snapshots are decrypted with the
+/// master key, and snapshots of accounts encrypted (see `annals::gdpr`).
+/// [`ops_store`] builds one.
+pub type OpsStore = annals::GdprStore<AnyStore, AnyStore>;
+
+/// `store` wrapped for [`AggregateOps`], with the master key of
+/// `provider`: snapshots of the demo's `Account` are encrypted with the
+/// account's key. Events are decrypted after `store`'s own upcasters.
+pub fn ops_store(store: &AnyStore, provider: Arc<dyn annals::gdpr::KeyProvider>) -> OpsStore {
+    let crypto = annals::gdpr::Crypto::new::<annals::bank::AccountEvent>(store.raw(), provider);
+    annals::GdprStore::new(store.clone(), crypto).with_snapshot_subject(
+        <annals::bank::Account as Aggregate>::TYPE,
+        annals::gdpr::SnapshotSubject::AggregateId,
+    )
+}
+
 /// What [`AggregateOps::create_snapshot`] did: the snapshot built and whether
 /// the guarded write stored it, and, when it did not, the history row that
 /// kept it out.
@@ -135,7 +153,7 @@ pub trait AggregateOps: Send + Sync + 'static {
     /// store's snapshots unless `request.no_snapshot` or a time travel).
     fn load<'a>(
         &'a self,
-        store: &'a AnyStore,
+        store: &'a OpsStore,
         id: &'a str,
         request: LoadRequest,
     ) -> BoxFuture<'a, Result<AggregateView>>;
@@ -145,7 +163,7 @@ pub trait AggregateOps: Send + Sync + 'static {
     /// guarded write stored it. `None` when the stream does not exist.
     fn take_snapshot<'a>(
         &'a self,
-        store: &'a AnyStore,
+        store: &'a OpsStore,
         id: &'a str,
     ) -> BoxFuture<'a, Result<Option<CreatedSnapshot>>>;
 
@@ -156,7 +174,7 @@ pub trait AggregateOps: Send + Sync + 'static {
     /// `None` when the stream does not exist.
     fn create_snapshot<'a>(
         &'a self,
-        store: &'a AnyStore,
+        store: &'a OpsStore,
         id: &'a str,
     ) -> BoxFuture<'a, Result<Option<CreateOutcome>>>;
 
@@ -166,7 +184,7 @@ pub trait AggregateOps: Send + Sync + 'static {
     /// Aggregates that fail are listed in the report; the rest go on.
     fn prepopulate<'a>(
         &'a self,
-        store: &'a AnyStore,
+        store: &'a OpsStore,
         options: JobOptions,
         progress: &'a (dyn Fn(Progress) + Send + Sync),
     ) -> BoxFuture<'a, Result<JobReport>>;
@@ -175,7 +193,7 @@ pub trait AggregateOps: Send + Sync + 'static {
     /// for every aggregate of the type, into the staging table. Resumable.
     fn migrate<'a>(
         &'a self,
-        store: &'a AnyStore,
+        store: &'a OpsStore,
         options: JobOptions,
         progress: &'a (dyn Fn(Progress) + Send + Sync),
     ) -> BoxFuture<'a, Result<JobReport>>;
@@ -184,7 +202,7 @@ pub trait AggregateOps: Send + Sync + 'static {
     /// all) from scratch and compares with the staged state.
     fn verify<'a>(
         &'a self,
-        store: &'a AnyStore,
+        store: &'a OpsStore,
         sample: Option<usize>,
         progress: &'a (dyn Fn(Progress) + Send + Sync),
     ) -> BoxFuture<'a, Result<VerifyReport>>;
@@ -193,7 +211,7 @@ pub trait AggregateOps: Send + Sync + 'static {
     /// all) up to their live snapshot's version and compares with its state.
     fn verify_live<'a>(
         &'a self,
-        store: &'a AnyStore,
+        store: &'a OpsStore,
         sample: Option<usize>,
         progress: &'a (dyn Fn(Progress) + Send + Sync),
     ) -> BoxFuture<'a, Result<LiveVerifyReport>>;
@@ -203,7 +221,7 @@ pub trait AggregateOps: Send + Sync + 'static {
     /// live table in one transaction.
     fn promote<'a>(
         &'a self,
-        store: &'a AnyStore,
+        store: &'a OpsStore,
         force: bool,
         verify_sample: Option<usize>,
     ) -> BoxFuture<'a, Result<PromoteReport>>;
@@ -241,7 +259,7 @@ impl<A: Aggregate> Registered<A> {
     /// A repository over `store` whose snapshots are read but only written
     /// when asked: the CLI inspects, it does not change the cache behind the
     /// operator's back.
-    fn repository(store: &AnyStore) -> Repository<A, AnyStore, AnyStore> {
+    fn repository(store: &OpsStore) -> Repository<A, OpsStore, OpsStore> {
         Repository::new(store.clone()).with_snapshots(
             store.clone(),
             SnapshotConfig {
@@ -251,7 +269,7 @@ impl<A: Aggregate> Registered<A> {
         )
     }
 
-    fn jobs(store: &AnyStore) -> SnapshotJobs<A, AnyStore> {
+    fn jobs(store: &OpsStore) -> SnapshotJobs<A, OpsStore> {
         SnapshotJobs::new(store.clone())
     }
 }
@@ -267,27 +285,16 @@ impl<A: Aggregate> AggregateOps for Registered<A> {
 
     fn load<'a>(
         &'a self,
-        store: &'a AnyStore,
+        store: &'a OpsStore,
         id: &'a str,
         request: LoadRequest,
     ) -> BoxFuture<'a, Result<AggregateView>> {
-        async move {
-            let stream = StreamId::new(A::TYPE, id)?;
-            let repo = Self::repository(store);
-            let loaded = match (request.at_version, request.as_of, request.no_snapshot) {
-                (Some(v), _, _) => repo.load_at_version(id, v).await?,
-                (None, Some(t), _) => repo.load_as_of(id, t).await?,
-                (None, None, true) => repo.load_without_snapshot(id).await?,
-                (None, None, false) => repo.load(id).await?,
-            };
-            AggregateView::new(stream, loaded)
-        }
-        .boxed()
+        async move { load_view(Self::repository(store), id, request).await }.boxed()
     }
 
     fn take_snapshot<'a>(
         &'a self,
-        store: &'a AnyStore,
+        store: &'a OpsStore,
         id: &'a str,
     ) -> BoxFuture<'a, Result<Option<CreatedSnapshot>>> {
         async move { Self::repository(store).snapshot(id).await }.boxed()
@@ -295,7 +302,7 @@ impl<A: Aggregate> AggregateOps for Registered<A> {
 
     fn create_snapshot<'a>(
         &'a self,
-        store: &'a AnyStore,
+        store: &'a OpsStore,
         id: &'a str,
     ) -> BoxFuture<'a, Result<Option<CreateOutcome>>> {
         async move {
@@ -314,7 +321,7 @@ impl<A: Aggregate> AggregateOps for Registered<A> {
 
     fn prepopulate<'a>(
         &'a self,
-        store: &'a AnyStore,
+        store: &'a OpsStore,
         options: JobOptions,
         progress: &'a (dyn Fn(Progress) + Send + Sync),
     ) -> BoxFuture<'a, Result<JobReport>> {
@@ -323,7 +330,7 @@ impl<A: Aggregate> AggregateOps for Registered<A> {
 
     fn migrate<'a>(
         &'a self,
-        store: &'a AnyStore,
+        store: &'a OpsStore,
         options: JobOptions,
         progress: &'a (dyn Fn(Progress) + Send + Sync),
     ) -> BoxFuture<'a, Result<JobReport>> {
@@ -332,7 +339,7 @@ impl<A: Aggregate> AggregateOps for Registered<A> {
 
     fn verify<'a>(
         &'a self,
-        store: &'a AnyStore,
+        store: &'a OpsStore,
         sample: Option<usize>,
         progress: &'a (dyn Fn(Progress) + Send + Sync),
     ) -> BoxFuture<'a, Result<VerifyReport>> {
@@ -341,7 +348,7 @@ impl<A: Aggregate> AggregateOps for Registered<A> {
 
     fn verify_live<'a>(
         &'a self,
-        store: &'a AnyStore,
+        store: &'a OpsStore,
         sample: Option<usize>,
         progress: &'a (dyn Fn(Progress) + Send + Sync),
     ) -> BoxFuture<'a, Result<LiveVerifyReport>> {
@@ -350,7 +357,7 @@ impl<A: Aggregate> AggregateOps for Registered<A> {
 
     fn promote<'a>(
         &'a self,
-        store: &'a AnyStore,
+        store: &'a OpsStore,
         force: bool,
         verify_sample: Option<usize>,
     ) -> BoxFuture<'a, Result<PromoteReport>> {
@@ -359,4 +366,20 @@ impl<A: Aggregate> AggregateOps for Registered<A> {
     fn check_event(&self, event: &RecordedEvent) -> Result<()> {
         annals::decode_event::<A::Event>(event).map(drop)
     }
+}
+
+/// Loads `id` as `request` asks, into a view.
+async fn load_view<A: Aggregate, S: annals::EventStore, N: annals::SnapshotStore>(
+    repo: Repository<A, S, N>,
+    id: &str,
+    request: LoadRequest,
+) -> Result<AggregateView> {
+    let stream = StreamId::new(A::TYPE, id)?;
+    let loaded = match (request.at_version, request.as_of, request.no_snapshot) {
+        (Some(v), _, _) => repo.load_at_version(id, v).await?,
+        (None, Some(t), _) => repo.load_as_of(id, t).await?,
+        (None, None, true) => repo.load_without_snapshot(id).await?,
+        (None, None, false) => repo.load(id).await?,
+    };
+    AggregateView::new(stream, loaded)
 }

@@ -82,7 +82,7 @@ fn count(n: u64, noun: &str) -> String {
 }
 
 async fn status(env: Env<'_>, args: StatusArgs) -> anyhow::Result<Outcome> {
-    let store = env.open(false).await?;
+    let store = env.open_ops(false).await?;
     let coverage = store
         .snapshot_coverage(args.aggregate_type.as_deref())
         .await?;
@@ -241,7 +241,7 @@ impl StalePrinter {
 }
 
 async fn stale(env: Env<'_>, args: StaleArgs) -> anyhow::Result<Outcome> {
-    let store = env.open(false).await?;
+    let store = env.open_ops(false).await?;
     let rows = store.list_stale_snapshots(args.aggregate_type.as_deref(), args.min_events);
     let out = env.out;
     let mut printer = StalePrinter::new(args.json);
@@ -306,7 +306,7 @@ fn not_written_reason(
 async fn create(env: Env<'_>, args: CreateArgs) -> anyhow::Result<Outcome> {
     let ops = registered(env.app, &args.aggregate_type)?;
     let stream = StreamId::new(ops.aggregate_type(), &args.id)?;
-    let store = env.open(false).await?;
+    let store = env.open_ops(false).await?;
     let Some((created, blocked_by)) = ops.create_snapshot(&store, &args.id).await? else {
         return Ok(Outcome::CheckFailed(format!(
             "aggregate {stream} does not exist (its stream has no events)"
@@ -351,7 +351,7 @@ struct Deleted<'a> {
 
 async fn delete(env: Env<'_>, args: DeleteArgs) -> anyhow::Result<Outcome> {
     let stream = StreamId::new(&args.aggregate_type, &args.id)?;
-    let store = env.open(false).await?;
+    let store = env.open_ops(false).await?;
     let deleted = store
         .delete_snapshot(&args.aggregate_type, &args.id)
         .await?;
@@ -382,7 +382,7 @@ struct Invalidated<'a> {
 }
 
 async fn invalidate(env: Env<'_>, args: InvalidateArgs) -> anyhow::Result<Outcome> {
-    let store = env.open(false).await?;
+    let store = env.open_ops(false).await?;
     let invalidated = store
         .invalidate_snapshots(&args.aggregate_type, args.schema_version_below)
         .await?;
@@ -450,7 +450,7 @@ fn print_job_report(
 
 async fn prepopulate(env: Env<'_>, args: PrepopulateArgs) -> anyhow::Result<Outcome> {
     let ops = registered(env.app, &args.aggregate_type)?;
-    let store = env.open(false).await?;
+    let store = env.open_ops(false).await?;
     let options = JobOptions {
         min_events: args.min_events,
         concurrency: args.concurrency,
@@ -477,7 +477,7 @@ async fn prepopulate(env: Env<'_>, args: PrepopulateArgs) -> anyhow::Result<Outc
 
 async fn migrate(env: Env<'_>, args: MigrateArgs) -> anyhow::Result<Outcome> {
     let ops = registered(env.app, &args.aggregate_type)?;
-    let store = env.open(false).await?;
+    let store = env.open_ops(false).await?;
     let options = JobOptions {
         concurrency: args.concurrency,
         ..JobOptions::default()
@@ -578,7 +578,7 @@ struct LiveVerifySummary<'a> {
 async fn verify_live(env: Env<'_>, args: VerifyArgs) -> anyhow::Result<Outcome> {
     let ops = registered(env.app, &args.aggregate_type)?;
     let aggregate_type = ops.aggregate_type();
-    let store = env.open(false).await?;
+    let store = env.open_ops(false).await?;
     let bar = progress_bar(format!("verify {aggregate_type} (live)"));
     let report = ops.verify_live(&store, args.sample, &advance(&bar)).await;
     bar.finish_and_clear();
@@ -616,7 +616,7 @@ async fn verify(env: Env<'_>, args: VerifyArgs) -> anyhow::Result<Outcome> {
         return verify_live(env, args).await;
     }
     let ops = registered(env.app, &args.aggregate_type)?;
-    let store = env.open(false).await?;
+    let store = env.open_ops(false).await?;
     let bar = progress_bar(format!("verify {}", ops.aggregate_type()));
     let report = ops.verify(&store, args.sample, &advance(&bar)).await;
     bar.finish_and_clear();
@@ -657,7 +657,7 @@ struct PromoteSummary<'a> {
 async fn promote(env: Env<'_>, args: PromoteArgs) -> anyhow::Result<Outcome> {
     let ops = registered(env.app, &args.aggregate_type)?;
     let aggregate_type = ops.aggregate_type();
-    let store = env.open(false).await?;
+    let store = env.open_ops(false).await?;
     // Verify here rather than inside `SnapshotJobs::promote`, so the
     // operator sees progress and every mismatch, and a refusal is a failed
     // check (exit 1) rather than an error.
@@ -726,7 +726,7 @@ fn status_of(e: &SnapshotHistoryEntry) -> String {
 
 async fn history(env: Env<'_>, args: HistoryArgs) -> anyhow::Result<Outcome> {
     let stream = StreamId::new(&args.aggregate_type, &args.id)?;
-    let store = env.open(false).await?;
+    let store = env.open_ops(false).await?;
     let rows = store
         .snapshot_history(&args.aggregate_type, &args.id)
         .await?;
@@ -767,7 +767,7 @@ async fn history(env: Env<'_>, args: HistoryArgs) -> anyhow::Result<Outcome> {
 
 async fn rollback(env: Env<'_>, args: RollbackArgs) -> anyhow::Result<Outcome> {
     let stream = StreamId::new(&args.aggregate_type, &args.id)?;
-    let store = env.open(false).await?;
+    let store = env.open_ops(false).await?;
     let report = store
         .rollback_snapshot(&args.aggregate_type, &args.id, args.to_version)
         .await?;
@@ -796,7 +796,7 @@ struct KeepOutput {
 }
 
 async fn keep(env: Env<'_>, args: KeepArgs) -> anyhow::Result<Outcome> {
-    let store = env.open(false).await?;
+    let store = env.open_ops(false).await?;
     let previous = store.snapshot_history_size().await?;
     let output = match args.keep {
         None => KeepOutput {

@@ -250,6 +250,8 @@ macro_rules! conformance_suite {
             gdpr_encrypts_on_append_and_decrypts_on_read,
             gdpr_forget_erases_and_aggregates_still_load,
             gdpr_wrong_master_key_is_a_typed_error,
+            gdpr_snapshots_are_encrypted_and_forgotten,
+            gdpr_wrong_master_key_on_snapshots_and_redaction,
         }
     };
     (@group model, $($then:tt)*) => {

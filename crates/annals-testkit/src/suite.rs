@@ -1431,7 +1431,7 @@ impl Aggregate for AccountV2 {
     type Event = AccountEvent;
     fn apply(&mut self, e: &AccountEvent) {
         match e {
-            AccountEvent::Opened { owner } => self.holder.clone_from(owner),
+            AccountEvent::Opened { owner, .. } => self.holder.clone_from(owner),
             AccountEvent::Deposited { amount } => self.cents += amount,
             AccountEvent::Withdrew { amount } => self.cents -= amount,
         }

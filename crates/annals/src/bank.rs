@@ -10,9 +10,18 @@
 //!
 //! | type | v1 | v2 | v3 |
 //! |---|---|---|---|
-//! | `Opened` | `{"name": "ann"}` | `{"owner": "ann"}` (current) | |
+//! | `Opened` | `{"name": "ann"}` | `{"owner": "ann"}` | `{"account": "7", "owner": "ann", "email": "ann@mail.example"}` (current) |
 //! | `Deposited` | `{"amount": "12.50"}` (decimal string, major units) | `{"amount_minor": 1250}` | `{"amount": 1250}` (current) |
 //! | `Withdrew` | stored as `Withdrawn`, `{"amount": "3.00"}` | `{"amount": 300}` (current) | |
+//!
+//! # Personal data
+//!
+//! `Opened` v3 carries the owner's name and e-mail as personal data of the
+//! account (`#[event(personal(subject = "account", ...))]`): through a
+//! [`GdprStore`](crate::GdprStore) they are stored encrypted with the
+//! account's data key, and [`personal_snapshots`] encrypts the `Account`
+//! snapshots with the same key. Events stored before v3 named no account
+//! (`account` is `null` after upcasting) and were stored in clear.
 
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -25,10 +34,17 @@ use crate::{Aggregate, BoxError, DomainEvent, Step, UpcastError, Upcasters};
 #[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize, DomainEvent)]
 pub enum AccountEvent {
     /// The account was opened.
-    #[event(version = 2)]
+    #[event(version = 3, personal(subject = "account", fields("owner", "email")))]
     Opened {
-        /// The owner.
+        /// The account's id: the subject whose data key encrypts the
+        /// owner's name and e-mail. `None` in events stored before v3.
+        #[serde(default)]
+        account: Option<String>,
+        /// The owner's name (personal data).
         owner: String,
+        /// The owner's e-mail (personal data); `None` before v3.
+        #[serde(default)]
+        email: Option<String>,
     },
     /// Money came in (minor units).
     #[event(version = 3)]
@@ -79,6 +95,9 @@ pub fn upcasters() -> Result<Upcasters, UpcastError> {
         .step(Step::new("Opened", 1, |v: Value| {
             Ok::<_, BoxError>(json!({ "owner": v["name"] }))
         }))
+        .step(Step::new("Opened", 2, |v: Value| {
+            Ok::<_, BoxError>(json!({ "account": null, "owner": v["owner"], "email": null }))
+        }))
         .step(Step::new("Deposited", 1, |v: Value| {
             Ok::<_, BoxError>(json!({ "amount_minor": minor_units(&v["amount"])? }))
         }))
@@ -92,6 +111,19 @@ pub fn upcasters() -> Result<Upcasters, UpcastError> {
             .rename_to("Withdrew"),
         )
         .build_for::<AccountEvent>()
+}
+
+/// The snapshot store for `Account`s holding personal data: `inner`
+/// wrapped so that each account's snapshot is encrypted with the account's
+/// data key (the subject of `Opened`).
+pub fn personal_snapshots<N: crate::SnapshotStore, K: crate::KeyStore>(
+    inner: N,
+    crypto: crate::gdpr::Crypto<K>,
+) -> crate::GdprSnapshots<N, K> {
+    crate::GdprSnapshots::new(inner, crypto).aggregate(
+        <Account as Aggregate>::TYPE,
+        crate::gdpr::SnapshotSubject::AggregateId,
+    )
 }
 
 /// Why an account command was refused.
@@ -116,11 +148,14 @@ pub enum AccountError {
     },
 }
 
-/// The account state: `{ owner, balance }`.
+/// The account state: `{ owner, email, balance, open }`.
 #[derive(Clone, PartialEq, Eq, Debug, Default, Serialize, Deserialize)]
 pub struct Account {
-    /// Owner; empty until opened.
+    /// Owner's name; empty until opened.
     pub owner: String,
+    /// Owner's e-mail (`None` for accounts opened before `Opened` v3).
+    #[serde(default)]
+    pub email: Option<String>,
     /// Balance in minor units.
     pub balance: i64,
     /// Whether `Opened` was applied.
@@ -133,8 +168,9 @@ impl Aggregate for Account {
 
     fn apply(&mut self, event: &AccountEvent) {
         match event {
-            AccountEvent::Opened { owner } => {
+            AccountEvent::Opened { owner, email, .. } => {
                 self.owner.clone_from(owner);
+                self.email.clone_from(email);
                 self.balance = 0;
                 self.open = true;
             }
@@ -145,13 +181,35 @@ impl Aggregate for Account {
 }
 
 impl Account {
-    /// Opens the account.
+    /// Opens the account for `owner`, naming no account and no e-mail: the
+    /// owner's name is stored in clear, and a [`GdprStore`](crate::GdprStore)
+    /// refuses it (`GdprError::NoSubject`): use [`Account::open_for`] there.
     pub fn open(&self, owner: &str) -> Result<Vec<AccountEvent>, AccountError> {
         if self.open {
             return Err(AccountError::AlreadyOpen);
         }
         Ok(vec![AccountEvent::Opened {
+            account: None,
             owner: owner.to_owned(),
+            email: None,
+        }])
+    }
+
+    /// Opens account `account` (its id, the subject of the personal data)
+    /// for `owner` with `email`.
+    pub fn open_for(
+        &self,
+        account: &str,
+        owner: &str,
+        email: &str,
+    ) -> Result<Vec<AccountEvent>, AccountError> {
+        if self.open {
+            return Err(AccountError::AlreadyOpen);
+        }
+        Ok(vec![AccountEvent::Opened {
+            account: Some(account.to_owned()),
+            owner: owner.to_owned(),
+            email: Some(email.to_owned()),
         }])
     }
 
@@ -229,6 +287,7 @@ mod tests {
     fn account(owner: &str, balance: i64) -> Account {
         Account {
             owner: owner.to_owned(),
+            email: None,
             balance,
             open: true,
         }

@@ -49,11 +49,17 @@ use sha2::{Digest, Sha256};
 use crate::{
     upcast::upcast_event, AppendResult, AppendSignal, DomainEvent, Error, EventId, EventStore,
     EventStream, ExpectedVersion, FeedPage, Fingerprint, GlobalPosition, NewEvent, Payload,
-    ReadAll, ReadStream, RecordedEvent, Result, SnapshotStore, StreamId, StreamVersion, Upcasters,
+    ReadAll, ReadStream, RecordedEvent, Result, Snapshot, SnapshotStore, SnapshotWrite, StreamId,
+    StreamVersion, Upcasters,
 };
 
 /// What a forgotten subject's personal fields read as.
 pub const ERASED: &str = "[erased]";
+
+/// What an encrypted field reads as through a [`Crypto`] that
+/// [redacts](Crypto::redact_without_master_key) when no master key is
+/// configured (the CLI's reads): the value exists, but cannot be shown.
+pub const ENCRYPTED: &str = "[encrypted]";
 
 /// The key of an encrypted field value (`{"$enc": .., "$subject": ..}`).
 pub const ENC_KEY: &str = "$enc";
@@ -134,6 +140,56 @@ pub enum GdprError {
         stream: String,
         /// What failed.
         reason: String,
+    },
+    /// No master key in the environment variable nor in the key file.
+    #[error(
+        "no master key: set {var} to 32 bytes as 64 hex digits or base64 \
+         (for example `openssl rand -hex 32`), or put them in the key file {}",
+        file.display()
+    )]
+    NoMasterKeyOrFile {
+        /// The variable that was read.
+        var: String,
+        /// The key file that does not exist.
+        file: std::path::PathBuf,
+    },
+    /// An encrypted snapshot's subject has no key and no erasure record.
+    #[error(
+        "no data key for subject {subject:?} and no erasure recorded for it \
+         (snapshot of {aggregate_type}/{aggregate_id})"
+    )]
+    SnapshotKeyMissing {
+        /// The subject.
+        subject: String,
+        /// The aggregate type.
+        aggregate_type: String,
+        /// The aggregate id.
+        aggregate_id: String,
+    },
+    /// An encrypted snapshot does not decrypt although its key matched the
+    /// master key: the stored state was altered.
+    #[error("cannot decrypt the snapshot of {aggregate_type}/{aggregate_id}: {reason}")]
+    SnapshotCorrupt {
+        /// The aggregate type.
+        aggregate_type: String,
+        /// The aggregate id.
+        aggregate_id: String,
+        /// What failed.
+        reason: String,
+    },
+    /// A snapshot of a forgotten subject's aggregate was not stored: it
+    /// would need a new data key for the subject (loads replay the events).
+    #[error(
+        "snapshot of {aggregate_type}/{aggregate_id} not stored: its subject {subject:?} \
+         was forgotten"
+    )]
+    SubjectForgotten {
+        /// The subject.
+        subject: String,
+        /// The aggregate type.
+        aggregate_type: String,
+        /// The aggregate id.
+        aggregate_id: String,
     },
     /// An event with personal fields lacks its subject field.
     #[error(
@@ -269,6 +325,74 @@ impl KeyProvider for EnvKeyProvider {
     }
 }
 
+/// Reads the master key from an environment variable, or when that is unset
+/// from a key file (64 hex digits or base64; what
+/// [`EnvOrFileKeyProvider::generate_file`] writes). The CLI's provider: the
+/// key file lies beside the SQLite database.
+#[derive(Debug, Clone)]
+pub struct EnvOrFileKeyProvider {
+    var: String,
+    file: std::path::PathBuf,
+}
+
+impl EnvOrFileKeyProvider {
+    /// Reads `var`, else `file`.
+    pub fn new(var: impl Into<String>, file: impl Into<std::path::PathBuf>) -> Self {
+        EnvOrFileKeyProvider {
+            var: var.into(),
+            file: file.into(),
+        }
+    }
+
+    /// The key file.
+    pub fn file(&self) -> &std::path::Path {
+        &self.file
+    }
+
+    /// Whether a master key is configured (the variable is set or the file
+    /// exists), without reading it.
+    pub fn is_configured(&self) -> bool {
+        std::env::var(&self.var).is_ok_and(|t| !t.trim().is_empty()) || self.file.exists()
+    }
+
+    /// Writes a fresh random master key to the key file, readable and
+    /// writable by its owner only (mode 0600 on Unix), refusing to replace
+    /// an existing file; returns the key.
+    pub fn generate_file(&self) -> std::io::Result<MasterKey> {
+        let key = MasterKey::generate();
+        let mut options = std::fs::OpenOptions::new();
+        options.write(true).create_new(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+        let mut file = options.open(&self.file)?;
+        std::io::Write::write_all(&mut file, format!("{}\n", key.to_hex()).as_bytes())?;
+        file.sync_all()?;
+        Ok(key)
+    }
+}
+
+impl KeyProvider for EnvOrFileKeyProvider {
+    fn master_key(&self) -> Result<MasterKey, GdprError> {
+        match std::env::var(&self.var) {
+            Ok(text) if !text.trim().is_empty() => return MasterKey::parse(&text, &self.var),
+            _ => {}
+        }
+        match std::fs::read_to_string(&self.file) {
+            Ok(text) => MasterKey::parse(&text, &self.file.display().to_string()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                Err(GdprError::NoMasterKeyOrFile {
+                    var: self.var.clone(),
+                    file: self.file.clone(),
+                })
+            }
+            Err(e) => Err(GdprError::InvalidMasterKey {
+                source_name: self.file.display().to_string(),
+                reason: format!("cannot read it: {e}"),
+            }),
+        }
+    }
+}
+
 /// A subject's data key as stored: encrypted by a master key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WrappedKey {
@@ -364,6 +488,7 @@ pub struct Crypto<K> {
     keys: K,
     provider: Arc<dyn KeyProvider>,
     lookups: Vec<PersonalLookup>,
+    redact: bool,
 }
 
 impl<K> fmt::Debug for Crypto<K> {
@@ -382,6 +507,32 @@ impl<K: KeyStore> Crypto<K> {
             keys,
             provider,
             lookups: vec![E::personal_data],
+            redact: false,
+        }
+    }
+
+    /// Reads an encrypted field of a subject that still has its key as
+    /// [`ENCRYPTED`] when the provider has no master key
+    /// ([`GdprError::NoMasterKey`]), instead of failing; a snapshot then
+    /// reads as absent (loads replay the events). For inspection tools
+    /// that show what they can: a *wrong* master key is still an error,
+    /// and appends still need the key.
+    pub fn redact_without_master_key(mut self) -> Self {
+        self.redact = true;
+        self
+    }
+
+    /// The master key for a read: `Ok(None)` when there is none and this
+    /// crypto redacts.
+    fn master_for_read(&self) -> Result<Option<MasterKey>> {
+        match self.provider.master_key() {
+            Ok(m) => Ok(Some(m)),
+            Err(GdprError::NoMasterKey { .. } | GdprError::NoMasterKeyOrFile { .. })
+                if self.redact =>
+            {
+                Ok(None)
+            }
+            Err(e) => Err(e.into_error()),
         }
     }
 
@@ -573,8 +724,9 @@ impl<K: KeyStore> Crypto<K> {
         let Some(obj) = value.as_object_mut() else {
             return Ok(event);
         };
-        let mut master: Option<MasterKey> = None;
-        let mut keys: HashMap<String, Option<Aes256Gcm>> = HashMap::new();
+        let mut master: Option<Option<MasterKey>> = None;
+        // None: erased; Some(None): redacted (no master key).
+        let mut keys: HashMap<String, Option<Option<Aes256Gcm>>> = HashMap::new();
         for (field, v) in obj.iter_mut() {
             let Some(enc) = v.as_object() else { continue };
             let (Some(Value::String(blob)), Some(Value::String(subject))) =
@@ -597,9 +749,12 @@ impl<K: KeyStore> Crypto<K> {
                     Some(k) => {
                         let m = match master.take() {
                             Some(m) => m,
-                            None => self.provider.master_key().map_err(GdprError::into_error)?,
+                            None => self.master_for_read()?,
                         };
-                        let cipher = self.unwrap_key(&subject, &m, &k)?;
+                        let cipher = match &m {
+                            Some(m) => Some(self.unwrap_key(&subject, m, &k)?),
+                            None => None,
+                        };
                         master = Some(m);
                         Some(cipher)
                     }
@@ -618,7 +773,8 @@ impl<K: KeyStore> Crypto<K> {
                 keys.insert(subject.clone(), key);
             }
             *v = match keys.get(&subject) {
-                Some(Some(cipher)) => {
+                Some(Some(None)) => Value::String(ENCRYPTED.to_owned()),
+                Some(Some(Some(cipher))) => {
                     if blob.len() < 12 {
                         return Err(corrupt("ciphertext too short".into()).into_error());
                     }
@@ -643,6 +799,273 @@ impl<K: KeyStore> Crypto<K> {
     }
 }
 
+impl<K: KeyStore> Crypto<K> {
+    fn snapshot_aad(aggregate_type: &str, aggregate_id: &str) -> String {
+        format!("annals snapshot\0{aggregate_type}\0{aggregate_id}")
+    }
+
+    /// Encrypts a snapshot's whole state with `subject`'s data key. A
+    /// subject without a key never had an event encrypted (its data is in
+    /// clear in the log), so its snapshot is handed back in clear; a
+    /// forgotten subject's is refused ([`GdprError::SubjectForgotten`]).
+    /// Encrypted, the state becomes
+    /// `{"$enc": "<base64 nonce+ciphertext>", "$subject": "<id>"}`, bound to
+    /// the aggregate (a state cannot be moved to another one).
+    pub async fn encrypt_snapshot(&self, subject: &str, snapshot: &Snapshot) -> Result<Snapshot> {
+        let Some(key) = self.keys.load_key(subject).await? else {
+            if self.keys.erasure(subject).await?.is_some() {
+                return Err(GdprError::SubjectForgotten {
+                    subject: subject.to_owned(),
+                    aggregate_type: snapshot.aggregate_type.clone(),
+                    aggregate_id: snapshot.aggregate_id.clone(),
+                }
+                .into_error());
+            }
+            // No key: none of the subject's events was encrypted, its data
+            // is in clear in the log already.
+            return Ok(snapshot.clone());
+        };
+        let master = self.provider.master_key().map_err(GdprError::into_error)?;
+        let cipher = self.unwrap_key(subject, &master, &key)?;
+        let plain = serde_json::to_vec(&snapshot.state).map_err(|e| Error::Encode {
+            what: format!(
+                "snapshot of {}/{}",
+                snapshot.aggregate_type, snapshot.aggregate_id
+            ),
+            source: e,
+        })?;
+        let nonce = Aes256Gcm::generate_nonce(OsRng);
+        let aad = Self::snapshot_aad(&snapshot.aggregate_type, &snapshot.aggregate_id);
+        let ct = cipher
+            .encrypt(
+                &nonce,
+                AeadPayload {
+                    msg: &plain,
+                    aad: aad.as_bytes(),
+                },
+            )
+            .map_err(|err| Error::Config(format!("cannot encrypt: {err}")))?;
+        let mut blob = nonce.to_vec();
+        blob.extend_from_slice(&ct);
+        let mut out = snapshot.clone();
+        out.state = serde_json::json!({ ENC_KEY: B64.encode(blob), SUBJECT_KEY: subject });
+        Ok(out)
+    }
+
+    /// Decrypts a snapshot that [`Crypto::encrypt_snapshot`] wrote; a
+    /// snapshot in clear is handed back as it is. `Ok(None)`: unreadable
+    /// because its subject was forgotten (or, when redacting, because there
+    /// is no master key). A wrong master key is
+    /// [`GdprError::WrongMasterKey`], a subject without key and erasure
+    /// record [`GdprError::SnapshotKeyMissing`].
+    pub async fn decrypt_snapshot(&self, snapshot: Snapshot) -> Result<SnapshotRead> {
+        let Some((blob, subject)) = encrypted_parts(&snapshot.state) else {
+            return Ok(SnapshotRead::Plain(snapshot));
+        };
+        let subject = subject.to_owned();
+        let corrupt = |reason: String| {
+            GdprError::SnapshotCorrupt {
+                aggregate_type: snapshot.aggregate_type.clone(),
+                aggregate_id: snapshot.aggregate_id.clone(),
+                reason,
+            }
+            .into_error()
+        };
+        let blob = B64.decode(blob).map_err(|e| corrupt(e.to_string()))?;
+        let Some(key) = self.keys.load_key(&subject).await? else {
+            if self.keys.erasure(&subject).await?.is_some() {
+                return Ok(SnapshotRead::Erased { subject });
+            }
+            return Err(GdprError::SnapshotKeyMissing {
+                subject,
+                aggregate_type: snapshot.aggregate_type.clone(),
+                aggregate_id: snapshot.aggregate_id.clone(),
+            }
+            .into_error());
+        };
+        let Some(master) = self.master_for_read()? else {
+            return Ok(SnapshotRead::Redacted);
+        };
+        let cipher = self.unwrap_key(&subject, &master, &key)?;
+        if blob.len() < 12 {
+            return Err(corrupt("ciphertext too short".into()));
+        }
+        let (nonce, ct) = blob.split_at(12);
+        let aad = Self::snapshot_aad(&snapshot.aggregate_type, &snapshot.aggregate_id);
+        let plain = cipher
+            .decrypt(
+                Nonce::from_slice(nonce),
+                AeadPayload {
+                    msg: ct,
+                    aad: aad.as_bytes(),
+                },
+            )
+            .map_err(|e| corrupt(e.to_string()))?;
+        let state = serde_json::from_slice(&plain).map_err(|e| corrupt(e.to_string()))?;
+        let mut out = snapshot;
+        out.state = state;
+        Ok(SnapshotRead::Decrypted(out))
+    }
+}
+
+/// The `$enc` blob and `$subject` of an encrypted value, if it is one.
+fn encrypted_parts(v: &Value) -> Option<(&str, &str)> {
+    let obj = v.as_object()?;
+    match (obj.get(ENC_KEY), obj.get(SUBJECT_KEY)) {
+        (Some(Value::String(blob)), Some(Value::String(subject))) => Some((blob, subject)),
+        _ => None,
+    }
+}
+
+/// What [`Crypto::decrypt_snapshot`] found.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SnapshotRead {
+    /// The snapshot was stored in clear.
+    Plain(Snapshot),
+    /// Decrypted.
+    Decrypted(Snapshot),
+    /// Encrypted for a forgotten subject: unreadable for good.
+    Erased {
+        /// The subject.
+        subject: String,
+    },
+    /// Encrypted, and the crypto redacts without a master key.
+    Redacted,
+}
+
+/// Where the subject of an aggregate's snapshot is found
+/// ([`GdprSnapshots::aggregate`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SnapshotSubject {
+    /// The aggregate id is the subject (the bank example's `Account`: its
+    /// `Opened` names the account as the subject).
+    AggregateId,
+    /// A top-level string or number field of the state names the subject;
+    /// a state without it holds no one's personal data and stays in clear.
+    StateField(String),
+}
+
+/// A [`SnapshotStore`] wrapper that encrypts the snapshots of aggregates
+/// holding personal data with their subject's data key, so the plaintext
+/// reaches no table; the repository of a [`GdprStore`] takes it as its
+/// snapshot store.
+///
+/// - `save_snapshot` of a declared aggregate type stores the state
+///   encrypted (see [`Crypto::encrypt_snapshot`]); other types pass in clear.
+/// - `load_snapshot` decrypts any encrypted state. A snapshot of a forgotten
+///   subject is unreadable: it is deleted and the load sees none, so the
+///   repository replays the events, whose personal fields read as
+///   [`ERASED`]. A wrong master key is an error, never a missing snapshot
+///   (the repository reports it instead of replaying).
+/// - [`GdprSnapshots::forget_snapshots`] deletes at once the snapshots a
+///   subject's key encrypts where the aggregate id is the subject.
+#[derive(Clone, Debug)]
+pub struct GdprSnapshots<N, K> {
+    inner: N,
+    crypto: Crypto<K>,
+    aggregates: Arc<Vec<(String, SnapshotSubject)>>,
+}
+
+impl<N: SnapshotStore, K: KeyStore> GdprSnapshots<N, K> {
+    /// Wraps `inner`; declare the aggregates with [`GdprSnapshots::aggregate`].
+    pub fn new(inner: N, crypto: Crypto<K>) -> Self {
+        GdprSnapshots {
+            inner,
+            crypto,
+            aggregates: Arc::new(Vec::new()),
+        }
+    }
+
+    /// Encrypts the snapshots of `aggregate_type`, whose subject is found
+    /// as `subject` says.
+    pub fn aggregate(
+        mut self,
+        aggregate_type: impl Into<String>,
+        subject: SnapshotSubject,
+    ) -> Self {
+        Arc::make_mut(&mut self.aggregates).push((aggregate_type.into(), subject));
+        self
+    }
+
+    /// The wrapped store (loads return ciphertext, as stored).
+    pub fn inner(&self) -> &N {
+        &self.inner
+    }
+
+    /// Deletes the snapshots of `subject` among the declared aggregate types
+    /// whose subject is the aggregate id; returns how many. (Snapshots whose
+    /// subject is a state field are unreadable once the key is gone, and
+    /// deleted when next loaded.)
+    pub async fn forget_snapshots(&self, subject: &str) -> Result<u64> {
+        let mut n = 0;
+        for (t, how) in self.aggregates.iter() {
+            if *how == SnapshotSubject::AggregateId {
+                n += self.inner.delete_snapshot(t, subject).await?;
+            }
+        }
+        Ok(n)
+    }
+
+    fn subject_of(&self, snapshot: &Snapshot) -> Option<String> {
+        let (_, how) = self
+            .aggregates
+            .iter()
+            .find(|(t, _)| *t == snapshot.aggregate_type)?;
+        match how {
+            SnapshotSubject::AggregateId => Some(snapshot.aggregate_id.clone()),
+            SnapshotSubject::StateField(f) => match snapshot.state.get(f) {
+                Some(Value::String(s)) => Some(s.clone()),
+                Some(Value::Number(n)) => Some(n.to_string()),
+                _ => None,
+            },
+        }
+    }
+}
+
+impl<N: SnapshotStore, K: KeyStore> SnapshotStore for GdprSnapshots<N, K> {
+    async fn load_snapshot(
+        &self,
+        aggregate_type: &str,
+        aggregate_id: &str,
+    ) -> Result<Option<Snapshot>> {
+        let Some(snap) = self
+            .inner
+            .load_snapshot(aggregate_type, aggregate_id)
+            .await?
+        else {
+            return Ok(None);
+        };
+        match self.crypto.decrypt_snapshot(snap).await? {
+            SnapshotRead::Plain(s) | SnapshotRead::Decrypted(s) => Ok(Some(s)),
+            SnapshotRead::Erased { .. } => {
+                self.inner
+                    .delete_snapshot(aggregate_type, aggregate_id)
+                    .await?;
+                Ok(None)
+            }
+            SnapshotRead::Redacted => Ok(None),
+        }
+    }
+
+    async fn save_snapshot(&self, snapshot: &Snapshot) -> Result<SnapshotWrite> {
+        match self.subject_of(snapshot) {
+            Some(subject) => {
+                let enc = self.crypto.encrypt_snapshot(&subject, snapshot).await?;
+                self.inner.save_snapshot(&enc).await
+            }
+            None => self.inner.save_snapshot(snapshot).await,
+        }
+    }
+
+    fn delete_snapshot(
+        &self,
+        aggregate_type: &str,
+        aggregate_id: &str,
+    ) -> impl Future<Output = Result<u64>> + Send {
+        self.inner.delete_snapshot(aggregate_type, aggregate_id)
+    }
+}
+
 /// An [`EventStore`] that encrypts personal fields on append and decrypts
 /// them (then upcasts) on read: the one place that does it, for every path
 /// that goes through it (repository loads and saves, `read_stream`,
@@ -654,6 +1077,7 @@ pub struct GdprStore<S, K> {
     inner: S,
     crypto: Crypto<K>,
     upcasters: Option<Arc<Upcasters>>,
+    snapshot_subjects: Arc<Vec<(String, SnapshotSubject)>>,
 }
 
 impl<S: EventStore, K: KeyStore> GdprStore<S, K> {
@@ -663,6 +1087,7 @@ impl<S: EventStore, K: KeyStore> GdprStore<S, K> {
             inner,
             crypto,
             upcasters: None,
+            snapshot_subjects: Arc::new(Vec::new()),
         }
     }
 
@@ -675,6 +1100,21 @@ impl<S: EventStore, K: KeyStore> GdprStore<S, K> {
     /// The wrapped store (reads return ciphertext, as stored).
     pub fn inner(&self) -> &S {
         &self.inner
+    }
+
+    /// When the wrapper is also the snapshot store (the snapshot jobs take
+    /// one store for both): encrypts the snapshots of `aggregate_type` as
+    /// [`GdprSnapshots::aggregate`] does. Its [`SnapshotStore`],
+    /// [`SnapshotAdmin`](crate::SnapshotAdmin) and
+    /// [`SnapshotStaging`](crate::SnapshotStaging) encrypt what they store
+    /// and decrypt what they return, like [`GdprSnapshots`].
+    pub fn with_snapshot_subject(
+        mut self,
+        aggregate_type: impl Into<String>,
+        subject: SnapshotSubject,
+    ) -> Self {
+        Arc::make_mut(&mut self.snapshot_subjects).push((aggregate_type.into(), subject));
+        self
     }
 
     /// The crypto layer.
@@ -884,5 +1324,303 @@ impl KeyStore for crate::InMemoryStore {
 
     fn erasure(&self, subject: &str) -> impl Future<Output = Result<Option<ErasureRecord>>> + Send {
         self.key_store().erasure(subject)
+    }
+}
+
+/// Checkpoints pass through: a projection runner can read through a
+/// [`GdprStore`].
+impl<S: crate::CheckpointStore, K: KeyStore> crate::CheckpointStore for GdprStore<S, K> {
+    fn load_checkpoint(
+        &self,
+        name: &str,
+    ) -> impl Future<Output = Result<Option<GlobalPosition>>> + Send {
+        self.inner.load_checkpoint(name)
+    }
+
+    fn save_checkpoint(
+        &self,
+        name: &str,
+        position: GlobalPosition,
+    ) -> impl Future<Output = Result<()>> + Send {
+        self.inner.save_checkpoint(name, position)
+    }
+
+    fn reset_checkpoint(&self, name: &str) -> impl Future<Output = Result<()>> + Send {
+        self.inner.reset_checkpoint(name)
+    }
+}
+
+/// Projection locks and dead letters pass through, so a
+/// [`ProjectionRunner`](crate::ProjectionRunner) can run on a [`GdprStore`]
+/// (its handlers then see plaintext, or [`ERASED`]).
+impl<S: crate::ProjectionControl, K: KeyStore> crate::ProjectionControl for GdprStore<S, K> {
+    fn acquire_projection_lock(
+        &self,
+        checkpoint: &str,
+        owner: &str,
+        token: &str,
+        ttl: std::time::Duration,
+    ) -> impl Future<Output = Result<crate::LockAttempt>> + Send {
+        self.inner
+            .acquire_projection_lock(checkpoint, owner, token, ttl)
+    }
+
+    fn renew_projection_lock(
+        &self,
+        lock: &crate::ProjectionLock,
+        ttl: std::time::Duration,
+    ) -> impl Future<Output = Result<Option<crate::ProjectionLock>>> + Send {
+        self.inner.renew_projection_lock(lock, ttl)
+    }
+
+    fn release_projection_lock(
+        &self,
+        lock: &crate::ProjectionLock,
+    ) -> impl Future<Output = Result<()>> + Send {
+        self.inner.release_projection_lock(lock)
+    }
+
+    fn projection_lock(
+        &self,
+        checkpoint: &str,
+    ) -> impl Future<Output = Result<Option<crate::ProjectionLock>>> + Send {
+        self.inner.projection_lock(checkpoint)
+    }
+
+    fn park_event(&self, letter: &crate::DeadLetter) -> impl Future<Output = Result<()>> + Send {
+        self.inner.park_event(letter)
+    }
+
+    fn dead_letters(
+        &self,
+        checkpoint: &str,
+    ) -> impl Future<Output = Result<Vec<crate::DeadLetter>>> + Send {
+        self.inner.dead_letters(checkpoint)
+    }
+
+    fn drop_dead_letter(
+        &self,
+        checkpoint: &str,
+        event_id: EventId,
+    ) -> impl Future<Output = Result<bool>> + Send {
+        self.inner.drop_dead_letter(checkpoint, event_id)
+    }
+}
+
+impl<S: EventStore + SnapshotStore, K: KeyStore> GdprStore<S, K> {
+    /// The snapshot side of this wrapper, as a [`GdprSnapshots`].
+    pub fn snapshots(&self) -> GdprSnapshots<S, K> {
+        GdprSnapshots {
+            inner: self.inner.clone(),
+            crypto: self.crypto.clone(),
+            aggregates: self.snapshot_subjects.clone(),
+        }
+    }
+}
+
+impl<N: SnapshotStore, K: KeyStore> GdprSnapshots<N, K> {
+    /// A stored snapshot as the caller sees it: decrypted, `None` when
+    /// unreadable (forgotten subject, or redacted).
+    async fn readable(&self, snapshot: Snapshot) -> Result<Option<Snapshot>> {
+        Ok(match self.crypto.decrypt_snapshot(snapshot).await? {
+            SnapshotRead::Plain(s) | SnapshotRead::Decrypted(s) => Some(s),
+            SnapshotRead::Erased { .. } | SnapshotRead::Redacted => None,
+        })
+    }
+
+    /// A snapshot as it is to be stored: encrypted when declared.
+    async fn storable(&self, snapshot: &Snapshot) -> Result<Snapshot> {
+        match self.subject_of(snapshot) {
+            Some(subject) => self.crypto.encrypt_snapshot(&subject, snapshot).await,
+            None => Ok(snapshot.clone()),
+        }
+    }
+}
+
+impl<S: EventStore + SnapshotStore, K: KeyStore> SnapshotStore for GdprStore<S, K> {
+    async fn load_snapshot(
+        &self,
+        aggregate_type: &str,
+        aggregate_id: &str,
+    ) -> Result<Option<Snapshot>> {
+        self.snapshots()
+            .load_snapshot(aggregate_type, aggregate_id)
+            .await
+    }
+
+    async fn save_snapshot(&self, snapshot: &Snapshot) -> Result<SnapshotWrite> {
+        self.snapshots().save_snapshot(snapshot).await
+    }
+
+    fn delete_snapshot(
+        &self,
+        aggregate_type: &str,
+        aggregate_id: &str,
+    ) -> impl Future<Output = Result<u64>> + Send {
+        self.inner.delete_snapshot(aggregate_type, aggregate_id)
+    }
+}
+
+impl<S: EventStore + crate::SnapshotAdmin, K: KeyStore> crate::SnapshotAdmin for GdprStore<S, K> {
+    fn invalidate_snapshots(
+        &self,
+        aggregate_type: &str,
+        below_schema_version: Option<u32>,
+    ) -> impl Future<Output = Result<u64>> + Send {
+        self.inner
+            .invalidate_snapshots(aggregate_type, below_schema_version)
+    }
+
+    fn snapshot_coverage(
+        &self,
+        aggregate_type: Option<&str>,
+    ) -> impl Future<Output = Result<Vec<crate::SnapshotCoverage>>> + Send {
+        self.inner.snapshot_coverage(aggregate_type)
+    }
+
+    fn stale_snapshots(
+        &self,
+        aggregate_type: Option<&str>,
+        min_events: u64,
+    ) -> impl Future<Output = Result<Vec<crate::StaleSnapshot>>> + Send {
+        self.inner.stale_snapshots(aggregate_type, min_events)
+    }
+
+    fn snapshot_history_size(&self) -> impl Future<Output = Result<u32>> + Send {
+        self.inner.snapshot_history_size()
+    }
+
+    fn set_snapshot_history_size(&self, keep: u32) -> impl Future<Output = Result<u64>> + Send {
+        self.inner.set_snapshot_history_size(keep)
+    }
+
+    fn snapshot_history(
+        &self,
+        aggregate_type: &str,
+        aggregate_id: &str,
+    ) -> impl Future<Output = Result<Vec<crate::SnapshotHistoryEntry>>> + Send {
+        self.inner.snapshot_history(aggregate_type, aggregate_id)
+    }
+
+    fn rollback_snapshot(
+        &self,
+        aggregate_type: &str,
+        aggregate_id: &str,
+        to_version: StreamVersion,
+    ) -> impl Future<Output = Result<crate::RollbackReport>> + Send {
+        self.inner
+            .rollback_snapshot(aggregate_type, aggregate_id, to_version)
+    }
+
+    fn list_stale_snapshots(
+        &self,
+        aggregate_type: Option<&str>,
+        min_events: u64,
+    ) -> futures::stream::BoxStream<'static, Result<crate::StaleSnapshot>> {
+        self.inner.list_stale_snapshots(aggregate_type, min_events)
+    }
+
+    fn live_snapshots(
+        &self,
+        aggregate_type: &str,
+    ) -> futures::stream::BoxStream<'static, Result<Snapshot>> {
+        let snaps = self.snapshots();
+        self.inner
+            .live_snapshots(aggregate_type)
+            .and_then(move |s| {
+                let snaps = snaps.clone();
+                async move { snaps.readable(s).await }
+            })
+            .try_filter_map(|s| async move { Ok(s) })
+            .boxed()
+    }
+}
+
+impl<S: EventStore + crate::SnapshotStaging, K: KeyStore> crate::SnapshotStaging
+    for GdprStore<S, K>
+{
+    async fn stage_snapshot(&self, snapshot: &Snapshot) -> Result<()> {
+        let stored = self.snapshots().storable(snapshot).await?;
+        self.inner.stage_snapshot(&stored).await
+    }
+
+    async fn load_staged(
+        &self,
+        aggregate_type: &str,
+        aggregate_id: &str,
+    ) -> Result<Option<Snapshot>> {
+        match self.inner.load_staged(aggregate_type, aggregate_id).await? {
+            Some(s) => self.snapshots().readable(s).await,
+            None => Ok(None),
+        }
+    }
+
+    fn staged_snapshots(
+        &self,
+        aggregate_type: &str,
+    ) -> futures::stream::BoxStream<'static, Result<Snapshot>> {
+        let snaps = self.snapshots();
+        self.inner
+            .staged_snapshots(aggregate_type)
+            .and_then(move |s| {
+                let snaps = snaps.clone();
+                async move { snaps.readable(s).await }
+            })
+            .try_filter_map(|s| async move { Ok(s) })
+            .boxed()
+    }
+
+    fn promote_staged(
+        &self,
+        aggregate_type: &str,
+    ) -> impl Future<Output = Result<crate::PromoteReport>> + Send {
+        self.inner.promote_staged(aggregate_type)
+    }
+
+    fn clear_staged(&self, aggregate_type: &str) -> impl Future<Output = Result<u64>> + Send {
+        self.inner.clear_staged(aggregate_type)
+    }
+}
+
+/// The catalog passes through; the correlation and causation reads decrypt
+/// and upcast like every other read.
+impl<S: crate::StreamCatalog, K: KeyStore> crate::StreamCatalog for GdprStore<S, K> {
+    fn list_streams(
+        &self,
+        category: &str,
+    ) -> futures::stream::BoxStream<'static, Result<crate::StreamInfo>> {
+        self.inner.list_streams(category)
+    }
+
+    fn stats(&self) -> impl Future<Output = Result<crate::StoreStats>> + Send {
+        self.inner.stats()
+    }
+
+    fn largest_streams(
+        &self,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<crate::StreamInfo>>> + Send {
+        self.inner.largest_streams(limit)
+    }
+
+    fn read_correlated(&self, correlation_id: uuid::Uuid, limit: Option<u64>) -> EventStream {
+        self.inner
+            .read_correlated(correlation_id, limit)
+            .and_then(self.reader())
+            .boxed()
+    }
+
+    fn read_caused_by(&self, causation_id: uuid::Uuid, limit: Option<u64>) -> EventStream {
+        self.inner
+            .read_caused_by(causation_id, limit)
+            .and_then(self.reader())
+            .boxed()
+    }
+
+    fn events_recorded_since(
+        &self,
+        since: DateTime<Utc>,
+    ) -> impl Future<Output = Result<u64>> + Send {
+        self.inner.events_recorded_since(since)
     }
 }

@@ -115,7 +115,7 @@ pub use event_store::{
     CategoryStats, Direction, EventStore, EventStream, EventTypeStats, ReadAll, ReadStream,
     StoreStats, StreamCatalog, StreamInfo, DEFAULT_BATCH_SIZE,
 };
-pub use gdpr::{GdprStore, KeyStore, PersonalData};
+pub use gdpr::{GdprSnapshots, GdprStore, KeyStore, PersonalData};
 pub use health::{ClockSkew, LongTransaction, StorageSize, StreamVersionIssue};
 pub use idempotency::{
     canonical_json, check_retry, prepare_batch, Fingerprint, NestingTooDeep, PreparedEvent,

@@ -556,6 +556,9 @@ impl<A: Aggregate, S: EventStore, N: SnapshotStore> Repository<A, S, N> {
         let snap = match snaps.load_snapshot(A::TYPE, stream.id()).await {
             Ok(Some(s)) => s,
             Ok(None) => return Ok(Err(SnapshotSkip::Missing)),
+            // A wrong or missing master key is the caller's to see, not a
+            // cache miss to replay around (see `annals::gdpr`).
+            Err(e @ crate::Error::Gdpr(_)) => return Err(e),
             Err(e) => return Ok(Err(SnapshotSkip::StoreError(e.to_string()))),
         };
         let (state, migrated) = match decode_snapshot::<A>(&snap) {

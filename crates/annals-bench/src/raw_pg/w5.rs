@@ -140,7 +140,9 @@ pub async fn run(url: &str, schema: &str, args: &W5Args) -> anyhow::Result<W5> {
         let data: Vec<serde_json::Value> = (0..plan.accounts())
             .map(|i| {
                 encode(&AccountEvent::Opened {
+                    account: None,
                     owner: plan.owner(i),
+                    email: None,
                 })
                 .1
             })

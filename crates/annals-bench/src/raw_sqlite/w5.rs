@@ -153,7 +153,16 @@ pub fn run(path: &Path, args: &W5Args) -> anyhow::Result<W5> {
 
 /// Creates a stream with its `Opened` event inside the caller's transaction.
 fn save_open(conn: &Connection, stream: &str, owner: String) -> anyhow::Result<()> {
-    insert_events(conn, stream, 1, &[AccountEvent::Opened { owner }])?;
+    insert_events(
+        conn,
+        stream,
+        1,
+        &[AccountEvent::Opened {
+            account: None,
+            owner,
+            email: None,
+        }],
+    )?;
     conn.prepare_cached(
         "INSERT INTO streams (stream_id, category, version) VALUES (?1, 'Account', 1)",
     )?

@@ -130,7 +130,13 @@ fn any_store_runs_the_generic_core() {
         assert_eq!(store.load_checkpoint("p").await.expect("load"), None);
         assert!(last > GlobalPosition::START);
 
-        // The registry, on the same store.
+        // The registry, on the same store (no personal data: no key).
+        let store = annals_cli::ops_store(
+            &store,
+            Arc::new(annals::gdpr::EnvKeyProvider::new(
+                "ANNALS_TEST_MASTER_KEY_THAT_IS_NEVER_SET",
+            )),
+        );
         let ops = Registered::<Account>::new();
         let view = ops
             .load(&store, "x", LoadRequest::default())
@@ -218,8 +224,11 @@ fn export_writes_events_as_stored_while_reads_upcast() {
     let (code, out) = run(args(&["read", "Account-1", "--json"]));
     assert_eq!(code, ExitCode::SUCCESS);
     let read: serde_json::Value = serde_json::from_str(out.trim()).expect("one JSON line");
-    assert_eq!(read["event_version"], 2, "reads upcast: {read}");
-    assert_eq!(read["data"], serde_json::json!({"owner": "ann"}));
+    assert_eq!(read["event_version"], 3, "reads upcast: {read}");
+    assert_eq!(
+        read["data"],
+        serde_json::json!({"account": null, "owner": "ann", "email": null})
+    );
 
     let file = dir.path().join("backup.jsonl");
     let file_arg = file.display().to_string();

@@ -240,12 +240,14 @@ fn check_reports_a_projection_behind(db: &Db) {
     .ok();
 }
 
-fn app_args<'a>(db: &'a Db, args: &[&'a str]) -> Vec<&'a str> {
-    let mut all = vec!["annals"];
-    all.extend_from_slice(args);
-    all.extend(["--database-url", &db.url]);
+fn app_args(db: &Db, args: &[&str]) -> Vec<String> {
+    let mut all = vec!["annals".to_owned()];
+    all.extend(args.iter().map(|a| (*a).to_owned()));
+    all.extend(["--database-url".to_owned(), db.url.clone()]);
     if let Some(schema) = &db.pg_schema {
-        all.extend(["--pg-schema", schema]);
+        all.extend(["--pg-schema".to_owned(), schema.clone()]);
+        // PostgreSQL has no default master key file.
+        all.extend(["--key-file".to_owned(), db.key_file().display().to_string()]);
     }
     all
 }

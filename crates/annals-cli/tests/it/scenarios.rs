@@ -370,7 +370,7 @@ pub fn aggregate_of_appended_events(db: &Db) {
     assert_eq!(view["version"], 3);
     assert_eq!(
         view["state"],
-        json!({"owner": "ivy", "balance": 70, "open": true})
+        json!({"owner": "ivy", "email": null, "balance": 70, "open": true})
     );
     assert_eq!(view["snapshot_used"], false);
     assert_eq!(view["events_replayed"], 3);

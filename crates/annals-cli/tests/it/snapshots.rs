@@ -262,7 +262,7 @@ impl Aggregate for AccountV2 {
 
     fn apply(&mut self, event: &AccountEvent) {
         match event {
-            AccountEvent::Opened { owner } => self.holder.clone_from(owner),
+            AccountEvent::Opened { owner, .. } => self.holder.clone_from(owner),
             AccountEvent::Deposited { amount } => self.cents += amount,
             AccountEvent::Withdrew { amount } => self.cents -= amount,
         }
@@ -401,7 +401,15 @@ fn registered_ops_report_progress() {
             let app = App::with_demo();
             let demo = ["demo", "--accounts", "4", "--operations", "20"];
             assert_eq!(run(&app, &url, &demo).await.0, ExitCode::SUCCESS);
-            let store = AnyStore::open(&url).await.expect("open");
+            // The demo generated the master key file beside the database.
+            let key_file = dir.path().join("ops.db.key");
+            let store = annals_cli::ops_store(
+                &AnyStore::open(&url).await.expect("open"),
+                std::sync::Arc::new(annals::gdpr::EnvOrFileKeyProvider::new(
+                    annals::gdpr::MASTER_KEY_VAR,
+                    key_file,
+                )),
+            );
             let ops = Registered::<Account>::new();
 
             let seen = Mutex::new(Vec::new());

@@ -125,6 +125,8 @@ pub fn command(dir: &Path) -> Command {
     cmd.current_dir(dir)
         .env_remove("ANNALS_DATABASE_URL")
         .env_remove("ANNALS_PG_SCHEMA")
+        .env_remove("ANNALS_MASTER_KEY")
+        .env_remove("ANNALS_KEY_FILE")
         .env_remove("RUST_LOG")
         .stdin(Stdio::null());
     cmd
@@ -200,6 +202,13 @@ impl Db {
         self.pg_schema.is_some()
     }
 
+    /// The master key file the commands use (`annals demo` creates it):
+    /// beside the SQLite file, or `--key-file` in the test's directory for
+    /// PostgreSQL.
+    pub fn key_file(&self) -> PathBuf {
+        self.dir.path().join("test.db.key")
+    }
+
     /// The SQLite file (meaningless for PostgreSQL).
     pub fn sqlite_path(&self) -> PathBuf {
         self.dir.path().join("test.db")
@@ -212,6 +221,9 @@ impl Db {
         if let Some(schema) = &self.pg_schema {
             all.push("--pg-schema".into());
             all.push(schema.clone());
+            // PostgreSQL has no default key file: the test's is in its dir.
+            all.push("--key-file".into());
+            all.push(self.key_file().display().to_string());
         }
         all
     }

@@ -3,9 +3,10 @@
 
 use std::sync::Arc;
 
-use annals::gdpr::{Crypto, MasterKey};
+use annals::gdpr::{Crypto, MasterKey, SnapshotSubject};
 use annals::{
-    Aggregate, CommandContext, DomainEvent, GdprStore, Repository, SnapshotConfig, SnapshotStore,
+    Aggregate, CommandContext, DomainEvent, GdprSnapshots, GdprStore, Repository, SnapshotConfig,
+    SnapshotStore,
 };
 use serde::{Deserialize, Serialize};
 
@@ -108,40 +109,47 @@ async fn rows_with_name(
     hits
 }
 
-/// The event log holds only ciphertext; the snapshot holds the name until
-/// `forget` deletes it. After `VACUUM FULL` of the schema's tables (which
-/// rewrites each into a new file) and a `CHECKPOINT`, no file of the schema's
-/// tables, TOAST tables or indexes contains the name. Also checked through
-/// SQL (each row as text), which works where the files are not readable.
-/// The cluster's WAL (`pg_wal`) is not searched: it is shared by the whole
-/// cluster and keeps the snapshot's insert until it is recycled.
+/// Neither the event log nor the snapshot (encrypted with the subject's
+/// key through `GdprSnapshots`) holds the plaintext, before or after
+/// `forget`: searched through SQL (each row of each table as text) and in
+/// the files of the schema's tables, TOAST tables and indexes (after a
+/// `CHECKPOINT`, and after `forget` a `VACUUM FULL` that rewrites each table
+/// into a new file). The subject id, stored in clear, is found by both
+/// searches, so they work. The cluster's WAL (`pg_wal`) is not searched (it
+/// is shared by the whole cluster); the plaintext never reaches the server.
 #[tokio::test]
-async fn no_plaintext_in_the_table_files_after_forget() {
-    let Some(db) = TestDb::new("no_plaintext_in_the_table_files_after_forget").await else {
+async fn no_plaintext_in_the_table_files_before_or_after_forget() {
+    let Some(db) = TestDb::new("no_plaintext_in_the_table_files_before_or_after_forget").await
+    else {
         return;
     };
     let store = db.store.clone();
-    let g = GdprStore::new(
-        store.clone(),
-        Crypto::new::<PersonEvent>(store.clone(), Arc::new(MasterKey::from_bytes([7; 32]))),
-    );
+    let crypto =
+        Crypto::new::<PersonEvent>(store.clone(), Arc::new(MasterKey::from_bytes([7; 32])));
+    let g = GdprStore::new(store.clone(), crypto.clone());
+    let snapshots =
+        GdprSnapshots::new(store.clone(), crypto).aggregate("Person", SnapshotSubject::AggregateId);
     let name = "Zebulon Quixotic-Plaintext";
-    let repo = Repository::<Person, _>::new(g.clone())
-        .with_snapshots(store.clone(), SnapshotConfig::every(1));
-    repo.create("p1", &CommandContext::new(), |_| {
+    let subject = "subject-Zx91-in-clear";
+    let repo =
+        Repository::<Person, _>::new(g.clone()).with_snapshots(snapshots, SnapshotConfig::every(1));
+    repo.create(subject, &CommandContext::new(), |_| {
         Ok::<_, String>(vec![PersonEvent::Registered {
-            person_id: "p1".into(),
+            person_id: subject.into(),
             name: name.into(),
         }])
     })
     .await
     .expect("register");
-    repo.snapshot("p1").await.expect("snapshot");
+    repo.snapshot(subject).await.expect("snapshot");
     assert!(store
-        .load_snapshot("Person", "p1")
+        .load_snapshot("Person", subject)
         .await
         .expect("load")
         .is_some());
+    let loaded = repo.load(subject).await.expect("load");
+    assert!(loaded.report.snapshot_version.is_some());
+    assert_eq!(loaded.state.name, name);
 
     let raw = db.raw().await;
     let tables: Vec<String> = raw
@@ -154,22 +162,43 @@ async fn no_plaintext_in_the_table_files_after_forget() {
         .iter()
         .map(|r| r.get(0))
         .collect();
-    // The searches work: before forgetting, the snapshot has the name.
-    assert_eq!(
-        rows_with_name(&raw, &db.schema, &tables, name).await,
-        ["snapshots"]
+    // The searches work: the subject id is in clear in the events, the
+    // snapshot and the key table.
+    let with_subject = rows_with_name(&raw, &db.schema, &tables, subject).await;
+    for t in ["events", "snapshots", "subject_keys"] {
+        assert!(with_subject.iter().any(|x| x == t), "{t}: {with_subject:?}");
+    }
+    assert!(
+        rows_with_name(&raw, &db.schema, &tables, name)
+            .await
+            .is_empty(),
+        "plaintext in a row before forget"
     );
     raw.batch_execute("CHECKPOINT").await.expect("checkpoint");
     if let Some(files) = schema_files(&raw, &db.schema).await {
         assert!(
-            files.iter().any(|(_, b)| contains(b, name.as_bytes())),
-            "the snapshot's plaintext should be in a table file before forgetting"
+            files.iter().any(|(_, b)| contains(b, subject.as_bytes())),
+            "the subject id should be in a table file"
         );
+        for (file, bytes) in &files {
+            assert!(!contains(bytes, name.as_bytes()), "plaintext in {file}");
+        }
     }
 
-    g.forget("p1", "test", Some(&store), &[("Person", "p1")], &[])
+    g.forget::<annals_postgres::PgEventStore>(subject, "test", None, &[], &[])
         .await
         .expect("forget");
+    let erased = repo.load(subject).await.expect("still loads");
+    assert_eq!(erased.report.snapshot_version, None);
+    assert_eq!(erased.state.name, annals::gdpr::ERASED);
+    assert!(
+        store
+            .load_snapshot("Person", subject)
+            .await
+            .expect("load")
+            .is_none(),
+        "the unreadable snapshot was deleted"
+    );
     assert!(rows_with_name(&raw, &db.schema, &tables, name)
         .await
         .is_empty());
@@ -188,7 +217,5 @@ async fn no_plaintext_in_the_table_files_after_forget() {
         }
         None => eprintln!("data directory not readable: checked through SQL only"),
     }
-    let loaded = repo.load("p1").await.expect("still loads");
-    assert_eq!(loaded.state.name, annals::gdpr::ERASED);
     db.cleanup().await;
 }

@@ -2,10 +2,12 @@
 
 use std::sync::Arc;
 
-use annals::gdpr::{Crypto, MasterKey};
+use annals::gdpr::{Crypto, MasterKey, SnapshotSubject};
 use annals::{
-    Aggregate, CommandContext, DomainEvent, GdprStore, Repository, SnapshotConfig, SnapshotStore,
+    Aggregate, CommandContext, DomainEvent, GdprSnapshots, GdprStore, Repository, SnapshotConfig,
+    SnapshotStore,
 };
+use annals_sqlite::SqliteEventStore;
 use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Debug, Serialize, Deserialize, DomainEvent)]
@@ -41,52 +43,48 @@ fn files(path: &std::path::Path) -> (Vec<u8>, Vec<u8>) {
     (db, wal)
 }
 
-/// The event log never holds the plaintext; the (unencrypted) snapshot does
-/// until the subject is forgotten. After `forget`, a WAL checkpoint and a
-/// `VACUUM` (which rewrites the file without the freed pages), neither the
-/// database file nor the WAL file contains the name.
+/// Neither the event log nor the snapshot (encrypted with the subject's
+/// key through `GdprSnapshots`) ever holds the plaintext: not before
+/// `forget`, and not after it, a WAL checkpoint and a `VACUUM`. The subject
+/// id, stored in clear, is found in both files' searches, so the search
+/// works. After `forget` the snapshot is unreadable: the load deletes it
+/// and replays the events, which read as erased.
 #[tokio::test]
-async fn no_plaintext_in_the_files_after_forget() {
+async fn no_plaintext_in_the_files_before_or_after_forget() {
     let store = crate::fresh_store().await;
-    let g = GdprStore::new(
-        store.clone(),
-        Crypto::new::<PersonEvent>(store.clone(), Arc::new(MasterKey::from_bytes([7; 32]))),
-    );
+    let crypto =
+        Crypto::new::<PersonEvent>(store.clone(), Arc::new(MasterKey::from_bytes([7; 32])));
+    let g = GdprStore::new(store.clone(), crypto.clone());
+    let snapshots =
+        GdprSnapshots::new(store.clone(), crypto).aggregate("Person", SnapshotSubject::AggregateId);
     let name = "Zebulon Quixotic-Plaintext";
+    let subject = "subject-Zx91-in-clear";
     let repo = Repository::<Person, _>::new(g.clone())
-        .with_snapshots(store.clone(), SnapshotConfig::every(1));
-    repo.create("p1", &CommandContext::new(), |_| {
+        .with_snapshots(snapshots.clone(), SnapshotConfig::every(1));
+    repo.create(subject, &CommandContext::new(), |_| {
         Ok::<_, String>(vec![PersonEvent::Registered {
-            person_id: "p1".into(),
+            person_id: subject.into(),
             name: name.into(),
         }])
     })
     .await
     .expect("register");
-    repo.snapshot("p1").await.expect("snapshot");
+    repo.snapshot(subject).await.expect("snapshot");
     assert!(store
-        .load_snapshot("Person", "p1")
+        .load_snapshot("Person", subject)
         .await
         .expect("load")
         .is_some());
+    let loaded = repo.load(subject).await.expect("load");
+    assert!(loaded.report.snapshot_version.is_some());
+    assert_eq!(loaded.state.name, name);
 
-    // The search works: the snapshot holds the name in clear.
     let conn = crate::raw(&store);
     let (db, wal) = files(store.path());
     assert!(
-        contains(&db, name.as_bytes()) || contains(&wal, name.as_bytes()),
-        "the snapshot's plaintext should be findable before forgetting"
+        contains(&db, subject.as_bytes()) || contains(&wal, subject.as_bytes()),
+        "the search should find the subject id, stored in clear"
     );
-    drop(conn);
-
-    g.forget("p1", "test", Some(&store), &[("Person", "p1")], &[])
-        .await
-        .expect("forget");
-    let conn = crate::raw(&store);
-    conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE); VACUUM; PRAGMA wal_checkpoint(TRUNCATE);")
-        .expect("checkpoint and vacuum");
-    drop(conn);
-    let (db, wal) = files(store.path());
     assert!(
         !contains(&db, name.as_bytes()),
         "plaintext in the database file"
@@ -95,6 +93,37 @@ async fn no_plaintext_in_the_files_after_forget() {
         !contains(&wal, name.as_bytes()),
         "plaintext in the WAL file"
     );
-    let loaded = repo.load("p1").await.expect("still loads");
-    assert_eq!(loaded.state.name, annals::gdpr::ERASED);
+    drop(conn);
+
+    g.forget::<SqliteEventStore>(subject, "test", None, &[], &[])
+        .await
+        .expect("forget");
+    let erased = repo.load(subject).await.expect("still loads");
+    assert_eq!(erased.report.snapshot_version, None);
+    assert_eq!(erased.state.name, annals::gdpr::ERASED);
+    assert!(
+        store
+            .load_snapshot("Person", subject)
+            .await
+            .expect("load")
+            .is_none(),
+        "the unreadable snapshot was deleted"
+    );
+    let conn = crate::raw(&store);
+    conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE); VACUUM; PRAGMA wal_checkpoint(TRUNCATE);")
+        .expect("checkpoint and vacuum");
+    drop(conn);
+    let (db, wal) = files(store.path());
+    assert!(
+        contains(&db, subject.as_bytes()),
+        "the events still name the subject in clear"
+    );
+    assert!(
+        !contains(&db, name.as_bytes()),
+        "plaintext in the database file"
+    );
+    assert!(
+        !contains(&wal, name.as_bytes()),
+        "plaintext in the WAL file"
+    );
 }

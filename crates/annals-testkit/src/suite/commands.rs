@@ -460,7 +460,10 @@ pub async fn command_owns_its_arguments_across_retries<S: EventStore>(store: S) 
     assert_eq!((done.state.owner.as_str(), done.state.open), ("ann", true));
     let stored = events(&store, "mo1").await;
     assert_eq!(stored.len(), 2);
-    assert_eq!(stored[1].data, json!({"owner": "ann"}));
+    assert_eq!(
+        stored[1].data,
+        json!({"account": null, "owner": "ann", "email": null})
+    );
 }
 
 /// `read_event` finds any stored event by id, in any stream, as the stream

@@ -4,10 +4,13 @@
 
 use std::sync::{Arc, Mutex};
 
-use annals::gdpr::{Crypto, ErasureHandler, ErasureNotice, GdprError, MasterKey, ERASED};
+use annals::gdpr::{
+    Crypto, ErasureHandler, ErasureNotice, GdprError, MasterKey, SnapshotSubject, ENCRYPTED, ERASED,
+};
 use annals::{
-    Aggregate, CommandContext, DomainEvent, Error, EventStore, ExpectedVersion, GdprStore,
-    KeyStore, NewEvent, ReadAll, ReadStream, Repository, SnapshotConfig, SnapshotStore, StreamId,
+    Aggregate, CommandContext, DomainEvent, Error, EventStore, ExpectedVersion, GdprSnapshots,
+    GdprStore, KeyStore, NewEvent, ReadAll, ReadStream, Repository, SnapshotConfig, SnapshotStore,
+    StreamId,
 };
 use futures::TryStreamExt;
 use serde::{Deserialize, Serialize};
@@ -330,4 +333,174 @@ pub async fn gdpr_wrong_master_key_is_a_typed_error<S: EventStore + KeyStore>(st
     )
     .await
     .expect("no personal data, no key needed");
+}
+
+fn snapshots<S: SnapshotStore + KeyStore>(store: &S, master: MasterKey) -> GdprSnapshots<S, S> {
+    GdprSnapshots::new(
+        store.clone(),
+        Crypto::new::<PersonEvent>(store.clone(), Arc::new(master)),
+    )
+    .aggregate("Person", SnapshotSubject::AggregateId)
+}
+
+fn is_wrong_key(err: &Error) -> bool {
+    matches!(err, Error::Gdpr(e) if matches!(**e, GdprError::WrongMasterKey { .. }))
+}
+
+/// Snapshots of an aggregate holding personal data are encrypted with the
+/// subject's key (the stored state holds no plaintext) and load decrypted;
+/// after forgetting, a snapshot is unreadable: the load deletes it and
+/// replays the events, which read as erased. `forget_snapshots` deletes a
+/// subject's snapshots at once.
+pub async fn gdpr_snapshots_are_encrypted_and_forgotten<
+    S: EventStore + KeyStore + SnapshotStore,
+>(
+    store: S,
+) {
+    let g = gdpr(&store, key(1));
+    register(&g, "p1", "Ada Lovelace").await;
+    register(&g, "p2", "Grace Hopper").await;
+    let repo = Repository::<Person, _>::new(g.clone())
+        .with_snapshots(snapshots(&store, key(1)), SnapshotConfig::every(1));
+    repo.snapshot("p1").await.expect("snapshot p1");
+    repo.snapshot("p2").await.expect("snapshot p2");
+
+    let stored = store
+        .load_snapshot("Person", "p1")
+        .await
+        .expect("raw load")
+        .expect("stored");
+    let text = stored.state.to_string();
+    assert!(!text.contains("Ada Lovelace"), "plaintext snapshot: {text}");
+    assert!(
+        !text.contains("p1@mail.example"),
+        "plaintext snapshot: {text}"
+    );
+    assert_eq!(stored.state["$subject"], json!("p1"), "{text}");
+    assert!(stored.state["$enc"].is_string(), "{text}");
+
+    let loaded = repo.load("p1").await.expect("load from the snapshot");
+    assert_eq!(loaded.report.snapshot_version, stored.version.into());
+    assert_eq!(loaded.state.name, "Ada Lovelace");
+    assert_eq!(loaded.state.email.as_deref(), Some("p1@mail.example"));
+
+    // Forget p1 without naming its snapshot: the stored ciphertext stays
+    // until a load finds it unreadable, deletes it and replays.
+    g.forget::<S>("p1", "dpo", None, &[], &[])
+        .await
+        .expect("forget");
+    assert!(store
+        .load_snapshot("Person", "p1")
+        .await
+        .expect("raw load")
+        .is_some());
+    let erased = repo.load("p1").await.expect("loads after forget");
+    assert_eq!(erased.report.snapshot_version, None);
+    assert_eq!(erased.state.name, ERASED);
+    assert_eq!(erased.state.email.as_deref(), Some(ERASED));
+    assert_eq!(erased.state.visits, 1);
+    assert!(
+        store
+            .load_snapshot("Person", "p1")
+            .await
+            .expect("raw load")
+            .is_none(),
+        "the unreadable snapshot is deleted"
+    );
+    // No new snapshot for a forgotten subject: it would need a new key.
+    let err = repo
+        .snapshot("p1")
+        .await
+        .expect_err("no snapshot after forget");
+    assert!(
+        matches!(&err, Error::Gdpr(e) if matches!(**e, GdprError::SubjectForgotten { .. })),
+        "{err:?}"
+    );
+    assert!(store.load_key("p1").await.expect("key").is_none());
+    let again = repo.load("p1").await.expect("load");
+    assert_eq!(again.state.name, ERASED);
+
+    // forget_snapshots deletes the subject's snapshots at once.
+    let snaps = snapshots(&store, key(1));
+    g.forget::<S>("p2", "dpo", None, &[], &[])
+        .await
+        .expect("forget p2");
+    assert_eq!(snaps.forget_snapshots("p2").await.expect("delete"), 1);
+    assert!(store
+        .load_snapshot("Person", "p2")
+        .await
+        .expect("raw load")
+        .is_none());
+}
+
+/// A wrong master key fails a load from an encrypted snapshot with
+/// `WrongMasterKey` (not a replay, not erased data), and leaves the
+/// snapshot in place. A crypto that redacts without a master key reads
+/// encrypted fields as `"[encrypted]"` and passes the snapshot over, but a
+/// wrong key is still an error there.
+pub async fn gdpr_wrong_master_key_on_snapshots_and_redaction<
+    S: EventStore + KeyStore + SnapshotStore,
+>(
+    store: S,
+) {
+    let g = gdpr(&store, key(1));
+    register(&g, "p1", "Ada Lovelace").await;
+    Repository::<Person, _>::new(g.clone())
+        .with_snapshots(snapshots(&store, key(1)), SnapshotConfig::every(1))
+        .snapshot("p1")
+        .await
+        .expect("snapshot");
+
+    let wrong = Repository::<Person, _>::new(gdpr(&store, key(2)))
+        .with_snapshots(snapshots(&store, key(2)), SnapshotConfig::every(1));
+    let err = wrong.load("p1").await.expect_err("wrong key");
+    assert!(is_wrong_key(&err), "{err:?}");
+    let err = snapshots(&store, key(2))
+        .load_snapshot("Person", "p1")
+        .await
+        .expect_err("wrong key on the snapshot");
+    assert!(is_wrong_key(&err), "{err:?}");
+    assert!(store
+        .load_snapshot("Person", "p1")
+        .await
+        .expect("raw")
+        .is_some());
+
+    let unset = || {
+        Crypto::new::<PersonEvent>(
+            store.clone(),
+            Arc::new(annals::gdpr::EnvKeyProvider::new(
+                "ANNALS_TEST_MASTER_KEY_THAT_IS_NEVER_SET",
+            )),
+        )
+        .redact_without_master_key()
+    };
+    let redacting = Repository::<Person, _>::new(GdprStore::new(store.clone(), unset()))
+        .with_snapshots(
+            GdprSnapshots::new(store.clone(), unset())
+                .aggregate("Person", SnapshotSubject::AggregateId),
+            SnapshotConfig::every(1),
+        );
+    let shown = redacting.load("p1").await.expect("redacted load");
+    assert_eq!(shown.report.snapshot_version, None);
+    assert_eq!(shown.state.name, ENCRYPTED);
+    assert_eq!(shown.state.visits, 1);
+    assert!(store
+        .load_snapshot("Person", "p1")
+        .await
+        .expect("raw")
+        .is_some());
+
+    let wrong_redacting = GdprStore::new(
+        store.clone(),
+        Crypto::new::<PersonEvent>(store.clone(), Arc::new(key(2))).redact_without_master_key(),
+    );
+    let err = wrong_redacting
+        .read_stream_to_vec(
+            &StreamId::parse("Person-p1").expect("stream"),
+            ReadStream::forward(),
+        )
+        .await
+        .expect_err("a wrong key is never redacted");
+    assert!(is_wrong_key(&err), "{err:?}");
 }

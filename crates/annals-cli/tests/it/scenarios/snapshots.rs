@@ -263,7 +263,7 @@ pub fn snapshots_create_delete_invalidate(db: &Db) {
     assert_eq!(snap["schema_version"], 1);
     assert_eq!(
         snap["state"],
-        json!({"owner": "x", "balance": 20, "open": true})
+        json!({"owner": "x", "email": null, "balance": 20, "open": true})
     );
     let text = db.run(&["snapshots", "create", "Account", "y"]).ok().stdout;
     assert_eq!(

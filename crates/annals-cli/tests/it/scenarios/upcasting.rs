@@ -76,7 +76,11 @@ pub fn plan_upcasts_every_read_command(db: &Db) {
     assert_eq!(
         shapes,
         [
-            ("Opened".into(), 2, json!({"owner": "ann"})),
+            (
+                "Opened".into(),
+                3,
+                json!({"account": null, "owner": "ann", "email": null}),
+            ),
             ("Deposited".into(), 3, json!({"amount": 1250})),
             ("Deposited".into(), 3, json!({"amount": 29})),
             ("Withdrew".into(), 2, json!({"amount": 300})),
@@ -129,7 +133,7 @@ pub fn plan_upcasts_every_read_command(db: &Db) {
             .json();
         assert_eq!(
             loaded["state"],
-            json!({"owner": owner, "balance": balance, "open": true}),
+            json!({"owner": owner, "email": null, "balance": balance, "open": true}),
             "{id}"
         );
     }
