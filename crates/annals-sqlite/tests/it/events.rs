@@ -432,7 +432,10 @@ async fn issue_11_current_events_share_their_page_and_upcast_ones_do_not() {
     assert_eq!((b.event_type.as_str(), b.event_version), ("B", 1));
     assert_eq!(b.stored_event_version, None);
     assert_eq!(b.data, serde_json::json!({"n": 2}));
-    assert!(b.data.is_shared(), "a current payload is a slice of its page");
+    assert!(
+        b.data.is_shared(),
+        "a current payload is a slice of its page"
+    );
     // The same events through a stream read and without upcasters.
     let stream = store
         .read_stream_to_vec(&s, ReadStream::forward())
