@@ -229,10 +229,15 @@ impl RawEvents {
 /// order, validate it once), and upcasting each event with the store
 /// handle's registry. Ends with the page's error, if it had one.
 pub(crate) struct EventRows {
-    page: RawEvents,
-    next: usize,
+    /// The page's text, shared by the payloads of its events (zero-copy:
+    /// an event at its current version carries a slice of this buffer).
+    text: Arc<String>,
+    rows: std::vec::IntoIter<RawEvent>,
+    error: Option<annals::Error>,
     last_stream: Option<StreamId>,
     upcasters: Option<Arc<Upcasters>>,
+    /// `annals_events_read_total`, counted as events are yielded.
+    read: Option<metrics::Counter>,
 }
 
 impl RawEvents {
@@ -243,11 +248,23 @@ impl RawEvents {
     /// there is deliberately no `IntoIterator` for a page.
     pub(crate) fn decode(self, upcasters: Option<Arc<Upcasters>>) -> EventRows {
         EventRows {
-            page: self,
-            next: 0,
+            text: Arc::new(self.text),
+            rows: self.rows.into_iter(),
+            error: self.error,
             last_stream: None,
             upcasters,
+            read: None,
         }
+    }
+}
+
+impl EventRows {
+    /// Counts each event yielded on `counter` (the read metric), here
+    /// rather than in a wrapper stream that would move every event once
+    /// more.
+    pub(crate) fn counting(mut self, counter: metrics::Counter) -> Self {
+        self.read = Some(counter);
+        self
     }
 }
 
@@ -255,25 +272,28 @@ impl Iterator for EventRows {
     type Item = Result<RecordedEvent>;
 
     fn next(&mut self) -> Option<Self::Item> {
-        let Some(raw) = self.page.rows.get(self.next) else {
-            return self.page.error.take().map(Err);
+        let Some(raw) = self.rows.next() else {
+            return self.error.take().map(Err);
         };
-        self.next += 1;
-        let event = decode_event(&self.page.text, raw, &mut self.last_stream);
-        Some(match &self.upcasters {
+        let event = decode_event(&self.text, &raw, &mut self.last_stream);
+        let event = match &self.upcasters {
             None => event,
             Some(u) => event.and_then(|e| u.apply(e)),
-        })
+        };
+        if let (Ok(_), Some(counter)) = (&event, &self.read) {
+            counter.increment(1);
+        }
+        Some(event)
     }
 
     fn size_hint(&self) -> (usize, Option<usize>) {
-        let n = self.page.rows.len() - self.next + usize::from(self.page.error.is_some());
+        let n = self.rows.len() + usize::from(self.error.is_some());
         (n, Some(n))
     }
 }
 
 fn decode_event(
-    text: &str,
+    text: &Arc<String>,
     raw: &RawEvent,
     last_stream: &mut Option<StreamId>,
 ) -> Result<RecordedEvent> {
@@ -293,8 +313,10 @@ fn decode_event(
             s
         }
     };
-    // Validated and kept as text: typed decoding parses it once, later.
-    let data = Payload::from_json(slice(&raw.data)?.to_owned())
+    // Validated and kept as a slice of the page's text, not copied: typed
+    // decoding parses it once, later. An upcaster that changes the payload
+    // gives the event text of its own.
+    let data = Payload::from_shared_json(Arc::clone(text), raw.data.clone())
         .map_err(|e| corrupt(bad("data is not valid JSON"), e))?;
     let metadata = decode_metadata(slice(&raw.metadata)?)
         .map_err(|e| corrupt(bad("metadata is not a valid JSON object"), e))?;

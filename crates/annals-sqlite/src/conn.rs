@@ -42,6 +42,7 @@
 //! transactions as it goes, so the connection is in a usable state after it.
 
 use std::any::Any;
+use std::future::Future;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicIsize, AtomicUsize, Ordering};
@@ -49,7 +50,7 @@ use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
 use annals::Result;
-use futures::stream::{self, BoxStream, StreamExt};
+use futures::stream::{BoxStream, StreamExt};
 use rusqlite::config::DbConfig;
 use rusqlite::Connection;
 use tokio::sync::oneshot;
@@ -399,52 +400,145 @@ impl Conns {
     where
         T: Send + 'static,
         P: IntoIterator<Item = Result<T>> + Send + 'static,
-        P::IntoIter: Send,
-        C: Send + 'static,
+        P::IntoIter: Send + Unpin,
+        C: Send + Unpin + 'static,
         F: Fn(&Connection, C) -> Result<(P, Option<C>)> + Send + Sync + 'static,
     {
-        let fetch = Arc::new(fetch);
-        let conns = self.clone();
-        let submit = move |cursor: C| {
-            let fetch = Arc::clone(&fetch);
-            conns.submit(move |conn| fetch(conn, cursor))
-        };
-        stream::unfold(Some(Next::Cursor(cursor)), move |state| {
-            let submit = submit.clone();
-            async move {
-                let reply = match state? {
-                    Next::Cursor(cursor) => submit(cursor),
-                    Next::Sent(reply) => reply,
-                };
-                match wait(reply).await {
-                    Ok((page, next)) => {
-                        let next = next.map(|cursor| Next::Sent(submit(cursor)));
-                        Some((stream::iter(page).left_stream(), next))
+        Pages {
+            conns: self.clone(),
+            fetch: Arc::new(fetch),
+            cursor: Some(cursor),
+            pending: None,
+            current: None,
+            done: false,
+        }
+        .boxed()
+    }
+}
+
+/// A reader's answer to a page request: the page and the next cursor.
+type PageReply<P, C> = Reply<(P, Option<C>)>;
+
+/// The stream [`Conns::paginate`] returns.
+///
+/// Written out rather than composed from `unfold`, `flatten` and `scan`:
+/// every combinator layer moves each item once more, and a
+/// [`annals::RecordedEvent`] is a few hundred bytes, so on a long replay
+/// those moves cost more than decoding the row.
+struct Pages<P: IntoIterator, C, F> {
+    conns: Conns,
+    fetch: Arc<F>,
+    /// The first page's cursor, until the stream is first polled.
+    cursor: Option<C>,
+    /// The page requested from a reader and not yet consumed.
+    pending: Option<Result<PageReply<P, C>>>,
+    /// The page being yielded.
+    current: Option<P::IntoIter>,
+    /// After the last page, or after the first error.
+    done: bool,
+}
+
+impl<T, P, C, F> Pages<P, C, F>
+where
+    T: Send + 'static,
+    P: IntoIterator<Item = Result<T>> + Send + 'static,
+    C: Send + 'static,
+    F: Fn(&Connection, C) -> Result<(P, Option<C>)> + Send + Sync + 'static,
+{
+    fn request(&mut self, cursor: C) {
+        let fetch = Arc::clone(&self.fetch);
+        self.pending = Some(self.conns.submit(move |conn| fetch(conn, cursor)));
+    }
+}
+
+impl<T, P, C, F> futures::Stream for Pages<P, C, F>
+where
+    T: Send + 'static,
+    P: IntoIterator<Item = Result<T>> + Send + 'static,
+    P::IntoIter: Unpin,
+    C: Send + Unpin + 'static,
+    F: Fn(&Connection, C) -> Result<(P, Option<C>)> + Send + Sync + 'static,
+{
+    type Item = Result<T>;
+
+    fn poll_next(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<T>>> {
+        use std::task::Poll;
+        let this = self.get_mut();
+        loop {
+            if this.done {
+                return Poll::Ready(None);
+            }
+            if let Some(page) = &mut this.current {
+                match page.next() {
+                    Some(item) => {
+                        if item.is_err() {
+                            // Nothing is delivered past a hole: not the rest
+                            // of this page, nor the page read ahead.
+                            this.done = true;
+                            this.current = None;
+                            this.pending = None;
+                        }
+                        return Poll::Ready(Some(item));
                     }
-                    Err(e) => Some((stream::iter([Err(e)]).right_stream(), None)),
+                    None => this.current = None,
                 }
             }
-        })
-        .flatten()
-        .scan(false, |failed, item| {
-            // Stop after the first error: later rows (and the page read
-            // ahead) are not delivered past a hole.
-            let out = (!*failed).then_some(item);
-            *failed = out.as_ref().is_some_and(Result::is_err);
-            futures::future::ready(out)
-        })
-        .boxed()
+            if this.pending.is_none() {
+                match this.cursor.take() {
+                    Some(cursor) => this.request(cursor),
+                    None => {
+                        this.done = true;
+                        return Poll::Ready(None);
+                    }
+                }
+            }
+            let reply = match this.pending.as_mut() {
+                Some(Ok(reply)) => reply,
+                Some(Err(_)) => {
+                    this.done = true;
+                    let Some(Err(e)) = this.pending.take() else {
+                        return Poll::Ready(None);
+                    };
+                    return Poll::Ready(Some(Err(e)));
+                }
+                None => return Poll::Ready(None),
+            };
+            let answer = match std::pin::Pin::new(reply).poll(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(answer) => answer,
+            };
+            this.pending = None;
+            match answer.map_err(|_| thread_stopped("reader")).and_then(|r| r) {
+                Ok((page, next)) => {
+                    // Read ahead: the next page is fetched while this one is
+                    // consumed.
+                    if let Some(cursor) = next {
+                        this.request(cursor);
+                    }
+                    this.current = Some(page.into_iter());
+                }
+                Err(e) => {
+                    this.done = true;
+                    return Poll::Ready(Some(Err(e)));
+                }
+            }
+        }
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        match (&self.current, self.done) {
+            (_, true) => (0, Some(0)),
+            (Some(page), false) => (page.size_hint().0, None),
+            (None, false) => (0, None),
+        }
     }
 }
 
 /// The answer to a job sent to a reader.
 type Reply<T> = oneshot::Receiver<Result<T>>;
-
-/// Where a paginated read stands: a page to request, or one requested.
-enum Next<C, T> {
-    Cursor(C),
-    Sent(Result<Reply<T>>),
-}
 
 async fn wait<T>(reply: Result<Reply<T>>) -> Result<T> {
     reply?.await.map_err(|_| thread_stopped("reader"))?

@@ -816,11 +816,15 @@ impl EventStore for SqliteEventStore {
         let stream = stream.clone();
         let batch = self.batch_size() as u64;
         let upcasters = self.upcasters().cloned();
-        let events = self.conns().paginate(cursor, move |conn, cursor| {
-            read_stream_page(conn, &stream, &options, batch, PAGE_BYTES, cursor)
-                .map(|(page, next)| (page.decode(upcasters.clone()), next))
-        });
-        METRICS.count_reads(events)
+        let read = METRICS.read_counter();
+        self.conns().paginate(cursor, move |conn, cursor| {
+            read_stream_page(conn, &stream, &options, batch, PAGE_BYTES, cursor).map(
+                |(page, next)| {
+                    let events = page.decode(upcasters.clone()).counting(read.clone());
+                    (events, next)
+                },
+            )
+        })
     }
 
     fn read_all(&self, options: ReadAll) -> EventStream {
@@ -843,11 +847,13 @@ impl EventStore for SqliteEventStore {
         let sql = Arc::new(read_all_sql(&options));
         let batch = self.batch_size() as u64;
         let upcasters = self.upcasters().cloned();
-        let events = self.conns().paginate(cursor, move |conn, cursor| {
-            read_all_page(conn, &sql, &options, batch, PAGE_BYTES, cursor)
-                .map(|(page, next)| (page.decode(upcasters.clone()), next))
-        });
-        METRICS.count_reads(events)
+        let read = METRICS.read_counter();
+        self.conns().paginate(cursor, move |conn, cursor| {
+            read_all_page(conn, &sql, &options, batch, PAGE_BYTES, cursor).map(|(page, next)| {
+                let events = page.decode(upcasters.clone()).counting(read.clone());
+                (events, next)
+            })
+        })
     }
 
     async fn stream_version(&self, stream: &StreamId) -> Result<Option<StreamVersion>> {

@@ -629,8 +629,30 @@ fn dismantle(value: Value) {
 /// A stored event's payload: JSON text, validated when read from the store
 /// and kept as text, so that decoding into a typed event parses it once,
 /// straight into the type (no intermediate `serde_json::Value`).
+///
+/// The text is either the payload's own ([`Payload::from_json`],
+/// [`Payload::from_value`]) or a slice of a buffer shared with the other
+/// events read in the same page ([`Payload::from_shared_json`]): a backend
+/// that copies a page of rows into one buffer hands out its payloads without
+/// copying or allocating each one, and cloning such a payload copies a
+/// pointer. A shared payload keeps its whole page's buffer alive (a page is
+/// bounded, see the backends' read docs); [`Payload::into_owned`] detaches one
+/// that is to be kept for long.
 #[derive(Clone)]
-pub struct Payload(Box<serde_json::value::RawValue>);
+pub struct Payload(PayloadText);
+
+#[derive(Clone)]
+enum PayloadText {
+    Owned(Box<serde_json::value::RawValue>),
+    /// `text[start..end]`, validated as one JSON value when it was made.
+    /// (`u32` offsets keep a payload as small as the owned form's fat
+    /// pointer plus a tag; page buffers are far smaller than 4 GiB.)
+    Shared {
+        text: std::sync::Arc<String>,
+        start: u32,
+        end: u32,
+    },
+}
 
 impl Payload {
     /// A payload from a JSON value. Fails, without recursing, on a value
@@ -640,17 +662,62 @@ impl Payload {
         check_json(value, MAX_JSON_DEPTH, &mut Vec::new()).map_err(|fault| {
             <serde_json::Error as serde::ser::Error>::custom(format!("the payload {fault}"))
         })?;
-        serde_json::value::to_raw_value(value).map(Payload)
+        serde_json::value::to_raw_value(value).map(Payload::from)
     }
 
     /// A payload from JSON text; fails when the text is not one JSON value.
     pub fn from_json(text: String) -> std::result::Result<Self, serde_json::Error> {
-        serde_json::value::RawValue::from_string(text).map(Payload)
+        serde_json::value::RawValue::from_string(text).map(Payload::from)
+    }
+
+    /// A payload that is `text[range]`, sharing `text` instead of copying
+    /// it; fails when that slice is not one JSON value, or when `range` is
+    /// not a slice of `text` on character boundaries (or ends beyond
+    /// 4 GiB: a shared text is a page of rows, far smaller).
+    pub fn from_shared_json(
+        text: std::sync::Arc<String>,
+        range: std::ops::Range<usize>,
+    ) -> std::result::Result<Self, serde_json::Error> {
+        let bad = |what: &str| <serde_json::Error as serde::de::Error>::custom(what);
+        let (Ok(start), Ok(end)) = (u32::try_from(range.start), u32::try_from(range.end)) else {
+            return Err(bad("payload range beyond 4 GiB of shared text"));
+        };
+        let Some(slice) = text.get(range) else {
+            return Err(bad("payload range outside its text"));
+        };
+        // Validates without building anything (a borrowed raw value).
+        serde_json::from_str::<&serde_json::value::RawValue>(slice)?;
+        Ok(Payload(PayloadText::Shared { text, start, end }))
     }
 
     /// The JSON text.
     pub fn as_str(&self) -> &str {
-        self.0.get()
+        match &self.0 {
+            PayloadText::Owned(raw) => raw.get(),
+            // The range was checked against this very text when it was made.
+            PayloadText::Shared { text, start, end } => {
+                text.get(*start as usize..*end as usize).unwrap_or_default()
+            }
+        }
+    }
+
+    /// Whether the text is shared with other payloads (a page buffer).
+    pub fn is_shared(&self) -> bool {
+        matches!(self.0, PayloadText::Shared { .. })
+    }
+
+    /// The same payload with text of its own, so that keeping it does not
+    /// keep the rest of its page's buffer alive.
+    pub fn into_owned(self) -> Self {
+        match self.0 {
+            PayloadText::Owned(_) => self,
+            PayloadText::Shared { .. } => {
+                // Validated when made; the fallback keeps the shared text.
+                serde_json::value::RawValue::from_string(self.as_str().to_owned())
+                    .map(Payload::from)
+                    .unwrap_or(self)
+            }
+        }
     }
 
     /// The payload as a JSON value (parses the text). Fails on text that is
@@ -658,20 +725,20 @@ impl Payload {
     /// deeper than its recursion limit (appends refuse such payloads, see
     /// [`MAX_JSON_DEPTH`], but a row written by other means may hold one).
     pub fn to_value(&self) -> std::result::Result<Value, serde_json::Error> {
-        serde_json::from_str(self.0.get())
+        serde_json::from_str(self.as_str())
     }
 
     /// Deserializes the payload into `T`.
     pub fn deserialize<T: serde::de::DeserializeOwned>(
         &self,
     ) -> std::result::Result<T, serde_json::Error> {
-        serde_json::from_str(self.0.get())
+        serde_json::from_str(self.as_str())
     }
 }
 
 impl From<Box<serde_json::value::RawValue>> for Payload {
     fn from(raw: Box<serde_json::value::RawValue>) -> Self {
-        Payload(raw)
+        Payload(PayloadText::Owned(raw))
     }
 }
 
@@ -703,13 +770,22 @@ impl fmt::Display for Payload {
 
 impl Serialize for Payload {
     fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
-        self.0.serialize(s)
+        match &self.0 {
+            PayloadText::Owned(raw) => raw.serialize(s),
+            // A borrowed raw value writes the text as it is; the text was
+            // validated when the payload was made, so this parse succeeds.
+            PayloadText::Shared { .. } => {
+                serde_json::from_str::<&serde_json::value::RawValue>(self.as_str())
+                    .map_err(serde::ser::Error::custom)?
+                    .serialize(s)
+            }
+        }
     }
 }
 
 impl<'de> Deserialize<'de> for Payload {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
-        Box::<serde_json::value::RawValue>::deserialize(d).map(Payload)
+        Box::<serde_json::value::RawValue>::deserialize(d).map(Payload::from)
     }
 }
 
@@ -980,6 +1056,30 @@ mod tests {
             &[NewEvent::new("A", json!(1)).with_event_version(i32::MAX as u32)],
         )
         .expect("i32::MAX is kept");
+    }
+
+    #[test]
+    fn shared_payloads_are_slices_checked_when_made() {
+        let text = std::sync::Arc::new(r#"x{"a":1}[2,3]{bad"#.to_owned());
+        let a = Payload::from_shared_json(text.clone(), 1..8).expect("an object");
+        let b = Payload::from_shared_json(text.clone(), 8..13).expect("an array");
+        assert!(a.is_shared() && b.is_shared());
+        assert_eq!(a.as_str(), r#"{"a":1}"#);
+        assert_eq!(a, json!({"a": 1}));
+        assert_eq!(b.deserialize::<Vec<i32>>().expect("decodes"), vec![2, 3]);
+        // Not one JSON value, outside the text, or not on a char boundary.
+        assert!(Payload::from_shared_json(text.clone(), 13..17).is_err());
+        assert!(Payload::from_shared_json(text.clone(), 0..8).is_err());
+        assert!(Payload::from_shared_json(text.clone(), 8..99).is_err());
+        let accented = std::sync::Arc::new("\"é\"".to_owned());
+        assert!(Payload::from_shared_json(accented.clone(), 0..2).is_err());
+        assert!(Payload::from_shared_json(accented, 0..4).is_ok());
+        // Serialized as the JSON it holds, equal to its owned copy.
+        assert_eq!(serde_json::to_string(&a).expect("serializes"), r#"{"a":1}"#);
+        let owned = a.clone().into_owned();
+        assert!(!owned.is_shared());
+        assert_eq!(owned, a);
+        assert_eq!(format!("{owned}"), format!("{a}"));
     }
 
     #[test]

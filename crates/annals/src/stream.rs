@@ -16,10 +16,13 @@ use crate::{Error, Result};
 pub const MAX_STREAM_NAME_LEN: usize = 255;
 
 /// A validated stream name `<Category>-<id>`.
+///
+/// The name is shared, not copied, by clones: every event read from one
+/// stream carries the same name, and a read clones it once per event.
 #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub struct StreamId {
-    name: String,
+    name: std::sync::Arc<str>,
     split: usize,
 }
 
@@ -54,7 +57,7 @@ impl StreamId {
             return Err(invalid("empty id"));
         }
         Ok(StreamId {
-            name: name.to_owned(),
+            name: name.into(),
             split,
         })
     }
@@ -103,7 +106,7 @@ impl TryFrom<String> for StreamId {
 
 impl From<StreamId> for String {
     fn from(s: StreamId) -> String {
-        s.name
+        s.name.as_ref().to_owned()
     }
 }
 

@@ -324,6 +324,14 @@ impl StoreMetrics {
         result
     }
 
+    /// The `annals_events_read_total` counter, looked up once for one read,
+    /// for a backend that counts its events where it makes them instead of
+    /// wrapping its stream in [`StoreMetrics::count_reads`] (a wrapper
+    /// moves every event once more, which a long replay notices).
+    pub fn read_counter(&self) -> metrics::Counter {
+        metrics::with_recorder(|r| r.register_counter(&self.events_read, &METADATA))
+    }
+
     /// `events`, counting each event it yields in
     /// `annals_events_read_total` (the counter is looked up once per read).
     pub fn count_reads(

@@ -395,3 +395,65 @@ async fn large_events_come_in_several_pages_all_delivered_in_order() {
         .windows(2)
         .all(|w| w[0].global_position < w[1].global_position));
 }
+
+/// Issue 11 (a faster read path): events read at their current version
+/// carry a slice of their page's buffer instead of a copy of their payload;
+/// an event an upcaster changes gets text of its own, and both read right.
+#[tokio::test]
+async fn issue_11_current_events_share_their_page_and_upcast_ones_do_not() {
+    use std::sync::Arc;
+
+    let upcasters = annals::Upcasters::builder()
+        .step(annals::Step::new("A", 1, |mut v: serde_json::Value| {
+            v["m"] = serde_json::json!(1);
+            Ok::<_, std::convert::Infallible>(v)
+        }))
+        .build(&[("A", 2), ("B", 1)])
+        .expect("upcasters");
+    let plain = fresh_store().await;
+    let store = plain.clone().with_upcasters(Arc::new(upcasters));
+    let s = sid("Order-1");
+    store
+        .append(&s, ExpectedVersion::NoStream, vec![ev("A", 1), ev("B", 2)])
+        .await
+        .expect("append");
+
+    let events: Vec<annals::RecordedEvent> = store
+        .read_all(ReadAll::after(GlobalPosition::START))
+        .try_collect()
+        .await
+        .expect("read");
+    assert_eq!(events.len(), 2);
+    let (a, b) = (&events[0], &events[1]);
+    assert_eq!((a.event_type.as_str(), a.event_version), ("A", 2));
+    assert_eq!(a.stored_event_version, Some(1));
+    assert_eq!(a.data, serde_json::json!({"n": 1, "m": 1}));
+    assert!(!a.data.is_shared(), "an upcast payload is its own text");
+    assert_eq!((b.event_type.as_str(), b.event_version), ("B", 1));
+    assert_eq!(b.stored_event_version, None);
+    assert_eq!(b.data, serde_json::json!({"n": 2}));
+    assert!(
+        b.data.is_shared(),
+        "a current payload is a slice of its page"
+    );
+    // The same events through a stream read and without upcasters.
+    let stream = store
+        .read_stream_to_vec(&s, ReadStream::forward())
+        .await
+        .expect("read");
+    assert_eq!(stream, events);
+    let stored = plain
+        .read_stream_to_vec(&s, ReadStream::forward())
+        .await
+        .expect("read");
+    assert_eq!(stored[0].data, serde_json::json!({"n": 1}));
+    assert_eq!(stored[0].event_version, 1);
+    assert!(stored.iter().all(|e| e.data.is_shared()));
+    // A shared payload serializes as the JSON it holds, and detaches.
+    let line = serde_json::to_string(&stored[1]).expect("serialize");
+    let back: annals::RecordedEvent = serde_json::from_str(&line).expect("deserialize");
+    assert_eq!(back, stored[1]);
+    let owned = stored[1].data.clone().into_owned();
+    assert!(!owned.is_shared());
+    assert_eq!(owned.as_str(), stored[1].data.as_str());
+}
