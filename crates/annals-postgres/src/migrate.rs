@@ -73,6 +73,11 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         name: "projection_control",
         sql: include_str!("../sql/0009_projection_control.sql"),
     },
+    Migration {
+        version: 10,
+        name: "partition_leases",
+        sql: include_str!("../sql/0010_partition_leases.sql"),
+    },
 ];
 
 /// The schema version this build needs: the last migration's.

@@ -76,6 +76,7 @@ mod idempotency;
 mod import;
 mod memory;
 mod multi_stream;
+mod partition;
 #[cfg(feature = "plan")]
 mod plan;
 mod projection;
@@ -120,6 +121,11 @@ pub use multi_stream::{
 };
 #[cfg(feature = "plan")]
 pub use plan::{Plan, PlanError};
+pub use partition::{
+    partition_checkpoint, partition_lags, partition_of, wait_for_partitions, Fence,
+    PartitionHolder, PartitionLag, PartitionLease, PartitionLeases, PartitionOptions,
+    PartitionedHandle, PartitionedRunner, WorkerView,
+};
 pub use projection::{
     checkpoint_moved, checkpoint_name, idempotency_key, projection_lag, wait_for, ApplyError,
     AtLeastOnce, BatchApplier, BatchContext, HandlerError, IdempotencyGuard, Projection,

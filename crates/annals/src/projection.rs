@@ -160,6 +160,17 @@ pub trait BatchApplier: Send + 'static {
         ctx: &BatchContext,
     ) -> impl Future<Output = std::result::Result<(), ApplyError>> + Send;
 
+    /// Tells the applier the lease it commits under (called by the runner
+    /// once it holds its lock, and by
+    /// [`PartitionedRunner`](crate::PartitionedRunner) per partition). A
+    /// transactional applier checks it in each batch's transaction and
+    /// fails with [`Error::Fenced`] (rolling back) once another runner has
+    /// taken the lease over; the default ignores it (an at-least-once
+    /// applier cannot make the check atomic).
+    fn set_fence(&mut self, fence: Option<crate::Fence>) {
+        let _ = fence;
+    }
+
     /// Applies one parked event again ([`retry_dead_letter`]) without
     /// moving the checkpoint (it is already past the event).
     fn apply_parked(
@@ -209,10 +220,13 @@ impl<C: CheckpointStore, P: Projection> BatchApplier for AtLeastOnce<C, P> {
         events: &[RecordedEvent],
         ctx: &BatchContext,
     ) -> std::result::Result<(), ApplyError> {
-        self.projection
-            .handle(events, ctx)
-            .await
-            .map_err(ApplyError::Handler)?;
+        // A partition's stretch without its events only moves the checkpoint.
+        if !events.is_empty() {
+            self.projection
+                .handle(events, ctx)
+                .await
+                .map_err(ApplyError::Handler)?;
+        }
         self.checkpoints
             .save_checkpoint(&self.checkpoint, ctx.position)
             .await?;
@@ -570,6 +584,7 @@ where
     ) -> Result<A, ProjectionError> {
         let out = match self.take_lock().await {
             Ok(mut keeper) => {
+                self.applier.set_fence(Some(keeper.fence(self.lock_ttl)));
                 state.send_replace(ProjectionState::Running);
                 let out = self.run_inner(&mut stop, &position, &mut keeper).await;
                 keeper.release().await;
@@ -715,6 +730,7 @@ where
             source,
         };
         let mut keeper = self.take_lock().await?;
+        self.applier.set_fence(Some(keeper.fence(self.lock_ttl)));
         let out = async {
             if options.from_start {
                 self.retry_store(|s| {
@@ -1053,6 +1069,14 @@ impl<S: ProjectionControl> LockKeeper<S> {
         }
     }
 
+    fn fence(&self, ttl: Duration) -> crate::Fence {
+        crate::Fence::Lock {
+            lock: self.lock.checkpoint.clone(),
+            token: self.lock.token.clone(),
+            ttl,
+        }
+    }
+
     fn lost_error(&self, name: &str, checkpoint: &str) -> ProjectionError {
         ProjectionError::LockLost {
             projection: name.to_owned(),
@@ -1089,7 +1113,7 @@ impl<S: ProjectionControl> Drop for LockKeeper<S> {
     }
 }
 
-async fn retry_store<S: Clone, T, F, Fut>(store: S, retry: Backoff, f: F) -> crate::Result<T>
+pub(crate) async fn retry_store<S: Clone, T, F, Fut>(store: S, retry: Backoff, f: F) -> crate::Result<T>
 where
     F: Fn(S) -> Fut,
     Fut: Future<Output = crate::Result<T>>,
