@@ -12,6 +12,7 @@ mod events;
 mod gdpr;
 mod inspection;
 mod library;
+mod partitions;
 mod postgres;
 mod projections;
 mod scenarios;

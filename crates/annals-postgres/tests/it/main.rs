@@ -11,6 +11,7 @@
 mod appends;
 mod common;
 mod conformance;
+mod fencing;
 mod gdpr;
 mod many;
 mod migrations;
