@@ -2,9 +2,10 @@
 //! `annals check` also reads.
 //!
 //! State is what the database knows: `not-started` (no checkpoint),
-//! `caught-up` (checkpoint at the head) or `behind`. Whether a runner is
-//! running at this moment is not recorded anywhere (there is no heartbeat
-//! or lease yet), so status does not guess it.
+//! `caught-up` (checkpoint at the head) or `behind`. A projection that runs
+//! as partitions (`run --partitions P`) also gets a row per partition: its
+//! checkpoint and lag and, on PostgreSQL, the worker holding its lease (the
+//! projection's row is then its furthest-behind partition).
 
 use std::time::Duration;
 

@@ -233,6 +233,7 @@ macro_rules! conformance_suite {
             rebuild_fails_then_resumes_from_its_checkpoint,
             poison_event_is_parked_and_the_projection_goes_on,
             stalled_projection_trips_the_breaker,
+            partitioned_projection_runs_all_partitions_in_one_process,
         }
     };
     (@group upcasting, $($then:tt)*) => {

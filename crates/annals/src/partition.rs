@@ -408,9 +408,14 @@ where
     /// Starts a worker that shares the partitions with the other workers
     /// of this projection version through leases in `store` (see the
     /// module docs), on the current tokio runtime.
+    ///
+    /// It refuses to start ([`ProjectionError::Locked`], from its `join`)
+    /// while a plain runner (or a rebuild, or a local partitioned worker)
+    /// holds the projection lock: they keep other checkpoints of the same
+    /// read model.
     pub fn spawn_leased(self) -> PartitionedHandle
     where
-        S: PartitionLeases,
+        S: PartitionLeases + ProjectionControl,
     {
         let worker = format!("{} #{}", lock_owner(), short_id());
         self.start(worker, |runner, worker, stop, view| {
@@ -495,9 +500,40 @@ where
         view: &watch::Sender<WorkerView>,
     ) -> std::result::Result<(), ProjectionError>
     where
-        S: PartitionLeases,
+        S: PartitionLeases + ProjectionControl,
     {
         let ttl = self.options.lease_ttl;
+        // A plain runner of this projection version keeps the checkpoint
+        // `name@vN` of the same read model: do not run beside it.
+        let probe = lock_token();
+        let attempt = retry_store(
+            self.store.clone(),
+            self.options.runner.store_retry,
+            |s| {
+                let probe = probe.clone();
+                async move {
+                    s.acquire_projection_lock(&self.group, worker, &probe, ttl)
+                        .await
+                }
+            },
+        )
+        .await
+        .map_err(|e| self.store_err(e))?;
+        match attempt {
+            LockAttempt::Acquired(lock) => self
+                .store
+                .release_projection_lock(&lock)
+                .await
+                .map_err(|e| self.store_err(e))?,
+            LockAttempt::Held(holder) => {
+                return Err(ProjectionError::Locked {
+                    projection: self.name.clone(),
+                    checkpoint: self.group.clone(),
+                    owner: holder.owner,
+                    expires_at: holder.expires_at,
+                })
+            }
+        }
         let count = self.options.partitions;
         let retry = self.options.runner.store_retry;
         let (done_tx, mut done_rx) = mpsc::unbounded_channel();
@@ -571,7 +607,7 @@ where
             }
             if held.len() < target {
                 for i in 0..count {
-                    if held.len() >= target || *stop.borrow() {
+                    if held.len() >= target || stopping(&stop) {
                         break;
                     }
                     let p = (offset + i) % count;
@@ -627,7 +663,7 @@ where
                     }
                 }
             }
-            if *stop.borrow() {
+            if stopping(&stop) {
                 break Ok(());
             }
         };
@@ -693,7 +729,7 @@ where
                     }
                 }
                 _ = stop.changed() => {
-                    if *stop.borrow() { break Ok(()); }
+                    if stopping(&stop) { break Ok(()); }
                 }
                 Some((p, _, end)) = done_rx.recv() => {
                     running.remove(&p);
@@ -732,6 +768,11 @@ where
             checkpoint: self.group.clone(),
         }
     }
+}
+
+/// Stop requested, or the handle dropped (which stops the worker too).
+fn stopping(stop: &watch::Receiver<bool>) -> bool {
+    *stop.borrow() || stop.has_changed().is_err()
 }
 
 fn short_id() -> String {

@@ -82,7 +82,10 @@ impl ProjectionFilter {
 /// What a handler is told about its batch.
 #[derive(Clone, PartialEq, Eq, Debug)]
 pub struct BatchContext {
-    /// The projection's checkpoint name ([`checkpoint_name`]).
+    /// The checkpoint name the batch commits to: the projection's
+    /// ([`checkpoint_name`]), or one partition's
+    /// ([`partition_checkpoint`](crate::partition_checkpoint)). Appliers
+    /// save this one.
     pub checkpoint: String,
     /// The checkpoint before the batch: the batch holds the matching events
     /// after it. A transactional applier checks that the stored checkpoint
@@ -152,8 +155,12 @@ pub trait BatchApplier: Send + 'static {
     fn checkpoint(&self) -> String;
     /// The events it receives.
     fn filter(&self) -> ProjectionFilter;
-    /// Applies `events` (never empty) and saves `ctx.position` as the
-    /// checkpoint: after the handler (at-least-once), or atomically with it.
+    /// Applies `events` and saves `ctx.position` as the checkpoint
+    /// `ctx.checkpoint`: after the handler (at-least-once), or atomically
+    /// with it. `events` is never empty from a [`ProjectionRunner`]; a
+    /// [`PartitionedRunner`](crate::PartitionedRunner) passes an empty
+    /// batch for a stretch without events of its partition: then only the
+    /// checkpoint moves (the handler is not called).
     fn apply(
         &mut self,
         events: &[RecordedEvent],
@@ -228,7 +235,7 @@ impl<C: CheckpointStore, P: Projection> BatchApplier for AtLeastOnce<C, P> {
                 .map_err(ApplyError::Handler)?;
         }
         self.checkpoints
-            .save_checkpoint(&self.checkpoint, ctx.position)
+            .save_checkpoint(&ctx.checkpoint, ctx.position)
             .await?;
         Ok(())
     }

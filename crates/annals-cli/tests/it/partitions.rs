@@ -380,9 +380,10 @@ fn workers_rebalance_when_one_joins_and_one_leaves() {
     b.stop();
 }
 
-/// A different number of partitions than the running workers' is refused.
+/// A different number of partitions than the running workers' is refused, and
+/// so is a partitioned worker beside a plain runner.
 #[test]
-fn a_worker_with_another_partition_count_is_refused() {
+fn workers_refuse_another_partition_count_and_a_plain_runner() {
     let Some(db) = Db::postgres() else { return };
     db.run(&["init"]).ok();
     let a = Worker::spawn(&db, "a", 4);
@@ -400,6 +401,29 @@ fn a_worker_with_another_partition_count_is_refused() {
     assert_eq!(run.code, 2, "{run:#?}");
     assert!(run.stderr.contains("runs as 4 partitions"), "{run:#?}");
     a.stop();
+    // A plain runner of the projection holds its lock: partitioned workers
+    // (other checkpoints of the same read model) do not start beside it.
+    let mut plain = db
+        .command(&["projections", "run", "account_balances"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn a plain runner");
+    wait_until("the plain runner to hold the projection lock", || {
+        !rows(&db, "SELECT owner FROM projection_locks").is_empty()
+    });
+    let run = db.run(&[
+        "projections",
+        "run",
+        "account_balances",
+        "--partitions",
+        "4",
+        "--until-caught-up",
+    ]);
+    assert_eq!(run.code, 2, "{run:#?}");
+    assert!(run.stderr.contains("locked"), "{run:#?}");
+    let _ = plain.kill();
+    let _ = plain.wait();
 }
 
 #[test]
