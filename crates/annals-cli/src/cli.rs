@@ -347,7 +347,9 @@ fn parse_batch_size(s: &str) -> Result<usize, String> {
 fn parse_partitions(s: &str) -> Result<u32, String> {
     match s.parse::<u32>() {
         Ok(n) if (1..=1024).contains(&n) => Ok(n),
-        _ => Err(format!("{s:?} is not a number of partitions from 1 to 1024")),
+        _ => Err(format!(
+            "{s:?} is not a number of partitions from 1 to 1024"
+        )),
     }
 }
 

@@ -452,8 +452,9 @@ async fn run_partitioned(
                 for (_, h) in running {
                     let _ = h.stop().await;
                 }
-                return Err(anyhow::Error::new(e)
-                    .context(format!("cannot start projection {}", p.name())));
+                return Err(
+                    anyhow::Error::new(e).context(format!("cannot start projection {}", p.name()))
+                );
             }
         }
     }

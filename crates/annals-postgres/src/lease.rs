@@ -52,7 +52,8 @@ const CLAIM_SQL: &str = "UPDATE partition_leases SET owner = $3, fence = fence +
      WHERE name = $1 AND partition = $2 AND expires_at <= now() \
      RETURNING fence, expires_at, partitions";
 
-const RENEW_SQL: &str = "UPDATE partition_leases SET expires_at = now() + make_interval(secs => $4) \
+const RENEW_SQL: &str =
+    "UPDATE partition_leases SET expires_at = now() + make_interval(secs => $4) \
      WHERE name = $1 AND partition = $2 AND fence = $3 RETURNING expires_at";
 
 const RELEASE_SQL: &str = "UPDATE partition_leases SET expires_at = 'epoch' \

@@ -119,13 +119,13 @@ pub use memory::InMemoryStore;
 pub use multi_stream::{
     check_retry_many, prepare_many, MultiStreamAppend, PreparedStreamBatch, StreamBatch,
 };
-#[cfg(feature = "plan")]
-pub use plan::{Plan, PlanError};
 pub use partition::{
     partition_checkpoint, partition_lags, partition_of, wait_for_partitions, Fence,
     PartitionHolder, PartitionLag, PartitionLease, PartitionLeases, PartitionOptions,
     PartitionedHandle, PartitionedRunner, WorkerView,
 };
+#[cfg(feature = "plan")]
+pub use plan::{Plan, PlanError};
 pub use projection::{
     checkpoint_moved, checkpoint_name, idempotency_key, projection_lag, wait_for, ApplyError,
     AtLeastOnce, BatchApplier, BatchContext, HandlerError, IdempotencyGuard, Projection,

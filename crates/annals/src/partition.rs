@@ -208,8 +208,11 @@ pub trait PartitionLeases: EventStore + CheckpointStore {
     ) -> impl Future<Output = Result<u32>> + Send;
 
     /// Removes `worker`'s registration (it stops).
-    fn leave_partitions(&self, group: &str, worker: &str)
-        -> impl Future<Output = Result<()>> + Send;
+    fn leave_partitions(
+        &self,
+        group: &str,
+        worker: &str,
+    ) -> impl Future<Output = Result<()>> + Send;
 
     /// Takes `partition` for `worker` for `ttl` when its lease has expired
     /// (or was released, or never taken), raising its fencing token by one;
@@ -504,34 +507,46 @@ where
     {
         let ttl = self.options.lease_ttl;
         // A plain runner of this projection version keeps the checkpoint
-        // `name@vN` of the same read model: do not run beside it.
-        let probe = lock_token();
-        let attempt = retry_store(
-            self.store.clone(),
-            self.options.runner.store_retry,
-            |s| {
-                let probe = probe.clone();
-                async move {
-                    s.acquire_projection_lock(&self.group, worker, &probe, ttl)
+        // `name@vN` of the same read model: do not run beside it. The probe
+        // takes the lock for a moment; other workers' probes are waited out.
+        let deadline = tokio::time::Instant::now() + ttl;
+        loop {
+            let probe = format!("{PROBE}{}", lock_token());
+            let attempt = retry_store(
+                self.store.clone(),
+                self.options.runner.store_retry,
+                |s| {
+                    let probe = probe.clone();
+                    async move {
+                        s.acquire_projection_lock(&self.group, worker, &probe, ttl)
+                            .await
+                    }
+                },
+            )
+            .await
+            .map_err(|e| self.store_err(e))?;
+            match attempt {
+                LockAttempt::Acquired(lock) => {
+                    self.store
+                        .release_projection_lock(&lock)
                         .await
+                        .map_err(|e| self.store_err(e))?;
+                    break;
                 }
-            },
-        )
-        .await
-        .map_err(|e| self.store_err(e))?;
-        match attempt {
-            LockAttempt::Acquired(lock) => self
-                .store
-                .release_projection_lock(&lock)
-                .await
-                .map_err(|e| self.store_err(e))?,
-            LockAttempt::Held(holder) => {
-                return Err(ProjectionError::Locked {
-                    projection: self.name.clone(),
-                    checkpoint: self.group.clone(),
-                    owner: holder.owner,
-                    expires_at: holder.expires_at,
-                })
+                LockAttempt::Held(holder)
+                    if holder.token.starts_with(PROBE)
+                        && tokio::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                LockAttempt::Held(holder) => {
+                    return Err(ProjectionError::Locked {
+                        projection: self.name.clone(),
+                        checkpoint: self.group.clone(),
+                        owner: holder.owner,
+                        expires_at: holder.expires_at,
+                    })
+                }
             }
         }
         let count = self.options.partitions;
@@ -769,6 +784,10 @@ where
         }
     }
 }
+
+/// The token prefix of a leased worker's check that no plain runner holds
+/// the projection lock.
+const PROBE: &str = "partition-probe ";
 
 /// Stop requested, or the handle dropped (which stops the worker too).
 fn stopping(stop: &watch::Receiver<bool>) -> bool {

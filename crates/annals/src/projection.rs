@@ -1120,7 +1120,11 @@ impl<S: ProjectionControl> Drop for LockKeeper<S> {
     }
 }
 
-pub(crate) async fn retry_store<S: Clone, T, F, Fut>(store: S, retry: Backoff, f: F) -> crate::Result<T>
+pub(crate) async fn retry_store<S: Clone, T, F, Fut>(
+    store: S,
+    retry: Backoff,
+    f: F,
+) -> crate::Result<T>
 where
     F: Fn(S) -> Fut,
     Fut: Future<Output = crate::Result<T>>,

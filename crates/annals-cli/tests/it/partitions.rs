@@ -115,7 +115,11 @@ fn rows(db: &Db, sql: &str) -> Vec<Vec<Option<String>>> {
             .await
             .expect("query")
             .iter()
-            .map(|r| (0..r.len()).map(|i| r.get::<_, Option<String>>(i)).collect())
+            .map(|r| {
+                (0..r.len())
+                    .map(|i| r.get::<_, Option<String>>(i))
+                    .collect()
+            })
             .collect();
         drop(client);
         let _ = conn.await;
@@ -313,16 +317,23 @@ fn a_worker_paused_past_its_lease_commits_nothing_after_takeover() {
     b.signal("-STOP");
     // Past its lease: a takes b's partitions over, with larger fencing
     // tokens, and finishes them.
-    wait_until("worker a to take the paused worker's partitions over", || {
-        let h = holders(&db);
-        taken
-            .iter()
-            .all(|(p, f)| h.get(p).is_some_and(|(pid, nf)| *pid == a.pid() && nf > f))
-    });
+    wait_until(
+        "worker a to take the paused worker's partitions over",
+        || {
+            let h = holders(&db);
+            taken
+                .iter()
+                .all(|(p, f)| h.get(p).is_some_and(|(pid, nf)| *pid == a.pid() && nf > f))
+        },
+    );
     wait_until("every partition to reach the head", || caught_up(&db));
     let before = checkpoints(&db);
     let rows_before = balances(&db);
-    assert_eq!(rows_before, fold(&db), "read model = fold before the wake-up");
+    assert_eq!(
+        rows_before,
+        fold(&db),
+        "read model = fold before the wake-up"
+    );
 
     b.signal("-CONT");
     // b finds its leases taken over (its renewals fail, a batch in flight is
@@ -344,7 +355,11 @@ fn a_worker_paused_past_its_lease_commits_nothing_after_takeover() {
     // Nothing it had in flight or queued was committed: every checkpoint row
     // is as it was (same position, not even rewritten), and so is the read
     // model.
-    assert_eq!(checkpoints(&db), before, "no checkpoint written after takeover");
+    assert_eq!(
+        checkpoints(&db),
+        before,
+        "no checkpoint written after takeover"
+    );
     assert_eq!(balances(&db), rows_before, "no read-model row written");
     assert_eq!(balances(&db), fold(&db));
     a.stop();
@@ -373,7 +388,9 @@ fn workers_rebalance_when_one_joins_and_one_leaves() {
         n(&b) == 3 && n(&c) == 3
     });
     c.stop();
-    wait_until("the remaining worker to take every partition", || n(&b) == 6);
+    wait_until("the remaining worker to take every partition", || {
+        n(&b) == 6
+    });
     write(&db, 2, 30).join().expect("writers");
     wait_until("every partition to reach the head", || caught_up(&db));
     assert_eq!(balances(&db), fold(&db));

@@ -114,7 +114,10 @@ async fn issue8_a_runner_whose_lock_was_taken_over_commits_nothing() {
     // database's clock, not on a timer).
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
-        assert!(std::time::Instant::now() < deadline, "the lease never expired");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the lease never expired"
+        );
         match db
             .store
             .acquire_projection_lock(&cp, "new", "token-new", Duration::from_secs(60))
@@ -219,7 +222,10 @@ async fn issue8_partition_leases_fence_a_worker_that_was_taken_over() {
     // w1 pauses past its lease; w2 takes partition 0 over.
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     let second = loop {
-        assert!(std::time::Instant::now() < deadline, "the lease never expired");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the lease never expired"
+        );
         if let Some(l) = db
             .store
             .claim_partition(&group, 0, 2, "w2", long)
@@ -272,7 +278,10 @@ async fn issue8_partition_leases_fence_a_worker_that_was_taken_over() {
     assert_eq!(holders[0].owner.as_deref(), Some("w1"));
     assert!(holders[0].live);
     assert!(!holders[1].live);
-    db.store.leave_partitions(&group, "w2").await.expect("leave");
+    db.store
+        .leave_partitions(&group, "w2")
+        .await
+        .expect("leave");
     assert_eq!(
         db.store
             .join_partitions(&group, 2, "w1", long)

@@ -1132,14 +1132,16 @@ pub async fn partitioned_projection_runs_all_partitions_in_one_process<
     }
     handle.stop().await.expect("stop");
     let expected = fold(&store, &ReadAll::from_start().categories(["Acc"])).await;
-    let model = sums.model();
-    assert_eq!(rows_of(&model), expected, "read model = fold of all events");
-    let distinct: HashSet<_> = model.handled.iter().collect();
-    assert_eq!(distinct.len(), model.handled.len(), "no event twice");
-    let mut per_stream: HashMap<&StreamId, GlobalPosition> = HashMap::new();
-    for (stream, at) in &model.order {
-        if let Some(prev) = per_stream.insert(stream, *at) {
-            assert!(prev < *at, "{stream}: {at} handled after {prev}");
+    {
+        let model = sums.model();
+        assert_eq!(rows_of(&model), expected, "read model = fold of all events");
+        let distinct: HashSet<_> = model.handled.iter().collect();
+        assert_eq!(distinct.len(), model.handled.len(), "no event twice");
+        let mut per_stream: HashMap<&StreamId, GlobalPosition> = HashMap::new();
+        for (stream, at) in &model.order {
+            if let Some(prev) = per_stream.insert(stream, *at) {
+                assert!(prev < *at, "{stream}: {at} handled after {prev}");
+            }
         }
     }
     for lag in annals::partition_lags(&store, "parted", 1, 3)
