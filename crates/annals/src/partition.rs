@@ -512,17 +512,13 @@ where
         let deadline = tokio::time::Instant::now() + ttl;
         loop {
             let probe = format!("{PROBE}{}", lock_token());
-            let attempt = retry_store(
-                self.store.clone(),
-                self.options.runner.store_retry,
-                |s| {
-                    let probe = probe.clone();
-                    async move {
-                        s.acquire_projection_lock(&self.group, worker, &probe, ttl)
-                            .await
-                    }
-                },
-            )
+            let attempt = retry_store(self.store.clone(), self.options.runner.store_retry, |s| {
+                let probe = probe.clone();
+                async move {
+                    s.acquire_projection_lock(&self.group, worker, &probe, ttl)
+                        .await
+                }
+            })
             .await
             .map_err(|e| self.store_err(e))?;
             match attempt {
