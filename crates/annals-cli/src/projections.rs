@@ -376,7 +376,12 @@ impl ProjectionOps for AccountBalances {
         options: PartitionOptions,
     ) -> BoxFuture<'a, annals::Result<PartitionedHandle>> {
         async move {
-            sql_batch(db, CREATE_SQL).await?;
+            // Workers start together: on PostgreSQL two concurrent `CREATE
+            // TABLE IF NOT EXISTS` can collide on the catalog; the loser's
+            // second try finds the table.
+            if sql_batch(db, CREATE_SQL).await.is_err() {
+                sql_batch(db, CREATE_SQL).await?;
+            }
             Ok(match &db.store {
                 AnyStore::Sqlite(s) => {
                     let store = s.clone();

@@ -37,7 +37,12 @@ const HEARTBEAT_SQL: &str = "INSERT INTO partition_workers (name, worker, expire
      VALUES ($1, $2, now() + make_interval(secs => $3)) \
      ON CONFLICT (name, worker) DO UPDATE SET expires_at = EXCLUDED.expires_at";
 
-const FORGET_SQL: &str = "DELETE FROM partition_workers WHERE name = $1 AND expires_at <= now()";
+/// Forgets workers gone for a minute, skipping rows another statement
+/// holds: no statement of the protocol ever waits on another worker.
+const FORGET_SQL: &str = "DELETE FROM partition_workers WHERE ctid IN (\
+     SELECT ctid FROM partition_workers \
+     WHERE name = $1 AND expires_at <= now() - interval '1 minute' \
+     FOR UPDATE SKIP LOCKED)";
 
 const ROWS_SQL: &str = "INSERT INTO partition_leases (name, partition, partitions) \
      SELECT $1, p, $2 FROM generate_series(0, $2 - 1) AS p ON CONFLICT DO NOTHING";
@@ -70,9 +75,10 @@ impl annals::PartitionLeases for PgEventStore {
         worker: &str,
         ttl: Duration,
     ) -> Result<u32> {
-        let mut client = self.ready_client("register a partitioned worker").await?;
+        // One statement at a time (no transaction): a worker paused between
+        // two of them holds no lock another worker could wait on.
+        let tx = self.ready_client("register a partitioned worker").await?;
         let what = "cannot register a partitioned worker";
-        let tx = client.transaction().await.context(what)?;
         tx.execute(HEARTBEAT_SQL, &[&group, &worker, &secs(ttl)])
             .await
             .context(what)?;
@@ -101,7 +107,6 @@ impl annals::PartitionLeases for PgEventStore {
             .context(what)?
             .try_get(0)
             .context(what)?;
-        tx.commit().await.context(what)?;
         Ok(u32::try_from(live).unwrap_or(u32::MAX))
     }
 
@@ -214,6 +219,21 @@ impl annals::PartitionLeases for PgEventStore {
     }
 }
 
+/// The first statement of a fenced batch's transaction: a transaction of a
+/// paused process must not hold the rows it locks (the checkpoint, the
+/// lease) past its lease, so the server ends it once idle that long.
+pub(crate) async fn limit_idle(
+    tx: &tokio_postgres::Transaction<'_>,
+    fence: &annals::Fence,
+) -> Result<()> {
+    let idle_ms = fence.ttl().as_millis().clamp(100, i32::MAX as u128);
+    tx.batch_execute(&format!(
+        "SET LOCAL idle_in_transaction_session_timeout = {idle_ms}"
+    ))
+    .await
+    .context("cannot limit a projection batch's idle time")
+}
+
 /// The fence check of a batch's transaction (see the module docs of
 /// `projection`): locks the lease row until the commit and fails with
 /// [`Error::Fenced`] when it no longer carries the applier's token.
@@ -222,14 +242,6 @@ pub(crate) async fn check_fence(
     fence: &annals::Fence,
 ) -> Result<()> {
     let what = "cannot check a projection's lease";
-    // A transaction of a paused process must not hold the rows it locked
-    // (the checkpoint, the lease) past its lease: the server ends it.
-    let idle_ms = fence.ttl().as_millis().clamp(100, i32::MAX as u128);
-    tx.batch_execute(&format!(
-        "SET LOCAL idle_in_transaction_session_timeout = {idle_ms}"
-    ))
-    .await
-    .context(what)?;
     match fence {
         annals::Fence::Lock { lock, token, .. } => {
             let row = tx

@@ -128,6 +128,9 @@ impl<P: PgProjection> BatchApplier for PgTransactional<P> {
         let mut client = self.store.ready_client("apply a projection batch").await?;
         let what = "cannot apply a projection batch";
         let tx = client.transaction().await.context(what)?;
+        if let Some(fence) = &self.fence {
+            crate::lease::limit_idle(&tx, fence).await?;
+        }
         // The context's checkpoint: a partition's (`name@vN/pPofN`) when a
         // partitioned runner drives this applier.
         let checkpoint = &ctx.checkpoint;

@@ -566,7 +566,10 @@ where
                     live = n.max(1);
                     last_join = tokio::time::Instant::now();
                 }
-                Err(e) if is_transient(&e) && last_join.elapsed() < ttl => {
+                // Anything but a refusal (another partition count) is
+                // retried for a whole lease: a deadlock victim, a lost
+                // connection, a server restart.
+                Err(e) if !matches!(e, Error::Config(_)) && last_join.elapsed() < ttl => {
                     tracing::warn!(projection = %self.name, error = %e,
                         "cannot register a partitioned worker; trying again");
                 }
