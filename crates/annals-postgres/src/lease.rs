@@ -44,8 +44,12 @@ const FORGET_SQL: &str = "DELETE FROM partition_workers WHERE ctid IN (\
      WHERE name = $1 AND expires_at <= now() - interval '1 minute' \
      FOR UPDATE SKIP LOCKED)";
 
+/// The lease rows, unless the projection runs as another count (then the
+/// check below refuses the worker, and nothing was added).
 const ROWS_SQL: &str = "INSERT INTO partition_leases (name, partition, partitions) \
-     SELECT $1, p, $2 FROM generate_series(0, $2 - 1) AS p ON CONFLICT DO NOTHING";
+     SELECT $1, p, $2 FROM generate_series(0, $2 - 1) AS p \
+     WHERE NOT EXISTS (SELECT 1 FROM partition_leases WHERE name = $1 AND partitions <> $2) \
+     ON CONFLICT DO NOTHING";
 
 const COUNTS_SQL: &str = "SELECT DISTINCT partitions FROM partition_leases WHERE name = $1";
 
@@ -79,10 +83,6 @@ impl annals::PartitionLeases for PgEventStore {
         // two of them holds no lock another worker could wait on.
         let tx = self.ready_client("register a partitioned worker").await?;
         let what = "cannot register a partitioned worker";
-        tx.execute(HEARTBEAT_SQL, &[&group, &worker, &secs(ttl)])
-            .await
-            .context(what)?;
-        tx.execute(FORGET_SQL, &[&group]).await.context(what)?;
         tx.execute(ROWS_SQL, &[&group, &int(partitions)])
             .await
             .context(what)?;
@@ -97,10 +97,14 @@ impl annals::PartitionLeases for PgEventStore {
         if let Some(other) = counts.iter().find(|c| **c != int(partitions)) {
             return Err(Error::Config(format!(
                 "projection {group} runs as {other} partitions, but this worker was started \
-                 with {partitions}: use the same number on every worker (or reset the \
-                 projection to change it)"
+                 with {partitions}: use the same number on every worker (a new \
+                 projection version to change it)"
             )));
         }
+        tx.execute(HEARTBEAT_SQL, &[&group, &worker, &secs(ttl)])
+            .await
+            .context(what)?;
+        tx.execute(FORGET_SQL, &[&group]).await.context(what)?;
         let live: i64 = tx
             .query_one(LIVE_SQL, &[&group])
             .await

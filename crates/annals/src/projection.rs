@@ -595,6 +595,8 @@ where
                 state.send_replace(ProjectionState::Running);
                 let out = self.run_inner(&mut stop, &position, &mut keeper).await;
                 keeper.release().await;
+                // The applier handed back no longer runs under the lease.
+                self.applier.set_fence(None);
                 out
             }
             Err(e) => Err(e),
@@ -830,6 +832,7 @@ where
         }
         .await;
         keeper.release().await;
+        self.applier.set_fence(None);
         out.map(|()| self.applier)
     }
 
