@@ -203,6 +203,18 @@ pub(crate) enum ProjectionsCommand {
         /// At most this many events per batch.
         #[arg(long, value_name = "N", default_value = "500", value_parser = parse_batch_size)]
         batch_size: usize,
+        /// Run each projection as P partitions by hash of the stream id,
+        /// each with its own checkpoint. On PostgreSQL this process is one
+        /// worker: the workers running the same command share the
+        /// partitions through leases (each takes about P / workers); on
+        /// SQLite it runs all P.
+        #[arg(long, value_name = "P", value_parser = parse_partitions)]
+        partitions: Option<u32>,
+        /// The lease of each partition (or of the projection lock), in
+        /// seconds: a worker that dies leaves its partitions to the others
+        /// after this long. Renewed every third of it.
+        #[arg(long, value_name = "SECS", default_value = "30", value_parser = parse_lease_ttl)]
+        lease_ttl: f64,
     },
     /// Delete a projection's checkpoint and its read model's rows (in one
     /// transaction), so the next run rebuilds it from the first event.
@@ -384,6 +396,22 @@ fn parse_batch_size(s: &str) -> Result<usize, String> {
     match s.parse::<usize>() {
         Ok(n) if (1..=100_000).contains(&n) => Ok(n),
         _ => Err(format!("{s:?} is not a batch size from 1 to 100000")),
+    }
+}
+
+fn parse_partitions(s: &str) -> Result<u32, String> {
+    match s.parse::<u32>() {
+        Ok(n) if (1..=1024).contains(&n) => Ok(n),
+        _ => Err(format!(
+            "{s:?} is not a number of partitions from 1 to 1024"
+        )),
+    }
+}
+
+fn parse_lease_ttl(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(n) if (0.1..=3600.0).contains(&n) => Ok(n),
+        _ => Err(format!("{s:?} is not a lease in seconds from 0.1 to 3600")),
     }
 }
 

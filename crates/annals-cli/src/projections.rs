@@ -25,8 +25,9 @@ use annals::bank::{Account, AccountEvent};
 use annals::gdpr::{ErasureNotice, ERASED};
 use annals::{
     checkpoint_name, Aggregate, BatchApplier, BatchContext, Error, EventId, GlobalPosition,
-    HandlerError, ProjectionError, ProjectionFilter, ProjectionHandle, ProjectionRunner,
-    RebuildOptions, RebuildProgress, RecordedEvent, RunnerOptions, TableNames,
+    HandlerError, PartitionOptions, PartitionedHandle, PartitionedRunner, ProjectionError,
+    ProjectionFilter, ProjectionHandle, ProjectionRunner, RebuildOptions, RebuildProgress,
+    RecordedEvent, RunnerOptions, TableNames,
 };
 use annals_postgres::PgProjection;
 use annals_sqlite::SqliteProjection;
@@ -88,6 +89,27 @@ pub trait ProjectionOps: Send + Sync + 'static {
         db: &'a ReadModelDb,
         options: RunnerOptions,
     ) -> BoxFuture<'a, annals::Result<RunningProjection>>;
+
+    /// Creates the read model's tables if missing, then starts a worker of
+    /// the projection run as `options.partitions` partitions
+    /// ([`annals::PartitionedRunner`]): on PostgreSQL a worker that shares
+    /// the partitions with the other workers (on any machine) through
+    /// leases; on SQLite one that runs all of them under the projection
+    /// lock. The default refuses: the projection was not written for it.
+    fn start_partitioned<'a>(
+        &'a self,
+        db: &'a ReadModelDb,
+        options: PartitionOptions,
+    ) -> BoxFuture<'a, annals::Result<PartitionedHandle>> {
+        let _ = (db, options);
+        async move {
+            Err(Error::Config(format!(
+                "projection {} does not run as partitions",
+                self.name()
+            )))
+        }
+        .boxed()
+    }
 
     /// Deletes the checkpoint and the read model's rows, in one
     /// transaction where the read model lives in the store's database, so
@@ -295,6 +317,35 @@ fn moved_sql(t: &str, p: char) -> String {
     )
 }
 
+/// The checkpoint and those of its partitions (`name@vN/pPofN`).
+const RESET_CHECKPOINTS_SQLITE: &str = "DELETE FROM checkpoints \
+     WHERE name = ?1 OR substr(name, 1, length(?1) + 2) = ?1 || '/p'";
+const RESET_CHECKPOINTS_PG: &str = "DELETE FROM checkpoints \
+     WHERE name = $1 OR substr(name, 1, length($1) + 2) = $1 || '/p'";
+
+/// How many partitions the checkpoint `checkpoint` (`name@vN`) was last run
+/// as on SQLite, from its partitions' checkpoint names (`name@vN/pPofN`);
+/// `None` when it never ran partitioned. (On PostgreSQL the lease rows
+/// tell.)
+pub(crate) async fn sqlite_partition_count(
+    store: &annals_sqlite::SqliteEventStore,
+    checkpoint: &str,
+) -> annals::Result<Option<u32>> {
+    let checkpoint = checkpoint.to_owned();
+    let names: Vec<String> = sqlite_job(store.path().to_owned(), move |conn| {
+        let mut s = conn.prepare(
+            "SELECT name FROM checkpoints WHERE substr(name, 1, length(?1) + 2) = ?1 || '/p'",
+        )?;
+        let rows = s.query_map([&checkpoint], |r| r.get(0))?;
+        rows.collect()
+    })
+    .await?;
+    Ok(names
+        .iter()
+        .filter_map(|n| n.rsplit_once("of").and_then(|(_, c)| c.parse::<u32>().ok()))
+        .max())
+}
+
 /// What one event does to its row.
 enum Change {
     Opened(String),
@@ -448,6 +499,46 @@ impl ProjectionOps for AccountBalances {
         async move { self.scrub(db, notice).await.map(|_| ()) }.boxed()
     }
 
+    fn start_partitioned<'a>(
+        &'a self,
+        db: &'a ReadModelDb,
+        options: PartitionOptions,
+    ) -> BoxFuture<'a, annals::Result<PartitionedHandle>> {
+        async move {
+            // Workers start together: on PostgreSQL two concurrent `CREATE
+            // TABLE IF NOT EXISTS` can collide on the catalog; the loser's
+            // second try finds the table.
+            if sql_batch(db, create_sql(ACCOUNT_BALANCES_TABLE))
+                .await
+                .is_err()
+            {
+                sql_batch(db, create_sql(ACCOUNT_BALANCES_TABLE)).await?;
+            }
+            Ok(match &db.store {
+                AnyStore::Sqlite(s) => {
+                    let store = s.clone();
+                    PartitionedRunner::new(
+                        s.clone(),
+                        move || store.transactional(AccountBalances),
+                        options,
+                    )
+                    .spawn_local()
+                }
+                AnyStore::Postgres(p) => {
+                    let store = p.clone();
+                    PartitionedRunner::new(
+                        p.clone(),
+                        move || store.transactional(AccountBalances),
+                        options,
+                    )
+                    .spawn_leased()
+                }
+                other => return Err(unsupported(other)),
+            })
+        }
+        .boxed()
+    }
+
     fn reset<'a>(&'a self, db: &'a ReadModelDb) -> BoxFuture<'a, annals::Result<()>> {
         async move {
             sql_batch(db, create_sql(ACCOUNT_BALANCES_TABLE)).await?;
@@ -458,7 +549,7 @@ impl ProjectionOps for AccountBalances {
                         let tx = conn
                             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
                         tx.execute("DELETE FROM account_balances", [])?;
-                        tx.execute("DELETE FROM checkpoints WHERE name = ?1", [&checkpoint])?;
+                        tx.execute(RESET_CHECKPOINTS_SQLITE, [&checkpoint])?;
                         tx.commit()
                     })
                     .await
@@ -468,8 +559,7 @@ impl ProjectionOps for AccountBalances {
                     let out = async {
                         let tx = client.transaction().await?;
                         tx.execute("DELETE FROM account_balances", &[]).await?;
-                        tx.execute("DELETE FROM checkpoints WHERE name = $1", &[&checkpoint])
-                            .await?;
+                        tx.execute(RESET_CHECKPOINTS_PG, &[&checkpoint]).await?;
                         tx.commit().await
                     }
                     .await

@@ -2,15 +2,17 @@
 //! and the status that `annals check` also reads.
 //!
 //! State is what the database knows: `not-started` (no checkpoint),
-//! `caught-up` (checkpoint at the head) or `behind`. Whether a runner is
-//! running at this moment is not recorded anywhere (there is no heartbeat
-//! or lease yet), so status does not guess it.
+//! `caught-up` (checkpoint at the head) or `behind`. A projection that runs
+//! as partitions (`run --partitions P`) also gets a row per partition: its
+//! checkpoint and lag and, on PostgreSQL, the worker holding its lease (the
+//! projection's row is then its furthest-behind partition).
 
 use std::time::Duration;
 
 use annals::{
-    CheckpointStore, EventId, EventStore, GlobalPosition, ProjectionControl, ProjectionError,
-    ReadAll, RebuildOptions, RebuildProgress, RunnerOptions,
+    CheckpointStore, EventId, EventStore, GlobalPosition, PartitionLeases, PartitionOptions,
+    PartitionedHandle, ProjectionControl, ProjectionError, ReadAll, RebuildOptions,
+    RebuildProgress, RunnerOptions,
 };
 use anyhow::{anyhow, Context};
 use futures::StreamExt;
@@ -29,6 +31,25 @@ pub(crate) async fn dispatch(env: Env<'_>, command: ProjectionsCommand) -> anyho
             names,
             until_caught_up,
             batch_size,
+            partitions: Some(partitions),
+            lease_ttl,
+        } => {
+            let options = PartitionOptions {
+                partitions,
+                lease_ttl: Duration::from_secs_f64(lease_ttl),
+                runner: RunnerOptions {
+                    batch_size,
+                    ..RunnerOptions::default()
+                },
+            };
+            run_partitioned(env, names, until_caught_up, options).await
+        }
+        ProjectionsCommand::Run {
+            names,
+            until_caught_up,
+            batch_size,
+            partitions: None,
+            ..
         } => run(env, names, until_caught_up, batch_size).await,
         ProjectionsCommand::Reset { name } => reset(env, name).await,
         ProjectionsCommand::Rebuild {
@@ -90,6 +111,25 @@ pub(crate) struct Status {
     pub(crate) lag_events: u64,
     pub(crate) lag_seconds: f64,
     pub(crate) state: &'static str,
+    /// When the projection runs as partitions: one entry per partition
+    /// (the projection's checkpoint and lag are then the furthest behind
+    /// partition's).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub(crate) partitions: Vec<PartitionStatus>,
+}
+
+/// One partition of a partitioned projection (`status`).
+#[derive(Clone, Debug, Serialize)]
+pub(crate) struct PartitionStatus {
+    pub(crate) partition: u32,
+    pub(crate) checkpoint_name: String,
+    pub(crate) checkpoint: Option<String>,
+    pub(crate) lag_events: u64,
+    /// The worker holding its lease (PostgreSQL), and whether the lease is
+    /// live.
+    pub(crate) owner: Option<String>,
+    pub(crate) fence: Option<i64>,
+    pub(crate) lease_live: bool,
 }
 
 /// The status of `projection` on `store`.
@@ -98,9 +138,26 @@ pub(crate) async fn status_of(
     projection: &dyn ProjectionOps,
 ) -> anyhow::Result<Status> {
     let checkpoint_name = projection.checkpoint();
-    let lag = annals::projection_lag(store, &checkpoint_name)
+    let what = || format!("cannot read the lag of projection {}", projection.name());
+    let partitions = partitions_of(store, &checkpoint_name)
         .await
-        .with_context(|| format!("cannot read the lag of projection {}", projection.name()))?;
+        .with_context(what)?;
+    // Partitioned: the furthest behind partition speaks for the projection.
+    let lag = match partitions.iter().max_by_key(|p| p.1.events) {
+        Some((_, lag)) => *lag,
+        None => annals::projection_lag(store, &checkpoint_name)
+            .await
+            .with_context(what)?,
+    };
+    let lag = annals::ProjectionLag {
+        checkpoint: if partitions.iter().any(|p| p.1.checkpoint.is_none()) {
+            None
+        } else {
+            lag.checkpoint
+        },
+        ..lag
+    };
+    let partitions = partitions.into_iter().map(|(p, _)| p).collect();
     let lag_seconds = match lag.head {
         Some(head) if lag.events > 0 => lag_age(store, lag.checkpoint, head)
             .await
@@ -121,7 +178,47 @@ pub(crate) async fn status_of(
         lag_events: lag.events,
         lag_seconds,
         state,
+        partitions,
     })
+}
+
+/// The partitions of the projection checkpoint `group` (`name@vN`) when it
+/// runs partitioned: each one's status and lag.
+async fn partitions_of(
+    store: &AnyStore,
+    group: &str,
+) -> annals::Result<Vec<(PartitionStatus, annals::ProjectionLag)>> {
+    let holders = match store {
+        AnyStore::Postgres(p) => p.partition_holders(group).await?,
+        _ => Vec::new(),
+    };
+    let count = match store {
+        AnyStore::Postgres(_) => u32::try_from(holders.len()).ok().filter(|n| *n > 0),
+        AnyStore::Sqlite(s) => crate::projections::sqlite_partition_count(s, group).await?,
+        _ => None,
+    };
+    let Some(count) = count else {
+        return Ok(Vec::new());
+    };
+    let mut out = Vec::new();
+    for p in 0..count {
+        let checkpoint_name = annals::partition_checkpoint(group, p, count);
+        let lag = annals::projection_lag(store, &checkpoint_name).await?;
+        let holder = holders.iter().find(|h| h.partition == p);
+        out.push((
+            PartitionStatus {
+                partition: p,
+                checkpoint_name,
+                checkpoint: lag.checkpoint.map(|c| c.to_string()),
+                lag_events: lag.events,
+                owner: holder.and_then(|h| h.owner.clone()),
+                fence: holder.map(|h| h.fence),
+                lease_live: holder.is_some_and(|h| h.live),
+            },
+            lag,
+        ));
+    }
+    Ok(out)
 }
 
 /// The lag in time: `recorded_at` of the head event minus that of the first
@@ -195,6 +292,23 @@ async fn status(env: Env<'_>, json: bool) -> anyhow::Result<Outcome> {
     ])
     .right_align(&[3, 4]);
     for r in rows {
+        for p in &r.partitions {
+            let holder = match (&p.owner, p.lease_live) {
+                (Some(owner), true) => format!("held by {owner} (fence {})", p.fence.unwrap_or(0)),
+                _ => "no live lease".to_owned(),
+            };
+            table.push(
+                env.out,
+                vec![
+                    format!("{} partition {}", r.name, p.partition),
+                    p.checkpoint.clone().unwrap_or_else(none),
+                    r.head.clone().unwrap_or_else(none),
+                    p.lag_events.to_string(),
+                    "-".to_owned(),
+                    holder,
+                ],
+            )?;
+        }
         table.push(
             env.out,
             vec![
@@ -307,6 +421,98 @@ async fn run(
                 "{name}: stopped at {}",
                 at.map_or_else(|| "the start".to_owned(), |p| p.to_string())
             )),
+            Err(e) => {
+                first_error.get_or_insert(anyhow::Error::new(e));
+            }
+        }
+    }
+    match first_error {
+        Some(e) => Err(e),
+        None => Ok(Outcome::Success),
+    }
+}
+
+/// `run --partitions P`: one partitioned worker per projection (see
+/// [`ProjectionOps::start_partitioned`]).
+async fn run_partitioned(
+    env: Env<'_>,
+    names: Vec<String>,
+    until_caught_up: bool,
+    options: PartitionOptions,
+) -> anyhow::Result<Outcome> {
+    let selected: Vec<&dyn ProjectionOps> = if names.is_empty() {
+        env.app.projections().collect()
+    } else {
+        names
+            .iter()
+            .map(|n| registered(env.app, n))
+            .collect::<anyhow::Result<_>>()?
+    };
+    if selected.is_empty() {
+        return Err(anyhow!("this binary registers no projections to run"));
+    }
+    let mut stop = Shutdown::install()?;
+    let store = env.open(false).await?;
+    let db = read_model_db(&env, store.clone());
+    let head = store
+        .head_position()
+        .await
+        .context("cannot read the head position")?;
+    let mut running: Vec<(String, PartitionedHandle)> = Vec::new();
+    for p in &selected {
+        match p.start_partitioned(&db, options.clone()).await {
+            Ok(h) => running.push((p.checkpoint(), h)),
+            Err(e) => {
+                for (_, h) in running {
+                    let _ = h.stop().await;
+                }
+                return Err(
+                    anyhow::Error::new(e).context(format!("cannot start projection {}", p.name()))
+                );
+            }
+        }
+    }
+    let workers: Vec<String> = running
+        .iter()
+        .map(|(_, h)| format!("{} as worker {}", h.name(), h.worker()))
+        .collect();
+    note(&format!(
+        "running {} in {} partitions (head at start: {})",
+        workers.join(", "),
+        options.partitions,
+        head.map_or_else(|| "empty store".to_owned(), |h| h.to_string())
+    ));
+    {
+        let caught_up = async {
+            match head {
+                Some(head) if until_caught_up => {
+                    for (group, _) in &running {
+                        let _ = annals::wait_for_partitions(
+                            &store,
+                            group,
+                            options.partitions,
+                            head,
+                            Duration::from_secs(365 * 24 * 3600),
+                        )
+                        .await;
+                    }
+                }
+                None if until_caught_up => {}
+                _ => std::future::pending::<()>().await,
+            }
+        };
+        let failed = futures::future::select_all(running.iter().map(|(_, h)| Box::pin(h.ended())));
+        tokio::select! {
+            () = stop.wait() => note("stopping on a signal"),
+            () = caught_up => {}
+            _ = failed => {}
+        }
+    }
+    let mut first_error = None;
+    for (_, h) in running {
+        let name = h.name().to_owned();
+        match h.stop().await {
+            Ok(()) => note(&format!("{name}: stopped; its partitions are free")),
             Err(e) => {
                 first_error.get_or_insert(anyhow::Error::new(e));
             }

@@ -196,6 +196,7 @@ mod gdpr;
 mod health;
 mod horizon;
 mod import;
+mod lease;
 mod listen;
 mod migrate;
 mod projection;

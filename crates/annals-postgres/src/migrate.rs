@@ -83,6 +83,11 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         name: "projection_versions",
         sql: include_str!("../sql/0011_projection_versions.sql"),
     },
+    Migration {
+        version: 12,
+        name: "partition_leases",
+        sql: include_str!("../sql/0012_partition_leases.sql"),
+    },
 ];
 
 /// The schema version this build needs: the last migration's.

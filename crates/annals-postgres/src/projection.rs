@@ -25,6 +25,16 @@
 //! the swap locks the same row first, so a live batch of the old version
 //! either commits before the swap renames the tables (into the table that
 //! is retired) or waits for it and finds itself superseded.
+//!
+//! Fencing: once the runner holds its lease it hands it to the applier
+//! ([`annals::BatchApplier::set_fence`]), and every batch's transaction then
+//! locks the lease row (`FOR SHARE`) and checks that it still carries the
+//! runner's token: the projection lock's token for a single runner, the
+//! partition's fencing token for a partitioned worker. A runner that was
+//! paused past its lease and taken over fails with [`annals::Error::Fenced`]
+//! and commits nothing. The transaction also sets
+//! `idle_in_transaction_session_timeout` to the lease's length, so a
+//! process paused inside a transaction cannot keep the rows it locked.
 
 use std::future::Future;
 
@@ -98,6 +108,7 @@ pub struct PgTransactional<P> {
     live_checkpoint: String,
     /// The names its tables have now (live, or shadow).
     tables: TableNames,
+    fence: Option<annals::Fence>,
 }
 
 impl PgEventStore {
@@ -111,6 +122,7 @@ impl PgEventStore {
             checkpoint,
             projection,
             tables: TableNames::default(),
+            fence: None,
         }
     }
 }
@@ -166,13 +178,19 @@ impl<P: PgProjection> BatchApplier for PgTransactional<P> {
                 return Err(ApplyError::Store(superseded(name, version, active)));
             }
         }
-        tx.execute(ENSURE_SQL, &[&self.checkpoint])
-            .await
-            .context(what)?;
-        let row = tx
-            .query_one(LOCK_SQL, &[&self.checkpoint])
-            .await
-            .context(what)?;
+        if let Some(fence) = &self.fence {
+            crate::lease::limit_idle(&tx, fence).await?;
+        }
+        // The context's checkpoint: a partition's (`name@vN/pPofN`) when a
+        // partitioned runner drives this applier.
+        let checkpoint = &ctx.checkpoint;
+        tx.execute(ENSURE_SQL, &[checkpoint]).await.context(what)?;
+        let row = tx.query_one(LOCK_SQL, &[checkpoint]).await.context(what)?;
+        // Fencing: the lease row stays locked until the commit, so a
+        // takeover is ordered before this batch (refused) or after it.
+        if let Some(fence) = &self.fence {
+            crate::lease::check_fence(&tx, fence).await?;
+        }
         let stored: (i64, i64) = (row.try_get(0).context(what)?, row.try_get(1).context(what)?);
         if stored >= (commit, seq) {
             // Applied already (by an attempt that committed).
@@ -183,17 +201,24 @@ impl<P: PgProjection> BatchApplier for PgTransactional<P> {
             return Err(ApplyError::Store(checkpoint_moved(ctx, at)));
         }
         // Dropping `tx` on an error rolls back whatever the handler wrote.
-        self.projection
-            .handle(&tx, events, ctx)
-            .await
-            .map_err(ApplyError::Handler)?;
-        tx.execute(MOVE_SQL, &[&self.checkpoint, &commit, &seq])
+        // A partition's stretch without its events only moves the checkpoint.
+        if !events.is_empty() {
+            self.projection
+                .handle(&tx, events, ctx)
+                .await
+                .map_err(ApplyError::Handler)?;
+        }
+        tx.execute(MOVE_SQL, &[checkpoint, &commit, &seq])
             .await
             .context(what)?;
         tx.commit()
             .await
             .context("cannot commit a projection batch")?;
         Ok(())
+    }
+
+    fn set_fence(&mut self, fence: Option<annals::Fence>) {
+        self.fence = fence;
     }
 
     async fn apply_parked(

@@ -12,6 +12,15 @@
 //! batch whose checkpoint was not saved, and never gets a batch twice. The
 //! runner then retries the batch (see its error policy).
 //!
+//! Fencing: once the runner holds its projection lock it hands the lock's
+//! token to the applier ([`annals::BatchApplier::set_fence`]), and each
+//! batch's transaction checks that `projection_locks` still carries it: a
+//! runner that was paused past its lease while another process took the
+//! lock over fails with [`annals::Error::Fenced`] and commits nothing.
+//! Partition leases are PostgreSQL's: on SQLite one process runs all the
+//! partitions of a projection under its lock
+//! ([`annals::PartitionedRunner::spawn_local`]).
+//!
 //! The job holds the writer for as long as the handler runs, so appends
 //! wait meanwhile: keep handlers to SQL on the read model (bounded batches
 //! keep each job short).
@@ -97,6 +106,7 @@ pub struct SqliteTransactional<P> {
     live_checkpoint: String,
     /// The names its tables have now (live, or shadow).
     tables: TableNames,
+    fence: Option<annals::Fence>,
 }
 
 impl SqliteEventStore {
@@ -110,6 +120,7 @@ impl SqliteEventStore {
             checkpoint,
             projection: Arc::new(projection),
             tables: TableNames::default(),
+            fence: None,
         }
     }
 }
@@ -151,6 +162,14 @@ impl<P: SqliteProjection> BatchApplier for SqliteTransactional<P> {
         let commit = sql_int(ctx.position.commit());
         let seq = sql_int(ctx.position.seq());
         let after = (sql_int(ctx.after.commit()), sql_int(ctx.after.seq()));
+        let fence = self.fence.clone();
+        if let Some(f @ annals::Fence::Partition { .. }) = &fence {
+            return Err(ApplyError::Store(annals::Error::Config(format!(
+                "{}: partition leases are held in PostgreSQL; on SQLite one process runs \
+                 all partitions under the projection lock (PartitionedRunner::spawn_local)",
+                f.lease_name()
+            ))));
+        }
         let outcome = self
             .store
             .conns()
@@ -168,6 +187,19 @@ impl<P: SqliteProjection> BatchApplier for SqliteTransactional<P> {
                             .optional()
                     })
                     .map_err(db("reading a projection's checkpoint"))?;
+                // Fencing: the writer lock orders this check with any
+                // takeover of the lock, which is a write too.
+                if let Some(f @ annals::Fence::Lock { lock, token, .. }) = &fence {
+                    let now: Option<String> = tx
+                        .prepare_cached("SELECT token FROM projection_locks WHERE name = ?1")
+                        .and_then(|mut s| s.query_row([lock], |r| r.get(0)).optional())
+                        .map_err(db("checking a projection's lock"))?;
+                    match now {
+                        Some(now) if &now == token => {}
+                        Some(now) => return Err(f.fenced(&format!("token {now}"))),
+                        None => return Err(f.fenced("no lock")),
+                    }
+                }
                 let stored = stored.unwrap_or((0, 0));
                 if stored >= (commit, seq) {
                     // Applied already (by an earlier attempt that committed).
@@ -180,9 +212,13 @@ impl<P: SqliteProjection> BatchApplier for SqliteTransactional<P> {
                     );
                     return Err(checkpoint_moved(&ctx, at));
                 }
-                if let Err(e) = projection.handle(&tx, &events, &ctx) {
-                    // Dropping `tx` rolls back whatever the handler wrote.
-                    return Ok(Err(e));
+                // A partition's stretch without its events only moves the
+                // checkpoint.
+                if !events.is_empty() {
+                    if let Err(e) = projection.handle(&tx, &events, &ctx) {
+                        // Dropping `tx` rolls back whatever the handler wrote.
+                        return Ok(Err(e));
+                    }
                 }
                 tx.prepare_cached(SAVE_SQL)
                     .and_then(|mut s| {
@@ -194,6 +230,10 @@ impl<P: SqliteProjection> BatchApplier for SqliteTransactional<P> {
             })
             .await?;
         outcome.map_err(ApplyError::Handler)
+    }
+
+    fn set_fence(&mut self, fence: Option<annals::Fence>) {
+        self.fence = fence;
     }
 
     async fn apply_parked(

@@ -235,6 +235,7 @@ macro_rules! conformance_suite {
             stalled_projection_trips_the_breaker,
             reactor_commands_apply_once_when_events_are_redelivered,
             rate_limited_projection_delivers_every_event,
+            partitioned_projection_runs_all_partitions_in_one_process,
         }
     };
     (@group upcasting, $($then:tt)*) => {

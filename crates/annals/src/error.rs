@@ -142,6 +142,20 @@ pub enum Error {
     /// hide data (for example a PostgreSQL store restored into a younger cluster).
     #[error("store is unsafe to use: {0}")]
     Unsafe(String),
+    /// A projection batch was refused because its runner no longer holds
+    /// the lease it runs under (see `annals::Fence`): it was paused or
+    /// disconnected past the lease, and another worker took the projection
+    /// or partition over. The transaction rolled back: nothing of the batch
+    /// (rows or checkpoint) was written. Not transient: the runner stops
+    /// working on it; the new holder goes on from the checkpoint.
+    #[error("fenced: {lease} is no longer held by this runner ({detail}); the batch rolled back")]
+    Fenced {
+        /// The lease: a projection lock (`name@vN`) or a partition
+        /// (`name@vN partition P`).
+        lease: String,
+        /// What the runner held and what the store has now.
+        detail: String,
+    },
     /// A configuration value was invalid (URL scheme, option).
     #[error("configuration error: {0}")]
     Config(String),

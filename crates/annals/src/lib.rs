@@ -78,6 +78,7 @@ mod idempotency;
 mod import;
 mod memory;
 mod multi_stream;
+mod partition;
 #[cfg(feature = "plan")]
 mod plan;
 mod projection;
@@ -128,6 +129,11 @@ pub use import::{
 pub use memory::InMemoryStore;
 pub use multi_stream::{
     check_retry_many, prepare_many, MultiStreamAppend, PreparedStreamBatch, StreamBatch,
+};
+pub use partition::{
+    partition_checkpoint, partition_lags, partition_of, wait_for_partitions, Fence,
+    PartitionHolder, PartitionLag, PartitionLease, PartitionLeases, PartitionOptions,
+    PartitionedHandle, PartitionedRunner, WorkerView,
 };
 #[cfg(feature = "plan")]
 pub use plan::{MigrationPlan, Migrator, Plan, PlanError};

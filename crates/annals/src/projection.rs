@@ -100,7 +100,10 @@ impl ProjectionFilter {
 /// What a handler is told about its batch.
 #[derive(Clone, PartialEq, Eq, Debug)]
 pub struct BatchContext {
-    /// The projection's checkpoint name ([`checkpoint_name`]).
+    /// The checkpoint name the batch commits to: the projection's
+    /// ([`checkpoint_name`]), or one partition's
+    /// ([`partition_checkpoint`](crate::partition_checkpoint)). Appliers
+    /// save this one.
     pub checkpoint: String,
     /// The checkpoint before the batch: the batch holds the matching events
     /// after it. A transactional applier checks that the stored checkpoint
@@ -174,13 +177,28 @@ pub trait BatchApplier: Send + 'static {
     fn checkpoint(&self) -> String;
     /// The events it receives.
     fn filter(&self) -> ProjectionFilter;
-    /// Applies `events` (never empty) and saves `ctx.position` as the
-    /// checkpoint: after the handler (at-least-once), or atomically with it.
+    /// Applies `events` and saves `ctx.position` as the checkpoint
+    /// `ctx.checkpoint`: after the handler (at-least-once), or atomically
+    /// with it. `events` is never empty from a [`ProjectionRunner`]; a
+    /// [`PartitionedRunner`](crate::PartitionedRunner) passes an empty
+    /// batch for a stretch without events of its partition: then only the
+    /// checkpoint moves (the handler is not called).
     fn apply(
         &mut self,
         events: &[RecordedEvent],
         ctx: &BatchContext,
     ) -> impl Future<Output = std::result::Result<(), ApplyError>> + Send;
+
+    /// Tells the applier the lease it commits under (called by the runner
+    /// once it holds its lock, and by
+    /// [`PartitionedRunner`](crate::PartitionedRunner) per partition). A
+    /// transactional applier checks it in each batch's transaction and
+    /// fails with [`Error::Fenced`] (rolling back) once another runner has
+    /// taken the lease over; the default ignores it (an at-least-once
+    /// applier cannot make the check atomic).
+    fn set_fence(&mut self, fence: Option<crate::Fence>) {
+        let _ = fence;
+    }
 
     /// Applies one parked event again ([`retry_dead_letter`]) without
     /// moving the checkpoint (it is already past the event).
@@ -231,12 +249,15 @@ impl<C: CheckpointStore, P: Projection> BatchApplier for AtLeastOnce<C, P> {
         events: &[RecordedEvent],
         ctx: &BatchContext,
     ) -> std::result::Result<(), ApplyError> {
-        self.projection
-            .handle(events, ctx)
-            .await
-            .map_err(ApplyError::Handler)?;
+        // A partition's stretch without its events only moves the checkpoint.
+        if !events.is_empty() {
+            self.projection
+                .handle(events, ctx)
+                .await
+                .map_err(ApplyError::Handler)?;
+        }
         self.checkpoints
-            .save_checkpoint(&self.checkpoint, ctx.position)
+            .save_checkpoint(&ctx.checkpoint, ctx.position)
             .await?;
         Ok(())
     }
@@ -614,12 +635,15 @@ where
     ) -> Result<A, ProjectionError> {
         let out = match self.take_lock().await {
             Ok(mut keeper) => {
+                self.applier.set_fence(Some(keeper.fence(self.lock_ttl)));
                 state.send_replace(ProjectionState::Running);
                 let out = self.run_inner(&mut stop, &position, &mut keeper).await;
                 keeper.release().await;
                 if let Err(ProjectionError::Tripped { reason, .. }) = &out {
                     keeper.leave_trip_note(reason).await;
                 }
+                // The applier handed back no longer runs under the lease.
+                self.applier.set_fence(None);
                 out
             }
             Err(e) => Err(e),
@@ -761,10 +785,13 @@ where
         mut progress: impl FnMut(&RebuildProgress) + Send,
     ) -> Result<A, ProjectionError> {
         let mut keeper = self.take_lock().await?;
+        self.applier.set_fence(Some(keeper.fence(self.lock_ttl)));
         let out = self
             .rebuild_inner(&mut keeper, options, None, &mut progress)
             .await;
         keeper.release().await;
+        // The applier handed back no longer runs under the lease.
+        self.applier.set_fence(None);
         out.map(|()| self.applier)
     }
 
@@ -922,6 +949,7 @@ where
         let live = self.applier.checkpoint();
         let version = self.applier.version();
         let mut keeper = self.take_lock().await?;
+        self.applier.set_fence(Some(keeper.fence(self.lock_ttl)));
         let out = async {
             let retry = self.options.store_retry;
             let active = retry_mut!(self.applier, retry, active_version()).map_err(|source| {
@@ -998,6 +1026,7 @@ where
         }
         .await;
         keeper.release().await;
+        self.applier.set_fence(None);
         out.map(|()| self.applier)
     }
 
@@ -1248,6 +1277,14 @@ impl<S: ProjectionControl> LockKeeper<S> {
         }
     }
 
+    fn fence(&self, ttl: Duration) -> crate::Fence {
+        crate::Fence::Lock {
+            lock: self.lock.checkpoint.clone(),
+            token: self.lock.token.clone(),
+            ttl,
+        }
+    }
+
     fn lost_error(&self, name: &str, checkpoint: &str) -> ProjectionError {
         ProjectionError::LockLost {
             projection: name.to_owned(),
@@ -1297,7 +1334,11 @@ impl<S: ProjectionControl> Drop for LockKeeper<S> {
     }
 }
 
-async fn retry_store<S: Clone, T, F, Fut>(store: S, retry: Backoff, f: F) -> crate::Result<T>
+pub(crate) async fn retry_store<S: Clone, T, F, Fut>(
+    store: S,
+    retry: Backoff,
+    f: F,
+) -> crate::Result<T>
 where
     F: Fn(S) -> Fut,
     Fut: Future<Output = crate::Result<T>>,

@@ -12,6 +12,7 @@ mod appends;
 mod blue_green;
 mod common;
 mod conformance;
+mod fencing;
 mod gdpr;
 mod many;
 mod migrations;

@@ -357,3 +357,101 @@ async fn issue8_other_processes_appends_are_polled() {
     }
     assert_eq!(got, expected);
 }
+
+/// Fencing: a runner paused past its projection lock's lease, whose lock
+/// another process took, fails its next batch with `Error::Fenced` and
+/// writes neither rows nor checkpoint; a partition lease (PostgreSQL's) is
+/// refused with a message that says what SQLite does instead.
+#[tokio::test]
+async fn issue8_a_runner_whose_lock_was_taken_over_commits_nothing() {
+    use annals::{BatchApplier, Fence, LockAttempt, ProjectionControl};
+    let store = fresh_store().await;
+    for i in 0..4 {
+        store
+            .append(&sid("Acc-1"), ExpectedVersion::Any, vec![ev("D", i + 1)])
+            .await
+            .expect("append");
+    }
+    let events: Vec<RecordedEvent> = store
+        .read_all(ReadAll::from_start())
+        .try_collect()
+        .await
+        .expect("read_all");
+    let cp = annals::checkpoint_name("balances", 1);
+    let ttl = Duration::from_millis(100);
+    let LockAttempt::Acquired(old) = store
+        .acquire_projection_lock(&cp, "old", "token-old", ttl)
+        .await
+        .expect("lock")
+    else {
+        panic!("free lock")
+    };
+    let calls = Arc::new(AtomicU32::new(0));
+    let mut applier = store.transactional(Balances {
+        failures: Arc::new(AtomicU32::new(0)),
+        calls: Arc::clone(&calls),
+    });
+    applier.set_fence(Some(Fence::Lock {
+        lock: cp.clone(),
+        token: old.token.clone(),
+        ttl,
+    }));
+    let ctx = |after: GlobalPosition, batch: &[RecordedEvent]| BatchContext {
+        checkpoint: cp.clone(),
+        after,
+        position: batch.last().expect("events").global_position,
+        replaying: false,
+        attempt: 1,
+        tables: Default::default(),
+    };
+    applier
+        .apply(&events[..2], &ctx(GlobalPosition::START, &events[..2]))
+        .await
+        .expect("under the lease");
+    let at = events[1].global_position;
+    // Another process takes the lock once the lease has expired (polled
+    // against the store's clock, with a deadline).
+    let deadline = std::time::Instant::now() + PATIENCE;
+    loop {
+        assert!(std::time::Instant::now() < deadline, "never expired");
+        match store
+            .acquire_projection_lock(&cp, "new", "token-new", PATIENCE)
+            .await
+            .expect("lock")
+        {
+            LockAttempt::Acquired(_) => break,
+            LockAttempt::Held(_) => tokio::task::yield_now().await,
+        }
+    }
+    match applier.apply(&events[2..], &ctx(at, &events[2..])).await {
+        Err(annals::ApplyError::Store(annals::Error::Fenced { lease, detail })) => {
+            assert_eq!(lease, cp);
+            assert!(detail.contains("token-new"), "{detail}");
+        }
+        other => panic!("expected Fenced, got {other:?}"),
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 1, "the handler never ran");
+    assert_eq!(store.load_checkpoint(&cp).await.expect("cp"), Some(at));
+    let total: i64 = raw(&store)
+        .query_row("SELECT total FROM balances", [], |r| r.get(0))
+        .expect("row");
+    assert_eq!(total, 1 + 2);
+
+    applier.set_fence(Some(Fence::Partition {
+        lease: annals::PartitionLease {
+            group: cp.clone(),
+            partition: 0,
+            partitions: 2,
+            owner: "w".into(),
+            fence: 1,
+            expires_at: chrono::Utc::now(),
+        },
+        ttl,
+    }));
+    match applier.apply(&events[2..], &ctx(at, &events[2..])).await {
+        Err(annals::ApplyError::Store(annals::Error::Config(why))) => {
+            assert!(why.contains("one process runs all partitions"), "{why}");
+        }
+        other => panic!("expected the SQLite refusal, got {other:?}"),
+    }
+}

@@ -54,6 +54,8 @@ struct Model {
     replaying: Vec<bool>,
     /// Once true, the poison type no longer fails (the handler was fixed).
     healed: bool,
+    /// Each event handled: its stream and position, in handling order.
+    order: Vec<(StreamId, GlobalPosition)>,
 }
 
 #[derive(Clone)]
@@ -99,6 +101,7 @@ impl Projection for Sums {
                 return Err(format!("cannot apply {}", e.event_type).into());
             }
             m.handled.push(e.event_id);
+            m.order.push((e.stream_id.clone(), e.global_position));
             let row = m.rows.entry(e.stream_id.clone()).or_default();
             if row.0.admit(e.global_position) {
                 row.1 += n_of(&e.data).unwrap_or(0);
@@ -1079,4 +1082,102 @@ pub async fn stalled_projection_trips_the_breaker<S: EventStore + ProjectionCont
     );
     store.release_projection_lock(&next).await.expect("release");
     assert_eq!(store.projection_lock(&cp).await.expect("lock"), None);
+}
+
+/// A projection run as partitions by one process ([`annals::PartitionedRunner::spawn_local`],
+/// the only mode on SQLite): every partition progresses while 8 writers
+/// append, the read model equals the fold, each event is handled once, each
+/// stream's events in order, each partition's checkpoint reaches the head;
+/// a second local worker of the same projection is refused.
+pub async fn partitioned_projection_runs_all_partitions_in_one_process<
+    S: EventStore + ProjectionControl,
+>(
+    store: S,
+) {
+    use annals::{PartitionOptions, PartitionedRunner};
+    let sums = Sums::new("parted", ProjectionFilter::all().categories(["Acc"]));
+    let options = PartitionOptions {
+        partitions: 3,
+        lease_ttl: Duration::from_secs(10),
+        runner: quick(),
+    };
+    let worker = |sums: Sums| {
+        let s = store.clone();
+        PartitionedRunner::new(
+            store.clone(),
+            move || AtLeastOnce::new(s.clone(), sums.clone()),
+            options.clone(),
+        )
+        .spawn_local()
+    };
+    let handle = worker(sums.clone());
+    assert!(
+        handle
+            .wait_view(PATIENCE, |v| v.owned.len() == 3)
+            .await
+            .is_some(),
+        "runs all three partitions"
+    );
+    let mut writers = Vec::new();
+    for w in 0..8i64 {
+        let store = store.clone();
+        writers.push(tokio::spawn(async move {
+            let mut last = GlobalPosition::START;
+            for i in 0..20i64 {
+                let r = store
+                    .append(
+                        &sid(&format!("Acc-{}", (w + i) % 7)),
+                        ExpectedVersion::Any,
+                        vec![ev("Deposited", w * 100 + i)],
+                    )
+                    .await
+                    .expect("append");
+                last = last.max(*r.positions.last().expect("positions"));
+            }
+            last
+        }));
+    }
+    let mut last = GlobalPosition::START;
+    for w in writers {
+        last = last.max(w.await.expect("writer"));
+    }
+    let group = checkpoint_name("parted", 1);
+    if let Err(e) = annals::wait_for_partitions(&store, &group, 3, last, PATIENCE).await {
+        panic!(
+            "every partition caught up: {e}; the worker: {:?}",
+            handle.stop().await
+        );
+    }
+    // The projection lock is held: a second local worker is refused.
+    let second = worker(Sums::new("parted", ProjectionFilter::all()));
+    match second.join().await {
+        Err(ProjectionError::Locked { checkpoint, .. }) => assert_eq!(checkpoint, group),
+        other => panic!("expected Locked, got {other:?}"),
+    }
+    handle.stop().await.expect("stop");
+    let expected = fold(&store, &ReadAll::from_start().categories(["Acc"])).await;
+    {
+        let model = sums.model();
+        assert_eq!(rows_of(&model), expected, "read model = fold of all events");
+        let distinct: HashSet<_> = model.handled.iter().collect();
+        assert_eq!(distinct.len(), model.handled.len(), "no event twice");
+        let mut per_stream: HashMap<&StreamId, GlobalPosition> = HashMap::new();
+        for (stream, at) in &model.order {
+            if let Some(prev) = per_stream.insert(stream, *at) {
+                assert!(prev < *at, "{stream}: {at} handled after {prev}");
+            }
+        }
+    }
+    for lag in annals::partition_lags(&store, "parted", 1, 3)
+        .await
+        .expect("lags")
+    {
+        assert_eq!(lag.lag.events, 0, "{lag:?}");
+    }
+    // The partitions split the streams between them.
+    let parts: HashSet<u32> = expected
+        .keys()
+        .map(|s| annals::partition_of(s, 3))
+        .collect();
+    assert!(parts.len() > 1, "streams in several partitions: {parts:?}");
 }
