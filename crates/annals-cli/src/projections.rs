@@ -59,15 +59,22 @@ impl ReadModelDb {
     /// forgotten subject. Without a master key, an encrypted field is an
     /// error naming where the key was looked for; nothing is guessed.
     pub fn decrypting(&self) -> annals::Result<annals::GdprStore<AnyStore, AnyStore>> {
+        self.decrypting_over(self.store.clone())
+    }
+
+    /// [`decrypting`](Self::decrypting) over `inner`, a handle on the same
+    /// database (for a backend's own traits, such as PostgreSQL's partition
+    /// leases); data keys are read through [`store`](Self::store).
+    pub fn decrypting_over<S: annals::EventStore>(
+        &self,
+        inner: S,
+    ) -> annals::Result<annals::GdprStore<S, AnyStore>> {
         let url: crate::DatabaseUrl = self
             .url
             .parse()
             .map_err(|e| Error::Config(format!("{e}")))?;
         let keys = crate::keys::KeySource::new(&url, self.key_file.clone());
-        Ok(annals::GdprStore::new(
-            self.store.clone(),
-            keys.crypto(&self.store),
-        ))
+        Ok(annals::GdprStore::new(inner, keys.crypto(&self.store)))
     }
 }
 
@@ -514,11 +521,12 @@ impl ProjectionOps for AccountBalances {
             {
                 sql_batch(db, create_sql(ACCOUNT_BALANCES_TABLE)).await?;
             }
+            // Events read decrypted (personal data), as by `run`.
             Ok(match &db.store {
                 AnyStore::Sqlite(s) => {
                     let store = s.clone();
                     PartitionedRunner::new(
-                        s.clone(),
+                        db.decrypting()?,
                         move || store.transactional(AccountBalances),
                         options,
                     )
@@ -527,7 +535,7 @@ impl ProjectionOps for AccountBalances {
                 AnyStore::Postgres(p) => {
                     let store = p.clone();
                     PartitionedRunner::new(
-                        p.clone(),
+                        db.decrypting_over(p.clone())?,
                         move || store.transactional(AccountBalances),
                         options,
                     )

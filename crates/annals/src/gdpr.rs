@@ -1437,6 +1437,63 @@ impl<N: SnapshotStore, K: KeyStore> GdprSnapshots<N, K> {
     }
 }
 
+/// Partition leases are the inner store's: a partitioned projection reads
+/// decrypted events through the wrapper and shares partitions through the
+/// inner store's lease tables.
+impl<S: crate::PartitionLeases, K: KeyStore> crate::PartitionLeases for GdprStore<S, K> {
+    fn join_partitions(
+        &self,
+        group: &str,
+        partitions: u32,
+        worker: &str,
+        ttl: std::time::Duration,
+    ) -> impl Future<Output = Result<u32>> + Send {
+        self.inner.join_partitions(group, partitions, worker, ttl)
+    }
+
+    fn leave_partitions(
+        &self,
+        group: &str,
+        worker: &str,
+    ) -> impl Future<Output = Result<()>> + Send {
+        self.inner.leave_partitions(group, worker)
+    }
+
+    fn claim_partition(
+        &self,
+        group: &str,
+        partition: u32,
+        partitions: u32,
+        worker: &str,
+        ttl: std::time::Duration,
+    ) -> impl Future<Output = Result<Option<crate::PartitionLease>>> + Send {
+        self.inner
+            .claim_partition(group, partition, partitions, worker, ttl)
+    }
+
+    fn renew_partition(
+        &self,
+        lease: &crate::PartitionLease,
+        ttl: std::time::Duration,
+    ) -> impl Future<Output = Result<Option<crate::PartitionLease>>> + Send {
+        self.inner.renew_partition(lease, ttl)
+    }
+
+    fn release_partition(
+        &self,
+        lease: &crate::PartitionLease,
+    ) -> impl Future<Output = Result<()>> + Send {
+        self.inner.release_partition(lease)
+    }
+
+    fn partition_holders(
+        &self,
+        group: &str,
+    ) -> impl Future<Output = Result<Vec<crate::PartitionHolder>>> + Send {
+        self.inner.partition_holders(group)
+    }
+}
+
 impl<S: EventStore + SnapshotStore, K: KeyStore> SnapshotStore for GdprStore<S, K> {
     async fn load_snapshot(
         &self,
