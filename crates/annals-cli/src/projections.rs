@@ -17,6 +17,7 @@
 //!
 //! [`App::register_projection`]: crate::App::register_projection
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -302,18 +303,22 @@ fn create_sql(t: &str) -> String {
     )
 }
 
-/// Opened: the owner, and a zero balance (placeholders `$n` or `?n`).
+/// Accounts opened in the batch: the owner, and the balance set to what
+/// was moved after the (last) opening (placeholders `$n` or `?n`).
 fn opened_sql(t: &str, p: char) -> String {
     let t = annals::quote_ident(t);
     format!(
         "INSERT INTO {t} AS r \
-         (stream_id, owner, balance, last_commit, last_seq) VALUES ({p}1, {p}2, 0, {p}3, {p}4) \
-         ON CONFLICT (stream_id) DO UPDATE SET owner = excluded.owner, balance = 0, \
+         (stream_id, owner, balance, last_commit, last_seq) \
+         VALUES ({p}1, {p}2, {p}3, {p}4, {p}5) \
+         ON CONFLICT (stream_id) DO UPDATE SET owner = excluded.owner, \
+         balance = excluded.balance, \
          last_commit = excluded.last_commit, last_seq = excluded.last_seq"
     )
 }
 
-/// Deposited and Withdrew: the signed amount added.
+/// Accounts with only deposits and withdrawals in the batch: their sum
+/// added.
 fn moved_sql(t: &str, p: char) -> String {
     let t = annals::quote_ident(t);
     format!(
@@ -353,23 +358,106 @@ pub(crate) async fn sqlite_partition_count(
         .max())
 }
 
-/// What one event does to its row.
-enum Change {
-    Opened(String),
-    Moved(i64),
+/// [`opened_sql`] for a whole batch on PostgreSQL: one row per element of
+/// the arrays `$1`–`$5`.
+fn opened_many_sql(t: &str) -> String {
+    let t = annals::quote_ident(t);
+    format!(
+        "INSERT INTO {t} AS r (stream_id, owner, balance, last_commit, last_seq) \
+         SELECT * FROM unnest($1::text[], $2::text[], $3::int8[], $4::int8[], $5::int8[]) \
+         ON CONFLICT (stream_id) DO UPDATE SET owner = excluded.owner, \
+         balance = excluded.balance, \
+         last_commit = excluded.last_commit, last_seq = excluded.last_seq"
+    )
 }
 
-/// The event decoded through the one decode path, as a row change.
-fn change(event: &RecordedEvent) -> Result<(String, Change, i64, i64), HandlerError> {
-    let change = match annals::decode_event::<AccountEvent>(event)? {
-        AccountEvent::Opened { owner, .. } => Change::Opened(owner),
-        AccountEvent::Deposited { amount } => Change::Moved(amount),
-        AccountEvent::Withdrew { amount } => Change::Moved(-amount),
-    };
-    let p = event.global_position;
-    let commit = i64::try_from(p.commit())?;
-    let seq = i64::try_from(p.seq())?;
-    Ok((event.stream_id.to_string(), change, commit, seq))
+/// [`moved_sql`] for a whole batch on PostgreSQL: one row per element of
+/// the arrays `$1`–`$4`.
+fn moved_many_sql(t: &str) -> String {
+    let t = annals::quote_ident(t);
+    format!(
+        "INSERT INTO {t} AS r (stream_id, owner, balance, last_commit, last_seq) \
+         SELECT s, '', b, c, q FROM unnest($1::text[], $2::int8[], $3::int8[], $4::int8[]) \
+         AS u(s, b, c, q) \
+         ON CONFLICT (stream_id) DO UPDATE SET balance = r.balance + excluded.balance, \
+         last_commit = excluded.last_commit, last_seq = excluded.last_seq"
+    )
+}
+
+/// What a batch does to one account's row: the events folded in order.
+struct RowChange {
+    /// The owner of the last `Opened` in the batch (the row is then set,
+    /// not added to).
+    opened: Option<String>,
+    /// The amounts moved after that opening (or in the whole batch).
+    amount: i128,
+    /// The position of the account's last event in the batch.
+    commit: i64,
+    seq: i64,
+}
+
+/// The batch folded into one change per account, in the order of the
+/// accounts' first events, each event decoded through the one decode path.
+/// Applying the changes gives the rows that applying the events one by one
+/// would (an opening sets the owner and a zero balance; a deposit or a
+/// withdrawal adds its signed amount), with one statement per account
+/// instead of one per event.
+fn fold(events: &[RecordedEvent]) -> Result<Vec<(String, RowChange)>, HandlerError> {
+    let mut index: HashMap<&str, usize> = HashMap::new();
+    let mut rows: Vec<(String, RowChange)> = Vec::new();
+    for event in events {
+        let decoded = annals::decode_event::<AccountEvent>(event)?;
+        let p = event.global_position;
+        let commit = i64::try_from(p.commit())?;
+        let seq = i64::try_from(p.seq())?;
+        let stream = event.stream_id.as_str();
+        let i = *index.entry(stream).or_insert_with(|| {
+            rows.push((
+                stream.to_owned(),
+                RowChange {
+                    opened: None,
+                    amount: 0,
+                    commit,
+                    seq,
+                },
+            ));
+            rows.len() - 1
+        });
+        let row = &mut rows[i].1;
+        match decoded {
+            AccountEvent::Opened { owner, .. } => {
+                row.opened = Some(owner);
+                row.amount = 0;
+            }
+            AccountEvent::Deposited { amount } => row.amount += i128::from(amount),
+            AccountEvent::Withdrew { amount } => row.amount -= i128::from(amount),
+        }
+        (row.commit, row.seq) = (commit, seq);
+    }
+    Ok(rows)
+}
+
+/// Row changes as columns (PostgreSQL arrays for `unnest`).
+#[derive(Default)]
+struct Columns {
+    stream: Vec<String>,
+    /// Only for opened accounts.
+    owner: Vec<String>,
+    amount: Vec<i64>,
+    commit: Vec<i64>,
+    seq: Vec<i64>,
+}
+
+/// A change's amount as the column's type.
+fn amount(stream: &str, change: &RowChange) -> Result<i64, HandlerError> {
+    i64::try_from(change.amount).map_err(|_| {
+        format!(
+            "account_balances: the amounts moved on {stream} up to position {}.{} \
+             ({}) exceed a BIGINT balance",
+            change.commit, change.seq, change.amount
+        )
+        .into()
+    })
 }
 
 impl SqliteProjection for AccountBalances {
@@ -397,16 +485,16 @@ impl SqliteProjection for AccountBalances {
         ctx: &BatchContext,
     ) -> Result<(), HandlerError> {
         let t = ctx.tables.name(ACCOUNT_BALANCES_TABLE);
-        let (opened, moved) = (opened_sql(t, '?'), moved_sql(t, '?'));
-        for event in events {
-            let (stream, change, commit, seq) = change(event)?;
-            match change {
-                Change::Opened(owner) => tx
-                    .prepare_cached(&opened)?
-                    .execute(rusqlite::params![stream, owner, commit, seq])?,
-                Change::Moved(amount) => tx
-                    .prepare_cached(&moved)?
-                    .execute(rusqlite::params![stream, amount, commit, seq])?,
+        let mut opened = tx.prepare_cached(&opened_sql(t, '?'))?;
+        let mut moved = tx.prepare_cached(&moved_sql(t, '?'))?;
+        for (stream, change) in fold(events)? {
+            let amount = amount(&stream, &change)?;
+            let (commit, seq) = (change.commit, change.seq);
+            match &change.opened {
+                Some(owner) => {
+                    opened.execute(rusqlite::params![stream, owner, amount, commit, seq])?
+                }
+                None => moved.execute(rusqlite::params![stream, amount, commit, seq])?,
             };
         }
         Ok(())
@@ -438,21 +526,38 @@ impl PgProjection for AccountBalances {
         events: &[RecordedEvent],
         ctx: &BatchContext,
     ) -> Result<(), HandlerError> {
+        // One statement per kind of change for the whole batch (not a
+        // round trip per event).
         let t = ctx.tables.name(ACCOUNT_BALANCES_TABLE);
-        let opened = tx.prepare(&opened_sql(t, '$')).await?;
-        let moved = tx.prepare(&moved_sql(t, '$')).await?;
-        for event in events {
-            let (stream, change, commit, seq) = change(event)?;
-            match change {
-                Change::Opened(owner) => {
-                    tx.execute(&opened, &[&stream, &owner, &commit, &seq])
-                        .await?
+        let (mut opened, mut moved) = (Columns::default(), Columns::default());
+        for (stream, change) in fold(events)? {
+            let amount = amount(&stream, &change)?;
+            let columns = match change.opened {
+                Some(owner) => {
+                    opened.owner.push(owner);
+                    &mut opened
                 }
-                Change::Moved(amount) => {
-                    tx.execute(&moved, &[&stream, &amount, &commit, &seq])
-                        .await?
-                }
+                None => &mut moved,
             };
+            columns.stream.push(stream);
+            columns.amount.push(amount);
+            columns.commit.push(change.commit);
+            columns.seq.push(change.seq);
+        }
+        let (o, m) = (&opened, &moved);
+        if !o.stream.is_empty() {
+            tx.execute(
+                &opened_many_sql(t),
+                &[&o.stream, &o.owner, &o.amount, &o.commit, &o.seq],
+            )
+            .await?;
+        }
+        if !m.stream.is_empty() {
+            tx.execute(
+                &moved_many_sql(t),
+                &[&m.stream, &m.amount, &m.commit, &m.seq],
+            )
+            .await?;
         }
         Ok(())
     }

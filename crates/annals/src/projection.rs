@@ -836,6 +836,11 @@ where
         let began = tokio::time::Instant::now();
         let mut scanned = 0u64;
         let mut reported = false;
+        // The head of the last report and the events from the checkpoint
+        // up to it: the next report counts only what lies past that head,
+        // not the whole remaining log again (a count per batch over the
+        // rest of the log made a rebuild quadratic in the log's size).
+        let mut last_head: Option<(GlobalPosition, u64)> = None;
         let chunk = options.checkpoint_every.max(1);
         let page_size = options.batch_size.max(1).min(chunk);
         loop {
@@ -861,6 +866,7 @@ where
                 events.extend(page.events);
             }
             let moved = read.after > after;
+            let mut batch_events = 0;
             if moved {
                 let ctx = BatchContext {
                     checkpoint: checkpoint.clone(),
@@ -877,6 +883,7 @@ where
                     .await
                     .map_err(store_err)?;
                 scanned += n;
+                batch_events = n;
                 metrics.events.increment(n);
             }
             if !moved && reported {
@@ -888,12 +895,25 @@ where
                 .await
                 .map_err(store_err)?;
             let remaining = match head {
-                Some(h) if h > read.after => self
-                    .retry_store(|s| async move { s.count_events_between(read.after, h).await })
-                    .await
-                    .map_err(store_err)?,
+                Some(h) if h > read.after => {
+                    // Counted from the last report's head when this batch
+                    // ended at or before it (the events of the batch are
+                    // `n` of that count), else from the checkpoint.
+                    let (from, known) = match last_head {
+                        Some((prev, left)) if read.after <= prev && prev <= h => {
+                            (prev, left.saturating_sub(batch_events))
+                        }
+                        _ => (read.after, 0),
+                    };
+                    known
+                        + self
+                            .retry_store(|s| async move { s.count_events_between(from, h).await })
+                            .await
+                            .map_err(store_err)?
+                }
                 _ => 0,
             };
+            last_head = head.map(|h| (h, remaining));
             let elapsed = began.elapsed();
             let report = RebuildProgress {
                 position: read.after,

@@ -14,6 +14,7 @@ per_backend!(
     rebuild_in_place_and_blue_green_repair_the_read_model,
     rebuild_resumes_after_ctrl_c,
     dead_letters_list_retry_and_drop,
+    rebuild_batches_of_one_event_or_of_whole_accounts_give_the_fold,
 );
 
 /// The value of `name{projection="account_balances"}` in a metrics file.
@@ -98,6 +99,39 @@ fn rebuild_in_place_and_blue_green_repair_the_read_model(db: &Db) {
 
 /// Polls `done` every 20 ms for at most 60 s.
 #[track_caller]
+/// The handler folds each batch into one change per account: a batch of
+/// one event, and a batch holding every account's opening, deposits and
+/// withdrawals together, give the same rows, each its stream's fold.
+fn rebuild_batches_of_one_event_or_of_whole_accounts_give_the_fold(db: &Db) {
+    db.run(&["init"]).ok();
+    db.run(&["demo", "--accounts", "3", "--operations", "60"])
+        .ok();
+    let rows = db.execute_sql("UPDATE account_balances SET balance = balance");
+    assert!(rows >= 3, "{rows} rows");
+    for batch in ["1", "10000"] {
+        db.execute_sql("UPDATE account_balances SET balance = -1, owner = ''");
+        let out = db
+            .run(&[
+                "projections",
+                "rebuild",
+                "account_balances",
+                "--batch-size",
+                batch,
+            ])
+            .ok()
+            .stdout;
+        assert!(out.starts_with("rebuilt account_balances: "), "{out}");
+        for id in ["demo1-1", "demo1-2", "demo1-3"] {
+            assert!(row_matches_fold(db, id), "batch {batch}: {id}");
+        }
+        assert_eq!(
+            db.execute_sql("UPDATE account_balances SET balance = balance WHERE owner <> ''"),
+            rows,
+            "batch {batch}: every row has its owner"
+        );
+    }
+}
+
 fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(60);
     while !done() {

@@ -819,6 +819,16 @@ pub async fn rebuild_fails_then_resumes_from_its_checkpoint<S: EventStore + Proj
     assert!(reports
         .iter()
         .all(|p| p.position <= stopped_at && p.remaining > 0));
+    // Each report's remaining count (kept from the previous report's, not
+    // recounted over the rest of the log) is exact.
+    for p in &reports {
+        let head = p.head.expect("a head");
+        let left = store
+            .count_events_between(p.position, head)
+            .await
+            .expect("count");
+        assert_eq!(p.remaining, left, "remaining at {}", p.position);
+    }
     let before_resume = sums.model().handled.len();
 
     sums.model().healed = true;
