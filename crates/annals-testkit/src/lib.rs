@@ -249,6 +249,7 @@ macro_rules! conformance_suite {
     (@group gdpr, $($then:tt)*) => {
         $crate::conformance_suite! { $($then)*
             gdpr_encrypts_on_append_and_decrypts_on_read,
+            gdpr_fingerprints_are_keyed,
             gdpr_forget_erases_and_aggregates_still_load,
             gdpr_wrong_master_key_is_a_typed_error,
             gdpr_snapshots_are_encrypted_and_forgotten,

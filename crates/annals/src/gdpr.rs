@@ -14,8 +14,10 @@
 //! readers:
 //! - on append, each personal field with a value is replaced by
 //!   `{"$enc": "<base64 nonce+ciphertext>", "$subject": "<subject id>"}`;
-//!   the idempotency fingerprint is computed from the plaintext first
-//!   ([`NewEvent::with_fingerprint`]), so a retried append still deduplicates;
+//!   the idempotency fingerprint is computed from the plaintext first and
+//!   keyed by the subject's data key ([`NewEvent::with_fingerprint`]), so a
+//!   retried append still deduplicates and the stored digest tells nothing
+//!   about the plaintext once the key is deleted;
 //! - on read, such values are decrypted *before* the upcasters run (the
 //!   wrapper holds the upcasters; give it the inner store without any);
 //! - for a forgotten subject ([`GdprStore::forget`]) each encrypted field
@@ -278,6 +280,31 @@ impl MasterKey {
     fn cipher(&self) -> Aes256Gcm {
         Aes256Gcm::new(Key::<Aes256Gcm>::from_slice(&self.0))
     }
+}
+
+/// The idempotency fingerprint of an event with personal data, keyed by its
+/// subject's data key: SHA-256 over a key derived from the data key (the
+/// data key's encryption of a fixed label under a fixed nonce, a function
+/// of the key alone) and the plaintext fingerprint. A retried append
+/// computes the same value with the same key, so it still deduplicates;
+/// once the key is deleted (`forget`), no one can test a guessed name or
+/// e-mail against the stored digest, as they could against a plain SHA-256
+/// of the plaintext.
+fn keyed_fingerprint(cipher: &Aes256Gcm, plain: &Fingerprint) -> Result<Fingerprint> {
+    let derived = cipher
+        .encrypt(
+            Nonce::from_slice(&[0u8; 12]),
+            AeadPayload {
+                msg: b"annals fingerprint key",
+                aad: b"annals fingerprint key",
+            },
+        )
+        .map_err(|e| Error::Config(format!("cannot derive a fingerprint key: {e}")))?;
+    let mut h = Sha256::new();
+    h.update(b"annals keyed fingerprint\0");
+    h.update(&derived);
+    h.update(plain.as_bytes());
+    Ok(Fingerprint::from_bytes(h.finalize().into()))
 }
 
 /// Supplies the master key. Implement it to take the key from a KMS or
@@ -654,13 +681,6 @@ impl<K: KeyStore> Crypto<K> {
                     .into_error())
                 }
             };
-            if e.fingerprint.is_none() {
-                let fp = Fingerprint::of_value(&e.data).map_err(|_| Error::InvalidEvent {
-                    stream: stream.clone(),
-                    reason: format!("event {} is nested too deep", e.event_id),
-                })?;
-                e.fingerprint = Some(fp);
-            }
             let m = match master.take() {
                 Some(m) => m,
                 None => self.provider.master_key().map_err(GdprError::into_error)?,
@@ -670,6 +690,13 @@ impl<K: KeyStore> Crypto<K> {
                 None => self.key_for_write(&subject, &m).await?,
             };
             master = Some(m);
+            if e.fingerprint.is_none() {
+                let fp = Fingerprint::of_value(&e.data).map_err(|_| Error::InvalidEvent {
+                    stream: stream.clone(),
+                    reason: format!("event {} is nested too deep", e.event_id),
+                })?;
+                e.fingerprint = Some(keyed_fingerprint(&cipher, &fp)?);
+            }
             let mut data = std::mem::take(&mut e.data);
             for field in pd.fields {
                 let Some(obj) = data.as_object_mut() else {

@@ -172,7 +172,7 @@ pub async fn gdpr_encrypts_on_append_and_decrypts_on_read<S: EventStore + KeySto
 
     // A retry of the same event (same id, same plaintext) is a no-op even
     // though its ciphertext differs (fresh nonce): the fingerprint is the
-    // plaintext's.
+    // plaintext's, keyed by the subject's data key.
     let t = StreamId::parse("Person-p2").expect("stream");
     let e = NewEvent::new(
         "Registered",
@@ -503,4 +503,50 @@ pub async fn gdpr_wrong_master_key_on_snapshots_and_redaction<
         .await
         .expect_err("a wrong key is never redacted");
     assert!(is_wrong_key(&err), "{err:?}");
+}
+
+/// The idempotency fingerprint of an event with personal data is keyed by
+/// its subject's data key: not the plain SHA-256 of the payload (which
+/// would let anyone test a guessed name against the stored digest after the
+/// key is deleted), the same for a retry under the same key, and another
+/// one under another subject's key.
+pub async fn gdpr_fingerprints_are_keyed<S: EventStore + KeyStore>(store: S) {
+    let crypto = Crypto::new::<PersonEvent>(store.clone(), Arc::new(key(1)));
+    let s = StreamId::parse("Person-k1").expect("stream");
+    let plain = json!({"person_id": "k1", "name": "Ada Lovelace", "email": null});
+    let event = NewEvent::new("Registered", plain.clone());
+    let first = crypto
+        .encrypt_batch(&s, vec![event.clone()])
+        .await
+        .expect("encrypt");
+    let again = crypto
+        .encrypt_batch(&s, vec![event])
+        .await
+        .expect("encrypt again");
+    let fp = first[0].fingerprint.expect("fingerprint set");
+    assert_eq!(again[0].fingerprint, Some(fp), "a retry computes the same");
+    let unkeyed = annals::Fingerprint::of_value(&plain).expect("fingerprint");
+    assert_ne!(fp, unkeyed, "the stored digest must not be the plaintext's");
+
+    // The same plaintext of another subject (another data key) differs too.
+    let other = json!({"person_id": "k2", "name": "Ada Lovelace", "email": null});
+    let t = StreamId::parse("Person-k2").expect("stream");
+    let theirs = crypto
+        .encrypt_batch(&t, vec![NewEvent::new("Registered", other.clone())])
+        .await
+        .expect("encrypt");
+    let theirs = theirs[0].fingerprint.expect("fingerprint set");
+    assert_ne!(theirs, annals::Fingerprint::of_value(&other).expect("fp"));
+    assert_ne!(theirs, fp);
+
+    // Events without personal data keep the plain fingerprint (none set here:
+    // the backend computes it).
+    let visit = crypto
+        .encrypt_batch(
+            &s,
+            vec![NewEvent::new("Visited", json!({"person_id": "k1"}))],
+        )
+        .await
+        .expect("encrypt");
+    assert!(visit[0].fingerprint.is_none());
 }
