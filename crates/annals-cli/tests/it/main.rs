@@ -13,7 +13,6 @@ mod gdpr;
 mod inspection;
 mod library;
 mod migrate;
-mod partitions;
 mod postgres;
 mod projections;
 mod projections_rebuild;
