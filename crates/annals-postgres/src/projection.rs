@@ -20,9 +20,9 @@
 //! by [`PgProjection::create_tables`]) and writes them through
 //! [`annals::BatchContext::tables`] can be rebuilt blue-green
 //! ([`annals::ProjectionRunner::rebuild_blue_green`], see
-//! [`annals::blue_green`]). Its live batches then also upsert and so lock the
+//! [`annals::blue_green`]). Its live batches then also share-lock the
 //! projection's row of `projection_versions` and read the active version;
-//! the swap locks the same row first, so a live batch of the old version
+//! the swap locks the same row for update first, so a live batch of the old version
 //! either commits before the swap renames the tables (into the table that
 //! is retired) or waits for it and finds itself superseded.
 //!
@@ -171,15 +171,15 @@ impl<P: PgProjection> BatchApplier for PgTransactional<P> {
         let mut client = self.store.ready_client("apply a projection batch").await?;
         let what = "cannot apply a projection batch";
         let tx = client.transaction().await.context(what)?;
+        if let Some(fence) = &self.fence {
+            crate::lease::limit_idle(&tx, fence).await?;
+        }
         if !self.tables.is_shadow() && !self.projection.tables().is_empty() {
             let name = self.projection.name();
             let version = self.projection.version();
-            if let Some(active) = lock_active(&tx, name).await?.filter(|a| *a > version) {
+            if let Some(active) = share_active(&tx, name).await?.filter(|a| *a > version) {
                 return Err(ApplyError::Store(superseded(name, version, active)));
             }
-        }
-        if let Some(fence) = &self.fence {
-            crate::lease::limit_idle(&tx, fence).await?;
         }
         // The context's checkpoint: a partition's (`name@vN/pPofN`) when a
         // partitioned runner drives this applier.
@@ -249,6 +249,33 @@ impl<P: PgProjection> BatchApplier for PgTransactional<P> {
 /// `projection_versions`, returning its active version.
 const LOCK_ACTIVE_SQL: &str = "INSERT INTO projection_versions (name) VALUES ($1) \
      ON CONFLICT (name) DO UPDATE SET name = excluded.name RETURNING active_version";
+
+/// Creates the projection's row of `projection_versions` if missing.
+const ENSURE_ACTIVE_SQL: &str =
+    "INSERT INTO projection_versions (name) VALUES ($1) ON CONFLICT (name) DO NOTHING";
+/// Reads the active version under a share lock, held to the commit.
+const SHARE_ACTIVE_SQL: &str =
+    "SELECT active_version FROM projection_versions WHERE name = $1 FOR SHARE";
+
+/// A live batch's view of the active version: the row share-locked until the
+/// batch commits, so the swap (which updates the row) is ordered before or
+/// after the batch, while batches of the same projection (its partitions)
+/// do not queue behind one another.
+async fn share_active(
+    tx: &tokio_postgres::Transaction<'_>,
+    name: &str,
+) -> annals::Result<Option<u32>> {
+    let what = "cannot read a projection's active version";
+    tx.execute(ENSURE_ACTIVE_SQL, &[&name])
+        .await
+        .context(what)?;
+    let row = tx
+        .query_one(SHARE_ACTIVE_SQL, &[&name])
+        .await
+        .context(what)?;
+    let v: Option<i32> = row.try_get(0).context(what)?;
+    Ok(v.and_then(|v| u32::try_from(v).ok()))
+}
 
 async fn lock_active(
     tx: &tokio_postgres::Transaction<'_>,
