@@ -568,6 +568,7 @@ async fn rebuild(
     let store = env.open(false).await?;
     let db = read_model_db(&env, store.clone());
     let checkpoint = projection.checkpoint();
+    release_dead_local_lock(&store, &checkpoint).await;
     let marker = rebuild_marker(&checkpoint);
     let mut resumed = !from_start;
     if blue_green {
@@ -668,6 +669,45 @@ async fn rebuild(
 
 /// Releases the lock of `checkpoint` when this process holds it (a
 /// rebuild cancelled by a signal).
+/// Releases the lock of `checkpoint` when its holder is a process of this
+/// host that no longer exists (killed, or exited before its release of the
+/// lock committed), so that a rebuild can resume at once instead of waiting
+/// for the lease to run out. Holders on other hosts, live processes and
+/// hosts without `/proc` are left alone: their lease decides.
+async fn release_dead_local_lock(store: &AnyStore, checkpoint: &str) {
+    if !std::path::Path::new("/proc/self").exists() {
+        return;
+    }
+    let Ok(Some(lock)) = store.projection_lock(checkpoint).await else {
+        return;
+    };
+    if lock.expires_at <= chrono::Utc::now() {
+        return;
+    }
+    let me = annals::lock_owner();
+    let Some((_, host)) = me.split_once(" on ") else {
+        return;
+    };
+    let Some((pid, their_host)) = lock
+        .owner
+        .strip_prefix("pid ")
+        .and_then(|rest| rest.split_once(" on "))
+    else {
+        return;
+    };
+    let Ok(pid) = pid.parse::<u32>() else {
+        return;
+    };
+    if their_host != host
+        || pid == std::process::id()
+        || std::path::Path::new(&format!("/proc/{pid}")).exists()
+    {
+        return;
+    }
+    tracing::info!(checkpoint, owner = %lock.owner, "releasing the lock of a process that is gone");
+    let _ = store.release_projection_lock(&lock).await;
+}
+
 async fn release_own_lock(store: &AnyStore, checkpoint: &str) {
     if let Ok(Some(lock)) = store.projection_lock(checkpoint).await {
         if lock.owner == annals::lock_owner() {
