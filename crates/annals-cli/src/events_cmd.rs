@@ -1,14 +1,17 @@
 //! `annals events migrate|swap|drop-backup`: copy-and-transform migrations
 //! of the event table (see [`annals::EventMigration`] for the store's side
-//! and the README's "Schema evolution" for the plan's `[[migrate]]` and
-//! `[[purge]]` tables).
+//! and the README's "Schema evolution" for the plan's `[[migrate]]`,
+//! `[[merge]]` and `[[purge]]` tables).
 //!
 //! `migrate` copies the live table into `events_migrating` in global order,
 //! `--batch-size` source events per transaction with the run's checkpoint,
 //! so a run that stops (Ctrl-C, a crash, `--max-batches`) resumes after its
-//! last batch when started again. `--dry-run` only reads, and prints per
-//! stored event type and version how many events the plan would change,
-//! with one example. `swap` catches the copy up, then copies the events
+//! last batch when started again. A batch never ends inside a `[[merge]]`
+//! run (the run is held back to the next batch, and a run open at the end
+//! of the table to the swap), so a resumed run merges what one run in one
+//! go would. `--dry-run` only reads, and prints per stored event type and
+//! version how many events the plan would change (dropped, split, merged),
+//! with one example (and one merged run). `swap` catches the copy up, then copies the events
 //! appended meanwhile, verifies and renames, in one transaction.
 //! `drop-backup` removes the backup (or abandons a copy not swapped).
 //! Every event written is decoded with the binary's registered aggregate
@@ -20,7 +23,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use annals::{
-    EventMigration, EventStore, MigrationPlan, MigrationState, Migrator, ReadAll, RecordedEvent,
+    EventMigration, EventStore, MigrationPlan, MigrationPreview, MigrationState, Migrator, ReadAll,
+    RecordedEvent,
 };
 use anyhow::{anyhow, Context};
 use clap::{Args, Subcommand};
@@ -36,7 +40,7 @@ use crate::{AggregateOps, AnyStore, Outcome};
 #[derive(Subcommand, Debug)]
 pub(crate) enum EventsCommand {
     /// Copy every event into a new table in global order, transformed by a
-    /// plan (upcast, split, drop, purge); resumable. With --dry-run, print
+    /// plan (upcast, split, merge, drop, purge); resumable. With --dry-run, print
     /// what would change and write nothing.
     Migrate(MigrateArgs),
     /// Catch the copy up, copy the events appended meanwhile, verify it and
@@ -60,7 +64,8 @@ pub(crate) struct JsonArg {
 #[derive(Args, Debug)]
 pub(crate) struct MigrateArgs {
     /// The plan: a TOML file of [[step]] (upcasters), [[migrate]] (jq
-    /// filters that may split or drop events) and [[purge]] tables.
+    /// filters that may split or drop events), [[merge]] (jq filters over
+    /// runs of adjacent events of one stream) and [[purge]] tables.
     #[arg(long, value_name = "FILE")]
     plan: PathBuf,
     /// Print, per stored event type and version, how many events would
@@ -113,8 +118,11 @@ fn progress_bar(len: Option<u64>) -> ProgressBar {
 }
 
 /// Copies batches after the run's checkpoint until the live table's end (or
-/// `max_batches`). Returns the source events copied and whether it stopped
-/// early.
+/// `max_batches`). A batch never ends inside a `[[merge]]` run: the
+/// migrator holds the run back (a batch of nothing but held events reads
+/// on), so the checkpoint stays before it, and a run still open at the end
+/// is left to the swap. Returns the source events copied and whether it
+/// stopped early.
 async fn copy(
     store: &AnyStore,
     run: i64,
@@ -148,14 +156,20 @@ async fn copy(
             ..options
         });
         let mut batch = Vec::new();
+        let mut read = false;
         while let Some(event) = events.next().await {
             let event = event.context("cannot read the live events")?;
             after = Some(event.global_position);
-            batch.push(migrator.migrate(event)?);
+            read = true;
+            batch.extend(migrator.migrate(event)?);
         }
-        if batch.is_empty() {
+        if !read {
             bar.finish_and_clear();
             return Ok((copied, false));
+        }
+        if batch.is_empty() {
+            // Every event read joined an open run: read on.
+            continue;
         }
         let n = batch.len() as u64;
         store
@@ -215,6 +229,7 @@ async fn migrate(env: Env<'_>, args: MigrateArgs) -> anyhow::Result<Outcome> {
                 "written_events": run.written_events,
                 "renumbered": run.renumbered,
                 "complete": !stopped,
+                "held": migrator.held(),
             }),
         )?;
     } else {
@@ -235,6 +250,13 @@ async fn migrate(env: Env<'_>, args: MigrateArgs) -> anyhow::Result<Outcome> {
                 "; verify and swap with `annals events swap`"
             }
         )?;
+        if migrator.held() > 0 && !stopped {
+            writeln!(
+                env.out,
+                "the last {} events form a [[merge]] run that appends may extend: the swap copies them",
+                migrator.held()
+            )?;
+        }
     }
     Ok(Outcome::Success)
 }
@@ -245,7 +267,42 @@ struct Tally {
     changed: u64,
     dropped: u64,
     split: u64,
-    example: Option<(RecordedEvent, Vec<RecordedEvent>)>,
+    /// Events merged with others (members of runs of two or more).
+    merged: u64,
+    /// The merged runs with an event of this type and version.
+    runs: u64,
+    example: Option<MigrationPreview>,
+    /// A merged run with an event of this type and version, when the
+    /// example is not one.
+    merge_example: Option<MigrationPreview>,
+}
+
+impl Tally {
+    fn count(&mut self, p: &MigrationPreview, first: bool) {
+        self.events += 1;
+        if p.unchanged {
+            return;
+        }
+        self.changed += 1;
+        if p.before.len() > 1 {
+            self.merged += 1;
+            self.runs += u64::from(first);
+            if self.merge_example.is_none()
+                && self.example.as_ref().is_some_and(|e| e.before.len() == 1)
+            {
+                self.merge_example = Some(p.clone());
+            }
+        } else {
+            match p.after.len() {
+                0 => self.dropped += 1,
+                1 => {}
+                _ => self.split += 1,
+            }
+        }
+        if self.example.is_none() {
+            self.example = Some(p.clone());
+        }
+    }
 }
 
 async fn dry_run(
@@ -254,34 +311,44 @@ async fn dry_run(
     plan: Arc<MigrationPlan>,
     json: bool,
 ) -> anyhow::Result<Outcome> {
-    let migrator = Migrator::new(plan, Vec::new());
+    let mut migrator = Migrator::new(plan, Vec::new());
     let mut tallies: BTreeMap<(String, u32), Tally> = BTreeMap::new();
+    let mut tally = |previews: Vec<MigrationPreview>| {
+        for p in previews {
+            let mut seen = Vec::new();
+            for e in &p.before {
+                let key = (e.event_type.clone(), e.event_version);
+                let first = !seen.contains(&key);
+                seen.push(key.clone());
+                tallies.entry(key).or_default().count(&p, first);
+            }
+        }
+    };
     let mut events = store.read_all(ReadAll::from_start());
     while let Some(event) = events.next().await {
         let event = event.context("cannot read the live events")?;
-        let (unchanged, out) = migrator.preview(&event)?;
-        let t = tallies
-            .entry((event.event_type.clone(), event.event_version))
-            .or_default();
-        t.events += 1;
-        if !unchanged {
-            t.changed += 1;
-            match out.len() {
-                0 => t.dropped += 1,
-                1 => {}
-                _ => t.split += 1,
-            }
-            if t.example.is_none() {
-                t.example = Some((event, out));
-            }
-        }
+        tally(migrator.preview(event)?);
     }
+    tally(migrator.preview_finish()?);
     let show = |e: &RecordedEvent| {
         json!({
             "event_type": e.event_type,
             "event_version": e.event_version,
             "data": e.data.to_value().unwrap_or(serde_json::Value::Null),
         })
+    };
+    let example = |p: &MigrationPreview| {
+        let first = &p.before[0];
+        let mut o = json!({
+            "stream": first.stream_id.as_str(),
+            "stream_version": first.stream_version.0,
+            "before": show(first),
+            "after": p.after.iter().map(show).collect::<Vec<_>>(),
+        });
+        if p.before.len() > 1 {
+            o["run"] = p.before.iter().map(show).collect::<Vec<_>>().into();
+        }
+        o
     };
     for ((event_type, version), t) in &tallies {
         if json {
@@ -294,33 +361,44 @@ async fn dry_run(
                     "changed": t.changed,
                     "dropped": t.dropped,
                     "split": t.split,
-                    "example": t.example.as_ref().map(|(b, a)| json!({
-                        "stream": b.stream_id.as_str(),
-                        "stream_version": b.stream_version.0,
-                        "before": show(b),
-                        "after": a.iter().map(show).collect::<Vec<_>>(),
-                    })),
+                    "merged": t.merged,
+                    "merged_runs": t.runs,
+                    "example": t.example.as_ref().map(example),
+                    "merge_example": t.merge_example.as_ref().map(example),
                 }),
             )?;
             continue;
         }
         writeln!(
             env.out,
-            "{event_type} v{version}: {} events, {} would change ({} dropped, {} split)",
-            t.events, t.changed, t.dropped, t.split
+            "{event_type} v{version}: {} events, {} would change ({} dropped, {} split, {} merged in {} runs)",
+            t.events, t.changed, t.dropped, t.split, t.merged, t.runs
         )?;
-        if let Some((before, after)) = &t.example {
-            writeln!(
-                env.out,
-                "  e.g. {}@{}\n    before: {}",
-                before.stream_id,
-                before.stream_version,
-                show(before)
-            )?;
-            if after.is_empty() {
+        for p in t.example.iter().chain(&t.merge_example) {
+            let first = &p.before[0];
+            if p.before.len() > 1 {
+                writeln!(
+                    env.out,
+                    "  e.g. {}@{}..{} (a run of {} merged)",
+                    first.stream_id,
+                    first.stream_version,
+                    p.before[p.before.len() - 1].stream_version,
+                    p.before.len()
+                )?;
+            } else {
+                writeln!(
+                    env.out,
+                    "  e.g. {}@{}",
+                    first.stream_id, first.stream_version
+                )?;
+            }
+            for b in &p.before {
+                writeln!(env.out, "    before: {}", show(b))?;
+            }
+            if p.after.is_empty() {
                 writeln!(env.out, "    after:  (dropped)")?;
             }
-            for a in after {
+            for a in &p.after {
                 writeln!(env.out, "    after:  {}", show(a))?;
             }
         }
@@ -358,7 +436,13 @@ async fn swap(env: Env<'_>, json: bool) -> anyhow::Result<Outcome> {
     let deltas = store.migration_deltas().await?;
     let mut migrator = Migrator::new(plan, deltas).with_check(check);
     let report = match store
-        .swap_migration(run.id, Box::new(move |e| migrator.migrate(e)))
+        .swap_migration(
+            run.id,
+            Box::new(move |e| match e {
+                Some(e) => migrator.migrate(e),
+                None => migrator.finish(),
+            }),
+        )
         .await
     {
         Ok(r) => r,

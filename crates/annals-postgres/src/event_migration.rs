@@ -6,7 +6,7 @@
 //! names). Batches are read by the caller with `read_all` (below the
 //! snapshot horizon, so no event still in flight is passed) and written
 //! with one `INSERT … SELECT FROM unnest(…)`. Positions keep their
-//! `(tx_id, seq)` until the first drop or split; from then on the
+//! `(tx_id, seq)` until the first drop, split or merge; from then on the
 //! transaction id is kept and `seq` counts up from above every written one
 //! (see `sql/0010_event_migrations.sql`), which keeps the order and ADR
 //! 001's guarantee: the rows' transactions all finished long ago.
@@ -353,9 +353,10 @@ async fn swap_in(tx: &Transaction<'_>, run: i64, mut tail: TailTransform) -> Res
     let mut last = None;
     let mut batch = Vec::with_capacity(rows.len());
     for row in &rows {
-        batch.push(tail(decode_event(row, &mut last, None)?)?);
+        batch.extend(tail(Some(decode_event(row, &mut last, None)?))?);
     }
-    let tail_events = batch.len() as u64;
+    batch.extend(tail(None)?);
+    let tail_events = rows.len() as u64;
     if !batch.is_empty() {
         write_in(tx, run, batch).await?;
     }

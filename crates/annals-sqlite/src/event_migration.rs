@@ -343,10 +343,12 @@ fn swap_job(conn: &mut Connection, run: i64, mut tail: TailTransform) -> Result<
         RawEvents::collect(&mut rows, usize::MAX, usize::MAX, "reading the tail")?
     };
     let mut batch = Vec::new();
+    let mut tail_events = 0u64;
     for event in page.decode(None) {
-        batch.push(tail(event?)?);
+        batch.extend(tail(Some(event?))?);
+        tail_events += 1;
     }
-    let tail_events = batch.len() as u64;
+    batch.extend(tail(None)?);
     write_in(&tx, run, batch)?;
     verify(&tx)?;
     let renumbered: bool = tx

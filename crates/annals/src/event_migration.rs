@@ -5,26 +5,30 @@
 //! A run copies every event of the live table, in global order, into a new
 //! table beside it, transformed by the caller (a plan's jq filters in the
 //! CLI): one source event becomes zero (dropped), one, or several (split)
-//! events. The copy is written in batches, each in one transaction together
+//! events, and a run of adjacent source events of one stream may become
+//! any number (merged: the first source carries the events, the others
+//! none). The copy is written in batches, each in one transaction together
 //! with the run's checkpoint (the last source position copied), so an
-//! interrupted run resumes after its last committed batch. The store keeps
-//! the run's bookkeeping in the database: the run row, each changed
-//! stream's version delta, and the ids of the source events that do not
-//! appear in the copy under their own id (dropped, split, purged).
+//! interrupted run resumes after its last committed batch; the caller never
+//! ends a batch inside a merged run. The store keeps the run's bookkeeping
+//! in the database: the run row, each changed stream's version delta, and
+//! the ids of the source events that do not appear in the copy under their
+//! own id (dropped, split, merged, purged).
 //!
 //! Renumbering: an event keeps its id, metadata and `recorded_at`. Stream
 //! versions follow the per-stream delta (the events a stream gained or lost
 //! before), so each stream of the copy is `1..n` again. Global positions are
 //! kept while every event so far was copied one to one; after the first
-//! drop or split they are renumbered in the same order (SQLite: the source
+//! drop, split or merge they are renumbered in the same order (SQLite: the source
 //! position plus the events gained or lost so far; PostgreSQL: the source
 //! transaction id with a fresh sequence number), and the run is marked
 //! `renumbered`: the swap then removes every projection checkpoint, so
 //! each projection rebuilds from the start.
 //!
 //! [`EventMigration::swap_migration`] finishes the run in one transaction
-//! that holds appends off the table: it copies the events appended since
-//! the checkpoint (through the same transform), verifies the copy (counts
+//! that holds appends off the table: it copies the events after the
+//! checkpoint (appended during the copy, or held back in a merged run)
+//! through the same transform, verifies the copy (counts
 //! per stream, every id), renames the live table to a dated backup and the
 //! copy to `events` (with the live table's indexes, constraints and, on
 //! PostgreSQL, identity sequence), moves the changed streams' heads,
@@ -44,7 +48,7 @@ use crate::{
 #[derive(Clone, PartialEq, Debug)]
 pub struct MigratedEvent {
     /// Its id: the source event's, or derived from it (UUID v5) for the
-    /// events of a split.
+    /// events of a split (of a merge: from the run's first source).
     pub event_id: EventId,
     /// Its stream.
     pub stream_id: StreamId,
@@ -71,18 +75,24 @@ pub struct MigratedSource {
     /// The source event's position.
     pub source: GlobalPosition,
     /// The source event's id, when no event of the copy has it (dropped,
-    /// split, purged); with its stream and version.
+    /// split, merged, purged); with its stream and version.
     pub removed: Option<(EventId, StreamId, StreamVersion)>,
-    /// The events it became, in order (empty: dropped).
+    /// The events it became, in order (empty: dropped, or merged into the
+    /// events of the run's first source).
     pub events: Vec<MigratedEvent>,
     /// The stream's version delta after this event, when it changed.
     pub delta: Option<(StreamId, i64)>,
 }
 
-/// A transform the store runs on the events appended since the run's
-/// checkpoint, inside the swap's transaction. It must produce what the
-/// batches before it would have (same state: the per-stream deltas).
-pub type TailTransform = Box<dyn FnMut(RecordedEvent) -> Result<MigratedSource> + Send>;
+/// A transform the store runs on the events after the run's checkpoint
+/// (those appended during the copy, and any a transform held back), inside
+/// the swap's transaction: `Some(event)` for each in global order, then
+/// `None` once. Each call returns the sources it completed, in order (a
+/// merge holds events back until the one after them, or the final `None`).
+/// It must produce what the batches before it would have (same state: the
+/// per-stream deltas).
+pub type TailTransform =
+    Box<dyn FnMut(Option<RecordedEvent>) -> Result<Vec<MigratedSource>> + Send>;
 
 /// Where a run is.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -136,7 +146,7 @@ pub struct MigrationRun {
     pub source_events: u64,
     /// Events written into the copy.
     pub written_events: u64,
-    /// Whether positions or versions were renumbered (a drop or split).
+    /// Whether positions or versions were renumbered (a drop, split or merge).
     pub renumbered: bool,
     /// The backup table's name, once swapped.
     pub backup_table: Option<String>,
@@ -149,7 +159,8 @@ pub struct MigrationRun {
 pub struct SwapReport {
     /// The old table's new name.
     pub backup_table: String,
-    /// Source events copied inside the swap (appended during the copy).
+    /// Source events copied inside the swap (appended during the copy, or
+    /// held back in a merged run at the end of the copy).
     pub tail_events: u64,
     /// Events in the live table now.
     pub events: u64,
@@ -201,7 +212,7 @@ pub trait EventMigration: EventStore {
 
     /// Writes one batch into the copy and moves the run's checkpoint to the
     /// last source, in one transaction. Sources must follow the checkpoint
-    /// in global order.
+    /// in global order, and a merged run's sources must be in one batch.
     fn write_migration_batch(
         &self,
         run: i64,

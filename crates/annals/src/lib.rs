@@ -136,7 +136,7 @@ pub use partition::{
     PartitionedHandle, PartitionedRunner, WorkerView,
 };
 #[cfg(feature = "plan")]
-pub use plan::{MigrationPlan, Migrator, Plan, PlanError};
+pub use plan::{MigrationPlan, MigrationPreview, Migrator, Plan, PlanError};
 pub use projection::{
     checkpoint_moved, checkpoint_name, idempotency_key, projection_lag, wait_for, ApplyError,
     AtLeastOnce, BatchApplier, BatchContext, HandlerError, IdempotencyGuard, Projection,

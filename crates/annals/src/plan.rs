@@ -84,6 +84,23 @@ pub enum PlanError {
         /// What jaq expected or could not find.
         message: String,
     },
+    /// A copy-and-transform rule (`[[merge]]`) is wrong: its filter does
+    /// not compile (the position is jaq's), it lists no event type, or it
+    /// lists a type another `[[merge]]` rule lists (the position is the
+    /// rule's).
+    #[error("{}:{line}:{column}: {rule}: {message}", file.display())]
+    Rule {
+        /// The plan file.
+        file: PathBuf,
+        /// The rule, for example `[[merge]] 1 (StreetChanged, CityChanged)`.
+        rule: String,
+        /// Line in the file (from 1).
+        line: usize,
+        /// Column in the line (from 1, in characters).
+        column: usize,
+        /// What is wrong.
+        message: String,
+    },
     /// The steps do not form a valid registry (a missing link, a duplicate
     /// step ...), as [`UpcastersBuilder::build`] reports it.
     #[error("{}: {source}", file.display())]
@@ -116,6 +133,16 @@ struct PlanFile {
     /// Streams a migration purges; read commands ignore them.
     #[serde(default)]
     purge: Vec<PurgeDef>,
+    /// Runs of events a migration merges; read commands ignore them.
+    #[serde(default)]
+    merge: Vec<toml::Spanned<MergeRuleDef>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MergeRuleDef {
+    event_types: toml::Spanned<Vec<String>>,
+    filter: toml::Spanned<String>,
 }
 
 #[derive(Deserialize)]
@@ -313,7 +340,7 @@ fn line_column(text: &str, at: usize) -> (usize, usize) {
 type JaqData = data::JustLut<Val>;
 
 mod migration;
-pub use migration::{MigrationPlan, Migrator};
+pub use migration::{MigrationPlan, MigrationPreview, Migrator};
 
 /// A compiled jq filter.
 struct JqFilter {

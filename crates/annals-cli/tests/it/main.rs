@@ -13,6 +13,7 @@ mod gdpr;
 mod inspection;
 mod library;
 mod migrate;
+mod migrate_merge;
 mod postgres;
 mod projections;
 mod projections_rebuild;

@@ -142,11 +142,11 @@ fn splits_drops_purges_and_swaps(db: Db) {
         .ok()
         .stdout;
     assert!(
-        dry.contains("Moved v1: 1 events, 1 would change (0 dropped, 1 split)"),
+        dry.contains("Moved v1: 1 events, 1 would change (0 dropped, 1 split, 0 merged in 0 runs)"),
         "{dry}"
     );
     assert!(
-        dry.contains("Noise v1: 1 events, 1 would change (1 dropped, 0 split)"),
+        dry.contains("Noise v1: 1 events, 1 would change (1 dropped, 0 split, 0 merged in 0 runs)"),
         "{dry}"
     );
     assert!(
