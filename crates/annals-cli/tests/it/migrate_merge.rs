@@ -110,8 +110,6 @@ fn events_migrate_merges_runs_resumed_across_a_batch_boundary(db: &Db) {
     };
     seed(db);
     seed(&once);
-    let before = [state(db, "1"), state(db, "2")];
-    assert_eq!(before[0]["balance"], 10 + 20 + 1 - 3 + 4 + 5);
     let plan = plan_file(db, PLAN);
     let plan_once = plan_file(&once, PLAN);
 
@@ -139,6 +137,10 @@ fn events_migrate_merges_runs_resumed_across_a_batch_boundary(db: &Db) {
     // Appended during the copy, adjacent to the open run: the swap merges it.
     for d in [db, &once] {
         append(d, "Account-1", DEPOSITED, json!({"amount": 6}), 13);
+    }
+    let before = [state(db, "1"), state(db, "2")];
+    assert_eq!(before[0]["balance"], 10 + 20 + 1 - 3 + 4 + 5 + 6);
+    for d in [db, &once] {
         let swap = d.run(&["events", "swap", "--json"]).ok().json();
         assert_eq!(swap["tail_events"], 3);
         assert_eq!(swap["events"], 8);
