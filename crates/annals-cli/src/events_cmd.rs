@@ -457,6 +457,7 @@ async fn swap(env: Env<'_>, json: bool) -> anyhow::Result<Outcome> {
                 "tail_events": report.tail_events,
                 "events": report.events,
                 "checkpoints_reset": report.checkpoints_reset,
+                "dead_letters_removed": report.dead_letters_removed,
                 "snapshots_removed": report.snapshots_removed,
             }),
         )?;
@@ -470,6 +471,13 @@ async fn swap(env: Env<'_>, json: bool) -> anyhow::Result<Outcome> {
             writeln!(
                 env.out,
                 "checkpoint {name} removed (positions were renumbered): reset its read model and rebuild it"
+            )?;
+        }
+        if report.dead_letters_removed > 0 {
+            writeln!(
+                env.out,
+                "{} dead letters removed (they named the old positions; a rebuild parks a poison event again)",
+                report.dead_letters_removed
             )?;
         }
     }

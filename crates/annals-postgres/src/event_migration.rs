@@ -484,6 +484,7 @@ async fn swap_in(tx: &Transaction<'_>, run: i64, mut tail: TailTransform) -> Res
         .await
         .context(what)?;
     let mut checkpoints_reset = Vec::new();
+    let mut dead_letters_removed = 0;
     if renumbered {
         for r in tx
             .query("DELETE FROM checkpoints RETURNING name::text", &[])
@@ -493,6 +494,10 @@ async fn swap_in(tx: &Transaction<'_>, run: i64, mut tail: TailTransform) -> Res
             checkpoints_reset.push(r.try_get::<_, String>(0).context(what)?);
         }
         checkpoints_reset.sort();
+        dead_letters_removed = tx
+            .execute("DELETE FROM dead_letters", &[])
+            .await
+            .context(what)?;
     }
     tx.batch_execute("DELETE FROM event_migration_streams; DELETE FROM event_migration_removed")
         .await
@@ -514,6 +519,7 @@ async fn swap_in(tx: &Transaction<'_>, run: i64, mut tail: TailTransform) -> Res
         tail_events,
         events: u64::try_from(events).unwrap_or(0),
         checkpoints_reset,
+        dead_letters_removed,
         snapshots_removed,
     })
 }

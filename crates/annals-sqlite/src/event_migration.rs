@@ -430,6 +430,7 @@ fn swap_job(conn: &mut Connection, run: i64, mut tail: TailTransform) -> Result<
     tx.execute("DELETE FROM snapshot_staging", [])
         .map_err(db("removing the staged snapshots"))?;
     let mut checkpoints_reset = Vec::new();
+    let mut dead_letters_removed = 0;
     if renumbered {
         let mut s = tx
             .prepare("SELECT name FROM checkpoints ORDER BY name")
@@ -441,6 +442,9 @@ fn swap_job(conn: &mut Connection, run: i64, mut tail: TailTransform) -> Result<
         drop(s);
         tx.execute("DELETE FROM checkpoints", [])
             .map_err(db("removing the checkpoints"))?;
+        dead_letters_removed = tx
+            .execute("DELETE FROM dead_letters", [])
+            .map_err(db("removing the dead letters"))? as u64;
     }
     tx.execute_batch("DELETE FROM event_migration_streams; DELETE FROM event_migration_removed;")
         .map_err(db("clearing the migration's bookkeeping"))?;
@@ -458,6 +462,7 @@ fn swap_job(conn: &mut Connection, run: i64, mut tail: TailTransform) -> Result<
         tail_events,
         events: u64::try_from(events).unwrap_or(0),
         checkpoints_reset,
+        dead_letters_removed,
         snapshots_removed,
     })
 }

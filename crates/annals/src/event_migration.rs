@@ -167,6 +167,10 @@ pub struct SwapReport {
     /// Checkpoints removed because positions were renumbered (their
     /// projections rebuild from the start), by name.
     pub checkpoints_reset: Vec<String>,
+    /// Dead letters removed because positions were renumbered: they name
+    /// positions of the old table (a projection rebuilding from the start
+    /// parks a poison event again under its new position).
+    pub dead_letters_removed: u64,
     /// Snapshots removed (a cache of folds of the old events).
     pub snapshots_removed: u64,
 }

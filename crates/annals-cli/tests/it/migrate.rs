@@ -180,14 +180,26 @@ fn splits_drops_purges_and_swaps(db: Db) {
 
     if db.is_postgres() {
         db.execute_sql("INSERT INTO checkpoints (name, commit_pos, seq) VALUES ('p@v1', 0, 3)");
+        db.execute_sql(
+            "INSERT INTO dead_letters (name, commit_pos, seq, event_id, stream_id, event_type, error, attempts, parked_at) \
+             VALUES ('p@v1', 0, 2, gen_random_uuid(), 'Ledger-1', 'Moved', 'boom', 3, now())",
+        );
     } else {
         db.execute_sql(
             "INSERT INTO checkpoints (name, position, updated_at) VALUES ('p@v1', 3, 0)",
+        );
+        db.execute_sql(
+            "INSERT INTO dead_letters (name, position_commit, position, event_id, stream_id, event_type, error, attempts, parked_at) \
+             VALUES ('p@v1', 0, 2, 'x', 'Ledger-1', 'Moved', 'boom', 3, 0)",
         );
     }
     let swap = db.run(&["events", "swap", "--json"]).ok().json();
     assert_eq!(swap["events"], 6);
     assert_eq!(swap["checkpoints_reset"], json!(["p@v1"]));
+    assert_eq!(
+        swap["dead_letters_removed"], 1,
+        "dead letters name the old positions"
+    );
     let backup = swap["backup_table"].as_str().expect("backup").to_owned();
     assert!(backup.starts_with("events_backup_"), "{backup}");
 
