@@ -132,6 +132,21 @@ pub trait ProjectionControl: CheckpointStore {
         lock: &ProjectionLock,
     ) -> impl Future<Output = Result<()>> + Send;
 
+    /// Saves `position` as the checkpoint `name` (forward only, as
+    /// [`CheckpointStore::save_checkpoint`]) under `fence`: in one
+    /// transaction, checks that the lease still carries the fence's token
+    /// and saves. Fails with [`crate::Error::Fenced`], saving nothing, once
+    /// another runner took the lease over (a runner paused past its lease
+    /// cannot move the checkpoint, even over a stretch without events it
+    /// handles). A partition fence is refused with [`crate::Error::Config`]
+    /// by a store without partition leases.
+    fn save_checkpoint_fenced(
+        &self,
+        name: &str,
+        position: GlobalPosition,
+        fence: &crate::Fence,
+    ) -> impl Future<Output = Result<()>> + Send;
+
     /// The holder of the lock of `checkpoint`, expired or not (`None`: no
     /// row).
     fn projection_lock(
