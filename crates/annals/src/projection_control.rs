@@ -19,6 +19,10 @@
 //! well before it expires ([`ProjectionControl::renew_projection_lock`],
 //! which fails when the token is no longer the row's: the lease expired and
 //! someone else took it) and deletes it when it stops.
+//! [`ProjectionControl::save_checkpoint_fenced`] saves a checkpoint only
+//! while the lock still carries the saver's token, checked in the save's
+//! transaction: the runner's own checkpoint moves are fenced like its
+//! batches.
 //!
 //! # Trip notes
 //!
