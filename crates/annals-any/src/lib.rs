@@ -687,6 +687,14 @@ impl annals::ProjectionControl for AnyStore {
     async fn release_projection_lock(&self, lock: &annals::ProjectionLock) -> Result<()> {
         delegate!(self, s => s.release_projection_lock(lock).await)
     }
+    async fn save_checkpoint_fenced(
+        &self,
+        name: &str,
+        position: annals::GlobalPosition,
+        fence: &annals::Fence,
+    ) -> Result<()> {
+        delegate!(self, s => s.save_checkpoint_fenced(name, position, fence).await)
+    }
     async fn projection_lock(&self, checkpoint: &str) -> Result<Option<annals::ProjectionLock>> {
         delegate!(self, s => s.projection_lock(checkpoint).await)
     }

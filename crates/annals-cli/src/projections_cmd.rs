@@ -634,9 +634,11 @@ async fn rebuild(
     bar.finish_and_clear();
     let Some(outcome) = outcome else {
         // Cancelled between two awaits: at most the batch in flight is lost
-        // (its checkpoint was not saved). Free the lock now rather than at
-        // the end of its lease, so the resume can start at once.
-        release_own_lock(&store, &checkpoint).await;
+        // (its checkpoint was not saved). The dropped rebuild's lock keeper
+        // releases the lock after any write of it in flight; waiting for
+        // that before exiting lets the resume start at once rather than at
+        // the end of the lease.
+        annals::projection_lock_released(&checkpoint).await;
         note(&format!(
             "stopped on a signal{}; run the same command again to resume",
             last.map_or_else(String::new, |p| format!(" at {}", p.position))
@@ -667,13 +669,12 @@ async fn rebuild(
     Ok(Outcome::Success)
 }
 
-/// Releases the lock of `checkpoint` when this process holds it (a
-/// rebuild cancelled by a signal).
 /// Releases the lock of `checkpoint` when its holder is a process of this
-/// host that no longer exists (killed, or exited before its release of the
-/// lock committed), so that a rebuild can resume at once instead of waiting
-/// for the lease to run out. Holders on other hosts, live processes and
-/// hosts without `/proc` are left alone: their lease decides.
+/// host that no longer exists (killed with SIGKILL, or by the OOM killer:
+/// no release ran), so that a rebuild can resume at once instead of
+/// waiting for the lease to run out. Holders on other hosts, live
+/// processes and hosts without `/proc` are left alone: their lease decides.
+/// (A rebuild stopped by Ctrl-C or SIGTERM releases its lock itself.)
 async fn release_dead_local_lock(store: &AnyStore, checkpoint: &str) {
     if !std::path::Path::new("/proc/self").exists() {
         return;
@@ -706,14 +707,6 @@ async fn release_dead_local_lock(store: &AnyStore, checkpoint: &str) {
     }
     tracing::info!(checkpoint, owner = %lock.owner, "releasing the lock of a process that is gone");
     let _ = store.release_projection_lock(&lock).await;
-}
-
-async fn release_own_lock(store: &AnyStore, checkpoint: &str) {
-    if let Ok(Some(lock)) = store.projection_lock(checkpoint).await {
-        if lock.owner == annals::lock_owner() {
-            let _ = store.release_projection_lock(&lock).await;
-        }
-    }
 }
 
 #[derive(Serialize)]

@@ -16,7 +16,8 @@ use crate::PgEventStore;
 
 const LOAD_SQL: &str = "SELECT commit_pos, seq FROM checkpoints WHERE name = $1";
 
-const SAVE_SQL: &str = "INSERT INTO checkpoints AS c (name, commit_pos, seq, updated_at) \
+pub(crate) const SAVE_SQL: &str =
+    "INSERT INTO checkpoints AS c (name, commit_pos, seq, updated_at) \
      VALUES ($1, $2, $3, now()) \
      ON CONFLICT (name) DO UPDATE \
      SET commit_pos = EXCLUDED.commit_pos, seq = EXCLUDED.seq, updated_at = now() \

@@ -115,6 +115,34 @@ impl annals::ProjectionControl for PgEventStore {
         Ok(())
     }
 
+    async fn save_checkpoint_fenced(
+        &self,
+        name: &str,
+        position: annals::GlobalPosition,
+        fence: &annals::Fence,
+    ) -> Result<()> {
+        let (Ok(commit), Ok(seq)) = (
+            i64::try_from(position.commit()),
+            i64::try_from(position.seq()),
+        ) else {
+            return Err(annals::Error::PositionOutOfRange {
+                position,
+                reason: "beyond what a PostgreSQL checkpoint stores".into(),
+            });
+        };
+        let what = "cannot save a fenced checkpoint";
+        let mut client = self.ready_client("save a fenced checkpoint").await?;
+        let tx = client.transaction().await.context(what)?;
+        crate::lease::limit_idle(&tx, fence).await?;
+        // The lease row stays share-locked until the commit: a takeover is
+        // ordered before this save (refused) or after it.
+        crate::lease::check_fence(&tx, fence).await?;
+        tx.execute(crate::checkpoint::SAVE_SQL, &[&name, &commit, &seq])
+            .await
+            .context(what)?;
+        tx.commit().await.context(what)
+    }
+
     async fn projection_lock(&self, checkpoint: &str) -> Result<Option<ProjectionLock>> {
         let client = self.ready_client("read a projection lock").await?;
         let row = client

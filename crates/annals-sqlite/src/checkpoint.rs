@@ -11,7 +11,8 @@ use crate::codec::now_micros;
 use crate::error::{corrupt, db};
 use crate::SqliteEventStore;
 
-const SAVE_SQL: &str = "INSERT INTO checkpoints (name, position_commit, position, updated_at) \
+pub(crate) const SAVE_SQL: &str =
+    "INSERT INTO checkpoints (name, position_commit, position, updated_at) \
     VALUES (?1, ?2, ?3, ?4) \
     ON CONFLICT (name) DO UPDATE SET position_commit = excluded.position_commit, \
     position = excluded.position, updated_at = excluded.updated_at \
@@ -19,7 +20,7 @@ const SAVE_SQL: &str = "INSERT INTO checkpoints (name, position_commit, position
           (checkpoints.position_commit, checkpoints.position)";
 
 /// SQLite integers are `i64`; a position part beyond that cannot be stored.
-fn part(position: GlobalPosition, v: u64) -> Result<i64> {
+pub(crate) fn part(position: GlobalPosition, v: u64) -> Result<i64> {
     i64::try_from(v).map_err(|_| annals::Error::PositionOutOfRange {
         position,
         reason: "a SQLite checkpoint holds positions up to 2^63 - 1".into(),

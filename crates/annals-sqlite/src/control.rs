@@ -125,6 +125,47 @@ impl annals::ProjectionControl for SqliteEventStore {
             .await
     }
 
+    async fn save_checkpoint_fenced(
+        &self,
+        name: &str,
+        position: GlobalPosition,
+        fence: &annals::Fence,
+    ) -> Result<()> {
+        let annals::Fence::Lock { lock, token, .. } = fence else {
+            return Err(annals::Error::Config(format!(
+                "{}: partition leases are held in PostgreSQL; on SQLite one process runs \
+                 all partitions under the projection lock (PartitionedRunner::spawn_local)",
+                fence.lease_name()
+            )));
+        };
+        let commit = crate::checkpoint::part(position, position.commit())?;
+        let seq = crate::checkpoint::part(position, position.seq())?;
+        let (name, lock, token, fence) =
+            (name.to_owned(), lock.clone(), token.clone(), fence.clone());
+        self.conns()
+            .write(move |conn| {
+                // One writer job: the writer lock orders the check and the
+                // save with any takeover of the lock, which is a write too.
+                let tx = conn
+                    .transaction_with_behavior(TransactionBehavior::Immediate)
+                    .map_err(db("saving a fenced checkpoint"))?;
+                let now: Option<String> = tx
+                    .prepare_cached("SELECT token FROM projection_locks WHERE name = ?1")
+                    .and_then(|mut s| s.query_row([&lock], |r| r.get(0)).optional())
+                    .map_err(db("checking a projection's lock"))?;
+                match now {
+                    Some(now) if now == token => {}
+                    Some(now) => return Err(fence.fenced(&format!("token {now}"))),
+                    None => return Err(fence.fenced("no lock")),
+                }
+                tx.prepare_cached(crate::checkpoint::SAVE_SQL)
+                    .and_then(|mut s| s.execute(rusqlite::params![name, commit, seq, now_micros()]))
+                    .map_err(db("saving a fenced checkpoint"))?;
+                tx.commit().map_err(db("saving a fenced checkpoint"))
+            })
+            .await
+    }
+
     async fn projection_lock(&self, checkpoint: &str) -> Result<Option<ProjectionLock>> {
         let name = checkpoint.to_owned();
         self.conns()

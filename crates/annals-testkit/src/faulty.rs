@@ -4,7 +4,9 @@
 //! the way a dropped connection or a timeout does.
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::oneshot;
 
 use annals::{
     AppendResult, CheckpointStore, Error, EventId, EventStore, EventStream, ExpectedVersion,
@@ -27,6 +29,46 @@ pub struct FaultyStore<S> {
     inner: S,
     budget: Arc<AtomicI64>,
     lost_replies: Arc<AtomicU64>,
+    held: Arc<Mutex<Option<HeldWrite>>>,
+    fenced_saves: Arc<AtomicU64>,
+}
+
+/// A write of a projection lock ([`FaultyStore::hold_lock_write`]).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum LockWrite {
+    /// [`annals::ProjectionControl::acquire_projection_lock`].
+    Acquire,
+    /// [`annals::ProjectionControl::renew_projection_lock`].
+    Renew,
+}
+
+struct HeldWrite {
+    kind: LockWrite,
+    started: oneshot::Sender<()>,
+    go: oneshot::Receiver<()>,
+}
+
+/// The next lock write of one kind, held in flight
+/// ([`FaultyStore::hold_lock_write`]).
+pub struct HeldLockWrite {
+    started: oneshot::Receiver<()>,
+    go: oneshot::Sender<()>,
+}
+
+impl HeldLockWrite {
+    /// Waits until the write was made: it is in flight, on a task of its
+    /// own, and lands once [`land`](Self::land) is called whatever becomes
+    /// of the caller that made it.
+    pub async fn started(&mut self) {
+        (&mut self.started)
+            .await
+            .expect("the held lock write was dropped before it started");
+    }
+
+    /// Lets the write reach the store.
+    pub fn land(self) {
+        let _ = self.go.send(());
+    }
 }
 
 impl<S> FaultyStore<S> {
@@ -36,6 +78,8 @@ impl<S> FaultyStore<S> {
             inner,
             budget: Arc::new(AtomicI64::new(budget)),
             lost_replies: Arc::new(AtomicU64::new(0)),
+            held: Arc::default(),
+            fenced_saves: Arc::default(),
         }
     }
 
@@ -58,6 +102,39 @@ impl<S> FaultyStore<S> {
         self.lost_replies
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
             .is_ok()
+    }
+
+    /// Holds the next write of a projection lock of kind `kind` in flight,
+    /// the way a statement already sent to the database (or queued on
+    /// SQLite's writer thread) is: the call starts a task that makes the
+    /// write on the inner store once [`HeldLockWrite::land`] is called (or
+    /// the handle is dropped), and waits for it; dropping the call's future
+    /// does not cancel the write.
+    pub fn hold_lock_write(&self, kind: LockWrite) -> HeldLockWrite {
+        let (started_tx, started) = oneshot::channel();
+        let (go, go_rx) = oneshot::channel();
+        *self.held.lock().expect("held lock write") = Some(HeldWrite {
+            kind,
+            started: started_tx,
+            go: go_rx,
+        });
+        HeldLockWrite { started, go }
+    }
+
+    /// The held write of kind `kind`, if one is armed.
+    fn take_held(&self, kind: LockWrite) -> Option<HeldWrite> {
+        let mut held = self.held.lock().expect("held lock write");
+        if held.as_ref().is_some_and(|h| h.kind == kind) {
+            held.take()
+        } else {
+            None
+        }
+    }
+
+    /// How many fenced checkpoint saves the inner store refused with
+    /// [`Error::Fenced`] (the lease had been taken over).
+    pub fn fenced_saves(&self) -> u64 {
+        self.fenced_saves.load(Ordering::SeqCst)
     }
 
     /// Allows writes again (the "restart").
@@ -239,19 +316,54 @@ impl<S: annals::ProjectionControl> annals::ProjectionControl for FaultyStore<S> 
         token: &str,
         ttl: std::time::Duration,
     ) -> Result<annals::LockAttempt> {
-        self.inner
-            .acquire_projection_lock(checkpoint, owner, token, ttl)
-            .await
+        let Some(held) = self.take_held(LockWrite::Acquire) else {
+            return self
+                .inner
+                .acquire_projection_lock(checkpoint, owner, token, ttl)
+                .await;
+        };
+        let inner = self.inner.clone();
+        let (checkpoint, owner, token) =
+            (checkpoint.to_owned(), owner.to_owned(), token.to_owned());
+        in_flight(held, async move {
+            inner
+                .acquire_projection_lock(&checkpoint, &owner, &token, ttl)
+                .await
+        })
+        .await
     }
     async fn renew_projection_lock(
         &self,
         lock: &annals::ProjectionLock,
         ttl: std::time::Duration,
     ) -> Result<Option<annals::ProjectionLock>> {
-        self.inner.renew_projection_lock(lock, ttl).await
+        let Some(held) = self.take_held(LockWrite::Renew) else {
+            return self.inner.renew_projection_lock(lock, ttl).await;
+        };
+        let (inner, lock) = (self.inner.clone(), lock.clone());
+        in_flight(held, async move {
+            inner.renew_projection_lock(&lock, ttl).await
+        })
+        .await
     }
     async fn release_projection_lock(&self, lock: &annals::ProjectionLock) -> Result<()> {
         self.inner.release_projection_lock(lock).await
+    }
+    async fn save_checkpoint_fenced(
+        &self,
+        name: &str,
+        position: GlobalPosition,
+        fence: &annals::Fence,
+    ) -> Result<()> {
+        self.spend()?;
+        let out = self
+            .inner
+            .save_checkpoint_fenced(name, position, fence)
+            .await;
+        if matches!(out, Err(Error::Fenced { .. })) {
+            self.fenced_saves.fetch_add(1, Ordering::SeqCst);
+        }
+        out
     }
     async fn projection_lock(&self, checkpoint: &str) -> Result<Option<annals::ProjectionLock>> {
         self.inner.projection_lock(checkpoint).await
@@ -265,6 +377,26 @@ impl<S: annals::ProjectionControl> annals::ProjectionControl for FaultyStore<S> 
     async fn drop_dead_letter(&self, checkpoint: &str, event_id: annals::EventId) -> Result<bool> {
         self.inner.drop_dead_letter(checkpoint, event_id).await
     }
+}
+
+/// Makes `write` on a task of its own once `held` lets it land, and waits
+/// for its result (see [`FaultyStore::hold_lock_write`]).
+async fn in_flight<T: Send + 'static>(
+    held: HeldWrite,
+    write: impl std::future::Future<Output = Result<T>> + Send + 'static,
+) -> Result<T> {
+    let HeldWrite { started, go, .. } = held;
+    let task = tokio::spawn(async move {
+        // Landed on `land`, or when the test drops the handle.
+        let _ = go.await;
+        write.await
+    });
+    let _ = started.send(());
+    task.await.map_err(|e| Error::Backend {
+        backend: "faulty",
+        message: format!("the held lock write's task failed: {e}"),
+        source: None,
+    })?
 }
 
 impl<S: StreamCatalog> StreamCatalog for FaultyStore<S> {

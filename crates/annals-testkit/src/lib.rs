@@ -33,7 +33,7 @@ mod faulty;
 pub mod model;
 pub mod suite;
 
-pub use faulty::{FaultyStore, LOST_REPLY};
+pub use faulty::{FaultyStore, HeldLockWrite, LockWrite, LOST_REPLY};
 
 use annals::{CheckpointStore, EventStore, SnapshotStore};
 
@@ -236,6 +236,8 @@ macro_rules! conformance_suite {
             reactor_commands_apply_once_when_events_are_redelivered,
             rate_limited_projection_delivers_every_event,
             partitioned_projection_runs_all_partitions_in_one_process,
+            issue8_a_dropped_rebuild_releases_its_lock_after_the_write_in_flight,
+            issue8_a_taken_over_runner_saves_no_checkpoint_for_an_empty_stretch,
         }
     };
     (@group upcasting, $($then:tt)*) => {

@@ -1407,6 +1407,15 @@ impl<S: crate::ProjectionControl, K: KeyStore> crate::ProjectionControl for Gdpr
         self.inner.release_projection_lock(lock)
     }
 
+    fn save_checkpoint_fenced(
+        &self,
+        name: &str,
+        position: crate::GlobalPosition,
+        fence: &crate::Fence,
+    ) -> impl Future<Output = Result<()>> + Send {
+        self.inner.save_checkpoint_fenced(name, position, fence)
+    }
+
     fn projection_lock(
         &self,
         checkpoint: &str,

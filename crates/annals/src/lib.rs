@@ -144,8 +144,8 @@ pub use projection::{
     RunnerOptions,
 };
 pub use projection::{
-    record_dead_letter_count, retry_dead_letter, ErrorPolicy, ProjectionState, RateLimiter,
-    RebuildOptions, RebuildProgress, DEFAULT_LOCK_TTL,
+    projection_lock_released, record_dead_letter_count, retry_dead_letter, ErrorPolicy,
+    ProjectionState, RateLimiter, RebuildOptions, RebuildProgress, DEFAULT_LOCK_TTL,
 };
 pub use projection_control::{
     lock_owner, lock_token, projection_trip, record_trip, DeadLetter, LockAttempt,

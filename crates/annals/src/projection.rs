@@ -41,7 +41,7 @@
 use std::future::Future;
 use std::time::Duration;
 
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 
 use crate::blue_green::{BlueGreenApplier, TableNames};
 use crate::projection_control::{lock_owner, lock_token, DeadLetter, LockAttempt, ProjectionLock};
@@ -194,8 +194,9 @@ pub trait BatchApplier: Send + 'static {
     /// [`PartitionedRunner`](crate::PartitionedRunner) per partition). A
     /// transactional applier checks it in each batch's transaction and
     /// fails with [`Error::Fenced`] (rolling back) once another runner has
-    /// taken the lease over; the default ignores it (an at-least-once
-    /// applier cannot make the check atomic).
+    /// taken the lease over; [`AtLeastOnce`] fences its checkpoint save
+    /// (not the handler's effects, which it cannot make atomic with the
+    /// check); the default ignores it.
     fn set_fence(&mut self, fence: Option<crate::Fence>) {
         let _ = fence;
     }
@@ -209,12 +210,16 @@ pub trait BatchApplier: Send + 'static {
     ) -> impl Future<Output = std::result::Result<(), ApplyError>> + Send;
 }
 
-/// The at-least-once applier: the projection's handler, then
-/// [`CheckpointStore::save_checkpoint`].
+/// The at-least-once applier: the projection's handler, then the
+/// checkpoint's save, fenced by the runner's lease
+/// ([`ProjectionControl::save_checkpoint_fenced`]) once it has one.
 pub struct AtLeastOnce<C, P> {
     checkpoints: C,
     projection: P,
     checkpoint: String,
+    /// The lease it runs under: its checkpoint saves are fenced (the
+    /// handler's effects cannot be).
+    fence: Option<crate::Fence>,
 }
 
 impl<C: CheckpointStore, P: Projection> AtLeastOnce<C, P> {
@@ -225,6 +230,7 @@ impl<C: CheckpointStore, P: Projection> AtLeastOnce<C, P> {
             checkpoints,
             projection,
             checkpoint,
+            fence: None,
         }
     }
 
@@ -234,7 +240,7 @@ impl<C: CheckpointStore, P: Projection> AtLeastOnce<C, P> {
     }
 }
 
-impl<C: CheckpointStore, P: Projection> BatchApplier for AtLeastOnce<C, P> {
+impl<C: ProjectionControl, P: Projection> BatchApplier for AtLeastOnce<C, P> {
     fn name(&self) -> &str {
         self.projection.name()
     }
@@ -256,10 +262,17 @@ impl<C: CheckpointStore, P: Projection> BatchApplier for AtLeastOnce<C, P> {
                 .await
                 .map_err(ApplyError::Handler)?;
         }
-        self.checkpoints
-            .save_checkpoint(&ctx.checkpoint, ctx.position)
-            .await?;
+        save_checkpoint_under(
+            &self.checkpoints,
+            &ctx.checkpoint,
+            ctx.position,
+            self.fence.as_ref(),
+        )
+        .await?;
         Ok(())
+    }
+    fn set_fence(&mut self, fence: Option<crate::Fence>) {
+        self.fence = fence;
     }
     async fn apply_parked(
         &mut self,
@@ -509,7 +522,13 @@ pub struct RebuildProgress {
 /// rebuild of the same projection version, on this machine or another one,
 /// is refused with [`ProjectionError::Locked`] naming the holder, until the
 /// first one stops. The lease is renewed every third of
-/// [`lock_ttl`](Self::lock_ttl) and released when the runner ends.
+/// [`lock_ttl`](Self::lock_ttl) and released when the runner ends (see
+/// [`projection_lock_released`] for a runner or rebuild future that is
+/// dropped). Every checkpoint the runner saves, with a batch or for a
+/// stretch without matching events, is checked against the lock's token in
+/// the save's transaction
+/// ([`ProjectionControl::save_checkpoint_fenced`]): a runner whose lease was
+/// taken over stops with [`Error::Fenced`] and moves nothing.
 pub struct ProjectionRunner<S, A> {
     store: S,
     applier: A,
@@ -518,6 +537,10 @@ pub struct ProjectionRunner<S, A> {
     lock_ttl: Duration,
     trip_after: Option<Duration>,
     rate: Option<RateLimiter>,
+    /// The lease of the lock while it is held: every checkpoint the runner
+    /// saves itself (a stretch without matching events, a parked event) is
+    /// checked against it in the save's transaction, as the applier's are.
+    fence: Option<crate::Fence>,
 }
 
 impl<S, P> ProjectionRunner<S, AtLeastOnce<S, P>>
@@ -552,6 +575,7 @@ where
             lock_ttl: DEFAULT_LOCK_TTL,
             trip_after: None,
             rate: None,
+            fence: None,
         }
     }
 
@@ -635,7 +659,7 @@ where
     ) -> Result<A, ProjectionError> {
         let out = match self.take_lock().await {
             Ok(mut keeper) => {
-                self.applier.set_fence(Some(keeper.fence(self.lock_ttl)));
+                self.set_fence(Some(keeper.fence(self.lock_ttl)));
                 state.send_replace(ProjectionState::Running);
                 let out = self.run_inner(&mut stop, &position, &mut keeper).await;
                 keeper.release().await;
@@ -643,7 +667,7 @@ where
                     keeper.leave_trip_note(reason).await;
                 }
                 // The applier handed back no longer runs under the lease.
-                self.applier.set_fence(None);
+                self.set_fence(None);
                 out
             }
             Err(e) => Err(e),
@@ -735,16 +759,12 @@ where
         let (after, position) = (ctx.after, ctx.position);
         let work = async {
             if events.is_empty() {
-                let checkpoint = ctx.checkpoint.clone();
-                self.retry_store(|s| {
-                    let checkpoint = checkpoint.clone();
-                    async move { s.save_checkpoint(&checkpoint, position).await }
-                })
-                .await
-                .map_err(|source| ProjectionError::Store {
-                    projection: name.clone(),
-                    source,
-                })
+                self.save_fenced(&ctx.checkpoint, position)
+                    .await
+                    .map_err(|source| ProjectionError::Store {
+                        projection: name.clone(),
+                        source,
+                    })
             } else {
                 self.apply_batch(events, ctx).await
             }
@@ -777,21 +797,25 @@ where
     /// once the checkpoint has reached the head as read at the end.
     ///
     /// Cancel-safe: dropping the future loses at most the batch in flight
-    /// (its checkpoint was not saved); the lock is then held until its
-    /// lease expires ([`lock_ttl`](Self::lock_ttl)).
+    /// (its checkpoint was not saved). The lock is then released by the
+    /// task that keeps it, after any write of the lock it had in flight (an
+    /// acquisition or a renewal already sent): await
+    /// [`projection_lock_released`] before the process exits. A process
+    /// killed outright leaves the lock held until its lease expires
+    /// ([`lock_ttl`](Self::lock_ttl)).
     pub async fn rebuild(
         mut self,
         options: RebuildOptions,
         mut progress: impl FnMut(&RebuildProgress) + Send,
     ) -> Result<A, ProjectionError> {
         let mut keeper = self.take_lock().await?;
-        self.applier.set_fence(Some(keeper.fence(self.lock_ttl)));
+        self.set_fence(Some(keeper.fence(self.lock_ttl)));
         let out = self
             .rebuild_inner(&mut keeper, options, None, &mut progress)
             .await;
         keeper.release().await;
         // The applier handed back no longer runs under the lease.
-        self.applier.set_fence(None);
+        self.set_fence(None);
         out.map(|()| self.applier)
     }
 
@@ -969,7 +993,7 @@ where
         let live = self.applier.checkpoint();
         let version = self.applier.version();
         let mut keeper = self.take_lock().await?;
-        self.applier.set_fence(Some(keeper.fence(self.lock_ttl)));
+        self.set_fence(Some(keeper.fence(self.lock_ttl)));
         let out = async {
             let retry = self.options.store_retry;
             let active = retry_mut!(self.applier, retry, active_version()).map_err(|source| {
@@ -1046,7 +1070,7 @@ where
         }
         .await;
         keeper.release().await;
-        self.applier.set_fence(None);
+        self.set_fence(None);
         out.map(|()| self.applier)
     }
 
@@ -1094,17 +1118,12 @@ where
         events: &[RecordedEvent],
     ) -> Result<(), ProjectionError> {
         if events.last().map(|e| e.global_position) < Some(ctx.position) {
-            let checkpoint = ctx.checkpoint.clone();
-            let position = ctx.position;
-            self.retry_store(|s| {
-                let checkpoint = checkpoint.clone();
-                async move { s.save_checkpoint(&checkpoint, position).await }
-            })
-            .await
-            .map_err(|source| ProjectionError::Store {
-                projection: self.applier.name().to_owned(),
-                source,
-            })?;
+            self.save_fenced(&ctx.checkpoint, ctx.position)
+                .await
+                .map_err(|source| ProjectionError::Store {
+                    projection: self.applier.name().to_owned(),
+                    source,
+                })?;
         }
         Ok(())
     }
@@ -1164,11 +1183,12 @@ where
         };
         let checkpoint = ctx.checkpoint.clone();
         let position = event.global_position;
+        let fence = self.fence.clone();
         self.retry_store(|s| {
-            let (letter, checkpoint) = (letter.clone(), checkpoint.clone());
+            let (letter, checkpoint, fence) = (letter.clone(), checkpoint.clone(), fence.clone());
             async move {
                 s.park_event(&letter).await?;
-                s.save_checkpoint(&checkpoint, position).await
+                save_checkpoint_under(&s, &checkpoint, position, fence.as_ref()).await
             }
         })
         .await
@@ -1209,6 +1229,27 @@ where
         }
     }
 
+    /// Gives the lease to the applier and keeps it for the runner's own
+    /// checkpoint saves ([`save_fenced`](Self::save_fenced)).
+    fn set_fence(&mut self, fence: Option<crate::Fence>) {
+        self.applier.set_fence(fence.clone());
+        self.fence = fence;
+    }
+
+    /// Saves a checkpoint the runner moves itself (past a stretch without
+    /// matching events), under the lease, with the store retry policy.
+    fn save_fenced(
+        &self,
+        checkpoint: &str,
+        position: GlobalPosition,
+    ) -> impl Future<Output = crate::Result<()>> + Send {
+        let (checkpoint, fence) = (checkpoint.to_owned(), self.fence.clone());
+        self.retry_store(move |s| {
+            let (checkpoint, fence) = (checkpoint.clone(), fence.clone());
+            async move { save_checkpoint_under(&s, &checkpoint, position, fence.as_ref()).await }
+        })
+    }
+
     /// Runs a store call with the store retry policy (a free function's
     /// future: `&self` is not `Send` when the applier is not `Sync`).
     fn retry_store<T, F, Fut>(&self, f: F) -> impl Future<Output = crate::Result<T>> + Send
@@ -1221,6 +1262,25 @@ where
     }
 }
 
+/// Saves a checkpoint under `fence` ([`ProjectionControl::save_checkpoint_fenced`]),
+/// or unfenced when there is none.
+async fn save_checkpoint_under<S: ProjectionControl>(
+    store: &S,
+    checkpoint: &str,
+    position: GlobalPosition,
+    fence: Option<&crate::Fence>,
+) -> crate::Result<()> {
+    match fence {
+        Some(fence) => {
+            store
+                .save_checkpoint_fenced(checkpoint, position, fence)
+                .await
+        }
+        None => store.save_checkpoint(checkpoint, position).await,
+    }
+}
+
+/// Takes the lock of `checkpoint` on a [`LockKeeper`]'s task (see there).
 async fn take_lock<S: ProjectionControl>(
     store: S,
     name: String,
@@ -1230,20 +1290,50 @@ async fn take_lock<S: ProjectionControl>(
 ) -> Result<LockKeeper<S>, ProjectionError> {
     let owner = lock_owner();
     let token = lock_token();
-    let attempt = retry_store(store.clone(), retry, |s| {
-        let (checkpoint, owner, token) = (checkpoint.clone(), owner.clone(), token.clone());
-        async move {
-            s.acquire_projection_lock(&checkpoint, &owner, &token, ttl)
-                .await
-        }
-    })
-    .await
-    .map_err(|source| ProjectionError::Store {
+    let store_err = |source| ProjectionError::Store {
         projection: name.clone(),
         source,
-    })?;
+    };
+    // Counted before the task exists, so that `projection_lock_released`
+    // never misses it.
+    let live = LiveKeeper::enter(&checkpoint);
+    let (taken_tx, taken_rx) = oneshot::channel();
+    let (stop_tx, stop_rx) = oneshot::channel();
+    let (lost_tx, lost) = watch::channel(false);
+    let task = tokio::spawn(keep_lock(
+        store.clone(),
+        LockRequest {
+            checkpoint: checkpoint.clone(),
+            owner,
+            token,
+            ttl,
+            retry,
+        },
+        taken_tx,
+        stop_rx,
+        lost_tx,
+        live,
+    ));
+    let attempt = match taken_rx.await {
+        Ok(attempt) => attempt.map_err(store_err)?,
+        Err(_) => {
+            return Err(store_err(Error::Backend {
+                backend: "annals",
+                message: format!(
+                    "the task taking the lock of {checkpoint} ended (runtime shut down)"
+                ),
+                source: None,
+            }))
+        }
+    };
     match attempt {
-        LockAttempt::Acquired(lock) => Ok(LockKeeper::start(store, lock, ttl)),
+        LockAttempt::Acquired(lock) => Ok(LockKeeper {
+            store,
+            lock,
+            lost,
+            stop: Some(stop_tx),
+            task: Some(task),
+        }),
         LockAttempt::Held(holder) => Err(ProjectionError::Locked {
             projection: name,
             checkpoint,
@@ -1253,50 +1343,115 @@ async fn take_lock<S: ProjectionControl>(
     }
 }
 
-/// Renews a held projection lock on its own task, every third of its lease;
-/// aborted (and the lock released) when the runner ends.
+/// What [`keep_lock`] takes.
+struct LockRequest {
+    checkpoint: String,
+    owner: String,
+    token: String,
+    ttl: Duration,
+    retry: Backoff,
+}
+
+/// The task of a [`LockKeeper`]: every write of the lock, one after the
+/// other, the release last. A write is never cancelled half-way (its
+/// statement may already be on its way to the database, or queued on
+/// SQLite's writer thread): the stop request is only looked at between two
+/// writes, so the release is ordered after the acquisition or renewal that
+/// was in flight when the runner's future was dropped, and that write
+/// cannot leave the lock held behind the release.
+async fn keep_lock<S: ProjectionControl>(
+    store: S,
+    req: LockRequest,
+    taken: oneshot::Sender<crate::Result<LockAttempt>>,
+    mut stop: oneshot::Receiver<()>,
+    lost: watch::Sender<bool>,
+    _live: LiveKeeper,
+) {
+    let LockRequest {
+        checkpoint,
+        owner,
+        token,
+        ttl,
+        retry,
+    } = req;
+    let attempt = retry_store(store.clone(), retry, |s| {
+        let (checkpoint, owner, token) = (checkpoint.clone(), owner.clone(), token.clone());
+        async move {
+            s.acquire_projection_lock(&checkpoint, &owner, &token, ttl)
+                .await
+        }
+    })
+    .await;
+    let lock = match &attempt {
+        Ok(LockAttempt::Acquired(lock)) => lock.clone(),
+        // Not taken: nothing to renew or release.
+        _ => {
+            let _ = taken.send(attempt);
+            return;
+        }
+    };
+    // The caller gone (its future dropped while the lock was being taken)
+    // means a stop: released below, after the acquisition that landed.
+    if taken.send(attempt).is_ok() {
+        let every = ttl / 3;
+        let mut last_ok = tokio::time::Instant::now();
+        let mut stopped = false;
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(every) => {}
+                // Sent, or the keeper dropped: release.
+                _ = &mut stop => {
+                    stopped = true;
+                    break;
+                }
+            }
+            // Not raced with `stop`: see above.
+            match store.renew_projection_lock(&lock, ttl).await {
+                Ok(Some(_)) => last_ok = tokio::time::Instant::now(),
+                Ok(None) => {
+                    lost.send_replace(true);
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(checkpoint = %lock.checkpoint, error = %e,
+                        "cannot renew a projection lock");
+                    if last_ok.elapsed() >= ttl {
+                        lost.send_replace(true);
+                        break;
+                    }
+                }
+            }
+        }
+        // A lost lock is released too once the runner stops (a no-op when
+        // another runner took it: the release names this token).
+        if !stopped {
+            let _ = stop.await;
+        }
+    }
+    if let Err(e) = store.release_projection_lock(&lock).await {
+        tracing::warn!(checkpoint = %lock.checkpoint, error = %e,
+            "cannot release a projection lock: it expires with its lease");
+    }
+}
+
+/// Holds a projection lock for a runner or a rebuild. One task of its own
+/// ([`keep_lock`]) makes every write of the lock: the acquisition, a
+/// renewal every third of the lease, and the release, always the last one.
+/// [`release`](Self::release) asks for the release and waits for it;
+/// dropping the keeper (a runner or rebuild future dropped on Ctrl-C) asks
+/// for it without waiting: the task releases the lock after the write it
+/// may have in flight ([`crate::projection_lock_released`] waits for that).
 struct LockKeeper<S: ProjectionControl> {
     store: S,
     lock: ProjectionLock,
     /// Becomes true when a renewal found the lock gone or kept failing.
     lost: watch::Receiver<bool>,
-    task: tokio::task::JoinHandle<()>,
+    /// Sent (or dropped): the task releases the lock and ends.
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl<S: ProjectionControl> LockKeeper<S> {
-    fn start(store: S, lock: ProjectionLock, ttl: Duration) -> Self {
-        let (lost_tx, lost) = watch::channel(false);
-        let task = tokio::spawn({
-            let store = store.clone();
-            let lock = lock.clone();
-            async move {
-                let every = ttl / 3;
-                let mut last_ok = tokio::time::Instant::now();
-                loop {
-                    tokio::time::sleep(every).await;
-                    match store.renew_projection_lock(&lock, ttl).await {
-                        Ok(Some(_)) => last_ok = tokio::time::Instant::now(),
-                        Ok(None) => break,
-                        Err(e) => {
-                            tracing::warn!(checkpoint = %lock.checkpoint, error = %e,
-                                "cannot renew a projection lock");
-                            if last_ok.elapsed() >= ttl {
-                                break;
-                            }
-                        }
-                    }
-                }
-                lost_tx.send_replace(true);
-            }
-        });
-        LockKeeper {
-            store,
-            lock,
-            lost,
-            task,
-        }
-    }
-
     fn fence(&self, ttl: Duration) -> crate::Fence {
         crate::Fence::Lock {
             lock: self.lock.checkpoint.clone(),
@@ -1326,11 +1481,16 @@ impl<S: ProjectionControl> LockKeeper<S> {
         }
     }
 
+    /// Releases the lock (after any write of it in flight) and waits until
+    /// it is released.
     async fn release(&mut self) {
-        self.task.abort();
-        if let Err(e) = self.store.release_projection_lock(&self.lock).await {
-            tracing::warn!(checkpoint = %self.lock.checkpoint, error = %e,
-                "cannot release a projection lock: it expires with its lease");
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            // A failed release was logged by the task; a task that panicked
+            // leaves the lock to expire with its lease.
+            let _ = task.await;
         }
     }
 }
@@ -1348,10 +1508,53 @@ impl<S: ProjectionControl> LockKeeper<S> {
     }
 }
 
-impl<S: ProjectionControl> Drop for LockKeeper<S> {
-    fn drop(&mut self) {
-        self.task.abort();
+/// The lock keepers of this process that have not ended yet, by lock name
+/// (see [`projection_lock_released`]).
+fn live_keepers() -> &'static watch::Sender<std::collections::BTreeMap<String, usize>> {
+    static KEEPERS: std::sync::OnceLock<watch::Sender<std::collections::BTreeMap<String, usize>>> =
+        std::sync::OnceLock::new();
+    KEEPERS.get_or_init(|| watch::channel(std::collections::BTreeMap::new()).0)
+}
+
+/// One live lock keeper of `name` (counted from before its task starts
+/// until the task ends, its release done).
+struct LiveKeeper(String);
+
+impl LiveKeeper {
+    fn enter(name: &str) -> Self {
+        live_keepers().send_modify(|m| *m.entry(name.to_owned()).or_default() += 1);
+        LiveKeeper(name.to_owned())
     }
+}
+
+impl Drop for LiveKeeper {
+    fn drop(&mut self) {
+        live_keepers().send_modify(|m| {
+            if let Some(n) = m.get_mut(&self.0) {
+                *n -= 1;
+                if *n == 0 {
+                    m.remove(&self.0);
+                }
+            }
+        });
+    }
+}
+
+/// Waits until no runner or rebuild of this process holds, or is still
+/// writing, the projection lock `checkpoint` ([`checkpoint_name`]), on any
+/// store.
+///
+/// A [`ProjectionRunner`] or rebuild future that is dropped (Ctrl-C, a
+/// `select!` that took another branch) hands the release of its lock to the
+/// task that keeps the lock, which releases it after the write of the lock
+/// it may have in flight (an acquisition or a renewal already sent to the
+/// database). Await this before the process exits, so that the release
+/// lands first and the next run does not wait for the lease to expire.
+/// Returns at once when nothing of this process holds that lock.
+pub async fn projection_lock_released(checkpoint: &str) {
+    let mut live = live_keepers().subscribe();
+    // The sender is a static: never closed.
+    let _ = live.wait_for(|m| !m.contains_key(checkpoint)).await;
 }
 
 pub(crate) async fn retry_store<S: Clone, T, F, Fut>(

@@ -19,6 +19,10 @@
 //! well before it expires ([`ProjectionControl::renew_projection_lock`],
 //! which fails when the token is no longer the row's: the lease expired and
 //! someone else took it) and deletes it when it stops.
+//! [`ProjectionControl::save_checkpoint_fenced`] saves a checkpoint only
+//! while the lock still carries the saver's token, checked in the save's
+//! transaction: the runner's own checkpoint moves are fenced like its
+//! batches.
 //!
 //! # Trip notes
 //!
@@ -130,6 +134,21 @@ pub trait ProjectionControl: CheckpointStore {
     fn release_projection_lock(
         &self,
         lock: &ProjectionLock,
+    ) -> impl Future<Output = Result<()>> + Send;
+
+    /// Saves `position` as the checkpoint `name` (forward only, as
+    /// [`CheckpointStore::save_checkpoint`]) under `fence`: in one
+    /// transaction, checks that the lease still carries the fence's token
+    /// and saves. Fails with [`crate::Error::Fenced`], saving nothing, once
+    /// another runner took the lease over (a runner paused past its lease
+    /// cannot move the checkpoint, even over a stretch without events it
+    /// handles). A partition fence is refused with [`crate::Error::Config`]
+    /// by a store without partition leases.
+    fn save_checkpoint_fenced(
+        &self,
+        name: &str,
+        position: GlobalPosition,
+        fence: &crate::Fence,
     ) -> impl Future<Output = Result<()>> + Send;
 
     /// The holder of the lock of `checkpoint`, expired or not (`None`: no

@@ -1191,3 +1191,172 @@ pub async fn partitioned_projection_runs_all_partitions_in_one_process<
         .collect();
     assert!(parts.len() > 1, "streams in several partitions: {parts:?}");
 }
+
+/// A projection whose handler never returns: a rebuild of it stays in
+/// progress until its future is dropped.
+struct Stuck(String);
+
+impl Projection for Stuck {
+    fn name(&self) -> &str {
+        &self.0
+    }
+    async fn handle(&mut self, _: &[RecordedEvent], _: &BatchContext) -> Result<(), HandlerError> {
+        std::future::pending::<()>().await;
+        Ok(())
+    }
+}
+
+/// Issue 8, the lock keeper's race: a rebuild whose future is dropped
+/// (Ctrl-C) while a write of its lock is in flight (the acquisition, then
+/// in a second round a renewal: already sent, so it lands after the drop)
+/// still ends with the lock released: the release is ordered after that
+/// write, and [`annals::projection_lock_released`] waits for it. A renewal
+/// or acquisition landing after the release would leave the lock held by
+/// a runner that is gone until its lease expired.
+pub async fn issue8_a_dropped_rebuild_releases_its_lock_after_the_write_in_flight<
+    S: EventStore + ProjectionControl,
+>(
+    store: S,
+) {
+    use crate::{FaultyStore, LockWrite};
+    store
+        .append(&sid("Drop-1"), ExpectedVersion::Any, vec![ev("E", 1)])
+        .await
+        .expect("append");
+    let faulty = FaultyStore::new(store.clone(), i64::MAX);
+    for kind in [LockWrite::Acquire, LockWrite::Renew] {
+        let name = format!("dropped-{kind:?}").to_lowercase();
+        let cp = checkpoint_name(&name, 1);
+        let mut held = faulty.hold_lock_write(kind);
+        let mut rebuild = Box::pin(
+            ProjectionRunner::at_least_once(faulty.clone(), Stuck(name.clone()))
+                .with_options(quick())
+                .lock_ttl(Duration::from_millis(60))
+                .rebuild(RebuildOptions::default(), |_| {}),
+        );
+        tokio::select! {
+            out = &mut rebuild => panic!("{kind:?}: the rebuild ended: {:?}", out.err()),
+            () = held.started() => {}
+        }
+        // Ctrl-C: the future is dropped with the write in flight, which
+        // lands only afterwards.
+        drop(rebuild);
+        held.land();
+        tokio::time::timeout(PATIENCE, annals::projection_lock_released(&cp))
+            .await
+            .unwrap_or_else(|_| panic!("{kind:?}: the lock keeper never ended"));
+        assert_eq!(
+            store.projection_lock(&cp).await.expect("lock row"),
+            None,
+            "{kind:?}: the lock is released after the write that was in flight"
+        );
+        // The next run takes it at once.
+        let again = store
+            .acquire_projection_lock(&cp, "next", "token-next", PATIENCE)
+            .await
+            .expect("lock");
+        assert!(
+            matches!(again, annals::LockAttempt::Acquired(_)),
+            "{kind:?}: {again:?}"
+        );
+    }
+}
+
+/// Issue 8, fencing of the checkpoints a runner saves itself: a runner of
+/// a filtered projection whose lease ran out (its renewals do not reach the
+/// store, as when its process is paused) and was taken over by another
+/// runner meets a stretch of events it does not handle: it saves no
+/// checkpoint for it (the save is checked against the lease in its
+/// transaction, as batches are) and stops with [`annals::Error::Fenced`],
+/// and the new holder finds the checkpoint where it left it.
+pub async fn issue8_a_taken_over_runner_saves_no_checkpoint_for_an_empty_stretch<
+    S: EventStore + ProjectionControl,
+>(
+    store: S,
+) {
+    use crate::{FaultyStore, LockWrite};
+    let rare = store
+        .append(&sid("Fen-1"), ExpectedVersion::Any, vec![ev("Rare", 1)])
+        .await
+        .expect("append")
+        .positions[0];
+    let faulty = FaultyStore::new(store.clone(), i64::MAX);
+    let cp = checkpoint_name("fenced-stretch", 1);
+    // Its first renewal never lands while the test runs: the lease lapses.
+    let mut renewal = faulty.hold_lock_write(LockWrite::Renew);
+    let sums = Sums::new(
+        "fenced-stretch",
+        ProjectionFilter::all().event_types(["Rare"]),
+    );
+    let old = ProjectionRunner::at_least_once(faulty.clone(), sums.clone())
+        .with_options(quick())
+        .lock_ttl(Duration::from_millis(90))
+        .spawn();
+    old.wait_for(rare, PATIENCE).await.expect("caught up");
+    renewal.started().await;
+    // Another runner takes the lock once the lease has expired (polled
+    // against the store's clock, with a deadline).
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        match store
+            .acquire_projection_lock(&cp, "new", "token-new", PATIENCE)
+            .await
+            .expect("lock")
+        {
+            annals::LockAttempt::Acquired(_) => break,
+            annals::LockAttempt::Held(_) => {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "the lease never expired"
+                );
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    }
+    // A stretch the projection does not handle.
+    let other = store
+        .append(
+            &sid("Fen-2"),
+            ExpectedVersion::Any,
+            (1..=3).map(|i| ev("Other", i)).collect(),
+        )
+        .await
+        .expect("append");
+    // The old runner reads it and tries to save its checkpoint: refused.
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while faulty.fenced_saves() == 0 {
+        let at = store.load_checkpoint(&cp).await.expect("checkpoint");
+        assert_eq!(
+            at,
+            Some(rare),
+            "the taken-over runner moved the checkpoint over an empty stretch"
+        );
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the old runner never tried to save the stretch up to {:?}",
+            other.positions.last()
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    renewal.land();
+    match tokio::time::timeout(PATIENCE, old.join()).await {
+        Ok(Err(ProjectionError::Store {
+            source: annals::Error::Fenced { lease, detail },
+            ..
+        })) => {
+            assert_eq!(lease, cp);
+            assert!(detail.contains("token-new"), "{detail}");
+        }
+        Ok(Err(other)) => panic!("expected Fenced, got {other}"),
+        Ok(Ok(_)) => panic!("the taken-over runner ended normally"),
+        Err(_) => panic!("the taken-over runner never stopped"),
+    }
+    assert_eq!(store.load_checkpoint(&cp).await.expect("cp"), Some(rare));
+    // Its release did not touch the new holder's lock.
+    let lock = store
+        .projection_lock(&cp)
+        .await
+        .expect("lock")
+        .expect("held");
+    assert_eq!(lock.token, "token-new");
+}

@@ -89,6 +89,14 @@ impl annals::ProjectionControl for CoreOnly {
     async fn release_projection_lock(&self, lock: &annals::ProjectionLock) -> Result<()> {
         self.0.release_projection_lock(lock).await
     }
+    async fn save_checkpoint_fenced(
+        &self,
+        name: &str,
+        position: GlobalPosition,
+        fence: &annals::Fence,
+    ) -> Result<()> {
+        self.0.save_checkpoint_fenced(name, position, fence).await
+    }
     async fn projection_lock(&self, checkpoint: &str) -> Result<Option<annals::ProjectionLock>> {
         self.0.projection_lock(checkpoint).await
     }
