@@ -254,6 +254,7 @@ macro_rules! conformance_suite {
             gdpr_wrong_master_key_is_a_typed_error,
             gdpr_snapshots_are_encrypted_and_forgotten,
             gdpr_wrong_master_key_on_snapshots_and_redaction,
+            gdpr_keys_import_all_or_nothing,
         }
     };
     (@group model, $($then:tt)*) => {
