@@ -34,9 +34,9 @@ use serde_json::json;
 use tokio::net::TcpListener;
 
 use crate::check::{self, Severity};
-use crate::keys::KeySource;
 use crate::cli::{CheckOptions, ServeArgs};
 use crate::commands::Env;
+use crate::keys::KeySource;
 use crate::output::note;
 use crate::{AnyStore, App, Outcome};
 

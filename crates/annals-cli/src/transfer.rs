@@ -85,9 +85,9 @@ use annals::{
     ImportConflict, ImportEvent, KeyStore, ReadAll, RecordedEvent, Snapshot, SnapshotAdmin,
     SnapshotStore, SnapshotWrite, StreamId,
 };
+use anyhow::{anyhow, bail, Context};
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
-use anyhow::{anyhow, bail, Context};
 use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
@@ -1214,7 +1214,11 @@ pub(crate) async fn import_cmd(
             out,
             "imported {} subject keys ({} already present), {} erasures ({} already recorded), \
              {} keys of forgotten subjects deleted",
-            k.keys_inserted, k.keys_present, k.erasures_recorded, k.erasures_present, k.keys_deleted
+            k.keys_inserted,
+            k.keys_present,
+            k.erasures_recorded,
+            k.erasures_present,
+            k.keys_deleted
         )?;
     }
     if summary.conflicts.is_empty() {

@@ -487,7 +487,8 @@ fn keys_and_erasures_travel_with_the_events(dst: &Db) {
     share_key(&src, dst);
     let run = import(dst, &before, &[]).ok();
     assert!(
-        run.stdout.contains("imported 3 subject keys (0 already present), 0 erasures"),
+        run.stdout
+            .contains("imported 3 subject keys (0 already present), 0 erasures"),
         "{run:#?}"
     );
     assert_eq!(opened(dst, "demo1-2"), bob());
@@ -566,7 +567,12 @@ fn a_different_key_in_the_target_is_named_and_nothing_is_written(dst: &Db) {
     let keys = rows(dst, "subject_keys", "subject");
     import(dst, &file, &[]).fails(
         2,
-        &["line 2", "subject \"demo1-1\"", "differs", "nothing was imported"],
+        &[
+            "line 2",
+            "subject \"demo1-1\"",
+            "differs",
+            "nothing was imported",
+        ],
     );
     assert_eq!(stats_events(dst), events);
     assert_eq!(rows(dst, "subject_keys", "subject"), keys);

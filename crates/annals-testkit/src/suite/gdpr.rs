@@ -561,7 +561,11 @@ pub async fn gdpr_keys_import_all_or_nothing<S: annals::EventImport + KeyStore>(
     use annals::gdpr::{KeyImport, SubjectKey};
     let source = annals::InMemoryStore::new();
     let g = gdpr(&source, key(1));
-    for (id, name) in [("p1", "Ada Lovelace"), ("p2", "Alan Turing"), ("p3", "Grace Hopper")] {
+    for (id, name) in [
+        ("p1", "Ada Lovelace"),
+        ("p2", "Alan Turing"),
+        ("p3", "Grace Hopper"),
+    ] {
         register(&g, id, name).await;
     }
     let stored: Vec<_> = source
@@ -583,7 +587,11 @@ pub async fn gdpr_keys_import_all_or_nothing<S: annals::EventImport + KeyStore>(
     };
     // Before p2 is forgotten: every key.
     let before = KeyImport {
-        keys: vec![subject_key("p1").await, subject_key("p2").await, subject_key("p3").await],
+        keys: vec![
+            subject_key("p1").await,
+            subject_key("p2").await,
+            subject_key("p3").await,
+        ],
         ..KeyImport::default()
     };
     let report = store.import_keys(&before).await.expect("import the keys");
@@ -594,11 +602,20 @@ pub async fn gdpr_keys_import_all_or_nothing<S: annals::EventImport + KeyStore>(
         g.read_stream_to_vec(&s, ReadStream::forward()).await
     };
     let events = read(here.clone(), p2.clone()).await.expect("decrypts");
-    assert_eq!(events[0].data.to_value().expect("json")["name"], "Alan Turing");
+    assert_eq!(
+        events[0].data.to_value().expect("json")["name"],
+        "Alan Turing"
+    );
 
     // p2 forgotten in the source: its erasure, and no key for it.
-    g.forget::<S>("p2", "dpo", None, &[], &[]).await.expect("forget");
-    let record = source.erasure("p2").await.expect("erasure").expect("recorded");
+    g.forget::<annals::InMemoryStore>("p2", "dpo", None, &[], &[])
+        .await
+        .expect("forget");
+    let record = source
+        .erasure("p2")
+        .await
+        .expect("erasure")
+        .expect("recorded");
     let after = KeyImport {
         keys: vec![subject_key("p1").await, subject_key("p3").await],
         forget: vec!["p2".into()],
@@ -606,25 +623,39 @@ pub async fn gdpr_keys_import_all_or_nothing<S: annals::EventImport + KeyStore>(
     };
     let report = store.import_keys(&after).await.expect("import the keys");
     assert_eq!(
-        (report.keys_inserted, report.keys_present, report.keys_deleted),
+        (
+            report.keys_inserted,
+            report.keys_present,
+            report.keys_deleted
+        ),
         (0, 2, 1)
     );
     assert_eq!((report.erasures_recorded, report.erasures_present), (1, 0));
     let events = read(here.clone(), p2.clone()).await.expect("erased");
     assert_eq!(events[0].data.to_value().expect("json")["name"], ERASED);
-    let logged = store.erasure("p2").await.expect("erasure").expect("recorded here");
+    let logged = store
+        .erasure("p2")
+        .await
+        .expect("erasure")
+        .expect("recorded here");
     assert!(annals::gdpr::same_erasure(&logged, &record));
     // A rerun changes nothing.
     let report = store.import_keys(&after).await.expect("rerun");
     assert_eq!(
-        (report.keys_inserted, report.keys_present, report.keys_deleted),
+        (
+            report.keys_inserted,
+            report.keys_present,
+            report.keys_deleted
+        ),
         (0, 2, 0)
     );
     assert_eq!((report.erasures_recorded, report.erasures_present), (0, 1));
 
     // A wrong master key is reported as one, not as erased data.
     let p1 = StreamId::parse("Person-p1").expect("stream");
-    let err = read(gdpr(&store, key(2)), p1.clone()).await.expect_err("wrong key");
+    let err = read(gdpr(&store, key(2)), p1.clone())
+        .await
+        .expect_err("wrong key");
     assert!(
         matches!(&err, Error::Gdpr(e) if matches!(**e, GdprError::WrongMasterKey { .. })),
         "{err:?}"
@@ -665,5 +696,8 @@ pub async fn gdpr_keys_import_all_or_nothing<S: annals::EventImport + KeyStore>(
     }
     assert_eq!(store.load_key("p9").await.expect("load"), None);
     let events = read(here, p1).await.expect("still decrypts");
-    assert_eq!(events[0].data.to_value().expect("json")["name"], "Ada Lovelace");
+    assert_eq!(
+        events[0].data.to_value().expect("json")["name"],
+        "Ada Lovelace"
+    );
 }
