@@ -594,8 +594,10 @@ pub async fn gdpr_keys_import_all_or_nothing<S: annals::EventImport + KeyStore>(
         ],
         ..KeyImport::default()
     };
+    assert!(!store.holds_keys().await.expect("holds_keys"), "no key yet");
     let report = store.import_keys(&before).await.expect("import the keys");
     assert_eq!(report.keys_inserted, 3);
+    assert!(store.holds_keys().await.expect("holds_keys"));
     let here = gdpr(&store, key(1));
     let p2 = StreamId::parse("Person-p2").expect("stream");
     let read = |g: GdprStore<S, S>, s: StreamId| async move {
