@@ -665,6 +665,17 @@ impl annals::KeyStore for AnyStore {
     async fn erasure(&self, subject: &str) -> Result<Option<annals::gdpr::ErasureRecord>> {
         delegate!(self, s => s.erasure(subject).await)
     }
+
+    async fn import_keys(
+        &self,
+        import: &annals::gdpr::KeyImport,
+    ) -> Result<annals::gdpr::KeyImportReport> {
+        delegate!(self, s => s.import_keys(import).await)
+    }
+
+    async fn holds_keys(&self) -> Result<bool> {
+        delegate!(self, s => s.holds_keys().await)
+    }
 }
 
 impl annals::ProjectionControl for AnyStore {

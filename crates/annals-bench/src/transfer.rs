@@ -34,8 +34,8 @@ pub async fn run<S, T>(
     batch: usize,
 ) -> anyhow::Result<Transfer>
 where
-    S: annals::EventStore + CheckpointListing + SnapshotAdmin,
-    T: EventImport + CheckpointStore + SnapshotStore,
+    S: annals::EventStore + CheckpointListing + SnapshotAdmin + annals::KeyStore,
+    T: EventImport + CheckpointStore + SnapshotStore + annals::KeyStore,
 {
     let mut sink = WriteSink(Vec::new());
     let t = Instant::now();

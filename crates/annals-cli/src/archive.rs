@@ -471,8 +471,7 @@ async fn write_batch<S: EventStore>(
         &mut chunk,
         &Line::Trailer(Trailer {
             events: total,
-            checkpoints: 0,
-            snapshots: 0,
+            ..Trailer::default()
         }),
     )?;
     sink.put(chunk).await?;

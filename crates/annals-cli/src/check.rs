@@ -24,6 +24,7 @@ use serde::Serialize;
 
 use crate::cli::{CheckArgs, CheckOptions};
 use crate::commands::Env;
+use crate::keys::KeySource;
 use crate::output::{json_line, note, timestamp, Table};
 use crate::{AnyStore, App, Outcome};
 
@@ -107,13 +108,14 @@ impl Findings {
 pub(crate) async fn findings(
     app: &App,
     store: &AnyStore,
+    keys: &KeySource,
     options: &CheckOptions,
 ) -> anyhow::Result<Vec<Finding>> {
     let mut findings = Findings {
         limit: options.max_findings,
         list: Vec::new(),
     };
-    run_checks(app, store, options, &mut findings).await?;
+    run_checks(app, store, keys, options, &mut findings).await?;
     Ok(findings.list)
 }
 
@@ -122,6 +124,7 @@ pub(crate) async fn findings(
 async fn run_checks(
     app: &App,
     store: &AnyStore,
+    keys: &KeySource,
     options: &CheckOptions,
     findings: &mut Findings,
 ) -> anyhow::Result<()> {
@@ -139,7 +142,7 @@ async fn run_checks(
     if schema_ok {
         stream_versions(store, findings).await?;
         clock(store, options, findings).await?;
-        decode(app, store, findings).await?;
+        decode(app, store, keys, findings).await?;
         snapshots(store, options, findings).await?;
         projection_lag(app, store, options, findings).await?;
         projection_control(app, store, findings).await?;
@@ -156,6 +159,8 @@ pub(crate) async fn run(env: Env<'_>, args: CheckArgs) -> anyhow::Result<Outcome
         list: Vec::new(),
     };
     let url = env.database_url()?;
+    // The master key as every read command finds it (`--key-file`).
+    let keys = env.key_source()?;
     // A store whose schema is older or newer than this build is a finding
     // (run `annals init`), not a failure to run the checks. SQLite applies
     // pending migrations when it opens, so there only a file from a newer
@@ -169,7 +174,7 @@ pub(crate) async fn run(env: Env<'_>, args: CheckArgs) -> anyhow::Result<Outcome
         Err(e) => return Err(e),
     };
     if let Some(store) = &store {
-        run_checks(env.app, store, &args.options, &mut findings)
+        run_checks(env.app, store, &keys, &args.options, &mut findings)
             .await
             .with_context(|| format!("cannot check {url}"))?;
     }
@@ -326,14 +331,17 @@ async fn clock(
 /// is an `upcast` finding). Streams the type's category a page at a time,
 /// as stored, and upcasts each event here, so one failure does not end the
 /// read.
-async fn decode(app: &App, store: &AnyStore, findings: &mut Findings) -> anyhow::Result<()> {
+async fn decode(
+    app: &App,
+    store: &AnyStore,
+    keys: &KeySource,
+    findings: &mut Findings,
+) -> anyhow::Result<()> {
     let raw = store.raw();
     let upcasters = app.upcasters.as_deref();
     // Personal fields decrypted, or "[encrypted]" without a master key: the
     // check is about decoding, not about reading personal data.
-    let crypto = crate::keys::KeySource::of_store(store)
-        .crypto(store)
-        .redact_without_master_key();
+    let crypto = keys.crypto(store).redact_without_master_key();
     for name in app.aggregate_types() {
         let Some(ops) = app.aggregate(name) else {
             continue;

@@ -8,6 +8,9 @@
 //! other command refuses to guess: what needs plaintext fails with
 //! `GdprError::NoMasterKeyOrFile` (or `NoMasterKey`) naming both places.
 //!
+//! Every command finds the key the same way ([`KeySource::new`]), `annals
+//! check` and `annals serve` (its `/health`) included.
+//!
 //! The read commands (`read`, `read-all`, `event`, `aggregate`) decrypt when
 //! a key is there and otherwise show each encrypted field as
 //! `"[encrypted]"` (a forgotten subject's as `"[erased]"`); a wrong master
@@ -49,13 +52,20 @@ impl KeySource {
             DatabaseUrl::Postgres(_) => None,
         });
         match file {
-            Some(file) => KeySource::EnvOrFile(EnvOrFileKeyProvider::new(MASTER_KEY_VAR, file)),
+            Some(file) => KeySource::from_file(file),
             None => KeySource::Env(EnvKeyProvider::new(MASTER_KEY_VAR)),
         }
     }
 
-    /// The default source of an open store (no `--key-file`): for the
-    /// checks `annals serve` runs too.
+    /// The variable, then `file`.
+    pub(crate) fn from_file(file: PathBuf) -> Self {
+        KeySource::EnvOrFile(EnvOrFileKeyProvider::new(MASTER_KEY_VAR, file))
+    }
+
+    /// The default source of an open store (no `--key-file`): for a
+    /// [`MetricsServer`](crate::MetricsServer) built by a library user
+    /// (`annals serve` and `annals check` take `--key-file` through
+    /// [`KeySource::new`], like the read commands).
     pub(crate) fn of_store(store: &AnyStore) -> Self {
         let url = match store {
             AnyStore::Sqlite(s) => DatabaseUrl::Sqlite(s.path().to_owned()),

@@ -36,6 +36,7 @@ use tokio::net::TcpListener;
 use crate::check::{self, Severity};
 use crate::cli::{CheckOptions, ServeArgs};
 use crate::commands::Env;
+use crate::keys::KeySource;
 use crate::output::note;
 use crate::{AnyStore, App, Outcome};
 
@@ -101,6 +102,7 @@ pub struct MetricsServer {
     handle: PrometheusHandle,
     interval: Duration,
     checks: CheckOptions,
+    keys: KeySource,
 }
 
 impl std::fmt::Debug for MetricsServer {
@@ -116,14 +118,32 @@ impl std::fmt::Debug for MetricsServer {
 impl MetricsServer {
     /// A server for `store` that renders `handle`'s recorder, refreshing the
     /// gauges every 15 seconds and checking with `annals check`'s defaults.
+    ///
+    /// The decode check finds the master key in `ANNALS_MASTER_KEY`, else
+    /// (SQLite) in the key file beside the database; see
+    /// [`MetricsServer::key_file`].
     pub fn new(app: App, store: AnyStore, handle: PrometheusHandle) -> Self {
+        let keys = KeySource::of_store(&store);
         MetricsServer {
             app,
             store,
             handle,
             interval: DEFAULT_INTERVAL,
             checks: CheckOptions::default(),
+            keys,
         }
+    }
+
+    /// Reads the master key from `file` when `ANNALS_MASTER_KEY` is unset
+    /// (what `--key-file` does), instead of the default key file.
+    pub fn key_file(self, file: std::path::PathBuf) -> Self {
+        self.keys(KeySource::from_file(file))
+    }
+
+    /// Where the checks find the master key.
+    fn keys(mut self, keys: KeySource) -> Self {
+        self.keys = keys;
+        self
     }
 
     /// Sets how often the gauges are refreshed (a zero interval is taken as
@@ -158,6 +178,7 @@ impl MetricsServer {
             store: self.store,
             handle: self.handle,
             checks: self.checks,
+            keys: self.keys,
             health: tokio::sync::Mutex::new(()),
         });
         let refresher = {
@@ -195,6 +216,7 @@ struct Shared {
     store: AnyStore,
     handle: PrometheusHandle,
     checks: CheckOptions,
+    keys: KeySource,
     /// One `/health` run at a time: each reads the whole store.
     health: tokio::sync::Mutex<()>,
 }
@@ -208,7 +230,7 @@ async fn render(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
 
 async fn health(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
     let _turn = shared.health.lock().await;
-    match check::findings(&shared.app, &shared.store, &shared.checks).await {
+    match check::findings(&shared.app, &shared.store, &shared.keys, &shared.checks).await {
         Ok(findings) => {
             let count = |s| findings.iter().filter(|f| f.severity == s).count();
             let (errors, warnings) = (count(Severity::Error), count(Severity::Warning));
@@ -298,6 +320,8 @@ pub fn prometheus_recorder() -> anyhow::Result<metrics_exporter_prometheus::Prom
 /// `annals serve`.
 pub(crate) async fn run(env: Env<'_>, args: ServeArgs) -> anyhow::Result<Outcome> {
     let url = env.database_url()?;
+    // The master key as every read command finds it (`--key-file`).
+    let keys = env.key_source()?;
     let recorder = prometheus_recorder()?;
     let handle = recorder.handle();
     metrics::set_global_recorder(recorder).map_err(|_| {
@@ -313,7 +337,8 @@ pub(crate) async fn run(env: Env<'_>, args: ServeArgs) -> anyhow::Result<Outcome
         .with_context(|| format!("cannot read the address bound for {}", args.metrics_addr))?;
     let server = MetricsServer::new(env.app.clone(), store, handle)
         .refresh_interval(args.interval)
-        .checks(args.checks);
+        .checks(args.checks)
+        .keys(keys);
     // The first refresh before the address is announced, so the first scrape
     // has the gauges; a failure here is the command's (bad schema, ...).
     server

@@ -5,20 +5,36 @@
 //!
 //! One JSON object per line, each with one key naming its kind:
 //!
-//! 1. `{"header": {"format": "annals-export", "version": 1, "source_backend",
+//! 1. `{"header": {"format": "annals-export", "version": 2, "source_backend",
 //!    "head_position", "exported_at", "categories", "since", "until"}}`;
-//! 2. `{"event": {...}}` per event, in the source's global order, with every
-//!    field of a recorded event (its old `global_position` included);
-//! 3. `{"checkpoint": {"name", "position"}}` per checkpoint (only in an
+//! 2. `{"subject_key": {"subject", "master_key_id", "wrapped"}}` per subject
+//!    whose data key encrypts an exported event or snapshot: the key as
+//!    stored, *wrapped* by the master key (`wrapped` is base64 of nonce and
+//!    ciphertext; `master_key_id` a hash naming the master key). Neither a
+//!    plaintext data key nor the master key is ever written;
+//! 3. `{"erasure": {"subject", "erased_at", "erased_by"}}` per such subject
+//!    that was forgotten (its latest erasure record);
+//! 4. `{"event": {...}}` per event, in the source's global order, with every
+//!    field of a recorded event (its old `global_position` included), personal
+//!    fields encrypted as stored;
+//! 5. `{"checkpoint": {"name", "position"}}` per checkpoint (only in an
 //!    export without filters: a checkpoint of a partial log means nothing);
-//! 4. `{"snapshot": {...}}` per live snapshot (not with `--since` or
-//!    `--until`; with `--category`, those of the categories);
-//! 5. `{"trailer": {"events", "checkpoints", "snapshots"}}`: the counts, so
-//!    that a file cut at a line boundary is told from a whole one.
+//! 6. `{"snapshot": {...}}` per live snapshot (not with `--since` or
+//!    `--until`; with `--category`, those of the categories), encrypted as
+//!    stored;
+//! 7. `{"trailer": {"events", "checkpoints", "snapshots", "keys",
+//!    "erasures"}}`: the counts, so that a file cut at a line boundary is told
+//!    from a whole one.
+//!
+//! Version 1 files (before keys were exported: no `subject_key` nor
+//! `erasure` lines, a trailer without their counts) still import.
 //!
 //! Export reads `read_all` lazily up to the head position it found when it
 //! started, so it holds one page of events at a time; a file is written by a
-//! thread of its own (zstd-compressed when its name ends in `.zst`).
+//! thread of its own (zstd-compressed when its name ends in `.zst`). When the
+//! store holds any data key or erasure, the events and snapshots are read
+//! twice: first to find their subjects (kept in memory, one string each), so
+//! that the keys come before the events in the file.
 //!
 //! # Import
 //!
@@ -34,6 +50,16 @@
 //! rerun on the whole file then adds what is missing (the import is
 //! idempotent).
 //!
+//! Keys and erasures are imported before any event, all together in one
+//! transaction ([`annals::KeyStore::import_keys`]), once the line after them
+//! was read (they are held in memory until then): a key that differs from
+//! the one the target holds for the subject is an [`ImportKeyConflict`]
+//! naming the subject and the line, and then nothing at all is written. A
+//! subject with an erasure and no key in the file was forgotten in the
+//! source: its key in the target, if any, is deleted too, so that its
+//! personal fields read as `"[erased]"` there as well (the target's
+//! projections are not notified: `annals gdpr forget` there does that).
+//!
 //! Checkpoints are translated: a checkpoint at old position `p` becomes the
 //! new position of the last event present after the import (imported now, or
 //! already there) whose old position is at most `p`. The map from old to new
@@ -45,17 +71,23 @@
 //! could still commit below them has ended, so a projection resuming there
 //! misses nothing.
 
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::io::{BufRead, BufReader, BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use annals::gdpr::{
+    encrypted_subjects, subject_hash, ErasureRecord, GdprError, KeyImport, KeyImportReport,
+    SubjectKey, WrappedKey,
+};
 use annals::{
     Checkpoint, CheckpointListing, CheckpointStore, EventImport, EventStore, GlobalPosition,
-    ImportConflict, ImportEvent, ReadAll, RecordedEvent, Snapshot, SnapshotAdmin, SnapshotStore,
-    SnapshotWrite, StreamId,
+    ImportConflict, ImportEvent, KeyStore, ReadAll, RecordedEvent, Snapshot, SnapshotAdmin,
+    SnapshotStore, SnapshotWrite, StreamId,
 };
 use anyhow::{anyhow, bail, Context};
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine as _;
 use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
@@ -63,8 +95,10 @@ use tokio::sync::mpsc;
 
 /// The `format` of a header.
 pub const FORMAT: &str = "annals-export";
-/// The version of the format this build writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
+/// The version of the format this build writes.
+pub const FORMAT_VERSION: u32 = 2;
+/// The oldest version this build reads (version 1 had no keys).
+pub const OLDEST_FORMAT_VERSION: u32 = 1;
 
 /// How many bytes of lines export gathers before handing them to the writer.
 const CHUNK_BYTES: usize = 256 << 10;
@@ -100,6 +134,36 @@ pub struct Trailer {
     pub checkpoints: u64,
     /// Snapshot lines.
     pub snapshots: u64,
+    /// Subject key lines (absent in version 1).
+    #[serde(default)]
+    pub keys: u64,
+    /// Erasure lines (absent in version 1).
+    #[serde(default)]
+    pub erasures: u64,
+}
+
+/// A subject's data key in an export: wrapped, as stored.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct ExportedKey {
+    /// The subject.
+    pub subject: String,
+    /// The id (a hash) of the master key that wrapped it.
+    pub master_key_id: String,
+    /// Base64 of the nonce and the wrapped key.
+    pub wrapped: String,
+}
+
+/// A forgotten subject's latest erasure record in an export. The subject is
+/// named (its events in the file name it too), so that the target can
+/// delete its key as well.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct ExportedErasure {
+    /// The subject.
+    pub subject: String,
+    /// When it was forgotten.
+    pub erased_at: DateTime<Utc>,
+    /// Who asked.
+    pub erased_by: String,
 }
 
 /// One line of an export.
@@ -108,6 +172,10 @@ pub struct Trailer {
 pub enum Line {
     /// The first line.
     Header(Header),
+    /// One subject's wrapped data key (version 2).
+    SubjectKey(ExportedKey),
+    /// One forgotten subject's erasure (version 2).
+    Erasure(ExportedErasure),
     /// One event, as recorded by the source.
     Event(RecordedEvent),
     /// One checkpoint, at its position in the source.
@@ -138,6 +206,105 @@ pub struct ExportSummary {
     pub checkpoints: u64,
     /// Snapshot lines.
     pub snapshots: u64,
+    /// Subject key lines.
+    pub keys: u64,
+    /// Erasure lines.
+    pub erasures: u64,
+}
+
+/// An imported key differs from the one the target holds for its subject:
+/// the two stores encrypted the subject's data with different keys. Nothing
+/// of the file was written.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct ImportKeyConflict {
+    /// The line of the key in the file.
+    pub line: u64,
+    /// The subject.
+    pub subject: String,
+    /// The master key id of the target's key.
+    pub stored_key_id: String,
+    /// The master key id of the file's key.
+    pub imported_key_id: String,
+}
+
+impl std::fmt::Display for ImportKeyConflict {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "line {}: the data key of subject {:?} differs from the one the store holds \
+             (wrapped by master key {} there, {} in the file); nothing was imported",
+            self.line, self.subject, self.stored_key_id, self.imported_key_id
+        )
+    }
+}
+
+impl std::error::Error for ImportKeyConflict {}
+
+/// The aggregate types whose live snapshots an export holds.
+async fn snapshot_types<S: SnapshotAdmin>(
+    store: &S,
+    options: &ExportOptions,
+) -> anyhow::Result<Vec<String>> {
+    if options.since.is_some() || options.until.is_some() {
+        return Ok(Vec::new());
+    }
+    let coverage = store
+        .snapshot_coverage(None)
+        .await
+        .context("cannot list the aggregate types with snapshots")?;
+    Ok(coverage
+        .into_iter()
+        .filter(|c| {
+            c.with_snapshot > 0
+                && (options.categories.is_empty() || options.categories.contains(&c.aggregate_type))
+        })
+        .map(|c| c.aggregate_type)
+        .collect())
+}
+
+/// The subjects whose keys encrypt the events up to `head` and the
+/// snapshots of `types` (the export's first pass).
+async fn exported_subjects<S: EventStore + SnapshotAdmin>(
+    store: &S,
+    read: &ReadAll,
+    head: Option<GlobalPosition>,
+    types: &[String],
+) -> anyhow::Result<BTreeSet<String>> {
+    let mut subjects = BTreeSet::new();
+    let mut add = |value: &serde_json::Value| {
+        for s in encrypted_subjects(value) {
+            if !subjects.contains(s) {
+                subjects.insert(s.to_owned());
+            }
+        }
+    };
+    if let Some(head) = head {
+        let mut events = store.read_all(read.clone());
+        while let Some(e) = events.next().await {
+            let e = e.context("cannot read the events")?;
+            if e.global_position > head {
+                break;
+            }
+            if !e.data.as_str().contains("\"$enc\"") {
+                continue;
+            }
+            let value = e.data.to_value().with_context(|| {
+                format!(
+                    "event {}@{} (position {}) is not JSON",
+                    e.stream_id, e.stream_version, e.global_position
+                )
+            })?;
+            add(&value);
+        }
+    }
+    for t in types {
+        let mut snapshots = store.live_snapshots(t);
+        while let Some(s) = snapshots.next().await {
+            let s = s.with_context(|| format!("cannot read the snapshots of {t}"))?;
+            add(&s.state);
+        }
+    }
+    Ok(subjects)
 }
 
 /// Writes an export of `store` to `out` (see the module docs), calling
@@ -151,7 +318,7 @@ pub async fn export<S, O>(
     progress: &(dyn Fn(u64) + Send + Sync),
 ) -> anyhow::Result<ExportSummary>
 where
-    S: EventStore + CheckpointListing + SnapshotAdmin,
+    S: EventStore + CheckpointListing + SnapshotAdmin + KeyStore,
     O: ChunkSink,
 {
     let head = store.head_position().await?;
@@ -170,13 +337,55 @@ where
     let mut chunk = Vec::with_capacity(CHUNK_BYTES + 4096);
     push_line(&mut chunk, &Line::Header(header))?;
     let mut summary = ExportSummary::default();
+    let read = ReadAll {
+        categories: options.categories.clone(),
+        since: options.since,
+        until: options.until,
+        ..ReadAll::default()
+    };
+    let types = snapshot_types(store, options).await?;
+    if store
+        .holds_keys()
+        .await
+        .context("cannot read the subject keys")?
+    {
+        for subject in exported_subjects(store, &read, head, &types).await? {
+            let key = store
+                .load_key(&subject)
+                .await
+                .with_context(|| format!("cannot load the data key of subject {subject:?}"))?;
+            if let Some(k) = key {
+                push_line(
+                    &mut chunk,
+                    &Line::SubjectKey(ExportedKey {
+                        subject: subject.clone(),
+                        master_key_id: k.master_key_id,
+                        wrapped: B64.encode(&k.wrapped),
+                    }),
+                )?;
+                summary.keys += 1;
+            }
+            let erasure = store
+                .erasure(&subject)
+                .await
+                .with_context(|| format!("cannot read the erasure of subject {subject:?}"))?;
+            if let Some(r) = erasure {
+                push_line(
+                    &mut chunk,
+                    &Line::Erasure(ExportedErasure {
+                        subject,
+                        erased_at: r.erased_at,
+                        erased_by: r.erased_by,
+                    }),
+                )?;
+                summary.erasures += 1;
+            }
+            if chunk.len() >= CHUNK_BYTES {
+                out.put(std::mem::take(&mut chunk)).await?;
+            }
+        }
+    }
     if let Some(head) = head {
-        let read = ReadAll {
-            categories: options.categories.clone(),
-            since: options.since,
-            until: options.until,
-            ..ReadAll::default()
-        };
         let mut events = store.read_all(read);
         while let Some(e) = events.next().await {
             let e = e.context("cannot read the events")?;
@@ -201,27 +410,14 @@ where
             summary.checkpoints += 1;
         }
     }
-    if options.since.is_none() && options.until.is_none() {
-        let coverage = store
-            .snapshot_coverage(None)
-            .await
-            .context("cannot list the aggregate types with snapshots")?;
-        for c in coverage {
-            let wanted =
-                options.categories.is_empty() || options.categories.contains(&c.aggregate_type);
-            if c.with_snapshot == 0 || !wanted {
-                continue;
-            }
-            let mut snapshots = store.live_snapshots(&c.aggregate_type);
-            while let Some(s) = snapshots.next().await {
-                let s = s.with_context(|| {
-                    format!("cannot read the snapshots of {}", c.aggregate_type)
-                })?;
-                push_line(&mut chunk, &Line::Snapshot(s))?;
-                summary.snapshots += 1;
-                if chunk.len() >= CHUNK_BYTES {
-                    out.put(std::mem::take(&mut chunk)).await?;
-                }
+    for t in &types {
+        let mut snapshots = store.live_snapshots(t);
+        while let Some(s) = snapshots.next().await {
+            let s = s.with_context(|| format!("cannot read the snapshots of {t}"))?;
+            push_line(&mut chunk, &Line::Snapshot(s))?;
+            summary.snapshots += 1;
+            if chunk.len() >= CHUNK_BYTES {
+                out.put(std::mem::take(&mut chunk)).await?;
             }
         }
     }
@@ -231,6 +427,8 @@ where
             events: summary.events,
             checkpoints: summary.checkpoints,
             snapshots: summary.snapshots,
+            keys: summary.keys,
+            erasures: summary.erasures,
         }),
     )?;
     out.put(chunk).await?;
@@ -446,11 +644,16 @@ pub struct ImportSummary {
     /// Snapshots not written: a newer one is live, or the stream in the
     /// target is behind the snapshot's version.
     pub snapshots_skipped: u64,
+    /// Subject key lines and erasure lines read.
+    pub key_lines: u64,
+    /// What the keys and erasures did in the target.
+    pub keys: KeyImportReport,
 }
 
 /// Which part of the file the import is in.
 #[derive(Clone, Copy, PartialEq, Eq, Debug, PartialOrd, Ord)]
 enum Part {
+    Keys,
     Events,
     Checkpoints,
     Snapshots,
@@ -466,9 +669,10 @@ pub async fn import<S>(
     progress: &(dyn Fn(u64) + Send + Sync),
 ) -> anyhow::Result<ImportSummary>
 where
-    S: EventImport + CheckpointStore + SnapshotStore,
+    S: EventImport + CheckpointStore + SnapshotStore + KeyStore,
 {
     let batch_size = options.batch_size.max(1);
+    let mut keys = PendingKeys::default();
     let mut summary = ImportSummary::default();
     let mut map = PositionMap::new()?;
     let mut conflicted: HashSet<StreamId> = HashSet::new();
@@ -476,7 +680,7 @@ where
     let mut snapshots: Vec<Snapshot> = Vec::new();
     let mut checkpoints: Vec<Checkpoint> = Vec::new();
     let mut seen = Trailer::default();
-    let mut part = Part::Events;
+    let mut part = Part::Keys;
     let mut last_old: Option<GlobalPosition> = None;
     let mut last_line = 0;
     let trailer = loop {
@@ -490,9 +694,12 @@ where
         last_line = n;
         let line = match (n, line) {
             (1, Line::Header(h)) => {
-                if h.format != FORMAT || h.version != FORMAT_VERSION {
+                if h.format != FORMAT
+                    || !(OLDEST_FORMAT_VERSION..=FORMAT_VERSION).contains(&h.version)
+                {
                     bail!(
-                        "line 1: format {:?} version {} is not {FORMAT:?} version {FORMAT_VERSION}",
+                        "line 1: format {:?} version {} is not {FORMAT:?} version \
+                         {OLDEST_FORMAT_VERSION} to {FORMAT_VERSION}",
                         h.format,
                         h.version
                     );
@@ -504,6 +711,7 @@ where
             (_, line) => line,
         };
         let kind = match &line {
+            Line::SubjectKey(_) | Line::Erasure(_) => Some(Part::Keys),
             Line::Event(_) => Some(Part::Events),
             Line::Checkpoint(_) => Some(Part::Checkpoints),
             Line::Snapshot(_) => Some(Part::Snapshots),
@@ -511,7 +719,14 @@ where
         };
         if let Some(kind) = kind {
             if kind < part {
-                bail!("line {n}: out of order (events, then checkpoints, then snapshots)");
+                bail!(
+                    "line {n}: out of order (keys and erasures, then events, then checkpoints, \
+                     then snapshots)"
+                );
+            }
+            if part == Part::Keys && kind > part {
+                // Every key is read: they are written before any event.
+                keys.import(store, &mut summary).await?;
             }
             if kind > part {
                 // The events' last batch is complete once another part starts.
@@ -521,6 +736,14 @@ where
             }
         }
         match line {
+            Line::SubjectKey(k) => {
+                seen.keys += 1;
+                keys.key(n, k)?;
+            }
+            Line::Erasure(r) => {
+                seen.erasures += 1;
+                keys.erasure(n, r);
+            }
             Line::Event(e) => {
                 if last_old.is_some_and(|p| e.global_position <= p) {
                     bail!(
@@ -560,25 +783,115 @@ where
     let (n, trailer) = trailer;
     if trailer != seen {
         bail!(
-            "line {n}: the trailer counts {} events, {} checkpoints, {} snapshots, the file \
-             holds {}, {}, {}",
+            "line {n}: the trailer counts {} events, {} checkpoints, {} snapshots, {} keys, \
+             {} erasures, the file holds {}, {}, {}, {}, {}",
             trailer.events,
             trailer.checkpoints,
             trailer.snapshots,
+            trailer.keys,
+            trailer.erasures,
             seen.events,
             seen.checkpoints,
-            seen.snapshots
+            seen.snapshots,
+            seen.keys,
+            seen.erasures
         );
     }
     if let Some(next) = lines.recv().await {
         let (k, _) = next?;
         bail!("line {k}: a line after the trailer");
     }
+    // A file of keys alone: they are written once the trailer agrees.
+    keys.import(store, &mut summary).await?;
     import_batch(store, &mut events, &mut map, &mut conflicted, &mut summary).await?;
     progress(seen.events);
     import_snapshots(store, &mut snapshots, &mut summary).await?;
     save_checkpoints(store, checkpoints, map, options, &mut summary).await?;
     Ok(summary)
+}
+
+/// The keys and erasures of a file, held until its key part ends.
+#[derive(Default)]
+struct PendingKeys {
+    /// Line of each key, by subject.
+    lines: HashMap<String, u64>,
+    import: KeyImport,
+    /// Subjects with an erasure line.
+    erased: Vec<String>,
+    done: bool,
+}
+
+impl PendingKeys {
+    fn key(&mut self, n: u64, k: ExportedKey) -> anyhow::Result<()> {
+        let wrapped = B64.decode(&k.wrapped).map_err(|e| {
+            anyhow!(
+                "line {n}: the wrapped data key of subject {:?} is not base64: {e}",
+                k.subject
+            )
+        })?;
+        self.lines.entry(k.subject.clone()).or_insert(n);
+        self.import.keys.push(SubjectKey {
+            subject: k.subject,
+            key: WrappedKey {
+                master_key_id: k.master_key_id,
+                wrapped,
+            },
+        });
+        Ok(())
+    }
+
+    fn erasure(&mut self, _n: u64, r: ExportedErasure) {
+        self.import.erasures.push(ErasureRecord {
+            subject_hash: subject_hash(&r.subject),
+            erased_at: r.erased_at,
+            erased_by: r.erased_by,
+        });
+        self.erased.push(r.subject);
+    }
+
+    /// Writes them all in one transaction (once): a conflicting key is an
+    /// [`ImportKeyConflict`], and nothing is written.
+    async fn import<S: KeyStore>(
+        &mut self,
+        store: &S,
+        summary: &mut ImportSummary,
+    ) -> anyhow::Result<()> {
+        if std::mem::replace(&mut self.done, true) {
+            return Ok(());
+        }
+        summary.key_lines = (self.import.keys.len() + self.erased.len()) as u64;
+        if summary.key_lines == 0 {
+            return Ok(());
+        }
+        // Forgotten in the source: no key came with the erasure.
+        let mut import = std::mem::take(&mut self.import);
+        import.forget = std::mem::take(&mut self.erased)
+            .into_iter()
+            .filter(|s| !self.lines.contains_key(s))
+            .collect();
+        import.forget.dedup();
+        summary.keys = match store.import_keys(&import).await {
+            Ok(report) => report,
+            Err(annals::Error::Gdpr(e)) => match *e {
+                GdprError::KeyConflict {
+                    subject,
+                    stored_key_id,
+                    imported_key_id,
+                } => {
+                    return Err(ImportKeyConflict {
+                        line: self.lines.get(&subject).copied().unwrap_or_default(),
+                        subject,
+                        stored_key_id,
+                        imported_key_id,
+                    }
+                    .into())
+                }
+                other => return Err(annals::Error::Gdpr(Box::new(other)).into()),
+            },
+            Err(e) => return Err(anyhow::Error::new(e).context("cannot import the subject keys")),
+        };
+        Ok(())
+    }
 }
 
 async fn import_batch<S: EventImport>(
@@ -837,10 +1150,12 @@ pub(crate) async fn export_cmd(
     if args.output.is_some() {
         writeln!(
             env.out,
-            "exported {} events, {} checkpoints, {} snapshots to {}",
+            "exported {} events, {} checkpoints, {} snapshots, {} subject keys, {} erasures to {}",
             summary.events,
             summary.checkpoints,
             summary.snapshots,
+            summary.keys,
+            summary.erasures,
             shown(&args.output)
         )?;
     }
@@ -893,6 +1208,19 @@ pub(crate) async fn import_cmd(
         summary.snapshots_written,
         summary.snapshots_skipped
     )?;
+    if summary.key_lines > 0 {
+        let k = &summary.keys;
+        writeln!(
+            out,
+            "imported {} subject keys ({} already present), {} erasures ({} already recorded), \
+             {} keys of forgotten subjects deleted",
+            k.keys_inserted,
+            k.keys_present,
+            k.erasures_recorded,
+            k.erasures_present,
+            k.keys_deleted
+        )?;
+    }
     if summary.conflicts.is_empty() {
         Ok(crate::Outcome::Success)
     } else {

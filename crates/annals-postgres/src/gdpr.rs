@@ -1,7 +1,9 @@
 //! [`annals::KeyStore`] on PostgreSQL: the `subject_keys` and `erasure_log`
 //! tables (migration 0008).
 
-use annals::gdpr::{subject_hash, ErasureRecord, WrappedKey};
+use annals::gdpr::{
+    key_conflict, subject_hash, ErasureRecord, KeyImport, KeyImportReport, WrappedKey,
+};
 use annals::{KeyStore, Result};
 use chrono::{DateTime, Utc};
 
@@ -87,5 +89,78 @@ impl KeyStore for PgEventStore {
             })
         })
         .transpose()
+    }
+
+    async fn import_keys(&self, import: &KeyImport) -> Result<KeyImportReport> {
+        let mut client = self.ready_client("import subject keys").await?;
+        let tx = client
+            .transaction()
+            .await
+            .context("cannot import subject keys")?;
+        let mut report = KeyImportReport::default();
+        for k in &import.keys {
+            // Inserted unless present, then read back: a concurrent writer's
+            // key is seen like one stored before.
+            let n = tx
+                .execute(
+                    "INSERT INTO subject_keys (subject, master_key_id, wrapped_key) \
+                     VALUES ($1, $2, $3) ON CONFLICT (subject) DO NOTHING",
+                    &[&k.subject, &k.key.master_key_id, &k.key.wrapped],
+                )
+                .await
+                .context("cannot store a subject key")?;
+            if n == 1 {
+                report.keys_inserted += 1;
+                continue;
+            }
+            let row = tx
+                .query_one(LOAD_SQL, &[&k.subject])
+                .await
+                .context("cannot read back a subject key")?;
+            // Returning drops the transaction: it rolls back, nothing is
+            // written.
+            if let Some(e) = key_conflict(&k.subject, &wrapped(&row)?, &k.key) {
+                return Err(e);
+            }
+            report.keys_present += 1;
+        }
+        for subject in &import.forget {
+            report.keys_deleted += tx
+                .execute("DELETE FROM subject_keys WHERE subject = $1", &[subject])
+                .await
+                .context("cannot delete a subject key")?;
+        }
+        for r in &import.erasures {
+            // Microseconds, as stored: the comparison is exact.
+            let n = tx
+                .execute(
+                    "INSERT INTO erasure_log (subject_hash, erased_at, erased_by) \
+                     SELECT $1, $2, $3 WHERE NOT EXISTS (SELECT 1 FROM erasure_log \
+                       WHERE subject_hash = $1 AND erased_at = $2 AND erased_by = $3)",
+                    &[&r.subject_hash, &r.erased_at, &r.erased_by],
+                )
+                .await
+                .context("cannot record an erasure")?;
+            if n == 1 {
+                report.erasures_recorded += 1;
+            } else {
+                report.erasures_present += 1;
+            }
+        }
+        tx.commit().await.context("cannot import subject keys")?;
+        Ok(report)
+    }
+
+    async fn holds_keys(&self) -> Result<bool> {
+        let client = self.ready_client("read the subject keys").await?;
+        let row = client
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM subject_keys) \
+                 OR EXISTS (SELECT 1 FROM erasure_log)",
+                &[],
+            )
+            .await
+            .context("cannot read the subject keys")?;
+        row.try_get(0).context("cannot read the subject keys")
     }
 }

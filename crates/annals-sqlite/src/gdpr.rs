@@ -1,7 +1,9 @@
 //! [`annals::KeyStore`] on SQLite: the `subject_keys` and `erasure_log`
 //! tables (migration 0009), written on the writer thread.
 
-use annals::gdpr::{subject_hash, ErasureRecord, WrappedKey};
+use annals::gdpr::{
+    key_conflict, subject_hash, ErasureRecord, KeyImport, KeyImportReport, WrappedKey,
+};
 use annals::{KeyStore, Result};
 use chrono::{DateTime, Utc};
 use rusqlite::OptionalExtension;
@@ -124,6 +126,106 @@ impl KeyStore for SqliteEventStore {
                     })
                 })
                 .transpose()
+            })
+            .await
+    }
+
+    async fn import_keys(&self, import: &KeyImport) -> Result<KeyImportReport> {
+        let import = import.clone();
+        self.conns()
+            .write(move |conn| {
+                let tx = conn.transaction().map_err(db("importing subject keys"))?;
+                let mut report = KeyImportReport::default();
+                for k in &import.keys {
+                    let stored = tx
+                        .prepare_cached(
+                            "SELECT master_key_id, wrapped_key FROM subject_keys WHERE subject = ?1",
+                        )
+                        .and_then(|mut s| {
+                            s.query_row([&k.subject], |r| {
+                                Ok(WrappedKey {
+                                    master_key_id: r.get(0)?,
+                                    wrapped: r.get(1)?,
+                                })
+                            })
+                            .optional()
+                        })
+                        .map_err(db("loading a subject key"))?;
+                    match stored {
+                        // Dropping the transaction rolls it back: nothing
+                        // is written.
+                        Some(stored) => match key_conflict(&k.subject, &stored, &k.key) {
+                            Some(e) => return Err(e),
+                            None => report.keys_present += 1,
+                        },
+                        None => {
+                            tx.prepare_cached(
+                                "INSERT INTO subject_keys \
+                                 (subject, master_key_id, wrapped_key, created_at) \
+                                 VALUES (?1, ?2, ?3, ?4)",
+                            )
+                            .and_then(|mut s| {
+                                s.execute(rusqlite::params![
+                                    k.subject,
+                                    k.key.master_key_id,
+                                    k.key.wrapped,
+                                    now_micros()
+                                ])
+                            })
+                            .map_err(db("storing a subject key"))?;
+                            report.keys_inserted += 1;
+                        }
+                    }
+                }
+                for subject in &import.forget {
+                    report.keys_deleted += tx
+                        .execute("DELETE FROM subject_keys WHERE subject = ?1", [subject])
+                        .map_err(db("deleting a subject key"))?
+                        as u64;
+                }
+                for r in &import.erasures {
+                    let at = r.erased_at.timestamp_micros();
+                    let present = tx
+                        .prepare_cached(
+                            "SELECT 1 FROM erasure_log WHERE subject_hash = ?1 \
+                             AND erased_at = ?2 AND erased_by = ?3",
+                        )
+                        .and_then(|mut s| {
+                            s.query_row(rusqlite::params![r.subject_hash, at, r.erased_by], |_| {
+                                Ok(())
+                            })
+                            .optional()
+                        })
+                        .map_err(db("reading the erasure log"))?
+                        .is_some();
+                    if present {
+                        report.erasures_present += 1;
+                        continue;
+                    }
+                    tx.execute(
+                        "INSERT INTO erasure_log (subject_hash, erased_at, erased_by) \
+                         VALUES (?1, ?2, ?3)",
+                        rusqlite::params![r.subject_hash, at, r.erased_by],
+                    )
+                    .map_err(db("recording an erasure"))?;
+                    report.erasures_recorded += 1;
+                }
+                tx.commit().map_err(db("importing subject keys"))?;
+                Ok(report)
+            })
+            .await
+    }
+
+    async fn holds_keys(&self) -> Result<bool> {
+        self.conns()
+            .read(|conn| {
+                conn.query_row(
+                    "SELECT EXISTS (SELECT 1 FROM subject_keys) \
+                     OR EXISTS (SELECT 1 FROM erasure_log)",
+                    [],
+                    |r| r.get(0),
+                )
+                .map_err(db("reading the subject keys"))
             })
             .await
     }

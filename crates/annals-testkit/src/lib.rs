@@ -80,7 +80,7 @@ mod drift;
 /// | `projections` | `EventStore` + `ProjectionControl` (feed pages, subscriptions, projection runners, locks, rebuilds, dead letters, reactors, rate limits) |
 /// | `model` | `EventStore` + `SnapshotStore` + `CheckpointStore` (the `Vec`-model check) |
 /// | `upcasting` | `EventStore` + `SnapshotStore` + `annals::Upcasting` (reads through `Upcasters`) |
-/// | `gdpr` | `EventStore` + `SnapshotStore` + `annals::KeyStore` (crypto-shredding through `GdprStore`) |
+/// | `gdpr` | `EventStore` + `SnapshotStore` + `annals::KeyStore` (crypto-shredding through `GdprStore`), and `EventImport` (keys and erasures imported with events from another store) |
 ///
 /// A test goes into the group of what its bound names (one line in the
 /// group's arm below). The lists cannot drift from the suite: the build
@@ -256,6 +256,7 @@ macro_rules! conformance_suite {
             gdpr_wrong_master_key_is_a_typed_error,
             gdpr_snapshots_are_encrypted_and_forgotten,
             gdpr_wrong_master_key_on_snapshots_and_redaction,
+            gdpr_keys_import_all_or_nothing,
         }
     };
     (@group model, $($then:tt)*) => {

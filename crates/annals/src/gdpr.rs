@@ -117,7 +117,8 @@ pub enum GdprError {
         configured_key_id: String,
     },
     /// An encrypted field's subject has no key and no erasure record: the
-    /// key table lost a row (or the events come from another store).
+    /// key table lost a row, or the events come from another store without
+    /// their keys (`annals import` of a version 1 export).
     #[error(
         "no data key for subject {subject:?} and no erasure recorded for it \
          (event {event_id} in stream {stream})"
@@ -203,6 +204,22 @@ pub enum GdprError {
         event_type: String,
         /// The subject field.
         field: String,
+    },
+    /// [`KeyStore::import_keys`] was given a data key for a subject that
+    /// already has a different one: the two stores encrypted the subject's
+    /// data with different keys, and one of them would become unreadable.
+    /// Nothing was written.
+    #[error(
+        "subject {subject:?} already has a different data key (wrapped by master key \
+         {stored_key_id}; the imported one is wrapped by {imported_key_id})"
+    )]
+    KeyConflict {
+        /// The subject.
+        subject: String,
+        /// The master key id of the key already stored.
+        stored_key_id: String,
+        /// The master key id of the key being imported.
+        imported_key_id: String,
     },
 }
 
@@ -440,6 +457,52 @@ pub struct ErasureRecord {
     pub erased_by: String,
 }
 
+/// A subject's wrapped data key, as an export carries it to another store
+/// (see [`KeyStore::import_keys`]). Still wrapped: only the master key that
+/// wrapped it opens it there.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubjectKey {
+    /// The subject.
+    pub subject: String,
+    /// Its wrapped data key.
+    pub key: WrappedKey,
+}
+
+/// What [`KeyStore::import_keys`] writes, in one transaction.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KeyImport {
+    /// Wrapped keys to store (each unless the subject has it already).
+    pub keys: Vec<SubjectKey>,
+    /// Subjects forgotten where the keys come from: their keys are deleted
+    /// here too, so the erasure holds in this store as well.
+    pub forget: Vec<String>,
+    /// Erasure records to add (each unless an identical one is there).
+    pub erasures: Vec<ErasureRecord>,
+}
+
+/// What [`KeyStore::import_keys`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct KeyImportReport {
+    /// Keys stored.
+    pub keys_inserted: u64,
+    /// Keys that were stored identically already.
+    pub keys_present: u64,
+    /// Keys of forgotten subjects deleted.
+    pub keys_deleted: u64,
+    /// Erasure records added.
+    pub erasures_recorded: u64,
+    /// Erasure records that were there already.
+    pub erasures_present: u64,
+}
+
+/// Whether two erasure records are the same: the timestamps are compared to
+/// the microsecond, what every backend stores.
+pub fn same_erasure(a: &ErasureRecord, b: &ErasureRecord) -> bool {
+    a.subject_hash == b.subject_hash
+        && a.erased_by == b.erased_by
+        && a.erased_at.timestamp_micros() == b.erased_at.timestamp_micros()
+}
+
 /// The hex SHA-256 of a subject id: how the erasure log names subjects.
 pub fn subject_hash(subject: &str) -> String {
     let mut h = Sha256::new();
@@ -473,6 +536,37 @@ pub trait KeyStore: Clone + Send + Sync + 'static {
 
     /// The latest erasure recorded for a subject (by [`subject_hash`]).
     fn erasure(&self, subject: &str) -> impl Future<Output = Result<Option<ErasureRecord>>> + Send;
+
+    /// Imports keys and erasures from another store (`annals import`), all
+    /// or nothing, in one transaction: stores each key of `import.keys`
+    /// whose subject has none (an identical key is counted as present),
+    /// deletes the keys of `import.forget`, and appends each record of
+    /// `import.erasures` unless an identical one ([`same_erasure`]) is
+    /// logged. A subject that has a *different* key is
+    /// [`GdprError::KeyConflict`] (the first one in `import.keys` order),
+    /// and then nothing is written. Running it twice changes nothing the
+    /// second time.
+    fn import_keys(
+        &self,
+        import: &KeyImport,
+    ) -> impl Future<Output = Result<KeyImportReport>> + Send;
+
+    /// Whether any data key or erasure record is stored (an export of a
+    /// store without personal data skips looking for subjects).
+    fn holds_keys(&self) -> impl Future<Output = Result<bool>> + Send;
+}
+
+/// The [`GdprError::KeyConflict`] of an imported key, if the stored one
+/// differs; for the backends' [`KeyStore::import_keys`].
+pub fn key_conflict(subject: &str, stored: &WrappedKey, imported: &WrappedKey) -> Option<Error> {
+    (stored != imported).then(|| {
+        GdprError::KeyConflict {
+            subject: subject.to_owned(),
+            stored_key_id: stored.master_key_id.clone(),
+            imported_key_id: imported.master_key_id.clone(),
+        }
+        .into_error()
+    })
 }
 
 /// What a projection is told when a subject is forgotten.
@@ -944,6 +1038,23 @@ fn encrypted_parts(v: &Value) -> Option<(&str, &str)> {
     }
 }
 
+/// The subjects whose data keys encrypt a stored payload: those named by
+/// its encrypted top-level fields (an event), or by the payload itself (an
+/// encrypted snapshot state). What `annals export` carries keys for.
+pub fn encrypted_subjects(value: &Value) -> Vec<&str> {
+    if let Some((_, subject)) = encrypted_parts(value) {
+        return vec![subject];
+    }
+    value
+        .as_object()
+        .map(|obj| {
+            obj.values()
+                .filter_map(|v| encrypted_parts(v).map(|(_, s)| s))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// What [`Crypto::decrypt_snapshot`] found.
 #[derive(Debug, Clone, PartialEq)]
 pub enum SnapshotRead {
@@ -1326,6 +1437,46 @@ impl KeyStore for MemoryKeyStore {
             .find(|r| r.subject_hash == h)
             .cloned())
     }
+
+    async fn import_keys(&self, import: &KeyImport) -> Result<KeyImportReport> {
+        let mut g = self.lock()?;
+        // Checked before anything is written: all or nothing.
+        for k in &import.keys {
+            if let Some(stored) = g.keys.get(&k.subject) {
+                if let Some(e) = key_conflict(&k.subject, stored, &k.key) {
+                    return Err(e);
+                }
+            }
+        }
+        let mut report = KeyImportReport::default();
+        for k in &import.keys {
+            if g.keys.contains_key(&k.subject) {
+                report.keys_present += 1;
+            } else {
+                g.keys.insert(k.subject.clone(), k.key.clone());
+                report.keys_inserted += 1;
+            }
+        }
+        for subject in &import.forget {
+            if g.keys.remove(subject).is_some() {
+                report.keys_deleted += 1;
+            }
+        }
+        for r in &import.erasures {
+            if g.erasures.iter().any(|e| same_erasure(e, r)) {
+                report.erasures_present += 1;
+            } else {
+                g.erasures.push(r.clone());
+                report.erasures_recorded += 1;
+            }
+        }
+        Ok(report)
+    }
+
+    async fn holds_keys(&self) -> Result<bool> {
+        let g = self.lock()?;
+        Ok(!g.keys.is_empty() || !g.erasures.is_empty())
+    }
 }
 
 impl KeyStore for crate::InMemoryStore {
@@ -1351,6 +1502,17 @@ impl KeyStore for crate::InMemoryStore {
 
     fn erasure(&self, subject: &str) -> impl Future<Output = Result<Option<ErasureRecord>>> + Send {
         self.key_store().erasure(subject)
+    }
+
+    fn import_keys(
+        &self,
+        import: &KeyImport,
+    ) -> impl Future<Output = Result<KeyImportReport>> + Send {
+        self.key_store().import_keys(import)
+    }
+
+    fn holds_keys(&self) -> impl Future<Output = Result<bool>> + Send {
+        self.key_store().holds_keys()
     }
 }
 

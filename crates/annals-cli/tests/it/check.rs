@@ -23,6 +23,7 @@ per_backend!(
     schema_out_of_date_is_a_finding,
     tripped_projection_is_an_error_until_it_runs_again,
     dead_letters_are_errors_until_dropped,
+    the_master_key_is_found_like_the_read_commands,
 );
 
 /// The same options on every run: the PostgreSQL horizon is cluster-wide,
@@ -575,4 +576,29 @@ fn a_check_that_cannot_run_exits_2() {
         ],
     )
     .fails(2, &["cannot open postgres://postgres@127.0.0.1:1/test"]);
+}
+
+/// The decode check decrypts with the master key of `--key-file` (and
+/// `ANNALS_KEY_FILE`), like the read commands: the right key is healthy, a
+/// wrong one is an error naming it. On SQLite, the default key file beside
+/// the database holds a wrong key throughout.
+pub fn the_master_key_is_found_like_the_read_commands(db: &Db) {
+    db.run(&["init"]).ok();
+    db.run(&["demo", "--accounts", "2", "--operations", "10"])
+        .ok();
+    let right = db.dir.path().join("right.key");
+    let wrong = db.dir.path().join("wrong.key");
+    std::fs::rename(db.key_file(), &right).expect("move the key");
+    std::fs::write(&wrong, format!("{}\n", "ef".repeat(32))).expect("a wrong key");
+    std::fs::copy(&wrong, db.key_file()).expect("a wrong default key file");
+    let mut args = vec!["check", "--json"];
+    args.extend_from_slice(QUIET_HORIZON);
+    let run = db.run_with_key_file(&args, Some(&right), &[]);
+    assert_eq!(run.code, 0, "{run:#?}");
+    db.run_with_key_file(&args, Some(&wrong), &[])
+        .fails(2, &["wrong master key", "demo1-"]);
+    let run = db.run_with_key_file(&args, None, &[("ANNALS_KEY_FILE", &right)]);
+    assert_eq!(run.code, 0, "{run:#?}");
+    db.run_with_key_file(&args, None, &[("ANNALS_KEY_FILE", &wrong)])
+        .fails(2, &["wrong master key", "demo1-"]);
 }

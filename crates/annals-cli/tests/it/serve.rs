@@ -21,6 +21,7 @@ use crate::util::{per_backend, Db};
 per_backend!(
     serve_shows_gauges_and_health,
     scrape_after_a_workload_finds_the_counters,
+    health_finds_the_master_key_like_the_read_commands,
 );
 
 /// How long a test waits for the server to show a state it must reach.
@@ -42,8 +43,13 @@ impl Server {
         // transaction must not decide this one.
         args.extend_from_slice(&["--max-transaction-age", "1h"]);
         args.extend_from_slice(extra);
-        let mut child = db
-            .command(&args)
+        Server::spawn(db.command(&args))
+    }
+
+    /// Starts `command` (an `annals serve` on port 0) and reads the address
+    /// it announces.
+    fn spawn(mut command: std::process::Command) -> Server {
+        let mut child = command
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -540,4 +546,48 @@ fn docs_list_every_metric() {
         assert!(source.contains("tracing::"), "{target} does not log");
     }
     assert_eq!(listed, 8);
+}
+
+/// `/health` decrypts with the master key of `--key-file` (and
+/// `ANNALS_KEY_FILE`), like the read commands: the right key is healthy, a
+/// wrong one fails naming it. On SQLite, the default key file beside the
+/// database holds a wrong key throughout.
+pub fn health_finds_the_master_key_like_the_read_commands(db: &Db) {
+    db.run(&["init"]).ok();
+    db.run(&["demo", "--accounts", "2", "--operations", "10"])
+        .ok();
+    let right = db.dir.path().join("right.key");
+    let wrong = db.dir.path().join("wrong.key");
+    std::fs::rename(db.key_file(), &right).expect("move the key");
+    std::fs::write(&wrong, format!("{}\n", "ef".repeat(32))).expect("a wrong key");
+    std::fs::copy(&wrong, db.key_file()).expect("a wrong default key file");
+    let args = [
+        "serve",
+        "--metrics-addr",
+        "127.0.0.1:0",
+        "--max-transaction-age",
+        "1h",
+    ];
+    let health = |mut command: std::process::Command, key: &std::path::Path, env: bool| {
+        if env {
+            command.env("ANNALS_KEY_FILE", key);
+        }
+        let server = Server::spawn(command);
+        let (status, body) = server.get("/health");
+        let report: Value = serde_json::from_str(&body).expect("JSON body");
+        (status, report)
+    };
+    for env in [false, true] {
+        let command = |key: &std::path::Path| {
+            db.command_with_key_file(&args, if env { None } else { Some(key) })
+        };
+        let (status, report) = health(command(&right), &right, env);
+        assert_eq!(status, 200, "{report}");
+        assert_eq!(report["status"], "healthy", "{report}");
+        let (status, report) = health(command(&wrong), &wrong, env);
+        assert_eq!(status, 503, "{report}");
+        assert_eq!(report["status"], "failed", "{report}");
+        let error = report["error"].as_str().expect("error");
+        assert!(error.contains("wrong master key"), "{report}");
+    }
 }

@@ -215,17 +215,50 @@ impl Db {
     }
 
     fn full_args(&self, args: &[&str]) -> Vec<String> {
+        // PostgreSQL has no default key file: the test's is in its dir.
+        let key_file = self.pg_schema.as_ref().map(|_| self.key_file());
+        self.args_with_key_file(args, key_file.as_deref())
+    }
+
+    /// `args` against this database, with `--key-file key_file` if given
+    /// (and nothing else naming a key file).
+    fn args_with_key_file(&self, args: &[&str], key_file: Option<&Path>) -> Vec<String> {
         let mut all: Vec<String> = args.iter().map(|s| (*s).to_owned()).collect();
         all.push("--database-url".into());
         all.push(self.url.clone());
         if let Some(schema) = &self.pg_schema {
             all.push("--pg-schema".into());
             all.push(schema.clone());
-            // PostgreSQL has no default key file: the test's is in its dir.
+        }
+        if let Some(file) = key_file {
             all.push("--key-file".into());
-            all.push(self.key_file().display().to_string());
+            all.push(file.display().to_string());
         }
         all
+    }
+
+    /// A command against this database that names no key file but
+    /// `key_file` (the default is the SQLite file's, on PostgreSQL none).
+    pub fn command_with_key_file(&self, args: &[&str], key_file: Option<&Path>) -> Command {
+        let mut cmd = command(self.dir.path());
+        cmd.args(self.args_with_key_file(args, key_file));
+        cmd
+    }
+
+    /// Runs [`Db::command_with_key_file`], with `envs` set.
+    pub fn run_with_key_file(
+        &self,
+        args: &[&str],
+        key_file: Option<&Path>,
+        envs: &[(&str, &Path)],
+    ) -> Run {
+        let all = self.args_with_key_file(args, key_file);
+        let out = command(self.dir.path())
+            .args(&all)
+            .envs(envs.iter().map(|(k, v)| (*k, *v)))
+            .output()
+            .expect("run annals");
+        Run::from_output(&all, out)
     }
 
     /// Runs the binary against this database.

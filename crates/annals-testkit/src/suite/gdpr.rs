@@ -550,3 +550,156 @@ pub async fn gdpr_fingerprints_are_keyed<S: EventStore + KeyStore>(store: S) {
         .expect("encrypt");
     assert!(visit[0].fingerprint.is_none());
 }
+
+/// Keys and erasures imported from another store (what `annals import`
+/// does with an export): the events copied as stored decrypt with the same
+/// master key, a subject forgotten there reads as erased here (its key here
+/// deleted too), a rerun changes nothing, a wrong master key is still
+/// `WrongMasterKey`, and a different key for a subject is
+/// `GdprError::KeyConflict` with nothing written.
+pub async fn gdpr_keys_import_all_or_nothing<S: annals::EventImport + KeyStore>(store: S) {
+    use annals::gdpr::{KeyImport, SubjectKey};
+    let source = annals::InMemoryStore::new();
+    let g = gdpr(&source, key(1));
+    for (id, name) in [
+        ("p1", "Ada Lovelace"),
+        ("p2", "Alan Turing"),
+        ("p3", "Grace Hopper"),
+    ] {
+        register(&g, id, name).await;
+    }
+    let stored: Vec<_> = source
+        .read_all(ReadAll::from_start())
+        .try_collect()
+        .await
+        .expect("source events");
+    store
+        .import_events(stored.into_iter().map(annals::ImportEvent::from).collect())
+        .await
+        .expect("import the events");
+    let subject_key = |s: &str| {
+        let s = s.to_owned();
+        let source = source.clone();
+        async move {
+            let key = source.load_key(&s).await.expect("load").expect("a key");
+            SubjectKey { subject: s, key }
+        }
+    };
+    // Before p2 is forgotten: every key.
+    let before = KeyImport {
+        keys: vec![
+            subject_key("p1").await,
+            subject_key("p2").await,
+            subject_key("p3").await,
+        ],
+        ..KeyImport::default()
+    };
+    assert!(!store.holds_keys().await.expect("holds_keys"), "no key yet");
+    let report = store.import_keys(&before).await.expect("import the keys");
+    assert_eq!(report.keys_inserted, 3);
+    assert!(store.holds_keys().await.expect("holds_keys"));
+    let here = gdpr(&store, key(1));
+    let p2 = StreamId::parse("Person-p2").expect("stream");
+    let read = |g: GdprStore<S, S>, s: StreamId| async move {
+        g.read_stream_to_vec(&s, ReadStream::forward()).await
+    };
+    let events = read(here.clone(), p2.clone()).await.expect("decrypts");
+    assert_eq!(
+        events[0].data.to_value().expect("json")["name"],
+        "Alan Turing"
+    );
+
+    // p2 forgotten in the source: its erasure, and no key for it.
+    g.forget::<annals::InMemoryStore>("p2", "dpo", None, &[], &[])
+        .await
+        .expect("forget");
+    let record = source
+        .erasure("p2")
+        .await
+        .expect("erasure")
+        .expect("recorded");
+    let after = KeyImport {
+        keys: vec![subject_key("p1").await, subject_key("p3").await],
+        forget: vec!["p2".into()],
+        erasures: vec![record.clone()],
+    };
+    let report = store.import_keys(&after).await.expect("import the keys");
+    assert_eq!(
+        (
+            report.keys_inserted,
+            report.keys_present,
+            report.keys_deleted
+        ),
+        (0, 2, 1)
+    );
+    assert_eq!((report.erasures_recorded, report.erasures_present), (1, 0));
+    let events = read(here.clone(), p2.clone()).await.expect("erased");
+    assert_eq!(events[0].data.to_value().expect("json")["name"], ERASED);
+    let logged = store
+        .erasure("p2")
+        .await
+        .expect("erasure")
+        .expect("recorded here");
+    assert!(annals::gdpr::same_erasure(&logged, &record));
+    // A rerun changes nothing.
+    let report = store.import_keys(&after).await.expect("rerun");
+    assert_eq!(
+        (
+            report.keys_inserted,
+            report.keys_present,
+            report.keys_deleted
+        ),
+        (0, 2, 0)
+    );
+    assert_eq!((report.erasures_recorded, report.erasures_present), (0, 1));
+
+    // A wrong master key is reported as one, not as erased data.
+    let p1 = StreamId::parse("Person-p1").expect("stream");
+    let err = read(gdpr(&store, key(2)), p1.clone())
+        .await
+        .expect_err("wrong key");
+    assert!(
+        matches!(&err, Error::Gdpr(e) if matches!(**e, GdprError::WrongMasterKey { .. })),
+        "{err:?}"
+    );
+
+    // Another store's key for p1 (and a new subject's): nothing written.
+    let other = annals::InMemoryStore::new();
+    register(&gdpr(&other, key(3)), "p1", "Someone Else").await;
+    register(&gdpr(&other, key(3)), "p9", "New Person").await;
+    let clash = KeyImport {
+        keys: vec![
+            SubjectKey {
+                subject: "p9".into(),
+                key: other.load_key("p9").await.expect("load").expect("key"),
+            },
+            SubjectKey {
+                subject: "p1".into(),
+                key: other.load_key("p1").await.expect("load").expect("key"),
+            },
+        ],
+        ..KeyImport::default()
+    };
+    let err = store.import_keys(&clash).await.expect_err("a conflict");
+    match err {
+        Error::Gdpr(e) => match *e {
+            GdprError::KeyConflict {
+                subject,
+                stored_key_id,
+                imported_key_id,
+            } => {
+                assert_eq!(subject, "p1");
+                assert_eq!(stored_key_id, key(1).id());
+                assert_eq!(imported_key_id, key(3).id());
+            }
+            other => panic!("expected KeyConflict, got {other:?}"),
+        },
+        other => panic!("expected a GDPR error, got {other:?}"),
+    }
+    assert_eq!(store.load_key("p9").await.expect("load"), None);
+    let events = read(here, p1).await.expect("still decrypts");
+    assert_eq!(
+        events[0].data.to_value().expect("json")["name"],
+        "Ada Lovelace"
+    );
+}
