@@ -30,7 +30,7 @@ use std::sync::Arc;
 
 use jaq_core::load::{Arena, File, Loader};
 use jaq_core::{data, Compiler, Ctx, Vars};
-use jaq_json::Val;
+use jaq_json::{Num, Val};
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -424,27 +424,19 @@ impl JqFilter {
 
     /// Runs the filter on one input and returns every value it produces.
     fn run_all(&self, input: Value) -> Result<Vec<Value>, BoxError> {
-        let text = serde_json::to_string(&input)?;
-        let input = jaq_json::read::parse_single(text.as_bytes())
-            .map_err(|e| format!("the input is not JSON jaq reads: {e}"))?;
+        let input = to_jaq(&input, "the input")?;
         let ctx = Ctx::<JaqData>::new(&self.filter.lut, Vars::new([]));
         let mut values = Vec::new();
         for out in self.filter.id.run((ctx, input)).map(jaq_core::unwrap_valr) {
             let v = out.map_err(|e| format!("the filter failed: {e}"))?;
-            let text = v.to_string();
-            values.push(
-                serde_json::from_str(&text)
-                    .map_err(|e| format!("the filter's result {text} is not JSON: {e}"))?,
-            );
+            values.push(from_jaq(&v, "the filter's result", "is not JSON")?);
         }
         Ok(values)
     }
 
     /// Runs the filter on one payload; it must produce exactly one value.
     fn run(&self, input: Value) -> Result<Value, BoxError> {
-        let text = serde_json::to_string(&input)?;
-        let input = jaq_json::read::parse_single(text.as_bytes())
-            .map_err(|e| format!("the payload is not JSON jaq reads: {e}"))?;
+        let input = to_jaq(&input, "the payload")?;
         let ctx = Ctx::<JaqData>::new(&self.filter.lut, Vars::new([]));
         let mut out = self.filter.id.run((ctx, input)).map(jaq_core::unwrap_valr);
         let first = match out.next() {
@@ -460,10 +452,125 @@ impl JqFilter {
             )
             .into());
         }
-        let text = first.to_string();
-        serde_json::from_str(&text)
-            .map_err(|e| format!("the filter's result {text} is not a JSON payload: {e}").into())
+        from_jaq(&first, "the filter's result", "is not a JSON payload")
     }
+}
+
+// Between serde_json and jaq. The meaning of a filter's input and output
+// is defined by text: the input is the JSON serde_json writes for the
+// value, read by jaq's JSON reader; the output is what jaq prints, read back
+// by serde_json. Going through text costs a serialisation and a parse each
+// way on every event, so `to_jaq` and `from_jaq` build the value directly,
+// the same value the text would give, and fall back to the text for what
+// they do not handle exactly (numbers beyond 64 bits, jaq's non-JSON values
+// such as NaN or byte strings, invalid UTF-8, deep nesting), so that every
+// error and edge case stays the text's. `direct_conversions_match_the_text`
+// checks the two against each other.
+
+/// How deep the direct conversions go before leaving a value to the text
+/// (well below serde_json's recursion limit of 128, which the text path
+/// enforces on filter results).
+const DIRECT_DEPTH: usize = 64;
+
+/// `value` as jaq reads serde_json's text of it; an error names it `what`.
+fn to_jaq(value: &Value, what: &str) -> Result<Val, BoxError> {
+    match to_jaq_direct(value, DIRECT_DEPTH) {
+        Some(v) => Ok(v),
+        None => to_jaq_text(value, what),
+    }
+}
+
+fn to_jaq_text(value: &Value, what: &str) -> Result<Val, BoxError> {
+    let text = serde_json::to_string(value)?;
+    jaq_json::read::parse_single(text.as_bytes())
+        .map_err(|e| format!("{what} is not JSON jaq reads: {e}").into())
+}
+
+fn to_jaq_direct(value: &Value, depth: usize) -> Option<Val> {
+    Some(match value {
+        Value::Null => Val::Null,
+        Value::Bool(b) => Val::Bool(*b),
+        Value::Number(n) => Val::Num(if let Some(u) = n.as_u64() {
+            // jaq reads digits as a machine integer, else a big one.
+            Num::from_integral(u)
+        } else if let Some(i) = n.as_i64() {
+            Num::from_integral(i)
+        } else {
+            // serde_json writes a float with a `.` or an exponent, which
+            // jaq keeps as the decimal literal it read.
+            Num::Dec(jaq_json::Rc::new(n.to_string()))
+        }),
+        Value::String(s) => Val::utf8_str(s.clone().into_bytes()),
+        Value::Array(items) => {
+            let depth = depth.checked_sub(1)?;
+            let items = items
+                .iter()
+                .map(|v| to_jaq_direct(v, depth))
+                .collect::<Option<Vec<_>>>()?;
+            Val::Arr(jaq_json::Rc::new(items))
+        }
+        Value::Object(map) => {
+            let depth = depth.checked_sub(1)?;
+            let mut obj = jaq_json::Map::with_capacity_and_hasher(map.len(), Default::default());
+            for (k, v) in map {
+                obj.insert(
+                    Val::utf8_str(k.clone().into_bytes()),
+                    to_jaq_direct(v, depth)?,
+                );
+            }
+            Val::obj(obj)
+        }
+    })
+}
+
+/// `value` as serde_json reads jaq's text of it; an error (a value that is
+/// not JSON) names `what` and says it `is_not`.
+fn from_jaq(value: &Val, what: &str, is_not: &str) -> Result<Value, BoxError> {
+    match from_jaq_direct(value, DIRECT_DEPTH) {
+        Some(v) => Ok(v),
+        None => {
+            let text = value.to_string();
+            serde_json::from_str(&text).map_err(|e| format!("{what} {text} {is_not}: {e}").into())
+        }
+    }
+}
+
+fn from_jaq_direct(value: &Val, depth: usize) -> Option<Value> {
+    Some(match value {
+        Val::Null => Value::Null,
+        Val::Bool(b) => Value::Bool(*b),
+        Val::Num(Num::Int(i)) => Value::from(i64::try_from(*i).ok()?),
+        // jaq writes a finite float in the shortest form that reads back
+        // as the same float, which serde_json (with `float_roundtrip`)
+        // does.
+        Val::Num(Num::Float(f)) => Value::Number(serde_json::Number::from_f64(*f)?),
+        Val::Num(Num::Dec(d)) => match serde_json::from_str::<Value>(d).ok()? {
+            n @ Value::Number(_) => n,
+            _ => return None,
+        },
+        Val::Num(Num::BigInt(_)) => return None,
+        Val::TStr(s) => Value::String(std::str::from_utf8(s).ok()?.to_owned()),
+        Val::BStr(_) => return None,
+        Val::Arr(items) => {
+            let depth = depth.checked_sub(1)?;
+            Value::Array(
+                items
+                    .iter()
+                    .map(|v| from_jaq_direct(v, depth))
+                    .collect::<Option<Vec<_>>>()?,
+            )
+        }
+        Val::Obj(obj) => {
+            let depth = depth.checked_sub(1)?;
+            let mut map = serde_json::Map::new();
+            for (k, v) in obj.iter() {
+                let Val::TStr(k) = k else { return None };
+                let k = std::str::from_utf8(k).ok()?.to_owned();
+                map.insert(k, from_jaq_direct(v, depth)?);
+            }
+            Value::Object(map)
+        }
+    })
 }
 
 #[cfg(test)]
@@ -665,5 +772,108 @@ filter = '''
                 "{filter}: {text}"
             );
         }
+    }
+
+    fn jaq_outputs(code: &str, input: Val) -> Vec<Val> {
+        let filter = JqFilter::compile(code).expect(code);
+        let ctx = Ctx::<JaqData>::new(&filter.filter.lut, Vars::new([]));
+        filter
+            .filter
+            .id
+            .run((ctx, input))
+            .map(jaq_core::unwrap_valr)
+            .map(|v| v.expect(code))
+            .collect()
+    }
+
+    /// The direct conversions between serde_json and jaq give what the text
+    /// would (the same jaq value, variant for variant, for every input; the
+    /// same serde_json value for every output they do not leave to the
+    /// text), and ordinary values take the direct path.
+    #[test]
+    fn direct_conversions_match_the_text() {
+        let inputs = [
+            r#"{"b": 1, "a": [true, false, null], "c": {"z": "x\u0000y\n\"\u00e9\ud83d\ude00"}}"#,
+            "0",
+            "-1",
+            "9223372036854775807",
+            "9223372036854775808",
+            "18446744073709551615",
+            "-9223372036854775808",
+            "1.5",
+            "-0.0",
+            "1e21",
+            "1.0e2",
+            "2.5E-7",
+            "0.1",
+            "123456789012345678901234567890",
+            "5e-324",
+            "1.7976931348623157e308",
+            r#""""#,
+            "[]",
+            "{}",
+            r#"{"amount": "12.50", "name": "ann"}"#,
+        ];
+        let debug = |v: &Val| format!("{v:?}");
+        for text in inputs {
+            let value: Value = serde_json::from_str(text).expect(text);
+            let direct = to_jaq_direct(&value, DIRECT_DEPTH).expect("the direct path");
+            let via_text = to_jaq_text(&value, "the payload").expect("the text");
+            assert_eq!(debug(&direct), debug(&via_text), "{text}");
+        }
+        let deep: Value =
+            serde_json::from_str(&format!("{}{}", "[".repeat(100), "]".repeat(100))).expect("deep");
+        assert!(to_jaq_direct(&deep, DIRECT_DEPTH).is_none());
+        assert_eq!(
+            debug(&to_jaq(&deep, "the payload").expect("via the text")),
+            debug(&to_jaq_text(&deep, "the payload").expect("text"))
+        );
+
+        let input = Val::obj(
+            [("a", Val::from(1isize)), ("b", Val::from("x".to_owned()))]
+                .into_iter()
+                .map(|(k, v)| (Val::from(k.to_owned()), v))
+                .collect(),
+        );
+        let mut outputs = Vec::new();
+        for code in [
+            ".",
+            "{z: .a, a: .b, m: {y: [1, 2.50, null, true]}}",
+            "1.5, 1.0e2, 1e400, 2.5E-7, -0.0, 0.1 + 0.2, 1 / 3, 100 * 1.5, 1e300 * 10",
+            "9223372036854775807, -9223372036854775807 - 1, 9223372036854775807 + 1",
+            "nan, infinite, -infinite, (nan | floor)",
+            "\"x\\u0000y\\u007f\\t\\u001fé\", (\"abc\" | tobytes)",
+            "{(1): 2}, {(\"k\" | tobytes): 1}",
+            "[limit(70; repeat(1))] | reduce .[] as $x (0; [.])",
+            "[limit(30; repeat(1))] | reduce .[] as $x (0; [.])",
+        ] {
+            outputs.extend(jaq_outputs(code, input.clone()));
+        }
+        outputs.push(Val::utf8_str(vec![b'a', 0xff]));
+        outputs.push(Val::obj(
+            [(Val::utf8_str(vec![0xfe]), Val::Null)]
+                .into_iter()
+                .collect(),
+        ));
+        let mut direct = 0;
+        for v in &outputs {
+            let text = v.to_string();
+            let via_text = serde_json::from_str::<Value>(&text);
+            let Some(d) = from_jaq_direct(v, DIRECT_DEPTH) else {
+                // Left to the text: `from_jaq` is the text's, error included.
+                let got = from_jaq(v, "the result", "is not JSON").map_err(|e| e.to_string());
+                let want = via_text.map_err(|e| format!("the result {text} is not JSON: {e}"));
+                assert_eq!(got, want, "{text}");
+                continue;
+            };
+            direct += 1;
+            let via_text = via_text.expect(&text);
+            assert_eq!(d, via_text, "{text}");
+            assert_eq!(d.to_string(), via_text.to_string(), "{text}");
+        }
+        // Everything but the big integer, the non-finite floats, 1e400, the
+        // byte strings, the invalid UTF-8, the non-string key and the deep
+        // array went the direct way.
+        assert_eq!(direct, outputs.len() - 12, "{outputs:?}");
     }
 }
