@@ -424,7 +424,11 @@ impl EventStore for PgEventStore {
         let (since, until) = (options.since, options.until);
         let budget = budget(self.inner.page_bytes);
         let events = paged(
-            ((tx, seq), 0u64, PageRows::new(self.inner.batch_size)),
+            (
+                (tx, seq),
+                0u64,
+                PageRows::for_limit(self.inner.batch_size, limit),
+            ),
             move |(cursor, taken, rows_limit): ((i64, i64), u64, PageRows)| {
                 let store = store.clone();
                 let categories = categories.clone();

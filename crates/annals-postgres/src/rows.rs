@@ -143,6 +143,22 @@ impl PageRows {
         }
     }
 
+    /// The limits of the first page of a read of at most `limit` events:
+    /// as [`PageRows::new`], but a read whose limit is above the batch size
+    /// and within the largest page (a feed consumer's page) gets all of it
+    /// in one query instead of two or more.
+    pub(crate) fn for_limit(batch_size: usize, limit: u64) -> Self {
+        let first = Self::new(batch_size);
+        if limit > first.max {
+            // A long or unlimited read: small first, then growing.
+            return first;
+        }
+        PageRows {
+            rows: limit.max(first.rows),
+            max: first.max,
+        }
+    }
+
     /// This page's row limit.
     pub(crate) fn rows(self) -> u64 {
         self.rows
@@ -293,6 +309,21 @@ mod tests {
         // Small events again: the pages grow back.
         assert_eq!(cut.next(6, false).rows(), 12);
         assert_eq!(PageRows::new(1).next(0, true).rows(), 1);
+    }
+
+    #[test]
+    fn a_limited_read_asks_for_its_limit_at_once() {
+        assert_eq!(PageRows::for_limit(500, 1000).rows(), 1000);
+        assert_eq!(PageRows::for_limit(500, 100).rows(), 500);
+        assert_eq!(PageRows::for_limit(500, 8000).rows(), 8000);
+        // A longer or unlimited read starts small, as any other.
+        assert_eq!(PageRows::for_limit(500, 8001).rows(), 500);
+        assert_eq!(PageRows::for_limit(500, u64::MAX).rows(), 500);
+        // Later pages grow from there, up to the same bound.
+        assert_eq!(
+            PageRows::for_limit(500, 6000).next(6000, false).rows(),
+            8000
+        );
     }
 
     #[test]

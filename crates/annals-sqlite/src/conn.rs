@@ -414,6 +414,34 @@ impl Conns {
         }
         .boxed()
     }
+
+    /// [`Conns::paginate`] for a read whose first page is already here
+    /// (fetched by a job that did more in the same round trip): yields
+    /// `first`, then fetches the pages from `next` on (none when `None`),
+    /// the first of them once `first` is consumed.
+    pub(crate) fn paginate_after<T, P, C, F>(
+        &self,
+        first: P,
+        next: Option<C>,
+        fetch: F,
+    ) -> BoxStream<'static, Result<T>>
+    where
+        T: Send + 'static,
+        P: IntoIterator<Item = Result<T>> + Send + 'static,
+        P::IntoIter: Send + Unpin,
+        C: Send + Unpin + 'static,
+        F: Fn(&Connection, C) -> Result<(P, Option<C>)> + Send + Sync + 'static,
+    {
+        Pages {
+            conns: self.clone(),
+            fetch: Arc::new(fetch),
+            cursor: next,
+            pending: None,
+            current: Some(first.into_iter()),
+            done: false,
+        }
+        .boxed()
+    }
 }
 
 /// A reader's answer to a page request: the page and the next cursor.

@@ -39,7 +39,9 @@ use futures::stream::BoxStream;
 use rusqlite::{Connection, OptionalExtension, ToSql};
 use uuid::Uuid;
 
-use crate::codec::{event_columns, from_micros, now_micros, sql_int, to_micros, RawEvents};
+use crate::codec::{
+    event_columns, from_micros, now_micros, sql_int, to_micros, EventRows, RawEvents,
+};
 use crate::conn::Page;
 use crate::error::{classify, corrupt, db, map_err, ErrorKind};
 use crate::SqliteEventStore;
@@ -394,7 +396,7 @@ impl annals::MultiStreamAppend for SqliteEventStore {
 }
 
 /// Where a paginated stream read resumes.
-struct StreamCursor {
+pub(crate) struct StreamCursor {
     /// Next version to read (forward: lowest; backward: highest).
     next: u64,
     /// Events still allowed by `limit`.
@@ -561,6 +563,55 @@ fn read_all_page(
         _ => None,
     };
     Ok((page, next))
+}
+
+/// The cursor of a stream read's first page; `None` when the read asks for
+/// no events.
+pub(crate) fn first_stream_cursor(options: &ReadStream) -> Option<StreamCursor> {
+    let next = match options.direction {
+        Direction::Forward => options.from.map_or(1, |v| v.get().max(1)),
+        Direction::Backward => options.from.map_or(u64::MAX, StreamVersion::get),
+    };
+    let remaining = options.limit.unwrap_or(u64::MAX);
+    (remaining > 0).then_some(StreamCursor { next, remaining })
+}
+
+/// A stream read's page fetch: one page of `stream` at `cursor`, decoded
+/// with a handle's upcasters and counted on the read metric.
+type StreamPageFn = dyn Fn(&Connection, &StreamId, StreamCursor) -> Result<(EventRows, Option<StreamCursor>)>
+    + Send
+    + Sync;
+
+impl SqliteEventStore {
+    /// The page fetch of a read of one stream with `options` through this
+    /// handle (its batch size and upcasters).
+    pub(crate) fn stream_reader(&self, options: ReadStream) -> Arc<StreamPageFn> {
+        let batch = self.batch_size() as u64;
+        let upcasters = self.upcasters().cloned();
+        let read = METRICS.read_counter();
+        Arc::new(move |conn, stream, cursor| {
+            read_stream_page(conn, stream, &options, batch, PAGE_BYTES, cursor).map(
+                |(page, next)| {
+                    let events = page.decode(upcasters.clone()).counting(read.clone());
+                    (events, next)
+                },
+            )
+        })
+    }
+
+    /// The rest of a stream read whose first page a reader job has already
+    /// fetched with `read` (this handle's [`SqliteEventStore::stream_reader`]):
+    /// that page's events, then the pages from `next` on.
+    pub(crate) fn continue_stream(
+        &self,
+        stream: StreamId,
+        read: Arc<StreamPageFn>,
+        first: EventRows,
+        next: Option<StreamCursor>,
+    ) -> EventStream {
+        self.conns()
+            .paginate_after(first, next, move |conn, cursor| read(conn, &stream, cursor))
+    }
 }
 
 impl annals::StreamCatalog for SqliteEventStore {
@@ -802,29 +853,12 @@ impl EventStore for SqliteEventStore {
     }
 
     fn read_stream(&self, stream: &StreamId, options: ReadStream) -> EventStream {
-        let start = match options.direction {
-            Direction::Forward => options.from.map_or(1, |v| v.get().max(1)),
-            Direction::Backward => options.from.map_or(u64::MAX, StreamVersion::get),
-        };
-        let cursor = StreamCursor {
-            next: start,
-            remaining: options.limit.unwrap_or(u64::MAX),
-        };
-        if cursor.remaining == 0 {
+        let Some(cursor) = first_stream_cursor(&options) else {
             return Box::pin(futures::stream::empty());
-        }
-        let stream = stream.clone();
-        let batch = self.batch_size() as u64;
-        let upcasters = self.upcasters().cloned();
-        let read = METRICS.read_counter();
-        self.conns().paginate(cursor, move |conn, cursor| {
-            read_stream_page(conn, &stream, &options, batch, PAGE_BYTES, cursor).map(
-                |(page, next)| {
-                    let events = page.decode(upcasters.clone()).counting(read.clone());
-                    (events, next)
-                },
-            )
-        })
+        };
+        let (stream, read) = (stream.clone(), self.stream_reader(options));
+        self.conns()
+            .paginate(cursor, move |conn, cursor| read(conn, &stream, cursor))
     }
 
     fn read_all(&self, options: ReadAll) -> EventStream {

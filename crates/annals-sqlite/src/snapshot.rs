@@ -11,12 +11,14 @@
 //! recorded in `snapshot_settings` (see [`annals::SnapshotStore`] for the
 //! rules). Listings over every aggregate are keyset-paginated.
 
+use std::any::Any;
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use annals::{
-    no_such_snapshot, validate_history_size, PromoteReport, Result, RollbackReport, Snapshot,
-    SnapshotCoverage, SnapshotHistoryEntry, SnapshotStore, SnapshotWrite, StaleSnapshot,
-    StreamVersion,
+    no_such_snapshot, validate_history_size, EventStore, EventStream, PromoteReport, ReadStream,
+    Result, RollbackReport, Snapshot, SnapshotCoverage, SnapshotHistoryEntry, SnapshotStore,
+    SnapshotWrite, StaleSnapshot, StreamId, StreamVersion,
 };
 use futures::stream::BoxStream;
 use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior};
@@ -26,13 +28,18 @@ use crate::codec::{
 };
 use crate::conn::Page;
 use crate::error::{corrupt, db};
+use crate::event_store::first_stream_cursor;
 use crate::SqliteEventStore;
 
+/// The live snapshot. `+schema_version` keeps the planner off the
+/// `(aggregate_type, schema_version)` index, which orders the rows for it but
+/// walks every snapshot of the type to find one aggregate's: the lookup goes
+/// by the aggregate's id and sorts its few history rows instead (issue 11).
 const LOAD_LIVE_SQL: &str = concat!(
     "SELECT ",
     snapshot_columns!(),
     " FROM snapshots WHERE aggregate_type = ?1 AND aggregate_id = ?2 \
-     AND rolled_back_at IS NULL ORDER BY schema_version DESC, version DESC LIMIT 1"
+     AND rolled_back_at IS NULL ORDER BY +schema_version DESC, version DESC LIMIT 1"
 );
 
 const HISTORY_SIZE_SQL: &str = "SELECT history FROM snapshot_settings WHERE id = 1";
@@ -595,6 +602,61 @@ impl SnapshotStore for SqliteEventStore {
             .await
     }
 
+    /// One reader job when `events` is a handle on this same database (any
+    /// clone of this store, with any upcasters): the snapshot query and the
+    /// first page of events from its version, in one round trip and one
+    /// read of the file. Otherwise the two reads one after the other.
+    async fn load_snapshot_and_events<S: EventStore>(
+        &self,
+        events: &S,
+        aggregate_type: &str,
+        stream: &StreamId,
+    ) -> Result<Option<(Snapshot, EventStream)>> {
+        let same = (events as &dyn Any)
+            .downcast_ref::<SqliteEventStore>()
+            .filter(|e| Arc::ptr_eq(&e.inner, &self.inner));
+        let Some(events) = same else {
+            let Some(snapshot) = self.load_snapshot(aggregate_type, stream.id()).await? else {
+                return Ok(None);
+            };
+            let read = events.read_stream(stream, ReadStream::forward().from(snapshot.version));
+            return Ok(Some((snapshot, read)));
+        };
+        let key = [aggregate_type.to_owned(), stream.id().to_owned()];
+        let (id, read) = (stream.clone(), events.stream_reader(ReadStream::forward()));
+        let job_read = Arc::clone(&read);
+        let found = self
+            .conns()
+            .read(move |conn| {
+                let what = "loading a snapshot";
+                let mut stmt = conn.prepare_cached(LOAD_LIVE_SQL).map_err(db(what))?;
+                let mut rows = stmt.query(key).map_err(db(what))?;
+                let Some(row) = rows.next().map_err(db(what))? else {
+                    return Ok(None);
+                };
+                let snapshot = decode_snapshot("snapshots", row)?;
+                drop(rows);
+                // The events from the snapshot's version on. A failure here
+                // belongs to the events' stream, not to the snapshot's load
+                // (see the trait method).
+                let from = ReadStream::forward().from(snapshot.version);
+                let page = match first_stream_cursor(&from) {
+                    Some(cursor) => job_read(conn, &id, cursor),
+                    None => Err(corrupt_row("a snapshot read without a cursor".into())),
+                };
+                Ok(Some((snapshot, page)))
+            })
+            .await?;
+        let Some((snapshot, page)) = found else {
+            return Ok(None);
+        };
+        let events = match page {
+            Ok((first, next)) => events.continue_stream(stream.clone(), read, first, next),
+            Err(e) => Box::pin(futures::stream::iter([Err(e)])),
+        };
+        Ok(Some((snapshot, events)))
+    }
+
     async fn delete_snapshot(&self, aggregate_type: &str, aggregate_id: &str) -> Result<u64> {
         let key = [aggregate_type.to_owned(), aggregate_id.to_owned()];
         self.conns()
@@ -818,5 +880,35 @@ impl annals::SnapshotStaging for SqliteEventStore {
                     .map_err(db("clearing staged snapshots"))
             })
             .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A snapshot load looks the aggregate up by its id, not by walking
+    /// every snapshot of its type (issue 11).
+    #[test]
+    fn live_snapshot_load_goes_by_the_aggregate_id() {
+        let mut conn = Connection::open_in_memory().expect("in-memory database");
+        crate::migrate::migrate(&mut conn).expect("migrate");
+        let plan: Vec<String> = conn
+            .prepare(&format!("EXPLAIN QUERY PLAN {LOAD_LIVE_SQL}"))
+            .expect("explain")
+            .query_map(rusqlite::params!["Account", "a1"], |r| r.get(3))
+            .expect("plan")
+            .collect::<rusqlite::Result<_>>()
+            .expect("rows");
+        assert!(
+            plan.iter().any(|step| step.contains("aggregate_id=?")),
+            "no lookup by aggregate_id in {plan:?}"
+        );
+        assert!(
+            !plan
+                .iter()
+                .any(|step| step.contains("snapshots_type_schema_version")),
+            "the type's index in {plan:?}"
+        );
     }
 }

@@ -156,6 +156,7 @@ macro_rules! conformance_suite {
             snapshot_migration_on_load,
             corrupt_snapshot_falls_back,
             snapshot_ahead_of_head_is_ignored,
+            snapshot_and_events_in_one_read,
             snapshots_change_no_result,
             background_snapshots_lose_no_command,
             snapshots_under_concurrent_writers,

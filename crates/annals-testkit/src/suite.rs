@@ -1620,6 +1620,67 @@ pub async fn snapshot_ahead_of_head_is_ignored<S: EventStore + SnapshotStore>(st
     assert_eq!(ghost.state, Account::default());
 }
 
+/// `load_snapshot_and_events` returns the live snapshot and the events from
+/// its version on (that event first, across read pages), as the two reads
+/// one after the other would; `None` without a snapshot; and a snapshot
+/// ahead of the head comes with no events (issue 11).
+pub async fn snapshot_and_events_in_one_read<S: EventStore + SnapshotStore>(store: S) {
+    let stream = StreamId::new("Account", "one-read").expect("stream id");
+    // More events after the snapshot than any backend's first read page.
+    let events: Vec<NewEvent> = (0..1_300)
+        .map(|i| NewEvent::new("Deposited", json!({ "amount": i })))
+        .collect();
+    store
+        .append(&stream, ExpectedVersion::NoStream, events)
+        .await
+        .expect("append");
+    assert!(store
+        .load_snapshot_and_events(&store, "Account", &stream)
+        .await
+        .expect("no snapshot")
+        .is_none());
+    store
+        .save_snapshot(&snap("one-read", 7, 1, 21))
+        .await
+        .expect("save");
+    let (found, read) = store
+        .load_snapshot_and_events(&store, "Account", &stream)
+        .await
+        .expect("load")
+        .expect("a snapshot");
+    assert_eq!(
+        (found.version, found.state["balance"].clone()),
+        (v(7), json!(21))
+    );
+    let got: Vec<RecordedEvent> = read.map(|e| e.expect("event")).collect().await;
+    let want = store
+        .read_stream_to_vec(&stream, ReadStream::forward().from(v(7)))
+        .await
+        .expect("read_stream");
+    assert_eq!(got.len(), 1_294);
+    assert_eq!(
+        got.iter()
+            .map(|e| (e.event_id, e.stream_version))
+            .collect::<Vec<_>>(),
+        want.iter()
+            .map(|e| (e.event_id, e.stream_version))
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(got[0].stream_version, v(7));
+    assert_eq!(got[0].data.as_str(), want[0].data.as_str());
+    store
+        .save_snapshot(&snap("one-read", 1_400, 1, 0))
+        .await
+        .expect("save ahead");
+    let (ahead, read) = store
+        .load_snapshot_and_events(&store, "Account", &stream)
+        .await
+        .expect("load ahead")
+        .expect("a snapshot ahead");
+    assert_eq!(ahead.version, v(1_400));
+    assert_eq!(read.count().await, 0);
+}
+
 /// Removing the snapshot store changes no result.
 pub async fn snapshots_change_no_result<S: EventStore + SnapshotStore>(store: S) {
     let with = Repository::<Account, _>::new(store.clone())

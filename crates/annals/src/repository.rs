@@ -553,8 +553,12 @@ impl<A: Aggregate, S: EventStore, N: SnapshotStore> Repository<A, S, N> {
         snaps: &N,
         stream: &StreamId,
     ) -> Result<Result<Loaded<A>, SnapshotSkip>> {
-        let snap = match snaps.load_snapshot(A::TYPE, stream.id()).await {
-            Ok(Some(s)) => s,
+        // One round trip where the backend can (see the trait method).
+        let (snap, events) = match snaps
+            .load_snapshot_and_events(&self.store, A::TYPE, stream)
+            .await
+        {
+            Ok(Some(found)) => found,
             Ok(None) => return Ok(Err(SnapshotSkip::Missing)),
             // A wrong or missing master key is the caller's to see, not a
             // cache miss to replay around (see `annals::gdpr`).
@@ -565,8 +569,7 @@ impl<A: Aggregate, S: EventStore, N: SnapshotStore> Repository<A, S, N> {
             Ok(x) => x,
             Err(skip) => return Ok(Err(skip)),
         };
-        let Some((state, version, replayed)) =
-            resume_from(&self.store, stream, snap.version, state).await?
+        let Some((state, version, replayed)) = resume_with(events, snap.version, state).await?
         else {
             let head = self.store.stream_version(stream).await?;
             return Ok(Err(SnapshotSkip::AheadOfHead {
@@ -1153,7 +1156,20 @@ pub(crate) async fn resume_from<A: Aggregate, S: EventStore>(
     version: StreamVersion,
     state: A,
 ) -> Result<Option<(A, StreamVersion, u64)>> {
-    let mut events = store.read_stream(stream, ReadStream::forward().from(version));
+    resume_with(
+        store.read_stream(stream, ReadStream::forward().from(version)),
+        version,
+        state,
+    )
+    .await
+}
+
+/// [`resume_from`] over `events`, the stream's events from `version` on.
+async fn resume_with<A: Aggregate>(
+    mut events: crate::EventStream,
+    version: StreamVersion,
+    state: A,
+) -> Result<Option<(A, StreamVersion, u64)>> {
     match events.next().await.transpose()? {
         Some(first) if first.stream_version == version => {}
         _ => return Ok(None),
@@ -1187,7 +1203,6 @@ pub fn make_snapshot<A: Aggregate>(
 pub fn decode_snapshot<A: Aggregate>(
     snap: &Snapshot,
 ) -> std::result::Result<(A, bool), SnapshotSkip> {
-    let mut state = snap.state.clone();
     let mut schema = snap.schema_version;
     let skip = SnapshotSkip::SchemaVersion {
         found: snap.schema_version,
@@ -1196,6 +1211,13 @@ pub fn decode_snapshot<A: Aggregate>(
     if schema > A::SCHEMA_VERSION {
         return Err(skip);
     }
+    if schema == A::SCHEMA_VERSION {
+        // Straight from the stored value, without copying it first.
+        return A::deserialize(&snap.state)
+            .map(|s| (s, false))
+            .map_err(|e| SnapshotSkip::Undecodable(e.to_string()));
+    }
+    let mut state = snap.state.clone();
     while schema < A::SCHEMA_VERSION {
         state = A::migrate_snapshot(schema, state).ok_or_else(|| skip.clone())?;
         schema += 1;

@@ -52,7 +52,7 @@ use futures::stream::BoxStream;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::{Result, StreamVersion};
+use crate::{EventStore, EventStream, ReadStream, Result, StreamId, StreamVersion};
 
 /// A stored snapshot.
 #[derive(Clone, PartialEq, Debug, Serialize, Deserialize)]
@@ -264,6 +264,34 @@ pub trait SnapshotStore: Clone + Send + Sync + 'static {
         aggregate_type: &str,
         aggregate_id: &str,
     ) -> impl Future<Output = Result<u64>> + Send;
+
+    /// What a snapshot load reads: the live snapshot of the aggregate of
+    /// `stream` (as [`SnapshotStore::load_snapshot`] with `stream.id()`), and
+    /// the events of `stream` in `events` from the snapshot's version on,
+    /// that event first (as [`EventStore::read_stream`] with
+    /// `ReadStream::forward().from(version)`; finding it proves the snapshot
+    /// is not ahead of the head). `Ok(None)` when there is no live snapshot;
+    /// an `Err` is the snapshot's load failing, while a failure reading the
+    /// events comes through the stream.
+    ///
+    /// Provided: the two reads one after the other. A backend that keeps
+    /// snapshots and events in one database overrides it to answer both in
+    /// one round trip when `events` is a handle on that same database.
+    fn load_snapshot_and_events<S: EventStore>(
+        &self,
+        events: &S,
+        aggregate_type: &str,
+        stream: &StreamId,
+    ) -> impl Future<Output = Result<Option<(Snapshot, EventStream)>>> + Send {
+        let load = self.load_snapshot(aggregate_type, stream.id());
+        async move {
+            let Some(snapshot) = load.await? else {
+                return Ok(None);
+            };
+            let read = events.read_stream(stream, ReadStream::forward().from(snapshot.version));
+            Ok(Some((snapshot, read)))
+        }
+    }
 }
 
 /// The queries and repairs operators run over the live snapshots: bulk
