@@ -235,6 +235,7 @@ async fn run_postgres(args: &Args) -> anyhow::Result<(Results, Option<Results>)>
             schema: Some(schema.clone()),
             // One query per W4 page.
             batch_size: args.sizes.feed_page as usize,
+            group_commit: args.w5.pg_group_commit.map(|k| k as usize),
             ..Default::default()
         },
     )

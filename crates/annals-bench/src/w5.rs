@@ -50,6 +50,19 @@ pub struct W5Args {
     /// W5 case (b): number of hot accounts shared by the 64 tasks.
     #[arg(long, default_value_t = 16)]
     pub w5_hot_accounts: u64,
+    /// PostgreSQL: group commit on at most K connections at once
+    /// (`PgOptions::group_commit`), for W1-W5 of the Annals store.
+    #[arg(long, value_name = "K", value_parser = clap::value_parser!(u64).range(1..))]
+    pub pg_group_commit: Option<u64>,
+    /// PostgreSQL: the pool size of W5's Annals store (default: the largest
+    /// number of tasks, 64).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub w5_pg_pool: Option<u64>,
+    /// W5 on Annals: a follower tails `read_all` during each case and
+    /// reports, per event, the delay from its `recorded_at` (set inside the
+    /// appending transaction) to its delivery (`append_visible`).
+    #[arg(long)]
+    pub w5_follow: bool,
 }
 
 impl W5Args {
@@ -201,6 +214,9 @@ pub struct CaseResult {
     pub retried_commands: u64,
     /// Most attempts one command took.
     pub max_attempts: u32,
+    /// With `--w5-follow`: per event, `recorded_at` to delivery by a
+    /// `read_all` follower.
+    pub visible: Option<Latencies>,
 }
 
 impl CaseResult {
@@ -231,12 +247,16 @@ impl CaseResult {
 
     /// The case's object in the result line.
     pub fn to_json(&self) -> Value {
-        json!({
+        let mut v = json!({
             "commands_per_sec": round(self.commands_per_sec()), "tasks": self.tasks,
             "accounts": self.accounts, "commands": self.commands, "seconds": round(self.seconds),
             "command_latency": self.latency.to_json(), "conflicts": self.conflicts,
             "retried_commands": self.retried_commands, "max_attempts": self.max_attempts,
-        })
+        });
+        if let Some(visible) = &self.visible {
+            v["append_visible"] = visible.to_json();
+        }
+        v
     }
 }
 
@@ -340,6 +360,13 @@ where
             h.await??;
         }
 
+        let follower = if args.w5_follow {
+            let store = repo.store().clone();
+            let start = store.head_position().await?;
+            Some(tokio::spawn(follow(store, start, plan.commands)))
+        } else {
+            None
+        };
         let t0 = Instant::now();
         let mut tasks = Vec::new();
         for t in 0..plan.case.tasks {
@@ -369,6 +396,10 @@ where
             outcomes.push(h.await??);
         }
         let seconds = t0.elapsed().as_secs_f64();
+        let visible = match follower {
+            Some(f) => Some(f.await??),
+            None => None,
+        };
 
         let mut sum = 0i64;
         for id in ids.iter() {
@@ -380,13 +411,48 @@ where
             plan.case.key,
             plan.commands * 100
         );
-        w5.cases.push((
-            plan.case.key,
-            CaseResult::from_tasks(&plan, seconds, outcomes),
-        ));
+        let mut result = CaseResult::from_tasks(&plan, seconds, outcomes);
+        result.visible = visible;
+        w5.cases.push((plan.case.key, result));
     }
     w5.total_seconds = started.elapsed().as_secs_f64();
     Ok(w5)
+}
+
+/// Tails `read_all` after `start` until `n` events arrived; per event, the
+/// time from its `recorded_at` to its delivery.
+async fn follow<S: EventStore>(
+    store: S,
+    start: Option<annals::GlobalPosition>,
+    n: u64,
+) -> anyhow::Result<Latencies> {
+    use futures::TryStreamExt;
+    let mut after = start;
+    let mut delays = Latencies(Vec::with_capacity(n as usize));
+    let mut signal = store.append_signal();
+    while (delays.0.len() as u64) < n {
+        let options = match after {
+            Some(p) => annals::ReadAll::after(p),
+            None => annals::ReadAll::from_start(),
+        };
+        let page: Vec<_> = store.read_all(options.limit(1000)).try_collect().await?;
+        let now = chrono::Utc::now();
+        for e in &page {
+            let d = (now - e.recorded_at).to_std().unwrap_or_default();
+            delays.0.push(d);
+            after = Some(e.global_position);
+        }
+        if page.is_empty() {
+            match signal.as_mut() {
+                Some(s) => {
+                    // A lost wake-up costs at most the timeout.
+                    let _ = tokio::time::timeout(Duration::from_millis(5), s.changed()).await;
+                }
+                None => tokio::time::sleep(Duration::from_millis(1)).await,
+            }
+        }
+    }
+    Ok(delays)
 }
 
 /// W5 on SQLite: Annals on a fresh file, then (unless `no_raw`) the raw
@@ -429,7 +495,8 @@ pub async fn run_postgres(
             url,
             annals_postgres::PgOptions {
                 schema: Some(schema.clone()),
-                pool_size: args.max_tasks() as usize,
+                pool_size: args.w5_pg_pool.unwrap_or(args.max_tasks()) as usize,
+                group_commit: args.pg_group_commit.map(|k| k as usize),
                 ..Default::default()
             },
         )
@@ -462,6 +529,9 @@ mod tests {
             no_w5: false,
             w5_commands: commands,
             w5_hot_accounts: hot,
+            pg_group_commit: None,
+            w5_pg_pool: None,
+            w5_follow: false,
         }
     }
 

@@ -70,8 +70,8 @@ const APPEND_MANY_SQL: &str = "SELECT r_outcome, r_version, r_tx, r_seqs, r_inde
      $10::text[]::jsonb[], $11)";
 
 /// `annals_append` outcomes (a stored event id is a unique violation).
-const APPENDED: i16 = 0;
-const WRONG_VERSION: i16 = 2;
+pub(crate) const APPENDED: i16 = 0;
+pub(crate) const WRONG_VERSION: i16 = 2;
 const YOUNGER_WRITER: i16 = 4;
 
 /// What the idempotency check needs of stored events; the payload (as text,
@@ -288,6 +288,91 @@ const RECORDED_SINCE_SQL: &str = "SELECT count(*) FROM events WHERE recorded_at 
 const LIST_STREAMS_SQL: &str = "SELECT stream_id, version FROM streams \
      WHERE category = $1 AND stream_id > $2 ORDER BY stream_id LIMIT $3";
 
+impl PgEventStore {
+    /// One append in a transaction of its own (`annals_append`): the path of
+    /// every append without group commit, and of a group commit's members
+    /// that cannot be answered from the group's statement.
+    pub(crate) async fn append_prepared(
+        &self,
+        stream: &StreamId,
+        expected: ExpectedVersion,
+        events: &[PreparedEvent],
+    ) -> Result<AppendResult> {
+        let ids: Vec<Uuid> = events.iter().map(|e| e.event_id.0).collect();
+        let types: Vec<&str> = events.iter().map(|e| e.event_type.as_str()).collect();
+        let versions = event_versions(stream, events)?;
+        let data: Vec<&str> = events.iter().map(|e| e.data.as_str()).collect();
+        let metadata: Vec<&str> = events.iter().map(|e| e.metadata.as_str()).collect();
+        let digests: Vec<&[u8]> = events
+            .iter()
+            .map(|e| &e.fingerprint.as_bytes()[..])
+            .collect();
+        let (kind, version) = expected_params(expected);
+        let batch = Batch {
+            stream,
+            expected,
+            events,
+            params: [
+                &stream.as_str(),
+                &stream.category(),
+                &kind,
+                &version,
+                &ids,
+                &types,
+                &versions,
+                &data,
+                &metadata,
+                &digests,
+            ],
+        };
+        // A connection lost mid-append is replaced and the batch sent again:
+        // if the first attempt committed, its event ids make the second one
+        // return the original assignment (deduplicated) instead of writing.
+        with_client!(self, Lane::Any, "append", |client| batch
+            .append_on(client)
+            .await)
+    }
+
+    /// What an append that found the stream at another version answers
+    /// (`annals_append` outcome 2, head `head`): the original assignment
+    /// when the batch is a retry of one already stored, the archive when
+    /// the stream is archived, else the conflict.
+    pub(crate) async fn wrong_version(
+        &self,
+        stream: &StreamId,
+        expected: ExpectedVersion,
+        events: &[PreparedEvent],
+        head: Option<i64>,
+    ) -> Result<AppendResult> {
+        with_client!(self, Lane::Any, "append", |client| {
+            wrong_version_on(client, stream, expected, events, head).await
+        })
+    }
+}
+
+/// [`PgEventStore::wrong_version`] on one connection.
+async fn wrong_version_on(
+    client: &Client,
+    stream: &StreamId,
+    expected: ExpectedVersion,
+    events: &[PreparedEvent],
+    head: Option<i64>,
+) -> Result<AppendResult> {
+    // Idempotency comes first: a retried batch succeeds whatever it
+    // expected.
+    if let Some(done) = resolve_existing(client, stream, events).await? {
+        return Ok(done);
+    }
+    // An archived stream says so whatever was expected, as on SQLite (the
+    // trigger only sees appends that passed the version check).
+    crate::archive::refuse_archived(client, stream.as_str()).await?;
+    Err(Error::WrongExpectedVersion {
+        stream: stream.clone(),
+        expected,
+        actual: head.and_then(|h| u64::try_from(h).ok()).map(StreamVersion),
+    })
+}
+
 impl EventStore for PgEventStore {
     async fn append(
         &self,
@@ -298,39 +383,14 @@ impl EventStore for PgEventStore {
         METRICS
             .append(async {
                 let events = prepare_batch(stream, events)?;
-                let ids: Vec<Uuid> = events.iter().map(|e| e.event_id.0).collect();
-                let types: Vec<&str> = events.iter().map(|e| e.event_type.as_str()).collect();
-                let versions = event_versions(stream, &events)?;
-                let data: Vec<&str> = events.iter().map(|e| e.data.as_str()).collect();
-                let metadata: Vec<&str> = events.iter().map(|e| e.metadata.as_str()).collect();
-                let digests: Vec<&[u8]> = events
-                    .iter()
-                    .map(|e| &e.fingerprint.as_bytes()[..])
-                    .collect();
-                let (kind, version) = expected_params(expected);
-                let batch = Batch {
-                    stream,
-                    expected,
-                    events: &events,
-                    params: [
-                        &stream.as_str(),
-                        &stream.category(),
-                        &kind,
-                        &version,
-                        &ids,
-                        &types,
-                        &versions,
-                        &data,
-                        &metadata,
-                        &digests,
-                    ],
+                let appended = match &self.inner.group {
+                    Some(group) => {
+                        group
+                            .append(self, stream, expected, std::sync::Arc::new(events))
+                            .await?
+                    }
+                    None => self.append_prepared(stream, expected, &events).await?,
                 };
-                // A connection lost mid-append is replaced and the batch sent again:
-                // if the first attempt committed, its event ids make the second one
-                // return the original assignment (deduplicated) instead of writing.
-                let appended = with_client!(self, Lane::Any, "append", |client| batch
-                    .append_on(client)
-                    .await)?;
                 if !appended.deduplicated {
                     self.announce_append();
                 }
@@ -555,7 +615,7 @@ async fn read_event_row(client: &Client, id: EventId) -> Result<Option<tokio_pos
 }
 
 /// How `annals_append` encodes an [`ExpectedVersion`]: kind and version.
-fn expected_params(expected: ExpectedVersion) -> (i16, i64) {
+pub(crate) fn expected_params(expected: ExpectedVersion) -> (i16, i64) {
     match expected {
         ExpectedVersion::Any => (0, 0),
         ExpectedVersion::NoStream => (1, 0),
@@ -565,7 +625,7 @@ fn expected_params(expected: ExpectedVersion) -> (i16, i64) {
 }
 
 /// The events' payload schema versions as the `int` column stores them.
-fn event_versions(stream: &StreamId, events: &[PreparedEvent]) -> Result<Vec<i32>> {
+pub(crate) fn event_versions(stream: &StreamId, events: &[PreparedEvent]) -> Result<Vec<i32>> {
     events
         .iter()
         .map(|e| {
@@ -617,20 +677,7 @@ impl Batch<'_> {
                         WRONG_VERSION => {
                             let head: Option<i64> =
                                 first.try_get(1).context("cannot decode the append")?;
-                            // Idempotency comes first: a retried batch succeeds
-                            // whatever it expected.
-                            if let Some(done) = resolve_existing(client, stream, events).await? {
-                                return Ok(done);
-                            }
-                            // An archived stream says so whatever was
-                            // expected, as on SQLite (the trigger only sees
-                            // appends that passed the version check).
-                            crate::archive::refuse_archived(client, stream.as_str()).await?;
-                            return Err(Error::WrongExpectedVersion {
-                                stream: stream.clone(),
-                                expected,
-                                actual: head.and_then(|h| u64::try_from(h).ok()).map(StreamVersion),
-                            });
+                            return wrong_version_on(client, stream, expected, events, head).await;
                         }
                         YOUNGER_WRITER => "the stream was written by a younger transaction",
                         other => {
@@ -1113,10 +1160,20 @@ async fn stream_head(client: &Client, stream: &StreamId) -> Result<Option<Stream
 /// The result of a successful `annals_append`: its one row holds the first
 /// version, the transaction id and the seqs in batch order.
 fn appended(row: &tokio_postgres::Row, n: usize) -> Result<AppendResult> {
+    appended_from(row, 1, n)
+}
+
+/// [`appended`] on a row whose version, transaction and seqs start at
+/// column `col` (a group commit's rows start with the member's ordinal).
+pub(crate) fn appended_from(
+    row: &tokio_postgres::Row,
+    col: usize,
+    n: usize,
+) -> Result<AppendResult> {
     let what = "cannot decode the append";
-    let first: i64 = row.try_get(1).context(what)?;
-    let tx: i64 = row.try_get(2).context(what)?;
-    let seqs: Vec<i64> = row.try_get(3).context(what)?;
+    let first: i64 = row.try_get(col).context(what)?;
+    let tx: i64 = row.try_get(col + 1).context(what)?;
+    let seqs: Vec<i64> = row.try_get(col + 2).context(what)?;
     if seqs.len() != n {
         return Err(backend_msg(format!(
             "annals_append stored {} events of a batch of {n}",

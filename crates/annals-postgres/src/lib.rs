@@ -193,6 +193,7 @@ mod error;
 mod event_migration;
 mod event_store;
 mod gdpr;
+mod group;
 mod health;
 mod horizon;
 mod import;

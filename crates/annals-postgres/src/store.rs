@@ -81,6 +81,14 @@ pub struct PgOptions {
     /// read of large events holds a few of them in memory at a time, not a
     /// batch. An event larger than this comes alone in its page.
     pub page_bytes: usize,
+    /// Group commit: `Some(k)` gathers the appends waiting for a connection
+    /// and sends up to 64 of them as one statement in one transaction, on
+    /// at most `k` connections at once; each append still gets its own
+    /// answer (a failed expected-version check answers only its caller) and
+    /// is durable when its call returns. `None` (default): every append is
+    /// a transaction of its own. Measured not to pay on this project's
+    /// machine; see `docs/adr/003-postgres-group-commit.md`.
+    pub group_commit: Option<usize>,
 }
 
 impl Default for PgOptions {
@@ -92,6 +100,7 @@ impl Default for PgOptions {
             feed_connections: None,
             batch_size: annals::DEFAULT_BATCH_SIZE,
             page_bytes: DEFAULT_PAGE_BYTES,
+            group_commit: None,
         }
     }
 }
@@ -114,9 +123,12 @@ impl PgOptions {
             || self.batch_size == 0
             || self.page_bytes == 0
             || self.feed_connections == Some(0)
+            || self.group_commit == Some(0)
         {
             return Err(Error::Config(
-                "pool_size, feed_connections, batch_size and page_bytes must be at least 1".into(),
+                "pool_size, feed_connections, batch_size, page_bytes and group_commit \
+                 must be at least 1"
+                    .into(),
             ));
         }
         Ok(name.to_owned())
@@ -163,6 +175,8 @@ pub(crate) struct Inner {
     pub(crate) config: tokio_postgres::Config,
     /// Set once the schema was found current and the xid check passed.
     ready: AtomicBool,
+    /// The group commit queue (`PgOptions::group_commit`).
+    pub(crate) group: Option<crate::group::GroupCommit>,
 }
 
 impl fmt::Debug for PgEventStore {
@@ -246,6 +260,7 @@ impl PgEventStore {
                 listener: crate::listen::AppendListener::default(),
                 config,
                 ready: AtomicBool::new(false),
+                group: options.group_commit.map(crate::group::GroupCommit::new),
             }),
             horizon_wait: DEFAULT_HORIZON_WAIT,
             upcasters: None,
@@ -288,6 +303,13 @@ impl PgEventStore {
     pub fn with_upcasters(mut self, upcasters: Arc<Upcasters>) -> Self {
         self.upcasters = Some(upcasters);
         self
+    }
+
+    /// Appends waiting for a group commit (always 0 without
+    /// `PgOptions::group_commit`): lets a test see a group form.
+    #[doc(hidden)]
+    pub fn group_commit_waiting(&self) -> usize {
+        self.inner.group.as_ref().map_or(0, |g| g.waiting())
     }
 
     /// This store (the same pool) reading events as stored, without

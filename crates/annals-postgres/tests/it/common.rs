@@ -98,6 +98,22 @@ pub async fn fresh_store() -> Option<PgEventStore> {
     Some(store.with_horizon_wait(std::time::Duration::from_secs(30)))
 }
 
+/// [`fresh_store`] with group commit on two connections
+/// (`PgOptions::group_commit`): the conformance suite's second run.
+pub async fn fresh_group_store() -> Option<PgEventStore> {
+    let test = std::thread::current().name().map(str::to_owned);
+    let url = server_url(test.as_deref().unwrap_or("conformance test"))?;
+    sweep_once(&url).await;
+    let mut opts = options(&new_schema());
+    opts.group_commit = Some(2);
+    let store = PgEventStore::connect_with(&url, opts)
+        .await
+        .expect("connect");
+    store.migrate().await.expect("migrate");
+    // See `fresh_store`.
+    Some(store.with_horizon_wait(std::time::Duration::from_secs(30)))
+}
+
 /// A fresh, migrated schema that the test drops at its end.
 pub struct TestDb {
     pub url: String,

@@ -14,6 +14,7 @@ mod common;
 mod conformance;
 mod fencing;
 mod gdpr;
+mod group_commit;
 mod many;
 mod migrations;
 mod model;
