@@ -861,6 +861,7 @@ where
                 .batch_size
                 .max(1)
                 .min(options.checkpoint_every.max(1)),
+            max_bytes: REBUILD_BATCH_BYTES,
             until,
         };
         let read = ReadAll::after(start)
@@ -1264,6 +1265,8 @@ struct ChunkReader<S> {
     chunk: usize,
     /// Events per page read (`batch_size`).
     page_size: usize,
+    /// Payload bytes per batch ([`REBUILD_BATCH_BYTES`]).
+    max_bytes: usize,
     until: Option<GlobalPosition>,
 }
 
@@ -1284,13 +1287,13 @@ struct Chunk {
 
 impl<S: EventStore> ChunkReader<S> {
     /// Reads pages from `read.after` until the batch holds `chunk` events
-    /// (or [`REBUILD_BATCH_BYTES`]), the end of the log, or the target.
+    /// (or `max_bytes`), the end of the log, or the target.
     async fn read(&self, mut read: ReadAll) -> crate::Result<Chunk> {
         let after = read.after;
         let mut events = Vec::new();
         let mut bytes = 0usize;
         let mut at_end = false;
-        while events.len() < self.chunk && bytes < REBUILD_BATCH_BYTES && !at_end {
+        while events.len() < self.chunk && bytes < self.max_bytes && !at_end {
             if self.until.is_some_and(|u| read.after >= u) {
                 at_end = true;
                 break;
@@ -1995,51 +1998,47 @@ mod tests {
         assert_eq!(limit.delay(t0, 5), sec * 2);
     }
 
-    /// A rebuild batch stops gathering pages at [`REBUILD_BATCH_BYTES`]
-    /// even when `checkpoint_every` allows more events (memory stays
-    /// bounded with large events), and the next read goes on exactly after
-    /// it.
+    /// A rebuild batch stops gathering pages at its byte budget
+    /// ([`REBUILD_BATCH_BYTES`] in a rebuild; 1 MiB here) even when
+    /// `checkpoint_every` allows more events (memory stays bounded with
+    /// large events), and the next read goes on exactly after it.
     #[tokio::test]
     async fn rebuild_batches_stop_at_the_byte_budget() {
-        use super::{ChunkReader, REBUILD_BATCH_BYTES};
+        use super::{event_bytes, ChunkReader};
         use crate::subscription::Backoff;
         use crate::{EventStore, ExpectedVersion, InMemoryStore, NewEvent, ReadAll, StreamId};
 
         let store = InMemoryStore::new();
-        let pad = "x".repeat(1 << 20);
+        let pad = "x".repeat(64 << 10);
         let stream = StreamId::new("Big", "1").expect("stream id");
-        for _ in 0..80 {
-            store
-                .append(
-                    &stream,
-                    ExpectedVersion::Any,
-                    vec![NewEvent::new("E", serde_json::json!({ "pad": pad }))],
-                )
-                .await
-                .expect("append");
-        }
+        let events = (0..20)
+            .map(|_| NewEvent::new("E", serde_json::json!({ "pad": pad })))
+            .collect();
+        store
+            .append(&stream, ExpectedVersion::Any, events)
+            .await
+            .expect("append");
+        let budget = 1 << 20;
         let reader = ChunkReader {
             store: store.clone(),
             retry: Backoff::default(),
             chunk: 1_000,
             page_size: 1,
+            max_bytes: budget,
             until: None,
         };
         let first = reader.read(ReadAll::from_start()).await.expect("read");
-        let bytes: usize = first.events.iter().map(super::event_bytes).sum();
-        assert!(bytes >= REBUILD_BATCH_BYTES, "{bytes}");
-        assert!(bytes - super::event_bytes(&first.events[0]) < REBUILD_BATCH_BYTES);
-        assert_eq!(first.events.len(), 64);
+        let bytes: usize = first.events.iter().map(event_bytes).sum();
+        // Each event is a little over 64 KiB: the 16th reaches 1 MiB.
+        assert_eq!(first.events.len(), 16);
+        assert!(bytes >= budget && bytes - event_bytes(&first.events[0]) < budget);
         assert!(!first.at_end);
-        assert_eq!(first.scanned, 64);
+        assert_eq!(first.scanned, 16);
         let rest = first.rest.expect("more to read");
         let second = reader.read(rest).await.expect("read");
         assert_eq!(second.after, first.to);
-        assert_eq!(second.events.len(), 16);
+        assert_eq!(second.events.len(), 4);
         assert!(second.at_end && second.rest.is_none());
-        assert_eq!(
-            second.to,
-            store.head_position().await.expect("head").expect("some")
-        );
+        assert_eq!(Some(second.to), store.head_position().await.expect("head"));
     }
 }
