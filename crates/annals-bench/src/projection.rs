@@ -53,10 +53,12 @@ where
         "account_balances is not empty before the rebuild"
     );
     let (events, accounts, sum) = sz.expected_totals();
+    // The rebuild as `annals projections rebuild` and the library run it:
+    // the default pages and batches (W4's page size is the raw read's, a
+    // cost of the read alone, not of a batch's transaction).
     let options = RebuildOptions {
-        batch_size: sz.feed_page as usize,
-        checkpoint_every: sz.feed_page as usize,
         from_start: true,
+        ..RebuildOptions::default()
     };
     let t = Instant::now();
     runner()
@@ -137,7 +139,7 @@ where
     );
     Ok(ProjectionFigures {
         rebuild,
-        batch: sz.feed_page,
+        batch: options.checkpoint_every as u64,
         delay: Latencies(delays),
         commands,
         commands_per_sec: commands as f64 / seconds.max(1e-9),

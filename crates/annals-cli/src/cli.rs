@@ -235,8 +235,10 @@ pub(crate) enum ProjectionsCommand {
         /// until the swap).
         #[arg(long)]
         blue_green: bool,
-        /// Events read per page; the checkpoint is saved every 2 pages.
-        #[arg(long, value_name = "N", default_value = "500", value_parser = parse_batch_size)]
+        /// Events read per page; the checkpoint is saved every 2 pages
+        /// (batches larger than a live runner's: a batch's transaction,
+        /// lease check and checkpoint are paid once per 2 pages).
+        #[arg(long, value_name = "N", default_value = "5000", value_parser = parse_batch_size)]
         batch_size: usize,
         /// Start over even when an interrupted rebuild could be resumed.
         #[arg(long)]

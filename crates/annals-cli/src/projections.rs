@@ -544,21 +544,29 @@ impl PgProjection for AccountBalances {
             columns.commit.push(change.commit);
             columns.seq.push(change.seq);
         }
+        // The two statements touch disjoint rows (each account is in one of
+        // them), so they are pipelined: both parses go out together, then
+        // both executions (two round trips, not four).
         let (o, m) = (&opened, &moved);
-        if !o.stream.is_empty() {
-            tx.execute(
-                &opened_many_sql(t),
-                &[&o.stream, &o.owner, &o.amount, &o.commit, &o.seq],
-            )
-            .await?;
-        }
-        if !m.stream.is_empty() {
-            tx.execute(
-                &moved_many_sql(t),
-                &[&m.stream, &m.amount, &m.commit, &m.seq],
-            )
-            .await?;
-        }
+        let (opened_sql, moved_sql) = (opened_many_sql(t), moved_many_sql(t));
+        let opening = async {
+            if !o.stream.is_empty() {
+                tx.execute(
+                    &opened_sql,
+                    &[&o.stream, &o.owner, &o.amount, &o.commit, &o.seq],
+                )
+                .await?;
+            }
+            Ok::<_, tokio_postgres::Error>(())
+        };
+        let moving = async {
+            if !m.stream.is_empty() {
+                tx.execute(&moved_sql, &[&m.stream, &m.amount, &m.commit, &m.seq])
+                    .await?;
+            }
+            Ok::<_, tokio_postgres::Error>(())
+        };
+        futures::try_join!(opening, moving)?;
         Ok(())
     }
 }

@@ -136,7 +136,11 @@ impl annals::ProjectionControl for PgEventStore {
         crate::lease::limit_idle(&tx, fence).await?;
         // The lease row stays share-locked until the commit: a takeover is
         // ordered before this save (refused) or after it.
-        crate::lease::check_fence(&tx, fence).await?;
+        let stmt = tx
+            .prepare_cached(crate::lease::fence_sql(fence))
+            .await
+            .context(what)?;
+        crate::lease::check_fence(&tx, &stmt, fence).await?;
         tx.execute(crate::checkpoint::SAVE_SQL, &[&name, &commit, &seq])
             .await
             .context(what)?;

@@ -238,23 +238,33 @@ pub(crate) async fn limit_idle(
     .context("cannot limit a projection batch's idle time")
 }
 
+/// The statement of [`check_fence`] for `fence` (prepared and cached by
+/// the applier).
+pub(crate) fn fence_sql(fence: &annals::Fence) -> &'static str {
+    match fence {
+        annals::Fence::Lock { .. } => {
+            "SELECT token FROM projection_locks WHERE name = $1 FOR SHARE"
+        }
+        annals::Fence::Partition { .. } => {
+            "SELECT fence, owner FROM partition_leases \
+             WHERE name = $1 AND partition = $2 FOR SHARE"
+        }
+    }
+}
+
 /// The fence check of a batch's transaction (see the module docs of
-/// `projection`): locks the lease row until the commit and fails with
-/// [`Error::Fenced`] when it no longer carries the applier's token.
+/// `projection`), with `stmt` prepared from [`fence_sql`]: locks the lease
+/// row until the commit and fails with [`Error::Fenced`] when it no longer
+/// carries the applier's token.
 pub(crate) async fn check_fence(
     tx: &tokio_postgres::Transaction<'_>,
+    stmt: &tokio_postgres::Statement,
     fence: &annals::Fence,
 ) -> Result<()> {
     let what = "cannot check a projection's lease";
     match fence {
         annals::Fence::Lock { lock, token, .. } => {
-            let row = tx
-                .query_opt(
-                    "SELECT token FROM projection_locks WHERE name = $1 FOR SHARE",
-                    &[lock],
-                )
-                .await
-                .context(what)?;
+            let row = tx.query_opt(stmt, &[lock]).await.context(what)?;
             let now: Option<String> = row.map(|r| r.try_get(0)).transpose().context(what)?;
             match now {
                 Some(now) if &now == token => Ok(()),
@@ -264,11 +274,7 @@ pub(crate) async fn check_fence(
         }
         annals::Fence::Partition { lease, .. } => {
             let row = tx
-                .query_opt(
-                    "SELECT fence, owner FROM partition_leases \
-                     WHERE name = $1 AND partition = $2 FOR SHARE",
-                    &[&lease.group, &int(lease.partition)],
-                )
+                .query_opt(stmt, &[&lease.group, &int(lease.partition)])
                 .await
                 .context(what)?;
             let now: Option<(i64, Option<String>)> = row

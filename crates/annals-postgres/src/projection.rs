@@ -171,25 +171,82 @@ impl<P: PgProjection> BatchApplier for PgTransactional<P> {
         let mut client = self.store.ready_client("apply a projection batch").await?;
         let what = "cannot apply a projection batch";
         let tx = client.transaction().await.context(what)?;
-        if let Some(fence) = &self.fence {
-            crate::lease::limit_idle(&tx, fence).await?;
-        }
-        if !self.tables.is_shadow() && !self.projection.tables().is_empty() {
-            let name = self.projection.name();
-            let version = self.projection.version();
-            if let Some(active) = share_active(&tx, name).await?.filter(|a| *a > version) {
-                return Err(ApplyError::Store(superseded(name, version, active)));
-            }
-        }
+        let name = self.projection.name();
+        let version = self.projection.version();
+        let guard = !self.tables.is_shadow() && !self.projection.tables().is_empty();
         // The context's checkpoint: a partition's (`name@vN/pPofN`) when a
         // partitioned runner drives this applier.
         let checkpoint = &ctx.checkpoint;
-        tx.execute(ENSURE_SQL, &[checkpoint]).await.context(what)?;
-        let row = tx.query_one(LOCK_SQL, &[checkpoint]).await.context(what)?;
-        // Fencing: the lease row stays locked until the commit, so a
-        // takeover is ordered before this batch (refused) or after it.
-        if let Some(fence) = &self.fence {
-            crate::lease::check_fence(&tx, fence).await?;
+        // Prepared once per pooled connection (deadpool's statement cache),
+        // so each statement below is one message, not a parse and an
+        // execute.
+        let ensure = tx.prepare_cached(ENSURE_SQL).await.context(what)?;
+        let lock = tx.prepare_cached(LOCK_SQL).await.context(what)?;
+        let moved = tx.prepare_cached(MOVE_SQL).await.context(what)?;
+        let active_stmts = match guard {
+            true => Some((
+                tx.prepare_cached(ENSURE_ACTIVE_SQL).await.context(what)?,
+                tx.prepare_cached(SHARE_ACTIVE_SQL).await.context(what)?,
+            )),
+            false => None,
+        };
+        let fence_stmt = match &self.fence {
+            Some(f) => Some(
+                tx.prepare_cached(crate::lease::fence_sql(f))
+                    .await
+                    .context(what)?,
+            ),
+            None => None,
+        };
+        // The control statements, pipelined: `try_join!` polls them in this
+        // order and tokio-postgres sends each request when it is first
+        // polled, so the server runs them in this order, in one round trip.
+        // First the idle timeout (before any lock: a worker paused in this
+        // transaction cannot hold what it locks past its lease), then the
+        // active version's share lock (before the checkpoint row, the order
+        // the swap takes them in), the checkpoint row, and the lease row
+        // (held until the commit, so a takeover is ordered before this
+        // batch, which it refuses, or after it).
+        let idle = async {
+            match &self.fence {
+                Some(f) => crate::lease::limit_idle(&tx, f).await,
+                None => Ok(()),
+            }
+        };
+        let ensure_active = async {
+            match &active_stmts {
+                Some((ensure, _)) => tx.execute(ensure, &[&name]).await.context(what).map(drop),
+                None => Ok(()),
+            }
+        };
+        let share_active = async {
+            match &active_stmts {
+                Some((_, share)) => {
+                    let row = tx.query_one(share, &[&name]).await.context(what)?;
+                    let v: Option<i32> = row.try_get(0).context(what)?;
+                    Ok(v.and_then(|v| u32::try_from(v).ok()))
+                }
+                None => Ok(None),
+            }
+        };
+        let ensure_row = async { tx.execute(&ensure, &[checkpoint]).await.context(what) };
+        let lock_row = async { tx.query_one(&lock, &[checkpoint]).await.context(what) };
+        let fenced = async {
+            match (&self.fence, &fence_stmt) {
+                (Some(f), Some(stmt)) => crate::lease::check_fence(&tx, stmt, f).await,
+                _ => Ok(()),
+            }
+        };
+        let ((), (), active, _, row, ()) = futures::try_join!(
+            idle,
+            ensure_active,
+            share_active,
+            ensure_row,
+            lock_row,
+            fenced
+        )?;
+        if let Some(active) = active.filter(|a| *a > version) {
+            return Err(ApplyError::Store(superseded(name, version, active)));
         }
         let stored: (i64, i64) = (row.try_get(0).context(what)?, row.try_get(1).context(what)?);
         if stored >= (commit, seq) {
@@ -208,7 +265,7 @@ impl<P: PgProjection> BatchApplier for PgTransactional<P> {
                 .await
                 .map_err(ApplyError::Handler)?;
         }
-        tx.execute(MOVE_SQL, &[checkpoint, &commit, &seq])
+        tx.execute(&moved, &[checkpoint, &commit, &seq])
             .await
             .context(what)?;
         tx.commit()
@@ -253,29 +310,12 @@ const LOCK_ACTIVE_SQL: &str = "INSERT INTO projection_versions (name) VALUES ($1
 /// Creates the projection's row of `projection_versions` if missing.
 const ENSURE_ACTIVE_SQL: &str =
     "INSERT INTO projection_versions (name) VALUES ($1) ON CONFLICT (name) DO NOTHING";
-/// Reads the active version under a share lock, held to the commit.
+/// A live batch's view of the active version: the row share-locked until
+/// the batch commits, so the swap (which updates the row) is ordered before
+/// or after the batch, while batches of the same projection (its
+/// partitions) do not queue behind one another.
 const SHARE_ACTIVE_SQL: &str =
     "SELECT active_version FROM projection_versions WHERE name = $1 FOR SHARE";
-
-/// A live batch's view of the active version: the row share-locked until the
-/// batch commits, so the swap (which updates the row) is ordered before or
-/// after the batch, while batches of the same projection (its partitions)
-/// do not queue behind one another.
-async fn share_active(
-    tx: &tokio_postgres::Transaction<'_>,
-    name: &str,
-) -> annals::Result<Option<u32>> {
-    let what = "cannot read a projection's active version";
-    tx.execute(ENSURE_ACTIVE_SQL, &[&name])
-        .await
-        .context(what)?;
-    let row = tx
-        .query_one(SHARE_ACTIVE_SQL, &[&name])
-        .await
-        .context(what)?;
-    let v: Option<i32> = row.try_get(0).context(what)?;
-    Ok(v.and_then(|v| u32::try_from(v).ok()))
-}
 
 async fn lock_active(
     tx: &tokio_postgres::Transaction<'_>,

@@ -146,6 +146,7 @@ pub use projection::{
 pub use projection::{
     projection_lock_released, record_dead_letter_count, retry_dead_letter, ErrorPolicy,
     ProjectionState, RateLimiter, RebuildOptions, RebuildProgress, DEFAULT_LOCK_TTL,
+    DEFAULT_REBUILD_BATCH, DEFAULT_REBUILD_PAGE, REBUILD_BATCH_BYTES,
 };
 pub use projection_control::{
     lock_owner, lock_token, projection_trip, record_trip, DeadLetter, LockAttempt,

@@ -474,12 +474,21 @@ pub enum ProjectionState {
 }
 
 /// How a rebuild reads and checkpoints ([`ProjectionRunner::rebuild`]).
+///
+/// The defaults (pages of [`DEFAULT_REBUILD_PAGE`] events, batches of
+/// [`DEFAULT_REBUILD_BATCH`]) are larger than a live runner's batches: a
+/// rebuild's cost per batch (its transaction, the checkpoint, the lease
+/// check, the handler's statements) is paid once per ten thousand events
+/// instead of once per few hundred, while memory stays bounded by two
+/// batches (one applied, one read ahead) of at most
+/// [`REBUILD_BATCH_BYTES`] each.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub struct RebuildOptions {
     /// Events read per page (bounds memory with `checkpoint_every`).
     pub batch_size: usize,
-    /// The handler gets batches of up to this many events, and the
-    /// checkpoint is saved after each: a crash loses at most this much work.
+    /// The handler gets batches of up to this many events (fewer once a
+    /// batch holds [`REBUILD_BATCH_BYTES`]), and the checkpoint is saved
+    /// after each: a crash loses at most this much work.
     pub checkpoint_every: usize,
     /// Start from position 0 (the checkpoint is reset first: the read model
     /// must be empty or reset by the caller); `false` resumes from the
@@ -490,12 +499,19 @@ pub struct RebuildOptions {
 impl Default for RebuildOptions {
     fn default() -> Self {
         RebuildOptions {
-            batch_size: crate::DEFAULT_BATCH_SIZE,
-            checkpoint_every: 1_000,
+            batch_size: DEFAULT_REBUILD_PAGE,
+            checkpoint_every: DEFAULT_REBUILD_BATCH,
             from_start: false,
         }
     }
 }
+
+/// Default of [`RebuildOptions::batch_size`]: events read per page.
+pub const DEFAULT_REBUILD_PAGE: usize = 5_000;
+
+/// Default of [`RebuildOptions::checkpoint_every`]: events per handler batch
+/// and checkpoint.
+pub const DEFAULT_REBUILD_BATCH: usize = 10_000;
 
 /// What a rebuild reports after each checkpoint ([`ProjectionRunner::rebuild`]).
 #[derive(Clone, Copy, PartialEq, Debug)]
@@ -823,6 +839,13 @@ where
     /// the applier's current checkpoint (the shadow one in a blue-green
     /// rebuild): up to the end of the log, or once the checkpoint is at or
     /// past `until` (a target that writers cannot keep moving).
+    ///
+    /// The next batch is read (and its scanned events counted) while this
+    /// one is applied: the read depends only on where the previous read
+    /// stopped, never on the apply, so the two overlap and a rebuild costs
+    /// about the larger of the two instead of their sum. At most two
+    /// batches are in memory; a batch whose apply fails drops the one read
+    /// ahead, and a resume reads it again from the checkpoint.
     async fn rebuild_inner(
         &mut self,
         keeper: &mut LockKeeper<S>,
@@ -854,7 +877,18 @@ where
             .map_err(store_err)?
             .unwrap_or(GlobalPosition::START);
         let filter = self.applier.filter();
-        let mut read = ReadAll::after(start)
+        let reader = ChunkReader {
+            store: self.store.clone(),
+            retry: self.options.store_retry,
+            chunk: options.checkpoint_every.max(1),
+            page_size: options
+                .batch_size
+                .max(1)
+                .min(options.checkpoint_every.max(1)),
+            max_bytes: REBUILD_BATCH_BYTES,
+            until,
+        };
+        let read = ReadAll::after(start)
             .categories(filter.categories)
             .event_types(filter.event_types);
         let began = tokio::time::Instant::now();
@@ -865,69 +899,57 @@ where
         // not the whole remaining log again (a count per batch over the
         // rest of the log made a rebuild quadratic in the log's size).
         let mut last_head: Option<(GlobalPosition, u64)> = None;
-        let chunk = options.checkpoint_every.max(1);
-        let page_size = options.batch_size.max(1).min(chunk);
+        let mut next = Some(reader.read(read).await.map_err(store_err)?);
         loop {
             keeper.check(&name, &checkpoint)?;
-            let after = read.after;
-            let mut events = Vec::new();
-            let mut at_end = false;
-            while events.len() < chunk && !at_end {
-                if until.is_some_and(|u| read.after >= u) {
-                    at_end = true;
-                    break;
-                }
-                let want = page_size.min(chunk - events.len());
-                let page = self
-                    .retry_store(|s| {
-                        let read = read.clone();
-                        async move { s.read_feed_page(&read, want).await }
-                    })
-                    .await
-                    .map_err(store_err)?;
-                at_end = page.at_end || page.scanned_to <= read.after;
-                read.after = page.scanned_to.max(read.after);
-                events.extend(page.events);
-            }
-            let moved = read.after > after;
-            let mut batch_events = 0;
+            let Some(chunk) = next.take() else {
+                return Ok(());
+            };
+            let moved = chunk.to > chunk.after;
             if moved {
                 let ctx = BatchContext {
                     checkpoint: checkpoint.clone(),
-                    after,
-                    position: read.after,
+                    after: chunk.after,
+                    position: chunk.to,
                     replaying: true,
                     attempt: 1,
                     tables: TableNames::default(),
                 };
-                self.throttle(events.len()).await;
-                self.apply_guarded(&events, ctx).await?;
-                let n = self
-                    .retry_store(|s| async move { s.count_events_between(after, read.after).await })
-                    .await
-                    .map_err(store_err)?;
-                scanned += n;
-                batch_events = n;
-                metrics.events.increment(n);
+                self.throttle(chunk.events.len()).await;
+                // The read-ahead borrows nothing of `self` (its own handle
+                // on the store), so it runs beside the apply.
+                let ahead = async {
+                    match &chunk.rest {
+                        Some(rest) => Some(reader.read(rest.clone()).await),
+                        None => None,
+                    }
+                };
+                let (applied, ahead) =
+                    futures::join!(self.apply_guarded(&chunk.events, ctx), ahead);
+                applied?;
+                next = ahead.transpose().map_err(store_err)?;
+                scanned += chunk.scanned;
+                metrics.events.increment(chunk.scanned);
             }
             if !moved && reported {
                 return Ok(());
             }
             reported = true;
+            let position = chunk.to;
             let head = self
                 .retry_store(|s| async move { s.head_position().await })
                 .await
                 .map_err(store_err)?;
             let remaining = match head {
-                Some(h) if h > read.after => {
+                Some(h) if h > position => {
                     // Counted from the last report's head when this batch
                     // ended at or before it (the events of the batch are
-                    // `n` of that count), else from the checkpoint.
+                    // `scanned` of that count), else from the checkpoint.
                     let (from, known) = match last_head {
-                        Some((prev, left)) if read.after <= prev && prev <= h => {
-                            (prev, left.saturating_sub(batch_events))
+                        Some((prev, left)) if position <= prev && prev <= h => {
+                            (prev, left.saturating_sub(chunk.scanned))
                         }
-                        _ => (read.after, 0),
+                        _ => (position, 0),
                     };
                     known
                         + self
@@ -940,7 +962,7 @@ where
             last_head = head.map(|h| (h, remaining));
             let elapsed = began.elapsed();
             let report = RebuildProgress {
-                position: read.after,
+                position,
                 head,
                 events: scanned,
                 remaining,
@@ -949,7 +971,7 @@ where
             };
             metrics.record(&report);
             progress(&report);
-            if at_end {
+            if chunk.at_end {
                 return Ok(());
             }
         }
@@ -1259,6 +1281,92 @@ where
         Fut: Future<Output = crate::Result<T>> + Send,
     {
         retry_store(self.store.clone(), self.options.store_retry, f)
+    }
+}
+
+/// A rebuild batch stops gathering pages once its events hold about this
+/// many bytes of payload (64 MiB), whatever `checkpoint_every` says, so a
+/// log of large events keeps a rebuild's memory bounded too (two batches
+/// are held at once: one applied, one read ahead).
+pub const REBUILD_BATCH_BYTES: usize = 64 << 20;
+
+/// What one event counts against [`REBUILD_BATCH_BYTES`]: its payload and
+/// names, plus a fixed share for the rest of the struct and its metadata.
+fn event_bytes(e: &RecordedEvent) -> usize {
+    e.data.as_str().len() + e.event_type.len() + e.stream_id.as_str().len() + 256
+}
+
+/// Reads a rebuild's batches ([`ProjectionRunner::rebuild`]): its own
+/// handle on the store, so a read can run beside the apply of the batch
+/// before it.
+struct ChunkReader<S> {
+    store: S,
+    retry: Backoff,
+    /// Events per batch (`checkpoint_every`).
+    chunk: usize,
+    /// Events per page read (`batch_size`).
+    page_size: usize,
+    /// Payload bytes per batch ([`REBUILD_BATCH_BYTES`]).
+    max_bytes: usize,
+    until: Option<GlobalPosition>,
+}
+
+/// One batch of a rebuild.
+struct Chunk {
+    /// The checkpoint it starts after.
+    after: GlobalPosition,
+    /// How far it scanned: its checkpoint.
+    to: GlobalPosition,
+    events: Vec<RecordedEvent>,
+    /// Whether it reached the end of the log (or the rebuild's target).
+    at_end: bool,
+    /// Events scanned from `after` to `to` (matching the filter or not).
+    scanned: u64,
+    /// The read that continues after it.
+    rest: Option<ReadAll>,
+}
+
+impl<S: EventStore> ChunkReader<S> {
+    /// Reads pages from `read.after` until the batch holds `chunk` events
+    /// (or `max_bytes`), the end of the log, or the target.
+    async fn read(&self, mut read: ReadAll) -> crate::Result<Chunk> {
+        let after = read.after;
+        let mut events = Vec::new();
+        let mut bytes = 0usize;
+        let mut at_end = false;
+        while events.len() < self.chunk && bytes < self.max_bytes && !at_end {
+            if self.until.is_some_and(|u| read.after >= u) {
+                at_end = true;
+                break;
+            }
+            let want = self.page_size.min(self.chunk - events.len());
+            let page = retry_store(self.store.clone(), self.retry, |s| {
+                let read = read.clone();
+                async move { s.read_feed_page(&read, want).await }
+            })
+            .await?;
+            at_end = page.at_end || page.scanned_to <= read.after;
+            read.after = page.scanned_to.max(read.after);
+            bytes += page.events.iter().map(event_bytes).sum::<usize>();
+            events.extend(page.events);
+        }
+        let to = read.after;
+        let scanned = if to > after {
+            retry_store(self.store.clone(), self.retry, |s| async move {
+                s.count_events_between(after, to).await
+            })
+            .await?
+        } else {
+            0
+        };
+        Ok(Chunk {
+            after,
+            to,
+            events,
+            at_end,
+            scanned,
+            rest: (!at_end).then_some(read),
+        })
     }
 }
 
@@ -2091,5 +2199,49 @@ mod tests {
         assert_eq!(limit.granted(), 25);
         // A clock that goes backwards refills nothing: 5 in debt, 5 more.
         assert_eq!(limit.delay(t0, 5), sec * 2);
+    }
+
+    /// A rebuild batch stops gathering pages at its byte budget
+    /// ([`REBUILD_BATCH_BYTES`] in a rebuild; 1 MiB here) even when
+    /// `checkpoint_every` allows more events (memory stays bounded with
+    /// large events), and the next read goes on exactly after it.
+    #[tokio::test]
+    async fn rebuild_batches_stop_at_the_byte_budget() {
+        use super::{event_bytes, ChunkReader};
+        use crate::subscription::Backoff;
+        use crate::{EventStore, ExpectedVersion, InMemoryStore, NewEvent, ReadAll, StreamId};
+
+        let store = InMemoryStore::new();
+        let pad = "x".repeat(64 << 10);
+        let stream = StreamId::new("Big", "1").expect("stream id");
+        let events = (0..20)
+            .map(|_| NewEvent::new("E", serde_json::json!({ "pad": pad })))
+            .collect();
+        store
+            .append(&stream, ExpectedVersion::Any, events)
+            .await
+            .expect("append");
+        let budget = 1 << 20;
+        let reader = ChunkReader {
+            store: store.clone(),
+            retry: Backoff::default(),
+            chunk: 1_000,
+            page_size: 1,
+            max_bytes: budget,
+            until: None,
+        };
+        let first = reader.read(ReadAll::from_start()).await.expect("read");
+        let bytes: usize = first.events.iter().map(event_bytes).sum();
+        // Each event is a little over 64 KiB: the 16th reaches 1 MiB.
+        assert_eq!(first.events.len(), 16);
+        assert!(bytes >= budget && bytes - event_bytes(&first.events[0]) < budget);
+        assert!(!first.at_end);
+        assert_eq!(first.scanned, 16);
+        let rest = first.rest.expect("more to read");
+        let second = reader.read(rest).await.expect("read");
+        assert_eq!(second.after, first.to);
+        assert_eq!(second.events.len(), 4);
+        assert!(second.at_end && second.rest.is_none());
+        assert_eq!(Some(second.to), store.head_position().await.expect("head"));
     }
 }

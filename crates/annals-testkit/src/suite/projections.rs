@@ -886,6 +886,76 @@ pub async fn rebuild_fails_then_resumes_from_its_checkpoint<S: EventStore + Proj
     );
 }
 
+/// A rebuild with the default options over more events than one default
+/// batch ([`annals::DEFAULT_REBUILD_BATCH`]) and a filter: batches of the
+/// default size, the next one read while the one before is applied, each
+/// matching event handled once and in order, the read model equal to the
+/// fold, and one progress report per batch, the last at the head with every
+/// event scanned.
+pub async fn rebuild_in_default_batches_reads_ahead_and_equals_the_fold<
+    S: EventStore + ProjectionControl,
+>(
+    store: S,
+) {
+    let per_append = 500usize;
+    // Two thirds of the appends match: more than one default batch.
+    let appends = annals::DEFAULT_REBUILD_BATCH.div_ceil(per_append) * 3 / 2 + 2;
+    for i in 0..appends {
+        // Every third append is of another category, which the filter
+        // skips (the batches' scans still count it).
+        let stream = if i % 3 == 2 {
+            format!("Other-{}", i % 4)
+        } else {
+            format!("Big-{}", i % 4)
+        };
+        store
+            .append(
+                &sid(&stream),
+                ExpectedVersion::Any,
+                (0..per_append).map(|n| ev("E", n as i64)).collect(),
+            )
+            .await
+            .expect("append");
+    }
+    let filter = ProjectionFilter::all().categories(["Big"]);
+    let sums = Sums::new("big", filter.clone());
+    let mut reports: Vec<RebuildProgress> = Vec::new();
+    let options = RebuildOptions {
+        from_start: true,
+        ..RebuildOptions::default()
+    };
+    ProjectionRunner::at_least_once(store.clone(), sums.clone())
+        .with_options(quick())
+        .rebuild(options, |p| reports.push(*p))
+        .await
+        .expect("the rebuild completes");
+    let read = ReadAll::from_start().categories(["Big"]);
+    let matching = read_all_vec(&store, read.clone()).await;
+    let folded = fold(&store, &read).await;
+    {
+        let m = sums.model();
+        assert_eq!(
+            m.handled,
+            matching.iter().map(|e| e.event_id).collect::<Vec<_>>(),
+            "each matching event once, in global order"
+        );
+        assert_eq!(rows_of(&m), folded);
+        assert!(m.replaying.iter().all(|r| *r));
+        assert!(matching.len() > annals::DEFAULT_REBUILD_BATCH);
+        assert!(m.replaying.len() >= 2, "{} batches", m.replaying.len());
+    }
+    let total = (appends * per_append) as u64;
+    assert!(reports.windows(2).all(|w| w[0].position < w[1].position));
+    let last = reports.last().expect("progress");
+    assert_eq!(last.position, head(&store).await);
+    assert_eq!((last.events, last.remaining), (total, 0));
+    let cp = checkpoint_name("big", 1);
+    assert_eq!(
+        store.load_checkpoint(&cp).await.expect("load"),
+        Some(last.position)
+    );
+}
+
 /// The `Park` error policy: a poison event is recorded in the dead-letter
 /// table (projection, position, event id, stream, type, error, attempts,
 /// time) and the runner goes on past it; a retry through the still-broken
