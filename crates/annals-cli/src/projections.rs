@@ -173,12 +173,17 @@ pub trait ProjectionOps: Send + Sync + 'static {
 }
 
 /// What [`ProjectionOps::rebuild`] is asked to do.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct RebuildRequest {
     /// Pages, checkpoints, and whether to start over.
     pub options: RebuildOptions,
     /// Into shadow tables, then a swap (see [`annals::blue_green`]).
     pub blue_green: bool,
+    /// Counts the rebuild's lock keeper: give it to the runner
+    /// ([`ProjectionRunner::track_locks`](annals::ProjectionRunner::track_locks)),
+    /// so that the command, interrupted, waits for the lock's release
+    /// before it exits.
+    pub keepers: annals::LockKeepers,
 }
 
 fn unsupported_op(name: &str, what: &str) -> ProjectionError {
@@ -712,7 +717,9 @@ impl ProjectionOps for AccountBalances {
             match &db.store {
                 AnyStore::Sqlite(s) => {
                     let runner =
-                        ProjectionRunner::new(store, s.transactional(*self)).with_options(options);
+                        ProjectionRunner::new(store, s.transactional(*self))
+                        .with_options(options)
+                        .track_locks(request.keepers.clone());
                     if request.blue_green {
                         runner
                             .rebuild_blue_green(request.options, progress)
@@ -724,7 +731,9 @@ impl ProjectionOps for AccountBalances {
                 }
                 AnyStore::Postgres(p) => {
                     let runner =
-                        ProjectionRunner::new(store, p.transactional(*self)).with_options(options);
+                        ProjectionRunner::new(store, p.transactional(*self))
+                        .with_options(options)
+                        .track_locks(request.keepers.clone());
                     if request.blue_green {
                         runner
                             .rebuild_blue_green(request.options, progress)

@@ -616,7 +616,9 @@ async fn rebuild(
             from_start: blue_green && from_start,
         },
         blue_green,
+        keepers: annals::LockKeepers::new(),
     };
+    let keepers = request.keepers.clone();
     let bar = crate::progress::progress_bar(
         "{prefix} {wide_bar} {pos}/{len} events, {per_sec}, {eta} left",
         format!("rebuilding {name}"),
@@ -638,7 +640,7 @@ async fn rebuild(
         // releases the lock after any write of it in flight; waiting for
         // that before exiting lets the resume start at once rather than at
         // the end of the lease.
-        annals::projection_lock_released(&checkpoint).await;
+        keepers.released(&checkpoint).await;
         note(&format!(
             "stopped on a signal{}; run the same command again to resume",
             last.map_or_else(String::new, |p| format!(" at {}", p.position))

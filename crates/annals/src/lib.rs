@@ -144,7 +144,7 @@ pub use projection::{
     RunnerOptions,
 };
 pub use projection::{
-    projection_lock_released, record_dead_letter_count, retry_dead_letter, ErrorPolicy,
+    record_dead_letter_count, retry_dead_letter, ErrorPolicy, LockKeepers,
     ProjectionState, RateLimiter, RebuildOptions, RebuildProgress, DEFAULT_LOCK_TTL,
     DEFAULT_REBUILD_BATCH, DEFAULT_REBUILD_PAGE, REBUILD_BATCH_BYTES,
 };

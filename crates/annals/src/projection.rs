@@ -539,8 +539,8 @@ pub struct RebuildProgress {
 /// is refused with [`ProjectionError::Locked`] naming the holder, until the
 /// first one stops. The lease is renewed every third of
 /// [`lock_ttl`](Self::lock_ttl) and released when the runner ends (see
-/// [`projection_lock_released`] for a runner or rebuild future that is
-/// dropped). Every checkpoint the runner saves, with a batch or for a
+/// [`track_locks`](Self::track_locks) for a runner or rebuild future that
+/// is dropped). Every checkpoint the runner saves, with a batch or for a
 /// stretch without matching events, is checked against the lock's token in
 /// the save's transaction
 /// ([`ProjectionControl::save_checkpoint_fenced`]): a runner whose lease was
@@ -557,6 +557,9 @@ pub struct ProjectionRunner<S, A> {
     /// saves itself (a stretch without matching events, a parked event) is
     /// checked against it in the save's transaction, as the applier's are.
     fence: Option<crate::Fence>,
+    /// Counts this runner's lock keepers until each has released its lock
+    /// ([`track_locks`](Self::track_locks)).
+    keepers: Option<LockKeepers>,
 }
 
 impl<S, P> ProjectionRunner<S, AtLeastOnce<S, P>>
@@ -592,7 +595,19 @@ where
             trip_after: None,
             rate: None,
             fence: None,
+            keepers: None,
         }
+    }
+
+    /// Counts the lock keepers of this runner (and of its rebuilds) in
+    /// `keepers`, whose [`LockKeepers::released`] then waits until the task
+    /// keeping a lock has released it, after any write of the lock it had
+    /// in flight: await it before the process exits when a runner or
+    /// rebuild future was dropped (Ctrl-C), so that the next run does not
+    /// wait for the lease to expire.
+    pub fn track_locks(mut self, keepers: LockKeepers) -> Self {
+        self.keepers = Some(keepers);
+        self
     }
 
     /// Sets the options.
@@ -661,6 +676,7 @@ where
             self.applier.checkpoint(),
             self.lock_ttl,
             self.options.store_retry,
+            self.keepers.clone(),
         )
     }
 
@@ -816,7 +832,8 @@ where
     /// (its checkpoint was not saved). The lock is then released by the
     /// task that keeps it, after any write of the lock it had in flight (an
     /// acquisition or a renewal already sent): await
-    /// [`projection_lock_released`] before the process exits. A process
+    /// [`LockKeepers::released`] ([`track_locks`](Self::track_locks)) before
+    /// the process exits. A process
     /// killed outright leaves the lock held until its lease expires
     /// ([`lock_ttl`](Self::lock_ttl)).
     pub async fn rebuild(
@@ -1395,6 +1412,7 @@ async fn take_lock<S: ProjectionControl>(
     checkpoint: String,
     ttl: Duration,
     retry: Backoff,
+    keepers: Option<LockKeepers>,
 ) -> Result<LockKeeper<S>, ProjectionError> {
     let owner = lock_owner();
     let token = lock_token();
@@ -1402,9 +1420,9 @@ async fn take_lock<S: ProjectionControl>(
         projection: name.clone(),
         source,
     };
-    // Counted before the task exists, so that `projection_lock_released`
+    // Counted before the task exists, so that `LockKeepers::released`
     // never misses it.
-    let live = LiveKeeper::enter(&checkpoint);
+    let live = LiveKeeper::enter(keepers, &checkpoint);
     let (taken_tx, taken_rx) = oneshot::channel();
     let (stop_tx, stop_rx) = oneshot::channel();
     let (lost_tx, lost) = watch::channel(false);
@@ -1548,7 +1566,7 @@ async fn keep_lock<S: ProjectionControl>(
 /// [`release`](Self::release) asks for the release and waits for it;
 /// dropping the keeper (a runner or rebuild future dropped on Ctrl-C) asks
 /// for it without waiting: the task releases the lock after the write it
-/// may have in flight ([`crate::projection_lock_released`] waits for that).
+/// may have in flight ([`LockKeepers::released`] waits for that).
 struct LockKeeper<S: ProjectionControl> {
     store: S,
     lock: ProjectionLock,
@@ -1616,53 +1634,75 @@ impl<S: ProjectionControl> LockKeeper<S> {
     }
 }
 
-/// The lock keepers of this process that have not ended yet, by lock name
-/// (see [`projection_lock_released`]).
-fn live_keepers() -> &'static watch::Sender<std::collections::BTreeMap<String, usize>> {
-    static KEEPERS: std::sync::OnceLock<watch::Sender<std::collections::BTreeMap<String, usize>>> =
-        std::sync::OnceLock::new();
-    KEEPERS.get_or_init(|| watch::channel(std::collections::BTreeMap::new()).0)
+/// The lock keepers started by the runners given it
+/// ([`ProjectionRunner::track_locks`]) that have not ended yet, by lock
+/// name: a value the caller owns (a clone shares the count), so that it can
+/// wait for the release of a lock whose runner or rebuild future it dropped.
+#[derive(Clone, Debug)]
+pub struct LockKeepers {
+    live: std::sync::Arc<watch::Sender<std::collections::BTreeMap<String, usize>>>,
 }
 
-/// One live lock keeper of `name` (counted from before its task starts
-/// until the task ends, its release done).
-struct LiveKeeper(String);
+impl Default for LockKeepers {
+    fn default() -> Self {
+        LockKeepers {
+            live: std::sync::Arc::new(watch::channel(std::collections::BTreeMap::new()).0),
+        }
+    }
+}
+
+impl LockKeepers {
+    /// No keeper yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Waits until no lock keeper counted here holds, or is still writing,
+    /// the projection lock `checkpoint` ([`checkpoint_name`]).
+    ///
+    /// A [`ProjectionRunner`] or rebuild future that is dropped (Ctrl-C, a
+    /// `select!` that took another branch) hands the release of its lock to
+    /// the task that keeps the lock, which releases it after the write of
+    /// the lock it may have in flight (an acquisition or a renewal already
+    /// sent to the database). Await this before the process exits, so that
+    /// the release lands first and the next run does not wait for the lease
+    /// to expire. Returns at once when no keeper counted here holds that
+    /// lock.
+    pub async fn released(&self, checkpoint: &str) {
+        let mut live = self.live.subscribe();
+        // `self` holds the sender: never closed while this waits.
+        let _ = live.wait_for(|m| !m.contains_key(checkpoint)).await;
+    }
+}
+
+/// One live lock keeper of a lock name, counted in the runner's
+/// [`LockKeepers`] (if any) from before its task starts until the task
+/// ends, its release done.
+struct LiveKeeper(Option<(LockKeepers, String)>);
 
 impl LiveKeeper {
-    fn enter(name: &str) -> Self {
-        live_keepers().send_modify(|m| *m.entry(name.to_owned()).or_default() += 1);
-        LiveKeeper(name.to_owned())
+    fn enter(keepers: Option<LockKeepers>, name: &str) -> Self {
+        LiveKeeper(keepers.map(|k| {
+            k.live
+                .send_modify(|m| *m.entry(name.to_owned()).or_default() += 1);
+            (k, name.to_owned())
+        }))
     }
 }
 
 impl Drop for LiveKeeper {
     fn drop(&mut self) {
-        live_keepers().send_modify(|m| {
-            if let Some(n) = m.get_mut(&self.0) {
-                *n -= 1;
-                if *n == 0 {
-                    m.remove(&self.0);
+        if let Some((keepers, name)) = &self.0 {
+            keepers.live.send_modify(|m| {
+                if let Some(n) = m.get_mut(name) {
+                    *n -= 1;
+                    if *n == 0 {
+                        m.remove(name);
+                    }
                 }
-            }
-        });
+            });
+        }
     }
-}
-
-/// Waits until no runner or rebuild of this process holds, or is still
-/// writing, the projection lock `checkpoint` ([`checkpoint_name`]), on any
-/// store.
-///
-/// A [`ProjectionRunner`] or rebuild future that is dropped (Ctrl-C, a
-/// `select!` that took another branch) hands the release of its lock to the
-/// task that keeps the lock, which releases it after the write of the lock
-/// it may have in flight (an acquisition or a renewal already sent to the
-/// database). Await this before the process exits, so that the release
-/// lands first and the next run does not wait for the lease to expire.
-/// Returns at once when nothing of this process holds that lock.
-pub async fn projection_lock_released(checkpoint: &str) {
-    let mut live = live_keepers().subscribe();
-    // The sender is a static: never closed.
-    let _ = live.wait_for(|m| !m.contains_key(checkpoint)).await;
 }
 
 pub(crate) async fn retry_store<S: Clone, T, F, Fut>(

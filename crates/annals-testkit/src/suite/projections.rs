@@ -1280,7 +1280,7 @@ impl Projection for Stuck {
 /// (Ctrl-C) while a write of its lock is in flight (the acquisition, then
 /// in a second round a renewal: already sent, so it lands after the drop)
 /// still ends with the lock released: the release is ordered after that
-/// write, and [`annals::projection_lock_released`] waits for it. A renewal
+/// write, and [`annals::LockKeepers::released`] waits for it. A renewal
 /// or acquisition landing after the release would leave the lock held by
 /// a runner that is gone until its lease expired.
 pub async fn issue8_a_dropped_rebuild_releases_its_lock_after_the_write_in_flight<
@@ -1294,6 +1294,7 @@ pub async fn issue8_a_dropped_rebuild_releases_its_lock_after_the_write_in_fligh
         .await
         .expect("append");
     let faulty = FaultyStore::new(store.clone(), i64::MAX);
+    let keepers = annals::LockKeepers::new();
     for kind in [LockWrite::Acquire, LockWrite::Renew] {
         let name = format!("dropped-{kind:?}").to_lowercase();
         let cp = checkpoint_name(&name, 1);
@@ -1302,6 +1303,7 @@ pub async fn issue8_a_dropped_rebuild_releases_its_lock_after_the_write_in_fligh
             ProjectionRunner::at_least_once(faulty.clone(), Stuck(name.clone()))
                 .with_options(quick())
                 .lock_ttl(Duration::from_millis(60))
+                .track_locks(keepers.clone())
                 .rebuild(RebuildOptions::default(), |_| {}),
         );
         tokio::select! {
@@ -1312,7 +1314,7 @@ pub async fn issue8_a_dropped_rebuild_releases_its_lock_after_the_write_in_fligh
         // lands only afterwards.
         drop(rebuild);
         held.land();
-        tokio::time::timeout(PATIENCE, annals::projection_lock_released(&cp))
+        tokio::time::timeout(PATIENCE, keepers.released(&cp))
             .await
             .unwrap_or_else(|_| panic!("{kind:?}: the lock keeper never ended"));
         assert_eq!(
