@@ -716,8 +716,7 @@ impl ProjectionOps for AccountBalances {
             };
             match &db.store {
                 AnyStore::Sqlite(s) => {
-                    let runner =
-                        ProjectionRunner::new(store, s.transactional(*self))
+                    let runner = ProjectionRunner::new(store, s.transactional(*self))
                         .with_options(options)
                         .track_locks(request.keepers.clone());
                     if request.blue_green {
@@ -730,8 +729,7 @@ impl ProjectionOps for AccountBalances {
                     }
                 }
                 AnyStore::Postgres(p) => {
-                    let runner =
-                        ProjectionRunner::new(store, p.transactional(*self))
+                    let runner = ProjectionRunner::new(store, p.transactional(*self))
                         .with_options(options)
                         .track_locks(request.keepers.clone());
                     if request.blue_green {

@@ -144,9 +144,9 @@ pub use projection::{
     RunnerOptions,
 };
 pub use projection::{
-    record_dead_letter_count, retry_dead_letter, ErrorPolicy, LockKeepers,
-    ProjectionState, RateLimiter, RebuildOptions, RebuildProgress, DEFAULT_LOCK_TTL,
-    DEFAULT_REBUILD_BATCH, DEFAULT_REBUILD_PAGE, REBUILD_BATCH_BYTES,
+    record_dead_letter_count, retry_dead_letter, ErrorPolicy, LockKeepers, ProjectionState,
+    RateLimiter, RebuildOptions, RebuildProgress, DEFAULT_LOCK_TTL, DEFAULT_REBUILD_BATCH,
+    DEFAULT_REBUILD_PAGE, REBUILD_BATCH_BYTES,
 };
 pub use projection_control::{
     lock_owner, lock_token, projection_trip, record_trip, DeadLetter, LockAttempt,
