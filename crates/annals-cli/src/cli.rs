@@ -215,6 +215,12 @@ pub(crate) enum ProjectionsCommand {
         /// after this long. Renewed every third of it.
         #[arg(long, value_name = "SECS", default_value = "30", value_parser = parse_lease_ttl)]
         lease_ttl: f64,
+        /// How long a runner keeps retrying a store it cannot reach (a
+        /// database restart or failover), in seconds, before it stops with
+        /// the error: a read or checkpoint save is retried with a backoff
+        /// that doubles from 10 ms up to 2 s.
+        #[arg(long, value_name = "SECS", default_value = "300", value_parser = parse_retry_for)]
+        retry_for: u32,
     },
     /// Delete a projection's checkpoint and its read model's rows (in one
     /// transaction), so the next run rebuilds it from the first event.
@@ -407,6 +413,13 @@ fn parse_partitions(s: &str) -> Result<u32, String> {
         _ => Err(format!(
             "{s:?} is not a number of partitions from 1 to 1024"
         )),
+    }
+}
+
+fn parse_retry_for(s: &str) -> Result<u32, String> {
+    match s.parse::<u32>() {
+        Ok(n) if n <= 86_400 => Ok(n),
+        _ => Err(format!("{s:?} is not a number of seconds from 0 to 86400")),
     }
 }
 

@@ -33,12 +33,14 @@ pub(crate) async fn dispatch(env: Env<'_>, command: ProjectionsCommand) -> anyho
             batch_size,
             partitions: Some(partitions),
             lease_ttl,
+            retry_for,
         } => {
             let options = PartitionOptions {
                 partitions,
                 lease_ttl: Duration::from_secs_f64(lease_ttl),
                 runner: RunnerOptions {
                     batch_size,
+                    store_retry: store_retry_for(retry_for),
                     ..RunnerOptions::default()
                 },
             };
@@ -49,8 +51,9 @@ pub(crate) async fn dispatch(env: Env<'_>, command: ProjectionsCommand) -> anyho
             until_caught_up,
             batch_size,
             partitions: None,
+            retry_for,
             ..
-        } => run(env, names, until_caught_up, batch_size).await,
+        } => run(env, names, until_caught_up, batch_size, retry_for).await,
         ProjectionsCommand::Reset { name } => reset(env, name).await,
         ProjectionsCommand::Rebuild {
             name,
@@ -340,11 +343,23 @@ fn registered<'a>(app: &'a App, name: &str) -> anyhow::Result<&'a dyn Projection
     })
 }
 
+/// The store retry of a live runner that keeps trying for about `secs`
+/// seconds: 10 ms doubling to 2 s (about 4 s for the first 10 attempts),
+/// then every 2 s.
+fn store_retry_for(secs: u32) -> annals::Backoff {
+    annals::Backoff {
+        initial: Duration::from_millis(10),
+        max: Duration::from_secs(2),
+        max_attempts: 10 + secs.div_ceil(2),
+    }
+}
+
 async fn run(
     env: Env<'_>,
     names: Vec<String>,
     until_caught_up: bool,
     batch_size: usize,
+    retry_for: u32,
 ) -> anyhow::Result<Outcome> {
     let selected: Vec<&dyn ProjectionOps> = if names.is_empty() {
         env.app.projections().collect()
@@ -367,6 +382,7 @@ async fn run(
         .context("cannot read the head position")?;
     let options = RunnerOptions {
         batch_size,
+        store_retry: store_retry_for(retry_for),
         ..RunnerOptions::default()
     };
     let mut running = Vec::new();

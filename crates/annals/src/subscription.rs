@@ -222,7 +222,7 @@ impl<S: EventStore> Subscription<S> {
             {
                 Ok(page) => return Ok(page),
                 Err(e) if is_transient(&e) && attempt < retry.max_attempts => {
-                    tracing::debug!(error = %e, attempt, position = %self.filter.after,
+                    tracing::warn!(error = %e, attempt, position = %self.filter.after,
                         "subscription read failed, retrying");
                     tokio::time::sleep(retry.delay(attempt)).await;
                     attempt += 1;
