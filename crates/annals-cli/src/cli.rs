@@ -210,9 +210,10 @@ pub(crate) enum ProjectionsCommand {
         /// SQLite it runs all P.
         #[arg(long, value_name = "P", value_parser = parse_partitions)]
         partitions: Option<u32>,
-        /// The lease of each partition (or of the projection lock), in
-        /// seconds: a worker that dies leaves its partitions to the others
-        /// after this long. Renewed every third of it.
+        /// With --partitions: the lease of each partition, in seconds: a
+        /// worker that dies leaves its partitions to the others after this
+        /// long. Renewed every third of it. (Without --partitions the
+        /// projection lock keeps its lease of 30 s.)
         #[arg(long, value_name = "SECS", default_value = "30", value_parser = parse_lease_ttl)]
         lease_ttl: f64,
         /// How long a runner keeps retrying a store it cannot reach (a
