@@ -329,6 +329,23 @@ async fn status(env: Env<'_>, json: bool) -> anyhow::Result<Outcome> {
 }
 
 /// The registered projection `name`, or an error that lists them.
+/// The projections `projections run` names (all registered ones without
+/// a name); an error when there are none.
+fn to_run<'a>(app: &'a App, names: &[String]) -> anyhow::Result<Vec<&'a dyn ProjectionOps>> {
+    let selected: Vec<&dyn ProjectionOps> = if names.is_empty() {
+        app.projections().collect()
+    } else {
+        names
+            .iter()
+            .map(|n| registered(app, n))
+            .collect::<anyhow::Result<_>>()?
+    };
+    if selected.is_empty() {
+        return Err(anyhow!("this binary registers no projections to run"));
+    }
+    Ok(selected)
+}
+
 fn registered<'a>(app: &'a App, name: &str) -> anyhow::Result<&'a dyn ProjectionOps> {
     app.projection(name).ok_or_else(|| {
         let known: Vec<&str> = app.projections().map(|p| p.name()).collect();
@@ -361,17 +378,7 @@ async fn run(
     batch_size: usize,
     retry_for: u32,
 ) -> anyhow::Result<Outcome> {
-    let selected: Vec<&dyn ProjectionOps> = if names.is_empty() {
-        env.app.projections().collect()
-    } else {
-        names
-            .iter()
-            .map(|n| registered(env.app, n))
-            .collect::<anyhow::Result<_>>()?
-    };
-    if selected.is_empty() {
-        return Err(anyhow!("this binary registers no projections to run"));
-    }
+    let selected = to_run(env.app, &names)?;
     // Installed before anything runs, so a signal is never missed.
     let mut stop = Shutdown::install()?;
     let store = env.open(false).await?;
@@ -456,17 +463,7 @@ async fn run_partitioned(
     until_caught_up: bool,
     options: PartitionOptions,
 ) -> anyhow::Result<Outcome> {
-    let selected: Vec<&dyn ProjectionOps> = if names.is_empty() {
-        env.app.projections().collect()
-    } else {
-        names
-            .iter()
-            .map(|n| registered(env.app, n))
-            .collect::<anyhow::Result<_>>()?
-    };
-    if selected.is_empty() {
-        return Err(anyhow!("this binary registers no projections to run"));
-    }
+    let selected = to_run(env.app, &names)?;
     let mut stop = Shutdown::install()?;
     let store = env.open(false).await?;
     let db = read_model_db(&env, store.clone());
