@@ -706,6 +706,9 @@ impl annals::ProjectionControl for AnyStore {
     ) -> Result<()> {
         delegate!(self, s => s.save_checkpoint_fenced(name, position, fence).await)
     }
+    async fn reset_checkpoint_fenced(&self, name: &str, fence: &annals::Fence) -> Result<()> {
+        delegate!(self, s => s.reset_checkpoint_fenced(name, fence).await)
+    }
     async fn projection_lock(&self, checkpoint: &str) -> Result<Option<annals::ProjectionLock>> {
         delegate!(self, s => s.projection_lock(checkpoint).await)
     }

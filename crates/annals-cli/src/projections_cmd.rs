@@ -598,27 +598,49 @@ async fn rebuild(
             .context("cannot read the rebuild marker")?
             .is_some();
         if from_start || !under_way {
-            if let Some(lock) = store
-                .projection_lock(&checkpoint)
+            // The read model is reset under the projection's lock, so a
+            // runner cannot start between a check and the reset and keep
+            // applying to rows that are being deleted under it. The lock is
+            // let go right after: the rebuild takes it again (a runner that
+            // starts in between finds a reset read model and rebuilds it
+            // itself, and the rebuild then reports the lock as held).
+            let lock = match store
+                .acquire_projection_lock(
+                    &checkpoint,
+                    &annals::lock_owner(),
+                    &annals::lock_token(),
+                    RESET_LOCK_TTL,
+                )
                 .await
-                .context("cannot read the projection lock")?
-                .filter(|l| l.expires_at > chrono::Utc::now())
+                .context("cannot take the projection lock")?
             {
-                return Err(anyhow!(
-                    "projection {name} ({checkpoint}) is locked by {} until {}: stop its \
-                     runner first (an in-place rebuild resets the read model)",
-                    lock.owner,
-                    lock.expires_at
-                ));
+                annals::LockAttempt::Acquired(lock) => lock,
+                annals::LockAttempt::Held(lock) => {
+                    return Err(anyhow!(
+                        "projection {name} ({checkpoint}) is locked by {} until {}: stop its \
+                         runner first (an in-place rebuild resets the read model)",
+                        lock.owner,
+                        lock.expires_at
+                    ));
+                }
+            };
+            let reset = async {
+                projection
+                    .reset(&db)
+                    .await
+                    .with_context(|| format!("cannot reset projection {name}"))?;
+                store
+                    .save_checkpoint(&marker, GlobalPosition::START)
+                    .await
+                    .context("cannot save the rebuild marker")
             }
-            projection
-                .reset(&db)
+            .await;
+            let released = store
+                .release_projection_lock(&lock)
                 .await
-                .with_context(|| format!("cannot reset projection {name}"))?;
-            store
-                .save_checkpoint(&marker, GlobalPosition::START)
-                .await
-                .context("cannot save the rebuild marker")?;
+                .context("cannot release the projection lock");
+            reset?;
+            released?;
             resumed = false;
         }
     }
@@ -690,6 +712,10 @@ async fn rebuild(
 /// waiting for the lease to run out. Holders on other hosts, live
 /// processes and hosts without `/proc` are left alone: their lease decides.
 /// (A rebuild stopped by Ctrl-C or SIGTERM releases its lock itself.)
+/// How long the lock taken around an in-place reset lasts if this process
+/// dies before it lets it go (the reset itself takes a moment).
+const RESET_LOCK_TTL: Duration = Duration::from_secs(30);
+
 async fn release_dead_local_lock(store: &AnyStore, checkpoint: &str) {
     if !std::path::Path::new("/proc/self").exists() {
         return;

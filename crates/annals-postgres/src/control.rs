@@ -147,6 +147,24 @@ impl annals::ProjectionControl for PgEventStore {
         tx.commit().await.context(what)
     }
 
+    async fn reset_checkpoint_fenced(&self, name: &str, fence: &annals::Fence) -> Result<()> {
+        let what = "cannot reset a fenced checkpoint";
+        let mut client = self.ready_client("reset a fenced checkpoint").await?;
+        let tx = client.transaction().await.context(what)?;
+        crate::lease::limit_idle(&tx, fence).await?;
+        // As for a fenced save: the lease row stays share-locked until the
+        // commit.
+        let stmt = tx
+            .prepare_cached(crate::lease::fence_sql(fence))
+            .await
+            .context(what)?;
+        crate::lease::check_fence(&tx, &stmt, fence).await?;
+        tx.execute("DELETE FROM checkpoints WHERE name = $1", &[&name])
+            .await
+            .context(what)?;
+        tx.commit().await.context(what)
+    }
+
     async fn projection_lock(&self, checkpoint: &str) -> Result<Option<ProjectionLock>> {
         let client = self.ready_client("read a projection lock").await?;
         let row = client

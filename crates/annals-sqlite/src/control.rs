@@ -166,6 +166,39 @@ impl annals::ProjectionControl for SqliteEventStore {
             .await
     }
 
+    async fn reset_checkpoint_fenced(&self, name: &str, fence: &annals::Fence) -> Result<()> {
+        let annals::Fence::Lock { lock, token, .. } = fence else {
+            return Err(annals::Error::Config(format!(
+                "{}: partition leases are held in PostgreSQL; on SQLite one process runs \
+                 all partitions under the projection lock (PartitionedRunner::spawn_local)",
+                fence.lease_name()
+            )));
+        };
+        let (name, lock, token, fence) =
+            (name.to_owned(), lock.clone(), token.clone(), fence.clone());
+        self.conns()
+            .write(move |conn| {
+                // One writer job, as for a fenced save.
+                let tx = conn
+                    .transaction_with_behavior(TransactionBehavior::Immediate)
+                    .map_err(db("resetting a fenced checkpoint"))?;
+                let now: Option<String> = tx
+                    .prepare_cached("SELECT token FROM projection_locks WHERE name = ?1")
+                    .and_then(|mut s| s.query_row([&lock], |r| r.get(0)).optional())
+                    .map_err(db("checking a projection's lock"))?;
+                match now {
+                    Some(now) if now == token => {}
+                    Some(now) => return Err(fence.fenced(&format!("token {now}"))),
+                    None => return Err(fence.fenced("no lock")),
+                }
+                tx.prepare_cached("DELETE FROM checkpoints WHERE name = ?1")
+                    .and_then(|mut s| s.execute([name]))
+                    .map_err(db("resetting a fenced checkpoint"))?;
+                tx.commit().map_err(db("resetting a fenced checkpoint"))
+            })
+            .await
+    }
+
     async fn projection_lock(&self, checkpoint: &str) -> Result<Option<ProjectionLock>> {
         let name = checkpoint.to_owned();
         self.conns()

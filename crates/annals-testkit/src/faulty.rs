@@ -131,8 +131,8 @@ impl<S> FaultyStore<S> {
         }
     }
 
-    /// How many fenced checkpoint saves the inner store refused with
-    /// [`Error::Fenced`] (the lease had been taken over).
+    /// How many fenced checkpoint saves and resets the inner store refused
+    /// with [`Error::Fenced`] (the lease had been taken over).
     pub fn fenced_saves(&self) -> u64 {
         self.fenced_saves.load(Ordering::SeqCst)
     }
@@ -360,6 +360,14 @@ impl<S: annals::ProjectionControl> annals::ProjectionControl for FaultyStore<S> 
             .inner
             .save_checkpoint_fenced(name, position, fence)
             .await;
+        if matches!(out, Err(Error::Fenced { .. })) {
+            self.fenced_saves.fetch_add(1, Ordering::SeqCst);
+        }
+        out
+    }
+    async fn reset_checkpoint_fenced(&self, name: &str, fence: &annals::Fence) -> Result<()> {
+        self.spend()?;
+        let out = self.inner.reset_checkpoint_fenced(name, fence).await;
         if matches!(out, Err(Error::Fenced { .. })) {
             self.fenced_saves.fetch_add(1, Ordering::SeqCst);
         }

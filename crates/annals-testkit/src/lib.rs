@@ -240,6 +240,7 @@ macro_rules! conformance_suite {
             partitioned_projection_runs_all_partitions_in_one_process,
             issue8_a_dropped_rebuild_releases_its_lock_after_the_write_in_flight,
             issue8_a_taken_over_runner_saves_no_checkpoint_for_an_empty_stretch,
+            issue8_a_fenced_reset_from_a_lost_lock_deletes_nothing,
         }
     };
     (@group upcasting, $($then:tt)*) => {

@@ -1578,6 +1578,14 @@ impl<S: crate::ProjectionControl, K: KeyStore> crate::ProjectionControl for Gdpr
         self.inner.save_checkpoint_fenced(name, position, fence)
     }
 
+    fn reset_checkpoint_fenced(
+        &self,
+        name: &str,
+        fence: &crate::Fence,
+    ) -> impl Future<Output = Result<()>> + Send {
+        self.inner.reset_checkpoint_fenced(name, fence)
+    }
+
     fn projection_lock(
         &self,
         checkpoint: &str,

@@ -980,6 +980,25 @@ impl crate::ProjectionControl for InMemoryStore {
         Ok(())
     }
 
+    async fn reset_checkpoint_fenced(&self, name: &str, fence: &crate::Fence) -> Result<()> {
+        let crate::Fence::Lock { lock, token, .. } = fence else {
+            return Err(Error::Config(format!(
+                "{}: the in-memory store keeps no partition leases; run all partitions \
+                 under the projection lock (PartitionedRunner::spawn_local)",
+                fence.lease_name()
+            )));
+        };
+        // One mutex: the check and the delete are one step.
+        let mut st = self.lock();
+        match st.locks.get(lock) {
+            Some(held) if &held.token == token => {}
+            Some(held) => return Err(fence.fenced(&format!("token {}", held.token))),
+            None => return Err(fence.fenced("no lock")),
+        }
+        st.checkpoints.remove(name);
+        Ok(())
+    }
+
     async fn projection_lock(&self, checkpoint: &str) -> Result<Option<crate::ProjectionLock>> {
         Ok(self.lock().locks.get(checkpoint).cloned())
     }

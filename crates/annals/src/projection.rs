@@ -878,9 +878,13 @@ where
         };
         let metrics = RebuildMetrics::new(&name);
         if options.from_start {
+            // Fenced: a rebuild that lost its lock before it began (paused
+            // past its lease) must not send the runner that took over back
+            // to the first event.
+            let fence = keeper.fence(self.lock_ttl);
             self.retry_store(|s| {
-                let checkpoint = checkpoint.clone();
-                async move { s.reset_checkpoint(&checkpoint).await }
+                let (checkpoint, fence) = (checkpoint.clone(), fence.clone());
+                async move { s.reset_checkpoint_fenced(&checkpoint, &fence).await }
             })
             .await
             .map_err(store_err)?;

@@ -151,6 +151,20 @@ pub trait ProjectionControl: CheckpointStore {
         fence: &crate::Fence,
     ) -> impl Future<Output = Result<()>> + Send;
 
+    /// Deletes the checkpoint `name` (as
+    /// [`CheckpointStore::reset_checkpoint`]) under `fence`: in one
+    /// transaction, checks that the lease still carries the fence's token
+    /// and deletes. Fails with [`crate::Error::Fenced`], deleting nothing,
+    /// once another runner took the lease over, so a rebuild from the start
+    /// that lost its lock before it began cannot send the live runner that
+    /// took over back to the first event. A partition fence is refused with
+    /// [`crate::Error::Config`] by a store without partition leases.
+    fn reset_checkpoint_fenced(
+        &self,
+        name: &str,
+        fence: &crate::Fence,
+    ) -> impl Future<Output = Result<()>> + Send;
+
     /// The holder of the lock of `checkpoint`, expired or not (`None`: no
     /// row).
     fn projection_lock(

@@ -15,6 +15,7 @@ per_backend!(
     rebuild_resumes_after_ctrl_c,
     dead_letters_list_retry_and_drop,
     rebuild_batches_of_one_event_or_of_whole_accounts_give_the_fold,
+    in_place_rebuild_leaves_a_locked_projection_untouched,
 );
 
 /// The value of `name{projection="account_balances"}` in a metrics file.
@@ -158,16 +159,24 @@ fn rebuild_resumes_after_ctrl_c(db: &Db) {
         if blue_green {
             args.push("--blue-green");
         }
-        let child = db
+        let mut child = db
             .command(&args)
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
             .spawn()
             .expect("spawn annals projections rebuild");
-        // Interrupted once it has saved a checkpoint (its own: the live one
-        // in place, the shadow one blue-green).
+        // Interrupted once it has saved a checkpoint of its own: the shadow
+        // one blue-green; in place, the live checkpoint after the reset,
+        // behind the head (before the rebuild starts it is the demo's, at
+        // the head, and the reset deletes it), with the rebuild's marker
+        // present. A rebuild that ended before that fails the test rather
+        // than letting it check nothing.
         let shadow = "account_balances@v1+shadow";
         wait_until("the rebuild's first checkpoint", || {
+            assert!(
+                child.try_wait().expect("try_wait").is_none(),
+                "the rebuild ended before it could be interrupted"
+            );
             if blue_green {
                 db.run(&["export"])
                     .ok()
@@ -175,7 +184,15 @@ fn rebuild_resumes_after_ctrl_c(db: &Db) {
                     .lines()
                     .any(|l| l.contains(shadow) && !l.contains("\"position\":\"0\""))
             } else {
-                status(db)["checkpoint"] != Value::Null
+                let s = status(db);
+                s["checkpoint"] != Value::Null
+                    && s["lag_events"].as_u64().is_some_and(|lag| lag > 0)
+                    && db
+                        .run(&["export"])
+                        .ok()
+                        .stdout
+                        .lines()
+                        .any(|l| l.contains("account_balances@v1+rebuild"))
             }
         });
         let sent = std::process::Command::new("kill")
@@ -209,18 +226,7 @@ fn rebuild_resumes_after_ctrl_c(db: &Db) {
 /// A store handle on the test database, to park events as a runner with
 /// the Park policy would.
 fn park(db: &Db, letters: &[(Value, &str)]) {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    rt.block_on(async {
-        let options = OpenOptions {
-            pg_schema: db.pg_schema.clone(),
-            ..OpenOptions::default()
-        };
-        let store = AnyStore::open_with(&db.url.parse().expect("url"), &options)
-            .await
-            .expect("open");
+    with_store(db, async |store| {
         for (event, error) in letters {
             let position: GlobalPosition = event["global_position"]
                 .as_str()
@@ -374,4 +380,77 @@ fn dead_letters_list_retry_and_drop(db: &Db) {
         bad_id,
     ])
     .fails(2, &["has no parked event", bad_id]);
+}
+
+/// Runs `f` on a store handle on the test database.
+fn with_store<T>(db: &Db, f: impl AsyncFnOnce(&AnyStore) -> T) -> T {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let options = OpenOptions {
+            pg_schema: db.pg_schema.clone(),
+            ..OpenOptions::default()
+        };
+        let store = AnyStore::open_with(&db.url.parse().expect("url"), &options)
+            .await
+            .expect("open");
+        f(&store).await
+    })
+}
+
+/// An in-place rebuild resets the read model under the projection's lock:
+/// while a runner (here on another host) holds it, the rebuild is refused,
+/// naming the holder, and neither the rows nor the checkpoint are touched;
+/// once the lock is let go, the same command rebuilds.
+fn in_place_rebuild_leaves_a_locked_projection_untouched(db: &Db) {
+    db.run(&["init"]).ok();
+    db.run(&["demo", "--accounts", "3", "--operations", "60"])
+        .ok();
+    db.execute_sql("UPDATE account_balances SET balance = -1 WHERE stream_id = 'Account-demo1-1'");
+    let before = status(db);
+    let lock = with_store(db, async |store| {
+        match store
+            .acquire_projection_lock(
+                "account_balances@v1",
+                "pid 1 on another-host",
+                "token-elsewhere",
+                Duration::from_secs(600),
+            )
+            .await
+            .expect("lock")
+        {
+            annals::LockAttempt::Acquired(lock) => lock,
+            held => panic!("{held:?}"),
+        }
+    });
+    db.run(&["projections", "rebuild", "account_balances"])
+        .fails(
+            2,
+            &["locked by pid 1 on another-host", "stop its runner first"],
+        );
+    // Nothing reset: the damaged row is still there, the checkpoint too.
+    assert_eq!(
+        db.execute_sql(
+            "UPDATE account_balances SET balance = balance \
+             WHERE stream_id = 'Account-demo1-1' AND balance = -1"
+        ),
+        1
+    );
+    assert_eq!(status(db)["checkpoint"], before["checkpoint"]);
+    assert!(!db
+        .run(&["export"])
+        .ok()
+        .stdout
+        .contains("account_balances@v1+rebuild"));
+    with_store(db, async |store| {
+        store.release_projection_lock(&lock).await.expect("release")
+    });
+    let out = db
+        .run(&["projections", "rebuild", "account_balances"])
+        .ok()
+        .stdout;
+    assert!(out.starts_with("rebuilt account_balances: "), "{out}");
+    assert!(row_matches_fold(db, "demo1-1"));
 }

@@ -1432,3 +1432,94 @@ pub async fn issue8_a_taken_over_runner_saves_no_checkpoint_for_an_empty_stretch
         .expect("held");
     assert_eq!(lock.token, "token-new");
 }
+
+/// Issue 8, the reset at the start of a rebuild from position 0: it is
+/// fenced like every checkpoint save. A holder whose lease expired and was
+/// taken over resets nothing ([`annals::Error::Fenced`], naming the new
+/// holder's token), so a rebuild paused before it began cannot send the
+/// runner that took over back to the first event; the holder's reset
+/// deletes the checkpoint.
+pub async fn issue8_a_fenced_reset_from_a_lost_lock_deletes_nothing<
+    S: EventStore + ProjectionControl,
+>(
+    store: S,
+) {
+    let at = store
+        .append(&sid("Reset-1"), ExpectedVersion::Any, vec![ev("Rare", 1)])
+        .await
+        .expect("append")
+        .positions[0];
+    let cp = checkpoint_name("fenced-reset", 1);
+    let fence_of = |token: &str, ttl: Duration| annals::Fence::Lock {
+        lock: cp.clone(),
+        token: token.to_owned(),
+        ttl,
+    };
+    let short = Duration::from_millis(60);
+    let old = store
+        .acquire_projection_lock(&cp, "old", "token-old", short)
+        .await
+        .expect("lock");
+    assert!(matches!(old, annals::LockAttempt::Acquired(_)), "{old:?}");
+    store
+        .save_checkpoint_fenced(&cp, at, &fence_of("token-old", short))
+        .await
+        .expect("the holder saves");
+    // Another runner takes the lock once the old lease has expired (polled
+    // against the store's clock, with a deadline).
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        match store
+            .acquire_projection_lock(&cp, "new", "token-new", PATIENCE)
+            .await
+            .expect("lock")
+        {
+            annals::LockAttempt::Acquired(_) => break,
+            annals::LockAttempt::Held(_) => {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "the lease never expired"
+                );
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    }
+    match store
+        .reset_checkpoint_fenced(&cp, &fence_of("token-old", short))
+        .await
+    {
+        Err(annals::Error::Fenced { lease, detail }) => {
+            assert_eq!(lease, cp);
+            assert!(detail.contains("token-new"), "{detail}");
+        }
+        other => panic!("expected Fenced, got {other:?}"),
+    }
+    assert_eq!(
+        store.load_checkpoint(&cp).await.expect("checkpoint"),
+        Some(at),
+        "a reset under a lost lock moved the checkpoint"
+    );
+    store
+        .reset_checkpoint_fenced(&cp, &fence_of("token-new", PATIENCE))
+        .await
+        .expect("the holder resets");
+    assert_eq!(store.load_checkpoint(&cp).await.expect("checkpoint"), None);
+    // With no lock at all, nothing is reset either.
+    store.save_checkpoint(&cp, at).await.expect("save");
+    let lock = store
+        .projection_lock(&cp)
+        .await
+        .expect("lock")
+        .expect("held");
+    store.release_projection_lock(&lock).await.expect("release");
+    assert!(matches!(
+        store
+            .reset_checkpoint_fenced(&cp, &fence_of("token-new", PATIENCE))
+            .await,
+        Err(annals::Error::Fenced { .. })
+    ));
+    assert_eq!(
+        store.load_checkpoint(&cp).await.expect("checkpoint"),
+        Some(at)
+    );
+}

@@ -97,6 +97,9 @@ impl annals::ProjectionControl for CoreOnly {
     ) -> Result<()> {
         self.0.save_checkpoint_fenced(name, position, fence).await
     }
+    async fn reset_checkpoint_fenced(&self, name: &str, fence: &annals::Fence) -> Result<()> {
+        self.0.reset_checkpoint_fenced(name, fence).await
+    }
     async fn projection_lock(&self, checkpoint: &str) -> Result<Option<annals::ProjectionLock>> {
         self.0.projection_lock(checkpoint).await
     }
