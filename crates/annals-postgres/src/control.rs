@@ -130,39 +130,23 @@ impl annals::ProjectionControl for PgEventStore {
                 reason: "beyond what a PostgreSQL checkpoint stores".into(),
             });
         };
-        let what = "cannot save a fenced checkpoint";
-        let mut client = self.ready_client("save a fenced checkpoint").await?;
-        let tx = client.transaction().await.context(what)?;
-        crate::lease::limit_idle(&tx, fence).await?;
-        // The lease row stays share-locked until the commit: a takeover is
-        // ordered before this save (refused) or after it.
-        let stmt = tx
-            .prepare_cached(crate::lease::fence_sql(fence))
-            .await
-            .context(what)?;
-        crate::lease::check_fence(&tx, &stmt, fence).await?;
-        tx.execute(crate::checkpoint::SAVE_SQL, &[&name, &commit, &seq])
-            .await
-            .context(what)?;
-        tx.commit().await.context(what)
+        self.fenced_execute(
+            fence,
+            "save a fenced checkpoint",
+            crate::checkpoint::SAVE_SQL,
+            &[&name, &commit, &seq],
+        )
+        .await
     }
 
     async fn reset_checkpoint_fenced(&self, name: &str, fence: &annals::Fence) -> Result<()> {
-        let what = "cannot reset a fenced checkpoint";
-        let mut client = self.ready_client("reset a fenced checkpoint").await?;
-        let tx = client.transaction().await.context(what)?;
-        crate::lease::limit_idle(&tx, fence).await?;
-        // As for a fenced save: the lease row stays share-locked until the
-        // commit.
-        let stmt = tx
-            .prepare_cached(crate::lease::fence_sql(fence))
-            .await
-            .context(what)?;
-        crate::lease::check_fence(&tx, &stmt, fence).await?;
-        tx.execute("DELETE FROM checkpoints WHERE name = $1", &[&name])
-            .await
-            .context(what)?;
-        tx.commit().await.context(what)
+        self.fenced_execute(
+            fence,
+            "reset a fenced checkpoint",
+            "DELETE FROM checkpoints WHERE name = $1",
+            &[&name],
+        )
+        .await
     }
 
     async fn projection_lock(&self, checkpoint: &str) -> Result<Option<ProjectionLock>> {
@@ -244,5 +228,31 @@ impl annals::ProjectionControl for PgEventStore {
             .await
             .context("cannot drop a dead letter")?;
         Ok(n > 0)
+    }
+}
+
+impl PgEventStore {
+    /// Runs `sql` in one transaction after the fence check of a batch
+    /// (`crate::lease`: the idle limit, then the lease row share-locked
+    /// until the commit, so a takeover is ordered before this write, which
+    /// is then refused with [`annals::Error::Fenced`], or after it).
+    async fn fenced_execute(
+        &self,
+        fence: &annals::Fence,
+        what: &str,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<()> {
+        let failed = format!("cannot {what}");
+        let mut client = self.ready_client(what).await?;
+        let tx = client.transaction().await.context(&failed)?;
+        crate::lease::limit_idle(&tx, fence).await?;
+        let stmt = tx
+            .prepare_cached(crate::lease::fence_sql(fence))
+            .await
+            .context(&failed)?;
+        crate::lease::check_fence(&tx, &stmt, fence).await?;
+        tx.execute(sql, params).await.context(&failed)?;
+        tx.commit().await.context(&failed)
     }
 }

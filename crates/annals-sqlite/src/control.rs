@@ -131,72 +131,25 @@ impl annals::ProjectionControl for SqliteEventStore {
         position: GlobalPosition,
         fence: &annals::Fence,
     ) -> Result<()> {
-        let annals::Fence::Lock { lock, token, .. } = fence else {
-            return Err(annals::Error::Config(format!(
-                "{}: partition leases are held in PostgreSQL; on SQLite one process runs \
-                 all partitions under the projection lock (PartitionedRunner::spawn_local)",
-                fence.lease_name()
-            )));
-        };
         let commit = crate::checkpoint::part(position, position.commit())?;
         let seq = crate::checkpoint::part(position, position.seq())?;
-        let (name, lock, token, fence) =
-            (name.to_owned(), lock.clone(), token.clone(), fence.clone());
-        self.conns()
-            .write(move |conn| {
-                // One writer job: the writer lock orders the check and the
-                // save with any takeover of the lock, which is a write too.
-                let tx = conn
-                    .transaction_with_behavior(TransactionBehavior::Immediate)
-                    .map_err(db("saving a fenced checkpoint"))?;
-                let now: Option<String> = tx
-                    .prepare_cached("SELECT token FROM projection_locks WHERE name = ?1")
-                    .and_then(|mut s| s.query_row([&lock], |r| r.get(0)).optional())
-                    .map_err(db("checking a projection's lock"))?;
-                match now {
-                    Some(now) if now == token => {}
-                    Some(now) => return Err(fence.fenced(&format!("token {now}"))),
-                    None => return Err(fence.fenced("no lock")),
-                }
-                tx.prepare_cached(crate::checkpoint::SAVE_SQL)
-                    .and_then(|mut s| s.execute(rusqlite::params![name, commit, seq, now_micros()]))
-                    .map_err(db("saving a fenced checkpoint"))?;
-                tx.commit().map_err(db("saving a fenced checkpoint"))
-            })
-            .await
+        let name = name.to_owned();
+        self.fenced_write(fence, "saving a fenced checkpoint", move |tx| {
+            tx.prepare_cached(crate::checkpoint::SAVE_SQL)
+                .and_then(|mut s| s.execute(rusqlite::params![name, commit, seq, now_micros()]))
+                .map(drop)
+        })
+        .await
     }
 
     async fn reset_checkpoint_fenced(&self, name: &str, fence: &annals::Fence) -> Result<()> {
-        let annals::Fence::Lock { lock, token, .. } = fence else {
-            return Err(annals::Error::Config(format!(
-                "{}: partition leases are held in PostgreSQL; on SQLite one process runs \
-                 all partitions under the projection lock (PartitionedRunner::spawn_local)",
-                fence.lease_name()
-            )));
-        };
-        let (name, lock, token, fence) =
-            (name.to_owned(), lock.clone(), token.clone(), fence.clone());
-        self.conns()
-            .write(move |conn| {
-                // One writer job, as for a fenced save.
-                let tx = conn
-                    .transaction_with_behavior(TransactionBehavior::Immediate)
-                    .map_err(db("resetting a fenced checkpoint"))?;
-                let now: Option<String> = tx
-                    .prepare_cached("SELECT token FROM projection_locks WHERE name = ?1")
-                    .and_then(|mut s| s.query_row([&lock], |r| r.get(0)).optional())
-                    .map_err(db("checking a projection's lock"))?;
-                match now {
-                    Some(now) if now == token => {}
-                    Some(now) => return Err(fence.fenced(&format!("token {now}"))),
-                    None => return Err(fence.fenced("no lock")),
-                }
-                tx.prepare_cached("DELETE FROM checkpoints WHERE name = ?1")
-                    .and_then(|mut s| s.execute([name]))
-                    .map_err(db("resetting a fenced checkpoint"))?;
-                tx.commit().map_err(db("resetting a fenced checkpoint"))
-            })
-            .await
+        let name = name.to_owned();
+        self.fenced_write(fence, "resetting a fenced checkpoint", move |tx| {
+            tx.prepare_cached("DELETE FROM checkpoints WHERE name = ?1")
+                .and_then(|mut s| s.execute([name]))
+                .map(drop)
+        })
+        .await
     }
 
     async fn projection_lock(&self, checkpoint: &str) -> Result<Option<ProjectionLock>> {
@@ -308,6 +261,47 @@ impl annals::ProjectionControl for SqliteEventStore {
                     .and_then(|mut s| s.execute([name, id]))
                     .map(|n| n > 0)
                     .map_err(db("dropping a dead letter"))
+            })
+            .await
+    }
+}
+
+impl SqliteEventStore {
+    /// Runs `write` in one writer transaction after checking that the
+    /// projection lock still carries `fence`'s token; fails with
+    /// [`annals::Error::Fenced`], writing nothing, otherwise. One writer job:
+    /// the writer lock orders the check and the write with any takeover of
+    /// the lock, which is a write too.
+    async fn fenced_write(
+        &self,
+        fence: &annals::Fence,
+        what: &'static str,
+        write: impl FnOnce(&rusqlite::Transaction<'_>) -> rusqlite::Result<()> + Send + 'static,
+    ) -> Result<()> {
+        let annals::Fence::Lock { lock, token, .. } = fence else {
+            return Err(annals::Error::Config(format!(
+                "{}: partition leases are held in PostgreSQL; on SQLite one process runs \
+                 all partitions under the projection lock (PartitionedRunner::spawn_local)",
+                fence.lease_name()
+            )));
+        };
+        let (lock, token, fence) = (lock.clone(), token.clone(), fence.clone());
+        self.conns()
+            .write(move |conn| {
+                let tx = conn
+                    .transaction_with_behavior(TransactionBehavior::Immediate)
+                    .map_err(db(what))?;
+                let now: Option<String> = tx
+                    .prepare_cached("SELECT token FROM projection_locks WHERE name = ?1")
+                    .and_then(|mut s| s.query_row([&lock], |r| r.get(0)).optional())
+                    .map_err(db("checking a projection's lock"))?;
+                match now {
+                    Some(now) if now == token => {}
+                    Some(now) => return Err(fence.fenced(&format!("token {now}"))),
+                    None => return Err(fence.fenced("no lock")),
+                }
+                write(&tx).map_err(db(what))?;
+                tx.commit().map_err(db(what))
             })
             .await
     }

@@ -959,20 +959,9 @@ impl crate::ProjectionControl for InMemoryStore {
         position: GlobalPosition,
         fence: &crate::Fence,
     ) -> Result<()> {
-        let crate::Fence::Lock { lock, token, .. } = fence else {
-            return Err(Error::Config(format!(
-                "{}: the in-memory store keeps no partition leases; run all partitions \
-                 under the projection lock (PartitionedRunner::spawn_local)",
-                fence.lease_name()
-            )));
-        };
         // One mutex: the check and the save are one step.
         let mut st = self.lock();
-        match st.locks.get(lock) {
-            Some(held) if &held.token == token => {}
-            Some(held) => return Err(fence.fenced(&format!("token {}", held.token))),
-            None => return Err(fence.fenced("no lock")),
-        }
+        check_fence(&st, fence)?;
         let cp = st.checkpoints.entry(name.to_owned()).or_insert(position);
         if position > *cp {
             *cp = position;
@@ -981,20 +970,9 @@ impl crate::ProjectionControl for InMemoryStore {
     }
 
     async fn reset_checkpoint_fenced(&self, name: &str, fence: &crate::Fence) -> Result<()> {
-        let crate::Fence::Lock { lock, token, .. } = fence else {
-            return Err(Error::Config(format!(
-                "{}: the in-memory store keeps no partition leases; run all partitions \
-                 under the projection lock (PartitionedRunner::spawn_local)",
-                fence.lease_name()
-            )));
-        };
         // One mutex: the check and the delete are one step.
         let mut st = self.lock();
-        match st.locks.get(lock) {
-            Some(held) if &held.token == token => {}
-            Some(held) => return Err(fence.fenced(&format!("token {}", held.token))),
-            None => return Err(fence.fenced("no lock")),
-        }
+        check_fence(&st, fence)?;
         st.checkpoints.remove(name);
         Ok(())
     }
@@ -1161,5 +1139,23 @@ impl crate::StreamCatalog for InMemoryStore {
     async fn events_recorded_since(&self, since: DateTime<Utc>) -> Result<u64> {
         let st = self.lock();
         Ok(st.events.iter().filter(|e| e.recorded_at >= since).count() as u64)
+    }
+}
+
+/// Whether `fence`'s projection lock still carries its token
+/// ([`crate::Error::Fenced`] otherwise); partition fences are refused, as
+/// the in-memory store keeps no partition leases.
+fn check_fence(st: &State, fence: &crate::Fence) -> Result<()> {
+    let crate::Fence::Lock { lock, token, .. } = fence else {
+        return Err(Error::Config(format!(
+            "{}: the in-memory store keeps no partition leases; run all partitions \
+             under the projection lock (PartitionedRunner::spawn_local)",
+            fence.lease_name()
+        )));
+    };
+    match st.locks.get(lock) {
+        Some(held) if &held.token == token => Ok(()),
+        Some(held) => Err(fence.fenced(&format!("token {}", held.token))),
+        None => Err(fence.fenced("no lock")),
     }
 }

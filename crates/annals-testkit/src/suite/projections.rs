@@ -1368,23 +1368,7 @@ pub async fn issue8_a_taken_over_runner_saves_no_checkpoint_for_an_empty_stretch
     renewal.started().await;
     // Another runner takes the lock once the lease has expired (polled
     // against the store's clock, with a deadline).
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    loop {
-        match store
-            .acquire_projection_lock(&cp, "new", "token-new", PATIENCE)
-            .await
-            .expect("lock")
-        {
-            annals::LockAttempt::Acquired(_) => break,
-            annals::LockAttempt::Held(_) => {
-                assert!(
-                    tokio::time::Instant::now() < deadline,
-                    "the lease never expired"
-                );
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        }
-    }
+    take_over(&store, &cp).await;
     // A stretch the projection does not handle.
     let other = store
         .append(
@@ -1467,23 +1451,7 @@ pub async fn issue8_a_fenced_reset_from_a_lost_lock_deletes_nothing<
         .expect("the holder saves");
     // Another runner takes the lock once the old lease has expired (polled
     // against the store's clock, with a deadline).
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    loop {
-        match store
-            .acquire_projection_lock(&cp, "new", "token-new", PATIENCE)
-            .await
-            .expect("lock")
-        {
-            annals::LockAttempt::Acquired(_) => break,
-            annals::LockAttempt::Held(_) => {
-                assert!(
-                    tokio::time::Instant::now() < deadline,
-                    "the lease never expired"
-                );
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        }
-    }
+    take_over(&store, &cp).await;
     match store
         .reset_checkpoint_fenced(&cp, &fence_of("token-old", short))
         .await
@@ -1522,4 +1490,27 @@ pub async fn issue8_a_fenced_reset_from_a_lost_lock_deletes_nothing<
         store.load_checkpoint(&cp).await.expect("checkpoint"),
         Some(at)
     );
+}
+
+/// Takes the lock of `cp` as owner `new` with token `token-new` once the
+/// current holder's lease has expired (polled against the store's clock,
+/// with a deadline).
+async fn take_over<S: ProjectionControl>(store: &S, cp: &str) {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        match store
+            .acquire_projection_lock(cp, "new", "token-new", PATIENCE)
+            .await
+            .expect("lock")
+        {
+            annals::LockAttempt::Acquired(_) => return,
+            annals::LockAttempt::Held(_) => {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "the lease never expired"
+                );
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    }
 }
