@@ -44,7 +44,7 @@ impl StreamId {
         if name.len() > MAX_STREAM_NAME_LEN {
             return Err(invalid("longer than 255 bytes"));
         }
-        if name.chars().any(char::is_control) {
+        if has_control_char(name) {
             return Err(invalid("contains a control character"));
         }
         let Some(split) = name.find('-') else {
@@ -76,6 +76,21 @@ impl StreamId {
     pub fn id(&self) -> &str {
         &self.name[self.split + 1..]
     }
+}
+
+/// Whether `name` holds a control character (`char::is_control`: U+0000 to
+/// U+001F and U+007F to U+009F), by a scan of its bytes rather than of its
+/// decoded chars (a read validates every stream name it meets). In UTF-8
+/// the C0 controls and DEL are single bytes below 0x20 or 0x7F, and the C1
+/// controls are 0xC2 followed by 0x80 to 0x9F; no other character's
+/// encoding contains those byte values in those places.
+fn has_control_char(name: &str) -> bool {
+    let bytes = name.as_bytes();
+    bytes.iter().enumerate().any(|(i, &b)| {
+        b < 0x20
+            || b == 0x7F
+            || (b == 0xC2 && bytes.get(i + 1).is_some_and(|n| (0x80..=0x9F).contains(n)))
+    })
 }
 
 impl fmt::Display for StreamId {
@@ -132,6 +147,25 @@ pub fn validate_category(category: &str) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_byte_scan_finds_exactly_the_control_chars() {
+        // Every char of the first three planes' interesting ranges, alone
+        // and between other text.
+        let chars = (0u32..0x3000)
+            .chain(0xFFF0..0x10100)
+            .chain([0x1F600, 0x10FFFF])
+            .filter_map(char::from_u32);
+        for c in chars {
+            for text in [c.to_string(), format!("Cat-a{c}b"), format!("é{c}\u{85}x")] {
+                assert_eq!(
+                    has_control_char(&text),
+                    text.chars().any(char::is_control),
+                    "{text:?}"
+                );
+            }
+        }
+    }
 
     #[test]
     fn splits_at_first_dash() {
