@@ -685,8 +685,11 @@ impl Payload {
         let Some(slice) = text.get(range) else {
             return Err(bad("payload range outside its text"));
         };
-        // Validates without building anything (a borrowed raw value).
-        serde_json::from_str::<&serde_json::value::RawValue>(slice)?;
+        // Validates without building anything, accepting what serde_json
+        // accepts; serde_json only explains a refusal.
+        if !crate::json_check::is_json(slice) {
+            serde_json::from_str::<&serde_json::value::RawValue>(slice)?;
+        }
         Ok(Payload(PayloadText::Shared { text, start, end }))
     }
 

@@ -76,6 +76,7 @@ pub mod gdpr;
 mod health;
 mod idempotency;
 mod import;
+mod json_check;
 mod memory;
 mod multi_stream;
 mod partition;
