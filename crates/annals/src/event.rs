@@ -686,7 +686,8 @@ impl Payload {
             return Err(bad("payload range outside its text"));
         };
         // Validates without building anything, accepting what serde_json
-        // accepts; serde_json only explains a refusal.
+        // accepts; a text the quick check does not accept (invalid, or
+        // nested very deep) goes to serde_json, which decides.
         if !crate::json_check::is_json(slice) {
             serde_json::from_str::<&serde_json::value::RawValue>(slice)?;
         }
