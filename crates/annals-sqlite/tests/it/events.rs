@@ -236,19 +236,39 @@ async fn issue_11_text_that_is_not_utf8_names_its_position_after_the_good_rows()
         assert_eq!(event.data, serde_json::json!({"n": i + 1}));
     }
     let err = read[100].as_ref().expect_err("not UTF-8");
-    assert!(matches!(err, annals::Error::Backend { backend: "sqlite", .. }), "{err:?}");
+    assert!(
+        matches!(
+            err,
+            annals::Error::Backend {
+                backend: "sqlite",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
     let message = err.to_string();
-    assert!(message.contains(&format!("position {bad_data}")), "{message}");
+    assert!(
+        message.contains(&format!("position {bad_data}")),
+        "{message}"
+    );
     assert!(message.contains("data is not valid UTF-8"), "{message}");
     let err = store
-        .read_all(ReadAll::after(GlobalPosition::from_seq(bad_type as u64 - 1)))
+        .read_all(ReadAll::after(GlobalPosition::from_seq(
+            bad_type as u64 - 1,
+        )))
         .next()
         .await
         .expect("an item")
         .expect_err("not UTF-8");
     let message = err.to_string();
-    assert!(message.contains(&format!("position {bad_type}")), "{message}");
-    assert!(message.contains("event_type is not valid UTF-8"), "{message}");
+    assert!(
+        message.contains(&format!("position {bad_type}")),
+        "{message}"
+    );
+    assert!(
+        message.contains("event_type is not valid UTF-8"),
+        "{message}"
+    );
 }
 
 #[tokio::test]
