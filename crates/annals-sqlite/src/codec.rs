@@ -73,6 +73,14 @@ pub(crate) fn corrupt_row(message: String) -> annals::Error {
     }
 }
 
+/// Rows after which [`RawEvents::collect`] sizes a page's buffers for the
+/// rest of it.
+const SIZING_ROWS: usize = 32;
+
+/// The most rows [`RawEvents::collect`] reserves room for at once (a
+/// larger `batch_size` grows from there).
+const MAX_RESERVED_ROWS: usize = 4096;
+
 /// One page of event rows as the reader thread hands it over: the text
 /// columns packed into one buffer, the fixed-size ones checked and copied.
 ///
@@ -82,6 +90,8 @@ pub(crate) fn corrupt_row(message: String) -> annals::Error {
 /// caller decodes this one, and every allocation of a [`RecordedEvent`] is
 /// made and freed on the same thread.
 pub(crate) struct RawEvents {
+    /// UTF-8: [`RawEvents::collect`] checks it once for the whole page
+    /// rather than once per column.
     text: String,
     rows: Vec<RawEvent>,
     /// Why the page stopped early (a row with a column of the wrong type).
@@ -114,81 +124,68 @@ impl RawEvents {
         max_bytes: usize,
         context: &'static str,
     ) -> Result<Self> {
-        let mut page = RawEvents {
-            // Sized for a short stream; a full page grows a few times.
-            text: String::with_capacity(max.min(64) * 64),
-            rows: Vec::with_capacity(max.min(64)),
-            error: None,
-            at_budget: false,
-        };
-        while page.rows.len() < max {
-            if page.text.len() >= max_bytes {
-                page.at_budget = true;
+        // Sized for a short stream; a long page is sized again once it
+        // has `SIZING_ROWS` rows.
+        let mut text: Vec<u8> = Vec::with_capacity(max.min(SIZING_ROWS + 1) * 128);
+        let mut raws: Vec<RawEvent> = Vec::with_capacity(max.min(SIZING_ROWS + 1));
+        let mut error = None;
+        let mut at_budget = false;
+        while raws.len() < max {
+            if text.len() >= max_bytes {
+                at_budget = true;
                 break;
             }
             let Some(row) = rows.next().map_err(db(context))? else {
                 break;
             };
-            match page.push(row) {
-                Ok(raw) => page.rows.push(raw),
+            if raws.len() == SIZING_ROWS {
+                // A long page: size both buffers for the rest of it now,
+                // from the rows so far, instead of doubling them a few
+                // times (each doubling copies the page so far).
+                let left = max - SIZING_ROWS;
+                let per_row = text.len() / SIZING_ROWS + 1;
+                raws.reserve(left.min(MAX_RESERVED_ROWS));
+                text.reserve(per_row.saturating_mul(left).min(max_bytes));
+            }
+            let start = text.len();
+            match push(&mut text, row) {
+                Ok(raw) => raws.push(raw),
                 Err(e) => {
-                    page.error = Some(e);
+                    // Nothing of the bad row stays in the buffer.
+                    text.truncate(start);
+                    error = Some(e);
                     break;
                 }
             }
         }
-        Ok(page)
-    }
-
-    fn push(&mut self, row: &Row<'_>) -> Result<RawEvent> {
-        let position: i64 = row
-            .get(0)
-            .map_err(|e| corrupt("event row without an integer position".into(), e))?;
-        let bad = |what: &str| format!("event at position {position}: {what}");
-        let value = |i: usize| {
-            row.get_ref(i)
-                .map_err(|e| corrupt(bad("missing column"), e))
-        };
-        let int = |i: usize, name: &str| {
-            value(i)?
-                .as_i64()
-                .map_err(|e| corrupt(bad(&format!("{name} is not an integer")), e))
-        };
-        let mut text = |i: usize, name: &str| -> Result<Range<usize>> {
-            let s = value(i)?
-                .as_str()
-                .map_err(|e| corrupt(bad(&format!("{name} is not text")), e))?;
-            let start = self.text.len();
-            self.text.push_str(s);
-            Ok(start..self.text.len())
-        };
-        let event_id = match value(1)? {
-            ValueRef::Blob(b) => {
-                Uuid::from_slice(b).map_err(|e| corrupt(bad("invalid event_id"), e))?
+        // SQLite hands text columns over as stored, without checking their
+        // encoding: one check for the whole page. A row with bad text ends
+        // the page there, like any other undecodable row.
+        let text = match String::from_utf8(text) {
+            Ok(text) => text,
+            Err(e) => {
+                let at = e.utf8_error().valid_up_to();
+                let mut text = e.into_bytes();
+                if let Some(bad) = raws.iter().position(|r| r.metadata.end > at) {
+                    let raw = &raws[bad];
+                    error = Some(corrupt_row(format!(
+                        "event at position {}: {} is not valid UTF-8 text",
+                        raw.position,
+                        raw.column_at(at)
+                    )));
+                    text.truncate(raw.stream_id.start);
+                    raws.truncate(bad);
+                }
+                // What is left ends before the first invalid byte.
+                String::from_utf8(text)
+                    .map_err(|e| corrupt(format!("{context}: a page's text is not UTF-8"), e))?
             }
-            ValueRef::Text(t) => {
-                Uuid::try_parse_ascii(t).map_err(|e| corrupt(bad("invalid event_id"), e))?
-            }
-            _ => return Err(corrupt_row(bad("event_id is neither a blob nor text"))),
         };
-        let stream_id = text(2, "stream_id")?;
-        let event_type = text(4, "event_type")?;
-        let data = text(6, "data")?;
-        let metadata = text(7, "metadata")?;
-        let stream_version = u64::try_from(int(3, "stream_version")?)
-            .map_err(|e| corrupt(bad("negative stream_version"), e))?;
-        let event_version = u32::try_from(int(5, "event_version")?)
-            .map_err(|e| corrupt(bad("event_version out of range"), e))?;
-        Ok(RawEvent {
-            position,
-            event_id,
-            stream_id,
-            stream_version,
-            event_type,
-            event_version,
-            data,
-            metadata,
-            recorded_at: int(8, "recorded_at")?,
+        Ok(RawEvents {
+            text,
+            rows: raws,
+            error,
+            at_budget,
         })
     }
 
@@ -222,6 +219,75 @@ impl RawEvents {
     pub(crate) fn last_keys(&self) -> Option<(i64, u64)> {
         self.rows.last().map(|r| (r.position, r.stream_version))
     }
+}
+
+impl RawEvent {
+    /// The name of the text column holding byte `at` of the page buffer
+    /// (one of this row's).
+    fn column_at(&self, at: usize) -> &'static str {
+        [
+            (&self.stream_id, "stream_id"),
+            (&self.event_type, "event_type"),
+            (&self.data, "data"),
+        ]
+        .into_iter()
+        .find(|(r, _)| at < r.end)
+        .map_or("metadata", |(_, name)| name)
+    }
+}
+
+/// Reads one row of [`event_columns!`], appending its text columns to
+/// `text` as they are stored (the page checks them as UTF-8 once, at its
+/// end).
+fn push(text: &mut Vec<u8>, row: &Row<'_>) -> Result<RawEvent> {
+    let position: i64 = row
+        .get(0)
+        .map_err(|e| corrupt("event row without an integer position".into(), e))?;
+    let bad = |what: &str| format!("event at position {position}: {what}");
+    let value = |i: usize| {
+        row.get_ref(i)
+            .map_err(|e| corrupt(bad("missing column"), e))
+    };
+    let int = |i: usize, name: &str| match value(i)? {
+        ValueRef::Integer(v) => Ok(v),
+        _ => Err(corrupt_row(bad(&format!("{name} is not an integer")))),
+    };
+    let mut column = |i: usize, name: &str| -> Result<Range<usize>> {
+        let ValueRef::Text(s) = value(i)? else {
+            return Err(corrupt_row(bad(&format!("{name} is not text"))));
+        };
+        let start = text.len();
+        text.extend_from_slice(s);
+        Ok(start..text.len())
+    };
+    let event_id = match value(1)? {
+        ValueRef::Blob(b) => {
+            Uuid::from_slice(b).map_err(|e| corrupt(bad("invalid event_id"), e))?
+        }
+        ValueRef::Text(t) => {
+            Uuid::try_parse_ascii(t).map_err(|e| corrupt(bad("invalid event_id"), e))?
+        }
+        _ => return Err(corrupt_row(bad("event_id is neither a blob nor text"))),
+    };
+    let stream_id = column(2, "stream_id")?;
+    let event_type = column(4, "event_type")?;
+    let data = column(6, "data")?;
+    let metadata = column(7, "metadata")?;
+    let stream_version = u64::try_from(int(3, "stream_version")?)
+        .map_err(|e| corrupt(bad("negative stream_version"), e))?;
+    let event_version = u32::try_from(int(5, "event_version")?)
+        .map_err(|e| corrupt(bad("event_version out of range"), e))?;
+    Ok(RawEvent {
+        position,
+        event_id,
+        stream_id,
+        stream_version,
+        event_type,
+        event_version,
+        data,
+        metadata,
+        recorded_at: int(8, "recorded_at")?,
+    })
 }
 
 /// Decodes a [`RawEvents`] page row by row as it is iterated, reusing the last

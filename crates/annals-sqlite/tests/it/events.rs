@@ -196,6 +196,81 @@ async fn undecodable_rows_are_errors_naming_the_position() {
     );
 }
 
+/// Issue 11: a page's text is checked as UTF-8 once, after its rows are
+/// read. A row whose text is not UTF-8 (SQLite stores what it is given) is
+/// still an error naming its position and column, after every good row
+/// before it in the same page, and the rows of a long page (whose buffers
+/// are sized once it has a few dozen rows) all arrive intact.
+#[tokio::test]
+async fn issue_11_text_that_is_not_utf8_names_its_position_after_the_good_rows() {
+    let store = fresh_store().await;
+    let s = sid("Order-1");
+    let events: Vec<_> = (1..=100).map(|i| ev("A", i)).collect();
+    store
+        .append(&s, ExpectedVersion::NoStream, events)
+        .await
+        .expect("append");
+    let conn = raw(&store);
+    let insert = |stream: &str, event_type_hex: &str, data_hex: &str| {
+        conn.execute(
+            &format!(
+                "INSERT INTO events (event_id, stream_id, category, stream_version, event_type, \
+                 event_version, data, metadata, recorded_at) VALUES (randomblob(16), ?1, \
+                 'Order', 1, CAST(X'{event_type_hex}' AS TEXT), 1, CAST(X'{data_hex}' AS TEXT), \
+                 '{{}}', 0)"
+            ),
+            [stream],
+        )
+        .expect("insert a bad row");
+        conn.last_insert_rowid()
+    };
+    // `"\xff"` as data; then a bad event type.
+    let bad_data = insert("Order-2", "41", "22ff22");
+    let bad_type = insert("Order-3", "41ff", "7b7d");
+
+    let read: Vec<_> = store.read_all(ReadAll::from_start()).collect().await;
+    assert_eq!(read.len(), 101, "the good rows, then one error");
+    for (i, event) in read[..100].iter().enumerate() {
+        let event = event.as_ref().expect("a good row");
+        assert_eq!(event.stream_version, StreamVersion(i as u64 + 1));
+        assert_eq!(event.data, serde_json::json!({"n": i + 1}));
+    }
+    let err = read[100].as_ref().expect_err("not UTF-8");
+    assert!(
+        matches!(
+            err,
+            annals::Error::Backend {
+                backend: "sqlite",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    let message = err.to_string();
+    assert!(
+        message.contains(&format!("position {bad_data}")),
+        "{message}"
+    );
+    assert!(message.contains("data is not valid UTF-8"), "{message}");
+    let err = store
+        .read_all(ReadAll::after(GlobalPosition::from_seq(
+            bad_type as u64 - 1,
+        )))
+        .next()
+        .await
+        .expect("an item")
+        .expect_err("not UTF-8");
+    let message = err.to_string();
+    assert!(
+        message.contains(&format!("position {bad_type}")),
+        "{message}"
+    );
+    assert!(
+        message.contains("event_type is not valid UTF-8"),
+        "{message}"
+    );
+}
+
 #[tokio::test]
 async fn positions_from_another_store_are_refused() {
     let store = fresh_store().await;
