@@ -57,6 +57,7 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+use std::any::Any;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -536,6 +537,30 @@ impl SnapshotStore for AnyStore {
 
     async fn delete_snapshot(&self, aggregate_type: &str, aggregate_id: &str) -> Result<u64> {
         delegate!(self, s => s.delete_snapshot(aggregate_type, aggregate_id).await)
+    }
+
+    /// The backend's own implementation, given the backend's own handle when
+    /// `events` is an `AnyStore` on the same backend: so on SQLite, where
+    /// `events` is a handle on the same file (a repository over one
+    /// `AnyStore`), the snapshot and the first page of its events come in one
+    /// reader round trip.
+    async fn load_snapshot_and_events<S: EventStore>(
+        &self,
+        events: &S,
+        aggregate_type: &str,
+        stream: &StreamId,
+    ) -> Result<Option<(Snapshot, EventStream)>> {
+        match (self, (events as &dyn Any).downcast_ref::<AnyStore>()) {
+            (AnyStore::Sqlite(s), Some(AnyStore::Sqlite(e))) => {
+                s.load_snapshot_and_events(e, aggregate_type, stream).await
+            }
+            (AnyStore::Postgres(s), Some(AnyStore::Postgres(e))) => {
+                s.load_snapshot_and_events(e, aggregate_type, stream).await
+            }
+            _ => {
+                delegate!(self, s => s.load_snapshot_and_events(events, aggregate_type, stream).await)
+            }
+        }
     }
 }
 

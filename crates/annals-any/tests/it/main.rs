@@ -2,4 +2,5 @@
 //! delegation, and URL parsing.
 
 mod conformance;
+mod snapshots;
 mod urls;

@@ -210,3 +210,116 @@ async fn the_history_size_is_recorded_in_the_file() {
     let reopened = SqliteEventStore::open(&path).await.expect("reopen");
     assert_eq!(reopened.snapshot_history_size().await.expect("size"), 2);
 }
+
+/// Writes a snapshot row of `Order/id` as it is, past the guarded write.
+fn put_row(store: &SqliteEventStore, id: &str, version: u64, schema: u32, rolled_back: bool) {
+    raw(store)
+        .execute(
+            "INSERT INTO snapshots (aggregate_type, aggregate_id, version, schema_version, \
+             state, created_at, rolled_back_at) VALUES ('Order', ?1, ?2, ?3, ?4, 0, ?5)",
+            rusqlite::params![
+                id,
+                version as i64,
+                schema,
+                json!({"v": version, "schema": schema}).to_string(),
+                rolled_back.then_some(1_i64)
+            ],
+        )
+        .expect("insert a snapshot row");
+}
+
+/// The live snapshot is the row with the highest `(schema_version,
+/// version)` that is not rolled back, whatever the order of the stream
+/// versions, through both loads.
+#[tokio::test]
+async fn the_live_snapshot_is_the_highest_schema_then_version() {
+    let store = fresh_store().await;
+    let stream = sid("Order-mixed");
+    store
+        .append(
+            &stream,
+            ExpectedVersion::NoStream,
+            (1..=12).map(|n| ev("Placed", n)).collect(),
+        )
+        .await
+        .expect("append");
+    put_row(&store, "mixed", 12, 1, false);
+    put_row(&store, "mixed", 10, 1, false);
+    put_row(&store, "mixed", 5, 2, false);
+    put_row(&store, "mixed", 3, 2, false);
+    put_row(&store, "mixed", 8, 3, true);
+    let live = store
+        .load_snapshot("Order", "mixed")
+        .await
+        .expect("load")
+        .expect("a snapshot");
+    assert_eq!((live.schema_version, live.version), (2, StreamVersion(5)));
+    assert_eq!(live.state, json!({"v": 5, "schema": 2}));
+    let (live, events) = store
+        .load_snapshot_and_events(&store, "Order", &stream)
+        .await
+        .expect("load")
+        .expect("a snapshot");
+    assert_eq!((live.schema_version, live.version), (2, StreamVersion(5)));
+    let versions: Vec<u64> = events
+        .map(|e| e.expect("event").stream_version.get())
+        .collect()
+        .await;
+    assert_eq!(versions, (5..=12).collect::<Vec<_>>());
+}
+
+/// A live snapshot whose state is not JSON fails its load with a typed
+/// error that names the aggregate; a repository load passes over it and
+/// replays the events.
+#[tokio::test]
+async fn a_corrupt_live_snapshot_names_the_aggregate_and_loads_fall_back() {
+    use annals::bank::Account;
+    use annals::{CommandContext, Repository, SnapshotConfig, SnapshotSkip};
+
+    let store = fresh_store().await;
+    let repo = Repository::<Account, _>::new(store.clone())
+        .with_snapshots(store.clone(), SnapshotConfig::every(2));
+    let ctx = CommandContext::new();
+    repo.execute("bad", &ctx, |a| a.open("b"))
+        .await
+        .expect("open");
+    for _ in 0..3 {
+        repo.execute("bad", &ctx, |a| a.deposit(5))
+            .await
+            .expect("deposit");
+    }
+    let good = repo.load("bad").await.expect("load");
+    assert!(good.report.snapshot_version.is_some(), "{:?}", good.report);
+    raw(&store)
+        .execute(
+            "UPDATE snapshots SET state = 'not json' WHERE aggregate_id = 'bad'",
+            [],
+        )
+        .expect("corrupt the snapshot");
+
+    let err = store
+        .load_snapshot("Account", "bad")
+        .await
+        .expect_err("a corrupt snapshot");
+    assert!(matches!(err, annals::Error::Backend { .. }), "{err:?}");
+    assert!(err.to_string().contains("Account/bad"), "{err}");
+    let stream = sid("Account-bad");
+    let err = match store
+        .load_snapshot_and_events(&store, "Account", &stream)
+        .await
+    {
+        Err(e) => e,
+        Ok(found) => panic!("a corrupt snapshot loaded: {:?}", found.map(|f| f.0)),
+    };
+    assert!(err.to_string().contains("Account/bad"), "{err}");
+
+    let loaded = repo.load("bad").await.expect("load");
+    match &loaded.report.skipped {
+        Some(SnapshotSkip::StoreError(why)) => assert!(why.contains("Account/bad"), "{why}"),
+        other => panic!("not passed over as a store error: {other:?}"),
+    }
+    assert_eq!(loaded.report.snapshot_version, None);
+    assert_eq!(loaded.report.events_replayed, 4);
+    assert_eq!(loaded.state.balance, 15);
+    assert_eq!(loaded.version, Some(StreamVersion(4)));
+}
