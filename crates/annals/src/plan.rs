@@ -267,6 +267,7 @@ fn compile_steps(
     defs: Vec<toml::Spanned<PlanStep>>,
 ) -> Result<Vec<Step>, PlanError> {
     let mut steps = Vec::with_capacity(defs.len());
+    let mut codes = Vec::with_capacity(defs.len());
     for (i, spanned) in defs.into_iter().enumerate() {
         let index = i + 1;
         let def = spanned.into_inner();
@@ -294,15 +295,79 @@ fn compile_steps(
         );
         let filter = Arc::new(filter);
         let mut step = Step::new(def.event_type, def.from_version, move |v: Value| {
-            filter.run(v)
+            filter.run(&v)
         })
         .label(label);
         if let Some(to) = def.rename_to {
             step = step.rename_to(to);
         }
         steps.push(step);
+        codes.push(code);
     }
-    Ok(steps)
+    Ok(fuse_chains(steps, &codes))
+}
+
+/// Each step followed by others of the plan (`A v1` → `A v2` → ...) gets
+/// the run of them compiled into one filter, so that an event goes through
+/// jaq once instead of once per step:
+///
+/// ```text
+/// annals_one(STEP 1) | annals_one(STEP 2) | ... | (LAST STEP)
+/// ```
+///
+/// where `annals_one(f)` (a native only these filters have) passes on `f`'s
+/// only value as the next step would receive it (through the same
+/// conversion to serde_json and back, see [`as_next_payload`]) and fails
+/// otherwise. The result is the steps' when they all succeed; when the
+/// chain filter fails, the registry runs the steps one by one on the same
+/// payload, so that the error is the failing step's, as without fusion (a
+/// filter with side effects such as `debug` then runs twice).
+fn fuse_chains(steps: Vec<Step>, codes: &[String]) -> Vec<Step> {
+    let find = |event_type: &str, version: u32| {
+        steps
+            .iter()
+            .position(|s| s.event_type() == event_type && s.from_version() == version)
+    };
+    let mut fused = Vec::with_capacity(steps.len());
+    for (i, step) in steps.iter().enumerate() {
+        let mut chain = vec![i];
+        let mut at = (step.target_type(), step.from_version().saturating_add(1));
+        while let Some(j) = find(at.0, at.1) {
+            if chain.len() > steps.len() {
+                break;
+            }
+            chain.push(j);
+            at = (steps[j].target_type(), at.1.saturating_add(1));
+        }
+        let target = at.0.to_owned();
+        let Some((&last, init)) = chain.split_last() else {
+            continue;
+        };
+        if init.is_empty() {
+            fused.push(step.clone());
+            continue;
+        }
+        let mut code = String::new();
+        for &j in init {
+            code.push_str("annals_one(\n");
+            code.push_str(&codes[j]);
+            code.push_str("\n) | ");
+        }
+        code.push_str("(\n");
+        code.push_str(&codes[last]);
+        code.push_str("\n)");
+        let Ok(filter) = JqFilter::compile_with(&code, Natives::Chain) else {
+            fused.push(step.clone());
+            continue;
+        };
+        let filter = Arc::new(filter);
+        let rest: Vec<&Step> = chain[1..].iter().map(|&j| &steps[j]).collect();
+        fused.push(
+            step.clone()
+                .fuse(&rest, target, Arc::new(move |v: &Value| filter.run(v))),
+        );
+    }
+    fused
 }
 
 /// The byte offset in the file of byte `offset` of a filter whose TOML
@@ -342,6 +407,159 @@ type JaqData = data::JustLut<Val>;
 mod migration;
 pub use migration::{MigrationPlan, MigrationPreview, Migrator};
 
+// Native versions of two definitions that jaq writes in jq, `tonumber` and
+// `split/1`, which upcasting filters use on every event (a decimal amount
+// split at its point and parsed). Each native gives what the jq definition
+// gives, value for value and error for error; the definitions are left out of
+// the loaded ones so that a filter calls the natives
+// (`natives_match_the_jq_definitions` runs both on the same inputs). The jq
+// definitions take a few dozen interpreted steps per call, each a boxed
+// iterator; the natives one.
+//
+// jaq-json: `def tonumber: totype(isnumber; error("cannot parse as number"))`
+// with `def totype(p; e): if p then . else fromjson | if p then . else e end
+// end` and `def isnumber: . > true and . < ""`.
+// jaq-std: `def split($sep): if isstring and ($sep | isstring) then . / $sep
+// else error("split input and separator must be strings") end` with `def
+// isstring: . >= "" and . < []`.
+
+/// Which natives of this module a filter is compiled with.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Natives {
+    /// jaq's own jq definitions only (to test the natives against them).
+    #[cfg_attr(not(test), allow(dead_code))]
+    None,
+    /// [`std_natives`] in place of their jq definitions: a step's filter.
+    Std,
+    /// And [`chain_natives`]: a chain of steps compiled into one filter.
+    Chain,
+}
+
+/// Whether the definition `name/arity` is replaced by a native of
+/// [`std_natives`].
+fn is_native(name: &str, arity: usize) -> bool {
+    matches!((name, arity), ("tonumber", 0) | ("split", 1))
+}
+
+/// `. > true and . < ""`: jaq orders values by type first (null, booleans,
+/// numbers, strings, arrays, objects), so this holds for numbers only.
+fn is_number(v: &Val) -> bool {
+    matches!(v, Val::Num(_))
+}
+
+/// `. >= "" and . < []`: text and byte strings.
+fn is_string(v: &Val) -> bool {
+    matches!(v, Val::TStr(_) | Val::BStr(_))
+}
+
+type NativeRun = jaq_core::RunPtr<JaqData>;
+
+fn std_natives() -> impl Iterator<Item = jaq_core::native::Fun<JaqData>> {
+    use jaq_core::box_iter::{box_once, then};
+    use jaq_core::native::{run, v, Filter};
+    use jaq_core::{Error, Exn};
+    let funs: [Filter<NativeRun>; 2] = [
+        ("tonumber", v(0), |cv| {
+            if is_number(&cv.1) {
+                return box_once(Ok(cv.1));
+            }
+            // `fromjson` (jaq-json's native), then `if isnumber then .
+            // else error("cannot parse as number") end` on each value.
+            let input = cv.1;
+            Box::new(
+                then(input.try_as_utf8_bytes_owned(), |s| {
+                    let fail = move |r: Result<Val, _>| {
+                        r.map_err(|e| Error::str(format_args!("cannot parse {input} as JSON: {e}")))
+                    };
+                    jaq_json::bytes_valrs(s, |s| Box::new(jaq_json::read::parse_many(s).map(fail)))
+                })
+                .map(|r| match r {
+                    Ok(v) if is_number(&v) => Ok(v),
+                    Ok(_) => Err(Exn::from(Error::str("cannot parse as number"))),
+                    Err(e) => Err(Exn::from(e)),
+                }),
+            )
+        }),
+        ("split", v(1), |mut cv| {
+            let sep = cv.0.pop_var();
+            box_once(if is_string(&cv.1) && is_string(&sep) {
+                (cv.1 / sep).map_err(Exn::from)
+            } else {
+                Err(Exn::from(Error::str(
+                    "split input and separator must be strings",
+                )))
+            })
+        }),
+    ];
+    funs.into_iter().map(run::<JaqData>)
+}
+
+/// `annals_one(f)` of [`fuse_chains`]: `f`'s only value as the next step
+/// receives it, or an error when `f` fails or gives no value or more than
+/// one (the registry then runs the steps one by one, which names the step
+/// and says what is wrong).
+fn chain_natives() -> impl Iterator<Item = jaq_core::native::Fun<JaqData>> {
+    use jaq_core::box_iter::box_once;
+    use jaq_core::native::{run, Filter};
+    use jaq_core::{Bind, Error, Exn};
+    let funs: [Filter<NativeRun>; 1] = [("annals_one", [Bind::Fun(())].into(), |mut cv| {
+        let (f, fc) = cv.0.pop_fun();
+        let mut outs = f.run((fc, cv.1));
+        box_once(match (outs.next(), outs.next()) {
+            (Some(Ok(v)), None) => {
+                as_next_payload(v).map_err(|e| Exn::from(Error::str(e.to_string())))
+            }
+            (Some(Err(e)), _) => Err(e),
+            _ => Err(Exn::from(Error::str("not one value"))),
+        })
+    })];
+    funs.into_iter().map(run::<JaqData>)
+}
+
+/// A step's result as the next step gets it: written to serde_json
+/// ([`JqFilter::run`]) and read back ([`to_jaq`]). Values that this leaves
+/// as they are (see [`passes_unchanged`]) are not converted.
+fn as_next_payload(v: Val) -> Result<Val, BoxError> {
+    if passes_unchanged(&v, DIRECT_DEPTH) {
+        return Ok(v);
+    }
+    let value = from_jaq(&v, "the filter's result", "is not a JSON payload")?;
+    to_jaq(&value, "the payload")
+}
+
+/// Whether `from_jaq` then `to_jaq` give `v` back as it is: null, booleans,
+/// machine integers, UTF-8 strings, and arrays and objects of them (objects
+/// with their keys in serde_json's order, which the conversion would sort),
+/// within the direct conversions' depth. Floats and decimals are not (they
+/// come back as decimal literals), nor what is not JSON.
+fn passes_unchanged(v: &Val, depth: usize) -> bool {
+    match v {
+        Val::Null | Val::Bool(_) | Val::Num(Num::Int(_)) => true,
+        Val::TStr(s) => std::str::from_utf8(s).is_ok(),
+        Val::Arr(items) => depth
+            .checked_sub(1)
+            .is_some_and(|d| items.iter().all(|v| passes_unchanged(v, d))),
+        Val::Obj(obj) => {
+            let Some(d) = depth.checked_sub(1) else {
+                return false;
+            };
+            let mut previous: Option<&[u8]> = None;
+            for (k, v) in obj.iter() {
+                let Val::TStr(k) = k else { return false };
+                if std::str::from_utf8(k).is_err()
+                    || previous.is_some_and(|p| p >= &k[..])
+                    || !passes_unchanged(v, d)
+                {
+                    return false;
+                }
+                previous = Some(&k[..]);
+            }
+            true
+        }
+        _ => false,
+    }
+}
+
 /// A compiled jq filter.
 struct JqFilter {
     filter: jaq_core::Filter<JaqData>,
@@ -357,12 +575,21 @@ impl JqFilter {
     /// Compiles `code`; an error is the byte offset in `code` of the fault
     /// and what is wrong there.
     fn compile(code: &str) -> Result<JqFilter, (usize, String)> {
+        JqFilter::compile_with(code, Natives::Std)
+    }
+
+    /// [`compile`](JqFilter::compile) with the natives `natives` says.
+    fn compile_with(code: &str, natives: Natives) -> Result<JqFilter, (usize, String)> {
+        let std = natives != Natives::None;
         let defs = jaq_core::defs()
             .chain(jaq_std::defs())
-            .chain(jaq_json::defs());
+            .chain(jaq_json::defs())
+            .filter(|d| !(std && is_native(d.name, d.args.len())));
         let funs = jaq_core::funs()
             .chain(jaq_std::funs())
-            .chain(jaq_json::funs());
+            .chain(jaq_json::funs())
+            .chain(std_natives().filter(|_| std))
+            .chain(chain_natives().filter(|_| natives == Natives::Chain));
         let arena = Arena::default();
         let loader = Loader::new(defs);
         let offset = |part: &str| {
@@ -435,8 +662,8 @@ impl JqFilter {
     }
 
     /// Runs the filter on one payload; it must produce exactly one value.
-    fn run(&self, input: Value) -> Result<Value, BoxError> {
-        let input = to_jaq(&input, "the payload")?;
+    fn run(&self, input: &Value) -> Result<Value, BoxError> {
+        let input = to_jaq(input, "the payload")?;
         let ctx = Ctx::<JaqData>::new(&self.filter.lut, Vars::new([]));
         let mut out = self.filter.id.run((ctx, input)).map(jaq_core::unwrap_valr);
         let first = match out.next() {
@@ -577,7 +804,7 @@ fn from_jaq_direct(value: &Val, depth: usize) -> Option<Value> {
 mod tests {
     use super::*;
     use crate::{
-        EventId, GlobalPosition, Metadata, Payload, RecordedEvent, StreamId, StreamVersion,
+        Error, EventId, GlobalPosition, Metadata, Payload, RecordedEvent, StreamId, StreamVersion,
     };
     use serde_json::json;
 
@@ -774,6 +1001,160 @@ filter = '''
         }
     }
 
+    /// A plan of one chain, `A` v1 → (renamed) `B` v2 → `B` v3, with
+    /// these filters.
+    fn chain(f1: &str, f2: &str) -> String {
+        format!(
+            "[[step]]\nevent_type = \"A\"\nfrom_version = 1\nrename_to = \"B\"\nfilter = '''{f1}'''\n\n\
+             [[step]]\nevent_type = \"B\"\nfrom_version = 2\nfilter = '''{f2}'''\n"
+        )
+    }
+
+    fn upcast_with(steps: Vec<Step>, data: Value) -> std::result::Result<RecordedEvent, String> {
+        Upcasters::builder()
+            .steps(steps)
+            .build(&[("B", 3)])
+            .expect("valid")
+            .apply(stored("A", 1, data))
+            .map_err(|e| {
+                let source = std::error::Error::source(&e).map(|s| s.to_string());
+                format!("{e} / {source:?}")
+            })
+    }
+
+    /// A chain of plan steps runs as one filter, and gives what the steps
+    /// give one by one: the same payload, type, version and stored type
+    /// and version, and the same error naming the same step and event.
+    #[test]
+    fn a_composed_chain_gives_what_its_steps_give() {
+        let cases = [
+            ("{b: .a}", "{c: .b}", json!({"a": 1})),
+            ("{b: (.a | tonumber)}", "{c: (.b * 2)}", json!({"a": "1.5"})),
+            // Floats and decimals reach the next step as serde_json gives them.
+            (
+                "{b: 0.1, d: 1.50, e: 1e3}",
+                "[.b, .d, .e | tostring]",
+                json!({}),
+            ),
+            // Object keys reach the next step in serde_json's order.
+            ("{z: 1, a: 2}", "[keys_unsorted[], .[]]", json!({})),
+            ("{b: nan}", "{c: (.b == null)}", json!({})),
+            ("{b: (\"x\" | tobytes)}", "{c: (.b | type)}", json!({})),
+            // Two values of the first step are an error even when the second
+            // step keeps one of them.
+            (".a[]", "select(. == 1) | {c: .}", json!({"a": [1, 2]})),
+            ("empty", "{c: 1}", json!({})),
+            (".a, error(\"late\")", "{c: .}", json!({"a": 1})),
+            ("error(\"first\")", "{c: .}", json!({})),
+            ("{b: .a}", ".b | tonumber", json!({"a": "x"})),
+            ("{b: .a}", "error(\"second\")", json!({"a": 1})),
+            ("{b: .a}", ".b, .b", json!({"a": 1})),
+            ("{(1 | tostring): 1}", "{c: .[\"1\"]}", json!({})),
+            (
+                "def f: {b: .a}; f",
+                "def g: {c: .b}; g # a comment",
+                json!({"a": 7}),
+            ),
+        ];
+        for (f1, f2, data) in cases {
+            let plan = Plan::parse("p.toml", &chain(f1, f2)).expect("plan");
+            let u = Upcasters::builder()
+                .steps(plan.steps().to_vec())
+                .build(&[("B", 3)])
+                .expect("valid");
+            assert!(u.is_fused("A", 1), "{f1} | {f2}");
+            let fused = upcast_with(plan.steps().to_vec(), data.clone());
+            let one_by_one = upcast_with(
+                plan.steps().iter().cloned().map(Step::unfused).collect(),
+                data,
+            );
+            match (&fused, &one_by_one) {
+                (Ok(a), Ok(b)) => {
+                    assert_eq!(
+                        (&a.data, &a.event_type, a.event_version),
+                        (&b.data, &b.event_type, b.event_version),
+                        "{f1} | {f2}"
+                    );
+                    assert_eq!(
+                        (a.stored_event_type.as_deref(), a.stored_event_version),
+                        (Some("A"), Some(1)),
+                        "{f1} | {f2}"
+                    );
+                    assert_eq!(
+                        (&b.stored_event_type, b.stored_event_version),
+                        (&a.stored_event_type, a.stored_event_version)
+                    );
+                }
+                _ => assert_eq!(
+                    fused.map(|e| e.data),
+                    one_by_one.map(|e| e.data),
+                    "{f1} | {f2}"
+                ),
+            }
+        }
+    }
+
+    /// An error in the second step of a composed chain names that step and
+    /// the event, with its stored type and version.
+    #[test]
+    fn an_error_in_a_composed_chain_names_its_step() {
+        let plan = Plan::parse("p.toml", &chain("{b: .a}", ".b | tonumber")).expect("plan");
+        let u = plan.build(&[("B", 3)]).expect("valid");
+        assert!(u.is_fused("A", 1));
+        let err = u
+            .apply(stored("A", 1, json!({"a": "x"})))
+            .expect_err("not a number");
+        let Error::Upcast(failure) = &err else {
+            panic!("{err:?}")
+        };
+        assert_eq!(failure.step, "p.toml:10 (B v2)");
+        assert_eq!(
+            (failure.event_type.as_str(), failure.stored_version),
+            ("A", 1)
+        );
+        assert_eq!(
+            (failure.stream.as_str(), failure.version, failure.position),
+            ("Account-1", StreamVersion(3), GlobalPosition::from_seq(9))
+        );
+        let text = err.to_string();
+        assert!(text.contains("Account-1 version 3 (position 9)"), "{text}");
+        assert!(text.contains("step p.toml:10 (B v2)"), "{text}");
+        // The first step's error names the first step.
+        let u = Plan::parse("p.toml", &chain("error(\"boom\")", "."))
+            .expect("plan")
+            .build(&[("B", 3)])
+            .expect("valid");
+        let Err(Error::Upcast(failure)) = u.apply(stored("A", 1, json!({}))) else {
+            panic!("the first step fails")
+        };
+        assert_eq!(failure.step, "p.toml:5 (A v1)");
+        assert!(failure.source.to_string().contains("boom"), "{failure:?}");
+    }
+
+    /// A plan's step taken into a builder whose next step is not the plan's
+    /// runs on its own: the chain transform is dropped.
+    #[test]
+    fn a_chain_transform_needs_its_steps() {
+        let plan = Plan::parse("p.toml", &chain("{b: .a}", "{c: .b}")).expect("plan");
+        let u = Upcasters::builder()
+            .step(plan.steps()[0].clone())
+            .step(Step::new("B", 2, |v: Value| {
+                Ok::<_, BoxError>(json!({ "rust": v["b"] }))
+            }))
+            .build(&[("B", 3)])
+            .expect("valid");
+        assert!(!u.is_fused("A", 1));
+        let e = u.apply(stored("A", 1, json!({"a": 5}))).expect("upcast");
+        assert_eq!(e.data, json!({"rust": 5}));
+        assert_eq!((e.event_type.as_str(), e.event_version), ("B", 3));
+        // From the middle of the chain, one step.
+        let u = plan.build(&[("B", 3)]).expect("valid");
+        assert!(!u.is_fused("B", 2));
+        let e = u.apply(stored("B", 2, json!({"b": 6}))).expect("upcast");
+        assert_eq!(e.data, json!({"c": 6}));
+        assert_eq!(e.stored_event_type, None);
+    }
+
     fn jaq_outputs(code: &str, input: Val) -> Vec<Val> {
         let filter = JqFilter::compile(code).expect(code);
         let ctx = Ctx::<JaqData>::new(&filter.filter.lut, Vars::new([]));
@@ -784,6 +1165,98 @@ filter = '''
             .map(jaq_core::unwrap_valr)
             .map(|v| v.expect(code))
             .collect()
+    }
+
+    /// Every output of `filter` on `input`, errors as their text.
+    fn outputs_of(filter: &JqFilter, input: &Val) -> Vec<Result<String, String>> {
+        let ctx = Ctx::<JaqData>::new(&filter.filter.lut, Vars::new([]));
+        filter
+            .filter
+            .id
+            .run((ctx, input.clone()))
+            .map(jaq_core::unwrap_valr)
+            .map(|r| r.map(|v| format!("{v:?}")).map_err(|e| e.to_string()))
+            // A run stops at its first error (a JSON reader may go on
+            // failing where it stopped).
+            .scan(false, |failed, r| {
+                let out = (!*failed).then(|| r.clone());
+                *failed |= r.is_err();
+                out
+            })
+            .take(20)
+            .collect()
+    }
+
+    /// The natives `tonumber` and `split/1` give what jaq's jq definitions
+    /// give: the same values and the same errors, in the same order.
+    #[test]
+    fn natives_match_the_jq_definitions() {
+        let text = |s: &str| Val::utf8_str(s.as_bytes().to_vec());
+        let bytes = |s: &str| Val::byte_str(s.as_bytes().to_vec());
+        let mut inputs = vec![
+            Val::Null,
+            Val::Bool(true),
+            Val::Bool(false),
+            Val::from(12isize),
+            Val::Num(Num::Float(1.5)),
+            Val::Num(Num::Float(f64::NAN)),
+            Val::Num(Num::Dec(jaq_json::Rc::new("1.50".to_owned()))),
+            bytes("12"),
+            bytes("a.b"),
+            Val::Arr(jaq_json::Rc::new(vec![text("1")])),
+            Val::obj([(text("a"), text("1"))].into_iter().collect()),
+        ];
+        for s in [
+            "",
+            "1",
+            "1.00",
+            "-0.5",
+            " 2 ",
+            "1 2",
+            "1 x",
+            "x",
+            "\"1\"",
+            "[1]",
+            "nan",
+            "1e400",
+            "123456789012345678901234567890",
+            "12.",
+            ".5",
+            "1,2",
+            "a.b.c",
+            ".",
+            "..",
+            "a..b",
+            "é.ü",
+            "€",
+            "true",
+        ] {
+            inputs.push(text(s));
+        }
+        for code in [
+            "tonumber",
+            "[.[]? | tonumber]",
+            "split(\".\")",
+            "split(\"\")",
+            "split(\"..\")",
+            "split(\".\", \",\")",
+            "split(1)",
+            "split(\".\" | tobytes)",
+            "tobytes? | split(\".\" | tobytes)",
+            "split(empty)",
+            "split(error(\"sep\"))",
+            ".amount = . | .amount | split(\".\") as $p | {amount_minor: (($p[0] | tonumber) * 100 + ((($p[1] // \"\") + \"00\")[0:2] | tonumber))}",
+        ] {
+            let native = JqFilter::compile_with(code, Natives::Std).expect(code);
+            let jq = JqFilter::compile_with(code, Natives::None).expect(code);
+            for input in &inputs {
+                assert_eq!(
+                    outputs_of(&native, input),
+                    outputs_of(&jq, input),
+                    "{code} on {input:?}"
+                );
+            }
+        }
     }
 
     /// The direct conversions between serde_json and jaq give what the text

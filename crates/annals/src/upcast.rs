@@ -16,6 +16,26 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// A payload transform: the stored payload in, the next version's out.
 type Transform = dyn Fn(Value) -> std::result::Result<Value, BoxError> + Send + Sync;
 
+/// A transform standing for a run of consecutive steps (a plan's chain
+/// compiled into one filter): the first step's input in, the last step's
+/// output out. It borrows its input, so that when it fails the steps can be
+/// run one by one on the same payload to name the failing one.
+pub(crate) type ChainTransform =
+    dyn Fn(&Value) -> std::result::Result<Value, BoxError> + Send + Sync;
+
+/// A [`ChainTransform`] attached to the first step of the run it covers.
+#[derive(Clone)]
+pub(crate) struct Fused {
+    /// The transforms of the steps covered, this step's first: the registry
+    /// keeps the chain transform only if its chain from this step goes
+    /// through exactly these (a plan's steps can be taken one by one into a
+    /// builder with other steps).
+    covers: Vec<Arc<Transform>>,
+    /// The type name after the last covered step.
+    target: String,
+    transform: Arc<ChainTransform>,
+}
+
 /// The `(type, current version)` pairs of an event enum: every name in
 /// [`DomainEvent::EVENT_TYPES`] (aliases included) with its
 /// [`current_version`](DomainEvent::current_version). What
@@ -41,6 +61,7 @@ pub struct Step {
     rename_to: Option<String>,
     transform: Option<Arc<Transform>>,
     label: Option<String>,
+    fused: Option<Fused>,
 }
 
 impl Step {
@@ -58,6 +79,7 @@ impl Step {
             rename_to: None,
             transform: Some(Arc::new(move |v| transform(v).map_err(Into::into))),
             label: None,
+            fused: None,
         }
     }
 
@@ -73,7 +95,38 @@ impl Step {
             rename_to: None,
             transform: None,
             label: None,
+            fused: None,
         }
+    }
+
+    /// Attaches `transform`, standing for this step followed by `rest` (the
+    /// steps its chain goes through next, in order, each with a payload
+    /// transform) and ending at type `target`. The registry runs it instead
+    /// of the steps one by one when they are its chain, and runs the steps
+    /// one by one when it fails.
+    pub(crate) fn fuse(
+        mut self,
+        rest: &[&Step],
+        target: String,
+        transform: Arc<ChainTransform>,
+    ) -> Self {
+        let covers = std::iter::once(&self)
+            .chain(rest.iter().copied())
+            .map(|s| s.transform.clone())
+            .collect::<Option<Vec<_>>>();
+        self.fused = covers.map(|covers| Fused {
+            covers,
+            target,
+            transform,
+        });
+        self
+    }
+
+    /// This step without its chain transform.
+    #[cfg(all(test, feature = "plan"))]
+    pub(crate) fn unfused(mut self) -> Self {
+        self.fused = None;
+        self
     }
 
     /// The event's type name after this step.
@@ -99,7 +152,7 @@ impl Step {
         self.from_version
     }
 
-    fn target_type(&self) -> &str {
+    pub(crate) fn target_type(&self) -> &str {
         self.rename_to.as_deref().unwrap_or(&self.event_type)
     }
 
@@ -345,6 +398,38 @@ impl UpcastersBuilder {
             }
         }
         types.retain(|_, t| !t.steps.is_empty());
+        // A chain transform is kept only where the registry's chain from its
+        // step goes through the steps it stands for.
+        let mut unfuse = Vec::new();
+        for (name, t) in &types {
+            for (&version, step) in &t.steps {
+                let Some(fused) = &step.fused else { continue };
+                let mut at = (name.as_str(), version);
+                let mut same = true;
+                for covered in &fused.covers {
+                    let next = types.get(at.0).and_then(|t| t.steps.get(&at.1));
+                    match next.and_then(|s| s.transform.as_ref().map(|f| (s, f))) {
+                        Some((s, f)) if Arc::ptr_eq(f, covered) => {
+                            at = (s.target_type(), at.1 + 1);
+                        }
+                        _ => {
+                            same = false;
+                            break;
+                        }
+                    }
+                }
+                if !same || at.0 != fused.target {
+                    unfuse.push((name.clone(), version));
+                }
+            }
+        }
+        for (name, version) in unfuse {
+            if let Some(step) = types.get_mut(&name).and_then(|t| t.steps.get_mut(&version)) {
+                let mut plain = Step::clone(step);
+                plain.fused = None;
+                *step = Arc::new(plain);
+            }
+        }
         Ok(Upcasters { types })
     }
 }
@@ -428,6 +513,16 @@ impl Upcasters {
         UpcastersBuilder::default()
     }
 
+    /// Whether the step reading `(event_type, version)` runs a chain
+    /// transform (see [`Step::fuse`]).
+    #[cfg(all(test, feature = "plan"))]
+    pub(crate) fn is_fused(&self, event_type: &str, version: u32) -> bool {
+        self.types
+            .get(event_type)
+            .and_then(|t| t.steps.get(&version))
+            .is_some_and(|s| s.fused.is_some())
+    }
+
     /// Whether the registry has no step.
     pub fn is_empty(&self) -> bool {
         self.types.is_empty()
@@ -491,6 +586,22 @@ impl Upcasters {
             .get(current_type.as_str())
             .and_then(|t| t.steps.get(&version))
         {
+            if let Some(fused) = &step.fused {
+                let input = match value.take() {
+                    Some(v) => v,
+                    None => event.data.to_value().map_err(|e| {
+                        fail(&event, step.describe(), format!("the payload: {e}").into())
+                    })?,
+                };
+                if let Ok(output) = (fused.transform)(&input) {
+                    value = Some(output);
+                    current_type = fused.target.clone();
+                    version += fused.covers.len() as u32;
+                    continue;
+                }
+                // Failed: the steps one by one name the failing one.
+                value = Some(input);
+            }
             if let Some(transform) = &step.transform {
                 let input = match value.take() {
                     Some(v) => v,
