@@ -103,7 +103,8 @@ impl Step {
     /// steps its chain goes through next, in order, each with a payload
     /// transform) and ending at type `target`. The registry runs it instead
     /// of the steps one by one when they are its chain, and runs the steps
-    /// one by one when it fails.
+    /// one by one when it fails. (Only plans fuse their steps.)
+    #[cfg(feature = "plan")]
     pub(crate) fn fuse(
         mut self,
         rest: &[&Step],
