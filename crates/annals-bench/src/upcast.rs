@@ -13,44 +13,7 @@ use serde_json::{json, Value};
 use crate::workload::{account_id, owner, Sizes, Throughput};
 
 /// The plan equivalent to [`rust_chain`], as an operator would write it.
-pub const PLAN: &str = r#"
-[[step]]
-event_type = "Opened"
-from_version = 1
-filter = '{holder: .name}'
-
-[[step]]
-event_type = "Opened"
-from_version = 2
-filter = '{owner: .holder}'
-
-[[step]]
-event_type = "Deposited"
-from_version = 1
-filter = '''
-.amount | split(".") as $p
-| {amount_minor: (($p[0] | tonumber) * 100 + ((($p[1] // "") + "00")[0:2] | tonumber))}
-'''
-
-[[step]]
-event_type = "Deposited"
-from_version = 2
-filter = '{amount: .amount_minor}'
-
-[[step]]
-event_type = "Withdrawn"
-from_version = 1
-rename_to = "Withdrew"
-filter = '''
-.amount | split(".") as $p
-| {amount_minor: (($p[0] | tonumber) * 100 + ((($p[1] // "") + "00")[0:2] | tonumber))}
-'''
-
-[[step]]
-event_type = "Withdrew"
-from_version = 2
-filter = '{amount: .amount_minor}'
-"#;
+pub const PLAN: &str = include_str!("bench-plan.toml");
 
 /// A decimal string in major units (`"1.00"`) as integer minor units.
 fn minor_units(v: &Value) -> Result<Value, BoxError> {

@@ -3,44 +3,8 @@ use annals::{
 };
 use serde_json::json;
 
-const PLAN: &str = r#"
-[[step]]
-event_type = "Opened"
-from_version = 1
-filter = '{holder: .name}'
-
-[[step]]
-event_type = "Opened"
-from_version = 2
-filter = '{owner: .holder}'
-
-[[step]]
-event_type = "Deposited"
-from_version = 1
-filter = '''
-.amount | split(".") as $p
-| {amount_minor: (($p[0] | tonumber) * 100 + ((($p[1] // "") + "00")[0:2] | tonumber))}
-'''
-
-[[step]]
-event_type = "Deposited"
-from_version = 2
-filter = '{amount: .amount_minor}'
-
-[[step]]
-event_type = "Withdrawn"
-from_version = 1
-rename_to = "Withdrew"
-filter = '''
-.amount | split(".") as $p
-| {amount_minor: (($p[0] | tonumber) * 100 + ((($p[1] // "") + "00")[0:2] | tonumber))}
-'''
-
-[[step]]
-event_type = "Withdrew"
-from_version = 2
-filter = '{amount: .amount_minor}'
-"#;
+/// The bench's plan (`crates/annals-bench/src/upcast.rs`).
+const PLAN: &str = include_str!("../../src/bench-plan.toml");
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let n: u64 = match std::env::args().nth(1) {
