@@ -6,11 +6,10 @@ use std::time::{Duration, Instant};
 
 use annals::bank::{Account, AccountEvent};
 use annals::{
-    decode_event, CommandContext, EventStore, GlobalPosition, ReadAll, Repository, SnapshotConfig,
-    SnapshotStore,
+    decode_event, CommandContext, EventStore, GlobalPosition, Repository, SnapshotConfig,
+    SnapshotStore, Subscription, SubscriptionOptions,
 };
 use anyhow::{bail, ensure};
-use futures::TryStreamExt;
 use serde_json::{json, Value};
 use uuid::Uuid;
 
@@ -418,25 +417,29 @@ pub async fn w3<S: EventStore>(store: &S, sz: &Sizes) -> anyhow::Result<Throughp
     })
 }
 
-/// W4: the whole feed in pages, decoded into typed events, folded into a
-/// map of account to balance, then verified against the sizes.
+/// W4: the whole feed through a catch-up [`Subscription`] in pages of
+/// `feed_page` events, each after the last position of the one before (the
+/// subscription reads the next page while this one is folded), decoded into
+/// typed events, folded into a map of account to balance, then verified
+/// against the sizes.
 pub async fn w4<S: EventStore>(store: &S, sz: &Sizes) -> anyhow::Result<Throughput> {
     let t = Instant::now();
     let mut balances: HashMap<String, i64> = HashMap::new();
-    let mut after = GlobalPosition::START;
     let mut events = 0u64;
-    loop {
-        let page: Vec<annals::RecordedEvent> = store
-            .read_all(ReadAll::after(after).limit(sz.feed_page))
-            .try_collect()
-            .await?;
-        let Some(last) = page.last() else { break };
-        after = last.global_position;
-        events += page.len() as u64;
-        for e in page {
-            let b = balances.entry(e.stream_id.id().to_owned()).or_default();
-            let ev: AccountEvent = decode_event(&e)?;
-            fold_balance(b, &ev);
+    if let Some(head) = store.head_position().await? {
+        let options = SubscriptionOptions::default().batch_size(sz.feed_page as usize);
+        let mut feed = Subscription::new(store.clone(), GlobalPosition::START, options);
+        loop {
+            let batch = feed.next_batch().await?;
+            events += batch.events.len() as u64;
+            for e in &batch.events {
+                let b = balances.entry(e.stream_id.id().to_owned()).or_default();
+                let ev: AccountEvent = decode_event(e)?;
+                fold_balance(b, &ev);
+            }
+            if batch.position >= head {
+                break;
+            }
         }
     }
     let w4 = Throughput {

@@ -469,6 +469,18 @@ fn read_stream_page(
     Ok((page, next))
 }
 
+/// `position` as a position of this store: SQLite positions have no commit
+/// part.
+fn check_local(position: GlobalPosition) -> Result<()> {
+    if position.commit() == 0 {
+        return Ok(());
+    }
+    Err(annals::Error::PositionOutOfRange {
+        position,
+        reason: "SQLite positions have no commit part; this one is from another store".into(),
+    })
+}
+
 /// The `read_all` query for a set of filters: built once per call, cached
 /// by its text like any other statement.
 fn read_all_sql(options: &ReadAll) -> String {
@@ -862,12 +874,7 @@ impl EventStore for SqliteEventStore {
     }
 
     fn read_all(&self, options: ReadAll) -> EventStream {
-        if options.after.commit() != 0 {
-            let err = annals::Error::PositionOutOfRange {
-                position: options.after,
-                reason: "SQLite positions have no commit part; this one is from another store"
-                    .into(),
-            };
+        if let Err(err) = check_local(options.after) {
             return Box::pin(futures::stream::iter([Err(err)]));
         }
         let cursor = AllCursor {
@@ -888,6 +895,65 @@ impl EventStore for SqliteEventStore {
                 (events, next)
             })
         })
+    }
+
+    /// One reader job: the head, then the page after `filter.after` (in
+    /// pages of at most [`PAGE_BYTES`] of text), decoded on the reader
+    /// thread, so a subscription's read costs one round trip and its
+    /// caller's thread only handles the events.
+    async fn read_feed_page(&self, filter: &ReadAll, limit: usize) -> Result<annals::FeedPage> {
+        let after = filter.after;
+        check_local(after)?;
+        let limit = limit.max(1) as u64;
+        let mut options = filter.clone();
+        options.limit = None;
+        let sql = read_all_sql(&options);
+        let upcasters = self.upcasters().cloned();
+        let read = METRICS.read_counter();
+        self.conns()
+            .read(move |conn| {
+                let head: Option<i64> = conn
+                    .prepare_cached("SELECT MAX(position) FROM events")
+                    .and_then(|mut s| s.query_row([], |r| r.get(0)))
+                    .map_err(db("reading the head position"))?;
+                let head = head.unwrap_or(0);
+                let mut events = Vec::new();
+                if head <= sql_int(after.seq()) {
+                    return Ok(annals::FeedPage {
+                        events,
+                        scanned_to: after,
+                        at_end: true,
+                    });
+                }
+                let mut cursor = Some(AllCursor {
+                    after: sql_int(after.seq()),
+                    remaining: limit,
+                    seek_since: options.since.is_some(),
+                });
+                'pages: while let Some(at) = cursor.take() {
+                    let (page, next) = read_all_page(conn, &sql, &options, limit, PAGE_BYTES, at)?;
+                    for event in page.decode(upcasters.clone()).counting(read.clone()) {
+                        let event = event?;
+                        // Appended after the head was read: the next page's.
+                        if event.global_position.seq() > head as u64 {
+                            break 'pages;
+                        }
+                        events.push(event);
+                    }
+                    cursor = next;
+                }
+                let full = events.len() as u64 >= limit;
+                let scanned_to = match events.last() {
+                    Some(last) if full => last.global_position,
+                    _ => GlobalPosition::from_seq(head as u64),
+                };
+                Ok(annals::FeedPage {
+                    events,
+                    scanned_to,
+                    at_end: !full,
+                })
+            })
+            .await
     }
 
     async fn stream_version(&self, stream: &StreamId) -> Result<Option<StreamVersion>> {

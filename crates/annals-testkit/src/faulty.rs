@@ -31,6 +31,10 @@ pub struct FaultyStore<S> {
     lost_replies: Arc<AtomicU64>,
     held: Arc<Mutex<Option<HeldWrite>>>,
     fenced_saves: Arc<AtomicU64>,
+    /// `read_feed_page` calls made so far.
+    feed_reads: Arc<tokio::sync::watch::Sender<u64>>,
+    /// The number of the `read_feed_page` call to fail (0: none).
+    failing_feed_read: Arc<AtomicU64>,
 }
 
 /// A write of a projection lock ([`FaultyStore::hold_lock_write`]).
@@ -80,7 +84,23 @@ impl<S> FaultyStore<S> {
             lost_replies: Arc::new(AtomicU64::new(0)),
             held: Arc::default(),
             fenced_saves: Arc::default(),
+            feed_reads: Arc::new(tokio::sync::watch::Sender::new(0)),
+            failing_feed_read: Arc::default(),
         }
+    }
+
+    /// The number of [`EventStore::read_feed_page`] calls made so far
+    /// (counted when a call starts), to wait on.
+    pub fn feed_reads(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.feed_reads.subscribe()
+    }
+
+    /// Makes the `read_feed_page` call numbered `nth` (1-based, counting
+    /// every call since the wrapper was made) fail with a transient
+    /// [`Error::Unavailable`] before it reaches the inner store, the way a
+    /// read on a lost connection does.
+    pub fn fail_feed_read(&self, nth: u64) {
+        self.failing_feed_read.store(nth, Ordering::SeqCst);
     }
 
     /// The next `n` appends that succeed on the inner store (they are
@@ -190,6 +210,17 @@ impl<S: EventStore> EventStore for FaultyStore<S> {
         filter: &annals::ReadAll,
         limit: usize,
     ) -> Result<annals::FeedPage> {
+        let mut nth = 0;
+        self.feed_reads.send_modify(|n| {
+            *n += 1;
+            nth = *n;
+        });
+        if self.failing_feed_read.load(Ordering::SeqCst) == nth {
+            return Err(Error::Unavailable {
+                what: format!("injected failure of feed read {nth}"),
+                after: std::time::Duration::ZERO,
+            });
+        }
         self.inner.read_feed_page(filter, limit).await
     }
     fn append_signal(&self) -> Option<annals::AppendSignal> {

@@ -147,6 +147,17 @@ pub struct Subscription<S: EventStore> {
     options: SubscriptionOptions,
     signal: Option<AppendSignal>,
     caught_up: bool,
+    /// The page after `filter.after`, read ahead while the caller handles
+    /// the batch before it (see [`Subscription::next_batch`]).
+    ahead: Option<tokio::task::JoinHandle<Result<crate::FeedPage>>>,
+}
+
+impl<S: EventStore> Drop for Subscription<S> {
+    fn drop(&mut self) {
+        if let Some(ahead) = self.ahead.take() {
+            ahead.abort();
+        }
+    }
 }
 
 impl<S: EventStore> Subscription<S> {
@@ -164,6 +175,7 @@ impl<S: EventStore> Subscription<S> {
             options,
             signal,
             caught_up: false,
+            ahead: None,
         }
     }
 
@@ -181,14 +193,23 @@ impl<S: EventStore> Subscription<S> {
     /// events, or a scan that moved), otherwise after waiting for new
     /// appends. Cancel-safe: dropping the future before it completes
     /// delivers nothing and moves nothing.
+    ///
+    /// While catching up (the page delivered was full, not the end of the
+    /// log), the page after it is read ahead on a task of its own, so the
+    /// store reads batch `k + 1` while the caller handles batch `k`: at most
+    /// two batches are held. The page read ahead is the one the next call
+    /// would read (the feed after the delivered batch, a read like any
+    /// other, only earlier); a read ahead that failed is dropped and the
+    /// next call reads again, with its retries.
     pub async fn next_batch(&mut self) -> Result<SubscriptionBatch> {
         loop {
-            // Mark the signal seen before reading: a commit during the read
-            // raises it again, and the wait below returns at once.
-            if let Some(signal) = &mut self.signal {
-                signal.borrow_and_update();
-            }
-            let page = self.read_page().await?;
+            let page = match self.take_ahead().await {
+                Some(page) => page,
+                None => {
+                    self.mark_signal_seen();
+                    self.read_page().await?
+                }
+            };
             let moved = page.scanned_to > self.filter.after;
             if moved || !page.events.is_empty() {
                 let replaying = !self.caught_up;
@@ -198,6 +219,9 @@ impl<S: EventStore> Subscription<S> {
                 let after = self.filter.after;
                 let position = page.scanned_to.max(after);
                 self.filter.after = position;
+                if !page.at_end {
+                    self.read_ahead();
+                }
                 return Ok(SubscriptionBatch {
                     events: page.events,
                     after,
@@ -207,6 +231,47 @@ impl<S: EventStore> Subscription<S> {
             }
             self.caught_up = true;
             self.wait().await;
+        }
+    }
+
+    /// Marks the signal seen before a read: a commit during the read raises
+    /// it again, and a wait after the read returns at once.
+    fn mark_signal_seen(&mut self) {
+        if let Some(signal) = &mut self.signal {
+            signal.borrow_and_update();
+        }
+    }
+
+    /// Starts reading the page after `filter.after` on a task of its own
+    /// (none outside a Tokio runtime: the next call then reads it).
+    fn read_ahead(&mut self) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        self.mark_signal_seen();
+        let (store, filter, n) = (
+            self.store.clone(),
+            self.filter.clone(),
+            self.options.batch_size,
+        );
+        self.ahead = Some(runtime.spawn(async move { store.read_feed_page(&filter, n).await }));
+    }
+
+    /// The page read ahead, once it has arrived; `None` when there is none,
+    /// or when its read failed (the caller then reads it again, with
+    /// retries). Cancel-safe: the read ahead stays until it is taken.
+    async fn take_ahead(&mut self) -> Option<crate::FeedPage> {
+        let ahead = self.ahead.as_mut()?;
+        let result = ahead.await;
+        self.ahead = None;
+        match result {
+            Ok(Ok(page)) => Some(page),
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, position = %self.filter.after,
+                    "subscription read ahead failed; reading again");
+                None
+            }
+            Err(_) => None,
         }
     }
 

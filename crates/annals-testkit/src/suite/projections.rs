@@ -207,6 +207,54 @@ pub async fn feed_pages_scan_through_non_matching_events<S: EventStore>(store: S
     assert_eq!(cats.scanned_to, head(&store).await);
 }
 
+/// While catching up, a subscription reads the next page while its caller
+/// still holds the batch before it; a read ahead that fails (a lost
+/// connection) is read again when the caller asks for it, so every event
+/// still arrives once, in order.
+pub async fn subscription_reads_the_next_page_ahead<S: EventStore>(store: S) {
+    let faulty = crate::FaultyStore::new(store.clone(), i64::MAX);
+    let mut expected = Vec::new();
+    for i in 0..10 {
+        let r = store
+            .append(&sid("Ahead-1"), ExpectedVersion::Any, vec![ev("E", i)])
+            .await
+            .expect("append");
+        expected.extend(r.positions);
+    }
+    // Read 1 is the first page, read 2 the second page read ahead.
+    faulty.fail_feed_read(2);
+    let mut reads = faulty.feed_reads();
+    let options = SubscriptionOptions::default()
+        .batch_size(3)
+        .poll_interval(Duration::from_secs(3600))
+        .retry(Backoff {
+            initial: Duration::from_millis(1),
+            max: Duration::from_millis(10),
+            max_attempts: 5,
+        });
+    let mut sub = Subscription::new(faulty.clone(), GlobalPosition::START, options);
+    let first = sub.next_batch().await.expect("first batch");
+    assert_eq!(first.events.len(), 3);
+    // Nobody asks for the second page, yet it is read.
+    tokio::time::timeout(PATIENCE, reads.wait_for(|n| *n >= 2))
+        .await
+        .expect("the second page is read ahead")
+        .expect("feed read counter");
+    let mut seen: Vec<GlobalPosition> = first.events.iter().map(|e| e.global_position).collect();
+    while !sub.is_caught_up() {
+        let batch = sub.next_batch().await.expect("batch");
+        assert!(batch.events.len() <= 3, "bounded batches");
+        seen.extend(batch.events.iter().map(|e| e.global_position));
+    }
+    assert_eq!(
+        seen, expected,
+        "every event once, in order, across the failed read ahead"
+    );
+    // Pages 1 and 2 (failed), 2 again, then 3 and 4 read ahead; none after
+    // the last page, which reached the end.
+    assert_eq!(*reads.borrow(), 5, "feed reads");
+}
+
 /// A subscription catches up from the start, in bounded batches flagged as
 /// replays, then follows new appends live: every event once, in order.
 pub async fn subscription_catch_up_then_live<S: EventStore>(store: S) {
