@@ -897,10 +897,12 @@ impl EventStore for SqliteEventStore {
         })
     }
 
-    /// One reader job: the head, then the page after `filter.after` (in
-    /// pages of at most [`PAGE_BYTES`] of text), decoded on the reader
-    /// thread, so a subscription's read costs one round trip and its
-    /// caller's thread only handles the events.
+    /// One reader job: the head, then the rows after `filter.after` (in
+    /// pages of at most [`PAGE_BYTES`] of text), so a subscription's read
+    /// costs one round trip. The rows are decoded (and upcast) here, on the
+    /// caller's task, not on the reader thread: a subscription reading ahead
+    /// decodes beside its caller's handling, and other reads do not queue
+    /// behind the decoding.
     async fn read_feed_page(&self, filter: &ReadAll, limit: usize) -> Result<annals::FeedPage> {
         let after = filter.after;
         check_local(after)?;
@@ -908,52 +910,59 @@ impl EventStore for SqliteEventStore {
         let mut options = filter.clone();
         options.limit = None;
         let sql = read_all_sql(&options);
-        let upcasters = self.upcasters().cloned();
-        let read = METRICS.read_counter();
-        self.conns()
+        let (head, pages) = self
+            .conns()
             .read(move |conn| {
                 let head: Option<i64> = conn
                     .prepare_cached("SELECT MAX(position) FROM events")
                     .and_then(|mut s| s.query_row([], |r| r.get(0)))
                     .map_err(db("reading the head position"))?;
                 let head = head.unwrap_or(0);
-                let mut events = Vec::new();
-                if head <= sql_int(after.seq()) {
-                    return Ok(annals::FeedPage {
-                        events,
-                        scanned_to: after,
-                        at_end: true,
-                    });
-                }
-                let mut cursor = Some(AllCursor {
+                let mut pages = Vec::new();
+                let mut cursor = (head > sql_int(after.seq())).then_some(AllCursor {
                     after: sql_int(after.seq()),
                     remaining: limit,
                     seek_since: options.since.is_some(),
                 });
-                'pages: while let Some(at) = cursor.take() {
+                while let Some(at) = cursor.take() {
                     let (page, next) = read_all_page(conn, &sql, &options, limit, PAGE_BYTES, at)?;
-                    for event in page.decode(upcasters.clone()).counting(read.clone()) {
-                        let event = event?;
-                        // Appended after the head was read: the next page's.
-                        if event.global_position.seq() > head as u64 {
-                            break 'pages;
-                        }
-                        events.push(event);
-                    }
-                    cursor = next;
+                    // Past the head: the rest is the next page's.
+                    let past_head = page.last_keys().is_some_and(|(p, _)| p > head);
+                    pages.push(page);
+                    cursor = next.filter(|_| !past_head);
                 }
-                let full = events.len() as u64 >= limit;
-                let scanned_to = match events.last() {
-                    Some(last) if full => last.global_position,
-                    _ => GlobalPosition::from_seq(head as u64),
-                };
-                Ok(annals::FeedPage {
-                    events,
-                    scanned_to,
-                    at_end: !full,
-                })
+                Ok((head, pages))
             })
-            .await
+            .await?;
+        let head = GlobalPosition::from_seq(u64::try_from(head).unwrap_or(0));
+        if head <= after {
+            return Ok(annals::FeedPage {
+                events: Vec::new(),
+                scanned_to: after,
+                at_end: true,
+            });
+        }
+        let (upcasters, read) = (self.upcasters().cloned(), METRICS.read_counter());
+        let mut events = Vec::with_capacity(pages.iter().map(RawEvents::len).sum());
+        'pages: for page in pages {
+            for event in page.decode(upcasters.clone()).counting(read.clone()) {
+                let event = event?;
+                if event.global_position > head {
+                    break 'pages;
+                }
+                events.push(event);
+            }
+        }
+        let full = events.len() as u64 >= limit;
+        let scanned_to = match events.last() {
+            Some(last) if full => last.global_position,
+            _ => head,
+        };
+        Ok(annals::FeedPage {
+            events,
+            scanned_to,
+            at_end: !full,
+        })
     }
 
     async fn stream_version(&self, stream: &StreamId) -> Result<Option<StreamVersion>> {
