@@ -1,0 +1,194 @@
+//! W4 on SQLite, Annals and a plain `rusqlite` loop alternating on the same
+//! file, `ROUNDS` rounds each, with the median of each side and their ratio:
+//! a steadier figure than the bench's single pass, and a loop to profile.
+//!
+//! `w4_rounds [ROUNDS] [annals|raw|both]` (defaults: 10, both). The store
+//! holds 1,210 accounts of 100 events each (121,000 events, W4's count, in
+//! W3's stream pattern), written once into a temporary directory.
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use annals::bank::{Account, AccountEvent};
+use annals::{
+    decode_event, CommandContext, EventStore, GlobalPosition, Repository, Subscription,
+    SubscriptionOptions,
+};
+use annals_sqlite::{SqliteEventStore, SqliteOptions};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+const ACCOUNTS: u64 = 1_210;
+const EVENTS_PER_ACCOUNT: u64 = 100;
+const PAGE: usize = 1_000;
+
+fn event(owner: &str, k: u64) -> AccountEvent {
+    if k == 1 {
+        AccountEvent::Opened {
+            account: None,
+            owner: owner.to_owned(),
+            email: None,
+        }
+    } else if (k - 1) % 10 == 0 {
+        AccountEvent::Withdrew { amount: 50 }
+    } else {
+        AccountEvent::Deposited { amount: 100 }
+    }
+}
+
+fn fold(balance: &mut i64, event: &AccountEvent) {
+    match event {
+        AccountEvent::Opened { .. } => *balance = 0,
+        AccountEvent::Deposited { amount } => *balance += amount,
+        AccountEvent::Withdrew { amount } => *balance -= amount,
+    }
+}
+
+async fn annals_w4(store: &SqliteEventStore) -> anyhow::Result<(u64, i64)> {
+    let head = store
+        .head_position()
+        .await?
+        .unwrap_or(GlobalPosition::START);
+    let options = SubscriptionOptions::default().batch_size(PAGE);
+    let mut feed = Subscription::new(store.clone(), GlobalPosition::START, options);
+    let mut balances: HashMap<String, i64> = HashMap::new();
+    let mut events = 0;
+    loop {
+        let batch = feed.next_batch().await?;
+        events += batch.events.len() as u64;
+        for e in &batch.events {
+            let b = balances.entry(e.stream_id.id().to_owned()).or_default();
+            fold(b, &decode_event::<AccountEvent>(e)?);
+        }
+        if batch.position >= head {
+            break;
+        }
+    }
+    Ok((events, balances.values().sum()))
+}
+
+fn raw_w4(conn: &rusqlite::Connection) -> anyhow::Result<(u64, i64)> {
+    let mut balances: HashMap<String, i64> = HashMap::new();
+    let mut after = 0i64;
+    let mut events = 0;
+    let mut stmt = conn.prepare_cached(
+        "SELECT position, stream_id, event_type, data FROM events \
+         WHERE position > ?1 ORDER BY position LIMIT ?2",
+    )?;
+    loop {
+        let mut rows = stmt.query(rusqlite::params![after, PAGE as i64])?;
+        let mut got = 0;
+        while let Some(row) = rows.next()? {
+            after = row.get(0)?;
+            let stream: String = row.get(1)?;
+            let t: String = row.get(2)?;
+            let d: String = row.get(3)?;
+            let b = balances.entry(stream).or_default();
+            fold(b, &decode(&t, &d)?);
+            got += 1;
+        }
+        if got == 0 {
+            break;
+        }
+        events += got;
+    }
+    Ok((events, balances.values().sum()))
+}
+
+#[derive(serde::Deserialize)]
+struct Owner {
+    owner: String,
+}
+
+#[derive(serde::Deserialize)]
+struct Amount {
+    amount: i64,
+}
+
+/// As the bench's raw baseline decodes.
+fn decode(event_type: &str, data: &str) -> anyhow::Result<AccountEvent> {
+    Ok(match event_type {
+        "Opened" => AccountEvent::Opened {
+            account: None,
+            owner: serde_json::from_str::<Owner>(data)?.owner,
+            email: None,
+        },
+        "Deposited" => AccountEvent::Deposited {
+            amount: serde_json::from_str::<Amount>(data)?.amount,
+        },
+        "Withdrew" => AccountEvent::Withdrew {
+            amount: serde_json::from_str::<Amount>(data)?.amount,
+        },
+        t => anyhow::bail!("unknown event type {t}"),
+    })
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let mut args = std::env::args().skip(1);
+    let rounds: usize = args.next().map_or(Ok(10), |a| a.parse())?;
+    let mode = args.next().unwrap_or_else(|| "both".into());
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("w4.db");
+    let options = SqliteOptions {
+        batch_size: PAGE,
+        ..Default::default()
+    };
+    let store = SqliteEventStore::open_with(&path, options).await?;
+    let repo = Repository::<Account, _>::new(store.clone());
+    let ctx = CommandContext::new();
+    for i in 0..ACCOUNTS {
+        let owner = format!("w4-{i:06}");
+        let batch: Vec<AccountEvent> = (1..=EVENTS_PER_ACCOUNT).map(|k| event(&owner, k)).collect();
+        let id = uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_URL, owner.as_bytes()).to_string();
+        repo.create(&id, &ctx, |_| Ok::<_, std::convert::Infallible>(batch))
+            .await?;
+    }
+    let conn = rusqlite::Connection::open(&path)?;
+    let (mut ours, mut raw) = (Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        if mode != "raw" {
+            let t = Instant::now();
+            let (n, sum) = annals_w4(&store).await?;
+            ours.push(n as f64 / t.elapsed().as_secs_f64());
+            anyhow::ensure!(n == ACCOUNTS * EVENTS_PER_ACCOUNT, "annals read {n} events");
+            anyhow::ensure!(sum == ACCOUNTS as i64 * 8_550, "annals sum {sum}");
+        }
+        if mode != "annals" {
+            let t = Instant::now();
+            let (n, sum) = raw_w4(&conn)?;
+            raw.push(n as f64 / t.elapsed().as_secs_f64());
+            anyhow::ensure!(n == ACCOUNTS * EVENTS_PER_ACCOUNT, "raw read {n} events");
+            anyhow::ensure!(sum == ACCOUNTS as i64 * 8_550, "raw sum {sum}");
+        }
+    }
+    let fmt = |v: &[f64]| {
+        v.iter()
+            .map(|x| format!("{:.0}k", x / 1e3))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    println!("annals events/s: {}", fmt(&ours));
+    println!("raw events/s:    {}", fmt(&raw));
+    if let Ok(status) = std::fs::read_to_string("/proc/self/status") {
+        for line in status.lines().filter(|l| l.starts_with("VmHWM") || l.starts_with("Rss")) {
+            println!("{line}");
+        }
+    }
+    if !ours.is_empty() && !raw.is_empty() {
+        let (a, r) = (median(ours), median(raw));
+        println!(
+            "median annals {:.0}k, raw {:.0}k, ratio {:.2}",
+            a / 1e3,
+            r / 1e3,
+            a / r
+        );
+    }
+    Ok(())
+}
