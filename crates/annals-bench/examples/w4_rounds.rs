@@ -136,11 +136,8 @@ async fn main() -> anyhow::Result<()> {
     let mode = args.next().unwrap_or_else(|| "both".into());
     let dir = tempfile::tempdir()?;
     let path = dir.path().join("w4.db");
-    let options = SqliteOptions {
-        batch_size: PAGE,
-        ..Default::default()
-    };
-    let store = SqliteEventStore::open_with(&path, options).await?;
+    // The default options, as the bench's store.
+    let store = SqliteEventStore::open_with(&path, SqliteOptions::default()).await?;
     let repo = Repository::<Account, _>::new(store.clone());
     let ctx = CommandContext::new();
     for i in 0..ACCOUNTS {
@@ -177,7 +174,10 @@ async fn main() -> anyhow::Result<()> {
     println!("annals events/s: {}", fmt(&ours));
     println!("raw events/s:    {}", fmt(&raw));
     if let Ok(status) = std::fs::read_to_string("/proc/self/status") {
-        for line in status.lines().filter(|l| l.starts_with("VmHWM") || l.starts_with("Rss")) {
+        for line in status
+            .lines()
+            .filter(|l| l.starts_with("VmHWM") || l.starts_with("Rss"))
+        {
             println!("{line}");
         }
     }

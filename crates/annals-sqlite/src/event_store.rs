@@ -412,6 +412,13 @@ struct AllCursor {
     seek_since: bool,
 }
 
+/// Where a feed page's read resumes: the first round trip also reads the
+/// head.
+struct FeedCursor {
+    all: AllCursor,
+    first: bool,
+}
+
 /// The lowest position recorded at or after `?1`: one range scan of the
 /// recorded_at index (named, because SQLite's MIN optimization would rather
 /// walk the table from position 1 until the first match, which is the whole
@@ -897,43 +904,71 @@ impl EventStore for SqliteEventStore {
         })
     }
 
-    /// One reader job: the head, then the rows after `filter.after` (in
-    /// pages of at most [`PAGE_BYTES`] of text), so a subscription's read
-    /// costs one round trip. The rows are decoded (and upcast) here, on the
-    /// caller's task, not on the reader thread: a subscription reading ahead
-    /// decodes beside its caller's handling, and other reads do not queue
-    /// behind the decoding.
+    /// The head and the rows after `filter.after` in reader round trips of
+    /// `batch_size` rows (the first also reads the head), each requested
+    /// as soon as the one before arrives, so the reader reads the next rows
+    /// while this task decodes (and upcasts) the ones before: on the
+    /// caller's task, never on the reader thread, so other reads do not
+    /// queue behind the decoding.
     async fn read_feed_page(&self, filter: &ReadAll, limit: usize) -> Result<annals::FeedPage> {
+        use futures::StreamExt;
         let after = filter.after;
         check_local(after)?;
         let limit = limit.max(1) as u64;
         let mut options = filter.clone();
         options.limit = None;
-        let sql = read_all_sql(&options);
-        let (head, pages) = self
+        let sql = Arc::new(read_all_sql(&options));
+        let batch = self.batch_size() as u64;
+        let (upcasters, read) = (self.upcasters().cloned(), METRICS.read_counter());
+        // Set by the first round trip, before any row of it is yielded.
+        let head = Arc::new(std::sync::atomic::AtomicI64::new(-1));
+        let first_head = Arc::clone(&head);
+        let cursor = FeedCursor {
+            all: AllCursor {
+                after: sql_int(after.seq()),
+                remaining: limit,
+                seek_since: options.since.is_some(),
+            },
+            first: true,
+        };
+        let mut rows = self
             .conns()
-            .read(move |conn| {
-                let head: Option<i64> = conn
-                    .prepare_cached("SELECT MAX(position) FROM events")
-                    .and_then(|mut s| s.query_row([], |r| r.get(0)))
-                    .map_err(db("reading the head position"))?;
-                let head = head.unwrap_or(0);
-                let mut pages = Vec::new();
-                let mut cursor = (head > sql_int(after.seq())).then_some(AllCursor {
-                    after: sql_int(after.seq()),
-                    remaining: limit,
-                    seek_since: options.since.is_some(),
-                });
-                while let Some(at) = cursor.take() {
-                    let (page, next) = read_all_page(conn, &sql, &options, limit, PAGE_BYTES, at)?;
-                    // Past the head: the rest is the next page's.
-                    let past_head = page.last_keys().is_some_and(|(p, _)| p > head);
-                    pages.push(page);
-                    cursor = next.filter(|_| !past_head);
+            .paginate(cursor, move |conn, cursor: FeedCursor| {
+                if cursor.first {
+                    let head: Option<i64> = conn
+                        .prepare_cached("SELECT MAX(position) FROM events")
+                        .and_then(|mut s| s.query_row([], |r| r.get(0)))
+                        .map_err(db("reading the head position"))?;
+                    let head = head.unwrap_or(0);
+                    first_head.store(head, std::sync::atomic::Ordering::Release);
+                    if head <= cursor.all.after {
+                        return Ok((RawEvents::empty().decode(None), None));
+                    }
                 }
-                Ok((head, pages))
-            })
-            .await?;
+                read_all_page(conn, &sql, &options, batch, PAGE_BYTES, cursor.all).map(
+                    |(page, next)| {
+                        let events = page.decode(upcasters.clone()).counting(read.clone());
+                        let next = next.map(|all| FeedCursor { all, first: false });
+                        (events, next)
+                    },
+                )
+            });
+        let mut events = Vec::new();
+        let mut head_seen = None;
+        while let Some(event) = rows.next().await {
+            let event = event?;
+            let head =
+                *head_seen.get_or_insert_with(|| head.load(std::sync::atomic::Ordering::Acquire));
+            // Appended after the head was read: the next page's.
+            if event.global_position.seq() > u64::try_from(head).unwrap_or(0) {
+                break;
+            }
+            events.push(event);
+        }
+        let head = match head_seen {
+            Some(h) => h,
+            None => head.load(std::sync::atomic::Ordering::Acquire),
+        };
         let head = GlobalPosition::from_seq(u64::try_from(head).unwrap_or(0));
         if head <= after {
             return Ok(annals::FeedPage {
@@ -941,17 +976,6 @@ impl EventStore for SqliteEventStore {
                 scanned_to: after,
                 at_end: true,
             });
-        }
-        let (upcasters, read) = (self.upcasters().cloned(), METRICS.read_counter());
-        let mut events = Vec::with_capacity(pages.iter().map(RawEvents::len).sum());
-        'pages: for page in pages {
-            for event in page.decode(upcasters.clone()).counting(read.clone()) {
-                let event = event?;
-                if event.global_position > head {
-                    break 'pages;
-                }
-                events.push(event);
-            }
         }
         let full = events.len() as u64 >= limit;
         let scanned_to = match events.last() {
