@@ -404,6 +404,7 @@ fn line_column(text: &str, at: usize) -> (usize, usize) {
 
 type JaqData = data::JustLut<Val>;
 
+mod fast;
 mod migration;
 pub use migration::{MigrationPlan, MigrationPreview, Migrator};
 
@@ -439,6 +440,24 @@ enum Natives {
 /// [`std_natives`].
 fn is_native(name: &str, arity: usize) -> bool {
     matches!((name, arity), ("tonumber", 0) | ("split", 1))
+}
+
+/// Whether calls to each of `sigs` (`name/arity`) resolve to this module's
+/// natives of that name: jaq resolves a call to a jq definition first,
+/// then to the first native of its name and arity, and ours come last.
+fn natives_resolve(sigs: &[&str]) -> bool {
+    let sig = |name: &str, arity: usize| format!("{name}/{arity}");
+    let defined = jaq_core::defs()
+        .chain(jaq_std::defs())
+        .chain(jaq_json::defs())
+        .filter(|d| !is_native(d.name, d.args.len()))
+        .map(|d| sig(d.name, d.args.len()));
+    let funs = jaq_core::funs::<JaqData>()
+        .chain(jaq_std::funs())
+        .chain(jaq_json::funs())
+        .map(|f| sig(f.0, f.1.len()));
+    let taken: Vec<String> = defined.chain(funs).collect();
+    sigs.iter().all(|s| !taken.iter().any(|t| t == s))
 }
 
 /// `. > true and . < ""`: jaq orders values by type first (null, booleans,
@@ -563,6 +582,9 @@ fn passes_unchanged(v: &Val, depth: usize) -> bool {
 /// A compiled jq filter.
 struct JqFilter {
     filter: jaq_core::Filter<JaqData>,
+    /// The filter for [`fast::Expr::eval`], when it is in its subset: tried
+    /// first, jaq running the filter where it gives up.
+    fast: Option<fast::Expr>,
 }
 
 impl fmt::Debug for JqFilter {
@@ -581,17 +603,18 @@ impl JqFilter {
     /// [`compile`](JqFilter::compile) with the natives `natives` says.
     fn compile_with(code: &str, natives: Natives) -> Result<JqFilter, (usize, String)> {
         let std = natives != Natives::None;
-        let defs = jaq_core::defs()
+        let defs: Vec<_> = jaq_core::defs()
             .chain(jaq_std::defs())
             .chain(jaq_json::defs())
-            .filter(|d| !(std && is_native(d.name, d.args.len())));
+            .filter(|d| !(std && is_native(d.name, d.args.len())))
+            .collect();
         let funs = jaq_core::funs()
             .chain(jaq_std::funs())
             .chain(jaq_json::funs())
             .chain(std_natives().filter(|_| std))
             .chain(chain_natives().filter(|_| natives == Natives::Chain));
         let arena = Arena::default();
-        let loader = Loader::new(defs);
+        let loader = Loader::new(defs.iter().cloned());
         let offset = |part: &str| {
             let base = code.as_ptr() as usize;
             let p = part.as_ptr() as usize;
@@ -646,12 +669,26 @@ impl JqFilter {
                     None => (0, "compiling failed".to_owned()),
                 }
             })?;
-        Ok(JqFilter { filter })
+        let calls = fast::Calls {
+            std: std && natives_resolve(&["tonumber/0", "split/1"]),
+            chain: natives == Natives::Chain && natives_resolve(&["annals_one/1"]),
+        };
+        let fast = fast::Expr::compile(code, calls, &defs);
+        Ok(JqFilter { filter, fast })
+    }
+
+    /// The filter's only value on `input` by [`fast::Expr::eval`], when
+    /// the filter is in its subset and it does not give up.
+    fn run_fast(&self, input: &Val) -> Option<Val> {
+        self.fast.as_ref()?.eval(input.clone(), &mut Vec::new())
     }
 
     /// Runs the filter on one input and returns every value it produces.
     fn run_all(&self, input: Value) -> Result<Vec<Value>, BoxError> {
         let input = to_jaq(&input, "the input")?;
+        if let Some(v) = self.run_fast(&input) {
+            return Ok(vec![from_jaq(&v, "the filter's result", "is not JSON")?]);
+        }
         let ctx = Ctx::<JaqData>::new(&self.filter.lut, Vars::new([]));
         let mut values = Vec::new();
         for out in self.filter.id.run((ctx, input)).map(jaq_core::unwrap_valr) {
@@ -664,6 +701,9 @@ impl JqFilter {
     /// Runs the filter on one payload; it must produce exactly one value.
     fn run(&self, input: &Value) -> Result<Value, BoxError> {
         let input = to_jaq(input, "the payload")?;
+        if let Some(v) = self.run_fast(&input) {
+            return from_jaq(&v, "the filter's result", "is not a JSON payload");
+        }
         let ctx = Ctx::<JaqData>::new(&self.filter.lut, Vars::new([]));
         let mut out = self.filter.id.run((ctx, input)).map(jaq_core::unwrap_valr);
         let first = match out.next() {
@@ -1257,6 +1297,167 @@ filter = '''
                 );
             }
         }
+    }
+
+    /// Where the direct evaluator gives a value, jaq gives that value and
+    /// nothing else, for filters of its subset and around it on inputs of
+    /// every kind; and it takes the filters it is meant for.
+    #[test]
+    fn the_direct_evaluator_matches_jaq() {
+        let text = |s: &str| Val::utf8_str(s.as_bytes().to_vec());
+        let parse = |s: &str| jaq_json::read::parse_single(s.as_bytes()).expect(s);
+        let mut inputs = vec![
+            Val::Null,
+            Val::Bool(true),
+            Val::Bool(false),
+            Val::from(12isize),
+            Val::Num(Num::Float(1.5)),
+            Val::Num(Num::Float(f64::NAN)),
+            Val::Num(Num::Dec(jaq_json::Rc::new("1.50".to_owned()))),
+            Val::byte_str(b"1.2".to_vec()),
+            Val::utf8_str(vec![b'a', 0xff, b'.', b'b']),
+            Val::obj([(Val::from(1isize), text("x"))].into_iter().collect()),
+        ];
+        for s in ["", "1.00", "12", "a.b.c", "é.ü", " 2 ", "1 2", "x", "-0.5"] {
+            inputs.push(text(s));
+        }
+        for s in [
+            r#"{"amount": "12.50", "name": "ann", "holder": null}"#,
+            r#"{"amount": "7", "a": {"b": [1, "2", null]}, "i": 1, "s": "k"}"#,
+            r#"{"amount": "0.5.5", "a": [], "i": -1, "s": "amount"}"#,
+            r#"{"amount": 3, "a": false, "i": "x", "amount_minor": 1250}"#,
+            r#"{"amount": ".", "a": {"a": {"a": 1}}, "i": 1.5, "k": "a"}"#,
+            r#"{"amount": "1e2", "name": "", "a": [[1, 2], {"x": 3}], "i": 9}"#,
+            "[0, 1, 2, 3, \"x\", [4]]",
+            "[\"a\", \"b\"]",
+        ] {
+            inputs.push(parse(s));
+        }
+        // Filters of the subset, then filters outside it.
+        let subset = [
+            ".",
+            "{holder: .name}",
+            "{owner: .holder}",
+            ".amount | split(\".\") as $p | {amount_minor: (($p[0] | tonumber) * 100 + ((($p[1] // \"\") + \"00\")[0:2] | tonumber))}",
+            "{amount: .amount_minor}",
+            ".a.b[1]",
+            ".[0]",
+            ".[1:3]",
+            ".[:2]",
+            ".[2:]",
+            ".[-1:]",
+            ".[.i]",
+            ".a[.i:]",
+            ".[\"a\"]?",
+            ".a?.b",
+            "-.i",
+            "-(.amount | tonumber)",
+            "[]",
+            "[.a]",
+            "{}",
+            "{a: 1, b: 2, a: 3}",
+            "{(.s): .i, (.k): 2}",
+            "{(1): 2}",
+            "{name, \"amount\"}",
+            ". as $x | {$x}",
+            "1 as $x | 2 as $y | {a: [$x], b: $y, c: ($x + $y)}",
+            "1 as $x | (2 as $x | $x) + $x",
+            "\"a\\(.i)b\\n\\(.a)\"",
+            "\"\\(.)\"",
+            "\"\"",
+            "{a: (.i + 1), b: (.i - 1), c: (.i * 2), d: (.i / 2), e: (.i % 2), f: (.amount + .name)}",
+            "{a: (.i < 2), b: (.i == 1), c: (.a != null), d: (.amount >= \"1\")}",
+            ".a // .i // \"none\"",
+            ".holder // 0",
+            "{a: (.a and .i), b: (.a or .i), c: (.x and 1), d: (.x or false)}",
+            "if .a then .i elif .i then 2 else 3 end",
+            "if .a then .i end",
+            "if .a then .i elif .amount then .amount end",
+            "tonumber",
+            ".amount | tonumber",
+            "split(\".\")",
+            "split(.s)",
+            ".amount | split(\".\")",
+            ".amount | split(\".\") | .[0] | tonumber",
+            "{a: 1.50, b: 100000000000000000000, c: 1e3, d: -1, e: (0.1 + 0.2)}",
+            "{a: 1} + {b: 2} + null",
+            "{a: ([[1]] + [2] + [3]), b: (\"ab\" * 2), c: ({} * {})}",
+            "(.amount | split(\".\"))[5]",
+            // Definitions without arguments are inlined.
+            "{a: (.a | not), b: (.i | tostring), c: null, d: true, e: false}",
+            "{a: (. | tostring), b: (.i == null)}",
+        ];
+        let outside = [
+            ".[]",
+            ".[0], 1",
+            "[.a, .i]",
+            "def f: 1; f",
+            ".a |= 1",
+            "length",
+            "error(\"x\")",
+            "empty",
+            "try .a catch 1",
+            "reduce .[] as $x (0; . + $x)",
+            ". as [$a] | $a",
+            "@base64 \"\\(.)\"",
+            "recurse",
+            "first(.a)",
+            ".a | select(.)",
+        ];
+        for (code, fast) in subset
+            .iter()
+            .map(|c| (c, true))
+            .chain(outside.iter().map(|c| (c, false)))
+        {
+            let filter = JqFilter::compile(code).expect(code);
+            assert_eq!(filter.fast.is_some(), fast, "{code}");
+            for input in &inputs {
+                let jq = outputs_of(&filter, input);
+                if let Some(v) = filter.run_fast(input) {
+                    assert_eq!(vec![Ok(format!("{v:?}"))], jq, "{code} on {input:?}");
+                }
+            }
+        }
+
+        // It gives values where the filters succeed.
+        let deposit = JqFilter::compile(subset[3]).expect("deposit");
+        let input = parse(r#"{"amount": "12.5"}"#);
+        assert_eq!(
+            deposit.run_fast(&input).map(|v| v.to_string()),
+            Some(r#"{"amount_minor":1250}"#.to_owned())
+        );
+
+        // Chains: `annals_one`, and the natives of the jq definitions only
+        // where those are not loaded.
+        for (f1, f2) in [
+            ("{b: .a}", "{c: .b}"),
+            ("{b: (.amount | tonumber)}", "{c: (.b * 2)}"),
+            ("{b: 0.1, d: 1.50, e: 1e3}", "[.b, .d, .e | tostring]"),
+            ("{z: 1, a: 2}", "[.z, .a]"),
+            ("{b: nan}", "{c: (.b == null)}"),
+            ("{b: (\"x\" | tobytes)}", "{c: .b}"),
+            ("{b: .i}", "{c: (.b + 1)}"),
+            ("{b: .amount | split(\".\")}", "{c: .b[1]}"),
+            ("error(\"first\")", "{c: .}"),
+            ("{b: .a}", ".b | tonumber"),
+        ] {
+            let code = format!("annals_one(\n{f1}\n) | (\n{f2}\n)");
+            let filter = JqFilter::compile_with(&code, Natives::Chain).expect(&code);
+            for input in &inputs {
+                let jq = outputs_of(&filter, input);
+                if let Some(v) = filter.run_fast(input) {
+                    assert_eq!(vec![Ok(format!("{v:?}"))], jq, "{code} on {input:?}");
+                }
+            }
+        }
+        let chain = JqFilter::compile_with("annals_one(.a) | .b", Natives::Chain).expect("chain");
+        assert!(chain.fast.is_some());
+        for natives in [Natives::None, Natives::Std] {
+            let code = "annals_one(.a)";
+            assert!(JqFilter::compile_with(code, natives).is_err(), "{code}");
+        }
+        let plain = JqFilter::compile_with("tonumber, split(\".\")", Natives::None).expect("jq");
+        assert!(plain.fast.is_none());
     }
 
     /// The direct conversions between serde_json and jaq give what the text
