@@ -442,24 +442,6 @@ fn is_native(name: &str, arity: usize) -> bool {
     matches!((name, arity), ("tonumber", 0) | ("split", 1))
 }
 
-/// Whether calls to each of `sigs` (`name/arity`) resolve to this module's
-/// natives of that name: jaq resolves a call to a jq definition first,
-/// then to the first native of its name and arity, and ours come last.
-fn natives_resolve(sigs: &[&str]) -> bool {
-    let sig = |name: &str, arity: usize| format!("{name}/{arity}");
-    let defined = jaq_core::defs()
-        .chain(jaq_std::defs())
-        .chain(jaq_json::defs())
-        .filter(|d| !is_native(d.name, d.args.len()))
-        .map(|d| sig(d.name, d.args.len()));
-    let funs = jaq_core::funs::<JaqData>()
-        .chain(jaq_std::funs())
-        .chain(jaq_json::funs())
-        .map(|f| sig(f.0, f.1.len()));
-    let taken: Vec<String> = defined.chain(funs).collect();
-    sigs.iter().all(|s| !taken.iter().any(|t| t == s))
-}
-
 /// `. > true and . < ""`: jaq orders values by type first (null, booleans,
 /// numbers, strings, arrays, objects), so this holds for numbers only.
 fn is_number(v: &Val) -> bool {
@@ -608,9 +590,23 @@ impl JqFilter {
             .chain(jaq_json::defs())
             .filter(|d| !(std && is_native(d.name, d.args.len())))
             .collect();
-        let funs = jaq_core::funs()
+        let jaq_funs: Vec<_> = jaq_core::funs()
             .chain(jaq_std::funs())
             .chain(jaq_json::funs())
+            .collect();
+        // Whether calls to `name/arity` reach this module's native: jaq
+        // resolves a call to a jq definition first, then to the first
+        // native of its name and arity, and ours come last.
+        let ours = |name: &str, arity: usize| {
+            !defs.iter().any(|d| d.name == name && d.args.len() == arity)
+                && !jaq_funs.iter().any(|f| f.0 == name && f.1.len() == arity)
+        };
+        let calls = fast::Calls {
+            std: std && ours("tonumber", 0) && ours("split", 1),
+            chain: natives == Natives::Chain && ours("annals_one", 1),
+        };
+        let funs = jaq_funs
+            .into_iter()
             .chain(std_natives().filter(|_| std))
             .chain(chain_natives().filter(|_| natives == Natives::Chain));
         let arena = Arena::default();
@@ -669,10 +665,6 @@ impl JqFilter {
                     None => (0, "compiling failed".to_owned()),
                 }
             })?;
-        let calls = fast::Calls {
-            std: std && natives_resolve(&["tonumber/0", "split/1"]),
-            chain: natives == Natives::Chain && natives_resolve(&["annals_one/1"]),
-        };
         let fast = fast::Expr::compile(code, calls, &defs);
         Ok(JqFilter { filter, fast })
     }
@@ -680,7 +672,7 @@ impl JqFilter {
     /// The filter's only value on `input` by [`fast::Expr::eval`], when
     /// the filter is in its subset and it does not give up.
     fn run_fast(&self, input: &Val) -> Option<Val> {
-        self.fast.as_ref()?.eval(input.clone(), &mut Vec::new())
+        self.fast.as_ref()?.eval(input, &mut Vec::new())
     }
 
     /// Runs the filter on one input and returns every value it produces.

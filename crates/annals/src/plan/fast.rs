@@ -101,10 +101,11 @@ impl Expr {
     }
 
     /// The filter's value on `input`, or `None` where jaq would not give
-    /// exactly this one value (an error, no value, several).
-    pub(super) fn eval(&self, input: Val, env: &mut Vec<Val>) -> Option<Val> {
+    /// exactly this one value (an error, no value, several). `env` holds
+    /// the values of the variables bound around it (none at the top).
+    pub(super) fn eval(&self, input: &Val, env: &mut Vec<Val>) -> Option<Val> {
         Some(match self {
-            Expr::Id => input,
+            Expr::Id => input.clone(),
             Expr::Lit(v) => v.clone(),
             Expr::Neg(f) => (-f.eval(input, env)?).ok()?,
             Expr::Arr(None) => Val::Arr(Default::default()),
@@ -113,8 +114,8 @@ impl Expr {
                 let mut map =
                     jaq_json::Map::with_capacity_and_hasher(entries.len(), Default::default());
                 for (k, v) in entries {
-                    let k = k.eval(input.clone(), env)?;
-                    let v = v.eval(input.clone(), env)?;
+                    let k = k.eval(input, env)?;
+                    let v = v.eval(input, env)?;
                     map.insert(k, v);
                 }
                 Val::obj(map)
@@ -122,10 +123,10 @@ impl Expr {
             Expr::ToString(f) => f.eval(input, env)?.into_string(),
             Expr::Pipe(l, r) => {
                 let y = l.eval(input, env)?;
-                r.eval(y, env)?
+                r.eval(&y, env)?
             }
             Expr::Bind(l, r) => {
-                let y = l.eval(input.clone(), env)?;
+                let y = l.eval(input, env)?;
                 env.push(y);
                 let out = r.eval(input, env);
                 env.pop();
@@ -133,17 +134,17 @@ impl Expr {
             }
             Expr::Var(i) => env.get(env.len().checked_sub(i + 1)?)?.clone(),
             Expr::Math(l, op, r) => {
-                let x = l.eval(input.clone(), env)?;
+                let x = l.eval(input, env)?;
                 let y = r.eval(input, env)?;
                 op.run(x, y).ok()?
             }
             Expr::Cmp(l, op, r) => {
-                let x = l.eval(input.clone(), env)?;
+                let x = l.eval(input, env)?;
                 let y = r.eval(input, env)?;
                 Val::from(op.run(&x, &y))
             }
             Expr::Alt(l, r) => {
-                let x = l.eval(input.clone(), env)?;
+                let x = l.eval(input, env)?;
                 if x.as_bool() {
                     x
                 } else {
@@ -151,45 +152,59 @@ impl Expr {
                 }
             }
             Expr::Logic(l, stop, r) => {
-                if l.eval(input.clone(), env)?.as_bool() == *stop {
+                if l.eval(input, env)?.as_bool() == *stop {
                     Val::from(*stop)
                 } else {
                     Val::from(r.eval(input, env)?.as_bool())
                 }
             }
             Expr::Ite(c, t, e) => {
-                if c.eval(input.clone(), env)?.as_bool() {
+                if c.eval(input, env)?.as_bool() {
                     t.eval(input, env)?
                 } else {
                     e.eval(input, env)?
                 }
             }
             Expr::Path(f, parts) => {
-                let index = |e: &Expr, env: &mut Vec<Val>| match e {
-                    Expr::Lit(v) => Some(v.clone()),
-                    e => e.eval(input.clone(), env),
+                // The path's start borrowed where it is the input or a
+                // variable (indexing an object or null needs no copy).
+                let owned;
+                let start: &Val = match &**f {
+                    Expr::Id => input,
+                    Expr::Var(i) => env.get(env.len().checked_sub(i + 1)?)?,
+                    f => {
+                        owned = f.eval(input, env)?;
+                        &owned
+                    }
                 };
-                let mut v = f.eval(input.clone(), env)?;
+                let mut parts = parts.iter();
+                let mut v = match parts.next() {
+                    None => start.clone(),
+                    Some(Part::Index(i)) => match i {
+                        Expr::Lit(i) => index_ref(start, i)?,
+                        i => {
+                            // `start` may borrow `env`, which `eval` takes.
+                            let start = start.clone();
+                            index_ref(&start, &i.eval(input, env)?)?
+                        }
+                    },
+                    Some(Part::Range(from, upto)) => {
+                        range(start.clone(), from.as_ref(), upto.as_ref(), input, env)?
+                    }
+                };
                 for part in parts {
                     v = match part {
-                        Part::Index(i) => v.index(&index(i, env)?).ok()?,
+                        Part::Index(Expr::Lit(i)) => index_ref(&v, i)?,
+                        Part::Index(i) => index_ref(&v, &i.eval(input, env)?)?,
                         Part::Range(from, upto) => {
-                            let from = match from {
-                                Some(i) => Some(index(i, env)?),
-                                None => None,
-                            };
-                            let upto = match upto {
-                                Some(i) => Some(index(i, env)?),
-                                None => None,
-                            };
-                            v.range(from.as_ref()..upto.as_ref()).ok()?
+                            range(v, from.as_ref(), upto.as_ref(), input, env)?
                         }
                     };
                 }
                 v
             }
             Expr::ToNumber => match input {
-                Val::Num(_) => input,
+                Val::Num(_) => input.clone(),
                 // `fromjson`: every JSON value in the text; exactly one,
                 // and a number, for a value.
                 Val::TStr(s) => {
@@ -202,10 +217,10 @@ impl Expr {
                 _ => return None,
             },
             Expr::Split(sep) => {
-                let sep = sep.eval(input.clone(), env)?;
-                match (&input, &sep) {
+                let sep = sep.eval(input, env)?;
+                match (input, &sep) {
                     (Val::TStr(_), Val::TStr(_)) | (Val::BStr(_), Val::BStr(_)) => {
-                        (input / sep).ok()?
+                        (input.clone() / sep).ok()?
                     }
                     _ => return None,
                 }
@@ -213,6 +228,35 @@ impl Expr {
             Expr::One(f) => super::as_next_payload(f.eval(input, env)?).ok()?,
         })
     }
+}
+
+/// `v[i]` as jaq's `ValT::index` gives it, without copying `v` where it is
+/// null or an object (jaq's first and object cases).
+fn index_ref(v: &Val, i: &Val) -> Option<Val> {
+    match v {
+        Val::Null => Some(Val::Null),
+        Val::Obj(o) => Some(o.get(i).cloned().unwrap_or(Val::Null)),
+        v => v.clone().index(i).ok(),
+    }
+}
+
+/// `v[from:upto]`, the bounds run on `input`.
+fn range(
+    v: Val,
+    from: Option<&Expr>,
+    upto: Option<&Expr>,
+    input: &Val,
+    env: &mut Vec<Val>,
+) -> Option<Val> {
+    let from = match from {
+        Some(i) => Some(i.eval(input, env)?),
+        None => None,
+    };
+    let upto = match upto {
+        Some(i) => Some(i.eval(input, env)?),
+        None => None,
+    };
+    v.range(from.as_ref()..upto.as_ref()).ok()
 }
 
 /// Where a term is lowered: which natives and definitions its calls can
