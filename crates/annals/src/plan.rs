@@ -34,6 +34,7 @@ use jaq_json::{Num, Val};
 use serde::Deserialize;
 use serde_json::Value;
 
+use crate::upcast::ChainInput;
 use crate::{BoxError, DomainEvent, Step, UpcastError, Upcasters, UpcastersBuilder};
 
 /// Why a plan could not be loaded. Every variant names the file.
@@ -362,10 +363,11 @@ fn fuse_chains(steps: Vec<Step>, codes: &[String]) -> Vec<Step> {
         };
         let filter = Arc::new(filter);
         let rest: Vec<&Step> = chain[1..].iter().map(|&j| &steps[j]).collect();
-        fused.push(
-            step.clone()
-                .fuse(&rest, target, Arc::new(move |v: &Value| filter.run(v))),
-        );
+        fused.push(step.clone().fuse(
+            &rest,
+            target,
+            Arc::new(move |input| filter.run_chain(input)),
+        ));
     }
     fused
 }
@@ -690,9 +692,26 @@ impl JqFilter {
         Ok(values)
     }
 
+    /// [`run`](JqFilter::run) on a chain's input: a value, or a stored
+    /// payload's text, read as serde_json reads it (see [`json_to_jaq`]).
+    fn run_chain(&self, input: ChainInput<'_>) -> Result<Value, BoxError> {
+        let input = match input {
+            ChainInput::Value(v) => to_jaq(v, "the payload")?,
+            ChainInput::Json(text) => match json_to_jaq(text) {
+                Some(v) => v,
+                None => to_jaq(&serde_json::from_str(text)?, "the payload")?,
+            },
+        };
+        self.run_val(input)
+    }
+
     /// Runs the filter on one payload; it must produce exactly one value.
     fn run(&self, input: &Value) -> Result<Value, BoxError> {
-        let input = to_jaq(input, "the payload")?;
+        self.run_val(to_jaq(input, "the payload")?)
+    }
+
+    /// [`run`](JqFilter::run) on the payload as jaq's value.
+    fn run_val(&self, input: Val) -> Result<Value, BoxError> {
         if let Some(v) = self.run_fast(&input) {
             return from_jaq(&v, "the filter's result", "is not a JSON payload");
         }
@@ -780,6 +799,59 @@ fn to_jaq_direct(value: &Value, depth: usize) -> Option<Val> {
             Val::obj(obj)
         }
     })
+}
+
+/// The stored payload `text` as [`to_jaq`] gives the value serde_json
+/// reads from it, read by jaq directly where that gives the same value:
+/// objects with their keys in serde_json's order (sorted, no duplicates),
+/// machine integers, strings jaq and serde_json decode alike, within the
+/// direct conversions' depth. `None` for anything else (floats, which
+/// serde_json rounds and jaq keeps as written; `-0`, which serde_json reads
+/// as a float; big numbers; a replacement character, which jaq may have
+/// made of a lone surrogate serde_json refuses; text jaq does not read).
+fn json_to_jaq(text: &str) -> Option<Val> {
+    let v = jaq_json::read::parse_single(text.as_bytes()).ok()?;
+    let mut zero = false;
+    if !reads_alike(&v, DIRECT_DEPTH, &mut zero) || (zero && text.contains("-0")) {
+        return None;
+    }
+    Some(v)
+}
+
+/// Whether `v`, as jaq read it from a text, is what [`to_jaq`] gives for
+/// serde_json's reading of that text; `zero` is set when it holds a 0
+/// (which the text may have written `-0`).
+fn reads_alike(v: &Val, depth: usize, zero: &mut bool) -> bool {
+    let text_ok = |s: &[u8]| {
+        std::str::from_utf8(s).is_ok() && !s.windows(3).any(|w| w == "\u{fffd}".as_bytes())
+    };
+    match v {
+        Val::Null | Val::Bool(_) => true,
+        Val::Num(Num::Int(i)) => {
+            *zero |= *i == 0;
+            true
+        }
+        Val::TStr(s) => text_ok(s),
+        Val::Arr(items) => depth
+            .checked_sub(1)
+            .is_some_and(|d| items.iter().all(|v| reads_alike(v, d, zero))),
+        Val::Obj(obj) => {
+            let Some(d) = depth.checked_sub(1) else {
+                return false;
+            };
+            let mut previous: Option<&[u8]> = None;
+            for (k, v) in obj.iter() {
+                let Val::TStr(k) = k else { return false };
+                if !text_ok(k) || previous.is_some_and(|p| p >= &k[..]) || !reads_alike(v, d, zero)
+                {
+                    return false;
+                }
+                previous = Some(&k[..]);
+            }
+            true
+        }
+        _ => false,
+    }
 }
 
 /// `value` as serde_json reads jaq's text of it; an error (a value that is
@@ -1450,6 +1522,66 @@ filter = '''
         }
         let plain = JqFilter::compile_with("tonumber, split(\".\")", Natives::None).expect("jq");
         assert!(plain.fast.is_none());
+    }
+
+    /// A stored payload read by jaq directly is the value serde_json reads
+    /// from it, converted; where it would not be, jaq's reading is not taken.
+    #[test]
+    fn payload_text_read_directly_matches_serde_json() {
+        let debug = |v: &Val| format!("{v:?}");
+        let mut direct = 0;
+        for text in [
+            r#"{"amount": "12.50"}"#,
+            r#"{"amount":"0.50","name":"ann"}"#,
+            r#"  { "a" : [1, -2, true, false, null, {"b": "x\ty\u00e9\ud83d\ude00\"\\\/"}] }  "#,
+            "0",
+            "-1",
+            "[0, 1]",
+            "9223372036854775807",
+            "-9223372036854775808",
+            "\"\"",
+            "[]",
+            "{}",
+            r#"{"a": "\u0000"}"#,
+            // A repeated key: the last value, where the first was (sorted
+            // here, as serde_json's map).
+            r#"{"a": 1, "a": 2}"#,
+            r#"{"a": 1, "b": 2, "a": 3}"#,
+            // Not read directly.
+            "-0",
+            "[1, -0]",
+            "[-0.0]",
+            "1.50",
+            "1e2",
+            "1E2",
+            "0.1",
+            "9223372036854775808",
+            "18446744073709551615",
+            "-9223372036854775809",
+            "123456789012345678901234567890",
+            r#"{"b": 1, "a": 2}"#,
+            r#"{"b": 1, "a": 2, "b": 3}"#,
+            r#"{"a": {"d": 1, "c": 2}}"#,
+            r#""\ud800""#,
+            r#""\udc00x""#,
+            r#""\ud800\u0041""#,
+            r#""\ufffd""#,
+            "\"\u{fffd}\"",
+        ] {
+            let via_serde = serde_json::from_str::<Value>(text)
+                .map_err(|e| e.to_string())
+                .and_then(|v| to_jaq(&v, "the payload").map_err(|e| e.to_string()));
+            if let Some(v) = json_to_jaq(text) {
+                direct += 1;
+                assert_eq!(Ok(debug(&v)), via_serde.as_ref().map(debug), "{text}");
+            }
+        }
+        assert_eq!(direct, 14);
+        let deep = format!("{}{}", "[".repeat(100), "]".repeat(100));
+        assert!(json_to_jaq(&deep).is_none());
+        let deeper = format!("{}{}", "[".repeat(200), "]".repeat(200));
+        assert!(json_to_jaq(&deeper).is_none());
+        assert!(serde_json::from_str::<Value>(&deeper).is_err());
     }
 
     /// The direct conversions between serde_json and jaq give what the text
