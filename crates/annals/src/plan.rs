@@ -34,7 +34,8 @@ use jaq_json::{Num, Val};
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::upcast::ChainInput;
+use crate::upcast::{ChainInput, ChainOutput};
+use crate::Payload;
 use crate::{BoxError, DomainEvent, Step, UpcastError, Upcasters, UpcastersBuilder};
 
 /// Why a plan could not be loaded. Every variant names the file.
@@ -694,7 +695,9 @@ impl JqFilter {
 
     /// [`run`](JqFilter::run) on a chain's input: a value, or a stored
     /// payload's text, read as serde_json reads it (see [`json_to_jaq`]).
-    fn run_chain(&self, input: ChainInput<'_>) -> Result<Value, BoxError> {
+    /// Its result is the payload, written directly where
+    /// [`writes_alike`] says that gives what the value would.
+    fn run_chain(&self, input: ChainInput<'_>) -> Result<ChainOutput, BoxError> {
         let input = match input {
             ChainInput::Value(v) => to_jaq(v, "the payload")?,
             ChainInput::Json(text) => match json_to_jaq(text) {
@@ -702,7 +705,13 @@ impl JqFilter {
                 None => to_jaq(&serde_json::from_str(text)?, "the payload")?,
             },
         };
-        self.run_val(input)
+        let out = self.one_value(input)?;
+        if writes_alike(&out, DIRECT_DEPTH) {
+            if let Ok(raw) = serde_json::value::to_raw_value(&AsPayload(&out)) {
+                return Ok(ChainOutput::Payload(Payload::from(raw)));
+            }
+        }
+        from_jaq(&out, "the filter's result", "is not a JSON payload").map(ChainOutput::Value)
     }
 
     /// Runs the filter on one payload; it must produce exactly one value.
@@ -712,8 +721,14 @@ impl JqFilter {
 
     /// [`run`](JqFilter::run) on the payload as jaq's value.
     fn run_val(&self, input: Val) -> Result<Value, BoxError> {
+        let out = self.one_value(input)?;
+        from_jaq(&out, "the filter's result", "is not a JSON payload")
+    }
+
+    /// The filter's only value on `input`, or why there is none.
+    fn one_value(&self, input: Val) -> Result<Val, BoxError> {
         if let Some(v) = self.run_fast(&input) {
-            return from_jaq(&v, "the filter's result", "is not a JSON payload");
+            return Ok(v);
         }
         let ctx = Ctx::<JaqData>::new(&self.filter.lut, Vars::new([]));
         let mut out = self.filter.id.run((ctx, input)).map(jaq_core::unwrap_valr);
@@ -730,7 +745,87 @@ impl JqFilter {
             )
             .into());
         }
-        from_jaq(&first, "the filter's result", "is not a JSON payload")
+        Ok(first)
+    }
+}
+
+/// Whether [`AsPayload`] writes `v` as [`Payload::from_value`] writes
+/// [`from_jaq`]'s value for it, which it accepts: null, booleans, machine
+/// integers, finite floats, UTF-8 strings without NUL, and arrays and
+/// objects of them (objects with keys in serde_json's order, none of them
+/// with NUL or serde_json's private prefix), within the direct conversions'
+/// depth (below [`crate::event::MAX_JSON_DEPTH`]).
+fn writes_alike(v: &Val, depth: usize) -> bool {
+    let text_ok = |s: &[u8]| std::str::from_utf8(s).is_ok() && !s.contains(&0);
+    match v {
+        Val::Null | Val::Bool(_) | Val::Num(Num::Int(_)) => true,
+        Val::Num(Num::Float(f)) => f.is_finite(),
+        Val::TStr(s) => text_ok(s),
+        Val::Arr(items) => depth
+            .checked_sub(1)
+            .is_some_and(|d| items.iter().all(|v| writes_alike(v, d))),
+        Val::Obj(obj) => {
+            let Some(d) = depth.checked_sub(1) else {
+                return false;
+            };
+            let mut previous: Option<&[u8]> = None;
+            for (k, v) in obj.iter() {
+                let Val::TStr(k) = k else { return false };
+                if !text_ok(k)
+                    || k.starts_with(b"$serde_json::private::")
+                    || previous.is_some_and(|p| p >= &k[..])
+                    || !writes_alike(v, d)
+                {
+                    return false;
+                }
+                previous = Some(&k[..]);
+            }
+            true
+        }
+        _ => false,
+    }
+}
+
+/// A value [`writes_alike`] accepts, serialized with the calls serde_json's
+/// `Value` makes for [`from_jaq`]'s value of it.
+struct AsPayload<'a>(&'a Val);
+
+impl serde::Serialize for AsPayload<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::{Error, SerializeMap, SerializeSeq};
+        match self.0 {
+            Val::Null => s.serialize_unit(),
+            Val::Bool(b) => s.serialize_bool(*b),
+            Val::Num(Num::Int(i)) => {
+                let i = i64::try_from(*i).map_err(S::Error::custom)?;
+                if i >= 0 {
+                    s.serialize_u64(i as u64)
+                } else {
+                    s.serialize_i64(i)
+                }
+            }
+            Val::Num(Num::Float(f)) => s.serialize_f64(*f),
+            Val::TStr(b) => s.serialize_str(std::str::from_utf8(b).map_err(S::Error::custom)?),
+            Val::Arr(items) => {
+                let mut seq = s.serialize_seq(Some(items.len()))?;
+                for v in items.iter() {
+                    seq.serialize_element(&AsPayload(v))?;
+                }
+                seq.end()
+            }
+            Val::Obj(obj) => {
+                let mut map = s.serialize_map(Some(obj.len()))?;
+                for (k, v) in obj.iter() {
+                    let Val::TStr(k) = k else {
+                        return Err(S::Error::custom("a key that is not a string"));
+                    };
+                    let k = std::str::from_utf8(k).map_err(S::Error::custom)?;
+                    map.serialize_entry(k, &AsPayload(v))?;
+                }
+                map.end()
+            }
+            _ => Err(S::Error::custom("not a JSON payload")),
+        }
     }
 }
 
@@ -1582,6 +1677,48 @@ filter = '''
         let deeper = format!("{}{}", "[".repeat(200), "]".repeat(200));
         assert!(json_to_jaq(&deeper).is_none());
         assert!(serde_json::from_str::<Value>(&deeper).is_err());
+    }
+
+    /// A chain's result written directly is the payload its serde_json
+    /// value makes, text for text; what that would refuse, or write
+    /// otherwise, is not written directly.
+    #[test]
+    fn payloads_written_directly_match_serde_json() {
+        let mut outputs = Vec::new();
+        for code in [
+            "{amount_minor: 1250}",
+            "{z: 1, a: [2, -3, null, true, false, \"x\\u0000\"], m: {}}",
+            "{a: \"\\\"\\\\\\n\\t\\u0001\\u007f é 😀 /\"}",
+            "[1.5, 0.1 + 0.2, 1e300 * 10, -0.0, 1.0e2, 2.5E-7, 1 / 3, nan]",
+            "9223372036854775807, -9223372036854775807 - 1, 100000000000000000000",
+            "{(\"k\" | tobytes): 1}, {(1): 2}, {\"$serde_json::private::RawValue\": 1}",
+            "{\"a\\u0000\": 1}, (\"abc\" | tobytes), {b: 1, a: 2}, [{b: 1, a: 2}]",
+            "[limit(70; repeat(1))] | reduce .[] as $x (0; [.])",
+            "[limit(60; repeat(1))] | reduce .[] as $x (0; [.])",
+            "1.50, null, true, \"\", [], {}",
+            "[0.1 + 0.2, 1 / 3, 1e300 * 10, 0.5 - 1, -(0.5 - 0.5)]",
+        ] {
+            outputs.extend(jaq_outputs(code, Val::Null));
+        }
+        outputs.push(Val::utf8_str(vec![b'a', 0xff]));
+        let mut direct = 0;
+        for v in &outputs {
+            let via_value = from_jaq(v, "the result", "is not JSON")
+                .map_err(|e| e.to_string())
+                .and_then(|value| Payload::from_value(&value).map_err(|e| e.to_string()))
+                .map(|p| p.as_str().to_owned());
+            if writes_alike(v, DIRECT_DEPTH) {
+                direct += 1;
+                let raw = serde_json::value::to_raw_value(&AsPayload(v)).expect("written");
+                assert_eq!(Ok(raw.get().to_owned()), via_value, "{v:?}");
+            }
+        }
+        // Directly: the first object, the escapes, the two machine
+        // integers, the array of floats, the array 60 deep, null, true, "",
+        // [] and {}; the rest has a decimal as written, NaN, a big integer,
+        // a key that is not a text, the private key, a NUL, a byte string,
+        // unsorted keys, nesting too deep or invalid UTF-8.
+        assert_eq!(direct, 11, "{outputs:?}");
     }
 
     /// The direct conversions between serde_json and jaq give what the text

@@ -21,7 +21,17 @@ type Transform = dyn Fn(Value) -> std::result::Result<Value, BoxError> + Send + 
 /// output out. It borrows its input, so that when it fails the steps can be
 /// run one by one on the same payload to name the failing one.
 pub(crate) type ChainTransform =
-    dyn Fn(ChainInput<'_>) -> std::result::Result<Value, BoxError> + Send + Sync;
+    dyn Fn(ChainInput<'_>) -> std::result::Result<ChainOutput, BoxError> + Send + Sync;
+
+/// The output of a [`ChainTransform`]: the last step's payload as a value,
+/// or already written as the payload that value makes
+/// ([`Payload::from_value`], which must not fail on it).
+pub(crate) enum ChainOutput {
+    /// A payload value.
+    Value(Value),
+    /// The payload.
+    Payload(Payload),
+}
 
 /// The input of a [`ChainTransform`]: a payload already parsed (by an
 /// earlier step), or the stored payload's JSON text, which the transform
@@ -606,7 +616,14 @@ impl Upcasters {
                     None => ChainInput::Json(event.data.as_str()),
                 };
                 if let Ok(output) = (fused.transform)(input) {
-                    value = Some(output);
+                    match output {
+                        ChainOutput::Value(v) => value = Some(v),
+                        // Later steps, if any, parse it.
+                        ChainOutput::Payload(p) => {
+                            value = None;
+                            event.data = p;
+                        }
+                    }
                     current_type = fused.target.clone();
                     version += fused.covers.len() as u32;
                     continue;
