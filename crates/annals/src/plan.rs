@@ -675,7 +675,7 @@ impl JqFilter {
     /// The filter's only value on `input` by [`fast::Expr::eval`], when
     /// the filter is in its subset and it does not give up.
     fn run_fast(&self, input: &Val) -> Option<Val> {
-        self.fast.as_ref()?.eval(input, &mut Vec::new())
+        self.fast.as_ref()?.eval(input, None)
     }
 
     /// Runs the filter on one input and returns every value it produces.
@@ -976,25 +976,26 @@ impl<'de> serde::de::Visitor<'de> for SerdeValVisitor {
 
     fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Val, A::Error> {
         use serde::de::Error;
-        let mut entries: Vec<(String, Val)> = Vec::new();
+        let mut obj = jaq_json::Map::default();
         let mut sorted = true;
         while let Some(k) = map.next_key::<String>()? {
             if k == "$serde_json::private::RawValue" {
                 return Err(A::Error::custom("serde_json's raw value key"));
             }
             let SerdeVal(v) = map.next_value()?;
-            sorted &= entries.last().is_none_or(|(p, _)| *p < k);
-            entries.push((k, v));
+            sorted &= match obj.last() {
+                Some((Val::TStr(p), _)) => p[..] < *k.as_bytes(),
+                _ => true,
+            };
+            // A repeated key keeps its place and takes the last value.
+            obj.insert(Val::utf8_str(k.into_bytes()), v);
         }
         if !sorted {
-            // serde_json's map: sorted by key, the last value of a key.
-            entries.reverse();
-            entries.sort_by(|a, b| a.0.cmp(&b.0));
-            entries.dedup_by(|later, first| later.0 == first.0);
-        }
-        let mut obj = jaq_json::Map::with_capacity_and_hasher(entries.len(), Default::default());
-        for (k, v) in entries {
-            obj.insert(Val::utf8_str(k.into_bytes()), v);
+            // serde_json's map: sorted by key (its bytes).
+            obj.sort_by(|k1, _, k2, _| match (k1, k2) {
+                (Val::TStr(a), Val::TStr(b)) => a[..].cmp(&b[..]),
+                _ => std::cmp::Ordering::Equal,
+            });
         }
         Ok(Val::obj(obj))
     }

@@ -102,8 +102,8 @@ impl Expr {
 
     /// The filter's value on `input`, or `None` where jaq would not give
     /// exactly this one value (an error, no value, several). `env` holds
-    /// the values of the variables bound around it (none at the top).
-    pub(super) fn eval(&self, input: &Val, env: &mut Vec<Val>) -> Option<Val> {
+    /// the values of the variables bound around it (`None` at the top).
+    pub(super) fn eval(&self, input: &Val, env: Env<'_>) -> Option<Val> {
         Some(match self {
             Expr::Id => input.clone(),
             Expr::Lit(v) => v.clone(),
@@ -127,12 +127,9 @@ impl Expr {
             }
             Expr::Bind(l, r) => {
                 let y = l.eval(input, env)?;
-                env.push(y);
-                let out = r.eval(input, env);
-                env.pop();
-                out?
+                r.eval(input, Some(&Bound { value: &y, up: env }))?
             }
-            Expr::Var(i) => env.get(env.len().checked_sub(i + 1)?)?.clone(),
+            Expr::Var(i) => var(env, *i)?.clone(),
             Expr::Math(l, op, r) => {
                 let x = l.eval(input, env)?;
                 let y = r.eval(input, env)?;
@@ -171,7 +168,7 @@ impl Expr {
                 let owned;
                 let start: &Val = match &**f {
                     Expr::Id => input,
-                    Expr::Var(i) => env.get(env.len().checked_sub(i + 1)?)?,
+                    Expr::Var(i) => var(env, *i)?,
                     f => {
                         owned = f.eval(input, env)?;
                         &owned
@@ -182,11 +179,7 @@ impl Expr {
                     None => start.clone(),
                     Some(Part::Index(i)) => match i {
                         Expr::Lit(i) => index_ref(start, i)?,
-                        i => {
-                            // `start` may borrow `env`, which `eval` takes.
-                            let start = start.clone();
-                            index_ref(&start, &i.eval(input, env)?)?
-                        }
+                        i => index_ref(start, &i.eval(input, env)?)?,
                     },
                     Some(Part::Range(from, upto)) => {
                         range(start.clone(), from.as_ref(), upto.as_ref(), input, env)?
@@ -230,6 +223,24 @@ impl Expr {
     }
 }
 
+/// The values of the variables bound around a term, innermost first (on
+/// the stack: binding one allocates nothing).
+pub(super) type Env<'a> = Option<&'a Bound<'a>>;
+
+/// A variable's value and those bound around it.
+pub(super) struct Bound<'a> {
+    value: &'a Val,
+    up: Env<'a>,
+}
+
+/// Variable `i` (0 the innermost) of `env`.
+fn var<'a>(mut env: Env<'a>, i: usize) -> Option<&'a Val> {
+    for _ in 0..i {
+        env = env?.up;
+    }
+    env.map(|b| b.value)
+}
+
 /// `v[i]` as jaq's `ValT::index` gives it, without copying `v` where it is
 /// null or an object (jaq's first and object cases).
 fn index_ref(v: &Val, i: &Val) -> Option<Val> {
@@ -246,7 +257,7 @@ fn range(
     from: Option<&Expr>,
     upto: Option<&Expr>,
     input: &Val,
-    env: &mut Vec<Val>,
+    env: Env<'_>,
 ) -> Option<Val> {
     let from = match from {
         Some(i) => Some(i.eval(input, env)?),
