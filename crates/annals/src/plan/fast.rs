@@ -400,15 +400,14 @@ impl Scope<'_> {
                     return scope.lower(self.defs[j].body.clone(), &mut Vec::new());
                 }
                 let mut args = args.into_iter();
-                let expr = match (name, arity) {
+                match (name, arity) {
                     ("tonumber", 0) if self.calls.std => Expr::ToNumber,
                     ("split", 1) if self.calls.std => Expr::Split(self.boxed(args.next()?, vars)?),
                     ("annals_one", 1) if self.calls.chain => {
                         Expr::One(self.boxed(args.next()?, vars)?)
                     }
                     _ => return None,
-                };
-                expr
+                }
             }
             Term::Path(f, path) => {
                 let f = self.boxed(*f, vars)?;
