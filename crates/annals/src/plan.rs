@@ -34,6 +34,8 @@ use jaq_json::{Num, Val};
 use serde::Deserialize;
 use serde_json::Value;
 
+use crate::upcast::{ChainInput, ChainOutput};
+use crate::Payload;
 use crate::{BoxError, DomainEvent, Step, UpcastError, Upcasters, UpcastersBuilder};
 
 /// Why a plan could not be loaded. Every variant names the file.
@@ -362,10 +364,11 @@ fn fuse_chains(steps: Vec<Step>, codes: &[String]) -> Vec<Step> {
         };
         let filter = Arc::new(filter);
         let rest: Vec<&Step> = chain[1..].iter().map(|&j| &steps[j]).collect();
-        fused.push(
-            step.clone()
-                .fuse(&rest, target, Arc::new(move |v: &Value| filter.run(v))),
-        );
+        fused.push(step.clone().fuse(
+            &rest,
+            target,
+            Arc::new(move |input| filter.run_chain(input)),
+        ));
     }
     fused
 }
@@ -404,6 +407,7 @@ fn line_column(text: &str, at: usize) -> (usize, usize) {
 
 type JaqData = data::JustLut<Val>;
 
+mod fast;
 mod migration;
 pub use migration::{MigrationPlan, MigrationPreview, Migrator};
 
@@ -563,6 +567,9 @@ fn passes_unchanged(v: &Val, depth: usize) -> bool {
 /// A compiled jq filter.
 struct JqFilter {
     filter: jaq_core::Filter<JaqData>,
+    /// The filter for [`fast::Expr::eval`], when it is in its subset: tried
+    /// first, jaq running the filter where it gives up.
+    fast: Option<fast::Expr>,
 }
 
 impl fmt::Debug for JqFilter {
@@ -581,17 +588,32 @@ impl JqFilter {
     /// [`compile`](JqFilter::compile) with the natives `natives` says.
     fn compile_with(code: &str, natives: Natives) -> Result<JqFilter, (usize, String)> {
         let std = natives != Natives::None;
-        let defs = jaq_core::defs()
+        let defs: Vec<_> = jaq_core::defs()
             .chain(jaq_std::defs())
             .chain(jaq_json::defs())
-            .filter(|d| !(std && is_native(d.name, d.args.len())));
-        let funs = jaq_core::funs()
+            .filter(|d| !(std && is_native(d.name, d.args.len())))
+            .collect();
+        let jaq_funs: Vec<_> = jaq_core::funs()
             .chain(jaq_std::funs())
             .chain(jaq_json::funs())
+            .collect();
+        // Whether calls to `name/arity` reach this module's native: jaq
+        // resolves a call to a jq definition first, then to the first
+        // native of its name and arity, and ours come last.
+        let ours = |name: &str, arity: usize| {
+            !defs.iter().any(|d| d.name == name && d.args.len() == arity)
+                && !jaq_funs.iter().any(|f| f.0 == name && f.1.len() == arity)
+        };
+        let calls = fast::Calls {
+            std: std && ours("tonumber", 0) && ours("split", 1),
+            chain: natives == Natives::Chain && ours("annals_one", 1),
+        };
+        let funs = jaq_funs
+            .into_iter()
             .chain(std_natives().filter(|_| std))
             .chain(chain_natives().filter(|_| natives == Natives::Chain));
         let arena = Arena::default();
-        let loader = Loader::new(defs);
+        let loader = Loader::new(defs.iter().cloned());
         let offset = |part: &str| {
             let base = code.as_ptr() as usize;
             let p = part.as_ptr() as usize;
@@ -646,12 +668,22 @@ impl JqFilter {
                     None => (0, "compiling failed".to_owned()),
                 }
             })?;
-        Ok(JqFilter { filter })
+        let fast = fast::Expr::compile(code, calls, &defs);
+        Ok(JqFilter { filter, fast })
+    }
+
+    /// The filter's only value on `input` by [`fast::Expr::eval`], when
+    /// the filter is in its subset and it does not give up.
+    fn run_fast(&self, input: &Val) -> Option<Val> {
+        self.fast.as_ref()?.eval(input, None)
     }
 
     /// Runs the filter on one input and returns every value it produces.
     fn run_all(&self, input: Value) -> Result<Vec<Value>, BoxError> {
         let input = to_jaq(&input, "the input")?;
+        if let Some(v) = self.run_fast(&input) {
+            return Ok(vec![from_jaq(&v, "the filter's result", "is not JSON")?]);
+        }
         let ctx = Ctx::<JaqData>::new(&self.filter.lut, Vars::new([]));
         let mut values = Vec::new();
         for out in self.filter.id.run((ctx, input)).map(jaq_core::unwrap_valr) {
@@ -661,9 +693,40 @@ impl JqFilter {
         Ok(values)
     }
 
+    /// [`run`](JqFilter::run) on a chain's input: a value, or a stored
+    /// payload's text, read as serde_json reads it (see [`json_to_jaq`]).
+    /// Its result is the payload, written directly where
+    /// [`writes_alike`] says that gives what the value would.
+    fn run_chain(&self, input: ChainInput<'_>) -> Result<ChainOutput, BoxError> {
+        let input = match input {
+            ChainInput::Value(v) => to_jaq(v, "the payload")?,
+            ChainInput::Json(text) => json_to_jaq(text)?,
+        };
+        let out = self.one_value(input)?;
+        if writes_alike(&out, DIRECT_DEPTH) {
+            if let Ok(raw) = serde_json::value::to_raw_value(&AsPayload(&out)) {
+                return Ok(ChainOutput::Payload(Payload::from(raw)));
+            }
+        }
+        from_jaq(&out, "the filter's result", "is not a JSON payload").map(ChainOutput::Value)
+    }
+
     /// Runs the filter on one payload; it must produce exactly one value.
     fn run(&self, input: &Value) -> Result<Value, BoxError> {
-        let input = to_jaq(input, "the payload")?;
+        self.run_val(to_jaq(input, "the payload")?)
+    }
+
+    /// [`run`](JqFilter::run) on the payload as jaq's value.
+    fn run_val(&self, input: Val) -> Result<Value, BoxError> {
+        let out = self.one_value(input)?;
+        from_jaq(&out, "the filter's result", "is not a JSON payload")
+    }
+
+    /// The filter's only value on `input`, or why there is none.
+    fn one_value(&self, input: Val) -> Result<Val, BoxError> {
+        if let Some(v) = self.run_fast(&input) {
+            return Ok(v);
+        }
         let ctx = Ctx::<JaqData>::new(&self.filter.lut, Vars::new([]));
         let mut out = self.filter.id.run((ctx, input)).map(jaq_core::unwrap_valr);
         let first = match out.next() {
@@ -679,7 +742,87 @@ impl JqFilter {
             )
             .into());
         }
-        from_jaq(&first, "the filter's result", "is not a JSON payload")
+        Ok(first)
+    }
+}
+
+/// Whether [`AsPayload`] writes `v` as [`Payload::from_value`] writes
+/// [`from_jaq`]'s value for it, which it accepts: null, booleans, machine
+/// integers, finite floats, UTF-8 strings without NUL, and arrays and
+/// objects of them (objects with keys in serde_json's order, none of them
+/// with NUL or serde_json's private prefix), within the direct conversions'
+/// depth (below [`crate::event::MAX_JSON_DEPTH`]).
+fn writes_alike(v: &Val, depth: usize) -> bool {
+    let text_ok = |s: &[u8]| std::str::from_utf8(s).is_ok() && !s.contains(&0);
+    match v {
+        Val::Null | Val::Bool(_) | Val::Num(Num::Int(_)) => true,
+        Val::Num(Num::Float(f)) => f.is_finite(),
+        Val::TStr(s) => text_ok(s),
+        Val::Arr(items) => depth
+            .checked_sub(1)
+            .is_some_and(|d| items.iter().all(|v| writes_alike(v, d))),
+        Val::Obj(obj) => {
+            let Some(d) = depth.checked_sub(1) else {
+                return false;
+            };
+            let mut previous: Option<&[u8]> = None;
+            for (k, v) in obj.iter() {
+                let Val::TStr(k) = k else { return false };
+                if !text_ok(k)
+                    || k.starts_with(b"$serde_json::private::")
+                    || previous.is_some_and(|p| p >= &k[..])
+                    || !writes_alike(v, d)
+                {
+                    return false;
+                }
+                previous = Some(&k[..]);
+            }
+            true
+        }
+        _ => false,
+    }
+}
+
+/// A value [`writes_alike`] accepts, serialized with the calls serde_json's
+/// `Value` makes for [`from_jaq`]'s value of it.
+struct AsPayload<'a>(&'a Val);
+
+impl serde::Serialize for AsPayload<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::{Error, SerializeMap, SerializeSeq};
+        match self.0 {
+            Val::Null => s.serialize_unit(),
+            Val::Bool(b) => s.serialize_bool(*b),
+            Val::Num(Num::Int(i)) => {
+                let i = i64::try_from(*i).map_err(S::Error::custom)?;
+                if i >= 0 {
+                    s.serialize_u64(i as u64)
+                } else {
+                    s.serialize_i64(i)
+                }
+            }
+            Val::Num(Num::Float(f)) => s.serialize_f64(*f),
+            Val::TStr(b) => s.serialize_str(std::str::from_utf8(b).map_err(S::Error::custom)?),
+            Val::Arr(items) => {
+                let mut seq = s.serialize_seq(Some(items.len()))?;
+                for v in items.iter() {
+                    seq.serialize_element(&AsPayload(v))?;
+                }
+                seq.end()
+            }
+            Val::Obj(obj) => {
+                let mut map = s.serialize_map(Some(obj.len()))?;
+                for (k, v) in obj.iter() {
+                    let Val::TStr(k) = k else {
+                        return Err(S::Error::custom("a key that is not a string"));
+                    };
+                    let k = std::str::from_utf8(k).map_err(S::Error::custom)?;
+                    map.serialize_entry(k, &AsPayload(v))?;
+                }
+                map.end()
+            }
+            _ => Err(S::Error::custom("not a JSON payload")),
+        }
     }
 }
 
@@ -748,6 +891,114 @@ fn to_jaq_direct(value: &Value, depth: usize) -> Option<Val> {
             Val::obj(obj)
         }
     })
+}
+
+/// The stored payload `text` as [`to_jaq`] gives the value serde_json
+/// reads from it, read by serde_json's parser into jaq's value directly
+/// (with the calls serde_json's `Value` makes of it, see [`SerdeVal`]).
+/// An error where serde_json fails to read a `Value`, or on the key
+/// serde_json keeps for its raw values (which its `Value` reads
+/// otherwise).
+fn json_to_jaq(text: &str) -> Result<Val, serde_json::Error> {
+    serde_json::from_str::<SerdeVal>(text).map(|v| v.0)
+}
+
+/// jaq's value of what serde_json reads into a `Value`: objects with
+/// their keys sorted and the last value of a repeated key (serde_json's
+/// map), numbers as [`to_jaq_direct`] converts serde_json's.
+struct SerdeVal(Val);
+
+impl<'de> Deserialize<'de> for SerdeVal {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(SerdeValVisitor).map(SerdeVal)
+    }
+}
+
+struct SerdeValVisitor;
+
+impl<'de> serde::de::Visitor<'de> for SerdeValVisitor {
+    type Value = Val;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("any valid JSON value")
+    }
+
+    fn visit_bool<E>(self, b: bool) -> Result<Val, E> {
+        Ok(Val::Bool(b))
+    }
+
+    fn visit_i64<E>(self, i: i64) -> Result<Val, E> {
+        // `Number::from(i)`, then `as_u64` before `as_i64`.
+        Ok(Val::Num(match u64::try_from(i) {
+            Ok(u) => Num::from_integral(u),
+            Err(_) => Num::from_integral(i),
+        }))
+    }
+
+    fn visit_u64<E>(self, u: u64) -> Result<Val, E> {
+        Ok(Val::Num(Num::from_integral(u)))
+    }
+
+    fn visit_f64<E>(self, f: f64) -> Result<Val, E> {
+        Ok(match serde_json::Number::from_f64(f) {
+            Some(n) => Val::Num(Num::Dec(jaq_json::Rc::new(n.to_string()))),
+            None => Val::Null,
+        })
+    }
+
+    fn visit_str<E>(self, s: &str) -> Result<Val, E> {
+        Ok(Val::utf8_str(s.as_bytes().to_vec()))
+    }
+
+    fn visit_string<E>(self, s: String) -> Result<Val, E> {
+        Ok(Val::utf8_str(s.into_bytes()))
+    }
+
+    fn visit_none<E>(self) -> Result<Val, E> {
+        Ok(Val::Null)
+    }
+
+    fn visit_some<D: serde::Deserializer<'de>>(self, d: D) -> Result<Val, D::Error> {
+        SerdeVal::deserialize(d).map(|v| v.0)
+    }
+
+    fn visit_unit<E>(self) -> Result<Val, E> {
+        Ok(Val::Null)
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Val, A::Error> {
+        let mut items = Vec::new();
+        while let Some(SerdeVal(v)) = seq.next_element()? {
+            items.push(v);
+        }
+        Ok(Val::Arr(jaq_json::Rc::new(items)))
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Val, A::Error> {
+        use serde::de::Error;
+        let mut obj = jaq_json::Map::default();
+        let mut sorted = true;
+        while let Some(k) = map.next_key::<String>()? {
+            if k == "$serde_json::private::RawValue" {
+                return Err(A::Error::custom("serde_json's raw value key"));
+            }
+            let SerdeVal(v) = map.next_value()?;
+            sorted &= match obj.last() {
+                Some((Val::TStr(p), _)) => p[..] < *k.as_bytes(),
+                _ => true,
+            };
+            // A repeated key keeps its place and takes the last value.
+            obj.insert(Val::utf8_str(k.into_bytes()), v);
+        }
+        if !sorted {
+            // serde_json's map: sorted by key (its bytes).
+            obj.sort_by(|k1, _, k2, _| match (k1, k2) {
+                (Val::TStr(a), Val::TStr(b)) => a[..].cmp(&b[..]),
+                _ => std::cmp::Ordering::Equal,
+            });
+        }
+        Ok(Val::obj(obj))
+    }
 }
 
 /// `value` as serde_json reads jaq's text of it; an error (a value that is
@@ -1257,6 +1508,279 @@ filter = '''
                 );
             }
         }
+    }
+
+    /// Where the direct evaluator gives a value, jaq gives that value and
+    /// nothing else, for filters of its subset and around it on inputs of
+    /// every kind; and it takes the filters it is meant for.
+    #[test]
+    fn the_direct_evaluator_matches_jaq() {
+        let text = |s: &str| Val::utf8_str(s.as_bytes().to_vec());
+        let parse = |s: &str| jaq_json::read::parse_single(s.as_bytes()).expect(s);
+        let mut inputs = vec![
+            Val::Null,
+            Val::Bool(true),
+            Val::Bool(false),
+            Val::from(12isize),
+            Val::Num(Num::Float(1.5)),
+            Val::Num(Num::Float(f64::NAN)),
+            Val::Num(Num::Dec(jaq_json::Rc::new("1.50".to_owned()))),
+            Val::byte_str(b"1.2".to_vec()),
+            Val::utf8_str(vec![b'a', 0xff, b'.', b'b']),
+            Val::obj([(Val::from(1isize), text("x"))].into_iter().collect()),
+        ];
+        for s in ["", "1.00", "12", "a.b.c", "é.ü", " 2 ", "1 2", "x", "-0.5"] {
+            inputs.push(text(s));
+        }
+        for s in [
+            r#"{"amount": "12.50", "name": "ann", "holder": null}"#,
+            r#"{"amount": "7", "a": {"b": [1, "2", null]}, "i": 1, "s": "k"}"#,
+            r#"{"amount": "0.5.5", "a": [], "i": -1, "s": "amount"}"#,
+            r#"{"amount": 3, "a": false, "i": "x", "amount_minor": 1250}"#,
+            r#"{"amount": ".", "a": {"a": {"a": 1}}, "i": 1.5, "k": "a"}"#,
+            r#"{"amount": "1e2", "name": "", "a": [[1, 2], {"x": 3}], "i": 9}"#,
+            "[0, 1, 2, 3, \"x\", [4]]",
+            "[\"a\", \"b\"]",
+        ] {
+            inputs.push(parse(s));
+        }
+        // Filters of the subset, then filters outside it.
+        let subset = [
+            ".",
+            "{holder: .name}",
+            "{owner: .holder}",
+            ".amount | split(\".\") as $p | {amount_minor: (($p[0] | tonumber) * 100 + ((($p[1] // \"\") + \"00\")[0:2] | tonumber))}",
+            "{amount: .amount_minor}",
+            ".a.b[1]",
+            ".[0]",
+            ".[1:3]",
+            ".[:2]",
+            ".[2:]",
+            ".[-1:]",
+            ".[.i]",
+            ".a[.i:]",
+            ".[\"a\"]?",
+            ".a?.b",
+            "-.i",
+            "-(.amount | tonumber)",
+            "[]",
+            "[.a]",
+            "{}",
+            "{a: 1, b: 2, a: 3}",
+            "{(.s): .i, (.k): 2}",
+            "{(1): 2}",
+            "{name, \"amount\"}",
+            ". as $x | {$x}",
+            "1 as $x | 2 as $y | {a: [$x], b: $y, c: ($x + $y)}",
+            "1 as $x | (2 as $x | $x) + $x",
+            "\"a\\(.i)b\\n\\(.a)\"",
+            "\"\\(.)\"",
+            "\"\"",
+            "{a: (.i + 1), b: (.i - 1), c: (.i * 2), d: (.i / 2), e: (.i % 2), f: (.amount + .name)}",
+            "{a: (.i < 2), b: (.i == 1), c: (.a != null), d: (.amount >= \"1\")}",
+            ".a // .i // \"none\"",
+            ".holder // 0",
+            "{a: (.a and .i), b: (.a or .i), c: (.x and 1), d: (.x or false)}",
+            "if .a then .i elif .i then 2 else 3 end",
+            "if .a then .i end",
+            "if .a then .i elif .amount then .amount end",
+            "tonumber",
+            ".amount | tonumber",
+            "split(\".\")",
+            "split(.s)",
+            ".amount | split(\".\")",
+            ".amount | split(\".\") | .[0] | tonumber",
+            "{a: 1.50, b: 100000000000000000000, c: 1e3, d: -1, e: (0.1 + 0.2)}",
+            "{a: 1} + {b: 2} + null",
+            "{a: ([[1]] + [2] + [3]), b: (\"ab\" * 2), c: ({} * {})}",
+            "(.amount | split(\".\"))[5]",
+            // Definitions without arguments are inlined.
+            "{a: (.a | not), b: (.i | tostring), c: null, d: true, e: false}",
+            "{a: (. | tostring), b: (.i == null)}",
+        ];
+        let outside = [
+            ".[]",
+            ".[0], 1",
+            "[.a, .i]",
+            "def f: 1; f",
+            ".a |= 1",
+            "length",
+            "error(\"x\")",
+            "empty",
+            "try .a catch 1",
+            "reduce .[] as $x (0; . + $x)",
+            ". as [$a] | $a",
+            "@base64 \"\\(.)\"",
+            "recurse",
+            "first(.a)",
+            ".a | select(.)",
+        ];
+        for (code, fast) in subset
+            .iter()
+            .map(|c| (c, true))
+            .chain(outside.iter().map(|c| (c, false)))
+        {
+            let filter = JqFilter::compile(code).expect(code);
+            assert_eq!(filter.fast.is_some(), fast, "{code}");
+            for input in &inputs {
+                let jq = outputs_of(&filter, input);
+                if let Some(v) = filter.run_fast(input) {
+                    assert_eq!(vec![Ok(format!("{v:?}"))], jq, "{code} on {input:?}");
+                }
+            }
+        }
+
+        // It gives values where the filters succeed.
+        let deposit = JqFilter::compile(subset[3]).expect("deposit");
+        let input = parse(r#"{"amount": "12.5"}"#);
+        assert_eq!(
+            deposit.run_fast(&input).map(|v| v.to_string()),
+            Some(r#"{"amount_minor":1250}"#.to_owned())
+        );
+
+        // Chains: `annals_one`, and the natives of the jq definitions only
+        // where those are not loaded.
+        for (f1, f2) in [
+            ("{b: .a}", "{c: .b}"),
+            ("{b: (.amount | tonumber)}", "{c: (.b * 2)}"),
+            ("{b: 0.1, d: 1.50, e: 1e3}", "[.b, .d, .e | tostring]"),
+            ("{z: 1, a: 2}", "[.z, .a]"),
+            ("{b: nan}", "{c: (.b == null)}"),
+            ("{b: (\"x\" | tobytes)}", "{c: .b}"),
+            ("{b: .i}", "{c: (.b + 1)}"),
+            ("{b: .amount | split(\".\")}", "{c: .b[1]}"),
+            ("error(\"first\")", "{c: .}"),
+            ("{b: .a}", ".b | tonumber"),
+        ] {
+            let code = format!("annals_one(\n{f1}\n) | (\n{f2}\n)");
+            let filter = JqFilter::compile_with(&code, Natives::Chain).expect(&code);
+            for input in &inputs {
+                let jq = outputs_of(&filter, input);
+                if let Some(v) = filter.run_fast(input) {
+                    assert_eq!(vec![Ok(format!("{v:?}"))], jq, "{code} on {input:?}");
+                }
+            }
+        }
+        let chain = JqFilter::compile_with("annals_one(.a) | .b", Natives::Chain).expect("chain");
+        assert!(chain.fast.is_some());
+        for natives in [Natives::None, Natives::Std] {
+            let code = "annals_one(.a)";
+            assert!(JqFilter::compile_with(code, natives).is_err(), "{code}");
+        }
+        let plain = JqFilter::compile_with("tonumber, split(\".\")", Natives::None).expect("jq");
+        assert!(plain.fast.is_none());
+    }
+
+    /// A stored payload read into jaq's value directly is the value
+    /// serde_json reads from it, converted; and it fails where that fails.
+    #[test]
+    fn payload_text_read_directly_matches_serde_json() {
+        let debug = |v: &Val| format!("{v:?}");
+        let deep = format!("{}{}", "[".repeat(100), "]".repeat(100));
+        let deeper = format!("{}{}", "[".repeat(200), "]".repeat(200));
+        let texts = [
+            r#"{"amount": "12.50"}"#,
+            r#"{"amount":"0.50","name":"ann"}"#,
+            r#"  { "a" : [1, -2, true, false, null, {"b": "x\ty\u00e9\ud83d\ude00\"\\\/"}] }  "#,
+            "0",
+            "-1",
+            "-0",
+            "[1, -0, -0.0, 0.0]",
+            "9223372036854775807",
+            "-9223372036854775808",
+            "9223372036854775808",
+            "18446744073709551615",
+            "18446744073709551616",
+            "-9223372036854775809",
+            "123456789012345678901234567890",
+            "1.50",
+            "1e2",
+            "1E2",
+            "0.1",
+            "1e400",
+            "5e-324",
+            "\"\"",
+            "[]",
+            "{}",
+            r#"{"a": "\u0000"}"#,
+            r#"{"a": 1, "a": 2}"#,
+            r#"{"a": 1, "b": 2, "a": 3}"#,
+            r#"{"b": 1, "a": 2, "b": 3, "c": {"d": 1, "c": 2}}"#,
+            r#"{"é": 1, "z": 2, "Z": 3, "": 4}"#,
+            r#""\ud800""#,
+            r#""\udc00x""#,
+            r#""\ufffd""#,
+            "\"\u{fffd}\"",
+            &deep,
+            &deeper,
+            "1 2",
+            "",
+            "[1,]",
+            r#"{"x": 1, "$serde_json::private::RawValue": 2}"#,
+        ];
+        let mut read = 0;
+        for text in texts {
+            let via_serde = serde_json::from_str::<Value>(text)
+                .map_err(|e| e.to_string())
+                .and_then(|v| to_jaq(&v, "the payload").map_err(|e| e.to_string()));
+            match json_to_jaq(text) {
+                Ok(v) => {
+                    read += 1;
+                    assert_eq!(Ok(debug(&v)), via_serde.as_ref().map(debug), "{text}");
+                }
+                // serde_json fails too, or the raw value key.
+                Err(e) => assert!(
+                    via_serde.is_err() || text.contains("$serde_json::private"),
+                    "{text}: {e}"
+                ),
+            }
+        }
+        // All but the number out of range, the lone surrogates, the text
+        // nested deeper than serde_json reads, the three texts that are
+        // not JSON, and the raw value key.
+        assert_eq!(read, texts.len() - 8);
+    }
+
+    /// A chain's result written directly is the payload its serde_json
+    /// value makes, text for text; what that would refuse, or write
+    /// otherwise, is not written directly.
+    #[test]
+    fn payloads_written_directly_match_serde_json() {
+        let mut outputs = Vec::new();
+        for code in [
+            "{amount_minor: 1250}",
+            "{z: 1, a: [2, -3, null, true, false, \"x\\u0000\"], m: {}}",
+            "{a: \"\\\"\\\\\\n\\t\\u0001\\u007f é 😀 /\"}",
+            "[1.5, 0.1 + 0.2, 1e300 * 10, -0.0, 1.0e2, 2.5E-7, 1 / 3, nan]",
+            "9223372036854775807, -9223372036854775807 - 1, 100000000000000000000",
+            "{(\"k\" | tobytes): 1}, {(1): 2}, {\"$serde_json::private::RawValue\": 1}",
+            "{\"a\\u0000\": 1}, (\"abc\" | tobytes), {b: 1, a: 2}, [{b: 1, a: 2}]",
+            "[limit(70; repeat(1))] | reduce .[] as $x (0; [.])",
+            "[limit(60; repeat(1))] | reduce .[] as $x (0; [.])",
+            "1.50, null, true, \"\", [], {}",
+            "[0.1 + 0.2, 1 / 3, 1e300 * 10, 0.5 - 1, -(0.5 - 0.5)]",
+        ] {
+            outputs.extend(jaq_outputs(code, Val::Null));
+        }
+        outputs.push(Val::utf8_str(vec![b'a', 0xff]));
+        let mut direct = 0;
+        for v in &outputs {
+            let via_value = from_jaq(v, "the result", "is not JSON")
+                .map_err(|e| e.to_string())
+                .and_then(|value| Payload::from_value(&value).map_err(|e| e.to_string()))
+                .map(|p| p.as_str().to_owned());
+            if writes_alike(v, DIRECT_DEPTH) {
+                direct += 1;
+                let raw = serde_json::value::to_raw_value(&AsPayload(v)).expect("written");
+                assert_eq!(Ok(raw.get().to_owned()), via_value, "{v:?}");
+            }
+        }
+        // Directly: the first object, the escapes, the two machine
+        // integers, the array of floats, the array 60 deep, null, true, "",
+        // [] and {}; the rest has a decimal as written, NaN, a big integer,
+        // a key that is not a text, the private key, a NUL, a byte string,
+        // unsorted keys, nesting too deep or invalid UTF-8.
+        assert_eq!(direct, 11, "{outputs:?}");
     }
 
     /// The direct conversions between serde_json and jaq give what the text

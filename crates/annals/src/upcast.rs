@@ -21,7 +21,29 @@ type Transform = dyn Fn(Value) -> std::result::Result<Value, BoxError> + Send + 
 /// output out. It borrows its input, so that when it fails the steps can be
 /// run one by one on the same payload to name the failing one.
 pub(crate) type ChainTransform =
-    dyn Fn(&Value) -> std::result::Result<Value, BoxError> + Send + Sync;
+    dyn Fn(ChainInput<'_>) -> std::result::Result<ChainOutput, BoxError> + Send + Sync;
+
+/// The output of a [`ChainTransform`]: the last step's payload as a value,
+/// or already written as the payload that value makes
+/// ([`Payload::from_value`], which must not fail on it).
+pub(crate) enum ChainOutput {
+    /// A payload value.
+    Value(Value),
+    /// The payload.
+    Payload(Payload),
+}
+
+/// The input of a [`ChainTransform`]: a payload already parsed (by an
+/// earlier step), or the stored payload's JSON text, which the transform
+/// must treat as the value serde_json reads from it (and fail where
+/// serde_json fails).
+#[derive(Clone, Copy)]
+pub(crate) enum ChainInput<'a> {
+    /// A payload value.
+    Value(&'a Value),
+    /// A stored payload's text.
+    Json(&'a str),
+}
 
 /// A [`ChainTransform`] attached to the first step of the run it covers.
 #[derive(Clone)]
@@ -588,20 +610,26 @@ impl Upcasters {
             .and_then(|t| t.steps.get(&version))
         {
             if let Some(fused) = &step.fused {
-                let input = match value.take() {
-                    Some(v) => v,
-                    None => event.data.to_value().map_err(|e| {
-                        fail(&event, step.describe(), format!("the payload: {e}").into())
-                    })?,
+                // The stored text as it is, when no step parsed it yet.
+                let input = match &value {
+                    Some(v) => ChainInput::Value(v),
+                    None => ChainInput::Json(event.data.as_str()),
                 };
-                if let Ok(output) = (fused.transform)(&input) {
-                    value = Some(output);
+                if let Ok(output) = (fused.transform)(input) {
+                    match output {
+                        ChainOutput::Value(v) => value = Some(v),
+                        // Later steps, if any, parse it.
+                        ChainOutput::Payload(p) => {
+                            value = None;
+                            event.data = p;
+                        }
+                    }
                     current_type = fused.target.clone();
                     version += fused.covers.len() as u32;
                     continue;
                 }
-                // Failed: the steps one by one name the failing one.
-                value = Some(input);
+                // Failed: the steps one by one name the failing one (and a
+                // payload that does not parse is reported below).
             }
             if let Some(transform) = &step.transform {
                 let input = match value.take() {
