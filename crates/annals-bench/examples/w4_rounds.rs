@@ -16,34 +16,16 @@ use annals::{
 };
 use annals_sqlite::{SqliteEventStore, SqliteOptions};
 
+#[path = "../src/shapes.rs"]
+mod shapes;
+use shapes::{decode, fold_balance, pattern_event};
+
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 const ACCOUNTS: u64 = 1_210;
 const EVENTS_PER_ACCOUNT: u64 = 100;
 const PAGE: usize = 1_000;
-
-fn event(owner: &str, k: u64) -> AccountEvent {
-    if k == 1 {
-        AccountEvent::Opened {
-            account: None,
-            owner: owner.to_owned(),
-            email: None,
-        }
-    } else if (k - 1) % 10 == 0 {
-        AccountEvent::Withdrew { amount: 50 }
-    } else {
-        AccountEvent::Deposited { amount: 100 }
-    }
-}
-
-fn fold(balance: &mut i64, event: &AccountEvent) {
-    match event {
-        AccountEvent::Opened { .. } => *balance = 0,
-        AccountEvent::Deposited { amount } => *balance += amount,
-        AccountEvent::Withdrew { amount } => *balance -= amount,
-    }
-}
 
 async fn annals_w4(store: &SqliteEventStore) -> anyhow::Result<(u64, i64)> {
     let head = store
@@ -59,7 +41,7 @@ async fn annals_w4(store: &SqliteEventStore) -> anyhow::Result<(u64, i64)> {
         events += batch.events.len() as u64;
         for e in &batch.events {
             let b = balances.entry(e.stream_id.id().to_owned()).or_default();
-            fold(b, &decode_event::<AccountEvent>(e)?);
+            fold_balance(b, &decode_event::<AccountEvent>(e)?);
         }
         if batch.position >= head {
             break;
@@ -85,7 +67,7 @@ fn raw_w4(conn: &rusqlite::Connection) -> anyhow::Result<(u64, i64)> {
             let t: String = row.get(2)?;
             let d: String = row.get(3)?;
             let b = balances.entry(stream).or_default();
-            fold(b, &decode(&t, &d)?);
+            fold_balance(b, &decode(&t, &d)?);
             got += 1;
         }
         if got == 0 {
@@ -94,34 +76,6 @@ fn raw_w4(conn: &rusqlite::Connection) -> anyhow::Result<(u64, i64)> {
         events += got;
     }
     Ok((events, balances.values().sum()))
-}
-
-#[derive(serde::Deserialize)]
-struct Owner {
-    owner: String,
-}
-
-#[derive(serde::Deserialize)]
-struct Amount {
-    amount: i64,
-}
-
-/// As the bench's raw baseline decodes.
-fn decode(event_type: &str, data: &str) -> anyhow::Result<AccountEvent> {
-    Ok(match event_type {
-        "Opened" => AccountEvent::Opened {
-            account: None,
-            owner: serde_json::from_str::<Owner>(data)?.owner,
-            email: None,
-        },
-        "Deposited" => AccountEvent::Deposited {
-            amount: serde_json::from_str::<Amount>(data)?.amount,
-        },
-        "Withdrew" => AccountEvent::Withdrew {
-            amount: serde_json::from_str::<Amount>(data)?.amount,
-        },
-        t => anyhow::bail!("unknown event type {t}"),
-    })
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -142,7 +96,9 @@ async fn main() -> anyhow::Result<()> {
     let ctx = CommandContext::new();
     for i in 0..ACCOUNTS {
         let owner = format!("w4-{i:06}");
-        let batch: Vec<AccountEvent> = (1..=EVENTS_PER_ACCOUNT).map(|k| event(&owner, k)).collect();
+        let batch: Vec<AccountEvent> = (1..=EVENTS_PER_ACCOUNT)
+            .map(|k| pattern_event(&owner, k))
+            .collect();
         let id = uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_URL, owner.as_bytes()).to_string();
         repo.create(&id, &ctx, |_| Ok::<_, std::convert::Infallible>(batch))
             .await?;

@@ -28,6 +28,7 @@ mod projection;
 mod raw_pg;
 mod raw_sqlite;
 mod scale;
+mod shapes;
 mod transfer;
 mod upcast;
 mod w5;

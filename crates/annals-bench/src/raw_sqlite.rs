@@ -11,7 +11,6 @@ use std::time::Instant;
 use annals::bank::{Account, AccountEvent};
 use anyhow::{ensure, Context};
 use rusqlite::{params, Connection, OptionalExtension};
-use serde::Deserialize;
 use uuid::Uuid;
 
 use crate::workload::{
@@ -19,31 +18,7 @@ use crate::workload::{
     Sizes, Throughput,
 };
 
-#[derive(Deserialize)]
-struct Owner {
-    owner: String,
-}
-#[derive(Deserialize)]
-struct Amount {
-    amount: i64,
-}
-
-fn decode(event_type: &str, data: &str) -> anyhow::Result<AccountEvent> {
-    Ok(match event_type {
-        "Opened" => AccountEvent::Opened {
-            account: None,
-            owner: serde_json::from_str::<Owner>(data)?.owner,
-            email: None,
-        },
-        "Deposited" => AccountEvent::Deposited {
-            amount: serde_json::from_str::<Amount>(data)?.amount,
-        },
-        "Withdrew" => AccountEvent::Withdrew {
-            amount: serde_json::from_str::<Amount>(data)?.amount,
-        },
-        t => anyhow::bail!("unknown event type {t}"),
-    })
-}
+use crate::shapes::decode;
 
 /// A typed event as this baseline stores it: type and JSON text.
 pub fn encode(e: &AccountEvent) -> (&'static str, String) {

@@ -13,6 +13,8 @@ use anyhow::{bail, ensure};
 use serde_json::{json, Value};
 use uuid::Uuid;
 
+pub use crate::shapes::{fold_balance, pattern_event};
+
 /// Workload sizes (the defaults of `docs/benchmarks.md`).
 #[derive(clap::Args, Clone, Debug)]
 pub struct Sizes {
@@ -81,21 +83,6 @@ pub fn account_id(owner: &str) -> String {
         format!("peers-bench:{owner}").as_bytes(),
     )
     .to_string()
-}
-
-/// Event `k` (1-based) of the stream pattern.
-pub fn pattern_event(owner: &str, k: u64) -> AccountEvent {
-    if k == 1 {
-        AccountEvent::Opened {
-            account: None,
-            owner: owner.to_owned(),
-            email: None,
-        }
-    } else if (k - 1) % 10 == 0 {
-        AccountEvent::Withdrew { amount: 50 }
-    } else {
-        AccountEvent::Deposited { amount: 100 }
-    }
 }
 
 /// Balance after a pattern stream of length `len`.
@@ -448,15 +435,6 @@ pub async fn w4<S: EventStore>(store: &S, sz: &Sizes) -> anyhow::Result<Throughp
     };
     verify(sz, events, balances.len() as u64, balances.values().sum())?;
     Ok(w4)
-}
-
-/// W4's fold: an account's balance after one more event.
-pub fn fold_balance(balance: &mut i64, event: &AccountEvent) {
-    match event {
-        AccountEvent::Opened { .. } => *balance = 0,
-        AccountEvent::Deposited { amount } => *balance += amount,
-        AccountEvent::Withdrew { amount } => *balance -= amount,
-    }
 }
 
 /// Checks the W4 totals against the sizes.

@@ -537,12 +537,32 @@ fn as_next_payload(v: Val) -> Result<Val, BoxError> {
 /// within the direct conversions' depth. Floats and decimals are not (they
 /// come back as decimal literals), nor what is not JSON.
 fn passes_unchanged(v: &Val, depth: usize) -> bool {
+    let text_ok = |s: &[u8]| std::str::from_utf8(s).is_ok();
+    sorted_json_within(
+        v,
+        depth,
+        &|v| match v {
+            Val::Null | Val::Bool(_) | Val::Num(Num::Int(_)) => true,
+            Val::TStr(s) => text_ok(s),
+            _ => false,
+        },
+        &text_ok,
+    )
+}
+
+/// Whether `v` is arrays and objects within `depth` levels of values that
+/// `leaf` accepts, every object's keys text strings that `key` accepts, in
+/// serde_json's (ascending) order.
+fn sorted_json_within(
+    v: &Val,
+    depth: usize,
+    leaf: &impl Fn(&Val) -> bool,
+    key: &impl Fn(&[u8]) -> bool,
+) -> bool {
     match v {
-        Val::Null | Val::Bool(_) | Val::Num(Num::Int(_)) => true,
-        Val::TStr(s) => std::str::from_utf8(s).is_ok(),
         Val::Arr(items) => depth
             .checked_sub(1)
-            .is_some_and(|d| items.iter().all(|v| passes_unchanged(v, d))),
+            .is_some_and(|d| items.iter().all(|v| sorted_json_within(v, d, leaf, key))),
         Val::Obj(obj) => {
             let Some(d) = depth.checked_sub(1) else {
                 return false;
@@ -550,9 +570,9 @@ fn passes_unchanged(v: &Val, depth: usize) -> bool {
             let mut previous: Option<&[u8]> = None;
             for (k, v) in obj.iter() {
                 let Val::TStr(k) = k else { return false };
-                if std::str::from_utf8(k).is_err()
+                if !key(k)
                     || previous.is_some_and(|p| p >= &k[..])
-                    || !passes_unchanged(v, d)
+                    || !sorted_json_within(v, d, leaf, key)
                 {
                     return false;
                 }
@@ -560,7 +580,7 @@ fn passes_unchanged(v: &Val, depth: usize) -> bool {
             }
             true
         }
-        _ => false,
+        v => leaf(v),
     }
 }
 
@@ -754,33 +774,17 @@ impl JqFilter {
 /// depth (below [`crate::event::MAX_JSON_DEPTH`]).
 fn writes_alike(v: &Val, depth: usize) -> bool {
     let text_ok = |s: &[u8]| std::str::from_utf8(s).is_ok() && !s.contains(&0);
-    match v {
-        Val::Null | Val::Bool(_) | Val::Num(Num::Int(_)) => true,
-        Val::Num(Num::Float(f)) => f.is_finite(),
-        Val::TStr(s) => text_ok(s),
-        Val::Arr(items) => depth
-            .checked_sub(1)
-            .is_some_and(|d| items.iter().all(|v| writes_alike(v, d))),
-        Val::Obj(obj) => {
-            let Some(d) = depth.checked_sub(1) else {
-                return false;
-            };
-            let mut previous: Option<&[u8]> = None;
-            for (k, v) in obj.iter() {
-                let Val::TStr(k) = k else { return false };
-                if !text_ok(k)
-                    || k.starts_with(b"$serde_json::private::")
-                    || previous.is_some_and(|p| p >= &k[..])
-                    || !writes_alike(v, d)
-                {
-                    return false;
-                }
-                previous = Some(&k[..]);
-            }
-            true
-        }
-        _ => false,
-    }
+    sorted_json_within(
+        v,
+        depth,
+        &|v| match v {
+            Val::Null | Val::Bool(_) | Val::Num(Num::Int(_)) => true,
+            Val::Num(Num::Float(f)) => f.is_finite(),
+            Val::TStr(s) => text_ok(s),
+            _ => false,
+        },
+        &|k| text_ok(k) && !k.starts_with(b"$serde_json::private::"),
+    )
 }
 
 /// A value [`writes_alike`] accepts, serialized with the calls serde_json's
