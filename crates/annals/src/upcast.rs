@@ -25,7 +25,9 @@ pub(crate) type ChainTransform =
 
 /// The output of a [`ChainTransform`]: the last step's payload as a value,
 /// or already written as the payload that value makes
-/// ([`Payload::from_value`], which must not fail on it).
+/// ([`Payload::from_value`], which must not fail on it). Only plans (feature
+/// `plan`) make chains.
+#[cfg_attr(not(feature = "plan"), allow(dead_code))]
 pub(crate) enum ChainOutput {
     /// A payload value.
     Value(Value),
@@ -38,6 +40,7 @@ pub(crate) enum ChainOutput {
 /// must treat as the value serde_json reads from it (and fail where
 /// serde_json fails).
 #[derive(Clone, Copy)]
+#[cfg_attr(not(feature = "plan"), allow(dead_code))]
 pub(crate) enum ChainInput<'a> {
     /// A payload value.
     Value(&'a Value),
