@@ -18,7 +18,7 @@ use annals_sqlite::{SqliteEventStore, SqliteOptions};
 
 #[path = "../src/shapes.rs"]
 mod shapes;
-use shapes::{decode, fold_balance, pattern_event};
+use shapes::{fold_balance, pattern_event};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -51,30 +51,7 @@ async fn annals_w4(store: &SqliteEventStore) -> anyhow::Result<(u64, i64)> {
 }
 
 fn raw_w4(conn: &rusqlite::Connection) -> anyhow::Result<(u64, i64)> {
-    let mut balances: HashMap<String, i64> = HashMap::new();
-    let mut after = 0i64;
-    let mut events = 0;
-    let mut stmt = conn.prepare_cached(
-        "SELECT position, stream_id, event_type, data FROM events \
-         WHERE position > ?1 ORDER BY position LIMIT ?2",
-    )?;
-    loop {
-        let mut rows = stmt.query(rusqlite::params![after, PAGE as i64])?;
-        let mut got = 0;
-        while let Some(row) = rows.next()? {
-            after = row.get(0)?;
-            let stream: String = row.get(1)?;
-            let t: String = row.get(2)?;
-            let d: String = row.get(3)?;
-            let b = balances.entry(stream).or_default();
-            fold_balance(b, &decode(&t, &d)?);
-            got += 1;
-        }
-        if got == 0 {
-            break;
-        }
-        events += got;
-    }
+    let (events, balances) = shapes::raw_w4(conn, PAGE as i64)?;
     Ok((events, balances.values().sum()))
 }
 

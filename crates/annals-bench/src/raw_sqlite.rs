@@ -4,7 +4,6 @@
 
 pub(crate) mod w5;
 
-use std::collections::HashMap;
 use std::path::Path;
 use std::time::Instant;
 
@@ -14,8 +13,8 @@ use rusqlite::{params, Connection, OptionalExtension};
 use uuid::Uuid;
 
 use crate::workload::{
-    account_id, fold_balance, owner, pattern_balance, pattern_event, verify, Latencies, Results,
-    Sizes, Throughput,
+    account_id, owner, pattern_balance, pattern_event, verify, Latencies, Results, Sizes,
+    Throughput,
 };
 
 use crate::shapes::decode;
@@ -254,27 +253,7 @@ pub fn run(path: &Path, sz: &Sizes) -> anyhow::Result<Results> {
 
     // W4.
     let t = Instant::now();
-    let mut balances: HashMap<String, i64> = HashMap::new();
-    let mut after = 0i64;
-    let mut events = 0u64;
-    let mut stmt = conn.prepare_cached("SELECT position, stream_id, event_type, data FROM events WHERE position > ?1 ORDER BY position LIMIT ?2")?;
-    loop {
-        let mut rows = stmt.query(params![after, sz.feed_page as i64])?;
-        let mut got = 0;
-        while let Some(row) = rows.next()? {
-            after = row.get(0)?;
-            let stream: String = row.get(1)?;
-            let t: String = row.get(2)?;
-            let d: String = row.get(3)?;
-            let b = balances.entry(stream).or_default();
-            fold_balance(b, &decode(&t, &d)?);
-            got += 1;
-        }
-        if got == 0 {
-            break;
-        }
-        events += got;
-    }
+    let (events, balances) = crate::shapes::raw_w4(&conn, sz.feed_page as i64)?;
     res.w4 = Throughput {
         events,
         seconds: t.elapsed().as_secs_f64(),

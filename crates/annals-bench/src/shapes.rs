@@ -2,6 +2,8 @@
 //! include this file by path): the stream pattern of W1-W4, W4's fold, and
 //! the raw SQLite baseline's decoding of a stored event.
 
+use std::collections::HashMap;
+
 use annals::bank::AccountEvent;
 use serde::Deserialize;
 
@@ -56,4 +58,38 @@ pub fn decode(event_type: &str, data: &str) -> anyhow::Result<AccountEvent> {
         },
         t => anyhow::bail!("unknown event type {t}"),
     })
+}
+
+/// The raw SQLite baseline's W4: every event of `conn`'s `events` table in
+/// pages of `page` (one keyset query each), decoded and folded into a map
+/// of stream id to balance. Returns the events read and the map.
+pub fn raw_w4(
+    conn: &rusqlite::Connection,
+    page: i64,
+) -> anyhow::Result<(u64, HashMap<String, i64>)> {
+    let mut balances: HashMap<String, i64> = HashMap::new();
+    let mut after = 0i64;
+    let mut events = 0u64;
+    let mut stmt = conn.prepare_cached(
+        "SELECT position, stream_id, event_type, data FROM events \
+         WHERE position > ?1 ORDER BY position LIMIT ?2",
+    )?;
+    loop {
+        let mut rows = stmt.query(rusqlite::params![after, page])?;
+        let mut got = 0;
+        while let Some(row) = rows.next()? {
+            after = row.get(0)?;
+            let stream: String = row.get(1)?;
+            let t: String = row.get(2)?;
+            let d: String = row.get(3)?;
+            let b = balances.entry(stream).or_default();
+            fold_balance(b, &decode(&t, &d)?);
+            got += 1;
+        }
+        if got == 0 {
+            break;
+        }
+        events += got;
+    }
+    Ok((events, balances))
 }

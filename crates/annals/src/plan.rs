@@ -1442,13 +1442,10 @@ filter = '''
             .collect()
     }
 
-    /// The natives `tonumber` and `split/1` give what jaq's jq definitions
-    /// give: the same values and the same errors, in the same order.
-    #[test]
-    fn natives_match_the_jq_definitions() {
-        let text = |s: &str| Val::utf8_str(s.as_bytes().to_vec());
-        let bytes = |s: &str| Val::byte_str(s.as_bytes().to_vec());
-        let mut inputs = vec![
+    /// Null, booleans and numbers of each kind jaq has: inputs for the
+    /// tests that compare two ways of running a filter.
+    fn scalar_inputs() -> Vec<Val> {
+        vec![
             Val::Null,
             Val::Bool(true),
             Val::Bool(false),
@@ -1456,11 +1453,22 @@ filter = '''
             Val::Num(Num::Float(1.5)),
             Val::Num(Num::Float(f64::NAN)),
             Val::Num(Num::Dec(jaq_json::Rc::new("1.50".to_owned()))),
+        ]
+    }
+
+    /// The natives `tonumber` and `split/1` give what jaq's jq definitions
+    /// give: the same values and the same errors, in the same order.
+    #[test]
+    fn natives_match_the_jq_definitions() {
+        let text = |s: &str| Val::utf8_str(s.as_bytes().to_vec());
+        let bytes = |s: &str| Val::byte_str(s.as_bytes().to_vec());
+        let mut inputs = scalar_inputs();
+        inputs.extend([
             bytes("12"),
             bytes("a.b"),
             Val::Arr(jaq_json::Rc::new(vec![text("1")])),
             Val::obj([(text("a"), text("1"))].into_iter().collect()),
-        ];
+        ]);
         for s in [
             "",
             "1",
@@ -1521,18 +1529,12 @@ filter = '''
     fn the_direct_evaluator_matches_jaq() {
         let text = |s: &str| Val::utf8_str(s.as_bytes().to_vec());
         let parse = |s: &str| jaq_json::read::parse_single(s.as_bytes()).expect(s);
-        let mut inputs = vec![
-            Val::Null,
-            Val::Bool(true),
-            Val::Bool(false),
-            Val::from(12isize),
-            Val::Num(Num::Float(1.5)),
-            Val::Num(Num::Float(f64::NAN)),
-            Val::Num(Num::Dec(jaq_json::Rc::new("1.50".to_owned()))),
+        let mut inputs = scalar_inputs();
+        inputs.extend([
             Val::byte_str(b"1.2".to_vec()),
             Val::utf8_str(vec![b'a', 0xff, b'.', b'b']),
             Val::obj([(Val::from(1isize), text("x"))].into_iter().collect()),
-        ];
+        ]);
         for s in ["", "1.00", "12", "a.b.c", "é.ü", " 2 ", "1 2", "x", "-0.5"] {
             inputs.push(text(s));
         }
