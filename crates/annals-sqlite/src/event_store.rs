@@ -476,6 +476,13 @@ fn read_stream_page(
     Ok((page, next))
 }
 
+/// The highest position stored (`None`: no events).
+fn max_position(conn: &Connection) -> Result<Option<i64>> {
+    conn.prepare_cached("SELECT MAX(position) FROM events")
+        .and_then(|mut s| s.query_row([], |r| r.get(0)))
+        .map_err(db("reading the head position"))
+}
+
 /// `position` as a position of this store: SQLite positions have no commit
 /// part.
 fn check_local(position: GlobalPosition) -> Result<()> {
@@ -935,11 +942,7 @@ impl EventStore for SqliteEventStore {
             .conns()
             .paginate(cursor, move |conn, cursor: FeedCursor| {
                 if cursor.first {
-                    let head: Option<i64> = conn
-                        .prepare_cached("SELECT MAX(position) FROM events")
-                        .and_then(|mut s| s.query_row([], |r| r.get(0)))
-                        .map_err(db("reading the head position"))?;
-                    let head = head.unwrap_or(0);
+                    let head = max_position(conn)?.unwrap_or(0);
                     first_head.store(head, std::sync::atomic::Ordering::Release);
                     if head <= cursor.all.after {
                         return Ok((RawEvents::empty().decode(None), None));
@@ -953,23 +956,22 @@ impl EventStore for SqliteEventStore {
                     },
                 )
             });
+        // Set before the first round trip answers (which it must have, for
+        // an event or the stream's end to arrive).
+        let head = || {
+            let h = head.load(std::sync::atomic::Ordering::Acquire);
+            GlobalPosition::from_seq(u64::try_from(h).unwrap_or(0))
+        };
         let mut events = Vec::new();
-        let mut head_seen = None;
         while let Some(event) = rows.next().await {
             let event = event?;
-            let head =
-                *head_seen.get_or_insert_with(|| head.load(std::sync::atomic::Ordering::Acquire));
             // Appended after the head was read: the next page's.
-            if event.global_position.seq() > u64::try_from(head).unwrap_or(0) {
+            if event.global_position > head() {
                 break;
             }
             events.push(event);
         }
-        let head = match head_seen {
-            Some(h) => h,
-            None => head.load(std::sync::atomic::Ordering::Acquire),
-        };
-        let head = GlobalPosition::from_seq(u64::try_from(head).unwrap_or(0));
+        let head = head();
         if head <= after {
             return Ok(annals::FeedPage {
                 events: Vec::new(),
@@ -997,14 +999,7 @@ impl EventStore for SqliteEventStore {
     }
 
     async fn head_position(&self) -> Result<Option<GlobalPosition>> {
-        let max: Option<i64> = self
-            .conns()
-            .read(|conn| {
-                conn.prepare_cached("SELECT MAX(position) FROM events")
-                    .and_then(|mut s| s.query_row([], |r| r.get(0)))
-                    .map_err(db("reading the head position"))
-            })
-            .await?;
+        let max: Option<i64> = self.conns().read(max_position).await?;
         Ok(max.map(|p| GlobalPosition::from_seq(p as u64)))
     }
 
