@@ -119,10 +119,15 @@ pub async fn load_v1<S: EventStore>(store: &S, sz: &Sizes) -> anyhow::Result<u64
     Ok(written)
 }
 
-/// What the upcasting runs measured.
+/// Rounds of each run in [`run`]: a W4 pass is about 0.1 s, and one pass
+/// of each, minutes apart from nothing, moved the ratios by a factor of two
+/// between runs on this machine; the medians of interleaved rounds do not.
+pub const ROUNDS: usize = 5;
+
+/// What the upcasting runs measured: the median round of each.
 #[derive(Clone, Debug, Default)]
 pub struct UpcastCost {
-    /// W4 on the main store without upcasters, just before the others.
+    /// W4 on the main store without upcasters.
     pub plain: Throughput,
     /// W4 on the v1 store through the Rust chain.
     pub rust: Throughput,
@@ -131,9 +136,10 @@ pub struct UpcastCost {
 }
 
 /// Measures W4 on `main` (no upcasters), then on `v1` (loaded with
-/// [`load_v1`]) through [`rust_chain`] and [`plan_chain`]; `with` gives a
-/// handle of `v1` that reads through the upcasters. Each run is verified
-/// as W4 is.
+/// [`load_v1`]) through [`rust_chain`] and through [`plan_chain`], in
+/// [`ROUNDS`] rounds of the three, and keeps each one's median round;
+/// `with` gives a handle of `v1` that reads through the upcasters. Each
+/// pass is verified as W4 is.
 pub async fn run<S, V>(
     main: &S,
     v1: &V,
@@ -144,10 +150,25 @@ where
     S: EventStore,
     V: EventStore,
 {
-    let plain = crate::workload::w4(main, sz).await?;
-    let rust = crate::workload::w4(&with(v1, Arc::new(rust_chain()?)), sz).await?;
-    let plan = crate::workload::w4(&with(v1, Arc::new(plan_chain()?)), sz).await?;
-    Ok(UpcastCost { plain, rust, plan })
+    let rust_store = with(v1, Arc::new(rust_chain()?));
+    let plan_store = with(v1, Arc::new(plan_chain()?));
+    let (mut plain, mut rust, mut plan) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..ROUNDS {
+        plain.push(crate::workload::w4(main, sz).await?);
+        rust.push(crate::workload::w4(&rust_store, sz).await?);
+        plan.push(crate::workload::w4(&plan_store, sz).await?);
+    }
+    Ok(UpcastCost {
+        plain: median(plain),
+        rust: median(rust),
+        plan: median(plan),
+    })
+}
+
+/// The median of `runs` by rate (the upper one of an even count).
+fn median(mut runs: Vec<Throughput>) -> Throughput {
+    runs.sort_by(|a, b| a.events_per_sec().total_cmp(&b.events_per_sec()));
+    runs.get(runs.len() / 2).cloned().unwrap_or_default()
 }
 
 fn round(x: f64) -> f64 {
@@ -169,6 +190,7 @@ impl UpcastCost {
         json!({
             "steps_per_event": 2,
             "events": self.plain.events,
+            "rounds": ROUNDS,
             "w4_plain_events_per_sec": round(plain),
             "w4_rust_events_per_sec": round(self.rust.events_per_sec()),
             "w4_plan_events_per_sec": round(self.plan.events_per_sec()),

@@ -590,14 +590,16 @@ impl Upcasters {
     }
 
     fn upcast(&self, mut event: RecordedEvent) -> Result<RecordedEvent> {
-        let stored_type = event.event_type.clone();
+        // `event.event_type` stays the stored type until the end; the type
+        // a step renamed the event to is borrowed from the registry, so a
+        // chain allocates no type name unless it renames.
         let stored_version = event.event_version;
         let fail = |event: &RecordedEvent, step: String, source: BoxError| {
             Error::Upcast(Box::new(UpcastFailure {
                 stream: event.stream_id.clone(),
                 version: event.stream_version,
                 position: event.global_position,
-                event_type: stored_type.clone(),
+                event_type: event.event_type.clone(),
                 stored_version,
                 step,
                 source,
@@ -605,11 +607,11 @@ impl Upcasters {
         };
         // Parsed lazily: a chain of relabels never parses the payload.
         let mut value: Option<Value> = None;
-        let mut current_type = stored_type.clone();
+        let mut renamed: Option<&str> = None;
         let mut version = stored_version;
         while let Some(step) = self
             .types
-            .get(current_type.as_str())
+            .get(renamed.unwrap_or(event.event_type.as_str()))
             .and_then(|t| t.steps.get(&version))
         {
             if let Some(fused) = &step.fused {
@@ -627,7 +629,7 @@ impl Upcasters {
                             event.data = p;
                         }
                     }
-                    current_type = fused.target.clone();
+                    renamed = Some(fused.target.as_str());
                     version += fused.covers.len() as u32;
                     continue;
                 }
@@ -644,21 +646,22 @@ impl Upcasters {
                 let output = transform(input).map_err(|e| fail(&event, step.describe(), e))?;
                 value = Some(output);
             }
-            current_type = step.target_type().to_owned();
+            renamed = Some(step.target_type());
             version += 1;
         }
         if let Some(v) = value {
             event.data = Payload::from_value(&v).map_err(|e| {
+                let current = renamed.unwrap_or(event.event_type.as_str());
                 fail(
                     &event,
-                    format!("{current_type} v{version}"),
+                    format!("{current} v{version}"),
                     format!("the upcasted payload: {e}").into(),
                 )
             })?;
         }
-        if current_type != stored_type {
-            event.stored_event_type = Some(stored_type);
-            event.event_type = current_type;
+        if let Some(current) = renamed.filter(|t| *t != event.event_type) {
+            let stored = std::mem::replace(&mut event.event_type, current.to_owned());
+            event.stored_event_type = Some(stored);
         }
         event.stored_event_version = Some(stored_version);
         event.event_version = version;
