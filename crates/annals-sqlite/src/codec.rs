@@ -12,7 +12,7 @@ use annals::{
     EventId, GlobalPosition, Metadata, Payload, RecordedEvent, Result, Snapshot, StreamId,
     StreamVersion, Upcasters,
 };
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, NaiveDate, NaiveDateTime, NaiveTime, Utc};
 use rusqlite::types::ValueRef;
 use rusqlite::Row;
 use uuid::Uuid;
@@ -56,6 +56,38 @@ pub(crate) fn now_micros() -> i64 {
 
 pub(crate) fn from_micros(micros: i64) -> Option<DateTime<Utc>> {
     DateTime::from_timestamp_micros(micros)
+}
+
+/// [`from_micros`] for a run of timestamps, most of them on the same day
+/// (a page of events): the calendar date is computed once per day rather
+/// than once per timestamp, where it is most of the cost.
+#[derive(Default)]
+pub(crate) struct Dates {
+    /// The last day seen (days since the epoch) and its date.
+    last: Option<(i64, NaiveDate)>,
+}
+
+impl Dates {
+    /// Exactly [`from_micros`]`(micros)`.
+    pub(crate) fn at(&mut self, micros: i64) -> Option<DateTime<Utc>> {
+        const DAY: i64 = 86_400;
+        let secs = micros.div_euclid(1_000_000);
+        let day = secs.div_euclid(DAY);
+        match self.last {
+            Some((last, date)) if last == day => {
+                // Both below their bounds: `rem_euclid` of positive moduli.
+                let second = u32::try_from(secs.rem_euclid(DAY)).ok()?;
+                let nano = u32::try_from(micros.rem_euclid(1_000_000) * 1_000).ok()?;
+                let time = NaiveTime::from_num_seconds_from_midnight_opt(second, nano)?;
+                Some(NaiveDateTime::new(date, time).and_utc())
+            }
+            _ => {
+                let at = from_micros(micros)?;
+                self.last = Some((day, at.date_naive()));
+                Some(at)
+            }
+        }
+    }
 }
 
 /// A stream version or count for SQL (SQLite integers are `i64`); values
@@ -301,6 +333,7 @@ pub(crate) struct EventRows {
     rows: std::vec::IntoIter<RawEvent>,
     error: Option<annals::Error>,
     last_stream: Option<StreamId>,
+    dates: Dates,
     upcasters: Option<Arc<Upcasters>>,
     /// `annals_events_read_total`, counted as events are yielded.
     read: Option<metrics::Counter>,
@@ -318,6 +351,7 @@ impl RawEvents {
             rows: self.rows.into_iter(),
             error: self.error,
             last_stream: None,
+            dates: Dates::default(),
             upcasters,
             read: None,
         }
@@ -341,7 +375,7 @@ impl Iterator for EventRows {
         let Some(raw) = self.rows.next() else {
             return self.error.take().map(Err);
         };
-        let event = decode_event(&self.text, &raw, &mut self.last_stream);
+        let event = decode_event(&self.text, &raw, &mut self.last_stream, &mut self.dates);
         let event = match &self.upcasters {
             None => event,
             Some(u) => event.and_then(|e| u.apply(e)),
@@ -362,6 +396,7 @@ fn decode_event(
     text: &Arc<String>,
     raw: &RawEvent,
     last_stream: &mut Option<StreamId>,
+    dates: &mut Dates,
 ) -> Result<RecordedEvent> {
     let bad = |what: &str| format!("event at position {}: {what}", raw.position);
     // The ranges were cut at the ends of whole strings pushed into `text`.
@@ -386,8 +421,9 @@ fn decode_event(
         .map_err(|e| corrupt(bad("data is not valid JSON"), e))?;
     let metadata = decode_metadata(slice(&raw.metadata)?)
         .map_err(|e| corrupt(bad("metadata is not a valid JSON object"), e))?;
-    let recorded_at =
-        from_micros(raw.recorded_at).ok_or_else(|| corrupt_row(bad("recorded_at out of range")))?;
+    let recorded_at = dates
+        .at(raw.recorded_at)
+        .ok_or_else(|| corrupt_row(bad("recorded_at out of range")))?;
     Ok(RecordedEvent {
         event_id: EventId(raw.event_id),
         stream_id,
@@ -449,4 +485,41 @@ pub(crate) fn decode_snapshot(table: &str, row: &Row<'_>) -> Result<Snapshot> {
         state,
         created_at,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A run of timestamps read through one [`Dates`] gives exactly what
+    /// [`from_micros`] gives each: within a day, across midnight (both
+    /// ways), before the epoch, and out of chrono's range.
+    #[test]
+    fn dates_of_a_run_equal_their_one_by_one_conversion() {
+        const DAY: i64 = 86_400_000_000;
+        let mut runs: Vec<Vec<i64>> = vec![
+            (0..2_000).map(|k| 1_764_806_400_000_000 + k * 997_003).collect(),
+            (-1_000..1_000).map(|k| k * 43_200_001).collect(),
+            (0..500).map(|k| DAY * 20_000 - 1_000 + k * 3).collect(),
+            (0..500).rev().map(|k| DAY * 20_000 - 1_000 + k * 3).collect(),
+            vec![i64::MIN, -1, 0, 1, i64::MAX, DAY - 1, DAY, -DAY, -DAY - 1, 0],
+        ];
+        let mut spread = 0x2545_f491_4f6c_dd1d_u64;
+        runs.push(
+            (0..2_000)
+                .map(|_| {
+                    spread ^= spread << 13;
+                    spread ^= spread >> 7;
+                    spread ^= spread << 17;
+                    (spread % (400 * 365 * DAY as u64)) as i64 - 200 * 365 * DAY
+                })
+                .collect(),
+        );
+        for run in runs {
+            let mut dates = Dates::default();
+            for micros in run {
+                assert_eq!(dates.at(micros), from_micros(micros), "{micros}");
+            }
+        }
+    }
 }
