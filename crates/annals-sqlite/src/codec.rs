@@ -498,11 +498,27 @@ mod tests {
     fn dates_of_a_run_equal_their_one_by_one_conversion() {
         const DAY: i64 = 86_400_000_000;
         let mut runs: Vec<Vec<i64>> = vec![
-            (0..2_000).map(|k| 1_764_806_400_000_000 + k * 997_003).collect(),
+            (0..2_000)
+                .map(|k| 1_764_806_400_000_000 + k * 997_003)
+                .collect(),
             (-1_000..1_000).map(|k| k * 43_200_001).collect(),
             (0..500).map(|k| DAY * 20_000 - 1_000 + k * 3).collect(),
-            (0..500).rev().map(|k| DAY * 20_000 - 1_000 + k * 3).collect(),
-            vec![i64::MIN, -1, 0, 1, i64::MAX, DAY - 1, DAY, -DAY, -DAY - 1, 0],
+            (0..500)
+                .rev()
+                .map(|k| DAY * 20_000 - 1_000 + k * 3)
+                .collect(),
+            vec![
+                i64::MIN,
+                -1,
+                0,
+                1,
+                i64::MAX,
+                DAY - 1,
+                DAY,
+                -DAY,
+                -DAY - 1,
+                0,
+            ],
         ];
         let mut spread = 0x2545_f491_4f6c_dd1d_u64;
         runs.push(

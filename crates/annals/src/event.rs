@@ -426,7 +426,25 @@ fn check_json_inner<'a>(
         }
         _ => Ok(()),
     };
-    visit(value, 1, stack)?;
+    // The outermost container is walked here rather than pushed, so that a
+    // flat payload (most are) is checked without allocating the stack.
+    match value {
+        Value::Array(_) | Value::Object(_) if max_depth < 1 => {
+            return Err(JsonFault::TooDeep(max_depth))
+        }
+        Value::Array(items) => {
+            for item in items {
+                visit(item, 2, stack)?;
+            }
+        }
+        Value::Object(map) => {
+            for (key, item) in map {
+                check_key(key)?;
+                visit(item, 2, stack)?;
+            }
+        }
+        scalar => visit(scalar, 1, stack)?,
+    }
     while let Some((v, depth)) = stack.pop() {
         match v {
             Value::Array(items) => {
@@ -894,6 +912,44 @@ mod tests {
 
     fn stream() -> StreamId {
         StreamId::parse("Hostile-1").expect("valid")
+    }
+
+    /// The outermost container is checked in place (not pushed on the
+    /// walk's stack), with the same depth, NUL and key rules as any other:
+    /// at the root, one level down and deep down, and the stack is left
+    /// unallocated for a flat payload.
+    #[test]
+    fn payload_checks_hold_at_the_root_and_below() {
+        let check = |v: &Value, max: usize| check_json(v, max, &mut Vec::new());
+        for max in [0, 1, 2, 5, MAX_JSON_DEPTH] {
+            assert!(
+                check(&nested(max), max).is_ok(),
+                "{max} levels within {max}"
+            );
+            assert!(
+                matches!(check(&nested(max + 1), max), Err(JsonFault::TooDeep(m)) if m == max),
+                "{} levels beyond {max}",
+                max + 1
+            );
+        }
+        assert!(check(&json!(1), 0).is_ok(), "a scalar has no level");
+        assert!(check(&json!({}), 0).is_err());
+        let nul = |v: Value| matches!(check(&v, 8), Err(JsonFault::NulInString));
+        assert!(nul(json!("a\u{0}b")));
+        assert!(nul(json!(["a\u{0}b"])));
+        assert!(nul(json!({"k": [{"k": "a\u{0}b"}]})));
+        for v in [
+            json!({"a\u{0}b": 1}),
+            json!({"k": {"a\u{0}b": 1}}),
+            json!([{"a\u{0}b": 1}]),
+        ] {
+            assert!(check(&v, 8).is_err(), "{v}");
+        }
+        for v in [json!({"x": 1, "y": "z"}), json!([1, "a", null, true])] {
+            let mut stack = Vec::new();
+            assert!(check_json(&v, 8, &mut stack).is_ok());
+            assert_eq!(stack.capacity(), 0, "a flat payload allocates no stack");
+        }
     }
 
     fn refused(events: &[NewEvent]) -> String {

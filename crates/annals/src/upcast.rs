@@ -557,11 +557,17 @@ impl Upcasters {
     /// Whether an event stored as `(event_type, version)` is changed by the
     /// registry. One hash lookup; none for an empty registry.
     pub fn needs_upcast(&self, event_type: &str, version: u32) -> bool {
-        !self.types.is_empty()
-            && self
-                .types
-                .get(event_type)
-                .is_some_and(|t| t.steps.contains_key(&version))
+        self.first_steps(event_type, version).is_some()
+    }
+
+    /// The steps of `event_type` when one of them reads `version`.
+    fn first_steps(&self, event_type: &str, version: u32) -> Option<&TypeSteps> {
+        if self.types.is_empty() {
+            return None;
+        }
+        self.types
+            .get(event_type)
+            .filter(|t| t.steps.contains_key(&version))
     }
 
     /// Brings `event` to its type's current version. An event no step reads
@@ -574,22 +580,29 @@ impl Upcasters {
     /// is not a storable payload) is [`Error::Upcast`] naming the event's
     /// stream, version, position, stored type and version, and the step.
     pub fn apply(&self, event: RecordedEvent) -> Result<RecordedEvent> {
-        if !self.needs_upcast(&event.event_type, event.event_version) {
-            return Ok(event);
+        match self.first_steps(&event.event_type, event.event_version) {
+            None => Ok(event),
+            Some(steps) => self.upcast(event, steps),
         }
-        self.upcast(event)
     }
 
     /// [`apply`](Upcasters::apply) to a borrowed event: cloned only when it
     /// is returned unchanged.
     pub fn apply_ref(&self, event: &RecordedEvent) -> Result<RecordedEvent> {
-        if !self.needs_upcast(&event.event_type, event.event_version) {
-            return Ok(event.clone());
+        match self.first_steps(&event.event_type, event.event_version) {
+            None => Ok(event.clone()),
+            Some(steps) => self.upcast(event.clone(), steps),
         }
-        self.upcast(event.clone())
     }
 
-    fn upcast(&self, mut event: RecordedEvent) -> Result<RecordedEvent> {
+    /// Runs the chain from `steps`, the stored type's (found by
+    /// [`Upcasters::first_steps`]): the type's steps are looked up again
+    /// only when a step renames the event.
+    fn upcast<'a>(
+        &'a self,
+        mut event: RecordedEvent,
+        mut steps: &'a TypeSteps,
+    ) -> Result<RecordedEvent> {
         // `event.event_type` stays the stored type until the end; the type
         // a step renamed the event to is borrowed from the registry, so a
         // chain allocates no type name unless it renames.
@@ -608,12 +621,21 @@ impl Upcasters {
         // Parsed lazily: a chain of relabels never parses the payload.
         let mut value: Option<Value> = None;
         let mut renamed: Option<&str> = None;
+        // The type `steps` belongs to.
+        let mut steps_of: &str = event.event_type.as_str();
         let mut version = stored_version;
-        while let Some(step) = self
-            .types
-            .get(renamed.unwrap_or(event.event_type.as_str()))
-            .and_then(|t| t.steps.get(&version))
-        {
+        loop {
+            let current = renamed.unwrap_or(event.event_type.as_str());
+            if current != steps_of {
+                match self.types.get(current) {
+                    Some(t) => steps = t,
+                    None => break,
+                }
+                steps_of = current;
+            }
+            let Some(step) = steps.steps.get(&version) else {
+                break;
+            };
             if let Some(fused) = &step.fused {
                 // The stored text as it is, when no step parsed it yet.
                 let input = match &value {
