@@ -515,6 +515,70 @@ impl EventStore for PgEventStore {
         METRICS.count_reads(events)
     }
 
+    /// The events first, then the head only for a page that came back
+    /// short. Every row `read_all` returns is below the snapshot horizon
+    /// (its transaction and every earlier one had ended when the page was
+    /// read), so a full page is gap-free by itself and its last event is
+    /// how far it scanned: a subscription catching up reads each page in
+    /// one query, without the two of the head (the trait's default reads
+    /// the head first, then the page).
+    ///
+    /// A short page held every matching event below the horizon when it
+    /// was read. Events that became visible after it lie after its last
+    /// event (their transactions were still open, so they are later in
+    /// the global order than every row it returned), so the head, read
+    /// next, bounds what it scanned once the events between its last one
+    /// and the head are read too (one more query, only when the head moved
+    /// past the page in between).
+    async fn read_feed_page(&self, filter: &ReadAll, limit: usize) -> Result<annals::FeedPage> {
+        use futures::TryStreamExt;
+        let limit = limit.max(1);
+        let mut events: Vec<RecordedEvent> = self
+            .read_all(filter.clone().limit(limit as u64))
+            .try_collect()
+            .await?;
+        if events.len() >= limit {
+            let scanned_to = events.last().map_or(filter.after, |e| e.global_position);
+            return Ok(annals::FeedPage {
+                events,
+                scanned_to,
+                at_end: false,
+            });
+        }
+        let seen = events.last().map_or(filter.after, |e| e.global_position);
+        let head = match self.head_position().await? {
+            Some(head) if head > filter.after => head.max(seen),
+            _ => {
+                return Ok(annals::FeedPage {
+                    events,
+                    scanned_to: seen,
+                    at_end: true,
+                })
+            }
+        };
+        if head > seen {
+            let mut rest = filter.clone().limit((limit - events.len()) as u64);
+            rest.after = seen;
+            let more: Vec<RecordedEvent> = self.read_all(rest).try_collect().await?;
+            events.extend(more);
+        }
+        let full = events.len() >= limit;
+        events.retain(|e| e.global_position <= head);
+        if full && events.len() == limit {
+            let scanned_to = events.last().map_or(seen, |e| e.global_position);
+            return Ok(annals::FeedPage {
+                events,
+                scanned_to,
+                at_end: false,
+            });
+        }
+        Ok(annals::FeedPage {
+            events,
+            scanned_to: head,
+            at_end: true,
+        })
+    }
+
     async fn stream_version(&self, stream: &StreamId) -> Result<Option<StreamVersion>> {
         with_client!(self, Lane::Any, "read a stream version", |client| {
             stream_head(client, stream).await
