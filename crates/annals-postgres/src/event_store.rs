@@ -533,50 +533,16 @@ impl EventStore for PgEventStore {
     async fn read_feed_page(&self, filter: &ReadAll, limit: usize) -> Result<annals::FeedPage> {
         use futures::TryStreamExt;
         let limit = limit.max(1);
-        let mut events: Vec<RecordedEvent> = self
+        let first: Vec<RecordedEvent> = self
             .read_all(filter.clone().limit(limit as u64))
             .try_collect()
             .await?;
-        if events.len() >= limit {
-            let scanned_to = events.last().map_or(filter.after, |e| e.global_position);
-            return Ok(annals::FeedPage {
-                events,
-                scanned_to,
-                at_end: false,
-            });
-        }
-        let seen = events.last().map_or(filter.after, |e| e.global_position);
-        let head = match self.head_position().await? {
-            Some(head) if head > filter.after => head.max(seen),
-            _ => {
-                return Ok(annals::FeedPage {
-                    events,
-                    scanned_to: seen,
-                    at_end: true,
-                })
-            }
-        };
-        if head > seen {
-            let mut rest = filter.clone().limit((limit - events.len()) as u64);
+        let rest = |seen: GlobalPosition, n: usize| {
+            let mut rest = filter.clone().limit(n as u64);
             rest.after = seen;
-            let more: Vec<RecordedEvent> = self.read_all(rest).try_collect().await?;
-            events.extend(more);
-        }
-        let full = events.len() >= limit;
-        events.retain(|e| e.global_position <= head);
-        if full && events.len() == limit {
-            let scanned_to = events.last().map_or(seen, |e| e.global_position);
-            return Ok(annals::FeedPage {
-                events,
-                scanned_to,
-                at_end: false,
-            });
-        }
-        Ok(annals::FeedPage {
-            events,
-            scanned_to: head,
-            at_end: true,
-        })
+            self.read_all(rest).try_collect::<Vec<RecordedEvent>>()
+        };
+        feed_page(filter.after, limit, first, || self.head_position(), rest).await
     }
 
     async fn stream_version(&self, stream: &StreamId) -> Result<Option<StreamVersion>> {
@@ -1445,6 +1411,51 @@ impl annals::StreamCatalog for PgEventStore {
     }
 }
 
+/// A feed page after `after` from `first`, at most `limit` events that
+/// `read_all` returned (see `read_feed_page` above): `head` reads the head
+/// position, `rest(seen, n)` reads at most `n` more events after `seen`.
+/// A full `first` is the page (no head read); a short one is completed up to
+/// the head, read after it, with the events between its last one and the
+/// head (read only when the head moved past it).
+async fn feed_page<H, HF, M, MF>(
+    after: GlobalPosition,
+    limit: usize,
+    mut events: Vec<RecordedEvent>,
+    head: H,
+    rest: M,
+) -> Result<annals::FeedPage>
+where
+    H: FnOnce() -> HF,
+    HF: std::future::Future<Output = Result<Option<GlobalPosition>>>,
+    M: FnOnce(GlobalPosition, usize) -> MF,
+    MF: std::future::Future<Output = Result<Vec<RecordedEvent>>>,
+{
+    let page = |events: Vec<RecordedEvent>, scanned_to, at_end| annals::FeedPage {
+        events,
+        scanned_to,
+        at_end,
+    };
+    if events.len() >= limit {
+        let scanned_to = events.last().map_or(after, |e| e.global_position);
+        return Ok(page(events, scanned_to, false));
+    }
+    let seen = events.last().map_or(after, |e| e.global_position);
+    let head = match head().await? {
+        Some(head) if head > after => head.max(seen),
+        _ => return Ok(page(events, seen, true)),
+    };
+    if head > seen {
+        events.extend(rest(seen, limit - events.len()).await?);
+    }
+    let full = events.len() >= limit;
+    events.retain(|e| e.global_position <= head);
+    if full && events.len() == limit {
+        let scanned_to = events.last().map_or(seen, |e| e.global_position);
+        return Ok(page(events, scanned_to, false));
+    }
+    Ok(page(events, head, true))
+}
+
 /// Decodes a page of a read in global order and gives its next cursor
 /// (after the last position, events taken so far, the next page's rows), or
 /// `None` when the page was the last: it came back short of `want` rows
@@ -1480,6 +1491,136 @@ fn position_page(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An event at position `seq` of transaction 1.
+    fn at(seq: u64) -> RecordedEvent {
+        RecordedEvent {
+            event_id: EventId::new(),
+            stream_id: StreamId::parse("Feed-1").expect("stream"),
+            stream_version: StreamVersion(seq),
+            global_position: GlobalPosition::new(1, seq),
+            event_type: "E".into(),
+            event_version: 1,
+            data: annals::Payload::from_value(&serde_json::json!({})).expect("payload"),
+            metadata: annals::Metadata::default(),
+            recorded_at: Utc::now(),
+            stored_event_version: None,
+            stored_event_type: None,
+        }
+    }
+
+    fn seqs(page: &annals::FeedPage) -> Vec<u64> {
+        page.events
+            .iter()
+            .map(|e| e.global_position.seq())
+            .collect()
+    }
+
+    /// Runs [`feed_page`] after position `after` of transaction 1 with
+    /// `first` read first, `head` as the head and `later` as what a read
+    /// after the first one finds (the events that became visible in
+    /// between). Returns the page and the reads it made: whether it read
+    /// the head, and the `(after, at most)` of its second read.
+    async fn feed(
+        after: u64,
+        limit: usize,
+        first: &[u64],
+        head: Option<u64>,
+        later: &[u64],
+    ) -> (annals::FeedPage, bool, Option<(u64, usize)>) {
+        let read_head = std::cell::Cell::new(false);
+        let second = std::cell::Cell::new(None);
+        let page = feed_page(
+            GlobalPosition::new(1, after),
+            limit,
+            first.iter().map(|s| at(*s)).collect(),
+            || async {
+                read_head.set(true);
+                Ok(head.map(|h| GlobalPosition::new(1, h)))
+            },
+            |seen: GlobalPosition, n: usize| {
+                second.set(Some((seen.seq(), n)));
+                let found: Vec<RecordedEvent> = later
+                    .iter()
+                    .filter(|s| **s > seen.seq())
+                    .take(n)
+                    .map(|s| at(*s))
+                    .collect();
+                async move { Ok(found) }
+            },
+        )
+        .await
+        .expect("page");
+        (page, read_head.get(), second.get())
+    }
+
+    /// PostgreSQL's feed page: a full first read is the page without a head
+    /// query; a short one ends at the head, with the events that became
+    /// visible between the first read and the head read, and no second read
+    /// when the head did not move past it.
+    #[tokio::test]
+    async fn a_feed_page_reads_the_head_only_when_short() {
+        // Full: no head, no second read; it ends at its last event.
+        let (page, head, second) = feed(0, 3, &[1, 2, 3], Some(9), &[]).await;
+        assert_eq!(
+            (seqs(&page), page.scanned_to.seq(), page.at_end),
+            (vec![1, 2, 3], 3, false)
+        );
+        assert_eq!((head, second), (false, None));
+        // Short, and the head is its last event: nothing more to read.
+        let (page, head, second) = feed(0, 5, &[1, 2], Some(2), &[]).await;
+        assert_eq!(
+            (seqs(&page), page.scanned_to.seq(), page.at_end),
+            (vec![1, 2], 2, true)
+        );
+        assert_eq!((head, second), (true, None));
+        // Short, then 3 and 4 became visible before the head (4) was read;
+        // 5 after it: the page takes 3 and 4, not 5, and ends at the head.
+        let (page, head, second) = feed(0, 10, &[1, 2], Some(4), &[3, 4, 5]).await;
+        assert_eq!(
+            (seqs(&page), page.scanned_to.seq(), page.at_end),
+            (vec![1, 2, 3, 4], 4, true)
+        );
+        assert_eq!((head, second), (true, Some((2, 8))));
+        // Filtered: nothing of the first read matched past 2, the head is
+        // far ahead, and the second read finds nothing: scanned to the head.
+        let (page, _, second) = feed(0, 10, &[2], Some(600), &[]).await;
+        assert_eq!(
+            (seqs(&page), page.scanned_to.seq(), page.at_end),
+            (vec![2], 600, true)
+        );
+        assert_eq!(second, Some((2, 9)));
+        // The second read fills the page: it ends at its last event.
+        let (page, _, second) = feed(0, 3, &[1], Some(8), &[2, 3, 4]).await;
+        assert_eq!(
+            (seqs(&page), page.scanned_to.seq(), page.at_end),
+            (vec![1, 2, 3], 3, false)
+        );
+        assert_eq!(second, Some((1, 2)));
+        // The second read fills it only with an event beyond the head: not
+        // full, so it ends at the head, without that event.
+        let (page, _, _) = feed(0, 3, &[1], Some(2), &[2, 5]).await;
+        assert_eq!(
+            (seqs(&page), page.scanned_to.seq(), page.at_end),
+            (vec![1, 2], 2, true)
+        );
+        // Empty: no head past `after`, nothing read again; or a head past
+        // it, and what became visible is read from `after`.
+        let (page, head, second) = feed(7, 3, &[], Some(7), &[]).await;
+        assert_eq!(
+            (seqs(&page), page.scanned_to.seq(), page.at_end),
+            (vec![], 7, true)
+        );
+        assert_eq!((head, second), (true, None));
+        let (page, _, _) = feed(7, 3, &[], None, &[]).await;
+        assert_eq!((page.scanned_to.seq(), page.at_end), (7, true));
+        let (page, _, second) = feed(7, 3, &[], Some(9), &[8, 9]).await;
+        assert_eq!(
+            (seqs(&page), page.scanned_to.seq(), page.at_end),
+            (vec![8, 9], 9, true)
+        );
+        assert_eq!(second, Some((7, 3)));
+    }
 
     /// The metadata lookups can read the indexes of migration 5 (the
     /// expression must match the index's exactly): with sequential scans
