@@ -230,7 +230,14 @@ impl Conns {
                             return;
                         }
                     };
-                    while let Some(job) = next_job(&rx) {
+                    // Only the first reader, the one an idle pool hands the
+                    // next read (see `submit`), polls before it parks.
+                    let poll = if i == 0 {
+                        POLL_BEFORE_PARK
+                    } else {
+                        std::time::Duration::ZERO
+                    };
+                    while let Some(job) = next_job(&rx, poll) {
                         job(&conn);
                     }
                 })
@@ -627,7 +634,7 @@ fn writer_loop(
     loop {
         let job = match next.take() {
             Some(job) => job,
-            None => match next_job(rx) {
+            None => match next_job(rx, POLL_BEFORE_PARK) {
                 Some(job) => job,
                 None => return,
             },
@@ -789,17 +796,19 @@ fn switch_to_wal(conn: &Connection) -> Result<String> {
 /// spinning: the caller this thread just answered may have been woken on the
 /// same CPU (when the others are busy), and a spin kept it waiting for the
 /// whole poll (W2's snapshot load: medians of 18-20 µs in five runs with
-/// the yield, 19-44 µs without; issue 11).
+/// the yield, 19-44 µs without; issue 11). The writer and the first reader
+/// poll; the other readers park at once (see `Conns::start`).
 const POLL_BEFORE_PARK: std::time::Duration = std::time::Duration::from_micros(50);
 
-/// The next job, or `None` once every sender is gone.
-fn next_job<T>(rx: &mpsc::Receiver<T>) -> Option<T> {
+/// The next job, or `None` once every sender is gone, polling for up to
+/// `poll` before it parks.
+fn next_job<T>(rx: &mpsc::Receiver<T>, poll: std::time::Duration) -> Option<T> {
     let started = std::time::Instant::now();
     loop {
         match rx.try_recv() {
             Ok(job) => return Some(job),
             Err(mpsc::TryRecvError::Disconnected) => return None,
-            Err(mpsc::TryRecvError::Empty) if started.elapsed() < POLL_BEFORE_PARK => {
+            Err(mpsc::TryRecvError::Empty) if started.elapsed() < poll => {
                 std::thread::yield_now();
             }
             Err(mpsc::TryRecvError::Empty) => return rx.recv().ok(),
