@@ -177,6 +177,27 @@ pub(crate) struct Conns {
     /// Raised by the writer after each group commit, before it answers the
     /// group (`EventStore::append_signal`).
     appended: Arc<tokio::sync::watch::Sender<u64>>,
+    /// Writes sent to the writer whose callers are still waiting for their
+    /// answer (see [`Reply`]: a read's caller hurries only while the store
+    /// is idle).
+    writing: Arc<AtomicUsize>,
+}
+
+/// Counts one write in [`Conns::writing`] while it lives: from before it is
+/// sent until its caller has the answer or stops waiting for it.
+struct Writing<'a>(&'a AtomicUsize);
+
+impl<'a> Writing<'a> {
+    fn new(count: &'a AtomicUsize) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
+        Writing(count)
+    }
+}
+
+impl Drop for Writing<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Conns {
@@ -258,6 +279,7 @@ impl Conns {
             queued,
             schema_ok: Arc::new(AtomicBool::new(false)),
             appended,
+            writing: Arc::new(AtomicUsize::new(0)),
         })
     }
 
@@ -286,6 +308,7 @@ impl Conns {
         T: Send + 'static,
         F: FnOnce(&mut Connection) -> Result<T> + Send + 'static,
     {
+        let _writing = Writing::new(&self.writing);
         let (tx, rx) = oneshot::channel();
         let job: WriteJob = Box::new(move |conn| {
             let result = catch_unwind(AssertUnwindSafe(|| f(conn)))
@@ -310,6 +333,7 @@ impl Conns {
         T: Send + 'static,
         F: FnOnce(&mut Connection) -> Result<T> + Send + 'static,
     {
+        let _writing = Writing::new(&self.writing);
         let (tx, rx) = oneshot::channel();
         let member = Member {
             f: Some(f),
@@ -355,7 +379,8 @@ impl Conns {
         let (tx, rx) = oneshot::channel();
         let schema_ok = Arc::clone(&self.schema_ok);
         // The first reader with the fewest jobs in flight (there is always
-        // one), and whether the pool is idle.
+        // one), and whether the store is idle: no read in flight, no write
+        // waited for.
         let mut busy = 0;
         let mut chosen: Option<(&Reader, usize)> = None;
         for r in self.readers.iter() {
@@ -384,7 +409,8 @@ impl Conns {
         }
         Ok(Reply {
             rx,
-            hurry_until: (busy == 0).then(|| std::time::Instant::now() + HURRY),
+            hurry_until: (busy == 0 && self.writing.load(Ordering::Relaxed) == 0)
+                .then(|| std::time::Instant::now() + HURRY),
             yielding: None,
         })
     }
@@ -589,9 +615,11 @@ where
 /// 4-25 µs against under 1 µs for a worker that is still running). So the
 /// caller of such a job keeps its worker busy while it waits, for at most
 /// [`HURRY`]: it yields to the runtime (other tasks and the I/O driver run
-/// first) instead of parking, then looks again. A job sent while others are
-/// in flight (a busy store, where the runtime has other work anyway) waits
-/// the plain way from the start.
+/// first) instead of parking, then looks again. A job sent while other
+/// reads are in flight or writes are waited for (a busy store, where the
+/// CPU is better left to the threads doing that work: concurrent commands
+/// on SQLite lost throughput when their loads hurried) waits the plain way
+/// from the start.
 pub(crate) struct Reply<T> {
     rx: oneshot::Receiver<Result<T>>,
     /// Until when to yield rather than park; `None` once past it, or for a
@@ -991,6 +1019,50 @@ mod tests {
             drop(tx);
             assert!(orphan.await.is_err());
         }
+    }
+
+    /// A read hurries only when sent to an idle store: not while another
+    /// read is in flight, nor while a write is waited for.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn only_a_read_sent_to_an_idle_store_hurries() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let conns = Conns::start(&dir.path().join("idle.db"), 2)
+            .await
+            .expect("the store's threads");
+        // The jobs below read no table: no migration needed.
+        conns.set_schema_ok();
+        let idle = conns.submit(|_| Ok(1)).expect("a read");
+        assert!(
+            idle.hurry_until.is_some(),
+            "an idle store's read did not hurry"
+        );
+        assert_eq!(idle.await.ok().and_then(|r| r.ok()), Some(1));
+
+        // A write waited for.
+        let writing = Writing::new(&conns.writing);
+        let beside_write = conns.submit(|_| Ok(2)).expect("a read");
+        assert!(beside_write.hurry_until.is_none(), "hurried beside a write");
+        assert_eq!(beside_write.await.ok().and_then(|r| r.ok()), Some(2));
+        drop(writing);
+
+        // Another read in flight (held on its reader until released).
+        let (release, held) = std::sync::mpsc::channel::<()>();
+        let first = conns
+            .submit(move |_| {
+                held.recv().ok();
+                Ok(3)
+            })
+            .expect("a read");
+        let second = conns.submit(|_| Ok(4)).expect("a read");
+        assert!(second.hurry_until.is_none(), "hurried beside another read");
+        assert_eq!(second.await.ok().and_then(|r| r.ok()), Some(4));
+        release.send(()).expect("the held read is waiting");
+        assert_eq!(first.await.ok().and_then(|r| r.ok()), Some(3));
+
+        // Idle again once both are answered and the write is done.
+        let again = conns.submit(|_| Ok(5)).expect("a read");
+        assert!(again.hurry_until.is_some(), "did not hurry once idle again");
+        assert_eq!(again.await.ok().and_then(|r| r.ok()), Some(5));
     }
 
     /// Inside its window an unanswered reply yields (its task is scheduled
