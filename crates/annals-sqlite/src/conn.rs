@@ -209,6 +209,7 @@ impl Conns {
         let writer_path = path.to_owned();
         let groups = Arc::new(AtomicUsize::new(0));
         let queued = Arc::new(AtomicIsize::new(0));
+        let writing = Arc::new(AtomicUsize::new(0));
         let counters = (Arc::clone(&groups), Arc::clone(&queued));
         let appended = Arc::new(tokio::sync::watch::Sender::new(0u64));
         let signal = Arc::clone(&appended);
@@ -238,6 +239,7 @@ impl Conns {
             let (ready_tx, ready_rx) = oneshot::channel();
             let (jobs, rx) = mpsc::channel::<ReadJob>();
             let reader_path = path.to_owned();
+            let reader_writing = Arc::clone(&writing);
             std::thread::Builder::new()
                 .name(format!("annals-sqlite-reader-{i}"))
                 .spawn(move || {
@@ -252,13 +254,18 @@ impl Conns {
                         }
                     };
                     // Only the first reader, the one an idle pool hands the
-                    // next read (see `submit`), polls before it parks.
+                    // next read (see `submit`), polls before it parks, and
+                    // only while no write is waited for: back-to-back reads
+                    // (a snapshot load after another, the pages of a
+                    // replay) gain from it, while beside concurrent
+                    // commands the poll took CPU the writer and the
+                    // commands need.
                     let poll = if i == 0 {
                         POLL_BEFORE_PARK
                     } else {
                         std::time::Duration::ZERO
                     };
-                    while let Some(job) = next_job(&rx, poll) {
+                    while let Some(job) = next_job(&rx, poll, Some(&reader_writing)) {
                         job(&conn);
                     }
                 })
@@ -279,7 +286,7 @@ impl Conns {
             queued,
             schema_ok: Arc::new(AtomicBool::new(false)),
             appended,
-            writing: Arc::new(AtomicUsize::new(0)),
+            writing,
         })
     }
 
@@ -727,7 +734,7 @@ fn writer_loop(
     loop {
         let job = match next.take() {
             Some(job) => job,
-            None => match next_job(rx, POLL_BEFORE_PARK) {
+            None => match next_job(rx, POLL_BEFORE_PARK, None) {
                 Some(job) => job,
                 None => return,
             },
@@ -890,18 +897,27 @@ fn switch_to_wal(conn: &Connection) -> Result<String> {
 /// same CPU (when the others are busy), and a spin kept it waiting for the
 /// whole poll (W2's snapshot load: medians of 18-20 µs in five runs with
 /// the yield, 19-44 µs without; issue 11). The writer and the first reader
-/// poll; the other readers park at once (see `Conns::start`).
+/// poll, the reader only while no write is waited for; the other readers
+/// park at once (see `Conns::start`).
 const POLL_BEFORE_PARK: std::time::Duration = std::time::Duration::from_micros(50);
 
 /// The next job, or `None` once every sender is gone, polling for up to
-/// `poll` before it parks.
-fn next_job<T>(rx: &mpsc::Receiver<T>, poll: std::time::Duration) -> Option<T> {
+/// `poll` before it parks; with `writing`, it stops polling (and parks)
+/// as soon as that count of writes waited for is not zero.
+fn next_job<T>(
+    rx: &mpsc::Receiver<T>,
+    poll: std::time::Duration,
+    writing: Option<&AtomicUsize>,
+) -> Option<T> {
     let started = std::time::Instant::now();
     loop {
         match rx.try_recv() {
             Ok(job) => return Some(job),
             Err(mpsc::TryRecvError::Disconnected) => return None,
-            Err(mpsc::TryRecvError::Empty) if started.elapsed() < poll => {
+            Err(mpsc::TryRecvError::Empty)
+                if started.elapsed() < poll
+                    && writing.is_none_or(|w| w.load(Ordering::Relaxed) == 0) =>
+            {
                 std::thread::yield_now();
             }
             Err(mpsc::TryRecvError::Empty) => return rx.recv().ok(),
@@ -1063,6 +1079,32 @@ mod tests {
         let again = conns.submit(|_| Ok(5)).expect("a read");
         assert!(again.hurry_until.is_some(), "did not hurry once idle again");
         assert_eq!(again.await.ok().and_then(|r| r.ok()), Some(5));
+    }
+
+    /// A thread waiting for its next job gets every job sent, in order,
+    /// whether it polls (no write waited for) or parks at once (a write
+    /// waited for), and `None` once every sender is gone.
+    #[test]
+    fn next_job_takes_each_job_polling_or_parked() {
+        let writing = AtomicUsize::new(0);
+        for waited_for in [0, 1] {
+            writing.store(waited_for, Ordering::Relaxed);
+            let (tx, rx) = mpsc::channel::<u32>();
+            let sender = std::thread::spawn(move || {
+                for job in 1..=3 {
+                    if tx.send(job).is_err() {
+                        return false;
+                    }
+                }
+                true
+            });
+            let got: Vec<_> = (0..3)
+                .filter_map(|_| next_job(&rx, POLL_BEFORE_PARK, Some(&writing)))
+                .collect();
+            assert_eq!(got, [1, 2, 3], "with {waited_for} writes waited for");
+            assert!(sender.join().unwrap_or(false));
+            assert_eq!(next_job(&rx, POLL_BEFORE_PARK, Some(&writing)), None);
+        }
     }
 
     /// Inside its window an unanswered reply yields (its task is scheduled
