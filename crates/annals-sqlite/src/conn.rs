@@ -374,11 +374,13 @@ impl Conns {
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T> + Send + 'static,
     {
-        wait(self.submit(f)).await
+        wait(self.submit(f, true)).await
     }
 
-    /// Sends `f` to a reader thread now; the receiver gets its result.
-    fn submit<T, F>(&self, f: F) -> Result<Reply<T>>
+    /// Sends `f` to a reader thread now; the receiver gets its result. With
+    /// `hurry`, its caller waits without parking at first when the store is
+    /// idle (see [`Reply`]).
+    fn submit<T, F>(&self, f: F, hurry: bool) -> Result<Reply<T>>
     where
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T> + Send + 'static,
@@ -416,7 +418,7 @@ impl Conns {
         }
         Ok(Reply {
             rx,
-            hurry_until: (busy == 0 && self.writing.load(Ordering::Relaxed) == 0)
+            hurry_until: (hurry && busy == 0 && self.writing.load(Ordering::Relaxed) == 0)
                 .then(|| std::time::Instant::now() + HURRY),
             yielding: None,
         })
@@ -525,7 +527,9 @@ where
 {
     fn request(&mut self, cursor: C) {
         let fetch = Arc::clone(&self.fetch);
-        self.pending = Some(self.conns.submit(move |conn| fetch(conn, cursor)));
+        // Pages never hurry: a page is a longer read, and the next one is
+        // read while this one is consumed, so its caller has work to do.
+        self.pending = Some(self.conns.submit(move |conn| fetch(conn, cursor), false));
     }
 }
 
@@ -617,16 +621,19 @@ where
 
 /// The answer to a job sent to a reader.
 ///
-/// A job sent to an idle pool is answered in a few microseconds, less than
-/// it takes to wake a parked runtime worker (on this project's 2-core VM,
-/// 4-25 µs against under 1 µs for a worker that is still running). So the
-/// caller of such a job keeps its worker busy while it waits, for at most
-/// [`HURRY`]: it yields to the runtime (other tasks and the I/O driver run
-/// first) instead of parking, then looks again. A job sent while other
-/// reads are in flight or writes are waited for (a busy store, where the
-/// CPU is better left to the threads doing that work: concurrent commands
-/// on SQLite lost throughput when their loads hurried) waits the plain way
-/// from the start.
+/// A point read ([`Conns::read`]: a snapshot and the events after it, a
+/// head, a version) sent to an idle store is answered in a few
+/// microseconds, less than it takes to wake a parked runtime worker (on
+/// this project's 2-core VM, 4-25 µs against under 1 µs for a worker that
+/// is still running). So the caller of such a job keeps its worker busy
+/// while it waits, for at most [`HURRY`]: it yields to the runtime (other
+/// tasks and the I/O driver run first) instead of parking, then looks
+/// again. A job sent while other reads are in flight or writes are waited
+/// for (a busy store, where the CPU is better left to the threads doing
+/// that work: concurrent commands on SQLite lost throughput when their
+/// loads hurried), and every page of a paginated read (longer, and read
+/// while the page before is consumed: a replay lost throughput when its
+/// pages hurried), waits the plain way from the start.
 pub(crate) struct Reply<T> {
     rx: oneshot::Receiver<Result<T>>,
     /// Until when to yield rather than park; `None` once past it, or for a
@@ -1047,7 +1054,7 @@ mod tests {
             .expect("the store's threads");
         // The jobs below read no table: no migration needed.
         conns.set_schema_ok();
-        let idle = conns.submit(|_| Ok(1)).expect("a read");
+        let idle = conns.submit(|_| Ok(1), true).expect("a read");
         assert!(
             idle.hurry_until.is_some(),
             "an idle store's read did not hurry"
@@ -1056,7 +1063,7 @@ mod tests {
 
         // A write waited for.
         let writing = Writing::new(&conns.writing);
-        let beside_write = conns.submit(|_| Ok(2)).expect("a read");
+        let beside_write = conns.submit(|_| Ok(2), true).expect("a read");
         assert!(beside_write.hurry_until.is_none(), "hurried beside a write");
         assert_eq!(beside_write.await.ok().and_then(|r| r.ok()), Some(2));
         drop(writing);
@@ -1064,19 +1071,22 @@ mod tests {
         // Another read in flight (held on its reader until released).
         let (release, held) = std::sync::mpsc::channel::<()>();
         let first = conns
-            .submit(move |_| {
-                held.recv().ok();
-                Ok(3)
-            })
+            .submit(
+                move |_| {
+                    held.recv().ok();
+                    Ok(3)
+                },
+                true,
+            )
             .expect("a read");
-        let second = conns.submit(|_| Ok(4)).expect("a read");
+        let second = conns.submit(|_| Ok(4), true).expect("a read");
         assert!(second.hurry_until.is_none(), "hurried beside another read");
         assert_eq!(second.await.ok().and_then(|r| r.ok()), Some(4));
         release.send(()).expect("the held read is waiting");
         assert_eq!(first.await.ok().and_then(|r| r.ok()), Some(3));
 
         // Idle again once both are answered and the write is done.
-        let again = conns.submit(|_| Ok(5)).expect("a read");
+        let again = conns.submit(|_| Ok(5), true).expect("a read");
         assert!(again.hurry_until.is_some(), "did not hurry once idle again");
         assert_eq!(again.await.ok().and_then(|r| r.ok()), Some(5));
     }
