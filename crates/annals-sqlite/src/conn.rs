@@ -636,17 +636,17 @@ where
 /// pages hurried), waits the plain way from the start.
 pub(crate) struct Reply<T> {
     rx: oneshot::Receiver<Result<T>>,
-    /// Until when to yield rather than park; `None` once past it, or for a
-    /// job sent to a busy pool.
+    /// Until when to yield rather than park; `None` once past it, for a job
+    /// sent to a busy store, and for a page of a paginated read.
     hurry_until: Option<std::time::Instant>,
     /// The yield in progress.
     yielding: Option<std::pin::Pin<Box<dyn Future<Output = ()> + Send>>>,
 }
 
-/// How long the caller of a job sent to an idle pool yields before it
-/// parks (see [`Reply`]). About the longest a point read (an aggregate's
-/// load, a snapshot and the events after it) takes; a longer job has the
-/// caller parked by the time it ends.
+/// How long the caller of a point read sent to an idle store yields before
+/// it parks (see [`Reply`]). About the longest a point read (a snapshot
+/// and the events after it) takes; a longer job has the caller parked by
+/// the time it ends.
 const HURRY: std::time::Duration = std::time::Duration::from_micros(30);
 
 impl<T> Future for Reply<T> {
