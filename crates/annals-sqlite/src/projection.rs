@@ -152,8 +152,17 @@ impl<P: SqliteProjection> BatchApplier for SqliteTransactional<P> {
         events: &[RecordedEvent],
         ctx: &BatchContext,
     ) -> Result<(), ApplyError> {
+        self.apply_shared(&Arc::new(events.to_vec()), ctx).await
+    }
+
+    /// The writer job gets a reference to the batch, not a copy of it.
+    async fn apply_shared(
+        &mut self,
+        events: &Arc<Vec<RecordedEvent>>,
+        ctx: &BatchContext,
+    ) -> Result<(), ApplyError> {
         let projection = Arc::clone(&self.projection);
-        let events = events.to_vec();
+        let events = Arc::clone(events);
         let mut ctx = ctx.clone();
         ctx.tables = self.tables.clone();
         // A live batch of a projection with tables checks that no newer

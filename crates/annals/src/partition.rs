@@ -53,6 +53,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -929,7 +930,7 @@ impl<S: EventStore + CheckpointStore> PartitionJob<S> {
                 attempt: 1,
                 tables: crate::TableNames::default(),
             };
-            self.apply(applier, &events, ctx).await?;
+            self.apply(applier, Arc::new(events), ctx).await?;
             view.send_modify(|v| {
                 v.checkpoints.insert(p, Some(batch.position));
             });
@@ -943,21 +944,21 @@ impl<S: EventStore + CheckpointStore> PartitionJob<S> {
     async fn apply<A: BatchApplier>(
         &self,
         applier: &mut A,
-        events: &[RecordedEvent],
+        events: Arc<Vec<RecordedEvent>>,
         ctx: BatchContext,
     ) -> std::result::Result<(), ApplyError> {
-        match self.apply_with_retry(applier, events, ctx.clone()).await {
+        match self.apply_with_retry(applier, &events, ctx.clone()).await {
             Err(ApplyError::Handler(_)) if events.len() > 1 => {}
             other => return other,
         }
         let mut after = ctx.after;
-        for event in events {
+        for event in events.iter() {
             let one = BatchContext {
                 after,
                 position: event.global_position,
                 ..ctx.clone()
             };
-            self.apply_with_retry(applier, std::slice::from_ref(event), one)
+            self.apply_with_retry(applier, &Arc::new(vec![event.clone()]), one)
                 .await
                 .map_err(|e| match e {
                     ApplyError::Handler(source) => ApplyError::Handler(
@@ -977,7 +978,8 @@ impl<S: EventStore + CheckpointStore> PartitionJob<S> {
         }
         if after < ctx.position {
             let rest = BatchContext { after, ..ctx };
-            self.apply_with_retry(applier, &[], rest).await?;
+            self.apply_with_retry(applier, &Arc::new(Vec::new()), rest)
+                .await?;
         }
         Ok(())
     }
@@ -985,11 +987,11 @@ impl<S: EventStore + CheckpointStore> PartitionJob<S> {
     async fn apply_with_retry<A: BatchApplier>(
         &self,
         applier: &mut A,
-        events: &[RecordedEvent],
+        events: &Arc<Vec<RecordedEvent>>,
         mut ctx: BatchContext,
     ) -> std::result::Result<(), ApplyError> {
         loop {
-            let err = match applier.apply(events, &ctx).await {
+            let err = match applier.apply_shared(events, &ctx).await {
                 Ok(()) => return Ok(()),
                 Err(e) => e,
             };

@@ -39,6 +39,7 @@
 //! need not fire again when a projection catches up.
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{oneshot, watch};
@@ -188,6 +189,18 @@ pub trait BatchApplier: Send + 'static {
         events: &[RecordedEvent],
         ctx: &BatchContext,
     ) -> impl Future<Output = std::result::Result<(), ApplyError>> + Send;
+
+    /// [`apply`](Self::apply) for a batch held in an [`Arc`]: what the
+    /// runners call. An applier that hands the events to another thread
+    /// (SQLite's writer) keeps a reference to the batch instead of copying
+    /// every event; the default applies the borrowed events.
+    fn apply_shared(
+        &mut self,
+        events: &Arc<Vec<RecordedEvent>>,
+        ctx: &BatchContext,
+    ) -> impl Future<Output = std::result::Result<(), ApplyError>> + Send {
+        self.apply(events.as_slice(), ctx)
+    }
 
     /// Tells the applier the lease it commits under (called by the runner
     /// once it holds its lock, and by
@@ -766,15 +779,16 @@ where
                 attempt: 1,
                 tables: TableNames::default(),
             };
+            let events = Arc::new(batch.events);
             tokio::select! {
-                () = self.throttle(batch.events.len()) => {}
+                () = self.throttle(events.len()) => {}
                 _ = stop.changed() => return Ok(()),
             }
-            self.apply_guarded(&batch.events, ctx).await?;
+            self.apply_guarded(&events, ctx).await?;
             position.send_replace(Some(Some(batch.position)));
-            let at_end = batch.events.len() < self.options.batch_size;
+            let at_end = events.len() < self.options.batch_size;
             lag_metrics
-                .record(&self.store, batch.position, batch.events.len(), at_end)
+                .record(&self.store, batch.position, events.len(), at_end)
                 .await;
         }
     }
@@ -783,7 +797,7 @@ where
     /// non-matching events only), under the circuit breaker.
     async fn apply_guarded(
         &mut self,
-        events: &[RecordedEvent],
+        events: &Arc<Vec<RecordedEvent>>,
         ctx: BatchContext,
     ) -> Result<(), ProjectionError> {
         let limit = self.trip_after;
@@ -936,7 +950,8 @@ where
                     attempt: 1,
                     tables: TableNames::default(),
                 };
-                self.throttle(chunk.events.len()).await;
+                let events = Arc::new(chunk.events);
+                self.throttle(events.len()).await;
                 // The read-ahead borrows nothing of `self` (its own handle
                 // on the store), so it runs beside the apply.
                 let ahead = async {
@@ -945,8 +960,7 @@ where
                         None => None,
                     }
                 };
-                let (applied, ahead) =
-                    futures::join!(self.apply_guarded(&chunk.events, ctx), ahead);
+                let (applied, ahead) = futures::join!(self.apply_guarded(&events, ctx), ahead);
                 applied?;
                 next = ahead.transpose().map_err(store_err)?;
                 scanned += chunk.scanned;
@@ -1121,7 +1135,7 @@ where
     /// time, to stop on (or park) the event that fails.
     async fn apply_batch(
         &mut self,
-        events: &[RecordedEvent],
+        events: &Arc<Vec<RecordedEvent>>,
         ctx: BatchContext,
     ) -> Result<(), ProjectionError> {
         match self.apply_with_retry(events, ctx.clone()).await {
@@ -1142,7 +1156,7 @@ where
             }
         }
         let mut after = ctx.after;
-        for event in events {
+        for event in events.iter() {
             let one = BatchContext {
                 after,
                 position: event.global_position,
@@ -1177,7 +1191,7 @@ where
         ctx: BatchContext,
     ) -> Result<(), ProjectionError> {
         match self
-            .apply_with_retry(std::slice::from_ref(event), ctx.clone())
+            .apply_with_retry(&Arc::new(vec![event.clone()]), ctx.clone())
             .await
         {
             Ok(()) => Ok(()),
@@ -1249,12 +1263,12 @@ where
     /// retried too); the last error and the attempts made.
     async fn apply_with_retry(
         &mut self,
-        events: &[RecordedEvent],
+        events: &Arc<Vec<RecordedEvent>>,
         mut ctx: BatchContext,
     ) -> Result<(), (ApplyError, u32)> {
         let retry = self.options.handler_retry;
         loop {
-            let err = match self.applier.apply(events, &ctx).await {
+            let err = match self.applier.apply_shared(events, &ctx).await {
                 Ok(()) => return Ok(()),
                 Err(e) => e,
             };

@@ -274,6 +274,90 @@ async fn issue8_in_transaction_projection_skips_a_committed_batch() {
     assert_eq!(calls.load(Ordering::SeqCst), 1);
 }
 
+/// Where the handler found a batch's events, and how many there were.
+struct Seen {
+    at: Arc<std::sync::Mutex<Vec<(usize, usize)>>>,
+}
+
+impl SqliteProjection for Seen {
+    fn name(&self) -> &str {
+        "seen"
+    }
+    fn handle(
+        &self,
+        _tx: &rusqlite::Transaction<'_>,
+        events: &[RecordedEvent],
+        _ctx: &BatchContext,
+    ) -> Result<(), HandlerError> {
+        let mut at = self.at.lock().map_err(|_| "poisoned")?;
+        at.push((events.as_ptr() as usize, events.len()));
+        Ok(())
+    }
+}
+
+/// A batch handed over in an `Arc` reaches the handler on the writer
+/// thread as it is, not copied; a borrowed batch is copied once and
+/// applied the same way.
+#[tokio::test]
+async fn issue8_a_shared_batch_reaches_the_writer_thread_uncopied() {
+    let store = fresh_store().await;
+    let mut last = GlobalPosition::START;
+    for i in 0..4 {
+        last = store
+            .append(&sid("Acc-1"), ExpectedVersion::Any, vec![ev("D", i)])
+            .await
+            .expect("append")
+            .positions[0];
+    }
+    let events: Vec<RecordedEvent> = store
+        .read_all(ReadAll::from_start())
+        .try_collect()
+        .await
+        .expect("read_all");
+    let at = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut applier = store.transactional(Seen {
+        at: Arc::clone(&at),
+    });
+    use annals::BatchApplier;
+    let (head, rest) = events.split_at(2);
+    let ctx = BatchContext {
+        checkpoint: annals::checkpoint_name("seen", 1),
+        after: GlobalPosition::START,
+        position: head[1].global_position,
+        replaying: true,
+        attempt: 1,
+        tables: Default::default(),
+    };
+    let shared = Arc::new(head.to_vec());
+    applier.apply_shared(&shared, &ctx).await.expect("shared");
+    let borrowed = BatchContext {
+        after: head[1].global_position,
+        position: last,
+        ..ctx
+    };
+    applier.apply(rest, &borrowed).await.expect("borrowed");
+    let at = at.lock().expect("lock").clone();
+    assert_eq!(at.len(), 2, "{at:?}");
+    assert_eq!(
+        at[0],
+        (shared.as_ptr() as usize, 2),
+        "the shared batch itself"
+    );
+    assert_ne!(
+        at[1].0,
+        rest.as_ptr() as usize,
+        "a copy of the borrowed one"
+    );
+    assert_eq!(at[1].1, 2);
+    assert_eq!(
+        store
+            .load_checkpoint(&annals::checkpoint_name("seen", 1))
+            .await
+            .expect("checkpoint"),
+        Some(last)
+    );
+}
+
 /// Two runners of one transactional projection at once (a second process
 /// started by mistake): batches apply in turn, a runner whose batch no
 /// longer starts at the checkpoint stops instead of applying it, and the

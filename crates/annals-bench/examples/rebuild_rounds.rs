@@ -1,0 +1,104 @@
+//! The `account_balances` rebuild on SQLite, `ROUNDS` times on the same
+//! file (the table emptied before each), with the median events/s: a loop
+//! to profile. The store is w4_rounds's (121,000 events).
+//!
+//! `rebuild_rounds [ROUNDS]` (default 10). Each round's start and end go to
+//! stderr as monotonic instants (`perf record -k mono`, then `perf report
+//! --time` on one round), with the process's resident memory after it.
+
+use std::time::Instant;
+
+use annals::bank::{Account, AccountEvent};
+use annals::{CommandContext, ProjectionRunner, RebuildOptions, Repository};
+use annals_sqlite::{SqliteEventStore, SqliteOptions};
+
+// Only the event pattern of the shared shapes is used here.
+#[allow(dead_code)]
+#[path = "../src/shapes.rs"]
+mod shapes;
+use shapes::pattern_event;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+const ACCOUNTS: u64 = 1_210;
+const EVENTS_PER_ACCOUNT: u64 = 100;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let mut args = std::env::args().skip(1);
+    let rounds: usize = args.next().map_or(Ok(10), |a| a.parse())?;
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("rb.db");
+    let store = SqliteEventStore::open_with(&path, SqliteOptions::default()).await?;
+    let repo = Repository::<Account, _>::new(store.clone());
+    let ctx = CommandContext::new();
+    for i in 0..ACCOUNTS {
+        let owner = format!("w4-{i:06}");
+        let batch: Vec<AccountEvent> = (1..=EVENTS_PER_ACCOUNT)
+            .map(|k| pattern_event(&owner, k))
+            .collect();
+        let id = uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_URL, owner.as_bytes()).to_string();
+        repo.create(&id, &ctx, |_| Ok::<_, std::convert::Infallible>(batch))
+            .await?;
+    }
+    let db = annals_cli::ReadModelDb {
+        store: annals_cli::AnyStore::Sqlite(store.clone()),
+        url: format!("sqlite://{}", path.display()),
+        pg_schema: None,
+        key_file: None,
+    };
+    annals_cli::account_balances(&db, "Account-").await?;
+    let conn = rusqlite::Connection::open(&path)?;
+    if let Ok(status) = std::fs::read_to_string("/proc/self/status") {
+        for line in status
+            .lines()
+            .filter(|l| l.starts_with("VmHWM") || l.starts_with("VmRSS"))
+        {
+            eprintln!("setup {line}");
+        }
+    }
+    let mut rates = Vec::new();
+    for _ in 0..rounds {
+        conn.execute("DELETE FROM account_balances", [])?;
+        let runner = ProjectionRunner::new(
+            store.clone(),
+            store.transactional(annals_cli::AccountBalances),
+        );
+        let options = RebuildOptions {
+            from_start: true,
+            ..RebuildOptions::default()
+        };
+        let t = Instant::now();
+        eprintln!("round start {t:?}");
+        runner.rebuild(options, |_| {}).await?;
+        eprintln!("round end {:?}", Instant::now());
+        if let Ok(status) = std::fs::read_to_string("/proc/self/status") {
+            for line in status
+                .lines()
+                .filter(|l| l.starts_with("VmHWM") || l.starts_with("VmRSS"))
+            {
+                eprintln!("{line}");
+            }
+        }
+        rates.push((ACCOUNTS * EVENTS_PER_ACCOUNT) as f64 / t.elapsed().as_secs_f64());
+        let rows = annals_cli::account_balances(&db, "Account-").await?;
+        let sum: i64 = rows.iter().map(|r| r.balance).sum();
+        anyhow::ensure!(
+            (rows.len() as u64, sum) == (ACCOUNTS, ACCOUNTS as i64 * 8_550),
+            "{} rows summing to {sum}",
+            rows.len()
+        );
+    }
+    println!(
+        "rebuild events/s: {}",
+        rates
+            .iter()
+            .map(|x| format!("{:.0}k", x / 1e3))
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    rates.sort_by(f64::total_cmp);
+    println!("median {:.0}k", rates[rates.len() / 2] / 1e3);
+    Ok(())
+}
