@@ -225,6 +225,7 @@ macro_rules! conformance_suite {
             feed_pages_scan_through_non_matching_events,
             subscription_catch_up_then_live,
             subscription_reads_the_next_page_ahead,
+            subscription_reads_two_pages_ahead,
             filtered_projection_advances_through_other_events,
             projection_with_concurrent_writers_equals_fold,
             projection_resumes_from_checkpoint,

@@ -147,16 +147,22 @@ pub struct Subscription<S: EventStore> {
     options: SubscriptionOptions,
     signal: Option<AppendSignal>,
     caught_up: bool,
-    /// The page after `filter.after`, read ahead while the caller handles
-    /// the batch before it (see [`Subscription::next_batch`]).
-    ahead: Option<tokio::task::JoinHandle<Result<crate::FeedPage>>>,
+    /// The pages after `filter.after`, read ahead while the caller handles
+    /// the batch before them (see [`Subscription::next_batch`]).
+    ahead: Option<Ahead>,
 }
 
-impl<S: EventStore> Drop for Subscription<S> {
+/// The task that reads pages ahead of a catching-up subscription, in order,
+/// each after the one before, and the pages it has read.
+struct Ahead {
+    /// Holds one page; the task reads the next one meanwhile.
+    pages: tokio::sync::mpsc::Receiver<Result<crate::FeedPage>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Ahead {
     fn drop(&mut self) {
-        if let Some(ahead) = self.ahead.take() {
-            ahead.abort();
-        }
+        self.task.abort();
     }
 }
 
@@ -195,12 +201,15 @@ impl<S: EventStore> Subscription<S> {
     /// delivers nothing and moves nothing.
     ///
     /// While catching up (the page delivered was full, not the end of the
-    /// log), the page after it is read ahead on a task of its own, so the
-    /// store reads batch `k + 1` while the caller handles batch `k`: at most
-    /// two batches are held. The page read ahead is the one the next call
-    /// would read (the feed after the delivered batch, a read like any
-    /// other, only earlier); a read ahead that failed is dropped and the
-    /// next call reads again, with its retries.
+    /// log), the pages after it are read ahead on a task of its own, each
+    /// as soon as the one before it has been read, so the store reads
+    /// batches `k + 1` and `k + 2` while the caller handles batch `k` and
+    /// never waits for the caller between pages: at most three batches are
+    /// held. The pages read ahead are the ones the next calls would read
+    /// (the feed after the delivered batch, reads like any other, only
+    /// earlier); the task stops after a page at the end of the log, and a
+    /// read ahead that failed is dropped and the next call reads again,
+    /// with its retries.
     pub async fn next_batch(&mut self) -> Result<SubscriptionBatch> {
         loop {
             let page = match self.take_ahead().await {
@@ -242,19 +251,42 @@ impl<S: EventStore> Subscription<S> {
         }
     }
 
-    /// Starts reading the page after `filter.after` on a task of its own
-    /// (none outside a Tokio runtime: the next call then reads it).
+    /// Starts reading the pages after `filter.after` on a task of its own,
+    /// unless one runs already (none outside a Tokio runtime: the next call
+    /// then reads the page itself).
     fn read_ahead(&mut self) {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
+        if self.ahead.is_some() {
+            return;
+        }
         self.mark_signal_seen();
-        let (store, filter, n) = (
+        let (store, mut filter, n) = (
             self.store.clone(),
             self.filter.clone(),
             self.options.batch_size,
         );
-        self.ahead = Some(runtime.spawn(async move { store.read_feed_page(&filter, n).await }));
+        let (tx, pages) = tokio::sync::mpsc::channel(1);
+        let task = runtime.spawn(async move {
+            loop {
+                let page = store.read_feed_page(&filter, n).await;
+                // Reads on while the log goes on: not after the end, a
+                // failed read, or a page that did not move.
+                let next = match &page {
+                    Ok(p) if !p.at_end && p.scanned_to > filter.after => Some(p.scanned_to),
+                    _ => None,
+                };
+                if tx.send(page).await.is_err() {
+                    return;
+                }
+                match next {
+                    Some(after) => filter.after = after,
+                    None => return,
+                }
+            }
+        });
+        self.ahead = Some(Ahead { pages, task });
     }
 
     /// The page read ahead, once it has arrived; `None` when there is none,
@@ -262,16 +294,20 @@ impl<S: EventStore> Subscription<S> {
     /// retries). Cancel-safe: the read ahead stays until it is taken.
     async fn take_ahead(&mut self) -> Option<crate::FeedPage> {
         let ahead = self.ahead.as_mut()?;
-        let result = ahead.await;
-        self.ahead = None;
-        match result {
-            Ok(Ok(page)) => Some(page),
-            Ok(Err(e)) => {
+        match ahead.pages.recv().await {
+            Some(Ok(page)) => Some(page),
+            Some(Err(e)) => {
+                self.ahead = None;
                 tracing::debug!(error = %e, position = %self.filter.after,
                     "subscription read ahead failed; reading again");
                 None
             }
-            Err(_) => None,
+            // The task has delivered its last page (the end of the log),
+            // or stopped.
+            None => {
+                self.ahead = None;
+                None
+            }
         }
     }
 

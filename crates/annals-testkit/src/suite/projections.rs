@@ -255,6 +255,43 @@ pub async fn subscription_reads_the_next_page_ahead<S: EventStore>(store: S) {
     assert_eq!(*reads.borrow(), 5, "feed reads");
 }
 
+/// While catching up, a subscription reads two pages ahead of the batch
+/// its caller holds, each as soon as the one before it is read (the store
+/// does not wait for the caller between pages), and reads each page once:
+/// none twice, none after the end of the log.
+pub async fn subscription_reads_two_pages_ahead<S: EventStore>(store: S) {
+    let counted = crate::FaultyStore::new(store.clone(), i64::MAX);
+    let mut expected = Vec::new();
+    for i in 0..11 {
+        let r = store
+            .append(&sid("Ahead2-1"), ExpectedVersion::Any, vec![ev("E", i)])
+            .await
+            .expect("append");
+        expected.extend(r.positions);
+    }
+    let mut reads = counted.feed_reads();
+    let options = SubscriptionOptions::default()
+        .batch_size(3)
+        .poll_interval(Duration::from_secs(3600));
+    let mut sub = Subscription::new(counted.clone(), GlobalPosition::START, options);
+    let first = sub.next_batch().await.expect("first batch");
+    assert_eq!(first.events.len(), 3);
+    // The caller still holds batch 1; pages 2 and 3 are read meanwhile.
+    tokio::time::timeout(PATIENCE, reads.wait_for(|n| *n >= 3))
+        .await
+        .expect("two pages are read ahead")
+        .expect("feed read counter");
+    let mut seen: Vec<GlobalPosition> = first.events.iter().map(|e| e.global_position).collect();
+    while !sub.is_caught_up() {
+        let batch = sub.next_batch().await.expect("batch");
+        assert!(batch.events.len() <= 3, "bounded batches");
+        seen.extend(batch.events.iter().map(|e| e.global_position));
+    }
+    assert_eq!(seen, expected, "every event once, in order");
+    // Pages of 3, 3, 3 and 2 events: four reads, the last at the end.
+    assert_eq!(*reads.borrow(), 4, "feed reads");
+}
+
 /// A subscription catches up from the start, in bounded batches flagged as
 /// replays, then follows new appends live: every event once, in order.
 pub async fn subscription_catch_up_then_live<S: EventStore>(store: S) {
