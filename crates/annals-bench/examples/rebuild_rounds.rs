@@ -2,9 +2,11 @@
 //! file (the table emptied before each), with the median events/s: a loop
 //! to profile. The store is w4_rounds's (121,000 events).
 //!
-//! `rebuild_rounds [ROUNDS]` (default 10). Each round's start and end go to
-//! stderr as monotonic instants (`perf record -k mono`, then `perf report
-//! --time` on one round), with the process's resident memory after it.
+//! `rebuild_rounds [ROUNDS]` (default 10; `PAGE=N` in the environment sets
+//! `RebuildOptions::batch_size`, the events per page read). Each round's
+//! start and end go to stderr as monotonic instants (`perf record -k mono`,
+//! then `perf report --time` on one round), with the process's resident
+//! memory after it.
 
 use std::time::Instant;
 
@@ -65,10 +67,13 @@ async fn main() -> anyhow::Result<()> {
             store.clone(),
             store.transactional(annals_cli::AccountBalances),
         );
-        let options = RebuildOptions {
+        let mut options = RebuildOptions {
             from_start: true,
             ..RebuildOptions::default()
         };
+        if let Ok(page) = std::env::var("PAGE") {
+            options.batch_size = page.parse()?;
+        }
         let t = Instant::now();
         eprintln!("round start {t:?}");
         runner.rebuild(options, |_| {}).await?;

@@ -406,7 +406,7 @@ pub async fn w3<S: EventStore>(store: &S, sz: &Sizes) -> anyhow::Result<Throughp
 
 /// W4: the whole feed through a catch-up [`Subscription`] in pages of
 /// `feed_page` events, each after the last position of the one before (the
-/// subscription reads the next page while this one is folded), decoded into
+/// subscription reads up to two pages ahead while this one is folded), decoded into
 /// typed events, folded into a map of account to balance, then verified
 /// against the sizes.
 pub async fn w4<S: EventStore>(store: &S, sz: &Sizes) -> anyhow::Result<Throughput> {
