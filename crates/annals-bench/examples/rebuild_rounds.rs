@@ -10,21 +10,14 @@
 
 use std::time::Instant;
 
-use annals::bank::{Account, AccountEvent};
-use annals::{CommandContext, ProjectionRunner, RebuildOptions, Repository};
-use annals_sqlite::{SqliteEventStore, SqliteOptions};
+use annals::{ProjectionRunner, RebuildOptions};
 
-// Only the event pattern of the shared shapes is used here.
-#[allow(dead_code)]
-#[path = "../src/shapes.rs"]
-mod shapes;
-use shapes::pattern_event;
+#[path = "common/w4_store.rs"]
+mod w4;
+use w4::{w4_store, ACCOUNTS, BALANCE, EVENTS_PER_ACCOUNT};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
-const ACCOUNTS: u64 = 1_210;
-const EVENTS_PER_ACCOUNT: u64 = 100;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -32,18 +25,7 @@ async fn main() -> anyhow::Result<()> {
     let rounds: usize = args.next().map_or(Ok(10), |a| a.parse())?;
     let dir = tempfile::tempdir()?;
     let path = dir.path().join("rb.db");
-    let store = SqliteEventStore::open_with(&path, SqliteOptions::default()).await?;
-    let repo = Repository::<Account, _>::new(store.clone());
-    let ctx = CommandContext::new();
-    for i in 0..ACCOUNTS {
-        let owner = format!("w4-{i:06}");
-        let batch: Vec<AccountEvent> = (1..=EVENTS_PER_ACCOUNT)
-            .map(|k| pattern_event(&owner, k))
-            .collect();
-        let id = uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_URL, owner.as_bytes()).to_string();
-        repo.create(&id, &ctx, |_| Ok::<_, std::convert::Infallible>(batch))
-            .await?;
-    }
+    let store = w4_store(&path).await?;
     let db = annals_cli::ReadModelDb {
         store: annals_cli::AnyStore::Sqlite(store.clone()),
         url: format!("sqlite://{}", path.display()),
@@ -90,7 +72,7 @@ async fn main() -> anyhow::Result<()> {
         let rows = annals_cli::account_balances(&db, "Account-").await?;
         let sum: i64 = rows.iter().map(|r| r.balance).sum();
         anyhow::ensure!(
-            (rows.len() as u64, sum) == (ACCOUNTS, ACCOUNTS as i64 * 8_550),
+            (rows.len() as u64, sum) == (ACCOUNTS, ACCOUNTS as i64 * BALANCE),
             "{} rows summing to {sum}",
             rows.len()
         );

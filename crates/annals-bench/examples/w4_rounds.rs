@@ -9,22 +9,18 @@
 use std::collections::HashMap;
 use std::time::Instant;
 
-use annals::bank::{Account, AccountEvent};
-use annals::{
-    decode_event, CommandContext, EventStore, GlobalPosition, Repository, Subscription,
-    SubscriptionOptions,
-};
-use annals_sqlite::{SqliteEventStore, SqliteOptions};
+use annals::bank::AccountEvent;
+use annals::{decode_event, EventStore, GlobalPosition, Subscription, SubscriptionOptions};
+use annals_sqlite::SqliteEventStore;
 
-#[path = "../src/shapes.rs"]
-mod shapes;
-use shapes::{fold_balance, pattern_event};
+#[path = "common/w4_store.rs"]
+mod w4;
+use w4::shapes::{self, fold_balance};
+use w4::{w4_store, ACCOUNTS, BALANCE, EVENTS_PER_ACCOUNT};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-const ACCOUNTS: u64 = 1_210;
-const EVENTS_PER_ACCOUNT: u64 = 100;
 const PAGE: usize = 1_000;
 
 async fn annals_w4(store: &SqliteEventStore) -> anyhow::Result<(u64, i64)> {
@@ -67,19 +63,7 @@ async fn main() -> anyhow::Result<()> {
     let mode = args.next().unwrap_or_else(|| "both".into());
     let dir = tempfile::tempdir()?;
     let path = dir.path().join("w4.db");
-    // The default options, as the bench's store.
-    let store = SqliteEventStore::open_with(&path, SqliteOptions::default()).await?;
-    let repo = Repository::<Account, _>::new(store.clone());
-    let ctx = CommandContext::new();
-    for i in 0..ACCOUNTS {
-        let owner = format!("w4-{i:06}");
-        let batch: Vec<AccountEvent> = (1..=EVENTS_PER_ACCOUNT)
-            .map(|k| pattern_event(&owner, k))
-            .collect();
-        let id = uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_URL, owner.as_bytes()).to_string();
-        repo.create(&id, &ctx, |_| Ok::<_, std::convert::Infallible>(batch))
-            .await?;
-    }
+    let store = w4_store(&path).await?;
     let conn = rusqlite::Connection::open(&path)?;
     let (mut ours, mut raw) = (Vec::new(), Vec::new());
     for _ in 0..rounds {
@@ -88,14 +72,14 @@ async fn main() -> anyhow::Result<()> {
             let (n, sum) = annals_w4(&store).await?;
             ours.push(n as f64 / t.elapsed().as_secs_f64());
             anyhow::ensure!(n == ACCOUNTS * EVENTS_PER_ACCOUNT, "annals read {n} events");
-            anyhow::ensure!(sum == ACCOUNTS as i64 * 8_550, "annals sum {sum}");
+            anyhow::ensure!(sum == ACCOUNTS as i64 * BALANCE, "annals sum {sum}");
         }
         if mode != "annals" {
             let t = Instant::now();
             let (n, sum) = raw_w4(&conn)?;
             raw.push(n as f64 / t.elapsed().as_secs_f64());
             anyhow::ensure!(n == ACCOUNTS * EVENTS_PER_ACCOUNT, "raw read {n} events");
-            anyhow::ensure!(sum == ACCOUNTS as i64 * 8_550, "raw sum {sum}");
+            anyhow::ensure!(sum == ACCOUNTS as i64 * BALANCE, "raw sum {sum}");
         }
     }
     let fmt = |v: &[f64]| {

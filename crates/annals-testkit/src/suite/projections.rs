@@ -233,19 +233,8 @@ pub async fn subscription_reads_the_next_page_ahead<S: EventStore>(store: S) {
             max_attempts: 5,
         });
     let mut sub = Subscription::new(faulty.clone(), GlobalPosition::START, options);
-    let first = sub.next_batch().await.expect("first batch");
-    assert_eq!(first.events.len(), 3);
     // Nobody asks for the second page, yet it is read.
-    tokio::time::timeout(PATIENCE, reads.wait_for(|n| *n >= 2))
-        .await
-        .expect("the second page is read ahead")
-        .expect("feed read counter");
-    let mut seen: Vec<GlobalPosition> = first.events.iter().map(|e| e.global_position).collect();
-    while !sub.is_caught_up() {
-        let batch = sub.next_batch().await.expect("batch");
-        assert!(batch.events.len() <= 3, "bounded batches");
-        seen.extend(batch.events.iter().map(|e| e.global_position));
-    }
+    let seen = hold_first_then_catch_up(&mut sub, &mut reads, 2).await;
     assert_eq!(
         seen, expected,
         "every event once, in order, across the failed read ahead"
@@ -253,6 +242,30 @@ pub async fn subscription_reads_the_next_page_ahead<S: EventStore>(store: S) {
     // Pages 1 and 2 (failed), 2 again, then 3 and 4 read ahead; none after
     // the last page, which reached the end.
     assert_eq!(*reads.borrow(), 5, "feed reads");
+}
+
+/// Takes a subscription's first batch (three events, its batch size) and,
+/// while holding it, waits until the store has had `reads` feed reads in
+/// all; then takes the rest of the catch-up in batches of at most three.
+/// The positions delivered, in order.
+async fn hold_first_then_catch_up<S: EventStore>(
+    sub: &mut Subscription<S>,
+    feed_reads: &mut tokio::sync::watch::Receiver<u64>,
+    reads: u64,
+) -> Vec<GlobalPosition> {
+    let first = sub.next_batch().await.expect("first batch");
+    assert_eq!(first.events.len(), 3);
+    tokio::time::timeout(PATIENCE, feed_reads.wait_for(|n| *n >= reads))
+        .await
+        .unwrap_or_else(|_| panic!("{reads} feed reads while the first batch is held"))
+        .expect("feed read counter");
+    let mut seen: Vec<GlobalPosition> = first.events.iter().map(|e| e.global_position).collect();
+    while !sub.is_caught_up() {
+        let batch = sub.next_batch().await.expect("batch");
+        assert!(batch.events.len() <= 3, "bounded batches");
+        seen.extend(batch.events.iter().map(|e| e.global_position));
+    }
+    seen
 }
 
 /// While catching up, a subscription reads two pages ahead of the batch
@@ -274,19 +287,8 @@ pub async fn subscription_reads_two_pages_ahead<S: EventStore>(store: S) {
         .batch_size(3)
         .poll_interval(Duration::from_secs(3600));
     let mut sub = Subscription::new(counted.clone(), GlobalPosition::START, options);
-    let first = sub.next_batch().await.expect("first batch");
-    assert_eq!(first.events.len(), 3);
     // The caller still holds batch 1; pages 2 and 3 are read meanwhile.
-    tokio::time::timeout(PATIENCE, reads.wait_for(|n| *n >= 3))
-        .await
-        .expect("two pages are read ahead")
-        .expect("feed read counter");
-    let mut seen: Vec<GlobalPosition> = first.events.iter().map(|e| e.global_position).collect();
-    while !sub.is_caught_up() {
-        let batch = sub.next_batch().await.expect("batch");
-        assert!(batch.events.len() <= 3, "bounded batches");
-        seen.extend(batch.events.iter().map(|e| e.global_position));
-    }
+    let seen = hold_first_then_catch_up(&mut sub, &mut reads, 3).await;
     assert_eq!(seen, expected, "every event once, in order");
     // Pages of 3, 3, 3 and 2 events: four reads, the last at the end.
     assert_eq!(*reads.borrow(), 4, "feed reads");

@@ -1,0 +1,38 @@
+//! The store of `w4_rounds` and `rebuild_rounds`: 1,210 accounts of 100
+//! events each (121,000 events, W4's count, in W3's stream pattern), written
+//! into a fresh SQLite file with the default options, as the bench's store.
+
+use std::path::Path;
+
+use annals::bank::{Account, AccountEvent};
+use annals::{CommandContext, Repository};
+use annals_sqlite::{SqliteEventStore, SqliteOptions};
+
+/// The bench's shared shapes (each example uses some of them).
+#[allow(dead_code)]
+#[path = "../../src/shapes.rs"]
+pub mod shapes;
+
+/// Accounts in the store.
+pub const ACCOUNTS: u64 = 1_210;
+/// Events per account.
+pub const EVENTS_PER_ACCOUNT: u64 = 100;
+/// Each account's balance at the end of its stream.
+pub const BALANCE: i64 = 8_550;
+
+/// Opens `path` (a new file) and writes the accounts, one commit each.
+pub async fn w4_store(path: &Path) -> anyhow::Result<SqliteEventStore> {
+    let store = SqliteEventStore::open_with(path, SqliteOptions::default()).await?;
+    let repo = Repository::<Account, _>::new(store.clone());
+    let ctx = CommandContext::new();
+    for i in 0..ACCOUNTS {
+        let owner = format!("w4-{i:06}");
+        let batch: Vec<AccountEvent> = (1..=EVENTS_PER_ACCOUNT)
+            .map(|k| shapes::pattern_event(&owner, k))
+            .collect();
+        let id = uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_URL, owner.as_bytes()).to_string();
+        repo.create(&id, &ctx, |_| Ok::<_, std::convert::Infallible>(batch))
+            .await?;
+    }
+    Ok(store)
+}
