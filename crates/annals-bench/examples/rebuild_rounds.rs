@@ -14,7 +14,7 @@ use annals::{ProjectionRunner, RebuildOptions};
 
 #[path = "common/w4_store.rs"]
 mod w4;
-use w4::{w4_store, ACCOUNTS, BALANCE, EVENTS_PER_ACCOUNT};
+use w4::{memory_lines, w4_store, ACCOUNTS, BALANCE, EVENTS_PER_ACCOUNT};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -34,13 +34,8 @@ async fn main() -> anyhow::Result<()> {
     };
     annals_cli::account_balances(&db, "Account-").await?;
     let conn = rusqlite::Connection::open(&path)?;
-    if let Ok(status) = std::fs::read_to_string("/proc/self/status") {
-        for line in status
-            .lines()
-            .filter(|l| l.starts_with("VmHWM") || l.starts_with("VmRSS"))
-        {
-            eprintln!("setup {line}");
-        }
+    for line in memory_lines(&["VmHWM", "VmRSS"]) {
+        eprintln!("setup {line}");
     }
     let mut rates = Vec::new();
     for _ in 0..rounds {
@@ -60,13 +55,8 @@ async fn main() -> anyhow::Result<()> {
         eprintln!("round start {t:?}");
         runner.rebuild(options, |_| {}).await?;
         eprintln!("round end {:?}", Instant::now());
-        if let Ok(status) = std::fs::read_to_string("/proc/self/status") {
-            for line in status
-                .lines()
-                .filter(|l| l.starts_with("VmHWM") || l.starts_with("VmRSS"))
-            {
-                eprintln!("{line}");
-            }
+        for line in memory_lines(&["VmHWM", "VmRSS"]) {
+            eprintln!("{line}");
         }
         rates.push((ACCOUNTS * EVENTS_PER_ACCOUNT) as f64 / t.elapsed().as_secs_f64());
         let rows = annals_cli::account_balances(&db, "Account-").await?;

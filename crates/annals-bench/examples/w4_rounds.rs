@@ -16,7 +16,7 @@ use annals_sqlite::SqliteEventStore;
 #[path = "common/w4_store.rs"]
 mod w4;
 use w4::shapes::{self, fold_balance};
-use w4::{w4_store, ACCOUNTS, BALANCE, EVENTS_PER_ACCOUNT};
+use w4::{memory_lines, w4_store, ACCOUNTS, BALANCE, EVENTS_PER_ACCOUNT};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -90,13 +90,8 @@ async fn main() -> anyhow::Result<()> {
     };
     println!("annals events/s: {}", fmt(&ours));
     println!("raw events/s:    {}", fmt(&raw));
-    if let Ok(status) = std::fs::read_to_string("/proc/self/status") {
-        for line in status
-            .lines()
-            .filter(|l| l.starts_with("VmHWM") || l.starts_with("Rss"))
-        {
-            println!("{line}");
-        }
+    for line in memory_lines(&["VmHWM", "Rss"]) {
+        println!("{line}");
     }
     if !ours.is_empty() && !raw.is_empty() {
         let (a, r) = (median(ours), median(raw));

@@ -406,9 +406,9 @@ pub async fn w3<S: EventStore>(store: &S, sz: &Sizes) -> anyhow::Result<Throughp
 
 /// W4: the whole feed through a catch-up [`Subscription`] in pages of
 /// `feed_page` events, each after the last position of the one before (the
-/// subscription reads up to two pages ahead while this one is folded), decoded into
-/// typed events, folded into a map of account to balance, then verified
-/// against the sizes.
+/// subscription reads up to two pages ahead while this one is folded),
+/// decoded into typed events, folded into a map of account to balance, then
+/// verified against the sizes.
 pub async fn w4<S: EventStore>(store: &S, sz: &Sizes) -> anyhow::Result<Throughput> {
     let t = Instant::now();
     let mut balances: HashMap<String, i64> = HashMap::new();

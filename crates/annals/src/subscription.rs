@@ -289,9 +289,10 @@ impl<S: EventStore> Subscription<S> {
         self.ahead = Some(Ahead { pages, task });
     }
 
-    /// The page read ahead, once it has arrived; `None` when there is none,
-    /// or when its read failed (the caller then reads it again, with
-    /// retries). Cancel-safe: the read ahead stays until it is taken.
+    /// The next page read ahead, once it has arrived; `None` when no task
+    /// reads ahead, when its read failed (the caller then reads it again,
+    /// with retries), or after the task's last page (the end of the log).
+    /// Cancel-safe: a page read ahead stays until it is taken.
     async fn take_ahead(&mut self) -> Option<crate::FeedPage> {
         let ahead = self.ahead.as_mut()?;
         match ahead.pages.recv().await {

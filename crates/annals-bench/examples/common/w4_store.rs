@@ -36,3 +36,17 @@ pub async fn w4_store(path: &Path) -> anyhow::Result<SqliteEventStore> {
     }
     Ok(store)
 }
+
+/// The lines of `/proc/self/status` that start with one of `prefixes` (the
+/// process's memory: `VmHWM`, `VmRSS`, `Rss…`); none where it cannot be read.
+pub fn memory_lines(prefixes: &[&str]) -> Vec<String> {
+    std::fs::read_to_string("/proc/self/status")
+        .map(|status| {
+            status
+                .lines()
+                .filter(|l| prefixes.iter().any(|p| l.starts_with(p)))
+                .map(str::to_owned)
+                .collect()
+        })
+        .unwrap_or_default()
+}
