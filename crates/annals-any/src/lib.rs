@@ -408,6 +408,10 @@ impl EventStore for AnyStore {
         delegate!(self, s => s.read_feed_page(filter, limit).await)
     }
 
+    fn read_feed_pages(&self, filter: ReadAll, limit: usize) -> annals::FeedPages {
+        delegate!(self, s => s.read_feed_pages(filter, limit))
+    }
+
     fn append_signal(&self) -> Option<annals::AppendSignal> {
         delegate!(self, s => s.append_signal())
     }

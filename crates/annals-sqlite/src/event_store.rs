@@ -48,7 +48,7 @@ use crate::SqliteEventStore;
 
 static LABELS: [metrics::Label; 1] = [metrics::Label::from_static_parts("backend", "sqlite")];
 /// The append and read metrics of this backend.
-static METRICS: annals::StoreMetrics = annals::StoreMetrics::new(&LABELS);
+pub(crate) static METRICS: annals::StoreMetrics = annals::StoreMetrics::new(&LABELS);
 
 /// The text (payloads, metadata, names) a read page stops at: the row that
 /// reaches it is the page's last. Small events fill `batch_size` rows long
@@ -404,12 +404,12 @@ pub(crate) struct StreamCursor {
 }
 
 /// Where a paginated `read_all` resumes.
-struct AllCursor {
-    after: i64,
-    remaining: u64,
+pub(crate) struct AllCursor {
+    pub(crate) after: i64,
+    pub(crate) remaining: u64,
     /// Whether the first page is still to skip ahead to the first event
     /// recorded at or after `ReadAll::since` (see [`read_all_page`]).
-    seek_since: bool,
+    pub(crate) seek_since: bool,
 }
 
 /// Where a feed page's read resumes: the first round trip also reads the
@@ -477,7 +477,7 @@ fn read_stream_page(
 }
 
 /// The highest position stored (`None`: no events).
-fn max_position(conn: &Connection) -> Result<Option<i64>> {
+pub(crate) fn max_position(conn: &Connection) -> Result<Option<i64>> {
     conn.prepare_cached("SELECT MAX(position) FROM events")
         .and_then(|mut s| s.query_row([], |r| r.get(0)))
         .map_err(db("reading the head position"))
@@ -485,7 +485,7 @@ fn max_position(conn: &Connection) -> Result<Option<i64>> {
 
 /// `position` as a position of this store: SQLite positions have no commit
 /// part.
-fn check_local(position: GlobalPosition) -> Result<()> {
+pub(crate) fn check_local(position: GlobalPosition) -> Result<()> {
     if position.commit() == 0 {
         return Ok(());
     }
@@ -497,7 +497,7 @@ fn check_local(position: GlobalPosition) -> Result<()> {
 
 /// The `read_all` query for a set of filters: built once per call, cached
 /// by its text like any other statement.
-fn read_all_sql(options: &ReadAll) -> String {
+pub(crate) fn read_all_sql(options: &ReadAll) -> String {
     let mut sql = format!(
         "SELECT {} FROM events WHERE position > ?1",
         event_columns!()
@@ -534,7 +534,7 @@ fn read_all_sql(options: &ReadAll) -> String {
     sql
 }
 
-fn read_all_page(
+pub(crate) fn read_all_page(
     conn: &Connection,
     sql: &str,
     options: &ReadAll,
@@ -989,6 +989,12 @@ impl EventStore for SqliteEventStore {
             scanned_to,
             at_end: !full,
         })
+    }
+
+    /// One chain of reader round trips across the pages (see `feed`), so
+    /// the reader never waits between pages for the caller to decode.
+    fn read_feed_pages(&self, filter: ReadAll, limit: usize) -> annals::FeedPages {
+        crate::feed::pages(self, filter, limit)
     }
 
     async fn stream_version(&self, stream: &StreamId) -> Result<Option<StreamVersion>> {

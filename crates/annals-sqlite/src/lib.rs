@@ -79,6 +79,7 @@ mod control;
 mod error;
 mod event_migration;
 mod event_store;
+mod feed;
 mod gdpr;
 mod health;
 mod import;

@@ -223,6 +223,7 @@ macro_rules! conformance_suite {
     (@group projections, $($then:tt)*) => {
         $crate::conformance_suite! { $($then)*
             feed_pages_scan_through_non_matching_events,
+            feed_pages_read_as_a_loop_of_feed_page,
             subscription_catch_up_then_live,
             subscription_reads_the_next_page_ahead,
             subscription_reads_two_pages_ahead,

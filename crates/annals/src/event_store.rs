@@ -187,6 +187,10 @@ pub struct FeedPage {
 /// and then reads the feed.
 pub type AppendSignal = tokio::sync::watch::Receiver<u64>;
 
+/// What [`EventStore::read_feed_pages`] returns: consecutive pages of the
+/// global feed.
+pub type FeedPages = BoxStream<'static, Result<FeedPage>>;
+
 /// A stream and its head.
 #[derive(Clone, PartialEq, Eq, Debug, Serialize)]
 pub struct StreamInfo {
@@ -395,6 +399,43 @@ pub trait EventStore: Clone + Send + Sync + 'static {
                 at_end: true,
             })
         }
+    }
+
+    /// Consecutive pages of the global feed from `filter.after`, each the
+    /// page [`read_feed_page`](Self::read_feed_page) would return after the
+    /// `scanned_to` of the page before it, with the same contract. Lazy:
+    /// nothing is read until the stream is polled.
+    ///
+    /// The stream ends after a page with `at_end`, after a page that did not
+    /// move (a stale position), or after an error, which is its last item (a
+    /// caller reads again from its last `scanned_to`). It may also end after
+    /// a full page without saying whether more follow: a caller that wants
+    /// more reads on from that page's `scanned_to`.
+    ///
+    /// Provided as a loop of `read_feed_page`. A backend may instead read
+    /// the next rows while the page before is being decoded and consumed (at
+    /// most one round trip ahead), so its reader never waits for the caller
+    /// between pages: the SQLite store does. [`crate::Subscription`] reads
+    /// ahead through this.
+    fn read_feed_pages(&self, filter: ReadAll, limit: usize) -> FeedPages {
+        use futures::StreamExt as _;
+        let store = self.clone();
+        futures::stream::unfold(Some(filter), move |filter| {
+            let store = store.clone();
+            async move {
+                let mut filter = filter?;
+                let page = store.read_feed_page(&filter, limit).await;
+                let next = match &page {
+                    Ok(p) if !p.at_end && p.scanned_to > filter.after => {
+                        filter.after = p.scanned_to;
+                        Some(filter)
+                    }
+                    _ => None,
+                };
+                Some((page, next))
+            }
+        })
+        .boxed()
     }
 
     /// A wake-up source for followers of the feed: a counter the store raises

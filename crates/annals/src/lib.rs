@@ -111,7 +111,7 @@ pub use event_migration::{
     MigrationCheckFailure, MigrationRun, MigrationState, SwapReport, TailTransform,
     MIGRATION_TABLE,
 };
-pub use event_store::{AppendSignal, FeedPage};
+pub use event_store::{AppendSignal, FeedPage, FeedPages};
 pub use event_store::{
     CategoryStats, Direction, EventStore, EventStream, EventTypeStats, ReadAll, ReadStream,
     StoreStats, StreamCatalog, StreamInfo, DEFAULT_BATCH_SIZE,

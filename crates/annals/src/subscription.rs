@@ -262,27 +262,20 @@ impl<S: EventStore> Subscription<S> {
             return;
         }
         self.mark_signal_seen();
-        let (store, mut filter, n) = (
+        let (store, filter, n) = (
             self.store.clone(),
             self.filter.clone(),
             self.options.batch_size,
         );
         let (tx, pages) = tokio::sync::mpsc::channel(1);
         let task = runtime.spawn(async move {
-            loop {
-                let page = store.read_feed_page(&filter, n).await;
-                // Reads on while the log goes on: not after the end, a
-                // failed read, or a page that did not move.
-                let next = match &page {
-                    Ok(p) if !p.at_end && p.scanned_to > filter.after => Some(p.scanned_to),
-                    _ => None,
-                };
+            // Reads on while the log goes on: the stream ends after the end,
+            // a failed read, or a page that did not move.
+            use futures::StreamExt as _;
+            let mut feed = store.read_feed_pages(filter, n);
+            while let Some(page) = feed.next().await {
                 if tx.send(page).await.is_err() {
                     return;
-                }
-                match next {
-                    Some(after) => filter.after = after,
-                    None => return,
                 }
             }
         });

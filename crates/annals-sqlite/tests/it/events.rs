@@ -532,3 +532,119 @@ async fn issue_11_current_events_share_their_page_and_upcast_ones_do_not() {
     assert!(!owned.is_shared());
     assert_eq!(owned.as_str(), stored[1].data.as_str());
 }
+
+/// The positions, `scanned_to` and `at_end` of a feed page.
+fn page_shape(p: &annals::FeedPage) -> (Vec<GlobalPosition>, GlobalPosition, bool) {
+    let events = p.events.iter().map(|e| e.global_position).collect();
+    (events, p.scanned_to, p.at_end)
+}
+
+/// With round trips of 2 rows, `read_feed_pages` cuts one chain of round
+/// trips into pages of 1, 3 and 5 events (pages spanning round trips, round
+/// trips cut at page ends), filtered and not, and each page is the one
+/// `read_feed_page` returns from the `scanned_to` before it.
+#[tokio::test]
+async fn feed_pages_cut_one_chain_of_round_trips_into_pages() {
+    let store = fresh_store_with(SqliteOptions {
+        batch_size: 2,
+        ..SqliteOptions::default()
+    })
+    .await;
+    for i in 0..11 {
+        let (stream, kind) = if i % 3 == 0 {
+            ("Chain-1", "Rare")
+        } else {
+            ("Other-1", "Common")
+        };
+        store
+            .append(&sid(stream), ExpectedVersion::Any, vec![ev(kind, i)])
+            .await
+            .expect("append");
+    }
+    let filters = [
+        ReadAll::from_start(),
+        ReadAll::after(GlobalPosition::from_seq(4)),
+        ReadAll::from_start().event_types(["Rare"]),
+        ReadAll::from_start().categories(["Other"]),
+    ];
+    for filter in filters {
+        for limit in [1, 3, 5] {
+            let what = format!("{filter:?}, limit {limit}");
+            let mut pages = store.read_feed_pages(filter.clone(), limit);
+            let mut after = filter.after;
+            let mut count = 0;
+            let mut last = None;
+            while let Some(page) = pages.next().await {
+                let page = page.expect("page");
+                let mut from = filter.clone();
+                from.after = after;
+                let one = store.read_feed_page(&from, limit).await.expect("page");
+                assert_eq!(page_shape(&page), page_shape(&one), "{what}: after {after}");
+                count += page.events.len();
+                after = page.scanned_to;
+                last = Some(page.at_end);
+            }
+            assert_eq!(last, Some(true), "{what}: the stream ends at the end");
+            let expected = store
+                .read_all(filter.clone())
+                .try_collect::<Vec<_>>()
+                .await
+                .expect("read_all")
+                .len();
+            assert_eq!(count, expected, "{what}: every matching event once");
+        }
+    }
+}
+
+/// The round trip of the next page is sent as soon as the one before it
+/// arrives, before the caller asks for that page: with one reader, a job
+/// queued on it after the first page is taken runs after the second page's
+/// round trip, so an event appended once that job has run is not in the
+/// second page (a loop of `read_feed_page` would read it there).
+#[tokio::test]
+async fn feed_pages_read_the_next_round_trip_before_the_caller_asks() {
+    let store = fresh_store_with(SqliteOptions {
+        batch_size: 3,
+        readers: 1,
+        ..SqliteOptions::default()
+    })
+    .await;
+    let mut positions = Vec::new();
+    for i in 0..4 {
+        let r = store
+            .append(&sid("Ahead-1"), ExpectedVersion::Any, vec![ev("E", i)])
+            .await
+            .expect("append");
+        positions.extend(r.positions);
+    }
+    let mut pages = store.read_feed_pages(ReadAll::from_start(), 3);
+    let first = pages.next().await.expect("a page").expect("first page");
+    assert_eq!(
+        page_shape(&first),
+        (positions[..3].to_vec(), positions[2], false)
+    );
+    // Queued behind the second page's round trip on the only reader.
+    store
+        .test_hook_reader_job(|_| ())
+        .await
+        .expect("reader job");
+    let late = store
+        .append(&sid("Ahead-1"), ExpectedVersion::Any, vec![ev("E", 4)])
+        .await
+        .expect("append");
+    let second = pages.next().await.expect("a page").expect("second page");
+    assert_eq!(
+        page_shape(&second),
+        (vec![positions[3]], positions[3], true),
+        "the second page was read before the late append"
+    );
+    assert!(pages.next().await.is_none(), "the stream ends at the end");
+    let rest = store
+        .read_feed_page(&ReadAll::after(second.scanned_to), 3)
+        .await
+        .expect("rest");
+    assert_eq!(
+        page_shape(&rest),
+        (late.positions.clone(), late.positions[0], true)
+    );
+}
