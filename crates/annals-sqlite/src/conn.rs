@@ -385,21 +385,41 @@ impl Conns {
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T> + Send + 'static,
     {
-        let (tx, rx) = oneshot::channel();
-        let schema_ok = Arc::clone(&self.schema_ok);
-        // The first reader with the fewest jobs in flight (there is always
-        // one), and whether the store is idle: no read in flight, no write
-        // waited for.
+        self.submit_to(None, f, hurry).map(|(reply, _)| reply)
+    }
+
+    /// The first reader with the fewest jobs in flight (there is always
+    /// one), and the jobs in flight on all of them (none: the store is idle
+    /// unless a write is waited for).
+    fn least_busy(&self) -> (Option<usize>, usize) {
         let mut busy = 0;
-        let mut chosen: Option<(&Reader, usize)> = None;
-        for r in self.readers.iter() {
+        let mut chosen: Option<(usize, usize)> = None;
+        for (i, r) in self.readers.iter().enumerate() {
             let n = r.in_flight.load(Ordering::Relaxed);
             busy += n;
             if chosen.is_none_or(|(_, least)| n < least) {
-                chosen = Some((r, n));
+                chosen = Some((i, n));
             }
         }
-        let (reader, _) = chosen.ok_or_else(|| thread_stopped("reader"))?;
+        (chosen.map(|(i, _)| i), busy)
+    }
+
+    /// [`submit`](Self::submit) to reader `on` (an index into the pool),
+    /// or with `None` to the first reader with the fewest jobs in flight.
+    /// Returns the reply and the reader's index.
+    fn submit_to<T, F>(&self, on: Option<usize>, f: F, hurry: bool) -> Result<(Reply<T>, usize)>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T> + Send + 'static,
+    {
+        let (tx, rx) = oneshot::channel();
+        let schema_ok = Arc::clone(&self.schema_ok);
+        let (least, busy) = self.least_busy();
+        let index = on
+            .filter(|&i| i < self.readers.len())
+            .or(least)
+            .ok_or_else(|| thread_stopped("reader"))?;
+        let reader = &self.readers[index];
         reader.in_flight.fetch_add(1, Ordering::Relaxed);
         let in_flight = Arc::clone(&reader.in_flight);
         let job: ReadJob = Box::new(move |conn| {
@@ -416,12 +436,13 @@ impl Conns {
             reader.in_flight.fetch_sub(1, Ordering::Relaxed);
             return Err(thread_stopped("reader"));
         }
-        Ok(Reply {
+        let reply = Reply {
             rx,
             hurry_until: (hurry && busy == 0 && self.writing.load(Ordering::Relaxed) == 0)
                 .then(|| std::time::Instant::now() + HURRY),
             yielding: None,
-        })
+        };
+        Ok((reply, index))
     }
 
     /// The jobs sent to each reader and not yet finished, in reader order
@@ -444,10 +465,14 @@ impl Conns {
     /// decoded as the stream is polled. The stream ends after its first
     /// error item (a row that does not decode, after the rows that did).
     ///
-    /// Nothing is fetched until the stream is polled. After that it reads one
-    /// page ahead: the next page is requested as soon as a page arrives, so a
-    /// reader thread fetches page `k + 1` while the caller consumes page `k`.
-    /// At most two pages are held, so memory stays bounded by the batch size.
+    /// Nothing is fetched until the stream is polled. After that it reads
+    /// ahead: a reader thread fetches page `k + 1` while the caller consumes
+    /// page `k`, and once the caller has taken page `k`, the job that
+    /// fetched page `k + 1` sends the job for page `k + 2` to its own
+    /// reader before it answers, so the reader goes on to it at once
+    /// instead of waiting for the caller to wake up and ask (see
+    /// [`PageJob`]). At most three pages are held (the one consumed, one
+    /// read and one being read), so memory stays bounded by the batch size.
     pub(crate) fn paginate<T, P, C, F>(&self, cursor: C, fetch: F) -> BoxStream<'static, Result<T>>
     where
         T: Send + 'static,
@@ -463,6 +488,8 @@ impl Conns {
             pending: None,
             current: None,
             done: false,
+            reader: None,
+            taken: Arc::new(AtomicUsize::new(0)),
         }
         .boxed()
     }
@@ -491,13 +518,93 @@ impl Conns {
             pending: None,
             current: Some(first.into_iter()),
             done: false,
+            reader: None,
+            taken: Arc::new(AtomicUsize::new(1)),
         }
         .boxed()
     }
 }
 
-/// A reader's answer to a page request: the page and the next cursor.
-type PageReply<P, C> = Reply<(P, Option<C>)>;
+/// A reader's answer to a page request: the page and what follows it.
+type PageReply<P, C> = Reply<(P, Next<P, C>)>;
+
+/// What follows a page of [`Conns::paginate`].
+enum Next<P, C> {
+    /// It was the last one.
+    Done,
+    /// The cursor of the next page, for the caller to request once it has
+    /// taken this one.
+    Cursor(C),
+    /// The next page, already requested by the job that read this one.
+    Sent(Result<PageReply<P, C>>),
+}
+
+/// The job that reads page `index` of a [`Pages`] stream on reader
+/// `reader`. When the caller has already taken the page before (`taken`,
+/// the count of pages it has taken, is at least `index`), the job sends
+/// the job of the next page to the same reader before it answers: that
+/// reader then finds it queued and goes on at once, while the caller wakes
+/// up. Otherwise the next cursor goes back with the page and the caller
+/// requests it when it takes this one, so at most three pages are held.
+struct PageJob<F, C> {
+    conns: Conns,
+    fetch: Arc<F>,
+    cursor: C,
+    index: usize,
+    reader: usize,
+    taken: Arc<AtomicUsize>,
+}
+
+impl<F, C> PageJob<F, C> {
+    /// Sends this job to its reader; returns the reply and the reader's
+    /// index.
+    fn send<T, P>(self) -> Result<(PageReply<P, C>, usize)>
+    where
+        T: Send + 'static,
+        P: IntoIterator<Item = Result<T>> + Send + 'static,
+        C: Send + 'static,
+        F: Fn(&Connection, C) -> Result<(P, Option<C>)> + Send + Sync + 'static,
+    {
+        let conns = self.conns.clone();
+        // Pages never hurry: a page is a longer read, and the next one is
+        // read while this one is consumed, so its caller has work to do.
+        conns.submit_to(Some(self.reader), move |conn| self.run(conn), false)
+    }
+
+    fn run<T, P>(self, conn: &Connection) -> Result<(P, Next<P, C>)>
+    where
+        T: Send + 'static,
+        P: IntoIterator<Item = Result<T>> + Send + 'static,
+        C: Send + 'static,
+        F: Fn(&Connection, C) -> Result<(P, Option<C>)> + Send + Sync + 'static,
+    {
+        let PageJob {
+            conns,
+            fetch,
+            cursor,
+            index,
+            reader,
+            taken,
+        } = self;
+        let (page, next) = fetch(conn, cursor)?;
+        let next = match next {
+            None => Next::Done,
+            Some(cursor) if taken.load(Ordering::Acquire) >= index => {
+                let job = PageJob {
+                    conns,
+                    fetch,
+                    cursor,
+                    index: index + 1,
+                    reader,
+                    taken,
+                };
+                Next::Sent(job.send().map(|(reply, _)| reply))
+            }
+            Some(cursor) => Next::Cursor(cursor),
+        };
+        Ok((page, next))
+    }
+}
 
 /// The stream [`Conns::paginate`] returns.
 ///
@@ -516,6 +623,10 @@ struct Pages<P: IntoIterator, C, F> {
     current: Option<P::IntoIter>,
     /// After the last page, or after the first error.
     done: bool,
+    /// The reader the pages are read on (chosen by the first request).
+    reader: Option<usize>,
+    /// Pages the caller has taken (see [`PageJob`]).
+    taken: Arc<AtomicUsize>,
 }
 
 impl<T, P, C, F> Pages<P, C, F>
@@ -526,10 +637,17 @@ where
     F: Fn(&Connection, C) -> Result<(P, Option<C>)> + Send + Sync + 'static,
 {
     fn request(&mut self, cursor: C) {
-        let fetch = Arc::clone(&self.fetch);
-        // Pages never hurry: a page is a longer read, and the next one is
-        // read while this one is consumed, so its caller has work to do.
-        self.pending = Some(self.conns.submit(move |conn| fetch(conn, cursor), false));
+        let job = PageJob {
+            conns: self.conns.clone(),
+            fetch: Arc::clone(&self.fetch),
+            cursor,
+            index: self.taken.load(Ordering::Relaxed),
+            reader: *self
+                .reader
+                .get_or_insert_with(|| self.conns.least_busy().0.unwrap_or(0)),
+            taken: Arc::clone(&self.taken),
+        };
+        self.pending = Some(job.send().map(|(reply, _)| reply));
     }
 }
 
@@ -595,10 +713,13 @@ where
             this.pending = None;
             match answer.map_err(|_| thread_stopped("reader")).and_then(|r| r) {
                 Ok((page, next)) => {
+                    this.taken.fetch_add(1, Ordering::Release);
                     // Read ahead: the next page is fetched while this one is
                     // consumed.
-                    if let Some(cursor) = next {
-                        this.request(cursor);
+                    match next {
+                        Next::Done => {}
+                        Next::Cursor(cursor) => this.request(cursor),
+                        Next::Sent(reply) => this.pending = Some(reply),
                     }
                     this.current = Some(page.into_iter());
                 }
@@ -1089,6 +1210,60 @@ mod tests {
         let again = conns.submit(|_| Ok(5), true).expect("a read");
         assert!(again.hurry_until.is_some(), "did not hurry once idle again");
         assert_eq!(again.await.ok().and_then(|r| r.ok()), Some(5));
+    }
+
+    /// Once the caller has taken page `k`, the job that reads page `k + 1`
+    /// sends the job of page `k + 2` itself, so that page is read without
+    /// the caller asking; and a caller that takes nothing more holds the
+    /// reader back after three pages (one taken, two read).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_page_job_sends_the_next_one_once_the_caller_has_taken_the_page_before() {
+        use std::sync::Mutex;
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let conns = Conns::start(&dir.path().join("chain.db"), 1)
+            .await
+            .expect("the store's threads");
+        conns.set_schema_ok();
+        // Each fetch says which page it starts; page 1 waits to be let go.
+        let (started_tx, started) = std::sync::mpsc::channel::<u32>();
+        let (go, gate) = std::sync::mpsc::channel::<()>();
+        let started_tx = Mutex::new(started_tx);
+        let gate = Mutex::new(gate);
+        let mut pages = conns.paginate(0u32, move |_, page: u32| {
+            started_tx.lock().expect("lock").send(page).ok();
+            if page == 1 {
+                gate.lock().expect("lock").recv().ok();
+            }
+            let next = (page < 9).then_some(page + 1);
+            Ok((vec![Ok(page)], next))
+        });
+        let wait = |rx: &std::sync::mpsc::Receiver<u32>| {
+            rx.recv_timeout(std::time::Duration::from_secs(30))
+                .expect("a fetch started")
+        };
+        assert_eq!(pages.next().await.transpose().expect("page 0"), Some(0));
+        assert_eq!(wait(&started), 0);
+        // Page 1's job was sent by page 0's (nothing was taken before it)
+        // and waits at the gate; page 0 is taken, so once let go it sends
+        // page 2's job before it answers, and the caller asks for nothing.
+        assert_eq!(wait(&started), 1);
+        go.send(()).expect("page 1 waits");
+        assert_eq!(wait(&started), 2);
+        // Page 2's job found page 1 not taken: it sent nothing. A job
+        // queued now runs after anything page 2's job could have sent.
+        conns
+            .read(|_| Ok(()))
+            .await
+            .expect("a read behind the pages");
+        assert!(
+            started.try_recv().is_err(),
+            "page 3 was read before the caller took page 1"
+        );
+        let mut got = vec![0];
+        while let Some(page) = pages.next().await {
+            got.push(page.expect("a page"));
+        }
+        assert_eq!(got, (0..10).collect::<Vec<_>>());
     }
 
     /// A thread waiting for its next job gets every job sent, in order,

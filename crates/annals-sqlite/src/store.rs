@@ -17,8 +17,8 @@ pub struct SqliteOptions {
     /// [`Error::SchemaVersion`] until [`SqliteEventStore::migrate`] runs.
     pub migrate_on_open: bool,
     /// Rows fetched per round trip by the lazy reads (default
-    /// [`annals::DEFAULT_BATCH_SIZE`]). A read holds at most two pages: the
-    /// one being consumed and the next, fetched ahead.
+    /// [`annals::DEFAULT_BATCH_SIZE`]). A read holds at most three pages:
+    /// the one being consumed and two fetched ahead.
     pub batch_size: usize,
     /// Reader connections (default 4). Reads run on them beside the single
     /// writer connection.

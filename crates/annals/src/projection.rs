@@ -48,8 +48,8 @@ use crate::blue_green::{BlueGreenApplier, TableNames};
 use crate::projection_control::{lock_owner, lock_token, DeadLetter, LockAttempt, ProjectionLock};
 use crate::subscription::{is_transient, Backoff, Subscription, SubscriptionOptions};
 use crate::{
-    CheckpointStore, Error, EventId, EventStore, GlobalPosition, ProjectionControl, ReadAll,
-    RecordedEvent, StreamId, StreamVersion,
+    CheckpointStore, Error, EventId, EventStore, FeedPage, GlobalPosition, ProjectionControl,
+    ReadAll, RecordedEvent, StreamId, StreamVersion,
 };
 
 /// Calls a method of the applier with the store retry policy (transient
@@ -912,17 +912,14 @@ where
             .map_err(store_err)?
             .unwrap_or(GlobalPosition::START);
         let filter = self.applier.filter();
-        let reader = ChunkReader {
-            store: self.store.clone(),
-            retry: self.options.store_retry,
-            chunk: options.checkpoint_every.max(1),
-            page_size: options
-                .batch_size
-                .max(1)
-                .min(options.checkpoint_every.max(1)),
-            max_bytes: REBUILD_BATCH_BYTES,
+        let mut reader = ChunkReader::new(
+            self.store.clone(),
+            self.options.store_retry,
+            options.checkpoint_every,
+            options.batch_size.min(options.checkpoint_every.max(1)),
+            REBUILD_BATCH_BYTES,
             until,
-        };
+        );
         let read = ReadAll::after(start)
             .categories(filter.categories)
             .event_types(filter.event_types);
@@ -941,6 +938,7 @@ where
                 return Ok(());
             };
             let moved = chunk.to > chunk.after;
+            let mut chunk_scanned = 0;
             if moved {
                 let ctx = BatchContext {
                     checkpoint: checkpoint.clone(),
@@ -950,6 +948,9 @@ where
                     attempt: 1,
                     tables: TableNames::default(),
                 };
+                // A filtered batch's scanned events are counted beside the
+                // apply too (on another reader where the store has several).
+                let count = chunk.count(self.store.clone(), self.options.store_retry);
                 let events = Arc::new(chunk.events);
                 self.throttle(events.len()).await;
                 // The read-ahead borrows nothing of `self` (its own handle
@@ -960,11 +961,13 @@ where
                         None => None,
                     }
                 };
-                let (applied, ahead) = futures::join!(self.apply_guarded(&events, ctx), ahead);
+                let (applied, ahead, counted) =
+                    futures::join!(self.apply_guarded(&events, ctx), ahead, count);
                 applied?;
                 next = ahead.transpose().map_err(store_err)?;
-                scanned += chunk.scanned;
-                metrics.events.increment(chunk.scanned);
+                chunk_scanned = counted.map_err(store_err)?;
+                scanned += chunk_scanned;
+                metrics.events.increment(chunk_scanned);
             }
             if !moved && reported {
                 return Ok(());
@@ -982,7 +985,7 @@ where
                     // `scanned` of that count), else from the checkpoint.
                     let (from, known) = match last_head {
                         Some((prev, left)) if position <= prev && prev <= h => {
-                            (prev, left.saturating_sub(chunk.scanned))
+                            (prev, left.saturating_sub(chunk_scanned))
                         }
                         _ => (position, 0),
                     };
@@ -1334,6 +1337,11 @@ fn event_bytes(e: &RecordedEvent) -> usize {
 /// Reads a rebuild's batches ([`ProjectionRunner::rebuild`]): its own
 /// handle on the store, so a read can run beside the apply of the batch
 /// before it.
+///
+/// The pages come from one [`EventStore::read_feed_pages`] stream kept
+/// across batches, so a backend that reads ahead (SQLite) keeps its reader
+/// busy between batches too. A page that would overfill a batch is cut
+/// after the batch's last event and the rest starts the next batch.
 struct ChunkReader<S> {
     store: S,
     retry: Backoff,
@@ -1344,6 +1352,11 @@ struct ChunkReader<S> {
     /// Payload bytes per batch ([`REBUILD_BATCH_BYTES`]).
     max_bytes: usize,
     until: Option<GlobalPosition>,
+    /// The pages being read, with where the next one starts.
+    pages: Option<(GlobalPosition, crate::FeedPages)>,
+    /// The part of a page past the last batch: where it starts, and the
+    /// page (its events after that start, its `scanned_to`, its `at_end`).
+    carry: Option<(GlobalPosition, FeedPage)>,
 }
 
 /// One batch of a rebuild.
@@ -1355,16 +1368,60 @@ struct Chunk {
     events: Vec<RecordedEvent>,
     /// Whether it reached the end of the log (or the rebuild's target).
     at_end: bool,
-    /// Events scanned from `after` to `to` (matching the filter or not).
-    scanned: u64,
+    /// Events scanned from `after` to `to` (matching the filter or not),
+    /// when known without counting them (see [`Chunk::count`]).
+    scanned: Option<u64>,
     /// The read that continues after it.
     rest: Option<ReadAll>,
 }
 
+impl Chunk {
+    /// The events scanned from `after` to `to`: known for an unfiltered
+    /// batch, counted in the store for a filtered one.
+    fn count<S: EventStore>(
+        &self,
+        store: S,
+        retry: Backoff,
+    ) -> impl Future<Output = crate::Result<u64>> + Send + 'static {
+        let (after, to, scanned) = (self.after, self.to, self.scanned);
+        async move {
+            match scanned {
+                Some(n) => Ok(n),
+                None => {
+                    retry_store(store, retry, |s| async move {
+                        s.count_events_between(after, to).await
+                    })
+                    .await
+                }
+            }
+        }
+    }
+}
+
 impl<S: EventStore> ChunkReader<S> {
+    fn new(
+        store: S,
+        retry: Backoff,
+        chunk: usize,
+        page_size: usize,
+        max_bytes: usize,
+        until: Option<GlobalPosition>,
+    ) -> Self {
+        ChunkReader {
+            store,
+            retry,
+            chunk: chunk.max(1),
+            page_size: page_size.max(1),
+            max_bytes,
+            until,
+            pages: None,
+            carry: None,
+        }
+    }
+
     /// Reads pages from `read.after` until the batch holds `chunk` events
     /// (or `max_bytes`), the end of the log, or the target.
-    async fn read(&self, mut read: ReadAll) -> crate::Result<Chunk> {
+    async fn read(&mut self, mut read: ReadAll) -> crate::Result<Chunk> {
         let after = read.after;
         let mut events = Vec::new();
         let mut bytes = 0usize;
@@ -1374,12 +1431,19 @@ impl<S: EventStore> ChunkReader<S> {
                 at_end = true;
                 break;
             }
-            let want = self.page_size.min(self.chunk - events.len());
-            let page = retry_store(self.store.clone(), self.retry, |s| {
-                let read = read.clone();
-                async move { s.read_feed_page(&read, want).await }
-            })
-            .await?;
+            let mut page = self.page(&read).await?;
+            let room = self.chunk - events.len();
+            if page.events.len() > room {
+                // Cut after the batch's last event: every matching event up
+                // to it is in the batch, so it is the batch's checkpoint.
+                let rest = page.events.split_off(room);
+                let cut = page.events.last().map_or(read.after, |e| e.global_position);
+                events.extend(page.events);
+                page.events = rest;
+                read.after = cut;
+                self.carry = Some((cut, page));
+                break;
+            }
             at_end = page.at_end || page.scanned_to <= read.after;
             read.after = page.scanned_to.max(read.after);
             bytes += page.events.iter().map(event_bytes).sum::<usize>();
@@ -1390,18 +1454,10 @@ impl<S: EventStore> ChunkReader<S> {
             && read.event_types.is_empty()
             && read.since.is_none()
             && read.until.is_none();
-        let scanned = if unfiltered {
-            // Every event from `after` to `to` is in the batch: the feed is
-            // gap-free and nothing was filtered out.
-            events.len() as u64
-        } else if to > after {
-            retry_store(self.store.clone(), self.retry, |s| async move {
-                s.count_events_between(after, to).await
-            })
-            .await?
-        } else {
-            0
-        };
+        // Every event from `after` to `to` is in an unfiltered batch: the
+        // feed is gap-free and nothing was filtered out. A filtered one is
+        // counted by [`Chunk::count`].
+        let scanned = (unfiltered || to <= after).then_some(events.len() as u64);
         Ok(Chunk {
             after,
             to,
@@ -1410,6 +1466,50 @@ impl<S: EventStore> ChunkReader<S> {
             scanned,
             rest: (!at_end).then_some(read),
         })
+    }
+
+    /// The page of `read` after `read.after`: the rest of a page cut by the
+    /// last batch, or the next page of the stream when it is there, else
+    /// the first page of a new stream from `read.after`. A transient error
+    /// drops the stream and reads again after a backoff.
+    async fn page(&mut self, read: &ReadAll) -> crate::Result<FeedPage> {
+        use futures::StreamExt as _;
+        match self.carry.take() {
+            Some((start, page)) if start == read.after => return Ok(page),
+            _ => {}
+        }
+        let mut attempt = 1;
+        loop {
+            let pages = match &mut self.pages {
+                Some((next, pages)) if *next == read.after => pages,
+                _ => {
+                    let pages = self.store.read_feed_pages(read.clone(), self.page_size);
+                    &mut self.pages.insert((read.after, pages)).1
+                }
+            };
+            match pages.next().await {
+                Some(Ok(page)) => {
+                    match &mut self.pages {
+                        Some((next, _)) if !page.at_end && page.scanned_to > read.after => {
+                            *next = page.scanned_to;
+                        }
+                        _ => self.pages = None,
+                    }
+                    return Ok(page);
+                }
+                // Ended after a full page: read on from there.
+                None => self.pages = None,
+                Some(Err(e)) => {
+                    self.pages = None;
+                    if is_transient(&e) && attempt < self.retry.max_attempts {
+                        tokio::time::sleep(self.retry.delay(attempt)).await;
+                        attempt += 1;
+                    } else {
+                        return Err(e);
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -2288,21 +2388,15 @@ mod tests {
             .await
             .expect("append");
         let budget = 1 << 20;
-        let reader = ChunkReader {
-            store: store.clone(),
-            retry: Backoff::default(),
-            chunk: 1_000,
-            page_size: 1,
-            max_bytes: budget,
-            until: None,
-        };
+        let mut reader =
+            ChunkReader::new(store.clone(), Backoff::default(), 1_000, 1, budget, None);
         let first = reader.read(ReadAll::from_start()).await.expect("read");
         let bytes: usize = first.events.iter().map(event_bytes).sum();
         // Each event is a little over 64 KiB: the 16th reaches 1 MiB.
         assert_eq!(first.events.len(), 16);
         assert!(bytes >= budget && bytes - event_bytes(&first.events[0]) < budget);
         assert!(!first.at_end);
-        assert_eq!(first.scanned, 16);
+        assert_eq!(first.scanned, Some(16));
         let rest = first.rest.expect("more to read");
         let second = reader.read(rest).await.expect("read");
         assert_eq!(second.after, first.to);

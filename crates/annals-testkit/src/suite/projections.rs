@@ -1118,6 +1118,76 @@ pub async fn rebuild_in_default_batches_reads_ahead_and_equals_the_fold<
     );
 }
 
+/// A rebuild whose pages do not divide its batches (pages of 7, batches
+/// of 10) cuts a page after a batch's tenth event and starts the next batch
+/// with the rest: every batch but the last holds exactly ten events and
+/// checkpoints at its tenth, with the other category's events in between
+/// counted as scanned. A page read that fails (a lost connection) is read
+/// again after a backoff: every matching event is handled once, in order.
+pub async fn rebuild_cuts_pages_into_exact_batches_and_reads_a_lost_page_again<
+    S: EventStore + ProjectionControl,
+>(
+    store: S,
+) {
+    let faulty = crate::FaultyStore::new(store.clone(), i64::MAX);
+    for i in 0..40 {
+        let stream = if i % 3 == 2 { "Other-1" } else { "Cut-1" };
+        store
+            .append(&sid(stream), ExpectedVersion::Any, vec![ev("E", i)])
+            .await
+            .expect("append");
+    }
+    // Reads 1 and 2 fill the first batch (the second is cut); read 3 is the
+    // second batch's first page after the rest of the cut one.
+    faulty.fail_feed_read(3);
+    let filter = ProjectionFilter::all().categories(["Cut"]);
+    let sums = Sums::new("cut", filter);
+    let mut reports: Vec<RebuildProgress> = Vec::new();
+    let options = RebuildOptions {
+        from_start: true,
+        batch_size: 7,
+        checkpoint_every: 10,
+    };
+    ProjectionRunner::at_least_once(faulty.clone(), sums.clone())
+        .with_options(quick())
+        .rebuild(options, |p| reports.push(*p))
+        .await
+        .expect("the rebuild completes across the failed read");
+    let read = ReadAll::from_start().categories(["Cut"]);
+    let matching = read_all_vec(&store, read.clone()).await;
+    assert_eq!(matching.len(), 27);
+    {
+        let m = sums.model();
+        assert_eq!(
+            m.handled,
+            matching.iter().map(|e| e.event_id).collect::<Vec<_>>(),
+            "each matching event once, in global order"
+        );
+        assert_eq!(m.replaying.len(), 3, "batches of 10, 10 and 7");
+    }
+    let all = read_all_vec(&store, ReadAll::from_start()).await;
+    let scanned_to =
+        |p: GlobalPosition| all.iter().filter(|e| e.global_position <= p).count() as u64;
+    let expected: Vec<(GlobalPosition, u64)> =
+        [matching[9].global_position, matching[19].global_position]
+            .into_iter()
+            .chain([head(&store).await])
+            .map(|p| (p, scanned_to(p)))
+            .collect();
+    assert_eq!(
+        reports
+            .iter()
+            .map(|r| (r.position, r.events))
+            .collect::<Vec<_>>(),
+        expected,
+        "each batch checkpoints at its tenth event, with every event before it scanned"
+    );
+    assert!(
+        *faulty.feed_reads().borrow() > 3,
+        "the failed read was made and read again"
+    );
+}
+
 /// The `Park` error policy: a poison event is recorded in the dead-letter
 /// table (projection, position, event id, stream, type, error, attempts,
 /// time) and the runner goes on past it; a retry through the still-broken
