@@ -1455,9 +1455,15 @@ impl<S: EventStore> ChunkReader<S> {
             && read.since.is_none()
             && read.until.is_none();
         // Every event from `after` to `to` is in an unfiltered batch: the
-        // feed is gap-free and nothing was filtered out. A filtered one is
-        // counted by [`Chunk::count`].
-        let scanned = (unfiltered || to <= after).then_some(events.len() as u64);
+        // feed is gap-free and nothing was filtered out. So it is in a
+        // filtered one whose events fill every position of a store whose
+        // positions are plain numbers (commit part 0: SQLite, in memory):
+        // there is no room for another event between them. Any other
+        // filtered batch is counted by [`Chunk::count`].
+        let filled = after.commit() == 0
+            && to.commit() == 0
+            && to.seq().checked_sub(after.seq()) == Some(events.len() as u64);
+        let scanned = (unfiltered || filled || to <= after).then_some(events.len() as u64);
         Ok(Chunk {
             after,
             to,
@@ -2365,6 +2371,50 @@ mod tests {
         assert_eq!(limit.granted(), 25);
         // A clock that goes backwards refills nothing: 5 in debt, 5 more.
         assert_eq!(limit.delay(t0, 5), sec * 2);
+    }
+
+    /// A filtered batch whose events fill every position from its start to
+    /// its end (plain-number positions, as in memory and on SQLite) knows
+    /// its scanned count without counting; one with another event between
+    /// its events is counted in the store.
+    #[tokio::test]
+    async fn a_filtered_batch_that_fills_its_positions_is_not_counted() {
+        use super::ChunkReader;
+        use crate::subscription::Backoff;
+        use crate::{EventStore, ExpectedVersion, InMemoryStore, NewEvent, ReadAll, StreamId};
+
+        let store = InMemoryStore::new();
+        let append = |category: &'static str, n: usize| {
+            let store = store.clone();
+            async move {
+                let stream = StreamId::new(category, "1").expect("stream id");
+                let events = (0..n)
+                    .map(|i| NewEvent::new("E", serde_json::json!({ "i": i })))
+                    .collect();
+                store
+                    .append(&stream, ExpectedVersion::Any, events)
+                    .await
+                    .expect("append");
+            }
+        };
+        append("A", 5).await;
+        let read = ReadAll::from_start().categories(["A"]);
+        let mut reader = ChunkReader::new(store.clone(), Backoff::default(), 10, 4, 1 << 20, None);
+        let first = reader.read(read).await.expect("read");
+        assert_eq!((first.events.len(), first.scanned), (5, Some(5)));
+        assert!(first.at_end);
+
+        append("B", 1).await;
+        append("A", 2).await;
+        let mut rest = ReadAll::from_start().categories(["A"]);
+        rest.after = first.to;
+        let second = reader.read(rest).await.expect("read");
+        assert_eq!((second.events.len(), second.scanned), (2, None));
+        let counted = second
+            .count(store.clone(), Backoff::default())
+            .await
+            .expect("count");
+        assert_eq!(counted, 3, "the other category's event is scanned too");
     }
 
     /// A rebuild batch stops gathering pages at its byte budget
