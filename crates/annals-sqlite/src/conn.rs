@@ -488,7 +488,6 @@ impl Conns {
             pending: None,
             current: None,
             done: false,
-            reader: None,
             taken: Arc::new(AtomicUsize::new(0)),
         }
         .boxed()
@@ -518,7 +517,6 @@ impl Conns {
             pending: None,
             current: Some(first.into_iter()),
             done: false,
-            reader: None,
             taken: Arc::new(AtomicUsize::new(1)),
         }
         .boxed()
@@ -545,7 +543,8 @@ enum Next<P, C> {
 /// the job of the next page to the same reader before it answers: that
 /// reader then finds it queued and goes on at once, while the caller wakes
 /// up. Otherwise the next cursor goes back with the page and the caller
-/// requests it when it takes this one, so at most three pages are held.
+/// requests it when it takes this one (from the least busy reader then),
+/// so at most three pages are held.
 struct PageJob<F, C> {
     conns: Conns,
     fetch: Arc<F>,
@@ -623,8 +622,6 @@ struct Pages<P: IntoIterator, C, F> {
     current: Option<P::IntoIter>,
     /// After the last page, or after the first error.
     done: bool,
-    /// The reader the pages are read on (chosen by the first request).
-    reader: Option<usize>,
     /// Pages the caller has taken (see [`PageJob`]).
     taken: Arc<AtomicUsize>,
 }
@@ -642,9 +639,10 @@ where
             fetch: Arc::clone(&self.fetch),
             cursor,
             index: self.taken.load(Ordering::Relaxed),
-            reader: *self
-                .reader
-                .get_or_insert_with(|| self.conns.least_busy().0.unwrap_or(0)),
+            // The least busy reader now: a stream that paused (its caller
+            // slower than its reads) does not come back to a reader that
+            // another stream's pages keep busy meanwhile.
+            reader: self.conns.least_busy().0.unwrap_or(0),
             taken: Arc::clone(&self.taken),
         };
         self.pending = Some(job.send().map(|(reply, _)| reply));
@@ -1264,6 +1262,79 @@ mod tests {
             got.push(page.expect("a page"));
         }
         assert_eq!(got, (0..10).collect::<Vec<_>>());
+    }
+
+    /// A round trip the caller asks for goes to the least busy reader, not
+    /// back to the reader of the stream's earlier round trips: a stream
+    /// read on the first reader pauses (its caller takes nothing), a long
+    /// job then holds that reader, and the stream, resumed, reads its next
+    /// pages on the second reader instead of waiting behind the long job.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_resumed_stream_asks_the_least_busy_reader() {
+        use std::sync::Mutex;
+        let patience = std::time::Duration::from_secs(30);
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let conns = Conns::start(&dir.path().join("least.db"), 2)
+            .await
+            .expect("the store's threads");
+        conns.set_schema_ok();
+        let (started_tx, started) = std::sync::mpsc::channel::<u32>();
+        let (go, gate) = std::sync::mpsc::channel::<()>();
+        let (started_tx, gate) = (Mutex::new(started_tx), Mutex::new(gate));
+        let mut pages = conns.paginate(0u32, move |_, page: u32| {
+            started_tx.lock().expect("lock").send(page).ok();
+            if page == 1 {
+                gate.lock().expect("lock").recv().ok();
+            }
+            let next = (page < 5).then_some(page + 1);
+            Ok((vec![Ok((page, std::thread::current().id()))], next))
+        });
+        let (first, first_reader) = pages.next().await.expect("a page").expect("page 0");
+        assert_eq!(first, 0);
+        // Page 1's job (sent by page 0's, on the same reader) ends after
+        // page 0 was taken, so it sends page 2's; page 2's finds page 1 not
+        // taken and sends nothing.
+        go.send(()).expect("page 1 waits");
+        for want in [0, 1, 2] {
+            assert_eq!(started.recv_timeout(patience).expect("a fetch"), want);
+        }
+        // Queued behind page 2's job on the first reader, then held there.
+        let (release, held) = std::sync::mpsc::channel::<()>();
+        let (held_on_tx, held_on) = std::sync::mpsc::channel();
+        let blocker = conns
+            .submit_to(
+                Some(0),
+                move |_| {
+                    held_on_tx.send(std::thread::current().id()).ok();
+                    held.recv().ok();
+                    Ok(())
+                },
+                false,
+            )
+            .expect("a job on the first reader");
+        let blocked = held_on
+            .recv_timeout(patience)
+            .expect("the long job started");
+        assert_eq!(
+            blocked, first_reader,
+            "the stream began on the first reader"
+        );
+        let rest: Vec<(u32, std::thread::ThreadId)> = tokio::time::timeout(
+            patience,
+            pages.map(|p| p.expect("a page")).collect::<Vec<_>>(),
+        )
+        .await
+        .expect("the rest read while the first reader is held");
+        assert_eq!(
+            rest.iter().map(|(p, _)| *p).collect::<Vec<_>>(),
+            (1..6).collect::<Vec<_>>()
+        );
+        assert!(
+            rest[2..].iter().all(|(_, t)| *t != blocked),
+            "pages 3-5 waited for the held reader"
+        );
+        release.send(()).expect("the long job waits");
+        assert!(blocker.0.await.is_ok());
     }
 
     /// A thread waiting for its next job gets every job sent, in order,
