@@ -700,11 +700,22 @@ fn events_migrate_killed_mid_run_resumes_to_the_same_result_on_sqlite() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .expect("migrate");
+    // Watched with reads: in WAL mode they never wait for the copy's
+    // writer. (A watching write waited for the write lock, which the copy
+    // takes batch after batch, and could get it only once the copy was
+    // done.)
+    let watch = rusqlite::Connection::open(killed.sqlite_path()).expect("open SQLite");
+    let copied = || {
+        watch
+            .query_row(
+                "SELECT coalesce(max(source_events), 0) FROM event_migrations",
+                [],
+                |r| r.get::<_, i64>(0),
+            )
+            .unwrap_or(0)
+    };
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while killed
-        .execute_sql("UPDATE event_migrations SET plan_file = plan_file WHERE source_events >= 5")
-        == 0
-    {
+    while copied() < 5 {
         assert!(
             std::time::Instant::now() < deadline,
             "the copy did not start"
