@@ -385,7 +385,7 @@ impl Conns {
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T> + Send + 'static,
     {
-        self.submit_to(None, f, hurry).map(|(reply, _)| reply)
+        self.submit_to(None, f, hurry)
     }
 
     /// The first reader with the fewest jobs in flight (there is always
@@ -406,8 +406,7 @@ impl Conns {
 
     /// [`submit`](Self::submit) to reader `on` (an index into the pool),
     /// or with `None` to the first reader with the fewest jobs in flight.
-    /// Returns the reply and the reader's index.
-    fn submit_to<T, F>(&self, on: Option<usize>, f: F, hurry: bool) -> Result<(Reply<T>, usize)>
+    fn submit_to<T, F>(&self, on: Option<usize>, f: F, hurry: bool) -> Result<Reply<T>>
     where
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T> + Send + 'static,
@@ -436,13 +435,12 @@ impl Conns {
             reader.in_flight.fetch_sub(1, Ordering::Relaxed);
             return Err(thread_stopped("reader"));
         }
-        let reply = Reply {
+        Ok(Reply {
             rx,
             hurry_until: (hurry && busy == 0 && self.writing.load(Ordering::Relaxed) == 0)
                 .then(|| std::time::Instant::now() + HURRY),
             yielding: None,
-        };
-        Ok((reply, index))
+        })
     }
 
     /// The jobs sent to each reader and not yet finished, in reader order
@@ -555,9 +553,8 @@ struct PageJob<F, C> {
 }
 
 impl<F, C> PageJob<F, C> {
-    /// Sends this job to its reader; returns the reply and the reader's
-    /// index.
-    fn send<T, P>(self) -> Result<(PageReply<P, C>, usize)>
+    /// Sends this job to its reader.
+    fn send<T, P>(self) -> Result<PageReply<P, C>>
     where
         T: Send + 'static,
         P: IntoIterator<Item = Result<T>> + Send + 'static,
@@ -597,7 +594,7 @@ impl<F, C> PageJob<F, C> {
                     reader,
                     taken,
                 };
-                Next::Sent(job.send().map(|(reply, _)| reply))
+                Next::Sent(job.send())
             }
             Some(cursor) => Next::Cursor(cursor),
         };
@@ -645,7 +642,7 @@ where
             reader: self.conns.least_busy().0.unwrap_or(0),
             taken: Arc::clone(&self.taken),
         };
-        self.pending = Some(job.send().map(|(reply, _)| reply));
+        self.pending = Some(job.send());
     }
 }
 
@@ -1131,6 +1128,43 @@ mod tests {
         (tx, reply)
     }
 
+    /// The threads of a store on a new file in `dir` with `readers`
+    /// readers, for jobs that read no table (no migration needed).
+    async fn started(dir: &tempfile::TempDir, readers: usize) -> Conns {
+        let conns = Conns::start(&dir.path().join("test.db"), readers)
+            .await
+            .expect("the store's threads");
+        conns.set_schema_ok();
+        conns
+    }
+
+    /// Pages 0 to `last` of one item each, the page and the thread that
+    /// read it; each fetch first says which page it starts on the
+    /// receiver returned, and page 1 waits for a message on the sender.
+    #[allow(clippy::type_complexity)]
+    fn gated_pages(
+        conns: &Conns,
+        last: u32,
+    ) -> (
+        BoxStream<'static, Result<(u32, std::thread::ThreadId)>>,
+        std::sync::mpsc::Receiver<u32>,
+        std::sync::mpsc::Sender<()>,
+    ) {
+        use std::sync::Mutex;
+        let (started_tx, started) = std::sync::mpsc::channel::<u32>();
+        let (go, gate) = std::sync::mpsc::channel::<()>();
+        let (started_tx, gate) = (Mutex::new(started_tx), Mutex::new(gate));
+        let pages = conns.paginate(0u32, move |_, page: u32| {
+            started_tx.lock().expect("lock").send(page).ok();
+            if page == 1 {
+                gate.lock().expect("lock").recv().ok();
+            }
+            let next = (page < last).then_some(page + 1);
+            Ok((vec![Ok((page, std::thread::current().id()))], next))
+        });
+        (pages, started, go)
+    }
+
     /// A reply answered while its caller yields, after its window, before
     /// it is first polled, or never: each resolves to what was sent (or
     /// to the closed channel), and a pending one wakes its task.
@@ -1168,11 +1202,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn only_a_read_sent_to_an_idle_store_hurries() {
         let dir = tempfile::tempdir().expect("a temporary directory");
-        let conns = Conns::start(&dir.path().join("idle.db"), 2)
-            .await
-            .expect("the store's threads");
-        // The jobs below read no table: no migration needed.
-        conns.set_schema_ok();
+        let conns = started(&dir, 2).await;
         let idle = conns.submit(|_| Ok(1), true).expect("a read");
         assert!(
             idle.hurry_until.is_some(),
@@ -1216,25 +1246,10 @@ mod tests {
     /// reader back after three pages (one taken, two read).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_page_job_sends_the_next_one_once_the_caller_has_taken_the_page_before() {
-        use std::sync::Mutex;
         let dir = tempfile::tempdir().expect("a temporary directory");
-        let conns = Conns::start(&dir.path().join("chain.db"), 1)
-            .await
-            .expect("the store's threads");
-        conns.set_schema_ok();
-        // Each fetch says which page it starts; page 1 waits to be let go.
-        let (started_tx, started) = std::sync::mpsc::channel::<u32>();
-        let (go, gate) = std::sync::mpsc::channel::<()>();
-        let started_tx = Mutex::new(started_tx);
-        let gate = Mutex::new(gate);
-        let mut pages = conns.paginate(0u32, move |_, page: u32| {
-            started_tx.lock().expect("lock").send(page).ok();
-            if page == 1 {
-                gate.lock().expect("lock").recv().ok();
-            }
-            let next = (page < 9).then_some(page + 1);
-            Ok((vec![Ok(page)], next))
-        });
+        let conns = started(&dir, 1).await;
+        let (pages, started, go) = gated_pages(&conns, 9);
+        let mut pages = pages.map(|p| p.map(|(page, _)| page));
         let wait = |rx: &std::sync::mpsc::Receiver<u32>| {
             rx.recv_timeout(std::time::Duration::from_secs(30))
                 .expect("a fetch started")
@@ -1271,24 +1286,10 @@ mod tests {
     /// pages on the second reader instead of waiting behind the long job.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_resumed_stream_asks_the_least_busy_reader() {
-        use std::sync::Mutex;
         let patience = std::time::Duration::from_secs(30);
         let dir = tempfile::tempdir().expect("a temporary directory");
-        let conns = Conns::start(&dir.path().join("least.db"), 2)
-            .await
-            .expect("the store's threads");
-        conns.set_schema_ok();
-        let (started_tx, started) = std::sync::mpsc::channel::<u32>();
-        let (go, gate) = std::sync::mpsc::channel::<()>();
-        let (started_tx, gate) = (Mutex::new(started_tx), Mutex::new(gate));
-        let mut pages = conns.paginate(0u32, move |_, page: u32| {
-            started_tx.lock().expect("lock").send(page).ok();
-            if page == 1 {
-                gate.lock().expect("lock").recv().ok();
-            }
-            let next = (page < 5).then_some(page + 1);
-            Ok((vec![Ok((page, std::thread::current().id()))], next))
-        });
+        let conns = started(&dir, 2).await;
+        let (mut pages, started, go) = gated_pages(&conns, 5);
         let (first, first_reader) = pages.next().await.expect("a page").expect("page 0");
         assert_eq!(first, 0);
         // Page 1's job (sent by page 0's, on the same reader) ends after
@@ -1334,7 +1335,7 @@ mod tests {
             "pages 3-5 waited for the held reader"
         );
         release.send(()).expect("the long job waits");
-        assert!(blocker.0.await.is_ok());
+        assert!(blocker.await.is_ok());
     }
 
     /// A thread waiting for its next job gets every job sent, in order,

@@ -916,7 +916,7 @@ where
             self.store.clone(),
             self.options.store_retry,
             options.checkpoint_every,
-            options.batch_size.min(options.checkpoint_every.max(1)),
+            options.batch_size,
             REBUILD_BATCH_BYTES,
             until,
         );
@@ -1347,7 +1347,7 @@ struct ChunkReader<S> {
     retry: Backoff,
     /// Events per batch (`checkpoint_every`).
     chunk: usize,
-    /// Events per page read (`batch_size`).
+    /// Events per page read (`batch_size`, at most `chunk`).
     page_size: usize,
     /// Payload bytes per batch ([`REBUILD_BATCH_BYTES`]).
     max_bytes: usize,
@@ -1407,11 +1407,12 @@ impl<S: EventStore> ChunkReader<S> {
         max_bytes: usize,
         until: Option<GlobalPosition>,
     ) -> Self {
+        let chunk = chunk.max(1);
         ChunkReader {
             store,
             retry,
-            chunk: chunk.max(1),
-            page_size: page_size.max(1),
+            chunk,
+            page_size: page_size.clamp(1, chunk),
             max_bytes,
             until,
             pages: None,
@@ -1475,16 +1476,22 @@ impl<S: EventStore> ChunkReader<S> {
     }
 
     /// The page of `read` after `read.after`: the rest of a page cut by the
-    /// last batch, or the next page of the stream when it is there, else
-    /// the first page of a new stream from `read.after`. A transient error
-    /// drops the stream and reads again after a backoff.
+    /// last batch, or else the next page of the stream, with the store retry
+    /// policy.
     async fn page(&mut self, read: &ReadAll) -> crate::Result<FeedPage> {
-        use futures::StreamExt as _;
         match self.carry.take() {
             Some((start, page)) if start == read.after => return Ok(page),
             _ => {}
         }
-        let mut attempt = 1;
+        let retry = self.retry;
+        retry_mut!(self, retry, next_page(read))
+    }
+
+    /// The next page of the stream when it stands at `read.after`, else the
+    /// first page of a new stream from there. An error drops the stream (a
+    /// retry starts a new one).
+    async fn next_page(&mut self, read: &ReadAll) -> crate::Result<FeedPage> {
+        use futures::StreamExt as _;
         loop {
             let pages = match &mut self.pages {
                 Some((next, pages)) if *next == read.after => pages,
@@ -1507,12 +1514,7 @@ impl<S: EventStore> ChunkReader<S> {
                 None => self.pages = None,
                 Some(Err(e)) => {
                     self.pages = None;
-                    if is_transient(&e) && attempt < self.retry.max_attempts {
-                        tokio::time::sleep(self.retry.delay(attempt)).await;
-                        attempt += 1;
-                    } else {
-                        return Err(e);
-                    }
+                    return Err(e);
                 }
             }
         }
