@@ -380,7 +380,7 @@ impl Conns {
     /// Sends `f` to a reader thread now; the receiver gets its result. With
     /// `hurry`, its caller waits without parking at first when the store is
     /// idle (see [`Reply`]).
-    fn submit<T, F>(&self, f: F, hurry: bool) -> Result<Reply<T>>
+    pub(crate) fn submit<T, F>(&self, f: F, hurry: bool) -> Result<Reply<T>>
     where
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T> + Send + 'static,

@@ -498,11 +498,29 @@ pub(crate) fn check_local(position: GlobalPosition) -> Result<()> {
 /// The `read_all` query for a set of filters: built once per call, cached
 /// by its text like any other statement.
 pub(crate) fn read_all_sql(options: &ReadAll) -> String {
+    select_sql(options, false, false)
+}
+
+/// [`read_all_sql`] for a window of positions: `position > ?1 AND
+/// position <= ?2`, the filters numbered from `?3`. With `walk`, the
+/// filters are not an access path either: the window is read along the
+/// table (its rows in position order, each row once), the right plan when
+/// most of its rows match; without, a category or type filter walks its
+/// index and looks up each match.
+pub(crate) fn read_window_sql(options: &ReadAll, walk: bool) -> String {
+    select_sql(options, true, walk)
+}
+
+fn select_sql(options: &ReadAll, window: bool, walk: bool) -> String {
     let mut sql = format!(
         "SELECT {} FROM events WHERE position > ?1",
         event_columns!()
     );
     let mut n = 2;
+    if window {
+        sql.push_str(" AND position <= ?2");
+        n = 3;
+    }
     let mut list = |sql: &mut String, column: &str, len: usize| {
         if len == 0 {
             return;
@@ -517,8 +535,13 @@ pub(crate) fn read_all_sql(options: &ReadAll) -> String {
         }
         sql.push(')');
     };
-    list(&mut sql, "category", options.categories.len());
-    list(&mut sql, "event_type", options.event_types.len());
+    let (category, event_type) = if walk {
+        ("+category", "+event_type")
+    } else {
+        ("category", "event_type")
+    };
+    list(&mut sql, category, options.categories.len());
+    list(&mut sql, event_type, options.event_types.len());
     // Filters, not the access path: `+recorded_at` keeps the planner off
     // the recorded_at index, which would read every event of the window and
     // sort it again for each page; the walk stays in position order.
@@ -1080,6 +1103,46 @@ mod tests {
         );
         assert!(read_all_sql(&ReadAll::from_start().until(t))
             .ends_with("position > ?1 AND +recorded_at <= ?2 ORDER BY position ASC LIMIT ?3"));
+    }
+
+    /// A feed window filtered by category or type walks the filter's index
+    /// when it is read for few matches, and the table's position range
+    /// when it is read along the table (`walk`); in position order either
+    /// way (no sort).
+    #[test]
+    fn feed_windows_walk_the_index_or_the_table() {
+        let mut conn = Connection::open_in_memory().expect("in-memory database");
+        crate::migrate::migrate(&mut conn).expect("migrate");
+        for (options, index) in [
+            (
+                ReadAll::from_start().categories(["C"]),
+                "events_category_position",
+            ),
+            (
+                ReadAll::from_start().event_types(["T"]),
+                "events_event_type_position",
+            ),
+        ] {
+            for (walk, access) in [(false, index), (true, "INTEGER PRIMARY KEY")] {
+                let sql = read_window_sql(&options, walk);
+                assert!(sql.contains("position > ?1 AND position <= ?2"), "{sql}");
+                let plan: Vec<String> = conn
+                    .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
+                    .expect("explain")
+                    .query_map(rusqlite::params![0, 10, "C", 10], |r| r.get(3))
+                    .expect("plan")
+                    .collect::<rusqlite::Result<_>>()
+                    .expect("rows");
+                assert!(
+                    plan.iter().any(|step| step.contains(access)),
+                    "walk {walk}: {access} not in {plan:?}"
+                );
+                assert!(
+                    !plan.iter().any(|step| step.contains("TEMP B-TREE")),
+                    "a sort in {plan:?}"
+                );
+            }
+        }
     }
 
     /// A feed read filtered by type walks migration 7's index in position

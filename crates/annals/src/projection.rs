@@ -1448,7 +1448,16 @@ impl<S: EventStore> ChunkReader<S> {
             at_end = page.at_end || page.scanned_to <= read.after;
             read.after = page.scanned_to.max(read.after);
             bytes += page.events.iter().map(event_bytes).sum::<usize>();
-            events.extend(page.events);
+            if events.is_empty() {
+                // The page's vector is the batch's: an event is a few
+                // hundred bytes, and a move of each costs on a replay.
+                events = page.events;
+                if !at_end && events.len() < self.chunk {
+                    events.reserve_exact(self.chunk - events.len());
+                }
+            } else {
+                events.extend(page.events);
+            }
         }
         let to = read.after;
         let unfiltered = read.categories.is_empty()

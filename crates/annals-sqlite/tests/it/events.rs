@@ -162,6 +162,17 @@ async fn undecodable_rows_are_errors_naming_the_position() {
         "{err}"
     );
     assert!(all.next().await.is_none(), "a read ends at its first error");
+    // The feed's pages (read in windows of positions) end the same way.
+    let mut pages = store.read_feed_pages(ReadAll::from_start(), 10);
+    let err = pages.next().await.expect("an item").expect_err("bad json");
+    assert!(
+        err.to_string().contains(&format!("position {bad_json}")),
+        "{err}"
+    );
+    assert!(
+        pages.next().await.is_none(),
+        "the pages end at their first error"
+    );
     for position in [bad_json, bad_stream, bad_metadata] {
         let err = store
             .read_all(ReadAll::after(GlobalPosition::from_seq(
@@ -469,6 +480,31 @@ async fn large_events_come_in_several_pages_all_delivered_in_order() {
     assert!(feed
         .windows(2)
         .all(|w| w[0].global_position < w[1].global_position));
+
+    // The feed's pages: a window of positions whose rows reach the byte
+    // budget is read on from its last row before the windows after it.
+    for filter in [
+        ReadAll::from_start(),
+        ReadAll::from_start().event_types(["Blob"]),
+    ] {
+        let expected: Vec<GlobalPosition> = store
+            .read_all(filter.clone())
+            .map_ok(|e| e.global_position)
+            .try_collect()
+            .await
+            .expect("read_all");
+        let mut got = Vec::new();
+        let mut pages = store.read_feed_pages(filter.clone(), 7);
+        let mut last = None;
+        while let Some(page) = pages.next().await {
+            let page = page.expect("page");
+            assert!(page.events.len() <= 7);
+            got.extend(page.events.iter().map(|e| e.global_position));
+            last = Some(page.at_end);
+        }
+        assert_eq!(got, expected, "{filter:?}: every event once, in order");
+        assert_eq!(last, Some(true), "{filter:?}: the pages end at the end");
+    }
 }
 
 /// Issue 11 (a faster read path): events read at their current version
@@ -539,9 +575,10 @@ fn page_shape(p: &annals::FeedPage) -> (Vec<GlobalPosition>, GlobalPosition, boo
     (events, p.scanned_to, p.at_end)
 }
 
-/// With round trips of 2 rows, `read_feed_pages` cuts one chain of round
-/// trips into pages of 1, 3 and 5 events (pages spanning round trips, round
-/// trips cut at page ends), filtered and not, and each page is the one
+/// With round trips of 2 rows, `read_feed_pages` cuts its round trips
+/// (windows of positions; one chain of round trips under a time filter)
+/// into pages of 1, 3 and 5 events (pages spanning round trips, round trips
+/// cut at page ends), filtered and not, and each page is the one
 /// `read_feed_page` returns from the `scanned_to` before it.
 #[tokio::test]
 async fn feed_pages_cut_one_chain_of_round_trips_into_pages() {
@@ -566,6 +603,11 @@ async fn feed_pages_cut_one_chain_of_round_trips_into_pages() {
         ReadAll::after(GlobalPosition::from_seq(4)),
         ReadAll::from_start().event_types(["Rare"]),
         ReadAll::from_start().categories(["Other"]),
+        // Time filters: read as one chain of round trips (not windows).
+        ReadAll::from_start().since(chrono::DateTime::<chrono::Utc>::UNIX_EPOCH),
+        ReadAll::from_start()
+            .event_types(["Rare"])
+            .until(chrono::Utc::now() + chrono::Duration::days(1)),
     ];
     for filter in filters {
         for limit in [1, 3, 5] {
@@ -592,6 +634,66 @@ async fn feed_pages_cut_one_chain_of_round_trips_into_pages() {
                 .expect("read_all")
                 .len();
             assert_eq!(count, expected, "{what}: every matching event once");
+        }
+    }
+}
+
+/// A filtered feed is read in windows of positions that widen where the
+/// filter matches few events (up to 64 batches) and narrow again where it
+/// matches most: a dense stretch inside a wide window fills its batch of
+/// rows and is read on from there. Pages still equal `read_feed_page`'s
+/// from the `scanned_to` before them, and every matching event comes once.
+#[tokio::test]
+async fn feed_windows_widen_for_rare_events_and_read_on_through_dense_stretches() {
+    let store = fresh_store_with(SqliteOptions {
+        batch_size: 2,
+        ..SqliteOptions::default()
+    })
+    .await;
+    // Rare (1 in 25), then 40 in a row, then rare again.
+    let rare = |i: i64| (100..140).contains(&i) || i % 25 == 0;
+    for i in 0..400 {
+        let (stream, kind) = if rare(i) {
+            ("Rare-1", "Rare")
+        } else {
+            ("Noise-1", "Noise")
+        };
+        store
+            .append(&sid(stream), ExpectedVersion::Any, vec![ev(kind, i)])
+            .await
+            .expect("append");
+    }
+    let filters = [
+        ReadAll::from_start().event_types(["Rare"]),
+        ReadAll::from_start().categories(["Rare"]),
+        ReadAll::after(GlobalPosition::from_seq(90)).categories(["Rare"]),
+        ReadAll::from_start().categories(["Noise"]),
+    ];
+    for filter in filters {
+        let expected: Vec<GlobalPosition> = store
+            .read_all(filter.clone())
+            .map_ok(|e| e.global_position)
+            .try_collect()
+            .await
+            .expect("read_all");
+        for limit in [1, 3, 7, 1000] {
+            let what = format!("{filter:?}, limit {limit}");
+            let mut pages = store.read_feed_pages(filter.clone(), limit);
+            let mut after = filter.after;
+            let mut got = Vec::new();
+            let mut last = None;
+            while let Some(page) = pages.next().await {
+                let page = page.expect("page");
+                let mut from = filter.clone();
+                from.after = after;
+                let one = store.read_feed_page(&from, limit).await.expect("page");
+                assert_eq!(page_shape(&page), page_shape(&one), "{what}: after {after}");
+                got.extend(page.events.iter().map(|e| e.global_position));
+                after = page.scanned_to;
+                last = Some(page.at_end);
+            }
+            assert_eq!(last, Some(true), "{what}: the stream ends at the end");
+            assert_eq!(got, expected, "{what}: every matching event once");
         }
     }
 }
