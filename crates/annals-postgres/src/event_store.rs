@@ -27,6 +27,7 @@
 //! horizon; see the crate documentation for why that is gap-free.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use annals::{
@@ -468,50 +469,14 @@ impl EventStore for PgEventStore {
     }
 
     fn read_all(&self, options: ReadAll) -> EventStream {
-        let after = options.after;
-        let (Ok(tx), Ok(seq)) = (i64::try_from(after.commit()), i64::try_from(after.seq())) else {
-            return failed(Error::PositionOutOfRange {
-                position: after,
-                reason: "beyond any PostgreSQL transaction id and sequence".into(),
-            });
+        let (pager, first) = match AllPager::new(self, options) {
+            Ok(pager) => pager,
+            Err(e) => return failed(e),
         };
-        let store = self.clone();
-        let limit = options.limit.unwrap_or(u64::MAX);
-        let mut categories = options.categories;
-        categories.sort();
-        categories.dedup();
-        let event_types = options.event_types;
-        let (since, until) = (options.since, options.until);
-        let budget = budget(self.inner.page_bytes);
-        let events = paged(
-            (
-                (tx, seq),
-                0u64,
-                PageRows::for_limit(self.inner.batch_size, limit),
-            ),
-            move |(cursor, taken, rows_limit): ((i64, i64), u64, PageRows)| {
-                let store = store.clone();
-                let categories = categories.clone();
-                let event_types = event_types.clone();
-                async move {
-                    if taken >= limit {
-                        return Ok((Vec::new(), None));
-                    }
-                    let want = (limit - taken).min(rows_limit.rows()) as i64;
-                    let page = Page {
-                        after: cursor,
-                        want,
-                        budget,
-                        categories: &categories,
-                        event_types: &event_types,
-                        since,
-                        until,
-                    };
-                    let (rows, cut) = store.read_all_page(&page).await?;
-                    position_page(&rows, cut, want, taken, rows_limit, store.upcasters())
-                }
-            },
-        );
+        let events = paged(first, move |cursor| {
+            let pager = pager.clone();
+            async move { pager.page(cursor).await }
+        });
         METRICS.count_reads(events)
     }
 
@@ -531,18 +496,48 @@ impl EventStore for PgEventStore {
     /// and the head are read too (one more query, only when the head moved
     /// past the page in between).
     async fn read_feed_page(&self, filter: &ReadAll, limit: usize) -> Result<annals::FeedPage> {
-        use futures::TryStreamExt;
         let limit = limit.max(1);
-        let first: Vec<RecordedEvent> = self
-            .read_all(filter.clone().limit(limit as u64))
-            .try_collect()
+        let first = self
+            .read_all_vec(filter.clone().limit(limit as u64))
             .await?;
         let rest = |seen: GlobalPosition, n: usize| {
             let mut rest = filter.clone().limit(n as u64);
             rest.after = seen;
-            self.read_all(rest).try_collect::<Vec<RecordedEvent>>()
+            self.read_all_vec(rest)
         };
         feed_page(filter.after, limit, first, || self.head_position(), rest).await
+    }
+
+    /// The pages of `read_feed_page`, with the rows of the next page
+    /// fetched (on a task of its own, on another pooled connection) while a
+    /// full page is decoded and consumed: the server produces the next rows
+    /// while this process decodes the ones before. Only a full page is
+    /// followed at once (it is gap-free by itself, so its last event is
+    /// where the next page starts); a short page is completed up to the
+    /// head exactly as `read_feed_page` completes it, and a page of more
+    /// than one query or cut by its byte budget is read by
+    /// `read_feed_page` itself.
+    fn read_feed_pages(&self, filter: ReadAll, limit: usize) -> annals::FeedPages {
+        use futures::StreamExt as _;
+        let state = FeedState {
+            store: self.clone(),
+            filter,
+            limit: limit.max(1),
+            ahead: None,
+        };
+        futures::stream::unfold(Some(state), |state| async move {
+            let mut state = state?;
+            let page = state.next_page().await;
+            let next = match &page {
+                Ok(p) if !p.at_end && p.scanned_to > state.filter.after => {
+                    state.filter.after = p.scanned_to;
+                    Some(state)
+                }
+                _ => None,
+            };
+            Some((page, next))
+        })
+        .boxed()
     }
 
     async fn stream_version(&self, stream: &StreamId) -> Result<Option<StreamVersion>> {
@@ -968,6 +963,212 @@ impl annals::MultiStreamAppend for PgEventStore {
 }
 
 /// One page of `read_all`.
+/// The pages of a read in global order (`read_all`): its options, read
+/// page after page from a cursor (after which position, events taken so
+/// far, the next page's rows).
+#[derive(Clone)]
+struct AllPager {
+    store: PgEventStore,
+    limit: u64,
+    categories: Arc<[String]>,
+    event_types: Arc<[String]>,
+    since: Option<DateTime<Utc>>,
+    until: Option<DateTime<Utc>>,
+    budget: usize,
+}
+
+/// Where the next page of an [`AllPager`] starts.
+type AllCursor = ((i64, i64), u64, PageRows);
+
+impl AllPager {
+    /// The pager of `options` and its first cursor; a position beyond any
+    /// PostgreSQL transaction id or sequence is refused.
+    fn new(store: &PgEventStore, options: ReadAll) -> Result<(Self, AllCursor)> {
+        let after = options.after;
+        let (Ok(tx), Ok(seq)) = (i64::try_from(after.commit()), i64::try_from(after.seq())) else {
+            return Err(Error::PositionOutOfRange {
+                position: after,
+                reason: "beyond any PostgreSQL transaction id and sequence".into(),
+            });
+        };
+        let limit = options.limit.unwrap_or(u64::MAX);
+        let mut categories = options.categories;
+        categories.sort();
+        categories.dedup();
+        let pager = AllPager {
+            store: store.clone(),
+            limit,
+            categories: categories.into(),
+            event_types: options.event_types.into(),
+            since: options.since,
+            until: options.until,
+            budget: budget(store.inner.page_bytes),
+        };
+        let first = (
+            (tx, seq),
+            0,
+            PageRows::for_limit(store.inner.batch_size, limit),
+        );
+        Ok((pager, first))
+    }
+
+    /// The page at `cursor` and the cursor after it (`None` after the last).
+    async fn page(&self, cursor: AllCursor) -> Result<(Vec<RecordedEvent>, Option<AllCursor>)> {
+        let (_, taken, rows_limit) = cursor;
+        if taken >= self.limit {
+            return Ok((Vec::new(), None));
+        }
+        let fetched = self.rows(cursor).await?;
+        position_page(
+            &fetched.rows,
+            fetched.cut,
+            fetched.want,
+            taken,
+            rows_limit,
+            self.store.upcasters(),
+        )
+    }
+
+    /// The rows of the page at `cursor`, not decoded yet.
+    async fn rows(&self, cursor: AllCursor) -> Result<Fetched> {
+        let (after, taken, rows_limit) = cursor;
+        let want = (self.limit.saturating_sub(taken)).min(rows_limit.rows()) as i64;
+        let page = Page {
+            after,
+            want,
+            budget: self.budget,
+            categories: &self.categories,
+            event_types: &self.event_types,
+            since: self.since,
+            until: self.until,
+        };
+        let (rows, cut) = self.store.read_all_page(&page).await?;
+        Ok(Fetched { rows, cut, want })
+    }
+}
+
+/// A page's rows as fetched ([`AllPager::rows`]).
+struct Fetched {
+    rows: Vec<tokio_postgres::Row>,
+    /// Whether its byte budget cut it.
+    cut: bool,
+    /// The rows it asked for.
+    want: i64,
+}
+
+/// The page of `read_feed_pages` being fetched ahead on a task of its own,
+/// aborted when the pages are dropped.
+struct Ahead(tokio::task::JoinHandle<Result<Fetched>>);
+
+impl Drop for Ahead {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Where `read_feed_pages` stands (see there).
+struct FeedState {
+    store: PgEventStore,
+    filter: ReadAll,
+    limit: usize,
+    ahead: Option<Ahead>,
+}
+
+impl FeedState {
+    /// The rows of the page after `self.filter.after`: fetched ahead, or
+    /// now. `None` for a page that takes more than one query (a limit above
+    /// the largest page).
+    async fn fetch(&mut self) -> Result<Option<Fetched>> {
+        if let Some(mut ahead) = self.ahead.take() {
+            return match (&mut ahead.0).await {
+                Ok(fetched) => fetched.map(Some),
+                Err(e) => Err(backend_msg(format!(
+                    "the read ahead of a feed page after {} stopped: {e}",
+                    self.filter.after
+                ))),
+            };
+        }
+        let (pager, first) =
+            AllPager::new(&self.store, self.filter.clone().limit(self.limit as u64))?;
+        if first.2.rows() < self.limit as u64 {
+            return Ok(None);
+        }
+        pager.rows(first).await.map(Some)
+    }
+
+    /// Starts fetching the rows of the page after `after`.
+    fn fetch_ahead(&mut self, after: GlobalPosition) -> Result<()> {
+        let mut filter = self.filter.clone().limit(self.limit as u64);
+        filter.after = after;
+        let (pager, first) = AllPager::new(&self.store, filter)?;
+        self.ahead = Some(Ahead(tokio::spawn(async move { pager.rows(first).await })));
+        Ok(())
+    }
+
+    /// The next page; `Ok(None)` is never returned for a page.
+    async fn next_page(&mut self) -> Result<annals::FeedPage> {
+        let limit = self.limit;
+        let Some(fetched) = self.fetch().await? else {
+            return self.store.read_feed_page(&self.filter, limit).await;
+        };
+        let Fetched { rows, cut, want } = fetched;
+        let full = !cut && want == limit as i64 && rows.len() == limit;
+        if cut || want != limit as i64 {
+            // Cut by its byte budget (large events): as a page read alone.
+            return self.store.read_feed_page(&self.filter, limit).await;
+        }
+        if full {
+            // A full page is gap-free by itself (see `read_feed_page`):
+            // the next one starts after its last row, fetched on a task of
+            // its own while this one is decoded.
+            let last = rows.last().map(|row| -> Result<GlobalPosition> {
+                let what = "cannot decode an event's position";
+                position(row.try_get(0).context(what)?, row.try_get(1).context(what)?)
+            });
+            if let Some(last) = last {
+                self.fetch_ahead(last?)?;
+            }
+        }
+        let rows_limit = PageRows::new(self.store.inner.batch_size);
+        let (events, _) = position_page(&rows, cut, want, 0, rows_limit, self.store.upcasters())?;
+        METRICS.read_counter().increment(events.len() as u64);
+        let after = self.filter.after;
+        let filter = &self.filter;
+        let rest = |seen: GlobalPosition, n: usize| {
+            let mut rest = filter.clone().limit(n as u64);
+            rest.after = seen;
+            self.store.read_all_vec(rest)
+        };
+        feed_page(after, limit, events, || self.store.head_position(), rest).await
+    }
+}
+
+impl PgEventStore {
+    /// `read_all(options)` collected: the same queries, the events of each
+    /// page decoded into one vector (the first page's is the result's)
+    /// rather than moved one by one through a stream.
+    async fn read_all_vec(&self, options: ReadAll) -> Result<Vec<RecordedEvent>> {
+        let (pager, first) = AllPager::new(self, options)?;
+        let read = METRICS.read_counter();
+        let mut events: Vec<RecordedEvent> = Vec::new();
+        let mut cursor = Some(first);
+        while let Some(at) = cursor.take() {
+            let (page, next) = pager.page(at).await?;
+            if page.is_empty() {
+                break;
+            }
+            read.increment(page.len() as u64);
+            if events.is_empty() {
+                events = page;
+            } else {
+                events.extend(page);
+            }
+            cursor = next;
+        }
+        Ok(events)
+    }
+}
+
 struct Page<'a> {
     after: (i64, i64),
     want: i64,

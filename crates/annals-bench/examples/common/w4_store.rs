@@ -1,11 +1,12 @@
-//! The store of `w4_rounds` and `rebuild_rounds`: 1,210 accounts of 100
-//! events each (121,000 events, W4's count, in W3's stream pattern), written
-//! into a fresh SQLite file with the default options, as the bench's store.
+//! The store of `w4_rounds`, `rebuild_rounds` and `pg_rounds`: 1,210
+//! accounts of 100 events each (121,000 events, W4's count, in W3's stream
+//! pattern), written into a fresh SQLite file with the default options, as
+//! the bench's store (or into a PostgreSQL schema).
 
 use std::path::Path;
 
 use annals::bank::{Account, AccountEvent};
-use annals::{CommandContext, Repository};
+use annals::{CommandContext, EventStore, Repository};
 use annals_sqlite::{SqliteEventStore, SqliteOptions};
 
 /// The bench's shared shapes (each example uses some of them).
@@ -23,6 +24,12 @@ pub const BALANCE: i64 = 8_550;
 /// Opens `path` (a new file) and writes the accounts, one commit each.
 pub async fn w4_store(path: &Path) -> anyhow::Result<SqliteEventStore> {
     let store = SqliteEventStore::open_with(path, SqliteOptions::default()).await?;
+    write_accounts(&store).await?;
+    Ok(store)
+}
+
+/// Writes the accounts into `store`, one commit each.
+pub async fn write_accounts<S: EventStore>(store: &S) -> anyhow::Result<()> {
     let repo = Repository::<Account, _>::new(store.clone());
     let ctx = CommandContext::new();
     for i in 0..ACCOUNTS {
@@ -34,7 +41,7 @@ pub async fn w4_store(path: &Path) -> anyhow::Result<SqliteEventStore> {
         repo.create(&id, &ctx, |_| Ok::<_, std::convert::Infallible>(batch))
             .await?;
     }
-    Ok(store)
+    Ok(())
 }
 
 /// The lines of `/proc/self/status` that start with one of `prefixes` (the

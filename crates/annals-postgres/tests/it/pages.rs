@@ -228,3 +228,74 @@ async fn issue7_pages_of_small_events_hold_the_batch() {
     assert_eq!(ns(&got), every);
     db.cleanup().await;
 }
+
+/// `read_feed_pages` fetches the next page's rows while a full page is
+/// decoded; pages cut by their byte budget and pages of several queries
+/// (a limit above 16 batches) are read as `read_feed_page` reads them.
+/// Whichever way, each page equals the `read_feed_page` from the
+/// `scanned_to` before it, every matching event comes once, and the
+/// stream ends at the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn feed_pages_read_ahead_equal_feed_page_whatever_cuts_them() {
+    use futures::StreamExt;
+    let Some(db) = TestDb::with_options(
+        "feed_pages_read_ahead_equal_feed_page_whatever_cuts_them",
+        |o| {
+            o.batch_size = 2;
+            o.page_bytes = 50_000;
+        },
+    )
+    .await
+    else {
+        return;
+    };
+    let store = &db.store;
+    // Small events with a run of large ones in the middle (three of them
+    // fill a page's byte budget), in two categories.
+    for n in 0..60u64 {
+        let (stream, event) = match n {
+            20..=27 => ("Large-1", large(n, 20_000)),
+            n if n % 3 == 0 => ("Other-1", NewEvent::new("Small", json!({ "n": n }))),
+            n => ("Small-1", NewEvent::new("Small", json!({ "n": n }))),
+        };
+        store
+            .append(&sid(stream), ExpectedVersion::Any, vec![event])
+            .await
+            .expect("append");
+    }
+    let shape = |p: &annals::FeedPage| {
+        let positions: Vec<_> = p.events.iter().map(|e| e.global_position).collect();
+        (positions, p.scanned_to, p.at_end)
+    };
+    for filter in [
+        ReadAll::from_start(),
+        ReadAll::from_start().categories(["Small", "Large"]),
+        ReadAll::from_start().event_types(["Large"]),
+    ] {
+        let expected: Vec<_> = all(store.read_all(filter.clone()))
+            .await
+            .iter()
+            .map(|e| e.global_position)
+            .collect();
+        for limit in [1, 3, 5, 32, 40] {
+            let what = format!("{filter:?}, limit {limit}");
+            let mut pages = store.read_feed_pages(filter.clone(), limit);
+            let mut after = filter.after;
+            let mut got = Vec::new();
+            let mut last = None;
+            while let Some(page) = pages.next().await {
+                let page = page.expect("page");
+                let mut from = filter.clone();
+                from.after = after;
+                let one = store.read_feed_page(&from, limit).await.expect("page");
+                assert_eq!(shape(&page), shape(&one), "{what}: after {after}");
+                got.extend(page.events.iter().map(|e| e.global_position));
+                after = page.scanned_to;
+                last = Some(page.at_end);
+            }
+            assert_eq!(last, Some(true), "{what}: the stream ends at the end");
+            assert_eq!(got, expected, "{what}: every matching event once");
+        }
+    }
+    db.cleanup().await;
+}
