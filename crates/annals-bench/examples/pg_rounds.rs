@@ -1,9 +1,10 @@
-//! The `account_balances` rebuild on PostgreSQL, `ROUNDS` times over the
-//! same 121,000 events (w4_rounds's accounts, in a fresh schema dropped at
-//! the end), with the median events/s: a loop to profile the server and the
-//! client together (`perf record -a`).
+//! The `account_balances` rebuild (or W4 through a `Subscription`) on
+//! PostgreSQL, `ROUNDS` times over the same 121,000 events (w4_rounds's
+//! accounts, in a fresh schema dropped at the end), with the median
+//! events/s: a loop to profile the server and the client together
+//! (`perf record -a`).
 //!
-//! `pg_rounds [ROUNDS] [URL]` (default 10 rounds on
+//! `pg_rounds [ROUNDS] [rebuild|w4] [URL]` (defaults: 10 rounds, rebuild,
 //! `postgres://postgres@127.0.0.1:5432/test`).
 
 use std::time::Instant;
@@ -15,7 +16,7 @@ use annals_postgres::{PgEventStore, PgOptions};
 #[allow(dead_code)]
 #[path = "common/w4_store.rs"]
 mod w4;
-use w4::{write_accounts, ACCOUNTS, BALANCE, EVENTS_PER_ACCOUNT};
+use w4::{annals_w4, write_accounts, ACCOUNTS, BALANCE, EVENTS_PER_ACCOUNT};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -24,11 +25,16 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 async fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
     let rounds: usize = args.next().map_or(Ok(10), |a| a.parse())?;
+    let w4 = match args.next().as_deref() {
+        None | Some("rebuild") => false,
+        Some("w4") => true,
+        Some(other) => anyhow::bail!("unknown mode {other:?}: rebuild or w4"),
+    };
     let url = args
         .next()
         .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/test".into());
     let schema = format!("annals_rounds_{}", uuid::Uuid::now_v7().simple());
-    let result = run(&url, &schema, rounds).await;
+    let result = run(&url, &schema, rounds, w4).await;
     let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
     let task = tokio::spawn(conn);
     client
@@ -39,7 +45,7 @@ async fn main() -> anyhow::Result<()> {
     result
 }
 
-async fn run(url: &str, schema: &str, rounds: usize) -> anyhow::Result<()> {
+async fn run(url: &str, schema: &str, rounds: usize, w4: bool) -> anyhow::Result<()> {
     let store = PgEventStore::connect_with(
         url,
         PgOptions {
@@ -65,7 +71,18 @@ async fn run(url: &str, schema: &str, rounds: usize) -> anyhow::Result<()> {
     };
     annals_cli::account_balances(&db, "Account-").await?;
     let mut rates = Vec::new();
-    for _ in 0..rounds {
+    if w4 {
+        for _ in 0..rounds {
+            let t = Instant::now();
+            let (events, sum) = annals_w4(&store).await?;
+            rates.push(events as f64 / t.elapsed().as_secs_f64());
+            anyhow::ensure!(
+                (events, sum) == (ACCOUNTS * EVENTS_PER_ACCOUNT, ACCOUNTS as i64 * BALANCE),
+                "W4 read {events} events summing to {sum}"
+            );
+        }
+    }
+    for _ in 0..if w4 { 0 } else { rounds } {
         client
             .batch_execute(&format!("DELETE FROM \"{schema}\".account_balances"))
             .await?;
@@ -89,7 +106,8 @@ async fn run(url: &str, schema: &str, rounds: usize) -> anyhow::Result<()> {
         );
     }
     println!(
-        "rebuild events/s: {}",
+        "{} events/s: {}",
+        if w4 { "W4" } else { "rebuild" },
         rates
             .iter()
             .map(|x| format!("{:.0}k", x / 1e3))

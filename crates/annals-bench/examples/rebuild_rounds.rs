@@ -12,6 +12,8 @@ use std::time::Instant;
 
 use annals::{ProjectionRunner, RebuildOptions};
 
+// W4's loop is w4_rounds's and pg_rounds's.
+#[allow(dead_code)]
 #[path = "common/w4_store.rs"]
 mod w4;
 use w4::{memory_lines, w4_store, ACCOUNTS, BALANCE, EVENTS_PER_ACCOUNT};

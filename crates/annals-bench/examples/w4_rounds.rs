@@ -6,45 +6,15 @@
 //! holds 1,210 accounts of 100 events each (121,000 events, W4's count, in
 //! W3's stream pattern), written once into a temporary directory.
 
-use std::collections::HashMap;
 use std::time::Instant;
-
-use annals::bank::AccountEvent;
-use annals::{decode_event, EventStore, GlobalPosition, Subscription, SubscriptionOptions};
-use annals_sqlite::SqliteEventStore;
 
 #[path = "common/w4_store.rs"]
 mod w4;
-use w4::shapes::{self, fold_balance};
-use w4::{memory_lines, w4_store, ACCOUNTS, BALANCE, EVENTS_PER_ACCOUNT};
+use w4::shapes;
+use w4::{annals_w4, memory_lines, w4_store, ACCOUNTS, BALANCE, EVENTS_PER_ACCOUNT, PAGE};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
-const PAGE: usize = 1_000;
-
-async fn annals_w4(store: &SqliteEventStore) -> anyhow::Result<(u64, i64)> {
-    let head = store
-        .head_position()
-        .await?
-        .unwrap_or(GlobalPosition::START);
-    let options = SubscriptionOptions::default().batch_size(PAGE);
-    let mut feed = Subscription::new(store.clone(), GlobalPosition::START, options);
-    let mut balances: HashMap<String, i64> = HashMap::new();
-    let mut events = 0;
-    loop {
-        let batch = feed.next_batch().await?;
-        events += batch.events.len() as u64;
-        for e in &batch.events {
-            let b = balances.entry(e.stream_id.id().to_owned()).or_default();
-            fold_balance(b, &decode_event::<AccountEvent>(e)?);
-        }
-        if batch.position >= head {
-            break;
-        }
-    }
-    Ok((events, balances.values().sum()))
-}
 
 fn raw_w4(conn: &rusqlite::Connection) -> anyhow::Result<(u64, i64)> {
     let (events, balances) = shapes::raw_w4(conn, PAGE as i64)?;

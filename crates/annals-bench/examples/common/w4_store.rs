@@ -3,10 +3,14 @@
 //! pattern), written into a fresh SQLite file with the default options, as
 //! the bench's store (or into a PostgreSQL schema).
 
+use std::collections::HashMap;
 use std::path::Path;
 
 use annals::bank::{Account, AccountEvent};
-use annals::{CommandContext, EventStore, Repository};
+use annals::{
+    decode_event, CommandContext, EventStore, GlobalPosition, Repository, Subscription,
+    SubscriptionOptions,
+};
 use annals_sqlite::{SqliteEventStore, SqliteOptions};
 
 /// The bench's shared shapes (each example uses some of them).
@@ -20,6 +24,35 @@ pub const ACCOUNTS: u64 = 1_210;
 pub const EVENTS_PER_ACCOUNT: u64 = 100;
 /// Each account's balance at the end of its stream.
 pub const BALANCE: i64 = 8_550;
+
+/// W4's page (the bench's feed page).
+pub const PAGE: usize = 1_000;
+
+/// W4 through a catch-up `Subscription` in pages of [`PAGE`], each event
+/// decoded and folded into its account's balance: the events and the sum of
+/// the balances.
+pub async fn annals_w4<S: EventStore>(store: &S) -> anyhow::Result<(u64, i64)> {
+    let head = store
+        .head_position()
+        .await?
+        .unwrap_or(GlobalPosition::START);
+    let options = SubscriptionOptions::default().batch_size(PAGE);
+    let mut feed = Subscription::new(store.clone(), GlobalPosition::START, options);
+    let mut balances: HashMap<String, i64> = HashMap::new();
+    let mut events = 0;
+    loop {
+        let batch = feed.next_batch().await?;
+        events += batch.events.len() as u64;
+        for e in &batch.events {
+            let b = balances.entry(e.stream_id.id().to_owned()).or_default();
+            shapes::fold_balance(b, &decode_event::<AccountEvent>(e)?);
+        }
+        if batch.position >= head {
+            break;
+        }
+    }
+    Ok((events, balances.values().sum()))
+}
 
 /// Opens `path` (a new file) and writes the accounts, one commit each.
 pub async fn w4_store(path: &Path) -> anyhow::Result<SqliteEventStore> {
