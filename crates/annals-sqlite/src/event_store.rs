@@ -1014,8 +1014,9 @@ impl EventStore for SqliteEventStore {
         })
     }
 
-    /// One chain of reader round trips across the pages (see `feed`), so
-    /// the reader never waits between pages for the caller to decode.
+    /// Reader round trips read ahead across the pages (see `feed`: windows
+    /// of positions on several readers, or one chain under a time filter),
+    /// so the readers never wait between pages for the caller to decode.
     fn read_feed_pages(&self, filter: ReadAll, limit: usize) -> annals::FeedPages {
         crate::feed::pages(self, filter, limit)
     }

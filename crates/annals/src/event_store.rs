@@ -413,9 +413,11 @@ pub trait EventStore: Clone + Send + Sync + 'static {
     /// more reads on from that page's `scanned_to`.
     ///
     /// Provided as a loop of `read_feed_page`. A backend may instead read
-    /// the next rows while the page before is being decoded and consumed (at
-    /// most one round trip ahead), so its reader never waits for the caller
-    /// between pages: the SQLite store does. [`crate::Subscription`] reads
+    /// the next rows while the page before is being decoded and consumed
+    /// (a bounded number of round trips ahead), so its reader never waits
+    /// for the caller between pages: the SQLite store does (windows of
+    /// positions on several readers), and the PostgreSQL store sends a full
+    /// page's next query before decoding it. [`crate::Subscription`] reads
     /// ahead through this.
     fn read_feed_pages(&self, filter: ReadAll, limit: usize) -> FeedPages {
         use futures::StreamExt as _;
