@@ -266,8 +266,8 @@ type ReadWindow = dyn Fn(&rusqlite::Connection, i64, i64, bool) -> Result<Window
 /// order, [`WINDOWS_AHEAD`] of them read while the caller decodes the one
 /// before: a replay reads on two readers (two cores) while one task
 /// decodes. A window that finds the head inside it is the last: its round
-/// ends the stream (`End { more: false }`), and the windows read beyond it
-/// are dropped. A window whose rows stopped at the batch or the byte budget
+/// ends the stream (`more: false`), and the windows read beyond it are
+/// dropped. A window whose rows stopped at the batch or the byte budget
 /// is read on from its last row before anything after it is delivered.
 ///
 /// Windows beyond the highest head seen are not sent ahead: a subscription
