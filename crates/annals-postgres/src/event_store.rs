@@ -133,6 +133,16 @@ const READ_ALL: &str = concat!(
     " ORDER BY e.tx_id, e.seq LIMIT $3"
 );
 
+/// [`READ_ALL`] from the `$4`-th row on (`OFFSET $4`): the page after the
+/// next one, read beside it (see `FeedState`).
+const READ_ALL_OFFSET: &str = concat!(
+    "SELECT ",
+    event_columns!(),
+    " FROM events e WHERE ",
+    below_horizon!("e"),
+    " ORDER BY e.tx_id, e.seq LIMIT $3 OFFSET $4"
+);
+
 const READ_ALL_TYPES: &str = concat!(
     "SELECT ",
     event_columns!(),
@@ -510,13 +520,14 @@ impl EventStore for PgEventStore {
 
     /// The pages of `read_feed_page`, with the rows of the next page
     /// fetched (on a task of its own, on another pooled connection) while a
-    /// full page is decoded and consumed: the server produces the next rows
-    /// while this process decodes the ones before. Only a full page is
-    /// followed at once (it is gap-free by itself, so its last event is
-    /// where the next page starts); a short page is completed up to the
-    /// head exactly as `read_feed_page` completes it, and a page of more
-    /// than one query or cut by its byte budget is read by
-    /// `read_feed_page` itself.
+    /// full page is decoded and consumed, and without a filter the page
+    /// after it too, checked against the next one (see `FeedState`): the
+    /// server produces the next rows while this process decodes the ones
+    /// before. Only a full page is followed at once (it is gap-free by
+    /// itself, so its last event is where the next page starts); a short
+    /// page is completed up to the head exactly as `read_feed_page`
+    /// completes it, and a page of more than one query or cut by its byte
+    /// budget is read by `read_feed_page` itself.
     fn read_feed_pages(&self, filter: ReadAll, limit: usize) -> annals::FeedPages {
         use futures::StreamExt as _;
         let state = FeedState {
@@ -524,6 +535,8 @@ impl EventStore for PgEventStore {
             filter,
             limit: limit.max(1),
             ahead: None,
+            beyond: None,
+            ready: None,
         };
         futures::stream::unfold(Some(state), |state| async move {
             let mut state = state?;
@@ -1036,6 +1049,7 @@ impl AllPager {
         let page = Page {
             after,
             want,
+            offset: 0,
             budget: self.budget,
             categories: &self.categories,
             event_types: &self.event_types,
@@ -1047,6 +1061,43 @@ impl AllPager {
     }
 }
 
+impl AllPager {
+    /// Whether [`AllPager::rows_beyond`] may be used: no filter (a filtered
+    /// read, such as a rebuild's, gained nothing measurable from it).
+    fn can_skip(&self) -> bool {
+        self.categories.is_empty()
+            && self.event_types.is_empty()
+            && self.since.is_none()
+            && self.until.is_none()
+    }
+
+    /// `want` rows after `after`, the first `skip` of them skipped, as one
+    /// query without the wait for held-back transactions (a short result
+    /// is not used, see `FeedState`).
+    async fn rows_beyond(&self, after: (i64, i64), skip: i64, want: i64) -> Result<Fetched> {
+        let page = Page {
+            after,
+            want,
+            offset: skip,
+            budget: self.budget,
+            categories: &self.categories,
+            event_types: &self.event_types,
+            since: self.since,
+            until: self.until,
+        };
+        let (rows, cut) = with_client!(self.store, Lane::Feed, "read all events", |client| page
+            .fetch(client)
+            .await)?;
+        Ok(Fetched { rows, cut, want })
+    }
+}
+
+/// The position of a row of [`event_columns!`].
+fn row_position(row: &tokio_postgres::Row) -> Result<GlobalPosition> {
+    let what = "cannot decode an event's position";
+    position(row.try_get(0).context(what)?, row.try_get(1).context(what)?)
+}
+
 /// A page's rows as fetched ([`AllPager::rows`]).
 struct Fetched {
     rows: Vec<tokio_postgres::Row>,
@@ -1056,7 +1107,7 @@ struct Fetched {
     want: i64,
 }
 
-/// The page of `read_feed_pages` being fetched ahead on a task of its own,
+/// A query of `read_feed_pages` running ahead on a task of its own,
 /// aborted when the pages are dropped.
 struct Ahead(tokio::task::JoinHandle<Result<Fetched>>);
 
@@ -1066,69 +1117,134 @@ impl Drop for Ahead {
     }
 }
 
+impl Ahead {
+    async fn rows(mut self, after: GlobalPosition) -> Result<Fetched> {
+        match (&mut self.0).await {
+            Ok(fetched) => fetched,
+            Err(e) => Err(backend_msg(format!(
+                "the read ahead of a feed page after {after} stopped: {e}"
+            ))),
+        }
+    }
+}
+
 /// Where `read_feed_pages` stands (see there).
+///
+/// Once a page came back full (`n` rows, its last event `L`), the next
+/// page's query (`n` rows after `L`) runs on a task of its own while this
+/// page is decoded. Without a filter, the page after it is read at the same
+/// time on another connection: `n + 1` rows after `L`, the first `n - 1`
+/// skipped. It is used only if its first row is the next page's last: rows
+/// below the snapshot horizon never gain a row before one of theirs (a
+/// transaction older than a snapshot's horizon had ended before it), so
+/// both queries then saw the same `n` rows after `L`, and the rest of the
+/// second is a full page after that row, gap-free by itself as any full
+/// page. Otherwise (a row deleted in between, the log ending there) it is
+/// dropped and the page after next is read as usual. The server then
+/// produces two pages in parallel while this process decodes.
 struct FeedState {
     store: PgEventStore,
     filter: ReadAll,
     limit: usize,
+    /// The next page's query.
     ahead: Option<Ahead>,
+    /// The query of the page after the next one, from the next page's last
+    /// row on (to be checked against it).
+    beyond: Option<Ahead>,
+    /// The next page's rows, checked.
+    ready: Option<Fetched>,
 }
 
 impl FeedState {
-    /// The rows of the page after `self.filter.after`: fetched ahead, or
-    /// now. `None` for a page that takes more than one query (a limit above
-    /// the largest page).
+    /// The rows of the page after `self.filter.after`: checked, fetched
+    /// ahead, or fetched now. `None` for a page that takes more than one
+    /// query (a limit above the largest page).
     async fn fetch(&mut self) -> Result<Option<Fetched>> {
-        if let Some(mut ahead) = self.ahead.take() {
-            return match (&mut ahead.0).await {
-                Ok(fetched) => fetched.map(Some),
-                Err(e) => Err(backend_msg(format!(
-                    "the read ahead of a feed page after {} stopped: {e}",
-                    self.filter.after
-                ))),
+        if let Some(ready) = self.ready.take() {
+            return Ok(Some(ready));
+        }
+        let after = self.filter.after;
+        let Some(ahead) = self.ahead.take() else {
+            self.beyond = None;
+            let (pager, first) =
+                AllPager::new(&self.store, self.filter.clone().limit(self.limit as u64))?;
+            if first.2.rows() < self.limit as u64 {
+                return Ok(None);
+            }
+            return pager.rows(first).await.map(Some);
+        };
+        let fetched = ahead.rows(after).await?;
+        let beyond = self.beyond.take();
+        if let (Some(beyond), Some(last)) = (beyond, self.full_last(&fetched)?) {
+            let next = beyond.rows(last).await?;
+            let n = self.limit;
+            let starts_at_last = match next.rows.first() {
+                Some(row) => row_position(row)? == last,
+                None => false,
             };
+            if !next.cut && next.rows.len() == n + 1 && starts_at_last {
+                let mut rows = next.rows;
+                rows.remove(0);
+                self.ready = Some(Fetched {
+                    rows,
+                    cut: false,
+                    want: n as i64,
+                });
+            }
         }
-        let (pager, first) =
-            AllPager::new(&self.store, self.filter.clone().limit(self.limit as u64))?;
-        if first.2.rows() < self.limit as u64 {
-            return Ok(None);
-        }
-        pager.rows(first).await.map(Some)
+        Ok(Some(fetched))
     }
 
-    /// Starts fetching the rows of the page after `after`.
+    /// The last position of `fetched` when it is a full page.
+    fn full_last(&self, fetched: &Fetched) -> Result<Option<GlobalPosition>> {
+        let full =
+            !fetched.cut && fetched.want == self.limit as i64 && fetched.rows.len() == self.limit;
+        match fetched.rows.last() {
+            Some(row) if full => row_position(row).map(Some),
+            _ => Ok(None),
+        }
+    }
+
+    /// Starts the queries of the page after `after` and, without a filter,
+    /// of the page after that one (see [`FeedState`]).
     fn fetch_ahead(&mut self, after: GlobalPosition) -> Result<()> {
         let mut filter = self.filter.clone().limit(self.limit as u64);
         filter.after = after;
         let (pager, first) = AllPager::new(&self.store, filter)?;
+        if pager.can_skip() {
+            let (pager, from) = (pager.clone(), first.0);
+            let n = self.limit as i64;
+            self.beyond = Some(Ahead(tokio::spawn(async move {
+                pager.rows_beyond(from, n - 1, n + 1).await
+            })));
+        }
         self.ahead = Some(Ahead(tokio::spawn(async move { pager.rows(first).await })));
         Ok(())
     }
 
-    /// The next page; `Ok(None)` is never returned for a page.
+    /// The next page.
     async fn next_page(&mut self) -> Result<annals::FeedPage> {
         let limit = self.limit;
         let Some(fetched) = self.fetch().await? else {
             return self.store.read_feed_page(&self.filter, limit).await;
         };
-        let Fetched { rows, cut, want } = fetched;
-        let full = !cut && want == limit as i64 && rows.len() == limit;
-        if cut || want != limit as i64 {
+        if fetched.cut || fetched.want != limit as i64 {
             // Cut by its byte budget (large events): as a page read alone.
+            self.ready = None;
             return self.store.read_feed_page(&self.filter, limit).await;
         }
-        if full {
-            // A full page is gap-free by itself (see `read_feed_page`):
-            // the next one starts after its last row, fetched on a task of
-            // its own while this one is decoded.
-            let last = rows.last().map(|row| -> Result<GlobalPosition> {
-                let what = "cannot decode an event's position";
-                position(row.try_get(0).context(what)?, row.try_get(1).context(what)?)
-            });
-            if let Some(last) = last {
-                self.fetch_ahead(last?)?;
-            }
+        // A full page is gap-free by itself (see `read_feed_page`): the
+        // next one starts after its last row, fetched on a task of its own
+        // while this one is decoded (unless it is here or on its way).
+        let next_after = match (&self.ready, self.full_last(&fetched)?) {
+            (Some(ready), _) => self.full_last(ready)?,
+            (None, last) if self.ahead.is_none() => last,
+            (None, _) => None,
+        };
+        if let Some(after) = next_after {
+            self.fetch_ahead(after)?;
         }
+        let Fetched { rows, cut, want } = fetched;
         let rows_limit = PageRows::new(self.store.inner.batch_size);
         let (events, _) = position_page(&rows, cut, want, 0, rows_limit, self.store.upcasters())?;
         METRICS.read_counter().increment(events.len() as u64);
@@ -1172,6 +1288,8 @@ impl PgEventStore {
 struct Page<'a> {
     after: (i64, i64),
     want: i64,
+    /// Rows skipped first (only without a filter; 0 otherwise).
+    offset: i64,
     budget: usize,
     categories: &'a [String],
     event_types: &'a [String],
@@ -1237,6 +1355,15 @@ impl Page<'_> {
                 client,
                 &stmt,
                 &[&tx, &seq, &self.want, &self.event_types],
+                self.budget,
+            )
+            .await
+        } else if self.offset > 0 {
+            let stmt = client.prepare_cached(READ_ALL_OFFSET).await.context(what)?;
+            collect_page(
+                client,
+                &stmt,
+                &[&tx, &seq, &self.want, &self.offset],
                 self.budget,
             )
             .await
