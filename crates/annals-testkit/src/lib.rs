@@ -30,10 +30,12 @@
 #![deny(missing_docs)]
 
 mod faulty;
+mod feed_pages;
 pub mod model;
 pub mod suite;
 
 pub use faulty::{FaultyStore, HeldLockWrite, LockWrite, LOST_REPLY};
+pub use feed_pages::check_feed_pages;
 
 use annals::{CheckpointStore, EventStore, SnapshotStore};
 

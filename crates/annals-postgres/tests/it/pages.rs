@@ -229,7 +229,8 @@ async fn issue7_pages_of_small_events_hold_the_batch() {
     db.cleanup().await;
 }
 
-/// `read_feed_pages` fetches the next page's rows while a full page is
+/// `read_feed_pages` fetches the next page's rows (and, without a filter,
+/// the page after it, checked against the next one) while a full page is
 /// decoded; pages cut by their byte budget and pages of several queries
 /// (a limit above 16 batches) are read as `read_feed_page` reads them.
 /// Whichever way, each page equals the `read_feed_page` from the
@@ -237,7 +238,6 @@ async fn issue7_pages_of_small_events_hold_the_batch() {
 /// stream ends at the end.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn feed_pages_read_ahead_equal_feed_page_whatever_cuts_them() {
-    use futures::StreamExt;
     let Some(db) = TestDb::with_options(
         "feed_pages_read_ahead_equal_feed_page_whatever_cuts_them",
         |o| {
@@ -263,38 +263,17 @@ async fn feed_pages_read_ahead_equal_feed_page_whatever_cuts_them() {
             .await
             .expect("append");
     }
-    let shape = |p: &annals::FeedPage| {
-        let positions: Vec<_> = p.events.iter().map(|e| e.global_position).collect();
-        (positions, p.scanned_to, p.at_end)
-    };
     for filter in [
         ReadAll::from_start(),
         ReadAll::from_start().categories(["Small", "Large"]),
         ReadAll::from_start().event_types(["Large"]),
     ] {
-        let expected: Vec<_> = all(store.read_all(filter.clone()))
-            .await
-            .iter()
-            .map(|e| e.global_position)
-            .collect();
         for limit in [1, 3, 5, 32, 40] {
-            let what = format!("{filter:?}, limit {limit}");
-            let mut pages = store.read_feed_pages(filter.clone(), limit);
-            let mut after = filter.after;
-            let mut got = Vec::new();
-            let mut last = None;
-            while let Some(page) = pages.next().await {
-                let page = page.expect("page");
-                let mut from = filter.clone();
-                from.after = after;
-                let one = store.read_feed_page(&from, limit).await.expect("page");
-                assert_eq!(shape(&page), shape(&one), "{what}: after {after}");
-                got.extend(page.events.iter().map(|e| e.global_position));
-                after = page.scanned_to;
-                last = Some(page.at_end);
-            }
-            assert_eq!(last, Some(true), "{what}: the stream ends at the end");
-            assert_eq!(got, expected, "{what}: every matching event once");
+            let at_end = annals_testkit::check_feed_pages(store, &filter, limit).await;
+            assert!(
+                at_end,
+                "{filter:?}, limit {limit}: the stream ends at the end"
+            );
         }
     }
     db.cleanup().await;

@@ -487,23 +487,8 @@ async fn large_events_come_in_several_pages_all_delivered_in_order() {
         ReadAll::from_start(),
         ReadAll::from_start().event_types(["Blob"]),
     ] {
-        let expected: Vec<GlobalPosition> = store
-            .read_all(filter.clone())
-            .map_ok(|e| e.global_position)
-            .try_collect()
-            .await
-            .expect("read_all");
-        let mut got = Vec::new();
-        let mut pages = store.read_feed_pages(filter.clone(), 7);
-        let mut last = None;
-        while let Some(page) = pages.next().await {
-            let page = page.expect("page");
-            assert!(page.events.len() <= 7);
-            got.extend(page.events.iter().map(|e| e.global_position));
-            last = Some(page.at_end);
-        }
-        assert_eq!(got, expected, "{filter:?}: every event once, in order");
-        assert_eq!(last, Some(true), "{filter:?}: the pages end at the end");
+        let at_end = annals_testkit::check_feed_pages(&store, &filter, 7).await;
+        assert!(at_end, "{filter:?}: the pages end at the end");
     }
 }
 
@@ -611,29 +596,11 @@ async fn feed_pages_cut_one_chain_of_round_trips_into_pages() {
     ];
     for filter in filters {
         for limit in [1, 3, 5] {
-            let what = format!("{filter:?}, limit {limit}");
-            let mut pages = store.read_feed_pages(filter.clone(), limit);
-            let mut after = filter.after;
-            let mut count = 0;
-            let mut last = None;
-            while let Some(page) = pages.next().await {
-                let page = page.expect("page");
-                let mut from = filter.clone();
-                from.after = after;
-                let one = store.read_feed_page(&from, limit).await.expect("page");
-                assert_eq!(page_shape(&page), page_shape(&one), "{what}: after {after}");
-                count += page.events.len();
-                after = page.scanned_to;
-                last = Some(page.at_end);
-            }
-            assert_eq!(last, Some(true), "{what}: the stream ends at the end");
-            let expected = store
-                .read_all(filter.clone())
-                .try_collect::<Vec<_>>()
-                .await
-                .expect("read_all")
-                .len();
-            assert_eq!(count, expected, "{what}: every matching event once");
+            let at_end = annals_testkit::check_feed_pages(&store, &filter, limit).await;
+            assert!(
+                at_end,
+                "{filter:?}, limit {limit}: the stream ends at the end"
+            );
         }
     }
 }
@@ -670,30 +637,12 @@ async fn feed_windows_widen_for_rare_events_and_read_on_through_dense_stretches(
         ReadAll::from_start().categories(["Noise"]),
     ];
     for filter in filters {
-        let expected: Vec<GlobalPosition> = store
-            .read_all(filter.clone())
-            .map_ok(|e| e.global_position)
-            .try_collect()
-            .await
-            .expect("read_all");
         for limit in [1, 3, 7, 1000] {
-            let what = format!("{filter:?}, limit {limit}");
-            let mut pages = store.read_feed_pages(filter.clone(), limit);
-            let mut after = filter.after;
-            let mut got = Vec::new();
-            let mut last = None;
-            while let Some(page) = pages.next().await {
-                let page = page.expect("page");
-                let mut from = filter.clone();
-                from.after = after;
-                let one = store.read_feed_page(&from, limit).await.expect("page");
-                assert_eq!(page_shape(&page), page_shape(&one), "{what}: after {after}");
-                got.extend(page.events.iter().map(|e| e.global_position));
-                after = page.scanned_to;
-                last = Some(page.at_end);
-            }
-            assert_eq!(last, Some(true), "{what}: the stream ends at the end");
-            assert_eq!(got, expected, "{what}: every matching event once");
+            let at_end = annals_testkit::check_feed_pages(&store, &filter, limit).await;
+            assert!(
+                at_end,
+                "{filter:?}, limit {limit}: the stream ends at the end"
+            );
         }
     }
 }

@@ -212,7 +212,6 @@ pub async fn feed_pages_scan_through_non_matching_events<S: EventStore>(store: S
 /// `scanned_to`, the same `at_end`), unfiltered and filtered, from the start
 /// and from the middle, and ends after the page at the end of the log.
 pub async fn feed_pages_read_as_a_loop_of_feed_page<S: EventStore>(store: S) {
-    use futures::StreamExt as _;
     for i in 0..30 {
         let (stream, kind) = match i % 3 {
             0 => ("FeedsA-1", "Rare"),
@@ -233,51 +232,9 @@ pub async fn feed_pages_read_as_a_loop_of_feed_page<S: EventStore>(store: S) {
         ReadAll::after(middle).categories(["FeedsA"]),
         ReadAll::from_start().categories(["Nobody"]),
     ];
-    let from = |filter: &ReadAll, after: GlobalPosition| {
-        let mut f = filter.clone();
-        f.after = after;
-        f
-    };
-    let shape = |p: &annals::FeedPage| {
-        let events: Vec<GlobalPosition> = p.events.iter().map(|e| e.global_position).collect();
-        (events, p.scanned_to, p.at_end)
-    };
     for filter in filters {
         for limit in [1, 4, 10, 30, 100] {
-            let what = format!("{filter:?}, limit {limit}");
-            let mut pages = store.read_feed_pages(filter.clone(), limit);
-            let mut after = filter.after;
-            let mut delivered = Vec::new();
-            let mut last_at_end = false;
-            while let Some(page) = pages.next().await {
-                let page = page.unwrap_or_else(|e| panic!("{what}: {e}"));
-                let one = store
-                    .read_feed_page(&from(&filter, after), limit)
-                    .await
-                    .expect("read_feed_page");
-                assert_eq!(shape(&page), shape(&one), "{what}: the page after {after}");
-                assert!(page.events.len() <= limit, "{what}: bounded pages");
-                delivered.extend(page.events.iter().map(|e| e.global_position));
-                after = page.scanned_to;
-                last_at_end = page.at_end;
-            }
-            if !last_at_end {
-                // The stream may stop after a full page; the rest is read on.
-                let rest = store
-                    .read_feed_page(&from(&filter, after), limit)
-                    .await
-                    .expect("the rest");
-                assert!(
-                    rest.events.is_empty() && rest.at_end,
-                    "{what}: nothing left"
-                );
-            }
-            let expected: Vec<GlobalPosition> = read_all_vec(&store, filter.clone())
-                .await
-                .iter()
-                .map(|e| e.global_position)
-                .collect();
-            assert_eq!(delivered, expected, "{what}: every matching event once");
+            crate::check_feed_pages(&store, &filter, limit).await;
         }
     }
 }
