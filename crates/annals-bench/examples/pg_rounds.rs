@@ -16,7 +16,9 @@ use annals_postgres::{PgEventStore, PgOptions};
 #[allow(dead_code)]
 #[path = "common/w4_store.rs"]
 mod w4;
-use w4::{annals_w4, write_accounts, ACCOUNTS, BALANCE, EVENTS_PER_ACCOUNT};
+use w4::{
+    annals_w4, check_balances, print_rates, write_accounts, ACCOUNTS, BALANCE, EVENTS_PER_ACCOUNT,
+};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -97,24 +99,8 @@ async fn run(url: &str, schema: &str, rounds: usize, w4: bool) -> anyhow::Result
         let t = Instant::now();
         runner.rebuild(options, |_| {}).await?;
         rates.push((ACCOUNTS * EVENTS_PER_ACCOUNT) as f64 / t.elapsed().as_secs_f64());
-        let rows = annals_cli::account_balances(&db, "Account-").await?;
-        let sum: i64 = rows.iter().map(|r| r.balance).sum();
-        anyhow::ensure!(
-            (rows.len() as u64, sum) == (ACCOUNTS, ACCOUNTS as i64 * BALANCE),
-            "{} rows summing to {sum}",
-            rows.len()
-        );
+        check_balances(&db).await?;
     }
-    println!(
-        "{} events/s: {}",
-        if w4 { "W4" } else { "rebuild" },
-        rates
-            .iter()
-            .map(|x| format!("{:.0}k", x / 1e3))
-            .collect::<Vec<_>>()
-            .join(" ")
-    );
-    rates.sort_by(f64::total_cmp);
-    println!("median {:.0}k", rates[rates.len() / 2] / 1e3);
+    print_rates(if w4 { "W4" } else { "rebuild" }, rates);
     Ok(())
 }

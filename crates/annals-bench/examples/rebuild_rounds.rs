@@ -16,7 +16,7 @@ use annals::{ProjectionRunner, RebuildOptions};
 #[allow(dead_code)]
 #[path = "common/w4_store.rs"]
 mod w4;
-use w4::{memory_lines, w4_store, ACCOUNTS, BALANCE, EVENTS_PER_ACCOUNT};
+use w4::{check_balances, memory_lines, print_rates, w4_store, ACCOUNTS, EVENTS_PER_ACCOUNT};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -61,23 +61,8 @@ async fn main() -> anyhow::Result<()> {
             eprintln!("{line}");
         }
         rates.push((ACCOUNTS * EVENTS_PER_ACCOUNT) as f64 / t.elapsed().as_secs_f64());
-        let rows = annals_cli::account_balances(&db, "Account-").await?;
-        let sum: i64 = rows.iter().map(|r| r.balance).sum();
-        anyhow::ensure!(
-            (rows.len() as u64, sum) == (ACCOUNTS, ACCOUNTS as i64 * BALANCE),
-            "{} rows summing to {sum}",
-            rows.len()
-        );
+        check_balances(&db).await?;
     }
-    println!(
-        "rebuild events/s: {}",
-        rates
-            .iter()
-            .map(|x| format!("{:.0}k", x / 1e3))
-            .collect::<Vec<_>>()
-            .join(" ")
-    );
-    rates.sort_by(f64::total_cmp);
-    println!("median {:.0}k", rates[rates.len() / 2] / 1e3);
+    print_rates("rebuild", rates);
     Ok(())
 }

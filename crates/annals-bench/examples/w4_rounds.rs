@@ -8,6 +8,8 @@
 
 use std::time::Instant;
 
+// The rebuild checks are rebuild_rounds's and pg_rounds's.
+#[allow(dead_code)]
 #[path = "common/w4_store.rs"]
 mod w4;
 use w4::shapes;

@@ -90,3 +90,32 @@ pub fn memory_lines(prefixes: &[&str]) -> Vec<String> {
         })
         .unwrap_or_default()
 }
+
+/// Checks the `account_balances` rows of `db` after a rebuild: one per
+/// account, summing to every account's balance.
+pub async fn check_balances(db: &annals_cli::ReadModelDb) -> anyhow::Result<()> {
+    let rows = annals_cli::account_balances(db, "Account-").await?;
+    let sum: i64 = rows.iter().map(|r| r.balance).sum();
+    anyhow::ensure!(
+        (rows.len() as u64, sum) == (ACCOUNTS, ACCOUNTS as i64 * BALANCE),
+        "{} rows summing to {sum}",
+        rows.len()
+    );
+    Ok(())
+}
+
+/// Prints `label events/s:` with each round's rate, then their median.
+pub fn print_rates(label: &str, mut rates: Vec<f64>) {
+    println!(
+        "{label} events/s: {}",
+        rates
+            .iter()
+            .map(|x| format!("{:.0}k", x / 1e3))
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    rates.sort_by(f64::total_cmp);
+    if let Some(median) = rates.get(rates.len() / 2) {
+        println!("median {:.0}k", median / 1e3);
+    }
+}
