@@ -975,7 +975,6 @@ impl annals::MultiStreamAppend for PgEventStore {
     }
 }
 
-/// One page of `read_all`.
 /// The pages of a read in global order (`read_all`): its options, read
 /// page after page from a cursor (after which position, events taken so
 /// far, the next page's rows).
@@ -1046,22 +1045,25 @@ impl AllPager {
     async fn rows(&self, cursor: AllCursor) -> Result<Fetched> {
         let (after, taken, rows_limit) = cursor;
         let want = (self.limit.saturating_sub(taken)).min(rows_limit.rows()) as i64;
-        let page = Page {
+        let page = self.query(after, want, 0);
+        let (rows, cut) = self.store.read_all_page(&page).await?;
+        Ok(Fetched { rows, cut, want })
+    }
+
+    /// The query of `want` rows after `after`, the first `offset` skipped.
+    fn query(&self, after: (i64, i64), want: i64, offset: i64) -> Page<'_> {
+        Page {
             after,
             want,
-            offset: 0,
+            offset,
             budget: self.budget,
             categories: &self.categories,
             event_types: &self.event_types,
             since: self.since,
             until: self.until,
-        };
-        let (rows, cut) = self.store.read_all_page(&page).await?;
-        Ok(Fetched { rows, cut, want })
+        }
     }
-}
 
-impl AllPager {
     /// Whether [`AllPager::rows_beyond`] may be used: no filter (a filtered
     /// read, such as a rebuild's, gained nothing measurable from it).
     fn can_skip(&self) -> bool {
@@ -1075,16 +1077,7 @@ impl AllPager {
     /// query without the wait for held-back transactions (a short result
     /// is not used, see `FeedState`).
     async fn rows_beyond(&self, after: (i64, i64), skip: i64, want: i64) -> Result<Fetched> {
-        let page = Page {
-            after,
-            want,
-            offset: skip,
-            budget: self.budget,
-            categories: &self.categories,
-            event_types: &self.event_types,
-            since: self.since,
-            until: self.until,
-        };
+        let page = self.query(after, want, skip);
         let (rows, cut) = with_client!(self.store, Lane::Feed, "read all events", |client| page
             .fetch(client)
             .await)?;
@@ -1195,10 +1188,11 @@ impl FeedState {
         Ok(Some(fetched))
     }
 
-    /// The last position of `fetched` when it is a full page.
+    /// The last position of `fetched` when it is a full page (every query
+    /// here asks for the page's limit: a page of more than one query is
+    /// read by `read_feed_page`).
     fn full_last(&self, fetched: &Fetched) -> Result<Option<GlobalPosition>> {
-        let full =
-            !fetched.cut && fetched.want == self.limit as i64 && fetched.rows.len() == self.limit;
+        let full = !fetched.cut && fetched.rows.len() == self.limit;
         match fetched.rows.last() {
             Some(row) if full => row_position(row).map(Some),
             _ => Ok(None),
@@ -1228,9 +1222,8 @@ impl FeedState {
         let Some(fetched) = self.fetch().await? else {
             return self.store.read_feed_page(&self.filter, limit).await;
         };
-        if fetched.cut || fetched.want != limit as i64 {
+        if fetched.cut {
             // Cut by its byte budget (large events): as a page read alone.
-            self.ready = None;
             return self.store.read_feed_page(&self.filter, limit).await;
         }
         // A full page is gap-free by itself (see `read_feed_page`): the
@@ -1285,6 +1278,7 @@ impl PgEventStore {
     }
 }
 
+/// One page of `read_all`.
 struct Page<'a> {
     after: (i64, i64),
     want: i64,

@@ -296,9 +296,8 @@ struct Windows {
     walk: bool,
     /// The highest head a window has read.
     known_head: i64,
-    /// After the last window's round, or after an error.
-    done: bool,
-    /// The last window has been consumed.
+    /// The last window has been consumed, or a read failed: nothing
+    /// follows.
     last: bool,
 }
 
@@ -323,7 +322,6 @@ impl Windows {
             filtered,
             walk: false,
             known_head: 0,
-            done: false,
             last: false,
         }
         .boxed()
@@ -415,15 +413,16 @@ impl futures::Stream for Windows {
         use std::future::Future;
         use std::task::Poll;
         let this = self.get_mut();
-        if this.done || this.last {
+        if this.last {
             return Poll::Ready(None);
         }
         if let Err(e) = this.send_ahead() {
-            this.done = true;
+            this.last = true;
             return Poll::Ready(Some(Err(e)));
         }
+        // Never empty: `send_ahead` sends one window when none is out.
         let Some((lo, hi, reply)) = this.queue.front_mut() else {
-            this.done = true;
+            this.last = true;
             return Poll::Ready(None);
         };
         let (lo, hi) = (*lo, *hi);
@@ -439,7 +438,7 @@ impl futures::Stream for Windows {
             // Read ahead while this window is consumed.
             .and_then(|round| this.send_ahead().map(|()| round));
         if round.is_err() {
-            this.done = true;
+            this.last = true;
             this.queue.clear();
         }
         Poll::Ready(Some(round))

@@ -60,3 +60,22 @@ pub async fn check_feed_pages<S: EventStore>(store: &S, filter: &ReadAll, limit:
     assert_eq!(delivered, expected, "{what}: every matching event once");
     last_at_end
 }
+
+/// [`check_feed_pages`] for every filter and limit, each stream also ending
+/// with a page at the end of the log (for a backend whose read ahead never
+/// stops after a full page).
+pub async fn check_feed_pages_to_the_end<S: EventStore>(
+    store: &S,
+    filters: &[ReadAll],
+    limits: &[usize],
+) {
+    for filter in filters {
+        for &limit in limits {
+            let at_end = check_feed_pages(store, filter, limit).await;
+            assert!(
+                at_end,
+                "{filter:?}, limit {limit}: the stream ends at the end"
+            );
+        }
+    }
+}

@@ -35,7 +35,7 @@ pub mod model;
 pub mod suite;
 
 pub use faulty::{FaultyStore, HeldLockWrite, LockWrite, LOST_REPLY};
-pub use feed_pages::check_feed_pages;
+pub use feed_pages::{check_feed_pages, check_feed_pages_to_the_end};
 
 use annals::{CheckpointStore, EventStore, SnapshotStore};
 
