@@ -35,6 +35,8 @@ pub struct FaultyStore<S> {
     feed_reads: Arc<tokio::sync::watch::Sender<u64>>,
     /// The number of the `read_feed_page` call to fail (0: none).
     failing_feed_read: Arc<AtomicU64>,
+    /// `head_position` calls made so far.
+    head_reads: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 /// A write of a projection lock ([`FaultyStore::hold_lock_write`]).
@@ -86,7 +88,14 @@ impl<S> FaultyStore<S> {
             fenced_saves: Arc::default(),
             feed_reads: Arc::new(tokio::sync::watch::Sender::new(0)),
             failing_feed_read: Arc::default(),
+            head_reads: Arc::new(tokio::sync::watch::Sender::new(0)),
         }
+    }
+
+    /// The number of [`EventStore::head_position`] calls made so far
+    /// (counted when a call starts), to wait on.
+    pub fn head_reads(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.head_reads.subscribe()
     }
 
     /// The number of [`EventStore::read_feed_page`] calls made so far
@@ -203,6 +212,7 @@ impl<S: EventStore> EventStore for FaultyStore<S> {
         self.inner.stream_version(stream).await
     }
     async fn head_position(&self) -> Result<Option<GlobalPosition>> {
+        self.head_reads.send_modify(|n| *n += 1);
         self.inner.head_position().await
     }
     async fn read_feed_page(

@@ -239,6 +239,7 @@ macro_rules! conformance_suite {
             rebuild_fails_then_resumes_from_its_checkpoint,
             rebuild_in_default_batches_reads_ahead_and_equals_the_fold,
             rebuild_cuts_pages_into_exact_batches_and_reads_a_lost_page_again,
+            rebuild_reads_its_progress_figures_beside_the_apply,
             poison_event_is_parked_and_the_projection_goes_on,
             stalled_projection_trips_the_breaker,
             reactor_commands_apply_once_when_events_are_redelivered,

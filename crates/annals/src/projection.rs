@@ -938,19 +938,25 @@ where
                 return Ok(());
             };
             let moved = chunk.to > chunk.after;
-            let mut chunk_scanned = 0;
-            if moved {
+            let position = chunk.to;
+            let retry = self.options.store_retry;
+            let (chunk_scanned, head, remaining) = if moved {
                 let ctx = BatchContext {
                     checkpoint: checkpoint.clone(),
                     after: chunk.after,
-                    position: chunk.to,
+                    position,
                     replaying: true,
                     attempt: 1,
                     tables: TableNames::default(),
                 };
                 // A filtered batch's scanned events are counted beside the
-                // apply too (on another reader where the store has several).
-                let count = chunk.count(self.store.clone(), self.options.store_retry);
+                // apply too (on another reader where the store has several),
+                // and so are the progress figures, which need that count but
+                // not the apply: read after it, their two round trips held
+                // up the next batch each time.
+                let count = chunk.count(self.store.clone(), retry);
+                let figures =
+                    progress_figures(self.store.clone(), retry, position, last_head, count);
                 let events = Arc::new(chunk.events);
                 self.throttle(events.len()).await;
                 // The read-ahead borrows nothing of `self` (its own handle
@@ -961,42 +967,23 @@ where
                         None => None,
                     }
                 };
-                let (applied, ahead, counted) =
-                    futures::join!(self.apply_guarded(&events, ctx), ahead, count);
+                let (applied, ahead, figures) =
+                    futures::join!(self.apply_guarded(&events, ctx), ahead, figures);
                 applied?;
                 next = ahead.transpose().map_err(store_err)?;
-                chunk_scanned = counted.map_err(store_err)?;
-                scanned += chunk_scanned;
-                metrics.events.increment(chunk_scanned);
-            }
-            if !moved && reported {
-                return Ok(());
-            }
-            reported = true;
-            let position = chunk.to;
-            let head = self
-                .retry_store(|s| async move { s.head_position().await })
-                .await
-                .map_err(store_err)?;
-            let remaining = match head {
-                Some(h) if h > position => {
-                    // Counted from the last report's head when this batch
-                    // ended at or before it (the events of the batch are
-                    // `scanned` of that count), else from the checkpoint.
-                    let (from, known) = match last_head {
-                        Some((prev, left)) if position <= prev && prev <= h => {
-                            (prev, left.saturating_sub(chunk_scanned))
-                        }
-                        _ => (position, 0),
-                    };
-                    known
-                        + self
-                            .retry_store(|s| async move { s.count_events_between(from, h).await })
-                            .await
-                            .map_err(store_err)?
+                figures.map_err(store_err)?
+            } else {
+                if reported {
+                    return Ok(());
                 }
-                _ => 0,
+                let none = std::future::ready(Ok(0));
+                progress_figures(self.store.clone(), retry, position, last_head, none)
+                    .await
+                    .map_err(store_err)?
             };
+            reported = true;
+            scanned += chunk_scanned;
+            metrics.events.increment(chunk_scanned);
             last_head = head.map(|h| (h, remaining));
             let elapsed = began.elapsed();
             let report = RebuildProgress {
@@ -1846,6 +1833,48 @@ impl Drop for LiveKeeper {
             });
         }
     }
+}
+
+/// A rebuild batch's figures for its progress report: the events it
+/// scanned (`count`), the head of the feed, and the events scanned still to
+/// go from `position` (the batch's checkpoint) up to that head. The latter
+/// are counted from the last report's head (`last`, with what was left up
+/// to it then) when the batch ended at or before it (the batch's events are
+/// part of that count), else from `position`.
+async fn progress_figures<S: EventStore + Clone>(
+    store: S,
+    retry: Backoff,
+    position: GlobalPosition,
+    last: Option<(GlobalPosition, u64)>,
+    count: impl Future<Output = crate::Result<u64>>,
+) -> crate::Result<(u64, Option<GlobalPosition>, u64)> {
+    let head = retry_store(
+        store.clone(),
+        retry,
+        |s| async move { s.head_position().await },
+    );
+    let (scanned, head) = futures::try_join!(count, head)?;
+    let remaining = match head {
+        Some(h) if h > position => {
+            let (from, known) = match last {
+                Some((prev, left)) if position <= prev && prev <= h => {
+                    (prev, left.saturating_sub(scanned))
+                }
+                _ => (position, 0),
+            };
+            let beyond = if from < h {
+                retry_store(store, retry, |s| async move {
+                    s.count_events_between(from, h).await
+                })
+                .await?
+            } else {
+                0
+            };
+            known + beyond
+        }
+        _ => 0,
+    };
+    Ok((scanned, head, remaining))
 }
 
 pub(crate) async fn retry_store<S: Clone, T, F, Fut>(

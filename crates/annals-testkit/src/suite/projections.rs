@@ -1145,6 +1145,91 @@ pub async fn rebuild_cuts_pages_into_exact_batches_and_reads_a_lost_page_again<
     );
 }
 
+/// A rebuild reads the figures of a batch's progress report (the head of
+/// the feed, and the events left up to it) while the batch is applied, not
+/// after it, so that no store round trip stands between one batch and the
+/// next. The test projection's handler holds batch `k` until the store has
+/// had `k` head reads: one per batch, made beside the apply. The reports are
+/// exact all the same.
+pub async fn rebuild_reads_its_progress_figures_beside_the_apply<
+    S: EventStore + ProjectionControl,
+>(
+    store: S,
+) {
+    let faulty = crate::FaultyStore::new(store.clone(), i64::MAX);
+    store
+        .append(
+            &sid("Figures-1"),
+            ExpectedVersion::Any,
+            (0..25).map(|n| ev("E", n)).collect(),
+        )
+        .await
+        .expect("append");
+    let gate = HeadGate {
+        head_reads: faulty.head_reads(),
+        batches: Arc::default(),
+    };
+    let options = RebuildOptions {
+        from_start: true,
+        batch_size: 10,
+        checkpoint_every: 10,
+    };
+    let mut reports: Vec<RebuildProgress> = Vec::new();
+    ProjectionRunner::at_least_once(faulty.clone(), gate.clone())
+        .with_options(quick())
+        .rebuild(options, |p| reports.push(*p))
+        .await
+        .expect("every batch saw its head read while it was applied");
+    assert_eq!(*gate.batches.lock().expect("batches"), [10, 10, 5]);
+    let all = read_all_vec(&store, ReadAll::from_start()).await;
+    let at = |i: usize| all[i].global_position;
+    let end = at(24);
+    let figures: Vec<_> = reports
+        .iter()
+        .map(|r| (r.position, r.head, r.events, r.remaining))
+        .collect();
+    assert_eq!(
+        figures,
+        [
+            (at(9), Some(end), 10, 15),
+            (at(19), Some(end), 20, 5),
+            (end, Some(end), 25, 0),
+        ]
+    );
+}
+
+/// The projection of [`rebuild_reads_its_progress_figures_beside_the_apply`]:
+/// holds its `k`-th batch until the store has had `k` head reads, and
+/// records each batch's size.
+#[derive(Clone)]
+struct HeadGate {
+    head_reads: tokio::sync::watch::Receiver<u64>,
+    batches: Arc<Mutex<Vec<usize>>>,
+}
+
+impl Projection for HeadGate {
+    fn name(&self) -> &str {
+        "head-gate"
+    }
+    fn filter(&self) -> ProjectionFilter {
+        ProjectionFilter::all()
+    }
+    async fn handle(
+        &mut self,
+        events: &[RecordedEvent],
+        _ctx: &BatchContext,
+    ) -> Result<(), HandlerError> {
+        let k = self.batches.lock().expect("batches").len() as u64 + 1;
+        let read = tokio::time::timeout(PATIENCE, self.head_reads.wait_for(|n| *n >= k)).await;
+        assert!(
+            matches!(read, Ok(Ok(_))),
+            "batch {k} was held {PATIENCE:?} without the head read beside it"
+        );
+        self.batches.lock().expect("batches").push(events.len());
+        Ok(())
+    }
+}
+
 /// The `Park` error policy: a poison event is recorded in the dead-letter
 /// table (projection, position, event id, stream, type, error, attempts,
 /// time) and the runner goes on past it; a retry through the still-broken
