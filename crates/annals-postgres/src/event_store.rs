@@ -151,6 +151,22 @@ const READ_ALL_TYPES: &str = concat!(
     " AND e.event_type = ANY($4) ORDER BY e.tx_id, e.seq LIMIT $3"
 );
 
+/// [`READ_ALL_CATEGORIES`] for one category (`$4`, a text): a projection's
+/// usual filter. The rows come in index order, so there is nothing to merge:
+/// the merge's sort of a page of whole rows took more than half of a page of
+/// 5,000 events (10.4 ms against 4.1 ms for the same rows without it,
+/// `EXPLAIN ANALYZE`). The planner picks the index per call: `events_tx_seq_idx`
+/// with a filter for a category that holds most events, the category's own
+/// range of `events_category_tx_seq_idx` for a rare one.
+const READ_ALL_CATEGORY: &str = concat!(
+    "SELECT ",
+    event_columns!(),
+    " FROM events e WHERE e.category = $4 AND ",
+    below_horizon!("e"),
+    " AND (cardinality($5::text[]) = 0 OR e.event_type = ANY($5)) \
+     ORDER BY e.tx_id, e.seq LIMIT $3"
+);
+
 /// One index range scan per category on (category, tx_id, seq), merged:
 /// bounded work whatever the categories' sizes.
 const READ_ALL_CATEGORIES: &str = concat!(
@@ -1331,6 +1347,18 @@ impl Page<'_> {
             };
             let stmt = client.prepare_cached(sql).await.context(what)?;
             collect_page(client, &stmt, &params, self.budget).await
+        } else if let [category] = self.categories {
+            let stmt = client
+                .prepare_cached(READ_ALL_CATEGORY)
+                .await
+                .context(what)?;
+            collect_page(
+                client,
+                &stmt,
+                &[&tx, &seq, &self.want, category, &self.event_types],
+                self.budget,
+            )
+            .await
         } else if !self.categories.is_empty() {
             let stmt = client
                 .prepare_cached(READ_ALL_CATEGORIES)
@@ -2016,11 +2044,97 @@ mod tests {
         let _ = connection.await;
     }
 
+    /// A feed page of one category is one range of the category index
+    /// when the category is rare, and no sort of whole rows in either case
+    /// (the merge of several categories sorts; one category needs none):
+    /// 300 events of one category and 1 of another, analyzed, planned with
+    /// sequential scans off. Needs the test server; skipped with a line on
+    /// stderr without one.
+    #[tokio::test]
+    async fn one_category_feed_pages_read_their_index_without_a_sort() {
+        let url = match std::env::var("ANNALS_TEST_POSTGRES_URL") {
+            Ok(url) if !url.trim().is_empty() => url,
+            _ => {
+                assert!(
+                    std::env::var("ANNALS_REQUIRE_POSTGRES").as_deref() != Ok("1"),
+                    "ANNALS_REQUIRE_POSTGRES=1 but ANNALS_TEST_POSTGRES_URL is not set"
+                );
+                let _ = std::io::Write::write_all(
+                    &mut std::io::stderr(),
+                    b"SKIPPED one_category_feed_pages_read_their_index_without_a_sort: set ANNALS_TEST_POSTGRES_URL\n",
+                );
+                return;
+            }
+        };
+        use annals::{EventStore, ExpectedVersion, NewEvent, StreamId};
+        let schema = format!("annals_unit_{}", Uuid::now_v7().simple());
+        let store = crate::PgEventStore::connect_with(
+            &url,
+            crate::PgOptions {
+                schema: Some(schema.clone()),
+                ..crate::PgOptions::default()
+            },
+        )
+        .await
+        .expect("connect");
+        store.migrate().await.expect("migrate");
+        for (category, n) in [("Common", 300), ("Rare", 1)] {
+            let stream = StreamId::new(category, "1").expect("stream id");
+            let events = (0..n)
+                .map(|i| NewEvent::new("E", serde_json::json!({ "i": i })))
+                .collect();
+            store
+                .append(&stream, ExpectedVersion::Any, events)
+                .await
+                .expect("append");
+        }
+        let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+            .await
+            .expect("connect");
+        let connection = tokio::spawn(connection);
+        client
+            .batch_execute(&format!(
+                "SET search_path TO \"{schema}\"; ANALYZE events; SET enable_seqscan = off; \
+                 PREPARE one AS {READ_ALL_CATEGORY}"
+            ))
+            .await
+            .expect("prepare");
+        let plan = |category: &'static str| {
+            let client = &client;
+            async move {
+                let rows = client
+                    .query(
+                        &format!("EXPLAIN EXECUTE one(0, 0, 100, '{category}', '{{}}')"),
+                        &[],
+                    )
+                    .await
+                    .expect("explain");
+                rows.iter().map(|r| r.get(0)).collect::<Vec<String>>()
+            }
+        };
+        let rare = plan("Rare").await;
+        assert!(
+            rare.iter()
+                .any(|line| line.contains("events_category_tx_seq_idx")),
+            "the rare category's range of its index: {rare:#?}"
+        );
+        for p in [rare, plan("Common").await] {
+            assert!(!p.iter().any(|line| line.contains("Sort")), "{p:#?}");
+        }
+        client
+            .batch_execute(&format!("DROP SCHEMA \"{schema}\" CASCADE"))
+            .await
+            .expect("drop schema");
+        drop(client);
+        let _ = connection.await;
+    }
+
     #[test]
     fn read_all_queries_share_the_horizon() {
         for sql in [
             READ_ALL,
             READ_ALL_TYPES,
+            READ_ALL_CATEGORY,
             READ_ALL_CATEGORIES,
             READ_ALL_TIMED,
             READ_ALL_TYPES_TIMED,
