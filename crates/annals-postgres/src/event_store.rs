@@ -1972,45 +1972,93 @@ mod tests {
         assert_eq!(second, Some((7, 3)));
     }
 
+    /// A migrated store in a fresh schema of the test server, with a plain
+    /// client whose `search_path` is that schema, for the plan tests below;
+    /// `None`, with a SKIPPED line on stderr naming `test`, without a server
+    /// (a failure when `ANNALS_REQUIRE_POSTGRES=1`).
+    struct UnitDb {
+        schema: String,
+        store: crate::PgEventStore,
+        client: tokio_postgres::Client,
+        connection: tokio::task::JoinHandle<Result<(), tokio_postgres::Error>>,
+    }
+
+    impl UnitDb {
+        async fn new(test: &str) -> Option<Self> {
+            let url = match std::env::var("ANNALS_TEST_POSTGRES_URL") {
+                Ok(url) if !url.trim().is_empty() => url,
+                _ => {
+                    assert!(
+                        std::env::var("ANNALS_REQUIRE_POSTGRES").as_deref() != Ok("1"),
+                        "ANNALS_REQUIRE_POSTGRES=1 but ANNALS_TEST_POSTGRES_URL is not set"
+                    );
+                    let _ = std::io::Write::write_all(
+                        &mut std::io::stderr(),
+                        format!("SKIPPED {test}: set ANNALS_TEST_POSTGRES_URL\n").as_bytes(),
+                    );
+                    return None;
+                }
+            };
+            let schema = format!("annals_unit_{}", Uuid::now_v7().simple());
+            let store = crate::PgEventStore::connect_with(
+                &url,
+                crate::PgOptions {
+                    schema: Some(schema.clone()),
+                    ..crate::PgOptions::default()
+                },
+            )
+            .await
+            .expect("connect");
+            store.migrate().await.expect("migrate");
+            let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+                .await
+                .expect("connect");
+            let connection = tokio::spawn(connection);
+            client
+                .batch_execute(&format!("SET search_path TO \"{schema}\""))
+                .await
+                .expect("search_path");
+            Some(UnitDb {
+                schema,
+                store,
+                client,
+                connection,
+            })
+        }
+
+        /// The lines of `EXPLAIN <sql>`.
+        async fn plan(&self, sql: &str) -> Vec<String> {
+            self.client
+                .query(&format!("EXPLAIN {sql}"), &[])
+                .await
+                .expect("explain")
+                .iter()
+                .map(|r| r.get(0))
+                .collect()
+        }
+
+        /// Drops the schema.
+        async fn drop(self) {
+            self.client
+                .batch_execute(&format!("DROP SCHEMA \"{}\" CASCADE", self.schema))
+                .await
+                .expect("drop schema");
+            drop(self.client);
+            let _ = self.connection.await;
+        }
+    }
+
     /// The metadata lookups can read the indexes of migration 5 (the
     /// expression must match the index's exactly): with sequential scans
     /// off, the plan of each names its index. Needs the test server (see
     /// `tests/it/common.rs`); skipped with a line on stderr without one.
     #[tokio::test]
     async fn metadata_lookups_use_their_indexes() {
-        let url = match std::env::var("ANNALS_TEST_POSTGRES_URL") {
-            Ok(url) if !url.trim().is_empty() => url,
-            _ => {
-                assert!(
-                    std::env::var("ANNALS_REQUIRE_POSTGRES").as_deref() != Ok("1"),
-                    "ANNALS_REQUIRE_POSTGRES=1 but ANNALS_TEST_POSTGRES_URL is not set"
-                );
-                let _ = std::io::Write::write_all(
-                    &mut std::io::stderr(),
-                    b"SKIPPED metadata_lookups_use_their_indexes: set ANNALS_TEST_POSTGRES_URL\n",
-                );
-                return;
-            }
+        let Some(db) = UnitDb::new("metadata_lookups_use_their_indexes").await else {
+            return;
         };
-        let schema = format!("annals_unit_{}", Uuid::now_v7().simple());
-        let store = crate::PgEventStore::connect_with(
-            &url,
-            crate::PgOptions {
-                schema: Some(schema.clone()),
-                ..crate::PgOptions::default()
-            },
-        )
-        .await
-        .expect("connect");
-        store.migrate().await.expect("migrate");
-        let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-            .await
-            .expect("connect");
-        let connection = tokio::spawn(connection);
-        client
-            .batch_execute(&format!(
-                "SET search_path TO \"{schema}\"; SET enable_seqscan = off"
-            ))
+        db.client
+            .batch_execute("SET enable_seqscan = off")
             .await
             .expect("settings");
         for (i, (sql, index)) in [
@@ -2020,28 +2068,17 @@ mod tests {
         .into_iter()
         .enumerate()
         {
-            client
+            db.client
                 .batch_execute(&format!("PREPARE q{i} AS {sql}"))
                 .await
                 .expect("prepare");
-            let plan: Vec<String> = client
-                .query(&format!("EXPLAIN EXECUTE q{i}('x', 0, 0, 10)"), &[])
-                .await
-                .expect("explain")
-                .iter()
-                .map(|r| r.get(0))
-                .collect();
+            let plan = db.plan(&format!("EXECUTE q{i}('x', 0, 0, 10)")).await;
             assert!(
                 plan.iter().any(|line| line.contains(index)),
                 "{index} not in {plan:#?}"
             );
         }
-        client
-            .batch_execute(&format!("DROP SCHEMA \"{schema}\" CASCADE"))
-            .await
-            .expect("drop schema");
-        drop(client);
-        let _ = connection.await;
+        db.drop().await;
     }
 
     /// A feed page of one category is one range of the category index
@@ -2052,81 +2089,38 @@ mod tests {
     /// stderr without one.
     #[tokio::test]
     async fn one_category_feed_pages_read_their_index_without_a_sort() {
-        let url = match std::env::var("ANNALS_TEST_POSTGRES_URL") {
-            Ok(url) if !url.trim().is_empty() => url,
-            _ => {
-                assert!(
-                    std::env::var("ANNALS_REQUIRE_POSTGRES").as_deref() != Ok("1"),
-                    "ANNALS_REQUIRE_POSTGRES=1 but ANNALS_TEST_POSTGRES_URL is not set"
-                );
-                let _ = std::io::Write::write_all(
-                    &mut std::io::stderr(),
-                    b"SKIPPED one_category_feed_pages_read_their_index_without_a_sort: set ANNALS_TEST_POSTGRES_URL\n",
-                );
-                return;
-            }
-        };
         use annals::{EventStore, ExpectedVersion, NewEvent, StreamId};
-        let schema = format!("annals_unit_{}", Uuid::now_v7().simple());
-        let store = crate::PgEventStore::connect_with(
-            &url,
-            crate::PgOptions {
-                schema: Some(schema.clone()),
-                ..crate::PgOptions::default()
-            },
-        )
-        .await
-        .expect("connect");
-        store.migrate().await.expect("migrate");
+        let test = "one_category_feed_pages_read_their_index_without_a_sort";
+        let Some(db) = UnitDb::new(test).await else {
+            return;
+        };
         for (category, n) in [("Common", 300), ("Rare", 1)] {
             let stream = StreamId::new(category, "1").expect("stream id");
             let events = (0..n)
                 .map(|i| NewEvent::new("E", serde_json::json!({ "i": i })))
                 .collect();
-            store
+            db.store
                 .append(&stream, ExpectedVersion::Any, events)
                 .await
                 .expect("append");
         }
-        let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-            .await
-            .expect("connect");
-        let connection = tokio::spawn(connection);
-        client
+        db.client
             .batch_execute(&format!(
-                "SET search_path TO \"{schema}\"; ANALYZE events; SET enable_seqscan = off; \
-                 PREPARE one AS {READ_ALL_CATEGORY}"
+                "ANALYZE events; SET enable_seqscan = off; PREPARE one AS {READ_ALL_CATEGORY}"
             ))
             .await
             .expect("prepare");
-        let plan = |category: &'static str| {
-            let client = &client;
-            async move {
-                let rows = client
-                    .query(
-                        &format!("EXPLAIN EXECUTE one(0, 0, 100, '{category}', '{{}}')"),
-                        &[],
-                    )
-                    .await
-                    .expect("explain");
-                rows.iter().map(|r| r.get(0)).collect::<Vec<String>>()
-            }
-        };
-        let rare = plan("Rare").await;
+        let page = |category: &str| format!("EXECUTE one(0, 0, 100, '{category}', '{{}}')");
+        let rare = db.plan(&page("Rare")).await;
         assert!(
             rare.iter()
                 .any(|line| line.contains("events_category_tx_seq_idx")),
             "the rare category's range of its index: {rare:#?}"
         );
-        for p in [rare, plan("Common").await] {
+        for p in [rare, db.plan(&page("Common")).await] {
             assert!(!p.iter().any(|line| line.contains("Sort")), "{p:#?}");
         }
-        client
-            .batch_execute(&format!("DROP SCHEMA \"{schema}\" CASCADE"))
-            .await
-            .expect("drop schema");
-        drop(client);
-        let _ = connection.await;
+        db.drop().await;
     }
 
     #[test]
