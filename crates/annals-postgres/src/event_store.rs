@@ -1313,8 +1313,8 @@ impl Page<'_> {
         let (tx, seq) = self.after;
         let what = "cannot read all events";
         let timed = self.since.is_some() || self.until.is_some();
-        let page = if timed {
-            let (sql, params): (&str, Vec<&(dyn ToSql + Sync)>) = if !self.categories.is_empty() {
+        let (sql, params): (&str, Vec<&(dyn ToSql + Sync)>) = if timed {
+            if !self.categories.is_empty() {
                 (
                     READ_ALL_CATEGORIES_TIMED,
                     vec![
@@ -1344,56 +1344,31 @@ impl Page<'_> {
                     READ_ALL_TIMED,
                     vec![&tx, &seq, &self.want, &self.since, &self.until],
                 )
-            };
-            let stmt = client.prepare_cached(sql).await.context(what)?;
-            collect_page(client, &stmt, &params, self.budget).await
+            }
         } else if let [category] = self.categories {
-            let stmt = client
-                .prepare_cached(READ_ALL_CATEGORY)
-                .await
-                .context(what)?;
-            collect_page(
-                client,
-                &stmt,
-                &[&tx, &seq, &self.want, category, &self.event_types],
-                self.budget,
+            (
+                READ_ALL_CATEGORY,
+                vec![&tx, &seq, &self.want, category, &self.event_types],
             )
-            .await
         } else if !self.categories.is_empty() {
-            let stmt = client
-                .prepare_cached(READ_ALL_CATEGORIES)
-                .await
-                .context(what)?;
-            collect_page(
-                client,
-                &stmt,
-                &[&tx, &seq, &self.want, &self.categories, &self.event_types],
-                self.budget,
+            (
+                READ_ALL_CATEGORIES,
+                vec![&tx, &seq, &self.want, &self.categories, &self.event_types],
             )
-            .await
         } else if !self.event_types.is_empty() {
-            let stmt = client.prepare_cached(READ_ALL_TYPES).await.context(what)?;
-            collect_page(
-                client,
-                &stmt,
-                &[&tx, &seq, &self.want, &self.event_types],
-                self.budget,
+            (
+                READ_ALL_TYPES,
+                vec![&tx, &seq, &self.want, &self.event_types],
             )
-            .await
         } else if self.offset > 0 {
-            let stmt = client.prepare_cached(READ_ALL_OFFSET).await.context(what)?;
-            collect_page(
-                client,
-                &stmt,
-                &[&tx, &seq, &self.want, &self.offset],
-                self.budget,
-            )
-            .await
+            (READ_ALL_OFFSET, vec![&tx, &seq, &self.want, &self.offset])
         } else {
-            let stmt = client.prepare_cached(READ_ALL).await.context(what)?;
-            collect_page(client, &stmt, &[&tx, &seq, &self.want], self.budget).await
+            (READ_ALL, vec![&tx, &seq, &self.want])
         };
-        page.context(what)
+        let stmt = client.prepare_cached(sql).await.context(what)?;
+        collect_page(client, &stmt, &params, self.budget)
+            .await
+            .context(what)
     }
 }
 

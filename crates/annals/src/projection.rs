@@ -952,8 +952,8 @@ where
                 // A filtered batch's scanned events are counted beside the
                 // apply too (on another reader where the store has several),
                 // and so are the progress figures, which need that count but
-                // not the apply: read after it, their two round trips held
-                // up the next batch each time.
+                // not the apply: read after it, their round trips held up
+                // the next batch each time.
                 let count = chunk.count(self.store.clone(), retry);
                 let figures =
                     progress_figures(self.store.clone(), retry, position, last_head, count);
@@ -1862,15 +1862,11 @@ async fn progress_figures<S: EventStore + Clone>(
                 }
                 _ => (position, 0),
             };
-            let beyond = if from < h {
-                retry_store(store, retry, |s| async move {
+            known
+                + retry_store(store, retry, |s| async move {
                     s.count_events_between(from, h).await
                 })
                 .await?
-            } else {
-                0
-            };
-            known + beyond
         }
         _ => 0,
     };
