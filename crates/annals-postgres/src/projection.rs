@@ -351,6 +351,35 @@ fn handler_failed(what: &str, e: HandlerError) -> Error {
     }
 }
 
+/// The idle limit of a blue-green step's transaction under `fence` (the
+/// first statement, before any lock, as in a batch).
+async fn limit_step_idle(
+    tx: &tokio_postgres::Transaction<'_>,
+    fence: Option<&annals::Fence>,
+) -> annals::Result<()> {
+    match fence {
+        Some(f) => crate::lease::limit_idle(tx, f).await,
+        None => Ok(()),
+    }
+}
+
+/// The fence check of a blue-green step (entering the shadow, the swap),
+/// the same as a batch's: the lease row locked until the commit, or
+/// [`Error::Fenced`] when another runner took the lock over. Without it a
+/// rebuild paused past its lease could drop the shadow tables of the
+/// rebuild that took over, or swap them in half built.
+async fn check_step_fence(
+    tx: &deadpool_postgres::Transaction<'_>,
+    fence: Option<&annals::Fence>,
+) -> annals::Result<()> {
+    let Some(f) = fence else { return Ok(()) };
+    let stmt = tx
+        .prepare_cached(crate::lease::fence_sql(f))
+        .await
+        .context("cannot check a projection's lease")?;
+    crate::lease::check_fence(tx, &stmt, f).await
+}
+
 impl<P: PgProjection> PgTransactional<P> {
     /// Creates the projection's live tables if missing (before a live
     /// runner starts).
@@ -409,6 +438,8 @@ impl<P: PgProjection> BlueGreenApplier for PgTransactional<P> {
         let what = "cannot create a blue-green rebuild's shadow tables";
         let mut client = self.store.ready_client("create shadow tables").await?;
         let tx = client.transaction().await.context(what)?;
+        limit_step_idle(&tx, self.fence.as_ref()).await?;
+        check_step_fence(&tx, self.fence.as_ref()).await?;
         let mut all = true;
         for t in &live {
             all &= table_exists(&tx, &shadow_table(t, version)).await?;
@@ -449,8 +480,12 @@ impl<P: PgProjection> BlueGreenApplier for PgTransactional<P> {
         let what = "cannot swap a blue-green rebuild's tables";
         let mut client = self.store.ready_client("swap shadow tables").await?;
         let tx = client.transaction().await.context(what)?;
+        limit_step_idle(&tx, self.fence.as_ref()).await?;
         // First the row lock: live batches of the old version wait here.
         let active = lock_active(&tx, &name).await?;
+        // Then the lease row, in the order a batch takes them: a rebuild
+        // whose lock was taken over swaps nothing.
+        check_step_fence(&tx, self.fence.as_ref()).await?;
         if let Some(active) = active.filter(|a| *a > version) {
             return Err(Error::Unsafe(format!(
                 "projection {name} v{active} is active: v{version} is not swapped in"

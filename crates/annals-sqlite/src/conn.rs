@@ -20,7 +20,9 @@
 //! [`MAX_GROUP`]), opens one `BEGIN IMMEDIATE` transaction, runs each append
 //! in its own savepoint (an append that fails, on its expected version or a
 //! bad event, rolls back its savepoint only and answers only its own
-//! caller), commits once and then answers everyone. So `k` waiting appends
+//! caller; an error that makes SQLite roll back the whole transaction, such
+//! as a full disk, fails the appends run before it too, see
+//! [`run_transaction`]), commits once and then answers everyone. So `k` waiting appends
 //! cost one fsync instead of `k`, and each is still durable and atomic when
 //! its call returns: nobody is answered before the commit, and a commit that
 //! fails fails every append of the group. An append that finds nothing
@@ -889,13 +891,36 @@ fn writer_loop(
     }
 }
 
-/// One group transaction: begin, every member in turn, commit, raise the
-/// append signal, answer.
+/// One group: its members in one transaction (see [`run_transaction`]),
+/// and the members after one whose error made SQLite roll the whole
+/// transaction back in a transaction of their own.
 fn run_group(
+    conn: &mut Connection,
+    group: Vec<Box<dyn GroupMember>>,
+    appended: &tokio::sync::watch::Sender<u64>,
+) {
+    let mut pending = group;
+    while !pending.is_empty() {
+        pending = run_transaction(conn, pending, appended);
+    }
+}
+
+/// One group transaction: begin, every member in turn, commit, raise the
+/// append signal, answer. Returns the members it did not run.
+///
+/// Some errors (a full disk or database, an I/O error, out of memory) make
+/// SQLite roll back the whole transaction, not only the statement or the
+/// member's savepoint, and leave the connection in autocommit mode. The
+/// members run so far lost their writes with it: they are answered with a
+/// failure (the one whose error it was, with its own error). The members
+/// after it are not run in autocommit mode, where each savepoint would
+/// commit on its own while the group's `COMMIT` then failed and told its
+/// caller otherwise; they are returned to run in a new transaction.
+fn run_transaction(
     conn: &mut Connection,
     mut group: Vec<Box<dyn GroupMember>>,
     appended: &tokio::sync::watch::Sender<u64>,
-) {
+) -> Vec<Box<dyn GroupMember>> {
     if let Err(error) = conn.execute_batch("BEGIN IMMEDIATE") {
         let failure = GroupFailure {
             context: "starting an append",
@@ -904,10 +929,27 @@ fn run_group(
         for member in group {
             member.answer(Err(&failure));
         }
-        return;
+        return Vec::new();
     }
-    for member in &mut group {
-        member.run(conn);
+    let mut ran = 0;
+    while ran < group.len() {
+        group[ran].run(conn);
+        ran += 1;
+        if conn.is_autocommit() {
+            let rest = group.split_off(ran);
+            let failure = GroupFailure {
+                context: "an append of the same group failed and SQLite rolled back the \
+                          whole transaction; nothing of this append was written",
+                error: rusqlite::Error::SqliteFailure(
+                    rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_ABORT),
+                    None,
+                ),
+            };
+            for member in group {
+                member.answer(Err(&failure));
+            }
+            return rest;
+        }
     }
     let outcome = conn.execute_batch("COMMIT").map_err(|error| {
         // Nothing of the group stays; the connection is ready for the next.
@@ -929,6 +971,7 @@ fn run_group(
     for member in group {
         member.answer(outcome.as_ref().map(|_| ()));
     }
+    Vec::new()
 }
 
 /// Checks the schema version once; after that it is a single atomic load.

@@ -196,19 +196,7 @@ impl<P: SqliteProjection> BatchApplier for SqliteTransactional<P> {
                             .optional()
                     })
                     .map_err(db("reading a projection's checkpoint"))?;
-                // Fencing: the writer lock orders this check with any
-                // takeover of the lock, which is a write too.
-                if let Some(f @ annals::Fence::Lock { lock, token, .. }) = &fence {
-                    let now: Option<String> = tx
-                        .prepare_cached("SELECT token FROM projection_locks WHERE name = ?1")
-                        .and_then(|mut s| s.query_row([lock], |r| r.get(0)).optional())
-                        .map_err(db("checking a projection's lock"))?;
-                    match now {
-                        Some(now) if &now == token => {}
-                        Some(now) => return Err(f.fenced(&format!("token {now}"))),
-                        None => return Err(f.fenced("no lock")),
-                    }
-                }
+                check_lock_fence(&tx, fence.as_ref())?;
                 let stored = stored.unwrap_or((0, 0));
                 if stored >= (commit, seq) {
                     // Applied already (by an earlier attempt that committed).
@@ -327,6 +315,31 @@ impl<P: SqliteProjection> SqliteTransactional<P> {
     }
 }
 
+/// Fencing, inside a writer transaction (a batch's, or a blue-green step's:
+/// entering the shadow, the swap): fails with [`Error::Fenced`] when the
+/// projection lock no longer carries the applier's token. The writer lock
+/// orders this check with any takeover of the lock, which is a write too.
+/// Without it on the blue-green steps, a rebuild paused past its lease
+/// could drop the shadow tables of the rebuild that took over, or swap them
+/// in half built.
+fn check_lock_fence(
+    tx: &rusqlite::Transaction<'_>,
+    fence: Option<&annals::Fence>,
+) -> annals::Result<()> {
+    let Some(f @ annals::Fence::Lock { lock, token, .. }) = fence else {
+        return Ok(());
+    };
+    let now: Option<String> = tx
+        .prepare_cached("SELECT token FROM projection_locks WHERE name = ?1")
+        .and_then(|mut s| s.query_row([lock], |r| r.get(0)).optional())
+        .map_err(db("checking a projection's lock"))?;
+    match now {
+        Some(now) if &now == token => Ok(()),
+        Some(now) => Err(f.fenced(&format!("token {now}"))),
+        None => Err(f.fenced("no lock")),
+    }
+}
+
 impl<P: SqliteProjection> BlueGreenApplier for SqliteTransactional<P> {
     fn version(&self) -> u32 {
         self.projection.version()
@@ -355,6 +368,7 @@ impl<P: SqliteProjection> BlueGreenApplier for SqliteTransactional<P> {
         let shadow_cp = shadow_checkpoint_name(&self.live_checkpoint);
         let names = tables.clone();
         let cp = shadow_cp.clone();
+        let fence = self.fence.clone();
         let resumed = self
             .store
             .conns()
@@ -363,6 +377,7 @@ impl<P: SqliteProjection> BlueGreenApplier for SqliteTransactional<P> {
                 let tx = conn
                     .transaction_with_behavior(TransactionBehavior::Immediate)
                     .map_err(db(what))?;
+                check_lock_fence(&tx, fence.as_ref())?;
                 let mut all = true;
                 for t in &live {
                     all &= table_exists(&tx, &shadow_table(t, version))?;
@@ -400,6 +415,7 @@ impl<P: SqliteProjection> BlueGreenApplier for SqliteTransactional<P> {
         let name = projection.name().to_owned();
         let live_cp = self.live_checkpoint.clone();
         let shadow_cp = shadow_checkpoint_name(&live_cp);
+        let fence = self.fence.clone();
         self.store
             .conns()
             .write(move |conn| {
@@ -407,6 +423,7 @@ impl<P: SqliteProjection> BlueGreenApplier for SqliteTransactional<P> {
                 let tx = conn
                     .transaction_with_behavior(TransactionBehavior::Immediate)
                     .map_err(db(what))?;
+                check_lock_fence(&tx, fence.as_ref())?;
                 let active = active_version(&tx, &name)?;
                 if let Some(active) = active.filter(|a| *a > version) {
                     return Err(Error::Unsafe(format!(

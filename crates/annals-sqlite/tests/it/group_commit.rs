@@ -471,3 +471,91 @@ async fn issue_11_append_many_in_a_group_is_all_or_nothing() {
     .collect();
     assert_eq!(order, want, "the refused call must write nothing");
 }
+
+/// A member whose statement fails with an error that makes SQLite roll back
+/// the whole transaction, not only its savepoint (a full database here, via
+/// `max_page_count`; a full disk or an I/O error do the same), leaves the
+/// writer's connection in autocommit mode. The member before it lost its
+/// writes with the transaction and is told so; the member after it is not
+/// run in autocommit mode (where its savepoint would commit on its own while
+/// the group's `COMMIT` failed and told it otherwise) but in a transaction
+/// of its own, and commits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_whose_error_rolls_back_the_transaction_fails_the_members_before_it_only() {
+    let store = fresh_store().await;
+    store
+        .append(&sid("Seed-1"), ExpectedVersion::NoStream, vec![ev("S", 0)])
+        .await
+        .expect("seed");
+    store
+        .test_hook_writer_job(|conn| {
+            let pages: i64 = conn
+                .query_row("PRAGMA page_count", [], |r| r.get(0))
+                .expect("page_count");
+            let cap: i64 = conn
+                .query_row(&format!("PRAGMA max_page_count = {}", pages + 8), [], |r| {
+                    r.get(0)
+                })
+                .expect("max_page_count");
+            assert_eq!(cap, pages + 8);
+        })
+        .await
+        .expect("cap the file");
+    let (go, held) = hold_writer(&store).await;
+    let mut q = 0;
+    let first = queue(
+        &store,
+        &mut q,
+        "First-1",
+        ExpectedVersion::NoStream,
+        vec![ev("A", 1)],
+    )
+    .await;
+    let big = NewEvent::new("Big", serde_json::json!({ "blob": "x".repeat(2_000_000) }));
+    let too_big = queue(
+        &store,
+        &mut q,
+        "Big-1",
+        ExpectedVersion::NoStream,
+        vec![big],
+    )
+    .await;
+    let last = queue(
+        &store,
+        &mut q,
+        "Last-1",
+        ExpectedVersion::NoStream,
+        vec![ev("C", 1)],
+    )
+    .await;
+    go.send(()).expect("release the writer");
+    held.await.expect("holding task");
+    let first = first
+        .await
+        .expect("task")
+        .expect_err("First-1 was rolled back");
+    assert!(
+        first
+            .to_string()
+            .contains("rolled back the whole transaction"),
+        "{first}"
+    );
+    let too_big = too_big
+        .await
+        .expect("task")
+        .expect_err("Big-1 does not fit");
+    assert!(
+        too_big.to_string().contains("inserting an event"),
+        "{too_big}"
+    );
+    let last = last.await.expect("task").expect("Last-1 commits alone");
+    assert_eq!(last.last_version, StreamVersion(1));
+    assert_eq!(version(&store, "First-1").await, None);
+    assert_eq!(version(&store, "Big-1").await, None);
+    assert_eq!(version(&store, "Last-1").await, Some(StreamVersion(1)));
+    // Every answer matches what is stored, and the writer goes on.
+    store
+        .append(&sid("First-1"), ExpectedVersion::NoStream, vec![ev("A", 1)])
+        .await
+        .expect("First-1 again");
+}
