@@ -708,6 +708,9 @@ impl annals::KeyStore for AnyStore {
 }
 
 impl annals::ProjectionControl for AnyStore {
+    async fn live_partition_workers(&self, group: &str) -> Result<u32> {
+        delegate!(self, s => s.live_partition_workers(group).await)
+    }
     async fn acquire_projection_lock(
         &self,
         checkpoint: &str,

@@ -339,6 +339,12 @@ const RESET_CHECKPOINTS_SQLITE: &str = "DELETE FROM checkpoints \
      WHERE name = ?1 OR substr(name, 1, length(?1) + 2) = ?1 || '/p'";
 const RESET_CHECKPOINTS_PG: &str = "DELETE FROM checkpoints \
      WHERE name = $1 OR substr(name, 1, length($1) + 2) = $1 || '/p'";
+/// The dead letters of the same checkpoints: the rebuild delivers their
+/// events again (a retry of a letter left behind would apply it twice).
+const RESET_DEAD_LETTERS_SQLITE: &str = "DELETE FROM dead_letters \
+     WHERE name = ?1 OR substr(name, 1, length(?1) + 2) = ?1 || '/p'";
+const RESET_DEAD_LETTERS_PG: &str = "DELETE FROM dead_letters \
+     WHERE name = $1 OR substr(name, 1, length($1) + 2) = $1 || '/p'";
 
 /// How many partitions the checkpoint `checkpoint` (`name@vN`) was last run
 /// as on SQLite, from its partitions' checkpoint names (`name@vN/pPofN`);
@@ -676,6 +682,7 @@ impl ProjectionOps for AccountBalances {
                             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
                         tx.execute("DELETE FROM account_balances", [])?;
                         tx.execute(RESET_CHECKPOINTS_SQLITE, [&checkpoint])?;
+                        tx.execute(RESET_DEAD_LETTERS_SQLITE, [&checkpoint])?;
                         tx.commit()
                     })
                     .await
@@ -686,6 +693,7 @@ impl ProjectionOps for AccountBalances {
                         let tx = client.transaction().await?;
                         tx.execute("DELETE FROM account_balances", &[]).await?;
                         tx.execute(RESET_CHECKPOINTS_PG, &[&checkpoint]).await?;
+                        tx.execute(RESET_DEAD_LETTERS_PG, &[&checkpoint]).await?;
                         tx.commit().await
                     }
                     .await

@@ -41,6 +41,10 @@ fn holder(checkpoint: &str, row: &tokio_postgres::Row) -> Result<ProjectionLock>
 }
 
 impl annals::ProjectionControl for PgEventStore {
+    async fn live_partition_workers(&self, group: &str) -> Result<u32> {
+        crate::lease::live_workers(self, group).await
+    }
+
     async fn acquire_projection_lock(
         &self,
         checkpoint: &str,
@@ -143,7 +147,8 @@ impl annals::ProjectionControl for PgEventStore {
         self.fenced_execute(
             fence,
             "reset a fenced checkpoint",
-            "DELETE FROM checkpoints WHERE name = $1",
+            "WITH letters AS (DELETE FROM dead_letters WHERE name = $1) \
+             DELETE FROM checkpoints WHERE name = $1",
             &[&name],
         )
         .await

@@ -71,6 +71,20 @@ const RELEASE_SQL: &str = "UPDATE partition_leases SET expires_at = 'epoch' \
 const HOLDERS_SQL: &str = "SELECT partition, owner, fence, expires_at, expires_at > now() \
      FROM partition_leases WHERE name = $1 ORDER BY partition";
 
+/// The live registrations of `group` in `partition_workers`
+/// (`ProjectionControl::live_partition_workers`).
+pub(crate) async fn live_workers(store: &PgEventStore, group: &str) -> Result<u32> {
+    let client = store.ready_client("count partitioned workers").await?;
+    let what = "cannot count partitioned workers";
+    let live: i64 = client
+        .query_one(LIVE_SQL, &[&group])
+        .await
+        .context(what)?
+        .try_get(0)
+        .context(what)?;
+    Ok(u32::try_from(live).unwrap_or(u32::MAX))
+}
+
 impl annals::PartitionLeases for PgEventStore {
     async fn join_partitions(
         &self,

@@ -40,6 +40,12 @@ fn lock_row(checkpoint: &str, row: (String, String, i64)) -> Result<ProjectionLo
 const HOLDER_SQL: &str = "SELECT owner, token, expires_at FROM projection_locks WHERE name = ?1";
 
 impl annals::ProjectionControl for SqliteEventStore {
+    /// SQLite keeps no partition leases: one process runs all partitions
+    /// under the projection lock (`PartitionedRunner::spawn_local`).
+    async fn live_partition_workers(&self, _group: &str) -> Result<u32> {
+        Ok(0)
+    }
+
     async fn acquire_projection_lock(
         &self,
         checkpoint: &str,
@@ -146,7 +152,9 @@ impl annals::ProjectionControl for SqliteEventStore {
         let name = name.to_owned();
         self.fenced_write(fence, "resetting a fenced checkpoint", move |tx| {
             tx.prepare_cached("DELETE FROM checkpoints WHERE name = ?1")
-                .and_then(|mut s| s.execute([name]))
+                .and_then(|mut s| s.execute([&name]))?;
+            tx.prepare_cached("DELETE FROM dead_letters WHERE name = ?1")
+                .and_then(|mut s| s.execute([&name]))
                 .map(drop)
         })
         .await

@@ -350,6 +350,10 @@ impl<S: CheckpointStore> CheckpointStore for FaultyStore<S> {
 }
 
 impl<S: annals::ProjectionControl> annals::ProjectionControl for FaultyStore<S> {
+    async fn live_partition_workers(&self, group: &str) -> Result<u32> {
+        self.inner.live_partition_workers(group).await
+    }
+
     async fn acquire_projection_lock(
         &self,
         checkpoint: &str,

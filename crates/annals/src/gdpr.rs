@@ -1543,6 +1543,10 @@ impl<S: crate::CheckpointStore, K: KeyStore> crate::CheckpointStore for GdprStor
 /// [`ProjectionRunner`](crate::ProjectionRunner) can run on a [`GdprStore`]
 /// (its handlers then see plaintext, or [`ERASED`]).
 impl<S: crate::ProjectionControl, K: KeyStore> crate::ProjectionControl for GdprStore<S, K> {
+    fn live_partition_workers(&self, group: &str) -> impl Future<Output = Result<u32>> + Send {
+        self.inner.live_partition_workers(group)
+    }
+
     fn acquire_projection_lock(
         &self,
         checkpoint: &str,

@@ -902,6 +902,12 @@ impl CheckpointStore for InMemoryStore {
 }
 
 impl crate::ProjectionControl for InMemoryStore {
+    /// The in-memory store keeps no partition leases (one process runs all
+    /// partitions under the projection lock).
+    async fn live_partition_workers(&self, _group: &str) -> Result<u32> {
+        Ok(0)
+    }
+
     async fn acquire_projection_lock(
         &self,
         checkpoint: &str,
@@ -974,6 +980,8 @@ impl crate::ProjectionControl for InMemoryStore {
         let mut st = self.lock();
         check_fence(&st, fence)?;
         st.checkpoints.remove(name);
+        st.dead_letters
+            .retain(|(checkpoint, _), _| checkpoint != name);
         Ok(())
     }
 

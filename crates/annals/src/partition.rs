@@ -508,8 +508,19 @@ where
     {
         let ttl = self.options.lease_ttl;
         // A plain runner of this projection version keeps the checkpoint
-        // `name@vN` of the same read model: do not run beside it. The probe
+        // `name@vN` of the same read model: do not run beside it. First
+        // register (a plain runner checks for live registrations after it
+        // took the lock), then probe the lock: of a worker and a plain
+        // runner starting together, at least one sees the other. The probe
         // takes the lock for a moment; other workers' probes are waited out.
+        let count = self.options.partitions;
+        retry_store(
+            self.store.clone(),
+            self.options.runner.store_retry,
+            |s| async move { s.join_partitions(&self.group, count, worker, ttl).await },
+        )
+        .await
+        .map_err(|e| self.store_err(e))?;
         let deadline = tokio::time::Instant::now() + ttl;
         loop {
             let probe = format!("{PROBE}{}", lock_token());
@@ -537,12 +548,16 @@ where
                     tokio::time::sleep(Duration::from_millis(10)).await;
                 }
                 LockAttempt::Held(holder) => {
+                    if let Err(e) = self.store.leave_partitions(&self.group, worker).await {
+                        tracing::warn!(projection = %self.name, error = %e,
+                            "cannot unregister a partitioned worker that did not start");
+                    }
                     return Err(ProjectionError::Locked {
                         projection: self.name.clone(),
                         checkpoint: self.group.clone(),
                         owner: holder.owner,
                         expires_at: holder.expires_at,
-                    })
+                    });
                 }
             }
         }
@@ -722,6 +737,27 @@ where
                 })
             }
         };
+        // Leased workers of this version (on other machines) would run the
+        // same partitions beside this process: checked after the lock was
+        // taken, as a plain runner does (see `take_lock`).
+        let workers = retry_store(self.store.clone(), retry, |s| async move {
+            s.live_partition_workers(&self.group).await
+        })
+        .await;
+        if !matches!(workers, Ok(0)) {
+            if let Err(e) = self.store.release_projection_lock(&lock).await {
+                tracing::warn!(projection = %self.name, error = %e,
+                    "cannot release a projection lock: it expires with its lease");
+            }
+            return Err(match workers {
+                Ok(workers) => ProjectionError::PartitionedWorkers {
+                    projection: self.name.clone(),
+                    checkpoint: self.group.clone(),
+                    workers,
+                },
+                Err(e) => self.store_err(e),
+            });
+        }
         let fence = Fence::Lock {
             lock: self.group.clone(),
             token: token.clone(),

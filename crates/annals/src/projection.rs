@@ -355,6 +355,22 @@ pub enum ProjectionError {
         /// When the holder's lease expires unless renewed.
         expires_at: chrono::DateTime<chrono::Utc>,
     },
+    /// Partitioned workers ([`crate::PartitionedRunner::spawn_leased`]) of
+    /// this version are live: a plain runner or rebuild would write the same
+    /// read model under another checkpoint beside them, so it did not start
+    /// (it took the lock, found them and released it).
+    #[error(
+        "projection {projection} ({checkpoint}) runs as partitioned workers ({workers} live): \
+         stop them before running it unpartitioned, or run it with the same partitions"
+    )]
+    PartitionedWorkers {
+        /// The projection's name.
+        projection: String,
+        /// Its checkpoint name (the partitions' group).
+        checkpoint: String,
+        /// How many workers were registered and live.
+        workers: u32,
+    },
     /// The runner could not renew its lock in time (the lease expired and
     /// another runner may have taken it): it stopped.
     #[error("projection {projection} lost its lock on {checkpoint}: it stopped")]
@@ -1583,13 +1599,42 @@ async fn take_lock<S: ProjectionControl>(
         }
     };
     match attempt {
-        LockAttempt::Acquired(lock) => Ok(LockKeeper {
-            store,
-            lock,
-            lost,
-            stop: Some(stop_tx),
-            task: Some(task),
-        }),
+        LockAttempt::Acquired(lock) => {
+            let mut keeper = LockKeeper {
+                store,
+                lock,
+                lost,
+                stop: Some(stop_tx),
+                task: Some(task),
+            };
+            // Partitioned workers of this version register before they
+            // check this lock (`PartitionedRunner::run_leased`), and this
+            // check comes after the lock was taken: of a worker and a plain
+            // runner starting together, at least one sees the other.
+            let workers = retry_store(keeper.store.clone(), retry, |s| {
+                let group = checkpoint.clone();
+                async move { s.live_partition_workers(&group).await }
+            })
+            .await;
+            match workers {
+                Ok(0) => Ok(keeper),
+                Ok(workers) => {
+                    keeper.release().await;
+                    Err(ProjectionError::PartitionedWorkers {
+                        projection: name,
+                        checkpoint,
+                        workers,
+                    })
+                }
+                Err(source) => {
+                    keeper.release().await;
+                    Err(ProjectionError::Store {
+                        projection: name,
+                        source,
+                    })
+                }
+            }
+        }
         LockAttempt::Held(holder) => Err(ProjectionError::Locked {
             projection: name,
             checkpoint,

@@ -121,6 +121,13 @@ pub trait ProjectionControl: CheckpointStore {
         ttl: Duration,
     ) -> impl Future<Output = Result<LockAttempt>> + Send;
 
+    /// How many partitioned workers of `group` (a projection version's
+    /// checkpoint name) are registered and live
+    /// ([`crate::PartitionLeases::join_partitions`]): a plain runner or
+    /// rebuild that took the projection lock refuses to run beside them.
+    /// Stores without partition leases have none.
+    fn live_partition_workers(&self, group: &str) -> impl Future<Output = Result<u32>> + Send;
+
     /// Extends `lock` by `ttl` from now; `None` when it is no longer held
     /// with this token (it expired and someone else took it, or it was
     /// released).
@@ -157,7 +164,10 @@ pub trait ProjectionControl: CheckpointStore {
     /// and deletes. Fails with [`crate::Error::Fenced`], deleting nothing,
     /// once another runner took the lease over, so a rebuild from the start
     /// that lost its lock before it began cannot send the live runner that
-    /// took over back to the first event. A partition fence is refused with
+    /// took over back to the first event. The checkpoint's dead letters go
+    /// with it, in the same transaction: the rebuild delivers their events
+    /// again, and retrying a letter left behind would apply its event a
+    /// second time. A partition fence is refused with
     /// [`crate::Error::Config`] by a store without partition leases.
     fn reset_checkpoint_fenced(
         &self,

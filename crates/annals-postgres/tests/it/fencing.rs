@@ -364,3 +364,99 @@ async fn issue8_two_leased_workers_share_the_partitions() {
     assert!(lags.iter().all(|l| l.lag.events == 0), "{lags:?}");
     db.cleanup().await;
 }
+
+/// A plain runner, an in-place rebuild and a local partitioned runner of a
+/// projection version whose leased workers are live do not start: they
+/// would write the same read model under another checkpoint (`name@vN`
+/// instead of the partitions'), applying every event twice. Each takes the
+/// lock, finds the live registrations, gives the lock back and fails with
+/// `ProjectionError::PartitionedWorkers`. A worker that stops
+/// unregisters.
+#[tokio::test]
+async fn a_plain_runner_does_not_start_beside_leased_workers() {
+    use annals::{ProjectionError, ProjectionRunner, RebuildOptions, RunnerOptions};
+    let Some(db) = TestDb::new("a_plain_runner_does_not_start_beside_leased_workers").await else {
+        return;
+    };
+    let events = setup(&db, 20).await;
+    let runner = RunnerOptions {
+        poll_interval: Duration::from_millis(20),
+        ..RunnerOptions::default()
+    };
+    let options = PartitionOptions {
+        partitions: 2,
+        lease_ttl: Duration::from_secs(30),
+        runner: runner.clone(),
+    };
+    let s = db.store.clone();
+    let worker = PartitionedRunner::new(
+        db.store.clone(),
+        move || s.transactional(Totals),
+        options.clone(),
+    )
+    .spawn_leased();
+    let last = events.last().expect("events").global_position;
+    let group = annals::checkpoint_name("totals", 1);
+    let patience = Duration::from_secs(60);
+    annals::wait_for_partitions(&db.store, &group, 2, last, patience)
+        .await
+        .expect("partitions caught up");
+    let total = || async {
+        let t: i64 = db
+            .raw()
+            .await
+            .query_one("SELECT sum(total)::bigint FROM totals", &[])
+            .await
+            .expect("sum")
+            .get(0);
+        t
+    };
+    let fold: i64 = (1..=20).sum();
+    assert_eq!(total().await, fold);
+    let refused = |e: Option<ProjectionError>, what: &str| match e {
+        Some(ProjectionError::PartitionedWorkers {
+            checkpoint,
+            workers,
+            ..
+        }) => {
+            assert_eq!(checkpoint, group, "{what}");
+            assert_eq!(workers, 1, "{what}");
+        }
+        other => panic!("{what}: expected PartitionedWorkers, got {other:?}"),
+    };
+    let plain = ProjectionRunner::new(db.store.clone(), db.store.transactional(Totals))
+        .with_options(runner.clone())
+        .spawn();
+    refused(plain.join().await.err(), "plain runner");
+    let rebuild = ProjectionRunner::new(db.store.clone(), db.store.transactional(Totals))
+        .with_options(runner.clone())
+        .rebuild(RebuildOptions::default(), |_| {})
+        .await;
+    refused(rebuild.err(), "in-place rebuild");
+    let s = db.store.clone();
+    let local = PartitionedRunner::new(db.store.clone(), move || s.transactional(Totals), options)
+        .spawn_local();
+    refused(local.join().await.err(), "local partitioned runner");
+    // None of them wrote or took the lock for good.
+    assert_eq!(total().await, fold, "each event applied once");
+    assert_eq!(db.store.load_checkpoint(&group).await.expect("cp"), None);
+    // A worker that stops unregisters: nothing is left to refuse a plain
+    // runner (which would then start from its own checkpoint: moving a read
+    // model from partitions to one runner takes a rebuild).
+    assert_eq!(
+        db.store
+            .live_partition_workers(&group)
+            .await
+            .expect("count"),
+        1
+    );
+    worker.stop().await.expect("stop the worker");
+    assert_eq!(
+        db.store
+            .live_partition_workers(&group)
+            .await
+            .expect("count"),
+        0
+    );
+    db.cleanup().await;
+}

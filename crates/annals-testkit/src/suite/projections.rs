@@ -1708,6 +1708,21 @@ pub async fn issue8_a_fenced_reset_from_a_lost_lock_deletes_nothing<
         .expect("append")
         .positions[0];
     let cp = checkpoint_name("fenced-reset", 1);
+    // A parked event of this checkpoint and one of another projection.
+    let event = read_all_vec(&store, ReadAll::from_start()).await.remove(0);
+    let letter = |checkpoint: &str| annals::DeadLetter {
+        checkpoint: checkpoint.to_owned(),
+        position: event.global_position,
+        event_id: event.event_id,
+        stream: event.stream_id.clone(),
+        event_type: event.event_type.clone(),
+        error: "parked".into(),
+        attempts: 1,
+        parked_at: chrono::Utc::now(),
+    };
+    let other = checkpoint_name("fenced-reset-other", 1);
+    store.park_event(&letter(&cp)).await.expect("park");
+    store.park_event(&letter(&other)).await.expect("park");
     let fence_of = |token: &str, ttl: Duration| annals::Fence::Lock {
         lock: cp.clone(),
         token: token.to_owned(),
@@ -1741,11 +1756,17 @@ pub async fn issue8_a_fenced_reset_from_a_lost_lock_deletes_nothing<
         Some(at),
         "a reset under a lost lock moved the checkpoint"
     );
+    assert_eq!(store.dead_letters(&cp).await.expect("letters").len(), 1);
     store
         .reset_checkpoint_fenced(&cp, &fence_of("token-new", PATIENCE))
         .await
         .expect("the holder resets");
     assert_eq!(store.load_checkpoint(&cp).await.expect("checkpoint"), None);
+    // The reset forgets the checkpoint's dead letters (a rebuild from the
+    // start delivers their events again: a retry would apply them twice),
+    // and only its own.
+    assert!(store.dead_letters(&cp).await.expect("letters").is_empty());
+    assert_eq!(store.dead_letters(&other).await.expect("letters").len(), 1);
     // With no lock at all, nothing is reset either.
     store.save_checkpoint(&cp, at).await.expect("save");
     let lock = store

@@ -68,6 +68,9 @@ impl CheckpointStore for CoreOnly {
 }
 
 impl annals::ProjectionControl for CoreOnly {
+    async fn live_partition_workers(&self, group: &str) -> Result<u32> {
+        self.0.live_partition_workers(group).await
+    }
     async fn acquire_projection_lock(
         &self,
         checkpoint: &str,
