@@ -624,6 +624,20 @@ async fn rebuild(
                     ));
                 }
             };
+            // Leased partitioned workers of this version write the same
+            // read model under their own checkpoints: not reset under them
+            // (they register before they check the lock, see
+            // `ProjectionControl::live_partition_workers`).
+            let workers = store.live_partition_workers(&checkpoint).await;
+            if !matches!(workers, Ok(0)) {
+                let released = store.release_projection_lock(&lock).await;
+                let workers = workers.context("cannot count partitioned workers")?;
+                released.context("cannot release the projection lock")?;
+                return Err(anyhow!(
+                    "projection {name} ({checkpoint}) runs as partitioned workers ({workers} \
+                     live): stop them first (an in-place rebuild resets the read model)"
+                ));
+            }
             let reset = async {
                 projection
                     .reset(&db)

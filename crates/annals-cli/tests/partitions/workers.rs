@@ -417,6 +417,36 @@ fn workers_refuse_another_partition_count_and_a_plain_runner() {
     ]);
     assert_eq!(run.code, 2, "{run:#?}");
     assert!(run.stderr.contains("runs as 4 partitions"), "{run:#?}");
+    // Nor does a plain runner or an in-place rebuild start beside it: they
+    // would write the same read model under another checkpoint.
+    let balances = rows(
+        &db,
+        "SELECT stream_id, balance::text FROM account_balances ORDER BY 1",
+    );
+    for args in [
+        &[
+            "projections",
+            "run",
+            "account_balances",
+            "--until-caught-up",
+        ][..],
+        &["projections", "rebuild", "account_balances"][..],
+    ] {
+        let run = db.run(args);
+        assert_ne!(run.code, 0, "{run:#?}");
+        assert!(
+            run.stderr.contains("runs as partitioned workers (1 live)"),
+            "{run:#?}"
+        );
+    }
+    assert_eq!(
+        rows(
+            &db,
+            "SELECT stream_id, balance::text FROM account_balances ORDER BY 1"
+        ),
+        balances,
+        "the read model was not touched"
+    );
     a.stop();
     // A plain runner of the projection holds its lock: partitioned workers
     // (other checkpoints of the same read model) do not start beside it.
