@@ -75,7 +75,15 @@ const HOLDERS_SQL: &str = "SELECT partition, owner, fence, expires_at, expires_a
 /// (`ProjectionControl::live_partition_workers`).
 pub(crate) async fn live_workers(store: &PgEventStore, group: &str) -> Result<u32> {
     let client = store.ready_client("count partitioned workers").await?;
-    let what = "cannot count partitioned workers";
+    count_live(&client, group, "cannot count partitioned workers").await
+}
+
+/// [`LIVE_SQL`] on `client`.
+async fn count_live(
+    client: &deadpool_postgres::Client,
+    group: &str,
+    what: &'static str,
+) -> Result<u32> {
     let live: i64 = client
         .query_one(LIVE_SQL, &[&group])
         .await
@@ -119,13 +127,7 @@ impl annals::PartitionLeases for PgEventStore {
             .await
             .context(what)?;
         tx.execute(FORGET_SQL, &[&group]).await.context(what)?;
-        let live: i64 = tx
-            .query_one(LIVE_SQL, &[&group])
-            .await
-            .context(what)?
-            .try_get(0)
-            .context(what)?;
-        Ok(u32::try_from(live).unwrap_or(u32::MAX))
+        count_live(&tx, group, what).await
     }
 
     async fn leave_partitions(&self, group: &str, worker: &str) -> Result<()> {

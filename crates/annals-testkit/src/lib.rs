@@ -29,11 +29,13 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+mod blue_green;
 mod faulty;
 mod feed_pages;
 pub mod model;
 pub mod suite;
 
+pub use blue_green::check_blue_green_steps_are_fenced;
 pub use faulty::{FaultyStore, HeldLockWrite, LockWrite, LOST_REPLY};
 pub use feed_pages::{check_feed_pages, check_feed_pages_to_the_end};
 

@@ -512,10 +512,9 @@ async fn issue8_cancelled_blue_green_rebuild_resumes_after_a_restart() {
 /// rebuild of the same version took over: its swap and its own
 /// `enter_shadow` fail with `Error::Fenced` and change nothing, so the
 /// rebuild that took over keeps its shadow tables and checkpoint, and the
-/// live version stays as it was.
+/// live version stays as it was (`annals_testkit::check_blue_green_steps_are_fenced`).
 #[tokio::test]
 async fn a_blue_green_rebuild_whose_lock_was_taken_over_neither_swaps_nor_resets() {
-    use annals::{BatchApplier, BlueGreenApplier, Fence, LockAttempt, ProjectionControl};
     let Some(db) =
         TestDb::new("a_blue_green_rebuild_whose_lock_was_taken_over_neither_swaps_nor_resets")
             .await
@@ -524,93 +523,13 @@ async fn a_blue_green_rebuild_whose_lock_was_taken_over_neither_swaps_nor_resets
     };
     let store = db.store.clone();
     let v1 = live_v1(&store, 40).await;
-    let live_rows = table(&db, "totals").await;
-    let events: Vec<RecordedEvent> = store
-        .read_all(ReadAll::from_start())
-        .try_collect()
-        .await
-        .expect("read_all");
-    let cp = checkpoint_name("totals", 2);
-    let ttl = Duration::from_millis(200);
-    let LockAttempt::Acquired(a_lock) = store
-        .acquire_projection_lock(&cp, "a", "token-a", ttl)
-        .await
-        .expect("lock")
-    else {
-        panic!("free lock")
-    };
-    // Rebuild A builds v2's shadow up to the head under its lock.
-    let mut a = store.transactional(Totals::new(2));
-    a.set_fence(Some(Fence::Lock {
-        lock: cp.clone(),
-        token: a_lock.token.clone(),
-        ttl,
-    }));
-    assert!(!a.enter_shadow(true).await.expect("A enters the shadow"));
-    let ctx = BatchContext {
-        checkpoint: a.checkpoint(),
-        after: GlobalPosition::START,
-        position: events.last().expect("events").global_position,
-        replaying: true,
-        attempt: 1,
-        tables: TableNames::default(),
-    };
-    a.apply(&events, &ctx).await.expect("A's shadow build");
-    // A pauses past its lease; rebuild B takes the lock (polled against the
-    // database's clock, with a deadline) and starts over: empty shadow
-    // tables.
-    let deadline = std::time::Instant::now() + PATIENCE;
-    loop {
-        assert!(std::time::Instant::now() < deadline, "never expired");
-        match store
-            .acquire_projection_lock(&cp, "b", "token-b", PATIENCE)
-            .await
-            .expect("lock")
-        {
-            LockAttempt::Acquired(_) => break,
-            LockAttempt::Held(_) => tokio::task::yield_now().await,
-        }
-    }
-    let mut b = store.transactional(Totals::new(2));
-    b.set_fence(Some(Fence::Lock {
-        lock: cp.clone(),
-        token: "token-b".into(),
-        ttl: PATIENCE,
-    }));
-    assert!(!b.enter_shadow(true).await.expect("B enters the shadow"));
-    let first = &events[..4];
-    let b_ctx = BatchContext {
-        checkpoint: b.checkpoint(),
-        after: GlobalPosition::START,
-        position: first.last().expect("events").global_position,
-        replaying: true,
-        attempt: 1,
-        tables: TableNames::default(),
-    };
-    b.apply(first, &b_ctx).await.expect("B's first batch");
     let shadow = annals::shadow_table("totals", 2);
-    let b_rows = table(&db, &shadow).await;
-    // A wakes up: neither its swap nor a fresh start of its shadow goes in.
-    for attempt in [a.swap().await, a.enter_shadow(true).await.map(drop)] {
-        match attempt {
-            Err(annals::Error::Fenced { lease, detail }) => {
-                assert_eq!(lease, cp);
-                assert!(detail.contains("token-b"), "{detail}");
-            }
-            other => panic!("expected Fenced, got {other:?}"),
-        }
-    }
-    assert_eq!(active_version(&db).await, None, "v1 stays the live version");
-    assert_eq!(table(&db, "totals").await, live_rows);
-    assert_eq!(table(&db, &shadow).await, b_rows);
-    assert_eq!(
-        store
-            .load_checkpoint(&shadow_checkpoint_name(&cp))
-            .await
-            .expect("checkpoint"),
-        Some(b_ctx.position),
-        "B's shadow checkpoint"
-    );
+    annals_testkit::check_blue_green_steps_are_fenced(
+        &store,
+        || store.transactional(Totals::new(2)),
+        async || (table(&db, "totals").await, table(&db, &shadow).await),
+    )
+    .await;
     v1.stop().await.expect("v1 stops");
     db.cleanup().await;
 }

@@ -68,6 +68,16 @@ async fn rows(db: &TestDb) -> i64 {
         .get(0)
 }
 
+/// The sum of every stream's total in the read model.
+async fn total(db: &TestDb) -> i64 {
+    db.raw()
+        .await
+        .query_one("SELECT sum(total)::bigint FROM totals", &[])
+        .await
+        .expect("sum")
+        .get(0)
+}
+
 fn ctx(checkpoint: &str, after: GlobalPosition, events: &[RecordedEvent]) -> BatchContext {
     BatchContext {
         checkpoint: checkpoint.to_owned(),
@@ -143,14 +153,7 @@ async fn issue8_a_runner_whose_lock_was_taken_over_commits_nothing() {
         other => panic!("expected Fenced, got {other}"),
     }
     assert_eq!(db.store.load_checkpoint(&cp).await.expect("cp"), Some(at));
-    let totals: i64 = db
-        .raw()
-        .await
-        .query_one("SELECT sum(total)::bigint FROM totals", &[])
-        .await
-        .expect("sum")
-        .get(0);
-    assert_eq!(totals, 1 + 2, "only the first batch's rows");
+    assert_eq!(total(&db).await, 1 + 2, "only the first batch's rows");
     db.cleanup().await;
 }
 
@@ -350,14 +353,11 @@ async fn issue8_two_leased_workers_share_the_partitions() {
         .await
         .expect("caught up");
     b.stop().await.expect("stop b");
-    let total: i64 = db
-        .raw()
-        .await
-        .query_one("SELECT sum(total)::bigint FROM totals", &[])
-        .await
-        .expect("sum")
-        .get(0);
-    assert_eq!(total, (1..=60).sum::<i64>() + 1000, "each event once");
+    assert_eq!(
+        total(&db).await,
+        (1..=60).sum::<i64>() + 1000,
+        "each event once"
+    );
     let lags = annals::partition_lags(&db.store, "totals", 1, 4)
         .await
         .expect("lags");
@@ -401,18 +401,8 @@ async fn a_plain_runner_does_not_start_beside_leased_workers() {
     annals::wait_for_partitions(&db.store, &group, 2, last, patience)
         .await
         .expect("partitions caught up");
-    let total = || async {
-        let t: i64 = db
-            .raw()
-            .await
-            .query_one("SELECT sum(total)::bigint FROM totals", &[])
-            .await
-            .expect("sum")
-            .get(0);
-        t
-    };
     let fold: i64 = (1..=20).sum();
-    assert_eq!(total().await, fold);
+    assert_eq!(total(&db).await, fold);
     let refused = |e: Option<ProjectionError>, what: &str| match e {
         Some(ProjectionError::PartitionedWorkers {
             checkpoint,
@@ -438,7 +428,7 @@ async fn a_plain_runner_does_not_start_beside_leased_workers() {
         .spawn_local();
     refused(local.join().await.err(), "local partitioned runner");
     // None of them wrote or took the lock for good.
-    assert_eq!(total().await, fold, "each event applied once");
+    assert_eq!(total(&db).await, fold, "each event applied once");
     assert_eq!(db.store.load_checkpoint(&group).await.expect("cp"), None);
     // A worker that stops unregisters: nothing is left to refuse a plain
     // runner (which would then start from its own checkpoint: moving a read
