@@ -207,12 +207,7 @@ impl<P: PgProjection> BatchApplier for PgTransactional<P> {
         // the swap takes them in), the checkpoint row, and the lease row
         // (held until the commit, so a takeover is ordered before this
         // batch, which it refuses, or after it).
-        let idle = async {
-            match &self.fence {
-                Some(f) => crate::lease::limit_idle(&tx, f).await,
-                None => Ok(()),
-            }
-        };
+        let idle = limit_fenced_idle(&tx, self.fence.as_ref());
         let ensure_active = async {
             match &active_stmts {
                 Some((ensure, _)) => tx.execute(ensure, &[&name]).await.context(what).map(drop),
@@ -351,9 +346,9 @@ fn handler_failed(what: &str, e: HandlerError) -> Error {
     }
 }
 
-/// The idle limit of a blue-green step's transaction under `fence` (the
-/// first statement, before any lock, as in a batch).
-async fn limit_step_idle(
+/// The idle limit of a transaction under `fence` (a batch's or a
+/// blue-green step's; its first statement, before any lock).
+async fn limit_fenced_idle(
     tx: &tokio_postgres::Transaction<'_>,
     fence: Option<&annals::Fence>,
 ) -> annals::Result<()> {
@@ -438,7 +433,7 @@ impl<P: PgProjection> BlueGreenApplier for PgTransactional<P> {
         let what = "cannot create a blue-green rebuild's shadow tables";
         let mut client = self.store.ready_client("create shadow tables").await?;
         let tx = client.transaction().await.context(what)?;
-        limit_step_idle(&tx, self.fence.as_ref()).await?;
+        limit_fenced_idle(&tx, self.fence.as_ref()).await?;
         check_step_fence(&tx, self.fence.as_ref()).await?;
         let mut all = true;
         for t in &live {
@@ -480,7 +475,7 @@ impl<P: PgProjection> BlueGreenApplier for PgTransactional<P> {
         let what = "cannot swap a blue-green rebuild's tables";
         let mut client = self.store.ready_client("swap shadow tables").await?;
         let tx = client.transaction().await.context(what)?;
-        limit_step_idle(&tx, self.fence.as_ref()).await?;
+        limit_fenced_idle(&tx, self.fence.as_ref()).await?;
         // First the row lock: live batches of the old version wait here.
         let active = lock_active(&tx, &name).await?;
         // Then the lease row, in the order a batch takes them: a rebuild

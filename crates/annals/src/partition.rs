@@ -59,7 +59,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use tokio::sync::{mpsc, watch};
 
-use crate::projection::retry_store;
+use crate::projection::{no_live_workers, retry_store};
 use crate::projection_control::{lock_owner, lock_token, LockAttempt};
 use crate::subscription::{is_transient, Subscription, SubscriptionOptions};
 use crate::{
@@ -738,25 +738,13 @@ where
             }
         };
         // Leased workers of this version (on other machines) would run the
-        // same partitions beside this process: checked after the lock was
-        // taken, as a plain runner does (see `take_lock`).
-        let workers = retry_store(self.store.clone(), retry, |s| async move {
-            s.live_partition_workers(&self.group).await
-        })
-        .await;
-        if !matches!(workers, Ok(0)) {
+        // same partitions beside this process.
+        if let Err(e) = no_live_workers(&self.store, retry, &self.name, &self.group).await {
             if let Err(e) = self.store.release_projection_lock(&lock).await {
                 tracing::warn!(projection = %self.name, error = %e,
                     "cannot release a projection lock: it expires with its lease");
             }
-            return Err(match workers {
-                Ok(workers) => ProjectionError::PartitionedWorkers {
-                    projection: self.name.clone(),
-                    checkpoint: self.group.clone(),
-                    workers,
-                },
-                Err(e) => self.store_err(e),
-            });
+            return Err(e);
         }
         let fence = Fence::Lock {
             lock: self.group.clone(),

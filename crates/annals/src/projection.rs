@@ -1607,31 +1607,11 @@ async fn take_lock<S: ProjectionControl>(
                 stop: Some(stop_tx),
                 task: Some(task),
             };
-            // Partitioned workers of this version register before they
-            // check this lock (`PartitionedRunner::run_leased`), and this
-            // check comes after the lock was taken: of a worker and a plain
-            // runner starting together, at least one sees the other.
-            let workers = retry_store(keeper.store.clone(), retry, |s| {
-                let group = checkpoint.clone();
-                async move { s.live_partition_workers(&group).await }
-            })
-            .await;
-            match workers {
-                Ok(0) => Ok(keeper),
-                Ok(workers) => {
+            match no_live_workers(&keeper.store, retry, &name, &checkpoint).await {
+                Ok(()) => Ok(keeper),
+                Err(e) => {
                     keeper.release().await;
-                    Err(ProjectionError::PartitionedWorkers {
-                        projection: name,
-                        checkpoint,
-                        workers,
-                    })
-                }
-                Err(source) => {
-                    keeper.release().await;
-                    Err(ProjectionError::Store {
-                        projection: name,
-                        source,
-                    })
+                    Err(e)
                 }
             }
         }
@@ -1877,6 +1857,37 @@ impl Drop for LiveKeeper {
                 }
             });
         }
+    }
+}
+
+/// After taking the projection lock of `checkpoint` (a plain runner, a
+/// rebuild, a local partitioned runner): `Ok` when no leased partitioned
+/// workers of it are live, else the error to stop with, the caller giving
+/// the lock back. Workers register before they check this lock
+/// (`PartitionedRunner::run_leased`), and this check comes after the lock
+/// was taken: of a worker and a runner starting together, at least one sees
+/// the other.
+pub(crate) async fn no_live_workers<S: ProjectionControl + Clone>(
+    store: &S,
+    retry: Backoff,
+    name: &str,
+    checkpoint: &str,
+) -> Result<(), ProjectionError> {
+    let workers = retry_store(store.clone(), retry, |s| async move {
+        s.live_partition_workers(checkpoint).await
+    })
+    .await
+    .map_err(|source| ProjectionError::Store {
+        projection: name.to_owned(),
+        source,
+    })?;
+    match workers {
+        0 => Ok(()),
+        workers => Err(ProjectionError::PartitionedWorkers {
+            projection: name.to_owned(),
+            checkpoint: checkpoint.to_owned(),
+            workers,
+        }),
     }
 }
 
